@@ -1,0 +1,3 @@
+from babelhub.hub.cli import main
+
+raise SystemExit(main())

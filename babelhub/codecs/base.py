@@ -1,0 +1,192 @@
+"""The codec contract: what one channel module implements.
+
+A codec is pure: it turns recorded requests into canonical envelopes and canonical messages into the
+HTTP requests the channel's API expects, and reads the API's answers. It never does I/O, so every
+codec is tested on fixtures alone and a decode bug can be fixed and the raw records replayed.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, TypeAlias
+
+import msgspec
+
+from babelhub.canonical import ButtonAction, Envelope, Error, MediaKind, Message, TextFormat
+
+__all__ = [
+    "Capabilities",
+    "Codec",
+    "DecodeContext",
+    "EncodeContext",
+    "HttpRequest",
+    "HttpResponse",
+    "OutboundRequest",
+    "PartType",
+    "SendResult",
+]
+
+PartType: TypeAlias = Literal[
+    "text",
+    "media",
+    "location",
+    "contact",
+    "buttons",
+    "list",
+    "card",
+    "carousel",
+    "template",
+    "reaction",
+    "poll",
+    "form",
+    "product",
+    "action",
+    "edit",
+    "delete",
+    "unsupported",
+]
+
+ALL_MEDIA: frozenset[MediaKind] = frozenset(
+    ("image", "audio", "voice", "video", "document", "sticker", "animation")
+)
+
+
+class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
+    """What a channel can show. Degradation rewrites a message until it fits these, so declare them
+    truthfully, from the channel's documentation."""
+
+    parts: frozenset[PartType] = frozenset({"text"})
+    media: frozenset[MediaKind] = frozenset()
+    media_max_bytes: int = 0
+    """Largest file the channel takes (0 = no documented limit); larger ones are sent as links."""
+    text_limit: int = 4096
+    """Characters in one text message; longer text is split on word boundaries."""
+    caption_limit: int = 1024
+    markup: TextFormat = "plain"
+    """The dialect the channel renders: markdown in canonical text is converted into it."""
+    max_buttons: int = 0
+    max_button_title: int = 20
+    button_actions: frozenset[ButtonAction] = frozenset({"reply"})
+    max_list_rows: int = 0
+    max_list_sections: int = 0
+    max_row_title: int = 24
+    max_cards: int = 0
+    reply: bool = False
+    edit: bool = False
+    delete: bool = False
+    reaction: bool = False
+    typing: bool = False
+    window_hours: int = 0
+    """Hours after the user's last message in which free-form messages may be sent (0 = no window)."""
+
+
+class HttpRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A request as the hub received it (webhook) and recorded it: header names are lower-case."""
+
+    method: str = "POST"
+    path: str = "/"
+    query: dict[str, str] = {}
+    headers: dict[str, str] = {}
+    body: bytes = b""
+    url: str = ""
+    """The full URL the channel called, as the channel saw it (some signatures cover it)."""
+    received_at: float = 0.0
+    """Unix time at which the hub received it, for timestamp windows."""
+
+    def json(self) -> Any:
+        """The body as JSON; codecs turn the ValueError into a DecodeError."""
+        return json.loads(self.body)
+
+
+class HttpResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """A channel API's answer, or a handshake answer the hub gives a channel."""
+
+    status: int = 200
+    headers: dict[str, str] = {}
+    body: bytes = b""
+
+
+class OutboundRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One call to the channel's API, ready to send."""
+
+    method: str
+    url: str
+    headers: dict[str, str] = {}
+    body: bytes = b""
+    idempotency_key: str = ""
+    """Stable across retries of the same call, so the sender (and the channel, where it can) dedups."""
+    message_id: str = ""
+    """The canonical message this call sends (part of it, for multi-call messages)."""
+
+
+class SendResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What a channel API's answer means."""
+
+    ok: bool
+    native_ids: list[str] = []
+    retryable: bool = False
+    retry_after: float | None = None
+    error: Error | None = None
+
+
+class DecodeContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What decoding needs besides the request: whose connection it came in on."""
+
+    tenant: str
+    connection: str
+    seq: int = 0
+    """The raw record's stream sequence, copied into `Envelope.native.seq`."""
+    options: dict[str, Any] = {}
+
+
+class EncodeContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What encoding needs besides the message: where and as whom to send."""
+
+    tenant: str
+    connection: str
+    to: str
+    """The native chat id to send to."""
+    api_base: str = ""
+    """Overrides the channel API's base URL (tests point it at a local fake)."""
+    secrets: dict[str, str] = {}
+    options: dict[str, Any] = {}
+    native_ids: dict[str, str] = {}
+    """Canonical message id → native id, for replies, reactions, edits and deletes."""
+
+
+class Codec(ABC):
+    """One channel. Subclasses set `channel` and `capabilities` and implement the four methods."""
+
+    channel: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    default_api_base: ClassVar[str] = ""
+
+    def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:  # noqa: B027
+        """Raise `SignatureError` unless the request is signed by the channel. Default: unsigned."""
+
+    def handshake(self, request: HttpRequest, secrets: Mapping[str, str]) -> HttpResponse | None:
+        """The answer to a channel's verification request (Meta `hub.challenge`, Slack
+        `url_verification`), or None when this request is an ordinary delivery."""
+        return None
+
+    def dedup_key(self, request: HttpRequest) -> str:
+        """A key derived from the channel's own ids: the same delivery retried yields the same key.
+        Empty when the channel gives no id (the hub then hashes the body)."""
+        return ""
+
+    @abstractmethod
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+        """The canonical envelopes in one request; raise `DecodeError` naming the path if unreadable."""
+
+    @abstractmethod
+    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+        """The API calls that send `message` (already degraded to `capabilities`). Pure: no I/O."""
+
+    @abstractmethod
+    def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
+        """What the API's answer to `request` means: native ids, or an error and whether to retry."""
+
+    def api_base(self, ctx: EncodeContext) -> str:
+        return (ctx.api_base or self.default_api_base).rstrip("/")

@@ -68,6 +68,7 @@ __all__ = [
     "new_id",
     "now",
     "schema",
+    "sender_id",
     "stable_id",
 ]
 
@@ -414,6 +415,11 @@ def message_id(tenant: str, connection: str, native_id: str) -> str:
 def conversation_id(tenant: str, connection: str, native_chat_id: str) -> str:
     """The canonical id of a conversation, from the chat it maps to on one connection."""
     return stable_id("conversation", tenant, connection, native_chat_id)
+
+
+def sender_id(tenant: str, connection: str, native_user_id: str) -> str:
+    """The canonical id of a person or bot as seen on one connection."""
+    return stable_id("sender", tenant, connection, native_user_id)
 
 
 def new_id() -> str:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 
 import msgspec
 
-from babelhub.canonical import ButtonAction, Envelope, Error, MediaKind, Message, TextFormat
+from babelhub.canonical import Activity, ButtonAction, Envelope, Error, MediaKind, Message, TextFormat
 
 __all__ = [
     "Capabilities",
@@ -25,6 +25,7 @@ __all__ = [
     "HttpResponse",
     "OutboundRequest",
     "PartType",
+    "PollResult",
     "SendResult",
 ]
 
@@ -131,6 +132,15 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     error: Error | None = None
 
 
+class PollResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What one poll of a channel returned: each delivery as if it had come by webhook, and where the
+    next poll starts."""
+
+    records: list[HttpRequest] = []
+    cursor: str = ""
+    error: Error | None = None
+
+
 class DecodeContext(msgspec.Struct, frozen=True, kw_only=True):
     """What decoding needs besides the request: whose connection it came in on."""
 
@@ -187,6 +197,24 @@ class Codec(ABC):
     @abstractmethod
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         """What the API's answer to `request` means: native ids, or an error and whether to retry."""
+
+    def encode_activity(self, activity: Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+        """The API calls for an outbound activity (typing, read marker); none by default."""
+        return []
+
+    def on_inbound(self, envelope: Envelope, ctx: EncodeContext) -> list[OutboundRequest]:
+        """Calls the channel expects after an inbound envelope was accepted (Telegram
+        `answerCallbackQuery` stops the button's spinner); none by default."""
+        return []
+
+    def poll_request(self, ctx: EncodeContext, cursor: str) -> OutboundRequest | None:
+        """For channels that can be polled instead of calling a webhook (Telegram `getUpdates`): the
+        request that fetches deliveries after `cursor`. None: this channel cannot be polled."""
+        return None
+
+    def parse_poll(self, request: OutboundRequest, response: HttpResponse, cursor: str) -> PollResult:
+        """Split a poll's answer into webhook-shaped records and the next cursor."""
+        raise NotImplementedError(f"{self.channel} cannot be polled")
 
     def api_base(self, ctx: EncodeContext) -> str:
         return (ctx.api_base or self.default_api_base).rstrip("/")

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import nats
 import pytest
+from nats.aio.client import Client as NATS
 
+from babelhub.hub.broker import EmbeddedServer
 from tests.fakeapi import FakeApi
 
 
@@ -14,3 +17,20 @@ async def fake_api() -> AsyncIterator[FakeApi]:
     await api.start()
     yield api
     await api.stop()
+
+
+@pytest.fixture(scope="session")
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedServer]:
+    """One real nats-server (JetStream) per test session, on a free port; tests isolate themselves
+    with their own subject prefix."""
+    server = EmbeddedServer(tmp_path_factory.mktemp("nats"), port=0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def nats_client(nats_server: EmbeddedServer) -> AsyncIterator[NATS]:
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.drain()

@@ -49,6 +49,8 @@ PartType: TypeAlias = Literal[
     "unsupported",
 ]
 
+SESSION_HEADER = "x-babelhub-session"
+
 ALL_MEDIA: frozenset[MediaKind] = frozenset(
     ("image", "audio", "voice", "video", "document", "sticker", "animation")
 )
@@ -172,6 +174,10 @@ class Codec(ABC):
     channel: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     default_api_base: ClassVar[str] = ""
+    takes_sessions: ClassVar[bool] = False
+    """True for channels whose clients connect to the hub's own WebSocket (`/ws/{connection}`): each
+    frame is recorded with the session id in the `SESSION_HEADER` header, and `session:<id>` URLs in
+    `OutboundRequest` are delivered to that socket."""
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:  # noqa: B027
         """Raise `SignatureError` unless the request is signed by the channel. Default: unsigned."""
@@ -183,7 +189,10 @@ class Codec(ABC):
 
     def dedup_key(self, request: HttpRequest) -> str:
         """A key derived from the channel's own ids: the same delivery retried yields the same key.
-        Empty when the channel gives no id (the hub then hashes the body)."""
+        Empty when the channel gives no id (the hub then hashes the body). Raise `DecodeError` when the
+        body is too broken to hold any id (not JSON, not an object): the hub answers 400 with the path
+        and keeps the body in the dead-letter stream. This runs on the request path: read no more than
+        the ids."""
         return ""
 
     @abstractmethod

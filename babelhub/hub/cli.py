@@ -1,13 +1,22 @@
-"""The `babelhub` command line."""
+"""The `babelhub` command line: `babelhub run` starts the hub, `babelhub schema` prints the JSON Schema."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
+import logging
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from babelhub import canonical
+from babelhub.errors import ConfigError
+from babelhub.hub import config as cfg
+
+DEFAULT_CONFIG = Path("configs/default.toml")
 
 
 def _schema(_: argparse.Namespace) -> int:
@@ -16,9 +25,77 @@ def _schema(_: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    try:
+        config = cfg.load(path, overrides={"http": args.http, "nats": args.nats, "data_dir": args.data_dir})
+    except ConfigError as exc:
+        print(f"babelhub: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.hub.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is not built for every platform
+        return asyncio.run(_serve(config, path))
+    return uvloop.run(_serve(config, path))
+
+
+async def _serve(config: cfg.Config, path: Path | None) -> int:
+    from babelhub.hub.app import Hub
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Hub(config) as hub:
+            print(_banner(hub, path), flush=True)
+            await stop.wait()
+            print("babelhub: shutting down…", flush=True)
+    except ConfigError as exc:
+        print(f"babelhub: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+    return 0
+
+
+def _banner(hub: object, path: Path | None) -> str:
+    from babelhub.hub.app import Hub
+
+    assert isinstance(hub, Hub)
+    nats_kind = f"embedded nats-server, data in {hub.config.hub.data_dir}" if hub.server else "external"
+    lines = [
+        "babelhub is running",
+        f"  config      {path or '(built-in defaults)'}",
+        f"  http        {hub.http_url}   (web chat at {hub.http_url}/)",
+        f"  nats        {hub.nats_url}   ({nats_kind})",
+        f"  subjects    {hub.subjects.prefix}.<tenant>.in.>  /  .out.<conversation>  /  .status.>",
+        f"  metrics     {hub.http_url}/metrics   health {hub.http_url}/healthz  {hub.http_url}/readyz",
+    ]
+    for connection in hub.config.connections:
+        if hub.ctx.connections[connection.id].codec.takes_sessions:
+            where = f"WebSocket {hub.http_url.replace('http', 'ws', 1)}/ws/{connection.id}"
+        elif connection.mode == "polling":
+            where = "polling the channel"
+        else:
+            where = f"{hub.http_url}/webhooks/{connection.channel}/{connection.id}"
+        lines.append(f"  connection  {connection.id} ({connection.channel}, tenant {connection.tenant}): {where}")
+    lines.append("Ctrl-C stops it.")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="babelhub", description=__doc__)
+    parser = argparse.ArgumentParser(prog="babelhub", description="One canonical message format for every channel.")
     commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="start the hub")
+    run.add_argument("--config", type=Path, default=None, help=f"TOML config (default: {DEFAULT_CONFIG})")
+    run.add_argument("--http", default=None, help="host:port to serve HTTP on (default 127.0.0.1:8080)")
+    run.add_argument("--nats", default=None, help="nats://… of an existing server (default: embedded)")
+    run.add_argument("--data-dir", default=None, help="embedded nats-server data directory (default .babelhub/)")
+    run.set_defaults(handler=_run)
     schema = commands.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the envelope")
     schema.set_defaults(handler=_schema)
     return parser
@@ -26,6 +103,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = args.handler
-    result: int = handler(args)
+    result: int = args.handler(args)
     return result

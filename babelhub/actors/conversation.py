@@ -1,0 +1,284 @@
+"""The conversation actor: one per conversation, the single writer of its state.
+
+Inbound envelopes (from the connection actors) are applied in order and handed on to processors on
+`<prefix>.<tenant>.in.<conversation>`; statuses go to `…status.<conversation>`. Outbound messages from
+processors (`…out.<conversation>`) are sent to the conversation's own chat, or fanned out: a target in
+another conversation is re-published on that conversation's `out` subject, so its own actor sends it,
+durably and in its order.
+
+State (participants, the canonical↔native id map, the numbered-choice map, recently applied ids) is
+snapshotted to JetStream KV with a revision check: a conflict means another owner wrote first, and this
+activation stops rather than overwrite it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+
+from babelhub import canonical as c
+from babelhub.actors.runtime import Actor
+from babelhub.codecs.degrade import resolve_choice
+from babelhub.hub.connections import ConnectionService
+from babelhub.hub.context import HubContext
+from babelhub.hub.deadletters import DeadLetter
+from babelhub.hub.telemetry import carrier, span
+
+__all__ = ["ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict"]
+
+log = logging.getLogger("babelhub.conversation")
+
+#: An inbound envelope may name, in this meta key, the API base to reply through (Bot Framework's
+#: per-conversation serviceUrl, for instance). The conversation remembers it for its replies.
+REPLY_API_BASE = "babelhub.reply_api_base"
+
+_MAX_IDS = 1000
+_MAX_APPLIED = 2000
+
+
+class Inbound(msgspec.Struct, frozen=True):
+    envelope: c.Envelope
+    trace: dict[str, str] = {}
+
+
+class Outbound(msgspec.Struct, frozen=True):
+    envelope: c.Envelope
+    trace: dict[str, str] = {}
+
+
+ConversationMessage = Inbound | Outbound
+
+
+class ConversationState(msgspec.Struct, kw_only=True):
+    """What a conversation remembers between messages (msgpack in KV; evolves additively)."""
+
+    tenant: str = ""
+    conversation: c.Conversation | None = None
+    api_base: str = ""
+    last_inbound: float = 0.0
+    """Unix time of the user's last message, for messaging windows."""
+    participants: dict[str, str] = {}
+    native_ids: dict[str, str] = {}
+    """Canonical message id → native id, most recent last."""
+    canonical_ids: dict[str, str] = {}
+    """Native id → canonical message id, to resolve statuses."""
+    choices: dict[str, Any] = {}
+    applied: list[str] = []
+    """Envelope ids applied recently: a redelivery or a channel retry is skipped."""
+
+
+class SnapshotConflict(RuntimeError):
+    """Another owner wrote this conversation's snapshot first."""
+
+
+class ConversationActor(Actor[ConversationMessage]):
+    def __init__(self, key: str, hub: HubContext) -> None:
+        super().__init__(key)
+        self.hub = hub
+        self.state = ConversationState()
+        self._revision: int | None = None
+        self._applied: set[str] = set()
+        self._dirty = False
+
+    # --------------------------------------------------------------------------------- lifecycle
+
+    async def on_activate(self) -> None:
+        try:
+            entry = await self.hub.snapshots.get(self.key)
+        except NotFoundError:
+            return
+        if entry.value:
+            self.state = msgspec.msgpack.decode(entry.value, type=ConversationState)
+            self._revision = entry.revision
+            self._applied = set(self.state.applied)
+
+    async def checkpoint(self) -> None:
+        if not self._dirty:
+            return
+        data = msgspec.msgpack.encode(self.state)
+        try:
+            if self._revision is None:
+                self._revision = await self.hub.snapshots.create(self.key, data)
+            else:
+                self._revision = await self.hub.snapshots.update(self.key, data, last=self._revision)
+        except KeyWrongLastSequenceError as exc:
+            raise SnapshotConflict(f"conversation {self.key} was written by another owner") from exc
+        self._dirty = False
+
+    # ----------------------------------------------------------------------------------- turns
+
+    async def receive(self, message: ConversationMessage) -> None:
+        envelope = message.envelope
+        if envelope.id in self._applied:
+            return
+        match message:
+            case Inbound():
+                with span("conversation.inbound", message.trace, conversation=self.key):
+                    await self._inbound(envelope)
+            case Outbound():
+                with span("conversation.outbound", message.trace, conversation=self.key):
+                    await self._outbound(envelope)
+        self._mark_applied(envelope.id)
+
+    async def _inbound(self, envelope: c.Envelope) -> None:
+        self._learn(envelope)
+        match envelope:
+            case c.Status():
+                resolved = self.state.canonical_ids.get(envelope.native_id, envelope.message_id)
+                status = msgspec.structs.replace(envelope, message_id=resolved)
+                await self._publish(self.hub.subjects.status(envelope.tenant, self.key), status)
+            case c.Message() | c.Activity():
+                await self._publish(self.hub.subjects.inbound(envelope.tenant, self.key), self._resolve(envelope))
+        connection = self._connection()
+        if connection is not None and self.state.conversation is not None:
+            await connection.after_inbound(envelope, self._context(connection))
+
+    async def _outbound(self, envelope: c.Envelope) -> None:
+        self._adopt(envelope.tenant, envelope.conversation)
+        match envelope:
+            case c.Message(targets=[]):
+                await self._send_here(envelope)
+            case c.Message():
+                await self._fan_out(envelope)
+            case c.Activity():
+                connection = self._connection()
+                if connection is not None and self.state.conversation is not None:
+                    await connection.send_activity(envelope, self._context(connection))
+            case c.Status():
+                await self.hub.dead_letters.park(DeadLetter(
+                    stage="apply", error="processors send messages or activities, not statuses",
+                    tenant=envelope.tenant, body=c.encode(envelope)))
+
+    async def _fan_out(self, message: c.Message) -> None:
+        for target in message.targets:
+            target_id = c.conversation_id(message.tenant, target.connection, target.to)
+            connection = self.hub.connections.get(target.connection)
+            if connection is None or connection.tenant != message.tenant:
+                await self._status(message, "failed", error=c.Error(
+                    code="unknown_connection", message=f"no connection {target.connection!r} for this tenant"))
+                continue
+            there = c.Conversation(id=target_id, channel=connection.channel, connection=connection.id,
+                                   native_id=target.to)
+            if target_id == self.key:
+                await self._send_here(msgspec.structs.replace(message, targets=[], conversation=there))
+                continue
+            forwarded = msgspec.structs.replace(message, targets=[], conversation=there)
+            await self.hub.js.publish(
+                self.hub.subjects.outbound(message.tenant, target_id),
+                c.encode(forwarded),
+                headers={"Nats-Msg-Id": f"{message.id}:{target_id}", **carrier()},
+            )
+
+    async def _send_here(self, message: c.Message) -> None:
+        connection = self._connection()
+        if connection is None or self.state.conversation is None:
+            await self._status(message, "failed", error=c.Error(
+                code="unknown_conversation", message="the conversation has no channel chat to send to yet"))
+            return
+        with span("conversation.send", channel=connection.channel):
+            sent = await connection.send(message, self._context(connection))
+        for native_id in sent.native_ids:
+            self._remember_id(message.id, native_id)
+        if sent.choices:
+            self.state.choices = sent.choices
+            self._dirty = True
+        if sent.ok:
+            await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
+        else:
+            await self._status(message, "failed", error=sent.error)
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _learn(self, envelope: c.Envelope) -> None:
+        """Take in what an inbound envelope says about the conversation."""
+        self._adopt(envelope.tenant, envelope.conversation)
+        reply_base = envelope.meta.get(REPLY_API_BASE)
+        if isinstance(reply_base, str) and reply_base != self.state.api_base:
+            self.state.api_base = reply_base
+        if envelope.native is not None and envelope.native.id and envelope.direction == "inbound":
+            self._remember_id(envelope.id, envelope.native.id)
+        if envelope.sender is not None and envelope.sender.role == "user":
+            self.state.participants[envelope.sender.id] = envelope.sender.name
+            self.state.last_inbound = envelope.ts.timestamp()
+        self._dirty = True
+
+    def _adopt(self, tenant: str, conversation: c.Conversation) -> None:
+        """Remember which chat this conversation is, the first time we are told."""
+        if self.state.conversation is None and conversation.connection and conversation.native_id:
+            self.state.tenant = tenant
+            self.state.conversation = conversation
+            self._dirty = True
+
+    def _resolve(self, envelope: c.Message | c.Activity) -> c.Envelope:
+        """A reply "2" (or an option's title) to a numbered menu becomes an `action` part as well."""
+        if not isinstance(envelope, c.Message) or not self.state.choices:
+            return envelope
+        texts = [part for part in envelope.parts if isinstance(part, c.Text)]
+        if len(texts) != 1 or len(envelope.parts) != 1:
+            return envelope
+        action = resolve_choice(texts[0].text, self.state.choices)
+        if action is None:
+            return envelope
+        return msgspec.structs.replace(envelope, parts=[*envelope.parts, action])
+
+    def _connection(self) -> ConnectionService | None:
+        if self.state.conversation is None:
+            return None
+        return self.hub.connections.get(self.state.conversation.connection)
+
+    def _context(self, connection: ConnectionService) -> Any:
+        assert self.state.conversation is not None
+        return connection.encode_context(self.state.conversation.native_id, self.state.native_ids,
+                                         api_base=self.state.api_base)
+
+    def _remember_id(self, canonical_id: str, native_id: str) -> None:
+        _bounded_put(self.state.native_ids, canonical_id, native_id)
+        _bounded_put(self.state.canonical_ids, native_id, canonical_id)
+        self._dirty = True
+
+    def _mark_applied(self, envelope_id: str) -> None:
+        self._applied.add(envelope_id)
+        self.state.applied.append(envelope_id)
+        if len(self.state.applied) > _MAX_APPLIED:
+            for old in self.state.applied[: -_MAX_APPLIED]:
+                self._applied.discard(old)
+            del self.state.applied[: -_MAX_APPLIED]
+        self._dirty = True
+
+    async def _status(self, message: c.Message, state: c.State, native_id: str = "",
+                      error: c.Error | None = None) -> None:
+        status = c.Status(
+            id=c.stable_id("status", message.id, state),
+            tenant=message.tenant,
+            conversation=self.state.conversation or message.conversation,
+            ts=c.now(),
+            direction="outbound",
+            message_id=message.id,
+            native_id=native_id,
+            state=state,
+            error=error,
+        )
+        await self._publish(self.hub.subjects.status(message.tenant, self.key), status)
+
+    async def _publish(self, subject: str, envelope: c.Envelope) -> None:
+        headers = {"Nats-Msg-Id": envelope.id, **carrier()}
+        await self.hub.js.publish(subject, c.encode(envelope), headers=headers)
+
+
+def _bounded_put(mapping: dict[str, str], key: str, value: str, limit: int = _MAX_IDS) -> None:
+    mapping.pop(key, None)
+    mapping[key] = value
+    while len(mapping) > limit:
+        del mapping[next(iter(mapping))]
+
+
+def state_of(data: bytes) -> ConversationState:
+    return msgspec.msgpack.decode(data, type=ConversationState)
+
+
+def ids_of(state: ConversationState) -> Mapping[str, str]:
+    return state.native_ids

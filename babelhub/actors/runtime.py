@@ -1,0 +1,263 @@
+"""A small virtual-actor runtime: one asyncio task per active actor, turn by turn.
+
+Rules it keeps (DESIGN.md §5):
+* `tell(key, message)` never fails for a missing actor: the first message activates it.
+* One message completes before the next starts, so an actor's state needs no locks.
+* The data lane is bounded: `tell` waits when the mailbox is full (backpressure to the JetStream fetcher).
+  A control lane (`stop`) is looked at before every turn.
+* A turn that raises restarts the actor from its last checkpoint, with exponential backoff and jitter;
+  after `max_restarts` in `restart_window` seconds the message is handed to its `on_failed` callback
+  (the caller parks it in the dead-letter stream) and the actor goes on with the next.
+* Group commit: after a run of turns (mailbox empty, or `checkpoint_every` turns) the actor checkpoints
+  its state, and only then are the messages' `on_applied` callbacks (JetStream acks) run. A crash before
+  the checkpoint means redelivery, never a lost message.
+* Idle actors passivate: stop taking mail, drain, checkpoint, stop. Mail for a passivating key waits for
+  the old activation to finish before the new one loads its state, so two activations never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import msgspec
+
+__all__ = ["Actor", "ActorSystem", "Mail"]
+
+log = logging.getLogger("babelhub.actors")
+
+M = TypeVar("M")
+Callback = Callable[[], Awaitable[None]]
+FailureCallback = Callable[[BaseException], Awaitable[None]]
+
+
+class Actor(ABC, Generic[M]):
+    """Subclass and implement `receive`; override the lifecycle hooks that need work."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    async def on_activate(self) -> None:
+        """Load state (a snapshot). Called on first activation and after every restart."""
+
+    @abstractmethod
+    async def receive(self, message: M) -> None:
+        """Apply one message. Raising restarts the actor from its last checkpoint."""
+
+    async def checkpoint(self) -> None:
+        """Persist state; called before the acks of the turns since the previous checkpoint."""
+
+    async def on_passivate(self) -> None:
+        """Last call before the activation ends (after the final checkpoint)."""
+
+
+class Mail(msgspec.Struct, Generic[M]):
+    message: M
+    on_applied: Callback | None = None
+    on_failed: FailureCallback | None = None
+
+
+class _Stop(msgspec.Struct, frozen=True):
+    """Control message: drain, checkpoint, stop."""
+
+
+class _Cell(Generic[M]):
+    """One activation: its actor, mailbox and task."""
+
+    def __init__(self, actor: Actor[M], mailbox_size: int) -> None:
+        self.actor = actor
+        self.mailbox: asyncio.Queue[Mail[M]] = asyncio.Queue(maxsize=mailbox_size)
+        self.control: deque[_Stop] = deque()
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.restarts: deque[float] = deque()
+
+
+class ActorSystem(Generic[M]):
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[[str], Actor[M]],
+        *,
+        mailbox_size: int = 256,
+        idle_seconds: float = 900.0,
+        max_active: int = 10_000,
+        checkpoint_every: int = 64,
+        max_restarts: int = 3,
+        restart_window: float = 60.0,
+        backoff_base: float = 0.05,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self.name = name
+        self._factory = factory
+        self._mailbox_size = mailbox_size
+        self._idle_seconds = idle_seconds
+        self._max_active = max_active
+        self._checkpoint_every = checkpoint_every
+        self._max_restarts = max_restarts
+        self._restart_window = restart_window
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._cells: OrderedDict[str, _Cell[M]] = OrderedDict()  # least recently used first
+        self._ending: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
+        self.restarts_total = 0
+        self.failures_total = 0
+
+    # ------------------------------------------------------------------------------------- public
+
+    @property
+    def active(self) -> int:
+        return len(self._cells)
+
+    def mailbox_depth(self) -> int:
+        return sum(cell.mailbox.qsize() for cell in self._cells.values())
+
+    async def tell(
+        self,
+        key: str,
+        message: M,
+        on_applied: Callback | None = None,
+        on_failed: FailureCallback | None = None,
+    ) -> None:
+        """Queue `message` for actor `key`, activating it if needed; waits while its mailbox is full."""
+        if self._closed:
+            raise RuntimeError(f"actor system {self.name} is stopped")
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._activate(key)
+        else:
+            self._cells.move_to_end(key)
+        await cell.mailbox.put(Mail(message, on_applied, on_failed))
+        cell.wakeup.set()
+
+    async def stop(self) -> None:
+        """Passivate every actor (drain, checkpoint) and wait for all of them."""
+        self._closed = True
+        for key in list(self._cells):
+            self._passivate(key)
+        if self._ending:
+            await asyncio.gather(*self._ending.values(), return_exceptions=True)
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    def _activate(self, key: str) -> _Cell[M]:
+        cell: _Cell[M] = _Cell(self._factory(key), self._mailbox_size)
+        self._cells[key] = cell
+        previous = self._ending.get(key)
+        cell.task = asyncio.create_task(self._run(key, cell, previous), name=f"{self.name}:{key}")
+        while len(self._cells) > self._max_active:
+            self._passivate(next(iter(self._cells)))
+        return cell
+
+    def _passivate(self, key: str) -> None:
+        cell = self._cells.pop(key, None)
+        if cell is None or cell.task is None:
+            return
+        cell.control.append(_Stop())
+        cell.wakeup.set()
+        self._ending[key] = cell.task
+        cell.task.add_done_callback(functools.partial(self._forget, key))
+
+    def _forget(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._ending.get(key) is task:
+            del self._ending[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("actor %s:%s ended with an error", self.name, key, exc_info=task.exception())
+
+    async def _run(self, key: str, cell: _Cell[M], previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            # The previous activation of this key is still checkpointing: load state only after it.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(previous)
+        await self._start(cell)
+        pending: list[Mail[M]] = []
+        while True:
+            if cell.control:
+                await self._drain(cell, pending)
+                await cell.actor.on_passivate()
+                return
+            if cell.mailbox.empty():
+                await self._commit(cell, pending)
+                if not cell.mailbox.empty() or cell.control:
+                    continue  # mail came in while the checkpoint was written
+                cell.wakeup.clear()
+                try:
+                    await asyncio.wait_for(cell.wakeup.wait(), self._idle_seconds)
+                except TimeoutError:
+                    if self._cells.get(key) is cell and cell.mailbox.empty():
+                        self._passivate(key)
+                continue
+            mail = cell.mailbox.get_nowait()
+            if await self._turn(cell, mail):
+                pending.append(mail)
+            if len(pending) >= self._checkpoint_every:
+                await self._commit(cell, pending)
+
+    async def _start(self, cell: _Cell[M]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await cell.actor.on_activate()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                attempt += 1
+                log.exception("actor %s:%s failed to activate (attempt %d)", self.name, cell.actor.key, attempt)
+                await asyncio.sleep(self._backoff(attempt))
+
+    async def _drain(self, cell: _Cell[M], pending: list[Mail[M]]) -> None:
+        while not cell.mailbox.empty():
+            mail = cell.mailbox.get_nowait()
+            if await self._turn(cell, mail):
+                pending.append(mail)
+        await self._commit(cell, pending)
+
+    async def _commit(self, cell: _Cell[M], pending: list[Mail[M]]) -> None:
+        if not pending:
+            return
+        await cell.actor.checkpoint()
+        for mail in pending:
+            if mail.on_applied is not None:
+                await mail.on_applied()
+        pending.clear()
+
+    # --------------------------------------------------------------------------------- supervision
+
+    async def _turn(self, cell: _Cell[M], mail: Mail[M]) -> bool:
+        """Apply one message, restarting the actor on failure; False when the message was given up."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await cell.actor.receive(mail.message)
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                now = loop.time()
+                while cell.restarts and now - cell.restarts[0] > self._restart_window:
+                    cell.restarts.popleft()
+                if len(cell.restarts) >= self._max_restarts:
+                    self.failures_total += 1
+                    log.error("actor %s:%s gave up on a message", self.name, cell.actor.key, exc_info=exc)
+                    if mail.on_failed is not None:
+                        await mail.on_failed(exc)
+                    return False
+                cell.restarts.append(now)
+                self.restarts_total += 1
+                log.warning("actor %s:%s restarting after %r", self.name, cell.actor.key, exc)
+                await asyncio.sleep(self._backoff(len(cell.restarts)))
+                cell.actor = self._factory(cell.actor.key)
+                await self._start(cell)
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling: float = min(self._backoff_max, self._backoff_base * 2**attempt)
+        return random.uniform(0.5, 1.0) * ceiling

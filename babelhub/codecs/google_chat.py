@@ -1,0 +1,734 @@
+"""Google Chat apps on an HTTP endpoint (Chat API v1).
+
+Inbound, Google Chat POSTs one interaction event per request with `Authorization: Bearer <JWT>`:
+issuer `chat@system.gserviceaccount.com`, audience = the Cloud project number
+(`secrets["audience"]`), RS256 with a key from Google's published set for that account
+(`secrets["signing_keys"]`: the x509 map as Google serves it, a JWKS or PEM — fetching it is I/O).
+
+* `MESSAGE` → text (user mentions from `annotations`) and attachments.
+* `ADDED_TO_SPACE` / `REMOVED_FROM_SPACE` → `joined` / `left` activities (plus the message, when a user
+  added the app by @mentioning it).
+* `CARD_CLICKED` → `action` (the button's `id` parameter, else the invoked function) and, for dialogs
+  and card inputs, a `form` with `common.formInputs`.
+* The Google Workspace add-on event format (`{"chat": {"messagePayload": ...}, "commonEventObject": ...}`)
+  is read the same way; other event types (app commands, widget updates…) → `unsupported`.
+
+Outbound: `POST {base}/v1/{space}/messages` with `Authorization: Bearer secrets["access_token"]`, the
+idempotency key as `requestId` (Chat returns the already-created message for a repeated id), threads via
+`thread.name` + `messageReplyOption`. Text is Chat's own markup — `*bold*`, `_italic_`, `~strike~`,
+`` `code` ``, `<url|text>` — which is exactly the Slack mrkdwn dialect, so `markup="slack"`. Buttons and
+cards become `cardsV2` (button `onClick.action` with parameter `id`, or `onClick.openLink`). Edits are
+`PATCH {name}?updateMask=...`, deletes `DELETE {name}`. Reactions need user authentication in Chat,
+which an app cannot hold, so they are not offered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, ClassVar, Final
+from urllib.parse import urlencode
+
+import msgspec
+
+from babelhub import canonical as c
+from babelhub.codecs import jwt, native
+from babelhub.codecs.base import (
+    Capabilities,
+    Codec,
+    DecodeContext,
+    EncodeContext,
+    HttpRequest,
+    HttpResponse,
+    OutboundRequest,
+    SendResult,
+)
+from babelhub.errors import DecodeError, EncodeError
+
+__all__ = ["GoogleChatCodec"]
+
+CHANNEL: Final = "google_chat"
+ISSUER: Final = "chat@system.gserviceaccount.com"
+"""The `iss` of bearer tokens Chat sends when the authentication audience is the project number."""
+
+DEFAULT_ACTION_FUNCTION: Final = "babelhub_action"
+"""The `function` babelhub's buttons invoke; Chat echoes it back as `invokedFunction`."""
+
+THREAD_REPLY: Final = "REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD"
+
+# Classic `space.type` and current `spaceType` → canonical conversation type.
+SPACE_TYPES: Final[Mapping[str, c.ConversationType]] = {
+    "DIRECT_MESSAGE": "direct",
+    "DM": "direct",
+    "GROUP_CHAT": "group",
+    "SPACE": "channel",
+    "ROOM": "channel",
+}
+
+
+# ------------------------------------------------------------------------------------ native shapes
+
+
+class _User(msgspec.Struct, kw_only=True):
+    name: str = ""
+    displayName: str = ""
+    email: str = ""
+    type: str = ""
+
+
+class _Space(msgspec.Struct, kw_only=True):
+    name: str = ""
+    type: str = ""
+    spaceType: str = ""
+    displayName: str = ""
+
+
+class _Thread(msgspec.Struct, kw_only=True):
+    name: str = ""
+    threadKey: str = ""
+
+
+class _UserMention(msgspec.Struct, kw_only=True):
+    type: str = ""
+    user: _User | None = None
+
+
+class _Annotation(msgspec.Struct, kw_only=True):
+    type: str = ""
+    startIndex: int = 0
+    length: int = 0
+    userMention: _UserMention | None = None
+
+
+class _AttachmentDataRef(msgspec.Struct, kw_only=True):
+    resourceName: str = ""
+
+
+class _DriveDataRef(msgspec.Struct, kw_only=True):
+    driveFileId: str = ""
+
+
+class _Attachment(msgspec.Struct, kw_only=True):
+    name: str = ""
+    contentName: str = ""
+    contentType: str = ""
+    downloadUri: str = ""
+    thumbnailUri: str = ""
+    source: str = ""
+    attachmentDataRef: _AttachmentDataRef | None = None
+    driveDataRef: _DriveDataRef | None = None
+
+
+class _Message(msgspec.Struct, kw_only=True):
+    name: str = ""
+    sender: _User | None = None
+    createTime: str = ""
+    text: str = ""
+    argumentText: str = ""
+    thread: _Thread | None = None
+    space: _Space | None = None
+    annotations: list[_Annotation] = []
+    attachment: list[_Attachment] = []
+    cardsV2: list[Any] = []
+    cards: list[Any] = []
+    slashCommand: dict[str, Any] | None = None
+
+
+class _ActionParameter(msgspec.Struct, kw_only=True):
+    key: str = ""
+    value: str = ""
+
+
+class _FormAction(msgspec.Struct, kw_only=True):
+    actionMethodName: str = ""
+    parameters: list[_ActionParameter] = []
+
+
+class _Common(msgspec.Struct, kw_only=True):
+    invokedFunction: str = ""
+    parameters: dict[str, str] = {}
+    formInputs: dict[str, Any] = {}
+
+
+class _Event(msgspec.Struct, kw_only=True):
+    """A Chat interaction event (the Chat API's `Event`, `DeprecatedEvent` in the discovery doc)."""
+
+    type: str = ""
+    eventTime: str = ""
+    message: _Message | None = None
+    user: _User | None = None
+    space: _Space | None = None
+    thread: _Thread | None = None
+    action: _FormAction | None = None
+    common: _Common | None = None
+    isDialogEvent: bool = False
+    dialogEventType: str = ""
+
+
+MAPPED_EVENT_FIELDS: Final = frozenset(
+    # `common` (locale, host app, and the form inputs also read into a click's form) is kept whole;
+    # `token` is the legacy static verification secret: it must not travel on in meta.
+    ({field.encode_name for field in msgspec.structs.fields(_Event)} - {"common"}) | {"token"}
+)
+"""Event fields decode reads; the others are kept in `meta["google_chat.extra"]`."""
+
+ADD_ON_READ_FIELDS: Final = frozenset({"chat", "authorizationEventObject"})
+"""An add-on event's `chat` is read; `authorizationEventObject` holds tokens and never goes to meta."""
+
+
+class _AddOnPayload(msgspec.Struct, kw_only=True):
+    message: _Message | None = None
+    space: _Space | None = None
+    isDialogEvent: bool = False
+    dialogEventType: str = ""
+
+
+class _AddOnChat(msgspec.Struct, kw_only=True):
+    user: _User | None = None
+    space: _Space | None = None
+    eventTime: str = ""
+    messagePayload: _AddOnPayload | None = None
+    addedToSpacePayload: _AddOnPayload | None = None
+    removedFromSpacePayload: _AddOnPayload | None = None
+    buttonClickedPayload: _AddOnPayload | None = None
+
+
+class _AddOnEvent(msgspec.Struct, kw_only=True):
+    """A Google Workspace add-on event object whose host app is Chat."""
+
+    chat: _AddOnChat
+    commonEventObject: _Common | None = None
+
+
+# The add-on payload that says which interaction happened, and its classic event type.
+ADD_ON_TYPES: Final = (
+    ("messagePayload", "MESSAGE"),
+    ("addedToSpacePayload", "ADDED_TO_SPACE"),
+    ("removedFromSpacePayload", "REMOVED_FROM_SPACE"),
+    ("buttonClickedPayload", "CARD_CLICKED"),
+)
+
+
+class _ApiError(msgspec.Struct, kw_only=True):
+    code: int = 0
+    message: str = ""
+    status: str = ""
+
+
+class _ErrorResponse(msgspec.Struct, kw_only=True):
+    error: _ApiError | None = None
+
+
+class _Created(msgspec.Struct, kw_only=True):
+    name: str = ""
+
+
+# ---------------------------------------------------------------------------------------- the codec
+
+
+class GoogleChatCodec(Codec):
+    channel: ClassVar[str] = CHANNEL
+    default_api_base: ClassVar[str] = "https://chat.googleapis.com"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        parts=frozenset({"text", "media", "buttons", "card", "edit", "delete"}),
+        # Pictures go out as card image widgets (by URL); uploading files is a separate media API.
+        media=frozenset({"image"}),
+        # A message (text and cards) is at most 32,000 bytes: 8,000 characters fit even at 4 bytes each.
+        text_limit=8_000,
+        caption_limit=8_000,
+        markup="slack",
+        # Chat documents no per-list button limit, only 100 widgets and 32 KB per card.
+        max_buttons=10,
+        max_button_title=40,
+        button_actions=frozenset({"reply", "postback", "url"}),
+        reply=True,
+        edit=True,
+        delete=True,
+        reaction=False,
+        typing=False,
+    )
+
+    def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
+        """The bearer token must be a JWT from Chat's service account for this project number."""
+        jwt.verify_rs256(
+            jwt.bearer_token(request),
+            secrets.get("signing_keys", ""),
+            issuers={ISSUER},
+            audience=secrets.get("audience", ""),
+            now=request.received_at or None,
+        )
+
+    def dedup_key(self, request: HttpRequest) -> str:
+        # A card can be clicked many times: the event's time and user are part of the key.
+        event = _read_event(native.read_json(request))
+        if not event.eventTime:
+            return ""
+        space = _space_of(event)
+        user = event.user.name if event.user else ""
+        message = event.message.name if event.message else ""
+        return "|".join((event.type, space.name if space else "", message, user, event.eventTime))
+
+    # ------------------------------------------------------------------------------------- decode
+
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
+        raw = native.read_json(request)
+        inbound = _Inbound(_read_event(raw), raw, ctx)
+        event = inbound.event
+        match event.type:
+            case "MESSAGE" if event.message is not None:
+                return [inbound.as_message(event.message)]
+            case "ADDED_TO_SPACE":
+                joined: list[c.Envelope] = [inbound.as_activity("joined")]
+                return joined + ([inbound.as_message(event.message)] if event.message else [])
+            case "REMOVED_FROM_SPACE":
+                return [inbound.as_activity("left")]
+            case "CARD_CLICKED":
+                return [inbound.as_click()]
+        return [inbound.as_unsupported()]
+
+    # ------------------------------------------------------------------------------------- encode
+
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
+        outbound = _Outbound(message, ctx, self.api_base(ctx))
+        edits = [part for part in message.parts if isinstance(part, c.Edit)]
+        if edits:
+            return outbound.replace(edits[0].target, [p for p in message.parts if not isinstance(p, c.Edit)])
+        return outbound.send(message.parts)
+
+    def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
+        if 200 <= response.status < 300:
+            return SendResult(ok=True, native_ids=_sent_names(request, response))
+        try:
+            error = native.convert(native.read_json(response), _ErrorResponse).error or _ApiError()
+        except DecodeError:
+            error = _ApiError()
+        return native.http_failure(response, code=error.status, message=error.message)
+
+
+# ------------------------------------------------------------------------------------------ inbound
+
+
+def _read_event(raw: Any) -> _Event:
+    """A classic interaction event, or an add-on event put into the same shape."""
+    if isinstance(raw, dict) and "chat" in raw and "type" not in raw:
+        return _from_add_on(native.convert(raw, _AddOnEvent))
+    return native.convert(raw, _Event)
+
+
+def _from_add_on(add_on: _AddOnEvent) -> _Event:
+    chat = add_on.chat
+    for field, event_type in ADD_ON_TYPES:
+        payload: _AddOnPayload | None = getattr(chat, field)
+        if payload is not None:
+            return _Event(
+                type=event_type,
+                eventTime=chat.eventTime,
+                message=payload.message,
+                user=chat.user,
+                space=payload.space or chat.space,
+                common=add_on.commonEventObject,
+                isDialogEvent=payload.isDialogEvent,
+                dialogEventType=payload.dialogEventType,
+            )
+    return _Event(type="ADD_ON", eventTime=chat.eventTime, user=chat.user, space=chat.space)
+
+
+def _space_of(event: _Event) -> _Space | None:
+    if event.space is not None and event.space.name:
+        return event.space
+    if event.message is not None and event.message.space is not None:
+        return event.message.space
+    return None
+
+
+class _Inbound:
+    """One interaction event and the envelope header it gives."""
+
+    def __init__(self, event: _Event, raw: Any, ctx: DecodeContext) -> None:
+        space = _space_of(event)
+        if space is None or not space.name:
+            raise DecodeError("event has no space name", path="$.space.name")
+        self.event = event
+        self.raw = raw
+        self.ctx = ctx
+        self.space = space
+        self.ts = _time(event.eventTime, "$.eventTime") if event.eventTime else None
+
+    def message_id(self, name: str) -> str:
+        # A message name (`spaces/S/messages/M`) is unique in all of Chat.
+        return c.message_id(self.ctx.tenant, self.ctx.connection, name)
+
+    def as_message(self, message: _Message) -> c.Message:
+        ts = _time(message.createTime, "$.message.createTime") if message.createTime else self._event_time()
+        parts = _message_parts(self, message) or [c.Unsupported(reason="google chat empty message", native=self.raw)]
+        return c.Message(
+            id=self.message_id(message.name or self._event_key()),
+            parts=parts,
+            **self._header(message, ts),
+        )
+
+    def as_click(self) -> c.Message:
+        event = self.event
+        parameters = dict(event.common.parameters) if event.common else {}
+        if event.action is not None:
+            parameters |= {p.key: p.value for p in event.action.parameters}
+        function = (event.common.invokedFunction if event.common else "") or (
+            event.action.actionMethodName if event.action else ""
+        )
+        action_id = parameters.get("id") or function
+        card = event.message
+        parts: list[c.Part] = [c.Action(id=action_id, source=self.message_id(card.name) if card and card.name else "")]
+        form = _form(action_id, event.common.formInputs if event.common else {})
+        if form is not None:
+            parts.append(form)
+        meta = {
+            "google_chat.function": function,
+            "google_chat.parameters": parameters,
+            "google_chat.dialog_event_type": event.dialogEventType,
+        }
+        return c.Message(
+            id=self.message_id(f"{self._event_key()}#click"),
+            parts=parts,
+            **self._header(card, self._event_time(), {k: v for k, v in meta.items() if v}),
+        )
+
+    def as_activity(self, kind: c.ActivityType) -> c.Activity:
+        # The app itself joined or left; the event's user is who added or removed it.
+        return c.Activity(
+            id=c.stable_id("activity", self.ctx.tenant, self.ctx.connection, self._event_key(), kind),
+            activity=kind,
+            detail={"members": [{"role": "bot", "native_id": "users/app"}]},
+            **self._header(None, self._event_time()),
+        )
+
+    def as_unsupported(self) -> c.Message:
+        reason = f"google chat {self.event.type or 'unknown'} event"
+        return c.Message(
+            id=self.message_id(f"{self._event_key()}#{self.event.type}"),
+            parts=[c.Unsupported(reason=reason, native=self.raw)],
+            **self._header(self.event.message, self._event_time()),
+        )
+
+    def _event_key(self) -> str:
+        event = self.event
+        user = event.user.name if event.user else ""
+        return f"{self.space.name}|{event.type}|{user}|{event.eventTime}"
+
+    def _event_time(self) -> datetime:
+        if self.ts is None:
+            raise DecodeError("event has no eventTime", path="$.eventTime")
+        return self.ts
+
+    def _header(self, message: _Message | None, ts: datetime, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        thread = message.thread if message and message.thread else self.event.thread
+        all_meta = {**self._event_meta(), **_message_meta(message), **(meta or {})}
+        if thread is not None and thread.name:
+            all_meta["google_chat.thread_name"] = thread.name
+        return {
+            "tenant": self.ctx.tenant,
+            "conversation": c.Conversation(
+                id=c.conversation_id(self.ctx.tenant, self.ctx.connection, self.space.name),
+                channel=CHANNEL,
+                connection=self.ctx.connection,
+                native_id=self.space.name,
+                type=SPACE_TYPES.get(self.space.spaceType or self.space.type, "channel"),
+            ),
+            "ts": ts,
+            "sender": self._sender(),
+            "native": c.Native(id=message.name if message else "", seq=self.ctx.seq),
+            # Chat threads are resources of their own (`spaces/S/threads/T`), keyed here by that name.
+            "thread": self.message_id(thread.name) if thread is not None and thread.name else "",
+            "meta": all_meta,
+        }
+
+    def _event_meta(self) -> dict[str, Any]:
+        """Event fields no part carries (dialog flags, redirect URL…), minus secrets."""
+        meta: dict[str, Any] = {}
+        if self.space.displayName:
+            meta["google_chat.space_display_name"] = self.space.displayName
+        if isinstance(self.raw, dict):
+            read = MAPPED_EVENT_FIELDS if "type" in self.raw else ADD_ON_READ_FIELDS
+            extra = {key: value for key, value in self.raw.items() if key not in read}
+            if extra:
+                meta["google_chat.extra"] = extra
+        return meta
+
+    def _sender(self) -> c.Sender | None:
+        user = self.event.user
+        if user is None or not user.name:
+            return None
+        return c.Sender(
+            id=c.sender_id(self.ctx.tenant, self.ctx.connection, user.name),
+            native_id=user.name,
+            name=user.displayName,
+            role="bot" if user.type == "BOT" else "user",
+            handle=user.email,
+        )
+
+
+def _time(value: str, path: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise DecodeError(f"{value!r} is not an RFC 3339 timestamp", path=path) from None
+
+
+def _message_parts(inbound: _Inbound, message: _Message) -> list[c.Part]:
+    parts: list[c.Part] = []
+    if message.text:
+        parts.append(_text(inbound, message))
+    parts.extend(_media(attachment) for attachment in message.attachment)
+    if message.cardsV2 or message.cards:
+        # Cards in a received message are the app's own (or another app's): kept, not interpreted.
+        parts.append(c.Unsupported(reason="google chat cards", native=message.cardsV2 or message.cards))
+    return parts
+
+
+def _text(inbound: _Inbound, message: _Message) -> c.Text:
+    mentions = [
+        c.Mention(
+            id=c.sender_id(inbound.ctx.tenant, inbound.ctx.connection, note.userMention.user.name),
+            native_id=note.userMention.user.name,
+            name=note.userMention.user.displayName,
+            offset=note.startIndex,
+            length=note.length,
+        )
+        for note in message.annotations
+        if note.type == "USER_MENTION" and note.userMention is not None and note.userMention.user is not None
+    ]
+    return c.Text(text=message.text, format="slack", mentions=mentions)
+
+
+def _media(attachment: _Attachment) -> c.Media:
+    mime = attachment.contentType
+    kind: c.MediaKind = "document"
+    if mime.startswith("image/"):
+        kind = "image"
+    elif mime.startswith("video/"):
+        kind = "video"
+    elif mime.startswith("audio/"):
+        kind = "audio"
+    file_id = (attachment.attachmentDataRef.resourceName if attachment.attachmentDataRef else "") or (
+        attachment.driveDataRef.driveFileId if attachment.driveDataRef else ""
+    )
+    return c.Media(media=kind, url=attachment.downloadUri, file_id=file_id, mime=mime, filename=attachment.contentName)
+
+
+def _message_meta(message: _Message | None) -> dict[str, Any]:
+    if message is None:
+        return {}
+    meta = {
+        "google_chat.argument_text": message.argumentText,
+        "google_chat.slash_command": message.slashCommand,
+        "google_chat.attachment_names": [a.name for a in message.attachment if a.name],
+    }
+    return {key: value for key, value in meta.items() if value}
+
+
+def _form(form_id: str, inputs: Mapping[str, Any]) -> c.Form | None:
+    """`common.formInputs` (one entry per input widget name) as a submitted form."""
+    fields = [_form_field(name, value) for name, value in inputs.items() if isinstance(value, dict)]
+    return c.Form(id=form_id, fields=fields) if fields else None
+
+
+def _form_field(name: str, inputs: Mapping[str, Any]) -> c.FormField:
+    if isinstance(inputs.get("stringInputs"), dict):
+        values = [str(v) for v in inputs["stringInputs"].get("value", [])]
+        return c.FormField(id=name, kind="text", value=values[0] if len(values) == 1 else values)
+    for key, kind in (("dateTimeInput", "datetime"), ("dateInput", "date")):
+        if isinstance(inputs.get(key), dict):
+            return c.FormField(id=name, kind=kind, value=int(inputs[key].get("msSinceEpoch", 0)))
+    if isinstance(inputs.get("timeInput"), dict):
+        time_input = inputs["timeInput"]
+        return c.FormField(
+            id=name, kind="time", value=f"{time_input.get('hours', 0):02}:{time_input.get('minutes', 0):02}"
+        )
+    return c.FormField(id=name, kind="unknown", value=dict(inputs))
+
+
+# ----------------------------------------------------------------------------------------- outbound
+
+
+class _Draft(msgspec.Struct, kw_only=True):
+    """One Chat message being assembled: a text and the cards below it."""
+
+    text: str = ""
+    cards: list[dict[str, Any]] = []
+
+    def empty(self) -> bool:
+        return not self.text and not self.cards
+
+
+class _Outbound:
+    def __init__(self, message: c.Message, ctx: EncodeContext, base: str) -> None:
+        if not ctx.to.startswith("spaces/"):
+            raise EncodeError(f"a google chat space is named spaces/…, not {ctx.to!r}")
+        token = ctx.secrets.get("access_token", "")
+        if not token:
+            raise EncodeError("google chat needs secrets['access_token'] (an OAuth token of the app)")
+        self.message = message
+        self.ctx = ctx
+        self.base = base
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.function = str(ctx.options.get("action_function", DEFAULT_ACTION_FUNCTION))
+
+    def send(self, parts: list[c.Part]) -> list[OutboundRequest]:
+        calls: list[tuple[str, str, dict[str, Any] | None]] = []
+        for item in self._drafts_and_deletes(parts):
+            if isinstance(item, c.Delete):
+                calls.append(("DELETE", f"{self.base}/v1/{self._native(item.target, 'delete')}", None))
+            else:
+                calls.append(("POST", self._create_url(len(calls)), self._body(item)))
+        return [self._request(n, method, url, body) for n, (method, url, body) in enumerate(calls)]
+
+    def replace(self, target: str, parts: list[c.Part]) -> list[OutboundRequest]:
+        """An edit: PATCH the message's text and cards (only the fields the new content has)."""
+        drafts = [item for item in self._drafts_and_deletes(parts) if isinstance(item, _Draft)]
+        if len(drafts) != 1:
+            raise EncodeError(f"a google chat edit replaces one message, but the new content makes {len(drafts)}")
+        body = self._body(drafts[0], threaded=False)
+        mask = ",".join(field for field, key in (("text", "text"), ("cards_v2", "cardsV2")) if key in body)
+        url = f"{self.base}/v1/{self._native(target, 'edit')}?{urlencode({'updateMask': mask})}"
+        return [self._request(0, "PATCH", url, body)]
+
+    def _drafts_and_deletes(self, parts: list[c.Part]) -> list[_Draft | c.Delete]:
+        """Group parts into messages: a text and the buttons or cards after it make one message."""
+        items: list[_Draft | c.Delete] = []
+        draft = _Draft()
+        for part in parts:
+            if isinstance(part, c.Text | c.Delete) and not draft.empty():
+                items.append(draft)
+                draft = _Draft()
+            match part:
+                case c.Text():
+                    draft.text = _with_mentions(part)
+                case c.Delete():
+                    items.append(part)
+                case c.Buttons():
+                    # The buttons' own text is the message text, or a paragraph above them when the
+                    # message already has one.
+                    above: list[dict[str, Any]] = []
+                    if part.text and not draft.text:
+                        draft.text = part.text
+                    elif part.text:
+                        above = [_paragraph(part.text)]
+                    draft.cards.append(self._card(above, part.buttons, len(draft.cards)))
+                case c.Card():
+                    draft.cards.append(self._card_part(part, len(draft.cards)))
+                case c.Media():
+                    widgets = [_image(part)] + ([_paragraph(part.caption)] if part.caption else [])
+                    draft.cards.append(self._card(widgets, [], len(draft.cards)))
+                case _:
+                    raise EncodeError(f"google chat cannot send a {part.__struct_config__.tag} part")
+        if not draft.empty():
+            items.append(draft)
+        return items
+
+    def _card_part(self, card: c.Card, index: int) -> dict[str, Any]:
+        widgets = [_image(card.media)] if card.media is not None else []
+        built = self._card(widgets, card.buttons, index)
+        if card.title:
+            header = {"title": card.title, **({"subtitle": card.subtitle} if card.subtitle else {})}
+            built["card"]["header"] = header
+        elif card.subtitle:
+            built["card"]["sections"][0]["widgets"].insert(0, _paragraph(card.subtitle))
+        return built
+
+    def _card(self, widgets: list[dict[str, Any]], buttons: list[c.Button], index: int) -> dict[str, Any]:
+        if buttons:
+            widgets = [*widgets, {"buttonList": {"buttons": [self._button(button) for button in buttons]}}]
+        if not widgets:
+            raise EncodeError("a google chat card needs at least one widget")
+        # `cardId` is required once a message holds several cards; unique per message.
+        return {"cardId": f"{self.message.id}-{index}", "card": {"sections": [{"widgets": widgets}]}}
+
+    def _button(self, button: c.Button) -> dict[str, Any]:
+        match button.action:
+            case "url":
+                return {"text": button.title, "onClick": {"openLink": {"url": button.value}}}
+            case "reply" | "postback":
+                parameters = [{"key": "id", "value": button.id}]
+                return {
+                    "text": button.title,
+                    "onClick": {"action": {"function": self.function, "parameters": parameters}},
+                }
+        raise EncodeError(f"google chat cards have no {button.action} buttons")
+
+    def _body(self, draft: _Draft, *, threaded: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if draft.text:
+            body["text"] = draft.text
+        if draft.cards:
+            body["cardsV2"] = draft.cards
+        thread = self._thread() if threaded else ""
+        if thread:
+            body["thread"] = {"name": thread}
+        return body
+
+    def _thread(self) -> str:
+        """The thread to post in: named in meta, or the native thread of the message's `thread`."""
+        named = self.message.meta.get("google_chat.thread_name")
+        if isinstance(named, str) and named:
+            return named
+        return self.ctx.native_ids.get(self.message.thread, "") if self.message.thread else ""
+
+    def _create_url(self, n: int) -> str:
+        # requestId makes the create idempotent: Chat returns the message already made for that id.
+        query = {"requestId": f"{self.message.id}:{n}"}
+        if self._thread():
+            query["messageReplyOption"] = THREAD_REPLY
+        return f"{self.base}/v1/{self.ctx.to}/messages?{urlencode(query)}"
+
+    def _native(self, canonical_id: str, what: str) -> str:
+        name = self.ctx.native_ids.get(canonical_id, "")
+        if not name.startswith("spaces/"):
+            raise EncodeError(f"cannot {what} message {canonical_id!r}: its google chat message name is unknown")
+        return name
+
+    def _request(self, n: int, method: str, url: str, body: dict[str, Any] | None) -> OutboundRequest:
+        headers = self.headers if body is not None else {"Authorization": self.headers["Authorization"]}
+        return OutboundRequest(
+            method=method,
+            url=url,
+            headers=headers,
+            body=native.json_body(body) if body is not None else b"",
+            idempotency_key=f"{self.message.id}:{n}",
+            message_id=self.message.id,
+        )
+
+
+def _with_mentions(text: c.Text) -> str:
+    """Mentions written the Chat way, `<users/123>`, in place of their span of the text."""
+    pieces: list[str] = []
+    cursor = 0
+    for mention in sorted(text.mentions, key=lambda m: m.offset):
+        if not mention.native_id.startswith("users/") or mention.offset < cursor:
+            continue
+        pieces += [text.text[cursor : mention.offset], f"<{mention.native_id}>"]
+        cursor = mention.offset + mention.length
+    pieces.append(text.text[cursor:])
+    return "".join(pieces)
+
+
+def _paragraph(text: str) -> dict[str, Any]:
+    return {"textParagraph": {"text": text}}
+
+
+def _image(media: c.Media) -> dict[str, Any]:
+    if media.media != "image" or not media.url:
+        raise EncodeError("google chat cards show images by URL only")
+    return {"image": {"imageUrl": media.url, "altText": media.caption or media.filename}}
+
+
+def _sent_names(request: OutboundRequest, response: HttpResponse) -> list[str]:
+    """The message's resource name: from the returned Message, or (delete) the URL itself."""
+    if response.body:
+        try:
+            created = native.convert(native.read_json(response), _Created)
+        except DecodeError:
+            created = _Created()
+        if created.name:
+            return [created.name]
+    if request.method in ("DELETE", "PATCH"):
+        return [request.url.split("/v1/", 1)[-1].split("?", 1)[0]]
+    return []

@@ -1,0 +1,894 @@
+"""Microsoft Teams, through the Bot Framework Connector (REST API v3).
+
+Inbound, Teams POSTs one Bot Framework *Activity* per request, signed with an RS256 JWT
+(`Authorization: Bearer`, issuer `https://api.botframework.com`, audience = the bot's app id, key from
+Bot Framework's key set, which is configuration here: `secrets["signing_keys"]`).
+
+* `message` → text (with `<at>` mentions turned into canonical mentions), pictures and files; a
+  message whose `value` carries an Adaptive Card `Action.Submit` / `messageBack` payload is a click →
+  `action` (+ `form` for the card's inputs).
+* `invoke` `adaptiveCard/action` (Universal Actions' `Action.Execute`) → `action` (+ `form`). The
+  Adaptive Cards docs require the bot to answer such an invoke with HTTP 200 and an
+  `{"statusCode", "type", "value"}` body: `handshake` builds that answer, which the hub gives *after*
+  it recorded the raw request (the click itself is decoded from the record like any delivery).
+* `messageUpdate` (edit / undelete) → `edit`; `messageDelete` → `delete`; `messageReaction` → `reaction`.
+* `conversationUpdate` / `installationUpdate` → `joined` / `left` activities; `typing` → `typing`;
+  `endOfConversation` → `ended`; the read-receipt event → a `read` status.
+* Everything else (other invokes, meeting events, commands…) → an `unsupported` part that keeps the
+  native activity.
+
+Outbound, every call goes to the conversation's `serviceUrl`, which differs per conversation and
+region. Decode records it in `meta["babelhub.reply_api_base"]` (the conversation actor keeps it and
+hands it back as `EncodeContext.api_base`) and in `meta["teams.service_url"]`;
+`ctx.options["service_url"]` is the fallback. The bearer token (`secrets["bot_token"]`) is obtained by
+the hub: fetching it from Microsoft Entra ID is I/O and stays out of the codec.
+
+Text goes out as Teams markdown. Reply buttons that fit become `suggestedActions` (`imBack`, the only
+type Teams documents for them, at most three shown); other buttons, cards and carousels become
+Adaptive Cards (`Action.Submit` carrying `{"id": ...}`, `Action.OpenUrl`).
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+from base64 import b64encode
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, ClassVar, Final
+from urllib.parse import quote, unquote
+
+import msgspec
+
+from babelhub import canonical as c
+from babelhub.codecs import jwt, native
+from babelhub.codecs.base import (
+    Capabilities,
+    Codec,
+    DecodeContext,
+    EncodeContext,
+    HttpRequest,
+    HttpResponse,
+    OutboundRequest,
+    SendResult,
+)
+from babelhub.errors import DecodeError, EncodeError, SignatureError
+
+__all__ = ["TeamsCodec"]
+
+CHANNEL: Final = "teams"
+ISSUER: Final = "https://api.botframework.com"
+"""The `iss` of tokens the Bot Connector service sends to bots (Bot Framework authentication docs)."""
+
+REPLY_API_BASE: Final = "babelhub.reply_api_base"
+"""Meta key the conversation actor reads to learn where replies go (here: the serviceUrl)."""
+
+INVOKE_ACK: Final = "application/vnd.microsoft.activity.message"
+"""Universal Actions response type: "the response includes a message that the client should display"."""
+
+READ_RECEIPT_EVENT: Final = "application/vnd.microsoft.readReceipt"
+CARD_SUBMIT_INVOKES: Final = frozenset({"suggestedActions/submit", "suggestedAction/submit"})
+"""Teams' suggested `Action.Submit` invoke; its docs spell the name both ways."""
+
+SUGGESTED_ACTIONS_SHOWN: Final = 3
+"""Teams "displays only the first three" suggested actions: more reply buttons go into a card."""
+
+# Errors the Teams docs ("Status codes from bot conversational APIs") say to retry; 500 is not one.
+RETRYABLE_STATUSES: Final = frozenset({412, 429, 502, 503, 504})
+
+# Teams' named reactions (docs: "like"; the Teams client offers these six); anything else is passed on.
+REACTION_EMOJI: Final[Mapping[str, str]] = {
+    "like": "👍",
+    "heart": "❤️",
+    "laugh": "😆",
+    "surprised": "😮",
+    "sad": "😢",
+    "angry": "😠",
+}
+
+TEXT_FORMATS: Final[Mapping[str, c.TextFormat]] = {"plain": "plain", "markdown": "markdown", "xml": "html"}
+ADAPTIVE_CARD: Final = "application/vnd.microsoft.card.adaptive"
+FILE_DOWNLOAD_INFO: Final = "application/vnd.microsoft.teams.file.download.info"
+HTML_COPY: Final = "text/html"
+"""Teams attaches the formatted version of a user's text as a `text/html` attachment."""
+THREAD_MARKER: Final = ";messageid="
+"""A channel conversation id ending in `;messageid=<root>` is the reply thread of that root message."""
+
+
+# ------------------------------------------------------------------------------------ native shapes
+
+
+class _Account(msgspec.Struct, kw_only=True):
+    id: str = ""
+    name: str = ""
+    aadObjectId: str = ""
+    role: str = ""
+
+
+class _ConversationAccount(msgspec.Struct, kw_only=True):
+    id: str
+    conversationType: str = ""
+    isGroup: bool = False
+    tenantId: str = ""
+    name: str = ""
+
+
+class _Attachment(msgspec.Struct, kw_only=True):
+    contentType: str = ""
+    contentUrl: str = ""
+    content: Any = None
+    name: str = ""
+    thumbnailUrl: str = ""
+
+
+class _MessageReaction(msgspec.Struct, kw_only=True):
+    type: str
+
+
+class _Activity(msgspec.Struct, kw_only=True):
+    """The parts of a Bot Framework Activity this codec reads (Connector API v3 `Activity`)."""
+
+    type: str
+    id: str = ""
+    timestamp: str = ""
+    serviceUrl: str = ""
+    channelId: str = ""
+    sender: _Account | None = msgspec.field(default=None, name="from")
+    conversation: _ConversationAccount | None = None
+    recipient: _Account | None = None
+    text: str = ""
+    textFormat: str = ""
+    attachments: list[_Attachment] = []
+    entities: list[dict[str, Any]] = []
+    channelData: dict[str, Any] = {}
+    replyToId: str = ""
+    value: Any = None
+    name: str = ""
+    membersAdded: list[_Account] = []
+    membersRemoved: list[_Account] = []
+    reactionsAdded: list[_MessageReaction] = []
+    reactionsRemoved: list[_MessageReaction] = []
+    action: str = ""
+    locale: str = ""
+    code: str = ""
+
+
+class _ConversationId(msgspec.Struct, kw_only=True):
+    id: str = ""
+
+
+class _ActivityIds(msgspec.Struct, kw_only=True):
+    """Only what the dedup key needs, read on the request path."""
+
+    type: str = ""
+    id: str = ""
+    timestamp: str = ""
+    conversation: _ConversationId | None = None
+
+
+MAPPED_FIELDS: Final = frozenset(field.encode_name for field in msgspec.structs.fields(_Activity))
+"""Activity fields decode maps to parts or meta; the rest is kept in `meta["teams.extra"]`."""
+
+
+class _ResourceResponse(msgspec.Struct, kw_only=True):
+    id: str = ""
+
+
+class _ErrorDetail(msgspec.Struct, kw_only=True):
+    code: str = ""
+    message: str = ""
+
+
+class _ErrorResponse(msgspec.Struct, kw_only=True):
+    error: _ErrorDetail | None = None
+
+
+# ---------------------------------------------------------------------------------------- the codec
+
+
+class TeamsCodec(Codec):
+    channel: ClassVar[str] = CHANNEL
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        parts=frozenset({"text", "media", "buttons", "card", "carousel", "edit", "delete"}),
+        # Pictures only: PNG/JPEG/GIF up to 1 MB ("Use picture messages"); other files need the
+        # file-consent flow, which is not a single API call.
+        media=frozenset({"image"}),
+        media_max_bytes=1024 * 1024,
+        # The bot message limit is ~100 KB of UTF-16 (80 KB recommended); 28,000 characters stay well
+        # inside it with the activity around them.
+        text_limit=28_000,
+        caption_limit=28_000,
+        markup="markdown",
+        # Teams' Adaptive Card host config shows at most 6 actions.
+        max_buttons=6,
+        max_button_title=40,
+        button_actions=frozenset({"reply", "postback", "url"}),
+        max_cards=10,
+        reply=True,
+        edit=True,
+        delete=True,
+        reaction=False,
+        typing=True,
+    )
+
+    # ------------------------------------------------------------------------------- verification
+
+    def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
+        """The Bot Framework "Connector to Bot" checks: RS256 signature by a configured key, issuer,
+        audience = app id, expiry with 5 minutes of skew, the `serviceUrl` claim matching the
+        activity, and the key's endorsement of the activity's channel when it lists endorsements."""
+        token = jwt.verify_rs256(
+            jwt.bearer_token(request),
+            secrets.get("signing_keys", ""),
+            issuers={ISSUER},
+            audience=secrets.get("app_id", ""),
+            now=request.received_at or None,
+        )
+        try:
+            activity = native.convert(native.read_json(request), _Activity)
+        except DecodeError as exc:
+            raise SignatureError(f"cannot read the activity the token signs for: {exc}") from None
+        service_url = token.claims.get("serviceUrl", token.claims.get("serviceurl"))
+        if service_url != activity.serviceUrl:
+            raise SignatureError(f"token serviceUrl {service_url!r} does not match the activity's")
+        if token.key.endorsements and activity.channelId not in token.key.endorsements:
+            raise SignatureError(f"signing key is not endorsed for channel {activity.channelId!r}")
+
+    def handshake(self, request: HttpRequest, secrets: Mapping[str, str]) -> HttpResponse | None:
+        """The synchronous answer an `adaptiveCard/action` invoke requires (HTTP 200 + response body);
+        None for everything else, which the hub answers with a plain 200."""
+        try:
+            activity = native.convert(native.read_json(request), _Activity)
+        except DecodeError:
+            return None
+        if activity.type != "invoke" or activity.name != "adaptiveCard/action":
+            return None
+        body = {"statusCode": 200, "type": INVOKE_ACK, "value": secrets.get("invoke_reply", "")}
+        return HttpResponse(status=200, headers={"content-type": "application/json"}, body=native.json_body(body))
+
+    def dedup_key(self, request: HttpRequest) -> str:
+        # An edit reuses the message's activity id, so the type and timestamp are part of the key.
+        ids = native.convert(native.read_json(request), _ActivityIds)
+        if not ids.id or ids.conversation is None or not ids.conversation.id:
+            return ""
+        return "|".join((ids.conversation.id, ids.id, ids.type, ids.timestamp))
+
+    # ------------------------------------------------------------------------------------- decode
+
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
+        raw = native.read_json(request)
+        activity = native.convert(raw, _Activity)
+        inbound = _Inbound(activity, raw, request, ctx)
+        match activity.type:
+            case "message":
+                return [inbound.as_message(_message_parts(inbound))]
+            case "messageUpdate":
+                return [_edited(inbound)]
+            case "messageDelete":
+                return [inbound.as_message([c.Delete(target=inbound.message_id(activity.id))], suffix="#delete")]
+            case "messageReaction":
+                return [inbound.as_message(_reactions(inbound), suffix="#reaction")]
+            case "invoke":
+                return [inbound.as_message(_invoke_parts(inbound), suffix="#invoke")]
+            case "conversationUpdate" | "installationUpdate":
+                return _membership(inbound)
+            case "typing":
+                return [inbound.as_activity("typing")]
+            case "endOfConversation":
+                return [inbound.as_activity("ended", {"teams.code": activity.code} if activity.code else {})]
+            case "event" if activity.name == READ_RECEIPT_EVENT:
+                return [_read_receipt(inbound)]
+        return [inbound.as_message([_unsupported(f"teams {activity.type} activity", raw)], suffix=f"#{activity.type}")]
+
+    # ------------------------------------------------------------------------------------- encode
+
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
+        outbound = _Outbound(message, ctx, self.api_base(ctx))
+        edits = [part for part in message.parts if isinstance(part, c.Edit)]
+        if edits:
+            return outbound.replace(edits[0].target, [p for p in message.parts if not isinstance(p, c.Edit)])
+        return outbound.send(message.parts)
+
+    def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+        if activity.activity != "typing":
+            return []
+        conversation = quote(ctx.to, safe="")
+        return [
+            OutboundRequest(
+                method="POST",
+                url=f"{self.api_base(ctx)}/v3/conversations/{conversation}/activities",
+                headers=_headers(ctx),
+                body=native.json_body({"type": "typing"}),
+                idempotency_key=f"{activity.id}:0",
+                message_id=activity.id,
+            )
+        ]
+
+    def api_base(self, ctx: EncodeContext) -> str:
+        """The conversation's serviceUrl: there is no global Bot Connector endpoint for Teams."""
+        base = ctx.api_base or str(ctx.options.get("service_url", ""))
+        if not base:
+            raise EncodeError("teams needs the conversation's serviceUrl (EncodeContext.api_base)")
+        return base.rstrip("/")
+
+    def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
+        if 200 <= response.status < 300:
+            return SendResult(ok=True, native_ids=_sent_ids(request, response))
+        try:
+            error = native.convert(native.read_json(response), _ErrorResponse).error or _ErrorDetail()
+        except DecodeError:
+            error = _ErrorDetail()
+        failure = native.http_failure(response, code=error.code, message=error.message)
+        retryable = response.status in RETRYABLE_STATUSES
+        assert failure.error is not None  # http_failure always describes the error
+        return msgspec.structs.replace(
+            failure, retryable=retryable, error=msgspec.structs.replace(failure.error, retryable=retryable)
+        )
+
+
+# ------------------------------------------------------------------------------------------ inbound
+
+
+class _Inbound:
+    """One received activity and the header every envelope made from it shares."""
+
+    def __init__(self, activity: _Activity, raw: Any, request: HttpRequest, ctx: DecodeContext) -> None:
+        if activity.conversation is None or not activity.conversation.id:
+            raise DecodeError("activity has no conversation id", path="$.conversation.id")
+        self.activity = activity
+        self.raw = raw
+        self.ctx = ctx
+        self.conversation_id = activity.conversation.id
+        # Teams message ids are per conversation (channel ones are millisecond timestamps), so the
+        # key that makes them unique within a connection includes the conversation, without the
+        # thread suffix so a thread's root and its replies agree.
+        self.base_conversation = self.conversation_id.split(THREAD_MARKER, 1)[0]
+        self.ts = _timestamp(activity, request)
+        self.key = activity.id or "body:" + c.stable_id(request.body.decode("utf-8", "replace"))
+
+    def message_id(self, native_id: str) -> str:
+        """The canonical id of the message `native_id` in this conversation."""
+        return c.message_id(self.ctx.tenant, self.ctx.connection, f"{self.base_conversation}|{native_id}")
+
+    def sender_id(self, native_user_id: str) -> str:
+        return c.sender_id(self.ctx.tenant, self.ctx.connection, native_user_id)
+
+    def as_message(self, parts: list[c.Part], *, suffix: str = "", meta: Mapping[str, Any] | None = None) -> c.Message:
+        activity = self.activity
+        if not parts:
+            parts = [_unsupported(f"teams {activity.type} activity without content", self.raw)]
+        return c.Message(
+            id=self.message_id(self.key + suffix),
+            parts=parts,
+            reply_to=self.message_id(activity.replyToId) if activity.replyToId else "",
+            **self.header(meta),
+        )
+
+    def as_activity(self, kind: c.ActivityType, detail: Mapping[str, Any] | None = None) -> c.Activity:
+        return c.Activity(
+            id=c.stable_id("activity", self.ctx.tenant, self.ctx.connection, self.base_conversation, self.key, kind),
+            activity=kind,
+            detail=dict(detail or {}),
+            **self.header(None),
+        )
+
+    def header(self, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+        activity = self.activity
+        return {
+            "tenant": self.ctx.tenant,
+            "conversation": self._conversation(),
+            "ts": self.ts,
+            "sender": self._sender(),
+            "native": c.Native(id=activity.id, seq=self.ctx.seq),
+            "thread": self._thread(),
+            "meta": {**self._meta(), **(meta or {})},
+        }
+
+    def _conversation(self) -> c.Conversation:
+        assert self.activity.conversation is not None
+        return c.Conversation(
+            id=c.conversation_id(self.ctx.tenant, self.ctx.connection, self.conversation_id),
+            channel=CHANNEL,
+            connection=self.ctx.connection,
+            native_id=self.conversation_id,
+            type=_conversation_type(self.activity.conversation),
+        )
+
+    def _thread(self) -> str:
+        _, marker, root = self.conversation_id.partition(THREAD_MARKER)
+        return self.message_id(root) if marker and root else ""
+
+    def _sender(self) -> c.Sender | None:
+        account = self.activity.sender
+        if account is None or not account.id:
+            return None
+        return c.Sender(
+            id=self.sender_id(account.id),
+            native_id=account.id,
+            name=account.name,
+            role="bot" if account.role == "bot" else "user",
+        )
+
+    def _meta(self) -> dict[str, Any]:
+        """What the envelope carries besides its parts, so nothing Teams sent is lost."""
+        activity = self.activity
+        meta: dict[str, Any] = {}
+        if activity.serviceUrl:
+            meta[REPLY_API_BASE] = activity.serviceUrl
+            meta["teams.service_url"] = activity.serviceUrl
+        assert activity.conversation is not None
+        optional = {
+            "teams.channel_id": activity.channelId,
+            "teams.tenant_id": activity.conversation.tenantId,
+            "teams.locale": activity.locale,
+            "teams.aad_object_id": activity.sender.aadObjectId if activity.sender else "",
+            "teams.recipient": msgspec.to_builtins(activity.recipient) if activity.recipient else None,
+            "teams.channel_data": activity.channelData,
+            "teams.entities": [entity for entity in activity.entities if entity.get("type") != "mention"],
+            "teams.html": [a.content for a in activity.attachments if a.contentType == HTML_COPY],
+            "teams.conversation_name": activity.conversation.name,
+            "teams.extra": _unmapped_fields(self.raw),
+        }
+        meta.update({key: value for key, value in optional.items() if value})
+        return meta
+
+
+def _unmapped_fields(raw: Any) -> dict[str, Any]:
+    """Top-level activity fields no part or meta key above carries (speak, summary, importance…)."""
+    if not isinstance(raw, dict):
+        return {}
+    return {key: value for key, value in raw.items() if key not in MAPPED_FIELDS}
+
+
+def _timestamp(activity: _Activity, request: HttpRequest) -> datetime:
+    """The activity's UTC timestamp; an activity without one is dated when the hub received it."""
+    if activity.timestamp:
+        try:
+            return datetime.fromisoformat(activity.timestamp)
+        except ValueError:
+            raise DecodeError(f"timestamp {activity.timestamp!r} is not ISO 8601", path="$.timestamp") from None
+    if request.received_at:
+        return native.from_unix(request.received_at)
+    raise DecodeError("activity has no timestamp", path="$.timestamp")
+
+
+def _conversation_type(conversation: _ConversationAccount) -> c.ConversationType:
+    match conversation.conversationType:
+        case "personal":
+            return "direct"
+        case "groupChat":
+            return "group"
+        case "channel":
+            return "thread" if THREAD_MARKER in conversation.id else "channel"
+    return "group" if conversation.isGroup else "direct"
+
+
+def _unsupported(reason: str, fragment: Any) -> c.Unsupported:
+    return c.Unsupported(reason=reason, native=fragment)
+
+
+def _message_parts(inbound: _Inbound) -> list[c.Part]:
+    """A user's message: a card click when it carries a `value`, otherwise text and attachments."""
+    activity = inbound.activity
+    if activity.value is not None:
+        return _card_submission(inbound, activity.value, title=activity.text)
+    return _content_parts(inbound)
+
+
+def _content_parts(inbound: _Inbound) -> list[c.Part]:
+    activity = inbound.activity
+    parts: list[c.Part] = []
+    if activity.text:
+        parts.append(_text(inbound))
+    # The `text/html` attachment is Teams' formatted copy of the text: it goes to meta (`teams.html`).
+    parts.extend(_attachment_part(a) for a in activity.attachments if a.contentType != HTML_COPY)
+    return parts
+
+
+def _text(inbound: _Inbound) -> c.Text:
+    """The text with each `<at>name</at>` mention replaced by `@name` and described as a Mention."""
+    activity = inbound.activity
+    text, cursor = activity.text, 0
+    pieces: list[str] = []
+    mentions: list[c.Mention] = []
+    for entity in activity.entities:
+        tag, mentioned = entity.get("text"), entity.get("mentioned")
+        if entity.get("type") != "mention" or not isinstance(tag, str) or not isinstance(mentioned, dict):
+            continue
+        at = text.find(tag, cursor)
+        if not tag or at < 0:
+            continue
+        pieces.append(text[cursor:at])
+        name = str(mentioned.get("name") or tag.removeprefix("<at>").removesuffix("</at>"))
+        offset = sum(len(piece) for piece in pieces)
+        pieces.append(f"@{name}")
+        native_id = str(mentioned.get("id", ""))
+        mention_id = inbound.sender_id(native_id)
+        mentions.append(c.Mention(id=mention_id, native_id=native_id, name=name, offset=offset, length=len(name) + 1))
+        cursor = at + len(tag)
+    pieces.append(text[cursor:])
+    return c.Text(text="".join(pieces), format=TEXT_FORMATS.get(activity.textFormat, "plain"), mentions=mentions)
+
+
+def _attachment_part(attachment: _Attachment) -> c.Part:
+    kind = attachment.contentType
+    if kind == FILE_DOWNLOAD_INFO and isinstance(attachment.content, dict):
+        return c.Media(
+            media=_media_kind(attachment.name),
+            url=str(attachment.content.get("downloadUrl", "")),
+            file_id=str(attachment.content.get("uniqueId", "")),
+            filename=attachment.name,
+            mime=mimetypes.guess_type(attachment.name)[0] or "",
+        )
+    if kind.startswith(("image/", "video/", "audio/")) and attachment.contentUrl:
+        return c.Media(
+            media=_media_kind(attachment.name, kind),
+            url=attachment.contentUrl,
+            mime=kind if "*" not in kind else "",
+            filename=attachment.name,
+        )
+    return _unsupported(f"teams attachment {kind or 'without contentType'}", msgspec.to_builtins(attachment))
+
+
+def _media_kind(filename: str, mime: str = "") -> c.MediaKind:
+    mime = mime or mimetypes.guess_type(filename)[0] or ""
+    if mime.startswith("image/"):
+        return "image"
+    if mime.startswith("video/"):
+        return "video"
+    if mime.startswith("audio/"):
+        return "audio"
+    return "document"
+
+
+def _card_submission(inbound: _Inbound, value: Any, *, title: str = "", verb: str = "") -> list[c.Part]:
+    """A card button press: the data it carried (`{"id": ...}` for buttons babelhub sent) becomes the
+    action, the card's other inputs a form."""
+    data = _as_object(value)
+    if data is None:
+        return [c.Action(id=str(value), title=title, source=_source(inbound))]
+    action_id = str(data.get("id") or verb)
+    inputs = {key: item for key, item in data.items() if key not in ("id", "msteams")}
+    parts: list[c.Part] = [c.Action(id=action_id, title=title, source=_source(inbound))]
+    if inputs:
+        fields = [c.FormField(id=key, value=item) for key, item in inputs.items()]
+        parts.append(c.Form(id=action_id, fields=fields))
+    return parts
+
+
+def _as_object(value: Any) -> dict[str, Any] | None:
+    """A card's data: an object, or (messageBack allows it) an object serialized as a string."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
+    return None
+
+
+def _source(inbound: _Inbound) -> str:
+    """The card's message: Teams puts its id in `replyToId` of the click."""
+    reply_to = inbound.activity.replyToId
+    return inbound.message_id(reply_to) if reply_to else ""
+
+
+def _invoke_parts(inbound: _Inbound) -> list[c.Part]:
+    activity = inbound.activity
+    if activity.name == "adaptiveCard/action" and isinstance(activity.value, dict):
+        action = activity.value.get("action")
+        if isinstance(action, dict):
+            return _card_submission(
+                inbound, action.get("data") or {}, title=str(action.get("title", "")), verb=str(action.get("verb", ""))
+            )
+    if activity.name in CARD_SUBMIT_INVOKES:
+        return _card_submission(inbound, activity.value)
+    return [_unsupported(f"teams invoke {activity.name}", {"name": activity.name, "value": activity.value})]
+
+
+def _edited(inbound: _Inbound) -> c.Message:
+    """`messageUpdate` names the edited message by its own id; an undelete restores its content."""
+    activity = inbound.activity
+    event = str(activity.channelData.get("eventType", "")) or "messageUpdate"
+    parts: list[c.Part] = [c.Edit(target=inbound.message_id(activity.id)), *_content_parts(inbound)]
+    return inbound.as_message(parts, suffix=f"#{event}@{activity.timestamp}", meta={"teams.event_type": event})
+
+
+def _reactions(inbound: _Inbound) -> list[c.Part]:
+    activity = inbound.activity
+    target = inbound.message_id(activity.replyToId) if activity.replyToId else ""
+    added = [c.Reaction(emoji=_emoji(r.type), target=target) for r in activity.reactionsAdded]
+    removed = [c.Reaction(emoji=_emoji(r.type), target=target, removed=True) for r in activity.reactionsRemoved]
+    return [*added, *removed]
+
+
+def _emoji(reaction_type: str) -> str:
+    return REACTION_EMOJI.get(reaction_type, reaction_type)
+
+
+def _membership(inbound: _Inbound) -> list[c.Envelope]:
+    """Members added/removed (or the bot installed/uninstalled) → joined / left activities."""
+    activity = inbound.activity
+    added, removed = activity.membersAdded, activity.membersRemoved
+    if activity.type == "installationUpdate" and activity.recipient is not None:
+        installed = activity.action.startswith("add")
+        added, removed = ([activity.recipient], []) if installed else ([], [activity.recipient])
+    event = {"teams.event_type": activity.channelData["eventType"]} if "eventType" in activity.channelData else {}
+    envelopes: list[c.Envelope] = []
+    if added:
+        envelopes.append(inbound.as_activity("joined", {"members": _members(inbound, added), **event}))
+    if removed:
+        envelopes.append(inbound.as_activity("left", {"members": _members(inbound, removed), **event}))
+    if not envelopes:
+        # Channel created/renamed/deleted, team renamed…: no canonical activity says that.
+        envelopes.append(inbound.as_message([_unsupported("teams conversationUpdate", inbound.raw)], suffix="#update"))
+    return envelopes
+
+
+def _members(inbound: _Inbound, accounts: list[_Account]) -> list[dict[str, str]]:
+    bot_id = inbound.activity.recipient.id if inbound.activity.recipient else ""
+    return [
+        {
+            "id": inbound.sender_id(account.id),
+            "native_id": account.id,
+            "name": account.name,
+            "role": "bot" if account.id == bot_id or account.role == "bot" else "user",
+        }
+        for account in accounts
+    ]
+
+
+def _read_receipt(inbound: _Inbound) -> c.Status:
+    """The user read the bot's messages up to `value.lastReadMessageId`."""
+    value = inbound.activity.value if isinstance(inbound.activity.value, dict) else {}
+    native_id = str(value.get("lastReadMessageId", ""))
+    if not native_id:
+        raise DecodeError("read receipt without lastReadMessageId", path="$.value.lastReadMessageId")
+    ctx = inbound.ctx
+    header = inbound.header(None)
+    return c.Status(
+        id=c.stable_id("status", ctx.tenant, ctx.connection, native_id, "read"),
+        native_id=native_id,
+        state="read",
+        **header,
+    )
+
+
+# ----------------------------------------------------------------------------------------- outbound
+
+
+class _Outbound:
+    """Turns one canonical message into Connector API calls, one activity per call."""
+
+    def __init__(self, message: c.Message, ctx: EncodeContext, base: str) -> None:
+        self.message = message
+        self.ctx = ctx
+        self.activities_url = f"{base}/v3/conversations/{quote(ctx.to, safe='')}/activities"
+        self.headers = _headers(ctx)
+        # A reply is posted to the replied-to activity; when its native id is unknown the message still
+        # goes to the conversation (which, for a channel thread, already is the thread).
+        self.reply_to = ctx.native_ids.get(message.reply_to, "") if message.reply_to else ""
+
+    def send(self, parts: list[c.Part]) -> list[OutboundRequest]:
+        calls: list[tuple[str, str, dict[str, Any] | None]] = []
+        content: list[c.Part] = []
+        for part in parts:
+            if isinstance(part, c.Delete):
+                calls.extend(("POST", self._post_url(), body) for body in _activities(content))
+                content = []
+                calls.append(("DELETE", self._activity_url(self._native(part.target, "delete")), None))
+            else:
+                content.append(part)
+        calls.extend(("POST", self._post_url(), body) for body in _activities(content))
+        return [self._request(n, method, url, body) for n, (method, url, body) in enumerate(calls)]
+
+    def replace(self, target: str, parts: list[c.Part]) -> list[OutboundRequest]:
+        """An edit: the message's new content replaces the target activity (PUT), which must be one."""
+        bodies = _activities(parts)
+        if len(bodies) != 1:
+            raise EncodeError(f"a teams edit replaces one activity, but the new content makes {len(bodies)}")
+        body = {**bodies[0], "id": self._native(target, "edit")}
+        return [self._request(0, "PUT", self._activity_url(body["id"]), body)]
+
+    def _native(self, canonical_id: str, what: str) -> str:
+        native_id = self.ctx.native_ids.get(canonical_id, "")
+        if not native_id:
+            raise EncodeError(f"cannot {what} message {canonical_id!r}: its teams activity id is unknown")
+        return native_id
+
+    def _post_url(self) -> str:
+        return self._activity_url(self.reply_to) if self.reply_to else self.activities_url
+
+    def _activity_url(self, activity_id: str) -> str:
+        return f"{self.activities_url}/{quote(activity_id, safe='')}"
+
+    def _request(self, n: int, method: str, url: str, body: dict[str, Any] | None) -> OutboundRequest:
+        if body is not None and self.reply_to and method == "POST":
+            body = {**body, "replyToId": self.reply_to}
+        return OutboundRequest(
+            method=method,
+            url=url,
+            headers=self.headers if body is not None else {"Authorization": self.headers["Authorization"]},
+            body=native.json_body(body) if body is not None else b"",
+            idempotency_key=f"{self.message.id}:{n}",
+            message_id=self.message.id,
+        )
+
+
+def _headers(ctx: EncodeContext) -> dict[str, str]:
+    token = ctx.secrets.get("bot_token", "")
+    if not token:
+        raise EncodeError("teams needs secrets['bot_token'] (a Bot Framework access token)")
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+def _activities(parts: list[c.Part]) -> list[dict[str, Any]]:
+    """Message activities for `parts`, in order. A text followed by buttons is one activity; text and
+    attachments are sent apart (Teams would split them itself and return no id for either)."""
+    activities: list[dict[str, Any]] = []
+    pending: c.Text | None = None
+    for part in parts:
+        if isinstance(part, c.Buttons):
+            activities.append(_buttons_activity(pending, part))
+            pending = None
+            continue
+        if pending is not None:
+            activities.append(_text_activity(pending))
+            pending = None
+        match part:
+            case c.Text():
+                pending = part
+            case c.Card():
+                activities.append(_attachments_activity([_adaptive_card(part)]))
+            case c.Carousel():
+                carousel = _attachments_activity([_adaptive_card(card) for card in part.cards])
+                activities.append({**carousel, "attachmentLayout": "carousel"})
+            case c.Media():
+                activities.append(_media_activity(part))
+            case _:
+                raise EncodeError(f"teams cannot send a {part.__struct_config__.tag} part")
+    if pending is not None:
+        activities.append(_text_activity(pending))
+    return activities
+
+
+def _text_activity(text: c.Text) -> dict[str, Any]:
+    """Text in Teams markdown; mentions become `<at>name</at>` with a `mention` entity each."""
+    rendered, entities = _with_mentions(text)
+    activity: dict[str, Any] = {"type": "message", "text": rendered, "textFormat": _text_format(text)}
+    if entities:
+        activity["entities"] = entities
+    return activity
+
+
+def _text_format(text: c.Text) -> str:
+    return {"markdown": "markdown", "html": "xml"}.get(text.format, "plain")
+
+
+def _with_mentions(text: c.Text) -> tuple[str, list[dict[str, Any]]]:
+    pieces: list[str] = []
+    entities: list[dict[str, Any]] = []
+    cursor = 0
+    for mention in sorted(text.mentions, key=lambda m: m.offset):
+        if not mention.native_id or mention.offset < cursor:
+            continue
+        name = mention.name or text.text[mention.offset : mention.offset + mention.length].lstrip("@")
+        tag = f"<at>{name}</at>"
+        pieces += [text.text[cursor : mention.offset], tag]
+        entities.append({"type": "mention", "text": tag, "mentioned": {"id": mention.native_id, "name": name}})
+        cursor = mention.offset + mention.length
+    pieces.append(text.text[cursor:])
+    return "".join(pieces), entities
+
+
+def _buttons_activity(text: c.Text | None, buttons: c.Buttons) -> dict[str, Any]:
+    """Up to three reply buttons under a text → suggested actions; anything else → an Adaptive Card."""
+    said = "\n\n".join(part for part in (text.text if text else "", buttons.text) if part)
+    quick_replies = all(button.action == "reply" for button in buttons.buttons)
+    if said and quick_replies and len(buttons.buttons) <= SUGGESTED_ACTIONS_SHOWN:
+        # The buttons' own text follows the text's, so the text's mention offsets still hold.
+        activity = _text_activity(
+            c.Text(text=said, format=text.format, mentions=text.mentions) if text else c.Text(text=said)
+        )
+        actions = [{"type": "imBack", "title": b.title, "value": b.title} for b in buttons.buttons]
+        return {**activity, "suggestedActions": {"actions": actions}}
+    card = _card_content(body=[_text_block(said)] if said else [], buttons=buttons.buttons)
+    return _attachments_activity([{"contentType": ADAPTIVE_CARD, "content": card}])
+
+
+def _attachments_activity(attachments: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "message", "attachments": attachments}
+
+
+def _adaptive_card(card: c.Card) -> dict[str, Any]:
+    body: list[dict[str, Any]] = []
+    if card.title:
+        body.append({**_text_block(card.title), "weight": "bolder", "size": "medium"})
+    if card.subtitle:
+        body.append({**_text_block(card.subtitle), "isSubtle": True})
+    if card.media is not None:
+        body.append(_image(card.media))
+    return {"contentType": ADAPTIVE_CARD, "content": _card_content(body=body, buttons=card.buttons)}
+
+
+def _card_content(*, body: list[dict[str, Any]], buttons: list[c.Button]) -> dict[str, Any]:
+    content: dict[str, Any] = {
+        "type": "AdaptiveCard",
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        # Everything used here exists since 1.2, the version older and mobile Teams clients render.
+        "version": "1.2",
+        "body": body,
+    }
+    if buttons:
+        content["actions"] = [_card_action(button) for button in buttons]
+    return content
+
+
+def _text_block(text: str) -> dict[str, Any]:
+    return {"type": "TextBlock", "text": text, "wrap": True}
+
+
+def _card_action(button: c.Button) -> dict[str, Any]:
+    match button.action:
+        case "url":
+            return {"type": "Action.OpenUrl", "title": button.title, "url": button.value}
+        case "postback":
+            # Invisible to the chat: Teams sends a message activity whose `value` is this data.
+            return {"type": "Action.Submit", "title": button.title, "data": {"id": button.id}}
+        case "reply":
+            # messageBack echoes the title into the chat as the user's answer and sends the id along.
+            message_back = {
+                "type": "messageBack",
+                "displayText": button.title,
+                "text": button.title,
+                "value": {"id": button.id},
+            }
+            return {"type": "Action.Submit", "title": button.title, "data": {"id": button.id, "msteams": message_back}}
+    raise EncodeError(f"teams cards have no {button.action} buttons")
+
+
+def _media_activity(media: c.Media) -> dict[str, Any]:
+    """A picture as an attachment; with a caption, as a card (a text beside an attachment would be
+    split by Teams into two messages)."""
+    if media.caption:
+        content = _card_content(body=[_image(media), _text_block(media.caption)], buttons=[])
+        return _attachments_activity([{"contentType": ADAPTIVE_CARD, "content": content}])
+    attachment = {"contentType": _image_mime(media), "contentUrl": _image_url(media)}
+    if media.filename:
+        attachment["name"] = media.filename
+    return _attachments_activity([attachment])
+
+
+def _image(media: c.Media) -> dict[str, Any]:
+    if media.media != "image":
+        raise EncodeError(f"teams cards show images, not {media.media}")
+    return {"type": "Image", "url": _image_url(media), "altText": media.caption or media.filename}
+
+
+def _image_url(media: c.Media) -> str:
+    if media.url:
+        return media.url
+    if media.data:
+        # Teams accepts inline pictures as data URIs (base64 images are outside the size limit).
+        return f"data:{_image_mime(media)};base64,{b64encode(media.data).decode('ascii')}"
+    raise EncodeError("a teams picture needs a url or inline data (teams has no reusable file ids)")
+
+
+def _image_mime(media: c.Media) -> str:
+    return media.mime or mimetypes.guess_type(media.filename or media.url)[0] or "image/png"
+
+
+def _sent_ids(request: OutboundRequest, response: HttpResponse) -> list[str]:
+    """The activity id: from the ResourceResponse, else (update/delete) from the URL itself."""
+    if response.body:
+        try:
+            sent = native.convert(native.read_json(response), _ResourceResponse)
+        except DecodeError:
+            sent = _ResourceResponse()
+        if sent.id:
+            return [sent.id]
+    if request.method in ("PUT", "DELETE"):
+        return [unquote(request.url.rsplit("/", 1)[-1])]
+    return []

@@ -1,0 +1,110 @@
+"""The built-in web chat: browsers talk to the hub over `WebSocket /ws/{connection}`.
+
+Inbound frames are small JSON objects: `{"id": "<client message id>", "text": "hi"}` or, when a
+button was clicked, `{"id": "…", "action": {"id": "menu:hours", "title": "Opening hours"}}`. The hub
+records each frame like a webhook (with the session id in the `x-babelhub-session` header), so web
+chat goes through the same durable path as every other channel. Outbound, the browser receives the
+canonical message itself (degraded to the capabilities below) and renders its parts.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+from babelhub import canonical as c
+from babelhub.codecs.base import (
+    SESSION_HEADER,
+    Capabilities,
+    Codec,
+    DecodeContext,
+    EncodeContext,
+    HttpRequest,
+    HttpResponse,
+    OutboundRequest,
+    SendResult,
+)
+from babelhub.codecs.native import convert, from_unix, read_json
+from babelhub.errors import DecodeError
+
+__all__ = ["WebchatCodec"]
+
+class ClickedAction(msgspec.Struct, frozen=True):
+    id: str
+    title: str = ""
+    source: str = ""
+
+
+class Frame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a browser sends. Exactly one of `text` or `action`."""
+
+    id: str
+    text: str = ""
+    action: ClickedAction | None = None
+    name: str = ""
+
+
+class WebchatCodec(Codec):
+    channel = "webchat"
+    takes_sessions = True
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        parts=frozenset({"text", "media", "buttons", "list", "card", "carousel"}),
+        media=frozenset({"image", "audio", "voice", "video", "document", "animation", "sticker"}),
+        text_limit=10_000,
+        caption_limit=1_000,
+        markup="plain",
+        max_buttons=10,
+        max_button_title=40,
+        button_actions=frozenset({"reply", "url", "postback"}),
+        max_list_rows=20,
+        max_list_sections=5,
+        max_row_title=60,
+        max_cards=10,
+    )
+
+    def dedup_key(self, request: HttpRequest) -> str:
+        return f"{_session(request)}:{self._frame(request).id}"
+
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
+        session = _session(request)
+        frame = self._frame(request)
+        native_id = f"{session}:{frame.id}"
+        parts: list[c.Part] = []
+        if frame.text:
+            parts.append(c.Text(text=frame.text))
+        if frame.action is not None:
+            parts.append(c.Action(id=frame.action.id, title=frame.action.title, source=frame.action.source))
+        return [c.Message(
+            id=c.message_id(ctx.tenant, ctx.connection, native_id),
+            tenant=ctx.tenant,
+            conversation=c.Conversation(id=c.conversation_id(ctx.tenant, ctx.connection, session),
+                                        channel=self.channel, connection=ctx.connection, native_id=session),
+            ts=from_unix(request.received_at) if request.received_at else c.now(),
+            sender=c.Sender(id=c.sender_id(ctx.tenant, ctx.connection, session), native_id=session,
+                            name=frame.name or "web visitor"),
+            native=c.Native(id=native_id, seq=ctx.seq),
+            parts=parts,
+        )]
+
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
+        return [OutboundRequest(method="PUBLISH", url=f"session:{ctx.to}", body=c.encode(message),
+                                idempotency_key=message.id, message_id=message.id)]
+
+    def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
+        return SendResult(ok=200 <= response.status < 300, native_ids=[request.message_id])
+
+    @staticmethod
+    def _frame(request: HttpRequest) -> Frame:
+        frame = convert(read_json(request), Frame)
+        if bool(frame.text) == (frame.action is not None):
+            raise DecodeError("a frame carries either `text` or `action`", path="$")
+        return frame
+
+
+def _session(request: HttpRequest) -> str:
+    session = request.headers.get(SESSION_HEADER, "")
+    if not session:
+        raise DecodeError(f"missing {SESSION_HEADER} header", path="headers")
+    return session
+

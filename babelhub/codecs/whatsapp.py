@@ -1,0 +1,1303 @@
+"""WhatsApp Business Platform (Meta Cloud API) codec, also used for 360dialog's hosted Cloud API.
+
+Inbound, Meta calls the webhook with `{"object": "whatsapp_business_account", "entry": [{"id": <WABA id>,
+"changes": [{"field": ..., "value": ...}]}]}`. One POST may carry several entries, changes, messages and
+statuses; each becomes its own envelope:
+
+* `messages` changes: user messages → `Message`, delivery receipts (`statuses`) → `Status`.
+* `smb_message_echoes`: what the business sent from the WhatsApp Business app → `Message`, direction
+  "outbound", sender role "agent".
+* `user_preferences`: marketing stop / resume → `Activity` opt_out / opt_in.
+* Anything else (account_update, message templates, calls, groups, …) → a `Message` from the system in
+  the business account's own conversation, carrying the change verbatim as an `Unsupported` part.
+
+Outbound, every message is a `POST .../messages` with the same JSON body on both providers:
+
+* Meta (default): `https://graph.facebook.com/v23.0/<phone_number_id>/messages`, `Authorization: Bearer`.
+* 360dialog (`options["provider"] = "360dialog"`): `https://waba-v2.360dialog.io/messages` (360dialog adds
+  the phone number id itself) with the `D360-API-KEY` header.
+
+Connection settings — secrets: `access_token` (Meta), `api_key` (360dialog), `app_secret` (webhook
+signatures), `verify_token` (subscription handshake); options: `phone_number_id` (Meta), `provider`,
+`auto_read` (mark every inbound message as read), `preview_url` (force link previews on or off; by
+default a text gets a preview when it contains a link).
+
+Sources: Meta's OpenAPI business-messaging-api_v23.0.yaml (webhook and send schemas), the Cloud API
+pages on webhooks, interactive CTA URL messages, typing indicators, supported media types and error
+codes, and 360dialog's Cloud API, typing-indicator and webhook pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Any, ClassVar, Final, TypeAlias
+
+import msgspec
+
+from babelhub import canonical
+from babelhub.canonical import (
+    Action,
+    Activity,
+    ActivityType,
+    Button,
+    Buttons,
+    Contact,
+    Conversation,
+    Delete,
+    Edit,
+    Envelope,
+    Error,
+    Form,
+    FormField,
+    List,
+    Location,
+    Media,
+    MediaKind,
+    Message,
+    Native,
+    Part,
+    Product,
+    ProductItem,
+    Reaction,
+    Sender,
+    State,
+    Status,
+    Template,
+    Text,
+    Unsupported,
+)
+from babelhub.codecs import native
+from babelhub.codecs.base import (
+    Capabilities,
+    Codec,
+    DecodeContext,
+    EncodeContext,
+    HttpRequest,
+    HttpResponse,
+    OutboundRequest,
+    SendResult,
+)
+from babelhub.errors import DecodeError, EncodeError, SignatureError
+
+__all__ = ["WhatsAppCodec"]
+
+JsonObject: TypeAlias = dict[str, Any]
+
+CHANNEL: Final = "whatsapp"
+META_API_BASE: Final = "https://graph.facebook.com/v23.0"
+D360_API_BASE: Final = "https://waba-v2.360dialog.io"
+WEBHOOK_OBJECT: Final = "whatsapp_business_account"
+
+_MB: Final = 1_000_000  # decimal megabytes: the documented limits, rounded down rather than up
+#: Largest file per kind, from "Supported media types" (stickers: 100 KB static, 500 KB animated).
+MEDIA_MAX_BYTES: Final[dict[MediaKind, int]] = {
+    "image": 5 * _MB,
+    "audio": 16 * _MB,
+    "voice": 16 * _MB,
+    "video": 16 * _MB,
+    "document": 100 * _MB,
+    "sticker": 500_000,
+}
+_CAPTIONED: Final = frozenset({"image", "video", "document"})  # audio and stickers take no caption
+_INTERACTIVE_BODY_LIMIT: Final = 1024
+_DEFAULT_LIST_BUTTON: Final = "Options"  # the list's opening button label is required by WhatsApp
+
+#: WhatsApp status name → canonical state. Anything else (call statuses such as "RINGING") is kept as
+#: an unsupported message instead.
+_STATES: Final[dict[str, State]] = {
+    "sent": "sent",
+    "delivered": "delivered",
+    "read": "read",
+    "played": "played",
+    "failed": "failed",
+    "deleted": "deleted",
+}
+#: user_preferences values (marketing messages) → activity.
+_PREFERENCES: Final[dict[str, ActivityType]] = {"stop": "opt_out", "resume": "opt_in", "signup": "opt_in"}
+#: Inbound media message types → canonical media kind (audio becomes "voice" when it is a voice note).
+_INBOUND_MEDIA: Final[dict[str, MediaKind]] = {
+    "image": "image",
+    "audio": "audio",
+    "video": "video",
+    "document": "document",
+    "sticker": "sticker",
+}
+#: Message keys the envelope header already carries; every other key is kept in `meta`.
+_MESSAGE_HEADER: Final = frozenset({"from", "id", "timestamp", "type", "to"})
+
+
+# ------------------------------------------------------------------------------------ error codes
+
+
+class _ErrorRule(msgspec.Struct, frozen=True):
+    retryable: bool
+    meaning: str
+
+
+def _rule(retryable: bool, meaning: str) -> _ErrorRule:
+    return _ErrorRule(retryable, meaning)
+
+
+#: Meta's Cloud API error codes ("Error codes" page): whether sending again later can succeed, and what
+#: the code means in words an operator can act on. Codes not listed fall back to the HTTP status.
+ERROR_RULES: Final[dict[int, _ErrorRule]] = {
+    0: _rule(False, "authentication failed: the access token is invalid"),
+    1: _rule(True, "unknown API error, possibly a temporary server problem"),
+    2: _rule(True, "the API service is temporarily down or overloaded"),
+    3: _rule(False, "the app lacks the capability or permission for this call"),
+    4: _rule(True, "the app reached its API call rate limit"),
+    10: _rule(False, "permission denied"),
+    100: _rule(False, "the request has an invalid or unsupported parameter"),
+    190: _rule(False, "the access token has expired or was invalidated"),
+    368: _rule(False, "the business account is temporarily blocked for policy violations"),
+    613: _rule(True, "API call rate limit exceeded"),
+    80007: _rule(True, "the WhatsApp Business Account reached its rate limit"),
+    130429: _rule(True, "Cloud API message throughput reached"),
+    130472: _rule(False, "the user's number is part of an experiment and cannot receive this message"),
+    131000: _rule(True, "something went wrong on WhatsApp's side"),
+    131005: _rule(False, "access denied"),
+    131008: _rule(False, "a required parameter is missing"),
+    131009: _rule(False, "a parameter value is invalid"),
+    131016: _rule(True, "the WhatsApp service is temporarily unavailable"),
+    131021: _rule(False, "the recipient is the sending business number itself"),
+    131026: _rule(
+        False,
+        "message undeliverable: the recipient is not on WhatsApp, has not accepted the "
+        "current terms, or uses a client too old for this message",
+    ),
+    131031: _rule(False, "the business account is locked"),
+    131042: _rule(False, "the business account has a payment problem"),
+    131045: _rule(False, "the business phone number is not registered"),
+    131047: _rule(
+        False,
+        "more than 24 hours passed since the user last wrote: only an approved template can re-open the conversation",
+    ),
+    131048: _rule(False, "spam rate limit: too many earlier messages were blocked or flagged as spam"),
+    131049: _rule(False, "Meta chose not to deliver this message to keep user engagement healthy"),
+    131050: _rule(False, "the user stopped receiving marketing messages"),
+    131051: _rule(False, "unsupported message type"),
+    131052: _rule(False, "the media could not be downloaded"),
+    131053: _rule(False, "the media could not be uploaded"),
+    131056: _rule(True, "too many messages to the same user in a short time (pair rate limit)"),
+    131057: _rule(True, "the business account is in maintenance mode"),
+    132000: _rule(False, "the template's parameter count does not match its definition"),
+    132001: _rule(False, "the template does not exist in this language or is not approved"),
+    132005: _rule(False, "the filled-in template text is too long"),
+    132007: _rule(False, "the template's content violates a WhatsApp policy"),
+    132012: _rule(False, "a template parameter has the wrong format"),
+    132015: _rule(False, "the template is paused for low quality"),
+    132016: _rule(False, "the template is disabled for low quality"),
+    133010: _rule(False, "the phone number is not registered on the WhatsApp Business Platform"),
+    135000: _rule(False, "generic user error"),
+}
+_PERMISSION_CODES: Final = range(200, 300)  # "API Permission": not granted or removed
+
+
+def _error_rule(code: int) -> _ErrorRule | None:
+    if code in _PERMISSION_CODES:
+        return _rule(False, "the app lacks a permission for this call")
+    return ERROR_RULES.get(code)
+
+
+def _describe_error(code: int, message: str, details: str) -> str:
+    """One readable sentence: what the code means, then Meta's own words."""
+    rule = _error_rule(code)
+    native_words = ": ".join(part for part in (message, details) if part)
+    if rule is None:
+        return native_words or f"WhatsApp error {code}"
+    return f"{rule.meaning} ({native_words})" if native_words else rule.meaning
+
+
+# --------------------------------------------------------------------------- native webhook shapes
+
+
+class _Native(msgspec.Struct, kw_only=True):
+    """Base of the native shapes read here; unknown fields are ignored (they stay in the raw dicts)."""
+
+
+class _Change(_Native, kw_only=True):
+    field: str = ""
+    value: JsonObject = {}
+
+
+class _Entry(_Native, kw_only=True):
+    id: str = ""
+    time: int = 0
+    changes: list[_Change] = []
+
+
+class _Webhook(_Native, kw_only=True):
+    object: str = ""
+    entry: list[_Entry] = []
+
+
+class _Profile(_Native, kw_only=True):
+    name: str = ""
+
+
+class _Contact(_Native, kw_only=True):
+    """`value.contacts[]`: the profile of whoever wrote."""
+
+    wa_id: str = ""
+    profile: _Profile | None = None
+
+
+class _ErrorData(_Native, kw_only=True):
+    details: str = ""
+
+
+class _ErrorObject(_Native, kw_only=True):
+    code: int = 0
+    title: str = ""
+    message: str = ""
+    error_data: _ErrorData | None = None
+
+    @property
+    def details(self) -> str:
+        return self.error_data.details if self.error_data else ""
+
+
+class _Context(_Native, kw_only=True, rename={"from_": "from"}):
+    id: str = ""
+    from_: str = ""
+
+
+class _TextObject(_Native, kw_only=True):
+    body: str
+
+
+class _MediaObject(_Native, kw_only=True):
+    id: str = ""
+    url: str = ""
+    mime_type: str = ""
+    caption: str = ""
+    filename: str = ""
+    voice: bool = False
+
+
+_MEDIA_MAPPED: Final = frozenset({"id", "url", "mime_type", "caption", "filename", "voice"})
+
+
+class _LocationObject(_Native, kw_only=True):
+    latitude: float
+    longitude: float
+    name: str = ""
+    address: str = ""
+    url: str = ""
+
+
+class _Name(_Native, kw_only=True):
+    formatted_name: str = ""
+    first_name: str = ""
+    last_name: str = ""
+
+
+class _Phone(_Native, kw_only=True):
+    phone: str = ""
+    wa_id: str = ""
+
+
+class _Email(_Native, kw_only=True):
+    email: str = ""
+
+
+class _Org(_Native, kw_only=True):
+    company: str = ""
+
+
+class _Url(_Native, kw_only=True):
+    url: str = ""
+
+
+class _ContactCard(_Native, kw_only=True):
+    name: _Name | None = None
+    phones: list[_Phone] = []
+    emails: list[_Email] = []
+    org: _Org | None = None
+    urls: list[_Url] = []
+
+
+class _Reply(_Native, kw_only=True):
+    id: str
+    title: str = ""
+
+
+class _FlowReply(_Native, kw_only=True):
+    response_json: str = "{}"
+    name: str = ""
+
+
+class _Interactive(_Native, kw_only=True):
+    type: str = ""
+    button_reply: _Reply | None = None
+    list_reply: _Reply | None = None
+    nfm_reply: _FlowReply | None = None
+
+
+class _QuickReply(_Native, kw_only=True):
+    """A template's quick-reply button (`type: button`)."""
+
+    payload: str = ""
+    text: str = ""
+
+
+class _ReactionObject(_Native, kw_only=True):
+    message_id: str
+    emoji: str = ""
+
+
+class _OrderItem(_Native, kw_only=True):
+    product_retailer_id: str
+    quantity: int = 1
+    item_price: float | None = None
+    currency: str = ""
+
+
+class _Order(_Native, kw_only=True):
+    catalog_id: str = ""
+    text: str = ""
+    product_items: list[_OrderItem] = []
+
+
+class _System(_Native, kw_only=True):
+    body: str = ""
+
+
+class _Revoke(_Native, kw_only=True):
+    original_message_id: str
+
+
+class _EditObject(_Native, kw_only=True):
+    original_message_id: str
+    message: JsonObject = {}
+
+
+class _Content(_Native, kw_only=True):
+    """What a message says: its type and the object named after the type."""
+
+    type: str = ""
+    context: _Context | None = None
+    errors: list[_ErrorObject] = []
+    text: _TextObject | None = None
+    image: _MediaObject | None = None
+    audio: _MediaObject | None = None
+    video: _MediaObject | None = None
+    document: _MediaObject | None = None
+    sticker: _MediaObject | None = None
+    location: _LocationObject | None = None
+    contacts: list[_ContactCard] | None = None
+    interactive: _Interactive | None = None
+    button: _QuickReply | None = None
+    reaction: _ReactionObject | None = None
+    order: _Order | None = None
+    system: _System | None = None
+    revoke: _Revoke | None = None
+    edit: _EditObject | None = None
+
+
+class _Message(_Content, kw_only=True, rename={"from_": "from"}):
+    """`value.messages[]` (from a user) or `value.message_echoes[]` (from the business app)."""
+
+    id: str
+    timestamp: int
+    from_: str
+    to: str = ""
+    group_id: str = ""
+
+
+class _StatusObject(_Native, kw_only=True):
+    """`value.statuses[]`: what happened to a message the business sent."""
+
+    id: str
+    status: str
+    timestamp: int
+    recipient_id: str = ""
+    recipient_type: str = ""
+    group_id: str = ""
+    errors: list[_ErrorObject] = []
+
+
+class _Metadata(_Native, kw_only=True):
+    display_phone_number: str = ""
+    phone_number_id: str = ""
+
+
+class _MessagesValue(_Native, kw_only=True):
+    metadata: _Metadata | None = None
+    contacts: list[_Contact] = []
+    messages: list[JsonObject] = []
+    message_echoes: list[JsonObject] = []
+    statuses: list[JsonObject] = []
+    errors: list[JsonObject] = []
+
+
+class _Preference(_Native, kw_only=True):
+    wa_id: str
+    value: str
+    category: str = ""
+    detail: str = ""
+    timestamp: int = 0
+
+
+class _PreferencesValue(_Native, kw_only=True):
+    contacts: list[_Contact] = []
+    user_preferences: list[JsonObject] = []
+
+
+# ------------------------------------------------------------------------------ native API answers
+
+
+class _SentMessage(_Native, kw_only=True):
+    id: str = ""
+
+
+class _SendAnswer(_Native, kw_only=True):
+    messages: list[_SentMessage] = []
+
+
+class _GraphError(_Native, kw_only=True):
+    code: int = 0
+    message: str = ""
+    error_data: _ErrorData | None = None
+
+
+class _ErrorAnswer(_Native, kw_only=True):
+    error: _GraphError
+
+
+# ------------------------------------------------------------------------------------------ codec
+
+
+class WhatsAppCodec(Codec):
+    """WhatsApp Cloud API, directly from Meta or through 360dialog (`options["provider"]`).
+
+    Read receipts and typing: `encode_activity` takes an `Activity` "read" or "typing" and marks one
+    inbound message as read (typing also shows the typing indicator, which WhatsApp ties to a message).
+    The message is named, first match wins, by `detail["native_id"]` (its wamid), `detail["message_id"]`
+    (its canonical id, looked up in `ctx.native_ids`) or `meta["whatsapp.message_id"]` (a wamid).
+    """
+
+    channel: ClassVar[str] = CHANNEL
+    default_api_base: ClassVar[str] = META_API_BASE
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        parts=frozenset({"text", "media", "location", "contact", "buttons", "list", "template", "reaction"}),
+        media=frozenset({"image", "audio", "voice", "video", "document", "sticker"}),
+        media_max_bytes=max(MEDIA_MAX_BYTES.values()),
+        text_limit=4096,
+        caption_limit=1024,
+        markup="whatsapp",
+        max_buttons=3,
+        max_button_title=20,
+        button_actions=frozenset({"reply", "url"}),
+        max_list_rows=10,
+        max_list_sections=10,
+        max_row_title=24,
+        reply=True,
+        reaction=True,
+        edit=False,
+        delete=False,
+        typing=True,
+        window_hours=24,
+    )
+
+    # ------------------------------------------------------------------------------ webhook intake
+
+    def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
+        """Meta signs the raw body: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app_secret, body)>`."""
+        app_secret = secrets.get("app_secret", "")
+        if not app_secret:
+            if secrets.get("api_key"):
+                # 360dialog relays the Cloud API webhooks to its clients without Meta's signature.
+                return
+            raise SignatureError("no app_secret configured for this WhatsApp connection")
+        given = request.headers.get("x-hub-signature-256", "")
+        if not given:
+            raise SignatureError("missing X-Hub-Signature-256 header")
+        expected = "sha256=" + hmac.new(app_secret.encode(), request.body, hashlib.sha256).hexdigest()
+        if not native.same_secret(given, expected):
+            raise SignatureError("X-Hub-Signature-256 does not match the body")
+
+    def handshake(self, request: HttpRequest, secrets: Mapping[str, str]) -> HttpResponse | None:
+        """Meta verifies the callback URL with `GET ?hub.mode=subscribe&hub.verify_token=…&hub.challenge=…`."""
+        if request.method != "GET" or "hub.mode" not in request.query:
+            return None
+        token = request.query.get("hub.verify_token", "")
+        if request.query["hub.mode"] == "subscribe" and native.same_secret(token, secrets.get("verify_token", "")):
+            challenge = request.query.get("hub.challenge", "")
+            return HttpResponse(status=200, headers={"content-type": "text/plain"}, body=challenge.encode())
+        return HttpResponse(status=403, headers={"content-type": "text/plain"}, body=b"verify token mismatch")
+
+    def dedup_key(self, request: HttpRequest) -> str:
+        """The ids of the messages, statuses (with their state: one message has several) and calls."""
+        try:
+            webhook = msgspec.convert(msgspec.json.decode(request.body), _Webhook, strict=False)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return ""
+        keys = {key for entry in webhook.entry for change in entry.changes for key in _delivery_keys(change.value)}
+        return ",".join(sorted(keys))
+
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+        webhook = native.convert(native.read_json(request), _Webhook)
+        if webhook.object != WEBHOOK_OBJECT:
+            raise DecodeError(f"expected object {WEBHOOK_OBJECT!r}, got {webhook.object!r}", path="$.object")
+        envelopes: list[Envelope] = []
+        for i, entry in enumerate(webhook.entry):
+            for j, change in enumerate(entry.changes):
+                path = f"$.entry[{i}].changes[{j}].value"
+                envelopes.extend(_ChangeDecoder(ctx, entry, change, path, request.received_at).envelopes())
+        return envelopes
+
+    # ---------------------------------------------------------------------------------- sending
+
+    def api_base(self, ctx: EncodeContext) -> str:
+        default = D360_API_BASE if _uses_360dialog(ctx) else self.default_api_base
+        return (ctx.api_base or default).rstrip("/")
+
+    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+        url, headers = self._endpoint(ctx)
+        composer = _Composer(ctx)
+        for part in message.parts:
+            composer.add(part)
+        bodies = composer.finish()
+        context = self._reply_context(message, ctx)
+        recipient_type = "group" if message.conversation.type == "group" else "individual"
+        requests: list[OutboundRequest] = []
+        for n, body in enumerate(bodies):
+            envelope: JsonObject = {"messaging_product": "whatsapp", "recipient_type": recipient_type, "to": ctx.to}
+            if context and body["type"] != "reaction":
+                # The reply quote goes on the first message that can carry one, not on every call.
+                envelope["context"] = context
+                context = None
+            envelope.update(body)
+            requests.append(
+                OutboundRequest(
+                    method="POST",
+                    url=url,
+                    headers=headers,
+                    body=native.json_body(envelope),
+                    idempotency_key=f"{message.id}:{n}",
+                    message_id=message.id,
+                )
+            )
+        return requests
+
+    def encode_activity(self, activity: Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+        if activity.activity not in ("read", "typing"):
+            return []
+        wamid = _message_to_mark(activity, ctx)
+        return [self._read_receipt(wamid, ctx, key=f"{activity.id}:0", typing=activity.activity == "typing")]
+
+    def on_inbound(self, envelope: Envelope, ctx: EncodeContext) -> list[OutboundRequest]:
+        """With `options["auto_read"]`, every inbound user message is marked as read (blue ticks)."""
+        if not ctx.options.get("auto_read") or not isinstance(envelope, Message):
+            return []
+        if envelope.direction != "inbound" or envelope.native is None or not envelope.native.id:
+            return []
+        return [self._read_receipt(envelope.native.id, ctx, key=f"{envelope.id}:read", typing=False)]
+
+    def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
+        """Success: `{"messages": [{"id": "wamid…"}]}` (or `{"success": true}` for read receipts).
+        Failure: Graph's `{"error": {"message", "type", "code", "error_data": {"details"}, "fbtrace_id"}}`."""
+        if 200 <= response.status < 300:
+            try:
+                answer = native.convert(native.read_json(response), _SendAnswer)
+            except DecodeError:
+                return SendResult(ok=True)
+            return SendResult(ok=True, native_ids=[sent.id for sent in answer.messages if sent.id])
+        try:
+            raw = native.read_json(response)
+            graph_error = native.convert(raw, _ErrorAnswer).error
+        except DecodeError:
+            return native.http_failure(response)  # not a Graph error body (a proxy, 360dialog's own errors)
+        rule = _error_rule(graph_error.code)
+        retryable = rule.retryable if rule else (response.status in (408, 425, 429) or response.status >= 500)
+        details = graph_error.error_data.details if graph_error.error_data else ""
+        error = Error(
+            code=f"whatsapp_{graph_error.code}",
+            message=_describe_error(graph_error.code, graph_error.message, details),
+            retryable=retryable,
+            native=raw["error"],
+        )
+        return SendResult(ok=False, retryable=retryable, retry_after=native.retry_after(response.headers), error=error)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _endpoint(self, ctx: EncodeContext) -> tuple[str, dict[str, str]]:
+        """The messages URL and auth headers for the connection's provider."""
+        base = self.api_base(ctx)
+        if _uses_360dialog(ctx):
+            api_key = _required(ctx.secrets, "api_key", "secret")
+            return f"{base}/messages", {"D360-API-KEY": api_key, "Content-Type": "application/json"}
+        phone_number_id = _required(ctx.options, "phone_number_id", "option")
+        token = _required(ctx.secrets, "access_token", "secret")
+        return f"{base}/{phone_number_id}/messages", {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+        }
+
+    def _read_receipt(self, wamid: str, ctx: EncodeContext, *, key: str, typing: bool) -> OutboundRequest:
+        url, headers = self._endpoint(ctx)
+        body: JsonObject = {"messaging_product": "whatsapp", "status": "read", "message_id": wamid}
+        if typing:
+            body["typing_indicator"] = {"type": "text"}
+        return OutboundRequest(
+            method="POST", url=url, headers=headers, body=native.json_body(body), idempotency_key=key
+        )
+
+    @staticmethod
+    def _reply_context(message: Message, ctx: EncodeContext) -> JsonObject | None:
+        if not message.reply_to:
+            return None
+        return {"message_id": _native_id(ctx, message.reply_to, "reply_to")}
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+
+class _ChangeDecoder:
+    """Decodes one `entry[].changes[]` item into envelopes."""
+
+    def __init__(self, ctx: DecodeContext, entry: _Entry, change: _Change, path: str, received_at: float) -> None:
+        self.ctx = ctx
+        self.entry = entry
+        self.change = change
+        self.path = path
+        self.received_at = received_at
+        self.names: dict[str, str] = {}
+        self.contacts: dict[str, JsonObject] = {}
+        self.change_errors: list[JsonObject] = []
+
+    def envelopes(self) -> list[Envelope]:
+        match self.change.field:
+            case "messages":
+                envelopes = self._messages()
+            case "smb_message_echoes":
+                envelopes = self._echoes()
+            case "user_preferences":
+                envelopes = self._preferences()
+            case _:
+                envelopes = []
+        # Whatever produced nothing above (account updates, templates, calls, groups, errors-only
+        # changes) is still delivered, verbatim, so that nothing Meta sends is lost.
+        return envelopes or [self._account_event()]
+
+    # ------------------------------------------------------------------------------- by field
+
+    def _messages(self) -> list[Envelope]:
+        value = native.convert(self.change.value, _MessagesValue, self.path)
+        self._remember_contacts(value.contacts)
+        self.change_errors = value.errors
+        envelopes: list[Envelope] = []
+        for k, raw in enumerate(value.messages):
+            envelopes.append(self._message(raw, f"{self.path}.messages[{k}]", echo=False))
+        for k, raw in enumerate(value.statuses):
+            envelopes.append(self._status(raw, f"{self.path}.statuses[{k}]"))
+        return envelopes
+
+    def _echoes(self) -> list[Envelope]:
+        value = native.convert(self.change.value, _MessagesValue, self.path)
+        self._remember_contacts(value.contacts)
+        return [
+            self._message(raw, f"{self.path}.message_echoes[{k}]", echo=True)
+            for k, raw in enumerate(value.message_echoes)
+        ]
+
+    def _preferences(self) -> list[Envelope]:
+        value = native.convert(self.change.value, _PreferencesValue, self.path)
+        self._remember_contacts(value.contacts)
+        envelopes: list[Envelope] = []
+        for k, raw in enumerate(value.user_preferences):
+            preference = native.convert(raw, _Preference, f"{self.path}.user_preferences[{k}]")
+            activity = _PREFERENCES.get(preference.value)
+            if activity is None:
+                return []  # an unknown preference: the whole change goes out verbatim instead
+            envelopes.append(
+                Activity(
+                    id=canonical.stable_id(
+                        "whatsapp.preference",
+                        *self._scope(),
+                        preference.wa_id,
+                        preference.category,
+                        preference.value,
+                        str(preference.timestamp),
+                    ),
+                    tenant=self.ctx.tenant,
+                    conversation=self._conversation(preference.wa_id),
+                    ts=native.from_unix(preference.timestamp) if preference.timestamp else self._event_time(),
+                    sender=self._user(preference.wa_id),
+                    activity=activity,
+                    detail={"category": preference.category, "value": preference.value, "detail": preference.detail},
+                    meta=_extras(raw, {"wa_id", "value", "category", "detail", "timestamp"}),
+                )
+            )
+        return envelopes
+
+    def _account_event(self) -> Message:
+        """A change that is not a conversation message, in the business account's own conversation."""
+        waba = self.entry.id
+        value = self.change.value
+        fingerprint = native.json_body(value).decode()
+        return Message(
+            id=canonical.stable_id("whatsapp.event", *self._scope(), waba, self.change.field, fingerprint),
+            tenant=self.ctx.tenant,
+            conversation=Conversation(
+                id=canonical.conversation_id(*self._scope(), waba),
+                channel=CHANNEL,
+                connection=self.ctx.connection,
+                native_id=waba,
+                type="channel",
+            ),
+            ts=self._event_time(),
+            sender=Sender(id=canonical.sender_id(*self._scope(), waba), native_id=waba, role="system"),
+            native=Native(seq=self.ctx.seq),
+            parts=[Unsupported(reason=f"WhatsApp {self.change.field!r} webhook", native=value)],
+            meta={"whatsapp.field": self.change.field, "whatsapp.waba_id": waba},
+        )
+
+    # ----------------------------------------------------------------------------- messages
+
+    def _message(self, raw: JsonObject, path: str, *, echo: bool) -> Message:
+        message = native.convert(raw, _Message, path)
+        # Echoes go from the business to the user; everything else comes from the user.
+        user = message.to if echo else message.from_
+        meta = {f"whatsapp.{key}": value for key, value in raw.items() if key not in _MESSAGE_HEADER | {message.type}}
+        if not echo:
+            meta.update(self._contact_meta(message.from_))
+        if self.change_errors:
+            meta["whatsapp.change_errors"] = self.change_errors
+        source = self._ref(message.context.id) if message.context and message.context.id else ""
+        parts = self._parts(message, raw, path, meta, source)
+        if echo:
+            sender = Sender(
+                id=canonical.sender_id(*self._scope(), message.from_),
+                native_id=message.from_,
+                role="agent",
+                handle=_phone_handle(message.from_),
+            )
+        else:
+            sender = self._user(message.from_, role="system" if message.type == "system" else "user")
+        return Message(
+            id=canonical.message_id(*self._scope(), message.id),
+            tenant=self.ctx.tenant,
+            conversation=self._conversation(message.group_id or user, group=bool(message.group_id)),
+            direction="outbound" if echo else "inbound",
+            ts=native.from_unix(message.timestamp),
+            sender=sender,
+            native=Native(id=message.id, seq=self.ctx.seq),
+            reply_to=source,
+            parts=parts,
+            meta=meta,
+        )
+
+    def _parts(self, content: _Content, raw: JsonObject, path: str, meta: JsonObject, source: str) -> list[Part]:
+        """The canonical parts of one message's content; what has no part stays verbatim."""
+        kind = content.type
+        body = raw.get(kind)
+        match kind:
+            case "text" if content.text is not None:
+                return [Text(text=content.text.body)]
+            case _ if kind in _INBOUND_MEDIA and isinstance(body, dict):
+                media: _MediaObject = getattr(content, kind)
+                _keep_unmapped(meta, f"whatsapp.{kind}", body, _MEDIA_MAPPED)
+                return [_media_part(kind, media)]
+            case "location" if content.location is not None and isinstance(body, dict):
+                _keep_unmapped(meta, "whatsapp.location", body, {"latitude", "longitude", "name", "address", "url"})
+                place = content.location
+                return [
+                    Location(
+                        lat=place.latitude, lon=place.longitude, name=place.name, address=place.address, url=place.url
+                    )
+                ]
+            case "contacts" if content.contacts:
+                meta["whatsapp.contacts"] = body  # phone types, WhatsApp ids, addresses, birthdays…
+                return [_contact_part(card) for card in content.contacts]
+            case "interactive" if content.interactive is not None and isinstance(body, dict):
+                return [self._interactive(content.interactive, body, f"{path}.interactive", meta, source)]
+            case "button" if content.button is not None:
+                return [Action(id=content.button.payload, title=content.button.text, source=source)]
+            case "reaction" if content.reaction is not None:
+                reaction = content.reaction
+                return [
+                    Reaction(emoji=reaction.emoji, target=self._ref(reaction.message_id), removed=not reaction.emoji)
+                ]
+            case "order" if content.order is not None and isinstance(body, dict):
+                _keep_unmapped(meta, "whatsapp.order", body, {"catalog_id", "text", "product_items"})
+                return _order_parts(content.order)
+            case "system" if content.system is not None and isinstance(body, dict):
+                _keep_unmapped(meta, "whatsapp.system", body, {"body"})
+                return [Text(text=content.system.body)]
+            case "revoke" if content.revoke is not None:
+                return [Delete(target=self._ref(content.revoke.original_message_id))]
+            case "edit" if content.edit is not None and isinstance(content, _Message):
+                # (only a received message can be an edit: an edit inside an edit is kept verbatim)
+                return self._edit(content.edit, f"{path}.edit.message", meta)
+            case "unsupported" | "unknown":
+                return [
+                    Unsupported(reason=_errors_reason(content.errors) or "not supported by the Cloud API", native=raw)
+                ]
+            case _ if body is None and kind:
+                return [Unsupported(reason=f"{kind} message without its {kind!r} object", native=raw)]
+            case _:
+                return [Unsupported(reason=f"WhatsApp message type {kind!r}", native=raw)]
+
+    def _interactive(
+        self, interactive: _Interactive, raw: JsonObject, path: str, meta: JsonObject, source: str
+    ) -> Part:
+        """A tap on a reply button or list row → `Action`; a completed Flow → `Form`."""
+        replies = {"button_reply": interactive.button_reply, "list_reply": interactive.list_reply}
+        reply = replies.get(interactive.type)
+        raw_reply = raw.get(interactive.type)
+        if reply is not None and isinstance(raw_reply, dict):
+            _keep_unmapped(meta, f"whatsapp.{interactive.type}", raw_reply, {"id", "title"})  # row descriptions
+            return Action(id=reply.id, title=reply.title, source=source)
+        flow = interactive.nfm_reply
+        raw_flow = raw.get("nfm_reply")
+        if interactive.type == "nfm_reply" and flow is not None and isinstance(raw_flow, dict):
+            _keep_unmapped(meta, "whatsapp.nfm_reply", raw_flow, {"response_json"})
+            return _flow_form(flow, f"{path}.nfm_reply.response_json")
+        return Unsupported(reason=f"interactive reply {interactive.type!r}", native=raw)
+
+    def _edit(self, edit: _EditObject, path: str, meta: JsonObject) -> list[Part]:
+        """An edited message: the `Edit` marker, then the new content."""
+        content = native.convert(edit.message, _Content, path)
+        _keep_unmapped(meta, "whatsapp.edit.message", edit.message, {"type", content.type})
+        return [Edit(target=self._ref(edit.original_message_id)), *self._parts(content, edit.message, path, meta, "")]
+
+    # ----------------------------------------------------------------------------- statuses
+
+    def _status(self, raw: JsonObject, path: str) -> Envelope:
+        status = native.convert(raw, _StatusObject, path)
+        chat = status.group_id or status.recipient_id
+        is_group = bool(status.group_id) or status.recipient_type == "group"
+        state = _STATES.get(status.status)
+        meta = _extras(raw, {"id", "status", "timestamp", "recipient_id", "errors"})
+        if len(status.errors) > 1:
+            meta["whatsapp.errors"] = raw["errors"]
+        if state is None:
+            return Message(
+                id=canonical.stable_id("whatsapp.status", *self._scope(), status.id, status.status),
+                tenant=self.ctx.tenant,
+                conversation=self._conversation(chat, group=is_group),
+                ts=native.from_unix(status.timestamp),
+                sender=Sender(role="system"),
+                native=Native(id=status.id, seq=self.ctx.seq),
+                parts=[Unsupported(reason=f"WhatsApp status {status.status!r}", native=raw)],
+                meta=meta,
+            )
+        return Status(
+            id=canonical.stable_id("status", *self._scope(), status.id, state),
+            tenant=self.ctx.tenant,
+            conversation=self._conversation(chat, group=is_group),
+            ts=native.from_unix(status.timestamp),
+            native=Native(id=status.id, seq=self.ctx.seq),
+            native_id=status.id,
+            state=state,
+            error=_status_error(status.errors[0], raw["errors"][0]) if status.errors else None,
+            meta=meta,
+        )
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _scope(self) -> tuple[str, str]:
+        return self.ctx.tenant, self.ctx.connection
+
+    def _ref(self, wamid: str) -> str:
+        """The canonical id the message `wamid` got (or will get) when it came in on this connection."""
+        return canonical.message_id(*self._scope(), wamid)
+
+    def _conversation(self, chat: str, *, group: bool = False) -> Conversation:
+        return Conversation(
+            id=canonical.conversation_id(*self._scope(), chat),
+            channel=CHANNEL,
+            connection=self.ctx.connection,
+            native_id=chat,
+            type="group" if group else "direct",
+        )
+
+    def _user(self, wa_id: str, role: canonical.Role = "user") -> Sender:
+        return Sender(
+            id=canonical.sender_id(*self._scope(), wa_id),
+            native_id=wa_id,
+            name=self.names.get(wa_id, ""),
+            role=role,
+            handle=_phone_handle(wa_id),
+        )
+
+    def _remember_contacts(self, contacts: list[_Contact]) -> None:
+        """`value.contacts[]`: the profile names of whoever wrote, and their raw entries for `meta`."""
+        raw_contacts: list[JsonObject] = self.change.value.get("contacts", [])
+        self.names = {contact.wa_id: contact.profile.name for contact in contacts if contact.profile}
+        self.contacts = {contact.wa_id: raw for contact, raw in zip(contacts, raw_contacts, strict=True)}
+
+    def _contact_meta(self, wa_id: str) -> JsonObject:
+        """The sender's contact entry when it says more than wa_id and profile name (user ids, …)."""
+        raw = self.contacts.get(wa_id)
+        if raw is None or (not _extras(raw, {"wa_id", "profile"}) and _only_name(raw.get("profile"))):
+            return {}
+        return {"whatsapp.contact": raw}
+
+    def _event_time(self) -> datetime:
+        if self.entry.time:
+            return native.from_unix(self.entry.time)
+        if self.received_at:
+            return native.from_unix(self.received_at)
+        return canonical.now()
+
+
+def _media_part(kind: str, media: _MediaObject) -> Media:
+    return Media(
+        media="voice" if kind == "audio" and media.voice else _INBOUND_MEDIA[kind],
+        file_id=media.id,
+        url=media.url,
+        mime=media.mime_type,
+        caption=media.caption,
+        filename=media.filename,
+    )
+
+
+def _contact_part(card: _ContactCard) -> Contact:
+    name = ""
+    if card.name is not None:
+        name = card.name.formatted_name or " ".join(p for p in (card.name.first_name, card.name.last_name) if p)
+    return Contact(
+        name=name,
+        phones=[phone.phone or phone.wa_id for phone in card.phones if phone.phone or phone.wa_id],
+        emails=[email.email for email in card.emails if email.email],
+        org=card.org.company if card.org else "",
+        urls=[url.url for url in card.urls if url.url],
+    )
+
+
+def _order_parts(order: _Order) -> list[Part]:
+    items = [
+        ProductItem(
+            product_id=item.product_retailer_id, quantity=item.quantity, price=item.item_price, currency=item.currency
+        )
+        for item in order.product_items
+    ]
+    parts: list[Part] = [Product(catalog_id=order.catalog_id, items=items)]
+    if order.text:
+        parts.append(Text(text=order.text))
+    return parts
+
+
+def _flow_form(flow: _FlowReply, path: str) -> Form:
+    """A completed WhatsApp Flow: its answers (`response_json`, a JSON string) as form fields."""
+    try:
+        answers = json.loads(flow.response_json)
+    except ValueError:
+        raise DecodeError("response_json is not valid JSON", path=path) from None
+    if not isinstance(answers, dict):
+        raise DecodeError("response_json is not a JSON object", path=path)
+    token = answers.pop("flow_token", "")
+    return Form(
+        id=str(token) or flow.name,
+        fields=[FormField(id=key, value=value) for key, value in answers.items()],
+    )
+
+
+def _status_error(error: _ErrorObject, raw: JsonObject) -> Error:
+    rule = _error_rule(error.code)
+    return Error(
+        code=f"whatsapp_{error.code}",
+        message=_describe_error(error.code, error.title or error.message, error.details),
+        retryable=rule.retryable if rule else False,
+        native=raw,
+    )
+
+
+def _errors_reason(errors: list[_ErrorObject]) -> str:
+    if not errors:
+        return ""
+    first = errors[0]
+    return ": ".join(part for part in (first.title or first.message, first.details) if part)
+
+
+def _extras(raw: JsonObject, known: set[str] | frozenset[str]) -> JsonObject:
+    """The keys of a native object that nothing canonical carries, namespaced for `meta`."""
+    return {f"whatsapp.{key}": value for key, value in raw.items() if key not in known}
+
+
+def _keep_unmapped(meta: JsonObject, key: str, raw: JsonObject, mapped: set[str] | frozenset[str]) -> None:
+    """Keep the fields of a native object that its canonical part has no room for under `meta[key]`."""
+    unmapped = {name: value for name, value in raw.items() if name not in mapped}
+    if unmapped:
+        meta[key] = unmapped
+
+
+def _only_name(profile: Any) -> bool:
+    return profile is None or (isinstance(profile, dict) and set(profile) <= {"name"})
+
+
+def _phone_handle(wa_id: str) -> str:
+    return f"+{wa_id}" if wa_id.isdigit() else ""
+
+
+def _delivery_keys(value: JsonObject) -> Iterator[str]:
+    """The channel's own ids in one change value, for deduplication."""
+    for name in ("messages", "message_echoes"):
+        for item in _objects(value.get(name)):
+            if item.get("id"):
+                yield str(item["id"])
+    for item in _objects(value.get("statuses")):
+        if item.get("id"):
+            yield f"{item['id']}:{item.get('status', '')}"
+    for item in _objects(value.get("calls")):
+        if item.get("id"):
+            yield f"{item['id']}:{item.get('event', '')}"
+
+
+def _objects(items: Any) -> list[JsonObject]:
+    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+class _Composer:
+    """Turns a message's parts into WhatsApp message bodies, in order, combining parts the way WhatsApp
+    does: a text right before buttons or a list becomes that interactive message's body, and consecutive
+    contacts travel in one contacts message."""
+
+    def __init__(self, ctx: EncodeContext) -> None:
+        self.ctx = ctx
+        self.bodies: list[JsonObject] = []
+        self._text: str | None = None  # held back in case an interactive part takes it as its body
+        self._contacts: list[JsonObject] = []
+
+    def add(self, part: Part) -> None:
+        if isinstance(part, Contact):
+            self._flush_text()
+            self._contacts.append(_contact_card(part))
+            return
+        self._flush_contacts()
+        match part:
+            case Text():
+                self._flush_text()
+                self._text = part.text
+            case Buttons():
+                self.bodies.extend(self._buttons(part))
+            case List():
+                self.bodies.append(self._list(part))
+            case Media():
+                self._flush_text()
+                self.bodies.extend(_media_bodies(part))
+            case Location():
+                self._flush_text()
+                self.bodies.append(_location_body(part))
+            case Template():
+                self._flush_text()
+                self.bodies.append(_template_body(part))
+            case Reaction():
+                self._flush_text()
+                self.bodies.append(self._reaction(part))
+            case _:
+                raise EncodeError(f"WhatsApp cannot send {part.__class__.__name__} parts (degrade the message first)")
+
+    def finish(self) -> list[JsonObject]:
+        self._flush_text()
+        self._flush_contacts()
+        return self.bodies
+
+    # --------------------------------------------------------------------------------- parts
+
+    def _buttons(self, part: Buttons) -> list[JsonObject]:
+        replies = [button for button in part.buttons if button.action == "reply"]
+        links = [button for button in part.buttons if button.action == "url"]
+        unsendable = [button.action for button in part.buttons if button.action not in ("reply", "url")]
+        if unsendable:
+            raise EncodeError(f"WhatsApp buttons can only reply or open a URL, not {unsendable[0]!r}")
+        body = self._interactive_body(part.text, "buttons")
+        if len(links) == 1 and not replies:
+            return [_cta_url_body(body, links[0])]
+        if links:
+            # A CTA URL message holds exactly one link and no reply buttons, so further links are written
+            # out in the text instead of being dropped.
+            body = "\n\n".join([body, *(f"{link.title}: {link.value}" for link in links)])
+        if not replies:
+            return [self._text_body(body)]
+        return [
+            {
+                "type": "interactive",
+                "interactive": {
+                    "type": "button",
+                    "body": {"text": body},
+                    "action": {
+                        "buttons": [{"type": "reply", "reply": {"id": b.id, "title": b.title}} for b in replies]
+                    },
+                },
+            }
+        ]
+
+    def _list(self, part: List) -> JsonObject:
+        interactive: JsonObject = {"type": "list"}
+        if part.header:
+            interactive["header"] = {"type": "text", "text": part.header}
+        interactive["body"] = {"text": self._interactive_body(part.text, "lists")}
+        if part.footer:
+            interactive["footer"] = {"text": part.footer}
+        sections: list[JsonObject] = []
+        for section in part.sections:
+            rows = [_list_row(row.id, row.title, row.description) for row in section.rows]
+            sections.append({"title": section.title, "rows": rows} if section.title else {"rows": rows})
+        interactive["action"] = {"button": part.button or _DEFAULT_LIST_BUTTON, "sections": sections}
+        return {"type": "interactive", "interactive": interactive}
+
+    def _reaction(self, part: Reaction) -> JsonObject:
+        wamid = _native_id(self.ctx, part.target, "reaction target")
+        # WhatsApp removes a reaction when it is sent again with an empty emoji.
+        return {"type": "reaction", "reaction": {"message_id": wamid, "emoji": "" if part.removed else part.emoji}}
+
+    def _interactive_body(self, own_text: str, what: str) -> str:
+        """An interactive message's required body: its own text, else the text just before it when it fits."""
+        if own_text:
+            self._flush_text()
+            return own_text
+        held = self._text
+        if held is not None and len(held) <= _INTERACTIVE_BODY_LIMIT:
+            self._text = None
+            return held
+        self._flush_text()
+        raise EncodeError(f"WhatsApp {what} need a body text: set the part's text or put a short Text part before it")
+
+    def _text_body(self, text: str) -> JsonObject:
+        preview = self.ctx.options.get("preview_url")
+        if preview is None:
+            preview = "https://" in text or "http://" in text
+        return {"type": "text", "text": {"body": text, "preview_url": bool(preview)}}
+
+    def _flush_text(self) -> None:
+        if self._text is not None:
+            self.bodies.append(self._text_body(self._text))
+            self._text = None
+
+    def _flush_contacts(self) -> None:
+        if self._contacts:
+            self.bodies.append({"type": "contacts", "contacts": self._contacts})
+            self._contacts = []
+
+
+def _cta_url_body(body: str, link: Button) -> JsonObject:
+    return {
+        "type": "interactive",
+        "interactive": {
+            "type": "cta_url",
+            "body": {"text": body},
+            "action": {"name": "cta_url", "parameters": {"display_text": link.title, "url": link.value}},
+        },
+    }
+
+
+def _list_row(row_id: str, title: str, description: str) -> JsonObject:
+    row: JsonObject = {"id": row_id, "title": title}
+    if description:
+        row["description"] = description
+    return row
+
+
+def _media_bodies(part: Media) -> list[JsonObject]:
+    kind = "audio" if part.media == "voice" else part.media  # a voice note is an audio message (OGG/Opus)
+    if kind not in MEDIA_MAX_BYTES:
+        raise EncodeError(f"WhatsApp cannot send {part.media!r} media")
+    limit = MEDIA_MAX_BYTES[part.media]
+    if part.size > limit:
+        raise EncodeError(f"{part.media} of {part.size} bytes is over WhatsApp's limit of {limit} bytes")
+    # The channel's own media id is preferred: Meta then need not fetch the link.
+    if part.file_id:
+        media: JsonObject = {"id": part.file_id}
+    elif part.url:
+        media = {"link": part.url}
+    else:
+        raise EncodeError("WhatsApp media needs a url or an uploaded media id (file_id); inline bytes are not sent")
+    if part.caption and kind in _CAPTIONED:
+        media["caption"] = part.caption
+    if part.filename and kind == "document":
+        media["filename"] = part.filename
+    bodies: list[JsonObject] = [{"type": kind, kind: media}]
+    if part.caption and kind not in _CAPTIONED:
+        # Audio and stickers take no caption: the caption follows as its own text message.
+        bodies.append({"type": "text", "text": {"body": part.caption, "preview_url": False}})
+    return bodies
+
+
+def _location_body(part: Location) -> JsonObject:
+    location: JsonObject = {"latitude": part.lat, "longitude": part.lon}
+    if part.name:
+        location["name"] = part.name
+    if part.address:
+        location["address"] = part.address
+    return {"type": "location", "location": location}
+
+
+def _contact_card(part: Contact) -> JsonObject:
+    # WhatsApp requires formatted_name plus at least one other name field; splitting a full name into
+    # first and last is not reliable across cultures, so the whole name is the first name.
+    card: JsonObject = {"name": {"formatted_name": part.name, "first_name": part.name}}
+    if part.phones:
+        card["phones"] = [{"phone": phone} for phone in part.phones]
+    if part.emails:
+        card["emails"] = [{"email": email} for email in part.emails]
+    if part.org:
+        card["org"] = {"company": part.org}
+    if part.urls:
+        card["urls"] = [{"url": url} for url in part.urls]
+    return card
+
+
+def _template_body(part: Template) -> JsonObject:
+    if not part.language:
+        raise EncodeError(f"WhatsApp template {part.name!r} needs a language code (Template.language)")
+    template: JsonObject = {"name": part.name, "language": {"code": part.language}}
+    parameters = _template_parameters(part)
+    if parameters:
+        template["components"] = [{"type": "body", "parameters": parameters}]
+    return {"type": "template", "template": template}
+
+
+def _template_parameters(part: Template) -> list[JsonObject]:
+    """Positional templates ({{1}}, {{2}}) get their values in numeric order; named ones by name."""
+    keys = list(part.params)
+    if all(key.isdigit() for key in keys):
+        return [{"type": "text", "text": part.params[key]} for key in sorted(keys, key=int)]
+    if any(key.isdigit() for key in keys):
+        raise EncodeError(f"template {part.name!r} mixes numbered and named parameters")
+    return [{"type": "text", "parameter_name": key, "text": value} for key, value in part.params.items()]
+
+
+def _message_to_mark(activity: Activity, ctx: EncodeContext) -> str:
+    """The wamid a read receipt or typing indicator refers to (see `WhatsAppCodec`)."""
+    wamid = activity.detail.get("native_id")
+    if isinstance(wamid, str) and wamid:
+        return wamid
+    canonical_id = activity.detail.get("message_id")
+    if isinstance(canonical_id, str) and canonical_id:
+        return _native_id(ctx, canonical_id, f"{activity.activity} activity")
+    wamid = activity.meta.get("whatsapp.message_id")
+    if isinstance(wamid, str) and wamid:
+        return wamid
+    raise EncodeError(
+        f"WhatsApp {activity.activity} needs the message it refers to: detail['native_id'] (wamid), "
+        "detail['message_id'] (canonical id) or meta['whatsapp.message_id']"
+    )
+
+
+def _native_id(ctx: EncodeContext, canonical_id: str, what: str) -> str:
+    wamid = ctx.native_ids.get(canonical_id)
+    if not wamid:
+        raise EncodeError(f"no WhatsApp message id known for {what} {canonical_id!r}")
+    return wamid
+
+
+def _uses_360dialog(ctx: EncodeContext) -> bool:
+    return str(ctx.options.get("provider", "")).lower() == "360dialog"
+
+
+def _required(settings: Mapping[str, Any], name: str, kind: str) -> str:
+    value = settings.get(name)
+    if not value:
+        raise EncodeError(f"WhatsApp connection has no {name!r} {kind}")
+    return str(value)

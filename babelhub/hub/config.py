@@ -1,0 +1,158 @@
+"""The hub's configuration: a TOML file, then `BABELHUB_*` environment variables, then command-line flags.
+
+Every table is a msgspec Struct that forbids unknown keys, so a typo is an error naming its path
+(`unknown field 'htp' at $.hub`) instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from babelhub.errors import ConfigError
+
+__all__ = ["Config", "Connection", "HubSettings", "Processor", "Tenant", "load"]
+
+# Ids become NATS subject tokens and URL path segments: keep them to a safe alphabet.
+_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class HubSettings(_Table, frozen=True, kw_only=True):
+    http: str = "127.0.0.1:8080"
+    """host:port the HTTP server (webhooks, REST, WebSocket, web chat) listens on."""
+    nats: str = ""
+    """nats://… of an existing server or cluster; empty = start the embedded nats-server."""
+    nats_port: int = 4222
+    """Port of the embedded nats-server on 127.0.0.1 (0 = any free port)."""
+    data_dir: str = ".babelhub"
+    """Where the embedded nats-server keeps JetStream data."""
+    subject_prefix: str = "bh"
+    max_body_bytes: int = 1024 * 1024
+    """Largest webhook body accepted; larger ones are answered 413."""
+    dedup_window_seconds: float = 600.0
+    """How long JetStream remembers a webhook's dedup key (channel retries inside it are absorbed)."""
+    ack_wait_seconds: float = 30.0
+    """How long a record may stay unacknowledged before JetStream redelivers it: after a crash, what
+    was in flight is processed again this long after the restart (duplicates are absorbed)."""
+    idle_seconds: float = 900.0
+    """A conversation actor idle this long is snapshotted and stopped."""
+    max_active_actors: int = 10_000
+    mailbox_size: int = 256
+    send_attempts: int = 5
+    """Tries per channel API call (429 and 5xx are retried with backoff or Retry-After)."""
+    log_level: str = "info"
+
+
+class Tenant(_Table, frozen=True, kw_only=True):
+    id: str
+    api_keys: list[str] = []
+
+
+class Connection(_Table, frozen=True, kw_only=True):
+    id: str
+    tenant: str
+    channel: str
+    mode: Literal["webhook", "polling"] = "webhook"
+    """How inbound arrives: channel calls our webhook, or we poll the channel (Telegram getUpdates)."""
+    api_base: str = ""
+    """Overrides the channel API's base URL (a proxy, a regional endpoint, a local fake in tests)."""
+    secrets: dict[str, str] = {}
+    options: dict[str, Any] = {}
+
+
+class Processor(_Table, frozen=True, kw_only=True):
+    id: str
+    tenant: str
+    transport: Literal["nats", "echo"] = "nats"
+    """`nats`: your app subscribes to the subjects itself. `echo`: the built-in demo processor."""
+
+
+class Config(_Table, frozen=True, kw_only=True):
+    hub: HubSettings = HubSettings()
+    tenants: list[Tenant] = []
+    connections: list[Connection] = []
+    processors: list[Processor] = []
+
+    def connection(self, connection_id: str) -> Connection | None:
+        return next((c for c in self.connections if c.id == connection_id), None)
+
+
+_ENV_PREFIX = "BABELHUB_"
+
+
+def load(
+    path: str | Path | None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read the TOML file at `path` (or start empty), apply `BABELHUB_<KEY>` variables to `[hub]`, then
+    `overrides` (command-line flags), and validate the result."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = msgspec.toml.decode(Path(path).read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    hub = dict(raw.get("hub", {}))
+    hub.update(_from_env(os.environ if env is None else env))
+    hub.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    raw["hub"] = hub
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+    _check(config)
+    return config
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, str]:
+    fields = set(HubSettings.__struct_fields__)
+    settings: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(_ENV_PREFIX):
+            continue
+        key = name[len(_ENV_PREFIX) :].lower()
+        if key not in fields:
+            raise ConfigError(f"unknown environment variable {name}; known: "
+                              + ", ".join(_ENV_PREFIX + f.upper() for f in sorted(fields)))
+        settings[key] = value
+    return settings
+
+
+def _check(config: Config) -> None:
+    """What types alone cannot say: ids are safe and unique, references resolve."""
+    tenants = _unique("tenants", [t.id for t in config.tenants])
+    _unique("connections", [c.id for c in config.connections])
+    _unique("processors", [p.id for p in config.processors])
+    if not re.match(r"^[A-Za-z0-9_-]+$", config.hub.subject_prefix):
+        raise ConfigError(f"hub.subject_prefix {config.hub.subject_prefix!r} must be one subject token")
+    for index, connection in enumerate(config.connections):
+        if connection.tenant not in tenants:
+            raise ConfigError(f"$.connections[{index}].tenant: no tenant {connection.tenant!r}")
+        if not re.match(r"^[a-z0-9_]+$", connection.channel):
+            raise ConfigError(f"$.connections[{index}].channel: {connection.channel!r} is not a channel name")
+    for index, processor in enumerate(config.processors):
+        if processor.tenant not in tenants:
+            raise ConfigError(f"$.processors[{index}].tenant: no tenant {processor.tenant!r}")
+
+
+def _unique(table: str, ids: list[str]) -> set[str]:
+    seen: set[str] = set()
+    for index, value in enumerate(ids):
+        if not re.match(_ID, value):
+            raise ConfigError(f"$.{table}[{index}].id: {value!r} may only use letters, digits, '_' and '-'")
+        if value in seen:
+            raise ConfigError(f"$.{table}[{index}].id: {value!r} is used twice")
+        seen.add(value)
+    return seen

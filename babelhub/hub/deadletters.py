@@ -1,0 +1,44 @@
+"""The dead-letter stream: what could not be decoded, delivered or applied, kept with its reason.
+
+Nothing is dropped silently: a record parked here carries the original bytes, so it can be replayed
+once the cause is fixed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from nats.js import JetStreamContext
+
+from babelhub.hub.broker import Subjects
+from babelhub.hub.telemetry import Metrics
+
+__all__ = ["DeadLetter", "DeadLetters"]
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    stage: str
+    """Where it failed: ingest, decode, apply, send, processor."""
+    error: str
+    path: str = ""
+    """The JSON path of what was wrong, when known."""
+    tenant: str = ""
+    connection: str = ""
+    subject: str = ""
+    headers: dict[str, str] = {}
+    body: bytes = b""
+    at: float = 0.0
+
+
+class DeadLetters:
+    def __init__(self, js: JetStreamContext, subjects: Subjects, metrics: Metrics) -> None:
+        self._js = js
+        self._subjects = subjects
+        self._metrics = metrics
+
+    async def park(self, letter: DeadLetter) -> None:
+        stamped = msgspec.structs.replace(letter, at=letter.at or time.time())
+        subject = self._subjects.dead_letter(letter.tenant or "_", letter.stage)
+        await self._js.publish(subject, msgspec.json.encode(stamped))
+        self._metrics.dead_letters.labels(letter.stage).inc()

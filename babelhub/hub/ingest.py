@@ -1,0 +1,109 @@
+"""Durable ingest: every inbound delivery (webhook, poll, WebSocket frame) becomes a raw record in
+JetStream before anyone is told "accepted".
+
+The record is the request as received (headers and body, msgpack-encoded). Its `Nats-Msg-Id` comes
+from the channel's own ids, so a channel that retries a delivery inside the dedup window is absorbed
+by JetStream itself. Nothing is decoded here: a decode bug can never lose a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import msgspec
+from aiohttp import web
+from nats.js import JetStreamContext
+
+from babelhub.codecs.base import HttpRequest, HttpResponse
+from babelhub.errors import DecodeError, SignatureError
+from babelhub.hub.broker import Subjects
+from babelhub.hub.connections import ConnectionService
+from babelhub.hub.deadletters import DeadLetter, DeadLetters
+from babelhub.hub.telemetry import Metrics, carrier, span
+
+__all__ = ["Ingest", "webhook_routes"]
+
+
+class Ingest:
+    def __init__(self, js: JetStreamContext, subjects: Subjects, dead_letters: DeadLetters) -> None:
+        self._js = js
+        self._subjects = subjects
+        self._dead_letters = dead_letters
+
+    async def record(self, connection: ConnectionService, request: HttpRequest) -> bool:
+        """Write `request` as a raw record; True if new, False if JetStream saw its dedup key already.
+        Raises DecodeError when the body is too broken to even find the channel's ids (after parking it)."""
+        try:
+            key = connection.codec.dedup_key(request)
+        except DecodeError as exc:
+            await self._dead_letters.park(DeadLetter(
+                stage="ingest", error=exc.reason, path=exc.path, tenant=connection.tenant,
+                connection=connection.id, headers=request.headers, body=request.body))
+            raise
+        msg_id = f"{connection.id}:{key or hashlib.sha256(request.body).hexdigest()}"
+        subject = self._subjects.raw(connection.tenant, connection.channel, connection.id)
+        ack = await self._js.publish(subject, msgspec.msgpack.encode(request),
+                                     headers={"Nats-Msg-Id": msg_id, **carrier()})
+        return not ack.duplicate
+
+
+def to_request(request: web.Request, body: bytes, public_url: str = "") -> HttpRequest:
+    return HttpRequest(
+        method=request.method,
+        path=request.path,
+        query=dict(request.query),
+        headers={name.lower(): value for name, value in request.headers.items()},
+        body=body,
+        url=public_url or str(request.url),
+        received_at=time.time(),
+    )
+
+
+def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, metrics: Metrics) -> list[web.RouteDef]:
+    """`GET|POST /webhooks/{channel}/{connection}`: handshakes, signature check, durable record, 200."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        channel = request.match_info["channel"]
+        response = await _answer(request, channel)
+        metrics.webhooks.labels(channel, str(response.status)).inc()
+        return response
+
+    async def _answer(request: web.Request, channel: str) -> web.Response:
+        connection = connections.get(request.match_info["connection"])
+        if connection is None or connection.channel != channel:
+            return _error(404, f"no {channel} connection named {request.match_info['connection']!r}")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            return _error(413, exc.text or "body too large")
+        native = to_request(request, body, str(connection.settings.options.get("public_url", "")))
+        codec, secrets = connection.codec, connection.settings.secrets
+        with span("webhook", native.headers, channel=channel, connection=connection.id):
+            if request.method == "GET":
+                handshake = codec.handshake(native, secrets)
+                return _native(handshake) if handshake else _error(405, "this endpoint takes POST deliveries")
+            try:
+                codec.verify(native, secrets)
+            except SignatureError as exc:
+                return _error(401, f"signature check failed: {exc}")
+            try:
+                await ingest.record(connection, native)
+            except DecodeError as exc:
+                return _error(400, f"{exc.reason}", path=exc.path)
+            handshake = codec.handshake(native, secrets)
+            return _native(handshake) if handshake else web.json_response({"ok": True})
+
+    return [web.route("GET", "/webhooks/{channel}/{connection}", handle),
+            web.route("POST", "/webhooks/{channel}/{connection}", handle)]
+
+
+def _native(response: HttpResponse) -> web.Response:
+    return web.Response(status=response.status, body=response.body, headers=response.headers)
+
+
+def _error(status: int, message: str, path: str = "") -> web.Response:
+    body: dict[str, str] = {"error": message}
+    if path:
+        body["path"] = path
+    return web.json_response(body, status=status)

@@ -1,0 +1,68 @@
+"""Metrics (Prometheus text at /metrics) and trace propagation (W3C `traceparent` in NATS and HTTP headers).
+
+One trace runs from the webhook to the channel API call: the ingest span's context rides the raw
+record's NATS headers, the actors carry it with each message, and the outbound HTTP call sends it on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+__all__ = ["Metrics", "carrier", "setup_tracing", "span"]
+
+tracer = trace.get_tracer("babelhub")
+
+
+def setup_tracing() -> None:
+    """Give the process a real tracer provider (so spans get ids) unless the application set one."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+
+
+def carrier() -> dict[str, str]:
+    """The current trace context as headers (`traceparent`, `tracestate`)."""
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    return headers
+
+
+@contextmanager
+def span(name: str, parent: Mapping[str, str] | None = None, **attributes: str | int) -> Iterator[None]:
+    """A span continuing the trace found in `parent` headers (if any)."""
+    ctx = propagate.extract(dict(parent)) if parent else context.get_current()
+    with tracer.start_as_current_span(name, context=ctx, attributes=attributes):
+        yield
+
+
+class Metrics:
+    """The hub's Prometheus metrics, in a registry of its own (several hubs can share a process in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.webhooks = Counter("babelhub_webhooks", "Webhook requests by answer", ["channel", "code"], registry=r)
+        self.messages_in = Counter("babelhub_messages_in", "Inbound envelopes decoded", ["channel"], registry=r)
+        self.messages_out = Counter("babelhub_messages_out", "Outbound API calls that succeeded", ["channel"],
+                                    registry=r)
+        self.decode_failures = Counter("babelhub_decode_failures", "Raw records that did not decode", ["channel"],
+                                       registry=r)
+        self.send_failures = Counter("babelhub_send_failures", "Outbound API calls that failed for good",
+                                     ["channel"], registry=r)
+        self.retries = Counter("babelhub_send_retries", "Outbound API calls retried", ["channel"], registry=r)
+        self.dead_letters = Counter("babelhub_dead_letters", "Records parked in the dead-letter stream", ["stage"],
+                                    registry=r)
+        self.mailbox_depth = Gauge("babelhub_mailbox_depth", "Messages waiting in actor mailboxes", ["actors"],
+                                   registry=r)
+        self.active_actors = Gauge("babelhub_active_actors", "Active actors", ["actors"], registry=r)
+
+    def watch_actors(self, name: str, active: Callable[[], int], depth: Callable[[], int]) -> None:
+        self.active_actors.labels(name).set_function(active)
+        self.mailbox_depth.labels(name).set_function(depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

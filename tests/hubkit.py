@@ -1,0 +1,150 @@
+"""What the hub tests share: a config builder, a processing app on NATS, Telegram-shaped payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from babelhub import canonical as c
+from babelhub.hub import config as cfg
+from tests.fakeapi import Recorded, Reply
+
+_prefixes = itertools.count()
+
+TENANT = "acme"
+BOT_TOKEN = "123456:TEST-token"
+SECRET = "s3cret-token"
+
+
+def unique_prefix() -> str:
+    """A subject prefix of its own per test, so tests share one nats-server without seeing each other."""
+    return f"t{os.getpid()}x{next(_prefixes)}"
+
+
+def telegram_config(nats_url: str, api_base: str, *, mode: str = "webhook", processors: list[cfg.Processor] = (),  # type: ignore[assignment]
+                    prefix: str | None = None, data_dir: str = ".", extra: list[cfg.Connection] = ()) -> cfg.Config:  # type: ignore[assignment]
+    return cfg.Config(
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=prefix or unique_prefix(),
+                            data_dir=data_dir),
+        tenants=[cfg.Tenant(id=TENANT, api_keys=["k"])],
+        connections=[
+            cfg.Connection(id="tg", tenant=TENANT, channel="telegram", mode=mode,  # type: ignore[arg-type]
+                           api_base=api_base, secrets={"bot_token": BOT_TOKEN, "secret_token": SECRET}),
+            *extra,
+        ],
+        processors=list(processors),
+    )
+
+
+def telegram_update(update_id: int, chat_id: int, text: str, message_id: int | None = None) -> dict[str, Any]:
+    """A private-chat text message, shaped as the Bot API documents `Update`."""
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": message_id if message_id is not None else update_id,
+            "from": {"id": chat_id, "is_bot": False, "first_name": "Ada", "username": "ada", "language_code": "en"},
+            "chat": {"id": chat_id, "first_name": "Ada", "username": "ada", "type": "private"},
+            "date": 1_767_225_600 + update_id,
+            "text": text,
+        },
+    }
+
+
+def telegram_responder(request: Recorded) -> Reply:
+    """Answers like the Bot API: sendMessage & co. return the sent Message."""
+    counter = getattr(telegram_responder, "_next", 1000)
+    telegram_responder._next = counter + 1  # type: ignore[attr-defined]
+    body = request.json() if request.body else {}
+    return Reply(body={"ok": True, "result": {"message_id": counter, "date": 1_767_225_600,
+                                              "chat": {"id": body.get("chat_id", 0), "type": "private"},
+                                              "text": body.get("text", "")}})
+
+
+class Processor:
+    """A processing app as a user writes one: subscribes to `<prefix>.<tenant>.in.>` on NATS and answers
+    on `<prefix>.<tenant>.out.<conversation>`."""
+
+    def __init__(self, nc: NATS, prefix: str, tenant: str = TENANT) -> None:
+        self.nc = nc
+        self.prefix = prefix
+        self.tenant = tenant
+        self.inbound: asyncio.Queue[tuple[c.Envelope, dict[str, str]]] = asyncio.Queue()
+        self.statuses: asyncio.Queue[c.Status] = asyncio.Queue()
+
+    async def start(self) -> Processor:
+        async def on_inbound(msg: Msg) -> None:
+            await self.inbound.put((c.decode(msg.data), dict(msg.headers or {})))
+
+        async def on_status(msg: Msg) -> None:
+            envelope = c.decode(msg.data)
+            assert isinstance(envelope, c.Status)
+            await self.statuses.put(envelope)
+
+        await self.nc.subscribe(f"{self.prefix}.{self.tenant}.in.>", cb=on_inbound)
+        await self.nc.subscribe(f"{self.prefix}.{self.tenant}.status.>", cb=on_status)
+        await self.nc.flush()
+        return self
+
+    async def next(self, timeout: float = 15.0) -> tuple[c.Envelope, dict[str, str]]:
+        return await asyncio.wait_for(self.inbound.get(), timeout)
+
+    async def next_status(self, timeout: float = 15.0) -> c.Status:
+        return await asyncio.wait_for(self.statuses.get(), timeout)
+
+    async def reply(self, inbound: c.Envelope, *parts: c.Part, headers: dict[str, str] | None = None,
+                    **fields: Any) -> c.Message:
+        message = c.Message(id=c.new_id(), tenant=inbound.tenant, conversation=c.Conversation(
+            id=inbound.conversation.id), ts=c.now(), direction="outbound", reply_to=inbound.id, parts=list(parts),
+            **fields)
+        await self.send(message, headers)
+        return message
+
+    async def send(self, message: c.Message, headers: dict[str, str] | None = None) -> None:
+        subject = f"{self.prefix}.{message.tenant}.out.{message.conversation.id}"
+        await self.nc.publish(subject, c.encode(message), headers=headers)
+        await self.nc.flush()
+
+
+async def eventually(predicate: Any, timeout: float = 15.0, interval: float = 0.02) -> None:
+    """Wait until `predicate()` is true (polling, bounded): the hub works asynchronously."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        await asyncio.sleep(interval)
+
+
+async def stream_messages(nc: NATS, subject: str, stream: str) -> list[bytes]:
+    """Every message currently stored in `stream` under `subject` (an ordered, ephemeral read)."""
+    js = nc.jetstream()
+    info = await js.stream_info(stream)
+    found: list[bytes] = []
+    if info.state.messages == 0:
+        return found
+    subscription = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await subscription.next_msg(timeout=0.5)
+            except Exception:
+                break
+            found.append(msg.data)
+    finally:
+        await subscription.unsubscribe()
+    return found
+
+
+def json_of(recorded: Recorded) -> Any:
+    return json.loads(recorded.body)
+
+
+def dead_letters(raw: list[bytes]) -> list[dict[str, Any]]:
+    return [msgspec.json.decode(item) for item in raw]

@@ -1,0 +1,537 @@
+"""Google Chat codec: interaction events in, Chat API calls out, bearer-token checks."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+from babelhub import canonical as c
+from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
+from babelhub.codecs.google_chat import GoogleChatCodec
+from babelhub.errors import DecodeError, EncodeError, SignatureError
+from babelhub.hub.delivery import RetryPolicy, deliver
+from tests.fakeapi import FakeApi, Reply
+
+FIXTURES = Path(__file__).parent / "fixtures" / "google_chat"
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "google_chat"
+CODEC = GoogleChatCodec()
+CTX = DecodeContext(tenant="acme", connection="gchat", seq=3)
+PROJECT_NUMBER = "1234567890"
+FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
+
+
+def fixture_bytes(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def fixture(name: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(fixture_bytes(name))
+    return value
+
+
+def decode(name: str) -> list[c.Envelope]:
+    return CODEC.decode(HttpRequest(body=fixture_bytes(name)), CTX)
+
+
+def decode_one(name: str) -> c.Envelope:
+    (envelope,) = decode(name)
+    return envelope
+
+
+def message_id(name: str) -> str:
+    return c.message_id("acme", "gchat", name)
+
+
+def sender_id(name: str) -> str:
+    return c.sender_id("acme", "gchat", name)
+
+
+# ------------------------------------------------------------------------------------------ decode
+
+
+def test_message_in_a_room_with_a_mention() -> None:
+    envelope = decode_one("message_room_mention.json")
+    assert isinstance(envelope, c.Message)
+    bot = "users/1234567890987654321"
+    assert envelope.parts == [
+        c.Text(
+            text="@TestBot Violence is my last option.",
+            format="slack",
+            mentions=[c.Mention(id=sender_id(bot), native_id=bot, name="TestBot", offset=0, length=8)],
+        )
+    ]
+    assert envelope.id == message_id("spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC")
+    assert envelope.native == c.Native(id="spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC", seq=3)
+    assert envelope.conversation == c.Conversation(
+        id=c.conversation_id("acme", "gchat", "spaces/AAAAAAAAAAA"),
+        channel="google_chat",
+        connection="gchat",
+        native_id="spaces/AAAAAAAAAAA",
+        type="channel",
+    )
+    assert envelope.sender == c.Sender(
+        id=sender_id("users/12345678901234567890"),
+        native_id="users/12345678901234567890",
+        name="Chuck Norris",
+        handle="chuck@example.com",
+    )
+    assert envelope.ts == datetime(2017, 3, 2, 19, 2, 59, 910959, tzinfo=UTC)
+    assert envelope.thread == message_id("spaces/AAAAAAAAAAA/threads/BBBBBBBBBBB")
+    assert envelope.meta["google_chat.thread_name"] == "spaces/AAAAAAAAAAA/threads/BBBBBBBBBBB"
+    assert envelope.meta["google_chat.argument_text"] == " Violence is my last option."
+    assert envelope.meta["google_chat.space_display_name"] == "Chuck Norris Discussion Room"
+
+
+def test_direct_message_with_an_attachment() -> None:
+    envelope = decode_one("message_dm_attachment.json")
+    assert isinstance(envelope, c.Message)
+    assert envelope.conversation.type == "direct"
+    assert envelope.parts == [
+        c.Text(text="Here is the *invoice*", format="slack"),
+        c.Media(
+            media="document",
+            url="https://chat.google.com/api/get_attachment_url?url_type=DOWNLOAD_URL&content_type=application/pdf",
+            file_id="spaces/BBBBBBBBBBB/attachments/AAAAAAAAAAA",
+            mime="application/pdf",
+            filename="invoice.pdf",
+        ),
+    ]
+    # The message's own creation time, not the event's dispatch time.
+    assert envelope.ts == datetime(2024, 5, 2, 10, 15, 29, 987654, tzinfo=UTC)
+    assert envelope.meta["google_chat.extra"] == {"common": {"userLocale": "en", "hostApp": "CHAT"}}
+
+
+def test_added_and_removed_are_joined_and_left_activities() -> None:
+    added = decode_one("added_to_space.json")
+    removed = decode_one("removed_from_space.json")
+    assert isinstance(added, c.Activity) and isinstance(removed, c.Activity)
+    assert added.activity == "joined" and removed.activity == "left"
+    assert added.detail == {"members": [{"role": "bot", "native_id": "users/app"}]}
+    assert added.sender is not None and added.sender.name == "Chuck Norris"
+    assert removed.conversation.type == "direct"
+    assert added.ts == datetime(2017, 3, 2, 19, 2, 59, 910959, tzinfo=UTC)
+    assert added.id != removed.id
+
+
+def test_card_click_from_a_dialog_is_an_action_with_the_form() -> None:
+    envelope = decode_one("card_clicked_submit_dialog.json")
+    assert isinstance(envelope, c.Message)
+    card = "spaces/AAAAzn3Bzac/messages/RI2JF8DQs_s.RI2JF8DQs_s"
+    assert envelope.parts == [
+        c.Action(id="calendar_delete", source=message_id(card)),
+        c.Form(
+            id="calendar_delete",
+            fields=[c.FormField(id="calendar_date", value=""), c.FormField(id="calendar_name", value="")],
+        ),
+    ]
+    assert envelope.sender is not None and envelope.sender.native_id == "users/114164005879224092462"
+    assert envelope.sender.role == "user"  # the clicker, not the bot that sent the card
+    assert envelope.meta["google_chat.dialog_event_type"] == "SUBMIT_DIALOG"
+    assert envelope.meta["google_chat.extra"]["configCompleteRedirectUrl"].startswith("https://chat.google.com/")
+    assert envelope.ts == datetime(2023, 1, 13, 5, 19, 13, 925126, tzinfo=UTC)
+
+
+def test_add_on_events_are_read_like_classic_ones() -> None:
+    message = decode_one("addon_message.json")
+    assert isinstance(message, c.Message)
+    assert message.parts == [c.Text(text="status please", format="slack")]
+    assert message.conversation.native_id == "spaces/BBBBBBBBBBB" and message.conversation.type == "direct"
+    assert message.id == message_id("spaces/BBBBBBBBBBB/messages/EEEEEEEEEEE.EEEEEEEEEEE")
+    click = decode_one("addon_button_clicked.json")
+    assert isinstance(click, c.Message)
+    assert click.parts == [
+        c.Action(id="approve", source=message_id("spaces/BBBBBBBBBBB/messages/FFFFFFFFFFF.FFFFFFFFFFF")),
+        c.Form(id="approve", fields=[c.FormField(id="comment", value="looks good")]),
+    ]
+    assert click.meta["google_chat.function"] == "babelhub_action"
+    assert message.meta["google_chat.extra"] == {
+        "commonEventObject": fixture("addon_message.json")["commonEventObject"]
+    }
+
+
+def test_other_events_are_kept_as_unsupported() -> None:
+    envelope = decode_one("app_command.json")
+    assert isinstance(envelope, c.Message)
+    (part,) = envelope.parts
+    assert isinstance(part, c.Unsupported) and part.reason == "google chat APP_COMMAND event"
+    assert part.native == fixture("app_command.json")
+
+
+def test_the_legacy_verification_token_never_reaches_meta() -> None:
+    raw = fixture("added_to_space.json") | {"token": "static-secret"}
+    (envelope,) = CODEC.decode(HttpRequest(body=json.dumps(raw).encode()), CTX)
+    assert "static-secret" not in json.dumps(envelope.meta)
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (b"not json", "$"),
+        (b'{"type": "MESSAGE", "eventTime": "2024-01-01T00:00:00Z"}', "$.space.name"),
+        (b'{"type": "MESSAGE", "space": {"name": 5}}', "$.space.name"),
+        (b'{"type": "REMOVED_FROM_SPACE", "space": {"name": "spaces/A"}, "eventTime": "soon"}', "$.eventTime"),
+        (
+            b'{"type": "MESSAGE", "space": {"name": "spaces/A"}, "message": {"annotations": [{"startIndex": "x"}]}}',
+            "$.message.annotations[0].startIndex",
+        ),
+    ],
+)
+def test_undecodable_events_name_the_json_path(body: bytes, path: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=body), CTX)
+    assert caught.value.path == path
+
+
+def test_dedup_key_is_stable_and_tells_clicks_apart() -> None:
+    click = fixture("card_clicked_submit_dialog.json")
+    later = click | {"eventTime": "2023-01-13T05:20:00.000000Z"}
+    key = CODEC.dedup_key(HttpRequest(body=json.dumps(click).encode()))
+    assert key and key == CODEC.dedup_key(HttpRequest(body=fixture_bytes("card_clicked_submit_dialog.json")))
+    assert key != CODEC.dedup_key(HttpRequest(body=json.dumps(later).encode()))
+    with pytest.raises(DecodeError):
+        CODEC.dedup_key(HttpRequest(body=b"not json"))
+
+
+def test_corpus_sweep_decodes_or_raises_decode_error() -> None:
+    if not CORPUS.is_dir():
+        pytest.skip("shared corpus not present")
+    files = sorted(CORPUS.glob("inbound/*.json")) + sorted(CORPUS.glob("status/*.json"))
+    assert files
+    for path in files:
+        try:
+            envelopes = CODEC.decode(HttpRequest(body=path.read_bytes()), CTX)
+        except DecodeError:
+            continue
+        assert envelopes, path.name
+        for envelope in envelopes:
+            assert c.decode(c.encode(envelope)) == envelope
+
+
+# ------------------------------------------------------------------------------------ signatures
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _token(key: rsa.RSAPrivateKey, claims: dict[str, Any], kid: str = "cert-1") -> str:
+    header = _b64url(json.dumps({"alg": "RS256", "kid": kid, "typ": "JWT"}).encode())
+    payload = _b64url(json.dumps(claims).encode())
+    signature = key.sign(f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{header}.{payload}.{_b64url(signature)}"
+
+
+def _certificate(key: rsa.RSAPrivateKey) -> str:
+    """A self-signed certificate, the form Google publishes Chat's keys in."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chat@system.gserviceaccount.com")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@pytest.fixture(scope="module")
+def signing_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    return {"iss": "chat@system.gserviceaccount.com", "aud": PROJECT_NUMBER, "iat": now, "exp": now + 3600} | overrides
+
+
+def _signed(token: str) -> HttpRequest:
+    return HttpRequest(headers={"authorization": f"Bearer {token}"}, body=fixture_bytes("message_room_mention.json"))
+
+
+def _secrets(key: rsa.RSAPrivateKey) -> dict[str, str]:
+    return {"audience": PROJECT_NUMBER, "signing_keys": json.dumps({"cert-1": _certificate(key)})}
+
+
+def test_a_token_from_chat_for_this_project_verifies(signing_key: rsa.RSAPrivateKey) -> None:
+    CODEC.verify(_signed(_token(signing_key, _claims())), _secrets(signing_key))
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("bad signature", "signature does not verify"),
+        ("missing", "missing Authorization"),
+        ("expired", "expired"),
+        ("wrong audience", "audience"),
+        ("wrong issuer", "issuer"),
+        ("not a jwt", "not a JWT"),
+    ],
+)
+def test_tokens_that_must_be_refused(signing_key: rsa.RSAPrivateKey, case: str, match: str) -> None:
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    tokens = {
+        "bad signature": _token(other_key, _claims()),
+        "expired": _token(signing_key, _claims(exp=int(time.time()) - 600)),
+        "wrong audience": _token(signing_key, _claims(aud="999")),
+        "wrong issuer": _token(signing_key, _claims(iss="https://accounts.google.com")),
+        "not a jwt": "AbCdEf123456",
+    }
+    request = _signed(tokens[case]) if case != "missing" else HttpRequest(body=b"{}")
+    with pytest.raises(SignatureError, match=match):
+        CODEC.verify(request, _secrets(signing_key))
+
+
+def test_no_configured_audience_refuses_everything(signing_key: rsa.RSAPrivateKey) -> None:
+    with pytest.raises(SignatureError, match="audience"):
+        CODEC.verify(_signed(_token(signing_key, _claims())), {"signing_keys": _secrets(signing_key)["signing_keys"]})
+
+
+# ------------------------------------------------------------------------------------------ encode
+
+SPACE = "spaces/AAAAAAAAAAA"
+
+
+def _ctx(base: str = "", **native_ids: str) -> EncodeContext:
+    return EncodeContext(
+        tenant="acme",
+        connection="gchat",
+        to=SPACE,
+        api_base=base,
+        secrets={"access_token": "ya29.token"},
+        native_ids=native_ids,
+    )
+
+
+def _message(*parts: c.Part, **fields: Any) -> c.Message:
+    conversation = c.Conversation(id="conv", channel="google_chat", connection="gchat", native_id=SPACE)
+    return c.Message(
+        id="out1",
+        tenant="acme",
+        conversation=conversation,
+        ts=c.now(),
+        direction="outbound",
+        parts=list(parts),
+        **fields,
+    )
+
+
+def _body(request: OutboundRequest) -> Any:
+    return json.loads(request.body)
+
+
+def test_text_is_created_in_the_space_with_an_idempotent_request_id() -> None:
+    (request,) = CODEC.encode(_message(c.Text(text="*Code freeze* at `11:59`", format="slack")), _ctx())
+    assert request.method == "POST"
+    assert request.url == "https://chat.googleapis.com/v1/spaces/AAAAAAAAAAA/messages?requestId=out1%3A0"
+    assert request.headers == {"Authorization": "Bearer ya29.token", "Content-Type": "application/json"}
+    assert _body(request) == {"text": "*Code freeze* at `11:59`"}
+    assert request.idempotency_key == "out1:0" and request.message_id == "out1"
+
+
+def test_mentions_use_the_chat_user_syntax() -> None:
+    text = c.Text(text="ping @Izumi now", mentions=[c.Mention(native_id="users/123", name="Izumi", offset=5, length=6)])
+    (request,) = CODEC.encode(_message(text), _ctx())
+    assert _body(request) == {"text": "ping <users/123> now"}
+
+
+def test_thread_replies_name_the_thread() -> None:
+    message = _message(c.Text(text="on it"), thread="canon-thread")
+    (request,) = CODEC.encode(message, _ctx(**{"canon-thread": "spaces/AAAAAAAAAAA/threads/BBBBBBBBBBB"}))
+    assert request.url.endswith("?requestId=out1%3A0&messageReplyOption=REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD")
+    assert _body(request) == {"text": "on it", "thread": {"name": "spaces/AAAAAAAAAAA/threads/BBBBBBBBBBB"}}
+    by_meta = _message(c.Text(text="x"), meta={"google_chat.thread_name": "spaces/AAAAAAAAAAA/threads/T"})
+    (request,) = CODEC.encode(by_meta, _ctx())
+    assert _body(request)["thread"] == {"name": "spaces/AAAAAAAAAAA/threads/T"}
+
+
+def test_text_and_buttons_are_one_message_with_a_card() -> None:
+    buttons = c.Buttons(
+        buttons=[
+            c.Button(id="yes", title="Yes"),
+            c.Button(id="later", title="Later", action="postback"),
+            c.Button(id="docs", title="Docs", action="url", value="https://example.com/docs"),
+        ]
+    )
+    (request,) = CODEC.encode(_message(c.Text(text="Deploy now?"), buttons), _ctx())
+    action = {"function": "babelhub_action"}
+    assert _body(request) == {
+        "text": "Deploy now?",
+        "cardsV2": [
+            {
+                "cardId": "out1-0",
+                "card": {
+                    "sections": [
+                        {
+                            "widgets": [
+                                {
+                                    "buttonList": {
+                                        "buttons": [
+                                            {
+                                                "text": "Yes",
+                                                "onClick": {
+                                                    "action": action | {"parameters": [{"key": "id", "value": "yes"}]}
+                                                },
+                                            },
+                                            {
+                                                "text": "Later",
+                                                "onClick": {
+                                                    "action": action | {"parameters": [{"key": "id", "value": "later"}]}
+                                                },
+                                            },
+                                            {
+                                                "text": "Docs",
+                                                "onClick": {"openLink": {"url": "https://example.com/docs"}},
+                                            },
+                                        ]
+                                    }
+                                }
+                            ]
+                        }
+                    ]
+                },
+            }
+        ],
+    }
+
+
+def test_cards_and_pictures_become_card_widgets() -> None:
+    picture = c.Media(media="image", url="https://example.com/a.png", caption="A")
+    card = c.Card(title="Shirt", subtitle="Blue", media=c.Media(media="image", url="https://example.com/s.png"))
+    (request,) = CODEC.encode(_message(card, picture), _ctx())
+    first, second = _body(request)["cardsV2"]
+    assert first == {
+        "cardId": "out1-0",
+        "card": {
+            "header": {"title": "Shirt", "subtitle": "Blue"},
+            "sections": [{"widgets": [{"image": {"imageUrl": "https://example.com/s.png", "altText": ""}}]}],
+        },
+    }
+    assert second["card"]["sections"][0]["widgets"] == [
+        {"image": {"imageUrl": "https://example.com/a.png", "altText": "A"}},
+        {"textParagraph": {"text": "A"}},
+    ]
+
+
+def test_each_text_starts_a_new_message() -> None:
+    first, second = CODEC.encode(_message(c.Text(text="one"), c.Text(text="two")), _ctx())
+    assert _body(first) == {"text": "one"} and _body(second) == {"text": "two"}
+    assert second.url.endswith("requestId=out1%3A1") and second.idempotency_key == "out1:1"
+
+
+def test_edit_patches_and_delete_deletes() -> None:
+    ctx = _ctx(sent="spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC.CCCCCCCCCCC")
+    (edit,) = CODEC.encode(_message(c.Edit(target="sent"), c.Text(text="fixed")), ctx)
+    assert edit.method == "PATCH"
+    assert edit.url == (
+        "https://chat.googleapis.com/v1/spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC.CCCCCCCCCCC?updateMask=text"
+    )
+    assert _body(edit) == {"text": "fixed"}
+    (delete,) = CODEC.encode(_message(c.Delete(target="sent")), ctx)
+    assert delete.method == "DELETE" and delete.body == b""
+    assert delete.url == "https://chat.googleapis.com/v1/spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC.CCCCCCCCCCC"
+    with pytest.raises(EncodeError, match="unknown"):
+        CODEC.encode(_message(c.Edit(target="nope"), c.Text(text="x")), ctx)
+
+
+def test_what_cannot_be_encoded_says_why() -> None:
+    with pytest.raises(EncodeError, match="access_token"):
+        CODEC.encode(_message(c.Text(text="x")), EncodeContext(tenant="a", connection="b", to=SPACE))
+    with pytest.raises(EncodeError, match="spaces/"):
+        CODEC.encode(_message(c.Text(text="x")), EncodeContext(tenant="a", connection="b", to="room-1"))
+    with pytest.raises(EncodeError, match="reaction"):
+        CODEC.encode(_message(c.Reaction(emoji="👍", target="x")), _ctx())
+
+
+def test_parse_response_reads_the_message_name() -> None:
+    (request,) = CODEC.encode(_message(c.Text(text="x")), _ctx())
+    sent = CODEC.parse_response(request, HttpResponse(status=200, body=fixture_bytes("response_message_created.json")))
+    assert sent.ok and sent.native_ids == ["spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC.CCCCCCCCCCC"]
+
+
+@pytest.mark.parametrize(
+    ("status", "name", "code", "retryable"),
+    [
+        (400, "error_400_invalid_argument.json", "INVALID_ARGUMENT", False),
+        (401, "error_401_unauthenticated.json", "UNAUTHENTICATED", False),
+        (403, "error_403_permission_denied.json", "PERMISSION_DENIED", False),
+        (429, "error_429_resource_exhausted.json", "RESOURCE_EXHAUSTED", True),
+        (503, "error_503_unavailable.json", "UNAVAILABLE", True),
+    ],
+)
+def test_parse_response_errors(status: int, name: str, code: str, retryable: bool) -> None:
+    (request,) = CODEC.encode(_message(c.Text(text="x")), _ctx())
+    result = CODEC.parse_response(request, HttpResponse(status=status, body=fixture_bytes(name)))
+    assert not result.ok and result.retryable is retryable
+    assert result.error is not None and result.error.code == code
+    assert result.error.message == fixture(name)["error"]["message"]
+
+
+# --------------------------------------------------------------------------- delivery (real HTTP)
+
+
+async def _send(fake_api: FakeApi) -> Any:
+    (request,) = CODEC.encode(_message(c.Text(text="Hello")), _ctx(base=fake_api.base_url))
+    waits: list[float] = []
+
+    async def on_retry(_: Any, wait: float) -> None:
+        waits.append(wait)
+
+    async with aiohttp.ClientSession() as session:
+        result = await deliver(session, CODEC, request, FAST, on_retry=on_retry)
+    return result, waits
+
+
+async def test_delivery_creates_the_message(fake_api: FakeApi) -> None:
+    fake_api.responder = lambda _: Reply(body=fixture("response_message_created.json"))
+    result, _ = await _send(fake_api)
+    assert result.ok and result.native_ids == ["spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC.CCCCCCCCCCC"]
+    (recorded,) = fake_api.requests
+    assert recorded.method == "POST" and recorded.path == "/v1/spaces/AAAAAAAAAAA/messages"
+    assert recorded.query == {"requestId": "out1:0"}
+    assert recorded.headers["authorization"] == "Bearer ya29.token"
+    assert recorded.json() == {"text": "Hello"}
+
+
+@pytest.mark.parametrize(
+    ("status", "name"),
+    [
+        (400, "error_400_invalid_argument.json"),
+        (401, "error_401_unauthenticated.json"),
+        (403, "error_403_permission_denied.json"),
+    ],
+)
+async def test_delivery_does_not_retry_refusals(fake_api: FakeApi, status: int, name: str) -> None:
+    fake_api.queue(Reply(status=status, body=fixture(name)))
+    result, _ = await _send(fake_api)
+    assert not result.ok and not result.retryable and len(fake_api.requests) == 1
+
+
+async def test_delivery_waits_for_retry_after_on_429(fake_api: FakeApi) -> None:
+    fake_api.queue(Reply(status=429, body=fixture("error_429_resource_exhausted.json"), headers={"Retry-After": "0"}))
+    fake_api.responder = lambda _: Reply(body=fixture("response_message_created.json"))
+    result, waits = await _send(fake_api)
+    assert result.ok and waits == [0.0] and len(fake_api.requests) == 2
+
+
+async def test_delivery_retries_a_503_with_the_same_request_id(fake_api: FakeApi) -> None:
+    fake_api.queue(Reply(status=503, body=fixture("error_503_unavailable.json")))
+    fake_api.responder = lambda _: Reply(body=fixture("response_message_created.json"))
+    result, _ = await _send(fake_api)
+    assert result.ok and len(fake_api.requests) == 2
+    assert fake_api.requests[0].query == fake_api.requests[1].query == {"requestId": "out1:0"}

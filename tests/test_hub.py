@@ -1,0 +1,261 @@
+"""The hub end to end on real parts: a real nats-server, the hub's real HTTP server, a processing app
+on NATS, and a local fake of the Telegram Bot API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from babelhub import canonical as c
+from babelhub.hub import config as cfg
+from babelhub.hub.app import Hub
+from babelhub.hub.broker import EmbeddedServer
+from tests.fakeapi import FakeApi, Reply
+from tests.hubkit import (
+    BOT_TOKEN,
+    SECRET,
+    TENANT,
+    Processor,
+    dead_letters,
+    eventually,
+    stream_messages,
+    telegram_config,
+    telegram_responder,
+    telegram_update,
+)
+
+HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
+StartHub = Callable[[cfg.Config], Awaitable[Hub]]
+
+
+@pytest.fixture
+async def start_hub() -> AsyncIterator[StartHub]:
+    hubs: list[Hub] = []
+
+    async def start(config: cfg.Config) -> Hub:
+        hub = Hub(config)
+        await hub.__aenter__()
+        hubs.append(hub)
+        return hub
+
+    yield start
+    for hub in reversed(hubs):
+        await hub.stop()
+
+
+@pytest.fixture
+async def telegram_api(fake_api: FakeApi) -> FakeApi:
+    fake_api.responder = telegram_responder
+    return fake_api
+
+
+async def post(hub: Hub, body: object, headers: dict[str, str] | None = None, path: str = "/webhooks/telegram/tg",
+               raw: bytes | None = None) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as session, session.post(
+        hub.http_url + path, data=raw if raw is not None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(HEADERS if headers is None else headers)},
+    ) as response:
+        text = await response.text()
+        return response.status, (json.loads(text) if text.startswith("{") else {})
+
+
+async def test_webhook_to_processor_to_channel_api(nats_server: EmbeddedServer, nats_client, telegram_api: FakeApi,
+                                                   start_hub: StartHub) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+
+    status, _ = await post(hub, telegram_update(1, 42, "hello hub"))
+    assert status == 200
+    inbound, _ = await app.next()
+    assert isinstance(inbound, c.Message)
+    assert inbound.parts == [c.Text(text="hello hub")]
+    assert inbound.conversation.channel == "telegram" and inbound.conversation.native_id == "42"
+    assert inbound.id == c.message_id(TENANT, "tg", "42:1")
+
+    reply = await app.reply(inbound, c.Text(text="hi Ada"))
+    await eventually(lambda: len(telegram_api.requests) == 1)
+    sent = telegram_api.requests[0]
+    assert sent.method == "POST" and sent.path == f"/bot{BOT_TOKEN}/sendMessage"
+    body = sent.json()
+    assert body["chat_id"] in (42, "42") and body["text"] == "hi Ada"
+    assert body["reply_parameters"]["message_id"] == 1
+
+    status_envelope = await app.next_status()
+    assert status_envelope.message_id == reply.id and status_envelope.state == "sent"
+    assert status_envelope.native_id.startswith("42:")
+
+
+async def test_the_same_update_posted_twice_is_processed_once(nats_server: EmbeddedServer, nats_client,
+                                                              telegram_api: FakeApi, start_hub: StartHub) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    update = telegram_update(7, 42, "only once")
+    assert (await post(hub, update))[0] == 200
+    assert (await post(hub, update))[0] == 200  # Telegram retrying after a lost answer
+    await app.next()
+    await asyncio.sleep(0.5)
+    assert app.inbound.empty()
+    stored = await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.in.>",
+                                   hub.subjects.stream_name("messages"))
+    assert len(stored) == 1
+
+
+async def test_order_is_kept_per_conversation_under_interleaving(nats_server: EmbeddedServer, nats_client,
+                                                                 telegram_api: FakeApi, start_hub: StartHub) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    conversations, per_conversation = 100, 20
+    async with aiohttp.ClientSession() as session:
+        semaphore = asyncio.Semaphore(32)
+
+        async def send(update: dict[str, object]) -> None:
+            async with semaphore, session.post(hub.http_url + "/webhooks/telegram/tg", json=update,
+                                               headers=HEADERS) as response:
+                assert response.status == 200
+
+        # Messages of one chat are posted in order (as Telegram does); chats are interleaved.
+        for n in range(per_conversation):
+            await asyncio.gather(*(send(telegram_update(n * conversations + chat + 1, 1000 + chat, f"{n}",
+                                                        message_id=n + 1)) for chat in range(conversations)))
+    seen: dict[str, list[int]] = {}
+    for count in range(conversations * per_conversation):
+        try:
+            envelope, _ = await app.next()
+        except TimeoutError:
+            raise AssertionError(f"only {count} arrived; {hub.metrics.render().decode()}") from None
+        assert isinstance(envelope, c.Message)
+        text = envelope.parts[0]
+        assert isinstance(text, c.Text)
+        seen.setdefault(envelope.conversation.native_id, []).append(int(text.text))
+    assert len(seen) == conversations
+    assert all(order == list(range(per_conversation)) for order in seen.values())
+
+
+async def test_bad_input_gets_the_documented_codes_and_disturbs_nothing(nats_server: EmbeddedServer, nats_client,
+                                                                        telegram_api: FakeApi,
+                                                                        start_hub: StartHub) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+
+    assert (await post(hub, telegram_update(1, 5, "x"), headers={}))[0] == 401
+    assert (await post(hub, telegram_update(1, 5, "x"), headers={"X-Telegram-Bot-Api-Secret-Token": "nope"}))[0] == 401
+    status, body = await post(hub, None, raw=b'{"update_id": 3, "message": {')
+    assert status == 400 and "JSON" in str(body["error"]) and body["path"] == "$"
+    status, body = await post(hub, telegram_update(4, 5, "x"), path="/webhooks/telegram/nope")
+    assert status == 404 and "nope" in str(body["error"])
+    assert (await post(hub, telegram_update(4, 5, "x"), path="/webhooks/slack/tg"))[0] == 404
+    status, _ = await post(hub, None, raw=b'{"update_id": 9, "pad": "' + b"x" * 2_000_000 + b'"}')
+    assert status == 413
+    # A body that parses but is no Update: accepted (it is the channel's), then parked by the decoder.
+    assert (await post(hub, {"update_id": 10, "message": {"message_id": "not-a-number"}}))[0] == 200
+
+    assert (await post(hub, telegram_update(11, 5, "still fine")))[0] == 200
+    envelope, _ = await app.next()
+    assert isinstance(envelope, c.Message) and envelope.parts == [c.Text(text="still fine")]
+
+    dlq_subject = f"{hub.subjects.prefix}.*.dlq.>"
+    letters: list[dict[str, object]] = []
+
+    async def read_letters() -> bool:
+        letters[:] = dead_letters(await stream_messages(nats_client, dlq_subject, hub.subjects.stream_name(
+            "dead_letters")))
+        return len(letters) >= 2
+
+    for _ in range(100):
+        if await read_letters():
+            break
+        await asyncio.sleep(0.05)
+    stages = sorted(str(letter["stage"]) for letter in letters)
+    assert stages == ["decode", "ingest"]
+    decode_letter = next(letter for letter in letters if letter["stage"] == "decode")
+    assert str(decode_letter["path"]).startswith("$.message")
+
+
+async def test_a_trace_runs_from_the_webhook_to_the_channel_api(nats_server: EmbeddedServer, nats_client,
+                                                                telegram_api: FakeApi, start_hub: StartHub) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    await post(hub, telegram_update(1, 42, "trace me"),
+               headers={**HEADERS, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    inbound, headers = await app.next()
+    assert trace_id in headers.get("traceparent", "")
+    await app.reply(inbound, c.Text(text="traced"), headers={"traceparent": headers["traceparent"]})
+    await eventually(lambda: len(telegram_api.requests) == 1)
+    assert trace_id in telegram_api.requests[0].headers.get("traceparent", "")
+
+
+async def test_channel_errors_become_failed_statuses_after_retries(nats_server: EmbeddedServer, nats_client,
+                                                                   telegram_api: FakeApi,
+                                                                   start_hub: StartHub) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    await post(hub, telegram_update(1, 42, "hi"))
+    inbound, _ = await app.next()
+    telegram_api.queue(
+        Reply(status=429, body={"ok": False, "error_code": 429, "description": "Too Many Requests: retry after 0",
+                                "parameters": {"retry_after": 0}}),
+        Reply(status=502, body={"ok": False, "error_code": 502, "description": "Bad Gateway"}),
+    )
+    first = await app.reply(inbound, c.Text(text="after retries"))
+    try:
+        assert (await app.next_status()).state == "sent"
+    except TimeoutError:
+        raise AssertionError(f"{telegram_api.requests} {hub.metrics.render().decode()}") from None
+    assert len(telegram_api.requests) == 3
+    telegram_api.queue(Reply(status=403, body={"ok": False, "error_code": 403,
+                                               "description": "Forbidden: bot was blocked by the user"}))
+    second = await app.reply(inbound, c.Text(text="blocked"))
+    failed = await app.next_status()
+    assert failed.message_id == second.id and failed.state == "failed"
+    assert failed.error is not None and not failed.error.retryable
+    assert first.id != second.id
+    metrics = hub.metrics.render().decode()
+    assert 'babelhub_send_retries_total{channel="telegram"} 2.0' in metrics
+
+
+async def test_long_polling_mode_reads_get_updates(nats_server: EmbeddedServer, nats_client, telegram_api: FakeApi,
+                                                   start_hub: StartHub) -> None:
+    updates = [telegram_update(500, 42, "polled one"), telegram_update(501, 43, "polled two")]
+
+    def responder(request):  # type: ignore[no-untyped-def]
+        if request.path.endswith("/getUpdates"):
+            offset = request.json().get("offset", 0)
+            return Reply(body={"ok": True, "result": [u for u in updates if u["update_id"] >= offset]})
+        return telegram_responder(request)
+
+    telegram_api.responder = responder
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url, mode="polling"))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    texts = set()
+    for _ in range(2):
+        envelope, _ = await app.next()
+        assert isinstance(envelope, c.Message) and isinstance(envelope.parts[0], c.Text)
+        texts.add(envelope.parts[0].text)
+    assert texts == {"polled one", "polled two"}
+    polls = [r for r in telegram_api.requests if r.path == f"/bot{BOT_TOKEN}/getUpdates"]
+    await eventually(lambda: any(r.json().get("offset") == 502 for r in telegram_api.requests
+                                 if r.path.endswith("/getUpdates")))
+    assert polls[0].json().get("offset") in (None, 0)
+    await asyncio.sleep(0.3)
+    assert app.inbound.empty()  # the next polls returned nothing new, and nothing was duplicated
+
+
+async def test_health_readiness_and_metrics(nats_server: EmbeddedServer, telegram_api: FakeApi,
+                                            start_hub: StartHub) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url))
+    await post(hub, telegram_update(1, 42, "count me"))
+    async with aiohttp.ClientSession() as session:
+        for path in ("/healthz", "/readyz"):
+            async with session.get(hub.http_url + path) as response:
+                assert response.status == 200
+        await eventually(lambda: 'babelhub_messages_in_total{channel="telegram"} 1.0' in hub.metrics.render().decode())
+        async with session.get(hub.http_url + "/metrics") as response:
+            text = await response.text()
+    assert 'babelhub_webhooks_total{channel="telegram",code="200"} 1.0' in text
+    assert 'babelhub_active_actors{actors="conversation"}' in text
+    assert "babelhub_mailbox_depth" in text

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench schema clean
+.PHONY: install system-deps run test lint bench schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,20 @@ lint: install
 	$(BIN)/ruff check babelhub tests bench
 	$(BIN)/mypy
 
-test: lint
+# The browser test drives Debian's Chromium (never a downloaded browser build). As root with apt,
+# install it when it is missing; otherwise say what to install.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "make test needs Chromium for the browser test: sudo apt-get install chromium"; exit 1; fi; }
+
+test: lint system-deps
 	$(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/python bench/codec_bench.py
+	$(BIN)/python bench/e2e_bench.py
 
 schema: install
 	$(BIN)/babelhub schema

@@ -309,7 +309,7 @@ def test_contact_becomes_text() -> None:
 
 
 def test_contact_also_sent_as_a_vcard_where_documents_are_allowed() -> None:
-    channel = caps(parts=frozenset({"text", "media"}), media=frozenset({"document"}))
+    channel = caps(parts=frozenset({"text", "media"}), media=frozenset({"document"}), media_upload=True)
     result = degrade(message(CONTACT), channel)
     vcard = (
         "BEGIN:VCARD\r\nVERSION:3.0\r\nFN:Ann Lee\r\nN:Ann Lee;;;;\r\nTEL:+4930123\r\n"
@@ -323,8 +323,28 @@ def test_contact_also_sent_as_a_vcard_where_documents_are_allowed() -> None:
 
 
 def test_no_vcard_when_it_is_larger_than_the_channel_takes() -> None:
-    channel = caps(parts=frozenset({"text", "media"}), media=frozenset({"document"}), media_max_bytes=10)
+    channel = caps(parts=frozenset({"text", "media"}), media=frozenset({"document"}), media_max_bytes=10,
+                   media_upload=True)
     assert [type(part) for part in degrade(message(CONTACT), channel).parts] == [c.Text]
+
+
+def test_no_vcard_where_the_channel_takes_no_uploaded_bytes() -> None:
+    channel = caps(parts=frozenset({"text", "media"}), media=frozenset({"document"}))
+    assert [type(part) for part in degrade(message(CONTACT), channel).parts] == [c.Text]
+
+
+def test_per_kind_media_limits_and_bytes_only_media() -> None:
+    channel = caps(parts=frozenset({"text", "media"}), media=frozenset({"image", "video"}),
+                   media_max_bytes=100, media_limits={"image": 10})
+    big_image = c.Media(media="image", url="https://e.com/i.jpg", size=50)
+    video = c.Media(media="video", url="https://e.com/v.mp4", size=50)
+    bytes_only = c.Media(media="image", data=b"12345")
+    result = degrade(message(big_image, video, bytes_only), channel)
+    assert result.parts == [c.Text(text="https://e.com/i.jpg"), video]
+    assert [change["why"] for change in result.meta["babelhub.degraded"]] == [
+        "larger than the channel's 10 bytes: sent as a link",
+        "the channel takes no uploaded bytes, and it has no url to link to",
+    ]
 
 
 # -------------------------------------------------------------------------------- template and poll
@@ -497,8 +517,10 @@ def violations(message: c.Message, caps: Capabilities) -> list[str]:
     def check_media(where: str, media: c.Media) -> None:
         if media.media not in caps.media:
             found.append(f"{where}: {media.media} not shown")
-        if limit(len(media.data) or media.size, caps.media_max_bytes):
+        if limit(len(media.data) or media.size, caps.media_limits.get(media.media, caps.media_max_bytes)):
             found.append(f"{where}: media too large")
+        if not (media.url or media.file_id or caps.media_upload):
+            found.append(f"{where}: bytes-only media on a channel that takes no uploads")
 
     def check_card(where: str, card: c.Card) -> None:
         if card.media is not None:
@@ -574,6 +596,8 @@ capabilities = st.builds(
     parts=st.frozensets(st.sampled_from(get_args(PartType))),
     media=st.frozensets(st.sampled_from(get_args(c.MediaKind))),
     media_max_bytes=st.sampled_from([0, 8, 10**6]),
+    media_limits=st.dictionaries(st.sampled_from(get_args(c.MediaKind)), st.sampled_from([4, 10**6]), max_size=2),
+    media_upload=st.booleans(),
     text_limit=st.integers(20, 400),
     caption_limit=st.sampled_from([0, 10, 1024]),
     markup=st.sampled_from(get_args(c.TextFormat)),

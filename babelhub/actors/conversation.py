@@ -14,7 +14,6 @@ activation stops rather than overwrite it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -66,6 +65,9 @@ class ConversationState(msgspec.Struct, kw_only=True):
     """Canonical message id → native id, most recent last."""
     canonical_ids: dict[str, str] = {}
     """Native id → canonical message id, to resolve statuses."""
+    aliases: dict[str, str] = {}
+    """The id a codec derives for one of our sent messages (from its native id) → the id the app gave it,
+    so a reply, reaction or button click that refers to our message names the app's id."""
     choices: dict[str, Any] = {}
     applied: list[str] = []
     """Envelope ids applied recently: a redelivery or a channel retry is skipped."""
@@ -128,11 +130,14 @@ class ConversationActor(Actor[ConversationMessage]):
         self._learn(envelope)
         match envelope:
             case c.Status():
-                resolved = self.state.canonical_ids.get(envelope.native_id, envelope.message_id)
-                status = msgspec.structs.replace(envelope, message_id=resolved)
+                ours = self.state.canonical_ids.get(envelope.native_id, envelope.message_id)
+                status = msgspec.structs.replace(envelope, message_id=ours)
                 await self._publish(self.hub.subjects.status(envelope.tenant, self.key), status)
-            case c.Message() | c.Activity():
-                await self._publish(self.hub.subjects.inbound(envelope.tenant, self.key), self._resolve(envelope))
+            case c.Message():
+                resolved = self._resolve(self._translate(envelope))
+                await self._publish(self.hub.subjects.inbound(envelope.tenant, self.key), resolved)
+            case c.Activity():
+                await self._publish(self.hub.subjects.inbound(envelope.tenant, self.key), envelope)
         connection = self._connection()
         if connection is not None and self.state.conversation is not None:
             await connection.after_inbound(envelope, self._context(connection))
@@ -183,6 +188,8 @@ class ConversationActor(Actor[ConversationMessage]):
             sent = await connection.send(message, self._context(connection))
         for native_id in sent.native_ids:
             self._remember_id(message.id, native_id)
+            derived = c.message_id(message.tenant, self.state.conversation.connection, native_id)
+            _bounded_put(self.state.aliases, derived, message.id)
         if sent.choices:
             self.state.choices = sent.choices
             self._dirty = True
@@ -213,9 +220,29 @@ class ConversationActor(Actor[ConversationMessage]):
             self.state.conversation = conversation
             self._dirty = True
 
-    def _resolve(self, envelope: c.Message | c.Activity) -> c.Envelope:
+    def _translate(self, message: c.Message) -> c.Message:
+        """Ids that point at messages we sent, rewritten to the ids the app gave those messages."""
+        aliases = self.state.aliases
+        if not aliases:
+            return message
+        parts: list[c.Part] = []
+        for part in message.parts:
+            match part:
+                case c.Reaction(target=target) | c.Edit(target=target) | c.Delete(target=target) if target in aliases:
+                    part = msgspec.structs.replace(part, target=aliases[target])
+                case c.Action(source=source) if source in aliases:
+                    part = msgspec.structs.replace(part, source=aliases[source])
+            parts.append(part)
+        return msgspec.structs.replace(
+            message,
+            parts=parts,
+            reply_to=aliases.get(message.reply_to, message.reply_to),
+            thread=aliases.get(message.thread, message.thread),
+        )
+
+    def _resolve(self, envelope: c.Message) -> c.Message:
         """A reply "2" (or an option's title) to a numbered menu becomes an `action` part as well."""
-        if not isinstance(envelope, c.Message) or not self.state.choices:
+        if not self.state.choices:
             return envelope
         texts = [part for part in envelope.parts if isinstance(part, c.Text)]
         if len(texts) != 1 or len(envelope.parts) != 1:
@@ -275,10 +302,3 @@ def _bounded_put(mapping: dict[str, str], key: str, value: str, limit: int = _MA
     while len(mapping) > limit:
         del mapping[next(iter(mapping))]
 
-
-def state_of(data: bytes) -> ConversationState:
-    return msgspec.msgpack.decode(data, type=ConversationState)
-
-
-def ids_of(state: ConversationState) -> Mapping[str, str]:
-    return state.native_ids

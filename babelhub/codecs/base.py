@@ -58,12 +58,18 @@ ALL_MEDIA: frozenset[MediaKind] = frozenset(
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     """What a channel can show. Degradation rewrites a message until it fits these, so declare them
-    truthfully, from the channel's documentation."""
+    truthfully, from the channel's documentation. For every count and length below, 0 means "no
+    documented limit"."""
 
     parts: frozenset[PartType] = frozenset({"text"})
     media: frozenset[MediaKind] = frozenset()
     media_max_bytes: int = 0
-    """Largest file the channel takes (0 = no documented limit); larger ones are sent as links."""
+    """Largest file the channel takes; larger ones are sent as links."""
+    media_limits: dict[MediaKind, int] = {}
+    """Per-kind limits where they differ from `media_max_bytes` (WhatsApp: images 5 MB, video 16 MB)."""
+    media_upload: bool = False
+    """True when the channel takes the file's bytes (`Media.data`); otherwise media needs a `url` or a
+    `file_id`, and bytes-only media (a generated vCard) are left out and recorded."""
     text_limit: int = 4096
     """Characters in one text message; longer text is split on word boundaries."""
     caption_limit: int = 1024
@@ -83,6 +89,9 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     typing: bool = False
     window_hours: int = 0
     """Hours after the user's last message in which free-form messages may be sent (0 = no window)."""
+
+    def media_limit(self, kind: MediaKind) -> int:
+        return self.media_limits.get(kind, self.media_max_bytes)
 
 
 class HttpRequest(msgspec.Struct, frozen=True, kw_only=True):

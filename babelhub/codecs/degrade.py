@@ -136,6 +136,11 @@ def _type(part: Part) -> str:
     return str(part.__struct_config__.tag)
 
 
+def _reachable(media: Media, caps: Capabilities) -> bool:
+    """Whether the channel can get at the file: by url or its own file id, or by upload if it takes bytes."""
+    return bool(media.url or media.file_id) or caps.media_upload
+
+
 def _within(length: int, limit: int) -> bool:
     return limit <= 0 or length <= limit
 
@@ -223,8 +228,12 @@ class _Degradation:
         target = self.caps.markup
         source: TextFormat = part.format if part.format in markup.READABLE or part.format == target else "plain"
 
+        rendered_texts: dict[str, str] = {}  # fitting and sending render the same chunks: do it once
+
         def render(text: str) -> str:
-            return markup.convert(text, source, target)
+            if text not in rendered_texts:
+                rendered_texts[text] = markup.convert(text, source, target)
+            return rendered_texts[text]
 
         def fits(text: str) -> bool:
             return _within(len(render(text)), self.caps.text_limit)
@@ -386,7 +395,11 @@ class _Degradation:
 
     def media_fits(self, media: Media) -> bool:
         size = len(media.data) if media.data else media.size
-        return media.media in self.caps.media and _within(size, self.caps.media_max_bytes)
+        return (
+            media.media in self.caps.media
+            and _within(size, self.caps.media_limit(media.media))
+            and _reachable(media, self.caps)
+        )
 
     def fit_media(self, part: Media, index: int) -> list[Part]:
         caps = self.caps
@@ -408,7 +421,9 @@ class _Degradation:
             return "the channel shows no media"
         if part.media not in self.caps.media:
             return f"the channel takes no {part.media}"
-        return f"larger than the channel's {self.caps.media_max_bytes} bytes"
+        if not _reachable(part, self.caps):
+            return "the channel takes no uploaded bytes"
+        return f"larger than the channel's {self.caps.media_limit(part.media)} bytes"
 
     # -- things shown as text
 

@@ -388,6 +388,8 @@ class MessengerCodec(Codec):
         parts=frozenset({"text", "media", "buttons", "card", "carousel", "reaction"}),
         media=frozenset({"image", "audio", "voice", "video", "document", "sticker", "animation"}),
         media_max_bytes=25 * _MB,
+        media_limits={"image": 8 * _MB},
+        media_upload=True,  # multipart `filedata`
         text_limit=2000,
         caption_limit=2000,  # Messenger attachments have no caption: it follows as a text message
         markup="plain",

@@ -366,8 +366,9 @@ class TelegramCodec(Codec):
         ),
         media=ALL_MEDIA,
         # "Sending files": by URL Telegram fetches at most 5 MB for photos and 20 MB for other files
-        # (file_id has no limit; multipart uploads are out of scope). One number fits all kinds: 20 MB.
+        # (file_id has no limit; multipart uploads are out of scope, so no media_upload).
         media_max_bytes=20 * _MB,
+        media_limits={"image": 5 * _MB},
         text_limit=4096,  # sendMessage text: "1-4096 characters after entities parsing"
         caption_limit=1024,  # captions: "0-1024 characters after entities parsing"
         markup="telegram_html",

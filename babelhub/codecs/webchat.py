@@ -51,6 +51,7 @@ class WebchatCodec(Codec):
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "list", "card", "carousel"}),
         media=frozenset({"image", "audio", "voice", "video", "document", "animation", "sticker"}),
+        media_upload=True,  # bytes travel inside the canonical JSON to the browser
         text_limit=10_000,
         caption_limit=1_000,
         markup="plain",
@@ -61,6 +62,7 @@ class WebchatCodec(Codec):
         max_list_sections=5,
         max_row_title=60,
         max_cards=10,
+        reply=True,
     )
 
     def dedup_key(self, request: HttpRequest) -> str:

@@ -487,6 +487,7 @@ class WhatsAppCodec(Codec):
         parts=frozenset({"text", "media", "location", "contact", "buttons", "list", "template", "reaction"}),
         media=frozenset({"image", "audio", "voice", "video", "document", "sticker"}),
         media_max_bytes=max(MEDIA_MAX_BYTES.values()),
+        media_limits=dict(MEDIA_MAX_BYTES),
         text_limit=4096,
         caption_limit=1024,
         markup="whatsapp",

@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import msgspec
 import nats
-import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from babelhub import canonical, codecs
@@ -45,7 +45,7 @@ __all__ = ["Hub"]
 log = logging.getLogger("babelhub.hub")
 
 HUB_KEY = web.AppKey("hub", object)
-_FETCH_BATCH = 256
+_MAX_ACK_PENDING = 20_000
 
 
 class Hub:
@@ -58,6 +58,7 @@ class Hub:
         self.http_url = ""
         self.ready = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[JetStreamContext.PushSubscription] = []
         self._cleanups: list[Callable[[], Awaitable[Any]]] = []
 
     async def __aenter__(self) -> Hub:
@@ -74,7 +75,7 @@ class Hub:
     # ------------------------------------------------------------------------------------ start
 
     async def start(self) -> None:
-        setup_tracing()
+        setup_tracing(self.config.hub.tracing)
         settings = self.config.hub
         if not self.nats_url:
             self.server = EmbeddedServer(settings.data_dir, settings.nats_port)
@@ -150,23 +151,19 @@ class Hub:
 
     async def _consume(self, stream: str, subject: str, durable: str,
                        handler: Callable[[Msg], Coroutine[Any, Any, None]]) -> None:
+        """A durable push consumer with explicit acks. nats-py runs one callback at a time per
+        subscription, in stream order, so a handler that waits (a full mailbox) holds the next
+        message back, and `max_ack_pending` stops the server from sending more: backpressure."""
         config = ConsumerConfig(
             durable_name=durable, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, ack_wait=self.config.hub.ack_wait_seconds, max_ack_pending=20_000,
+            deliver_policy=DeliverPolicy.ALL, ack_wait=self.config.hub.ack_wait_seconds,
+            max_ack_pending=_MAX_ACK_PENDING, flow_control=True, idle_heartbeat=5.0,
         )
-        subscription = await self.js.pull_subscribe(subject, durable=durable,
-                                                    stream=self.subjects.stream_name(stream), config=config)
-
-        async def fetch_forever() -> None:
-            while True:
-                try:
-                    batch = await subscription.fetch(_FETCH_BATCH, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    continue
-                for msg in batch:
-                    await handler(msg)
-
-        self._spawn(f"consumer:{durable}", fetch_forever())
+        subscription = await self.js.subscribe(
+            subject, durable=durable, stream=self.subjects.stream_name(stream), cb=handler, manual_ack=True,
+            config=config, pending_msgs_limit=_MAX_ACK_PENDING, flow_control=True, idle_heartbeat=5.0,
+        )
+        self._subscriptions.append(subscription)
 
     def _spawn(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -298,6 +295,9 @@ class Hub:
         self.ready = False
         if getattr(self, "site", None) is not None:
             await self.site.stop()
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -50,6 +50,9 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     send_attempts: int = 5
     """Tries per channel API call (429 and 5xx are retried with backoff or Retry-After)."""
     log_level: str = "info"
+    tracing: Literal["propagate", "console"] = "propagate"
+    """OpenTelemetry: `propagate` carries the W3C trace context end to end without recording spans;
+    `console` also records spans and prints them."""
 
 
 class Tenant(_Table, frozen=True, kw_only=True):

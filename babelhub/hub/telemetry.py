@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 __all__ = ["Metrics", "carrier", "setup_tracing", "span"]
@@ -18,10 +19,19 @@ __all__ = ["Metrics", "carrier", "setup_tracing", "span"]
 tracer = trace.get_tracer("babelhub")
 
 
-def setup_tracing() -> None:
-    """Give the process a real tracer provider (so spans get ids) unless the application set one."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
+def setup_tracing(mode: str) -> None:
+    """`propagate` (default): no spans are recorded, but the W3C trace context still travels from the
+    webhook through NATS to the channel API, so an application's own tracer continues the trace at no
+    cost here. `console`: record spans and print them (for a look at a trace without a collector).
+    An application embedding the hub may install its own tracer provider instead."""
+    if mode == "console" and not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        trace.set_tracer_provider(provider)
+
+
+def _records_spans() -> bool:
+    return isinstance(trace.get_tracer_provider(), TracerProvider)
 
 
 def carrier() -> dict[str, str]:
@@ -34,6 +44,9 @@ def carrier() -> dict[str, str]:
 @contextmanager
 def span(name: str, parent: Mapping[str, str] | None = None, **attributes: str | int) -> Iterator[None]:
     """A span continuing the trace found in `parent` headers (if any)."""
+    if parent is not None and "traceparent" not in parent and not _records_spans():
+        yield  # no trace to continue and none to start: skip the tracer's work on this hot path
+        return
     ctx = propagate.extract(dict(parent)) if parent else context.get_current()
     with tracer.start_as_current_span(name, context=ctx, attributes=attributes):
         yield

@@ -1,0 +1,269 @@
+"""End-to-end benchmark of the hub, with its baselines measured in the same run.
+
+(a) Durable ingest: webhooks/s the hub accepts (verified, recorded in JetStream, answered 200) against a
+    bare aiohttp handler that only publishes the body to JetStream. Target ratio ≥ 0.8.
+(b) The whole path: webhook → hub → processor app on NATS → hub → fake Telegram Bot API. Throughput at
+    a high offered load, then p50/p99 latency at half that load. Targets: ≥ 2,000 msg/s, p99 ≤ 50 ms.
+
+Every part is a separate process on 127.0.0.1 (nats-server, the hub, the baseline server, the fake API,
+the processor); this process only generates load. Requests are bounded in count and time.
+
+    python bench/e2e_bench.py [--requests 4000] [--seconds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+
+from babelhub.hub.broker import EmbeddedServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "123456:BENCH"
+SECRET = "bench-secret"
+TENANT = "bench"
+PREFIX = "bench"
+CHATS = 200
+
+
+def update(n: int, text: str) -> bytes:
+    chat = 10_000 + n % CHATS
+    return json.dumps({
+        "update_id": n,
+        "message": {"message_id": n, "date": 1_767_225_600, "text": text,
+                    "from": {"id": chat, "is_bot": False, "first_name": "Load"},
+                    "chat": {"id": chat, "type": "private", "first_name": "Load"}},
+    }).encode()
+
+
+@contextmanager
+def process(*args: str, ready: bool = True) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process, waited for until it prints "ready" (when asked), killed on the way out."""
+    child = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        if ready:
+            assert child.stdout is not None
+            for line in child.stdout:
+                if b"ready" in line or b"babelhub is running" in line:
+                    break
+            else:
+                raise RuntimeError(f"{args[0]} exited before it was ready")
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def wait_http(url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            try:
+                async with session.get(url) as response:
+                    if response.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+async def flood(url: str, bodies: list[bytes], concurrency: int) -> float:
+    """POST every body, `concurrency` at a time; the rate at which they were accepted (all must be 200)."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    headers = {"Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": SECRET}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                body = queue.get_nowait()
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"{url} answered {response.status}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(bodies) / (time.perf_counter() - started)
+
+
+async def offered_load(url: str, rate: float, seconds: float, first: int) -> dict[str, float]:
+    """Send webhooks at a fixed rate (open loop) for `seconds`; the texts carry their send time."""
+    headers = {"Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": SECRET}
+    total = int(rate * seconds)
+    sent: dict[str, float] = {}
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(n: int) -> None:
+            text = f"load {n}"
+            sent[text] = time.time()
+            async with session.post(url, data=update(n, text), headers=headers) as response:
+                await response.read()
+
+        started = time.perf_counter()
+        tasks = []
+        for i in range(total):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(first + i), name=f"load-{i}"))
+        await asyncio.gather(*tasks)
+    return sent
+
+
+async def collect(fake_url: str, sent: dict[str, float], timeout: float) -> tuple[list[float], float]:
+    """Latencies (ms) of the texts that reached the fake API, and the delivered rate."""
+    deadline = time.time() + timeout
+    arrivals: dict[str, float] = {}
+    async with aiohttp.ClientSession() as session:
+        while time.time() < deadline:
+            async with session.get(fake_url + "/stats") as response:
+                arrivals = {text: at for text, at in json.loads(await response.text()) if text in sent}
+            if len(arrivals) >= len(sent):
+                break
+            await asyncio.sleep(0.25)
+        async with session.post(fake_url + "/reset") as response:
+            await response.read()
+    latencies = sorted((arrivals[text] - sent[text]) * 1000 for text in arrivals)
+    span = (max(arrivals.values()) - min(sent.values())) if arrivals else 1.0
+    return latencies, len(arrivals) / span
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(fraction * len(values)))]
+
+
+async def run(requests: int, seconds: float, concurrency: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        nats_server = EmbeddedServer(Path(tmp) / "nats", port=0)
+        await nats_server.start()
+        try:
+            await measure(nats_server.url, Path(tmp), requests, seconds, concurrency)
+        finally:
+            await nats_server.stop()
+
+
+async def measure(nats_url: str, tmp: Path, requests: int, seconds: float, concurrency: int) -> None:
+    fake_port, hub_port, base_port = free_port(), free_port(), free_port()
+    config = tmp / "hub.toml"
+    config.write_text(f"""
+[hub]
+http = "127.0.0.1:{hub_port}"
+nats = "{nats_url}"
+subject_prefix = "{PREFIX}"
+log_level = "warning"
+[[tenants]]
+id = "{TENANT}"
+[[connections]]
+id = "tg"
+tenant = "{TENANT}"
+channel = "telegram"
+api_base = "http://127.0.0.1:{fake_port}"
+secrets = {{ bot_token = "{TOKEN}", secret_token = "{SECRET}" }}
+""")
+    hub_url = f"http://127.0.0.1:{hub_port}/webhooks/telegram/tg"
+    base_url = f"http://127.0.0.1:{base_port}/webhooks/telegram/tg"
+    with (
+        process("bench/fake_telegram.py", "--port", str(fake_port)),
+        process("bench/baseline_server.py", "--nats", nats_url, "--port", str(base_port), "--subject",
+                f"{PREFIX}.{TENANT}.raw.baseline.tg"),
+        process("-m", "babelhub", "run", "--config", str(config)),
+        process("bench/processor.py", "--nats", nats_url, "--prefix", PREFIX, "--tenant", TENANT),
+    ):
+        await wait_http(f"http://127.0.0.1:{hub_port}/readyz")
+        print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; every process on 127.0.0.1")
+
+        # (a) durable ingest vs a bare publish-to-JetStream handler, alternating, best of 3 each.
+        warm = [update(n, "warm") for n in range(1, 301)]
+        await flood(base_url, warm, concurrency)
+        await flood(hub_url, warm, concurrency)
+        await asyncio.sleep(2)
+        base_rates, hub_rates = [], []
+        next_id = 1000
+        for _ in range(3):
+            bodies = [update(n, f"ingest {n}") for n in range(next_id, next_id + requests)]
+            next_id += requests
+            base_rates.append(await flood(base_url, bodies, concurrency))
+            hub_rates.append(await flood(hub_url, bodies, concurrency))
+            await asyncio.sleep(2)  # let the hub drain what it accepted before the next round
+        base, hub = max(base_rates), max(hub_rates)
+        print("(a) durable webhook ingest")
+        print(f"    bare aiohttp + JetStream publish  {base:8.0f} req/s")
+        print(f"    babelhub webhook (verify, dedup)  {hub:8.0f} req/s")
+        print(f"    ratio                             {hub / base:8.2f}   (target ≥ 0.80: "
+              f"{'met' if hub / base >= 0.8 else 'NOT met'})")
+
+        fake = f"http://127.0.0.1:{fake_port}"
+        async with aiohttp.ClientSession() as session, session.post(fake + "/reset") as response:
+            await response.read()
+        await asyncio.sleep(3)
+
+        # (b) the whole path: saturate to find throughput, then latency at half of it.
+        sent = await offered_load(hub_url, 3000, seconds, next_id)
+        next_id += len(sent)
+        latencies, throughput = await collect(fake, sent, timeout=60)
+        delivered = len(latencies)
+        print("(b) webhook → hub → processor (NATS) → hub → channel API")
+        print(f"    offered 3000 msg/s for {seconds:.0f}s: delivered {delivered}/{len(sent)}, "
+              f"throughput {throughput:.0f} msg/s   (target ≥ 2,000: {'met' if throughput >= 2000 else 'NOT met'})")
+        await asyncio.sleep(3)
+        half = max(50.0, throughput / 2)
+        sent = await offered_load(hub_url, half, seconds, next_id)
+        latencies, _ = await collect(fake, sent, timeout=60)
+        p50, p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
+        print(f"    at half load ({half:.0f} msg/s): p50 {p50:.1f} ms, p99 {p99:.1f} ms, mean "
+              f"{statistics.fmean(latencies) if latencies else float('nan'):.1f} ms   "
+              f"(target p99 ≤ 50 ms: {'met' if p99 <= 50 else 'NOT met'})")
+        rtt = await nats_round_trip(nats_url)
+        print(f"    baseline: bare NATS request/reply round trip p50 {rtt:.2f} ms")
+
+
+async def nats_round_trip(nats_url: str) -> float:
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        async def echo(msg: Any) -> None:
+            await msg.respond(msg.data)
+
+        await nc.subscribe("bench.rtt", cb=echo)
+        samples = []
+        for _ in range(500):
+            started = time.perf_counter()
+            await nc.request("bench.rtt", b"x", timeout=2)
+            samples.append((time.perf_counter() - started) * 1000)
+        return statistics.median(samples)
+    finally:
+        await nc.drain()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=3000, help="webhooks per ingest round")
+    parser.add_argument("--seconds", type=float, default=6.0, help="duration of each offered-load phase")
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    uvloop.run(run(args.requests, args.seconds, args.concurrency))
+
+
+if __name__ == "__main__":
+    main()

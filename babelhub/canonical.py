@@ -123,6 +123,9 @@ class Native(_Struct, frozen=True, kw_only=True):
 
     id: str = ""
     seq: int = 0
+    thread: str = ""
+    """The channel's own id of the thread (Slack `C1:thread_ts`, a Google Chat thread name), so that
+    replies into `Envelope.thread` can name it."""
 
 
 class Target(_Struct, frozen=True, kw_only=True):

@@ -100,9 +100,9 @@ class Processor:
 
     async def reply(self, inbound: c.Envelope, *parts: c.Part, headers: dict[str, str] | None = None,
                     **fields: Any) -> c.Message:
+        fields = {"reply_to": inbound.id, **fields}
         message = c.Message(id=c.new_id(), tenant=inbound.tenant, conversation=c.Conversation(
-            id=inbound.conversation.id), ts=c.now(), direction="outbound", reply_to=inbound.id, parts=list(parts),
-            **fields)
+            id=inbound.conversation.id), ts=c.now(), direction="outbound", parts=list(parts), **fields)
         await self.send(message, headers)
         return message
 

@@ -73,7 +73,8 @@ def test_message_in_a_room_with_a_mention() -> None:
         )
     ]
     assert envelope.id == message_id("spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC")
-    assert envelope.native == c.Native(id="spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC", seq=3)
+    assert envelope.native == c.Native(id="spaces/AAAAAAAAAAA/messages/CCCCCCCCCCC", seq=3,
+                                       thread="spaces/AAAAAAAAAAA/threads/BBBBBBBBBBB")
     assert envelope.conversation == c.Conversation(
         id=c.conversation_id("acme", "gchat", "spaces/AAAAAAAAAAA"),
         channel="google_chat",

@@ -262,6 +262,7 @@ def test_a_thread_reply_stays_in_the_channel_and_records_its_thread() -> None:
     assert message.id == mid("C111:1726133700.887259")
     assert message.conversation == channel_conversation("C111", "channel")
     assert message.thread == mid("C111:1726133698.626339")
+    assert message.native is not None and message.native.thread == "C111:1726133698.626339"
     assert message.parts == [Text(text="When Slack was released?", format="markdown")]
     # the thread's root carries its own ts as thread_ts: it is not in a thread of its own
     root = fixture("event_message_thread_reply.json")

@@ -232,6 +232,7 @@ def test_reply_thread_outside_a_forum_is_a_reply_not_a_thread() -> None:
 def test_forum_topic_message_is_in_the_topic_thread() -> None:
     message = decode_message("message_forum_topic")
     assert message.thread == message_id("-1001847508954:4")
+    assert message.native is not None and message.native.thread == "-1001847508954:4"
     assert message.reply_to == ""  # the implicit reply to the topic's first message
     assert message.conversation.type == "group"
     assert message.parts == [Text(text="blah")]

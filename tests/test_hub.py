@@ -259,3 +259,29 @@ async def test_health_readiness_and_metrics(nats_server: EmbeddedServer, telegra
     assert 'babelhub_webhooks_total{channel="telegram",code="200"} 1.0' in text
     assert 'babelhub_active_actors{actors="conversation"}' in text
     assert "babelhub_mailbox_depth" in text
+
+
+async def test_references_to_our_messages_use_the_apps_ids(nats_server: EmbeddedServer, nats_client,
+                                                            telegram_api: FakeApi, start_hub: StartHub) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    await post(hub, telegram_update(1, 42, "hi"))
+    inbound, _ = await app.next()
+    ours = await app.reply(inbound, c.Text(text="How can I help?"))
+    sent = await app.next_status()
+    native_message = sent.native_id.split(":")[1]
+
+    # The person answers our message with Telegram's "reply" feature.
+    update = telegram_update(2, 42, "with my order")
+    update["message"]["reply_to_message"] = {"message_id": int(native_message), "date": 1_767_225_600,
+                                             "chat": {"id": 42, "type": "private"}, "text": "How can I help?",
+                                             "from": {"id": 1, "is_bot": True, "first_name": "Bot"}}
+    await post(hub, update)
+    answer, _ = await app.next()
+    assert isinstance(answer, c.Message) and answer.reply_to == ours.id
+
+    # A reply to an id this chat never saw goes out as a plain message, and says so.
+    await app.reply(answer, c.Text(text="plain"), reply_to="no-such-message")
+    assert (await app.next_status()).state == "sent"
+    body = telegram_api.requests[-1].json()
+    assert body["text"] == "plain" and "reply_parameters" not in body

@@ -184,6 +184,7 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._status(message, "failed", error=c.Error(
                 code="unknown_conversation", message="the conversation has no channel chat to send to yet"))
             return
+        message = self._without_unknown_references(message)
         with span("conversation.send", channel=connection.channel):
             sent = await connection.send(message, self._context(connection))
         for native_id in sent.native_ids:
@@ -208,6 +209,8 @@ class ConversationActor(Actor[ConversationMessage]):
             self.state.api_base = reply_base
         if envelope.native is not None and envelope.native.id and envelope.direction == "inbound":
             self._remember_id(envelope.id, envelope.native.id)
+        if envelope.native is not None and envelope.native.thread and envelope.thread:
+            self._remember_id(envelope.thread, envelope.native.thread)
         if envelope.sender is not None and envelope.sender.role == "user":
             self.state.participants[envelope.sender.id] = envelope.sender.name
             self.state.last_inbound = envelope.ts.timestamp()
@@ -251,6 +254,16 @@ class ConversationActor(Actor[ConversationMessage]):
         if action is None:
             return envelope
         return msgspec.structs.replace(envelope, parts=[*envelope.parts, action])
+
+    def _without_unknown_references(self, message: c.Message) -> c.Message:
+        """A reply to (or thread of) a message this chat never saw — a fan-out copy from another channel,
+        an id the app made up — is sent as a plain message, and the dropped reference is recorded."""
+        dropped = {name: value for name, value in (("reply_to", message.reply_to), ("thread", message.thread))
+                   if value and value not in self.state.native_ids}
+        if not dropped:
+            return message
+        meta = {**message.meta, "babelhub.unknown_references": dropped}
+        return msgspec.structs.replace(message, meta=meta, **{name: "" for name in dropped})
 
     def _connection(self) -> ConnectionService | None:
         if self.state.conversation is None:

@@ -435,7 +435,8 @@ class _Inbound:
             ),
             "ts": ts,
             "sender": self._sender(),
-            "native": c.Native(id=message.name if message else "", seq=self.ctx.seq),
+            "native": c.Native(id=message.name if message else "", seq=self.ctx.seq,
+                               thread=thread.name if thread is not None and thread.name else ""),
             # Chat threads are resources of their own (`spaces/S/threads/T`), keyed here by that name.
             "thread": self.message_id(thread.name) if thread is not None and thread.name else "",
             "meta": all_meta,

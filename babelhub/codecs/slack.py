@@ -514,7 +514,7 @@ class _Inbound:
         ts: datetime,
         sender: Sender | None,
         parts: list[Part],
-        thread: str = "",
+        thread_root: str = "",
         meta: dict[str, Any] | None = None,
     ) -> Message:
         return Message(
@@ -523,8 +523,8 @@ class _Inbound:
             conversation=self.conversation(chat, chat_type),
             ts=ts,
             sender=sender,
-            native=Native(id=native_id, seq=self.seq),
-            thread=thread,
+            native=Native(id=native_id, seq=self.seq, thread=thread_root),
+            thread=self.message_id(thread_root) if thread_root else "",
             meta=meta or {},
             parts=parts,
         )
@@ -557,10 +557,10 @@ def _slack_time(ts: str, path: str) -> datetime:
         raise DecodeError(f"{ts!r} is not a Slack timestamp", path=path) from None
 
 
-def _thread_of(inbound: _Inbound, chat: str, ts: str, thread_ts: str | None) -> str:
-    """The canonical id of the thread root, when the message is a reply inside a thread."""
+def _thread_root(chat: str, ts: str, thread_ts: str | None) -> str:
+    """The native id (`C1:thread_ts`) of the thread root, when the message is a reply inside a thread."""
     if thread_ts and thread_ts != ts:
-        return inbound.message_id(f"{chat}:{thread_ts}")
+        return f"{chat}:{thread_ts}"
     return ""
 
 
@@ -605,7 +605,7 @@ def _message_event(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> l
             ts=_slack_time(event.ts, "$.event.ts"),
             sender=_author(event, inbound),
             parts=parts,
-            thread=_thread_of(inbound, chat, event.ts, event.thread_ts),
+            thread_root=_thread_root(chat, event.ts, event.thread_ts),
             meta=meta,
         )
     ]
@@ -632,7 +632,7 @@ def _edited(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> list[Env
             ts=_slack_time(event.ts, "$.event.ts"),
             sender=_author(new, inbound),
             parts=[Edit(target=inbound.message_id(f"{chat}:{target_ts}")), *parts],
-            thread=_thread_of(inbound, chat, target_ts, new.thread_ts),
+            thread_root=_thread_root(chat, target_ts, new.thread_ts),
             meta=meta,
         )
     ]
@@ -852,7 +852,7 @@ def _block_actions(
         ts=_slack_time(action_ts, ts_path) if action_ts else _received(request),
         sender=inbound.sender(user, payload.user.name or payload.user.username or ""),
         parts=[_action(action, source) for action in payload.actions],
-        thread=_thread_of(inbound, chat, source_ts, thread_ts),
+        thread_root=_thread_root(chat, source_ts, thread_ts),
         meta=meta,
     )
 

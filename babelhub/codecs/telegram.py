@@ -563,7 +563,8 @@ class _UpdateDecoder:
             conversation=self._conversation(message.chat),
             ts=ts,
             sender=sender,
-            native=Native(id=native_id, seq=self.ctx.seq),
+            native=Native(id=native_id, seq=self.ctx.seq,
+                          thread=self._topic_key(message.chat, message.message_thread_id, message.is_topic_message)),
             reply_to=self._reply_to(message),
             thread=self._thread(message.chat, message.message_thread_id, message.is_topic_message),
             meta={**meta, **sender_meta, **self._thread_meta(message)},
@@ -595,9 +596,15 @@ class _UpdateDecoder:
     def _thread(self, chat: _Chat, thread_id: int | None, is_topic: bool) -> str:
         # A topic's id is the message id of the message that created it, so the thread id is that
         # message's canonical id. Reply threads outside forums cannot be posted to: meta only.
+        key = self._topic_key(chat, thread_id, is_topic)
+        return self._message_id(key) if key else ""
+
+    @staticmethod
+    def _topic_key(chat: _Chat, thread_id: int | None, is_topic: bool | None) -> str:
+        """The native key of a forum topic's first message, which is the topic's id."""
         if thread_id is None or not is_topic:
             return ""
-        return self._message_id(_message_key(chat.id, thread_id))
+        return _message_key(chat.id, thread_id)
 
     @staticmethod
     def _thread_meta(message: _Message) -> dict[str, Any]:

@@ -94,8 +94,9 @@ def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, me
             handshake = codec.handshake(native, secrets)
             return _native(handshake) if handshake else web.json_response({"ok": True})
 
-    return [web.route("GET", "/webhooks/{channel}/{connection}", handle),
-            web.route("POST", "/webhooks/{channel}/{connection}", handle)]
+    # Some channels append a path of their own (Evolution's per-event URLs): the same endpoint takes it.
+    paths = ("/webhooks/{channel}/{connection}", "/webhooks/{channel}/{connection}/{event:.+}")
+    return [web.route(method, path, handle) for path in paths for method in ("GET", "POST")]
 
 
 def _native(response: HttpResponse) -> web.Response:

@@ -1,0 +1,1567 @@
+"""Evolution API codec: WhatsApp through a self-hosted Evolution API v2 server.
+
+Evolution API (github.com/EvolutionAPI/evolution-api) keeps one WhatsApp session per *instance* (a
+WhatsApp Web session through Baileys, or the Cloud API) and relays what happens as webhooks. Every
+webhook has the same envelope (`webhook.controller.ts`):
+
+    {"event": "messages.upsert", "instance": <instance name>, "data": {...}, "destination": <our URL>,
+     "date_time": <ISO time>, "sender": <the instance's own JID>, "server_url": ..., "apikey": ...}
+
+`data` is the event's object; what each event becomes:
+
+* `messages.upsert` (a message arrived, or was sent from the phone) and `send.message` (the API sent
+  one): `{key: {remoteJid, fromMe, id, participant?}, pushName, message: {<WhatsApp message type>: …},
+  contextInfo, messageType, messageTimestamp, …}` → `Message`. Since v2.2 Evolution rewrites
+  `extendedTextMessage` into `conversation` and lifts `contextInfo` up into `data`; both shapes are read.
+  `fromMe: true` is the instance's own message: it is decoded with direction "outbound" and meta
+  `evolution.from_me`, so the hub files it as history and never hands it to the app as user input.
+* `messages.update` `{keyId, remoteJid, fromMe, participant, status}` → `Status` of a message we sent
+  (SERVER_ACK → sent, DELIVERY_ACK → delivered, READ → read, PLAYED → played, ERROR → failed). On a
+  message we received, READ and PLAYED are our own read marks → `Activity` "read", direction outbound.
+* `messages.delete` → `Delete`; `messages.edited` and `send.message.update` → `Edit` (or `Delete` for a
+  revoke). Evolution forwards only the protocol message of an edit, whose key names the chat as the
+  editor's phone saw it: the target id is exact, the conversation may be the instance's own chat.
+* `presence.update` → `Activity` "typing" (composing, recording) or "presence" (available, unavailable,
+  paused); `group-participants.update` add / remove → "joined" / "left".
+* Everything else (connection.update, qrcode.updated, chats.*, contacts.*, call, labels.*, …) → a system
+  `Message` in the instance's own conversation carrying `data` verbatim as an `Unsupported` part.
+
+Media files sit encrypted on WhatsApp's servers, so the `url` of a media message is not a usable link and
+stays in meta. `Media.file_id` is the message id, which is what Evolution's
+`POST /chat/getBase64FromMediaMessage/{instance}` takes to download it; `Media.url` is Evolution's S3 copy
+(`message.mediaUrl`) and `Media.data` the bytes when the webhook is set up with `base64: true`.
+
+Outbound, every API call is `POST {api_base}/message/send<Kind>/{instance}` with the `apikey` header;
+the answer is the sent message, whose `key.id` is the native id.
+
+Connection settings — api_base: the server's URL (required: Evolution is self-hosted); options:
+`instance` (required), `delay` (milliseconds of "typing…" Evolution shows before each message),
+`link_preview` (bool), `typing_ms` (how long a typing activity shows, default 3000); secrets: `apikey`
+(the instance token or the global key, sent on every call), `webhook_apikey` (what webhooks must carry
+when it differs from `apikey`), `webhook_jwt_key` (see `EvolutionCodec.verify`).
+
+Sources: the evolution-api source at 3454bec (webhook.controller.ts, channel.service.ts,
+whatsapp.baileys.service.ts, whatsapp.business.service.ts, dto/sendMessage.dto.ts, validate/*.schema.ts,
+exceptions/, utils/renderStatus.ts), docs-evolution (openapi-v2.json, configuration/webhooks.mdx) and
+Baileys' WAProto.proto for the WhatsApp message fields. Where the published OpenAPI and the server
+disagree the server wins: sendList takes `sections` (the OpenAPI says `values`) and sendPresence takes
+`{number, presence, delay}` (the OpenAPI nests them in `options`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final, TypeAlias
+from urllib.parse import quote, urlsplit
+
+import msgspec
+
+from babelhub import canonical
+from babelhub.canonical import (
+    Action,
+    Activity,
+    ActivityType,
+    Button,
+    Buttons,
+    Contact,
+    Conversation,
+    ConversationType,
+    Delete,
+    Edit,
+    Envelope,
+    List,
+    Location,
+    Media,
+    MediaKind,
+    Mention,
+    Message,
+    Native,
+    Part,
+    Poll,
+    Reaction,
+    Role,
+    Sender,
+    State,
+    Status,
+    Text,
+    Unsupported,
+)
+from babelhub.codecs import jwt, native
+from babelhub.codecs.base import (
+    Capabilities,
+    Codec,
+    DecodeContext,
+    EncodeContext,
+    HttpRequest,
+    HttpResponse,
+    OutboundRequest,
+    SendResult,
+)
+from babelhub.errors import DecodeError, EncodeError, SignatureError
+
+__all__ = ["EvolutionCodec"]
+
+JsonObject: TypeAlias = dict[str, Any]
+
+CHANNEL: Final = "evolution"
+
+# Event names as Evolution sends them (`Events` in wa.types.ts). Older servers and per-event webhook
+# URLs spell them MESSAGES_UPSERT / messages-upsert, so every name is compared in this dotted form.
+UPSERT: Final = "messages.upsert"
+SENT: Final = "send.message"
+UPDATE: Final = "messages.update"
+DELETED: Final = "messages.delete"
+EDITED: Final = "messages.edited"
+SENT_EDIT: Final = "send.message.update"
+PRESENCE: Final = "presence.update"
+PARTICIPANTS: Final = "group.participants.update"
+
+#: `status` of messages.update (renderStatus.ts; the Cloud API integration sends Meta's names upper-cased).
+_STATES: Final[dict[str, State]] = {
+    "PENDING": "queued",
+    "SERVER_ACK": "sent",
+    "DELIVERY_ACK": "delivered",
+    "READ": "read",
+    "PLAYED": "played",
+    "ERROR": "failed",
+    "DELETED": "deleted",
+    "SENT": "sent",
+    "DELIVERED": "delivered",
+    "FAILED": "failed",
+}
+_READ_STATES: Final = frozenset({"READ", "PLAYED"})
+_CLOUD_API_ID_PREFIX: Final = "wamid."
+
+#: presence.update `lastKnownPresence` values that mean "is typing" (recording = a voice note).
+_TYPING: Final = frozenset({"composing", "recording"})
+#: group-participants.update `action` → activity (promote / demote have no canonical activity).
+_MEMBERSHIP: Final[dict[str, ActivityType]] = {"add": "joined", "remove": "left"}
+
+#: Keys of the webhook envelope that say how it was delivered (kept in meta; `apikey` is a credential
+#: and `destination` our own URL, so neither is kept).
+_DELIVERY_FIELDS: Final = ("instance", "sender", "server_url", "date_time")
+_ENVELOPE: Final = frozenset({"event", "data", "apikey", "api_key", "destination"})
+#: Keys of a message record the envelope header already carries; every other key is kept in meta.
+_RECORD_HEADER: Final = frozenset({"key", "pushName", "message", "messageType", "messageTimestamp", "participant"})
+_KEY_HEADER: Final = frozenset({"remoteJid", "fromMe", "id", "participant"})
+
+#: Containers Baileys wraps a message in; the content is read from inside them.
+_WRAPPERS: Final = (
+    "ephemeralMessage",
+    "viewOnceMessage",
+    "viewOnceMessageV2",
+    "viewOnceMessageV2Extension",
+    "documentWithCaptionMessage",
+)
+#: Keys of `message` that are not its content (Baileys metadata, Evolution's additions).
+_NOT_CONTENT: Final = frozenset(
+    {"messageContextInfo", "senderKeyDistributionMessage", "base64", "mediaUrl", "speechToText"}
+)
+_MEDIA_TYPES: Final[dict[str, MediaKind]] = {
+    "imageMessage": "image",
+    "videoMessage": "video",
+    "ptvMessage": "video",  # a round "video note"
+    "audioMessage": "audio",
+    "documentMessage": "document",
+    "stickerMessage": "sticker",
+}
+_POLL_TYPES: Final = frozenset({"pollCreationMessage", "pollCreationMessageV2", "pollCreationMessageV3"})
+_PROTOCOL_REVOKE: Final = frozenset({0, "REVOKE"})
+_PROTOCOL_EDIT: Final = frozenset({14, "MESSAGE_EDIT"})
+_PHONE_SERVERS: Final = frozenset({"s.whatsapp.net", "c.us"})
+
+_DEFAULT_LIST_BUTTON: Final = "Options"
+_DEFAULT_TYPING_MS: Final = 3000
+_CAPTIONED: Final = frozenset({"image", "video", "document"})  # audio, voice notes and stickers take none
+#: Baileys errors Evolution answers with 400 although the instance is only reconnecting
+#: (`sendMessageWithTyping` wraps every error in a BadRequestException).
+_TRANSIENT_ERRORS: Final = ("Connection Closed", "Timed Out")
+
+
+# --------------------------------------------------------------------------- native webhook shapes
+
+
+class _Native(msgspec.Struct, kw_only=True):
+    """Base of the native shapes read here; unknown fields are ignored (they stay in the raw dicts)."""
+
+
+class _Camel(_Native, kw_only=True, rename="camel"):
+    """Baileys and Evolution objects spell their fields in camelCase."""
+
+
+class _Webhook(_Native, kw_only=True):
+    event: str
+    instance: str | None = None
+    data: Any = None
+    sender: str | None = None
+    date_time: str | None = None
+
+
+class _Key(_Camel, kw_only=True):
+    """A WhatsApp message key. `participant` is the author in groups; the `*Alt` / `*Pn` fields (newer
+    Baileys) carry the phone-number JID when the main one is a privacy id (`@lid`)."""
+
+    remote_jid: str | None = None
+    from_me: bool | None = None
+    id: str | None = None
+    participant: str | None = None
+    remote_jid_alt: str | None = None
+    participant_alt: str | None = None
+    sender_pn: str | None = None
+    participant_pn: str | None = None
+
+
+class _Record(_Camel, kw_only=True):
+    """`data` of messages.upsert / send.message: one message as Evolution's `prepareMessage` shapes it."""
+
+    key: _Key
+    push_name: str | None = None
+    message: JsonObject | None = None
+    message_type: str | None = None
+    message_timestamp: Any = None
+    context_info: JsonObject | None = None
+    participant: str | None = None
+
+
+class _ContextInfo(_Camel, kw_only=True):
+    stanza_id: str | None = None
+    mentioned_jid: list[str] | None = None
+
+
+class _StatusUpdate(_Camel, kw_only=True):
+    """`data` of messages.update: v2 names the message `keyId`; v1 spread its key (`id`) and added
+    `datetime` in milliseconds."""
+
+    key_id: str | None = None
+    id: str | None = None
+    remote_jid: str | None = None
+    from_me: bool | None = None
+    participant: str | None = None
+    status: str | None = None
+    datetime: Any = None
+
+
+class _Protocol(_Camel, kw_only=True):
+    """A protocol message (messages.edited / send.message.update): a revoke or an edit of `key`."""
+
+    key: _Key | None = None
+    type: int | str | None = None
+    edited_message: JsonObject | None = None
+    timestamp_ms: Any = None
+
+
+class _Presence(_Camel, kw_only=True):
+    last_known_presence: str = ""
+    last_seen: int | None = None
+
+
+class _PresenceUpdate(_Native, kw_only=True):
+    id: str
+    presences: dict[str, _Presence] = {}
+
+
+class _ParticipantsUpdate(_Native, kw_only=True):
+    id: str
+    action: str = ""
+    participants: list[Any] = []
+    author: str | None = None
+
+
+# ---------------------------------------------------------------- native message contents (WAProto)
+
+
+class _ExtendedText(_Camel, kw_only=True):
+    text: str | None = None
+
+
+class _MediaContent(_Camel, kw_only=True):
+    mimetype: str | None = None
+    caption: str | None = None
+    file_name: str | None = None
+    file_length: Any = None
+    seconds: int | None = None
+    width: int | None = None
+    height: int | None = None
+    ptt: bool | None = None
+    gif_playback: bool | None = None
+
+
+# `url` is not in this list on purpose: it is the encrypted file on WhatsApp's CDN (see the module doc).
+_MEDIA_MAPPED: Final = frozenset(
+    {"mimetype", "caption", "fileName", "fileLength", "seconds", "width", "height", "ptt", "gifPlayback"}
+)
+
+
+class _LocationContent(_Camel, kw_only=True):
+    degrees_latitude: float
+    degrees_longitude: float
+    name: str | None = None
+    address: str | None = None
+    url: str | None = None
+
+
+_LOCATION_MAPPED: Final = frozenset({"degreesLatitude", "degreesLongitude", "name", "address", "url"})
+
+
+class _ContactCard(_Camel, kw_only=True):
+    display_name: str | None = None
+    vcard: str | None = None
+
+
+class _ContactsArray(_Camel, kw_only=True):
+    contacts: list[_ContactCard] = []
+
+
+class _ReactionContent(_Camel, kw_only=True):
+    key: _Key
+    text: str | None = None
+
+
+class _ButtonsResponse(_Camel, kw_only=True):
+    selected_button_id: str | None = None
+    selected_display_text: str | None = None
+
+
+class _SingleSelectReply(_Camel, kw_only=True):
+    selected_row_id: str | None = None
+
+
+class _ListResponse(_Camel, kw_only=True):
+    title: str | None = None
+    single_select_reply: _SingleSelectReply | None = None
+
+
+class _TemplateButtonReply(_Camel, kw_only=True):
+    selected_id: str | None = None
+    selected_display_text: str | None = None
+
+
+class _InteractiveBody(_Camel, kw_only=True):
+    text: str | None = None
+
+
+class _NativeFlowResponse(_Camel, kw_only=True):
+    name: str | None = None
+    params_json: str | None = None
+
+
+class _InteractiveResponse(_Camel, kw_only=True):
+    """The answer to a native-flow message, which is what Evolution's sendButtons sends: a quick-reply
+    tap carries the button's id in `paramsJson`."""
+
+    body: _InteractiveBody | None = None
+    native_flow_response_message: _NativeFlowResponse | None = None
+
+
+class _PollOption(_Camel, kw_only=True):
+    option_name: str = ""
+
+
+class _PollCreation(_Camel, kw_only=True):
+    name: str = ""
+    options: list[_PollOption] = []
+    selectable_options_count: int | None = None
+
+
+# ------------------------------------------------------------------------------ native API answers
+
+
+class _SentKey(_Camel, kw_only=True):
+    id: str | None = None
+
+
+class _SendAnswer(_Camel, kw_only=True):
+    """A send endpoint's 201 answer: the sent message, as in a messages.upsert record."""
+
+    key: _SentKey | None = None
+
+
+class _ErrorDetail(_Native, kw_only=True):
+    message: Any = None
+
+
+class _ErrorAnswer(_Native, kw_only=True):
+    """Evolution's error body (main.ts): `{"status": 400, "error": "Bad Request", "response": {"message": …}}`,
+    where `message` is a string or a (nested) list of strings and objects."""
+
+    status: int = 0
+    error: str = ""
+    response: _ErrorDetail | None = None
+
+
+# ------------------------------------------------------------------------------------------ codec
+
+
+class EvolutionCodec(Codec):
+    """WhatsApp through Evolution API v2 (see the module documentation for events and settings).
+
+    Typing and read marks: `encode_activity` turns an `Activity` "typing" into `chat/sendPresence`
+    (composing for `options["typing_ms"]`) and "read" into `chat/markMessageAsRead`, for the message
+    named by `detail["native_id"]` or, through `ctx.native_ids`, `detail["message_id"]`.
+    """
+
+    channel: ClassVar[str] = CHANNEL
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        parts=frozenset({"text", "media", "location", "contact", "buttons", "list", "reaction", "poll"}),
+        media=frozenset({"image", "audio", "voice", "video", "document", "sticker"}),
+        media_upload=True,  # send endpoints take the file as base64 as well as a URL
+        text_limit=4096,
+        caption_limit=1024,
+        markup="whatsapp",
+        max_buttons=3,
+        max_button_title=20,
+        button_actions=frozenset({"reply", "url", "call"}),
+        max_list_rows=10,
+        max_list_sections=10,
+        max_row_title=24,
+        reply=True,
+        reaction=True,
+        edit=False,
+        delete=False,
+        typing=True,
+    )
+
+    # ------------------------------------------------------------------------------ webhook intake
+
+    def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
+        """Evolution does not sign its webhooks. What it offers, strongest first:
+
+        * `secrets["webhook_jwt_key"]`: configure the instance's webhook headers with
+          `{"jwt_key": <the same secret>}` and Evolution sends `Authorization: Bearer <JWT>`, signed with
+          HS256 and valid for ten minutes. The signature and expiry are checked.
+        * `secrets["webhook_apikey"]` (default: `secrets["apikey"]`): the body's `apikey` field (sent when
+          the server has AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES=true; it is the instance token) or an
+          `apikey` webhook header must equal it. A shared secret, compared in constant time, but not a
+          signature: anyone who saw one webhook can forge the next.
+        * neither configured: every webhook is accepted. Then anyone who can reach the webhook URL can
+          inject messages; keep the URL secret and the server on a private network.
+        """
+        jwt_key = secrets.get("webhook_jwt_key", "")
+        if jwt_key:
+            _verify_webhook_jwt(request, jwt_key)
+            return
+        expected = secrets.get("webhook_apikey") or secrets.get("apikey", "")
+        if not expected:
+            return
+        given = request.headers.get("apikey") or _body_apikey(request)
+        if not given:
+            raise SignatureError(
+                "webhook carries no apikey: set AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES=true on the server "
+                "or an `apikey` webhook header"
+            )
+        if not native.same_secret(given, expected):
+            raise SignatureError("webhook apikey does not match the connection's")
+
+    def dedup_key(self, request: HttpRequest) -> str:
+        """The event with the WhatsApp message ids it is about (and the state, for status updates)."""
+        raw = native.read_json(request)
+        if not isinstance(raw, dict):
+            raise DecodeError("expected a JSON object", path="$")
+        event = _event_name(raw.get("event"))
+        ids = sorted(set(_delivery_ids(event, raw.get("data"))))
+        return ",".join(f"{event}:{native_id}" for native_id in ids)
+
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+        raw = native.read_json(request)
+        if not isinstance(raw, dict):
+            raise DecodeError("expected a JSON object", path="$")
+        webhook = native.convert(raw, _Webhook)
+        return _EventDecoder(ctx, webhook, raw, request.received_at).envelopes()
+
+    # ---------------------------------------------------------------------------------- sending
+
+    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+        endpoint = _Endpoint.of(self, ctx)
+        composer = _Composer(ctx)
+        for part in message.parts:
+            composer.add(part)
+        calls = composer.finish()
+        quote_id = _native_id(ctx, message.reply_to, "reply_to") if message.reply_to else ""
+        requests: list[OutboundRequest] = []
+        for n, call in enumerate(calls):
+            if quote_id and call.quotable:
+                # The reply quote goes on the first message that can carry one, not on every call.
+                call.body["quoted"] = {"key": {"id": quote_id}}
+                quote_id = ""
+            requests.append(endpoint.request(call.method, call.body, key=f"{message.id}:{n}", message_id=message.id))
+        return requests
+
+    def encode_activity(self, activity: Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+        if activity.activity == "typing":
+            typing_ms = int(ctx.options.get("typing_ms", _DEFAULT_TYPING_MS))
+            body: JsonObject = {"number": ctx.to, "presence": "composing", "delay": typing_ms}
+            return [_Endpoint.of(self, ctx).request("chat/sendPresence", body, key=f"{activity.id}:0")]
+        if activity.activity == "read":
+            read = {"remoteJid": ctx.to, "fromMe": False, "id": _message_to_mark(activity, ctx)}
+            body = {"readMessages": [read]}
+            return [_Endpoint.of(self, ctx).request("chat/markMessageAsRead", body, key=f"{activity.id}:0")]
+        return []
+
+    def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
+        """Success (201): the sent message, `{"key": {"remoteJid", "fromMe", "id"}, "message": …, "status":
+        "PENDING"}`; chat endpoints answer other objects and give no id. Failure: `{"status", "error",
+        "response": {"message"}}` — 400/401/403/404 are final, except the Baileys disconnects Evolution
+        also reports as 400; 429 (a proxy in front) and 5xx are worth retrying."""
+        if 200 <= response.status < 300:
+            try:
+                answer = native.convert(native.read_json(response), _SendAnswer)
+            except DecodeError:
+                return SendResult(ok=True)
+            sent_id = answer.key.id if answer.key else None
+            return SendResult(ok=True, native_ids=[sent_id] if sent_id else [])
+        try:
+            raw = native.read_json(response)
+            failure = native.convert(raw, _ErrorAnswer)
+        except DecodeError:
+            return native.http_failure(response)  # not Evolution's own error body (a proxy, a gateway)
+        words = _error_words(failure.response.message if failure.response else None)
+        code = "evolution_" + (_snake(failure.error) or f"http_{response.status}")
+        result = native.http_failure(response, code=code, message=words or failure.error, native=raw)
+        if response.status == 400 and any(marker in words for marker in _TRANSIENT_ERRORS):
+            # The instance lost its WhatsApp connection and is reconnecting: a later try can succeed.
+            error = msgspec.structs.replace(result.error, retryable=True) if result.error else None
+            return msgspec.structs.replace(result, retryable=True, error=error)
+        return result
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+
+class _EventDecoder:
+    """Decodes one webhook into envelopes (see the module doc for what each event becomes)."""
+
+    def __init__(self, ctx: DecodeContext, webhook: _Webhook, raw: JsonObject, received_at: float) -> None:
+        self.ctx = ctx
+        self.webhook = webhook
+        self.raw = raw
+        self.received_at = received_at
+        self.event = _event_name(webhook.event)
+        self.owner = webhook.sender or ""  # the instance's own WhatsApp JID
+        self.delivery = {name: raw[name] for name in _DELIVERY_FIELDS if raw.get(name) is not None}
+        self.delivery |= {name: value for name, value in raw.items() if name not in {*_DELIVERY_FIELDS, *_ENVELOPE}}
+
+    def envelopes(self) -> list[Envelope]:
+        envelopes: list[Envelope] = []
+        match self.event:
+            case "messages.upsert" | "send.message":
+                envelopes = [self._message(item, path) for item, path in self._items()]
+            case "messages.update":
+                envelopes = [self._status(item, path) for item, path in self._items()]
+            case "messages.delete":
+                envelopes = [self._delete(item, path) for item, path in self._items()]
+            case "messages.edited" | "send.message.update":
+                envelopes = [self._protocol_event(item, path) for item, path in self._items()]
+            case "presence.update":
+                envelopes = self._presence()
+            case "group.participants.update":
+                envelopes = self._participants()
+        # Whatever produced nothing above (instance, chat and contact events, an empty batch) is still
+        # delivered, verbatim, so that nothing Evolution sends is lost.
+        return envelopes or [self._instance_event()]
+
+    def _items(self) -> Iterator[tuple[JsonObject, str]]:
+        """`data` is one object; some servers batch several in a list."""
+        data = self.webhook.data
+        if isinstance(data, dict):
+            yield data, "$.data"
+            return
+        if not isinstance(data, list):
+            raise DecodeError(f"{self.event} data must be an object, got {type(data).__name__}", path="$.data")
+        for i, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise DecodeError(f"{self.event} data must hold objects", path=f"$.data[{i}]")
+            yield item, f"$.data[{i}]"
+
+    # ----------------------------------------------------------------------------- messages
+
+    def _message(self, raw: JsonObject, path: str) -> Message:
+        record = native.convert(raw, _Record, path)
+        key = record.key
+        message_key = _require(key.id, f"{path}.key.id", "message key has no id")
+        chat = _require(key.remote_jid, f"{path}.key.remoteJid", "message key has no remoteJid")
+        from_me = bool(key.from_me)
+        meta = self._meta()
+        meta.update(_extras(raw, _RECORD_HEADER))
+        _keep_key_extras(meta, raw.get("key"))
+        if from_me:
+            meta["evolution.from_me"] = True
+        content = _Content.read(record.message or {}, record.message_type or "", f"{path}.message", meta)
+        context = self._context(record.context_info or content.context_info, path)
+        source = self._ref(context.stanza_id) if context.stanza_id else ""
+        parts = self._parts(content, context, source, message_key, meta)
+        return Message(
+            id=self._ref(message_key),
+            tenant=self.ctx.tenant,
+            conversation=self._conversation(chat),
+            direction="outbound" if from_me else "inbound",
+            ts=self._timestamp(record.message_timestamp, f"{path}.messageTimestamp"),
+            sender=self._message_sender(record, chat, from_me),
+            native=Native(id=message_key, seq=self.ctx.seq),
+            reply_to=source,
+            parts=parts,
+            meta=meta,
+        )
+
+    def _message_sender(self, record: _Record, chat: str, from_me: bool) -> Sender:
+        key = record.key
+        name = record.push_name or ""
+        if from_me:
+            # Our own message: typed on the phone by a person (agent), or sent through the API (bot).
+            role: Role = "bot" if self.event == SENT else "agent"
+            return self._person(self.owner, name=name, role=role)
+        author = (key.participant or record.participant or "") if _conversation_type(chat) != "direct" else chat
+        alternatives = (key.participant_alt, key.participant_pn) if author != chat else (key.remote_jid_alt,)
+        return self._person(author, name=name, alternatives=(*alternatives, key.sender_pn))
+
+    def _parts(
+        self, content: _Content, context: _ContextInfo, source: str, message_key: str, meta: JsonObject
+    ) -> list[Part]:
+        """The canonical parts of one message; what has no part stays verbatim."""
+        kind, body, path = content.kind, content.body, content.path
+        match kind:
+            case "":
+                return [Unsupported(reason="message without content", native=content.message)]
+            case "conversation" if isinstance(body, str):
+                return [self._text(body, context)]
+            case "extendedTextMessage":
+                text = native.convert(body, _ExtendedText, path)
+                _keep_unmapped(meta, kind, body, {"text"})
+                return [self._text(text.text or "", context)]
+            case _ if kind in _MEDIA_TYPES:
+                return [self._media(content, message_key, meta)]
+            case "locationMessage" | "liveLocationMessage":
+                place = native.convert(body, _LocationContent, path)
+                _keep_unmapped(meta, kind, body, _LOCATION_MAPPED)
+                return [
+                    Location(
+                        lat=place.degrees_latitude,
+                        lon=place.degrees_longitude,
+                        name=place.name or "",
+                        address=place.address or "",
+                        url=place.url or "",
+                    )
+                ]
+            case "contactMessage":
+                card = native.convert(body, _ContactCard, path)
+                _keep_unmapped(meta, kind, body, {"displayName"})  # the vCard itself stays in meta
+                return [_contact_part(card)]
+            case "contactsArrayMessage":
+                cards = native.convert(body, _ContactsArray, path)
+                _keep_unmapped(meta, kind, body, set())
+                return [_contact_part(card) for card in cards.contacts]
+            case "reactionMessage":
+                reaction = native.convert(body, _ReactionContent, path)
+                target = _require(reaction.key.id, f"{path}.key.id", "reaction names no message")
+                _keep_unmapped(meta, kind, body, {"text"})
+                emoji = reaction.text or ""
+                return [Reaction(emoji=emoji, target=self._ref(target), removed=not emoji)]
+            case "buttonsResponseMessage":
+                tap = native.convert(body, _ButtonsResponse, path)
+                _keep_unmapped(meta, kind, body, {"selectedButtonId", "selectedDisplayText"})
+                return [Action(id=tap.selected_button_id or "", title=tap.selected_display_text or "", source=source)]
+            case "listResponseMessage":
+                choice = native.convert(body, _ListResponse, path)
+                row = choice.single_select_reply.selected_row_id if choice.single_select_reply else None
+                _keep_unmapped(meta, kind, body, {"title", "singleSelectReply"})
+                return [Action(id=row or "", title=choice.title or "", source=source)]
+            case "templateButtonReplyMessage":
+                template_tap = native.convert(body, _TemplateButtonReply, path)
+                _keep_unmapped(meta, kind, body, {"selectedId", "selectedDisplayText"})
+                return [
+                    Action(
+                        id=template_tap.selected_id or "", title=template_tap.selected_display_text or "", source=source
+                    )
+                ]
+            case "interactiveResponseMessage":
+                return [self._interactive_response(content, source, meta)]
+            case _ if kind in _POLL_TYPES:
+                poll = native.convert(body, _PollCreation, path)
+                _keep_unmapped(meta, kind, body, {"name", "options", "selectableOptionsCount"})
+                options = [option.option_name for option in poll.options]
+                return [Poll(question=poll.name, options=options, multiple=poll.selectable_options_count != 1)]
+            case "protocolMessage":
+                protocol = native.convert(body, _Protocol, path)
+                return self._protocol_parts(protocol, body, path, meta)
+            case _:
+                return [Unsupported(reason=f"WhatsApp message type {kind!r}", native={kind: body})]
+
+    def _text(self, text: str, context: _ContextInfo) -> Text:
+        """A text with its @mentions: WhatsApp writes them as "@<number>" and lists the JIDs apart."""
+        mentions: list[Mention] = []
+        for jid in context.mentioned_jid or []:
+            written = "@" + jid.partition("@")[0]
+            offset = text.find(written)
+            mentions.append(
+                Mention(
+                    id=canonical.sender_id(*self._scope(), jid),
+                    native_id=jid,
+                    offset=max(offset, 0),
+                    length=len(written) if offset >= 0 else 0,
+                )
+            )
+        return Text(text=text, mentions=mentions)
+
+    def _media(self, content: _Content, message_key: str, meta: JsonObject) -> Media:
+        kind, body = content.kind, content.body
+        media = native.convert(body, _MediaContent, content.path)
+        _keep_unmapped(meta, kind, body, _MEDIA_MAPPED)
+        media_kind = _MEDIA_TYPES[kind]
+        if kind == "audioMessage" and media.ptt:
+            media_kind = "voice"
+        elif kind == "videoMessage" and media.gif_playback:
+            media_kind = "animation"
+        return Media(
+            media=media_kind,
+            file_id=message_key,
+            url=content.media_url,
+            data=content.media_bytes(),
+            mime=media.mimetype or "",
+            size=_integer(media.file_length),
+            filename=media.file_name or "",
+            caption=media.caption or "",
+            duration_ms=(media.seconds or 0) * 1000,
+            width=media.width or 0,
+            height=media.height or 0,
+        )
+
+    def _interactive_response(self, content: _Content, source: str, meta: JsonObject) -> Part:
+        response = native.convert(content.body, _InteractiveResponse, content.path)
+        flow = response.native_flow_response_message
+        params: Any = None
+        if flow is not None and flow.params_json:
+            try:
+                params = json.loads(flow.params_json)
+            except ValueError:
+                params = None
+        if not isinstance(params, dict) or "id" not in params:
+            return Unsupported(reason="interactive response without a button id", native={content.kind: content.body})
+        _keep_unmapped(meta, content.kind, content.body, {"body"})
+        title = response.body.text if response.body else ""
+        return Action(id=str(params["id"]), title=title or "", source=source)
+
+    def _protocol_parts(self, protocol: _Protocol, raw: JsonObject, path: str, meta: JsonObject) -> list[Part]:
+        """A revoke → `Delete`; an edit → `Edit` and the new content; anything else verbatim."""
+        revoke = protocol.type in _PROTOCOL_REVOKE
+        if not revoke and protocol.type not in _PROTOCOL_EDIT:
+            return [Unsupported(reason=f"WhatsApp protocol message {protocol.type!r}", native=raw)]
+        key = protocol.key or _Key()
+        message_key = _require(key.id, f"{path}.key.id", "protocol message names no message")
+        _keep_unmapped(meta, "protocolMessage", raw, {"type", "editedMessage"})
+        if revoke:
+            return [Delete(target=self._ref(message_key))]
+        content = _Content.read(protocol.edited_message or {}, "", f"{path}.editedMessage", meta)
+        context = self._context(content.context_info, path)
+        return [Edit(target=self._ref(message_key)), *self._parts(content, context, "", message_key, meta)]
+
+    # -------------------------------------------------------------------- edits and deletes
+
+    def _protocol_event(self, raw: JsonObject, path: str) -> Message:
+        protocol = native.convert(raw, _Protocol, path)
+        key = protocol.key or _Key()
+        message_key = _require(key.id, f"{path}.key.id", "protocol message names no message")
+        chat = _require(key.remote_jid, f"{path}.key.remoteJid", "protocol message key has no remoteJid")
+        meta = self._meta()
+        parts = self._protocol_parts(protocol, raw, path, meta)
+        ours = self.event == SENT_EDIT  # an edit the API made; messages.edited is anyone's
+        stamp = str(protocol.timestamp_ms) if protocol.timestamp_ms is not None else native.json_body(raw).decode()
+        author = key.participant or chat
+        return Message(
+            id=canonical.stable_id("evolution.edit", *self._scope(), message_key, stamp),
+            tenant=self.ctx.tenant,
+            conversation=self._conversation(chat),
+            direction="outbound" if ours else "inbound",
+            ts=self._millis(protocol.timestamp_ms) or self._event_time(),
+            sender=self._person(self.owner, role="bot") if ours else self._person(author),
+            native=Native(id=message_key, seq=self.ctx.seq),
+            parts=parts,
+            meta=meta,
+        )
+
+    def _delete(self, raw: JsonObject, path: str) -> Message:
+        """messages.delete carries the deleted message's key, or (deletes made through the API) the
+        stored message with its key inside."""
+        key_raw = raw.get("key") if isinstance(raw.get("key"), dict) else raw
+        key_path = f"{path}.key" if key_raw is not raw else path
+        key = native.convert(key_raw, _Key, key_path)
+        message_key = _require(key.id, f"{key_path}.id", "deleted message has no id")
+        chat = _require(key.remote_jid, f"{key_path}.remoteJid", "deleted message has no remoteJid")
+        meta = self._meta()
+        if key_raw is not raw:
+            meta.update(_extras(raw, {"key"}))
+        _keep_key_extras(meta, key_raw)
+        from_me = bool(key.from_me)
+        if from_me:
+            meta["evolution.from_me"] = True
+        author = (key.participant or chat) if not from_me else self.owner
+        return Message(
+            id=canonical.stable_id("evolution.delete", *self._scope(), message_key),
+            tenant=self.ctx.tenant,
+            conversation=self._conversation(chat),
+            direction="outbound" if from_me else "inbound",
+            ts=self._event_time(),
+            sender=self._person(author, role="agent" if from_me else "user"),
+            native=Native(id=message_key, seq=self.ctx.seq),
+            parts=[Delete(target=self._ref(message_key))],
+            meta=meta,
+        )
+
+    # ----------------------------------------------------------------------------- statuses
+
+    def _status(self, raw: JsonObject, path: str) -> Envelope:
+        update = native.convert(raw, _StatusUpdate, path)
+        message_key = _require(update.key_id or update.id, f"{path}.keyId", "status update names no message")
+        chat = _require(update.remote_jid, f"{path}.remoteJid", "status update names no chat")
+        status = (update.status or "").upper()
+        state = _STATES.get(status)
+        ts = self._millis(update.datetime) or self._event_time()
+        meta = self._meta()
+        meta.update(_extras(raw, {"keyId", "id", "remoteJid", "fromMe", "status", "datetime"}))
+        # The Cloud API integration always says fromMe false (whatsapp.business.service.ts compares the
+        # user's number with the business's phone number id), but Meta only reports on messages the
+        # business sent, and only its message ids start with "wamid.".
+        ours = bool(update.from_me) or message_key.startswith(_CLOUD_API_ID_PREFIX)
+        if not ours and status in _READ_STATES:
+            # Our side read (or played) a message we received: a read marker, not a delivery status.
+            return Activity(
+                id=canonical.stable_id("evolution.read", *self._scope(), message_key, status),
+                tenant=self.ctx.tenant,
+                conversation=self._conversation(chat),
+                direction="outbound",
+                ts=ts,
+                sender=self._person(self.owner, role="agent"),
+                native=Native(id=message_key, seq=self.ctx.seq),
+                activity="read",
+                detail={"native_id": message_key, "message_id": self._ref(message_key), "state": status},
+                meta=meta,
+            )
+        if not ours or state is None:
+            # A delivery state of a message we received, or a state we do not know: kept verbatim.
+            whose = "" if ours else " of a received message"
+            return Message(
+                id=canonical.stable_id("evolution.status", *self._scope(), message_key, status),
+                tenant=self.ctx.tenant,
+                conversation=self._conversation(chat),
+                ts=ts,
+                sender=Sender(role="system"),
+                native=Native(id=message_key, seq=self.ctx.seq),
+                parts=[Unsupported(reason=f"Evolution status {status!r}{whose}", native=raw)],
+                meta=meta,
+            )
+        error = None
+        if state == "failed":
+            error = canonical.Error(code="evolution_error", message="WhatsApp did not accept the message", native=raw)
+        return Status(
+            id=canonical.stable_id("status", *self._scope(), message_key, state),
+            tenant=self.ctx.tenant,
+            conversation=self._conversation(chat),
+            ts=ts,
+            native=Native(id=message_key, seq=self.ctx.seq),
+            native_id=message_key,
+            state=state,
+            error=error,
+            meta=meta,
+        )
+
+    # ------------------------------------------------------------------------------ activities
+
+    def _presence(self) -> list[Envelope]:
+        update = native.convert(self.webhook.data, _PresenceUpdate, "$.data")
+        envelopes: list[Envelope] = []
+        for who, presence in update.presences.items():
+            value = presence.last_known_presence
+            detail: JsonObject = {"presence": value}
+            if presence.last_seen is not None:
+                detail["last_seen"] = presence.last_seen
+            envelopes.append(
+                Activity(
+                    id=canonical.stable_id(
+                        "evolution.presence",
+                        *self._scope(),
+                        update.id,
+                        who,
+                        value,
+                        str(presence.last_seen),
+                        self.webhook.date_time or "",
+                    ),
+                    tenant=self.ctx.tenant,
+                    conversation=self._conversation(update.id),
+                    ts=self._event_time(),
+                    sender=self._person(who),
+                    activity="typing" if value in _TYPING else "presence",
+                    detail=detail,
+                    meta=self._meta(),
+                )
+            )
+        return envelopes
+
+    def _participants(self) -> list[Envelope]:
+        update = native.convert(self.webhook.data, _ParticipantsUpdate, "$.data")
+        activity = _MEMBERSHIP.get(update.action)
+        if activity is None:
+            return []  # promote / demote: delivered verbatim instead
+        meta = self._meta()
+        meta.update(_extras(self.webhook.data, {"id", "action", "participants"}))
+        envelopes: list[Envelope] = []
+        for i, participant in enumerate(update.participants):
+            jid = participant.get("id") if isinstance(participant, dict) else participant
+            who = _require(jid if isinstance(jid, str) else None, f"$.data.participants[{i}]", "participant has no JID")
+            envelopes.append(
+                Activity(
+                    id=canonical.stable_id(
+                        "evolution.participants",
+                        *self._scope(),
+                        update.id,
+                        who,
+                        update.action,
+                        self.webhook.date_time or "",
+                    ),
+                    tenant=self.ctx.tenant,
+                    conversation=self._conversation(update.id),
+                    ts=self._event_time(),
+                    sender=self._person(who),
+                    activity=activity,
+                    detail={"action": update.action, "author": update.author or ""},
+                    meta=meta,
+                )
+            )
+        return envelopes
+
+    def _instance_event(self) -> Message:
+        """An event that is not about a conversation, in the instance's own conversation."""
+        instance = self.webhook.instance or CHANNEL
+        fingerprint = native.json_body({"data": self.webhook.data, "date_time": self.webhook.date_time}).decode()
+        return Message(
+            id=canonical.stable_id("evolution.event", *self._scope(), self.event, fingerprint),
+            tenant=self.ctx.tenant,
+            conversation=Conversation(
+                id=canonical.conversation_id(*self._scope(), instance),
+                channel=CHANNEL,
+                connection=self.ctx.connection,
+                native_id=instance,
+                type="channel",
+            ),
+            ts=self._event_time(),
+            sender=Sender(id=canonical.sender_id(*self._scope(), instance), native_id=instance, role="system"),
+            native=Native(seq=self.ctx.seq),
+            parts=[Unsupported(reason=f"Evolution {self.webhook.event!r} event", native=self.webhook.data)],
+            meta={**self._meta(), "evolution.event": self.webhook.event},
+        )
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _scope(self) -> tuple[str, str]:
+        return self.ctx.tenant, self.ctx.connection
+
+    def _ref(self, message_key: str) -> str:
+        """The canonical id the message `message_key` got (or will get) when it came in on this connection."""
+        return canonical.message_id(*self._scope(), message_key)
+
+    def _meta(self) -> JsonObject:
+        return {"evolution.webhook": dict(self.delivery)} if self.delivery else {}
+
+    def _conversation(self, chat: str) -> Conversation:
+        return Conversation(
+            id=canonical.conversation_id(*self._scope(), chat),
+            channel=CHANNEL,
+            connection=self.ctx.connection,
+            native_id=chat,
+            type=_conversation_type(chat),
+        )
+
+    def _person(
+        self, jid: str, *, name: str = "", role: Role = "user", alternatives: tuple[str | None, ...] = ()
+    ) -> Sender:
+        if not jid:
+            return Sender(name=name, role=role)
+        return Sender(
+            id=canonical.sender_id(*self._scope(), jid),
+            native_id=jid,
+            name=name,
+            role=role,
+            handle=_phone_handle(jid, *alternatives),
+        )
+
+    def _context(self, raw: JsonObject | None, path: str) -> _ContextInfo:
+        if not raw:
+            return _ContextInfo()
+        return native.convert(raw, _ContextInfo, f"{path}.contextInfo")
+
+    def _timestamp(self, value: Any, path: str) -> datetime:
+        """`messageTimestamp`: Unix seconds as a number, a string or (older servers) a protobuf Long."""
+        if value is None:
+            return self._event_time()
+        seconds = _integer(value)
+        if seconds <= 0:
+            raise DecodeError(f"not a Unix timestamp: {value!r}", path=path)
+        return native.from_unix(seconds)
+
+    def _millis(self, value: Any) -> datetime | None:
+        millis = _integer(value)
+        return native.from_unix(millis / 1000) if millis > 0 else None
+
+    def _event_time(self) -> datetime:
+        """When the event carries no time of its own. `date_time` is the server's local time written with
+        a "Z" (channel.service.ts), so the hub's receive time comes first."""
+        if self.received_at:
+            return native.from_unix(self.received_at)
+        if self.webhook.date_time:
+            try:
+                return datetime.fromisoformat(self.webhook.date_time).astimezone(UTC)
+            except ValueError:
+                pass
+        return canonical.now()
+
+
+class _Content:
+    """The content of a WhatsApp `message` object: which type it is (its one content key), that key's
+    value, and what Evolution added beside it (its S3 link, the base64 bytes)."""
+
+    def __init__(self, message: JsonObject, kind: str, path: str) -> None:
+        self.message = message
+        self.kind = kind
+        self.body: Any = message.get(kind) if kind else None
+        self.path = f"{path}.{kind}" if kind else path
+        self.message_path = path
+        media_url = message.get("mediaUrl")
+        self.media_url = media_url if isinstance(media_url, str) else ""
+
+    @classmethod
+    def read(cls, message: JsonObject, message_type: str, path: str, meta: JsonObject) -> _Content:
+        message = _unwrap(message, meta)
+        kind = message_type if message_type and message_type in message else ""
+        if not kind:
+            kind = next((name for name in message if name not in _NOT_CONTENT), "")
+        content = cls(message, kind, path)
+        consumed = {kind, "mediaUrl", "base64"} if kind in _MEDIA_TYPES else {kind}
+        leftovers = {name: value for name, value in message.items() if name not in consumed}
+        if leftovers:
+            meta["evolution.message"] = leftovers  # messageContextInfo, speechToText, a second content
+        return content
+
+    @property
+    def context_info(self) -> JsonObject | None:
+        """The contextInfo inside the content (servers before v2.2 left it there)."""
+        if isinstance(self.body, dict) and isinstance(self.body.get("contextInfo"), dict):
+            return dict(self.body["contextInfo"])
+        return None
+
+    def media_bytes(self) -> bytes:
+        encoded = self.message.get("base64")
+        if not encoded:
+            return b""
+        if not isinstance(encoded, str):
+            raise DecodeError("base64 media is not a string", path=f"{self.message_path}.base64")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise DecodeError("media is not valid base64", path=f"{self.message_path}.base64") from None
+
+
+def _unwrap(message: JsonObject, meta: JsonObject) -> JsonObject:
+    """The message inside Baileys' containers (disappearing, view-once, document with caption)."""
+    wrappers: list[str] = []
+    while True:
+        wrapper = next(
+            (
+                name
+                for name in _WRAPPERS
+                if isinstance(message.get(name), dict) and isinstance(message[name].get("message"), dict)
+            ),
+            None,
+        )
+        if wrapper is None:
+            break
+        wrappers.append(wrapper)
+        outer = {name: value for name, value in message.items() if name != wrapper}
+        message = {**outer, **message[wrapper]["message"]}
+    if wrappers:
+        meta["evolution.wrappers"] = wrappers
+    return message
+
+
+def _contact_part(card: _ContactCard) -> Contact:
+    """A shared contact from its vCard (the card itself stays in meta: types and extra fields)."""
+    fields = _vcard_fields(card.vcard or "")
+    name = card.display_name or next(iter(fields.get("FN", [])), "")
+    organization = next(iter(fields.get("ORG", [])), "")
+    return Contact(
+        name=name,
+        phones=fields.get("TEL", []),
+        emails=fields.get("EMAIL", []),
+        org=organization.split(";")[0],
+        urls=fields.get("URL", []),
+    )
+
+
+def _vcard_fields(vcard: str) -> dict[str, list[str]]:
+    """The values of a vCard's properties by name, e.g. `item1.TEL;waid=5511…:+55 11 …` → TEL."""
+    unfolded = vcard.replace("\r\n", "\n").replace("\n ", "").replace("\n\t", "")
+    fields: dict[str, list[str]] = {}
+    for line in unfolded.split("\n"):
+        head, separator, value = line.partition(":")
+        if not separator or not value.strip():
+            continue
+        name = head.split(";")[0].rpartition(".")[2].upper()
+        fields.setdefault(name, []).append(value.strip())
+    return fields
+
+
+def _conversation_type(chat: str) -> ConversationType:
+    server = chat.rpartition("@")[2]
+    if server == "g.us":
+        return "group"
+    if server in ("newsletter", "broadcast"):
+        return "channel"  # WhatsApp channels and status updates
+    return "direct"
+
+
+def _phone_handle(*jids: str | None) -> str:
+    """ "+<number>" from the first JID that is a phone number (not a privacy id such as `@lid`)."""
+    for jid in jids:
+        if not jid:
+            continue
+        user, _, server = jid.partition("@")
+        user = user.partition(":")[0]  # a device suffix, "5511…:12@s.whatsapp.net"
+        if (server in _PHONE_SERVERS or not server) and user.isdigit():  # the Cloud API gives bare numbers
+            return f"+{user}"
+    return ""
+
+
+def _integer(value: Any) -> int:
+    """A protobuf 64-bit integer as JSON gives it: a number, a numeric string or a Long
+    `{"low", "high", "unsigned"}`; 0 when it is none of these."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, dict):
+        low, high = value.get("low"), value.get("high")
+        if isinstance(low, int) and isinstance(high, int):
+            return (high << 32) + (low & 0xFFFFFFFF)
+    return 0
+
+
+def _require(value: str | None, path: str, reason: str) -> str:
+    if not value:
+        raise DecodeError(reason, path=path)
+    return value
+
+
+def _extras(raw: JsonObject, known: set[str] | frozenset[str]) -> JsonObject:
+    """The keys of a native object that nothing canonical carries, namespaced for `meta`."""
+    return {f"evolution.{name}": value for name, value in raw.items() if name not in known}
+
+
+def _keep_unmapped(meta: JsonObject, kind: str, raw: Any, mapped: set[str] | frozenset[str]) -> None:
+    """Keep the fields of a content object that its canonical part has no room for under `meta`."""
+    if not isinstance(raw, dict):
+        return
+    unmapped = {name: value for name, value in raw.items() if name not in mapped}
+    if unmapped:
+        meta[f"evolution.{kind}"] = unmapped
+
+
+def _keep_key_extras(meta: JsonObject, key: Any) -> None:
+    """Key fields beyond chat, direction, id and author (phone-number JIDs beside privacy ids, …)."""
+    if isinstance(key, dict):
+        extras = {name: value for name, value in key.items() if name not in _KEY_HEADER}
+        if extras:
+            meta["evolution.key"] = extras
+
+
+def _event_name(event: Any) -> str:
+    """ "messages.upsert" from any spelling Evolution uses (MESSAGES_UPSERT, messages-upsert)."""
+    if not isinstance(event, str):
+        return ""
+    return event.strip().lower().replace("_", ".").replace("-", ".")
+
+
+def _delivery_ids(event: str, data: Any) -> Iterator[str]:
+    """The WhatsApp ids one webhook is about, for deduplication."""
+    items = data if isinstance(data, list) else [data]
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        nested = item.get("key")
+        key: JsonObject = nested if isinstance(nested, dict) else {}
+        match event:
+            case "messages.upsert" | "send.message" if key.get("id"):
+                yield str(key["id"])
+            case "messages.update" if item.get("keyId") or item.get("id"):
+                yield f"{item.get('keyId') or item.get('id')}:{item.get('status', '')}"
+            case "messages.delete" if (key or item).get("id"):
+                yield str((key or item)["id"])
+            case "messages.edited" | "send.message.update" if key.get("id"):
+                yield f"{key['id']}:{item.get('timestampMs', '')}"
+
+
+def _body_apikey(request: HttpRequest) -> str:
+    try:
+        body = msgspec.json.decode(request.body)
+    except msgspec.DecodeError:
+        return ""
+    apikey = body.get("apikey") if isinstance(body, dict) else None
+    return apikey if isinstance(apikey, str) else ""
+
+
+def _verify_webhook_jwt(request: HttpRequest, secret: str) -> None:
+    """Evolution's webhook JWT (webhook.controller.ts `generateJwtToken`): HS256 over
+    `{"iat", "exp": iat + 600, "app": "evolution", "action": "webhook"}` with the `jwt_key` header value."""
+    token = jwt.bearer_token(request)
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise SignatureError("webhook token is not a JWT (header.payload.signature)")
+    header, claims = _jwt_json(segments[0], "header"), _jwt_json(segments[1], "payload")
+    if header.get("alg") != "HS256":
+        raise SignatureError(f"webhook token algorithm {header.get('alg')!r} is not HS256")
+    signed = f"{segments[0]}.{segments[1]}".encode("ascii")
+    expected = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, _b64url(segments[2], "signature")):
+        raise SignatureError("webhook token signature does not match the jwt_key")
+    now = request.received_at or time.time()
+    expiry = claims.get("exp")
+    if not isinstance(expiry, int | float) or isinstance(expiry, bool):
+        raise SignatureError("webhook token has no expiry")
+    if now > expiry + jwt.DEFAULT_LEEWAY:
+        raise SignatureError("webhook token has expired")
+    issued = claims.get("iat")
+    if isinstance(issued, int | float) and issued > now + jwt.DEFAULT_LEEWAY:
+        raise SignatureError("webhook token was issued in the future")
+
+
+def _jwt_json(segment: str, name: str) -> JsonObject:
+    try:
+        value = json.loads(_b64url(segment, name))
+    except ValueError:
+        raise SignatureError(f"webhook token {name} is not JSON") from None
+    if not isinstance(value, dict):
+        raise SignatureError(f"webhook token {name} is not a JSON object")
+    return value
+
+
+def _b64url(segment: str, name: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"webhook token {name} is not base64url") from None
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+class _Endpoint:
+    """Where and how to call one connection's Evolution server."""
+
+    def __init__(self, base: str, instance: str, apikey: str) -> None:
+        self.base = base
+        self.instance = quote(instance, safe="")
+        self.headers = {"apikey": apikey, "Content-Type": "application/json"}
+
+    @classmethod
+    def of(cls, codec: Codec, ctx: EncodeContext) -> _Endpoint:
+        base = codec.api_base(ctx)
+        if not base:
+            raise EncodeError("Evolution API is self-hosted: set the connection's api_base to the server's URL")
+        instance = str(ctx.options.get("instance") or "")
+        if not instance:
+            raise EncodeError("Evolution connection has no 'instance' option")
+        apikey = ctx.secrets.get("apikey", "")
+        if not apikey:
+            raise EncodeError("Evolution connection has no 'apikey' secret")
+        return cls(base, instance, apikey)
+
+    def request(self, method: str, body: JsonObject, *, key: str, message_id: str = "") -> OutboundRequest:
+        return OutboundRequest(
+            method="POST",
+            url=f"{self.base}/{method}/{self.instance}",
+            headers=self.headers,
+            body=native.json_body(body),
+            idempotency_key=key,
+            message_id=message_id,
+        )
+
+
+class _Call:
+    """One send call: the API method, its body, and whether a reply quote can go on it (sendReaction
+    takes none, and sendContact ignores it)."""
+
+    def __init__(self, method: str, body: JsonObject, *, quotable: bool = True) -> None:
+        self.method = method
+        self.body = body
+        self.quotable = quotable
+
+
+class _Composer:
+    """Turns a message's parts into Evolution send calls, in order, combining parts the way WhatsApp
+    does: a text right before buttons or a list becomes that message's text, and consecutive contacts
+    travel in one contact message."""
+
+    def __init__(self, ctx: EncodeContext) -> None:
+        self.ctx = ctx
+        self.calls: list[_Call] = []
+        self._text: Text | None = None  # held back in case buttons or a list take it as their text
+        self._contacts: list[JsonObject] = []
+
+    def add(self, part: Part) -> None:
+        if isinstance(part, Contact):
+            self._flush_text()
+            self._contacts.append(_contact_entry(part))
+            return
+        self._flush_contacts()
+        match part:
+            case Text():
+                self._flush_text()
+                self._text = part
+            case Buttons():
+                self.calls.append(self._buttons(part))
+            case List():
+                self.calls.append(self._list(part))
+            case Media():
+                self._flush_text()
+                self.calls.extend(self._media(part))
+            case Location():
+                self._flush_text()
+                self.calls.append(self._message("message/sendLocation", _location_body(part)))
+            case Reaction():
+                self._flush_text()
+                self.calls.append(self._reaction(part))
+            case Poll():
+                self._flush_text()
+                self.calls.append(self._message("message/sendPoll", _poll_body(part)))
+            case _:
+                raise EncodeError(f"Evolution cannot send {part.__class__.__name__} parts (degrade the message first)")
+
+    def finish(self) -> list[_Call]:
+        self._flush_text()
+        self._flush_contacts()
+        return self.calls
+
+    # --------------------------------------------------------------------------------- parts
+
+    def _buttons(self, part: Buttons) -> _Call:
+        """sendButtons renders `title` in bold above `description`: the text's first line is the title.
+        Reply buttons cannot be mixed with link or call buttons, so those are written into the text."""
+        text = self._own_or_held_text(part.text)
+        if not text:
+            raise EncodeError("Evolution buttons need a text: set the part's text or put a Text part before it")
+        replies = [button for button in part.buttons if button.action == "reply"]
+        others = [button for button in part.buttons if button.action != "reply"]
+        unsendable = [button.action for button in others if button.action not in ("url", "call")]
+        if unsendable:
+            raise EncodeError(f"Evolution buttons can reply, open a URL or call, not {unsendable[0]!r}")
+        title, _, description = text.partition("\n")
+        if replies and others:
+            lines = "\n".join(f"{button.title}: {button.value}" for button in others)
+            description = f"{description}\n\n{lines}" if description else lines
+            buttons = [_button(button) for button in replies]
+        else:
+            buttons = [_button(button) for button in part.buttons]
+        body: JsonObject = {"title": title}
+        if description:
+            body["description"] = description
+        body["buttons"] = buttons
+        return self._message("message/sendButtons", body)
+
+    def _list(self, part: List) -> _Call:
+        description = self._own_or_held_text(part.text)
+        button = part.button or _DEFAULT_LIST_BUTTON
+        sections = [
+            {
+                # Evolution refuses sections without a title.
+                "title": section.title or button,
+                "rows": [_list_row(row.id, row.title, row.description) for row in section.rows],
+            }
+            for section in part.sections
+        ]
+        body: JsonObject = {"title": part.header}
+        if description:
+            body["description"] = description
+        body |= {"buttonText": button, "footerText": part.footer, "sections": sections}
+        return self._message("message/sendList", body)
+
+    def _media(self, part: Media) -> list[_Call]:
+        media = _media_source(part)
+        match part.media:
+            case "voice":
+                calls = [self._message("message/sendWhatsAppAudio", {"audio": media})]
+            case "sticker":
+                calls = [self._message("message/sendSticker", {"sticker": media})]
+            case "image" | "video" | "document" | "audio":
+                calls = [self._message("message/sendMedia", self._media_body(part, media))]
+            case _:
+                raise EncodeError(f"Evolution cannot send {part.media!r} media")
+        if part.caption and part.media not in _CAPTIONED:
+            # Audio, voice notes and stickers take no caption: it follows as its own text message.
+            calls.append(self._message("message/sendText", {"text": part.caption}))
+        return calls
+
+    def _media_body(self, part: Media, media: str) -> JsonObject:
+        body: JsonObject = {"mediatype": part.media}
+        if part.mime:
+            body["mimetype"] = part.mime
+        if part.caption and part.media in _CAPTIONED:
+            body["caption"] = part.caption
+        body["media"] = media
+        filename = part.filename or (_document_name(part.url) if part.media == "document" else "")
+        if filename:
+            # A document without fileName makes Evolution guess it from the URL, and fail without one.
+            body["fileName"] = filename
+        return body
+
+    def _reaction(self, part: Reaction) -> _Call:
+        message_key = _native_id(self.ctx, part.target, "reaction target")
+        # WhatsApp names the message by its key: chat, whether we wrote it, id. A target whose canonical id
+        # is the one derived from its native id came in from the user; any other is a message we sent.
+        ours = part.target != canonical.message_id(self.ctx.tenant, self.ctx.connection, message_key)
+        key = {"remoteJid": self.ctx.to, "fromMe": ours, "id": message_key}
+        # WhatsApp removes a reaction when it is sent again with an empty emoji.
+        return _Call(
+            "message/sendReaction", {"key": key, "reaction": "" if part.removed else part.emoji}, quotable=False
+        )
+
+    def _message(self, method: str, fields: JsonObject) -> _Call:
+        """A call that sends a message to the chat, with the connection's delay ("typing…" first)."""
+        body: JsonObject = {"number": self.ctx.to, **fields}
+        delay = self.ctx.options.get("delay")
+        if delay:
+            body["delay"] = int(delay)
+        return _Call(method, body)
+
+    def _own_or_held_text(self, own_text: str) -> str:
+        """A part's own text, else the text held just before it (which it then replaces)."""
+        if own_text:
+            self._flush_text()
+            return own_text
+        held, self._text = self._text, None
+        return held.text if held is not None else ""
+
+    def _flush_text(self) -> None:
+        if self._text is None:
+            return
+        body: JsonObject = {"text": self._text.text}
+        link_preview = self.ctx.options.get("link_preview")
+        if link_preview is not None:
+            body["linkPreview"] = bool(link_preview)
+        mentioned = [m.native_id.partition("@")[0] for m in self._text.mentions if m.native_id]
+        if mentioned:
+            body["mentioned"] = mentioned
+        self.calls.append(self._message("message/sendText", body))
+        self._text = None
+
+    def _flush_contacts(self) -> None:
+        if self._contacts:
+            self.calls.append(
+                _Call("message/sendContact", {"number": self.ctx.to, "contact": self._contacts}, quotable=False)
+            )
+            self._contacts = []
+
+
+def _button(button: Button) -> JsonObject:
+    match button.action:
+        case "url":
+            return {"type": "url", "displayText": button.title, "url": button.value}
+        case "call":
+            return {"type": "call", "displayText": button.title, "phoneNumber": button.value}
+        case _:
+            return {"type": "reply", "displayText": button.title, "id": button.id}
+
+
+def _list_row(row_id: str, title: str, description: str) -> JsonObject:
+    row: JsonObject = {"title": title}
+    if description:
+        row["description"] = description  # Evolution refuses an empty description
+    row["rowId"] = row_id
+    return row
+
+
+def _media_source(part: Media) -> str:
+    """What `media` takes: a URL or the file as base64 (the channel's own file ids cannot be sent)."""
+    if part.url:
+        return part.url
+    if part.data:
+        return base64.b64encode(part.data).decode("ascii")
+    raise EncodeError("Evolution media needs a url or the file's bytes (data); a file_id cannot be sent")
+
+
+def _document_name(url: str) -> str:
+    name = urlsplit(url).path.rpartition("/")[2] if url else ""
+    return name or "document"
+
+
+def _location_body(part: Location) -> JsonObject:
+    # Evolution requires name and address, even empty.
+    return {"name": part.name, "address": part.address, "latitude": part.lat, "longitude": part.lon}
+
+
+def _poll_body(part: Poll) -> JsonObject:
+    return {
+        "name": part.question,
+        "selectableCount": len(part.options) if part.multiple else 1,
+        "values": list(part.options),
+    }
+
+
+def _contact_entry(part: Contact) -> JsonObject:
+    """One card of sendContact. Evolution writes one phone, e-mail and URL into the vCard: the first."""
+    if not part.phones:
+        raise EncodeError(f"Evolution contacts need a phone number ({part.name!r} has none)")
+    phone = part.phones[0]
+    entry: JsonObject = {"fullName": part.name, "phoneNumber": phone}
+    digits = "".join(character for character in phone if character.isdigit())
+    if digits:
+        entry["wuid"] = digits  # the WhatsApp id the card links to: the number without formatting
+    if part.org:
+        entry["organization"] = part.org
+    if part.emails:
+        entry["email"] = part.emails[0]
+    if part.urls:
+        entry["url"] = part.urls[0]
+    return entry
+
+
+def _message_to_mark(activity: Activity, ctx: EncodeContext) -> str:
+    """The WhatsApp message id a read mark refers to (see `EvolutionCodec`)."""
+    native_id = activity.detail.get("native_id")
+    if isinstance(native_id, str) and native_id:
+        return native_id
+    canonical_id = activity.detail.get("message_id")
+    if isinstance(canonical_id, str) and canonical_id:
+        return _native_id(ctx, canonical_id, "read activity")
+    raise EncodeError("Evolution read marks need detail['native_id'] or detail['message_id'] of the message read")
+
+
+def _native_id(ctx: EncodeContext, canonical_id: str, what: str) -> str:
+    message_key = ctx.native_ids.get(canonical_id)
+    if not message_key:
+        raise EncodeError(f"no WhatsApp message id known for {what} {canonical_id!r}")
+    return message_key
+
+
+def _error_words(message: Any) -> str:
+    """Evolution's `response.message` (a string or nested lists of strings and objects) as one sentence."""
+    match message:
+        case None:
+            return ""
+        case str():
+            return message
+        case list():
+            return "; ".join(words for words in (_error_words(item) for item in message) if words)
+        case {"exists": False, **rest}:
+            # sendMessageWithTyping's check that the number has WhatsApp failed.
+            return f"{rest.get('number') or rest.get('jid') or 'the recipient'} is not on WhatsApp"
+        case _:
+            return json.dumps(message, ensure_ascii=False)
+
+
+def _snake(words: str) -> str:
+    """ "Bad Request" → "bad_request"."""
+    return "_".join(words.lower().split())

@@ -73,6 +73,7 @@ class SenderModel(_Model):
 class NativeModel(_Model):
     id: str = ""
     seq: int = 0
+    thread: str = ""
 
 
 class TargetModel(_Model):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote_plus
 
 import aiohttp
 import pytest
@@ -276,3 +276,36 @@ def _readable(request: Recorded) -> str:
         return json.dumps(json.loads(request.body), ensure_ascii=False)
     except ValueError:
         return request.body.decode(errors="replace")
+
+
+async def test_numbered_choices_on_sms_come_back_as_actions(world: tuple[Hub, dict[str, Channel]],
+                                                            nats_client) -> None:
+    hub, every = world
+    sms = every["twilio"]
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    url = f"{hub.http_url}/webhooks/twilio/twilio"
+
+    async def text_in(body_text: str, sid: str) -> c.Message:
+        form = dict(parse_qsl(sms.body("").decode(), keep_blank_values=True))
+        form.update(Body=body_text, MessageSid=sid, SmsMessageSid=sid, SmsSid=sid)
+        body = "&".join(f"{k}={v}" for k, v in ((k, quote_plus(v)) for k, v in form.items())).encode()
+        async with aiohttp.ClientSession() as session, session.post(url, data=body,
+                                                                   headers=sms.headers(url, body)) as response:
+            assert response.status == 200, await response.text()
+        envelope, _ = await app.next()
+        assert isinstance(envelope, c.Message)
+        return envelope
+
+    first = await text_in("hi", "SM" + "1" * 32)
+    menu_message = await app.reply(first, c.Buttons(text="What next?",
+                                     buttons=[c.Button(id=f"b{n}", title=t) for n, t in enumerate(TITLES)]))
+    assert (await app.next_status()).state == "sent"
+    menu = dict(parse_qsl(sms.requests[-1].body.decode()))["Body"]
+    assert menu == "What next?\n1. Track parcel\n2. Change address\n3. Talk to us"
+
+    by_number = await text_in("2", "SM" + "2" * 32)
+    assert by_number.parts == [c.Text(text="2"), c.Action(id="b1", title="Change address", source=menu_message.id)]
+    by_title = await text_in("talk to us", "SM" + "3" * 32)
+    assert isinstance(by_title.parts[-1], c.Action) and by_title.parts[-1].id == "b2"
+    unrelated = await text_in("thanks!", "SM" + "4" * 32)
+    assert [type(part) for part in unrelated.parts] == [c.Text]

@@ -16,6 +16,7 @@ import pytest
 from babelhub import canonical as c
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "canonical.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 _FENCED = re.compile(r"^```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.DOTALL | re.MULTILINE)
 
 #: The header a part-only example is wrapped in, so that it can be read as a whole envelope.
@@ -28,9 +29,9 @@ _WRAPPER: dict[str, Any] = {
 }
 
 
-def _blocks(lang: str) -> list[tuple[int, str]]:
+def _blocks(lang: str, doc: Path = DOC) -> list[tuple[int, str]]:
     """(line number, body) of each fenced block in the given language."""
-    text = DOC.read_text(encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
     return [
         (text.count("\n", 0, match.start()) + 1, match.group("body"))
         for match in _FENCED.finditer(text)
@@ -38,8 +39,13 @@ def _blocks(lang: str) -> list[tuple[int, str]]:
     ]
 
 
-def _json_examples() -> list[Any]:
-    return [pytest.param(json.loads(body), id=f"line-{line}") for line, body in _blocks("json")]
+def _json_examples(doc: Path = DOC) -> list[Any]:
+    return [pytest.param(json.loads(body), id=f"{doc.name}-line-{line}") for line, body in _blocks("json", doc)]
+
+
+def _all_json_examples() -> list[Any]:
+    """The README's examples are held to the same standard as the format reference's."""
+    return [*_json_examples(DOC), *_json_examples(README)]
 
 
 def _as_envelope(example: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +111,7 @@ def without_defaults(document: Any, value: Any) -> Any:
 # ------------------------------------------------------------------------------------------ examples
 
 
-@pytest.mark.parametrize("example", _json_examples())
+@pytest.mark.parametrize("example", _all_json_examples())
 def test_example_reads_and_writes_back_unchanged(example: dict[str, Any]) -> None:
     document = _as_envelope(example)
     envelope = c.decode(json.dumps(document))
@@ -113,8 +119,9 @@ def test_example_reads_and_writes_back_unchanged(example: dict[str, Any]) -> Non
     assert json.loads(c.encode(envelope)) == without_defaults(document, envelope)
 
 
-def test_every_part_type_and_every_kind_has_an_example() -> None:
-    examples = [param.values[0] for param in _json_examples()]
+@pytest.mark.parametrize("doc", [DOC, README], ids=lambda doc: doc.name)
+def test_every_part_type_and_every_kind_has_an_example(doc: Path) -> None:
+    examples = [param.values[0] for param in _json_examples(doc)]
     part_examples = {example["type"] for example in examples if "kind" not in example}
     kinds = {example["kind"] for example in examples if "kind" in example}
     all_part_types = {part.__struct_config__.tag for part in get_args(c.Part)}
@@ -122,7 +129,7 @@ def test_every_part_type_and_every_kind_has_an_example() -> None:
     assert kinds == {"message", "status", "activity"}
 
 
-@pytest.mark.parametrize("example", _json_examples())
+@pytest.mark.parametrize("example", _all_json_examples())
 def test_inbound_examples_carry_the_documented_deterministic_ids(example: dict[str, Any]) -> None:
     if "kind" not in example or example.get("direction", "inbound") != "inbound":
         return

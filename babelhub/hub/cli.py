@@ -87,6 +87,13 @@ def _banner(hub: object, path: Path | None) -> str:
     return "\n".join(lines)
 
 
+def _channels(_: argparse.Namespace) -> int:
+    from babelhub.codecs.support import markdown_table
+
+    print(markdown_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="babelhub", description="One canonical message format for every channel.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     schema = commands.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the envelope")
     schema.set_defaults(handler=_schema)
+    channels = commands.add_parser("channels", help="print the channel by part-type table (markdown)")
+    channels.set_defaults(handler=_channels)
     return parser
 
 

@@ -1,0 +1,73 @@
+"""What each installed channel does with each part type: shown natively, degraded into something it
+can show, or not possible. Worked out by running a sample of every part through `degrade` with each
+codec's declared capabilities, so the table cannot drift from what the hub really sends."""
+
+from __future__ import annotations
+
+from typing import Literal, TypeAlias
+
+from babelhub import canonical as c
+from babelhub.codecs import available, load
+from babelhub.codecs.degrade import degrade
+
+__all__ = ["SAMPLES", "Support", "markdown_table", "support"]
+
+Support: TypeAlias = Literal["native", "degraded", "impossible"]
+
+_BUTTONS = [c.Button(id="a", title="Yes"), c.Button(id="b", title="No")]
+_IMAGE = c.Media(media="image", url="https://example.com/a.jpg", mime="image/jpeg", size=1000)
+
+#: One outbound sample per part type an application can send (`action` and `unsupported` only come in).
+SAMPLES: dict[str, list[c.Part]] = {
+    "text": [c.Text(text="Hello")],
+    "image": [_IMAGE],
+    "audio": [c.Media(media="audio", url="https://example.com/a.mp3", mime="audio/mpeg", size=1000)],
+    "video": [c.Media(media="video", url="https://example.com/a.mp4", mime="video/mp4", size=1000)],
+    "document": [c.Media(media="document", url="https://example.com/a.pdf", mime="application/pdf", size=1000,
+                         filename="a.pdf")],
+    "location": [c.Location(lat=52.52, lon=13.40, name="Office")],
+    "contact": [c.Contact(name="Ann Lee", phones=["+4930123456"])],
+    "buttons": [c.Buttons(text="Continue?", buttons=_BUTTONS)],
+    "list": [c.List(text="Pick one", button="Options",
+                    sections=[c.ListSection(title="All", rows=[c.ListRow(id="r1", title="First")])])],
+    "card": [c.Card(title="Shoes", subtitle="Red", media=_IMAGE, buttons=_BUTTONS)],
+    "carousel": [c.Carousel(cards=[c.Card(title="One", media=_IMAGE), c.Card(title="Two", media=_IMAGE)])],
+    "template": [c.Template(name="order_update", language="en", params={"1": "42"},
+                            fallback_text="Order {{1}} shipped")],
+    "poll": [c.Poll(question="Lunch?", options=["Pizza", "Salad"])],
+    "reaction": [c.Reaction(emoji="👍", target="m1")],
+    "edit": [c.Edit(target="m1"), c.Text(text="Hello again")],
+    "delete": [c.Delete(target="m1")],
+}
+
+
+def support(channel: str, sample: str) -> Support:
+    codec = load(channel)
+    parts = SAMPLES[sample]
+    message = c.Message(id="m2", tenant="t", conversation=c.Conversation(id="c"), ts=c.now(),
+                        direction="outbound", parts=parts)
+    shown = degrade(message, codec.capabilities).parts
+    if _plain(shown) == _plain(parts):
+        return "native"
+    marker = parts[0]
+    if isinstance(marker, (c.Reaction, c.Edit, c.Delete)) and marker not in shown:
+        return "impossible"
+    return "degraded" if shown else "impossible"
+
+
+def _plain(parts: list[c.Part]) -> list[c.Part]:
+    """Parts with text formats forgotten: plain text rendered in a channel's dialect is still native."""
+    return [c.Text(text=part.text) if isinstance(part, c.Text) else part for part in parts]
+
+
+_SYMBOL: dict[Support, str] = {"native": "✅", "degraded": "↘", "impossible": "—"}
+
+
+def markdown_table() -> str:
+    """The channel by part-type table for the README: ✅ native, ↘ degraded, — not possible."""
+    channels = available()
+    lines = ["| channel | " + " | ".join(SAMPLES) + " |", "|---" * (len(SAMPLES) + 1) + "|"]
+    for channel in channels:
+        cells = [_SYMBOL[support(channel, sample)] for sample in SAMPLES]
+        lines.append(f"| {channel} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

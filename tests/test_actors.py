@@ -149,3 +149,35 @@ async def test_a_full_mailbox_makes_tell_wait() -> None:
     await blocked
     await actors.stop()
     assert journal.applied["a"] == [0, 1, 2, 3]
+
+
+async def test_an_activation_whose_state_cannot_be_saved_is_given_up_without_acks() -> None:
+    journal = Journal()
+    broken = {"times": 2}  # the first two checkpoints fail: the activation is abandoned (max_restarts=2)
+
+    class Fragile(Recorder):
+        async def checkpoint(self) -> None:
+            if broken["times"] > 0:
+                broken["times"] -= 1
+                raise ConnectionError("store unavailable")
+            await super().checkpoint()
+
+    actors: ActorSystem[int] = ActorSystem("fragile", lambda key: Fragile(key, journal), max_restarts=2,
+                                           backoff_base=0.001, backoff_max=0.002)
+    acked: list[int] = []
+
+    def ack(n: int):  # type: ignore[no-untyped-def]
+        async def on_applied() -> None:
+            acked.append(n)
+        return on_applied
+
+    await actors.tell("a", 1, ack(1))
+    for _ in range(200):
+        if actors.active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert actors.active == 0 and acked == []  # given up, nothing acknowledged: JetStream would redeliver
+    await actors.tell("a", 1, ack(1))  # the redelivery activates it afresh, and now the store works
+    await actors.stop()
+    assert acked == [1] and journal.checkpoints["a"] == [1]
+    assert journal.activations == ["a", "a"]

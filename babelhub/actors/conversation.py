@@ -74,7 +74,9 @@ class ConversationState(msgspec.Struct, kw_only=True):
 
 
 class SnapshotConflict(RuntimeError):
-    """Another owner wrote this conversation's snapshot first."""
+    """Another owner wrote this conversation's snapshot first: never overwrite it, stop."""
+
+    fatal = True
 
 
 class ConversationActor(Actor[ConversationMessage]):

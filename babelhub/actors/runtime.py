@@ -11,6 +11,8 @@ Rules it keeps (DESIGN.md §5):
 * Group commit: after a run of turns (mailbox empty, or `checkpoint_every` turns) the actor checkpoints
   its state, and only then are the messages' `on_applied` callbacks (JetStream acks) run. A crash before
   the checkpoint means redelivery, never a lost message.
+* A checkpoint that keeps failing ends the activation without acknowledging its mail: JetStream
+  redelivers it, and the next message activates the actor afresh from its stored state.
 * Idle actors passivate: stop taking mail, drain, checkpoint, stop. Mail for a passivating key waits for
   the old activation to finish before the new one loads its state, so two activations never overlap.
 """
@@ -52,7 +54,8 @@ class Actor(ABC, Generic[M]):
         """Apply one message. Raising restarts the actor from its last checkpoint."""
 
     async def checkpoint(self) -> None:
-        """Persist state; called before the acks of the turns since the previous checkpoint."""
+        """Persist state; called before the acks of the turns since the previous checkpoint. A failure
+        is retried; an exception with a true `fatal` attribute (another owner wrote first) is not."""
 
     async def on_passivate(self) -> None:
         """Last call before the activation ends (after the final checkpoint)."""
@@ -66,6 +69,10 @@ class Mail(msgspec.Struct, Generic[M]):
 
 class _Stop(msgspec.Struct, frozen=True):
     """Control message: drain, checkpoint, stop."""
+
+
+class _Abandoned(Exception):
+    """An activation whose state could not be checkpointed stops without acknowledging its mail."""
 
 
 class _Cell(Generic[M]):
@@ -173,6 +180,15 @@ class ActorSystem(Generic[M]):
             log.error("actor %s:%s ended with an error", self.name, key, exc_info=task.exception())
 
     async def _run(self, key: str, cell: _Cell[M], previous: asyncio.Task[None] | None) -> None:
+        try:
+            await self._serve(key, cell, previous)
+        except _Abandoned:
+            # Its state could not be saved: stop this activation without acknowledging anything, so
+            # JetStream redelivers that mail, and the next message activates afresh from the store.
+            if self._cells.get(key) is cell:
+                del self._cells[key]
+
+    async def _serve(self, key: str, cell: _Cell[M], previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
             # The previous activation of this key is still checkpointing: load state only after it.
             with contextlib.suppress(Exception):
@@ -224,11 +240,33 @@ class ActorSystem(Generic[M]):
     async def _commit(self, cell: _Cell[M], pending: list[Mail[M]]) -> None:
         if not pending:
             return
-        await cell.actor.checkpoint()
+        await self._checkpoint(cell)
         for mail in pending:
             if mail.on_applied is not None:
-                await mail.on_applied()
+                try:
+                    await mail.on_applied()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # an ack that does not arrive means a redelivery, which is absorbed
+                    log.warning("actor %s:%s could not acknowledge a message", self.name, cell.actor.key,
+                                exc_info=True)
         pending.clear()
+
+    async def _checkpoint(self, cell: _Cell[M]) -> None:
+        """Save state, retrying passing failures; give the activation up if it cannot be saved."""
+        for attempt in range(1, self._max_restarts + 1):
+            try:
+                await cell.actor.checkpoint()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                fatal = getattr(exc, "fatal", False)
+                log.warning("actor %s:%s checkpoint failed (attempt %d): %r", self.name, cell.actor.key,
+                            attempt, exc)
+                if fatal or attempt == self._max_restarts:
+                    raise _Abandoned from exc
+                await asyncio.sleep(self._backoff(attempt))
 
     # --------------------------------------------------------------------------------- supervision
 

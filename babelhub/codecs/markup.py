@@ -590,32 +590,6 @@ def _slack_entities(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-class _Slack(_Dialect):
-    def escape(self, text: str) -> str:
-        return _keep_markers_literal(_slack_entities(text))
-
-    def bold(self, inner: str) -> str:
-        return f"*{inner}*"
-
-    def italic(self, inner: str) -> str:
-        return f"_{inner}_"
-
-    def strike(self, inner: str) -> str:
-        return f"~{inner}~"
-
-    def code(self, raw: str) -> str:
-        return f"`{_slack_entities(raw)}`"
-
-    def pre(self, raw: str, language: str) -> str:
-        return f"```{_slack_entities(raw)}```"
-
-    def link(self, label: str, href: str) -> str:
-        return f"<{_slack_entities(href)}|{label}>"
-
-    def bare_link(self, href: str) -> str:
-        return f"<{_slack_entities(href)}>"
-
-
 class _WhatsApp(_Dialect):
     def escape(self, text: str) -> str:
         return _keep_markers_literal(text)
@@ -640,6 +614,25 @@ class _WhatsApp(_Dialect):
 
     def bare_link(self, href: str) -> str:
         return href
+
+
+class _Slack(_WhatsApp):
+    """Slack mrkdwn: WhatsApp's emphasis markers, plus `&<>` as entities and `<url|label>` links."""
+
+    def escape(self, text: str) -> str:
+        return _keep_markers_literal(_slack_entities(text))
+
+    def code(self, raw: str) -> str:
+        return f"`{_slack_entities(raw)}`"
+
+    def pre(self, raw: str, language: str) -> str:
+        return f"```{_slack_entities(raw)}```"
+
+    def link(self, label: str, href: str) -> str:
+        return f"<{_slack_entities(href)}|{label}>"
+
+    def bare_link(self, href: str) -> str:
+        return f"<{_slack_entities(href)}>"
 
 
 class _TelegramHtml(_Dialect):

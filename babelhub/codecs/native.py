@@ -16,6 +16,7 @@ from babelhub.codecs.base import HttpRequest, HttpResponse, SendResult
 from babelhub.errors import DecodeError
 
 __all__ = [
+    "ErrorRule",
     "convert",
     "from_unix",
     "http_failure",
@@ -26,6 +27,14 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class ErrorRule(msgspec.Struct, frozen=True):
+    """What a channel's error code means: whether sending again later can succeed, and in words an
+    operator can act on. Codecs keep a table `{code: ErrorRule(...)}` from the channel's error list."""
+
+    retryable: bool
+    meaning: str
 
 _encoder = msgspec.json.Encoder()
 

@@ -131,19 +131,13 @@ _STATUS_FIELDS: Final = frozenset({"MessageSid", "To"})
 # ------------------------------------------------------------------------------------ error codes
 
 
-class _ErrorRule(msgspec.Struct, frozen=True):
-    retryable: bool
-    meaning: str
-
-
-def _rule(retryable: bool, meaning: str) -> _ErrorRule:
-    return _ErrorRule(retryable, meaning)
+_rule = native.ErrorRule
 
 
 #: Twilio error codes (twilio.com/docs/api/errors/<code>) seen when sending messages: whether sending
 #: again later can succeed, and what the code means in words an operator can act on. Codes not
 #: listed fall back to the HTTP status (API answers) or to "final" (status callbacks).
-ERROR_RULES: Final[dict[int, _ErrorRule]] = {
+ERROR_RULES: Final[dict[int, native.ErrorRule]] = {
     20003: _rule(False, "authentication failed: check the account SID and auth token or API key"),
     20008: _rule(False, "the resource is not accessible with these (test) credentials"),
     20404: _rule(False, "the resource was not found: check the account SID"),
@@ -178,7 +172,7 @@ ERROR_RULES: Final[dict[int, _ErrorRule]] = {
 }
 
 
-def _error_rule(code: str | int) -> _ErrorRule | None:
+def _error_rule(code: str | int) -> native.ErrorRule | None:
     try:
         return ERROR_RULES.get(int(code))
     except (TypeError, ValueError):

@@ -133,18 +133,12 @@ _MESSAGE_HEADER: Final = frozenset({"from", "id", "timestamp", "type", "to"})
 # ------------------------------------------------------------------------------------ error codes
 
 
-class _ErrorRule(msgspec.Struct, frozen=True):
-    retryable: bool
-    meaning: str
-
-
-def _rule(retryable: bool, meaning: str) -> _ErrorRule:
-    return _ErrorRule(retryable, meaning)
+_rule = native.ErrorRule
 
 
 #: Meta's Cloud API error codes ("Error codes" page): whether sending again later can succeed, and what
 #: the code means in words an operator can act on. Codes not listed fall back to the HTTP status.
-ERROR_RULES: Final[dict[int, _ErrorRule]] = {
+ERROR_RULES: Final[dict[int, native.ErrorRule]] = {
     0: _rule(False, "authentication failed: the access token is invalid"),
     1: _rule(True, "unknown API error, possibly a temporary server problem"),
     2: _rule(True, "the API service is temporarily down or overloaded"),
@@ -197,7 +191,7 @@ ERROR_RULES: Final[dict[int, _ErrorRule]] = {
 _PERMISSION_CODES: Final = range(200, 300)  # "API Permission": not granted or removed
 
 
-def _error_rule(code: int) -> _ErrorRule | None:
+def _error_rule(code: int) -> native.ErrorRule | None:
     if code in _PERMISSION_CODES:
         return _rule(False, "the app lacks a permission for this call")
     return ERROR_RULES.get(code)

@@ -455,6 +455,8 @@ def decode(data: bytes | str) -> Envelope:
         raise _decode_error(exc) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}", path="$") from None
+    except RecursionError:
+        raise DecodeError("malformed JSON: nested too deeply", path="$") from None
     return envelope
 
 

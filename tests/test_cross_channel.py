@@ -40,6 +40,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TEXT = "Your order has shipped"
 IMAGE = "https://cdn.example.com/parcel.jpg"
 TITLES = ["Track parcel", "Change address", "Talk to us"]
+FOREIGN_FILE_ID = "AgACAgQAAxkBAAIC-issued-by-one-channel"
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 DISCORD_KEY = Ed25519PrivateKey.generate()
 
@@ -242,7 +243,8 @@ async def test_each_channel_answers_into_every_other_channel(world: tuple[Hub, d
             await app.reply(
                 source,
                 c.Text(text=TEXT),
-                c.Media(media="image", url=IMAGE, caption="Your parcel"),
+                # A file id belongs to the channel that issued it: fan-out copies use the url instead.
+                c.Media(media="image", url=IMAGE, file_id=FOREIGN_FILE_ID, caption="Your parcel"),
                 c.Buttons(text="What next?", buttons=[c.Button(id=f"b{n}", title=t) for n, t in enumerate(TITLES)]),
                 targets=targets,
             )
@@ -264,6 +266,7 @@ async def test_each_channel_answers_into_every_other_channel(world: tuple[Hub, d
         assert TEXT in bodies, f"{name} never got the text"
         assert IMAGE in bodies, f"{name} never got the image (nor a link to it)"
         assert all(title in bodies for title in TITLES), f"{name} lost a button"
+        assert FOREIGN_FILE_ID not in bodies, f"{name} was sent another channel's file id"
     for frame in web_messages:
         assert [part["type"] for part in frame["parts"]] == ["text", "media", "buttons"]
 

@@ -522,6 +522,10 @@ def violations(message: c.Message, caps: Capabilities) -> list[str]:
         if not (media.url or media.file_id or caps.media_upload):
             found.append(f"{where}: bytes-only media on a channel that takes no uploads")
 
+    def check_choice_text(where: str, text: str) -> None:
+        if limit(len(text), caps.choice_text_limit):
+            found.append(f"{where}: text with choices longer than {caps.choice_text_limit}")
+
     def check_card(where: str, card: c.Card) -> None:
         if card.media is not None:
             check_media(where, card.media)
@@ -545,7 +549,9 @@ def violations(message: c.Message, caps: Capabilities) -> list[str]:
                     found.append(f"{where}: caption too long")
             case c.Buttons():
                 check_buttons(where, part.buttons)
+                check_choice_text(where, part.text)
             case c.List():
+                check_choice_text(where, part.text)
                 rows = [row for section in part.sections for row in section.rows]
                 if limit(len(rows), caps.max_list_rows) or limit(len(part.sections), caps.max_list_sections):
                     found.append(f"{where}: too many rows or sections")
@@ -598,6 +604,7 @@ capabilities = st.builds(
     media_max_bytes=st.sampled_from([0, 8, 10**6]),
     media_limits=st.dictionaries(st.sampled_from(get_args(c.MediaKind)), st.sampled_from([4, 10**6]), max_size=2),
     media_upload=st.booleans(),
+    choice_text_limit=st.sampled_from([0, 30, 1024]),
     text_limit=st.integers(20, 400),
     caption_limit=st.sampled_from([0, 10, 1024]),
     markup=st.sampled_from(get_args(c.TextFormat)),
@@ -669,3 +676,13 @@ def test_a_message_within_everything_is_returned_as_it_is(parts: list[c.Part], t
     plain = [msgspec.structs.replace(part, format="plain") if isinstance(part, c.Text) else part for part in parts]
     original = msgspec.structs.replace(template, parts=plain)
     assert degrade(original, EVERYTHING) is original
+
+
+def test_text_too_long_for_the_choices_goes_before_them() -> None:
+    channel = caps(parts=frozenset({"text", "buttons"}), max_buttons=3, choice_text_limit=20)
+    part = c.Buttons(text="A rather long introduction. Then the question?", buttons=[c.Button(id="y", title="Yes")])
+    result = degrade(message(part), channel)
+    assert result.parts == [c.Text(text="A rather long"),
+                            c.Text(text="introduction. Then"),
+                            c.Buttons(text="the question?", buttons=[c.Button(id="y", title="Yes")])]
+    assert changes(result) == [(0, "buttons", ["text", "text", "buttons"])]

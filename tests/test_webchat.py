@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
+from babelhub import canonical as c
 from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
@@ -131,3 +132,21 @@ async def test_shutdown_closes_sockets_with_1001(nats_server: EmbeddedServer) ->
         closing = await asyncio.wait_for(socket.receive(), 15)
         await stopping
     assert closing.type == WSMsgType.CLOSE and closing.data == 1001
+
+
+async def test_a_message_for_a_visitor_who_left_is_reported_failed(hub: Hub, nats_client) -> None:
+    from tests.hubkit import Processor
+
+    app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(hub.http_url + "/ws/webchat?session=gone-soon") as socket:
+            await socket.receive_json()
+            await socket.send_json({"id": "1", "text": "hello"})
+            await receive_message(socket)
+            inbound, _ = await app.next()
+        # The visitor closed the tab; the app answers anyway.
+        await app.reply(inbound, c.Text(text="are you there?"))
+        status = await app.next_status()
+        while status.state == "sent":  # the echo processor's own reply may be reported first
+            status = await app.next_status()
+    assert status.state == "failed" and status.error is not None and status.error.code == "session_offline"

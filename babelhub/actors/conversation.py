@@ -174,6 +174,8 @@ class ConversationActor(Actor[ConversationMessage]):
                 await self._send_here(msgspec.structs.replace(message, targets=[], conversation=there))
                 continue
             forwarded = msgspec.structs.replace(message, targets=[], conversation=there)
+            if self.state.conversation is None or connection.id != self.state.conversation.connection:
+                forwarded = _without_file_ids(forwarded)
             await self.hub.js.publish(
                 self.hub.subjects.outbound(message.tenant, target_id),
                 c.encode(forwarded),
@@ -309,6 +311,29 @@ class ConversationActor(Actor[ConversationMessage]):
     async def _publish(self, subject: str, envelope: c.Envelope) -> None:
         headers = {"Nats-Msg-Id": envelope.id, **carrier()}
         await self.hub.js.publish(subject, c.encode(envelope), headers=headers)
+
+
+def _without_file_ids(message: c.Message) -> c.Message:
+    """A channel's file ids mean nothing to another connection: keep only what can be fetched (url,
+    bytes). Media left with neither are then dropped, and recorded, by degradation."""
+
+    def media(item: c.Media) -> c.Media:
+        return msgspec.structs.replace(item, file_id="") if item.file_id else item
+
+    def card(item: c.Card) -> c.Card:
+        return msgspec.structs.replace(item, media=media(item.media)) if item.media is not None else item
+
+    parts: list[c.Part] = []
+    for part in message.parts:
+        match part:
+            case c.Media():
+                part = media(part)
+            case c.Card():
+                part = card(part)
+            case c.Carousel():
+                part = msgspec.structs.replace(part, cards=[card(item) for item in part.cards])
+        parts.append(part)
+    return msgspec.structs.replace(message, parts=parts)
 
 
 def _bounded_put(mapping: dict[str, str], key: str, value: str, limit: int = _MAX_IDS) -> None:

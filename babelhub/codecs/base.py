@@ -73,6 +73,9 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     text_limit: int = 4096
     """Characters in one text message; longer text is split on word boundaries."""
     caption_limit: int = 1024
+    choice_text_limit: int = 0
+    """Characters of text shown together with buttons or a list (WhatsApp's interactive body: 1024); a
+    longer text is sent before them, as text of its own."""
     markup: TextFormat = "plain"
     """The dialect the channel renders: markdown in canonical text is converted into it."""
     max_buttons: int = 0

@@ -185,6 +185,8 @@ class _Degradation:
                 return self.fit_text(part, index, generated)
             case Media():
                 return self.fit_media(part, index)
+            case Buttons() | List() if self.choice_text_too_long(part):
+                return self.move_choice_text(part, index)
             case Buttons():
                 return self.fit_buttons(part, index)
             case List():
@@ -260,6 +262,18 @@ class _Degradation:
 
     # -- choices: buttons, lists, polls
 
+    def choice_text_too_long(self, part: Buttons | List) -> bool:
+        limit = self.caps.choice_text_limit
+        return self.allows(_type(part)) and limit > 0 and len(part.text) > limit
+
+    def move_choice_text(self, part: Buttons | List, index: int) -> list[Part]:
+        """Text too long to go with the choices: all but its last piece go first, as text of their own."""
+        limit = self.caps.choice_text_limit
+        *before, last = _split_to_fit(part.text, lambda chunk: len(chunk) <= limit)
+        pieces: list[Part] = [Text(text=chunk) for chunk in before]
+        why = f"text longer than the {limit} characters shown with choices: the start sent before them"
+        return self.replace(part, index, [*pieces, msgspec.structs.replace(part, text=last)], why)
+
     def fit_buttons(self, part: Buttons, index: int) -> list[Part]:
         caps = self.caps
         if not self.allows("buttons"):
@@ -283,7 +297,8 @@ class _Degradation:
             if shortened != kept:
                 reasons.append(f"titles shortened to {caps.max_button_title} characters")
             self.record(index, "buttons", [fitted], "; ".join(reasons))
-            return [fitted]
+            # The link lines may have made the text too long to go with the buttons.
+            return self.move_choice_text(fitted, index) if self.choice_text_too_long(fitted) else [fitted]
         return [part]
 
     def numbered_buttons(self, part: Buttons) -> Text:

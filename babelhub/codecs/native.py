@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -18,9 +19,11 @@ from babelhub.errors import DecodeError
 __all__ = [
     "ErrorRule",
     "convert",
+    "finite",
     "from_unix",
     "http_failure",
     "json_body",
+    "parse_time",
     "read_json",
     "retry_after",
     "same_secret",
@@ -45,6 +48,8 @@ def read_json(request: HttpRequest | HttpResponse) -> Any:
         return msgspec.json.decode(request.body)
     except msgspec.DecodeError as exc:
         raise DecodeError(f"body is not valid JSON: {exc}", path="$") from None
+    except RecursionError:
+        raise DecodeError("body is nested too deeply to read", path="$") from None
 
 
 def convert(value: Any, into: type[T], path: str = "$") -> T:
@@ -66,8 +71,29 @@ def json_body(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
-def from_unix(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
+def from_unix(seconds: float, path: str = "$") -> datetime:
+    """A Unix time as an aware UTC datetime; a DecodeError at `path` when it is no real time."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, ValueError, OSError, TypeError) as exc:
+        raise DecodeError(f"not a usable Unix time: {seconds!r} ({exc})", path=path) from None
+
+
+def parse_time(value: str, path: str = "$") -> datetime:
+    """An ISO 8601 / RFC 3339 timestamp as an aware UTC datetime. Channels that leave out the offset
+    mean UTC; canonical timestamps always carry one."""
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
+    except (TypeError, ValueError):
+        raise DecodeError(f"not an ISO 8601 timestamp: {value!r}", path=path) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def finite(value: float, path: str = "$") -> float:
+    """`value` if it is a finite number (JSON cannot carry NaN or infinity), else a DecodeError."""
+    if not math.isfinite(value):
+        raise DecodeError(f"not a finite number: {value!r}", path=path)
+    return value
 
 
 def retry_after(headers: dict[str, str]) -> float | None:

@@ -22,6 +22,7 @@ from aiohttp import web
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from babelhub import canonical, codecs
 from babelhub.actors.connection import ConnectionActor, RawDelivery
@@ -44,7 +45,6 @@ __all__ = ["Hub"]
 
 log = logging.getLogger("babelhub.hub")
 
-HUB_KEY = web.AppKey("hub", object)
 _MAX_ACK_PENDING = 20_000
 
 
@@ -230,8 +230,8 @@ class Hub:
         """Long-poll a channel (Telegram getUpdates) and record each delivery like a webhook."""
         cursors = await self.js.key_value(self.subjects.bucket("cursors"))
         try:
-            cursor = (await cursors.get(connection.id)).value.decode()  # type: ignore[union-attr]
-        except Exception:
+            cursor = ((await cursors.get(connection.id)).value or b"").decode()
+        except NotFoundError:  # never polled before
             cursor = ""
         ctx = connection.encode_context(to="")
         timeout = float(connection.settings.options.get("poll_timeout", 25)) + 10
@@ -263,7 +263,6 @@ class Hub:
 
     async def _start_http(self) -> None:
         app = web.Application(client_max_size=self.config.hub.max_body_bytes)
-        app[HUB_KEY] = self
         app.add_routes(webhook_routes(self.ctx.connections, self.ingest, self.metrics))
         app.add_routes(self.sessions.routes())
         app.add_routes([

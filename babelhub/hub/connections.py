@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import aiohttp
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NATS
 
 from babelhub.canonical import Activity, Envelope, Error, Message
@@ -29,6 +30,7 @@ __all__ = ["ConnectionService", "Sent"]
 log = logging.getLogger("babelhub.connections")
 
 SESSION_SCHEME = "session:"
+_SESSION_TIMEOUT = 5.0
 
 
 class Sent(msgspec.Struct, frozen=True, kw_only=True):
@@ -131,7 +133,16 @@ class ConnectionService:
         return await deliver(self._http, self.codec, traced, self._policy, on_retry=count_retry)
 
     async def _to_session(self, request: OutboundRequest) -> SendResult:
+        """Hand the message to whichever hub process holds the session's socket; it answers once the
+        socket took it, so an offline visitor is a `failed` status, not a silent loss."""
         session = request.url[len(SESSION_SCHEME) :]
         subject = self._subjects.session(self.tenant, self.id, session)
-        await self._nats.publish(subject, request.body, headers=carrier() or None)
+        try:
+            await self._nats.request(subject, request.body, timeout=_SESSION_TIMEOUT, headers=carrier() or None)
+        except nats.errors.NoRespondersError:
+            return SendResult(ok=False, error=Error(code="session_offline",
+                                                    message=f"no WebSocket is connected for session {session}"))
+        except nats.errors.TimeoutError:
+            return SendResult(ok=False, retryable=True, error=Error(
+                code="session_timeout", message="the WebSocket did not take the message in time", retryable=True))
         return SendResult(ok=True, native_ids=[request.message_id])

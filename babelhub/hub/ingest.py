@@ -9,6 +9,7 @@ by JetStream itself. Nothing is decoded here: a decode bug can never lose a mess
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 
 import msgspec
@@ -24,6 +25,8 @@ from babelhub.hub.telemetry import Metrics, carrier, span
 
 __all__ = ["Ingest", "webhook_routes"]
 
+log = logging.getLogger("babelhub.ingest")
+
 
 class Ingest:
     def __init__(self, js: JetStreamContext, subjects: Subjects, dead_letters: DeadLetters) -> None:
@@ -35,7 +38,7 @@ class Ingest:
         """Write `request` as a raw record; True if new, False if JetStream saw its dedup key already.
         Raises DecodeError when the body is too broken to even find the channel's ids (after parking it)."""
         try:
-            key = connection.codec.dedup_key(request)
+            key = _dedup_key(connection, request)
         except DecodeError as exc:
             await self._dead_letters.park(DeadLetter(
                 stage="ingest", error=exc.reason, path=exc.path, tenant=connection.tenant,
@@ -46,6 +49,15 @@ class Ingest:
         ack = await self._js.publish(subject, msgspec.msgpack.encode(request),
                                      headers={"Nats-Msg-Id": msg_id, **carrier()})
         return not ack.duplicate
+
+
+def _dedup_key(connection: ConnectionService, request: HttpRequest) -> str:
+    try:
+        return connection.codec.dedup_key(request)
+    except DecodeError:
+        raise
+    except Exception as exc:  # a codec bug on odd input must still end in a 400 and a kept record
+        raise DecodeError(f"the channel's ids could not be read: {exc!r}", path="$") from exc
 
 
 def to_request(request: web.Request, body: bytes, public_url: str = "") -> HttpRequest:
@@ -87,6 +99,9 @@ def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, me
                 codec.verify(native, secrets)
             except SignatureError as exc:
                 return _error(401, f"signature check failed: {exc}")
+            except Exception as exc:  # odd input that trips the check is still no valid signature
+                log.warning("%s: signature check raised %r", connection.id, exc)
+                return _error(401, "signature check failed: the signature could not be read")
             try:
                 await ingest.record(connection, native)
             except DecodeError as exc:

@@ -57,8 +57,11 @@ class WebSessions:
         subject = self._hub.subjects.session(connection.tenant, connection.id, session)
 
         async def to_browser(msg: Msg) -> None:
-            if not socket.closed:
-                await socket.send_str(msg.data.decode("utf-8"))
+            if socket.closed:
+                return  # no answer: the sender reports the message as not delivered
+            await socket.send_str(msg.data.decode("utf-8"))
+            if msg.reply:
+                await msg.respond(b"")
 
         subscription = await self._hub.nats.subscribe(subject, cb=to_browser)
         try:

@@ -508,6 +508,43 @@ def test_other_gateway_and_webhook_events_are_kept_whole() -> None:
     assert authorized.sender is not None and authorized.sender.native_id == "53908232506183680"
 
 
+def _dispatch_with(name: str, **fields: Any) -> Any:
+    """A gateway dispatch fixture with fields of its event (`d`) replaced."""
+    body = fixture(name)
+    body["d"] |= fields
+    return body
+
+
+def test_timestamps_without_an_offset_are_utc_and_envelopes_read_back() -> None:
+    bare = fixture("message_object.json") | {"timestamp": "2017-07-11T17:27:07.299"}
+    edited = _dispatch_with("gateway_message_update.json", edited_timestamp="2017-07-11T17:30:12.001")
+    event = fixture("webhook_event_application_authorized.json")
+    event["event"]["timestamp"] = "2024-10-18T14:42:53.064834"
+    expected = [
+        datetime(2017, 7, 11, 17, 27, 7, 299000, tzinfo=UTC),
+        datetime(2017, 7, 11, 17, 30, 12, 1000, tzinfo=UTC),
+        datetime(2024, 10, 18, 14, 42, 53, 64834, tzinfo=UTC),
+    ]
+    for payload, ts in zip((bare, edited, event), expected, strict=True):
+        message = decode_message(of(payload))
+        assert message.ts == ts and message.ts.utcoffset() is not None
+        assert canonical.decode(canonical.encode(message)) == message
+
+
+def test_a_select_whose_quoted_options_have_odd_values_still_decodes() -> None:
+    """The message a component was on is quoted by the interaction; an option value that is a list
+    (or any non-string) labels nothing instead of breaking the lookup."""
+    payload = fixture("interaction_string_select_dm.json")
+    (row,) = payload["message"]["components"]
+    options = row["components"][0]["options"]
+    options[0]["value"] = ["ant"]  # ant, butterfly, caterpillar
+    options[2]["value"] = {"x": 1}
+    message = decode_message(of(payload))
+    assert message.parts == [
+        Action(id="butterfly", title="Butterfly", source=mid("1156270000000000001:1156272500000000002"))
+    ]
+
+
 def test_undecodable_input_names_the_path() -> None:
     interaction = fixture("interaction_slash_command.json")
     cases: list[tuple[Any, str]] = [
@@ -523,6 +560,12 @@ def test_undecodable_input_names_the_path() -> None:
         ({"op": 0, "s": 1, "t": "MESSAGE_CREATE", "d": [1]}, "$.d"),
         ({"op": 0, "s": 1, "t": "MESSAGE_REACTION_ADD", "d": {"user_id": "1", "channel_id": "2"}}, "$.d"),
         (fixture("webhook_event_application_authorized.json") | {"event": {"timestamp": "soon"}}, "$.event.timestamp"),
+        # more digits than a 64-bit snowflake has: no time of its own, and the path says which id
+        (interaction | {"id": "9" * 25}, "$.id"),
+        (interaction | {"id": "١٢٣"}, "$.id"),  # digits, but not ASCII ones
+        (fixture("message_object.json") | {"timestamp": "9999-12-31T23:00:00-05:00"}, "$.timestamp"),
+        (_dispatch_with("gateway_message_update.json", edited_timestamp="soon"), "$.d.edited_timestamp"),
+        (_dispatch_with("gateway_message_create.json", timestamp=None), "$.d.timestamp"),
     ]
     for payload, path in cases:
         request = signed(payload) if isinstance(payload, bytes) else of(payload)
@@ -839,6 +882,119 @@ def test_what_cannot_be_sent_is_refused_clearly() -> None:
         codec.encode(outbound(Buttons(buttons=[Button(id="x" * 101, title="long")])), encode_ctx())
     with pytest.raises(EncodeError, match="call"):
         codec.encode(outbound(Buttons(buttons=[Button(id="c", title="Call", action="call", value="+1")])), encode_ctx())
+
+
+@pytest.mark.parametrize("to", ["123/invites?", "123/../../guilds/1", "\uff11\uff12\uff13", "", "123?x=1", "1" * 21])
+def test_a_channel_id_that_is_no_snowflake_is_refused(to: str) -> None:
+    ctx = EncodeContext(tenant=TENANT, connection=CONNECTION, to=to, secrets={"bot_token": "x"})
+    with pytest.raises(EncodeError, match=r"no channel|no snowflake"):
+        codec.encode(outbound(Text(text="hi")), ctx)
+    now = canonical.now()
+    typing = Activity(id="a1", tenant=TENANT, conversation=Conversation(id="conv"), ts=now, activity="typing")
+    with pytest.raises(EncodeError, match=r"no channel|no snowflake"):
+        codec.encode_activity(typing, ctx)
+
+
+@pytest.mark.parametrize("native_id", ["111/invites:1700000000000000003", "111:1/../2", "111:", ":1", "111:\u0661"])
+def test_a_native_message_id_that_is_no_pair_of_snowflakes_is_refused(native_id: str) -> None:
+    ctx = encode_ctx(target=native_id)
+    for part in (Delete(target="target"), Reaction(emoji="👍", target="target")):
+        with pytest.raises(EncodeError, match="no Discord message known"):
+            codec.encode(outbound(part), ctx)
+    with pytest.raises(EncodeError, match="no Discord message known"):
+        codec.encode(outbound(Edit(target="target"), Text(text="x")), ctx)
+    with pytest.raises(EncodeError, match="no Discord message known"):
+        codec.encode(outbound(Text(text="x"), reply_to="target"), ctx)
+
+
+def test_a_follow_up_url_takes_only_a_snowflake_application_and_an_escaped_token() -> None:
+    ctx = EncodeContext(tenant=TENANT, connection=CONNECTION, to="111")
+    bad_app = {"discord.interaction_token": "tok", "discord.application_id": "1/../../channels/2"}
+    with pytest.raises(EncodeError, match="application id"):
+        codec.encode(outbound(Text(text="ok"), meta=bad_app), ctx)
+    odd_token = {"discord.interaction_token": "a/b?c#d", "discord.application_id": APP}
+    (request,) = codec.encode(outbound(Text(text="ok"), meta=odd_token), ctx)
+    assert request.url == f"https://discord.com/api/v10/webhooks/{APP}/a%2Fb%3Fc%23d"
+    with pytest.raises(EncodeError, match="path segment"):
+        codec.encode(outbound(Text(text="ok"), meta={**odd_token, "discord.interaction_token": ".."}), ctx)
+    with pytest.raises(EncodeError, match="no emoji"):
+        codec.encode(outbound(Reaction(emoji="..", target="t")), encode_ctx(t="111:1700000000000000003"))
+
+
+def test_choice_text_longer_than_a_message_goes_before_the_choices() -> None:
+    """Buttons' and lists' text is the content of their message: degradation moves the start of a longer
+    one before them (`choice_text_limit`), so every request stays within 2,000 characters."""
+    assert codec.capabilities.choice_text_limit == 2000
+    long_text = "word " * 500  # 2,500 characters
+    buttons = Buttons(text=long_text, buttons=[Button(id="ok", title="OK")])
+    menu = List(text=long_text, sections=[ListSection(rows=[ListRow(id="a", title="A")])])
+    for part in (buttons, menu):
+        bodies = [body for _, _, body in calls(degrade(outbound(part), codec.capabilities))]
+        assert all(len(body.get("content", "")) <= 2000 for body in bodies)
+        assert " ".join(body.get("content", "") for body in bodies).split() == long_text.split()
+        assert "components" in bodies[-1]
+    # Undegraded, encode refuses content Discord would refuse rather than send it.
+    for part in (Text(text="x" * 2001), buttons, menu):
+        with pytest.raises(EncodeError, match="2000"):
+            codec.encode(outbound(part), encode_ctx())
+
+
+def test_a_lists_header_text_and_footer_share_a_message_only_when_they_fit() -> None:
+    menu = List(
+        header="h" * 900,
+        text="t" * 900,
+        footer="f" * 900,
+        sections=[ListSection(rows=[ListRow(id="a", title="A")])],
+    )
+    bodies = [body for _, _, body in calls(outbound(menu))]
+    assert [body.get("content") for body in bodies] == ["h" * 900 + "\n" + "t" * 900, "f" * 900]
+    assert "components" in bodies[-1]
+
+
+def test_labels_are_cut_to_discords_lengths_and_values_refused() -> None:
+    card = Card(
+        title="T" * 300,
+        buttons=[Button(id="b", title="B" * 90), Button(id="u", title="U", action="url", value="https://x.example")],
+    )
+    menu = List(
+        button="P" * 200,
+        sections=[ListSection(rows=[ListRow(id="r", title="R" * 120, description="D" * 120)])],
+    )
+    ((_, _, body),) = calls(outbound(card, menu))
+    assert body["embeds"][0]["title"] == "T" * 255 + "…"
+    assert body["components"][0]["components"][0]["label"] == "B" * 79 + "…"
+    (select,) = body["components"][1]["components"]
+    assert select["placeholder"] == "P" * 149 + "…"
+    assert select["options"] == [{"label": "R" * 99 + "…", "value": "r", "description": "D" * 99 + "…"}]
+    refused = [
+        Card(title="t", subtitle="s" * 4097),
+        Media(media="image", url="https://x.example/a.png", caption="c" * 4097),
+        Buttons(buttons=[Button(id="u", title="U", action="url", value="https://x.example/" + "a" * 500)]),
+        List(sections=[ListSection(rows=[ListRow(id="i" * 101, title="I")])]),
+        List(sections=[ListSection(rows=[])]),
+        List(sections=[ListSection(rows=[ListRow(id=f"r{n}", title="R") for n in range(26)])]),
+    ]
+    for part in refused:
+        with pytest.raises(EncodeError):
+            codec.encode(outbound(part), encode_ctx())
+
+
+def test_embeds_over_6000_characters_together_go_into_the_next_message() -> None:
+    cards = [Card(title=f"card {n}", subtitle="s" * 2500) for n in range(3)]
+    bodies = [body for _, _, body in calls(outbound(*cards))]
+    assert [len(body["embeds"]) for body in bodies] == [2, 1]
+    for body in bodies:
+        assert sum(len(embed.get("title", "")) + len(embed.get("description", "")) for embed in body["embeds"]) <= 6000
+
+
+def test_a_card_image_known_only_by_file_id_is_refused_not_dropped() -> None:
+    card = Card(title="Shoes", media=Media(media="image", file_id="1156272600000000003"))
+    with pytest.raises(EncodeError, match="file id"):
+        codec.encode(outbound(card), encode_ctx())
+    with pytest.raises(EncodeError, match="file id"):
+        codec.encode(outbound(Media(media="image", file_id="1156272600000000003")), encode_ctx())
+    with pytest.raises(EncodeError, match="url"):
+        codec.encode(outbound(Card(title="Shoes", media=Media(media="image", data=b"\x89PNG"))), encode_ctx())
 
 
 def test_a_degraded_message_fits_discords_limits() -> None:

@@ -396,6 +396,21 @@ def test_group_status_is_in_the_group_conversation() -> None:
     assert update.conversation.native_id == GROUP
 
 
+def group_read_by(participant: str) -> bytes:
+    body = load_json("update_group_read")
+    body["data"]["participant"] = participant
+    return json.dumps(body).encode()
+
+
+def test_group_receipts_of_different_members_are_different_deliveries() -> None:
+    first, second = group_read_by("5521998877665@s.whatsapp.net"), group_read_by("5511976543210@s.whatsapp.net")
+    assert CODEC.dedup_key(HttpRequest(body=first)) != CODEC.dedup_key(HttpRequest(body=second))
+    assert CODEC.decode(HttpRequest(body=first), CTX)[0].id != CODEC.decode(HttpRequest(body=second), CTX)[0].id
+    # The same member's receipt retried is the same delivery.
+    assert CODEC.dedup_key(HttpRequest(body=first)) == CODEC.dedup_key(HttpRequest(body=raw("update_group_read")))
+    assert CODEC.decode(HttpRequest(body=first), CTX) == CODEC.decode(HttpRequest(body=raw("update_group_read")), CTX)
+
+
 def test_our_own_read_mark_on_a_received_message_is_an_outbound_read_activity() -> None:
     (envelope,) = decode("update_read_by_us")
     assert isinstance(envelope, Activity)
@@ -474,6 +489,52 @@ def test_other_events_are_kept_verbatim_in_the_instance_conversation(name: str) 
     assert msg.meta["evolution.event"] == load_json(name)["event"]
 
 
+def test_qr_code_update_keeps_that_it_happened_but_not_the_code() -> None:
+    # Whoever sees the QR code, its text or the pairing code can link a device to the WhatsApp account.
+    sent = load_json("qrcode_updated_code")["data"]["qrcode"]
+    msg = message("qrcode_updated_code")
+    (part,) = msg.parts
+    assert isinstance(part, Unsupported) and "qrcode.updated" in part.reason
+    assert part.native == {
+        "qrcode": {"instance": INSTANCE, "pairingCode": "[redacted]", "code": "[redacted]", "base64": "[redacted]"}
+    }
+    assert msg.meta["evolution.event"] == "qrcode.updated"
+    published = canonical.encode(msg).decode()
+    for secret in (sent["pairingCode"], sent["code"], sent["base64"], APIKEY):
+        assert secret not in published
+
+
+def test_a_qr_code_without_a_pairing_code_says_so() -> None:
+    body = load_json("qrcode_updated_code")
+    body["data"]["qrcode"]["pairingCode"] = None
+    (msg,) = CODEC.decode(HttpRequest(body=json.dumps(body).encode()), CTX)
+    assert isinstance(msg, Message) and isinstance(msg.parts[0], Unsupported)
+    assert msg.parts[0].native["qrcode"]["pairingCode"] is None
+
+
+def test_successive_qr_codes_are_different_events() -> None:
+    body = load_json("qrcode_updated_code")
+    body["data"]["qrcode"]["code"] = "2@another"
+    (other,) = CODEC.decode(HttpRequest(body=json.dumps(body).encode()), CTX)
+    assert other.id != message("qrcode_updated_code").id
+
+
+def test_credentials_anywhere_in_a_webhook_are_never_kept() -> None:
+    secrets = ["instance-token-1", "jwt-material-2", "access-3", "nested-key-4", "header-5"]
+    connection = load_json("connection_update")
+    connection |= {"jwt_key": secrets[1], "Authorization": f"Bearer {secrets[4]}"}
+    connection["data"] |= {"apikey": secrets[0], "auth": {"access_token": secrets[2], "apiKey": secrets[3]}}
+    upsert = load_json("upsert_text")
+    upsert |= {"api-key": secrets[0], "jwt": secrets[1]}
+    upsert["data"] |= {"token": secrets[0], "extra": [{"ApiKey": secrets[3]}]}
+    for body in (connection, upsert):
+        (envelope,) = CODEC.decode(HttpRequest(body=json.dumps(body).encode()), CTX)
+        published = canonical.encode(envelope).decode()
+        assert not [secret for secret in secrets if secret in published]
+    (kept,) = CODEC.decode(HttpRequest(body=json.dumps(upsert).encode()), CTX)
+    assert kept.meta["evolution.extra"] == [{}]  # what is not a credential stays
+
+
 def test_event_names_in_upper_case_are_understood() -> None:
     body = load_json("upsert_text") | {"event": "MESSAGES_UPSERT"}
     (envelope,) = CODEC.decode(HttpRequest(body=json.dumps(body).encode()), CTX)
@@ -501,6 +562,43 @@ def test_undecodable_input_names_the_path(body: bytes, path: str, reason: str) -
         CODEC.decode(HttpRequest(body=body), CTX)
     assert caught.value.path == path
     assert reason in caught.value.reason
+
+
+def changed(name: str, **data: Any) -> bytes:
+    body = load_json(name)
+    body["data"] |= data
+    return json.dumps(body).encode()
+
+
+def with_location(**fields: Any) -> bytes:
+    body = load_json("upsert_location")
+    body["data"]["message"]["locationMessage"] |= fields
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (with_location(degreesLatitude="nan"), "$.data.message.locationMessage.degreesLatitude"),
+        (with_location(degreesLongitude="Infinity"), "$.data.message.locationMessage.degreesLongitude"),
+        (changed("upsert_text", messageTimestamp=10**17), "$.data.messageTimestamp"),
+        (changed("upsert_text", messageTimestamp="1" + "0" * 400), "$.data.messageTimestamp"),
+        (changed("update_v1_read", datetime=10**20), "$.data.datetime"),
+        (changed("update_v1_read", datetime=10**400), "$.data.datetime"),
+        (changed("edited_text", timestampMs="9" * 30), "$.data.timestampMs"),
+    ],
+)
+def test_impossible_numbers_are_decode_errors_at_their_path(body: bytes, path: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=body), CTX)
+    assert caught.value.path == path
+
+
+def test_a_body_nested_too_deeply_is_a_decode_error() -> None:
+    body = b'{"event": "chats.update", "data": ' + b"[" * 600 + b"]" * 600 + b"}"
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=body), CTX)
+    assert caught.value.path == "$"
 
 
 def _corpus_files() -> list[Path]:
@@ -550,6 +648,11 @@ def test_wrong_apikey_is_refused() -> None:
 def test_missing_apikey_is_refused_when_one_is_configured() -> None:
     with pytest.raises(SignatureError, match="no apikey"):
         CODEC.verify(HttpRequest(body=with_apikey("upsert_text", None)), {"apikey": APIKEY})
+
+
+def test_body_too_deep_to_read_carries_no_apikey() -> None:
+    with pytest.raises(SignatureError, match="no apikey"):
+        CODEC.verify(HttpRequest(body=b"[" * 100_000 + b"]" * 100_000), {"apikey": APIKEY})
 
 
 JWT_KEY = "webhook-jwt-secret"
@@ -774,6 +877,59 @@ def test_link_and_call_buttons_alone_are_sent_as_buttons() -> None:
         {"type": "url", "displayText": "Site", "url": "https://loja.example.com"},
         {"type": "call", "displayText": "Ligar", "phoneNumber": "+5531988887777"},
     ]
+
+
+def test_text_shown_with_choices_is_declared_to_degradation() -> None:
+    # WhatsApp's 1024, less the 4 characters Baileys' sendButtons adds around the title ("*title*\n\n…\n").
+    assert CODEC.capabilities.choice_text_limit == 1020
+
+
+def rendered_button_text(body: Any) -> str:
+    """What Baileys' sendButtons shows above the buttons (whatsapp.baileys.service.ts `buttonMessage`)."""
+    description = body.get("description")
+    return f"*{body['title']}*" + (f"\n\n{description}\n" if description else "")
+
+
+def test_link_lines_that_would_overflow_the_text_go_before_the_buttons() -> None:
+    text = "Pedido 4471\n" + "x" * 990  # fits on its own, not with the link written under it
+    part = Buttons(
+        text=text,
+        buttons=[
+            Button(id="sim", title="Sim"),
+            Button(id="site", title="Site", action="url", value="https://loja.example.com/pedidos/4471"),
+        ],
+    )
+    requests = CODEC.encode(outbound(part), encode_ctx())
+    assert paths(requests) == [f"/message/sendText/{INSTANCE}", f"/message/sendButtons/{INSTANCE}"]
+    links, buttons = bodies(requests)
+    assert links["text"] == "Site: https://loja.example.com/pedidos/4471"
+    assert (buttons["title"], buttons["description"]) == ("Pedido 4471", "x" * 990)
+    assert len(rendered_button_text(buttons)) <= 1024
+
+
+def test_text_at_the_limit_renders_within_whatsapps_body() -> None:
+    part = Buttons(text="T" * 100 + "\n" + "d" * 919, buttons=[Button(id="ok", title="OK")])
+    (body,) = bodies(CODEC.encode(outbound(part), encode_ctx()))
+    assert len(rendered_button_text(body)) == 1024
+
+
+def test_held_text_too_long_for_choices_is_sent_on_its_own() -> None:
+    long_text = Text(text="w" * 1500)
+    rows = [ListSection(title="Tamanhos", rows=[ListRow(id="p", title="P")])]
+    requests = CODEC.encode(outbound(long_text, List(sections=rows)), encode_ctx())
+    assert paths(requests) == [f"/message/sendText/{INSTANCE}", f"/message/sendList/{INSTANCE}"]
+    text, listing = bodies(requests)
+    assert text["text"] == "w" * 1500 and "description" not in listing
+    with pytest.raises(EncodeError, match="need a text"):
+        CODEC.encode(outbound(long_text, Buttons(buttons=[Button(id="ok", title="OK")])), encode_ctx())
+
+
+def test_own_text_too_long_for_choices() -> None:
+    rows = [ListSection(title="Tamanhos", rows=[ListRow(id="p", title="P")])]
+    requests = CODEC.encode(outbound(List(text="v" * 1021, sections=rows)), encode_ctx())
+    assert [body.get("text") or body.get("description") for body in bodies(requests)] == ["v" * 1021, None]
+    with pytest.raises(EncodeError, match="1020"):
+        CODEC.encode(outbound(Buttons(text="v" * 1021, buttons=[Button(id="ok", title="OK")])), encode_ctx())
 
 
 def test_list_request_is_exact() -> None:

@@ -176,6 +176,113 @@ def test_the_legacy_verification_token_never_reaches_meta() -> None:
     assert "static-secret" not in json.dumps(envelope.meta)
 
 
+ADD_ON_TOKENS = {"userOAuthToken": "ya29.user", "userIdToken": "eyJ.user", "systemIdToken": "eyJ.system"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # an unsupported classic event is kept whole in Unsupported.native
+        fixture("app_command.json") | {"token": "static-secret"},
+        # a message with nothing readable is kept whole as well
+        fixture("added_to_space.json")
+        | {"type": "MESSAGE", "token": "static-secret", "message": {"name": "spaces/AAAAAAAAAAA/messages/M"}},
+        # an add-on event of a kind not read (a widget update) is kept whole too
+        {
+            "chat": {"user": {"name": "users/1"}, "space": {"name": "spaces/S"}, "eventTime": "2024-05-02T10:15:30Z"},
+            "commonEventObject": {"hostApp": "CHAT"},
+            "authorizationEventObject": ADD_ON_TOKENS,
+        },
+        fixture("addon_message.json") | {"authorizationEventObject": ADD_ON_TOKENS},
+    ],
+)
+def test_credentials_are_never_kept_in_an_envelope(raw: dict[str, Any]) -> None:
+    envelopes = CODEC.decode(HttpRequest(body=json.dumps(raw).encode()), CTX)
+    assert envelopes
+    for envelope in envelopes:
+        kept = c.encode(envelope).decode()
+        for secret in ("static-secret", *ADD_ON_TOKENS.values()):
+            assert secret not in kept
+    # What is kept whole is the event minus its credentials, nothing else left out.
+    kept_whole = [
+        part.native
+        for envelope in envelopes
+        if isinstance(envelope, c.Message)
+        for part in envelope.parts
+        if isinstance(part, c.Unsupported) and isinstance(part.native, dict)
+    ]
+    assert all(native.keys() == raw.keys() - {"token", "authorizationEventObject"} for native in kept_whole)
+
+
+def test_timestamps_without_an_offset_are_utc_and_the_envelope_reads_back() -> None:
+    raw = fixture("message_room_mention.json")
+    raw["eventTime"] = "2017-03-02T19:02:59.910959"
+    raw["message"]["createTime"] = "2017-03-02T19:02:59.910959"
+    added = fixture("added_to_space.json") | {"eventTime": "2017-03-02T19:02:59"}
+    for body in (raw, added):
+        (envelope,) = CODEC.decode(HttpRequest(body=json.dumps(body).encode()), CTX)
+        assert envelope.ts.utcoffset() is not None and envelope.ts.utcoffset() == dt.timedelta(0)
+        assert c.decode(c.encode(envelope)) == envelope
+    (envelope,) = CODEC.decode(HttpRequest(body=json.dumps(raw).encode()), CTX)
+    assert envelope.ts == datetime(2017, 3, 2, 19, 2, 59, 910959, tzinfo=UTC)
+
+
+def _click_with_inputs(inputs: dict[str, Any]) -> HttpRequest:
+    raw = fixture("card_clicked_submit_dialog.json")
+    raw["common"]["formInputs"] = inputs
+    return HttpRequest(body=json.dumps(raw).encode())
+
+
+def test_form_inputs_in_the_chat_api_shapes() -> None:
+    (envelope,) = CODEC.decode(
+        _click_with_inputs(
+            {
+                "none": {"stringInputs": {"value": None}},
+                "one": {"stringInputs": {"value": "solo"}},
+                "date": {"dateInput": {"msSinceEpoch": "1700000000000"}},
+                "at": {"dateTimeInput": {"msSinceEpoch": 1700000000000, "hasTime": True}},
+                "time": {"timeInput": {"hours": 9, "minutes": 5}},
+            }
+        ),
+        CTX,
+    )
+    assert isinstance(envelope, c.Message)
+    form = envelope.parts[1]
+    assert isinstance(form, c.Form)
+    assert [(f.id, f.kind, f.value) for f in form.fields] == [
+        ("none", "text", []),
+        ("one", "text", "solo"),
+        ("date", "date", 1700000000000),
+        ("at", "datetime", 1700000000000),
+        ("time", "time", "09:05"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "path"),
+    [
+        ({"a": {"stringInputs": {"value": {"x": 1}}}}, "$.common.formInputs.a.stringInputs.value"),
+        ({"a": {"stringInputs": {"value": ["ok", 5]}}}, "$.common.formInputs.a.stringInputs.value[1]"),
+        ({"a": {"dateInput": {"msSinceEpoch": "abc"}}}, "$.common.formInputs.a.dateInput.msSinceEpoch"),
+        ({"a": {"dateTimeInput": {"msSinceEpoch": 1.5e300}}}, "$.common.formInputs.a.dateTimeInput.msSinceEpoch"),
+        ({"a": {"timeInput": {"hours": "nine"}}}, "$.common.formInputs.a.timeInput.hours"),
+        ({"a": {"timeInput": {"hours": 9, "minutes": [5]}}}, "$.common.formInputs.a.timeInput.minutes"),
+    ],
+)
+def test_malformed_form_inputs_name_their_path(inputs: dict[str, Any], path: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(_click_with_inputs(inputs), CTX)
+    assert caught.value.path == path
+
+
+def test_add_on_form_inputs_are_named_by_their_add_on_path() -> None:
+    raw = fixture("addon_button_clicked.json")
+    raw["commonEventObject"]["formInputs"] = {"a": {"dateInput": {"msSinceEpoch": "soon"}}}
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=json.dumps(raw).encode()), CTX)
+    assert caught.value.path == "$.commonEventObject.formInputs.a.dateInput.msSinceEpoch"
+
+
 @pytest.mark.parametrize(
     ("body", "path"),
     [
@@ -183,6 +290,10 @@ def test_the_legacy_verification_token_never_reaches_meta() -> None:
         (b'{"type": "MESSAGE", "eventTime": "2024-01-01T00:00:00Z"}', "$.space.name"),
         (b'{"type": "MESSAGE", "space": {"name": 5}}', "$.space.name"),
         (b'{"type": "REMOVED_FROM_SPACE", "space": {"name": "spaces/A"}, "eventTime": "soon"}', "$.eventTime"),
+        (
+            b'{"type": "REMOVED_FROM_SPACE", "space": {"name": "spaces/A"}, "eventTime": "9999-12-31T23:00:00-05:00"}',
+            "$.eventTime",
+        ),
         (
             b'{"type": "MESSAGE", "space": {"name": "spaces/A"}, "message": {"annotations": [{"startIndex": "x"}]}}',
             "$.message.annotations[0].startIndex",
@@ -457,6 +568,32 @@ def test_what_cannot_be_encoded_says_why() -> None:
         CODEC.encode(_message(c.Text(text="x")), EncodeContext(tenant="a", connection="b", to="room-1"))
     with pytest.raises(EncodeError, match="reaction"):
         CODEC.encode(_message(c.Reaction(emoji="👍", target="x")), _ctx())
+
+
+@pytest.mark.parametrize(
+    "space",
+    ["spaces/AAA/members?x=", "spaces/AAA/messages/X", "spaces/../v2/users", "spaces/A#frag", "spaces/", "spaces/A%2F"],
+)
+def test_a_space_name_that_would_address_another_endpoint_is_refused(space: str) -> None:
+    ctx = EncodeContext(tenant="acme", connection="gchat", to=space, secrets={"access_token": "ya29.token"})
+    with pytest.raises(EncodeError, match="spaces/"):
+        CODEC.encode(_message(c.Text(text="x")), ctx)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "spaces/AAAAAAAAAAA/messages/../../spaces/B/messages/C",
+        "spaces/AAAAAAAAAAA/messages/C?updateMask=cards",
+        "spaces/AAAAAAAAAAA/members/C",
+        "spaces/AAAAAAAAAAA/messages/..",
+    ],
+)
+def test_a_message_name_that_would_address_another_endpoint_is_refused(name: str) -> None:
+    with pytest.raises(EncodeError, match="no google chat message name"):
+        CODEC.encode(_message(c.Delete(target="sent")), _ctx(sent=name))
+    with pytest.raises(EncodeError, match="no google chat message name"):
+        CODEC.encode(_message(c.Edit(target="sent"), c.Text(text="x")), _ctx(sent=name))
 
 
 def test_parse_response_reads_the_message_name() -> None:

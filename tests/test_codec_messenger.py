@@ -286,6 +286,29 @@ def test_replaying_a_delivery_yields_the_same_ids() -> None:
             "$.entry[0].messaging[0].timestamp",
         ),
         (b'{"object": "instagram", "entry": []}', "$.object"),
+        # Times that are numbers but no moment: the path names the field, not the body.
+        (
+            b'{"object": "page", "entry": [{"messaging": [{"timestamp": "1e999", "message": {"mid": "m1"}}]}]}',
+            "$.entry[0].messaging[0].timestamp",
+        ),
+        (
+            b'{"object": "page", "entry": [{"messaging": [{"timestamp": "NaN", "message": {"mid": "m1"}}]}]}',
+            "$.entry[0].messaging[0].timestamp",
+        ),
+        (
+            b'{"object": "page", "entry": [{"messaging": [{"timestamp": 1'
+            + b"0" * 400
+            + b', "message": {"mid": "m1"}}]}]}',
+            "$.entry[0].messaging[0].timestamp",
+        ),
+        (
+            b'{"object": "page", "entry": [{"time": "-1e20", "messaging": [{"message": {"mid": "m1"}}]}]}',
+            "$.entry[0].time",
+        ),
+        (
+            b'{"object": "page", "entry": [{"time": "1e999", "changes": [{"field": "feed", "value": {}}]}]}',
+            "$.entry[0].time",
+        ),
     ],
 )
 def test_undecodable_input_names_the_json_path(body: bytes, path: str) -> None:
@@ -431,6 +454,26 @@ def test_a_missing_signature_is_refused() -> None:
         messenger.verify(HttpRequest(body=b"{}", headers={"x-hub-signature-256": "sha1=abc"}), SECRETS)
 
 
+@pytest.mark.parametrize(
+    "header",
+    ["sha256=\u00e9" + "0" * 63, "sha256=" + "\u00e9" * 64, "sha256=" + "z" * 64, "sha256=abc", "sha256=", "\u00e9=1"],
+)
+def test_a_malformed_or_non_ascii_signature_is_refused_as_a_signature_error(header: str) -> None:
+    # hmac.compare_digest raises TypeError on non-ASCII str: the check must still answer SignatureError.
+    request = HttpRequest(body=fixture("messenger", "echo_text.json"), headers={"x-hub-signature-256": header})
+    with pytest.raises(SignatureError):
+        messenger.verify(request, SECRETS)
+
+
+def test_a_signature_in_upper_case_hex_verifies() -> None:
+    request = signed(fixture("messenger", "echo_text.json"))
+    upper = HttpRequest(
+        body=request.body,
+        headers={"x-hub-signature-256": request.headers["x-hub-signature-256"].upper().replace("SHA256=", "sha256=")},
+    )
+    messenger.verify(upper, SECRETS)
+
+
 def test_a_stale_signature_from_a_rotated_app_secret_is_refused() -> None:
     # Meta's signature carries no timestamp; what goes stale is the secret it was made with.
     request = signed(fixture("messenger", "echo_text.json"), secret="the-app-secret-before-rotation")
@@ -464,7 +507,36 @@ def test_dedup_key_follows_the_events_not_the_bytes() -> None:
     body["entry"][0]["messaging"][0]["message"]["mid"] = "m_anotherMessage"
     other = messenger.dedup_key(HttpRequest(body=json.dumps(body).encode()))
     assert key and key == reformatted and key != other
-    assert messenger.dedup_key(HttpRequest(body=b"not json")) == ""
+    assert messenger.dedup_key(HttpRequest(body=b'{"object": "page"}')) == ""  # no events: the hub hashes the body
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (b"not json", "$"),
+        (b"[1, 2]", "$"),
+        (b'{"object": "page", "entry": 5}', "$.entry"),
+        (b'{"object": "page", "entry": [5]}', "$.entry[0]"),
+        (b'{"object": "page", "entry": [{"messaging": 5}]}', "$.entry[0].messaging"),
+        (b'{"object": "page", "entry": [{"standby": [5]}]}', "$.entry[0].standby[0]"),
+        (b'{"object": "page", "entry": [{"changes": {"field": "messages"}}]}', "$.entry[0].changes"),
+        (b'{"object": "page", "entry": [{"changes": [{"field": [], "value": {}}]}]}', "$.entry[0].changes[0].field"),
+        (
+            b'{"object": "page", "entry": [{"messaging": [{"delivery": {"mids": 5, "watermark": 1}}]}]}',
+            "$.entry[0].messaging[0].delivery.mids",
+        ),
+        (
+            b'{"entry": [{"changes": [{"field": "messages", "value": {"delivery": {"mids": "m1"}}}]}]}',
+            "$.entry[0].changes[0].value.delivery.mids",
+        ),
+        (b"[" * 100_000 + b"]" * 100_000, "$"),
+    ],
+)
+def test_dedup_key_of_a_broken_body_is_a_decode_error_naming_the_path(body: bytes, path: str) -> None:
+    # These raised TypeError (RecursionError for deep nesting) before; the hub needs a DecodeError and a path.
+    with pytest.raises(DecodeError) as caught:
+        messenger.dedup_key(HttpRequest(body=body))
+    assert caught.value.path == path
 
 
 def test_dedup_keys_of_events_without_ids_still_tell_them_apart() -> None:
@@ -619,6 +691,78 @@ def test_inline_bytes_are_uploaded_as_filedata_on_messenger_only() -> None:
     assert messenger.encode(message, encode_ctx())[0].body == request.body  # a retry sends the same bytes
     with pytest.raises(EncodeError, match="url"):
         instagram.encode(outbound(c.Media(media="image", data=b"\x89PNG")), encode_ctx())
+
+
+def test_upload_filename_cannot_inject_part_headers() -> None:
+    # The filename goes into the part's Content-Disposition: CR/LF or a quote would end it early.
+    evil = 'x.png"\r\nContent-Type: text/html\r\n\r\n<script>'
+    image = c.Media(media="image", data=b"\x89PNG", mime="image/png", filename=evil)
+    (request,) = messenger.encode(outbound(image), encode_ctx())
+    assert b"\r\nContent-Type: text/html" not in request.body
+    content_type = request.headers["content-type"]
+    form = BytesParser(policy=policy.HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + request.body)
+    filedata = [
+        part for part in form.iter_parts() if part.get_param("name", header="content-disposition") == "filedata"
+    ]
+    assert len(filedata) == 1 and filedata[0].get_content_type() == "image/png"
+    assert filedata[0].get_filename() == "x.pngContent-Type: text/html<script>"
+    assert filedata[0].get_payload(decode=True) == b"\x89PNG"
+
+
+def test_upload_media_type_with_a_line_break_is_an_encode_error() -> None:
+    image = c.Media(media="image", data=b"\x89PNG", mime="image/png\r\nX-Injected: 1", filename="x.png")
+    with pytest.raises(EncodeError, match="media type"):
+        messenger.encode(outbound(image), encode_ctx())
+
+
+def test_a_card_image_by_attachment_id_alone_is_a_media_template() -> None:
+    # The generic template shows images by URL only: the attachment id must not vanish silently.
+    card = c.Card(
+        media=c.Media(media="image", file_id="1857777774821032"),
+        buttons=[
+            c.Button(id="shop", title="Shop", action="url", value="https://example.com/shop"),
+            c.Button(id="more", title="More", action="postback"),
+        ],
+    )
+    template, rest = bodies(messenger.encode(outbound(card), encode_ctx()))
+    assert template["message"] == {
+        "attachment": {
+            "type": "template",
+            "payload": {
+                "template_type": "media",
+                "elements": [
+                    {
+                        "media_type": "image",
+                        "attachment_id": "1857777774821032",
+                        "buttons": [{"type": "web_url", "url": "https://example.com/shop", "title": "Shop"}],
+                    }
+                ],
+            },
+        }
+    }
+    assert rest["message"]["attachment"]["payload"]["buttons"] == [
+        {"type": "postback", "title": "More", "payload": "more"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("codec", "part"),
+    [
+        (messenger, c.Card(title="Shirt", media=c.Media(media="image", file_id="1857777774821032"))),
+        (
+            messenger,
+            c.Carousel(cards=[c.Card(title="A"), c.Card(title="B", media=c.Media(media="image", file_id="18"))]),
+        ),
+        (messenger, c.Card(title="Shirt", media=c.Media(media="image", data=b"\x89PNG"))),
+        (messenger, c.Card(media=c.Media(media="document", file_id="18"))),
+        (instagram, c.Card(media=c.Media(media="image", file_id="1857777774821032"))),
+    ],
+)
+def test_card_media_without_a_url_that_no_template_takes_is_an_encode_error(
+    codec: MessengerCodec, part: c.Part
+) -> None:
+    with pytest.raises(EncodeError, match="card"):
+        codec.encode(outbound(part), encode_ctx())
 
 
 def test_reply_to_and_reaction_use_the_native_ids() -> None:

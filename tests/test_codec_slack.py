@@ -412,11 +412,24 @@ def test_a_select_choice_is_an_action_with_the_chosen_rows_id() -> None:
     assert message.thread == mid("C111:1596530000.000200")
 
 
-def test_other_interactions_are_kept_whole_as_unsupported() -> None:
+def test_other_interactions_are_kept_whole_as_unsupported_but_for_the_verification_token() -> None:
     payload = fixture("interaction_view_submission.json")
     message = decode_message(interaction(payload))
-    assert message.parts == [Unsupported(reason="slack payload view_submission", native=payload)]
+    # `token` is the app's legacy verification token: a credential, never published with an envelope.
+    kept = {key: value for key, value in payload.items() if key != "token"}
+    assert message.parts == [Unsupported(reason="slack payload view_submission", native=kept)]
     assert message.sender is not None and message.sender.native_id == "W111"
+    assert "verification_token" not in canonical.encode(message).decode()
+
+
+@pytest.mark.parametrize("name", ["event_app_home_opened.json", "event_message_rich_text.json"])
+def test_no_kept_event_carries_a_verification_token(name: str) -> None:
+    body = fixture(name)
+    body["event"]["token"] = "verification_token"  # old apps saw it inside events as well
+    if name == "event_message_rich_text.json":
+        body["event"]["subtype"] = "channel_join"  # kept whole as Unsupported
+    message = decode_message(signed(json.dumps(body).encode(), "application/json"))
+    assert "verification_token" not in canonical.encode(message).decode()
 
 
 def test_a_slash_command_is_the_text_the_user_typed() -> None:
@@ -426,6 +439,7 @@ def test_a_slash_command_is_the_text_the_user_typed() -> None:
     assert message.conversation == channel_conversation("C111", "channel")
     assert message.sender is not None and message.sender.name == "primary-owner"
     assert message.meta["slack.response_url"] == "https://hooks.slack.com/commands/T111/111/xxxxx"
+    assert "verification_token" not in canonical.encode(message).decode()
 
 
 # -------------------------------------------------------------------------------- decode: errors
@@ -448,6 +462,13 @@ def test_undecodable_input_names_the_path() -> None:
     cases.append((interaction(click), "payload.actions[0].action_ts"))
     del click["user"]
     cases.append((interaction(click), "payload"))
+    for ts in ("1e999", "nan", "-1e300"):  # numbers, but no moment in time
+        body = fixture("event_message_rich_text.json")
+        body["event"]["ts"] = ts
+        cases.append((signed(json.dumps(body).encode(), "application/json"), "$.event.ts"))
+    member = fixture("event_member_joined_channel.json")
+    member["event_time"] = 10**20
+    cases.append((signed(json.dumps(member).encode(), "application/json"), "$.event_time"))
     for request, path in cases:
         with pytest.raises(DecodeError) as raised:
             codec.decode(request, CTX)
@@ -615,6 +636,42 @@ def test_a_list_is_a_static_select_beside_its_text() -> None:
     ]
 
 
+def test_list_texts_over_block_kit_limits_are_cut_not_refused_by_slack() -> None:
+    # header text and placeholder: 150 characters; option description and group label: 75.
+    menu = List(
+        header="H" * 200,
+        button="P" * 151,
+        sections=[
+            ListSection(title="G" * 76, rows=[ListRow(id="a", title="A", description="d" * 80)]),
+            ListSection(title="Short", rows=[ListRow(id="b", title="B", description="d" * 75)]),
+        ],
+    )
+    ((_, body),) = calls(outbound(menu))
+    header, actions = body["blocks"]
+    assert header["text"]["text"] == "H" * 149 + "\u2026"
+    (select,) = actions["elements"]
+    assert select["placeholder"]["text"] == "P" * 149 + "\u2026"
+    first, second = select["option_groups"]
+    assert first["label"]["text"] == "G" * 74 + "\u2026"
+    assert first["options"][0]["description"]["text"] == "d" * 74 + "\u2026"
+    assert second["label"]["text"] == "Short"
+    assert second["options"][0]["description"]["text"] == "d" * 75  # at the limit: kept whole
+
+
+def test_text_beside_buttons_over_a_sections_3000_characters_goes_before_them() -> None:
+    assert codec.capabilities.choice_text_limit == 3000
+    long_text = " ".join(["word"] * 1000)  # 4,999 characters
+    buttons = Buttons(text=long_text, buttons=[Button(id="ok", title="OK")])
+    degraded = degrade(outbound(buttons), codec.capabilities)
+    *before, last = degraded.parts
+    assert isinstance(last, Buttons) and 0 < len(last.text) <= 3000
+    assert all(isinstance(part, Text) for part in before) and before
+    for _, body in calls(degraded):
+        for block in body.get("blocks", []):
+            if block["type"] == "section":
+                assert len(block["text"]["text"]) <= 3000
+
+
 def test_a_list_with_sections_uses_option_groups_in_an_actions_block() -> None:
     menu = List(
         sections=[
@@ -682,6 +739,21 @@ def test_a_card_is_a_section_with_an_image_accessory_and_its_buttons() -> None:
             ],
         },
     ]
+
+
+@pytest.mark.parametrize(
+    "media",
+    [
+        Media(media="image", file_id="F0123"),
+        Media(media="image", data=b"\x89PNG"),
+        Media(media="document", file_id="F0123", filename="terms.pdf"),
+    ],
+)
+def test_a_card_whose_media_has_no_url_is_an_encode_error_naming_the_card(media: Media) -> None:
+    # Blocks show files by URL: the card must not go out silently without its image.
+    card = Card(title="Red shoes", media=media, buttons=[Button(id="buy", title="Buy", action="postback")])
+    with pytest.raises(EncodeError, match="Red shoes"):
+        codec.encode(outbound(card), encode_ctx())
 
 
 def test_replies_go_into_the_thread() -> None:

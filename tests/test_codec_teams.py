@@ -239,6 +239,7 @@ def test_read_receipt_is_a_read_status_of_our_message() -> None:
         (b'{"type": "message", "id": "1"}', "$.conversation.id"),
         (b'{"type": 5, "conversation": {"id": "x"}}', "$.type"),
         (b'{"type": "message", "id": "1", "conversation": {"id": "x"}, "timestamp": "yesterday"}', "$.timestamp"),
+        (b'{"type": "typing", "conversation": {"id": "x"}, "timestamp": "9999-12-31T23:00:00-05:00"}', "$.timestamp"),
         (
             b'{"type": "message", "id": "1", "conversation": {"id": "x"}, "attachments": [{"name": 3}]}',
             "$.attachments[0].name",
@@ -249,6 +250,20 @@ def test_undecodable_activities_name_the_json_path(body: bytes, path: str) -> No
     with pytest.raises(DecodeError) as caught:
         CODEC.decode(HttpRequest(body=body, received_at=RECEIVED_AT), CTX)
     assert caught.value.path == path
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        ("2017-02-01T21:10:07.437", datetime(2017, 2, 1, 21, 10, 7, 437000, tzinfo=UTC)),  # no offset: UTC
+        ("2017-02-01T13:10:07.437-08:00", datetime(2017, 2, 1, 21, 10, 7, 437000, tzinfo=UTC)),
+    ],
+)
+def test_timestamps_are_utc_and_the_envelope_reads_back(timestamp: str, expected: datetime) -> None:
+    raw = fixture("message_personal_rich_text.json") | {"timestamp": timestamp}
+    (envelope,) = CODEC.decode(HttpRequest(body=json.dumps(raw).encode()), CTX)
+    assert envelope.ts == expected and envelope.ts.utcoffset() == expected.utcoffset()
+    assert c.decode(c.encode(envelope)) == envelope
 
 
 def test_dedup_key_tells_an_edit_from_the_message_it_edits() -> None:

@@ -349,6 +349,36 @@ def test_video_note_is_a_video_marked_in_meta() -> None:
     assert message.meta["telegram.video_note"] is True
 
 
+def test_a_null_file_field_beside_the_real_file_is_no_file() -> None:
+    update = fixture("message_document")
+    update["message"]["animation"] = None  # present but null, ahead of the document in reading order
+    (message,) = CODEC.decode(webhook(update), DECODE)
+    assert isinstance(message, Message)
+    assert message.parts == decode_message("message_document").parts
+    assert message.meta.get("telegram.file") == decode_message("message_document").meta.get("telegram.file")
+
+
+def test_photo_sizes_written_as_strings_are_read_as_numbers() -> None:
+    update = fixture("message_photo_caption")
+    for size in update["message"]["photo"]:
+        size["width"], size["height"] = str(size["width"]), str(size["height"])
+    (message,) = CODEC.decode(webhook(update), DECODE)
+    assert isinstance(message, Message)
+    assert message.parts == decode_message("message_photo_caption").parts
+    assert message.meta["telegram.file"] == {"file_unique_id": "AQADabwxGxJmgVF-"}  # the largest size's
+
+
+def test_photo_meta_comes_from_the_same_size_as_the_media() -> None:
+    update = fixture("message_photo_caption")
+    # Two sizes of the same dimensions: the larger file is the photo, and its own id goes to meta.
+    update["message"]["photo"][2] |= {"width": 1280, "height": 1280, "file_size": 100}
+    (message,) = CODEC.decode(webhook(update), DECODE)
+    assert isinstance(message, Message)
+    (media,) = message.parts
+    assert isinstance(media, Media) and media.size == 162061
+    assert message.meta["telegram.file"] == {"file_unique_id": "AQADabwxGxJmgVF-"}
+
+
 def test_location_venue_contact_and_poll() -> None:
     assert decode_message("message_location").parts == [Location(lat=3.14, lon=3.14)]
     venue = decode_message("message_venue")
@@ -486,6 +516,45 @@ def test_undecodable_updates_name_the_path(body: bytes, path: str) -> None:
     with pytest.raises(DecodeError) as raised:
         CODEC.decode(HttpRequest(body=body), DECODE)
     assert raised.value.path == path
+
+
+def changed(name: str, **fields: Any) -> bytes:
+    """A fixture whose update payload (the field beside update_id) has `fields` replaced."""
+    update = fixture(name)
+    kind = next(key for key in update if key != "update_id")
+    update[kind] |= fields
+    return json.dumps(update).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (changed("message_text", date=10**17), "$.message.date"),
+        (changed("message_text", date=-(10**17)), "$.message.date"),
+        (changed("edited_message", edit_date=10**17), "$.edited_message.edit_date"),
+        (changed("message_reaction_added", date=10**17), "$.message_reaction.date"),
+        (changed("my_chat_member_blocked", date=10**17), "$.my_chat_member.date"),
+        (changed("message_new_chat_members", date=10**17), "$.message.date"),
+        (changed("inline_query", date=10**17), "$.inline_query.date"),
+        (changed("message_location", location={"latitude": "nan", "longitude": 3.14}), "$.message.location.latitude"),
+        (
+            changed("message_venue", venue={"location": {"latitude": 0, "longitude": "-inf"}, "title": "T"}),
+            "$.message.venue.location.longitude",
+        ),
+    ],
+)
+def test_impossible_times_and_places_name_the_path(body: bytes, path: str) -> None:
+    with pytest.raises(DecodeError) as raised:
+        CODEC.decode(HttpRequest(body=body), DECODE)
+    assert raised.value.path == path
+
+
+def test_callback_query_time_falls_back_to_the_keyboard_message_and_names_it() -> None:
+    update = fixture("callback_query_keyboard")
+    update["callback_query"]["message"]["date"] = 10**17
+    with pytest.raises(DecodeError) as raised:
+        CODEC.decode(HttpRequest(body=json.dumps(update).encode()), DECODE)  # no receipt time
+    assert raised.value.path == "$.callback_query.message.date"
 
 
 # ------------------------------------------------------------------------------------------- encode

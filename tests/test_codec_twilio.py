@@ -203,6 +203,16 @@ def test_half_a_coordinate_stays_in_meta() -> None:
     assert msg.meta["twilio.Label"] == "The Harrow Club"
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("Latitude", "nan"), ("Longitude", "NaN"), ("Latitude", "inf"), ("Longitude", "-Infinity")]
+)
+def test_coordinate_that_is_no_number_is_a_decode_error(field: str, value: str) -> None:
+    # A NaN or infinite coordinate would make a Location that cannot be encoded and decoded again.
+    with pytest.raises(DecodeError) as caught:
+        decode("whatsapp_location", **{field: value})
+    assert caught.value.path == f"$.{field}"
+
+
 def test_reply_points_at_the_original_message() -> None:
     msg = message("whatsapp_reply")
     assert msg.parts == [Text(text="Yes, that works for me")]
@@ -243,6 +253,17 @@ def test_get_webhook_reads_the_query_string() -> None:
     fields = load_json("sms_text")["fields"]
     (envelope,) = CODEC.decode(HttpRequest(method="GET", query=fields, received_at=RECEIVED_AT), CTX)
     assert envelope == message("sms_text")
+
+
+def test_get_webhook_with_a_body_is_not_read() -> None:
+    # A GET is signed over its URL alone: fields in its body would be read by no signature check.
+    fields = load_json("sms_text")["fields"]
+    get = HttpRequest(method="GET", query=fields, body=form_body("sms_text", Body="attacker"), url=WEBHOOK_URL)
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(get, CTX)
+    assert caught.value.path == "$"
+    with pytest.raises(DecodeError):
+        CODEC.dedup_key(get)
 
 
 # --------------------------------------------------------------------------------- status callbacks
@@ -466,9 +487,28 @@ def test_url_with_or_without_the_default_port_verifies(sign_url: str, url: str) 
     CODEC.verify(signed("sms_text", url=url, sign_url=sign_url), SECRETS)
 
 
+def get_request(query: str, *, body: bytes = b"", fields: dict[str, str] | None = None) -> HttpRequest:
+    """A GET webhook signed over its URL (with `query`), received with `fields` (default: the URL's)."""
+    url = f"{WEBHOOK_URL}?{query}"
+    received = dict(parse_qsl(query, keep_blank_values=True)) if fields is None else fields
+    return HttpRequest(method="GET", url=url, query=received, body=body, headers={"x-twilio-signature": sign(url, b"")})
+
+
 def test_get_webhook_is_signed_over_its_url_alone() -> None:
-    url = f"{WEBHOOK_URL}?{form_body('sms_text').decode()}"
-    CODEC.verify(HttpRequest(method="GET", url=url, headers={"x-twilio-signature": sign(url, b"")}), SECRETS)
+    CODEC.verify(get_request(form_body("sms_text").decode()), SECRETS)
+
+
+def test_signed_get_replayed_with_a_body_is_refused() -> None:
+    # The signature covers the URL only; decode must never read fields the signature did not cover.
+    replay = get_request(form_body("sms_text").decode(), body=form_body("sms_text", Body="Send me the money"))
+    with pytest.raises(SignatureError, match="body"):
+        CODEC.verify(replay, SECRETS)
+
+
+def test_get_whose_query_is_not_the_signed_one_is_refused() -> None:
+    fields = {**load_json("sms_text")["fields"], "Body": "Send me the money"}
+    with pytest.raises(SignatureError, match="query"):
+        CODEC.verify(get_request(form_body("sms_text").decode(), fields=fields), SECRETS)
 
 
 def test_repeated_field_names_are_signed_in_value_order() -> None:

@@ -372,6 +372,27 @@ def test_group_status_is_in_the_group_conversation() -> None:
     assert status.conversation.native_id == "fowefinoewcnw"
 
 
+def with_participant(participant: str) -> bytes:
+    body = load_json("status_group")
+    body["entry"][0]["changes"][0]["value"]["statuses"][0]["recipient_participant_id"] = participant
+    return json.dumps(body).encode()
+
+
+def test_group_receipts_of_different_members_are_different_deliveries() -> None:
+    # The same message read by two members of a group: two receipts that differ only by the member.
+    first, second = with_participant("16505550001"), with_participant("16505550002")
+    assert CODEC.dedup_key(HttpRequest(body=first)) != CODEC.dedup_key(HttpRequest(body=second))
+    (status_1,) = CODEC.decode(HttpRequest(body=first), CTX)
+    (status_2,) = CODEC.decode(HttpRequest(body=second), CTX)
+    assert isinstance(status_1, Status) and isinstance(status_2, Status)
+    assert status_1.id != status_2.id
+    assert status_1.meta["whatsapp.recipient_participant_id"] == "16505550001"
+    # The same member's receipt retried is still the same delivery.
+    again = with_participant("16505550001")
+    assert CODEC.dedup_key(HttpRequest(body=first)) == CODEC.dedup_key(HttpRequest(body=again))
+    assert [e.id for e in CODEC.decode(HttpRequest(body=first), CTX)] == [status_1.id]
+
+
 # --------------------------------------------------------------------------------- bad input
 
 
@@ -390,6 +411,60 @@ def test_undecodable_input_names_the_path(body: bytes, path: str, reason: str) -
         CODEC.decode(HttpRequest(body=body), CTX)
     assert caught.value.path == path
     assert reason in caught.value.reason
+
+
+def changed(name: str, edit: Any) -> bytes:
+    """A fixture with `edit(body)` applied."""
+    body = load_json(name)
+    edit(body)
+    return json.dumps(body).encode()
+
+
+def first_value(body: Any) -> Any:
+    return body["entry"][0]["changes"][0]["value"]
+
+
+VALUE = "$.entry[0].changes[0].value"
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        # Times no calendar holds: from_unix's DecodeError names the field.
+        (
+            changed("text", lambda b: first_value(b)["messages"][0].update(timestamp="99999999999999999")),
+            f"{VALUE}.messages[0].timestamp",
+        ),
+        (
+            changed("status_sent", lambda b: first_value(b)["statuses"][0].update(timestamp=-(10**17))),
+            f"{VALUE}.statuses[0].timestamp",
+        ),
+        (changed("account_update", lambda b: b["entry"][0].update(time=10**17)), "$.entry[0].time"),
+        # Numbers JSON cannot carry, written as strings.
+        (
+            changed("location", lambda b: first_value(b)["messages"][0]["location"].update(latitude="nan")),
+            f"{VALUE}.messages[0].location.latitude",
+        ),
+        (
+            changed("location", lambda b: first_value(b)["messages"][0]["location"].update(longitude="-inf")),
+            f"{VALUE}.messages[0].location.longitude",
+        ),
+        (
+            changed(
+                "order", lambda b: first_value(b)["messages"][0]["order"]["product_items"][1].update(item_price="NaN")
+            ),
+            f"{VALUE}.messages[0].order.product_items[1].item_price",
+        ),
+    ],
+)
+def test_impossible_numbers_are_decode_errors_at_their_path(body: bytes, path: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=body), CTX)
+    assert caught.value.path == path
+
+
+def test_dedup_key_of_a_body_nested_too_deeply_is_empty() -> None:
+    assert CODEC.dedup_key(HttpRequest(body=b"[" * 100_000 + b"]" * 100_000)) == ""
 
 
 def _corpus_files() -> list[Path]:
@@ -447,7 +522,28 @@ def test_signature_is_required_when_no_app_secret_is_configured() -> None:
 
 
 def test_360dialog_relays_unsigned_webhooks() -> None:
-    CODEC.verify(HttpRequest(body=raw("text")), {"api_key": "d360-key"})
+    CODEC.verify(HttpRequest(body=raw("text")), {"api_key": "d360-key", "provider": "360dialog"})
+    CODEC.verify(HttpRequest(body=raw("text")), {"provider": "360Dialog"})
+
+
+@pytest.mark.parametrize(
+    "secrets",
+    [
+        {"api_key": "d360-key"},  # an API key alone does not make a connection 360dialog's
+        {"api_key": "d360-key", "access_token": "EAAG-test"},
+        {"api_key": "d360-key", "provider": "meta"},
+    ],
+)
+def test_unsigned_webhooks_are_refused_unless_the_connection_is_360dialog(secrets: dict[str, str]) -> None:
+    with pytest.raises(SignatureError, match="app_secret"):
+        CODEC.verify(HttpRequest(body=raw("text")), secrets)
+
+
+def test_360dialog_connection_with_an_app_secret_still_checks_the_signature() -> None:
+    secrets = {"provider": "360dialog", "app_secret": APP_SECRET}
+    CODEC.verify(signed(raw("text")), secrets)
+    with pytest.raises(SignatureError, match="missing"):
+        CODEC.verify(HttpRequest(body=raw("text")), secrets)
 
 
 def subscribe(token: str, mode: str = "subscribe") -> HttpRequest:
@@ -666,6 +762,54 @@ def test_url_buttons_beside_reply_buttons_are_written_into_the_body() -> None:
     assert body["interactive"]["type"] == "button"
     assert body["interactive"]["body"] == {"text": "Pick one\n\nWebsite: https://example.com"}
     assert body["interactive"]["action"]["buttons"] == [{"type": "reply", "reply": {"id": "yes", "title": "Yes"}}]
+
+
+def test_text_shown_with_choices_is_declared_to_degradation() -> None:
+    assert CODEC.capabilities.choice_text_limit == 1024
+
+
+def interactive_texts(requests: list[OutboundRequest]) -> list[str]:
+    return [b["interactive"]["body"]["text"] for b in bodies(requests) if b["type"] == "interactive"]
+
+
+def test_link_lines_that_would_overflow_the_body_go_before_the_buttons() -> None:
+    text = "x" * 1000  # fits the body on its own, not with the link written under it
+    url = "https://example.com/" + "p" * 40
+    part = Buttons(
+        text=text, buttons=[Button(id="yes", title="Yes"), Button(id="site", title="Website", action="url", value=url)]
+    )
+    links, buttons = bodies(CODEC.encode(outbound(part), encode_ctx()))
+    assert links["text"]["body"] == f"Website: {url}"
+    assert buttons["interactive"]["body"] == {"text": text}
+    assert buttons["interactive"]["action"]["buttons"] == [{"type": "reply", "reply": {"id": "yes", "title": "Yes"}}]
+
+
+def test_held_text_with_link_lines_never_makes_a_body_over_the_limit() -> None:
+    parts = (
+        Text(text="y" * 1024),
+        Buttons(buttons=[Button(id="a", title="A"), Button(id="w", title="Web", action="url", value="https://e.co")]),
+    )
+    requests = CODEC.encode(outbound(*parts), encode_ctx())
+    assert [len(text) for text in interactive_texts(requests)] == [1024]
+    assert [b["type"] for b in bodies(requests)] == ["text", "interactive"]
+
+
+def test_own_text_longer_than_the_body_is_an_encode_error() -> None:
+    for part in (
+        Buttons(text="z" * 1025, buttons=[Button(id="a", title="A")]),
+        List(text="z" * 1025, sections=[ListSection(rows=[ListRow(id="r", title="R")])]),
+    ):
+        with pytest.raises(EncodeError, match="1024"):
+            CODEC.encode(outbound(part), encode_ctx())
+
+
+def test_many_links_without_replies_stay_within_a_text_message() -> None:
+    links = [Button(id=f"l{n}", title=f"Link {n}", action="url", value="https://e.co/" + "q" * 1500) for n in range(3)]
+    requests = CODEC.encode(outbound(Buttons(text="Read more", buttons=links)), encode_ctx())
+    texts = [b["text"]["body"] for b in bodies(requests)]
+    assert len(texts) > 1
+    assert all(len(text) <= 4096 for text in texts)
+    assert "\n\n".join(texts) == "\n\n".join(["Read more", *(f"{b.title}: {b.value}" for b in links)])
 
 
 def test_parts_become_calls_in_order_with_the_reply_quote_on_the_first() -> None:
@@ -907,3 +1051,11 @@ def test_registered_under_its_channel_name() -> None:
     caps = codec.capabilities
     assert (caps.max_buttons, caps.max_list_rows, caps.window_hours, caps.markup) == (3, 10, 24, "whatsapp")
     assert caps.button_actions == frozenset({"reply", "url"}) and not caps.edit and not caps.delete
+
+
+def test_360dialog_named_in_secrets_alone_picks_its_api() -> None:
+    ctx = EncodeContext(tenant="acme", connection="d360", to="16315551181",
+                        secrets={"api_key": "d360-key", "provider": "360dialog"})
+    (request,) = CODEC.encode(outbound(Text(text="hi")), ctx)
+    assert request.url == "https://waba-v2.360dialog.io/messages"
+    assert request.headers["D360-API-KEY"] == "d360-key"

@@ -33,8 +33,12 @@ reaction, reply or click on one of them refers to it. An interaction is not a me
 native id is `"{channel_id}:interaction:{id}"` and its time the one inside the snowflake. The
 conversation is the channel (a thread is a channel of its own, of type "thread"); a DM is "direct", a
 group DM "group", a guild channel "channel". Interaction envelopes keep in meta what a reply needs:
-`discord.interaction_token` (valid 15 minutes) and `discord.application_id`. The gateway also echoes
-the bot's own messages and reactions; with `options["bot_user_id"]` set they are never re-ingested.
+`discord.interaction_token` (valid 15 minutes) and `discord.application_id`. The interaction token is a
+credential: for those 15 minutes it lets whoever holds it post follow-ups and edit the interaction's
+messages as the app, without the bot token. It is kept in meta on purpose (apps need it to answer), so
+it is published, with the envelope, to every processor of the tenant; treat those as trusted. The
+gateway also echoes the bot's own messages and reactions; with `options["bot_user_id"]` set they are
+never re-ingested.
 
 Outbound, content parts become `POST /channels/{to}/messages`. Discord shows a message's content first,
 then its embeds (up to 10), then its action rows (up to 5), so consecutive parts share one message as
@@ -50,6 +54,16 @@ becomes a `message_reference` (with `fail_if_not_exists: false`: the reply still
 original was deleted). A reaction is `PUT`/`DELETE .../reactions/{emoji}/@me`, a delete `DELETE`, an
 edit `PATCH` of the message with the new content; typing is `POST /channels/{to}/typing`.
 
+Every id that goes into a path (`to`, the channel and message of a native id, the application id) must
+be a snowflake, digits only, and the interaction token is escaped: a `to` such as `123/invites?` would
+otherwise call another endpoint. Nothing is sent that Discord would refuse for its length: labels
+(button 80, option label and description 100, placeholder 150, embed title 256) are cut with an
+ellipsis; content over 2,000 characters, an embed description over 4,096 and ids over their limits
+are refused (degradation splits text, moving a buttons' or list's longer text before them:
+`choice_text_limit`); embeds over 6,000 characters together go into the next message. Media are shown
+by url only: a file with only a file id (Discord's attachment ids cannot be sent again) or only bytes
+is refused, in a card too.
+
 Replies to an interaction: when the outbound message's meta holds `discord.interaction_token` (copy it,
 with `discord.application_id`, from the inbound interaction; `options["application_id"]` also serves),
 its content goes to the interaction's webhook, `POST /webhooks/{application_id}/{token}`: a follow-up,
@@ -64,7 +78,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar, Final, TypeAlias
 from urllib.parse import quote
 
@@ -135,6 +149,18 @@ MAX_ROW_BUTTONS: Final = 5
 MAX_SELECT_OPTIONS: Final = 25
 MAX_CUSTOM_ID: Final = 100
 NONCE_LENGTH: Final = 25
+# Discord's documented lengths ("Embed Limits", "Button", "String Select" structures), in characters.
+EMBED_TITLE_LIMIT: Final = 256
+EMBED_DESCRIPTION_LIMIT: Final = 4096
+EMBEDS_TOTAL_LIMIT: Final = 6000  # all embeds of one message together
+BUTTON_LABEL_LIMIT: Final = 80
+BUTTON_URL_LIMIT: Final = 512
+OPTION_TEXT_LIMIT: Final = 100  # a select option's label, value and description
+PLACEHOLDER_LIMIT: Final = 150
+ELLIPSIS: Final = "…"
+
+#: A snowflake as ids are written in paths: an unsigned 64-bit number in decimal.
+_SNOWFLAKE: Final = re.compile(r"[0-9]{1,20}")
 
 #: The first millisecond of 2015: snowflakes count their time from it.
 DISCORD_EPOCH_MS: Final = 1_420_070_400_000
@@ -229,11 +255,11 @@ class _Message(msgspec.Struct):
     id: str
     channel_id: str
     author: _User
-    timestamp: datetime
+    timestamp: str  # ISO 8601, read by `native.parse_time`
     content: str = ""
     type: int = 0
     flags: int = 0
-    edited_timestamp: datetime | None = None
+    edited_timestamp: str | None = None
     guild_id: str | None = None
     channel_type: int | None = None
     member: _Member | None = None
@@ -339,14 +365,15 @@ class DiscordCodec(Codec):
         # degradation sends them as links.
         media=frozenset({"image"}),
         text_limit=TEXT_LIMIT,
-        caption_limit=4096,  # an image's caption is its embed's description
+        caption_limit=EMBED_DESCRIPTION_LIMIT,  # an image's caption is its embed's description
+        choice_text_limit=TEXT_LIMIT,  # buttons' and lists' text is the content of their message
         markup="markdown",
         max_buttons=MAX_ACTION_ROWS * MAX_ROW_BUTTONS,
-        max_button_title=80,
+        max_button_title=BUTTON_LABEL_LIMIT,
         button_actions=frozenset({"reply", "url", "postback"}),
         max_list_rows=MAX_SELECT_OPTIONS,  # options in one string select
         max_list_sections=MAX_ACTION_ROWS,  # one select (one action row) per section
-        max_row_title=100,  # option label
+        max_row_title=OPTION_TEXT_LIMIT,  # option label
         max_cards=MAX_EMBEDS,
         reply=True,
         edit=True,
@@ -420,7 +447,7 @@ class DiscordCodec(Codec):
         if _is_webhook_event(payload):
             return _webhook_event(payload, inbound)
         if "author" in payload:  # a bare message object: only messages have an author
-            return _message_created(native.convert(payload, _Message), payload, inbound)
+            return _message_created(native.convert(payload, _Message), payload, "$", inbound)
         return _decode_interaction(native.convert(payload, _Interaction), payload, "$", inbound)
 
     # --------------------------------------------------------------------------------- outbound
@@ -448,12 +475,10 @@ class DiscordCodec(Codec):
         """Typing is `POST /channels/{to}/typing` (shown for 10 seconds); Discord has no read marker."""
         if activity.activity != "typing":
             return []
-        if not ctx.to:
-            raise EncodeError("discord: no channel to send to (EncodeContext.to is empty)")
         return [
             OutboundRequest(
                 method="POST",
-                url=f"{self.api_base(ctx)}/channels/{ctx.to}/typing",
+                url=f"{self.api_base(ctx)}/channels/{_channel(ctx)}/typing",
                 headers=_bot_headers(ctx),
                 idempotency_key=f"{activity.id}:0",
                 message_id=activity.id,
@@ -474,9 +499,9 @@ class DiscordCodec(Codec):
         return _api_failure(response, answer)
 
 
-def snowflake_time(snowflake: str) -> datetime:
+def snowflake_time(snowflake: str, path: str = "$") -> datetime:
     """When a snowflake id was made: its top 42 bits count milliseconds since the Discord epoch."""
-    return native.from_unix(((int(snowflake) >> 22) + DISCORD_EPOCH_MS) / 1000)
+    return native.from_unix(((int(snowflake) >> 22) + DISCORD_EPOCH_MS) / 1000, path)
 
 
 def reaction_emoji(emoji: str) -> str:
@@ -484,6 +509,8 @@ def reaction_emoji(emoji: str) -> str:
     emoji (`<:name:id>`, `<a:name:id>` or `name:id`) as `name:id`."""
     custom = _CUSTOM_EMOJI.fullmatch(emoji)
     value = f"{custom['name']}:{custom['id']}" if custom else emoji
+    if not value.strip("."):
+        raise EncodeError(f"discord: {emoji!r} is no emoji")
     return quote(value, safe=":")
 
 
@@ -568,11 +595,6 @@ def _chat_type(channel_type: int | None, in_guild: bool) -> ConversationType:
     return "channel" if in_guild else "direct"
 
 
-def _utc(moment: datetime) -> datetime:
-    """Discord's timestamps carry +00:00; one without an offset (webhook events) is UTC too."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _display_name(user: _User, member: _Member | None = None) -> str:
     """How Discord shows a person: the server nickname, else the display name, else the username."""
     return (member.nick if member else None) or user.global_name or user.username
@@ -649,9 +671,9 @@ class _Inbound:
 def _decode_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inbound) -> list[Envelope]:
     event, kind = dispatch.d, dispatch.t
     if kind == "MESSAGE_CREATE":
-        return _message_created(native.convert(event, _Message, "$.d"), event, inbound)
+        return _message_created(native.convert(event, _Message, "$.d"), event, "$.d", inbound)
     if kind == "MESSAGE_UPDATE" and isinstance(event, dict) and event.get("edited_timestamp"):
-        return _message_edited(native.convert(event, _Message, "$.d"), event, inbound)
+        return _message_edited(native.convert(event, _Message, "$.d"), event, "$.d", inbound)
     if kind == "MESSAGE_DELETE":
         return [_message_deleted(native.convert(event, _DeleteEvent, "$.d"), inbound)]
     if kind in ("MESSAGE_REACTION_ADD", "MESSAGE_REACTION_REMOVE"):
@@ -662,7 +684,8 @@ def _decode_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inboun
     return [_unsupported_dispatch(dispatch, request, inbound)]
 
 
-def _message_created(message: _Message, raw: Json, inbound: _Inbound) -> list[Envelope]:
+def _message_created(message: _Message, raw: Json, root: str, inbound: _Inbound) -> list[Envelope]:
+    ts = native.parse_time(message.timestamp, f"{root}.timestamp")
     if inbound.is_own(message.author.id):
         return []  # our own message, echoed back by the gateway: never re-ingested
     parts, meta = _content(message, raw, inbound)
@@ -671,7 +694,7 @@ def _message_created(message: _Message, raw: Json, inbound: _Inbound) -> list[En
             native_id=f"{message.channel_id}:{message.id}",
             chat=message.channel_id,
             chat_type=_message_chat_type(message),
-            ts=_utc(message.timestamp),
+            ts=ts,
             sender=_author(message, inbound),
             parts=parts,
             reply_to=_replied(message, inbound),
@@ -680,11 +703,12 @@ def _message_created(message: _Message, raw: Json, inbound: _Inbound) -> list[En
     ]
 
 
-def _message_edited(message: _Message, raw: Json, inbound: _Inbound) -> list[Envelope]:
+def _message_edited(message: _Message, raw: Json, root: str, inbound: _Inbound) -> list[Envelope]:
     """MESSAGE_UPDATE with an `edited_timestamp`: an Edit marker followed by the new content."""
+    native.parse_time(message.timestamp, f"{root}.timestamp")
     if inbound.is_own(message.author.id) or message.edited_timestamp is None:
         return []
-    edited = _utc(message.edited_timestamp)
+    edited = native.parse_time(message.edited_timestamp, f"{root}.edited_timestamp")
     parts, meta = _content(message, raw, inbound)
     return [
         inbound.envelope(
@@ -904,10 +928,7 @@ def _webhook_event(payload: Json, inbound: _Inbound) -> list[Envelope]:
     user_id = _string(_object(_object(event, "data"), "user"), "id")
     application = _string(payload, "application_id")
     timestamp = _string(event, "timestamp")
-    try:
-        ts = _utc(datetime.fromisoformat(timestamp)) if timestamp else inbound.received
-    except ValueError:
-        raise DecodeError(f"{timestamp!r} is not an ISO 8601 timestamp", path="$.event.timestamp") from None
+    ts = native.parse_time(timestamp, "$.event.timestamp") if timestamp else inbound.received
     return [
         inbound.envelope(
             native_id=f"{application}:event:{kind}:{timestamp}:{user_id}",
@@ -976,10 +997,9 @@ def _decode_interaction(interaction: _Interaction, raw: Json, root: str, inbound
 
 def _interaction_time(snowflake: str, path: str) -> datetime:
     """Interactions carry no timestamp: their id's snowflake says when Discord made them."""
-    try:
-        return snowflake_time(snowflake)
-    except (ValueError, OverflowError, OSError):
-        raise DecodeError(f"{snowflake!r} is not a snowflake", path=path) from None
+    if not _SNOWFLAKE.fullmatch(snowflake):
+        raise DecodeError(f"{snowflake!r} is not a snowflake", path=path)
+    return snowflake_time(snowflake, path)
 
 
 def _command_text(command: _CommandData) -> str:
@@ -1017,12 +1037,14 @@ def _component_actions(
     definition = _find_component(message.get("components") if isinstance(message, dict) else None, component.custom_id)
     if not component.values:
         return [Action(id=component.custom_id, title=_string(definition, "label"), source=source)]
+    # The definition is the message as the interaction quotes it: an option whose value is no string
+    # (a list, an object) labels nothing, rather than breaking the lookup.
     labels = {
-        option.get("value"): option.get("label")
+        option["value"]: _string(option, "label")
         for option in _list_of(definition, "options")
-        if isinstance(option, dict)
+        if isinstance(option, dict) and isinstance(option.get("value"), str)
     }
-    return [Action(id=value, title=str(labels.get(value) or ""), source=source) for value in component.values]
+    return [Action(id=value, title=labels.get(value, ""), source=source) for value in component.values]
 
 
 def _find_component(components: Any, custom_id: str) -> Json:
@@ -1084,8 +1106,14 @@ def _form_fields(component: Any) -> list[FormField]:
 # ------------------------------------------------------------------------------------- encode: layout
 
 
-def _lines(*lines: str) -> str:
-    return "\n".join(line for line in lines if line)
+def _cut(text: str, limit: int) -> str:
+    """`text` within `limit` characters, the last one an ellipsis when it was cut (for labels)."""
+    return text if len(text) <= limit else text[: limit - 1] + ELLIPSIS
+
+
+def _embed_size(embed: Json) -> int:
+    """The characters Discord counts against an embed's limits (of what this codec sets)."""
+    return sum(len(embed.get(key, "")) for key in ("title", "description"))
 
 
 @dataclass
@@ -1132,7 +1160,9 @@ class _Layout:
                 self.text(part.text)
                 self.rows(_button_rows(part.buttons))
             case List():
-                self.text(_lines(part.header, part.text, part.footer))
+                # Line by line: the three fit one message when they fit 2,000 characters together.
+                for line in (part.header, part.text, part.footer):
+                    self.text(line)
                 self.rows([_select_row(part, section, f"list:{index}:{n}") for n, section in enumerate(part.sections)])
             case Card():
                 self.embed(_card_embed(part))
@@ -1149,6 +1179,12 @@ class _Layout:
     def text(self, text: str) -> None:
         if not text:
             return
+        if len(text) > TEXT_LIMIT:
+            # Degradation splits longer text (`text_limit`, `choice_text_limit`); cutting it here would
+            # lose words without a record, and Discord would refuse the message.
+            raise EncodeError(
+                f"discord: a text of {len(text)} characters is longer than the {TEXT_LIMIT} a message takes"
+            )
         draft = self.current
         joined = f"{draft.content}\n{text}" if draft.content else text
         if draft.embeds or draft.rows or len(joined) > TEXT_LIMIT:
@@ -1157,7 +1193,9 @@ class _Layout:
         self.current.content = joined
 
     def embed(self, embed: Json) -> None:
-        if self.current.rows or len(self.current.embeds) >= MAX_EMBEDS:
+        draft = self.current
+        total = sum(_embed_size(shown) for shown in draft.embeds) + _embed_size(embed)
+        if draft.rows or len(draft.embeds) >= MAX_EMBEDS or total > EMBEDS_TOTAL_LIMIT:
             self.next()
         self.current.embeds.append(embed)
 
@@ -1170,12 +1208,11 @@ class _Layout:
     def media(self, media: Media) -> None:
         """An image by URL shows in an embed; any other file (when a message was not degraded first)
         as a link. Bytes would need a multipart upload, which this codec does not do."""
-        if not media.url:
-            raise EncodeError("discord: media needs a url (uploading files is not supported)")
+        url = _media_url(media, "media")
         if media.media == "image":
-            embed: Json = {"image": {"url": media.url}}
+            embed: Json = {"image": {"url": url}}
             if media.caption:
-                embed["description"] = media.caption
+                embed["description"] = _description(media.caption, "an image's caption")
             self.embed(embed)
         else:
             self.text(f"{media.caption or media.filename} {media.url}".strip())
@@ -1192,11 +1229,14 @@ def _button_rows(buttons: list[Button]) -> list[Json]:
 def _button(button: Button) -> Json:
     """A url button is a link (style 5); a reply or postback button sends back its `custom_id` — the
     button's id, or a postback's value — which comes back as `Action.id`."""
+    label = _cut(button.title, BUTTON_LABEL_LIMIT)
     if button.action == "url":
-        return {"type": BUTTON, "style": LINK, "label": button.title, "url": button.value}
+        if not 1 <= len(button.value) <= BUTTON_URL_LIMIT:
+            raise EncodeError(f"discord: a link button's url takes 1-{BUTTON_URL_LIMIT} characters: {button.value!r}")
+        return {"type": BUTTON, "style": LINK, "label": label, "url": button.value}
     if button.action not in ("reply", "postback"):
         raise EncodeError(f"discord: buttons cannot {button.action}")
-    return {"type": BUTTON, "style": PRIMARY, "label": button.title, "custom_id": _custom_id(button)}
+    return {"type": BUTTON, "style": PRIMARY, "label": label, "custom_id": _custom_id(button)}
 
 
 def _custom_id(button: Button) -> str:
@@ -1207,37 +1247,66 @@ def _custom_id(button: Button) -> str:
 
 
 def _select_row(part: List, section: ListSection, custom_id: str) -> Json:
-    """A section as a string select in its own action row; a chosen option sends back the row's id."""
+    """A section as a string select in its own action row; a chosen option sends back the row's id.
+    Labels, descriptions and the placeholder are cut to Discord's lengths; the value, which must come
+    back unchanged, is refused when it does not fit."""
+    if not 1 <= len(section.rows) <= MAX_SELECT_OPTIONS:
+        raise EncodeError(f"discord: a list section takes 1-{MAX_SELECT_OPTIONS} rows, not {len(section.rows)}")
     options = []
     for row in section.rows:
-        option = {"label": row.title, "value": row.id}
+        if not 1 <= len(row.id) <= OPTION_TEXT_LIMIT:
+            raise EncodeError(f"discord: a list row's id takes 1-{OPTION_TEXT_LIMIT} characters: {row.id!r}")
+        option = {"label": _cut(row.title, OPTION_TEXT_LIMIT), "value": row.id}
         if row.description:
-            option["description"] = row.description
+            option["description"] = _cut(row.description, OPTION_TEXT_LIMIT)
         options.append(option)
     select: Json = {"type": STRING_SELECT, "custom_id": custom_id, "options": options}
     placeholder = section.title or part.button
     if placeholder:
-        select["placeholder"] = placeholder
+        select["placeholder"] = _cut(placeholder, PLACEHOLDER_LIMIT)
     return {"type": ACTION_ROW, "components": [select]}
 
 
 def _card_embed(card: Card) -> Json:
-    """A card as an embed: title, subtitle as description, an image; another file links the title."""
+    """A card as an embed: title (cut to 256 characters), subtitle as description, an image; another
+    file links the title. A card's media without a url cannot be shown: refused, never left out."""
     embed: Json = {}
     if card.title:
-        embed["title"] = card.title
+        embed["title"] = _cut(card.title, EMBED_TITLE_LIMIT)
     if card.subtitle:
-        embed["description"] = card.subtitle
+        embed["description"] = _description(card.subtitle, "a card's subtitle")
     media = card.media
-    if media is not None and media.url:
+    if media is not None:
+        url = _media_url(media, "a card's media")
         if media.media == "image":
-            embed["image"] = {"url": media.url}
+            embed["image"] = {"url": url}
         else:
-            embed["url"] = media.url
-            embed.setdefault("title", media.filename or media.url)
+            embed["url"] = url
+            embed.setdefault("title", _cut(media.filename or url, EMBED_TITLE_LIMIT))
     if not embed:
         raise EncodeError("discord: an empty card has nothing to show")
     return embed
+
+
+def _media_url(media: Media, what: str) -> str:
+    """The url a file is shown by. Discord takes no file ids (its attachment ids cannot be sent again)
+    and this codec uploads no bytes (multipart), so a file without a url is refused by name."""
+    if media.url:
+        return media.url
+    if media.file_id:
+        raise EncodeError(
+            f"discord: {what} has only a file id ({media.file_id!r}), which Discord cannot send: it needs a url"
+        )
+    raise EncodeError(f"discord: {what} needs a url (uploading files is not supported)")
+
+
+def _description(text: str, what: str) -> str:
+    """An embed description, which Discord takes up to 4,096 characters of."""
+    if len(text) > EMBED_DESCRIPTION_LIMIT:
+        raise EncodeError(
+            f"discord: {what} of {len(text)} characters is longer than the {EMBED_DESCRIPTION_LIMIT} an embed shows"
+        )
+    return text
 
 
 # -------------------------------------------------------------------------------------- encode: calls
@@ -1295,15 +1364,14 @@ class _Calls:
         if self.follow_up:
             self.add("POST", self.follow_up, {"User-Agent": USER_AGENT}, body)
             return
-        if not self.ctx.to:
-            raise EncodeError("discord: no channel to send to (EncodeContext.to is empty)")
+        chat = _channel(self.ctx)
         if self.reference is not None:
             body["message_reference"] = self.reference
             self.reference = None  # only the first message of a reply points at the original
         # Discord returns the message already made when a create with the same nonce is retried.
         body["nonce"] = stable_id(self.next_key())[:NONCE_LENGTH]
         body["enforce_nonce"] = True
-        self.add("POST", f"{self.base}/channels/{self.ctx.to}/messages", _bot_headers(self.ctx), body)
+        self.add("POST", f"{self.base}/channels/{chat}/messages", _bot_headers(self.ctx), body)
 
     def edit(self, bodies: list[Json], edit: Edit) -> None:
         """PATCH the message with all three of content, embeds and components, so that what the new
@@ -1338,7 +1406,7 @@ def _follow_up_url(base: str, message: Message, ctx: EncodeContext) -> str:
     application = message.meta.get("discord.application_id") or ctx.options.get("application_id")
     if not isinstance(application, str) or not application:
         raise EncodeError("discord: an interaction reply needs meta discord.application_id (or option application_id)")
-    return f"{base}/webhooks/{application}/{token}"
+    return f"{base}/webhooks/{_snowflake(application, 'application id')}/{_segment(token, 'interaction token')}"
 
 
 def _message_reference(message: Message, ctx: EncodeContext) -> Json | None:
@@ -1359,9 +1427,30 @@ def _native_message(ctx: EncodeContext, canonical: str, purpose: str) -> tuple[s
     """The channel and message id a canonical id maps to (native ids are `channel:message`)."""
     native_id = ctx.native_ids.get(canonical, "")
     chat, _, message = native_id.partition(":")
-    if not (chat and message.isdigit()):
+    if not (_SNOWFLAKE.fullmatch(chat) and _SNOWFLAKE.fullmatch(message)):
         raise EncodeError(f"discord: no Discord message known for {purpose} target {canonical!r}")
     return chat, message
+
+
+def _snowflake(value: str, what: str) -> str:
+    """An id that goes into a request path: a snowflake, digits only. Anything else (`123/invites?`)
+    would address another endpoint."""
+    if not _SNOWFLAKE.fullmatch(value):
+        raise EncodeError(f"discord: the {what} {value!r} is no snowflake (digits only)")
+    return value
+
+
+def _channel(ctx: EncodeContext) -> str:
+    if not ctx.to:
+        raise EncodeError("discord: no channel to send to (EncodeContext.to is empty)")
+    return _snowflake(ctx.to, "channel id (EncodeContext.to)")
+
+
+def _segment(value: str, what: str) -> str:
+    """A free-form value as one path segment: escaped, and never `.` or `..`."""
+    if not value.strip("."):
+        raise EncodeError(f"discord: the {what} {value!r} cannot be a path segment")
+    return quote(value, safe="")
 
 
 # ----------------------------------------------------------------------------------- parse_response

@@ -26,6 +26,11 @@ webhook has the same envelope (`webhook.controller.ts`):
 * Everything else (connection.update, qrcode.updated, chats.*, contacts.*, call, labels.*, …) → a system
   `Message` in the instance's own conversation carrying `data` verbatim as an `Unsupported` part.
 
+Credentials never leave the codec: the webhook's `apikey` (the instance token) and any field named like a
+credential (`apikey`, `token`, `jwt`, …) are dropped wherever they appear, and a qrcode.updated event keeps
+only that a QR code was issued — its `code`, `base64` image and `pairingCode` would let whoever sees them
+link a device to the WhatsApp account, so they read "[redacted]".
+
 Media files sit encrypted on WhatsApp's servers, so the `url` of a media message is not a usable link and
 stays in meta. `Media.file_id` is the message id, which is what Evolution's
 `POST /chat/getBase64FromMediaMessage/{instance}` takes to download it; `Media.url` is Evolution's S3 copy
@@ -55,9 +60,10 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar, Final, TypeAlias
 from urllib.parse import quote, urlsplit
 
@@ -148,6 +154,15 @@ _MEMBERSHIP: Final[dict[str, ActivityType]] = {"add": "joined", "remove": "left"
 #: and `destination` our own URL, so neither is kept).
 _DELIVERY_FIELDS: Final = ("instance", "sender", "server_url", "date_time")
 _ENVELOPE: Final = frozenset({"event", "data", "apikey", "api_key", "destination"})
+#: Field names whose values are credentials, compared lower-cased without "_" and "-": dropped from
+#: everything decoded, wherever in the webhook they appear (see `_without_credentials`).
+_CREDENTIAL_FIELDS: Final = frozenset(
+    {"apikey", "token", "accesstoken", "jwt", "jwtkey", "authorization", "secret", "password"}
+)
+#: qrcode.updated `data.qrcode` is `{instance, pairingCode, code, base64}` (whatsapp.baileys.service.ts):
+#: all but these fields link a device to the account, so their values are redacted.
+_QRCODE_KEPT: Final = frozenset({"instance", "count"})
+_REDACTED: Final = "[redacted]"
 #: Keys of a message record the envelope header already carries; every other key is kept in meta.
 _RECORD_HEADER: Final = frozenset({"key", "pushName", "message", "messageType", "messageTimestamp", "participant"})
 _KEY_HEADER: Final = frozenset({"remoteJid", "fromMe", "id", "participant"})
@@ -178,6 +193,10 @@ _PROTOCOL_EDIT: Final = frozenset({14, "MESSAGE_EDIT"})
 _PHONE_SERVERS: Final = frozenset({"s.whatsapp.net", "c.us"})
 
 _DEFAULT_LIST_BUTTON: Final = "Options"
+#: Characters of text shown with buttons or a list. WhatsApp's interactive body holds 1024 (the Cloud API
+#: integration sends the buttons' title and the list's description there); Baileys' sendButtons writes
+#: "*title*\n\ndescription\n", 4 characters more than the text "title\ndescription", so 1020.
+_CHOICE_TEXT_LIMIT: Final = 1020
 _DEFAULT_TYPING_MS: Final = 3000
 _CAPTIONED: Final = frozenset({"image", "video", "document"})  # audio, voice notes and stickers take none
 #: Baileys errors Evolution answers with 400 although the instance is only reconnecting
@@ -414,6 +433,7 @@ class EvolutionCodec(Codec):
         media_upload=True,  # send endpoints take the file as base64 as well as a URL
         text_limit=4096,
         caption_limit=1024,
+        choice_text_limit=_CHOICE_TEXT_LIMIT,
         markup="whatsapp",
         max_buttons=3,
         max_button_title=20,
@@ -472,8 +492,13 @@ class EvolutionCodec(Codec):
         raw = native.read_json(request)
         if not isinstance(raw, dict):
             raise DecodeError("expected a JSON object", path="$")
-        webhook = native.convert(raw, _Webhook)
-        return _EventDecoder(ctx, webhook, raw, request.received_at).envelopes()
+        try:
+            safe = _without_credentials(raw)
+            webhook = native.convert(safe, _Webhook)
+            # Event ids are derived from the webhook as sent, so that redacting cannot make two events one.
+            return _EventDecoder(ctx, webhook, safe, request.received_at, sent_data=raw.get("data")).envelopes()
+        except RecursionError:
+            raise DecodeError("body is nested too deeply to read", path="$") from None
 
     # ---------------------------------------------------------------------------------- sending
 
@@ -537,9 +562,12 @@ class EvolutionCodec(Codec):
 class _EventDecoder:
     """Decodes one webhook into envelopes (see the module doc for what each event becomes)."""
 
-    def __init__(self, ctx: DecodeContext, webhook: _Webhook, raw: JsonObject, received_at: float) -> None:
+    def __init__(
+        self, ctx: DecodeContext, webhook: _Webhook, raw: JsonObject, received_at: float, *, sent_data: Any
+    ) -> None:
         self.ctx = ctx
-        self.webhook = webhook
+        self.webhook = webhook  # `webhook` and `raw` are without credentials; `sent_data` is `data` as sent
+        self.sent_data = sent_data
         self.raw = raw
         self.received_at = received_at
         self.event = _event_name(webhook.event)
@@ -641,8 +669,8 @@ class _EventDecoder:
                 _keep_unmapped(meta, kind, body, _LOCATION_MAPPED)
                 return [
                     Location(
-                        lat=place.degrees_latitude,
-                        lon=place.degrees_longitude,
+                        lat=native.finite(place.degrees_latitude, f"{path}.degreesLatitude"),
+                        lon=native.finite(place.degrees_longitude, f"{path}.degreesLongitude"),
                         name=place.name or "",
                         address=place.address or "",
                         url=place.url or "",
@@ -777,7 +805,7 @@ class _EventDecoder:
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat),
             direction="outbound" if ours else "inbound",
-            ts=self._millis(protocol.timestamp_ms) or self._event_time(),
+            ts=self._millis(protocol.timestamp_ms, f"{path}.timestampMs") or self._event_time(),
             sender=self._person(self.owner, role="bot") if ours else self._person(author),
             native=Native(id=message_key, seq=self.ctx.seq),
             parts=parts,
@@ -820,17 +848,20 @@ class _EventDecoder:
         chat = _require(update.remote_jid, f"{path}.remoteJid", "status update names no chat")
         status = (update.status or "").upper()
         state = _STATES.get(status)
-        ts = self._millis(update.datetime) or self._event_time()
+        ts = self._millis(update.datetime, f"{path}.datetime") or self._event_time()
         meta = self._meta()
         meta.update(_extras(raw, {"keyId", "id", "remoteJid", "fromMe", "status", "datetime"}))
         # The Cloud API integration always says fromMe false (whatsapp.business.service.ts compares the
         # user's number with the business's phone number id), but Meta only reports on messages the
         # business sent, and only its message ids start with "wamid.".
         ours = bool(update.from_me) or message_key.startswith(_CLOUD_API_ID_PREFIX)
+        # In a group each member's receipt names the member: the same message and state per member. (In a
+        # direct chat `participant` repeats the chat, and ids stay as they were.)
+        member = (update.participant,) if update.participant and update.participant != chat else ()
         if not ours and status in _READ_STATES:
             # Our side read (or played) a message we received: a read marker, not a delivery status.
             return Activity(
-                id=canonical.stable_id("evolution.read", *self._scope(), message_key, status),
+                id=canonical.stable_id("evolution.read", *self._scope(), message_key, status, *member),
                 tenant=self.ctx.tenant,
                 conversation=self._conversation(chat),
                 direction="outbound",
@@ -845,7 +876,7 @@ class _EventDecoder:
             # A delivery state of a message we received, or a state we do not know: kept verbatim.
             whose = "" if ours else " of a received message"
             return Message(
-                id=canonical.stable_id("evolution.status", *self._scope(), message_key, status),
+                id=canonical.stable_id("evolution.status", *self._scope(), message_key, status, *member),
                 tenant=self.ctx.tenant,
                 conversation=self._conversation(chat),
                 ts=ts,
@@ -858,7 +889,7 @@ class _EventDecoder:
         if state == "failed":
             error = canonical.Error(code="evolution_error", message="WhatsApp did not accept the message", native=raw)
         return Status(
-            id=canonical.stable_id("status", *self._scope(), message_key, state),
+            id=canonical.stable_id("status", *self._scope(), message_key, state, *member),
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat),
             ts=ts,
@@ -936,7 +967,7 @@ class _EventDecoder:
     def _instance_event(self) -> Message:
         """An event that is not about a conversation, in the instance's own conversation."""
         instance = self.webhook.instance or CHANNEL
-        fingerprint = native.json_body({"data": self.webhook.data, "date_time": self.webhook.date_time}).decode()
+        fingerprint = native.json_body({"data": self.sent_data, "date_time": self.webhook.date_time}).decode()
         return Message(
             id=canonical.stable_id("evolution.event", *self._scope(), self.event, fingerprint),
             tenant=self.ctx.tenant,
@@ -1000,11 +1031,17 @@ class _EventDecoder:
         seconds = _integer(value)
         if seconds <= 0:
             raise DecodeError(f"not a Unix timestamp: {value!r}", path=path)
-        return native.from_unix(seconds)
+        return native.from_unix(seconds, path)
 
-    def _millis(self, value: Any) -> datetime | None:
+    def _millis(self, value: Any, path: str) -> datetime | None:
         millis = _integer(value)
-        return native.from_unix(millis / 1000) if millis > 0 else None
+        if millis <= 0:
+            return None
+        try:
+            seconds = millis / 1000
+        except OverflowError:
+            raise DecodeError(f"not a usable Unix time in milliseconds: {value!r}", path=path) from None
+        return native.from_unix(seconds, path)
 
     def _event_time(self) -> datetime:
         """When the event carries no time of its own. `date_time` is the server's local time written with
@@ -1013,9 +1050,9 @@ class _EventDecoder:
             return native.from_unix(self.received_at)
         if self.webhook.date_time:
             try:
-                return datetime.fromisoformat(self.webhook.date_time).astimezone(UTC)
-            except ValueError:
-                pass
+                return native.parse_time(self.webhook.date_time, "$.date_time")
+            except DecodeError:
+                pass  # a time for the record only: an unreadable one is no reason to refuse the event
         return canonical.now()
 
 
@@ -1139,8 +1176,10 @@ def _integer(value: Any) -> int:
     `{"low", "high", "unsigned"}`; 0 when it is none of these."""
     if isinstance(value, bool):
         return 0
-    if isinstance(value, int | float):
-        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) else 0
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     if isinstance(value, dict):
@@ -1178,6 +1217,28 @@ def _keep_key_extras(meta: JsonObject, key: Any) -> None:
             meta["evolution.key"] = extras
 
 
+def _without_credentials(value: Any) -> Any:
+    """Decoded JSON without the fields named like credentials, and with a QR code's secrets redacted."""
+    if isinstance(value, list):
+        return [_without_credentials(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    clean: JsonObject = {}
+    for name, item in value.items():
+        field = name.lower().replace("_", "").replace("-", "")
+        if field in _CREDENTIAL_FIELDS:
+            continue
+        clean[name] = _redacted_qrcode(item) if field == "qrcode" else _without_credentials(item)
+    return clean
+
+
+def _redacted_qrcode(qrcode: Any) -> Any:
+    """A QR code with only its instance and count readable (`true`/`null`, a setting, stays as it is)."""
+    if isinstance(qrcode, dict):
+        return {name: item if name in _QRCODE_KEPT or item is None else _REDACTED for name, item in qrcode.items()}
+    return qrcode if qrcode is None or isinstance(qrcode, bool) else _REDACTED
+
+
 def _event_name(event: Any) -> str:
     """ "messages.upsert" from any spelling Evolution uses (MESSAGES_UPSERT, messages-upsert)."""
     if not isinstance(event, str):
@@ -1197,7 +1258,10 @@ def _delivery_ids(event: str, data: Any) -> Iterator[str]:
             case "messages.upsert" | "send.message" if key.get("id"):
                 yield str(key["id"])
             case "messages.update" if item.get("keyId") or item.get("id"):
-                yield f"{item.get('keyId') or item.get('id')}:{item.get('status', '')}"
+                participant = item.get("participant")
+                # a group member's own receipt (in a direct chat `participant` repeats the chat)
+                who = f":{participant}" if participant and participant != item.get("remoteJid") else ""
+                yield f"{item.get('keyId') or item.get('id')}:{item.get('status', '')}{who}"
             case "messages.delete" if (key or item).get("id"):
                 yield str((key or item)["id"])
             case "messages.edited" | "send.message.update" if key.get("id"):
@@ -1206,9 +1270,9 @@ def _delivery_ids(event: str, data: Any) -> Iterator[str]:
 
 def _body_apikey(request: HttpRequest) -> str:
     try:
-        body = msgspec.json.decode(request.body)
-    except msgspec.DecodeError:
-        return ""
+        body = native.read_json(request)
+    except DecodeError:
+        return ""  # not JSON, or nested too deeply to read: no apikey in it
     apikey = body.get("apikey") if isinstance(body, dict) else None
     return apikey if isinstance(apikey, str) else ""
 
@@ -1322,7 +1386,7 @@ class _Composer:
                 self._flush_text()
                 self._text = part
             case Buttons():
-                self.calls.append(self._buttons(part))
+                self.calls.extend(self._buttons(part))
             case List():
                 self.calls.append(self._list(part))
             case Media():
@@ -1347,21 +1411,32 @@ class _Composer:
 
     # --------------------------------------------------------------------------------- parts
 
-    def _buttons(self, part: Buttons) -> _Call:
+    def _buttons(self, part: Buttons) -> list[_Call]:
         """sendButtons renders `title` in bold above `description`: the text's first line is the title.
-        Reply buttons cannot be mixed with link or call buttons, so those are written into the text."""
+        Reply buttons cannot be mixed with link or call buttons, so those are written into the text (or,
+        when the text would grow past what WhatsApp shows with buttons, sent just before it)."""
         text = self._own_or_held_text(part.text)
         if not text:
             raise EncodeError("Evolution buttons need a text: set the part's text or put a Text part before it")
+        if len(text) > _CHOICE_TEXT_LIMIT:
+            raise EncodeError(
+                f"Evolution buttons show at most {_CHOICE_TEXT_LIMIT} characters of text, not {len(text)} "
+                "(degrade the message first)"
+            )
         replies = [button for button in part.buttons if button.action == "reply"]
         others = [button for button in part.buttons if button.action != "reply"]
         unsendable = [button.action for button in others if button.action not in ("url", "call")]
         if unsendable:
             raise EncodeError(f"Evolution buttons can reply, open a URL or call, not {unsendable[0]!r}")
+        calls: list[_Call] = []
         title, _, description = text.partition("\n")
         if replies and others:
             lines = "\n".join(f"{button.title}: {button.value}" for button in others)
-            description = f"{description}\n\n{lines}" if description else lines
+            with_lines = f"{description}\n\n{lines}" if description else lines
+            if len(title) + 1 + len(with_lines) <= _CHOICE_TEXT_LIMIT:
+                description = with_lines
+            else:
+                calls.append(self._message("message/sendText", {"text": lines}))
             buttons = [_button(button) for button in replies]
         else:
             buttons = [_button(button) for button in part.buttons]
@@ -1369,10 +1444,15 @@ class _Composer:
         if description:
             body["description"] = description
         body["buttons"] = buttons
-        return self._message("message/sendButtons", body)
+        calls.append(self._message("message/sendButtons", body))
+        return calls
 
     def _list(self, part: List) -> _Call:
         description = self._own_or_held_text(part.text)
+        if len(description) > _CHOICE_TEXT_LIMIT:
+            # A list needs no description: a longer text goes before it, as text of its own.
+            self._text, description = Text(text=description), ""
+            self._flush_text()
         button = part.button or _DEFAULT_LIST_BUTTON
         sections = [
             {
@@ -1437,12 +1517,16 @@ class _Composer:
         return _Call(method, body)
 
     def _own_or_held_text(self, own_text: str) -> str:
-        """A part's own text, else the text held just before it (which it then replaces)."""
+        """A part's own text, else the text held just before it (which it then replaces) when it is short
+        enough to go with the choices."""
         if own_text:
             self._flush_text()
             return own_text
+        if self._text is None or len(self._text.text) > _CHOICE_TEXT_LIMIT:
+            self._flush_text()
+            return ""
         held, self._text = self._text, None
-        return held.text if held is not None else ""
+        return held.text
 
     def _flush_text(self) -> None:
         if self._text is None:

@@ -12,6 +12,8 @@ issuer `chat@system.gserviceaccount.com`, audience = the Cloud project number
   and card inputs, a `form` with `common.formInputs`.
 * The Google Workspace add-on event format (`{"chat": {"messagePayload": ...}, "commonEventObject": ...}`)
   is read the same way; other event types (app commands, widget updates…) → `unsupported`.
+* Credentials in an event — the legacy verification `token`, an add-on's `authorizationEventObject`
+  (user OAuth and ID tokens) — are removed before any of it is kept (meta, `unsupported` parts).
 
 Outbound: `POST {base}/v1/{space}/messages` with `Authorization: Bearer secrets["access_token"]`, the
 idempotency key as `requestId` (Chat returns the already-created message for a repeated id), threads via
@@ -19,15 +21,18 @@ idempotency key as `requestId` (Chat returns the already-created message for a r
 `` `code` ``, `<url|text>` — which is exactly the Slack mrkdwn dialect, so `markup="slack"`. Buttons and
 cards become `cardsV2` (button `onClick.action` with parameter `id`, or `onClick.openLink`). Edits are
 `PATCH {name}?updateMask=...`, deletes `DELETE {name}`. Reactions need user authentication in Chat,
-which an app cannot hold, so they are not offered.
+which an app cannot hold, so they are not offered. The space (`spaces/<id>`) and message names that go
+into request paths are checked and their segments escaped: a name that would address another endpoint is
+refused.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, ClassVar, Final
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import msgspec
 
@@ -55,6 +60,11 @@ DEFAULT_ACTION_FUNCTION: Final = "babelhub_action"
 """The `function` babelhub's buttons invoke; Chat echoes it back as `invokedFunction`."""
 
 THREAD_REPLY: Final = "REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD"
+
+# Resource names that go into request paths. Anything else (`spaces/A/members?x`, `spaces/../…`) would
+# address another endpoint, so it is refused; the segments are escaped all the same.
+SPACE_NAME: Final = re.compile(r"spaces/[A-Za-z0-9_-]+")
+MESSAGE_NAME: Final = re.compile(r"spaces/[A-Za-z0-9_-]+/messages/[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 # Classic `space.type` and current `spaceType` → canonical conversation type.
 SPACE_TYPES: Final[Mapping[str, c.ConversationType]] = {
@@ -174,6 +184,11 @@ MAPPED_EVENT_FIELDS: Final = frozenset(
 
 ADD_ON_READ_FIELDS: Final = frozenset({"chat", "authorizationEventObject"})
 """An add-on event's `chat` is read; `authorizationEventObject` holds tokens and never goes to meta."""
+
+CREDENTIAL_FIELDS: Final = frozenset({"token", "authorizationEventObject"})
+"""Top-level event fields that are credentials: the legacy static verification `token`, and an add-on
+event's `authorizationEventObject` (`userOAuthToken`, `userIdToken`, `systemIdToken`). They are removed
+before the event is kept anywhere (meta, `Unsupported.native`)."""
 
 
 class _AddOnPayload(msgspec.Struct, kw_only=True):
@@ -310,9 +325,21 @@ class GoogleChatCodec(Codec):
 
 def _read_event(raw: Any) -> _Event:
     """A classic interaction event, or an add-on event put into the same shape."""
-    if isinstance(raw, dict) and "chat" in raw and "type" not in raw:
+    if _is_add_on(raw):
         return _from_add_on(native.convert(raw, _AddOnEvent))
     return native.convert(raw, _Event)
+
+
+def _is_add_on(raw: Any) -> bool:
+    """The Workspace add-on event format: `chat` instead of the classic event's `type`."""
+    return isinstance(raw, dict) and "chat" in raw and "type" not in raw
+
+
+def _without_credentials(raw: Any) -> Any:
+    """The event as it may be kept (meta, unsupported parts): without its credential fields."""
+    if not isinstance(raw, dict):
+        return raw
+    return {key: value for key, value in raw.items() if key not in CREDENTIAL_FIELDS}
 
 
 def _from_add_on(add_on: _AddOnEvent) -> _Event:
@@ -349,17 +376,19 @@ class _Inbound:
         if space is None or not space.name:
             raise DecodeError("event has no space name", path="$.space.name")
         self.event = event
-        self.raw = raw
+        # Every copy of the raw event an envelope keeps is made from this one, so it holds no secrets.
+        self.raw = _without_credentials(raw)
+        self.add_on = _is_add_on(raw)
         self.ctx = ctx
         self.space = space
-        self.ts = _time(event.eventTime, "$.eventTime") if event.eventTime else None
+        self.ts = native.parse_time(event.eventTime, "$.eventTime") if event.eventTime else None
 
     def message_id(self, name: str) -> str:
         # A message name (`spaces/S/messages/M`) is unique in all of Chat.
         return c.message_id(self.ctx.tenant, self.ctx.connection, name)
 
     def as_message(self, message: _Message) -> c.Message:
-        ts = _time(message.createTime, "$.message.createTime") if message.createTime else self._event_time()
+        ts = native.parse_time(message.createTime, "$.message.createTime") if message.createTime else self._event_time()
         parts = _message_parts(self, message) or [c.Unsupported(reason="google chat empty message", native=self.raw)]
         return c.Message(
             id=self.message_id(message.name or self._event_key()),
@@ -378,7 +407,8 @@ class _Inbound:
         action_id = parameters.get("id") or function
         card = event.message
         parts: list[c.Part] = [c.Action(id=action_id, source=self.message_id(card.name) if card and card.name else "")]
-        form = _form(action_id, event.common.formInputs if event.common else {})
+        inputs_path = "$.commonEventObject.formInputs" if self.add_on else "$.common.formInputs"
+        form = _form(action_id, event.common.formInputs if event.common else {}, inputs_path)
         if form is not None:
             parts.append(form)
         meta = {
@@ -448,7 +478,7 @@ class _Inbound:
         if self.space.displayName:
             meta["google_chat.space_display_name"] = self.space.displayName
         if isinstance(self.raw, dict):
-            read = MAPPED_EVENT_FIELDS if "type" in self.raw else ADD_ON_READ_FIELDS
+            read = ADD_ON_READ_FIELDS if self.add_on else MAPPED_EVENT_FIELDS
             extra = {key: value for key, value in self.raw.items() if key not in read}
             if extra:
                 meta["google_chat.extra"] = extra
@@ -465,13 +495,6 @@ class _Inbound:
             role="bot" if user.type == "BOT" else "user",
             handle=user.email,
         )
-
-
-def _time(value: str, path: str) -> datetime:
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise DecodeError(f"{value!r} is not an RFC 3339 timestamp", path=path) from None
 
 
 def _message_parts(inbound: _Inbound, message: _Message) -> list[c.Part]:
@@ -526,25 +549,55 @@ def _message_meta(message: _Message | None) -> dict[str, Any]:
     return {key: value for key, value in meta.items() if value}
 
 
-def _form(form_id: str, inputs: Mapping[str, Any]) -> c.Form | None:
+def _form(form_id: str, inputs: Mapping[str, Any], path: str) -> c.Form | None:
     """`common.formInputs` (one entry per input widget name) as a submitted form."""
-    fields = [_form_field(name, value) for name, value in inputs.items() if isinstance(value, dict)]
+    fields = [_form_field(name, value, f"{path}.{name}") for name, value in inputs.items() if isinstance(value, dict)]
     return c.Form(id=form_id, fields=fields) if fields else None
 
 
-def _form_field(name: str, inputs: Mapping[str, Any]) -> c.FormField:
+def _form_field(name: str, inputs: Mapping[str, Any], path: str) -> c.FormField:
+    """One input's value, by the Chat API's `Inputs` shape: `stringInputs.value` (a list of strings),
+    `dateTimeInput` / `dateInput` `.msSinceEpoch` (an int64, as JSON string or number), `timeInput`
+    `.hours` / `.minutes`."""
     if isinstance(inputs.get("stringInputs"), dict):
-        values = [str(v) for v in inputs["stringInputs"].get("value", [])]
+        values = _strings(inputs["stringInputs"].get("value"), f"{path}.stringInputs.value")
         return c.FormField(id=name, kind="text", value=values[0] if len(values) == 1 else values)
     for key, kind in (("dateTimeInput", "datetime"), ("dateInput", "date")):
         if isinstance(inputs.get(key), dict):
-            return c.FormField(id=name, kind=kind, value=int(inputs[key].get("msSinceEpoch", 0)))
+            value = _integer(inputs[key].get("msSinceEpoch", 0), f"{path}.{key}.msSinceEpoch")
+            return c.FormField(id=name, kind=kind, value=value)
     if isinstance(inputs.get("timeInput"), dict):
         time_input = inputs["timeInput"]
-        return c.FormField(
-            id=name, kind="time", value=f"{time_input.get('hours', 0):02}:{time_input.get('minutes', 0):02}"
-        )
+        hours = _integer(time_input.get("hours", 0), f"{path}.timeInput.hours")
+        minutes = _integer(time_input.get("minutes", 0), f"{path}.timeInput.minutes")
+        return c.FormField(id=name, kind="time", value=f"{hours:02}:{minutes:02}")
     return c.FormField(id=name, kind="unknown", value=dict(inputs))
+
+
+def _strings(value: Any, path: str) -> list[str]:
+    """A list of strings; missing or null is none, a lone string is one."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise DecodeError(f"expected a list of strings, got {type(value).__name__}", path=path)
+    for n, item in enumerate(value):
+        if not isinstance(item, str):
+            raise DecodeError(f"expected a string, got {type(item).__name__}", path=f"{path}[{n}]")
+    return value
+
+
+_INTEGER: Final = re.compile(r"-?[0-9]{1,20}")
+
+
+def _integer(value: Any, path: str) -> int:
+    """A JSON integer, or an int64 the way Google's JSON writes it: as a string of digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        return int(value)
+    raise DecodeError(f"expected an integer, got {value!r}", path=path)
 
 
 # ----------------------------------------------------------------------------------------- outbound
@@ -562,8 +615,8 @@ class _Draft(msgspec.Struct, kw_only=True):
 
 class _Outbound:
     def __init__(self, message: c.Message, ctx: EncodeContext, base: str) -> None:
-        if not ctx.to.startswith("spaces/"):
-            raise EncodeError(f"a google chat space is named spaces/…, not {ctx.to!r}")
+        if not SPACE_NAME.fullmatch(ctx.to):
+            raise EncodeError(f"a google chat space is named spaces/<id> (letters, digits, _ and -), not {ctx.to!r}")
         token = ctx.secrets.get("access_token", "")
         if not token:
             raise EncodeError("google chat needs secrets['access_token'] (an OAuth token of the app)")
@@ -678,13 +731,16 @@ class _Outbound:
         query = {"requestId": f"{self.message.id}:{n}"}
         if self._thread():
             query["messageReplyOption"] = THREAD_REPLY
-        return f"{self.base}/v1/{self.ctx.to}/messages?{urlencode(query)}"
+        return f"{self.base}/v1/{_path(self.ctx.to)}/messages?{urlencode(query)}"
 
     def _native(self, canonical_id: str, what: str) -> str:
+        """The message's resource name, as a URL path (validated and escaped)."""
         name = self.ctx.native_ids.get(canonical_id, "")
-        if not name.startswith("spaces/"):
+        if not name:
             raise EncodeError(f"cannot {what} message {canonical_id!r}: its google chat message name is unknown")
-        return name
+        if not MESSAGE_NAME.fullmatch(name):
+            raise EncodeError(f"cannot {what} message {canonical_id!r}: {name!r} is no google chat message name")
+        return _path(name)
 
     def _request(self, n: int, method: str, url: str, body: dict[str, Any] | None) -> OutboundRequest:
         headers = self.headers if body is not None else {"Authorization": self.headers["Authorization"]}
@@ -709,6 +765,11 @@ def _with_mentions(text: c.Text) -> str:
         cursor = mention.offset + mention.length
     pieces.append(text.text[cursor:])
     return "".join(pieces)
+
+
+def _path(name: str) -> str:
+    """A resource name with each of its segments escaped for a URL path."""
+    return "/".join(quote(segment, safe="") for segment in name.split("/"))
 
 
 def _paragraph(text: str) -> dict[str, Any]:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import time
 from collections.abc import Collection, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import msgspec
 from cryptography import x509
@@ -94,7 +95,7 @@ def parse_keys(keys: str) -> list[SigningKey]:
     if text.startswith("{"):
         try:
             document = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise SignatureError(f"signing keys are not valid JSON: {exc}") from None
         if isinstance(document, dict) and isinstance(document.get("keys"), list):
             return [_jwk_key(jwk) for jwk in document["keys"] if isinstance(jwk, dict) and jwk.get("kty") == "RSA"]
@@ -116,13 +117,20 @@ def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
 
 
 def _json_part(segment: str, name: str) -> dict[str, Any]:
+    """A token segment as a JSON object. It is read before any signature is checked, so whatever an
+    attacker can put in it (nesting deep enough to exhaust the stack, bytes that are no UTF-8,
+    `NaN`, numbers too long to convert) must end as a SignatureError."""
     try:
-        value = json.loads(_b64url(segment, name))
-    except ValueError:
+        value = json.loads(_b64url(segment, name), parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise SignatureError(f"token {name} is not JSON") from None
     if not isinstance(value, dict):
         raise SignatureError(f"token {name} is not a JSON object")
     return value
+
+
+def _no_constant(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _b64url(segment: str, name: str) -> bytes:
@@ -138,12 +146,15 @@ def _jwk_key(jwk: Mapping[str, Any]) -> SigningKey:
             e=int.from_bytes(_b64url(str(jwk["e"]), "key exponent"), "big"),
             n=int.from_bytes(_b64url(str(jwk["n"]), "key modulus"), "big"),
         )
+        public_key = numbers.public_key()
     except KeyError as exc:
         raise SignatureError(f"JWKS key {jwk.get('kid', '')!r} lacks {exc}") from None
+    except ValueError as exc:
+        raise SignatureError(f"JWKS key {jwk.get('kid', '')!r} is no usable RSA key: {exc}") from None
     endorsements = jwk.get("endorsements", [])
     return SigningKey(
         kid=str(jwk.get("kid", "")),
-        public_key=numbers.public_key(),
+        public_key=public_key,
         endorsements=tuple(str(e) for e in endorsements) if isinstance(endorsements, list) else (),
     )
 
@@ -197,16 +208,26 @@ def _verify_signature(signing_input: bytes, signature: bytes, kid: str, keys: li
 def _check_claims(
     claims: Mapping[str, Any], *, issuers: Collection[str], audience: str, now: float, leeway: float
 ) -> None:
-    if claims.get("iss") not in issuers:
-        raise SignatureError(f"token issuer {claims.get('iss')!r} is not {' or '.join(sorted(issuers))}")
+    # Claims are compared only once their type is right: a list `iss` cannot be looked up in a set,
+    # and an `exp` of 1e400 (infinity) would never expire.
+    issuer = claims.get("iss")
+    if not isinstance(issuer, str) or issuer not in issuers:
+        raise SignatureError(f"token issuer {issuer!r} is not {' or '.join(sorted(issuers))}")
     audiences = claims.get("aud")
     if audience not in (audiences if isinstance(audiences, list) else [audiences]):
         raise SignatureError(f"token audience {audiences!r} is not {audience!r}")
     expires = claims.get("exp")
-    if not isinstance(expires, int | float):
+    if not _is_time(expires):
         raise SignatureError("token has no expiry")
     if now > expires + leeway:
         raise SignatureError("token has expired")
     not_before = claims.get("nbf")
-    if isinstance(not_before, int | float) and now < not_before - leeway:
+    if not_before is not None and not _is_time(not_before):
+        raise SignatureError(f"token nbf {not_before!r} is not a time")
+    if not_before is not None and now < not_before - leeway:
         raise SignatureError("token is not valid yet")
+
+
+def _is_time(value: Any) -> TypeGuard[float]:
+    """A NumericDate: a finite JSON number (not a boolean)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

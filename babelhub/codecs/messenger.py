@@ -29,9 +29,10 @@ module does not know are kept under `"<channel>.unmapped"`.
 
 Outbound, each part becomes one Send API call in part order; a Text followed by Buttons becomes one
 message. Reply buttons → `quick_replies`; url/call/postback buttons → button template (3 buttons a
-template); Card/Carousel → generic template; Media → attachment by URL or attachment id (a caption
-follows as its own text; inline bytes are uploaded as multipart `filedata` on Messenger); Reaction →
-`sender_action: react`.
+template); Card/Carousel → generic template (images by URL; a lone card of only an uploaded image or
+video by attachment id → media template on Messenger; other card media without a URL → EncodeError,
+never dropped); Media → attachment by URL or attachment id (a caption follows as its own text; inline
+bytes are uploaded as multipart `filedata` on Messenger); Reaction → `sender_action: react`.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ FILLER: Final = "\u2026"
 TEMPLATE_TEXT_LIMIT: Final = 640
 TEMPLATE_BUTTONS: Final = 3
 ELEMENT_TITLE_LIMIT: Final = 80
+MEDIA_TEMPLATE_BUTTONS: Final = 1
+
+_SHA256_HEX_LENGTH: Final = 64
+_HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
 
 # Graph API error codes worth retrying: 1/2 unknown or unexpected ("retry your request later"),
 # 4/17/32/613 rate limits (application, user, page, call rate), 1200 "temporary send message failure".
@@ -113,6 +118,8 @@ _MEDIA_ATTACHMENTS: Final[dict[str, c.MediaKind]] = {
     "file": "document",
     "sticker": "sticker",
 }
+#: Media kinds a media template shows (GIFs are images there).
+_MEDIA_TEMPLATE_TYPES: Final[dict[c.MediaKind, str]] = {"image": "image", "animation": "image", "video": "video"}
 _ATTACHMENT_TYPES: Final[dict[c.MediaKind, str]] = {
     "image": "image",
     "animation": "image",
@@ -257,9 +264,17 @@ def to_datetime(value: Timestamp, path: str) -> datetime:
                 raise DecodeError(f"timestamp without a UTC offset: {value!r}", path=path) from None
             return parsed.astimezone(UTC)
     else:
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise DecodeError(f"not a usable Unix time: {value!r}", path=path) from None
     # Epoch milliseconds pass 1e11 in 1973; epoch seconds reach it in the year 5138.
-    return native.from_unix(number / 1000 if number >= 1e11 else number)
+    return native.from_unix(number / 1000 if number >= 1e11 else number, path)
+
+
+def _entry_path(path: str) -> str:
+    """`$.entry[0]` of a path inside that entry (`$.entry[0].messaging[2]`)."""
+    return path.partition("].")[0] + "]"
 
 
 def unmapped(raw: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
@@ -293,6 +308,7 @@ class _Event:
         path: str,
         *,
         standby: bool,
+        timestamp_path: str = "",
     ) -> None:
         self.codec = codec
         self.ctx = ctx
@@ -300,6 +316,8 @@ class _Event:
         self.raw = raw
         self.path = path
         self.standby = standby
+        self.timestamp_path = timestamp_path or f"{path}.timestamp"
+        """Where the item's `timestamp` came from (the entry's `time` for a change that has none)."""
         sender = item.sender.key if item.sender else ""
         recipient = item.recipient.key if item.recipient else ""
         echo = item.message is not None and item.message.is_echo
@@ -312,12 +330,12 @@ class _Event:
     def _time(self, entry: _Entry) -> datetime:
         item = self.item
         if item.timestamp is not None:
-            return to_datetime(item.timestamp, f"{self.path}.timestamp")
+            return to_datetime(item.timestamp, self.timestamp_path)
         # Delivery receipts come without a timestamp: their watermark is the time they speak of.
         if item.delivery is not None and item.delivery.watermark is not None:
             return to_datetime(item.delivery.watermark, f"{self.path}.delivery.watermark")
         if entry.time is not None:
-            return to_datetime(entry.time, f"{self.path}.timestamp")
+            return to_datetime(entry.time, f"{_entry_path(self.path)}.time")
         raise DecodeError("messaging item without a timestamp", path=f"{self.path}.timestamp")
 
     # ---- ids
@@ -407,6 +425,8 @@ class MessengerCodec(Codec):
     token_secret: ClassVar[str] = "page_access_token"
     uploads: ClassVar[bool] = True
     """Whether the Send API takes a file in the request (multipart `filedata`), not only by URL."""
+    media_template: ClassVar[bool] = True
+    """Whether the media template (an image or video by attachment id, with a button) can be sent."""
 
     # ------------------------------------------------------------------------------- webhooks
 
@@ -428,21 +448,19 @@ class MessengerCodec(Codec):
             raise SignatureError(f"{self.channel}: no app_secret configured")
         header = request.headers.get("x-hub-signature-256", "")
         scheme, _, given = header.partition("=")
-        if scheme != "sha256" or not given:
+        if scheme != "sha256" or len(given) != _SHA256_HEX_LENGTH or not set(given) <= _HEX_DIGITS:
             raise SignatureError(f"{self.channel}: missing or malformed X-Hub-Signature-256")
         expected = hmac.new(app_secret.encode(), request.body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(given.lower(), expected):
+        if not native.same_secret(given.lower(), expected):
             raise SignatureError(f"{self.channel}: X-Hub-Signature-256 does not match the body")
 
     def dedup_key(self, request: HttpRequest) -> str:
-        """A hash of every event's own ids (mids, or who + when + what), so a redelivery matches."""
-        try:
-            body = msgspec.json.decode(request.body)
-        except msgspec.DecodeError:
-            return ""
-        if not isinstance(body, dict) or not isinstance(body.get("entry"), list):
-            return ""
-        keys = sorted({event_key(item) for item in raw_items(body["entry"])})
+        """A hash of every event's own ids (mids, or who + when + what), so a redelivery matches. A body
+        too broken to hold them (not JSON, not a webhook's shape) is a DecodeError naming the path."""
+        body = native.read_json(request)
+        if not isinstance(body, dict):
+            raise DecodeError("a webhook body is a JSON object", path="$")
+        keys = sorted({event_key(item, path) for path, item in raw_items(body.get("entry"))})
         return c.stable_id(self.channel, *keys) if keys else ""
 
     # --------------------------------------------------------------------------------- decode
@@ -474,7 +492,8 @@ class MessengerCodec(Codec):
             item = native.convert(change.value, _Item, path=f"{path}.value")
             standby = change.field == "standby"
             return self._decode_item(_Event(self, ctx, entry, item, change.value, f"{path}.value", standby=standby))
-        event = _Event(self, ctx, entry, _Item(timestamp=entry.time), {}, path, standby=False)
+        time_path = f"{_entry_path(path)}.time"
+        event = _Event(self, ctx, entry, _Item(timestamp=entry.time), {}, path, standby=False, timestamp_path=time_path)
         reason = f"{self.channel} webhook field {change.field!r}"
         return [self._message_envelope(event, event.event_id("change", change.field), [_unsupported(reason, raw)])]
 
@@ -788,13 +807,23 @@ class MessengerCodec(Codec):
 
     def _generic(self, cards: list[c.Card]) -> list[dict[str, Any]]:
         """A generic template (a carousel when several cards). A card takes three buttons: the rest
-        follow as button templates, or as quick replies on the template."""
+        follow as button templates, or as quick replies on the template. A generic template shows its
+        image by URL only: a lone card of just an uploaded image or video (an attachment id) becomes a
+        media template, and any other card whose media has no URL is an EncodeError."""
+        if len(cards) == 1 and (media_template := self._media_template(cards[0])) is not None:
+            return [media_template, *self._buttons("", cards[0].buttons[MEDIA_TEMPLATE_BUTTONS:], media_template)]
         elements: list[dict[str, Any]] = []
         for card in cards:
             element: dict[str, Any] = {"title": clip(card.title or card.subtitle or FILLER, ELEMENT_TITLE_LIMIT)}
             if card.subtitle and card.title:
                 element["subtitle"] = clip(card.subtitle, ELEMENT_TITLE_LIMIT)
-            if card.media is not None and card.media.url:
+            if card.media is not None:
+                if not card.media.url:
+                    name = repr(card.title or card.subtitle) if card.title or card.subtitle else "without a title"
+                    raise EncodeError(
+                        f"{self.channel}: the card {name} has {card.media.media} media without a url; "
+                        "a generic template shows its image by url only (image_url)"
+                    )
                 element["image_url"] = card.media.url
             if card.buttons:
                 element["buttons"] = [self._button(button) for button in card.buttons[:TEMPLATE_BUTTONS]]
@@ -802,6 +831,20 @@ class MessengerCodec(Codec):
         template = _template({"template_type": "generic", "elements": elements})
         extra = [button for card in cards for button in card.buttons[TEMPLATE_BUTTONS:]]
         return [template, *self._buttons("", extra, template)]
+
+    def _media_template(self, card: c.Card) -> dict[str, Any] | None:
+        """A card of nothing but an uploaded image or video (and a button) as a media template, which
+        takes an attachment id where the generic template takes only an image URL; None otherwise."""
+        media = card.media
+        if not self.media_template or card.title or card.subtitle or media is None or media.url:
+            return None
+        media_type = _MEDIA_TEMPLATE_TYPES.get(media.media)
+        if media_type is None or not media.file_id:
+            return None
+        element: dict[str, Any] = {"media_type": media_type, "attachment_id": media.file_id}
+        if card.buttons:
+            element["buttons"] = [self._button(button) for button in card.buttons[:MEDIA_TEMPLATE_BUTTONS]]
+        return _template({"template_type": "media", "elements": [element]})
 
     def _media(self, media: c.Media) -> dict[str, Any]:
         if media.media not in self.capabilities.media:
@@ -885,6 +928,7 @@ class InstagramCodec(MessengerCodec):
     webhook_object: ClassVar[str] = "instagram"
     token_secret: ClassVar[str] = "access_token"
     uploads: ClassVar[bool] = False  # Instagram takes media by URL (or a prior upload's attachment id)
+    media_template: ClassVar[bool] = False  # Instagram documents generic templates only
 
     def api_base(self, ctx: EncodeContext) -> str:
         if not ctx.api_base and ctx.options.get("ig_user_id"):
@@ -924,17 +968,25 @@ def multipart(call: dict[str, Any], media: c.Media) -> tuple[bytes, str]:
         text = value if isinstance(value, str) else native.json_body(value).decode()
         disposition = f'Content-Disposition: form-data; name="{name}"'
         lines += [f"--{boundary}".encode(), disposition.encode(), b"", text.encode()]
-    filename = (media.filename or "attachment").replace('"', "")
+    # Both go into part headers: a line break would start a header (or the body) of the sender's choosing.
+    filename = "".join(ch for ch in media.filename if ch not in '"\\' and not _is_control(ch)) or "attachment"
+    mime = media.mime or "application/octet-stream"
+    if any(_is_control(ch) for ch in mime):
+        raise EncodeError(f"media type {mime!r} holds control characters (a line break would forge a header)")
     lines += [
         f"--{boundary}".encode(),
         f'Content-Disposition: form-data; name="filedata"; filename="{filename}"'.encode(),
-        f"Content-Type: {media.mime or 'application/octet-stream'}".encode(),
+        f"Content-Type: {mime}".encode(),
         b"",
         media.data,
         f"--{boundary}--".encode(),
         b"",
     ]
     return b"\r\n".join(lines), f"multipart/form-data; boundary={boundary}"
+
+
+def _is_control(ch: str) -> bool:
+    return ch < " " or ch == "\x7f"
 
 
 def _template(payload: dict[str, Any]) -> dict[str, Any]:
@@ -948,22 +1000,44 @@ def _native_id(ctx: EncodeContext, canonical_id: str, what: str) -> str:
         raise EncodeError(f"no native id known for {what} ({canonical_id})") from None
 
 
-def raw_items(entries: list[Any]) -> Iterator[dict[str, Any]]:
-    """Every messaging item of a webhook body, read leniently (for dedup keys, before decoding)."""
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
+def raw_items(entries: Any, path: str = "$.entry") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every messaging item of a webhook body and its path, read before decoding (for dedup keys):
+    absent lists are empty, and a member of the wrong type is a DecodeError naming its path."""
+    for e, entry in enumerate(_raw_list(entries, path)):
+        entry_path = f"{path}[{e}]"
+        entry_object = _raw_object(entry, entry_path)
         for lane in ("messaging", "standby"):
-            yield from (item for item in entry.get(lane) or [] if isinstance(item, dict))
-        for change in entry.get("changes") or []:
-            if not isinstance(change, dict):
-                continue
-            is_item = change.get("field") in _MESSAGING_FIELDS and isinstance(change.get("value"), dict)
-            yield change["value"] if is_item else change
+            for m, item in enumerate(_raw_list(entry_object.get(lane), f"{entry_path}.{lane}")):
+                yield f"{entry_path}.{lane}[{m}]", _raw_object(item, f"{entry_path}.{lane}[{m}]")
+        for n, change in enumerate(_raw_list(entry_object.get("changes"), f"{entry_path}.changes")):
+            change_path = f"{entry_path}.changes[{n}]"
+            change_object = _raw_object(change, change_path)
+            field = change_object.get("field")
+            if not isinstance(field, str):
+                raise DecodeError("a change's `field` must be a string", path=f"{change_path}.field")
+            value = change_object.get("value")
+            if field in _MESSAGING_FIELDS and isinstance(value, dict):
+                yield f"{change_path}.value", value
+            else:
+                yield change_path, change_object
 
 
-def event_key(item: Mapping[str, Any]) -> str:
-    """What identifies one event: its mid(s), else who did what when, else all of it."""
+def _raw_list(value: Any, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DecodeError(f"expected an array, got {type(value).__name__}", path=path)
+    return value
+
+
+def _raw_object(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise DecodeError(f"expected an object, got {type(value).__name__}", path=path)
+    return value
+
+
+def event_key(item: Mapping[str, Any], path: str = "$") -> str:
+    """What identifies one event (the item at `path`): its mid(s), else who did what when, else all of it."""
     kind = next((key for key in _EVENT_KEYS if key in item), None)
     if kind is None:  # an event this module does not know, or a non-messaging change
         return "other:" + msgspec.json.encode(item, order="sorted").decode()
@@ -973,6 +1047,7 @@ def event_key(item: Mapping[str, Any]) -> str:
     if kind == "message" and event.get("mid"):
         return f"message:{event['mid']}:{'deleted' if event.get('is_deleted') else ''}"
     if kind == "delivery":
-        return f"delivery:{','.join(map(str, event.get('mids') or []))}:{event.get('watermark')}"
+        mids = _raw_list(event.get("mids"), f"{path}.delivery.mids")
+        return f"delivery:{','.join(map(str, mids))}:{event.get('watermark')}"
     details = (event.get("mid", ""), event.get("action", ""), event.get("num_edit", ""), event.get("watermark", ""))
     return ":".join(map(str, (kind, who, item.get("timestamp", ""), *details)))

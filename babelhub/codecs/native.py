@@ -84,9 +84,11 @@ def parse_time(value: str, path: str = "$") -> datetime:
     mean UTC; canonical timestamps always carry one."""
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00") if value.endswith("Z") else value)
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except (TypeError, ValueError):
         raise DecodeError(f"not an ISO 8601 timestamp: {value!r}", path=path) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:  # at the edge of the calendar, the offset moves it out of range
+        raise DecodeError(f"timestamp {value!r} is out of range", path=path) from None
 
 
 def finite(value: float, path: str = "$") -> float:

@@ -14,6 +14,12 @@ Inbound, Slack calls one Request URL with three kinds of body:
 Message text is Slack's mrkdwn; it is decoded to Markdown with the people it mentions (see
 `mrkdwn_to_markdown`), and the original kept in meta `slack.text` when it differs.
 
+Credentials in payloads: interaction payloads and slash commands carry `token`, Slack's legacy verification
+token, which is removed from every payload kept in an `Unsupported` part or in meta. Meta
+`slack.response_url` (block actions, slash commands) is kept on purpose so that a processor can answer
+the user: it is a short-lived credential (anyone holding it may post into that conversation, up to five
+times within 30 minutes), and it is published with the envelope to every processor of the tenant.
+
 Every request is signed (v0: HMAC-SHA256 over `v0:{timestamp}:{body}` with the app's signing secret) and
 carries its timestamp; requests more than five minutes away from when the hub received them are refused
 as replays. Slack checks the URL with a `url_verification` challenge, and a slash command URL with
@@ -101,6 +107,19 @@ SIGNATURE_WINDOW_SECONDS: Final = 300
 
 #: Most blocks a message may carry (Block Kit); longer content is spread over several messages.
 MAX_BLOCKS: Final = 50
+
+#: Block Kit text limits (characters), for text the degradation step does not fit: a header block's text
+#: and a select's placeholder 150, an option's description and an option group's label 75, a section's
+#: text 3,000. Longer text is cut, ending in "…", since Slack refuses the whole message otherwise.
+HEADER_LIMIT: Final = 150
+PLACEHOLDER_LIMIT: Final = 150
+OPTION_DESCRIPTION_LIMIT: Final = 75
+OPTION_GROUP_LABEL_LIMIT: Final = 75
+SECTION_TEXT_LIMIT: Final = 3000
+_ELLIPSIS: Final = "\u2026"
+
+#: Payload members that are credentials: never copied into an envelope.
+_CREDENTIAL_KEYS: Final = frozenset({"token"})
 
 #: Web API errors that say "try again later" rather than "this request is wrong".
 _TRANSIENT_ERRORS: Final = frozenset(
@@ -273,8 +292,9 @@ class SlackCodec(Codec):
         # chat.postMessage takes 40,000 characters of `text`, but a section block only 3,000 and text
         # followed by buttons must live in a section. One limit that fits everywhere: longer text is
         # split by the degradation step into several sections of one message.
-        text_limit=3000,
+        text_limit=SECTION_TEXT_LIMIT,
         caption_limit=2000,  # image block `title` (plain_text)
+        choice_text_limit=SECTION_TEXT_LIMIT,  # the text beside buttons or a select is a section's
         markup="slack",
         max_buttons=25,  # elements in one actions block
         max_button_title=75,
@@ -552,9 +572,10 @@ def _chat_type(channel: str, channel_type: str = "") -> ConversationType:
 def _slack_time(ts: str, path: str) -> datetime:
     """A Slack timestamp (`"1355517523.000005"`: Unix seconds, then a sequence) as a UTC datetime."""
     try:
-        return native.from_unix(float(ts))
-    except (TypeError, ValueError, OverflowError):
+        seconds = float(ts)
+    except (TypeError, ValueError):
         raise DecodeError(f"{ts!r} is not a Slack timestamp", path=path) from None
+    return native.from_unix(seconds, path)
 
 
 def _thread_root(chat: str, ts: str, thread_ts: str | None) -> str:
@@ -592,7 +613,10 @@ def _message_event(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> l
     if event.subtype in _CONTENT_SUBTYPES:
         parts, meta = _content(event, raw, inbound)
     else:
-        parts, meta = [Unsupported(reason=f"slack message subtype {event.subtype}", native=raw)], {}
+        parts, meta = (
+            [Unsupported(reason=f"slack message subtype {event.subtype}", native=_without_credentials(raw))],
+            {},
+        )
     if event.type == "app_mention":
         meta["slack.event"] = "app_mention"  # Slack may also send the same message as a `message` event
     if event.subtype:
@@ -784,14 +808,14 @@ def _unsupported_event(event: dict[str, Any], callback: _Callback, inbound: _Inb
     try:
         ts = _event_time(event_ts, callback, "$.event.event_ts")
     except DecodeError:
-        ts = native.from_unix(callback.event_time)
+        ts = native.from_unix(callback.event_time, "$.event_time")
     return inbound.message(
         native_id=_event_native_id(chat, callback, event_ts),
         chat=chat,
         chat_type=_chat_type(chat),
         ts=ts,
         sender=inbound.sender(_user_of(event)),
-        parts=[Unsupported(reason=f"slack event {kind}", native=event)],
+        parts=[Unsupported(reason=f"slack event {kind}", native=_without_credentials(event))],
     )
 
 
@@ -803,7 +827,7 @@ def _event_native_id(chat: str, callback: _Callback, event_ts: str) -> str:
 def _event_time(event_ts: str, callback: _Callback, path: str) -> datetime:
     if event_ts:
         return _slack_time(event_ts, path)
-    return native.from_unix(callback.event_time)
+    return native.from_unix(callback.event_time, "$.event_time")
 
 
 def _channel_of(payload: Mapping[str, Any]) -> str:
@@ -911,8 +935,13 @@ def _other_payload(kind: str, payload: dict[str, Any], request: HttpRequest, inb
         chat_type="direct" if chat == user else _chat_type(chat),
         ts=ts,
         sender=inbound.sender(user),
-        parts=[Unsupported(reason=f"slack payload {kind}", native=payload)],
+        parts=[Unsupported(reason=f"slack payload {kind}", native=_without_credentials(payload))],
     )
+
+
+def _without_credentials(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` without its credentials (the legacy verification `token`), to be kept in an envelope."""
+    return {key: value for key, value in payload.items() if key not in _CREDENTIAL_KEYS}
 
 
 def _received(request: HttpRequest) -> datetime:
@@ -1282,16 +1311,19 @@ def _list_blocks(part: List, index: int) -> list[Block]:
     select: Block = {
         "type": "static_select",
         "action_id": f"list_{index}",
-        "placeholder": _plain(part.button or "Choose"),
+        "placeholder": _plain(_cut(part.button or "Choose", PLACEHOLDER_LIMIT)),
     }
     if len(part.sections) > 1:
         select["option_groups"] = [
-            {"label": _plain(section.title or " "), "options": [_option(row) for row in section.rows]}
+            {
+                "label": _plain(_cut(section.title or " ", OPTION_GROUP_LABEL_LIMIT)),
+                "options": [_option(row) for row in section.rows],
+            }
             for section in part.sections
         ]
     else:
         select["options"] = [_option(row) for section in part.sections for row in section.rows]
-    blocks: list[Block] = [{"type": "header", "text": _plain(part.header)}] if part.header else []
+    blocks: list[Block] = [{"type": "header", "text": _plain(_cut(part.header, HEADER_LIMIT))}] if part.header else []
     if part.text:
         blocks.append(_section(_mrkdwn(_escape(part.text)), accessory=select))
     else:
@@ -1304,8 +1336,13 @@ def _list_blocks(part: List, index: int) -> list[Block]:
 def _option(row: ListRow) -> Block:
     option: Block = {"text": _plain(row.title), "value": row.id}
     if row.description:
-        option["description"] = _plain(row.description)
+        option["description"] = _plain(_cut(row.description, OPTION_DESCRIPTION_LIMIT))
     return option
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` within Slack's `limit` characters, its last one an ellipsis when it was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + _ELLIPSIS
 
 
 def _media_block(media: Media) -> Block:
@@ -1332,10 +1369,14 @@ def _image_source(url: str) -> Block:
 
 def _card_blocks(card: Card) -> list[Block]:
     """A section with the title (bold) and subtitle, the image as its accessory, the buttons below; a
-    non-image file is linked in a context block."""
+    non-image file is linked in a context block. Blocks show files by URL only: a card whose media has
+    none (a file id, bytes) is an EncodeError rather than a card without its image."""
     lines = [f"*{_escape(card.title)}*" if card.title else "", _escape(card.subtitle)]
     text = "\n".join(line for line in lines if line)
     media = card.media
+    if media is not None and not media.url:
+        name = repr(card.title or card.subtitle) if card.title or card.subtitle else "without a title"
+        raise EncodeError(f"slack: the card {name} has a {media.media} without a url, which blocks cannot show")
     accessory = None
     blocks: list[Block] = []
     if media is not None and media.url and media.media == "image":

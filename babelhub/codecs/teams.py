@@ -441,14 +441,12 @@ def _unmapped_fields(raw: Any) -> dict[str, Any]:
 
 
 def _timestamp(activity: _Activity, request: HttpRequest) -> datetime:
-    """The activity's UTC timestamp; an activity without one is dated when the hub received it."""
+    """The activity's UTC timestamp (one without an offset is UTC, so the envelope can be re-read); an
+    activity without one is dated when the hub received it."""
     if activity.timestamp:
-        try:
-            return datetime.fromisoformat(activity.timestamp)
-        except ValueError:
-            raise DecodeError(f"timestamp {activity.timestamp!r} is not ISO 8601", path="$.timestamp") from None
+        return native.parse_time(activity.timestamp, "$.timestamp")
     if request.received_at:
-        return native.from_unix(request.received_at)
+        return native.from_unix(request.received_at, "$.timestamp")
     raise DecodeError("activity has no timestamp", path="$.timestamp")
 
 

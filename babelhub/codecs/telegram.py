@@ -545,15 +545,18 @@ class _UpdateDecoder:
         if message.new_chat_members or message.left_chat_member:
             return self._membership_service_message(message, raw)
         native_id = _message_key(message.chat.id, message.message_id)
-        parts, meta = _content(message, raw, self.ctx)
+        parts, meta = _content(message, raw, self.ctx, self.path)
         if edited:
             parts.insert(0, Edit(target=self._message_id(native_id)))
             envelope_id = self._message_id(f"{native_id}:{message.edit_date}")
-            ts = native.from_unix(message.edit_date or message.date)
+            if message.edit_date:
+                ts = native.from_unix(message.edit_date, f"{self.path}.edit_date")
+            else:
+                ts = native.from_unix(message.date, f"{self.path}.date")
             meta.pop("telegram.edit_date", None)  # carried by the id and ts
         else:
             envelope_id = self._message_id(native_id)
-            ts = native.from_unix(message.date)
+            ts = native.from_unix(message.date, f"{self.path}.date")
         if not parts:
             parts.append(Unsupported(reason="telegram message without content", native=raw))
         sender, sender_meta = self._message_sender(message, raw)
@@ -621,7 +624,7 @@ class _UpdateDecoder:
             id=canonical.stable_id("activity", self.ctx.tenant, self.ctx.connection, native_id),
             tenant=self.ctx.tenant,
             conversation=self._conversation(message.chat),
-            ts=native.from_unix(message.date),
+            ts=native.from_unix(message.date, f"{self.path}.date"),
             sender=self._sender(message.from_) if message.from_ else None,
             native=Native(id=native_id, seq=self.ctx.seq),
             meta=_descriptive_meta(raw),
@@ -656,7 +659,7 @@ class _UpdateDecoder:
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat),
             # A callback query has no date: the hub's receipt time is the press; else the keyboard's.
-            ts=self._received_or(source.date if source else 0),
+            ts=self._received_or(source.date if source else 0, f"{self.path}.message.date"),
             sender=self._sender(query.from_),
             native=Native(id=query.id, seq=self.ctx.seq),
             thread=thread,
@@ -690,7 +693,7 @@ class _UpdateDecoder:
             id=self._message_id(native_id),
             tenant=self.ctx.tenant,
             conversation=self._conversation(update.chat),
-            ts=native.from_unix(update.date),
+            ts=native.from_unix(update.date, f"{self.path}.date"),
             sender=sender,
             native=Native(id=native_id, seq=self.ctx.seq),
             parts=parts,
@@ -715,7 +718,7 @@ class _UpdateDecoder:
             id=canonical.stable_id("activity", self.ctx.tenant, self.ctx.connection, f"update:{self.update_id}"),
             tenant=self.ctx.tenant,
             conversation=self._conversation(update.chat),
-            ts=native.from_unix(update.date),
+            ts=native.from_unix(update.date, f"{self.path}.date"),
             sender=self._sender(update.from_),
             native=Native(id=f"update:{self.update_id}", seq=self.ctx.seq),
             # The full member records (an admin's rights, a ban's end) and how they joined.
@@ -766,7 +769,7 @@ class _UpdateDecoder:
             id=self._message_id(native_id),
             tenant=self.ctx.tenant,
             conversation=conversation,
-            ts=native.from_unix(date) if date else self._received_or(0),
+            ts=native.from_unix(date, f"{self.path}.date") if date else self._received_or(0),
             sender=self._sender(person) if person else None,
             native=Native(id=native_id, seq=self.ctx.seq),
             parts=[Unsupported(reason=reason, native={self.kind: self.body})],
@@ -803,39 +806,42 @@ class _UpdateDecoder:
             handle=f"@{chat.username}" if chat.username else "",
         )
 
-    def _received_or(self, unix_time: int) -> datetime:
-        """For updates without a date: when the hub received them, else `unix_time`."""
+    def _received_or(self, unix_time: int, path: str = "$") -> datetime:
+        """For updates without a date: when the hub received them, else `unix_time` (read at `path`)."""
         if self.request.received_at > 0:
             return native.from_unix(self.request.received_at)
-        return native.from_unix(unix_time)
+        return native.from_unix(unix_time, path)
 
 
-def _content(message: _Message, raw: dict[str, Any], ctx: DecodeContext) -> tuple[list[Part], dict[str, Any]]:
-    """A message's parts, and the meta that keeps what the parts cannot say."""
+def _content(
+    message: _Message, raw: dict[str, Any], ctx: DecodeContext, path: str
+) -> tuple[list[Part], dict[str, Any]]:
+    """A message's parts (`path` is where the message is), and the meta that keeps what the parts cannot say."""
     parts: list[Part] = []
     meta = _descriptive_meta(raw)
     if message.text:
         text, entities_meta = _text(message.text, message.entities, raw.get("entities"), ctx)
         parts.append(text)
         meta.update(entities_meta)
-    media = _media(message)
-    if media is not None:
+    found = _media(message)
+    if found is not None:
+        media, field_name = found
         parts.append(media)
         if _has_unrendered(message.caption_entities, _SELF_EVIDENT_ENTITIES):
             meta["telegram.caption_entities"] = raw["caption_entities"]
-        meta.update(_media_meta(raw))
+        meta.update(_media_meta(raw, field_name, message.photo))
     else:
         # A caption on content kept as Unsupported (paid media, …) has no Media part to sit in.
         meta.update(_picked_meta(raw, ("caption", "caption_entities")))
     if message.venue is not None:
         venue = message.venue
-        parts.append(
-            Location(lat=venue.location.latitude, lon=venue.location.longitude, name=venue.title, address=venue.address)
-        )
+        lat, lon = _coordinates(venue.location, f"{path}.venue.location")
+        parts.append(Location(lat=lat, lon=lon, name=venue.title, address=venue.address))
         meta.update(_leftover_meta("venue", raw["venue"], {"location", "title", "address"}))
         meta.update(_leftover_meta("location", raw["venue"]["location"], {"latitude", "longitude"}))
     elif message.location is not None:
-        parts.append(Location(lat=message.location.latitude, lon=message.location.longitude))
+        lat, lon = _coordinates(message.location, f"{path}.location")
+        parts.append(Location(lat=lat, lon=lon))
         meta.update(_leftover_meta("location", raw["location"], {"latitude", "longitude"}))
     if message.contact is not None:
         contact = message.contact
@@ -858,6 +864,14 @@ def _content(message: _Message, raw: dict[str, Any], ctx: DecodeContext) -> tupl
     return parts, meta
 
 
+def _coordinates(location: _Location, path: str) -> tuple[float, float]:
+    """Latitude and longitude, which must be numbers ("nan" as a string converts to one that is not)."""
+    return (
+        native.finite(location.latitude, f"{path}.latitude"),
+        native.finite(location.longitude, f"{path}.longitude"),
+    )
+
+
 def _descriptive_meta(raw: dict[str, Any]) -> dict[str, Any]:
     return _picked_meta(raw, _DESCRIPTIVE_FIELDS)
 
@@ -877,11 +891,12 @@ def _leftover_meta(name: str, raw: dict[str, Any], mapped: Iterable[str]) -> dic
 # ------------------------------------------------------------------------------------------ media
 
 
-def _media(message: _Message) -> Media | None:
+def _media(message: _Message) -> tuple[Media, str] | None:
+    """The message's file as a Media part, and the name of the message field it came from. Fields that
+    are present but null (`"animation": null`) are no file."""
     if message.photo:
-        # Telegram sends one photo in several sizes, each a downscaled copy: the largest is the photo.
-        largest = max(message.photo, key=lambda size: (size.width * size.height, size.file_size))
-        return Media(
+        largest = message.photo[_largest_photo(message.photo)]
+        media = Media(
             media="image",
             file_id=largest.file_id,
             size=largest.file_size,
@@ -889,9 +904,10 @@ def _media(message: _Message) -> Media | None:
             height=largest.height,
             caption=message.caption,
         )
+        return media, "photo"
     if message.video_note is not None:
         note = message.video_note  # a round video message; `length` is its diameter
-        return Media(
+        media = Media(
             media="video",
             file_id=note.file_id,
             size=note.file_size,
@@ -899,6 +915,7 @@ def _media(message: _Message) -> Media | None:
             width=note.length,
             height=note.length,
         )
+        return media, "video_note"
     # An animation also arrives as `document` for old clients: it comes first so it is read once.
     files: tuple[tuple[MediaKind, _File | None], ...] = (
         ("animation", message.animation),
@@ -910,7 +927,7 @@ def _media(message: _Message) -> Media | None:
     )
     for kind, file in files:
         if file is not None:
-            return Media(
+            media = Media(
                 media=kind,
                 file_id=file.file_id,
                 mime=file.mime_type,
@@ -921,7 +938,14 @@ def _media(message: _Message) -> Media | None:
                 width=file.width,
                 height=file.height,
             )
+            return media, kind  # each kind is named after its field
     return None
+
+
+def _largest_photo(sizes: list[_PhotoSize]) -> int:
+    """Telegram sends one photo in several sizes, each a downscaled copy: the index of the largest, read
+    from the typed sizes (the raw ones may spell numbers as strings)."""
+    return max(range(len(sizes)), key=lambda n: (sizes[n].width * sizes[n].height, sizes[n].file_size))
 
 
 #: For each file field, the native fields its Media part already holds (thumbnails are derived copies).
@@ -936,13 +960,12 @@ _FILE_FIELDS_IN_MEDIA: Final = {
 }
 
 
-def _media_meta(raw: dict[str, Any]) -> dict[str, Any]:
-    """What the file object says beyond its Media part — file_unique_id (the same for every bot), an
-    audio's performer and title, a sticker's emoji and set, … — under `telegram.file`."""
-    if raw.get("photo"):
-        largest = max(raw["photo"], key=lambda size: size.get("width", 0) * size.get("height", 0))
+def _media_meta(raw: dict[str, Any], name: str, photo: list[_PhotoSize]) -> dict[str, Any]:
+    """What the file object in field `name` says beyond its Media part — file_unique_id (the same for
+    every bot), an audio's performer and title, a sticker's emoji and set, … — under `telegram.file`."""
+    if name == "photo":
+        largest = raw["photo"][_largest_photo(photo)]  # the same size as the Media part's
         return _leftover_meta("file", largest, ("file_id", "file_size", "width", "height"))
-    name = next(name for name in _FILE_FIELDS_IN_MEDIA if name in raw)
     meta = _leftover_meta("file", raw[name], _FILE_FIELDS_IN_MEDIA[name])
     if name == "video_note":
         meta["telegram.video_note"] = True  # a round video message, told apart from an ordinary video

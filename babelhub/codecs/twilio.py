@@ -261,8 +261,10 @@ class TwilioCodec(Codec):
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
         """`X-Twilio-Signature` = base64(HMAC-SHA1(auth_token, URL + each POST field's name and value,
         sorted by name)). Twilio signs the URL it called, sometimes with and sometimes without the
-        port, so both spellings are accepted (as Twilio's own validators do). The signature holds no
-        timestamp: a replayed request is caught by `dedup_key`, not here."""
+        port, so both spellings are accepted (as Twilio's own validators do). A GET is signed over its
+        URL alone, so its fields (which decode reads from the query) must be the signed URL's query, and
+        a GET with a body is refused. The signature holds no timestamp: a replayed request is caught by
+        `dedup_key`, not here."""
         auth_token = secrets.get("auth_token", "")
         if not auth_token:
             raise SignatureError("no auth_token configured for this Twilio connection")
@@ -275,6 +277,9 @@ class TwilioCodec(Codec):
             params = _signed_fields(request)
         except DecodeError as exc:
             raise SignatureError(f"cannot check the signature: {exc.reason}") from None
+        if _is_get(request) and _query_fields(request.url) != request.query:
+            # A GET is signed over its URL alone: the fields decode reads must be the URL's own.
+            raise SignatureError("the query string Twilio signed is not the one received")
         for url in _url_spellings(request.url):
             if native.same_secret(given, _signature(auth_token, url, params)):
                 return
@@ -360,10 +365,22 @@ def _signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> 
 
 
 def _signed_fields(request: HttpRequest) -> Pairs:
-    """The POST fields Twilio signs: none for a GET, whose fields are in the signed URL already."""
-    if request.method.upper() == "GET" or not request.body:
+    """The POST fields Twilio signs: none for a GET, whose fields are in the signed URL already (a GET
+    with a body is refused: no signature covers its body)."""
+    if _is_get(request):
+        _refuse_get_body(request)
+        return []
+    if not request.body:
         return []
     return _parse_form(request.body)
+
+
+def _query_fields(url: str) -> Form:
+    """The fields of `url`'s query string, the first value of a repeated name (as the hub records them)."""
+    fields: Form = {}
+    for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        fields.setdefault(name, value)
+    return fields
 
 
 def _url_spellings(url: str) -> list[str]:
@@ -389,10 +406,21 @@ def _netloc(username: str | None, password: str | None, host: str) -> str:
 
 
 def _form_pairs(request: HttpRequest) -> Pairs:
-    """The webhook's fields: the form body, or the query string of a GET webhook."""
-    if request.method.upper() == "GET" and not request.body:
+    """The webhook's fields: the form body, or the query string of a GET webhook. These are the fields
+    `verify` checks: a GET is signed over its URL only, so its fields come from the query alone."""
+    if _is_get(request):
+        _refuse_get_body(request)
         return list(request.query.items())
     return _parse_form(request.body)
+
+
+def _is_get(request: HttpRequest) -> bool:
+    return request.method.upper() == "GET"
+
+
+def _refuse_get_body(request: HttpRequest) -> None:
+    if request.body:
+        raise DecodeError("a GET webhook carries its fields in the query string, but this one has a body", path="$")
 
 
 def _parse_form(body: bytes) -> Pairs:
@@ -484,8 +512,10 @@ class _WebhookDecoder:
         webhook = self.webhook
         if webhook.latitude is None or webhook.longitude is None:
             return []  # half a coordinate stays in meta
+        lat = native.finite(webhook.latitude, "$.Latitude")
+        lon = native.finite(webhook.longitude, "$.Longitude")
         self.mapped.update(_LOCATION_FIELDS)
-        return [Location(lat=webhook.latitude, lon=webhook.longitude, name=webhook.label, address=webhook.address)]
+        return [Location(lat=lat, lon=lon, name=webhook.label, address=webhook.address)]
 
     def _choice(self, source: str) -> list[Part]:
         """A tapped quick-reply or call-to-action button, or a chosen list item."""

@@ -14,8 +14,9 @@ statuses; each becomes its own envelope:
 Outbound, every message is a `POST .../messages` with the same JSON body on both providers:
 
 * Meta (default): `https://graph.facebook.com/v23.0/<phone_number_id>/messages`, `Authorization: Bearer`.
-* 360dialog (`options["provider"] = "360dialog"`): `https://waba-v2.360dialog.io/messages` (360dialog adds
-  the phone number id itself) with the `D360-API-KEY` header.
+* 360dialog (`provider = "360dialog"` in the connection's secrets; options are read too):
+  `https://waba-v2.360dialog.io/messages` (360dialog adds the phone number id itself) with the
+  `D360-API-KEY` header.
 
 Connection settings — secrets: `access_token` (Meta), `api_key` (360dialog), `app_secret` (webhook
 signatures), `verify_token` (subscription handshake); options: `phone_number_id` (Meta), `provider`,
@@ -103,7 +104,8 @@ MEDIA_MAX_BYTES: Final[dict[MediaKind, int]] = {
     "sticker": 500_000,
 }
 _CAPTIONED: Final = frozenset({"image", "video", "document"})  # audio and stickers take no caption
-_INTERACTIVE_BODY_LIMIT: Final = 1024
+_INTERACTIVE_BODY_LIMIT: Final = 1024  # characters of an interactive message's body
+_TEXT_LIMIT: Final = 4096  # characters of a text message's body
 _DEFAULT_LIST_BUTTON: Final = "Options"  # the list's opening button label is required by WhatsApp
 
 #: WhatsApp status name → canonical state. Anything else (call statuses such as "RINGING") is kept as
@@ -404,13 +406,15 @@ class _Message(_Content, kw_only=True, rename={"from_": "from"}):
 
 
 class _StatusObject(_Native, kw_only=True):
-    """`value.statuses[]`: what happened to a message the business sent."""
+    """`value.statuses[]`: what happened to a message the business sent. In a group, each member's
+    receipt comes on its own, naming the member in `recipient_participant_id`."""
 
     id: str
     status: str
     timestamp: int
     recipient_id: str = ""
     recipient_type: str = ""
+    recipient_participant_id: str = ""
     group_id: str = ""
     errors: list[_ErrorObject] = []
 
@@ -482,8 +486,9 @@ class WhatsAppCodec(Codec):
         media=frozenset({"image", "audio", "voice", "video", "document", "sticker"}),
         media_max_bytes=max(MEDIA_MAX_BYTES.values()),
         media_limits=dict(MEDIA_MAX_BYTES),
-        text_limit=4096,
+        text_limit=_TEXT_LIMIT,
         caption_limit=1024,
+        choice_text_limit=_INTERACTIVE_BODY_LIMIT,  # an interactive message's body: "maximum 1024 characters"
         markup="whatsapp",
         max_buttons=3,
         max_button_title=20,
@@ -502,13 +507,22 @@ class WhatsAppCodec(Codec):
     # ------------------------------------------------------------------------------ webhook intake
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
-        """Meta signs the raw body: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app_secret, body)>`."""
+        """Meta signs the raw body: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app_secret, body)>`.
+
+        Without an `app_secret` every webhook is refused, except on 360dialog connections: 360dialog relays
+        the Cloud API webhooks without Meta's signature (and signs nothing itself), so they are accepted
+        unsigned. `verify` sees only the secrets, so a 360dialog connection says so there too:
+        `secrets["provider"] = "360dialog"` (beside its `api_key`; it also picks 360dialog's API).
+        Anyone who learns such a connection's webhook URL can post to it: keep the URL secret.
+        """
         app_secret = secrets.get("app_secret", "")
         if not app_secret:
-            if secrets.get("api_key"):
-                # 360dialog relays the Cloud API webhooks to its clients without Meta's signature.
+            if str(secrets.get("provider", "")).lower() == "360dialog":
                 return
-            raise SignatureError("no app_secret configured for this WhatsApp connection")
+            raise SignatureError(
+                "no app_secret configured for this WhatsApp connection (360dialog connections, whose "
+                "webhooks are unsigned, set secrets['provider'] = '360dialog')"
+            )
         given = request.headers.get("x-hub-signature-256", "")
         if not given:
             raise SignatureError("missing X-Hub-Signature-256 header")
@@ -529,8 +543,8 @@ class WhatsAppCodec(Codec):
     def dedup_key(self, request: HttpRequest) -> str:
         """The ids of the messages, statuses (with their state: one message has several) and calls."""
         try:
-            webhook = msgspec.convert(msgspec.json.decode(request.body), _Webhook, strict=False)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+            webhook = native.convert(native.read_json(request), _Webhook)
+        except DecodeError:
             return ""
         keys = {key for entry in webhook.entry for change in entry.changes for key in _delivery_keys(change.value)}
         return ",".join(sorted(keys))
@@ -543,7 +557,8 @@ class WhatsAppCodec(Codec):
         for i, entry in enumerate(webhook.entry):
             for j, change in enumerate(entry.changes):
                 path = f"$.entry[{i}].changes[{j}].value"
-                envelopes.extend(_ChangeDecoder(ctx, entry, change, path, request.received_at).envelopes())
+                decoder = _ChangeDecoder(ctx, entry, change, path, request.received_at, entry_path=f"$.entry[{i}]")
+                envelopes.extend(decoder.envelopes())
         return envelopes
 
     # ---------------------------------------------------------------------------------- sending
@@ -656,9 +671,12 @@ class WhatsAppCodec(Codec):
 class _ChangeDecoder:
     """Decodes one `entry[].changes[]` item into envelopes."""
 
-    def __init__(self, ctx: DecodeContext, entry: _Entry, change: _Change, path: str, received_at: float) -> None:
+    def __init__(
+        self, ctx: DecodeContext, entry: _Entry, change: _Change, path: str, received_at: float, *, entry_path: str
+    ) -> None:
         self.ctx = ctx
         self.entry = entry
+        self.entry_path = entry_path
         self.change = change
         self.path = path
         self.received_at = received_at
@@ -722,7 +740,11 @@ class _ChangeDecoder:
                     ),
                     tenant=self.ctx.tenant,
                     conversation=self._conversation(preference.wa_id),
-                    ts=native.from_unix(preference.timestamp) if preference.timestamp else self._event_time(),
+                    ts=(
+                        native.from_unix(preference.timestamp, f"{self.path}.user_preferences[{k}].timestamp")
+                        if preference.timestamp
+                        else self._event_time()
+                    ),
                     sender=self._user(preference.wa_id),
                     activity=activity,
                     detail={"category": preference.category, "value": preference.value, "detail": preference.detail},
@@ -780,7 +802,7 @@ class _ChangeDecoder:
             tenant=self.ctx.tenant,
             conversation=self._conversation(message.group_id or user, group=bool(message.group_id)),
             direction="outbound" if echo else "inbound",
-            ts=native.from_unix(message.timestamp),
+            ts=native.from_unix(message.timestamp, f"{path}.timestamp"),
             sender=sender,
             native=Native(id=message.id, seq=self.ctx.seq),
             reply_to=source,
@@ -804,7 +826,11 @@ class _ChangeDecoder:
                 place = content.location
                 return [
                     Location(
-                        lat=place.latitude, lon=place.longitude, name=place.name, address=place.address, url=place.url
+                        lat=native.finite(place.latitude, f"{path}.location.latitude"),
+                        lon=native.finite(place.longitude, f"{path}.location.longitude"),
+                        name=place.name,
+                        address=place.address,
+                        url=place.url,
                     )
                 ]
             case "contacts" if content.contacts:
@@ -821,7 +847,7 @@ class _ChangeDecoder:
                 ]
             case "order" if content.order is not None and isinstance(body, dict):
                 _keep_unmapped(meta, "whatsapp.order", body, {"catalog_id", "text", "product_items"})
-                return _order_parts(content.order)
+                return _order_parts(content.order, f"{path}.order")
             case "system" if content.system is not None and isinstance(body, dict):
                 _keep_unmapped(meta, "whatsapp.system", body, {"body"})
                 return [Text(text=content.system.body)]
@@ -872,22 +898,25 @@ class _ChangeDecoder:
         meta = _extras(raw, {"id", "status", "timestamp", "recipient_id", "errors"})
         if len(status.errors) > 1:
             meta["whatsapp.errors"] = raw["errors"]
+        ts = native.from_unix(status.timestamp, f"{path}.timestamp")
+        # A group member's receipt is told apart from the other members' by the member.
+        member = (status.recipient_participant_id,) if status.recipient_participant_id else ()
         if state is None:
             return Message(
-                id=canonical.stable_id("whatsapp.status", *self._scope(), status.id, status.status),
+                id=canonical.stable_id("whatsapp.status", *self._scope(), status.id, status.status, *member),
                 tenant=self.ctx.tenant,
                 conversation=self._conversation(chat, group=is_group),
-                ts=native.from_unix(status.timestamp),
+                ts=ts,
                 sender=Sender(role="system"),
                 native=Native(id=status.id, seq=self.ctx.seq),
                 parts=[Unsupported(reason=f"WhatsApp status {status.status!r}", native=raw)],
                 meta=meta,
             )
         return Status(
-            id=canonical.stable_id("status", *self._scope(), status.id, state),
+            id=canonical.stable_id("status", *self._scope(), status.id, state, *member),
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat, group=is_group),
-            ts=native.from_unix(status.timestamp),
+            ts=ts,
             native=Native(id=status.id, seq=self.ctx.seq),
             native_id=status.id,
             state=state,
@@ -937,7 +966,7 @@ class _ChangeDecoder:
 
     def _event_time(self) -> datetime:
         if self.entry.time:
-            return native.from_unix(self.entry.time)
+            return native.from_unix(self.entry.time, f"{self.entry_path}.time")
         if self.received_at:
             return native.from_unix(self.received_at)
         return canonical.now()
@@ -967,12 +996,17 @@ def _contact_part(card: _ContactCard) -> Contact:
     )
 
 
-def _order_parts(order: _Order) -> list[Part]:
+def _order_parts(order: _Order, path: str) -> list[Part]:
     items = [
         ProductItem(
-            product_id=item.product_retailer_id, quantity=item.quantity, price=item.item_price, currency=item.currency
+            product_id=item.product_retailer_id,
+            quantity=item.quantity,
+            price=native.finite(item.item_price, f"{path}.product_items[{n}].item_price")
+            if item.item_price is not None
+            else None,
+            currency=item.currency,
         )
-        for item in order.product_items
+        for n, item in enumerate(order.product_items)
     ]
     parts: list[Part] = [Product(catalog_id=order.catalog_id, items=items)]
     if order.text:
@@ -1040,7 +1074,10 @@ def _delivery_keys(value: JsonObject) -> Iterator[str]:
                 yield str(item["id"])
     for item in _objects(value.get("statuses")):
         if item.get("id"):
-            yield f"{item['id']}:{item.get('status', '')}"
+            # In groups every member's receipt is its own delivery: the same id and state per member.
+            participant = item.get("recipient_participant_id")
+            who = f":{participant}" if participant else ""
+            yield f"{item['id']}:{item.get('status', '')}{who}"
     for item in _objects(value.get("calls")):
         if item.get("id"):
             yield f"{item['id']}:{item.get('event', '')}"
@@ -1109,13 +1146,20 @@ class _Composer:
         body = self._interactive_body(part.text, "buttons")
         if len(links) == 1 and not replies:
             return [_cta_url_body(body, links[0])]
-        if links:
-            # A CTA URL message holds exactly one link and no reply buttons, so further links are written
-            # out in the text instead of being dropped.
-            body = "\n\n".join([body, *(f"{link.title}: {link.value}" for link in links)])
+        # A CTA URL message holds exactly one link and no reply buttons, so further links are written
+        # out as text instead of being dropped.
+        link_lines = [f"{link.title}: {link.value}" for link in links]
         if not replies:
-            return [self._text_body(body)]
-        return [
+            return [self._text_body(text) for text in _packed([body, *link_lines], _TEXT_LIMIT)]
+        bodies: list[JsonObject] = []
+        if link_lines:
+            with_links = "\n\n".join([body, *link_lines])
+            if len(with_links) <= _INTERACTIVE_BODY_LIMIT:
+                body = with_links
+            else:
+                # Too long to go with the buttons: the links go just before them, as text of their own.
+                bodies.extend(self._text_body(text) for text in _packed(link_lines, _TEXT_LIMIT))
+        bodies.append(
             {
                 "type": "interactive",
                 "interactive": {
@@ -1126,7 +1170,8 @@ class _Composer:
                     },
                 },
             }
-        ]
+        )
+        return bodies
 
     def _list(self, part: List) -> JsonObject:
         interactive: JsonObject = {"type": "list"}
@@ -1151,6 +1196,12 @@ class _Composer:
         """An interactive message's required body: its own text, else the text just before it when it fits."""
         if own_text:
             self._flush_text()
+            if len(own_text) > _INTERACTIVE_BODY_LIMIT:
+                # Degradation (choice_text_limit) sends the start of a longer text before the choices.
+                raise EncodeError(
+                    f"WhatsApp {what} show at most {_INTERACTIVE_BODY_LIMIT} characters of text, not "
+                    f"{len(own_text)} (degrade the message first)"
+                )
             return own_text
         held = self._text
         if held is not None and len(held) <= _INTERACTIVE_BODY_LIMIT:
@@ -1174,6 +1225,18 @@ class _Composer:
         if self._contacts:
             self.bodies.append({"type": "contacts", "contacts": self._contacts})
             self._contacts = []
+
+
+def _packed(pieces: list[str], limit: int) -> list[str]:
+    """`pieces` joined by blank lines into as few texts of at most `limit` characters as they fit in (a
+    piece longer than `limit` on its own stays whole: cutting a link would break it)."""
+    texts: list[str] = []
+    for piece in pieces:
+        if texts and len(texts[-1]) + 2 + len(piece) <= limit:
+            texts[-1] = f"{texts[-1]}\n\n{piece}"
+        else:
+            texts.append(piece)
+    return texts
 
 
 def _cta_url_body(body: str, link: Button) -> JsonObject:
@@ -1288,7 +1351,9 @@ def _native_id(ctx: EncodeContext, canonical_id: str, what: str) -> str:
 
 
 def _uses_360dialog(ctx: EncodeContext) -> bool:
-    return str(ctx.options.get("provider", "")).lower() == "360dialog"
+    # The provider may be named in options or, since verify() sees only secrets, in secrets alone.
+    provider = ctx.options.get("provider") or ctx.secrets.get("provider", "")
+    return str(provider).lower() == "360dialog"
 
 
 def _required(settings: Mapping[str, Any], name: str, kind: str) -> str:

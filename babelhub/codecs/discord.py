@@ -104,7 +104,6 @@ from babelhub.canonical import (
     List,
     ListSection,
     Media,
-    MediaKind,
     Mention,
     Message,
     Native,
@@ -157,7 +156,6 @@ BUTTON_LABEL_LIMIT: Final = 80
 BUTTON_URL_LIMIT: Final = 512
 OPTION_TEXT_LIMIT: Final = 100  # a select option's label, value and description
 PLACEHOLDER_LIMIT: Final = 150
-ELLIPSIS: Final = "…"
 
 #: A snowflake as ids are written in paths: an unsigned 64-bit number in decimal.
 _SNOWFLAKE: Final = re.compile(r"[0-9]{1,20}")
@@ -433,11 +431,11 @@ class DiscordCodec(Codec):
         if _is_dispatch(payload):
             event = payload.get("d")
             if payload.get("t") in ("MESSAGE_CREATE", "INTERACTION_CREATE") and isinstance(event, dict):
-                return _string(event, "id")
+                return native.str_field(event, "id")
             return ""
         if _is_webhook_event(payload):
             return ""
-        return _string(payload, "id")
+        return native.str_field(payload, "id")
 
     def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
         payload = _read_object(request)
@@ -568,19 +566,9 @@ def _interaction_answer(payload: Json) -> Json | None:
     return None
 
 
-def _string(raw: Mapping[str, Any], key: str) -> str:
-    value = raw.get(key)
-    return value if isinstance(value, str) else ""
-
-
 def _object(raw: Mapping[str, Any], key: str) -> Json:
     value = raw.get(key)
     return value if isinstance(value, dict) else {}
-
-
-def _list_of(raw: Mapping[str, Any], key: str) -> list[Any]:
-    value = raw.get(key)
-    return value if isinstance(value, list) else []
 
 
 # ------------------------------------------------------------------------------------ decode: helpers
@@ -772,7 +760,7 @@ def _emoji_text(emoji: _Emoji) -> str:
 
 def _unsupported_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inbound) -> Message:
     event = dispatch.d if isinstance(dispatch.d, dict) else {}
-    chat = _string(event, "channel_id") or _string(event, "guild_id") or _string(event, "id")
+    chat = native.str_field(event, "channel_id") or native.str_field(event, "guild_id") or native.str_field(event, "id")
     user = event.get("user") or event.get("author")
     user_id = user.get("id") if isinstance(user, dict) else event.get("user_id")
     return inbound.envelope(
@@ -808,7 +796,6 @@ def _replied(message: _Message, inbound: _Inbound) -> str:
     return inbound.message_id(reference.channel_id or message.channel_id, reference.message_id)
 
 
-_MEDIA_KINDS: Final[dict[str, MediaKind]] = {"image": "image", "video": "video", "audio": "audio"}
 #: Sticker format types → the file Discord serves: PNG, APNG, Lottie (JSON), GIF.
 _STICKER_FILES: Final[dict[int, tuple[str, str]]] = {
     1: ("png", "image/png"),
@@ -837,23 +824,23 @@ def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[Part
     parts.extend(_attachment(attachment, voice) for attachment in message.attachments)
     parts.extend(_sticker(item) for item in message.sticker_items)
     previews = []
-    for embed in _list_of(raw, "embeds"):
+    for embed in native.list_field(raw, "embeds"):
         if isinstance(embed, dict) and embed.get("type", "rich") != "rich":
             previews.append(embed)  # link previews Discord generated from the content
         else:
             parts.append(Unsupported(reason="discord embed", native=embed))
     if previews:
         meta["discord.embeds"] = previews
-    if _list_of(raw, "components"):
+    if native.list_field(raw, "components"):
         parts.append(Unsupported(reason="discord components", native=raw["components"]))
     if isinstance(raw.get("poll"), dict):
         parts.append(Unsupported(reason="discord poll", native=raw["poll"]))
-    for snapshot in _list_of(raw, "message_snapshots"):
+    for snapshot in native.list_field(raw, "message_snapshots"):
         parts.append(Unsupported(reason="discord forwarded message", native=snapshot))
     reference = raw.get("message_reference")
     if isinstance(reference, dict) and message.type not in (REPLY, CONTEXT_MENU_COMMAND):
         meta["discord.message_reference"] = reference
-    if _list_of(raw, "reactions"):
+    if native.list_field(raw, "reactions"):
         meta["discord.reactions"] = raw["reactions"]  # the counts so far (a fetched message carries them)
     return parts, meta
 
@@ -888,7 +875,7 @@ def _mentions_resolved(content: str, mentioned: list[_User], inbound: _Inbound) 
 
 def _attachment(attachment: _Attachment, voice_message: bool) -> Media:
     mime = attachment.content_type or ""
-    kind = _MEDIA_KINDS.get(mime.partition("/")[0], "document")
+    kind = native.media_kind(mime)
     if voice_message and kind == "audio":
         kind = "voice"
     duration = attachment.duration_secs
@@ -924,10 +911,10 @@ def _webhook_event(payload: Json, inbound: _Inbound) -> list[Envelope]:
     if payload.get("type") == 0:
         return []
     event = _object(payload, "event")
-    kind = _string(event, "type")
-    user_id = _string(_object(_object(event, "data"), "user"), "id")
-    application = _string(payload, "application_id")
-    timestamp = _string(event, "timestamp")
+    kind = native.str_field(event, "type")
+    user_id = native.str_field(_object(_object(event, "data"), "user"), "id")
+    application = native.str_field(payload, "application_id")
+    timestamp = native.str_field(event, "timestamp")
     ts = native.parse_time(timestamp, "$.event.timestamp") if timestamp else inbound.received
     return [
         inbound.envelope(
@@ -1020,7 +1007,7 @@ def _option_value(value: Any) -> str:
 
 
 def _command_meta(command: _CommandData, data: Json) -> Json:
-    meta: Json = {"name": command.name, "type": command.type, "options": _list_of(data, "options")}
+    meta: Json = {"name": command.name, "type": command.type, "options": native.list_field(data, "options")}
     if command.target_id:
         meta["target_id"] = command.target_id
     return meta
@@ -1036,12 +1023,12 @@ def _component_actions(
     message = raw.get("message")
     definition = _find_component(message.get("components") if isinstance(message, dict) else None, component.custom_id)
     if not component.values:
-        return [Action(id=component.custom_id, title=_string(definition, "label"), source=source)]
+        return [Action(id=component.custom_id, title=native.str_field(definition, "label"), source=source)]
     # The definition is the message as the interaction quotes it: an option whose value is no string
     # (a list, an object) labels nothing, rather than breaking the lookup.
     labels = {
-        option["value"]: _string(option, "label")
-        for option in _list_of(definition, "options")
+        option["value"]: native.str_field(option, "label")
+        for option in native.list_field(definition, "options")
         if isinstance(option, dict) and isinstance(option.get("value"), str)
     }
     return [Action(id=value, title=labels.get(value, ""), source=source) for value in component.values]
@@ -1093,7 +1080,7 @@ def _form_fields(component: Any) -> list[FormField]:
     if "component" in component:
         return _form_fields(component["component"])
     if "components" in component:
-        return [answer for child in _list_of(component, "components") for answer in _form_fields(child)]
+        return [answer for child in native.list_field(component, "components") for answer in _form_fields(child)]
     custom_id = component.get("custom_id")
     if not isinstance(custom_id, str):
         return []
@@ -1104,11 +1091,6 @@ def _form_fields(component: Any) -> list[FormField]:
 
 
 # ------------------------------------------------------------------------------------- encode: layout
-
-
-def _cut(text: str, limit: int) -> str:
-    """`text` within `limit` characters, the last one an ellipsis when it was cut (for labels)."""
-    return text if len(text) <= limit else text[: limit - 1] + ELLIPSIS
 
 
 def _embed_size(embed: Json) -> int:
@@ -1229,7 +1211,7 @@ def _button_rows(buttons: list[Button]) -> list[Json]:
 def _button(button: Button) -> Json:
     """A url button is a link (style 5); a reply or postback button sends back its `custom_id` — the
     button's id, or a postback's value — which comes back as `Action.id`."""
-    label = _cut(button.title, BUTTON_LABEL_LIMIT)
+    label = native.clip(button.title, BUTTON_LABEL_LIMIT)
     if button.action == "url":
         if not 1 <= len(button.value) <= BUTTON_URL_LIMIT:
             raise EncodeError(f"discord: a link button's url takes 1-{BUTTON_URL_LIMIT} characters: {button.value!r}")
@@ -1256,14 +1238,14 @@ def _select_row(part: List, section: ListSection, custom_id: str) -> Json:
     for row in section.rows:
         if not 1 <= len(row.id) <= OPTION_TEXT_LIMIT:
             raise EncodeError(f"discord: a list row's id takes 1-{OPTION_TEXT_LIMIT} characters: {row.id!r}")
-        option = {"label": _cut(row.title, OPTION_TEXT_LIMIT), "value": row.id}
+        option = {"label": native.clip(row.title, OPTION_TEXT_LIMIT), "value": row.id}
         if row.description:
-            option["description"] = _cut(row.description, OPTION_TEXT_LIMIT)
+            option["description"] = native.clip(row.description, OPTION_TEXT_LIMIT)
         options.append(option)
     select: Json = {"type": STRING_SELECT, "custom_id": custom_id, "options": options}
     placeholder = section.title or part.button
     if placeholder:
-        select["placeholder"] = _cut(placeholder, PLACEHOLDER_LIMIT)
+        select["placeholder"] = native.clip(placeholder, PLACEHOLDER_LIMIT)
     return {"type": ACTION_ROW, "components": [select]}
 
 
@@ -1272,7 +1254,7 @@ def _card_embed(card: Card) -> Json:
     file links the title. A card's media without a url cannot be shown: refused, never left out."""
     embed: Json = {}
     if card.title:
-        embed["title"] = _cut(card.title, EMBED_TITLE_LIMIT)
+        embed["title"] = native.clip(card.title, EMBED_TITLE_LIMIT)
     if card.subtitle:
         embed["description"] = _description(card.subtitle, "a card's subtitle")
     media = card.media
@@ -1282,7 +1264,7 @@ def _card_embed(card: Card) -> Json:
             embed["image"] = {"url": url}
         else:
             embed["url"] = url
-            embed.setdefault("title", _cut(media.filename or url, EMBED_TITLE_LIMIT))
+            embed.setdefault("title", native.clip(media.filename or url, EMBED_TITLE_LIMIT))
     if not embed:
         raise EncodeError("discord: an empty card has nothing to show")
     return embed
@@ -1313,9 +1295,7 @@ def _description(text: str, what: str) -> str:
 
 
 def _bot_headers(ctx: EncodeContext) -> dict[str, str]:
-    token = ctx.secrets.get("bot_token", "")
-    if not token:
-        raise EncodeError("discord: no bot_token configured for this connection")
+    token = native.required_secret(ctx.secrets, "bot_token", "Discord")
     return {"Authorization": f"Bot {token}", "User-Agent": USER_AGENT}
 
 
@@ -1425,8 +1405,7 @@ _CUSTOM_EMOJI: Final = re.compile(r"<?a?:?(?P<name>\w+):(?P<id>\d+)>?")
 
 def _native_message(ctx: EncodeContext, canonical: str, purpose: str) -> tuple[str, str]:
     """The channel and message id a canonical id maps to (native ids are `channel:message`)."""
-    native_id = ctx.native_ids.get(canonical, "")
-    chat, _, message = native_id.partition(":")
+    chat, _, message = native.native_id(ctx, canonical, f"{purpose} target", "Discord").partition(":")
     if not (_SNOWFLAKE.fullmatch(chat) and _SNOWFLAKE.fullmatch(message)):
         raise EncodeError(f"discord: no Discord message known for {purpose} target {canonical!r}")
     return chat, message
@@ -1467,7 +1446,7 @@ def _sent_ids(answer: Any) -> list[str]:
 def _api_failure(response: HttpResponse, answer: Json) -> SendResult:
     code = answer.get("code")
     details = _field_errors(answer.get("errors"))
-    message = "; ".join(text for text in [_string(answer, "message"), *details] if text)
+    message = "; ".join(text for text in [native.str_field(answer, "message"), *details] if text)
     if response.status == 429:
         name = "rate_limited_global" if answer.get("global") is True else "rate_limited"
     elif isinstance(code, int) and not isinstance(code, bool) and code:

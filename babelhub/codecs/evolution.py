@@ -508,7 +508,7 @@ class EvolutionCodec(Codec):
         for part in message.parts:
             composer.add(part)
         calls = composer.finish()
-        quote_id = _native_id(ctx, message.reply_to, "reply_to") if message.reply_to else ""
+        quote_id = native.native_id(ctx, message.reply_to, "reply_to", "WhatsApp") if message.reply_to else ""
         requests: list[OutboundRequest] = []
         for n, call in enumerate(calls):
             if quote_id and call.quotable:
@@ -1280,16 +1280,11 @@ def _body_apikey(request: HttpRequest) -> str:
 def _verify_webhook_jwt(request: HttpRequest, secret: str) -> None:
     """Evolution's webhook JWT (webhook.controller.ts `generateJwtToken`): HS256 over
     `{"iat", "exp": iat + 600, "app": "evolution", "action": "webhook"}` with the `jwt_key` header value."""
-    token = jwt.bearer_token(request)
-    segments = token.split(".")
-    if len(segments) != 3:
-        raise SignatureError("webhook token is not a JWT (header.payload.signature)")
-    header, claims = _jwt_json(segments[0], "header"), _jwt_json(segments[1], "payload")
+    header, claims, signing_input, signature = jwt.split_token(jwt.bearer_token(request))
     if header.get("alg") != "HS256":
         raise SignatureError(f"webhook token algorithm {header.get('alg')!r} is not HS256")
-    signed = f"{segments[0]}.{segments[1]}".encode("ascii")
-    expected = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, _b64url(segments[2], "signature")):
+    expected = hmac.new(secret.encode(), signing_input, hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, signature):
         raise SignatureError("webhook token signature does not match the jwt_key")
     now = request.received_at or time.time()
     expiry = claims.get("exp")
@@ -1300,23 +1295,6 @@ def _verify_webhook_jwt(request: HttpRequest, secret: str) -> None:
     issued = claims.get("iat")
     if isinstance(issued, int | float) and issued > now + jwt.DEFAULT_LEEWAY:
         raise SignatureError("webhook token was issued in the future")
-
-
-def _jwt_json(segment: str, name: str) -> JsonObject:
-    try:
-        value = json.loads(_b64url(segment, name))
-    except ValueError:
-        raise SignatureError(f"webhook token {name} is not JSON") from None
-    if not isinstance(value, dict):
-        raise SignatureError(f"webhook token {name} is not a JSON object")
-    return value
-
-
-def _b64url(segment: str, name: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    except (binascii.Error, ValueError):
-        raise SignatureError(f"webhook token {name} is not base64url") from None
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -1335,12 +1313,8 @@ class _Endpoint:
         base = codec.api_base(ctx)
         if not base:
             raise EncodeError("Evolution API is self-hosted: set the connection's api_base to the server's URL")
-        instance = str(ctx.options.get("instance") or "")
-        if not instance:
-            raise EncodeError("Evolution connection has no 'instance' option")
-        apikey = ctx.secrets.get("apikey", "")
-        if not apikey:
-            raise EncodeError("Evolution connection has no 'apikey' secret")
+        instance = native.required_option(ctx.options, "instance", "Evolution")
+        apikey = native.required_secret(ctx.secrets, "apikey", "Evolution")
         return cls(base, instance, apikey)
 
     def request(self, method: str, body: JsonObject, *, key: str, message_id: str = "") -> OutboundRequest:
@@ -1498,7 +1472,7 @@ class _Composer:
         return body
 
     def _reaction(self, part: Reaction) -> _Call:
-        message_key = _native_id(self.ctx, part.target, "reaction target")
+        message_key = native.native_id(self.ctx, part.target, "reaction target", "WhatsApp")
         # WhatsApp names the message by its key: chat, whether we wrote it, id. A target whose canonical id
         # is the one derived from its native id came in from the user; any other is a message we sent.
         ours = part.target != canonical.message_id(self.ctx.tenant, self.ctx.connection, message_key)
@@ -1619,15 +1593,8 @@ def _message_to_mark(activity: Activity, ctx: EncodeContext) -> str:
         return native_id
     canonical_id = activity.detail.get("message_id")
     if isinstance(canonical_id, str) and canonical_id:
-        return _native_id(ctx, canonical_id, "read activity")
+        return native.native_id(ctx, canonical_id, "read activity", "WhatsApp")
     raise EncodeError("Evolution read marks need detail['native_id'] or detail['message_id'] of the message read")
-
-
-def _native_id(ctx: EncodeContext, canonical_id: str, what: str) -> str:
-    message_key = ctx.native_ids.get(canonical_id)
-    if not message_key:
-        raise EncodeError(f"no WhatsApp message id known for {what} {canonical_id!r}")
-    return message_key
 
 
 def _error_words(message: Any) -> str:

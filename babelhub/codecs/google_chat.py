@@ -525,17 +525,16 @@ def _text(inbound: _Inbound, message: _Message) -> c.Text:
 
 def _media(attachment: _Attachment) -> c.Media:
     mime = attachment.contentType
-    kind: c.MediaKind = "document"
-    if mime.startswith("image/"):
-        kind = "image"
-    elif mime.startswith("video/"):
-        kind = "video"
-    elif mime.startswith("audio/"):
-        kind = "audio"
     file_id = (attachment.attachmentDataRef.resourceName if attachment.attachmentDataRef else "") or (
         attachment.driveDataRef.driveFileId if attachment.driveDataRef else ""
     )
-    return c.Media(media=kind, url=attachment.downloadUri, file_id=file_id, mime=mime, filename=attachment.contentName)
+    return c.Media(
+        media=native.media_kind(mime),
+        url=attachment.downloadUri,
+        file_id=file_id,
+        mime=mime,
+        filename=attachment.contentName,
+    )
 
 
 def _message_meta(message: _Message | None) -> dict[str, Any]:
@@ -617,9 +616,7 @@ class _Outbound:
     def __init__(self, message: c.Message, ctx: EncodeContext, base: str) -> None:
         if not SPACE_NAME.fullmatch(ctx.to):
             raise EncodeError(f"a google chat space is named spaces/<id> (letters, digits, _ and -), not {ctx.to!r}")
-        token = ctx.secrets.get("access_token", "")
-        if not token:
-            raise EncodeError("google chat needs secrets['access_token'] (an OAuth token of the app)")
+        token = native.required_secret(ctx.secrets, "access_token", "Google Chat", "an OAuth token of the app")
         self.message = message
         self.ctx = ctx
         self.base = base
@@ -735,9 +732,7 @@ class _Outbound:
 
     def _native(self, canonical_id: str, what: str) -> str:
         """The message's resource name, as a URL path (validated and escaped)."""
-        name = self.ctx.native_ids.get(canonical_id, "")
-        if not name:
-            raise EncodeError(f"cannot {what} message {canonical_id!r}: its google chat message name is unknown")
+        name = native.native_id(self.ctx, canonical_id, f"{what} target", "Google Chat")
         if not MESSAGE_NAME.fullmatch(name):
             raise EncodeError(f"cannot {what} message {canonical_id!r}: {name!r} is no google chat message name")
         return _path(name)

@@ -33,7 +33,15 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import SignatureError
 
-__all__ = ["DEFAULT_LEEWAY", "SigningKey", "VerifiedToken", "bearer_token", "parse_keys", "verify_rs256"]
+__all__ = [
+    "DEFAULT_LEEWAY",
+    "SigningKey",
+    "VerifiedToken",
+    "bearer_token",
+    "parse_keys",
+    "split_token",
+    "verify_rs256",
+]
 
 DEFAULT_LEEWAY: Final = 300.0
 """Clock skew tolerated on `exp` and `nbf`: Bot Framework documents 5 minutes as industry standard."""
@@ -79,7 +87,7 @@ def verify_rs256(
     then its issuer, audience, expiry and not-before. Raises SignatureError saying what failed."""
     if not audience:
         raise SignatureError("no audience configured to check the token against")
-    header, claims, signing_input, signature = _split(token)
+    header, claims, signing_input, signature = split_token(token)
     if header.get("alg") != "RS256":
         raise SignatureError(f"token algorithm {header.get('alg')!r} is not RS256")
     key = _verify_signature(signing_input, signature, str(header.get("kid", "")), parse_keys(keys))
@@ -108,7 +116,10 @@ def parse_keys(keys: str) -> list[SigningKey]:
 # ------------------------------------------------------------------------------------------ parsing
 
 
-def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+def split_token(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """A JWT's header and claims (JSON objects), the bytes its signature covers and the signature, or
+    a SignatureError saying which segment is unreadable. Nothing here is verified yet: the caller checks
+    the algorithm and the signature before it trusts a claim."""
     parts = token.split(".")
     if len(parts) != 3:
         raise SignatureError("token is not a JWT (header.payload.signature)")

@@ -38,7 +38,6 @@ bytes are uploaded as multipart `filedata` on Messenger); Reaction → `sender_a
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
@@ -46,7 +45,7 @@ from typing import Any, ClassVar, Final
 import msgspec
 
 from babelhub import canonical as c
-from babelhub.codecs import native
+from babelhub.codecs import meta_graph, native
 from babelhub.codecs.base import (
     Capabilities,
     Codec,
@@ -72,9 +71,6 @@ TEMPLATE_TEXT_LIMIT: Final = 640
 TEMPLATE_BUTTONS: Final = 3
 ELEMENT_TITLE_LIMIT: Final = 80
 MEDIA_TEMPLATE_BUTTONS: Final = 1
-
-_SHA256_HEX_LENGTH: Final = 64
-_HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
 
 # Graph API error codes worth retrying: 1/2 unknown or unexpected ("retry your request later"),
 # 4/17/32/613 rate limits (application, user, page, call rate), 1200 "temporary send message failure".
@@ -283,10 +279,6 @@ def unmapped(raw: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
     return {key: value for key, value in raw.items() if key not in taken}
 
 
-def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + FILLER
-
-
 def chunks(items: list[c.Button], size: int) -> Iterator[list[c.Button]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -432,27 +424,14 @@ class MessengerCodec(Codec):
 
     def handshake(self, request: HttpRequest, secrets: Mapping[str, str]) -> HttpResponse | None:
         """Meta's subscription check: GET `?hub.mode=subscribe&hub.verify_token=…&hub.challenge=…`."""
-        if request.method.upper() != "GET" or request.query.get("hub.mode") != "subscribe":
-            return None
-        if not native.same_secret(request.query.get("hub.verify_token", ""), secrets.get("verify_token", "")):
-            return HttpResponse(status=403, body=b"verify token mismatch")
-        challenge = request.query.get("hub.challenge", "")
-        return HttpResponse(status=200, headers={"content-type": "text/plain"}, body=challenge.encode())
+        return meta_graph.handshake(request, secrets.get("verify_token", ""))
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
-        """`X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body, keyed with the app secret>`.
-
-        Meta's signature has no timestamp, so replays are caught by dedup, not here."""
+        """`X-Hub-Signature-256`, the HMAC of the raw body with the app secret (see `meta_graph`)."""
         app_secret = secrets.get("app_secret", "")
         if not app_secret:
             raise SignatureError(f"{self.channel}: no app_secret configured")
-        header = request.headers.get("x-hub-signature-256", "")
-        scheme, _, given = header.partition("=")
-        if scheme != "sha256" or len(given) != _SHA256_HEX_LENGTH or not set(given) <= _HEX_DIGITS:
-            raise SignatureError(f"{self.channel}: missing or malformed X-Hub-Signature-256")
-        expected = hmac.new(app_secret.encode(), request.body, hashlib.sha256).hexdigest()
-        if not native.same_secret(given.lower(), expected):
-            raise SignatureError(f"{self.channel}: X-Hub-Signature-256 does not match the body")
+        meta_graph.verify_signature(request, app_secret, self.channel)
 
     def dedup_key(self, request: HttpRequest) -> str:
         """A hash of every event's own ids (mids, or who + when + what), so a redelivery matches. A body
@@ -692,7 +671,8 @@ class MessengerCodec(Codec):
         if message.reply_to and self.capabilities.reply:
             first = next((call for call in calls if "message" in call), None)
             if first is not None:
-                first["reply_to"] = {"mid": _native_id(ctx, message.reply_to, "the replied-to message")}
+                replied_to = native.native_id(ctx, message.reply_to, "the replied-to message", self.channel)
+                first["reply_to"] = {"mid": replied_to}
         return [self._request(call, ctx, message.id, n) for n, call in enumerate(calls)]
 
     def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
@@ -707,9 +687,7 @@ class MessengerCodec(Codec):
         return [self._request(call, ctx, activity.id, 0)]
 
     def _request(self, call: dict[str, Any], ctx: EncodeContext, message_id: str, n: int) -> OutboundRequest:
-        token = ctx.secrets.get(self.token_secret, "")
-        if not token:
-            raise EncodeError(f"{self.channel}: secret {self.token_secret!r} is not configured")
+        token = native.required_secret(ctx.secrets, self.token_secret, self.channel)
         upload = call.get("message", {}).get(UPLOAD)
         if isinstance(upload, c.Media):
             body, content_type = multipart(call, upload)
@@ -814,9 +792,9 @@ class MessengerCodec(Codec):
             return [media_template, *self._buttons("", cards[0].buttons[MEDIA_TEMPLATE_BUTTONS:], media_template)]
         elements: list[dict[str, Any]] = []
         for card in cards:
-            element: dict[str, Any] = {"title": clip(card.title or card.subtitle or FILLER, ELEMENT_TITLE_LIMIT)}
+            element: dict[str, Any] = {"title": native.clip(card.title or card.subtitle or FILLER, ELEMENT_TITLE_LIMIT)}
             if card.subtitle and card.title:
-                element["subtitle"] = clip(card.subtitle, ELEMENT_TITLE_LIMIT)
+                element["subtitle"] = native.clip(card.subtitle, ELEMENT_TITLE_LIMIT)
             if card.media is not None:
                 if not card.media.url:
                     name = repr(card.title or card.subtitle) if card.title or card.subtitle else "without a title"
@@ -861,7 +839,7 @@ class MessengerCodec(Codec):
         raise EncodeError(f"{self.channel}: media needs a url or an attachment id")
 
     def _reaction_call(self, reaction: c.Reaction, ctx: EncodeContext) -> dict[str, Any]:
-        target = _native_id(ctx, reaction.target, "the message reacted to")
+        target = native.native_id(ctx, reaction.target, "the message reacted to", self.channel)
         if reaction.removed:
             return {"recipient": {"id": ctx.to}, "sender_action": "unreact", "payload": {"message_id": target}}
         payload = {"message_id": target, "reaction": self._reaction_value(reaction.emoji)}
@@ -991,13 +969,6 @@ def _is_control(ch: str) -> bool:
 
 def _template(payload: dict[str, Any]) -> dict[str, Any]:
     return {"attachment": {"type": "template", "payload": payload}}
-
-
-def _native_id(ctx: EncodeContext, canonical_id: str, what: str) -> str:
-    try:
-        return ctx.native_ids[canonical_id]
-    except KeyError:
-        raise EncodeError(f"no native id known for {what} ({canonical_id})") from None
 
 
 def raw_items(entries: Any, path: str = "$.entry") -> Iterator[tuple[str, dict[str, Any]]]:

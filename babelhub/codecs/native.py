@@ -1,32 +1,41 @@
-"""Helpers every codec needs for reading native payloads and API answers, so that each codec module
-holds only what is particular to its channel."""
+"""Helpers every codec needs for reading native payloads and API answers and for building requests,
+so that each codec module holds only what is particular to its channel."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import math
+import mimetypes
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 
-from babelhub.canonical import Error
-from babelhub.codecs.base import HttpRequest, HttpResponse, SendResult
-from babelhub.errors import DecodeError
+from babelhub.canonical import Error, MediaKind
+from babelhub.codecs.base import EncodeContext, HttpRequest, HttpResponse, SendResult
+from babelhub.errors import DecodeError, EncodeError
 
 __all__ = [
     "ErrorRule",
+    "clip",
     "convert",
     "finite",
     "from_unix",
     "http_failure",
     "json_body",
+    "list_field",
+    "media_kind",
+    "native_id",
     "parse_time",
     "read_json",
+    "required_option",
+    "required_secret",
     "retry_after",
     "same_secret",
+    "str_field",
 ]
 
 T = TypeVar("T")
@@ -133,3 +142,72 @@ def http_failure(response: HttpResponse, code: str = "", message: str = "", nati
 def same_secret(given: str, expected: str) -> bool:
     """Constant-time comparison, false when no secret is configured."""
     return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+# ------------------------------------------------------------------------- reading native payloads
+
+
+def str_field(raw: Mapping[str, Any], key: str) -> str:
+    """`raw[key]` when it is a string, else "": for payloads read as plain JSON, not as a Struct."""
+    value = raw.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def list_field(raw: Mapping[str, Any], key: str) -> list[Any]:
+    """`raw[key]` when it is a list, else an empty one."""
+    value = raw.get(key)
+    return value if isinstance(value, list) else []
+
+
+_MEDIA_KINDS: Final[dict[str, MediaKind]] = {"image": "image", "video": "video", "audio": "audio"}
+
+
+def media_kind(mime: str, filename: str = "") -> MediaKind:
+    """The media kind a MIME type names, by its major part (`image/*`, `video/*`, `audio/*`, in any
+    case, as MIME types are case-insensitive); anything else (PDFs, vCards, archives) is a document.
+    Without a MIME type it is guessed from `filename`. Kinds a channel marks in its own way (a voice
+    note, a sticker) are the codec's to set."""
+    mime = mime or mimetypes.guess_type(filename)[0] or ""
+    return _MEDIA_KINDS.get(mime.partition("/")[0].lower(), "document")
+
+
+# ---------------------------------------------------------------------------------- encoding
+
+
+_ELLIPSIS: Final = "\u2026"
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` within `limit` characters, the last one an ellipsis when it was cut: for labels and
+    titles, which channels refuse whole when they are too long."""
+    return text if len(text) <= limit else text[: limit - 1] + _ELLIPSIS
+
+
+def native_id(ctx: EncodeContext, canonical_id: str, what: str, channel: str) -> str:
+    """The channel's own id for the canonical message `canonical_id`, as the hub recorded it when the
+    message was sent or received. Replies, reactions, edits and deletes must name the channel's
+    message; when the hub knows none, the EncodeError says which part of the message (`what`: "reply_to",
+    "reaction target") pointed at it. Splitting the id ("chat:message") is the codec's business."""
+    found = ctx.native_ids.get(canonical_id, "")
+    if not found:
+        raise EncodeError(f"the {channel} message id of {what} {canonical_id!r} is unknown")
+    return found
+
+
+def required_secret(secrets: Mapping[str, str], name: str, channel: str, hint: str = "") -> str:
+    """A secret the connection cannot send without; when it is not configured, an EncodeError names
+    it (and what it is, from `hint`), so that an operator knows what to set."""
+    return _required(secrets, name, f"{channel} connection has no {name!r} secret", hint)
+
+
+def required_option(options: Mapping[str, Any], name: str, channel: str) -> str:
+    """An option the connection cannot send without, as a string; when it is not set, an EncodeError
+    names it."""
+    return _required(options, name, f"{channel} connection has no {name!r} option")
+
+
+def _required(settings: Mapping[str, Any], name: str, complaint: str, hint: str = "") -> str:
+    value = settings.get(name)
+    if not value:
+        raise EncodeError(f"{complaint} ({hint})" if hint else complaint)
+    return str(value)

@@ -70,7 +70,6 @@ from babelhub.canonical import (
     List,
     ListRow,
     Media,
-    MediaKind,
     Mention,
     Message,
     Native,
@@ -116,7 +115,6 @@ PLACEHOLDER_LIMIT: Final = 150
 OPTION_DESCRIPTION_LIMIT: Final = 75
 OPTION_GROUP_LABEL_LIMIT: Final = 75
 SECTION_TEXT_LIMIT: Final = 3000
-_ELLIPSIS: Final = "\u2026"
 
 #: Payload members that are credentials: never copied into an envelope.
 _CREDENTIAL_KEYS: Final = frozenset({"token"})
@@ -345,7 +343,7 @@ class SlackCodec(Codec):
             return None  # not a check; decode reports the broken body
         if payload.get("type") == "url_verification":
             self.verify(request, secrets)
-            challenge = _string(payload, "challenge")
+            challenge = native.str_field(payload, "challenge")
             return HttpResponse(
                 status=200,
                 headers={"content-type": "application/json"},
@@ -419,7 +417,7 @@ class SlackCodec(Codec):
         except msgspec.DecodeError:
             answer = None
         body = answer if isinstance(answer, dict) else {}
-        error = _string(body, "error")
+        error = native.str_field(body, "error")
         if response.status >= 300:
             return native.http_failure(response, code=error, message=_error_detail(body))
         if body.get("ok") is True:
@@ -704,12 +702,12 @@ def _content(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> tuple[l
         parts.append(Text(text=text, format="markdown", mentions=mentions))
         if text != event.text:
             meta["slack.text"] = event.text  # the original mrkdwn, for whoever needs it verbatim
-    for file, raw_file in zip(event.files, _list_of(raw, "files"), strict=False):
+    for file, raw_file in zip(event.files, native.list_field(raw, "files"), strict=False):
         parts.append(_media(file, raw_file))
     if event.files:
         meta["slack.files_need_token"] = True  # url_private answers only with `Authorization: Bearer <bot token>`
     rich_text: list[Any] = []
-    for block in _list_of(raw, "blocks"):
+    for block in native.list_field(raw, "blocks"):
         if isinstance(block, dict) and block.get("type") == "rich_text":
             rich_text.append(block)
         else:
@@ -717,27 +715,9 @@ def _content(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> tuple[l
             parts.append(Unsupported(reason=f"slack block {kind}", native=block))
     if rich_text:
         meta["slack.blocks"] = rich_text
-    for attachment in _list_of(raw, "attachments"):
+    for attachment in native.list_field(raw, "attachments"):
         parts.append(Unsupported(reason="slack attachment", native=attachment))
     return parts, meta
-
-
-def _string(raw: Mapping[str, Any], key: str) -> str:
-    value = raw.get(key)
-    return value if isinstance(value, str) else ""
-
-
-def _list_of(raw: Mapping[str, Any], key: str) -> list[Any]:
-    value = raw.get(key)
-    return value if isinstance(value, list) else []
-
-
-_MEDIA_KINDS: Final[dict[str, MediaKind]] = {"image": "image", "video": "video", "audio": "audio"}
-
-
-def _media_kind(mime: str) -> MediaKind:
-    """By the MIME type's major part; anything that is not an image, video or audio is a document."""
-    return _MEDIA_KINDS.get(mime.partition("/")[0], "document")
 
 
 def _media(file: _File, raw: Any) -> Part:
@@ -746,7 +726,7 @@ def _media(file: _File, raw: Any) -> Part:
         return Unsupported(reason="slack file without url_private", native=raw)
     mime = file.mimetype or ""
     return Media(
-        media=_media_kind(mime),
+        media=native.media_kind(mime),
         url=file.url_private,
         file_id=file.id,
         mime=mime,
@@ -804,7 +784,7 @@ def _unsupported_event(event: dict[str, Any], callback: _Callback, inbound: _Inb
     a conversation keyed by the workspace."""
     kind = event.get("type")
     chat = _channel_of(event) or callback.team_id or callback.enterprise_id or ""
-    event_ts = _string(event, "event_ts")
+    event_ts = native.str_field(event, "event_ts")
     try:
         ts = _event_time(event_ts, callback, "$.event.event_ts")
     except DecodeError:
@@ -923,8 +903,8 @@ def _other_payload(kind: str, payload: dict[str, Any], request: HttpRequest, inb
     team = payload.get("team")
     team_id = team.get("id") if isinstance(team, dict) else payload.get("team_id")
     chat = _channel_of(payload) or user or (team_id if isinstance(team_id, str) else "")
-    action_ts = _string(payload, "action_ts")
-    trigger = _string(payload, "trigger_id")
+    action_ts = native.str_field(payload, "action_ts")
+    trigger = native.str_field(payload, "trigger_id")
     try:
         ts = _slack_time(action_ts, "$.action_ts") if action_ts else _received(request)
     except DecodeError:
@@ -1115,9 +1095,7 @@ class _Calls:
     """The Web API calls of one outbound message, numbered for their idempotency keys."""
 
     def __init__(self, base: str, message: Message, ctx: EncodeContext) -> None:
-        token = ctx.secrets.get("bot_token", "")
-        if not token:
-            raise EncodeError("slack: no bot_token configured for this connection")
+        token = native.required_secret(ctx.secrets, "bot_token", "Slack")
         self.base = base
         self.message = message
         self.ctx = ctx
@@ -1165,8 +1143,7 @@ def _marker_call(part: Reaction | Delete, ctx: EncodeContext) -> tuple[str, dict
 
 def _native_message(ctx: EncodeContext, canonical: str, purpose: str) -> tuple[str, str]:
     """The channel and `ts` of the Slack message a canonical id maps to (native ids are `channel:ts`)."""
-    native_id = ctx.native_ids.get(canonical, "")
-    chat, _, ts = native_id.partition(":")
+    chat, _, ts = native.native_id(ctx, canonical, f"{purpose} target", "Slack").partition(":")
     if not (chat and ts):
         raise EncodeError(f"slack: no Slack message known for {purpose} target {canonical!r}")
     return chat, ts
@@ -1194,7 +1171,7 @@ def _error_detail(body: Mapping[str, Any]) -> str:
     for messages in (metadata.get("messages") if isinstance(metadata, dict) else None, body.get("errors")):
         if isinstance(messages, list) and messages:
             return "; ".join(str(message) for message in messages)
-    return _string(body, "warning")
+    return native.str_field(body, "warning")
 
 
 # ----------------------------------------------------------------------------------- encode: blocks
@@ -1311,19 +1288,20 @@ def _list_blocks(part: List, index: int) -> list[Block]:
     select: Block = {
         "type": "static_select",
         "action_id": f"list_{index}",
-        "placeholder": _plain(_cut(part.button or "Choose", PLACEHOLDER_LIMIT)),
+        "placeholder": _plain(native.clip(part.button or "Choose", PLACEHOLDER_LIMIT)),
     }
     if len(part.sections) > 1:
         select["option_groups"] = [
             {
-                "label": _plain(_cut(section.title or " ", OPTION_GROUP_LABEL_LIMIT)),
+                "label": _plain(native.clip(section.title or " ", OPTION_GROUP_LABEL_LIMIT)),
                 "options": [_option(row) for row in section.rows],
             }
             for section in part.sections
         ]
     else:
         select["options"] = [_option(row) for section in part.sections for row in section.rows]
-    blocks: list[Block] = [{"type": "header", "text": _plain(_cut(part.header, HEADER_LIMIT))}] if part.header else []
+    header = _plain(native.clip(part.header, HEADER_LIMIT))
+    blocks: list[Block] = [{"type": "header", "text": header}] if part.header else []
     if part.text:
         blocks.append(_section(_mrkdwn(_escape(part.text)), accessory=select))
     else:
@@ -1336,13 +1314,8 @@ def _list_blocks(part: List, index: int) -> list[Block]:
 def _option(row: ListRow) -> Block:
     option: Block = {"text": _plain(row.title), "value": row.id}
     if row.description:
-        option["description"] = _plain(_cut(row.description, OPTION_DESCRIPTION_LIMIT))
+        option["description"] = _plain(native.clip(row.description, OPTION_DESCRIPTION_LIMIT))
     return option
-
-
-def _cut(text: str, limit: int) -> str:
-    """`text` within Slack's `limit` characters, its last one an ellipsis when it was cut."""
-    return text if len(text) <= limit else text[: limit - 1] + _ELLIPSIS
 
 
 def _media_block(media: Media) -> Block:

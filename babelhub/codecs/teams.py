@@ -512,7 +512,7 @@ def _attachment_part(attachment: _Attachment) -> c.Part:
     kind = attachment.contentType
     if kind == FILE_DOWNLOAD_INFO and isinstance(attachment.content, dict):
         return c.Media(
-            media=_media_kind(attachment.name),
+            media=native.media_kind("", filename=attachment.name),
             url=str(attachment.content.get("downloadUrl", "")),
             file_id=str(attachment.content.get("uniqueId", "")),
             filename=attachment.name,
@@ -520,23 +520,12 @@ def _attachment_part(attachment: _Attachment) -> c.Part:
         )
     if kind.startswith(("image/", "video/", "audio/")) and attachment.contentUrl:
         return c.Media(
-            media=_media_kind(attachment.name, kind),
+            media=native.media_kind(kind),
             url=attachment.contentUrl,
             mime=kind if "*" not in kind else "",
             filename=attachment.name,
         )
     return _unsupported(f"teams attachment {kind or 'without contentType'}", msgspec.to_builtins(attachment))
-
-
-def _media_kind(filename: str, mime: str = "") -> c.MediaKind:
-    mime = mime or mimetypes.guess_type(filename)[0] or ""
-    if mime.startswith("image/"):
-        return "image"
-    if mime.startswith("video/"):
-        return "video"
-    if mime.startswith("audio/"):
-        return "audio"
-    return "document"
 
 
 def _card_submission(inbound: _Inbound, value: Any, *, title: str = "", verb: str = "") -> list[c.Part]:
@@ -676,7 +665,8 @@ class _Outbound:
             if isinstance(part, c.Delete):
                 calls.extend(("POST", self._post_url(), body) for body in _activities(content))
                 content = []
-                calls.append(("DELETE", self._activity_url(self._native(part.target, "delete")), None))
+                target = native.native_id(self.ctx, part.target, "delete target", "Teams")
+                calls.append(("DELETE", self._activity_url(target), None))
             else:
                 content.append(part)
         calls.extend(("POST", self._post_url(), body) for body in _activities(content))
@@ -687,14 +677,8 @@ class _Outbound:
         bodies = _activities(parts)
         if len(bodies) != 1:
             raise EncodeError(f"a teams edit replaces one activity, but the new content makes {len(bodies)}")
-        body = {**bodies[0], "id": self._native(target, "edit")}
+        body = {**bodies[0], "id": native.native_id(self.ctx, target, "edit target", "Teams")}
         return [self._request(0, "PUT", self._activity_url(body["id"]), body)]
-
-    def _native(self, canonical_id: str, what: str) -> str:
-        native_id = self.ctx.native_ids.get(canonical_id, "")
-        if not native_id:
-            raise EncodeError(f"cannot {what} message {canonical_id!r}: its teams activity id is unknown")
-        return native_id
 
     def _post_url(self) -> str:
         return self._activity_url(self.reply_to) if self.reply_to else self.activities_url
@@ -716,9 +700,7 @@ class _Outbound:
 
 
 def _headers(ctx: EncodeContext) -> dict[str, str]:
-    token = ctx.secrets.get("bot_token", "")
-    if not token:
-        raise EncodeError("teams needs secrets['bot_token'] (a Bot Framework access token)")
+    token = native.required_secret(ctx.secrets, "bot_token", "Teams", "a Bot Framework access token")
     return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
 

@@ -491,9 +491,7 @@ class TelegramCodec(Codec):
     def _request(
         self, ctx: EncodeContext, method: str, payload: dict[str, Any], key: str, message_id: str
     ) -> OutboundRequest:
-        token = ctx.secrets.get("bot_token", "")
-        if not token:
-            raise EncodeError("telegram: the connection has no bot_token secret")
+        token = native.required_secret(ctx.secrets, "bot_token", "Telegram")
         return OutboundRequest(
             method="POST",
             url=f"{self.api_base(ctx)}/bot{token}/{method}",
@@ -1405,9 +1403,7 @@ def _chat_ref(chat: str) -> int | str:
 
 def _native_message(ctx: EncodeContext, canonical_id: str, role: str) -> tuple[int | str, int]:
     """The (chat, message number) behind a canonical message id, from the hub's id map."""
-    native_id = ctx.native_ids.get(canonical_id)
-    if native_id is None:
-        raise EncodeError(f"telegram: no native message id known for {role} {canonical_id!r}")
+    native_id = native.native_id(ctx, canonical_id, role, "Telegram")
     chat, _, number = native_id.rpartition(":")
     if not chat or not number.isdigit():
         raise EncodeError(f"telegram: {role} maps to {native_id!r}, not a '<chat_id>:<message_id>' id")

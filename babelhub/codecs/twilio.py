@@ -62,7 +62,6 @@ from babelhub.canonical import (
     Error,
     Location,
     Media,
-    MediaKind,
     Message,
     Native,
     Part,
@@ -306,7 +305,8 @@ class TwilioCodec(Codec):
     # ---------------------------------------------------------------------------------- sending
 
     def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
-        url = f"{self.api_base(ctx)}/Accounts/{_required(ctx.secrets, 'account_sid', 'secret')}/Messages.json"
+        account_sid = native.required_secret(ctx.secrets, "account_sid", "Twilio")
+        url = f"{self.api_base(ctx)}/Accounts/{account_sid}/Messages.json"
         headers = {"Authorization": _basic_auth(ctx.secrets), "Content-Type": "application/x-www-form-urlencoded"}
         addressing = _addressing(ctx)
         trailer = _status_callback(ctx)
@@ -505,7 +505,7 @@ class _WebhookDecoder:
                 raise DecodeError(f"NumMedia is {self.webhook.num_media} but {url_field} is missing", f"$.{url_field}")
             mime = self.form.get(type_field, "")
             self.mapped.update((url_field, type_field))
-            parts.append(Media(media=_media_kind(mime), url=url, mime=mime))
+            parts.append(Media(media=native.media_kind(mime), url=url, mime=mime))
         return parts
 
     def _location(self) -> list[Part]:
@@ -605,17 +605,6 @@ def _channel_kind(address: str, num_media: int) -> str:
     if colon and prefix:
         return prefix
     return "mms" if num_media else "sms"
-
-
-def _media_kind(mime: str) -> MediaKind:
-    major = mime.partition("/")[0].lower()
-    if major == "image":
-        return "image"
-    if major == "audio":
-        return "audio"
-    if major == "video":
-        return "video"
-    return "document"  # PDFs, vCards, anything else
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -734,16 +723,9 @@ def _mms_enabled(ctx: EncodeContext) -> bool:
 def _basic_auth(secrets: Mapping[str, str]) -> str:
     """HTTP Basic with an API key when one is configured, else the account SID and auth token."""
     if secrets.get("api_key_sid") or secrets.get("api_key_secret"):
-        user = _required(secrets, "api_key_sid", "secret")
-        password = _required(secrets, "api_key_secret", "secret")
+        user = native.required_secret(secrets, "api_key_sid", "Twilio")
+        password = native.required_secret(secrets, "api_key_secret", "Twilio")
     else:
-        user = _required(secrets, "account_sid", "secret")
-        password = _required(secrets, "auth_token", "secret")
+        user = native.required_secret(secrets, "account_sid", "Twilio")
+        password = native.required_secret(secrets, "auth_token", "Twilio")
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-
-
-def _required(settings: Mapping[str, Any], name: str, kind: str) -> str:
-    value = settings.get(name)
-    if not value:
-        raise EncodeError(f"Twilio connection has no {name!r} {kind}")
-    return str(value)

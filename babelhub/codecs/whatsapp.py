@@ -30,8 +30,6 @@ codes, and 360dialog's Cloud API, typing-indicator and webhook pages.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from collections.abc import Iterator, Mapping
 from datetime import datetime
@@ -71,7 +69,7 @@ from babelhub.canonical import (
     Text,
     Unsupported,
 )
-from babelhub.codecs import native
+from babelhub.codecs import meta_graph, native
 from babelhub.codecs.base import (
     Capabilities,
     Codec,
@@ -507,7 +505,7 @@ class WhatsAppCodec(Codec):
     # ------------------------------------------------------------------------------ webhook intake
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
-        """Meta signs the raw body: `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app_secret, body)>`.
+        """Meta signs the raw body with the `app_secret` (`X-Hub-Signature-256`, checked by `meta_graph`).
 
         Without an `app_secret` every webhook is refused, except on 360dialog connections: 360dialog relays
         the Cloud API webhooks without Meta's signature (and signs nothing itself), so they are accepted
@@ -523,22 +521,11 @@ class WhatsAppCodec(Codec):
                 "no app_secret configured for this WhatsApp connection (360dialog connections, whose "
                 "webhooks are unsigned, set secrets['provider'] = '360dialog')"
             )
-        given = request.headers.get("x-hub-signature-256", "")
-        if not given:
-            raise SignatureError("missing X-Hub-Signature-256 header")
-        expected = "sha256=" + hmac.new(app_secret.encode(), request.body, hashlib.sha256).hexdigest()
-        if not native.same_secret(given, expected):
-            raise SignatureError("X-Hub-Signature-256 does not match the body")
+        meta_graph.verify_signature(request, app_secret, self.channel)
 
     def handshake(self, request: HttpRequest, secrets: Mapping[str, str]) -> HttpResponse | None:
         """Meta verifies the callback URL with `GET ?hub.mode=subscribe&hub.verify_token=…&hub.challenge=…`."""
-        if request.method != "GET" or "hub.mode" not in request.query:
-            return None
-        token = request.query.get("hub.verify_token", "")
-        if request.query["hub.mode"] == "subscribe" and native.same_secret(token, secrets.get("verify_token", "")):
-            challenge = request.query.get("hub.challenge", "")
-            return HttpResponse(status=200, headers={"content-type": "text/plain"}, body=challenge.encode())
-        return HttpResponse(status=403, headers={"content-type": "text/plain"}, body=b"verify token mismatch")
+        return meta_graph.handshake(request, secrets.get("verify_token", ""))
 
     def dedup_key(self, request: HttpRequest) -> str:
         """The ids of the messages, statuses (with their state: one message has several) and calls."""
@@ -640,10 +627,10 @@ class WhatsAppCodec(Codec):
         """The messages URL and auth headers for the connection's provider."""
         base = self.api_base(ctx)
         if _uses_360dialog(ctx):
-            api_key = _required(ctx.secrets, "api_key", "secret")
+            api_key = native.required_secret(ctx.secrets, "api_key", "WhatsApp")
             return f"{base}/messages", {"D360-API-KEY": api_key, "Content-Type": "application/json"}
-        phone_number_id = _required(ctx.options, "phone_number_id", "option")
-        token = _required(ctx.secrets, "access_token", "secret")
+        phone_number_id = native.required_option(ctx.options, "phone_number_id", "WhatsApp")
+        token = native.required_secret(ctx.secrets, "access_token", "WhatsApp")
         return f"{base}/{phone_number_id}/messages", {
             "Authorization": f"Bearer {token}",
             "Content-Type": "application/json",
@@ -662,7 +649,7 @@ class WhatsAppCodec(Codec):
     def _reply_context(message: Message, ctx: EncodeContext) -> JsonObject | None:
         if not message.reply_to:
             return None
-        return {"message_id": _native_id(ctx, message.reply_to, "reply_to")}
+        return {"message_id": native.native_id(ctx, message.reply_to, "reply_to", "WhatsApp")}
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -1188,7 +1175,7 @@ class _Composer:
         return {"type": "interactive", "interactive": interactive}
 
     def _reaction(self, part: Reaction) -> JsonObject:
-        wamid = _native_id(self.ctx, part.target, "reaction target")
+        wamid = native.native_id(self.ctx, part.target, "reaction target", "WhatsApp")
         # WhatsApp removes a reaction when it is sent again with an empty emoji.
         return {"type": "reaction", "reaction": {"message_id": wamid, "emoji": "" if part.removed else part.emoji}}
 
@@ -1333,7 +1320,7 @@ def _message_to_mark(activity: Activity, ctx: EncodeContext) -> str:
         return wamid
     canonical_id = activity.detail.get("message_id")
     if isinstance(canonical_id, str) and canonical_id:
-        return _native_id(ctx, canonical_id, f"{activity.activity} activity")
+        return native.native_id(ctx, canonical_id, f"{activity.activity} activity", "WhatsApp")
     wamid = activity.meta.get("whatsapp.message_id")
     if isinstance(wamid, str) and wamid:
         return wamid
@@ -1343,21 +1330,7 @@ def _message_to_mark(activity: Activity, ctx: EncodeContext) -> str:
     )
 
 
-def _native_id(ctx: EncodeContext, canonical_id: str, what: str) -> str:
-    wamid = ctx.native_ids.get(canonical_id)
-    if not wamid:
-        raise EncodeError(f"no WhatsApp message id known for {what} {canonical_id!r}")
-    return wamid
-
-
 def _uses_360dialog(ctx: EncodeContext) -> bool:
     # The provider may be named in options or, since verify() sees only secrets, in secrets alone.
     provider = ctx.options.get("provider") or ctx.secrets.get("provider", "")
     return str(provider).lower() == "360dialog"
-
-
-def _required(settings: Mapping[str, Any], name: str, kind: str) -> str:
-    value = settings.get(name)
-    if not value:
-        raise EncodeError(f"WhatsApp connection has no {name!r} {kind}")
-    return str(value)

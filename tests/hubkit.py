@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -28,18 +28,22 @@ def unique_prefix() -> str:
     return f"t{os.getpid()}x{next(_prefixes)}"
 
 
-def telegram_config(nats_url: str, api_base: str, *, mode: str = "webhook", processors: list[cfg.Processor] = (),  # type: ignore[assignment]
-                    prefix: str | None = None, data_dir: str = ".", extra: list[cfg.Connection] = ()) -> cfg.Config:  # type: ignore[assignment]
+def telegram_config(nats_url: str, api_base: str, *, mode: Literal["webhook", "polling"] = "webhook") -> cfg.Config:
     return cfg.Config(
-        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=prefix or unique_prefix(),
-                            data_dir=data_dir),
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix()),
         tenants=[cfg.Tenant(id=TENANT, api_keys=["k"])],
-        connections=[
-            cfg.Connection(id="tg", tenant=TENANT, channel="telegram", mode=mode,  # type: ignore[arg-type]
-                           api_base=api_base, secrets={"bot_token": BOT_TOKEN, "secret_token": SECRET}),
-            *extra,
-        ],
-        processors=list(processors),
+        connections=[cfg.Connection(id="tg", tenant=TENANT, channel="telegram", mode=mode, api_base=api_base,
+                                    secrets={"bot_token": BOT_TOKEN, "secret_token": SECRET})],
+    )
+
+
+def webchat_config(nats_url: str, *, echo: bool = True) -> cfg.Config:
+    """The default config's shape: a web chat connection, answered by the echo processor."""
+    return cfg.Config(
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix()),
+        tenants=[cfg.Tenant(id="demo")],
+        connections=[cfg.Connection(id="webchat", tenant="demo", channel="webchat")],
+        processors=[cfg.Processor(id="echo", tenant="demo", transport="echo")] if echo else [],
     )
 
 

@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
-from tests.hubkit import unique_prefix
+from tests.hubkit import webchat_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # The flags NOTES.md verified on these machines: no sandbox as root, no outside connections.
@@ -21,13 +20,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
 
 @pytest.fixture
 async def hub(nats_server: EmbeddedServer) -> AsyncIterator[Hub]:
-    config = cfg.Config(
-        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_server.url, subject_prefix=unique_prefix()),
-        tenants=[cfg.Tenant(id="demo")],
-        connections=[cfg.Connection(id="webchat", tenant="demo", channel="webchat")],
-        processors=[cfg.Processor(id="echo", tenant="demo", transport="echo")],
-    )
-    async with Hub(config) as running:
+    async with Hub(webchat_config(nats_server.url)) as running:
         yield running
 
 

@@ -8,9 +8,11 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import msgspec
 import pytest
 
 from babelhub import canonical as c
+from babelhub.errors import ConfigError
 from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
@@ -285,3 +287,12 @@ async def test_references_to_our_messages_use_the_apps_ids(nats_server: Embedded
     assert (await app.next_status()).state == "sent"
     body = telegram_api.requests[-1].json()
     assert body["text"] == "plain" and "reply_parameters" not in body
+
+
+async def test_polling_a_channel_that_cannot_be_polled_is_refused_at_start(nats_server: EmbeddedServer) -> None:
+    config = telegram_config(nats_server.url, "http://127.0.0.1:9")
+    slack = cfg.Connection(id="sl", tenant=TENANT, channel="slack", mode="polling")
+    bad = msgspec.structs.replace(config, connections=[*config.connections, slack])
+    with pytest.raises(ConfigError, match="connection sl: channel slack cannot be polled"):
+        async with Hub(bad):
+            pass

@@ -13,21 +13,14 @@ import pytest
 from aiohttp import WSMsgType
 
 from babelhub import canonical as c
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
-from tests.hubkit import stream_messages, unique_prefix
+from tests.hubkit import stream_messages, webchat_config
 
 
 @pytest.fixture
 async def hub(nats_server: EmbeddedServer) -> AsyncIterator[Hub]:
-    config = cfg.Config(
-        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_server.url, subject_prefix=unique_prefix()),
-        tenants=[cfg.Tenant(id="demo")],
-        connections=[cfg.Connection(id="webchat", tenant="demo", channel="webchat")],
-        processors=[cfg.Processor(id="echo", tenant="demo", transport="echo")],
-    )
-    async with Hub(config) as running:
+    async with Hub(webchat_config(nats_server.url)) as running:
         yield running
 
 
@@ -119,12 +112,7 @@ async def test_unknown_socket_names_are_refused(hub: Hub) -> None:
 
 
 async def test_shutdown_closes_sockets_with_1001(nats_server: EmbeddedServer) -> None:
-    config = cfg.Config(
-        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_server.url, subject_prefix=unique_prefix()),
-        tenants=[cfg.Tenant(id="demo")],
-        connections=[cfg.Connection(id="webchat", tenant="demo", channel="webchat")],
-    )
-    hub = Hub(config)
+    hub = Hub(webchat_config(nats_server.url, echo=False))
     await hub.start()
     async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as socket:
         await socket.receive_json()

@@ -21,6 +21,7 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from babelhub import canonical as c
 from babelhub.actors.runtime import Actor
+from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.context import HubContext
@@ -30,10 +31,6 @@ from babelhub.hub.telemetry import carrier, span
 __all__ = ["ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict"]
 
 log = logging.getLogger("babelhub.conversation")
-
-#: An inbound envelope may name, in this meta key, the API base to reply through (Bot Framework's
-#: per-conversation serviceUrl, for instance). The conversation remembers it for its replies.
-REPLY_API_BASE = "babelhub.reply_api_base"
 
 _MAX_IDS = 1000
 _MAX_APPLIED = 2000
@@ -141,7 +138,7 @@ class ConversationActor(Actor[ConversationMessage]):
             case c.Activity():
                 await self._publish(self.hub.subjects.inbound(envelope.tenant, self.key), envelope)
         connection = self._connection()
-        if connection is not None and self.state.conversation is not None:
+        if connection is not None:
             await connection.after_inbound(envelope, self._context(connection))
 
     async def _outbound(self, envelope: c.Envelope) -> None:
@@ -153,7 +150,7 @@ class ConversationActor(Actor[ConversationMessage]):
                 await self._fan_out(envelope)
             case c.Activity():
                 connection = self._connection()
-                if connection is not None and self.state.conversation is not None:
+                if connection is not None:
                     await connection.send_activity(envelope, self._context(connection))
             case c.Status():
                 await self.hub.dead_letters.park(DeadLetter(
@@ -170,10 +167,10 @@ class ConversationActor(Actor[ConversationMessage]):
                 continue
             there = c.Conversation(id=target_id, channel=connection.channel, connection=connection.id,
                                    native_id=target.to)
-            if target_id == self.key:
-                await self._send_here(msgspec.structs.replace(message, targets=[], conversation=there))
-                continue
             forwarded = msgspec.structs.replace(message, targets=[], conversation=there)
+            if target_id == self.key:
+                await self._send_here(forwarded)
+                continue
             if self.state.conversation is None or connection.id != self.state.conversation.connection:
                 forwarded = _without_file_ids(forwarded)
             await self.hub.js.publish(
@@ -270,11 +267,12 @@ class ConversationActor(Actor[ConversationMessage]):
         return msgspec.structs.replace(message, meta=meta, **{name: "" for name in dropped})
 
     def _connection(self) -> ConnectionService | None:
+        """This conversation's connection; None until the conversation knows its chat."""
         if self.state.conversation is None:
             return None
         return self.hub.connections.get(self.state.conversation.connection)
 
-    def _context(self, connection: ConnectionService) -> Any:
+    def _context(self, connection: ConnectionService) -> EncodeContext:
         assert self.state.conversation is not None
         return connection.encode_context(self.state.conversation.native_id, self.state.native_ids,
                                          api_base=self.state.api_base)

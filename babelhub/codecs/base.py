@@ -51,6 +51,10 @@ PartType: TypeAlias = Literal[
 
 SESSION_HEADER = "x-babelhub-session"
 
+REPLY_API_BASE = "babelhub.reply_api_base"
+"""An inbound envelope may name, in this meta key, the API base to reply through (Bot Framework's
+per-conversation serviceUrl, for instance); the hub hands it back as `EncodeContext.api_base`."""
+
 ALL_MEDIA: frozenset[MediaKind] = frozenset(
     ("image", "audio", "voice", "video", "document", "sticker", "animation")
 )

@@ -43,6 +43,7 @@ import msgspec
 from babelhub import canonical as c
 from babelhub.codecs import jwt, native
 from babelhub.codecs.base import (
+    REPLY_API_BASE,
     Capabilities,
     Codec,
     DecodeContext,
@@ -60,8 +61,6 @@ CHANNEL: Final = "teams"
 ISSUER: Final = "https://api.botframework.com"
 """The `iss` of tokens the Bot Connector service sends to bots (Bot Framework authentication docs)."""
 
-REPLY_API_BASE: Final = "babelhub.reply_api_base"
-"""Meta key the conversation actor reads to learn where replies go (here: the serviceUrl)."""
 
 INVOKE_ACK: Final = "application/vnd.microsoft.activity.message"
 """Universal Actions response type: "the response includes a message that the client should display"."""

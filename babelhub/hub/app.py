@@ -147,6 +147,9 @@ class Hub:
                                     self._on_echo)
         for connection in self.ctx.connections.values():
             if connection.settings.mode == "polling":
+                if connection.codec.poll_request(connection.encode_context(to=""), "") is None:
+                    raise ConfigError(f"connection {connection.id}: channel {connection.channel} cannot be polled; "
+                                      "use mode = \"webhook\"")
                 self._spawn(f"poller:{connection.id}", self._poll(connection))
 
     async def _consume(self, stream: str, subject: str, durable: str,
@@ -238,8 +241,7 @@ class Hub:
         failures = 0
         while True:
             request = connection.codec.poll_request(ctx, cursor)
-            if request is None:
-                raise ConfigError(f"connection {connection.id}: channel {connection.channel} cannot be polled")
+            assert request is not None  # checked when the hub started
             try:
                 response = await perform(self.http, request, timeout)
                 result = connection.codec.parse_poll(request, response, cursor)

@@ -11,10 +11,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from babelhub import canonical
 from babelhub.errors import ConfigError
 from babelhub.hub import config as cfg
+
+if TYPE_CHECKING:  # the hub's imports (NATS, aiohttp, actors) load only when `run` needs them
+    from babelhub.hub.app import Hub
 
 DEFAULT_CONFIG = Path("configs/default.toml")
 
@@ -62,10 +66,7 @@ async def _serve(config: cfg.Config, path: Path | None) -> int:
     return 0
 
 
-def _banner(hub: object, path: Path | None) -> str:
-    from babelhub.hub.app import Hub
-
-    assert isinstance(hub, Hub)
+def _banner(hub: Hub, path: Path | None) -> str:
     nats_kind = f"embedded nats-server, data in {hub.config.hub.data_dir}" if hub.server else "external"
     lines = [
         "babelhub is running",

@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 
 from babelhub.canonical import Activity, Envelope, Error, Message
 from babelhub.codecs.base import Codec, DecodeContext, EncodeContext, HttpRequest, OutboundRequest, SendResult
-from babelhub.codecs.degrade import degrade
+from babelhub.codecs.degrade import CHOICES_KEY, degrade
 from babelhub.errors import EncodeError
 from babelhub.hub import config as cfg
 from babelhub.hub.broker import Subjects
@@ -92,7 +92,7 @@ class ConnectionService:
     async def send(self, message: Message, ctx: EncodeContext) -> Sent:
         """Degrade `message` to what the channel shows, encode it and make the calls in order."""
         shown = degrade(message, self.codec.capabilities)
-        choices = dict(shown.meta.get("babelhub.choices", {}))
+        choices = dict(shown.meta.get(CHOICES_KEY, {}))
         try:
             requests = self.codec.encode(shown, ctx)
         except EncodeError as exc:

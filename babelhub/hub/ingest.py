@@ -105,7 +105,7 @@ def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, me
             try:
                 await ingest.record(connection, native)
             except DecodeError as exc:
-                return _error(400, f"{exc.reason}", path=exc.path)
+                return _error(400, exc.reason, path=exc.path)
             handshake = codec.handshake(native, secrets)
             return _native(handshake) if handshake else web.json_response({"ok": True})
 

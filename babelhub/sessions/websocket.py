@@ -28,7 +28,7 @@ __all__ = ["WebSessions"]
 
 log = logging.getLogger("babelhub.sessions")
 
-_PAGE = files("babelhub.sessions").joinpath("static/webchat.html")
+_PAGE = files("babelhub.sessions").joinpath("static/webchat.html").read_text("utf-8")
 _SESSION_ALPHABET = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -42,7 +42,7 @@ class WebSessions:
         return [web.get("/", self._page), web.get("/ws/{connection}", self._socket)]
 
     async def _page(self, _: web.Request) -> web.Response:
-        return web.Response(text=_PAGE.read_text("utf-8"), content_type="text/html")
+        return web.Response(text=_PAGE, content_type="text/html")
 
     async def _socket(self, request: web.Request) -> web.StreamResponse:
         connection = self._hub.connections.get(request.match_info["connection"])

@@ -397,6 +397,11 @@ def _b32(raw: bytes) -> str:
     return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
 
+# RFC 4648 base32 puts "2"-"7" after "z", so its strings do not sort like the bytes they encode.
+# Outbound ids must sort by time, so they use the same 32 characters in ASCII order instead.
+_SORTABLE: Final = str.maketrans("abcdefghijklmnopqrstuvwxyz234567", "234567abcdefghijklmnopqrstuvwxyz")
+
+
 def stable_id(*components: str) -> str:
     """A deterministic id from its components, safe as a NATS subject token ([a-z2-7], no dots).
 
@@ -426,9 +431,9 @@ def sender_id(tenant: str, connection: str, native_user_id: str) -> str:
 
 
 def new_id() -> str:
-    """A fresh id for outbound envelopes: time-ordered (48-bit milliseconds) then 72 random bits."""
+    """A fresh id for outbound envelopes: 48-bit milliseconds then 72 random bits, so ids sort by time."""
     millis = time.time_ns() // 1_000_000
-    return _b32(millis.to_bytes(6, "big") + os.urandom(_ID_BYTES - 6))
+    return _b32(millis.to_bytes(6, "big") + os.urandom(_ID_BYTES - 6)).translate(_SORTABLE)
 
 
 def now() -> datetime:

@@ -146,6 +146,36 @@ async def collect(fake_url: str, sent: dict[str, float], timeout: float) -> tupl
     return latencies, len(arrivals) / span
 
 
+class CpuMeter:
+    """CPU seconds used by some processes, and how busy the whole machine was, between start and stop
+    (Linux /proc): shows what bounds the throughput on the machine the bench runs on."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.ticks = os.sysconf("SC_CLK_TCK")
+
+    def _process_seconds(self, pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / self.ticks  # utime + stime, after the command name
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+        self.before = {name: self._process_seconds(pid) for name, pid in self.pids.items()}
+        self.machine_before = self._machine()
+
+    def stop(self) -> tuple[dict[str, float], float]:
+        """Seconds of CPU per process, and the machine's busy fraction over all its cores."""
+        used = {name: self._process_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
+        busy, total = (now - then for now, then in zip(self._machine(), self.machine_before, strict=True))
+        return used, busy / total if total else float("nan")
+
+
 def percentile(values: list[float], fraction: float) -> float:
     if not values:
         return float("nan")
@@ -157,12 +187,13 @@ async def run(requests: int, seconds: float, concurrency: int) -> None:
         nats_server = EmbeddedServer(Path(tmp) / "nats", port=0)
         await nats_server.start()
         try:
-            await measure(nats_server.url, Path(tmp), requests, seconds, concurrency)
+            assert nats_server.process is not None
+            await measure(nats_server.url, nats_server.process.pid, Path(tmp), requests, seconds, concurrency)
         finally:
             await nats_server.stop()
 
 
-async def measure(nats_url: str, tmp: Path, requests: int, seconds: float, concurrency: int) -> None:
+async def measure(nats_url: str, nats_pid: int, tmp: Path, requests: int, seconds: float, concurrency: int) -> None:
     fake_port, hub_port, base_port = free_port(), free_port(), free_port()
     config = tmp / "hub.toml"
     config.write_text(f"""
@@ -183,12 +214,14 @@ secrets = {{ bot_token = "{TOKEN}", secret_token = "{SECRET}" }}
     hub_url = f"http://127.0.0.1:{hub_port}/webhooks/telegram/tg"
     base_url = f"http://127.0.0.1:{base_port}/webhooks/telegram/tg"
     with (
-        process("bench/fake_telegram.py", "--port", str(fake_port)),
+        process("bench/fake_telegram.py", "--port", str(fake_port)) as fake_api,
         process("bench/baseline_server.py", "--nats", nats_url, "--port", str(base_port), "--subject",
                 f"{PREFIX}.{TENANT}.raw.baseline.tg"),
-        process("-m", "babelhub", "run", "--config", str(config)),
-        process("bench/processor.py", "--nats", nats_url, "--prefix", PREFIX, "--tenant", TENANT),
+        process("-m", "babelhub", "run", "--config", str(config)) as hub_process,
+        process("bench/processor.py", "--nats", nats_url, "--prefix", PREFIX, "--tenant", TENANT) as app,
     ):
+        meter = CpuMeter({"hub": hub_process.pid, "processor app": app.pid, "nats-server": nats_pid,
+                          "fake channel API": fake_api.pid, "load generator": os.getpid()})
         await wait_http(f"http://127.0.0.1:{hub_port}/readyz")
         print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; every process on 127.0.0.1")
 
@@ -218,13 +251,20 @@ secrets = {{ bot_token = "{TOKEN}", secret_token = "{SECRET}" }}
         await asyncio.sleep(3)
 
         # (b) the whole path: saturate to find throughput, then latency at half of it.
+        meter.start()
         sent = await offered_load(hub_url, 3000, seconds, next_id)
         next_id += len(sent)
         latencies, throughput = await collect(fake, sent, timeout=60)
+        used, machine_busy = meter.stop()
         delivered = len(latencies)
         print("(b) webhook → hub → processor (NATS) → hub → channel API")
         print(f"    offered 3000 msg/s for {seconds:.0f}s: delivered {delivered}/{len(sent)}, "
               f"throughput {throughput:.0f} msg/s   (target ≥ 2,000: {'met' if throughput >= 2000 else 'NOT met'})")
+        print("    CPU per delivered message: " + ", ".join(
+            f"{name} {seconds_used * 1000 / max(delivered, 1):.2f} ms" for name, seconds_used in used.items()))
+        hub_ms = used["hub"] * 1000 / max(delivered, 1)
+        print(f"    → one hub process on one core caps near {1000 / hub_ms:.0f} msg/s; "
+              f"the machine ({os.cpu_count()} cores) was {machine_busy:.0%} busy")
         await asyncio.sleep(3)
         half = max(50.0, throughput / 2)
         sent = await offered_load(hub_url, half, seconds, next_id)

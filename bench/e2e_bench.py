@@ -210,6 +210,7 @@ tenant = "{TENANT}"
 channel = "telegram"
 api_base = "http://127.0.0.1:{fake_port}"
 secrets = {{ bot_token = "{TOKEN}", secret_token = "{SECRET}" }}
+max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace of 30 calls/s
 """)
     hub_url = f"http://127.0.0.1:{hub_port}/webhooks/telegram/tg"
     base_url = f"http://127.0.0.1:{base_port}/webhooks/telegram/tg"

@@ -4,6 +4,7 @@ request and answers from a script (queued replies first, then the channel's usua
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,8 @@ class Recorded(msgspec.Struct, frozen=True, kw_only=True):
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0
+    """`time.monotonic()` when it arrived."""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -68,6 +71,7 @@ class FakeApi:
             query=dict(request.query),
             headers={name.lower(): value for name, value in request.headers.items()},
             body=await request.read(),
+            at=time.monotonic(),
         )
         self.requests.append(recorded)
         reply = self._queued.popleft() if self._queued else self.responder(recorded)

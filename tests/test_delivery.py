@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from babelhub.canonical import Error, Message
@@ -16,6 +18,7 @@ from babelhub.codecs.base import (
     SendResult,
 )
 from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.hub.pacing import Pacer
 from tests.fakeapi import FakeApi, Reply
 
 
@@ -77,3 +80,26 @@ async def test_gives_up_after_the_attempts_and_reports_network_errors() -> None:
         request = OutboundRequest(method="POST", url="http://127.0.0.1:9/unreachable")
         result = await deliver(session, _PlainJsonApi(), request, FAST)
     assert not result.ok and result.retryable and result.error is not None and result.error.code == "network"
+
+
+async def test_a_retry_after_holds_back_the_other_calls_of_the_connection(fake_api: FakeApi) -> None:
+    fake_api.queue(Reply(status=429, headers={"Retry-After": "1"}))
+    pacer = Pacer(0)
+    throttled = asyncio.Event()
+
+    async def on_retry(result: SendResult, wait: float) -> None:
+        throttled.set()
+
+    paced: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        first = OutboundRequest(method="POST", url=f"{fake_api.base_url}/first")
+        second = OutboundRequest(method="POST", url=f"{fake_api.base_url}/second")
+        refused_once = asyncio.create_task(
+            deliver(session, _PlainJsonApi(), first, FAST, on_retry=on_retry, pacer=pacer), name="first-send")
+        await throttled.wait()
+        other = await deliver(session, _PlainJsonApi(), second, FAST, pacer=pacer, on_paced=paced.append)
+        assert other.ok and (await refused_once).ok
+    by_path = {request.path: request.at for request in fake_api.requests}
+    assert [request.path for request in fake_api.requests].count("/first") == 2
+    assert by_path["/second"] - fake_api.requests[0].at >= 0.9  # waited out the other call's Retry-After
+    assert paced and paced[0] > 0.5

@@ -220,6 +220,44 @@ async def test_channel_errors_become_failed_statuses_after_retries(nats_server: 
     assert 'babelhub_send_retries_total{channel="telegram"} 2.0' in metrics
 
 
+async def test_a_connection_is_paced_and_a_retry_after_holds_all_its_conversations(
+        nats_server: EmbeddedServer, nats_client, telegram_api: FakeApi, start_hub: StartHub) -> None:
+    config = telegram_config(nats_server.url, telegram_api.base_url)
+    config = msgspec.structs.replace(config, connections=[
+        msgspec.structs.replace(config.connections[0], max_rate=2)])
+    hub = await start_hub(config)
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    chats = [42, 43, 44, 45, 46]
+    for update_id, chat in enumerate(chats, start=1):
+        await post(hub, telegram_update(update_id, chat, "hi"))
+    inbound = {}
+    for _ in chats:
+        envelope, _ = await app.next()
+        inbound[envelope.conversation.native_id] = envelope
+
+    # Chat 42's reply is throttled for a second: chat 43's reply waits it out too.
+    telegram_api.queue(Reply(status=429, body={"ok": False, "error_code": 429, "parameters": {"retry_after": 1},
+                                               "description": "Too Many Requests: retry after 1"}))
+    await app.reply(inbound["42"], c.Text(text="to 42"))
+    await eventually(lambda: 'babelhub_send_retries_total{channel="telegram"} 1.0' in hub.metrics.render().decode())
+    await app.reply(inbound["43"], c.Text(text="to 43"))
+    for _ in range(2):
+        assert (await app.next_status()).state == "sent"
+    throttled_at = telegram_api.requests[0].at
+    to_43 = next(request for request in telegram_api.requests if request.json()["text"] == "to 43")
+    assert to_43.at - throttled_at >= 0.9
+
+    # Five replies at once on a connection paced to 2 calls/s: a burst of 2, then one every half second.
+    del telegram_api.requests[:]
+    await asyncio.sleep(1.1)  # the burst refills
+    await asyncio.gather(*(app.reply(inbound[str(chat)], c.Text(text=f"again {chat}")) for chat in chats))
+    for _ in chats:
+        assert (await app.next_status()).state == "sent"
+    arrivals = sorted(request.at for request in telegram_api.requests)
+    assert len(arrivals) == 5 and arrivals[-1] - arrivals[0] >= 1.4
+    assert 'babelhub_send_paced_seconds_total{connection="tg"}' in hub.metrics.render().decode()
+
+
 async def test_long_polling_mode_reads_get_updates(nats_server: EmbeddedServer, nats_client, telegram_api: FakeApi,
                                                    start_hub: StartHub) -> None:
     updates = [telegram_update(500, 42, "polled one"), telegram_update(501, 43, "polled two")]

@@ -190,6 +190,10 @@ class Codec(ABC):
     channel: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     default_api_base: ClassVar[str] = ""
+    send_rate: ClassVar[float] = 0.0
+    """API calls per second one account may make, from the channel's documentation; the hub paces each
+    connection to it (`max_rate` overrides). 0: no account-wide rate is documented (the channel
+    queues, or meters per chat); its 429s are honoured either way."""
     takes_sessions: ClassVar[bool] = False
     """True for channels whose clients connect to the hub's own WebSocket (`/ws/{connection}`): each
     frame is recorded with the session id in the `SESSION_HEADER` header, and `session:<id>` URLs in

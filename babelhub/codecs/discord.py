@@ -357,6 +357,8 @@ class DiscordCodec(Codec):
 
     channel: ClassVar[str] = CHANNEL
     default_api_base: ClassVar[str] = "https://discord.com/api/v10"
+    # Global rate limit: a bot can make up to 50 requests per second.
+    send_rate: ClassVar[float] = 50.0
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "list", "card", "reaction", "edit", "delete"}),
         # Images show by URL in an embed. Other files can only be uploaded (multipart, out of scope), so

@@ -244,6 +244,8 @@ class _Created(msgspec.Struct, kw_only=True):
 class GoogleChatCodec(Codec):
     channel: ClassVar[str] = CHANNEL
     default_api_base: ClassVar[str] = "https://chat.googleapis.com"
+    # Usage limits: 3,000 message writes per minute per project.
+    send_rate: ClassVar[float] = 50.0
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "card", "edit", "delete"}),
         # Pictures go out as card image widgets (by URL); uploading files is a separate media API.

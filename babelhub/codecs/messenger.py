@@ -394,6 +394,9 @@ class MessengerCodec(Codec):
 
     channel: ClassVar[str] = "messenger"
     default_api_base: ClassVar[str] = "https://graph.facebook.com/v23.0"
+    # Send API: 300 calls per second per Page (and per Instagram professional account) for text, links,
+    # reactions and stickers; audio and video have a lower limit the channel enforces with 429s.
+    send_rate: ClassVar[float] = 300.0
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "card", "carousel", "reaction"}),
         media=frozenset({"image", "audio", "voice", "video", "document", "sticker", "animation"}),

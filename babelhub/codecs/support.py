@@ -64,10 +64,13 @@ _SYMBOL: dict[Support, str] = {"native": "✅", "degraded": "↘", "impossible":
 
 
 def markdown_table() -> str:
-    """The channel by part-type table for the README: ✅ native, ↘ degraded, — not possible."""
+    """The channel by part-type table for the README: ✅ native, ↘ degraded, — not possible; then the
+    calls per second each connection is paced to by default (— where the docs give no rate)."""
     channels = available()
-    lines = ["| channel | " + " | ".join(SAMPLES) + " |", "|---" * (len(SAMPLES) + 1) + "|"]
+    lines = ["| channel | " + " | ".join(SAMPLES) + " | calls/s |", "|---" * (len(SAMPLES) + 2) + "|"]
     for channel in channels:
         cells = [_SYMBOL[support(channel, sample)] for sample in SAMPLES]
+        rate = load(channel).send_rate
+        cells.append(f"{rate:g}" if rate else "—")
         lines.append(f"| {channel} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -209,6 +209,8 @@ class TeamsCodec(Codec):
         reaction=False,
         typing=True,
     )
+    # Rate limiting: "the global limit per app per tenant is 50 requests per second".
+    send_rate: ClassVar[float] = 50.0
 
     # ------------------------------------------------------------------------------- verification
 

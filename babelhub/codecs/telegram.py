@@ -360,6 +360,8 @@ _MB: Final = 1024 * 1024
 class TelegramCodec(Codec):
     channel: ClassVar[str] = "telegram"
     default_api_base: ClassVar[str] = "https://api.telegram.org"
+    # Bot FAQ: "the API will not allow bulk notifications to more than ~30 users per second".
+    send_rate: ClassVar[float] = 30.0
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset(
             {"text", "media", "location", "contact", "buttons", "list", "poll", "reaction", "edit", "delete"}

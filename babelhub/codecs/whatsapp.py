@@ -479,6 +479,8 @@ class WhatsAppCodec(Codec):
 
     channel: ClassVar[str] = CHANNEL
     default_api_base: ClassVar[str] = META_API_BASE
+    # Throughput: "up to 80 messages per second (mps) by default" per business phone number.
+    send_rate: ClassVar[float] = 80.0
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "location", "contact", "buttons", "list", "template", "reaction"}),
         media=frozenset({"image", "audio", "voice", "video", "document", "sticker"}),

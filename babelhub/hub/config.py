@@ -70,6 +70,9 @@ class Connection(_Table, frozen=True, kw_only=True):
     """Overrides the channel API's base URL (a proxy, a regional endpoint, a local fake in tests)."""
     secrets: dict[str, str] = {}
     options: dict[str, Any] = {}
+    max_rate: float | None = None
+    """API calls per second on this connection; unset = the channel's documented rate (`babelhub
+    channels` lists it), 0 = unpaced. A 429's Retry-After pauses the connection either way."""
 
 
 class Processor(_Table, frozen=True, kw_only=True):
@@ -145,6 +148,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"$.connections[{index}].tenant: no tenant {connection.tenant!r}")
         if not re.match(r"^[a-z0-9_]+$", connection.channel):
             raise ConfigError(f"$.connections[{index}].channel: {connection.channel!r} is not a channel name")
+        if connection.max_rate is not None and not 0 <= connection.max_rate < float("inf"):
+            raise ConfigError(f"$.connections[{index}].max_rate: {connection.max_rate} is not a rate (0 or more)")
     for index, processor in enumerate(config.processors):
         if processor.tenant not in tenants:
             raise ConfigError(f"$.processors[{index}].tenant: no tenant {processor.tenant!r}")

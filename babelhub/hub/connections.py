@@ -23,6 +23,7 @@ from babelhub.errors import EncodeError
 from babelhub.hub import config as cfg
 from babelhub.hub.broker import Subjects
 from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.hub.pacing import Pacer
 from babelhub.hub.telemetry import Metrics, carrier
 
 __all__ = ["ConnectionService", "Sent"]
@@ -61,6 +62,7 @@ class ConnectionService:
         self._subjects = subjects
         self._metrics = metrics
         self._policy = policy
+        self.pacer = Pacer(codec.send_rate if settings.max_rate is None else settings.max_rate)
 
     @property
     def id(self) -> str:
@@ -130,7 +132,11 @@ class ConnectionService:
             self._metrics.retries.labels(self.channel).inc()
             log.info("%s: retrying in %.2fs after %s", self.id, wait, result.error)
 
-        return await deliver(self._http, self.codec, traced, self._policy, on_retry=count_retry)
+        def count_paced(seconds: float) -> None:
+            self._metrics.paced.labels(self.id).inc(seconds)
+
+        return await deliver(self._http, self.codec, traced, self._policy, on_retry=count_retry,
+                             pacer=self.pacer, on_paced=count_paced)
 
     async def _to_session(self, request: OutboundRequest) -> SendResult:
         """Hand the message to whichever hub process holds the session's socket; it answers once the

@@ -2,7 +2,8 @@
 
 The codec decides what an answer means (`parse_response`); this module only decides when to try
 again: a retryable failure waits for the channel's Retry-After when it gave one, otherwise for an
-exponential backoff with full jitter, and gives up after `RetryPolicy.attempts`.
+exponential backoff with full jitter, and gives up after `RetryPolicy.attempts`. With a connection's
+`Pacer`, every attempt waits for its slot, and a Retry-After holds back the whole connection.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import msgspec
 
 from babelhub.canonical import Error
 from babelhub.codecs.base import Codec, HttpResponse, OutboundRequest, SendResult
+from babelhub.hub.pacing import Pacer
 
 __all__ = ["RetryPolicy", "deliver", "perform"]
 
@@ -61,10 +63,17 @@ async def deliver(
     policy: RetryPolicy = DEFAULT_POLICY,
     *,
     on_retry: Callable[[SendResult, float], Awaitable[None]] | None = None,
+    pacer: Pacer | None = None,
+    on_paced: Callable[[float], None] | None = None,
 ) -> SendResult:
-    """Send `request` until the channel accepts it, refuses it for good, or the attempts run out."""
+    """Send `request` until the channel accepts it, refuses it for good, or the attempts run out.
+    `on_paced` hears how long each attempt waited for the pacer."""
     result = SendResult(ok=False, error=Error(code="not_sent"))
     for attempt in range(policy.attempts):
+        if pacer is not None:
+            waited = await pacer.wait()
+            if waited and on_paced is not None:
+                on_paced(waited)
         try:
             response = await perform(session, request, policy.timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -73,6 +82,8 @@ async def deliver(
             result = SendResult(ok=False, retryable=True, error=Error(code="network", message=repr(exc)))
         else:
             result = codec.parse_response(request, response)
+        if pacer is not None and not result.ok and result.retry_after is not None:
+            pacer.pause(min(result.retry_after, policy.max_retry_after))  # even when this call gives up
         if result.ok or not result.retryable or attempt == policy.attempts - 1:
             return result
         wait = policy.delay(result, attempt)

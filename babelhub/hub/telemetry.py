@@ -67,6 +67,8 @@ class Metrics:
         self.send_failures = Counter("babelhub_send_failures", "Outbound API calls that failed for good",
                                      ["channel"], registry=r)
         self.retries = Counter("babelhub_send_retries", "Outbound API calls retried", ["channel"], registry=r)
+        self.paced = Counter("babelhub_send_paced_seconds", "Time outbound calls waited for the connection's "
+                             "rate or a channel's Retry-After", ["connection"], registry=r)
         self.dead_letters = Counter("babelhub_dead_letters", "Records parked in the dead-letter stream", ["stage"],
                                     registry=r)
         self.mailbox_depth = Gauge("babelhub_mailbox_depth", "Messages waiting in actor mailboxes", ["actors"],

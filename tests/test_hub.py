@@ -258,6 +258,29 @@ async def test_a_connection_is_paced_and_a_retry_after_holds_all_its_conversatio
     assert 'babelhub_send_paced_seconds_total{connection="tg"}' in hub.metrics.render().decode()
 
 
+async def test_a_send_held_longer_than_ack_wait_is_not_redelivered(nats_server: EmbeddedServer, nats_client,
+                                                                    telegram_api: FakeApi,
+                                                                    start_hub: StartHub) -> None:
+    config = telegram_config(nats_server.url, telegram_api.base_url)
+    config = msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, ack_wait_seconds=1.0))
+    hub = await start_hub(config)
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    await post(hub, telegram_update(1, 42, "hi"))
+    inbound, _ = await app.next()
+    telegram_api.queue(Reply(status=429, body={"ok": False, "error_code": 429, "parameters": {"retry_after": 3},
+                                               "description": "Too Many Requests: retry after 3"}))
+    await app.reply(inbound, c.Text(text="after a long wait"))
+    assert (await app.next_status()).state == "sent"  # three ack_waits later
+    js = nats_client.jetstream()
+    for _ in range(100):  # acknowledged once the outcome was checkpointed
+        info = await js.consumer_info(hub.subjects.stream_name("messages"), "sender")
+        if info.num_ack_pending == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0
+    assert len(hub.inflight) == 0
+
+
 async def test_long_polling_mode_reads_get_updates(nats_server: EmbeddedServer, nats_client, telegram_api: FakeApi,
                                                    start_hub: StartHub) -> None:
     updates = [telegram_update(500, 42, "polled one"), telegram_update(501, 43, "polled two")]

@@ -37,6 +37,7 @@ from babelhub.hub.connections import ConnectionService
 from babelhub.hub.context import HubContext
 from babelhub.hub.deadletters import DeadLetter, DeadLetters
 from babelhub.hub.delivery import RetryPolicy, perform
+from babelhub.hub.inflight import InFlight
 from babelhub.hub.ingest import Ingest, webhook_routes
 from babelhub.hub.telemetry import Metrics, carrier, setup_tracing, span
 from babelhub.sessions.websocket import WebSessions
@@ -139,6 +140,8 @@ class Hub:
 
     async def _start_consumers(self) -> None:
         p = self.subjects.prefix
+        self.inflight = InFlight(self.config.hub.ack_wait_seconds)
+        self._spawn("inflight-keepalive", self.inflight.keep_alive())
         await self._consume("raw", f"{p}.*.raw.>", "decoder", self._on_raw)
         await self._consume("messages", f"{p}.*.out.>", "sender", self._on_outbound)
         for processor in self.config.processors:
@@ -190,8 +193,9 @@ class Hub:
                                                     connection=connection_id, subject=msg.subject, body=msg.data))
             await msg.term()
             return
+        ack, term = self.inflight.hold(msg)
         delivery = RawDelivery(request=request, subject=msg.subject, seq=msg.metadata.sequence.stream,
-                               ack=msg.ack, term=msg.term, trace=dict(msg.headers or {}))
+                               ack=ack, term=term, trace=dict(msg.headers or {}))
         await self.connection_actors.tell(connection_id, delivery)
 
     async def _on_outbound(self, msg: Msg) -> None:
@@ -208,12 +212,14 @@ class Hub:
             await msg.term()
             return
 
+        ack, term = self.inflight.hold(msg)
+
         async def failed(exc: BaseException) -> None:
             await self.dead_letters.park(DeadLetter(stage="send", error=repr(exc), tenant=tenant,
                                                     subject=msg.subject, body=msg.data))
-            await msg.term()
+            await term()
 
-        await self.conversations.tell(conversation, Outbound(envelope, dict(msg.headers or {})), msg.ack, failed)
+        await self.conversations.tell(conversation, Outbound(envelope, dict(msg.headers or {})), ack, failed)
 
     async def _on_echo(self, msg: Msg) -> None:
         """The built-in echo processor: what an app on NATS does, in a few lines."""

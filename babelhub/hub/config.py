@@ -41,8 +41,9 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     dedup_window_seconds: float = 600.0
     """How long JetStream remembers a webhook's dedup key (channel retries inside it are absorbed)."""
     ack_wait_seconds: float = 30.0
-    """How long a record may stay unacknowledged before JetStream redelivers it: after a crash, what
-    was in flight is processed again this long after the restart (duplicates are absorbed)."""
+    """How long a record may go without a sign of life before JetStream redelivers it. The hub marks
+    what it holds as in progress every third of this; after a crash, what was in flight is processed
+    again this long after its last mark (duplicates are absorbed)."""
     idle_seconds: float = 900.0
     """A conversation actor idle this long is snapshotted and stopped."""
     max_active_actors: int = 10_000

@@ -4,9 +4,9 @@ A message the hub took is acknowledged only once its effect is recorded, which c
 the consumer's `ack_wait`: it waits in a busy conversation's mailbox, for the connection's pacer, or
 out a channel's Retry-After. JetStream would then deliver it again. The copy would be recognised and
 skipped, but it still costs a turn and a place in a bounded mailbox. So every message the hub holds is
-registered here, and a third of `ack_wait` before the deadline can pass, the server is told it is
-still in progress (`+WPI`).
-After a crash nothing tells it so, and the messages come back `ack_wait` after their last sign of life.
+registered here, and every third of `ack_wait` the server is told that each one is still in progress
+(`+WPI`). After a crash nothing tells it so, and the messages come back `ack_wait` after their last
+sign of life.
 """
 
 from __future__ import annotations

@@ -262,15 +262,15 @@ async def test_a_send_held_longer_than_ack_wait_is_not_redelivered(nats_server: 
                                                                     telegram_api: FakeApi,
                                                                     start_hub: StartHub) -> None:
     config = telegram_config(nats_server.url, telegram_api.base_url)
-    config = msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, ack_wait_seconds=1.0))
+    config = msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, ack_wait_seconds=2.0))
     hub = await start_hub(config)
     app = await Processor(nats_client, hub.subjects.prefix).start()
     await post(hub, telegram_update(1, 42, "hi"))
     inbound, _ = await app.next()
-    telegram_api.queue(Reply(status=429, body={"ok": False, "error_code": 429, "parameters": {"retry_after": 3},
-                                               "description": "Too Many Requests: retry after 3"}))
+    telegram_api.queue(Reply(status=429, body={"ok": False, "error_code": 429, "parameters": {"retry_after": 5},
+                                               "description": "Too Many Requests: retry after 5"}))
     await app.reply(inbound, c.Text(text="after a long wait"))
-    assert (await app.next_status()).state == "sent"  # three ack_waits later
+    assert (await app.next_status()).state == "sent"  # two and a half ack_waits later
     js = nats_client.jetstream()
     for _ in range(100):  # acknowledged once the outcome was checkpointed
         info = await js.consumer_info(hub.subjects.stream_name("messages"), "sender")

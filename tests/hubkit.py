@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
@@ -152,3 +153,20 @@ def json_of(recorded: Recorded) -> Any:
 
 def dead_letters(raw: list[bytes]) -> list[dict[str, Any]]:
     return [msgspec.json.decode(item) for item in raw]
+
+
+class VirtualClock:
+    """Time of the test's own: it moves only when a pacer sleeps (or the test moves it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.on_sleep: list[Callable[[], None]] = []  # run once each, at the next sleep
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        while self.on_sleep:
+            self.on_sleep.pop(0)()
+        self.now += seconds
+        await asyncio.sleep(0)

@@ -1,25 +1,15 @@
-"""The connection pacer: slots from a clock the test controls, then pauses on the real event loop."""
+"""The connection pacer, on time the test controls: slots, bursts, pauses."""
 
 from __future__ import annotations
-
-import asyncio
-import time
 
 import pytest
 
 from babelhub.hub.pacing import Pacer
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.hubkit import VirtualClock
 
 
 def test_a_burst_of_one_seconds_worth_goes_at_once_then_calls_are_spaced() -> None:
-    clock = Clock()
+    clock = VirtualClock()
     pacer = Pacer(4, clock=clock)
     delays = [pacer.reserve() for _ in range(7)]
     assert delays[:4] == [0, 0, 0, 0]
@@ -27,7 +17,7 @@ def test_a_burst_of_one_seconds_worth_goes_at_once_then_calls_are_spaced() -> No
 
 
 def test_a_quiet_connection_gets_its_burst_back() -> None:
-    clock = Clock()
+    clock = VirtualClock()
     pacer = Pacer(2, clock=clock)
     assert [pacer.reserve() for _ in range(3)] == pytest.approx([0, 0, 0.5])
     clock.now += 10
@@ -35,7 +25,7 @@ def test_a_quiet_connection_gets_its_burst_back() -> None:
 
 
 def test_a_pause_holds_every_call_and_is_never_shortened() -> None:
-    clock = Clock()
+    clock = VirtualClock()
     pacer = Pacer(100, clock=clock)
     pacer.pause(3)
     pacer.pause(1)  # a shorter Retry-After from another call does not end the longer pause
@@ -45,7 +35,7 @@ def test_a_pause_holds_every_call_and_is_never_shortened() -> None:
 
 
 def test_rate_zero_only_pauses() -> None:
-    clock = Clock()
+    clock = VirtualClock()
     pacer = Pacer(0, clock=clock)
     assert [pacer.reserve() for _ in range(1000)] == [0] * 1000
     pacer.pause(2)
@@ -58,11 +48,11 @@ def test_a_negative_rate_is_refused() -> None:
 
 
 async def test_a_pause_that_starts_while_waiting_is_waited_out() -> None:
-    pacer = Pacer(1)
+    clock = VirtualClock()
+    pacer = Pacer(1, clock=clock, sleep=clock.sleep)
     assert await pacer.wait() == 0  # the burst
-    started = time.monotonic()
-    waiting = asyncio.create_task(pacer.wait(), name="paced-call")
-    await asyncio.sleep(0.05)
-    pacer.pause(1.5)  # the channel said "wait" while this call waited for its slot (1 s)
-    waited = await waiting
-    assert waited >= 1.0 and time.monotonic() - started >= 1.5
+    started = clock.now
+    # The channel says "wait 5 s" while this call sleeps towards its slot, one second away.
+    clock.on_sleep.append(lambda: pacer.pause(5))
+    assert await pacer.wait() == pytest.approx(5)
+    assert clock.now == pytest.approx(started + 5)

@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 __all__ = ["Pacer"]
 
 
 class Pacer:
-    def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic) -> None:
-        """`rate`: calls per second (0 = unpaced, only pauses apply)."""
+    def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """`rate`: calls per second (0 = unpaced, only pauses apply). `clock` and `sleep` are the
+        event loop's unless a test runs the pacer on time of its own."""
         if rate < 0:
             raise ValueError(f"rate must be 0 or more, not {rate}")
         self.rate = rate
         self._clock = clock
+        self._sleep = sleep
         self._interval = 1 / rate if rate else 0.0
         self._burst = max(1.0, rate)  # a quiet connection may send one second's worth at once
         self._next = 0.0  # GCRA's "theoretical arrival time" of the next call
@@ -53,7 +56,7 @@ class Pacer:
         delay = self.reserve()
         waited = 0.0
         while delay > 0:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             waited += delay
             delay = self._paused_until - self._clock()
         return waited

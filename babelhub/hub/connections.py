@@ -127,16 +127,15 @@ class ConnectionService:
         if request.url.startswith(SESSION_SCHEME):
             return await self._to_session(request)
         traced = msgspec.structs.replace(request, headers={**request.headers, **carrier()})
+        return await deliver(self._http, self.codec, traced, self._policy, on_retry=self._count_retry,
+                             pacer=self.pacer, on_paced=self._count_paced)
 
-        async def count_retry(result: SendResult, wait: float) -> None:
-            self._metrics.retries.labels(self.channel).inc()
-            log.info("%s: retrying in %.2fs after %s", self.id, wait, result.error)
+    async def _count_retry(self, result: SendResult, wait: float) -> None:
+        self._metrics.retries.labels(self.channel).inc()
+        log.info("%s: retrying in %.2fs after %s", self.id, wait, result.error)
 
-        def count_paced(seconds: float) -> None:
-            self._metrics.paced.labels(self.id).inc(seconds)
-
-        return await deliver(self._http, self.codec, traced, self._policy, on_retry=count_retry,
-                             pacer=self.pacer, on_paced=count_paced)
+    def _count_paced(self, seconds: float) -> None:
+        self._metrics.paced.labels(self.id).inc(seconds)
 
     async def _to_session(self, request: OutboundRequest) -> SendResult:
         """Hand the message to whichever hub process holds the session's socket; it answers once the

@@ -208,13 +208,28 @@ class ConversationActor(Actor[ConversationMessage]):
         reply_base = envelope.meta.get(REPLY_API_BASE)
         if isinstance(reply_base, str) and reply_base != self.state.api_base:
             self.state.api_base = reply_base
-        if envelope.native is not None and envelope.native.id and envelope.direction == "inbound":
-            self._remember_id(envelope.id, envelope.native.id)
+        self._learn_native_id(envelope)
         if envelope.native is not None and envelope.native.thread and envelope.thread:
             self._remember_id(envelope.thread, envelope.native.thread)
         if envelope.sender is not None and envelope.sender.role == "user":
             self.state.participants[envelope.sender.id] = envelope.sender.name
             self.state.last_inbound = envelope.ts.timestamp()
+        self._dirty = True
+
+    def _learn_native_id(self, envelope: c.Envelope) -> None:
+        """Map an inbound message's own native id to its canonical id.
+
+        A status's native id is the message it reports on (one we sent), never its own: recording it would
+        take that message's entry in `canonical_ids`, and its later statuses would name the status instead
+        of the app's id. Other envelopes can also repeat a message's native id (an edit, a receipt the codec
+        keeps as an `unsupported` message): the message the id first named keeps it.
+        """
+        native = envelope.native
+        if isinstance(envelope, c.Status) or native is None or not native.id or envelope.direction != "inbound":
+            return
+        _bounded_put(self.state.native_ids, envelope.id, native.id)
+        if native.id not in self.state.canonical_ids:
+            _bounded_put(self.state.canonical_ids, native.id, envelope.id)
         self._dirty = True
 
     def _adopt(self, tenant: str, conversation: c.Conversation) -> None:

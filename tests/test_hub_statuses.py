@@ -217,7 +217,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=CASES, ids=[f"{case.channel}-{n}" for n, case in enumerate(CASES)])
+@pytest.fixture(params=CASES, ids=["whatsapp", "messenger", "instagram", "twilio-sms", "twilio-whatsapp", "evolution",
+                                   "teams"])
 def case(request: pytest.FixtureRequest) -> Case:
     chosen: Case = request.param
     return chosen

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -31,6 +32,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.google_chat import GoogleChatCodec
 from babelhub.codecs.slack import SlackCodec
 from babelhub.codecs.teams import TeamsCodec
 from babelhub.codecs.twilio import TwilioCodec
@@ -49,7 +51,10 @@ AUTH_TOKEN = "twilio-auth-token"
 APP_ID = "0b6fe6d1-fece-44f7-9a48-56465e2d5ab8"
 VERIFY_TOKEN = "meta-verify-token"
 PUBLIC_URL = "https://hooks.example.com/webhooks/twilio/tw-proxied"
-OPTIONS: dict[str, dict[str, str]] = {"tw-proxied": {"public_url": PUBLIC_URL}}
+PROJECT_NUMBER = "1234567890"
+PUSH_AUDIENCE = "https://hooks.example.com/webhooks/google_chat/gc"
+PUSH_ACCOUNT = "chat-push@chuck-norris-bot.iam.gserviceaccount.com"
+OPTIONS: dict[str, dict[str, Any]] = {"tw-proxied": {"public_url": PUBLIC_URL}, "gc": {"pubsub": True}}
 
 
 class Brittle(Codec):
@@ -84,8 +89,11 @@ def _jwks(key: rsa.RSAPrivateKey) -> str:
 
 def _bot_framework_token(key: rsa.RSAPrivateKey, service_url: str) -> str:
     now = int(time.time())
-    claims = {"iss": "https://api.botframework.com", "aud": APP_ID, "nbf": now - 10, "exp": now + 3600,
-              "serviceurl": service_url}
+    return _rs256(key, {"iss": "https://api.botframework.com", "aud": APP_ID, "nbf": now - 10, "exp": now + 3600,
+                        "serviceurl": service_url})
+
+
+def _rs256(key: rsa.RSAPrivateKey, claims: dict[str, Any]) -> str:
     header = _b64url(json.dumps({"typ": "JWT", "alg": "RS256", "kid": "key-1"}).encode())
     payload = _b64url(json.dumps(claims).encode())
     signature = key.sign(f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
@@ -123,6 +131,9 @@ async def endpoint(nats_client, bot_key: rsa.RSAPrivateKey) -> AsyncIterator[End
         "sl": (SlackCodec(), {"signing_secret": "slack-secret"}),
         "wa": (WhatsAppCodec(), {"app_secret": "meta-app-secret", "verify_token": VERIFY_TOKEN}),
         "br": (Brittle(), {}),
+        "gc": (GoogleChatCodec(), {"audience": PROJECT_NUMBER, "signing_keys": _jwks(bot_key),
+                                   "pubsub_audience": PUSH_AUDIENCE, "pubsub_service_account": PUSH_ACCOUNT,
+                                   "pubsub_signing_keys": _jwks(bot_key)}),
     }
     async with aiohttp.ClientSession() as http:
         connections = {
@@ -277,3 +288,39 @@ async def test_a_handshake_that_fails_its_signature_check_is_a_401(endpoint: End
 def test_only_twilio_among_these_delivers_by_get() -> None:
     assert TwilioCodec.delivers_by_get
     assert not any(codec.delivers_by_get for codec in (TeamsCodec, SlackCodec, WhatsAppCodec, Brittle))
+
+
+# ------------------------------------------------------------------------------ Google Chat formats
+
+
+async def _post_google_chat(endpoint: Endpoint, fixture: str, claims: dict[str, Any], key: rsa.RSAPrivateKey
+                            ) -> tuple[int, Any]:
+    now = int(time.time())
+    headers = {"Authorization": f"Bearer {_rs256(key, claims | {'iat': now, 'exp': now + 600})}"}
+    body = (FIXTURES / "google_chat" / fixture).read_bytes()
+    async with aiohttp.ClientSession() as session, session.post(
+        endpoint.url("google_chat", "gc"), data=body, headers=headers
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_a_body_of_no_google_chat_format_is_answered_with_what_it_is_not(  # type: ignore[no-untyped-def]
+    endpoint: Endpoint, nats_client, bot_key: rsa.RSAPrivateKey
+) -> None:
+    chat = {"iss": "chat@system.gserviceaccount.com", "aud": PROJECT_NUMBER}
+    status, answer = await _post_google_chat(endpoint, "pubsub_pull_response.json", chat, bot_key)
+    assert status == 400
+    assert answer == {"error": "not a Google Chat event or Pub/Sub push envelope", "path": "$"}
+    assert await _raw_records(nats_client, endpoint) == []
+
+
+async def test_a_signed_pubsub_push_is_recorded(  # type: ignore[no-untyped-def]
+    endpoint: Endpoint, nats_client, bot_key: rsa.RSAPrivateKey
+) -> None:
+    push = {"iss": "https://accounts.google.com", "aud": PUSH_AUDIENCE, "email": PUSH_ACCOUNT, "email_verified": True}
+    status, _ = await _post_google_chat(endpoint, "pubsub_push_message.json", push, bot_key)
+    assert status == 200
+    impostor = push | {"email": "someone@other-project.iam.gserviceaccount.com"}
+    status, answer = await _post_google_chat(endpoint, "pubsub_push_message.json", impostor, bot_key)
+    assert status == 401 and "service account" in answer["error"]
+    assert len(await _raw_records(nats_client, endpoint)) == 1

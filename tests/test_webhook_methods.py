@@ -38,13 +38,14 @@ from babelhub.codecs.teams import TeamsCodec
 from babelhub.codecs.twilio import TwilioCodec
 from babelhub.codecs.whatsapp import WhatsAppCodec
 from babelhub.hub import config as cfg
+from babelhub.hub.app import Hub
 from babelhub.hub.broker import Subjects, provision
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.deadletters import DeadLetters
 from babelhub.hub.delivery import RetryPolicy
 from babelhub.hub.ingest import Ingest, webhook_routes
 from babelhub.hub.telemetry import Metrics
-from tests.hubkit import stream_messages, unique_prefix
+from tests.hubkit import Processor, stream_messages, unique_prefix
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AUTH_TOKEN = "twilio-auth-token"
@@ -324,3 +325,25 @@ async def test_a_signed_pubsub_push_is_recorded(  # type: ignore[no-untyped-def]
     status, answer = await _post_google_chat(endpoint, "pubsub_push_message.json", impostor, bot_key)
     assert status == 401 and "service account" in answer["error"]
     assert len(await _raw_records(nats_client, endpoint)) == 1
+
+
+# ------------------------------------------------------------------------------ through the whole hub
+
+
+async def test_a_twilio_get_delivery_reaches_the_processor(nats_server, nats_client) -> None:  # type: ignore[no-untyped-def]
+    config = cfg.Config(
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_server.url, subject_prefix=unique_prefix()),
+        tenants=[cfg.Tenant(id="acme")],
+        connections=[cfg.Connection(id="sms", tenant="acme", channel="twilio",
+                                    secrets={"account_sid": "AC123", "auth_token": AUTH_TOKEN},
+                                    options={"from": "+15558675310"})],
+    )
+    async with Hub(config) as hub:
+        app = await Processor(nats_client, hub.subjects.prefix, tenant="acme").start()
+        url = f"{hub.http_url}/webhooks/twilio/sms?{_twilio_query()}"
+        status, text = await _signed_get(url, url)
+        assert status == 200, text
+        inbound, _ = await app.next()
+    assert isinstance(inbound, c.Message)
+    assert inbound.parts == [c.Text(text="Ahoy! Let's build something amazing.")]
+    assert inbound.conversation.native_id == "+14017122661"

@@ -587,7 +587,8 @@ class WhatsAppCodec(Codec):
                 envelopes.extend(decoder.envelopes())
         if foreign and not envelopes:
             # One business account may have several numbers, and one app gets all their webhooks: the
-            # other numbers' conversations are not this connection's. Refused, the reason is kept.
+            # other numbers' conversations are not this connection's. Refused, the reason is kept. (Beside
+            # changes of its own number they are only left out: the raw record still holds them.)
             path, number = foreign[0]
             raise DecodeError(
                 f"event for WhatsApp phone number id {number!r}, not this connection's {own_number!r}", path=path

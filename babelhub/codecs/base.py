@@ -194,6 +194,10 @@ class Codec(ABC):
     """API calls per second one account may make, from the channel's documentation; the hub paces each
     connection to it (`max_rate` overrides). 0: no account-wide rate is documented (the channel
     queues, or meters per chat); its 429s are honoured either way."""
+    delivers_by_get: ClassVar[bool] = False
+    """True for channels that may deliver by GET, the fields in the query string (Twilio can be set to
+    call the webhook with GET): such a GET is verified and recorded like a POST. Other channels' GETs are
+    only checks of the endpoint, answered by `handshake` (Meta's `hub.challenge`); a GET never has a body."""
     takes_sessions: ClassVar[bool] = False
     """True for channels whose clients connect to the hub's own WebSocket (`/ws/{connection}`): each
     frame is recorded with the session id in the `SESSION_HEADER` header, and `session:<id>` URLs in

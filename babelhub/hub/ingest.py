@@ -34,6 +34,12 @@ class Ingest:
         self._subjects = subjects
         self._dead_letters = dead_letters
 
+    async def park(self, connection: ConnectionService, request: HttpRequest, error: str, path: str = "") -> None:
+        """Keep a request the endpoint refused (a codec that raised on it) in the dead-letter stream."""
+        await self._dead_letters.park(DeadLetter(
+            stage="ingest", error=error, path=path, tenant=connection.tenant, connection=connection.id,
+            headers=request.headers, body=request.body))
+
     async def record(self, connection: ConnectionService, request: HttpRequest) -> bool:
         """Write `request` as a raw record; True if new, False if JetStream saw its dedup key already.
         Raises DecodeError when the body is too broken to even find the channel's ids (after parking it)."""
@@ -67,9 +73,18 @@ def to_request(request: web.Request, body: bytes, public_url: str = "") -> HttpR
         query=dict(request.query),
         headers={name.lower(): value for name, value in request.headers.items()},
         body=body,
-        url=public_url or str(request.url),
+        url=_called_url(request, public_url),
         received_at=time.time(),
     )
+
+
+def _called_url(request: web.Request, public_url: str) -> str:
+    """The URL as the channel called it, which some signatures cover (Twilio's, query included): as
+    received, or the configured `public_url` (the hub behind a proxy) with the query received."""
+    if not public_url:
+        return str(request.url)
+    query = request.raw_path.partition("?")[2]
+    return f"{public_url}?{query}" if query and "?" not in public_url else public_url
 
 
 def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, metrics: Metrics) -> list[web.RouteDef]:
@@ -93,8 +108,12 @@ def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, me
         codec, secrets = connection.codec, connection.settings.secrets
         with span("webhook", native.headers, channel=channel, connection=connection.id):
             if request.method == "GET":
-                handshake = codec.handshake(native, secrets)
-                return _native(handshake) if handshake else _error(405, "this endpoint takes POST deliveries")
+                if body:
+                    return _error(400, "a GET request carries no body: deliveries are POSTed")
+                if not codec.delivers_by_get:
+                    # A check of the endpoint (Meta's hub.challenge), answered unverified by design.
+                    answer = await _handshake(connection, native)
+                    return answer or _error(405, f"{channel} delivers by POST: a GET is only an endpoint check")
             try:
                 codec.verify(native, secrets)
             except SignatureError as exc:
@@ -106,8 +125,25 @@ def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, me
                 await ingest.record(connection, native)
             except DecodeError as exc:
                 return _error(400, exc.reason, path=exc.path)
-            handshake = codec.handshake(native, secrets)
-            return _native(handshake) if handshake else web.json_response({"ok": True})
+            # Only now, verified and recorded, may the request be answered the channel's way.
+            answer = await _handshake(connection, native)
+            return answer or web.json_response({"ok": True})
+
+    async def _handshake(connection: ConnectionService, native: HttpRequest) -> web.Response | None:
+        """The codec's own answer to `native`, if any. A handshake that raises is a codec tripping over odd
+        input: a 401 when it says the signature fails, else a 400 with the request kept as a dead letter."""
+        try:
+            answer = connection.codec.handshake(native, connection.settings.secrets)
+        except SignatureError as exc:
+            return _error(401, f"signature check failed: {exc}")
+        except DecodeError as exc:
+            await ingest.park(connection, native, f"handshake: {exc.reason}", exc.path)
+            return _error(400, exc.reason, path=exc.path or "$")
+        except Exception as exc:
+            log.warning("%s: handshake raised %s", connection.id, type(exc).__name__)
+            await ingest.park(connection, native, f"handshake raised {exc!r}", "$")
+            return _error(400, "the request could not be read", path="$")
+        return _native(answer) if answer else None
 
     # Some channels append a path of their own (Evolution's per-event URLs): the same endpoint takes it.
     paths = ("/webhooks/{channel}/{connection}", "/webhooks/{channel}/{connection}/{event:.+}")

@@ -41,5 +41,15 @@ async def test_a_person_chats_in_the_browser(hub: Hub) -> None:
             await expect(page.locator(".hub .choices button")).to_have_count(3)
             await page.click("text=Opening hours")
             await expect(page.locator(".hub").last).to_have_text("You chose: Opening hours")
+
+            # A reload resumes the same session: the page presents the id and token the hub issued.
+            stored = await page.evaluate("['session', 'token'].map((name) => localStorage['babelhub.webchat.' + name])")
+            assert all(stored)
+            await page.reload()
+            await expect(page.locator("#state")).to_have_text("connected")
+            await page.fill("#text", "back again")
+            await page.press("#text", "Enter")
+            await expect(page.locator(".hub").last).to_have_text("echo: back again")
+            assert await page.evaluate("localStorage['babelhub.webchat.session']") == stored[0]
         finally:
             await browser.close()

@@ -19,7 +19,9 @@ from babelhub.errors import ConfigError
 from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
-from tests.hubkit import stream_messages, webchat_config
+from babelhub.sessions.limits import FrameBudgets
+from babelhub.sessions.tokens import SessionSigner, well_formed
+from tests.hubkit import VirtualClock, stream_messages, webchat_config
 
 
 @pytest.fixture
@@ -359,3 +361,30 @@ async def test_a_chatty_visitor_does_not_hold_up_other_visitors(nats_server: Emb
             quiet_done.set()
             await asyncio.wait_for(flooding, 60)
         assert cut_off and all(frame.data == 1008 for frame in cut_off)
+
+
+def test_a_frame_budget_refills_at_its_rate_and_is_kept_while_not_full() -> None:
+    clock = VirtualClock()
+    budgets = FrameBudgets(rate=2.0, burst=3, clock=clock)
+    assert [budgets.take("a") for _ in range(4)] == [True, True, True, False]
+    assert budgets.take("b")  # every session has a budget of its own
+    clock.now += 0.5  # one frame's worth
+    assert budgets.take("a") and not budgets.take("a")
+    # A session that reconnects at once gets no fresh burst: its budget is kept until it has refilled.
+    budgets.forget_refilled(keep=set())
+    assert not budgets.take("a")
+    clock.now += 1.5
+    budgets.forget_refilled(keep=set())
+    assert len(budgets) == 0  # full again: remembering it would change nothing
+
+
+def test_a_resume_token_is_bound_to_its_session_connection_and_tenant() -> None:
+    signer = SessionSigner(b"k" * 32, "demo", "webchat")
+    session, token = signer.new_session()
+    assert signer.valid(session, token) and well_formed(session) and well_formed(token)
+    other, _ = signer.new_session()
+    assert not signer.valid(other, token)
+    assert not SessionSigner(b"k" * 32, "demo", "webchat2").valid(session, token)
+    assert not SessionSigner(b"k" * 32, "acme", "webchat").valid(session, token)
+    assert not SessionSigner(b"other key" * 4, "demo", "webchat").valid(session, token)
+    assert not signer.valid(session, token[:-1]) and not signer.valid(session, "é" * 43)

@@ -41,6 +41,10 @@ class FrameBudgets:
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens left, when counted)
 
+    def __len__(self) -> int:
+        """How many budgets are remembered (sessions busy lately)."""
+        return len(self._buckets)
+
     def take(self, key: str) -> bool:
         """Spend one frame of `key`'s budget; False when it is spent (then nothing is taken)."""
         now = self._clock()

@@ -388,3 +388,14 @@ def test_a_resume_token_is_bound_to_its_session_connection_and_tenant() -> None:
     assert not SessionSigner(b"k" * 32, "acme", "webchat").valid(session, token)
     assert not SessionSigner(b"other key" * 4, "demo", "webchat").valid(session, token)
     assert not signer.valid(session, token[:-1]) and not signer.valid(session, "é" * 43)
+
+
+_LIMITS = ["BODY_TIMEOUT_SECONDS", "MAX_FRAME_BYTES", "MAX_SOCKETS_PER_IP", "SESSION_FRAME_RATE",
+           "SESSION_FRAME_BURST"]
+
+
+@pytest.mark.parametrize(("setting", "value"), [(setting, value) for setting in _LIMITS for value in ("0", "-1")]
+                         + [("BODY_TIMEOUT_SECONDS", "nan"), ("SESSION_FRAME_RATE", "inf")])
+def test_a_limit_that_is_no_limit_is_refused(setting: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=setting.lower()):
+        cfg.load(None, env={f"BABELHUB_{setting}": value})

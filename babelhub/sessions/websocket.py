@@ -177,7 +177,8 @@ class WebSessions:
     async def _read_frames(self, socket: web.WebSocketResponse, connection: ConnectionService, session: str) -> None:
         async for frame in socket:
             if frame.type == WSMsgType.ERROR:
-                await self._park_refused(frame.data, connection, session)
+                if isinstance(frame.data, WebSocketError):  # a frame refused, not a connection lost
+                    await self._park_refused(frame.data, connection, session)
                 return
             if frame.type == WSMsgType.BINARY:
                 await socket.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"web chat frames are JSON text")
@@ -199,12 +200,11 @@ class WebSessions:
                 await socket.close(code=WSCloseCode.INVALID_TEXT, message=reason.encode("utf-8"))
                 return
 
-    async def _park_refused(self, error: object, connection: ConnectionService, session: str) -> None:
+    async def _park_refused(self, error: WebSocketError, connection: ConnectionService, session: str) -> None:
         """A frame aiohttp refused (too large, broken framing) was never read whole: keep the reason, so
         the refusal shows in the dead-letter stream like any other bad input."""
-        reason = str(error) if isinstance(error, WebSocketError) else repr(error)
         await self._hub.dead_letters.park(DeadLetter(
-            stage="ingest", error=f"WebSocket frame refused: {reason}", tenant=connection.tenant,
+            stage="ingest", error=f"WebSocket frame refused: {error}", tenant=connection.tenant,
             connection=connection.id, headers={SESSION_HEADER: session}))
 
     async def close_all(self) -> None:

@@ -122,6 +122,12 @@ async def test_a_session_id_without_its_token_cannot_read_the_session(hub: Hub, 
         ('{"id": "x"}', "either `text` or `action`"),
         ('{"id": 5, "text": "hi"}', "Expected `str`, got `int` (at $.id)"),
         ('{"id": "x", "text": "hi", "colour": "red"}', "unknown field `colour`"),
+        # Every field is bounded: an empty id would make every frame a duplicate of the first.
+        ('{"id": "", "text": "hi"}', "length >= 1 (at $.id)"),
+        ('{"id": "' + "i" * 65 + '", "text": "hi"}', "length <= 64 (at $.id)"),
+        ('{"id": "x", "text": "' + "a" * 10_001 + '"}', "length <= 10000 (at $.text)"),
+        ('{"id": "x", "text": "hi", "name": "' + "n" * 101 + '"}', "length <= 100 (at $.name)"),
+        ('{"id": "x", "action": {"id": "' + "b" * 257 + '"}}', "length <= 256 (at $.action.id)"),
     ],
 )
 async def test_a_bad_frame_closes_with_1007_and_a_reason_and_is_kept(hub: Hub, nats_client, frame: str,

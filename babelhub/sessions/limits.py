@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 __all__ = ["AddressSlots", "FrameBudgets"]
 
@@ -54,7 +54,7 @@ class FrameBudgets:
         self._buckets[key] = (tokens - 1, now)
         return True
 
-    def forget_refilled(self, keep: set[str]) -> None:
+    def forget_refilled(self, keep: Container[str]) -> None:
         """Drop the buckets that are full again (a new one would be the same), except those in `keep`,
         so the table holds only recently busy sessions."""
         now = self._clock()

@@ -68,12 +68,15 @@ class WebSessions:
         self._hub = hub
         self._ingest = ingest
         self._sockets: set[web.WebSocketResponse] = set()
-        self._settings = HubSettings()
         self._signers: dict[str, SessionSigner] = {}
         self._origins: dict[str, frozenset[str]] = {}
-        self._addresses = AddressSlots(self._settings.max_sockets_per_ip)
-        self._budgets = FrameBudgets(self._settings.session_frame_rate, self._settings.session_frame_burst)
         self._open_sessions: Counter[str] = Counter()
+        self._apply_limits(HubSettings())  # the defaults, until start() is given the configured ones
+
+    def _apply_limits(self, settings: HubSettings) -> None:
+        self._settings = settings
+        self._addresses = AddressSlots(settings.max_sockets_per_ip)
+        self._budgets = FrameBudgets(settings.session_frame_rate, settings.session_frame_burst)
 
     async def start(self, settings: HubSettings) -> None:
         """Check the limits against the NATS server and load each web chat connection's session key."""
@@ -81,9 +84,7 @@ class WebSessions:
         if settings.max_frame_bytes + _RECORD_OVERHEAD > max_payload:
             raise ConfigError(f"hub.max_frame_bytes {settings.max_frame_bytes} leaves no room in the NATS server's "
                               f"max_payload of {max_payload} bytes; set it below {max_payload - _RECORD_OVERHEAD}")
-        self._settings = settings
-        self._addresses = AddressSlots(settings.max_sockets_per_ip)
-        self._budgets = FrameBudgets(settings.session_frame_rate, settings.session_frame_burst)
+        self._apply_limits(settings)
         for connection in self._hub.connections.values():
             if connection.codec.takes_sessions:
                 self._origins[connection.id] = _allowed_origins(connection)
@@ -172,7 +173,7 @@ class WebSessions:
             self._open_sessions[session] -= 1
             if self._open_sessions[session] <= 0:
                 del self._open_sessions[session]
-            self._budgets.forget_refilled(keep=set(self._open_sessions))
+            self._budgets.forget_refilled(keep=self._open_sessions)
 
     async def _read_frames(self, socket: web.WebSocketResponse, connection: ConnectionService, session: str) -> None:
         async for frame in socket:

@@ -31,6 +31,7 @@ from babelhub.actors.runtime import ActorSystem
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import ConfigError, DecodeError
 from babelhub.hub import echo
+from babelhub.hub.bodytimeout import body_timeout
 from babelhub.hub.broker import EmbeddedServer, Subjects, provision
 from babelhub.hub.config import Config
 from babelhub.hub.connections import ConnectionService
@@ -270,8 +271,10 @@ class Hub:
     # ------------------------------------------------------------------------------------ HTTP
 
     async def _start_http(self) -> None:
-        app = web.Application(client_max_size=self.config.hub.max_body_bytes)
+        app = web.Application(client_max_size=self.config.hub.max_body_bytes,
+                              middlewares=[body_timeout(self.config.hub.body_timeout_seconds)])
         app.add_routes(webhook_routes(self.ctx.connections, self.ingest, self.metrics))
+        await self.sessions.start(self.config.hub)
         app.add_routes(self.sessions.routes())
         app.add_routes([
             web.get("/healthz", self._healthz),

@@ -26,7 +26,7 @@ from nats.js.errors import NotFoundError
 
 from babelhub import canonical, codecs
 from babelhub.actors.connection import ConnectionActor, RawDelivery
-from babelhub.actors.conversation import ConversationActor, ConversationMessage, Outbound
+from babelhub.actors.conversation import ConversationActor, ConversationMessage, Outbound, actor_key
 from babelhub.actors.runtime import ActorSystem
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import ConfigError, DecodeError
@@ -219,7 +219,9 @@ class Hub:
                                                     subject=msg.subject, body=msg.data))
             await term()
 
-        await self.conversations.tell(conversation, Outbound(envelope, dict(msg.headers or {})), ack, failed)
+        # Keyed by the subject's tenant: naming another tenant's conversation id reaches an empty actor.
+        await self.conversations.tell(actor_key(tenant, conversation), Outbound(envelope, dict(msg.headers or {})),
+                                      ack, failed)
 
     async def _on_echo(self, msg: Msg) -> None:
         """The built-in echo processor: what an app on NATS does, in a few lines."""

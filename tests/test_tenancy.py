@@ -7,22 +7,31 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
+from nats.aio.client import Client as NATS
 
 from babelhub import canonical as c
+from babelhub import codecs
+from babelhub.codecs.base import DecodeContext, HttpRequest
+from babelhub.errors import DecodeError
 from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
-from tests.fakeapi import FakeApi
+from babelhub.redaction import SecretMask
+from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import (
     Processor,
     dead_letters,
     eventually,
     stream_messages,
+    telegram_config,
     telegram_responder,
     telegram_update,
     unique_prefix,
@@ -138,3 +147,158 @@ async def test_a_tenants_processor_cannot_reach_another_tenants_chats(
     sent = next(r for r in api_b.requests if "sendMessage" in r.path)
     assert sent.json()["text"] == "only beta answers" and reply.tenant == "beta"
     assert TOKEN_B in sent.path and not any(TOKEN_B in r.path for r in api_a.requests)
+
+
+# ------------------------------------------------------------------------------------------- secrets
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EVOLUTION_APIKEY = "6B1F0C3E9A2D4E7F8A1B2C3D4E5F6A7B"  # what the Evolution webhook fixtures carry in `apikey`
+LOOP_TOKEN, LOOP_SECRET = "333333:LOOP-bot-token-behind-a-redirect", "secret-token-of-the-loop-bot"
+BEARER = "eyJhbGciOiJSUzI1NiJ9.bearer-token-of-a-caller.c2lnbmF0dXJl"
+COOKIE = "session-cookie-value-0123456789"
+SECRETS = [TOKEN_A, SECRET_A, LOOP_TOKEN, LOOP_SECRET, EVOLUTION_APIKEY, BEARER, COOKIE]
+
+
+def failing_telegram(request: Recorded) -> Reply:
+    """A Bot API behind a proxy that echoes the URL it was called on (bot token included) in its 5xx."""
+    return Reply(status=500, body={"ok": False, "error_code": 500,
+                                   "description": f"Internal Server Error at {request.path}"})
+
+
+def redirect_loop(request: Recorded) -> Reply:
+    """An endpoint redirecting to itself: aiohttp's TooManyRedirects repr holds the whole URL."""
+    return Reply(status=302, headers={"Location": request.path})
+
+
+def secrets_config(nats_url: str, api_base: str, loop_base: str) -> cfg.Config:
+    return cfg.Config(
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix(), send_attempts=2),
+        tenants=[cfg.Tenant(id="alpha")],
+        connections=[
+            cfg.Connection(id="tg", tenant="alpha", channel="telegram", api_base=api_base,
+                           secrets={"bot_token": TOKEN_A, "secret_token": SECRET_A}),
+            cfg.Connection(id="tg-loop", tenant="alpha", channel="telegram", api_base=loop_base, mode="polling",
+                           secrets={"bot_token": LOOP_TOKEN, "secret_token": LOOP_SECRET},
+                           options={"poll_timeout": 0}),
+            cfg.Connection(id="evo", tenant="alpha", channel="evolution", api_base=loop_base,
+                           secrets={"apikey": EVOLUTION_APIKEY}, options={"instance": "loja-centro"}),
+        ],
+    )
+
+
+async def post_raw(hub: Hub, path: str, body: bytes, headers: dict[str, str]) -> int:
+    async with aiohttp.ClientSession() as session, session.post(
+        hub.http_url + path, data=body, headers={"Content-Type": "application/json", **headers}) as response:
+        return response.status
+
+
+async def stored_everywhere(nats_client: NATS, hub: Hub) -> list[bytes]:
+    """Every message in every stream of this hub (raw, messages, statuses, dead letters, KV buckets),
+    with dead letters' base64 bodies decoded too."""
+    js = nats_client.jetstream()
+    found: list[bytes] = []
+    names = [hub.subjects.stream_name(role) for role in hub.subjects.streams()]
+    names += [f"KV_{hub.subjects.bucket(role)}" for role in ("conversations", "cursors")]
+    for name in names:
+        info = await js.stream_info(name)
+        for subject in info.config.subjects or []:
+            found += await stream_messages(nats_client, subject, name)
+    for letter in dead_letters([item for item in found if item.startswith(b'{"stage"')]):
+        found.append(base64.b64decode(str(letter.get("body", ""))))
+    return found
+
+
+async def test_no_secret_reaches_logs_records_statuses_or_dead_letters(
+        nats_server: EmbeddedServer, nats_client: NATS, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    api, loop = FakeApi(failing_telegram), FakeApi(redirect_loop)
+    await api.start()
+    await loop.start()
+    try:
+        async with Hub(secrets_config(nats_server.url, api.base_url, loop.base_url)) as hub:
+            app = await Processor(nats_client, hub.subjects.prefix, tenant="alpha").start()
+            credentials = {"X-Telegram-Bot-Api-Secret-Token": SECRET_A, "Authorization": f"Bearer {BEARER}",
+                           "Cookie": f"sid={COOKIE}"}
+            update = json.dumps(telegram_update(1, 42, "hi")).encode()
+            assert await post_raw(hub, "/webhooks/telegram/tg", update, credentials) == 200
+            assert await post_raw(hub, "/webhooks/telegram/tg", b'{"update_id": 2, "message": {',
+                                  credentials) == 400  # parked by ingest, with the request's headers
+            click = (FIXTURES / "telegram" / "callback_query_keyboard.json").read_bytes()
+            assert await post_raw(hub, "/webhooks/telegram/tg", click, credentials) == 200  # answer fails: logged
+            evolution = (FIXTURES / "evolution" / "upsert_text.json").read_bytes()
+            assert EVOLUTION_APIKEY.encode() in evolution
+            assert await post_raw(hub, "/webhooks/evolution/evo", evolution, {}) == 200
+
+            inbound: list[c.Envelope] = []
+            while len(inbound) < 3:
+                envelope, _ = await app.next()
+                inbound.append(envelope)
+            first = next(e for e in inbound if e.conversation.connection == "tg" and e.conversation.native_id == "42")
+            # A 5xx whose body echoes the token, and a network error whose repr holds the token's URL.
+            await app.reply(first, c.Text(text="to the failing API"))
+            await app.reply(first, c.Text(text="through the loop"), targets=[c.Target(connection="tg-loop",
+                                                                                        to="42")])
+            failed: list[c.Status] = []
+            while len(failed) < 2:
+                status = await app.next_status(timeout=30.0)
+                if status.state == "failed":
+                    failed.append(status)
+            assert {status.error.code for status in failed if status.error} == {"telegram_500", "network"}
+            await eventually(lambda: "poll failed" in caplog.text and "follow-up call" in caplog.text)
+            assert api.requests and loop.requests
+            assert any(TOKEN_A in request.path for request in api.requests)  # the token was really used
+            stored = await stored_everywhere(nats_client, hub)
+    finally:
+        await api.stop()
+        await loop.stop()
+
+    logged = caplog.text + "\n".join(record.getMessage() for record in caplog.records)
+    mask = SecretMask(SECRETS)
+    assert len(stored) > 10
+    assert [secret for secret in SECRETS if mask.found_in(logged)] == []
+    leaks = [(secret, item[:200]) for item in stored for secret in SECRETS if SecretMask([secret]).data(item) != item]
+    assert leaks == []
+
+
+def without_id(envelope: c.Envelope) -> c.Envelope:
+    return msgspec.structs.replace(envelope, id="")
+
+
+def test_redaction_keeps_what_decoding_needs() -> None:
+    """Every Telegram and Evolution webhook fixture decodes the same once its credentials are taken out."""
+    ctx = DecodeContext(tenant="alpha", connection="c", seq=1)
+    for channel, secrets, headers in [
+        ("telegram", {"bot_token": TOKEN_A, "secret_token": SECRET_A},
+         {"x-telegram-bot-api-secret-token": SECRET_A, "authorization": f"Bearer {BEARER}"}),
+        ("evolution", {"apikey": EVOLUTION_APIKEY}, {"apikey": EVOLUTION_APIKEY, "cookie": COOKIE}),
+    ]:
+        codec = codecs.load(channel)
+        checked = 0
+        for path in sorted((FIXTURES / channel).glob("*.json")):
+            request = HttpRequest(body=path.read_bytes(), headers=headers, received_at=1_767_225_600.0)
+            try:
+                expected = codec.decode(request, ctx)
+            except DecodeError:
+                continue  # not a webhook fixture (an API answer) or a malformed one
+            stored = codec.redact(request, secrets)
+            assert stored.headers == {}
+            assert [secret for secret in secrets.values() if secret.encode() in stored.body] == []
+            # Ids of events without native ids fingerprint the (credential-free) body; all else is equal.
+            assert [without_id(e) for e in codec.decode(stored, ctx)] == [without_id(e) for e in expected], path.name
+            checked += 1
+        assert checked > 10, channel
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+async def test_random_webhook_urls_add_no_metric_series(nats_server: EmbeddedServer, fake_api: FakeApi) -> None:
+    async with Hub(telegram_config(nats_server.url, fake_api.base_url)) as hub, aiohttp.ClientSession() as session:
+        for n in range(5):
+            for method in ("GET", "POST"):
+                async with session.request(method, f"{hub.http_url}/webhooks/made-up-{n}/x{n}") as response:
+                    assert response.status == 404
+        async with session.get(f"{hub.http_url}/metrics") as response:
+            metrics = await response.text()
+    series = [line for line in metrics.splitlines() if line.startswith("babelhub_webhooks_total")]
+    assert series and not any("made-up" in line for line in series)
+    assert all('channel="unknown"' in line or 'channel="telegram"' in line for line in series)

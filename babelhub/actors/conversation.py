@@ -344,9 +344,15 @@ class ConversationActor(Actor[ConversationMessage]):
             message_id=message.id,
             native_id=native_id,
             state=state,
-            error=error,
+            error=self._masked(error),
         )
         await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
+
+    def _masked(self, error: c.Error | None) -> c.Error | None:
+        """A channel's error (an exception's repr, an echoed URL) never hands a secret to the processor."""
+        if error is None or not self.hub.mask:
+            return error
+        return msgspec.json.decode(self.hub.mask.data(msgspec.json.encode(error)), type=c.Error)
 
     async def _publish(self, subject: str, envelope: c.Envelope) -> None:
         headers = {"Nats-Msg-Id": envelope.id, **carrier()}

@@ -39,7 +39,8 @@ from babelhub.hub.deadletters import DeadLetter, DeadLetters
 from babelhub.hub.delivery import RetryPolicy, perform
 from babelhub.hub.inflight import InFlight
 from babelhub.hub.ingest import Ingest, webhook_routes
-from babelhub.hub.telemetry import Metrics, carrier, setup_tracing, span
+from babelhub.hub.telemetry import Metrics, carrier, mask_logs, setup_tracing, span
+from babelhub.redaction import SecretMask
 from babelhub.sessions.websocket import WebSessions
 
 __all__ = ["Hub"]
@@ -76,6 +77,9 @@ class Hub:
     # ------------------------------------------------------------------------------------ start
 
     async def start(self) -> None:
+        self.mask = SecretMask(self._secret_values())
+        unmask = mask_logs(self.mask)
+        self._cleanups.append(_async(unmask))  # the first cleanup made, the last one run
         setup_tracing(self.config.hub.tracing)
         settings = self.config.hub
         if not self.nats_url:
@@ -89,7 +93,7 @@ class Hub:
         await provision(self.js, self.subjects, settings.dedup_window_seconds)
         self.http = aiohttp.ClientSession()
         self._cleanups.append(self.http.close)
-        self.dead_letters = DeadLetters(self.js, self.subjects, self.metrics)
+        self.dead_letters = DeadLetters(self.js, self.subjects, self.metrics, self.mask)
         self.ctx = HubContext(
             nats=self.nc,
             js=self.js,
@@ -98,6 +102,7 @@ class Hub:
             dead_letters=self.dead_letters,
             metrics=self.metrics,
             connections=self._build_connections(),
+            mask=self.mask,
         )
         self.ingest = Ingest(self.js, self.subjects, self.dead_letters)
         self._start_actors()
@@ -105,6 +110,12 @@ class Hub:
         await self._start_consumers()
         await self._start_http()
         self.ready = True
+
+    def _secret_values(self) -> list[str]:
+        """Every secret the configuration holds: masked wherever text leaves the hub."""
+        values = [value for connection in self.config.connections for value in connection.secrets.values()]
+        values += [key for tenant in self.config.tenants for key in tenant.api_keys]
+        return values
 
     def _build_connections(self) -> dict[str, ConnectionService]:
         policy = RetryPolicy(attempts=self.config.hub.send_attempts)
@@ -324,3 +335,10 @@ class Hub:
                 await cleanup()
             except Exception:
                 log.exception("error while stopping")
+
+
+def _async(function: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        function()
+
+    return call

@@ -24,6 +24,7 @@ from babelhub.errors import DecodeError
 from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
+from babelhub.hub.deadletters import DeadLetter
 from babelhub.redaction import SecretMask
 from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import (
@@ -247,15 +248,18 @@ async def test_no_secret_reaches_logs_records_statuses_or_dead_letters(
             await eventually(lambda: "poll failed" in caplog.text and "follow-up call" in caplog.text)
             assert api.requests and loop.requests
             assert any(TOKEN_A in request.path for request in api.requests)  # the token was really used
+            # Whatever a caller hands the dead-letter stream (an exception's repr, a URL), no secret is kept.
+            await hub.dead_letters.park(DeadLetter(
+                stage="send", error=f"ClientError for {loop.base_url}/bot{LOOP_TOKEN}/sendMessage", tenant="alpha",
+                subject="x", headers={"x-echo": SECRET_A}, body=f'{{"token": "{TOKEN_A}"}}'.encode()))
             stored = await stored_everywhere(nats_client, hub)
     finally:
         await api.stop()
         await loop.stop()
 
     logged = caplog.text + "\n".join(record.getMessage() for record in caplog.records)
-    mask = SecretMask(SECRETS)
     assert len(stored) > 10
-    assert [secret for secret in SECRETS if mask.found_in(logged)] == []
+    assert [secret for secret in SECRETS if SecretMask([secret]).found_in(logged)] == []
     leaks = [(secret, item[:200]) for item in stored for secret in SECRETS if SecretMask([secret]).data(item) != item]
     assert leaks == []
 
@@ -282,11 +286,18 @@ def test_redaction_keeps_what_decoding_needs() -> None:
                 continue  # not a webhook fixture (an API answer) or a malformed one
             stored = codec.redact(request, secrets)
             assert stored.headers == {}
+            # Taken out by name too: a credential the connection is not configured with, or too short to mask.
+            assert codec.redact(request, {}).headers == {}
             assert [secret for secret in secrets.values() if secret.encode() in stored.body] == []
             # Ids of events without native ids fingerprint the (credential-free) body; all else is equal.
             assert [without_id(e) for e in codec.decode(stored, ctx)] == [without_id(e) for e in expected], path.name
             checked += 1
         assert checked > 10, channel
+    # Evolution's body field: the webhook's `apikey` is not stored even when it is no configured secret.
+    evolution = codecs.load("evolution")
+    body = (FIXTURES / "evolution" / "upsert_text.json").read_bytes()
+    assert EVOLUTION_APIKEY.encode() in body
+    assert EVOLUTION_APIKEY.encode() not in evolution.redact(HttpRequest(body=body), {}).body
 
 
 # ------------------------------------------------------------------------------------------- metrics

@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -21,6 +23,7 @@ from babelhub import canonical as c
 from babelhub import codecs
 from babelhub.codecs.base import DecodeContext, HttpRequest
 from babelhub.errors import DecodeError
+from babelhub.hub import cli
 from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
@@ -313,3 +316,59 @@ async def test_random_webhook_urls_add_no_metric_series(nats_server: EmbeddedSer
     series = [line for line in metrics.splitlines() if line.startswith("babelhub_webhooks_total")]
     assert series and not any("made-up" in line for line in series)
     assert all('channel="unknown"' in line or 'channel="telegram"' in line for line in series)
+
+
+# ------------------------------------------------------------------------------ embedded server auth
+
+async def test_the_embedded_server_admits_only_the_hub_and_each_tenant_on_its_own_subjects(
+        tmp_path: Path, apis: tuple[FakeApi, FakeApi], capsys: pytest.CaptureFixture[str]) -> None:
+    api_a, api_b = apis
+    config = two_tenants("", api_a.base_url, api_b.base_url)
+    config = msgspec.structs.replace(config, hub=msgspec.structs.replace(
+        config.hub, nats="", nats_port=0, data_dir=str(tmp_path / "data"), subject_prefix="bh"))
+    async with Hub(config) as hub:
+        assert hub.server is not None
+        key_file, server_conf = tmp_path / "data" / "nats-auth.key", tmp_path / "data" / "nats-server.conf"
+        assert key_file.stat().st_mode & 0o777 == 0o600 and server_conf.stat().st_mode & 0o777 == 0o600
+
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # anonymous
+            await nats.connect(hub.nats_url, allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=0)
+
+        # What `babelhub credentials alpha` prints is what the processors of tenant alpha connect with.
+        toml = tmp_path / "hub.toml"
+        toml.write_text(f'[hub]\ndata_dir = "{tmp_path / "data"}"\n'
+                        '[[tenants]]\nid = "alpha"\n[[tenants]]\nid = "beta"\n')
+        assert cli.main(["credentials", "alpha", "--config", str(toml)]) == 0
+        printed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()
+                       if line.startswith("  "))
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        alpha = await nats.connect(hub.nats_url, user=printed["user"], password=printed["password"],
+                                   inbox_prefix=printed["inbox_prefix"], error_cb=on_error)
+        try:
+            app = await Processor(alpha, "bh", tenant="alpha").start()
+            assert await post_update(hub, "tg-a", SECRET_A, telegram_update(1, 55, "hello alpha")) == 200
+            inbound, _ = await app.next()
+            # Replies go through: plain publish, and JetStream publish (its ack comes to the tenant's inbox).
+            await app.reply(inbound, c.Text(text="plain publish"))
+            reply = outbound("alpha", c.Conversation(id=inbound.conversation.id), "jetstream publish")
+            ack = await alpha.jetstream().publish(f"bh.alpha.out.{inbound.conversation.id}", c.encode(reply))
+            assert ack.seq > 0
+            await eventually(lambda: len([r for r in api_a.requests if "sendMessage" in r.path]) == 2)
+
+            # Nothing of tenant beta's, and no JetStream API.
+            await alpha.subscribe("bh.beta.in.>")
+            await alpha.publish("bh.beta.out.x", b"{}")
+            await alpha.publish("$JS.API.STREAM.NAMES", b"")
+            await alpha.flush()
+            await eventually(lambda: len(errors) >= 3)
+        finally:
+            await alpha.close()
+        assert len(errors) == 3 and all("permissions violation" in error.lower() for error in errors)
+        assert any('subscription to "bh.beta.in.>"' in error.lower() for error in errors)
+        assert any('publish to "bh.beta.out.x"' in error.lower() for error in errors)
+        assert any('publish to "$js.api.stream.names"' in error.lower() for error in errors)
+        assert api_b.requests == []

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -35,6 +36,7 @@ from babelhub.hub.broker import EmbeddedServer, Subjects, provision
 from babelhub.hub.config import Config
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.context import HubContext
+from babelhub.hub.credentials import NatsUser, hub_user, load_key, server_config, tenant_user
 from babelhub.hub.deadletters import DeadLetter, DeadLetters
 from babelhub.hub.delivery import RetryPolicy, perform
 from babelhub.hub.inflight import InFlight
@@ -82,12 +84,15 @@ class Hub:
         self._cleanups.append(_async(unmask))  # the first cleanup made, the last one run
         setup_tracing(self.config.hub.tracing)
         settings = self.config.hub
+        login: dict[str, str] = {}
         if not self.nats_url:
-            self.server = EmbeddedServer(settings.data_dir, settings.nats_port)
+            users = self._embedded_users()
+            self.server = EmbeddedServer(settings.data_dir, settings.nats_port, server_config(users))
             await self.server.start()
             self._cleanups.append(self.server.stop)
             self.nats_url = self.server.url
-        self.nc = await nats.connect(self.nats_url, name="babelhub", max_reconnect_attempts=-1)
+            login = {"user": users[0].user, "password": users[0].password}
+        self.nc = await nats.connect(self.nats_url, name="babelhub", max_reconnect_attempts=-1, **login)
         self._cleanups.append(self.nc.drain)
         self.js = self.nc.jetstream()
         await provision(self.js, self.subjects, settings.dedup_window_seconds)
@@ -111,10 +116,18 @@ class Hub:
         await self._start_http()
         self.ready = True
 
+    def _embedded_users(self) -> list[NatsUser]:
+        """The hub's own user (first) and one per tenant, for the embedded server."""
+        key = load_key(self.config.hub.data_dir)
+        return [hub_user(key), *(tenant_user(key, self.subjects, tenant.id) for tenant in self.config.tenants)]
+
     def _secret_values(self) -> list[str]:
         """Every secret the configuration holds: masked wherever text leaves the hub."""
         values = [value for connection in self.config.connections for value in connection.secrets.values()]
         values += [key for tenant in self.config.tenants for key in tenant.api_keys]
+        values += [urlsplit(url).password or "" for url in self.config.hub.nats.split(",")]
+        if not self.config.hub.nats:
+            values += [user.password for user in self._embedded_users()]
         return values
 
     def _build_connections(self) -> dict[str, ConnectionService]:

@@ -328,11 +328,10 @@ async def test_the_embedded_server_admits_only_the_hub_and_each_tenant_on_its_ow
         config.hub, nats="", nats_port=0, data_dir=str(tmp_path / "data"), subject_prefix="bh"))
     async with Hub(config) as hub:
         assert hub.server is not None
-        key_file, server_conf = tmp_path / "data" / "nats-auth.key", tmp_path / "data" / "nats-server.conf"
-        assert key_file.stat().st_mode & 0o777 == 0o600 and server_conf.stat().st_mode & 0o777 == 0o600
-
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # anonymous
             await nats.connect(hub.nats_url, allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=0)
+        key_file, server_conf = tmp_path / "data" / "nats-auth.key", tmp_path / "data" / "nats-server.conf"
+        assert key_file.stat().st_mode & 0o777 == 0o600 and server_conf.stat().st_mode & 0o777 == 0o600
 
         # What `babelhub credentials alpha` prints is what the processors of tenant alpha connect with.
         toml = tmp_path / "hub.toml"

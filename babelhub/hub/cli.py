@@ -52,7 +52,7 @@ def _credentials(args: argparse.Namespace) -> int:
     if args.server_config:
         print(json.dumps(user_entry(user), indent=2))
         return 0
-    url = config.hub.nats or f"nats://127.0.0.1:{config.hub.nats_port}"
+    url = _without_userinfo(config.hub.nats) if config.hub.nats else f"nats://127.0.0.1:{config.hub.nats_port}"
     print("\n".join([
         f"NATS user for the processors of tenant {args.tenant} (embedded server in {config.hub.data_dir})",
         f"  url           {url}",

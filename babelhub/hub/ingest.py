@@ -4,6 +4,9 @@ JetStream before anyone is told "accepted".
 The record is the request as received (headers and body, msgpack-encoded). Its `Nats-Msg-Id` comes
 from the channel's own ids, so a channel that retries a delivery inside the dedup window is absorbed
 by JetStream itself. Nothing is decoded here: a decode bug can never lose a message.
+
+What is stored is the request without its credentials (`Codec.redact`): the signature was checked and
+the dedup key read on the request as received, and nothing after that needs them.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import msgspec
 from aiohttp import web
 from nats.js import JetStreamContext
 
-from babelhub.codecs.base import HttpRequest, HttpResponse
+from babelhub.codecs.base import Codec, HttpRequest, HttpResponse
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.hub.broker import Subjects
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.deadletters import DeadLetter, DeadLetters
 from babelhub.hub.telemetry import Metrics, carrier, span
 
-__all__ = ["Ingest", "webhook_routes"]
+__all__ = ["Ingest", "redacted", "webhook_routes"]
+
+UNKNOWN_CHANNEL = "unknown"
+"""The `channel` label of webhook requests to a channel no connection has: labels name only what is
+configured, so requests to made-up URLs cannot add series to /metrics."""
 
 log = logging.getLogger("babelhub.ingest")
 
@@ -46,15 +53,27 @@ class Ingest:
         try:
             key = _dedup_key(connection, request)
         except DecodeError as exc:
+            stored = redacted(connection, request)
             await self._dead_letters.park(DeadLetter(
                 stage="ingest", error=exc.reason, path=exc.path, tenant=connection.tenant,
-                connection=connection.id, headers=request.headers, body=request.body))
+                connection=connection.id, headers=stored.headers, body=stored.body))
             raise
         msg_id = f"{connection.id}:{key or hashlib.sha256(request.body).hexdigest()}"
         subject = self._subjects.raw(connection.tenant, connection.channel, connection.id)
-        ack = await self._js.publish(subject, msgspec.msgpack.encode(request),
+        ack = await self._js.publish(subject, msgspec.msgpack.encode(redacted(connection, request)),
                                      headers={"Nats-Msg-Id": msg_id, **carrier()})
         return not ack.duplicate
+
+
+def redacted(connection: ConnectionService, request: HttpRequest) -> HttpRequest:
+    """`request` as it may be stored. A codec's own hook that fails falls back to the default one: a
+    record is never stored with its credentials because a codec tripped on odd input."""
+    secrets = connection.settings.secrets
+    try:
+        return connection.codec.redact(request, secrets)
+    except Exception as exc:
+        log.warning("%s: the codec's redaction failed (%r); the default one is used", connection.id, exc)
+        return Codec.redact(connection.codec, request, secrets)
 
 
 def _dedup_key(connection: ConnectionService, request: HttpRequest) -> str:
@@ -90,10 +109,13 @@ def _called_url(request: web.Request, public_url: str) -> str:
 def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, metrics: Metrics) -> list[web.RouteDef]:
     """`GET|POST /webhooks/{channel}/{connection}`: handshakes, signature check, durable record, 200."""
 
+    configured = {connection.channel for connection in connections.values()}
+
     async def handle(request: web.Request) -> web.StreamResponse:
         channel = request.match_info["channel"]
         response = await _answer(request, channel)
-        metrics.webhooks.labels(channel, str(response.status)).inc()
+        label = channel if channel in configured else UNKNOWN_CHANNEL
+        metrics.webhooks.labels(label, str(response.status)).inc()
         return response
 
     async def _answer(request: web.Request, channel: str) -> web.Response:

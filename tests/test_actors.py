@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from babelhub.actors.runtime import Actor, ActorSystem
+from tests.hubkit import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -181,3 +182,106 @@ async def test_an_activation_whose_state_cannot_be_saved_is_given_up_without_ack
     await actors.stop()
     assert acked == [1] and journal.checkpoints["a"] == [1]
     assert journal.activations == ["a", "a"]
+
+
+class Unloadable(Recorder):
+    """An actor whose state cannot be loaded (a corrupt snapshot): `on_activate` always raises."""
+
+    async def on_activate(self) -> None:
+        self.journal.activations.append(self.key)
+        if self.key.startswith("bad"):
+            raise ValueError(f"snapshot of {self.key} is corrupt")
+        await super().on_activate()
+
+
+async def test_an_actor_that_cannot_activate_gives_its_mail_up_and_the_others_go_on() -> None:
+    journal = Journal()
+    actors: ActorSystem[int] = ActorSystem("unloadable", lambda key: Unloadable(key, journal), max_restarts=3,
+                                           backoff_base=0.001, backoff_max=0.002)
+    failures: list[tuple[int, str]] = []
+
+    def failed(n: int):  # type: ignore[no-untyped-def]
+        async def on_failed(exc: BaseException) -> None:
+            failures.append((n, str(exc)))
+        return on_failed
+
+    for n in range(3):
+        await actors.tell("bad", n, on_failed=failed(n))
+        await actors.tell("good", n)
+    await eventually(lambda: len(failures) == 3)
+    await asyncio.wait_for(actors.stop(), 10)
+    assert [n for n, _ in failures] == [0, 1, 2]
+    assert all("corrupt" in reason for _, reason in failures)
+    assert journal.applied == {"good": [0, 1, 2]}
+    assert journal.activations.count("bad") <= 3 * 3  # bounded tries: never an endless retry loop
+    assert actors.failures_total == 3
+
+
+async def test_stop_does_not_wait_for_an_actor_still_trying_to_activate() -> None:
+    journal = Journal()
+    actors: ActorSystem[int] = ActorSystem("unloadable", lambda key: Unloadable(key, journal), max_restarts=1000,
+                                           backoff_base=30.0, backoff_max=30.0)
+    released: list[int] = []
+
+    async def on_released() -> None:
+        released.append(1)
+
+    await actors.tell("bad", 1, on_released=on_released)
+    await eventually(lambda: journal.activations)
+    await asyncio.wait_for(actors.stop(), 10)  # without the fix: stuck in the activation retries for ever
+    assert released == [1]  # handed back, neither applied nor given up: a later run tries it again
+
+
+async def test_offer_never_waits_and_a_full_key_does_not_block_another() -> None:
+    journal = Journal()
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        async def receive(self, message: int) -> None:
+            if self.key == "stuck":
+                await gate.wait()
+            await super().receive(message)
+
+    actors: ActorSystem[int] = ActorSystem("slow", lambda key: Slow(key, journal), mailbox_size=2)
+    offered = [actors.offer("stuck", n) for n in range(3)]  # the first turn starts only at the next await
+    await eventually(lambda: actors.has_room("stuck"))  # the first message is in its turn
+    offered.append(actors.offer("stuck", 3))
+    assert offered == [True, True, False, True]
+    assert not actors.offer("stuck", 4) and not actors.has_room("stuck")
+    assert [actors.offer("free", n) for n in range(3)] == [True, True, False]  # each key has its own bound
+    await eventually(lambda: journal.applied.get("free", []) == [0, 1])
+    assert actors.offer("free", 9)
+    await eventually(lambda: 9 in journal.applied.get("free", []))
+    gate.set()
+    await actors.stop()
+    assert journal.applied["stuck"] == [0, 1, 3]
+
+
+async def test_an_abandoned_activation_releases_everything_it_holds() -> None:
+    journal = Journal()
+    gate = asyncio.Event()
+
+    class Unsaveable(Recorder):
+        async def receive(self, message: int) -> None:
+            await gate.wait()
+            await super().receive(message)
+
+        async def checkpoint(self) -> None:
+            raise ConnectionError("store unavailable")
+
+    actors: ActorSystem[int] = ActorSystem("unsaveable", lambda key: Unsaveable(key, journal), max_restarts=2,
+                                           backoff_base=0.001, backoff_max=0.002, checkpoint_every=2)
+    settled: list[tuple[str, int]] = []
+
+    def settle(kind: str, n: int):  # type: ignore[no-untyped-def]
+        async def callback() -> None:
+            settled.append((kind, n))
+        return callback
+
+    for n in range(4):  # two are applied then the checkpoint fails; two still wait in the mailbox
+        await actors.tell("a", n, settle("applied", n), on_released=settle("released", n))
+    gate.set()
+    await eventually(lambda: len(settled) == 4)
+    assert sorted(settled) == [("released", 0), ("released", 1), ("released", 2), ("released", 3)]
+    assert actors.active == 0
+    await actors.stop()

@@ -246,7 +246,7 @@ class ActorSystem(Generic[M]):
         except _Interrupted:
             await self._end(key, cell, None)
         except _ActivationFailed as exc:
-            await self._end(key, cell, exc.__cause__ or exc)
+            await self._end(key, cell, exc)
 
     async def _end(self, key: str, cell: _Cell[M], failure: BaseException | None) -> None:
         """Retire an activation that could not go on, and settle every message it still holds: given up
@@ -316,7 +316,8 @@ class ActorSystem(Generic[M]):
                 log.warning("actor %s:%s failed to activate (attempt %d of %d): %r", self.name, cell.actor.key,
                             attempt, self._max_restarts, exc)
                 if attempt == self._max_restarts:
-                    raise _ActivationFailed(f"actor {cell.actor.key!r} could not be activated") from exc
+                    raise _ActivationFailed(f"actor {cell.actor.key!r} could not be activated after {attempt} "
+                                            f"tries: {exc!r}") from exc
             if cell.control:
                 raise _Interrupted
             cell.wakeup.clear()

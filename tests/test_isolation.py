@@ -20,6 +20,8 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from babelhub import canonical as c
+from babelhub.actors.conversation import MAX_SNAPSHOT_BYTES, ConversationActor, ConversationState, Inbound
+from babelhub.codecs.base import REPLY_API_BASE
 from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer, free_port, provision
@@ -365,3 +367,46 @@ async def test_a_crashed_poller_is_restarted_and_readiness_names_it(
         return status == 200 and body["tasks"]["poller:tg"] == "running"
 
     await eventually_async(ready_again, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------ state bounds
+
+async def test_conversation_state_stays_bounded_under_hostile_envelopes(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, fake_api.base_url))
+    key = c.conversation_id(TENANT, "tg", "42")
+    actor = ConversationActor(key, hub.ctx)  # the hub's own actor, on the hub's real streams and KV
+    await actor.on_activate()
+    chat = c.Conversation(id=key, channel="telegram", connection="tg", native_id="42")
+
+    def hostile(n: int, id_length: int = 128) -> c.Message:
+        return c.Message(
+            id=f"{n:0{id_length}d}", tenant=TENANT, conversation=chat, ts=c.now(), direction="inbound",
+            sender=c.Sender(id=c.sender_id(TENANT, "tg", str(n)), name=f"{n}" + "Ω" * 2000, role="user"),
+            native=c.Native(id=f"{n:0{id_length}d}", thread="t" * 10_000), thread="x" * 10_000,
+            parts=[c.Text(text="hi")], meta={REPLY_API_BASE: "https://example.org/" + "a" * 10_000})
+
+    for n in range(10_000):  # 10k participants with huge names, ids at the length limit
+        await actor.receive(Inbound(hostile(n)))
+    for n in range(10_000, 10_050):  # ids far beyond any channel's
+        await actor.receive(Inbound(hostile(n, id_length=5000)))
+    last = c.Message(id="last", tenant=TENANT, conversation=chat, ts=c.now(), direction="inbound",
+                     native=c.Native(id="42:7"), sender=c.Sender(id="s", name="Ada"), parts=[c.Text(text="hi")])
+    await actor.receive(Inbound(last))
+    await actor.checkpoint()
+
+    entry = await hub.ctx.snapshots.get(key)
+    assert entry.value is not None and len(entry.value) <= MAX_SNAPSHOT_BYTES
+    state = msgspec.msgpack.decode(entry.value, type=ConversationState)
+    assert len(state.participants) <= 256 and state.participants["s"] == "Ada"
+    assert all(len(name.encode()) <= 128 for name in state.participants.values())
+    assert all(len(k.encode()) <= 128 and len(v.encode()) <= 128
+               for mapping in (state.native_ids, state.canonical_ids, state.aliases) for k, v in mapping.items())
+    assert all(len(item) <= 32 for item in state.applied)
+    assert state.api_base == "" and state.conversation == chat
+    assert state.native_ids["last"] == "42:7"  # the newest ids stay resolvable
+
+    # A redelivery of an envelope with a long id is still recognised and skipped.
+    applied_before = list(state.applied)
+    await actor.receive(Inbound(hostile(10_049, id_length=5000)))
+    assert actor.state.applied == applied_before

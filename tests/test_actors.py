@@ -285,3 +285,31 @@ async def test_an_abandoned_activation_releases_everything_it_holds() -> None:
     assert sorted(settled) == [("released", 0), ("released", 1), ("released", 2), ("released", 3)]
     assert actors.active == 0
     await actors.stop()
+
+
+async def test_stop_cancels_a_turn_that_never_ends_and_releases_its_mail() -> None:
+    journal = Journal()
+    never = asyncio.Event()
+
+    class Hung(Recorder):
+        async def receive(self, message: int) -> None:
+            if message == 1:
+                await never.wait()  # a channel API that never answers
+            await super().receive(message)
+
+    actors: ActorSystem[int] = ActorSystem("hung", lambda key: Hung(key, journal))
+    settled: list[tuple[str, int]] = []
+
+    def settle(kind: str, n: int):  # type: ignore[no-untyped-def]
+        async def callback() -> None:
+            settled.append((kind, n))
+        return callback
+
+    for n in range(3):
+        await actors.tell("a", n, settle("applied", n), on_released=settle("released", n))
+    await actors.tell("b", 0, settle("applied b", 0))
+    await eventually(lambda: journal.applied.get("a") == [0])
+    await asyncio.wait_for(actors.stop(grace=0.2), 10)
+    assert ("applied b", 0) in settled  # the others drained and were saved as usual
+    assert sorted(item for item in settled if item[0] == "released") == [("released", 0), ("released", 1),
+                                                                         ("released", 2)]

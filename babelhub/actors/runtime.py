@@ -195,13 +195,22 @@ class ActorSystem(Generic[M]):
         if cell.ended:  # the activation gave up while this sender waited for room
             await self._settle_leftovers(cell, None)
 
-    async def stop(self) -> None:
-        """Passivate every actor (drain, checkpoint) and wait for all of them."""
+    async def stop(self, grace: float = 10.0) -> None:
+        """Passivate every actor (drain, checkpoint) and wait for them, at most `grace` seconds: a turn
+        still running then (a channel that does not answer) is cancelled, and its unsaved mail is
+        released for redelivery, so stopping never hangs on one conversation."""
         self._closed = True
         for key in list(self._cells):
             self._passivate(key)
-        if self._ending:
-            await asyncio.gather(*self._ending.values(), return_exceptions=True)
+        if not self._ending:
+            return
+        tasks = list(self._ending.values())
+        _, late = await asyncio.wait(tasks, timeout=grace)
+        for task in late:
+            log.warning("actor %s:%s did not finish within %.0fs of stop: cancelled", self.name,
+                        task.get_name(), grace)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -247,6 +256,9 @@ class ActorSystem(Generic[M]):
             await self._end(key, cell, None)
         except _ActivationFailed as exc:
             await self._end(key, cell, exc)
+        except asyncio.CancelledError:
+            await self._end(key, cell, None)  # nothing it holds was saved: hand it all back
+            raise
 
     async def _end(self, key: str, cell: _Cell[M], failure: BaseException | None) -> None:
         """Retire an activation that could not go on, and settle every message it still holds: given up

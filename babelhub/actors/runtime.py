@@ -20,6 +20,8 @@ Rules it keeps (DESIGN.md §5):
   holds (applied but unsaved, or still in the mailbox) is handed to its `on_released` callback, so the
   caller stops holding it and JetStream redelivers it; the next message activates the actor afresh
   from its stored state.
+* `stop` passivates every actor and waits a grace period; a turn still running then is cancelled and
+  the mail it holds unsaved is released, so stopping never hangs on one actor.
 * Idle actors passivate: stop taking mail, drain, checkpoint, stop. Mail for a passivating key waits for
   the old activation to finish before the new one loads its state, so two activations never overlap.
 """

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from babelhub.actors.admission import Admission, Letter
 from babelhub.actors.runtime import Actor, ActorSystem
 from tests.hubkit import eventually
 
@@ -313,3 +314,51 @@ async def test_stop_cancels_a_turn_that_never_ends_and_releases_its_mail() -> No
     assert ("applied b", 0) in settled  # the others drained and were saved as usual
     assert sorted(item for item in settled if item[0] == "released") == [("released", 0), ("released", 1),
                                                                          ("released", 2)]
+
+
+async def test_admission_keeps_each_keys_order_and_lets_other_keys_pass() -> None:
+    journal = Journal()
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        async def receive(self, message: int) -> None:
+            if self.key == "stuck":
+                await gate.wait()
+            await super().receive(message)
+
+    now = [0.0]
+    admission = Admission(hold_seconds=60.0, clock=lambda: now[0])
+    actors: ActorSystem[int] = ActorSystem("slow", lambda key: Slow(key, journal), mailbox_size=1)
+
+    def offer(key: str, seq: int) -> bool:
+        return admission.offer(actors, seq, [Letter(key, seq)])
+
+    async def in_turn(key: str) -> None:
+        await eventually(lambda: actors.has_room(key))
+
+    try:
+        assert offer("stuck", 1)
+        await in_turn("stuck")  # 1 is in its turn, waiting for the gate
+        assert offer("stuck", 2)  # fills the mailbox
+        assert not offer("stuck", 3)  # full: handed back
+        assert offer("other", 4)  # another key is not affected
+        gate.set()
+        await eventually(lambda: journal.applied.get("stuck") == [1, 2])
+        assert not offer("stuck", 5)  # there is room again, but 3 is still out: 5 must not overtake it
+        assert offer("stuck", 3)  # 3 comes back first
+        await eventually(lambda: 3 in journal.applied["stuck"])
+        gate.clear()
+        assert offer("stuck", 5)  # then 5, whose turn now waits for the gate
+        await in_turn("stuck")
+        assert offer("stuck", 6)
+        assert not offer("stuck", 7)  # full
+        now[0] += 30
+        assert not offer("stuck", 8)  # 7 is out
+        now[0] += 31  # 7 never came back (terminated elsewhere): after its hold it no longer blocks the key
+        gate.set()
+        await eventually(lambda: journal.applied["stuck"][-1] == 6)
+        assert offer("stuck", 8)
+    finally:
+        gate.set()
+        await actors.stop()
+    assert journal.applied["stuck"] == [1, 2, 3, 5, 6, 8] and journal.applied["other"] == [4]

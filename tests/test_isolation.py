@@ -410,3 +410,26 @@ async def test_conversation_state_stays_bounded_under_hostile_envelopes(
     applied_before = list(state.applied)
     await actor.receive(Inbound(hostile(10_049, id_length=5000)))
     assert actor.state.applied == applied_before
+
+
+async def test_stopping_does_not_wait_for_a_chat_whose_api_never_answers(
+        nats_server: EmbeddedServer, nats_client: NATS, hanging_api: HangingApi, start_hub: StartHub) -> None:
+    hanging_api.hangs = lambda path, body: path.endswith("/sendMessage")
+    config = telegram_config(nats_server.url, hanging_api.base_url)
+    hub = Hub(config)
+    await hub.__aenter__()
+    try:
+        app = await Processor(nats_client, hub.subjects.prefix).start()
+        await post(hub.http_url, telegram_update(1, 42, "hi"))
+        inbound, _ = await app.next()
+        reply = await app.reply(inbound, c.Text(text="never answered"))
+        await eventually(lambda: hanging_api.hanging == 1)
+    finally:
+        # Without a grace period this waits for the send's 5 attempts of 30 s each.
+        await asyncio.wait_for(hub.stop(), 60)
+
+    # The reply was handed back, not acknowledged: the next hub process sends it, without waiting ack_wait.
+    hanging_api.release.set()
+    await start_hub(config)
+    status = await app.next_status()
+    assert status.message_id == reply.id and status.state == "sent"

@@ -29,7 +29,7 @@ from babelhub.actors.connection import ConnectionActor, RawDelivery
 from babelhub.actors.conversation import ConversationActor, ConversationMessage, Outbound
 from babelhub.actors.runtime import ActorSystem
 from babelhub.codecs.base import HttpRequest
-from babelhub.errors import ConfigError, DecodeError
+from babelhub.errors import ConfigError, DecodeError, PayloadTooLarge
 from babelhub.hub import echo
 from babelhub.hub.broker import EmbeddedServer, Subjects, provision
 from babelhub.hub.config import Config
@@ -38,8 +38,9 @@ from babelhub.hub.context import HubContext
 from babelhub.hub.deadletters import DeadLetter, DeadLetters
 from babelhub.hub.delivery import RetryPolicy, perform
 from babelhub.hub.inflight import InFlight
-from babelhub.hub.ingest import Ingest, webhook_routes
-from babelhub.hub.telemetry import Metrics, carrier, setup_tracing, span
+from babelhub.hub.ingest import Ingest, check_body_limit, webhook_routes
+from babelhub.hub.publisher import Publisher
+from babelhub.hub.telemetry import Metrics, setup_tracing, span
 from babelhub.sessions.websocket import WebSessions
 
 __all__ = ["Hub"]
@@ -55,6 +56,9 @@ class Hub:
         self.subjects = Subjects(config.hub.subject_prefix)
         self.metrics = Metrics()
         self.server: EmbeddedServer | None = None
+        self.nats_lost = asyncio.Event()
+        """Set when the NATS connection is closed for good (reconnect attempts used up) while running."""
+        self._stopping = False
         self.nats_url = config.hub.nats
         self.http_url = ""
         self.ready = False
@@ -83,13 +87,18 @@ class Hub:
             await self.server.start()
             self._cleanups.append(self.server.stop)
             self.nats_url = self.server.url
-        self.nc = await nats.connect(self.nats_url, name="babelhub", max_reconnect_attempts=-1)
-        self._cleanups.append(self.nc.drain)
+        self.nc = await nats.connect(
+            self.nats_url, name="babelhub", max_reconnect_attempts=settings.nats_max_reconnect_attempts,
+            disconnected_cb=self._on_nats_disconnected, reconnected_cb=self._on_nats_reconnected,
+            closed_cb=self._on_nats_closed)
+        self._cleanups.append(self._close_nats)
         self.js = self.nc.jetstream()
+        self.publisher = Publisher(self.nc, self.js)
+        check_body_limit(settings.max_body_bytes, self.publisher.max_payload)
         await provision(self.js, self.subjects, settings.dedup_window_seconds)
         self.http = aiohttp.ClientSession()
         self._cleanups.append(self.http.close)
-        self.dead_letters = DeadLetters(self.js, self.subjects, self.metrics)
+        self.dead_letters = DeadLetters(self.publisher, self.subjects, self.metrics)
         self.ctx = HubContext(
             nats=self.nc,
             js=self.js,
@@ -97,9 +106,10 @@ class Hub:
             snapshots=await self.js.key_value(self.subjects.bucket("conversations")),
             dead_letters=self.dead_letters,
             metrics=self.metrics,
+            publisher=self.publisher,
             connections=self._build_connections(),
         )
-        self.ingest = Ingest(self.js, self.subjects, self.dead_letters)
+        self.ingest = Ingest(self.publisher, self.subjects, self.dead_letters)
         self._start_actors()
         self.sessions = WebSessions(self.ctx, self.ingest)
         await self._start_consumers()
@@ -115,7 +125,7 @@ class Hub:
             except LookupError as exc:
                 raise ConfigError(f"$.connections[{index}].channel: {exc}") from None
             services[settings.id] = ConnectionService(
-                settings, codec, self.http, self.nc, self.subjects, self.metrics, policy)
+                settings, codec, self.http, self.publisher, self.subjects, self.metrics, policy)
         return services
 
     def _start_actors(self) -> None:
@@ -231,8 +241,12 @@ class Hub:
         with span("processor.echo", dict(msg.headers or {})):
             reply = echo.reply_to(inbound)
             if reply is not None:
-                await self.js.publish(self.subjects.outbound(reply.tenant, reply.conversation.id),
-                                      canonical.encode(reply), headers={"Nats-Msg-Id": reply.id, **carrier()})
+                subject = self.subjects.outbound(reply.tenant, reply.conversation.id)
+                try:
+                    await self.publisher.publish(subject, canonical.encode(reply), dedup=(reply.id,))
+                except PayloadTooLarge as exc:
+                    await self.dead_letters.park(DeadLetter(stage="processor", error=str(exc), tenant=reply.tenant,
+                                                            subject=subject, body=canonical.encode(reply)))
         await msg.ack()
 
     async def _poll(self, connection: ConnectionService) -> None:
@@ -261,7 +275,7 @@ class Hub:
             failures = 0
             received_at = time.time()
             for record in result.records:
-                with contextlib.suppress(DecodeError):  # parked in the dead-letter stream by record()
+                with contextlib.suppress(DecodeError, PayloadTooLarge):  # parked in the dead-letter stream by record()
                     await self.ingest.record(connection, msgspec.structs.replace(record, received_at=received_at))
             if result.cursor != cursor:
                 cursor = result.cursor
@@ -290,8 +304,31 @@ class Hub:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        ready = self.ready and self.nc.is_connected
-        return web.json_response({"ready": ready, "nats": self.nc.is_connected}, status=200 if ready else 503)
+        """200 while the hub runs and NATS is connected; 503 while starting, stopping or reconnecting."""
+        connected = self.nc.is_connected
+        ready = self.ready and connected
+        return web.json_response({"ready": ready, "nats": connected}, status=200 if ready else 503)
+
+    # ------------------------------------------------------------------------------------ NATS link
+
+    async def _on_nats_disconnected(self) -> None:
+        if not self._stopping:
+            log.warning("lost the NATS connection; reconnecting (readiness is off meanwhile)")
+
+    async def _on_nats_reconnected(self) -> None:
+        log.info("NATS connection restored")
+
+    async def _on_nats_closed(self) -> None:
+        """nats-py gave the connection up for good: a hub without NATS must not look alive."""
+        if self._stopping:
+            return
+        log.error("the NATS connection is closed for good (%r); the hub stops", self.nc.last_error)
+        self.ready = False
+        self.nats_lost.set()
+
+    async def _close_nats(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -300,6 +337,7 @@ class Hub:
 
     async def stop(self) -> None:
         self.ready = False
+        self._stopping = True
         if getattr(self, "site", None) is not None:
             await self.site.stop()
         for subscription in self._subscriptions:

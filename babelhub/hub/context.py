@@ -11,6 +11,7 @@ from nats.js.kv import KeyValue
 from babelhub.hub.broker import Subjects
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.deadletters import DeadLetters
+from babelhub.hub.publisher import Publisher
 from babelhub.hub.telemetry import Metrics
 
 
@@ -22,4 +23,6 @@ class HubContext:
     snapshots: KeyValue
     dead_letters: DeadLetters
     metrics: Metrics
+    publisher: Publisher
+    """Every publish and KV write goes through it: it refuses what exceeds the server's max_payload."""
     connections: dict[str, ConnectionService] = field(default_factory=dict)

@@ -136,7 +136,8 @@ def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, me
             except DecodeError as exc:
                 return _error(400, exc.reason, path=exc.path)
             except PayloadTooLarge as exc:
-                return _error(413, f"the request (headers and body) is too large to record: {exc}", limit=exc.limit)
+                return _error(413, f"the request (headers and body) is too large to record: {exc.size} bytes with "
+                                   f"the hub's framing, the NATS server takes at most {exc.limit}", limit=exc.limit)
             except _NATS_UNAVAILABLE as exc:
                 # Not recorded, so not accepted: the channel retries later, and nothing is lost.
                 log.warning("%s: could not record a delivery: %r", connection.id, exc)

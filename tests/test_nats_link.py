@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -338,3 +339,28 @@ id = "{TENANT}"
         hub.stop()
         await server.stop()
 
+
+
+async def test_babelhub_run_exits_non_zero_when_its_embedded_nats_server_dies(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "hub.toml", f"""
+[hub]
+http = "127.0.0.1:{port}"
+nats_port = 0
+data_dir = "{tmp_path / 'data'}"
+[[tenants]]
+id = "{TENANT}"
+""")
+    hub = HubProcess(config, tmp_path)
+    hub.start()
+    try:
+        await hub.wait_ready(f"http://127.0.0.1:{port}")
+        (server,) = hub.children()
+        os.kill(server, signal.SIGKILL)
+
+        assert hub.process is not None
+        code = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, hub.process.wait), 60)
+        output = hub.output()
+        assert code != 0 and "embedded nats-server exited" in output, output
+    finally:
+        hub.stop()

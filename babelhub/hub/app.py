@@ -57,7 +57,8 @@ class Hub:
         self.metrics = Metrics()
         self.server: EmbeddedServer | None = None
         self.nats_lost = asyncio.Event()
-        """Set when the NATS connection is closed for good (reconnect attempts used up) while running."""
+        """Set when the NATS connection is closed for good (reconnect attempts used up, or the embedded
+        server gone) while the hub runs; `babelhub run` then exits non-zero."""
         self._stopping = False
         self.nats_url = config.hub.nats
         self.http_url = ""
@@ -86,6 +87,7 @@ class Hub:
             self.server = EmbeddedServer(settings.data_dir, settings.nats_port)
             await self.server.start()
             self._cleanups.append(self.server.stop)
+            self._spawn("embedded-nats-watch", self._watch_embedded_server(self.server))
             self.nats_url = self.server.url
         self.nc = await nats.connect(
             self.nats_url, name="babelhub", max_reconnect_attempts=settings.nats_max_reconnect_attempts,
@@ -241,12 +243,12 @@ class Hub:
         with span("processor.echo", dict(msg.headers or {})):
             reply = echo.reply_to(inbound)
             if reply is not None:
-                subject = self.subjects.outbound(reply.tenant, reply.conversation.id)
+                subject, payload = self.subjects.outbound(reply.tenant, reply.conversation.id), canonical.encode(reply)
                 try:
-                    await self.publisher.publish(subject, canonical.encode(reply), dedup=(reply.id,))
+                    await self.publisher.publish(subject, payload, dedup=(reply.id,))
                 except PayloadTooLarge as exc:
                     await self.dead_letters.park(DeadLetter(stage="processor", error=str(exc), tenant=reply.tenant,
-                                                            subject=subject, body=canonical.encode(reply)))
+                                                            subject=subject, body=payload))
         await msg.ack()
 
     async def _poll(self, connection: ConnectionService) -> None:
@@ -323,6 +325,17 @@ class Hub:
         if self._stopping:
             return
         log.error("the NATS connection is closed for good (%r); the hub stops", self.nc.last_error)
+        self._lose_nats()
+
+    async def _watch_embedded_server(self, server: EmbeddedServer) -> None:
+        """The embedded nats-server is the hub's own child: once it is gone there is nothing to reconnect to."""
+        assert server.process is not None
+        code = await server.process.wait()
+        if not self._stopping:
+            log.error("the embedded nats-server exited with status %s; the hub stops", code)
+            self._lose_nats()
+
+    def _lose_nats(self) -> None:
         self.ready = False
         self.nats_lost.set()
 

@@ -197,6 +197,19 @@ async def test_publishes_and_snapshots_beyond_max_payload_are_refused_before_the
     assert await sender.store(snapshots, "conv", b"small", last=None) > 0
 
 
+async def test_the_publisher_measures_headers_as_the_server_does(
+        publisher: tuple[Publisher, Subjects], nats_client: NATS) -> None:
+    sender, subjects = publisher
+    subject = f"{subjects.prefix}.{TENANT}.in.exact"
+    headers = {**sender.headers(("exact",)), "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    largest = b"e" * sender.room(headers)
+
+    ack = await sender.publish(subject, largest, headers=headers)  # the server takes it: the count was exact
+    with pytest.raises(PayloadTooLarge):
+        await sender.publish(subject, largest + b"e", headers=headers)
+    assert ack.seq > 0 and nats_client.is_connected
+
+
 def whatsapp_config(nats_url: str) -> cfg.Config:
     return cfg.Config(
         hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix()),

@@ -56,7 +56,11 @@ class Ingest:
     async def record(self, connection: ConnectionService, request: HttpRequest) -> bool:
         """Write `request` as a raw record; True if new, False if JetStream saw its dedup key already.
         Raises DecodeError when the body is too broken to even find the channel's ids, PayloadTooLarge
-        when the record does not fit in one NATS message (after parking it, shortened, either way)."""
+        when the record does not fit in one NATS message (after parking it, shortened, either way), and
+        nats.errors.Error when NATS cannot take it now."""
+        if not self._publisher.connected:
+            # Waiting out the reconnection would outlast the channel's deadline: it retries a 503 instead.
+            raise nats.errors.ConnectionReconnectingError
         try:
             key = _dedup_key(connection, request)
         except DecodeError as exc:

@@ -54,6 +54,10 @@ class Publisher:
         self._js = js
 
     @property
+    def connected(self) -> bool:
+        return self._nc.is_connected
+
+    @property
     def max_payload(self) -> int:
         """The connected server's limit on payload + headers, from its INFO (it may change on reconnect)."""
         return self._nc.max_payload

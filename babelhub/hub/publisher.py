@@ -35,7 +35,7 @@ _KV_HEADERS = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(2**64 - 1)}
 
 
 def header_block_size(headers: Mapping[str, str] | None) -> int:
-    """Bytes of the `NATS/1.0` header block nats-py writes for `headers` (0 when there are none)."""
+    """Bytes of the `NATS/1.0` header block nats-py writes for `headers` (none for None)."""
     if headers is None:
         return 0
     size = _HEADER_LINE + _HEADERS_END
@@ -74,7 +74,7 @@ class Publisher:
 
     def room(self, headers: Mapping[str, str] | None) -> int:
         """The largest payload that can go out with `headers`."""
-        return self.max_payload - header_block_size(headers)
+        return self.max_payload - header_block_size(headers or None)
 
     def check(self, subject: str, payload: bytes, headers: Mapping[str, str] | None) -> None:
         size = len(payload) + header_block_size(headers)
@@ -85,9 +85,9 @@ class Publisher:
                       headers: Mapping[str, str] | None = None) -> PubAck:
         """Publish to JetStream and wait for the stream's ack. `headers` (if given) are sent as they
         are, instead of the ones `headers(dedup)` makes."""
-        sent = dict(headers) if headers is not None else self.headers(dedup)
+        sent = (dict(headers) if headers is not None else self.headers(dedup)) or None
         self.check(subject, payload, sent)
-        return await self._js.publish(subject, payload, headers=sent or None)
+        return await self._js.publish(subject, payload, headers=sent)
 
     async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:
         """A core-NATS request carrying the trace context."""

@@ -83,8 +83,8 @@ class Publisher:
 
     async def publish(self, subject: str, payload: bytes, *, dedup: Sequence[str] = (),
                       headers: Mapping[str, str] | None = None) -> PubAck:
-        """Publish to JetStream and wait for the stream's ack. `headers` (if given) are sent as they
-        are, instead of the ones `headers(dedup)` makes."""
+        """Publish to JetStream and wait for the stream's ack. `headers`, when given, replace the ones
+        `headers(dedup)` would make: pass only what `headers()` made (e.g. to measure `room` first)."""
         sent = (dict(headers) if headers is not None else self.headers(dedup)) or None
         self.check(subject, payload, sent)
         return await self._js.publish(subject, payload, headers=sent)

@@ -26,3 +26,15 @@ class EncodeError(BabelhubError, ValueError):
 
 class ConfigError(BabelhubError, ValueError):
     """The configuration is invalid; the message names the key."""
+
+
+class PayloadTooLarge(BabelhubError, ValueError):
+    """A NATS message (payload and headers together) would exceed the connected server's `max_payload`.
+
+    Sending it would make nats-server close the connection, so the hub refuses it before it is sent."""
+
+    def __init__(self, subject: str, size: int, limit: int) -> None:
+        super().__init__(f"a {size}-byte message for {subject} exceeds the NATS server's max_payload of {limit} bytes")
+        self.subject = subject
+        self.size = size
+        self.limit = limit

@@ -152,7 +152,8 @@ def json_of(recorded: Recorded) -> Any:
 
 
 def dead_letters(raw: list[bytes]) -> list[dict[str, Any]]:
-    return [msgspec.json.decode(item) for item in raw]
+    """Dead letters as dicts (they are msgpack on the stream; `body` stays bytes)."""
+    return [msgspec.msgpack.decode(item) for item in raw]
 
 
 class VirtualClock:

@@ -27,8 +27,9 @@ from babelhub.hub.connections import ConnectionService
 from babelhub.hub.deadletters import DeadLetters
 from babelhub.hub.delivery import RetryPolicy
 from babelhub.hub.ingest import Ingest, webhook_routes
+from babelhub.hub.publisher import Publisher
 from babelhub.hub.telemetry import Metrics
-from tests.hubkit import stream_messages, unique_prefix
+from tests.hubkit import dead_letters, stream_messages, unique_prefix
 
 
 class Careless(Codec):
@@ -61,10 +62,11 @@ async def endpoint(nats_client) -> AsyncIterator[tuple[str, Subjects]]:  # type:
     await provision(js, subjects, 60.0)
     settings = cfg.Connection(id="c1", tenant="acme", channel="careless")
     async with aiohttp.ClientSession() as http:
-        connection = ConnectionService(settings, Careless(), http, nats_client, subjects, metrics, RetryPolicy())
+        publisher = Publisher(nats_client, js)
+        connection = ConnectionService(settings, Careless(), http, publisher, subjects, metrics, RetryPolicy())
         app = web.Application()
-        app.add_routes(webhook_routes({"c1": connection}, Ingest(js, subjects, DeadLetters(js, subjects, metrics)),
-                                      metrics))
+        ingest = Ingest(publisher, subjects, DeadLetters(publisher, subjects, metrics))
+        app.add_routes(webhook_routes({"c1": connection}, ingest, metrics))
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -86,7 +88,7 @@ async def test_a_codec_crash_is_never_a_500(endpoint: tuple[str, Subjects], nats
         async with session.post(url, data=b'{"id": 7}', headers={"x-signature": "ok"}) as response:
             assert response.status == 200
     letters = await stream_messages(nats_client, f"{subjects.prefix}.acme.dlq.>", subjects.stream_name("dead_letters"))
-    (letter,) = [json.loads(raw) for raw in letters]
+    (letter,) = dead_letters(letters)
     assert letter["stage"] == "ingest" and letter["connection"] == "c1"
     raw = await stream_messages(nats_client, f"{subjects.prefix}.acme.raw.>", subjects.stream_name("raw"))
     assert len(raw) == 1

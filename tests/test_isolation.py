@@ -5,7 +5,6 @@ real nats-server, the hub in-process (or `babelhub run`), a local fake of the Te
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -165,7 +164,7 @@ async def test_poison_ids_are_dead_lettered_and_other_conversations_flow(
     assert sent_texts(fake_api, 666) == []
 
     letters = await letters_in(nats_client, prefix, 3)
-    by_text = {json.loads(base64.b64decode(letter["body"]))["parts"][0]["text"]: letter for letter in letters}
+    by_text = {json.loads(letter["body"])["parts"][0]["text"]: letter for letter in letters}
     assert set(by_text) == {"poison 1", "poison 2", "poison 3"}
     assert by_text["poison 1"]["stage"] == "processor" and "not a conversation id" in by_text["poison 1"]["error"]
     assert by_text["poison 2"]["stage"] == "send" and "could not be activated" in by_text["poison 2"]["error"]

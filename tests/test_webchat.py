@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
 from babelhub.sessions.limits import FrameBudgets
 from babelhub.sessions.tokens import SessionSigner, well_formed
-from tests.hubkit import VirtualClock, stream_messages, webchat_config
+from tests.hubkit import VirtualClock, dead_letters, stream_messages, webchat_config
 
 
 @pytest.fixture
@@ -140,9 +139,9 @@ async def test_a_bad_frame_closes_with_1007_and_a_reason_and_is_kept(hub: Hub, n
         assert closing.data == 1007 and reason in closing.extra
     letters = await stream_messages(nats_client, f"{hub.subjects.prefix}.demo.dlq.>",
                                     hub.subjects.stream_name("dead_letters"))
-    (letter,) = [json.loads(raw) for raw in letters]
+    (letter,) = dead_letters(letters)
     assert letter["stage"] == "ingest" and letter["connection"] == "webchat"
-    assert base64.b64decode(letter["body"]) == frame.encode()
+    assert letter["body"] == frame.encode()
     # The chat itself is not disturbed.
     async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as socket:
         await socket.receive_json()

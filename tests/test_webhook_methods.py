@@ -44,6 +44,7 @@ from babelhub.hub.connections import ConnectionService
 from babelhub.hub.deadletters import DeadLetters
 from babelhub.hub.delivery import RetryPolicy
 from babelhub.hub.ingest import Ingest, webhook_routes
+from babelhub.hub.publisher import Publisher
 from babelhub.hub.telemetry import Metrics
 from tests.hubkit import Processor, stream_messages, unique_prefix
 
@@ -136,15 +137,17 @@ async def endpoint(nats_client, bot_key: rsa.RSAPrivateKey) -> AsyncIterator[End
                                    "pubsub_audience": PUSH_AUDIENCE, "pubsub_service_account": PUSH_ACCOUNT,
                                    "pubsub_signing_keys": _jwks(bot_key)}),
     }
+    publisher = Publisher(nats_client, js)
     async with aiohttp.ClientSession() as http:
         connections = {
             name: ConnectionService(cfg.Connection(id=name, tenant="acme", channel=codec.channel, secrets=secrets,
                                                    options=OPTIONS.get(name, {})),
-                                    codec, http, nats_client, subjects, metrics, RetryPolicy())
+                                    codec, http, publisher, subjects, metrics, RetryPolicy())
             for name, (codec, secrets) in codecs.items()
         }
         app = web.Application()
-        app.add_routes(webhook_routes(connections, Ingest(js, subjects, DeadLetters(js, subjects, metrics)), metrics))
+        ingest = Ingest(publisher, subjects, DeadLetters(publisher, subjects, metrics))
+        app.add_routes(webhook_routes(connections, ingest, metrics))
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

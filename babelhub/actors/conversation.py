@@ -31,7 +31,7 @@ from babelhub.codecs.degrade import resolve_choice
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.context import HubContext
 from babelhub.hub.deadletters import DeadLetter
-from babelhub.hub.telemetry import carrier, span
+from babelhub.hub.telemetry import span
 
 __all__ = ["MAX_SNAPSHOT_BYTES", "ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict",
            "actor_key", "encode_snapshot"]
@@ -139,10 +139,7 @@ class ConversationActor(Actor[ConversationMessage]):
         if len(self._applied) > len(self.state.applied):  # the budget trimmed the applied ids
             self._applied.intersection_update(self.state.applied)
         try:
-            if self._revision is None:
-                self._revision = await self.hub.snapshots.create(self.key, data)
-            else:
-                self._revision = await self.hub.snapshots.update(self.key, data, last=self._revision)
+            self._revision = await self.hub.publisher.store(self.hub.snapshots, self.key, data, last=self._revision)
         except KeyWrongLastSequenceError as exc:
             raise SnapshotConflict(f"conversation {self.key} was written by another owner") from exc
         self._dirty = False
@@ -213,11 +210,8 @@ class ConversationActor(Actor[ConversationMessage]):
                 continue
             if self.state.conversation is None or connection.id != self.state.conversation.connection:
                 forwarded = _without_file_ids(forwarded)
-            await self.hub.js.publish(
-                self.hub.subjects.outbound(message.tenant, target_id),
-                c.encode(forwarded),
-                headers={"Nats-Msg-Id": f"{message.id}:{target_id}", **carrier()},
-            )
+            await self.hub.publisher.publish(self.hub.subjects.outbound(message.tenant, target_id),
+                                             c.encode(forwarded), dedup=(message.id, target_id))
 
     async def _send_here(self, message: c.Message) -> None:
         connection = self._connection()
@@ -407,8 +401,7 @@ class ConversationActor(Actor[ConversationMessage]):
         return msgspec.json.decode(self.hub.mask.data(msgspec.json.encode(error)), type=c.Error)
 
     async def _publish(self, subject: str, envelope: c.Envelope) -> None:
-        headers = {"Nats-Msg-Id": envelope.id, **carrier()}
-        await self.hub.js.publish(subject, c.encode(envelope), headers=headers)
+        await self.hub.publisher.publish(subject, c.encode(envelope), dedup=(envelope.id,))
 
 
 def _forbidden_connection(tenant: str, connection: str) -> c.Error:

@@ -32,7 +32,7 @@ from babelhub.actors.connection import ConnectionActor, RawDelivery
 from babelhub.actors.conversation import ConversationActor, ConversationMessage, Outbound, actor_key
 from babelhub.actors.runtime import ActorSystem
 from babelhub.codecs.base import HttpRequest
-from babelhub.errors import ConfigError, DecodeError
+from babelhub.errors import ConfigError, DecodeError, PayloadTooLarge
 from babelhub.hub import echo
 from babelhub.hub.bodytimeout import body_timeout
 from babelhub.hub.broker import EmbeddedServer, Subjects, provision
@@ -44,9 +44,10 @@ from babelhub.hub.deadletters import DeadLetter, DeadLetters
 from babelhub.hub.delivery import RetryPolicy, perform
 from babelhub.hub.ids import conversation_id_error, is_conversation_id
 from babelhub.hub.inflight import Held, InFlight
-from babelhub.hub.ingest import Ingest, webhook_routes
+from babelhub.hub.ingest import Ingest, check_body_limit, webhook_routes
+from babelhub.hub.publisher import Publisher
 from babelhub.hub.supervise import TaskHealth, supervise
-from babelhub.hub.telemetry import Metrics, carrier, mask_logs, setup_tracing, span
+from babelhub.hub.telemetry import Metrics, mask_logs, setup_tracing, span
 from babelhub.redaction import SecretMask
 from babelhub.sessions.websocket import WebSessions
 
@@ -63,6 +64,10 @@ class Hub:
         self.subjects = Subjects(config.hub.subject_prefix)
         self.metrics = Metrics()
         self.server: EmbeddedServer | None = None
+        self.nats_lost = asyncio.Event()
+        """Set when the NATS connection is closed for good (reconnect attempts used up, or the embedded
+        server gone) while the hub runs; `babelhub run` then exits non-zero."""
+        self._stopping = False
         self.nats_url = config.hub.nats
         self.http_url = ""
         self.ready = False
@@ -99,15 +104,21 @@ class Hub:
             self.server = EmbeddedServer(settings.data_dir, settings.nats_port, server_config(users))
             await self.server.start()
             self._cleanups.append(self.server.stop)
+            self._spawn("embedded-nats-watch", functools.partial(self._watch_embedded_server, self.server))
             self.nats_url = self.server.url
             login = {"user": users[0].user, "password": users[0].password}
-        self.nc = await nats.connect(self.nats_url, name="babelhub", max_reconnect_attempts=-1, **login)
-        self._cleanups.append(self.nc.drain)
+        self.nc = await nats.connect(
+            self.nats_url, name="babelhub", max_reconnect_attempts=settings.nats_max_reconnect_attempts,
+            disconnected_cb=self._on_nats_disconnected, reconnected_cb=self._on_nats_reconnected,
+            closed_cb=self._on_nats_closed, **login)
+        self._cleanups.append(self._close_nats)
         self.js = self.nc.jetstream()
+        self.publisher = Publisher(self.nc, self.js)
+        check_body_limit(settings.max_body_bytes, self.publisher.max_payload)
         await provision(self.js, self.subjects, settings.dedup_window_seconds)
         self.http = aiohttp.ClientSession()
         self._cleanups.append(self.http.close)
-        self.dead_letters = DeadLetters(self.js, self.subjects, self.metrics, self.mask)
+        self.dead_letters = DeadLetters(self.publisher, self.subjects, self.metrics, self.mask)
         self.ctx = HubContext(
             nats=self.nc,
             js=self.js,
@@ -115,10 +126,11 @@ class Hub:
             snapshots=await self.js.key_value(self.subjects.bucket("conversations")),
             dead_letters=self.dead_letters,
             metrics=self.metrics,
+            publisher=self.publisher,
             connections=self._build_connections(),
             mask=self.mask,
         )
-        self.ingest = Ingest(self.js, self.subjects, self.dead_letters)
+        self.ingest = Ingest(self.publisher, self.subjects, self.dead_letters)
         self._start_actors()
         self.sessions = WebSessions(self.ctx, self.ingest)
         await self._start_consumers()
@@ -148,7 +160,7 @@ class Hub:
             except LookupError as exc:
                 raise ConfigError(f"$.connections[{index}].channel: {exc}") from None
             services[settings.id] = ConnectionService(
-                settings, codec, self.http, self.nc, self.subjects, self.metrics, policy)
+                settings, codec, self.http, self.publisher, self.subjects, self.metrics, policy)
         return services
 
     def _start_actors(self) -> None:
@@ -309,8 +321,12 @@ class Hub:
         with span("processor.echo", dict(msg.headers or {})):
             reply = echo.reply_to(inbound)
             if reply is not None:
-                await self.js.publish(self.subjects.outbound(reply.tenant, reply.conversation.id),
-                                      canonical.encode(reply), headers={"Nats-Msg-Id": reply.id, **carrier()})
+                subject, payload = self.subjects.outbound(reply.tenant, reply.conversation.id), canonical.encode(reply)
+                try:
+                    await self.publisher.publish(subject, payload, dedup=(reply.id,))
+                except PayloadTooLarge as exc:
+                    await self.dead_letters.park(DeadLetter(stage="processor", error=str(exc), tenant=reply.tenant,
+                                                            subject=subject, body=payload))
         await msg.ack()
 
     async def _poll(self, connection: ConnectionService, health: TaskHealth) -> None:
@@ -341,7 +357,7 @@ class Hub:
             health.ok()
             received_at = time.time()
             for record in result.records:
-                with contextlib.suppress(DecodeError):  # parked in the dead-letter stream by record()
+                with contextlib.suppress(DecodeError, PayloadTooLarge):  # parked in the dead-letter stream by record()
                     await self.ingest.record(connection, msgspec.structs.replace(record, received_at=received_at))
             if result.cursor != cursor:
                 cursor = result.cursor
@@ -372,11 +388,48 @@ class Hub:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
+        """200 while the hub runs, NATS is connected and no background task is failing; 503 while starting,
+        stopping or reconnecting, or while a task cannot run."""
         tasks = {name: health.state for name, health in sorted(self.task_health.items())}
         tasks_ok = not any(health.failing for health in self.task_health.values())
         ready = self.ready and self.nc.is_connected and tasks_ok
         return web.json_response({"ready": ready, "nats": self.nc.is_connected, "tasks": tasks},
                                  status=200 if ready else 503)
+
+    # ------------------------------------------------------------------------------------ NATS link
+
+    async def _on_nats_disconnected(self) -> None:
+        if not self._stopping:
+            log.warning("lost the NATS connection; reconnecting (readiness is off meanwhile)")
+
+    async def _on_nats_reconnected(self) -> None:
+        log.info("NATS connection restored")
+
+    async def _on_nats_closed(self) -> None:
+        """nats-py gave the connection up for good: a hub without NATS must not look alive."""
+        if self._stopping:
+            return
+        log.error("the NATS connection is closed for good (%r); the hub stops", self.nc.last_error)
+        self._lose_nats()
+
+    async def _watch_embedded_server(self, server: EmbeddedServer, _: TaskHealth) -> None:
+        """The embedded nats-server is the hub's own child: once it is gone there is nothing to reconnect to.
+        Runs until `stop()` cancels it (a supervised task that returned would be restarted)."""
+        process = server.process
+        assert process is not None
+        code = await process.wait()
+        if not self._stopping:
+            log.error("the embedded nats-server exited with status %s; the hub stops", code)
+            self._lose_nats()
+        await asyncio.get_running_loop().create_future()  # nothing left to watch
+
+    def _lose_nats(self) -> None:
+        self.ready = False
+        self.nats_lost.set()
+
+    async def _close_nats(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -385,6 +438,7 @@ class Hub:
 
     async def stop(self) -> None:
         self.ready = False
+        self._stopping = True
         if getattr(self, "site", None) is not None:
             await self.site.stop()
         for subscription in self._subscriptions:

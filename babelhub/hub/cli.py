@@ -10,9 +10,9 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from babelhub import canonical
@@ -93,7 +93,7 @@ async def _serve(config: cfg.Config, path: Path | None) -> int:
     try:
         async with Hub(config) as hub:
             print(_banner(hub, path), flush=True)
-            await stop.wait()
+            await _first_of(stop.wait(), hub.nats_lost.wait())
             print("babelhub: shutting down…", flush=True)
     except ConfigError as exc:
         print(f"babelhub: {exc}", file=sys.stderr)
@@ -102,7 +102,21 @@ async def _serve(config: cfg.Config, path: Path | None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+    if hub.nats_lost.is_set():
+        # Never a zombie: a hub that cannot reach NATS any more exits non-zero so its supervisor restarts it.
+        print("babelhub: the NATS connection is lost for good; exiting", file=sys.stderr)
+        return 3
     return 0
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Wait until any of `waits` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _banner(hub: Hub, path: Path | None) -> str:

@@ -48,8 +48,12 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     data_dir: str = ".babelhub"
     """Where the embedded nats-server keeps JetStream data."""
     subject_prefix: str = "bh"
-    max_body_bytes: int = 1024 * 1024
-    """Largest webhook body accepted; larger ones are answered 413."""
+    max_body_bytes: int = 512 * 1024
+    """Largest webhook body accepted; larger ones are answered 413. With the request's headers it must
+    fit in the NATS server's max_payload (1 MiB by default), which is checked at start."""
+    nats_max_reconnect_attempts: int = -1
+    """Tries to reconnect to NATS after losing it; -1 = forever. When they are used up the hub stops
+    and `babelhub run` exits non-zero, for a supervisor to restart it."""
     dedup_window_seconds: float = 600.0
     """How long JetStream remembers a webhook's dedup key (channel retries inside it are absorbed)."""
     ack_wait_seconds: float = 30.0

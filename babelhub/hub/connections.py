@@ -14,16 +14,16 @@ from collections.abc import Mapping
 import aiohttp
 import msgspec
 import nats.errors
-from nats.aio.client import Client as NATS
 
 from babelhub.canonical import Activity, Envelope, Error, Message
 from babelhub.codecs.base import Codec, DecodeContext, EncodeContext, HttpRequest, OutboundRequest, SendResult
 from babelhub.codecs.degrade import CHOICES_KEY, degrade
-from babelhub.errors import EncodeError
+from babelhub.errors import EncodeError, PayloadTooLarge
 from babelhub.hub import config as cfg
 from babelhub.hub.broker import Subjects
 from babelhub.hub.delivery import RetryPolicy, deliver
 from babelhub.hub.pacing import Pacer
+from babelhub.hub.publisher import Publisher
 from babelhub.hub.telemetry import Metrics, carrier
 
 __all__ = ["ConnectionService", "Sent"]
@@ -50,7 +50,7 @@ class ConnectionService:
         settings: cfg.Connection,
         codec: Codec,
         http: aiohttp.ClientSession,
-        nats: NATS,
+        publisher: Publisher,
         subjects: Subjects,
         metrics: Metrics,
         policy: RetryPolicy,
@@ -58,7 +58,7 @@ class ConnectionService:
         self.settings = settings
         self.codec = codec
         self._http = http
-        self._nats = nats
+        self._publisher = publisher
         self._subjects = subjects
         self._metrics = metrics
         self._policy = policy
@@ -143,7 +143,9 @@ class ConnectionService:
         session = request.url[len(SESSION_SCHEME) :]
         subject = self._subjects.session(self.tenant, self.id, session)
         try:
-            await self._nats.request(subject, request.body, timeout=_SESSION_TIMEOUT, headers=carrier() or None)
+            await self._publisher.request(subject, request.body, timeout=_SESSION_TIMEOUT)
+        except PayloadTooLarge as exc:
+            return SendResult(ok=False, error=Error(code="too_large", message=str(exc)))
         except nats.errors.NoRespondersError:
             return SendResult(ok=False, error=Error(code="session_offline",
                                                     message=f"no WebSocket is connected for session {session}"))

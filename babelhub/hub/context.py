@@ -11,6 +11,7 @@ from nats.js.kv import KeyValue
 from babelhub.hub.broker import Subjects
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.deadletters import DeadLetters
+from babelhub.hub.publisher import Publisher
 from babelhub.hub.telemetry import Metrics
 from babelhub.redaction import SecretMask
 
@@ -23,6 +24,8 @@ class HubContext:
     snapshots: KeyValue
     dead_letters: DeadLetters
     metrics: Metrics
+    publisher: Publisher
+    """Every publish and KV write goes through it: it refuses what exceeds the server's max_payload."""
     connections: dict[str, ConnectionService] = field(default_factory=dict)
     mask: SecretMask = field(default_factory=SecretMask)
     """Masks the configured secrets in what leaves the hub (statuses, dead letters, logs)."""

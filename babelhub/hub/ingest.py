@@ -1,9 +1,12 @@
 """Durable ingest: every inbound delivery (webhook, poll, WebSocket frame) becomes a raw record in
 JetStream before anyone is told "accepted".
 
-The record is the request as received (headers and body, msgpack-encoded). Its `Nats-Msg-Id` comes
-from the channel's own ids, so a channel that retries a delivery inside the dedup window is absorbed
-by JetStream itself. Nothing is decoded here: a decode bug can never lose a message.
+The record is the request as received (headers and body, msgpack-encoded). Its `Nats-Msg-Id` is a
+fixed-length hash of the channel's own ids, so a channel that retries a delivery inside the dedup
+window is absorbed by JetStream itself. Nothing is decoded here: a decode bug can never lose a message.
+
+Bodies are limited (`hub.max_body_bytes`, 413) well below the NATS server's `max_payload`, leaving
+`RECORD_HEADROOM` for the request's headers and URL; a record that still does not fit is a 413 too.
 
 What is stored is the request without its credentials (`Codec.redact`): the signature was checked and
 the dedup key read on the request as received, and nothing after that needs them.
@@ -16,17 +19,18 @@ import logging
 import time
 
 import msgspec
+import nats.errors
 from aiohttp import web
-from nats.js import JetStreamContext
 
 from babelhub.codecs.base import Codec, HttpRequest, HttpResponse
-from babelhub.errors import DecodeError, SignatureError
+from babelhub.errors import ConfigError, DecodeError, PayloadTooLarge, SignatureError
 from babelhub.hub.broker import Subjects
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.deadletters import DeadLetter, DeadLetters
-from babelhub.hub.telemetry import Metrics, carrier, span
+from babelhub.hub.publisher import Publisher
+from babelhub.hub.telemetry import Metrics, span
 
-__all__ = ["Ingest", "redacted", "webhook_routes"]
+__all__ = ["RECORD_HEADROOM", "Ingest", "check_body_limit", "redacted", "webhook_routes"]
 
 UNKNOWN_CHANNEL = "unknown"
 """The `channel` label of webhook requests to a channel no connection has: labels name only what is
@@ -34,34 +38,57 @@ configured, so requests to made-up URLs cannot add series to /metrics."""
 
 log = logging.getLogger("babelhub.ingest")
 
+# What a lost or reconnecting NATS connection raises (nats.errors.TimeoutError is a TimeoutError).
+_NATS_UNAVAILABLE = (nats.errors.Error, TimeoutError, ConnectionError)
+_RETRY_AFTER_SECONDS = 5
+
+RECORD_HEADROOM = 64 * 1024
+"""Room a raw record needs beside its body: the request's headers, URL and query, the NATS headers."""
+
+
+def check_body_limit(max_body_bytes: int, max_payload: int) -> None:
+    """Refuse a body limit that leaves a largest-body record no room under the server's max_payload."""
+    if max_body_bytes + RECORD_HEADROOM > max_payload:
+        raise ConfigError(
+            f"hub.max_body_bytes = {max_body_bytes} leaves no room under the NATS server's max_payload of "
+            f"{max_payload} bytes: set it to at most {max_payload - RECORD_HEADROOM} (or raise max_payload)")
+
 
 class Ingest:
-    def __init__(self, js: JetStreamContext, subjects: Subjects, dead_letters: DeadLetters) -> None:
-        self._js = js
+    def __init__(self, publisher: Publisher, subjects: Subjects, dead_letters: DeadLetters) -> None:
+        self._publisher = publisher
         self._subjects = subjects
         self._dead_letters = dead_letters
 
     async def park(self, connection: ConnectionService, request: HttpRequest, error: str, path: str = "") -> None:
-        """Keep a request the endpoint refused (a codec that raised on it) in the dead-letter stream."""
+        """Keep a request the endpoint refused in the dead-letter stream, without its credentials."""
+        stored = redacted(connection, request)
         await self._dead_letters.park(DeadLetter(
             stage="ingest", error=error, path=path, tenant=connection.tenant, connection=connection.id,
-            headers=request.headers, body=request.body))
+            headers=stored.headers, body=stored.body))
 
     async def record(self, connection: ConnectionService, request: HttpRequest) -> bool:
         """Write `request` as a raw record; True if new, False if JetStream saw its dedup key already.
-        Raises DecodeError when the body is too broken to even find the channel's ids (after parking it)."""
+        Raises DecodeError when the body is too broken to even find the channel's ids, PayloadTooLarge
+        when the record does not fit in one NATS message (after parking it, shortened, either way), and
+        nats.errors.Error when NATS cannot take it now."""
+        if not self._publisher.connected:
+            # Waiting out the reconnection would outlast the channel's deadline: it retries a 503 instead.
+            raise nats.errors.ConnectionReconnectingError
         try:
             key = _dedup_key(connection, request)
         except DecodeError as exc:
-            stored = redacted(connection, request)
-            await self._dead_letters.park(DeadLetter(
-                stage="ingest", error=exc.reason, path=exc.path, tenant=connection.tenant,
-                connection=connection.id, headers=stored.headers, body=stored.body))
+            await self.park(connection, request, exc.reason, exc.path)
             raise
-        msg_id = f"{connection.id}:{key or hashlib.sha256(request.body).hexdigest()}"
+        # The key comes from client data: the publisher hashes it into a fixed-length Nats-Msg-Id.
+        dedup = (connection.id, key or hashlib.sha256(request.body).hexdigest())
         subject = self._subjects.raw(connection.tenant, connection.channel, connection.id)
-        ack = await self._js.publish(subject, msgspec.msgpack.encode(redacted(connection, request)),
-                                     headers={"Nats-Msg-Id": msg_id, **carrier()})
+        try:
+            ack = await self._publisher.publish(subject, msgspec.msgpack.encode(redacted(connection, request)),
+                                                dedup=dedup)
+        except PayloadTooLarge as exc:
+            await self.park(connection, request, str(exc))
+            raise
         return not ack.duplicate
 
 
@@ -124,8 +151,10 @@ def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, me
             return _error(404, f"no {channel} connection named {request.match_info['connection']!r}")
         try:
             body = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            return _error(413, exc.text or "body too large")
+        except web.HTTPRequestEntityTooLarge:
+            limit = request.client_max_size
+            return _error(413, f"the body is larger than the hub's limit of {limit} bytes (hub.max_body_bytes)",
+                          limit=limit)
         native = to_request(request, body, str(connection.settings.options.get("public_url", "")))
         codec, secrets = connection.codec, connection.settings.secrets
         with span("webhook", native.headers, channel=channel, connection=connection.id):
@@ -147,6 +176,14 @@ def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, me
                 await ingest.record(connection, native)
             except DecodeError as exc:
                 return _error(400, exc.reason, path=exc.path)
+            except PayloadTooLarge as exc:
+                return _error(413, f"the request (headers and body) is too large to record: {exc.size} bytes with "
+                                   f"the hub's framing, the NATS server takes at most {exc.limit}", limit=exc.limit)
+            except _NATS_UNAVAILABLE as exc:
+                # Not recorded, so not accepted: the channel retries later, and nothing is lost.
+                log.warning("%s: could not record a delivery: %r", connection.id, exc)
+                return _error(503, "the hub cannot record deliveries right now; retry later",
+                              headers={"Retry-After": str(_RETRY_AFTER_SECONDS)})
             # Only now, verified and recorded, may the request be answered the channel's way.
             answer = await _handshake(connection, native)
             return answer or web.json_response({"ok": True})
@@ -176,8 +213,11 @@ def _native(response: HttpResponse) -> web.Response:
     return web.Response(status=response.status, body=response.body, headers=response.headers)
 
 
-def _error(status: int, message: str, path: str = "") -> web.Response:
-    body: dict[str, str] = {"error": message}
+def _error(status: int, message: str, path: str = "", limit: int = 0,
+           headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, str | int] = {"error": message}
     if path:
         body["path"] = path
-    return web.json_response(body, status=status)
+    if limit:
+        body["limit"] = limit
+    return web.json_response(body, status=status, headers=headers)

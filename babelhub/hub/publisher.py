@@ -1,0 +1,104 @@
+"""The one way the hub writes to NATS: every publish, request and KV write is measured first.
+
+nats-server closes a connection that sends a message larger than its `max_payload`, counting the
+header block too, and nats-py then gives up on that connection for good. A publish that would do so
+raises `PayloadTooLarge` here instead, before a byte is sent, and the connection stays up.
+
+Headers the hub writes have a bounded length whatever a client sent: `Nats-Msg-Id` is a hash of its
+dedup components, and a `tracestate` longer than the W3C limit is dropped (the `traceparent` is kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import Header, PubAck
+from nats.js.kv import KeyValue
+
+from babelhub.canonical import stable_id
+from babelhub.errors import PayloadTooLarge
+from babelhub.hub.telemetry import carrier
+
+__all__ = ["MAX_TRACESTATE", "Publisher", "header_block_size"]
+
+MAX_TRACESTATE = 512
+"""W3C Trace Context: a `tracestate` may be cut beyond 512 characters; the hub drops such a one."""
+
+_HEADER_LINE = len(b"NATS/1.0\r\n")
+_HEADERS_END = len(b"\r\n")
+# A KV create/update carries `Nats-Expected-Last-Subject-Sequence: <revision>`: measured at the
+# largest revision (a uint64), so the check never depends on how far the bucket has come.
+_KV_HEADERS = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(2**64 - 1)}
+
+
+def header_block_size(headers: Mapping[str, str] | None) -> int:
+    """Bytes of the `NATS/1.0` header block nats-py writes for `headers` (none for None)."""
+    if headers is None:
+        return 0
+    size = _HEADER_LINE + _HEADERS_END
+    for name, value in headers.items():
+        key = name.strip()
+        if key:
+            size += len(key.encode()) + len(b": ") + len(value.strip().encode()) + len(b"\r\n")
+    return size
+
+
+class Publisher:
+    """JetStream publishes, core-NATS requests and KV writes, each checked against `max_payload`."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext) -> None:
+        self._nc = nc
+        self._js = js
+
+    @property
+    def connected(self) -> bool:
+        return self._nc.is_connected
+
+    @property
+    def max_payload(self) -> int:
+        """The connected server's limit on payload + headers, from its INFO (it may change on reconnect)."""
+        return self._nc.max_payload
+
+    def headers(self, dedup: Sequence[str] = ()) -> dict[str, str]:
+        """The headers of a hub publish: the current trace context and, given `dedup` components,
+        a fixed-length `Nats-Msg-Id` derived from them."""
+        headers = carrier()
+        if len(headers.get("tracestate", "")) > MAX_TRACESTATE:
+            del headers["tracestate"]
+        if dedup:
+            headers["Nats-Msg-Id"] = stable_id(*dedup)
+        return headers
+
+    def room(self, headers: Mapping[str, str] | None) -> int:
+        """The largest payload that can go out with `headers`."""
+        return self.max_payload - header_block_size(headers or None)
+
+    def check(self, subject: str, payload: bytes, headers: Mapping[str, str] | None) -> None:
+        size = len(payload) + header_block_size(headers)
+        if size > self.max_payload:
+            raise PayloadTooLarge(subject, size, self.max_payload)
+
+    async def publish(self, subject: str, payload: bytes, *, dedup: Sequence[str] = (),
+                      headers: Mapping[str, str] | None = None) -> PubAck:
+        """Publish to JetStream and wait for the stream's ack. `headers`, when given, replace the ones
+        `headers(dedup)` would make: pass only what `headers()` made (e.g. to measure `room` first)."""
+        sent = (dict(headers) if headers is not None else self.headers(dedup)) or None
+        self.check(subject, payload, sent)
+        return await self._js.publish(subject, payload, headers=sent)
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Msg:
+        """A core-NATS request carrying the trace context."""
+        headers = self.headers() or None
+        self.check(subject, payload, headers)
+        return await self._nc.request(subject, payload, timeout=timeout, headers=headers)
+
+    async def store(self, kv: KeyValue, key: str, value: bytes, last: int | None) -> int:
+        """Write `key` in `kv`: create it when `last` is None, else update it if its revision is
+        still `last`. Returns the new revision; raises nats' KeyWrongLastSequenceError on a conflict."""
+        self.check(f"KV {key}", value, _KV_HEADERS)
+        if last is None:
+            return await kv.create(key, value)
+        return await kv.update(key, value, last=last)

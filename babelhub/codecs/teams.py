@@ -30,7 +30,6 @@ Adaptive Cards (`Action.Submit` carrying `{"id": ...}`, `Action.OpenUrl`).
 
 from __future__ import annotations
 
-import json
 import mimetypes
 from base64 import b64encode
 from collections.abc import Mapping
@@ -550,8 +549,9 @@ def _as_object(value: Any) -> dict[str, Any] | None:
         return value
     if isinstance(value, str):
         try:
-            parsed = json.loads(value)
-        except ValueError:
+            # msgspec, not json: JSON has no NaN, Infinity or lone surrogates, and an envelope cannot carry them
+            parsed = msgspec.json.decode(value)
+        except (ValueError, RecursionError):
             return None
         return parsed if isinstance(parsed, dict) else None
     return None

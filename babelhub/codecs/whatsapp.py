@@ -30,7 +30,6 @@ codes, and 360dialog's Cloud API, typing-indicator and webhook pages.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any, ClassVar, Final, TypeAlias
@@ -128,6 +127,11 @@ _INBOUND_MEDIA: Final[dict[str, MediaKind]] = {
 }
 #: Message keys the envelope header already carries; every other key is kept in `meta`.
 _MESSAGE_HEADER: Final = frozenset({"from", "id", "timestamp", "type", "to"})
+#: A message's members besides its header: one of them that cannot be read becomes an Unsupported part.
+_CONTENT_FIELDS: Final = frozenset(
+    {"context", "errors", "text", "image", "audio", "video", "document", "sticker", "location", "contacts",
+     "interactive", "button", "reaction", "order", "system", "revoke", "edit"}
+)
 
 
 # ------------------------------------------------------------------------------------ error codes
@@ -767,7 +771,7 @@ class _ChangeDecoder:
     # ----------------------------------------------------------------------------- messages
 
     def _message(self, raw: JsonObject, path: str, *, echo: bool) -> Message:
-        message = native.convert(raw, _Message, path)
+        message, raw, unreadable = native.convert_parts(raw, _Message, path, _CONTENT_FIELDS, "whatsapp")
         # Echoes go from the business to the user; everything else comes from the user.
         user = message.to if echo else message.from_
         meta = {f"whatsapp.{key}": value for key, value in raw.items() if key not in _MESSAGE_HEADER | {message.type}}
@@ -776,7 +780,10 @@ class _ChangeDecoder:
         if self.change_errors:
             meta["whatsapp.change_errors"] = self.change_errors
         source = self._ref(message.context.id) if message.context and message.context.id else ""
-        parts = self._parts(message, raw, path, meta, source)
+        fragment = raw.get(message.type, raw)
+        parts = unreadable or native.lenient_parts(
+            lambda: self._parts(message, raw, path, meta, source), fragment, f"whatsapp {message.type}"
+        )
         if echo:
             sender = Sender(
                 id=canonical.sender_id(*self._scope(), message.from_),
@@ -1006,8 +1013,9 @@ def _order_parts(order: _Order, path: str) -> list[Part]:
 def _flow_form(flow: _FlowReply, path: str) -> Form:
     """A completed WhatsApp Flow: its answers (`response_json`, a JSON string) as form fields."""
     try:
-        answers = json.loads(flow.response_json)
-    except ValueError:
+        # msgspec, not json: JSON has no NaN, Infinity or lone surrogates, and an envelope cannot carry them
+        answers = msgspec.json.decode(flow.response_json)
+    except (ValueError, RecursionError):
         raise DecodeError("response_json is not valid JSON", path=path) from None
     if not isinstance(answers, dict):
         raise DecodeError("response_json is not a JSON object", path=path)

@@ -34,6 +34,7 @@ import mimetypes
 from base64 import b64encode
 from collections.abc import Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, ClassVar, Final
 from urllib.parse import quote, unquote
 
@@ -136,7 +137,8 @@ class _Activity(msgspec.Struct, kw_only=True):
     recipient: _Account | None = None
     text: str = ""
     textFormat: str = ""
-    attachments: list[_Attachment] = []
+    attachments: list[Any] = []
+    """Each read on its own (`_Attachment`): one unreadable attachment is an Unsupported part."""
     entities: list[dict[str, Any]] = []
     channelData: dict[str, Any] = {}
     replyToId: str = ""
@@ -425,7 +427,7 @@ class _Inbound:
             "teams.recipient": msgspec.to_builtins(activity.recipient) if activity.recipient else None,
             "teams.channel_data": activity.channelData,
             "teams.entities": [entity for entity in activity.entities if entity.get("type") != "mention"],
-            "teams.html": [a.content for a in activity.attachments if a.contentType == HTML_COPY],
+            "teams.html": [a.get("content") for a in activity.attachments if _content_type(a) == HTML_COPY],
             "teams.conversation_name": activity.conversation.name,
             "teams.extra": _unmapped_fields(self.raw),
         }
@@ -479,8 +481,14 @@ def _content_parts(inbound: _Inbound) -> list[c.Part]:
     if activity.text:
         parts.append(_text(inbound))
     # The `text/html` attachment is Teams' formatted copy of the text: it goes to meta (`teams.html`).
-    parts.extend(_attachment_part(a) for a in activity.attachments if a.contentType != HTML_COPY)
+    for n, raw in enumerate(activity.attachments):
+        if _content_type(raw) != HTML_COPY:
+            parts.extend(native.lenient_parts(partial(_attachment_part, raw, n), raw, "teams attachment"))
     return parts
+
+
+def _content_type(raw: Any) -> Any:
+    return raw.get("contentType") if isinstance(raw, dict) else None
 
 
 def _text(inbound: _Inbound) -> c.Text:
@@ -508,7 +516,8 @@ def _text(inbound: _Inbound) -> c.Text:
     return c.Text(text="".join(pieces), format=TEXT_FORMATS.get(activity.textFormat, "plain"), mentions=mentions)
 
 
-def _attachment_part(attachment: _Attachment) -> c.Part:
+def _attachment_part(raw: Any, n: int) -> c.Part:
+    attachment = native.convert(raw, _Attachment, f"$.attachments[{n}]")
     kind = attachment.contentType
     if kind == FILE_DOWNLOAD_INFO and isinstance(attachment.content, dict):
         return c.Media(
@@ -525,7 +534,7 @@ def _attachment_part(attachment: _Attachment) -> c.Part:
             mime=kind if "*" not in kind else "",
             filename=attachment.name,
         )
-    return _unsupported(f"teams attachment {kind or 'without contentType'}", msgspec.to_builtins(attachment))
+    return _unsupported(f"teams attachment {kind or 'without contentType'}", raw)
 
 
 def _card_submission(inbound: _Inbound, value: Any, *, title: str = "", verb: str = "") -> list[c.Part]:

@@ -113,7 +113,22 @@ def lenient_parts(build: Callable[[], Part | list[Part]], fragment: Any, what: s
         built = build()
     except _UNREADABLE as exc:
         return [unsupported(f"{what} unreadable: {_reason(exc)}", fragment)]
-    return built if isinstance(built, list) else [built]
+    parts = built if isinstance(built, list) else [built]
+    if not all(_portable(part) for part in parts):
+        # e.g. a duration of 1e300 s read into an int beyond 64 bits, or text with a lone surrogate
+        return [unsupported(f"{what} holds values canonical JSON cannot carry", fragment)]
+    return parts
+
+
+_part_decoder: Final = msgspec.json.Decoder(Part)
+
+
+def _portable(part: Part) -> bool:
+    """Whether `part` reads back from canonical JSON as it is."""
+    try:
+        return bool(_part_decoder.decode(_encoder.encode(part)) == part)
+    except (msgspec.DecodeError, UnicodeEncodeError, OverflowError, TypeError, ValueError):
+        return False
 
 
 def convert_parts(

@@ -58,26 +58,29 @@ Pairs: TypeAlias = list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
-class Deep:
-    """A value nested `depth` lists deep: too deep to build as a tree (Python's own JSON writer would
-    recurse), so `Sample.body` writes it out as brackets."""
+class Verbatim:
+    """JSON text written into the body as it is, where Python's JSON writer cannot produce it: nesting
+    deeper than its recursion allows, a number with more digits than `int` converts to text."""
 
-    depth: int
+    text: str
+
+
+_VERBATIM: Final[list[str]] = []
+_PLACEHOLDER: Final = re.compile(r'"\\u0000verbatim:(\d+)\\u0000"')
 
 
 def _placeholder(value: object) -> str:
-    if isinstance(value, Deep):
-        return f"\x00deep:{value.depth}\x00"
+    if isinstance(value, Verbatim):
+        _VERBATIM.append(value.text)
+        return f"\x00verbatim:{len(_VERBATIM) - 1}\x00"
     raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-_DEEP_WRITTEN: Final = re.compile(r'"\\u0000deep:(\d+)\\u0000"')
 
 
 def _json_text(tree: Any) -> str:
     """`tree` as JSON text: NaN and Infinity literals and lone surrogates (as escapes) included."""
+    _VERBATIM.clear()
     text = json.dumps(tree, allow_nan=True, default=_placeholder)
-    return _DEEP_WRITTEN.sub(lambda found: "[" * int(found[1]) + "0" + "]" * int(found[1]), text)
+    return _PLACEHOLDER.sub(lambda found: _VERBATIM[int(found[1])], text)
 
 # ------------------------------------------------------------------------------------------ inputs
 
@@ -153,7 +156,8 @@ def seeds(channel: str) -> list[Sample]:
 # --------------------------------------------------------------------------------------- mutations
 
 _HUGE: Final[list[Any]] = [
-    math.nan, math.inf, -math.inf, 10**400, -(10**400), 2**64, -(2**63) - 1, 1e308, -1, 0, 2**53 + 1, 1e-320,
+    math.nan, math.inf, -math.inf, 10**400, -(10**400), 2**64, -(2**63) - 1, 2**63 - 1, 2**62, 1e308, -1e308, -1, 0,
+    2**53 + 1, 1e-320, Verbatim("9" * 5000), Verbatim("-1e99999"), Verbatim("1" + "0" * 400 + ".5"),
 ]
 _STRINGS: Final = [
     "", " ", "\ud800", "a\udfffb", "\x00", "nan", "NaN", "inf", "-1", "1e999", "99999999999999999999999",
@@ -202,11 +206,11 @@ def _swapped(value: Any, rng: random.Random) -> Any:
 
 
 def _nested(value: Any, rng: random.Random) -> Any:
-    """`value` nested a little (kept in the tree) or too deep for any recursive reader (a marker that
-    `Sample.body` writes out as that many brackets)."""
+    """`value` nested a little (kept in the tree) or too deep for any recursive reader (written out
+    verbatim as that many brackets)."""
     depth = rng.choice([20, 100, 5_000, 100_000])
     if depth > 100:
-        return Deep(depth)
+        return Verbatim("[" * depth + "0" + "]" * depth)
     for _ in range(depth):
         value = [value] if rng.random() < 0.5 else {"a": value}
     return value
@@ -242,6 +246,11 @@ def _mutate_tree(sample: Sample, rng: random.Random, donors: list[Any]) -> None:
         container[key] = _swapped(value, rng)
 
 
+def _form_value(rng: random.Random) -> str:
+    value = rng.choice(_HUGE + _STRINGS)
+    return value.text if isinstance(value, Verbatim) else str(value)
+
+
 def _mutate_form(sample: Sample, rng: random.Random) -> None:
     pairs = sample.pairs if sample.pairs is not None else []
     operation = rng.randrange(6)
@@ -250,13 +259,13 @@ def _mutate_form(sample: Sample, rng: random.Random) -> None:
         pairs.pop(index)
     elif operation == 1 and pairs:
         name, _ = pairs[index]
-        pairs[index] = (name, str(rng.choice(_HUGE + _STRINGS)))
+        pairs[index] = (name, _form_value(rng))
     elif operation == 2 and pairs:
         pairs.append(pairs[index])  # a field given twice
     elif operation == 3:
         name = rng.choice(["NumMedia", "Latitude", "Longitude", "MediaUrl0", "MediaContentType0", "MessageStatus",
                            "ErrorCode", "MessageSid", "ButtonPayload", "ListId", "payload", "text", "user_id"])
-        pairs.append((name, str(rng.choice(_HUGE + _STRINGS))))
+        pairs.append((name, _form_value(rng)))
     elif operation == 4:
         sample.raw = sample.body() + rng.choice([b"&", b"=", b"%", b"%zz", b"&=x", b"%ff%fe", b"%ed%a0%80", b"&&a"])
     else:

@@ -440,9 +440,10 @@ class Report:
 
 
 def fuzz(channel: str, *, mutants: int, budget: float, seed: int, minimize_examples: bool = True,
-         slow_ms: float = SLOW_MS) -> Report:
-    """Run up to `mutants` mutants of `channel`'s fixtures through its codec within `budget` seconds."""
-    codec = load(channel)
+         slow_ms: float = SLOW_MS, codec: Codec | None = None) -> Report:
+    """Run up to `mutants` mutants of `channel`'s fixtures through its codec (or `codec`, fed the same
+    seeds) within `budget` seconds."""
+    codec = codec or load(channel)
     samples = seeds(channel)
     if not samples:
         raise SystemExit(f"no fixtures for {channel} under {FIXTURES / channel}")

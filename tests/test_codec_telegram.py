@@ -1038,3 +1038,12 @@ def test_every_corpus_payload_decodes_or_says_where_it_is_wrong(path: Path) -> N
         update = {"update_id": 1, field: json.loads(body)}
         (envelope,) = CODEC.decode(HttpRequest(body=json.dumps(update).encode()), DECODE)
         assert canonical.decode(canonical.encode(envelope)) == envelope
+
+
+@pytest.mark.parametrize("message", [None, "0x10", [1]])
+def test_a_message_that_is_no_object_is_a_decode_error(message: Any) -> None:
+    """Found by tests/test_fuzz_codecs.py: lenient reading took the message for an object (TypeError,
+    ValueError) instead of saying what is wrong."""
+    with pytest.raises(DecodeError) as raised:
+        CODEC.decode(HttpRequest(body=json.dumps({"update_id": 508, "message": message}).encode()), DECODE)
+    assert raised.value.path == "$.message"

@@ -132,12 +132,14 @@ def _portable(part: Part) -> bool:
 
 
 def convert_parts(
-    value: Mapping[str, Any], into: type[T], path: str, part_fields: Collection[str], what: str
+    value: Any, into: type[T], path: str, part_fields: Collection[str], what: str
 ) -> tuple[T, dict[str, Any], list[Part]]:
     """`value` (a message object) as the Struct `into`, leniently: a member named in `part_fields` (the
     content objects, by their JSON names) that does not fit its type is left out and becomes an
     `Unsupported` part, so that the message still decodes. Returns the Struct, `value` without the left
     out members, and their parts; an error outside `part_fields` is a DecodeError as with `convert`."""
+    if not isinstance(value, Mapping):
+        return convert(value, into, path), {}, []  # the DecodeError that says what was expected
     readable = dict(value)
     parts: list[Part] = []
     for _ in range(len(part_fields) + 1):

@@ -316,6 +316,8 @@ class Finding:
     site: str = ""
     invalid: str = ""
     seconds: float = 0.0
+    decoded: bool = False
+    """Whether `decode` returned envelopes (rather than refusing the input with a DecodeError)."""
 
 
 def _crash_site(exc: BaseException) -> str:
@@ -364,8 +366,8 @@ def check(codec: Codec, sample: Sample) -> Finding:
     for envelope in envelopes:
         reason = _invalid(envelope)
         if reason:
-            return Finding(invalid=reason, seconds=elapsed)
-    return Finding(seconds=elapsed)
+            return Finding(invalid=reason, seconds=elapsed, decoded=True)
+    return Finding(seconds=elapsed, decoded=True)
 
 
 def _same_failure(codec: Codec, sample: Sample, finding: Finding) -> bool:
@@ -425,6 +427,7 @@ def _shrinks(sample: Sample) -> Iterator[Sample]:
 class Report:
     channel: str
     mutants: int = 0
+    decoded: int = 0
     seconds: float = 0.0
     crashes: dict[str, Sample] = field(default_factory=dict)
     crash_counts: dict[str, int] = field(default_factory=dict)
@@ -458,6 +461,7 @@ def fuzz(channel: str, *, mutants: int, budget: float, seed: int, minimize_examp
         sample = next(candidates, None) or mutate(rng.choice(samples), rng, donors)
         finding = check(codec, sample)
         report.mutants += 1
+        report.decoded += finding.decoded
         if finding.seconds * 1000 > slow_ms:
             report.slow += 1
         if finding.seconds * 1000 > report.slowest_ms:
@@ -493,7 +497,8 @@ def _site_of_invalid(reason: str) -> str:
 def print_report(report: Report) -> None:
     rate = report.mutants / report.seconds if report.seconds else 0.0
     print(
-        f"{report.channel}: {report.mutants:,} mutants in {report.seconds:.1f} s ({rate:,.0f}/s); "
+        f"{report.channel}: {report.mutants:,} mutants in {report.seconds:.1f} s ({rate:,.0f}/s), "
+        f"{report.decoded / max(report.mutants, 1):.0%} decoded; "
         f"crash sites {len(report.crashes)}, invalid envelopes {sum(report.invalid_counts.values())}, "
         f"slow (>{SLOW_MS:g} ms) {report.slow}, slowest {report.slowest_ms:.1f} ms"
     )

@@ -995,3 +995,12 @@ def test_one_unreadable_attachment_keeps_the_text_and_the_other_attachments() ->
     assert "$.entry[0].messaging[0].message.attachments[0].type" in unreadable.reason
     assert image == c.Media(media="image", url="https://example.com/b.jpg")
     assert message.reply_to
+
+
+def test_an_unreadable_quick_reply_is_unsupported_and_its_text_still_arrives() -> None:
+    body = _with_message("messenger", "message_text_quick_reply.json", quick_reply={"payload": ["not", "text"]})
+    (message,) = messenger.decode(HttpRequest(body=body), CTX)
+    assert isinstance(message, c.Message)
+    unreadable, text = message.parts
+    assert isinstance(unreadable, c.Unsupported) and "message.quick_reply.payload" in unreadable.reason
+    assert isinstance(text, c.Text) and text.text

@@ -678,3 +678,12 @@ async def test_delivery_gives_up_on_a_500_as_teams_advises(fake_api: FakeApi) ->
     result, _ = await _send(fake_api, c.Text(text="Hello"))
     assert not result.ok and result.error is not None and result.error.code == "ServiceError"
     assert len(fake_api.requests) == 1
+
+
+def test_an_entity_that_is_no_object_is_skipped_and_the_message_arrives() -> None:
+    activity = fixture("message_channel_thread_mention.json")
+    activity["entities"] = ["not an entity", *activity["entities"]]
+    (message,) = CODEC.decode(HttpRequest(body=json.dumps(activity).encode(), received_at=RECEIVED_AT), CTX)
+    assert isinstance(message, c.Message)
+    (text,) = message.parts
+    assert isinstance(text, c.Text) and text.mentions

@@ -170,7 +170,8 @@ class _Message(_Native, frozen=True, kw_only=True):
     text: str = ""
     attachments: list[Any] = []
     """Each read on its own (`_Attachment`): one unreadable attachment is an Unsupported part."""
-    quick_reply: _QuickReply | None = None
+    quick_reply: Any = None
+    """Read on its own (`_QuickReply`): an unreadable one is an Unsupported part."""
     reply_to: _ReplyTo | None = None
     is_echo: bool = False
     is_deleted: bool = False
@@ -548,7 +549,10 @@ class MessengerCodec(Codec):
         parts: list[c.Part] = []
         if message.quick_reply is not None:
             # The quick reply's title is the message text: one Action says both.
-            parts.append(c.Action(id=message.quick_reply.payload, title=message.text))
+            tap = partial(self._quick_reply, message.quick_reply, message.text, f"{event.path}.message.quick_reply")
+            parts.extend(native.lenient_parts(tap, {"quick_reply": message.quick_reply}, f"{self.channel} quick reply"))
+            if isinstance(parts[-1], c.Unsupported) and message.text:
+                parts.append(c.Text(text=message.text))  # the tap is unreadable, what it said is not
         elif message.text:
             parts.append(c.Text(text=message.text))
         has_sticker = any(_attachment_type(attachment) == "sticker" for attachment in message.attachments)
@@ -564,6 +568,10 @@ class MessengerCodec(Codec):
         if not parts:
             parts.append(_unsupported(f"{self.channel} message without content", dict(raw)))
         return parts
+
+    @staticmethod
+    def _quick_reply(raw: Any, text: str, path: str) -> c.Part:
+        return c.Action(id=native.convert(raw, _QuickReply, path).payload, title=text)
 
     def _attachment(self, event: _Event, index: int, raw: Mapping[str, Any]) -> c.Part:
         attachment = native.convert(raw, _Attachment, f"{event.path}.message.attachments[{index}]")

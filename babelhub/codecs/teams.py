@@ -139,7 +139,8 @@ class _Activity(msgspec.Struct, kw_only=True):
     textFormat: str = ""
     attachments: list[Any] = []
     """Each read on its own (`_Attachment`): one unreadable attachment is an Unsupported part."""
-    entities: list[dict[str, Any]] = []
+    entities: list[Any] = []
+    """Mentions and client info; an entity that is no object is skipped (it names no one)."""
     channelData: dict[str, Any] = {}
     replyToId: str = ""
     value: Any = None
@@ -426,7 +427,7 @@ class _Inbound:
             "teams.aad_object_id": activity.sender.aadObjectId if activity.sender else "",
             "teams.recipient": msgspec.to_builtins(activity.recipient) if activity.recipient else None,
             "teams.channel_data": activity.channelData,
-            "teams.entities": [entity for entity in activity.entities if entity.get("type") != "mention"],
+            "teams.entities": [entity for entity in activity.entities if _entity_type(entity) != "mention"],
             "teams.html": [a.get("content") for a in activity.attachments if _content_type(a) == HTML_COPY],
             "teams.conversation_name": activity.conversation.name,
             "teams.extra": _unmapped_fields(self.raw),
@@ -487,6 +488,10 @@ def _content_parts(inbound: _Inbound) -> list[c.Part]:
     return parts
 
 
+def _entity_type(raw: Any) -> Any:
+    return raw.get("type") if isinstance(raw, dict) else None
+
+
 def _content_type(raw: Any) -> Any:
     return raw.get("contentType") if isinstance(raw, dict) else None
 
@@ -498,8 +503,10 @@ def _text(inbound: _Inbound) -> c.Text:
     pieces: list[str] = []
     mentions: list[c.Mention] = []
     for entity in activity.entities:
+        if _entity_type(entity) != "mention":
+            continue
         tag, mentioned = entity.get("text"), entity.get("mentioned")
-        if entity.get("type") != "mention" or not isinstance(tag, str) or not isinstance(mentioned, dict):
+        if not isinstance(tag, str) or not isinstance(mentioned, dict):
             continue
         at = text.find(tag, cursor)
         if not tag or at < 0:

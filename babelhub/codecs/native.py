@@ -97,12 +97,13 @@ _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def unsupported(reason: str, fragment: Any) -> Unsupported:
-    """An `Unsupported` part keeping `fragment` verbatim, as plain JSON values (a typed native Struct is
-    turned into the object it was read from, so that the part reads back the same)."""
+    """An `Unsupported` part keeping `fragment` verbatim, as the JSON it reads back as (a typed native
+    Struct becomes the object it was read from, a NaN null), so that the part survives canonical JSON;
+    a fragment JSON cannot hold at all (lone surrogates) is kept as its repr."""
     try:
-        plain = msgspec.to_builtins(fragment, str_keys=True)
-    except (TypeError, ValueError, OverflowError):
-        plain = repr(fragment)
+        plain = msgspec.json.decode(_encoder.encode(fragment))
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        plain = well_formed(repr(fragment))
     return Unsupported(reason=well_formed(reason), native=plain)
 
 
@@ -115,7 +116,7 @@ def lenient_parts(build: Callable[[], Part | list[Part]], fragment: Any, what: s
         return [unsupported(f"{what} unreadable: {_reason(exc)}", fragment)]
     parts = built if isinstance(built, list) else [built]
     if not all(_portable(part) for part in parts):
-        # e.g. a duration of 1e300 s read into an int beyond 64 bits, or text with a lone surrogate
+        # e.g. a NaN or a lone surrogate read from JSON that a payload carries as a string
         return [unsupported(f"{what} holds values canonical JSON cannot carry", fragment)]
     return parts
 

@@ -18,11 +18,15 @@ import base64
 import hashlib
 import os
 import re
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
+import msgspec.inspect
 
 from babelhub.errors import DecodeError
 
@@ -73,8 +77,36 @@ __all__ = [
 ]
 
 SCHEMA_VERSION: Final = 1
+_T = TypeVar("_T")
 
-UtcDatetime = Annotated[datetime, msgspec.Meta(tz=True, description="RFC 3339 timestamp with offset (UTC)")]
+# The JSON Schema must accept exactly what the decoder accepts, and JSON Schema's `format` keywords only
+# annotate. So the two string encodings msgspec parses are spelt out as patterns. Python's `re` (which
+# Python validators use) lets `$` match before a final newline; `(?!\n)` stops that, and is a no-op in
+# ECMA-262 regular expressions (which other validators use).
+_YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"  # 0001-9999, as Python's datetime
+_LEAP_YEAR = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (
+    f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)"
+)
+_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]+)?"
+_OFFSET = "(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):?[0-5][0-9])"
+#: What msgspec reads as a datetime with an offset: RFC 3339 (`T`, `t` or a space between date and time,
+#: any number of fraction digits, `Z`/`z` or ±HH:MM, also ±HHMM), real calendar dates only.
+_RFC3339_PATTERN: Final = f"^{_DATE}[Tt ]{_TIME}{_OFFSET}$(?!\\n)"
+#: Standard base64 with padding, as msgspec reads `bytes`: no URL-safe alphabet, no line breaks.
+_BASE64_PATTERN: Final = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$(?!\\n)"
+
+UtcDatetime = Annotated[
+    datetime,
+    msgspec.Meta(tz=True, description="RFC 3339 timestamp with offset (UTC)",
+                 extra_json_schema={"pattern": _RFC3339_PATTERN}),
+]
+Base64 = Annotated[bytes, msgspec.Meta(extra_json_schema={"pattern": _BASE64_PATTERN})]
+#: A JSON number msgspec can read as a float: beyond the double range it answers "Number out of range".
+Double = Annotated[
+    float, msgspec.Meta(extra_json_schema={"minimum": -sys.float_info.max, "maximum": sys.float_info.max})
+]
 
 Direction: TypeAlias = Literal["inbound", "outbound"]
 ConversationType: TypeAlias = Literal["direct", "group", "channel", "thread"]
@@ -93,7 +125,15 @@ ActivityType: TypeAlias = Literal[
 
 
 class _Struct(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Base of every canonical Struct: immutable, keyword-only, defaults left out of the JSON."""
+    """Base of every canonical Struct: immutable, keyword-only, defaults left out of the JSON (except the
+    fields declared with `_always_written`)."""
+
+
+def _always_written(default: _T) -> _T:
+    """A default that the JSON always carries: the header fields that give an envelope its meaning, so a
+    reader in any language needs no knowledge of defaults. msgspec's `omit_defaults` leaves out plain
+    defaults and empty collections from a factory, never the value of any other factory."""
+    return msgspec.field(default_factory=lambda: default)
 
 
 # --------------------------------------------------------------------------------------------- header
@@ -106,7 +146,7 @@ class Conversation(_Struct, frozen=True, kw_only=True):
     channel: str = ""
     connection: str = ""
     native_id: str = ""
-    type: ConversationType = "direct"
+    type: ConversationType = _always_written("direct")
 
 
 class Sender(_Struct, frozen=True, kw_only=True):
@@ -171,7 +211,7 @@ class Media(_Part, tag="media", frozen=True, kw_only=True):
     media: MediaKind
     url: str = ""
     file_id: str = ""
-    data: bytes = b""
+    data: Base64 = b""
     mime: str = ""
     size: int = 0
     filename: str = ""
@@ -182,8 +222,8 @@ class Media(_Part, tag="media", frozen=True, kw_only=True):
 
 
 class Location(_Part, tag="location", frozen=True, kw_only=True):
-    lat: float
-    lon: float
+    lat: Double
+    lon: Double
     name: str = ""
     address: str = ""
     url: str = ""
@@ -287,7 +327,7 @@ class Form(_Part, tag="form", frozen=True, kw_only=True):
 class ProductItem(_Struct, frozen=True, kw_only=True):
     product_id: str
     quantity: int = 1
-    price: float | None = None
+    price: Double | None = None
     currency: str = ""
 
 
@@ -356,8 +396,8 @@ class _Envelope(_Struct, tag_field="kind", frozen=True, kw_only=True):
     tenant: str
     conversation: Conversation
     ts: UtcDatetime
-    v: int = SCHEMA_VERSION
-    direction: Direction = "inbound"
+    v: int = _always_written(SCHEMA_VERSION)
+    direction: Direction = _always_written("inbound")
     sender: Sender | None = None
     native: Native | None = None
     reply_to: str = ""
@@ -377,7 +417,7 @@ class Message(_Envelope, tag="message", frozen=True, kw_only=True):
 class Status(_Envelope, tag="status", frozen=True, kw_only=True):
     message_id: str = ""
     native_id: str = ""
-    state: State = "accepted"
+    state: State = _always_written("accepted")
     error: Error | None = None
 
 
@@ -454,15 +494,66 @@ def encode(envelope: Envelope) -> bytes:
 
 def decode(data: bytes | str) -> Envelope:
     """Read an envelope from JSON; `DecodeError.path` names the JSON path of what is wrong."""
+    with _as_decode_errors():
+        try:
+            envelope: Envelope = _decoder.decode(data)
+        except msgspec.ValidationError as exc:
+            if not str(exc).startswith(_INT_GOT_FLOAT):
+                raise
+            # JSON Schema counts `2.0` and `2e0` as the integer 2 (numbers compare by value), so the decoder
+            # does too, on this slower path: read as plain JSON, make those ints, decode again.
+            document = _ints_where_typed(msgspec.json.decode(data), _ENVELOPE_TYPE)
+            envelope = _decoder.decode(msgspec.json.encode(document))
+    return envelope
+
+
+_INT_GOT_FLOAT: Final = "Expected `int`, got `float`"
+_ENVELOPE_TYPE: Final = msgspec.inspect.type_info(Envelope)
+
+
+@contextmanager
+def _as_decode_errors() -> Iterator[None]:
     try:
-        envelope: Envelope = _decoder.decode(data)
+        yield
     except msgspec.ValidationError as exc:
         raise _decode_error(exc) from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"malformed JSON: {exc}", path="$") from None
     except RecursionError:
         raise DecodeError("malformed JSON: nested too deeply", path="$") from None
-    return envelope
+
+
+def _ints_where_typed(value: Any, expected: msgspec.inspect.Type) -> Any:
+    """`value` (plain JSON data) with integral floats turned into ints where `expected` has an int."""
+    match expected:
+        case msgspec.inspect.IntType() if isinstance(value, float) and value.is_integer():
+            return int(value)
+        case msgspec.inspect.Metadata():
+            return _ints_where_typed(value, expected.type)
+        case msgspec.inspect.UnionType():
+            member = _union_member(value, expected)
+            return value if member is None else _ints_where_typed(value, member)
+        case msgspec.inspect.StructType() if isinstance(value, dict):
+            fields = {field.encode_name: field.type for field in expected.fields}
+            return {key: _ints_where_typed(item, fields[key]) if key in fields else item for key, item in value.items()}
+        case msgspec.inspect.ListType() if isinstance(value, list):
+            return [_ints_where_typed(item, expected.item_type) for item in value]
+        case msgspec.inspect.DictType() if isinstance(value, dict):
+            return {key: _ints_where_typed(item, expected.value_type) for key, item in value.items()}
+    return value
+
+
+def _union_member(value: Any, union: msgspec.inspect.UnionType) -> msgspec.inspect.Type | None:
+    """The member of `union` that the decoder reads `value` as: for an object the only Struct, or the one
+    its tag names; for anything else but null the only other type."""
+    structs = [member for member in union.types if isinstance(member, msgspec.inspect.StructType)]
+    if isinstance(value, dict):
+        if len(structs) == 1:
+            return structs[0]
+        return next((member for member in structs if value.get(member.tag_field) == member.tag), None)
+    others = [member for member in union.types
+              if not isinstance(member, msgspec.inspect.StructType | msgspec.inspect.NoneType)]
+    return others[0] if len(others) == 1 else None
 
 
 def _decode_error(exc: msgspec.ValidationError) -> DecodeError:
@@ -474,11 +565,59 @@ def _decode_error(exc: msgspec.ValidationError) -> DecodeError:
 
 
 def schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of `Envelope`."""
+    """The JSON Schema (draft 2020-12) of `Envelope`: it accepts exactly what `decode` accepts."""
     generated: dict[str, Any] = msgspec.json.schema(Envelope)
+    _require_tags_only_in_unions(generated, generated["$defs"])
+    _document_always_written_defaults(generated["$defs"])
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://babelhub.dev/schema/envelope-v1.json",
         "title": "babelhub canonical envelope",
         **generated,
     }
+
+
+def _require_tags_only_in_unions(node: Any, definitions: dict[str, Any]) -> None:
+    """The decoder needs a Struct's tag (`kind`, `type`) only where it picks one member of a union; where a
+    field holds one Struct (a carousel's cards, a card's media) the tag may be left out. msgspec's schema
+    requires the tag everywhere, so the requirement moves from each definition to the union's branches."""
+    if isinstance(node, list):
+        for item in node:
+            _require_tags_only_in_unions(item, definitions)
+        return
+    if not isinstance(node, dict):
+        return
+    discriminator = node.get("discriminator")
+    if isinstance(discriminator, dict):
+        tag = discriminator["propertyName"]
+        for branch in node["anyOf"]:
+            branch["required"] = [tag]
+        for reference in discriminator["mapping"].values():
+            definition = definitions[reference.rsplit("/", 1)[-1]]
+            definition["required"] = [name for name in definition.get("required", []) if name != tag]
+            if not definition["required"]:
+                del definition["required"]
+    for key, item in node.items():
+        if key != "discriminator":
+            _require_tags_only_in_unions(item, definitions)
+
+
+def _document_always_written_defaults(definitions: dict[str, Any]) -> None:
+    """msgspec documents no default for a factory; the always-written header fields have one to show."""
+    for struct in _canonical_structs():
+        if struct.__name__ not in definitions:
+            continue  # a base class: its fields are in each subclass's definition
+        properties = definitions[struct.__name__]["properties"]
+        for field in msgspec.structs.fields(struct):
+            if field.default_factory is not msgspec.NODEFAULT and field.default_factory not in (list, dict):
+                properties[field.encode_name]["default"] = field.default_factory()
+
+
+def _canonical_structs() -> list[type[_Struct]]:
+    found: list[type[_Struct]] = []
+    pending: list[type[_Struct]] = [_Struct]
+    while pending:
+        struct = pending.pop()
+        found.append(struct)
+        pending.extend(struct.__subclasses__())
+    return found

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 import pytest
 from playwright.async_api import async_playwright, expect
 
+from babelhub import canonical as c
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
-from tests.hubkit import webchat_config
+from tests.hubkit import Processor, webchat_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # The flags NOTES.md verified on these machines: no sandbox as root, no outside connections.
@@ -41,5 +42,39 @@ async def test_a_person_chats_in_the_browser(hub: Hub) -> None:
             await expect(page.locator(".hub .choices button")).to_have_count(3)
             await page.click("text=Opening hours")
             await expect(page.locator(".hub").last).to_have_text("You chose: Opening hours")
+
+            # A reload resumes the same session: the page presents the id and token the hub issued.
+            stored = await page.evaluate("['session', 'token'].map((name) => localStorage['babelhub.webchat.' + name])")
+            assert all(stored)
+            await page.reload()
+            await expect(page.locator("#state")).to_have_text("connected")
+            await page.fill("#text", "back again")
+            await page.press("#text", "Enter")
+            await expect(page.locator(".hub").last).to_have_text("echo: back again")
+            assert await page.evaluate("localStorage['babelhub.webchat.session']") == stored[0]
+        finally:
+            await browser.close()
+
+
+async def test_links_from_the_app_are_followed_only_when_they_are_web_urls(hub: Hub, nats_client) -> None:
+    """A `javascript:` link relayed by the app must not run in the page that keeps the session token."""
+    app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(hub.http_url + "/")
+            await expect(page.locator("#state")).to_have_text("connected")
+            await page.fill("#text", "links please")
+            await page.press("#text", "Enter")
+            inbound, _ = await app.next()
+            await app.reply(inbound, c.Buttons(text="links", buttons=[
+                c.Button(id="a", title="docs", action="url", value="https://example.org/docs"),
+                c.Button(id="b", title="prize", action="url", value="javascript:document.title='owned'"),
+            ]), c.Media(media="document", url="javascript:document.title='owned'", filename="invoice.pdf"))
+            await expect(page.locator(".hub a", has_text="docs")).to_have_attribute("href", "https://example.org/docs")
+            await expect(page.locator(".hub span", has_text="prize")).to_have_count(1)
+            await expect(page.locator(".hub span", has_text="invoice.pdf")).to_have_count(1)
+            assert await page.locator(".hub a[href^='javascript']").count() == 0
         finally:
             await browser.close()

@@ -414,6 +414,111 @@ def test_no_configured_audience_refuses_everything(signing_key: rsa.RSAPrivateKe
         CODEC.verify(_signed(_token(signing_key, _claims())), {"signing_keys": _secrets(signing_key)["signing_keys"]})
 
 
+# ----------------------------------------------------------------------------- Cloud Pub/Sub push
+
+PUBSUB = DecodeContext(tenant="acme", connection="gchat", seq=3, options={"pubsub": True})
+PUSH_AUDIENCE = "https://hub.example.com/webhooks/google_chat/gchat"
+PUSH_ACCOUNT = "chat-push@chuck-norris-bot.iam.gserviceaccount.com"
+
+
+def test_a_pubsub_push_carries_the_same_event_as_a_direct_post() -> None:
+    (direct,) = decode("message_room_mention.json")
+    (pushed,) = CODEC.decode(HttpRequest(body=fixture_bytes("pubsub_push_message.json")), PUBSUB)
+    assert isinstance(pushed, c.Message) and isinstance(direct, c.Message)
+    assert pushed.meta.pop("google_chat.pubsub") == {
+        "subscription": "projects/chuck-norris-bot/subscriptions/chat-app-push",
+        "message_id": "2070443601311540",
+        "publish_time": "2017-03-02T19:03:00.145Z",
+    }
+    assert pushed == direct
+
+
+def test_a_pubsub_push_is_deduplicated_by_its_message_id() -> None:
+    request = HttpRequest(body=fixture_bytes("pubsub_push_message.json"))
+    assert CODEC.dedup_key(request) == "pubsub:2070443601311540"
+
+
+def test_a_pubsub_push_is_refused_unless_the_connection_takes_them() -> None:
+    with pytest.raises(DecodeError, match=r"options\.pubsub") as caught:
+        CODEC.decode(HttpRequest(body=fixture_bytes("pubsub_push_message.json")), CTX)
+    assert caught.value.path == "$.message"
+
+
+def test_a_pubsub_message_that_is_no_chat_event_is_refused_at_its_data() -> None:
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=fixture_bytes("pubsub_push_not_a_chat_event.json")), PUBSUB)
+    assert caught.value.path == "$.message.data"
+    not_base64 = fixture("pubsub_push_message.json")
+    not_base64["message"]["data"] = "not base64!"
+    with pytest.raises(DecodeError, match="base64") as caught:
+        CODEC.decode(HttpRequest(body=json.dumps(not_base64).encode()), PUBSUB)
+    assert caught.value.path == "$.message.data"
+    no_space = fixture("message_room_mention.json")
+    del no_space["space"]
+    inside = fixture("pubsub_push_message.json")
+    inside["message"]["data"] = base64.b64encode(json.dumps(no_space).encode()).decode()
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=json.dumps(inside).encode()), PUBSUB)
+    assert caught.value.path == "$.message.data.space.name"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [fixture_bytes("pubsub_pull_response.json"), b"{}", b"[]", b'"MESSAGE"', b'{"space": {"name": "spaces/A"}}'],
+)
+def test_bodies_of_no_supported_format_are_named_as_such(body: bytes) -> None:
+    for read in (CODEC.dedup_key, lambda request: CODEC.decode(request, PUBSUB)):
+        with pytest.raises(DecodeError) as caught:
+            read(HttpRequest(body=body))
+        assert caught.value.reason == "not a Google Chat event or Pub/Sub push envelope"
+        assert caught.value.path == "$"
+
+
+def _push_claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims = {"iss": "https://accounts.google.com", "aud": PUSH_AUDIENCE, "azp": "113774264463038321964",
+              "email": PUSH_ACCOUNT, "email_verified": True, "sub": "113774264463038321964",
+              "iat": now, "exp": now + 3600}
+    return claims | overrides
+
+
+def _push_secrets(key: rsa.RSAPrivateKey) -> dict[str, str]:
+    return _secrets(key) | {"pubsub_audience": PUSH_AUDIENCE, "pubsub_service_account": PUSH_ACCOUNT,
+                            "pubsub_signing_keys": json.dumps({"cert-1": _certificate(key)})}
+
+
+def _pushed(token: str) -> HttpRequest:
+    return HttpRequest(headers={"authorization": f"Bearer {token}"}, body=fixture_bytes("pubsub_push_message.json"))
+
+
+def test_a_push_signed_for_the_subscriptions_account_verifies(signing_key: rsa.RSAPrivateKey) -> None:
+    CODEC.verify(_pushed(_token(signing_key, _push_claims())), _push_secrets(signing_key))
+    CODEC.verify(_pushed(_token(signing_key, _push_claims(iss="accounts.google.com"))), _push_secrets(signing_key))
+
+
+@pytest.mark.parametrize(
+    ("claims", "match"),
+    [
+        ({"email": "someone-else@evil.iam.gserviceaccount.com"}, "service account"),
+        ({"email_verified": False}, "service account"),
+        ({"aud": "https://other.example.com/push"}, "audience"),
+        ({"iss": "chat@system.gserviceaccount.com"}, "issuer"),
+    ],
+)
+def test_push_tokens_that_must_be_refused(signing_key: rsa.RSAPrivateKey, claims: dict[str, Any], match: str) -> None:
+    with pytest.raises(SignatureError, match=match):
+        CODEC.verify(_pushed(_token(signing_key, _push_claims(**claims))), _push_secrets(signing_key))
+
+
+def test_a_chat_token_does_not_open_the_push_path(signing_key: rsa.RSAPrivateKey) -> None:
+    # Chat's own token on a push envelope: the envelope's rules apply, and Chat's issuer is not Google's.
+    with pytest.raises(SignatureError, match="issuer"):
+        CODEC.verify(_pushed(_token(signing_key, _claims())), _push_secrets(signing_key))
+    # A connection not set up for Pub/Sub refuses every push, whatever the token.
+    with pytest.raises(SignatureError, match="pubsub_audience"):
+        CODEC.verify(_pushed(_token(signing_key, _push_claims())), _secrets(signing_key))
+
+
 # ------------------------------------------------------------------------------------------ encode
 
 SPACE = "spaces/AAAAAAAAAAA"

@@ -158,6 +158,13 @@ def test_adaptive_card_execute_invoke_is_an_action_and_gets_its_invoke_response(
     assert CODEC.handshake(HttpRequest(body=fixture_bytes("message_personal_rich_text.json")), {}) is None
 
 
+def test_an_invoke_that_does_not_come_by_post_gets_no_invoke_answer() -> None:
+    # Bot Framework POSTs every activity; the hub verifies a POST's token before it asks for the answer.
+    body = fixture_bytes("invoke_adaptive_card_action.json")
+    for method in ("GET", "PUT", "HEAD"):
+        assert CODEC.handshake(HttpRequest(method=method, body=body), {"invoke_reply": "Thanks!"}) is None
+
+
 def test_other_invokes_are_kept_as_unsupported() -> None:
     envelope = decode_one("invoke_task_fetch.json")
     assert isinstance(envelope, c.Message)

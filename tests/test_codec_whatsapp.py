@@ -1102,3 +1102,102 @@ def test_360dialog_named_in_secrets_alone_picks_its_api() -> None:
     (request,) = CODEC.encode(outbound(Text(text="hi")), ctx)
     assert request.url == "https://waba-v2.360dialog.io/messages"
     assert request.headers["D360-API-KEY"] == "d360-key"
+
+
+# ------------------------------------------------------------- usernames (business-scoped user ids)
+
+BSUID = "US.13491208655302741918"
+
+
+def test_message_from_a_user_with_a_username_and_no_phone_number_decodes_fully() -> None:
+    msg = message("text_username_only")
+    assert msg.parts == [Text(text="Does it come in another color?")]
+    assert msg.conversation == Conversation(
+        id=canonical.conversation_id(TENANT, CONNECTION, BSUID),
+        channel="whatsapp",
+        connection=CONNECTION,
+        native_id=BSUID,
+        type="direct",
+    )
+    assert msg.sender is not None
+    assert (msg.sender.id, msg.sender.native_id, msg.sender.name, msg.sender.handle) == (
+        canonical.sender_id(TENANT, CONNECTION, BSUID),
+        BSUID,
+        "Sheena Nelson",
+        "@sheena_nelson",
+    )
+    assert msg.meta["whatsapp.from_user_id"] == BSUID
+    assert msg.meta["whatsapp.contact"]["profile"]["username"] == "sheena_nelson"
+    assert c_roundtrip(msg)
+
+
+def test_a_message_with_a_phone_number_keeps_the_phone_number_as_its_chat() -> None:
+    # Since BSUIDs were introduced every message carries one; a known phone number still names the chat,
+    # so conversations that began before usernames keep their id.
+    body = load_json("text")
+    body["entry"][0]["changes"][0]["value"]["messages"][0]["from_user_id"] = BSUID
+    body["entry"][0]["changes"][0]["value"]["contacts"][0]["user_id"] = BSUID
+    (msg,) = CODEC.decode(HttpRequest(body=json.dumps(body).encode()), CTX)
+    assert msg.conversation.native_id == USER and msg.sender is not None and msg.sender.handle == "+16505551234"
+    assert msg.meta["whatsapp.from_user_id"] == BSUID
+
+
+def test_a_message_naming_no_user_at_all_is_refused_with_its_path() -> None:
+    body = load_json("text_username_only")
+    del body["entry"][0]["changes"][0]["value"]["messages"][0]["from_user_id"]
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=json.dumps(body).encode()), CTX)
+    assert caught.value.path == "$.entry[0].changes[0].value.messages[0].from"
+
+
+@pytest.mark.parametrize(
+    ("name", "state"), [("status_delivered_to_bsuid", "delivered"), ("status_failed_to_bsuid", "failed")]
+)
+def test_statuses_of_a_message_sent_to_a_bsuid_are_in_that_users_conversation(name: str, state: str) -> None:
+    (status,) = decode(name)
+    assert isinstance(status, Status)
+    assert status.state == state
+    assert status.native_id == "wamid.HBgLMTY1MDM4Nzk0MzkVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA"
+    assert status.conversation.native_id == BSUID
+    assert status.conversation.id == message("text_username_only").conversation.id
+    assert (status.error is not None) == (state == "failed")
+    assert c_roundtrip(status)
+
+
+def test_a_reply_to_a_user_known_by_bsuid_names_it_in_recipient() -> None:
+    (request,) = CODEC.encode(outbound(Text(text="text-message-content")), encode_ctx(to=BSUID))
+    assert json.loads(request.body) == load_json("send_text_to_bsuid")
+    parent = "US.ENT.11815799212886844830"
+    (request,) = CODEC.encode(outbound(Text(text="text-message-content")), encode_ctx(to=parent))
+    assert json.loads(request.body)["recipient"] == parent and "to" not in json.loads(request.body)
+    # Phone numbers keep going in `to`.
+    (request,) = CODEC.encode(outbound(Text(text="text-message-content")), encode_ctx())
+    assert json.loads(request.body) == load_json("send_text")
+
+
+def c_roundtrip(envelope: Envelope) -> bool:
+    return canonical.decode(canonical.encode(envelope)) == envelope
+
+
+# -------------------------------------------------------------- several numbers in one business account
+
+
+def ctx_for(phone_number_id: str) -> DecodeContext:
+    return DecodeContext(tenant=TENANT, connection=CONNECTION, seq=42, options={"phone_number_id": phone_number_id})
+
+
+def test_changes_for_another_phone_number_are_not_this_connections() -> None:
+    request = HttpRequest(body=raw("batch_two_numbers"))
+    own = CODEC.decode(request, ctx_for(PHONE_NUMBER_ID))
+    assert [e.conversation.native_id for e in own] == [USER]
+    other = CODEC.decode(request, ctx_for("106540352242933"))
+    assert [e.conversation.native_id for e in other] == ["16505554321"]
+    # Without a phone_number_id (a 360dialog connection) every change is taken.
+    assert len(CODEC.decode(request, CTX)) == 2
+
+
+def test_a_webhook_only_for_another_number_is_refused_with_the_reason() -> None:
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=raw("text")), ctx_for("999000111222333"))
+    assert caught.value.path == "$.entry[0].changes[0].value.metadata.phone_number_id"
+    assert "'106540352242922'" in caught.value.reason and "'999000111222333'" in caught.value.reason

@@ -23,8 +23,10 @@ _FENCED = re.compile(r"^```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.DOTALL | re.MU
 _WRAPPER: dict[str, Any] = {
     "kind": "message",
     "id": "docsexample",
+    "v": 1,
     "tenant": "docs",
-    "conversation": {"id": "docsconversation"},
+    "conversation": {"id": "docsconversation", "type": "direct"},
+    "direction": "inbound",
     "ts": "2025-01-01T00:00:00Z",
 }
 
@@ -57,10 +59,12 @@ def _as_envelope(example: dict[str, Any]) -> dict[str, Any]:
 
 
 def _default(field: msgspec.structs.FieldInfo) -> Any:
-    """A field's default as it would appear in JSON; NODEFAULT for required fields."""
+    """A field's default as it would appear in JSON, if `encode` leaves it out at that value; NODEFAULT
+    for required fields and for the header fields that are always written (defaults from a factory
+    other than an empty list or dict: msgspec's `omit_defaults` keeps those)."""
     if field.default is not msgspec.NODEFAULT:
         return msgspec.to_builtins(field.default)
-    if field.default_factory is not msgspec.NODEFAULT:
+    if field.default_factory in (list, dict):
         return msgspec.to_builtins(field.default_factory())
     return msgspec.NODEFAULT
 
@@ -206,7 +210,13 @@ def test_the_checks_catch_a_misspelt_field_and_a_value_that_does_not_survive() -
     assert json.loads(c.encode(envelope)) != without_defaults(untagged, envelope)
 
     # Spelt-out defaults are fine; they are simply not written.
-    explicit = {**_as_envelope({"type": "text", "text": "hi", "format": "plain", "mentions": []}), "v": 1}
+    explicit = {**_as_envelope({"type": "text", "text": "hi", "format": "plain", "mentions": []}), "meta": {}}
     envelope = c.decode(json.dumps(explicit))
     assert json.loads(c.encode(envelope)) == without_defaults(explicit, envelope)
     assert without_defaults(explicit, envelope)["parts"] == [{"type": "text", "text": "hi"}]
+
+    # The header is always written: an example that leaves out `v` or `direction` is not what the hub writes.
+    for field in ("v", "direction"):
+        short = {key: value for key, value in _WRAPPER.items() if key != field}
+        envelope = c.decode(json.dumps(short))
+        assert json.loads(c.encode(envelope)) != without_defaults(short, envelope)

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import WSMsgType
 
 from babelhub import canonical as c
+from babelhub.errors import ConfigError
+from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
-from tests.hubkit import stream_messages, webchat_config
+from babelhub.sessions.limits import FrameBudgets
+from babelhub.sessions.tokens import SessionSigner, well_formed
+from tests.hubkit import VirtualClock, stream_messages, webchat_config
 
 
 @pytest.fixture
@@ -61,17 +67,52 @@ async def test_chat_echoes_and_buttons_come_back_as_actions(hub: Hub) -> None:
         assert answer["parts"] == [{"type": "text", "text": f"You chose: {chosen['title']}"}]
 
 
-async def test_a_session_resumes_with_its_id(hub: Hub) -> None:
+async def test_a_session_resumes_with_its_id_and_token(hub: Hub) -> None:
     async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(hub.http_url + "/ws/webchat?session=visitor-7") as socket:
-            assert (await socket.receive_json())["session"] == "visitor-7"
+        async with session.ws_connect(hub.http_url + "/ws/webchat") as socket:
+            issued = await socket.receive_json()
+            assert issued["resumed"] is False and issued["session"] and issued["token"]
             await socket.send_json({"id": "a", "text": "first"})
             first = await receive_message(socket)
-        async with session.ws_connect(hub.http_url + "/ws/webchat?session=visitor-7") as socket:
-            await socket.receive_json()
+        resume = f"/ws/webchat?session={issued['session']}&token={issued['token']}"
+        async with session.ws_connect(hub.http_url + resume) as socket:
+            again = await socket.receive_json()
             await socket.send_json({"id": "b", "text": "second"})
             second = await receive_message(socket)
+    assert again == {**issued, "resumed": True}
     assert first["conversation"]["id"] == second["conversation"]["id"]
+
+
+@pytest.mark.parametrize("forged_token",
+                         ["", "guess", "Zm9yZ2Vk-token_of_43_characters_xxxxxxxxxxx", "from-another-session"])
+async def test_a_session_id_without_its_token_cannot_read_the_session(hub: Hub, nats_client,
+                                                                      forged_token: str) -> None:
+    """An attacker who learned a visitor's session id presents it with no token, a guessed one, or the
+    token of a session of their own: the hub starts a new session for them and the visitor's messages
+    never reach them."""
+    from tests.hubkit import Processor
+
+    app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
+    async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as visitor:
+        victim = await visitor.receive_json()
+        await visitor.send_json({"id": "1", "text": "my order number is 1234"})
+        await receive_message(visitor)
+        inbound, _ = await app.next()
+        if forged_token == "from-another-session":
+            async with session.ws_connect(hub.http_url + "/ws/webchat") as own:
+                forged_token = (await own.receive_json())["token"]
+        query = f"?session={victim['session']}" + (f"&token={forged_token}" if forged_token else "")
+        async with session.ws_connect(hub.http_url + "/ws/webchat" + query) as attacker:
+            given = await attacker.receive_json()
+            assert given["session"] != victim["session"] and given["resumed"] is False
+
+            await app.reply(inbound, c.Text(text="your parcel leaves today"))
+            assert (await receive_message(visitor))["parts"][0]["text"] == "your parcel leaves today"
+            # The attacker's socket works, and all it ever gets is its own conversation.
+            await attacker.send_json({"id": "x", "text": "anything for me?"})
+            seen = await receive_message(attacker)
+            assert seen["parts"][0]["text"] == "echo: anything for me?"
+            assert seen["conversation"]["id"] != inbound.conversation.id
 
 
 @pytest.mark.parametrize(
@@ -81,6 +122,12 @@ async def test_a_session_resumes_with_its_id(hub: Hub) -> None:
         ('{"id": "x"}', "either `text` or `action`"),
         ('{"id": 5, "text": "hi"}', "Expected `str`, got `int` (at $.id)"),
         ('{"id": "x", "text": "hi", "colour": "red"}', "unknown field `colour`"),
+        # Every field is bounded: an empty id would make every frame a duplicate of the first.
+        ('{"id": "", "text": "hi"}', "length >= 1 (at $.id)"),
+        ('{"id": "' + "i" * 65 + '", "text": "hi"}', "length <= 64 (at $.id)"),
+        ('{"id": "x", "text": "' + "a" * 10_001 + '"}', "length <= 10000 (at $.text)"),
+        ('{"id": "x", "text": "hi", "name": "' + "n" * 101 + '"}', "length <= 100 (at $.name)"),
+        ('{"id": "x", "action": {"id": "' + "b" * 257 + '"}}', "length <= 256 (at $.action.id)"),
     ],
 )
 async def test_a_bad_frame_closes_with_1007_and_a_reason_and_is_kept(hub: Hub, nats_client, frame: str,
@@ -127,7 +174,7 @@ async def test_a_message_for_a_visitor_who_left_is_reported_failed(hub: Hub, nat
 
     app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
     async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(hub.http_url + "/ws/webchat?session=gone-soon") as socket:
+        async with session.ws_connect(hub.http_url + "/ws/webchat") as socket:
             await socket.receive_json()
             await socket.send_json({"id": "1", "text": "hello"})
             await receive_message(socket)
@@ -138,3 +185,223 @@ async def test_a_message_for_a_visitor_who_left_is_reported_failed(hub: Hub, nat
         while status.state == "sent":  # the echo processor's own reply may be reported first
             status = await app.next_status()
     assert status.state == "failed" and status.error is not None and status.error.code == "session_offline"
+
+
+# ------------------------------------------------------------------------------ exposed to the internet
+
+
+def limited_config(nats_url: str, *, options: dict[str, Any] | None = None, **hub_settings: Any) -> cfg.Config:
+    """The web chat config with some of the hub's limits (and the connection's options) changed."""
+    config = webchat_config(nats_url)
+    (connection,) = config.connections
+    return msgspec.structs.replace(
+        config, hub=msgspec.structs.replace(config.hub, **hub_settings),
+        connections=[msgspec.structs.replace(connection, options=options or {})])
+
+
+async def close_of(socket: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage:
+    """The close frame the hub ends the socket with (whatever it sent before is skipped)."""
+    while True:
+        frame = await asyncio.wait_for(socket.receive(), 15)
+        if frame.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR):
+            return frame
+
+
+async def chat_once(hub: Hub, text: str) -> str:
+    """A new visitor says something and returns the echo's text."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as socket:
+        await socket.receive_json()
+        await socket.send_json({"id": "1", "text": text})
+        text_back: str = (await receive_message(socket))["parts"][0]["text"]
+        return text_back
+
+
+@pytest.mark.parametrize(
+    ("allowed", "origin", "opens"),
+    [
+        (None, None, True),  # not a browser: no Origin to check
+        (None, "same", True),
+        (None, "https://evil.example", False),
+        (None, "null", False),
+        (["https://shop.example"], "https://shop.example", True),
+        (["https://shop.example:443/"], "https://shop.example", True),
+        (["https://shop.example"], "http://shop.example", False),
+        (["https://shop.example"], "https://evil.example", False),
+        (["https://shop.example"], "same", True),
+        (["*"], "https://anyone.example", True),
+    ],
+)
+async def test_only_allowed_origins_open_the_chat(nats_server: EmbeddedServer, allowed: list[str] | None,
+                                                  origin: str | None, opens: bool) -> None:
+    options = {} if allowed is None else {"allowed_origins": allowed}
+    async with Hub(limited_config(nats_server.url, options=options)) as hub, aiohttp.ClientSession() as session:
+        headers = {} if origin is None else {"Origin": hub.http_url if origin == "same" else origin}
+        if opens:
+            async with session.ws_connect(hub.http_url + "/ws/webchat", headers=headers) as socket:
+                assert (await socket.receive_json())["type"] == "session"
+        else:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(hub.http_url + "/ws/webchat", headers=headers)
+            assert refused.value.status == 403
+
+
+@pytest.mark.parametrize("allowed", ["https://shop.example", ["shop.example"], ["https://shop.example/chat"], [5]])
+async def test_a_malformed_origin_list_stops_the_start(nats_server: EmbeddedServer, allowed: Any) -> None:
+    with pytest.raises(ConfigError, match="allowed_origins"):
+        async with Hub(limited_config(nats_server.url, options={"allowed_origins": allowed})):
+            pass
+
+
+async def test_one_address_holds_a_bounded_number_of_sockets(nats_server: EmbeddedServer) -> None:
+    async with Hub(limited_config(nats_server.url, max_sockets_per_ip=3)) as hub, aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(hub.http_url + "/ws/webchat") for _ in range(3)]
+        for socket in sockets:
+            await socket.receive_json()
+        one_too_many = await session.ws_connect(hub.http_url + "/ws/webchat")
+        closing = await close_of(one_too_many)
+        assert closing.data == 1008 and "hub.max_sockets_per_ip" in closing.extra and "3" in closing.extra
+        # A closed socket frees its place.
+        await sockets.pop().close()
+        assert await chat_once(hub, "room again") == "echo: room again"
+        for socket in sockets:
+            await socket.close()
+
+
+async def test_a_session_sending_too_fast_is_closed_with_1008(nats_server: EmbeddedServer, nats_client) -> None:
+    config = limited_config(nats_server.url, session_frame_rate=1.0, session_frame_burst=5)
+    async with Hub(config) as hub, aiohttp.ClientSession() as session:
+        async with session.ws_connect(hub.http_url + "/ws/webchat") as socket:
+            await socket.receive_json()
+            for n in range(50):
+                if socket.closed:
+                    break
+                await socket.send_json({"id": str(n), "text": "spam"})
+            closing = await close_of(socket)
+        assert closing.data == 1008 and "frame rate limit" in closing.extra
+        assert "hub.session_frame_rate" in closing.extra
+        recorded = await stream_messages(nats_client, f"{hub.subjects.prefix}.demo.raw.>",
+                                         hub.subjects.stream_name("raw"))
+        assert 5 <= len(recorded) < 50  # the frames over the budget were never recorded
+
+
+@pytest.mark.parametrize("frame", ["x" * 800_000, json.dumps({"id": "big", "text": "a" * 800_000})])
+async def test_an_oversized_frame_closes_with_1009_and_the_hub_serves_everyone(
+        nats_server: EmbeddedServer, nats_client, frame: str) -> None:
+    """The attack from issue 7: one ~800 KB frame, no authentication needed, used to make a publish over
+    the NATS server's max_payload and cut the hub off NATS for good."""
+    async with Hub(webchat_config(nats_server.url)) as hub, aiohttp.ClientSession() as session:
+        async with session.ws_connect(hub.http_url + "/ws/webchat") as attacker:
+            await attacker.receive_json()
+            await attacker.send_str(frame)
+            closing = await close_of(attacker)
+        assert closing.data == 1009 and "65536" in closing.extra and "hub.max_frame_bytes" in closing.extra
+
+        assert await chat_once(hub, "still served") == "echo: still served"
+        async with session.get(hub.http_url + "/readyz") as response:
+            assert response.status == 200
+        raw = await stream_messages(nats_client, f"{hub.subjects.prefix}.demo.raw.>", hub.subjects.stream_name("raw"))
+        assert raw and all(len(record) < 65_536 for record in raw)  # the big frame was never recorded
+        letters = await stream_messages(nats_client, f"{hub.subjects.prefix}.demo.dlq.>",
+                                        hub.subjects.stream_name("dead_letters"))
+        assert any(b"WebSocket frame refused" in letter and b"65536" in letter for letter in letters)
+
+
+async def test_a_frame_limit_near_the_nats_max_payload_stops_the_start(nats_server: EmbeddedServer) -> None:
+    with pytest.raises(ConfigError, match="max_frame_bytes"):
+        async with Hub(limited_config(nats_server.url, max_frame_bytes=1024 * 1024)):
+            pass
+
+
+async def test_a_stalled_request_body_times_out_with_408(nats_server: EmbeddedServer) -> None:
+    async with Hub(limited_config(nats_server.url, body_timeout_seconds=0.5)) as hub, \
+            aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as chatting:
+        await chatting.receive_json()
+        host, port = hub.http_url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"POST /webhooks/webchat/webchat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"id\": \"slow")  # ... and nothing more
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 15)
+            assert status_line.startswith(b"HTTP/1.1 408")
+            rest = await asyncio.wait_for(reader.read(), 15)  # the hub closes the connection
+            assert b"hub.body_timeout_seconds" in rest
+        finally:
+            writer.close()
+        # A WebSocket has no body: it outlives the body deadline.
+        await chatting.send_json({"id": "1", "text": "after the deadline"})
+        assert (await receive_message(chatting))["parts"][0]["text"] == "echo: after the deadline"
+
+
+async def test_a_chatty_visitor_does_not_hold_up_other_visitors(nats_server: EmbeddedServer) -> None:
+    """One visitor floods frames (reconnecting with its token each time it is cut off) while another
+    chats: every one of the other visitor's messages is answered, and the flood hits its rate limit."""
+    config = limited_config(nats_server.url, session_frame_rate=5.0, session_frame_burst=10)
+    async with Hub(config) as hub, aiohttp.ClientSession() as session:
+        quiet_done = asyncio.Event()
+        cut_off: list[aiohttp.WSMessage] = []
+
+        async def flood() -> None:
+            query = ""
+            for _ in range(100):  # bounded, however slow the machine
+                if quiet_done.is_set():
+                    return
+                async with session.ws_connect(hub.http_url + "/ws/webchat" + query) as socket:
+                    issued = await socket.receive_json()
+                    query = f"?session={issued['session']}&token={issued['token']}"
+                    with contextlib.suppress(ConnectionError):
+                        for n in range(200):
+                            if socket.closed:
+                                break
+                            await socket.send_json({"id": f"{issued['session']}-{len(cut_off)}-{n}", "text": "spam"})
+                    cut_off.append(await close_of(socket))
+
+        flooding = asyncio.create_task(flood(), name="flood")
+        try:
+            async with session.ws_connect(hub.http_url + "/ws/webchat") as quiet:
+                await quiet.receive_json()
+                for n in range(10):
+                    await quiet.send_json({"id": str(n), "text": f"question {n}"})
+                    assert (await receive_message(quiet))["parts"][0]["text"] == f"echo: question {n}"
+        finally:
+            quiet_done.set()
+            await asyncio.wait_for(flooding, 60)
+        assert cut_off and all(frame.data == 1008 for frame in cut_off)
+
+
+def test_a_frame_budget_refills_at_its_rate_and_is_kept_while_not_full() -> None:
+    clock = VirtualClock()
+    budgets = FrameBudgets(rate=2.0, burst=3, clock=clock)
+    assert [budgets.take("a") for _ in range(4)] == [True, True, True, False]
+    assert budgets.take("b")  # every session has a budget of its own
+    clock.now += 0.5  # one frame's worth
+    assert budgets.take("a") and not budgets.take("a")
+    # A session that reconnects at once gets no fresh burst: its budget is kept until it has refilled.
+    budgets.forget_refilled(keep=set())
+    assert not budgets.take("a")
+    clock.now += 1.5
+    budgets.forget_refilled(keep=set())
+    assert len(budgets) == 0  # full again: remembering it would change nothing
+
+
+def test_a_resume_token_is_bound_to_its_session_connection_and_tenant() -> None:
+    signer = SessionSigner(b"k" * 32, "demo", "webchat")
+    session, token = signer.new_session()
+    assert signer.valid(session, token) and well_formed(session) and well_formed(token)
+    other, _ = signer.new_session()
+    assert not signer.valid(other, token)
+    assert not SessionSigner(b"k" * 32, "demo", "webchat2").valid(session, token)
+    assert not SessionSigner(b"k" * 32, "acme", "webchat").valid(session, token)
+    assert not SessionSigner(b"other key" * 4, "demo", "webchat").valid(session, token)
+    assert not signer.valid(session, token[:-1]) and not signer.valid(session, "é" * 43)
+
+
+_LIMITS = ["BODY_TIMEOUT_SECONDS", "MAX_FRAME_BYTES", "MAX_SOCKETS_PER_IP", "SESSION_FRAME_RATE",
+           "SESSION_FRAME_BURST"]
+
+
+@pytest.mark.parametrize(("setting", "value"), [(setting, value) for setting in _LIMITS for value in ("0", "-1")]
+                         + [("BODY_TIMEOUT_SECONDS", "nan"), ("SESSION_FRAME_RATE", "inf")])
+def test_a_limit_that_is_no_limit_is_refused(setting: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=setting.lower()):
+        cfg.load(None, env={f"BABELHUB_{setting}": value})

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from babelhub.actors.conversation import ConversationMessage, Inbound
+from babelhub.actors.conversation import ConversationMessage, Inbound, actor_key
 from babelhub.actors.runtime import Actor, ActorSystem
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError
@@ -74,7 +74,8 @@ class ConnectionActor(Actor[RawDelivery]):
             await one_applied()
 
         for envelope in envelopes:
-            await self.conversations.tell(envelope.conversation.id, Inbound(envelope, trace), one_applied, one_failed)
+            key = actor_key(connection.tenant, envelope.conversation.id)
+            await self.conversations.tell(key, Inbound(envelope, trace), one_applied, one_failed)
 
     async def _park(self, delivery: RawDelivery, error: str, path: str = "", stage: str = "decode") -> None:
         connection = self.hub.connections.get(self.key)

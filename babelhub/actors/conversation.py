@@ -9,6 +9,11 @@ durably and in its order.
 State (participants, the canonical↔native id map, the numbered-choice map, recently applied ids) is
 snapshotted to JetStream KV with a revision check: a conflict means another owner wrote first, and this
 activation stops rather than overwrite it.
+
+Actors and their snapshots are keyed by tenant + conversation (`actor_key`), and an outbound envelope is
+applied only when the connections it names belong to its tenant and its conversation id is the one its
+connection and native chat id derive: a processor of one tenant never reaches another tenant's chat or
+state, whatever ids it writes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from babelhub.hub.context import HubContext
 from babelhub.hub.deadletters import DeadLetter
 from babelhub.hub.telemetry import carrier, span
 
-__all__ = ["ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict"]
+__all__ = ["ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict", "actor_key"]
 
 log = logging.getLogger("babelhub.conversation")
 
@@ -47,6 +52,12 @@ class Outbound(msgspec.Struct, frozen=True):
 
 
 ConversationMessage = Inbound | Outbound
+
+
+def actor_key(tenant: str, conversation: str) -> str:
+    """The key of a conversation's actor and snapshot: one tenant's ids never name another's state.
+    Tenant ids cannot hold a dot (config), so the key splits back unambiguously."""
+    return f"{tenant}.{conversation}"
 
 
 class ConversationState(msgspec.Struct, kw_only=True):
@@ -79,6 +90,7 @@ class SnapshotConflict(RuntimeError):
 class ConversationActor(Actor[ConversationMessage]):
     def __init__(self, key: str, hub: HubContext) -> None:
         super().__init__(key)
+        self.tenant, _, self.conversation_id = key.partition(".")
         self.hub = hub
         self.state = ConversationState()
         self._revision: int | None = None
@@ -131,17 +143,21 @@ class ConversationActor(Actor[ConversationMessage]):
             case c.Status():
                 ours = self.state.canonical_ids.get(envelope.native_id, envelope.message_id)
                 status = msgspec.structs.replace(envelope, message_id=ours)
-                await self._publish(self.hub.subjects.status(envelope.tenant, self.key), status)
+                await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
             case c.Message():
                 resolved = self._resolve(self._translate(envelope))
-                await self._publish(self.hub.subjects.inbound(envelope.tenant, self.key), resolved)
+                await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), resolved)
             case c.Activity():
-                await self._publish(self.hub.subjects.inbound(envelope.tenant, self.key), envelope)
+                await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), envelope)
         connection = self._connection()
         if connection is not None:
             await connection.after_inbound(envelope, self._context(connection))
 
     async def _outbound(self, envelope: c.Envelope) -> None:
+        refusal = self._refusal(envelope)
+        if refusal is not None:
+            await self._refuse(envelope, refusal)
+            return
         self._adopt(envelope.tenant, envelope.conversation)
         match envelope:
             case c.Message(targets=[]):
@@ -160,15 +176,14 @@ class ConversationActor(Actor[ConversationMessage]):
     async def _fan_out(self, message: c.Message) -> None:
         for target in message.targets:
             target_id = c.conversation_id(message.tenant, target.connection, target.to)
-            connection = self.hub.connections.get(target.connection)
-            if connection is None or connection.tenant != message.tenant:
-                await self._status(message, "failed", error=c.Error(
-                    code="unknown_connection", message=f"no connection {target.connection!r} for this tenant"))
+            connection = self._own_connection(target.connection)
+            if connection is None:
+                await self._refuse(message, _forbidden_connection(self.tenant, target.connection))
                 continue
             there = c.Conversation(id=target_id, channel=connection.channel, connection=connection.id,
                                    native_id=target.to)
             forwarded = msgspec.structs.replace(message, targets=[], conversation=there)
-            if target_id == self.key:
+            if target_id == self.conversation_id:
                 await self._send_here(forwarded)
                 continue
             if self.state.conversation is None or connection.id != self.state.conversation.connection:
@@ -182,7 +197,7 @@ class ConversationActor(Actor[ConversationMessage]):
     async def _send_here(self, message: c.Message) -> None:
         connection = self._connection()
         if connection is None or self.state.conversation is None:
-            await self._status(message, "failed", error=c.Error(
+            await self._refuse(message, c.Error(
                 code="unknown_conversation", message="the conversation has no channel chat to send to yet"))
             return
         message = self._without_unknown_references(message)
@@ -208,14 +223,56 @@ class ConversationActor(Actor[ConversationMessage]):
         reply_base = envelope.meta.get(REPLY_API_BASE)
         if isinstance(reply_base, str) and reply_base != self.state.api_base:
             self.state.api_base = reply_base
-        if envelope.native is not None and envelope.native.id and envelope.direction == "inbound":
-            self._remember_id(envelope.id, envelope.native.id)
+        self._learn_native_id(envelope)
         if envelope.native is not None and envelope.native.thread and envelope.thread:
             self._remember_id(envelope.thread, envelope.native.thread)
         if envelope.sender is not None and envelope.sender.role == "user":
             self.state.participants[envelope.sender.id] = envelope.sender.name
             self.state.last_inbound = envelope.ts.timestamp()
         self._dirty = True
+
+    def _learn_native_id(self, envelope: c.Envelope) -> None:
+        """Map an inbound message's own native id to its canonical id.
+
+        A status's native id is the message it reports on (one we sent), never its own: recording it would
+        take that message's entry in `canonical_ids`, and its later statuses would name the status instead
+        of the app's id. Other envelopes can also repeat a message's native id (an edit, a receipt the codec
+        keeps as an `unsupported` message): the message the id first named keeps it.
+        """
+        native = envelope.native
+        if isinstance(envelope, c.Status) or native is None or not native.id or envelope.direction != "inbound":
+            return
+        _bounded_put(self.state.native_ids, envelope.id, native.id)
+        if native.id not in self.state.canonical_ids:
+            _bounded_put(self.state.canonical_ids, native.id, envelope.id)
+        self._dirty = True
+
+    def _refusal(self, envelope: c.Envelope) -> c.Error | None:
+        """Why a processor's envelope may not be applied here, or None. The subject's tenant was checked
+        against the envelope's before it reached this actor; what is left is what the envelope names."""
+        named = envelope.conversation
+        if envelope.tenant != self.tenant:
+            return c.Error(code="forbidden_tenant", message=f"this conversation belongs to tenant {self.tenant!r}")
+        if named.connection and self._own_connection(named.connection) is None:
+            return _forbidden_connection(self.tenant, named.connection)
+        if named.native_id and named.id != c.conversation_id(self.tenant, named.connection, named.native_id):
+            return c.Error(code="conversation_mismatch", message=(
+                f"conversation id {named.id!r} is not the one connection {named.connection!r} and chat "
+                f"{named.native_id!r} derive (canonical.conversation_id)"))
+        return None
+
+    async def _refuse(self, envelope: c.Envelope, error: c.Error) -> None:
+        """Keep what was refused in the dead-letter stream and tell the processor why (`failed`)."""
+        await self.hub.dead_letters.park(DeadLetter(
+            stage="processor", error=f"{error.code}: {error.message}", tenant=self.tenant,
+            subject=self.hub.subjects.outbound(self.tenant, self.conversation_id), body=c.encode(envelope)))
+        if isinstance(envelope, c.Message | c.Activity):
+            await self._status(envelope, "failed", error=error)
+
+    def _own_connection(self, connection_id: str) -> ConnectionService | None:
+        """The connection named, if it is one of this conversation's tenant's (others are invisible)."""
+        connection = self.hub.connections.get(connection_id)
+        return connection if connection is not None and connection.tenant == self.tenant else None
 
     def _adopt(self, tenant: str, conversation: c.Conversation) -> None:
         """Remember which chat this conversation is, the first time we are told."""
@@ -270,7 +327,7 @@ class ConversationActor(Actor[ConversationMessage]):
         """This conversation's connection; None until the conversation knows its chat."""
         if self.state.conversation is None:
             return None
-        return self.hub.connections.get(self.state.conversation.connection)
+        return self._own_connection(self.state.conversation.connection)
 
     def _context(self, connection: ConnectionService) -> EncodeContext:
         assert self.state.conversation is not None
@@ -291,7 +348,7 @@ class ConversationActor(Actor[ConversationMessage]):
             del self.state.applied[: -_MAX_APPLIED]
         self._dirty = True
 
-    async def _status(self, message: c.Message, state: c.State, native_id: str = "",
+    async def _status(self, message: c.Message | c.Activity, state: c.State, native_id: str = "",
                       error: c.Error | None = None) -> None:
         status = c.Status(
             id=c.stable_id("status", message.id, state),
@@ -302,13 +359,24 @@ class ConversationActor(Actor[ConversationMessage]):
             message_id=message.id,
             native_id=native_id,
             state=state,
-            error=error,
+            error=self._masked(error),
         )
-        await self._publish(self.hub.subjects.status(message.tenant, self.key), status)
+        await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
+
+    def _masked(self, error: c.Error | None) -> c.Error | None:
+        """A channel's error (an exception's repr, an echoed URL) never hands a secret to the processor."""
+        if error is None or not self.hub.mask:
+            return error
+        return msgspec.json.decode(self.hub.mask.data(msgspec.json.encode(error)), type=c.Error)
 
     async def _publish(self, subject: str, envelope: c.Envelope) -> None:
         headers = {"Nats-Msg-Id": envelope.id, **carrier()}
         await self.hub.js.publish(subject, c.encode(envelope), headers=headers)
+
+
+def _forbidden_connection(tenant: str, connection: str) -> c.Error:
+    """The same answer whether the connection is another tenant's or does not exist: nothing leaks."""
+    return c.Error(code="forbidden_connection", message=f"tenant {tenant!r} has no connection {connection!r}")
 
 
 def _without_file_ids(message: c.Message) -> c.Message:

@@ -15,8 +15,10 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import msgspec
 
 from babelhub.canonical import Activity, ButtonAction, Envelope, Error, MediaKind, Message, TextFormat
+from babelhub.redaction import SecretMask
 
 __all__ = [
+    "CREDENTIAL_HEADERS",
     "Capabilities",
     "Codec",
     "DecodeContext",
@@ -50,6 +52,13 @@ PartType: TypeAlias = Literal[
 ]
 
 SESSION_HEADER = "x-babelhub-session"
+
+CREDENTIAL_HEADERS: frozenset[str] = frozenset({
+    "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "apikey", "x-auth-token",
+    "x-access-token",
+})
+"""Request headers that carry credentials in common use (bearer tokens such as Teams' and Google Chat's
+JWTs, API keys, cookies): never stored by `Codec.redact`."""
 
 REPLY_API_BASE = "babelhub.reply_api_base"
 """An inbound envelope may name, in this meta key, the API base to reply through (Bot Framework's
@@ -194,6 +203,10 @@ class Codec(ABC):
     """API calls per second one account may make, from the channel's documentation; the hub paces each
     connection to it (`max_rate` overrides). 0: no account-wide rate is documented (the channel
     queues, or meters per chat); its 429s are honoured either way."""
+    delivers_by_get: ClassVar[bool] = False
+    """True for channels that may deliver by GET, the fields in the query string (Twilio can be set to
+    call the webhook with GET): such a GET is verified and recorded like a POST. Other channels' GETs are
+    only checks of the endpoint, answered by `handshake` (Meta's `hub.challenge`); a GET never has a body."""
     takes_sessions: ClassVar[bool] = False
     """True for channels whose clients connect to the hub's own WebSocket (`/ws/{connection}`): each
     frame is recorded with the session id in the `SESSION_HEADER` header, and `session:<id>` URLs in
@@ -206,6 +219,26 @@ class Codec(ABC):
         """The answer to a channel's verification request (Meta `hub.challenge`, Slack
         `url_verification`), or None when this request is an ordinary delivery."""
         return None
+
+    credential_headers: ClassVar[frozenset[str]] = CREDENTIAL_HEADERS
+    """Header names (lower-case) `redact` removes; a codec adds its channel's own credential headers."""
+
+    def redact(self, request: HttpRequest, secrets: Mapping[str, str]) -> HttpRequest:
+        """The request as it may be stored (raw record, dead letter), once `verify` and `dedup_key` have
+        seen it whole: without the `credential_headers`, without any header that carries one of the
+        connection's `secrets`, and with those secrets' values masked in the URL, query and body.
+        `decode` must not need what is removed. A codec whose bodies carry credentials extends this."""
+        mask = SecretMask(secrets.values())
+        headers = {name: value for name, value in request.headers.items()
+                   if name.lower() not in self.credential_headers and not mask.found_in(value)}
+        return msgspec.structs.replace(
+            request,
+            path=mask.text(request.path),
+            query={name: mask.text(value) for name, value in request.query.items()},
+            headers=headers,
+            body=mask.data(request.body),
+            url=mask.text(request.url),
+        )
 
     def dedup_key(self, request: HttpRequest) -> str:
         """A key derived from the channel's own ids: the same delivery retried yields the same key.

@@ -479,6 +479,18 @@ class EvolutionCodec(Codec):
         if not native.same_secret(given, expected):
             raise SignatureError("webhook apikey does not match the connection's")
 
+    def redact(self, request: HttpRequest, secrets: Mapping[str, str]) -> HttpRequest:
+        """Besides the credential headers, the body's credential fields (the webhook's `apikey`, any
+        field `_without_credentials` drops) are not stored. `decode` drops them as well, so the stored
+        record decodes to the same envelopes."""
+        stored = super().redact(request, secrets)
+        try:
+            body = native.read_json(stored)
+        except DecodeError:
+            return stored  # not JSON: nothing to take out by name (secret values are masked already)
+        clean = _without_credentials(body)
+        return stored if clean == body else msgspec.structs.replace(stored, body=native.json_body(clean))
+
     def dedup_key(self, request: HttpRequest) -> str:
         """The event with the WhatsApp message ids it is about (and the state, for status updates)."""
         raw = native.read_json(request)

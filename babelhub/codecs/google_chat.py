@@ -15,6 +15,16 @@ issuer `chat@system.gserviceaccount.com`, audience = the Cloud project number
 * Credentials in an event — the legacy verification `token`, an add-on's `authorizationEventObject`
   (user OAuth and ID tokens) — are removed before any of it is kept (meta, `unsupported` parts).
 
+A Chat app whose connection setting is Cloud Pub/Sub has Chat publish each event to a topic; a push
+subscription then POSTs `{"message": {"data": <the event, base64>, "messageId", "publishTime",
+"attributes"}, "subscription"}` with an OIDC token of the subscription's service account
+(`Authorization: Bearer`, issuer `accounts.google.com`, audience as configured on the subscription,
+`email` = the service account). A connection takes these with `options["pubsub"] = true` and the
+secrets `pubsub_audience`, `pubsub_service_account` and `pubsub_signing_keys` (Google's OAuth2 keys,
+`https://www.googleapis.com/oauth2/v3/certs`). The event inside is read as if Chat had POSTed it; the
+delivery's ids go to `meta["google_chat.pubsub"]`. A body that is neither a Chat event nor a push
+envelope is refused as such.
+
 Outbound: `POST {base}/v1/{space}/messages` with `Authorization: Bearer secrets["access_token"]`, the
 idempotency key as `requestId` (Chat returns the already-created message for a repeated id), threads via
 `thread.name` + `messageReplyOption`. Text is Chat's own markup — `*bold*`, `_italic_`, `~strike~`,
@@ -28,6 +38,8 @@ refused.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -49,13 +61,18 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
-from babelhub.errors import DecodeError, EncodeError
+from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["GoogleChatCodec"]
 
 CHANNEL: Final = "google_chat"
 ISSUER: Final = "chat@system.gserviceaccount.com"
 """The `iss` of bearer tokens Chat sends when the authentication audience is the project number."""
+
+PUBSUB_ISSUERS: Final = frozenset({"https://accounts.google.com", "accounts.google.com"})
+"""The `iss` of the OIDC tokens Pub/Sub puts on push requests (Google documents both spellings)."""
+
+UNSUPPORTED_BODY: Final = "not a Google Chat event or Pub/Sub push envelope"
 
 DEFAULT_ACTION_FUNCTION: Final = "babelhub_action"
 """The `function` babelhub's buttons invoke; Chat echoes it back as `invokedFunction`."""
@@ -240,6 +257,20 @@ class _Created(msgspec.Struct, kw_only=True):
     name: str = ""
 
 
+class _PubSubMessage(msgspec.Struct, kw_only=True):
+    data: str = ""
+    messageId: str = ""
+    publishTime: str = ""
+    attributes: dict[str, str] = {}
+
+
+class _PushEnvelope(msgspec.Struct, kw_only=True):
+    """What a Pub/Sub push subscription POSTs: one message and the subscription it came through."""
+
+    message: _PubSubMessage
+    subscription: str = ""
+
+
 # ---------------------------------------------------------------------------------------- the codec
 
 
@@ -268,7 +299,11 @@ class GoogleChatCodec(Codec):
     )
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
-        """The bearer token must be a JWT from Chat's service account for this project number."""
+        """The bearer token must be a JWT from Chat's service account for this project number; a Pub/Sub
+        push envelope's, an OIDC token of the push subscription's service account (see the module doc)."""
+        if _is_push(_json_or_none(request)):
+            _verify_push(request, secrets)
+            return
         jwt.verify_rs256(
             jwt.bearer_token(request),
             secrets.get("signing_keys", ""),
@@ -278,8 +313,14 @@ class GoogleChatCodec(Codec):
         )
 
     def dedup_key(self, request: HttpRequest) -> str:
+        raw = native.read_json(request)
+        if _is_push(raw):
+            # Pub/Sub redelivers a message with its id. The event inside is read by decode, so that a
+            # message Pub/Sub cannot get acknowledged (an error answer) is not pushed again and again.
+            message_id = native.convert(raw, _PushEnvelope).message.messageId
+            return f"pubsub:{message_id}" if message_id else ""
         # A card can be clicked many times: the event's time and user are part of the key.
-        event = _read_event(native.read_json(request))
+        event = _read_event(_chat_event(raw, "$"))
         if not event.eventTime:
             return ""
         space = _space_of(event)
@@ -291,19 +332,9 @@ class GoogleChatCodec(Codec):
 
     def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         raw = native.read_json(request)
-        inbound = _Inbound(_read_event(raw), raw, ctx)
-        event = inbound.event
-        match event.type:
-            case "MESSAGE" if event.message is not None:
-                return [inbound.as_message(event.message)]
-            case "ADDED_TO_SPACE":
-                joined: list[c.Envelope] = [inbound.as_activity("joined")]
-                return joined + ([inbound.as_message(event.message)] if event.message else [])
-            case "REMOVED_FROM_SPACE":
-                return [inbound.as_activity("left")]
-            case "CARD_CLICKED":
-                return [inbound.as_click()]
-        return [inbound.as_unsupported()]
+        if _is_push(raw):
+            return _decode_push(raw, ctx)
+        return _decode_event(_chat_event(raw, "$"), ctx)
 
     # ------------------------------------------------------------------------------------- encode
 
@@ -325,6 +356,95 @@ class GoogleChatCodec(Codec):
 
 
 # ------------------------------------------------------------------------------------------ inbound
+
+
+def _decode_event(raw: Any, ctx: DecodeContext, delivery: Mapping[str, Any] | None = None) -> list[c.Envelope]:
+    inbound = _Inbound(_read_event(raw), raw, ctx, delivery)
+    event = inbound.event
+    match event.type:
+        case "MESSAGE" if event.message is not None:
+            return [inbound.as_message(event.message)]
+        case "ADDED_TO_SPACE":
+            joined: list[c.Envelope] = [inbound.as_activity("joined")]
+            return joined + ([inbound.as_message(event.message)] if event.message else [])
+        case "REMOVED_FROM_SPACE":
+            return [inbound.as_activity("left")]
+        case "CARD_CLICKED":
+            return [inbound.as_click()]
+    return [inbound.as_unsupported()]
+
+
+def _chat_event(raw: Any, path: str) -> Any:
+    """`raw` if it is a Chat interaction event (classic or add-on); else a DecodeError naming the formats
+    this codec reads, rather than the first field such a body lacks."""
+    if isinstance(raw, dict) and ("type" in raw or "chat" in raw):
+        return raw
+    raise DecodeError(UNSUPPORTED_BODY, path=path)
+
+
+def _is_push(raw: Any) -> bool:
+    """A Pub/Sub push envelope: a `message` object and the `subscription` it was pushed through (a Chat
+    event names its `type`, an add-on event its `chat`)."""
+    return (
+        isinstance(raw, dict)
+        and isinstance(raw.get("message"), dict)
+        and "subscription" in raw
+        and "type" not in raw
+        and "chat" not in raw
+    )
+
+
+def _json_or_none(request: HttpRequest) -> Any:
+    try:
+        return native.read_json(request)
+    except DecodeError:
+        return None
+
+
+def _verify_push(request: HttpRequest, secrets: Mapping[str, str]) -> None:
+    """Pub/Sub's OIDC token: Google-signed, for the subscription's audience, naming its service account."""
+    audience, account = secrets.get("pubsub_audience", ""), secrets.get("pubsub_service_account", "")
+    if not audience or not account:
+        raise SignatureError(
+            "a Pub/Sub push delivery, but this connection takes none: set the secrets pubsub_audience, "
+            "pubsub_service_account and pubsub_signing_keys"
+        )
+    token = jwt.verify_rs256(
+        jwt.bearer_token(request),
+        secrets.get("pubsub_signing_keys", ""),
+        issuers=PUBSUB_ISSUERS,
+        audience=audience,
+        now=request.received_at or None,
+    )
+    email = token.claims.get("email")
+    if email != account or token.claims.get("email_verified") is not True:
+        raise SignatureError(f"token email {email!r} is not the push subscription's verified service account")
+
+
+def _decode_push(raw: Any, ctx: DecodeContext) -> list[c.Envelope]:
+    """The Chat event inside a Pub/Sub push envelope, decoded as if Chat had POSTed it. Paths of what is
+    wrong inside the event are given under `$.message.data`, where the event lies base64-encoded."""
+    if not ctx.options.get("pubsub"):
+        raise DecodeError(
+            "a Pub/Sub push envelope, but this connection does not take Pub/Sub deliveries (options.pubsub)",
+            path="$.message",
+        )
+    push = native.convert(raw, _PushEnvelope)
+    try:
+        data = base64.b64decode(push.message.data, validate=True)
+    except (binascii.Error, ValueError):
+        raise DecodeError("message data is not base64", path="$.message.data") from None
+    delivery = {
+        "subscription": push.subscription,
+        "message_id": push.message.messageId,
+        "publish_time": push.message.publishTime,
+        "attributes": push.message.attributes,
+    }
+    try:
+        event = _chat_event(native.read_json(HttpRequest(body=data)), "$")
+        return _decode_event(event, ctx, {key: value for key, value in delivery.items() if value})
+    except DecodeError as exc:
+        raise DecodeError(exc.reason, path="$.message.data" + exc.path.removeprefix("$")) from None
 
 
 def _read_event(raw: Any) -> _Event:
@@ -375,7 +495,7 @@ def _space_of(event: _Event) -> _Space | None:
 class _Inbound:
     """One interaction event and the envelope header it gives."""
 
-    def __init__(self, event: _Event, raw: Any, ctx: DecodeContext) -> None:
+    def __init__(self, event: _Event, raw: Any, ctx: DecodeContext, delivery: Mapping[str, Any] | None = None) -> None:
         space = _space_of(event)
         if space is None or not space.name:
             raise DecodeError("event has no space name", path="$.space.name")
@@ -386,6 +506,8 @@ class _Inbound:
         self.ctx = ctx
         self.space = space
         self.ts = native.parse_time(event.eventTime, "$.eventTime") if event.eventTime else None
+        self.delivery = dict(delivery or {})
+        """How the event came, when not straight from Chat (the Pub/Sub message's ids)."""
 
     def message_id(self, name: str) -> str:
         # A message name (`spaces/S/messages/M`) is unique in all of Chat.
@@ -479,6 +601,8 @@ class _Inbound:
     def _event_meta(self) -> dict[str, Any]:
         """Event fields no part carries (dialog flags, redirect URL…), minus secrets."""
         meta: dict[str, Any] = {}
+        if self.delivery:
+            meta["google_chat.pubsub"] = self.delivery
         if self.space.displayName:
             meta["google_chat.space_display_name"] = self.space.displayName
         if isinstance(self.raw, dict):

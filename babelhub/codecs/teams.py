@@ -239,7 +239,10 @@ class TeamsCodec(Codec):
 
     def handshake(self, request: HttpRequest, secrets: Mapping[str, str]) -> HttpResponse | None:
         """The synchronous answer an `adaptiveCard/action` invoke requires (HTTP 200 + response body);
-        None for everything else, which the hub answers with a plain 200."""
+        None for everything else, which the hub answers with a plain 200. Only a POST is answered: Bot
+        Framework POSTs every activity, and the hub calls this only once the POST's token verified."""
+        if request.method.upper() != "POST":
+            return None
         try:
             activity = native.convert(native.read_json(request), _Activity)
         except DecodeError:

@@ -371,6 +371,7 @@ class TelegramCodec(Codec):
     default_api_base: ClassVar[str] = "https://api.telegram.org"
     # Bot FAQ: "the API will not allow bulk notifications to more than ~30 users per second".
     send_rate: ClassVar[float] = 30.0
+    credential_headers: ClassVar[frozenset[str]] = Codec.credential_headers | {SECRET_HEADER}
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset(
             {"text", "media", "location", "contact", "buttons", "list", "poll", "reaction", "edit", "delete"}

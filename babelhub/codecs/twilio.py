@@ -243,6 +243,9 @@ class TwilioCodec(Codec):
 
     channel: ClassVar[str] = CHANNEL
     default_api_base: ClassVar[str] = API_BASE
+    # A phone number's or messaging service's webhook may be set to HTTP GET: the fields then come in
+    # the query string, signed with the URL ("Secure webhooks"), and are verified and recorded like a POST.
+    delivers_by_get: ClassVar[bool] = True
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "template"}),
         media=frozenset({"image", "audio", "voice", "video", "document"}),

@@ -5,11 +5,14 @@ button was clicked, `{"id": "…", "action": {"id": "menu:hours", "title": "Open
 records each frame like a webhook (with the session id in the `x-babelhub-session` header), so web
 chat goes through the same durable path as every other channel. Outbound, the browser receives the
 canonical message itself (degraded to the capabilities below) and renders its parts.
+
+Every field of a frame is bounded (`id` 1 to 64 characters, `text` 10,000, `name` 100, an action's
+fields 256), so what a browser sends cannot grow ids, dedup keys or conversation state.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -30,19 +33,25 @@ from babelhub.errors import DecodeError
 
 __all__ = ["WebchatCodec"]
 
+# Anything a browser sends ends up in ids, dedup keys and conversation state: every field is bounded.
+FrameId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+"""The client's own id of a frame; a resent frame with the same id is recorded once."""
+ShortText = Annotated[str, msgspec.Meta(max_length=256)]
+
+
 class ClickedAction(msgspec.Struct, frozen=True):
-    id: str
-    title: str = ""
-    source: str = ""
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    title: ShortText = ""
+    source: ShortText = ""
 
 
 class Frame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a browser sends. Exactly one of `text` or `action`."""
 
-    id: str
-    text: str = ""
+    id: FrameId
+    text: Annotated[str, msgspec.Meta(max_length=10_000)] = ""
     action: ClickedAction | None = None
-    name: str = ""
+    name: Annotated[str, msgspec.Meta(max_length=100)] = ""
 
 
 class WebchatCodec(Codec):

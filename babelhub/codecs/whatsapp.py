@@ -11,6 +11,13 @@ statuses; each becomes its own envelope:
 * Anything else (account_update, message templates, calls, groups, …) → a `Message` from the system in
   the business account's own conversation, carrying the change verbatim as an `Unsupported` part.
 
+Users are known by phone number (`from`, `wa_id`, `recipient_id`) and by business-scoped user id (BSUID:
+`from_user_id`, `contacts[].user_id`, `recipient_user_id`, e.g. `US.13491208655302741918`). A user who
+adopted a WhatsApp username may come without a phone number: the chat is then the BSUID, and replies to it
+name the user in the send API's `recipient` field instead of `to`. A connection with a `phone_number_id`
+takes only the changes for that number (`value.metadata.phone_number_id`): a webhook whose every change
+is for another number of the business account is refused with the reason (a dead letter).
+
 Outbound, every message is a `POST .../messages` with the same JSON body on both providers:
 
 * Meta (default): `https://graph.facebook.com/v23.0/<phone_number_id>/messages`, `Authorization: Bearer`.
@@ -25,11 +32,13 @@ default a text gets a preview when it contains a link).
 
 Sources: Meta's OpenAPI business-messaging-api_v23.0.yaml (webhook and send schemas), the Cloud API
 pages on webhooks, interactive CTA URL messages, typing indicators, supported media types and error
-codes, and 360dialog's Cloud API, typing-indicator and webhook pages.
+codes, "Business-scoped user IDs" (usernames, BSUIDs), and 360dialog's Cloud API, typing-indicator,
+webhook and "Usernames & BSUID" pages.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any, ClassVar, Final, TypeAlias
@@ -104,6 +113,10 @@ _CAPTIONED: Final = frozenset({"image", "video", "document"})  # audio and stick
 _INTERACTIVE_BODY_LIMIT: Final = 1024  # characters of an interactive message's body
 _TEXT_LIMIT: Final = 4096  # characters of a text message's body
 _DEFAULT_LIST_BUTTON: Final = "Options"  # the list's opening button label is required by WhatsApp
+#: A business-scoped user id: a two-letter country code, a period and up to 128 alphanumerics; a parent
+#: BSUID (shared across a business's portfolios) has `ENT.` after the country code. Phone numbers are
+#: digits only, so the two never mix.
+BSUID: Final = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{1,128}")
 
 #: WhatsApp status name → canonical state. Anything else (call statuses such as "RINGING") is kept as
 #: an unsupported message instead.
@@ -125,7 +138,8 @@ _INBOUND_MEDIA: Final[dict[str, MediaKind]] = {
     "document": "document",
     "sticker": "sticker",
 }
-#: Message keys the envelope header already carries; every other key is kept in `meta`.
+#: Message keys the envelope header already carries; every other key (the sender's BSUID in
+#: `from_user_id` too) is kept in `meta`.
 _MESSAGE_HEADER: Final = frozenset({"from", "id", "timestamp", "type", "to"})
 #: A message's members besides its header: one of them that cannot be read becomes an Unsupported part.
 _CONTENT_FIELDS: Final = frozenset(
@@ -235,13 +249,21 @@ class _Webhook(_Native, kw_only=True):
 
 class _Profile(_Native, kw_only=True):
     name: str = ""
+    username: str = ""
+    """Only for users who adopted a WhatsApp username."""
 
 
 class _Contact(_Native, kw_only=True):
-    """`value.contacts[]`: the profile of whoever wrote."""
+    """`value.contacts[]`: the profile of whoever wrote. `wa_id` (the phone number) is left out for a
+    user with a username whose number the business may not see; `user_id` (the BSUID) is always there."""
 
     wa_id: str = ""
+    user_id: str = ""
     profile: _Profile | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        return [user for user in (self.wa_id, self.user_id) if user]
 
 
 class _ErrorData(_Native, kw_only=True):
@@ -398,13 +420,20 @@ class _Content(_Native, kw_only=True):
 
 
 class _Message(_Content, kw_only=True, rename={"from_": "from"}):
-    """`value.messages[]` (from a user) or `value.message_echoes[]` (from the business app)."""
+    """`value.messages[]` (from a user) or `value.message_echoes[]` (from the business app). A user
+    message names the user by phone number (`from`) and BSUID (`from_user_id`); `from` is left out for
+    a user with a username whose number the business may not see."""
 
     id: str
     timestamp: int
-    from_: str
+    from_: str = ""
+    from_user_id: str = ""
     to: str = ""
     group_id: str = ""
+
+    def user(self, *, echo: bool) -> str:
+        """Who the chat is with: the phone number, else the BSUID."""
+        return self.to if echo else (self.from_ or self.from_user_id)
 
 
 class _StatusObject(_Native, kw_only=True):
@@ -415,6 +444,8 @@ class _StatusObject(_Native, kw_only=True):
     status: str
     timestamp: int
     recipient_id: str = ""
+    recipient_user_id: str = ""
+    """The user's BSUID, when the message was sent to it (`recipient_id` is then left out)."""
     recipient_type: str = ""
     recipient_participant_id: str = ""
     group_id: str = ""
@@ -546,12 +577,26 @@ class WhatsAppCodec(Codec):
         webhook = native.convert(native.read_json(request), _Webhook)
         if webhook.object != WEBHOOK_OBJECT:
             raise DecodeError(f"expected object {WEBHOOK_OBJECT!r}, got {webhook.object!r}", path="$.object")
+        own_number = str(ctx.options.get("phone_number_id") or "")
         envelopes: list[Envelope] = []
+        foreign: list[tuple[str, str]] = []
         for i, entry in enumerate(webhook.entry):
             for j, change in enumerate(entry.changes):
                 path = f"$.entry[{i}].changes[{j}].value"
+                number = _phone_number_id(change.value)
+                if own_number and number and number != own_number:
+                    foreign.append((f"{path}.metadata.phone_number_id", number))
+                    continue
                 decoder = _ChangeDecoder(ctx, entry, change, path, request.received_at, entry_path=f"$.entry[{i}]")
                 envelopes.extend(decoder.envelopes())
+        if foreign and not envelopes:
+            # One business account may have several numbers, and one app gets all their webhooks: the
+            # other numbers' conversations are not this connection's. Refused, the reason is kept. (Beside
+            # changes of its own number they are only left out: the raw record still holds them.)
+            path, number = foreign[0]
+            raise DecodeError(
+                f"event for WhatsApp phone number id {number!r}, not this connection's {own_number!r}", path=path
+            )
         return envelopes
 
     # ---------------------------------------------------------------------------------- sending
@@ -568,9 +613,11 @@ class WhatsAppCodec(Codec):
         bodies = composer.finish()
         context = self._reply_context(message, ctx)
         recipient_type = "group" if message.conversation.type == "group" else "individual"
+        # A user known only by BSUID is named in `recipient`; `to` takes a phone number or a group id.
+        address = "recipient" if recipient_type == "individual" and BSUID.fullmatch(ctx.to) else "to"
         requests: list[OutboundRequest] = []
         for n, body in enumerate(bodies):
-            envelope: JsonObject = {"messaging_product": "whatsapp", "recipient_type": recipient_type, "to": ctx.to}
+            envelope: JsonObject = {"messaging_product": "whatsapp", "recipient_type": recipient_type, address: ctx.to}
             if context and body["type"] != "reaction":
                 # The reply quote goes on the first message that can carry one, not on every call.
                 envelope["context"] = context
@@ -674,6 +721,7 @@ class _ChangeDecoder:
         self.path = path
         self.received_at = received_at
         self.names: dict[str, str] = {}
+        self.usernames: dict[str, str] = {}
         self.contacts: dict[str, JsonObject] = {}
         self.change_errors: list[JsonObject] = []
 
@@ -773,10 +821,12 @@ class _ChangeDecoder:
     def _message(self, raw: JsonObject, path: str, *, echo: bool) -> Message:
         message, raw, unreadable = native.convert_parts(raw, _Message, path, _CONTENT_FIELDS, "whatsapp")
         # Echoes go from the business to the user; everything else comes from the user.
-        user = message.to if echo else message.from_
+        user = message.user(echo=echo)
+        if not user and not message.group_id:
+            raise DecodeError("the message names no user: neither 'from' nor 'from_user_id'", path=f"{path}.from")
         meta = {f"whatsapp.{key}": value for key, value in raw.items() if key not in _MESSAGE_HEADER | {message.type}}
         if not echo:
-            meta.update(self._contact_meta(message.from_))
+            meta.update(self._contact_meta(user))
         if self.change_errors:
             meta["whatsapp.change_errors"] = self.change_errors
         source = self._ref(message.context.id) if message.context and message.context.id else ""
@@ -792,7 +842,7 @@ class _ChangeDecoder:
                 handle=_phone_handle(message.from_),
             )
         else:
-            sender = self._user(message.from_, role="system" if message.type == "system" else "user")
+            sender = self._user(user, role="system" if message.type == "system" else "user")
         return Message(
             id=canonical.message_id(*self._scope(), message.id),
             tenant=self.ctx.tenant,
@@ -888,7 +938,7 @@ class _ChangeDecoder:
 
     def _status(self, raw: JsonObject, path: str) -> Envelope:
         status = native.convert(raw, _StatusObject, path)
-        chat = status.group_id or status.recipient_id
+        chat = status.group_id or status.recipient_id or status.recipient_user_id
         is_group = bool(status.group_id) or status.recipient_type == "group"
         state = _STATES.get(status.status)
         meta = _extras(raw, {"id", "status", "timestamp", "recipient_id", "errors"})
@@ -938,20 +988,27 @@ class _ChangeDecoder:
             type="group" if group else "direct",
         )
 
-    def _user(self, wa_id: str, role: canonical.Role = "user") -> Sender:
+    def _user(self, user: str, role: canonical.Role = "user") -> Sender:
+        """A user, by phone number or (a user with a username) by BSUID."""
         return Sender(
-            id=canonical.sender_id(*self._scope(), wa_id),
-            native_id=wa_id,
-            name=self.names.get(wa_id, ""),
+            id=canonical.sender_id(*self._scope(), user),
+            native_id=user,
+            name=self.names.get(user, ""),
             role=role,
-            handle=_phone_handle(wa_id),
+            handle=_phone_handle(user) or self.usernames.get(user, ""),
         )
 
     def _remember_contacts(self, contacts: list[_Contact]) -> None:
-        """`value.contacts[]`: the profile names of whoever wrote, and their raw entries for `meta`."""
+        """`value.contacts[]`: the profile names and usernames of whoever wrote, and their raw entries
+        for `meta`, by phone number and by BSUID (a message names its user by either)."""
         raw_contacts: list[JsonObject] = self.change.value.get("contacts", [])
-        self.names = {contact.wa_id: contact.profile.name for contact in contacts if contact.profile}
-        self.contacts = {contact.wa_id: raw for contact, raw in zip(contacts, raw_contacts, strict=True)}
+        self.names, self.usernames, self.contacts = {}, {}, {}
+        for contact, raw in zip(contacts, raw_contacts, strict=True):
+            for user in contact.ids:
+                self.contacts[user] = raw
+                if contact.profile is not None:
+                    self.names[user] = contact.profile.name
+                    self.usernames[user] = _username_handle(contact.profile.username)
 
     def _contact_meta(self, wa_id: str) -> JsonObject:
         """The sender's contact entry when it says more than wa_id and profile name (user ids, …)."""
@@ -1061,6 +1118,18 @@ def _only_name(profile: Any) -> bool:
 
 def _phone_handle(wa_id: str) -> str:
     return f"+{wa_id}" if wa_id.isdigit() else ""
+
+
+def _username_handle(username: str) -> str:
+    return username if not username or username.startswith("@") else f"@{username}"
+
+
+def _phone_number_id(value: JsonObject) -> str:
+    """The business phone number a change is for (`value.metadata.phone_number_id`); empty when the
+    change names none (account-level changes)."""
+    metadata = value.get("metadata")
+    number = metadata.get("phone_number_id") if isinstance(metadata, dict) else None
+    return str(number) if isinstance(number, str | int) and not isinstance(number, bool) else ""
 
 
 def _delivery_keys(value: JsonObject) -> Iterator[str]:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -26,20 +27,23 @@ from nats.js.errors import NotFoundError
 
 from babelhub import canonical, codecs
 from babelhub.actors.connection import ConnectionActor, RawDelivery
-from babelhub.actors.conversation import ConversationActor, ConversationMessage, Outbound
+from babelhub.actors.conversation import ConversationActor, ConversationMessage, Outbound, actor_key
 from babelhub.actors.runtime import ActorSystem
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import ConfigError, DecodeError
 from babelhub.hub import echo
+from babelhub.hub.bodytimeout import body_timeout
 from babelhub.hub.broker import EmbeddedServer, Subjects, provision
 from babelhub.hub.config import Config
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.context import HubContext
+from babelhub.hub.credentials import NatsUser, hub_user, load_key, server_config, tenant_user
 from babelhub.hub.deadletters import DeadLetter, DeadLetters
 from babelhub.hub.delivery import RetryPolicy, perform
 from babelhub.hub.inflight import InFlight
 from babelhub.hub.ingest import Ingest, webhook_routes
-from babelhub.hub.telemetry import Metrics, carrier, setup_tracing, span
+from babelhub.hub.telemetry import Metrics, carrier, mask_logs, setup_tracing, span
+from babelhub.redaction import SecretMask
 from babelhub.sessions.websocket import WebSessions
 
 __all__ = ["Hub"]
@@ -76,20 +80,26 @@ class Hub:
     # ------------------------------------------------------------------------------------ start
 
     async def start(self) -> None:
+        self.mask = SecretMask(self._secret_values())
+        unmask = mask_logs(self.mask)
+        self._cleanups.append(_async(unmask))  # the first cleanup made, the last one run
         setup_tracing(self.config.hub.tracing)
         settings = self.config.hub
+        login: dict[str, str] = {}
         if not self.nats_url:
-            self.server = EmbeddedServer(settings.data_dir, settings.nats_port)
+            users = self._embedded_users()
+            self.server = EmbeddedServer(settings.data_dir, settings.nats_port, server_config(users))
             await self.server.start()
             self._cleanups.append(self.server.stop)
             self.nats_url = self.server.url
-        self.nc = await nats.connect(self.nats_url, name="babelhub", max_reconnect_attempts=-1)
+            login = {"user": users[0].user, "password": users[0].password}
+        self.nc = await nats.connect(self.nats_url, name="babelhub", max_reconnect_attempts=-1, **login)
         self._cleanups.append(self.nc.drain)
         self.js = self.nc.jetstream()
         await provision(self.js, self.subjects, settings.dedup_window_seconds)
         self.http = aiohttp.ClientSession()
         self._cleanups.append(self.http.close)
-        self.dead_letters = DeadLetters(self.js, self.subjects, self.metrics)
+        self.dead_letters = DeadLetters(self.js, self.subjects, self.metrics, self.mask)
         self.ctx = HubContext(
             nats=self.nc,
             js=self.js,
@@ -98,6 +108,7 @@ class Hub:
             dead_letters=self.dead_letters,
             metrics=self.metrics,
             connections=self._build_connections(),
+            mask=self.mask,
         )
         self.ingest = Ingest(self.js, self.subjects, self.dead_letters)
         self._start_actors()
@@ -105,6 +116,20 @@ class Hub:
         await self._start_consumers()
         await self._start_http()
         self.ready = True
+
+    def _embedded_users(self) -> list[NatsUser]:
+        """The hub's own user (first) and one per tenant, for the embedded server."""
+        key = load_key(self.config.hub.data_dir)
+        return [hub_user(key), *(tenant_user(key, self.subjects, tenant.id) for tenant in self.config.tenants)]
+
+    def _secret_values(self) -> list[str]:
+        """Every secret the configuration holds: masked wherever text leaves the hub."""
+        values = [value for connection in self.config.connections for value in connection.secrets.values()]
+        values += [key for tenant in self.config.tenants for key in tenant.api_keys]
+        values += [urlsplit(url).password or "" for url in self.config.hub.nats.split(",")]
+        if not self.config.hub.nats:
+            values += [user.password for user in self._embedded_users()]
+        return values
 
     def _build_connections(self) -> dict[str, ConnectionService]:
         policy = RetryPolicy(attempts=self.config.hub.send_attempts)
@@ -219,7 +244,9 @@ class Hub:
                                                     subject=msg.subject, body=msg.data))
             await term()
 
-        await self.conversations.tell(conversation, Outbound(envelope, dict(msg.headers or {})), ack, failed)
+        # Keyed by the subject's tenant: naming another tenant's conversation id reaches an empty actor.
+        await self.conversations.tell(actor_key(tenant, conversation), Outbound(envelope, dict(msg.headers or {})),
+                                      ack, failed)
 
     async def _on_echo(self, msg: Msg) -> None:
         """The built-in echo processor: what an app on NATS does, in a few lines."""
@@ -270,8 +297,10 @@ class Hub:
     # ------------------------------------------------------------------------------------ HTTP
 
     async def _start_http(self) -> None:
-        app = web.Application(client_max_size=self.config.hub.max_body_bytes)
+        app = web.Application(client_max_size=self.config.hub.max_body_bytes,
+                              middlewares=[body_timeout(self.config.hub.body_timeout_seconds)])
         app.add_routes(webhook_routes(self.ctx.connections, self.ingest, self.metrics))
+        await self.sessions.start(self.config.hub)
         app.add_routes(self.sessions.routes())
         app.add_routes([
             web.get("/healthz", self._healthz),
@@ -322,3 +351,10 @@ class Hub:
                 await cleanup()
             except Exception:
                 log.exception("error while stopping")
+
+
+def _async(function: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        function()
+
+    return call

@@ -2,7 +2,9 @@
 
 The embedded server is a child process started with JetStream in the data directory. It is asked to
 die with its parent (Linux `PR_SET_PDEATHSIG`), so even a `kill -9` of the hub leaves no server behind;
-the signal is SIGTERM, which lets nats-server flush its stores before it exits.
+the signal is SIGTERM, which lets nats-server flush its stores before it exits. Given an `auth_config`
+(the hub gives one: its own user and one per tenant, see `babelhub.hub.credentials`), the server admits
+only those users.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -118,9 +121,12 @@ def free_port() -> int:
 class EmbeddedServer:
     """A nats-server child process with JetStream, listening on 127.0.0.1."""
 
-    def __init__(self, data_dir: str | Path, port: int = 4222) -> None:
+    def __init__(self, data_dir: str | Path, port: int = 4222, auth_config: str = "") -> None:
+        """`auth_config`: nats-server configuration text naming the users it admits (empty: anyone may
+        connect, as on a test server); written to the data directory, readable by its owner only."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        self.auth_config = auth_config
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -132,12 +138,22 @@ class EmbeddedServer:
         log = (self.data_dir / "nats-server.log").open("ab")
         command = [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
                    str(self.data_dir / "jetstream"), "--server_name", "babelhub-embedded"]
+        if self.auth_config:
+            command += ["-c", str(self._write_auth_config())]
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *command, stdout=log, stderr=log, preexec_fn=_die_with_parent)
         finally:
             log.close()
         await self._wait_until_listening(ready_timeout)
+
+    def _write_auth_config(self) -> Path:
+        path = self.data_dir / "nats-server.conf"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.chmod(path, 0o600)  # it holds passwords; an older file may have had a looser mode
+        with os.fdopen(descriptor, "w") as file:
+            file.write(self.auth_config)
+        return path
 
     async def _wait_until_listening(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()

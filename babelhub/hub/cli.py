@@ -1,4 +1,5 @@
-"""The `babelhub` command line: `babelhub run` starts the hub, `babelhub schema` prints the JSON Schema."""
+"""The `babelhub` command line: `babelhub run` starts the hub, `babelhub schema` prints the JSON Schema,
+`babelhub credentials <tenant>` prints the NATS user a tenant's processors connect to the embedded server with."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from babelhub import canonical
 from babelhub.errors import ConfigError
@@ -29,8 +31,45 @@ def _schema(_: argparse.Namespace) -> int:
     return 0
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    return args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+
+
+def _credentials(args: argparse.Namespace) -> int:
+    from babelhub.hub.broker import Subjects
+    from babelhub.hub.credentials import load_key, tenant_user, user_entry
+
+    path = _config_path(args)
+    try:
+        config = cfg.load(path, overrides={"data_dir": args.data_dir})
+    except ConfigError as exc:
+        print(f"babelhub: {exc}", file=sys.stderr)
+        return 2
+    if args.tenant not in {tenant.id for tenant in config.tenants}:
+        print(f"babelhub: no tenant {args.tenant!r} in {path or 'the built-in config'}", file=sys.stderr)
+        return 2
+    user = tenant_user(load_key(config.hub.data_dir), Subjects(config.hub.subject_prefix), args.tenant)
+    if args.server_config:
+        print(json.dumps(user_entry(user), indent=2))
+        return 0
+    url = _without_userinfo(config.hub.nats) if config.hub.nats else f"nats://127.0.0.1:{config.hub.nats_port}"
+    print("\n".join([
+        f"NATS user for the processors of tenant {args.tenant} (embedded server in {config.hub.data_dir})",
+        f"  url           {url}",
+        f"  user          {user.user}",
+        f"  password      {user.password}",
+        f"  inbox_prefix  {user.inbox_prefix}",
+        f"  publish       {', '.join(user.publish)}",
+        f"  subscribe     {', '.join(user.subscribe)}",
+        f"Python: await nats.connect({url!r}, user={user.user!r}, password={user.password!r}, "
+        f"inbox_prefix={user.inbox_prefix!r})",
+        "The running hub admits the tenants it was started with; restart it after adding a tenant.",
+    ]))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    path = _config_path(args)
     try:
         config = cfg.load(path, overrides={"http": args.http, "nats": args.nats, "data_dir": args.data_dir})
     except ConfigError as exc:
@@ -72,10 +111,12 @@ def _banner(hub: Hub, path: Path | None) -> str:
         "babelhub is running",
         f"  config      {path or '(built-in defaults)'}",
         f"  http        {hub.http_url}   (web chat at {hub.http_url}/)",
-        f"  nats        {hub.nats_url}   ({nats_kind})",
+        f"  nats        {_without_userinfo(hub.nats_url)}   ({nats_kind})",
         f"  subjects    {hub.subjects.prefix}.<tenant>.in.>  /  .out.<conversation>  /  .status.>",
         f"  metrics     {hub.http_url}/metrics   health {hub.http_url}/healthz  {hub.http_url}/readyz",
     ]
+    if hub.server is not None:
+        lines.append("  processors  `babelhub credentials <tenant>` prints the NATS user of a tenant's processors")
     for connection in hub.config.connections:
         if hub.ctx.connections[connection.id].codec.takes_sessions:
             where = f"WebSocket {hub.http_url.replace('http', 'ws', 1)}/ws/{connection.id}"
@@ -86,6 +127,12 @@ def _banner(hub: Hub, path: Path | None) -> str:
         lines.append(f"  connection  {connection.id} ({connection.channel}, tenant {connection.tenant}): {where}")
     lines.append("Ctrl-C stops it.")
     return "\n".join(lines)
+
+
+def _without_userinfo(url: str) -> str:
+    """A NATS URL as it may be shown: without a user and password in it."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _channels(_: argparse.Namespace) -> int:
@@ -106,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     schema = commands.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the envelope")
     schema.set_defaults(handler=_schema)
+    credentials = commands.add_parser(
+        "credentials", help="print the NATS user of a tenant's processors (embedded server)")
+    credentials.add_argument("tenant", help="tenant id from the config")
+    credentials.add_argument("--config", type=Path, default=None, help=f"TOML config (default: {DEFAULT_CONFIG})")
+    credentials.add_argument("--data-dir", default=None,
+                             help="embedded nats-server data directory (default .babelhub/)")
+    credentials.add_argument("--server-config", action="store_true",
+                             help="print the user's nats-server `authorization.users` entry instead")
+    credentials.set_defaults(handler=_credentials)
     channels = commands.add_parser("channels", help="print the channel by part-type table (markdown)")
     channels.set_defaults(handler=_channels)
     return parser

@@ -29,6 +29,18 @@ class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 class HubSettings(_Table, frozen=True, kw_only=True):
     http: str = "127.0.0.1:8080"
     """host:port the HTTP server (webhooks, REST, WebSocket, web chat) listens on."""
+    body_timeout_seconds: float = 10.0
+    """A request body not fully received this long after its headers is answered 408 and its connection
+    closed, so a client that stalls mid-body cannot hold a handler."""
+    max_frame_bytes: int = 64 * 1024
+    """Largest web chat WebSocket frame; a larger one closes the socket with 1009 and is never recorded.
+    Must stay well below the NATS server's max_payload (checked at start)."""
+    max_sockets_per_ip: int = 20
+    """Web chat WebSockets one client address may hold open in this process; more close with 1008."""
+    session_frame_rate: float = 5.0
+    """Frames per second one web chat session may send, after a burst of `session_frame_burst`; a
+    session that sends faster is closed with 1008."""
+    session_frame_burst: int = 20
     nats: str = ""
     """nats://… of an existing server or cluster; empty = start the embedded nats-server."""
     nats_port: int = 4222
@@ -144,6 +156,7 @@ def _check(config: Config) -> None:
     _unique("processors", [p.id for p in config.processors])
     if not re.match(r"^[A-Za-z0-9_-]+$", config.hub.subject_prefix):
         raise ConfigError(f"hub.subject_prefix {config.hub.subject_prefix!r} must be one subject token")
+    _check_web_limits(config.hub)
     for index, connection in enumerate(config.connections):
         if connection.tenant not in tenants:
             raise ConfigError(f"$.connections[{index}].tenant: no tenant {connection.tenant!r}")
@@ -154,6 +167,15 @@ def _check(config: Config) -> None:
     for index, processor in enumerate(config.processors):
         if processor.tenant not in tenants:
             raise ConfigError(f"$.processors[{index}].tenant: no tenant {processor.tenant!r}")
+
+
+def _check_web_limits(hub: HubSettings) -> None:
+    positive = {"body_timeout_seconds": hub.body_timeout_seconds, "max_frame_bytes": hub.max_frame_bytes,
+                "max_sockets_per_ip": hub.max_sockets_per_ip, "session_frame_rate": hub.session_frame_rate,
+                "session_frame_burst": hub.session_frame_burst}
+    for name, value in positive.items():
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"hub.{name}: {value} must be more than 0")
 
 
 def _unique(table: str, ids: list[str]) -> set[str]:

@@ -12,6 +12,7 @@ from babelhub.hub.broker import Subjects
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.deadletters import DeadLetters
 from babelhub.hub.telemetry import Metrics
+from babelhub.redaction import SecretMask
 
 
 @dataclass
@@ -23,3 +24,5 @@ class HubContext:
     dead_letters: DeadLetters
     metrics: Metrics
     connections: dict[str, ConnectionService] = field(default_factory=dict)
+    mask: SecretMask = field(default_factory=SecretMask)
+    """Masks the configured secrets in what leaves the hub (statuses, dead letters, logs)."""

@@ -2,21 +2,72 @@
 
 One trace runs from the webhook to the channel API call: the ingest span's context rides the raw
 record's NATS headers, the actors carry it with each message, and the outbound HTTP call sends it on.
+
+Logs never carry a configured secret: `mask_logs` masks secret values in every log record, whichever
+library made it (a Telegram bot token in a URL, an aiohttp exception's repr, a traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-__all__ = ["Metrics", "carrier", "setup_tracing", "span"]
+from babelhub.redaction import SecretMask
+
+__all__ = ["Metrics", "carrier", "mask_logs", "setup_tracing", "span"]
 
 tracer = trace.get_tracer("babelhub")
+
+_log_masks: list[SecretMask] = []
+_unmasked_factory = logging.getLogRecordFactory()
+_traceback_formatter = logging.Formatter()
+
+
+def mask_logs(mask: SecretMask) -> Callable[[], None]:
+    """Mask `mask`'s secret values in every log record made from now on (message, traceback, stack),
+    until the returned function is called. A record factory rather than a handler filter, so that it
+    holds for every logger and every handler, including ones set up after the hub started."""
+    global _unmasked_factory
+    if logging.getLogRecordFactory() is not _masked_record:
+        _unmasked_factory = logging.getLogRecordFactory()
+        logging.setLogRecordFactory(_masked_record)
+    _log_masks.append(mask)
+
+    def unmask() -> None:
+        with contextlib.suppress(ValueError):
+            _log_masks.remove(mask)
+
+    return unmask
+
+
+def _masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _unmasked_factory(*args, **kwargs)
+    for mask in list(_log_masks):
+        _mask_record(record, mask)
+    return record
+
+
+def _mask_record(record: logging.LogRecord, mask: SecretMask) -> None:
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string: logging reports it when the record is emitted
+        return
+    if mask.found_in(message):
+        record.msg, record.args = mask.text(message), None
+    if record.exc_info and record.exc_info[1] is not None:
+        text = record.exc_text or _traceback_formatter.formatException(record.exc_info)
+        if mask.found_in(text):
+            record.exc_text = mask.text(text)  # formatters print exc_text when it is set
+    if record.stack_info and mask.found_in(record.stack_info):
+        record.stack_info = mask.text(record.stack_info)
 
 
 def setup_tracing(mode: str) -> None:

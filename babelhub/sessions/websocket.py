@@ -5,31 +5,62 @@ A browser frame is recorded through the same durable ingest as a webhook. What t
 session is published on core NATS (`<prefix>.<tenant>.session.<connection>.<session>`), so whichever hub
 process holds the socket can deliver it. A frame the hub cannot read closes the socket with 1007 and
 the reason, and the frame is kept in the dead-letter stream.
+
+The chat is meant to face the internet, so a socket is only as strong as its limits:
+
+* the hub issues session ids with a resume token (`tokens.py`); `?session=…&token=…` resumes one, and
+  anything else starts a new session;
+* the `Origin` of a browser must be the hub's own or one of the connection's `allowed_origins` (403);
+* one client address holds at most `hub.max_sockets_per_ip` sockets, and one session sends at most
+  `hub.session_frame_rate` frames a second after a burst (both close with 1008 naming the limit);
+* a frame larger than `hub.max_frame_bytes` closes with 1009 before it is read, and is never recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
+from collections import Counter
 from importlib.resources import files
+from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from nats.aio.msg import Msg
+from yarl import URL
 
 from babelhub.codecs.base import SESSION_HEADER, HttpRequest
-from babelhub.errors import DecodeError
+from babelhub.errors import ConfigError, DecodeError
+from babelhub.hub.config import HubSettings
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.context import HubContext
+from babelhub.hub.deadletters import DeadLetter
 from babelhub.hub.ingest import Ingest
+from babelhub.sessions.limits import AddressSlots, FrameBudgets
+from babelhub.sessions.tokens import SessionSigner, load_session_key, well_formed
 
 __all__ = ["WebSessions"]
 
 log = logging.getLogger("babelhub.sessions")
 
 _PAGE = files("babelhub.sessions").joinpath("static/webchat.html").read_text("utf-8")
-_SESSION_ALPHABET = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+# Room the raw record needs beside the frame itself (path, session header, msgpack framing, NATS headers).
+_RECORD_OVERHEAD = 4096
+_ANY_ORIGIN = "*"
+
+
+class _ChatSocket(web.WebSocketResponse):
+    """aiohttp refuses a frame over `max_msg_size` with close code 1009 but no reason; a browser should
+    learn the limit it crossed."""
+
+    def __init__(self, *, too_big: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._too_big = too_big.encode("utf-8")
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = self._too_big
+        return await super().close(code=code, message=message, drain=drain)
 
 
 class WebSessions:
@@ -37,6 +68,30 @@ class WebSessions:
         self._hub = hub
         self._ingest = ingest
         self._sockets: set[web.WebSocketResponse] = set()
+        self._signers: dict[str, SessionSigner] = {}
+        self._origins: dict[str, frozenset[str]] = {}
+        self._open_sessions: Counter[str] = Counter()
+        self._apply_limits(HubSettings())  # the defaults, until start() is given the configured ones
+
+    def _apply_limits(self, settings: HubSettings) -> None:
+        self._settings = settings
+        self._addresses = AddressSlots(settings.max_sockets_per_ip)
+        self._budgets = FrameBudgets(settings.session_frame_rate, settings.session_frame_burst)
+
+    async def start(self, settings: HubSettings) -> None:
+        """Check the limits against the NATS server and load each web chat connection's session key."""
+        max_payload = self._hub.nats.max_payload
+        if settings.max_frame_bytes + _RECORD_OVERHEAD > max_payload:
+            raise ConfigError(f"hub.max_frame_bytes {settings.max_frame_bytes} leaves no room in the NATS server's "
+                              f"max_payload of {max_payload} bytes; set it below {max_payload - _RECORD_OVERHEAD}")
+        self._apply_limits(settings)
+        for connection in self._hub.connections.values():
+            if connection.codec.takes_sessions:
+                self._origins[connection.id] = _allowed_origins(connection)
+                key = connection.settings.secrets.get("session_key", "").encode("utf-8")
+                if not key:
+                    key = await load_session_key(self._hub.js, self._hub.subjects, connection.id)
+                self._signers[connection.id] = SessionSigner(key, connection.tenant, connection.id)
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/", self._page), web.get("/ws/{connection}", self._socket)]
@@ -46,14 +101,59 @@ class WebSessions:
 
     async def _socket(self, request: web.Request) -> web.StreamResponse:
         connection = self._hub.connections.get(request.match_info["connection"])
-        if connection is None or not connection.codec.takes_sessions:
+        if connection is None or connection.id not in self._signers:
             return web.json_response({"error": "no WebSocket connection of that name"}, status=404)
-        session = request.query.get("session") or secrets.token_urlsafe(12)
-        if not set(session) <= _SESSION_ALPHABET or len(session) > 64:
-            return web.json_response({"error": "session ids use letters, digits, '_' and '-'"}, status=400)
-        socket = web.WebSocketResponse(heartbeat=30.0)
-        await socket.prepare(request)
+        if not self._origin_allowed(request, connection.id):
+            return web.json_response({"error": f"origin {request.headers['Origin'][:100]!r} may not open this chat"},
+                                     status=403)
+        claimed = request.query.get("session", ""), request.query.get("token", "")
+        if any(value and not well_formed(value) for value in claimed):
+            return web.json_response({"error": "session ids and tokens use letters, digits, '_' and '-'"},
+                                     status=400)
+        limit = self._settings.max_frame_bytes
+        socket = _ChatSocket(heartbeat=30.0, max_msg_size=limit,
+                             too_big=f"frame larger than {limit} bytes (hub.max_frame_bytes)")
+        address = request.remote or ""
+        if not self._addresses.take(address):
+            await socket.prepare(request)
+            await socket.close(code=WSCloseCode.POLICY_VIOLATION, message=(
+                f"too many sockets from one address: {self._addresses.limit} (hub.max_sockets_per_ip)").encode())
+            return socket
+        try:
+            await socket.prepare(request)
+            await self._serve(socket, connection, *claimed)
+        finally:
+            self._addresses.release(address)
+        return socket
+
+    def _origin_allowed(self, request: web.Request, connection: str) -> bool:
+        """Browsers always send `Origin` on a WebSocket; a client without one is not a browser, and a
+        check it could forge would protect nothing."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        allowed = self._origins[connection]
+        if _ANY_ORIGIN in allowed:
+            return True
+        try:
+            claimed = URL(origin).origin()
+            # The hub's own origin, with the browser's scheme: behind a TLS-terminating proxy the hub
+            # itself is reached over http while the page was loaded over https.
+            own = URL(f"{claimed.scheme}://{request.host}").origin()
+        except ValueError:  # "null" (sandboxed frames, file://) and other non-URLs
+            return False
+        return claimed == own or str(claimed) in allowed
+
+    async def _serve(self, socket: web.WebSocketResponse, connection: ConnectionService,
+                     session: str, token: str) -> None:
+        signer = self._signers[connection.id]
+        resumed = bool(session) and signer.valid(session, token)
+        if resumed:
+            log.debug("%s: session resumed", connection.id)
+        else:
+            session, token = signer.new_session()
         self._sockets.add(socket)
+        self._open_sessions[session] += 1
         subject = self._hub.subjects.session(connection.tenant, connection.id, session)
 
         async def to_browser(msg: Msg) -> None:
@@ -65,20 +165,33 @@ class WebSessions:
 
         subscription = await self._hub.nats.subscribe(subject, cb=to_browser)
         try:
-            await socket.send_json({"type": "session", "session": session})
+            await socket.send_json({"type": "session", "session": session, "token": token, "resumed": resumed})
             await self._read_frames(socket, connection, session)
         finally:
             await subscription.unsubscribe()
             self._sockets.discard(socket)
-        return socket
+            self._open_sessions[session] -= 1
+            if self._open_sessions[session] <= 0:
+                del self._open_sessions[session]
+            self._budgets.forget_refilled(keep=self._open_sessions)
 
     async def _read_frames(self, socket: web.WebSocketResponse, connection: ConnectionService, session: str) -> None:
         async for frame in socket:
+            if frame.type == WSMsgType.ERROR:
+                if isinstance(frame.data, WebSocketError):  # a frame refused, not a connection lost
+                    await self._park_refused(frame.data, connection, session)
+                return
             if frame.type == WSMsgType.BINARY:
                 await socket.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"web chat frames are JSON text")
                 return
             if frame.type != WSMsgType.TEXT:
                 continue
+            if not self._budgets.take(session):
+                settings = self._settings
+                await socket.close(code=WSCloseCode.POLICY_VIOLATION, message=(
+                    f"frame rate limit: {settings.session_frame_rate:g}/s after a burst of "
+                    f"{settings.session_frame_burst} (hub.session_frame_rate)").encode())
+                return
             record = HttpRequest(method="WS", path=f"/ws/{connection.id}", headers={SESSION_HEADER: session},
                                  body=frame.data.encode("utf-8"), received_at=time.time())
             try:
@@ -88,9 +201,33 @@ class WebSessions:
                 await socket.close(code=WSCloseCode.INVALID_TEXT, message=reason.encode("utf-8"))
                 return
 
+    async def _park_refused(self, error: WebSocketError, connection: ConnectionService, session: str) -> None:
+        """A frame aiohttp refused (too large, broken framing) was never read whole: keep the reason, so
+        the refusal shows in the dead-letter stream like any other bad input."""
+        await self._hub.dead_letters.park(DeadLetter(
+            stage="ingest", error=f"WebSocket frame refused: {error}", tenant=connection.tenant,
+            connection=connection.id, headers={SESSION_HEADER: session}))
+
     async def close_all(self) -> None:
         """Shutdown: tell every browser the hub is going away (1001), so it reconnects later."""
         sockets = list(self._sockets)
         await asyncio.gather(*(s.close(code=WSCloseCode.GOING_AWAY, message=b"hub shutting down") for s in sockets),
                              return_exceptions=True)
 
+
+def _allowed_origins(connection: ConnectionService) -> frozenset[str]:
+    """The connection's `allowed_origins` option as normalized origins (`scheme://host[:port]`)."""
+    configured = connection.settings.options.get("allowed_origins", [])
+    where = f"connection {connection.id}: option allowed_origins"
+    if not isinstance(configured, list) or not all(isinstance(item, str) for item in configured):
+        raise ConfigError(f"{where} must be a list of origins like \"https://shop.example\" (or \"*\")")
+    origins: set[str] = set()
+    for item in configured:
+        if item == _ANY_ORIGIN:
+            origins.add(item)
+            continue
+        url = URL(item)
+        if url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/"):
+            raise ConfigError(f"{where}: {item!r} is not an origin (scheme://host[:port])")
+        origins.add(str(url.origin()))
+    return frozenset(origins)

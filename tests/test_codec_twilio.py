@@ -845,3 +845,9 @@ def test_registered_under_its_channel_name() -> None:
     assert (caps.text_limit, caps.markup, caps.max_buttons, caps.media_max_bytes) == (1600, "plain", 0, 5_000_000)
     assert not (caps.reply or caps.reaction or caps.edit or caps.delete or caps.media_upload)
     assert codec.default_api_base == "https://api.twilio.com/2010-04-01"
+
+
+def test_a_status_callback_keeps_a_field_it_cannot_read_in_meta() -> None:
+    status = decode("status_sms_delivered", NumMedia="many")
+    assert isinstance(status, Status) and status.state == "delivered"
+    assert status.meta["twilio.NumMedia"] == "many"

@@ -301,13 +301,14 @@ class TwilioCodec(Codec):
 
     def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
         form = dict(_form_pairs(request))
-        webhook, form, unreadable = native.convert_parts(form, _Webhook, "$", _PART_FIELDS, "twilio")
+        webhook, readable, unreadable = native.convert_parts(form, _Webhook, "$", _PART_FIELDS, "twilio")
         if not webhook.message_sid:
             raise DecodeError("no MessageSid: not a Twilio messaging webhook", path="$.MessageSid")
-        decoder = _WebhookDecoder(ctx, form, webhook, _received_time(request.received_at), unreadable)
+        received = _received_time(request.received_at)
         if _is_status_callback(webhook):
-            return [decoder.status()]
-        return [decoder.message()]
+            # a status has no parts: a field that could not be read stays in meta with the others
+            return [_WebhookDecoder(ctx, form, webhook, received, []).status()]
+        return [_WebhookDecoder(ctx, readable, webhook, received, unreadable).message()]
 
     # ---------------------------------------------------------------------------------- sending
 

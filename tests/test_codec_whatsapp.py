@@ -444,6 +444,17 @@ def test_one_unreadable_part_keeps_the_rest_of_the_message(kind: str, fragment: 
     assert canonical.decode(canonical.encode(message)) == message
 
 
+def test_an_unreadable_reply_context_keeps_the_text() -> None:
+    def break_context(body: Any) -> None:
+        body["entry"][0]["changes"][0]["value"]["messages"][0]["context"] = {"id": ["wamid.X"]}
+
+    (message,) = CODEC.decode(HttpRequest(body=changed("text", break_context)), CTX)
+    assert isinstance(message, Message) and not message.reply_to
+    text, context = message.parts
+    assert isinstance(text, Text)
+    assert isinstance(context, Unsupported) and context.native == {"context": {"id": ["wamid.X"]}}
+
+
 def changed(name: str, edit: Any) -> bytes:
     """A fixture with `edit(body)` applied."""
     body = load_json(name)

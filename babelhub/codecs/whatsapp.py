@@ -818,8 +818,8 @@ class _ChangeDecoder:
 
     # ----------------------------------------------------------------------------- messages
 
-    def _message(self, raw: JsonObject, path: str, *, echo: bool) -> Message:
-        message, raw, unreadable = native.convert_parts(raw, _Message, path, _CONTENT_FIELDS, "whatsapp")
+    def _message(self, received: JsonObject, path: str, *, echo: bool) -> Message:
+        message, raw, unreadable = native.convert_parts(received, _Message, path, _CONTENT_FIELDS, "whatsapp")
         # Echoes go from the business to the user; everything else comes from the user.
         user = message.user(echo=echo)
         if not user and not message.group_id:
@@ -830,10 +830,14 @@ class _ChangeDecoder:
         if self.change_errors:
             meta["whatsapp.change_errors"] = self.change_errors
         source = self._ref(message.context.id) if message.context and message.context.id else ""
-        fragment = raw.get(message.type, raw)
-        parts = unreadable or native.lenient_parts(
-            lambda: self._parts(message, raw, path, meta, source), fragment, f"whatsapp {message.type}"
-        )
+        if message.type in received and message.type not in raw:
+            parts = unreadable  # the content object itself could not be read: its Unsupported part says why
+        else:
+            fragment = raw.get(message.type, raw)
+            parts = native.lenient_parts(
+                lambda: self._parts(message, raw, path, meta, source), fragment, f"whatsapp {message.type}"
+            )
+            parts.extend(unreadable)  # a reply context or error list that could not be read
         if echo:
             sender = Sender(
                 id=canonical.sender_id(*self._scope(), message.from_),

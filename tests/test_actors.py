@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
+from babelhub.actors.admission import Admission, Letter
 from babelhub.actors.runtime import Actor, ActorSystem
+from tests.hubkit import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -181,3 +183,182 @@ async def test_an_activation_whose_state_cannot_be_saved_is_given_up_without_ack
     await actors.stop()
     assert acked == [1] and journal.checkpoints["a"] == [1]
     assert journal.activations == ["a", "a"]
+
+
+class Unloadable(Recorder):
+    """An actor whose state cannot be loaded (a corrupt snapshot): `on_activate` always raises."""
+
+    async def on_activate(self) -> None:
+        self.journal.activations.append(self.key)
+        if self.key.startswith("bad"):
+            raise ValueError(f"snapshot of {self.key} is corrupt")
+        await super().on_activate()
+
+
+async def test_an_actor_that_cannot_activate_gives_its_mail_up_and_the_others_go_on() -> None:
+    journal = Journal()
+    actors: ActorSystem[int] = ActorSystem("unloadable", lambda key: Unloadable(key, journal), max_restarts=3,
+                                           backoff_base=0.001, backoff_max=0.002)
+    failures: list[tuple[int, str]] = []
+
+    def failed(n: int):  # type: ignore[no-untyped-def]
+        async def on_failed(exc: BaseException) -> None:
+            failures.append((n, str(exc)))
+        return on_failed
+
+    for n in range(3):
+        await actors.tell("bad", n, on_failed=failed(n))
+        await actors.tell("good", n)
+    await eventually(lambda: len(failures) == 3)
+    await asyncio.wait_for(actors.stop(), 10)
+    assert [n for n, _ in failures] == [0, 1, 2]
+    assert all("corrupt" in reason for _, reason in failures)
+    assert journal.applied == {"good": [0, 1, 2]}
+    assert journal.activations.count("bad") <= 3 * 3  # bounded tries: never an endless retry loop
+    assert actors.failures_total == 3
+
+
+async def test_stop_does_not_wait_for_an_actor_still_trying_to_activate() -> None:
+    journal = Journal()
+    actors: ActorSystem[int] = ActorSystem("unloadable", lambda key: Unloadable(key, journal), max_restarts=1000,
+                                           backoff_base=30.0, backoff_max=30.0)
+    released: list[int] = []
+
+    async def on_released() -> None:
+        released.append(1)
+
+    await actors.tell("bad", 1, on_released=on_released)
+    await eventually(lambda: journal.activations)
+    await asyncio.wait_for(actors.stop(), 10)  # without the fix: stuck in the activation retries for ever
+    assert released == [1]  # handed back, neither applied nor given up: a later run tries it again
+
+
+async def test_offer_never_waits_and_a_full_key_does_not_block_another() -> None:
+    journal = Journal()
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        async def receive(self, message: int) -> None:
+            if self.key == "stuck":
+                await gate.wait()
+            await super().receive(message)
+
+    actors: ActorSystem[int] = ActorSystem("slow", lambda key: Slow(key, journal), mailbox_size=2)
+    offered = [actors.offer("stuck", n) for n in range(3)]  # the first turn starts only at the next await
+    await eventually(lambda: actors.has_room("stuck"))  # the first message is in its turn
+    offered.append(actors.offer("stuck", 3))
+    assert offered == [True, True, False, True]
+    assert not actors.offer("stuck", 4) and not actors.has_room("stuck")
+    assert [actors.offer("free", n) for n in range(3)] == [True, True, False]  # each key has its own bound
+    await eventually(lambda: journal.applied.get("free", []) == [0, 1])
+    assert actors.offer("free", 9)
+    await eventually(lambda: 9 in journal.applied.get("free", []))
+    gate.set()
+    await actors.stop()
+    assert journal.applied["stuck"] == [0, 1, 3]
+
+
+async def test_an_abandoned_activation_releases_everything_it_holds() -> None:
+    journal = Journal()
+    gate = asyncio.Event()
+
+    class Unsaveable(Recorder):
+        async def receive(self, message: int) -> None:
+            await gate.wait()
+            await super().receive(message)
+
+        async def checkpoint(self) -> None:
+            raise ConnectionError("store unavailable")
+
+    actors: ActorSystem[int] = ActorSystem("unsaveable", lambda key: Unsaveable(key, journal), max_restarts=2,
+                                           backoff_base=0.001, backoff_max=0.002, checkpoint_every=2)
+    settled: list[tuple[str, int]] = []
+
+    def settle(kind: str, n: int):  # type: ignore[no-untyped-def]
+        async def callback() -> None:
+            settled.append((kind, n))
+        return callback
+
+    for n in range(4):  # two are applied then the checkpoint fails; two still wait in the mailbox
+        await actors.tell("a", n, settle("applied", n), on_released=settle("released", n))
+    gate.set()
+    await eventually(lambda: len(settled) == 4)
+    assert sorted(settled) == [("released", 0), ("released", 1), ("released", 2), ("released", 3)]
+    assert actors.active == 0
+    await actors.stop()
+
+
+async def test_stop_cancels_a_turn_that_never_ends_and_releases_its_mail() -> None:
+    journal = Journal()
+    never = asyncio.Event()
+
+    class Hung(Recorder):
+        async def receive(self, message: int) -> None:
+            if message == 1:
+                await never.wait()  # a channel API that never answers
+            await super().receive(message)
+
+    actors: ActorSystem[int] = ActorSystem("hung", lambda key: Hung(key, journal))
+    settled: list[tuple[str, int]] = []
+
+    def settle(kind: str, n: int):  # type: ignore[no-untyped-def]
+        async def callback() -> None:
+            settled.append((kind, n))
+        return callback
+
+    for n in range(3):
+        await actors.tell("a", n, settle("applied", n), on_released=settle("released", n))
+    await actors.tell("b", 0, settle("applied b", 0))
+    await eventually(lambda: journal.applied.get("a") == [0])
+    await asyncio.wait_for(actors.stop(grace=0.2), 10)
+    assert ("applied b", 0) in settled  # the others drained and were saved as usual
+    assert sorted(item for item in settled if item[0] == "released") == [("released", 0), ("released", 1),
+                                                                         ("released", 2)]
+
+
+async def test_admission_keeps_each_keys_order_and_lets_other_keys_pass() -> None:
+    journal = Journal()
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        async def receive(self, message: int) -> None:
+            if self.key == "stuck":
+                await gate.wait()
+            await super().receive(message)
+
+    now = [0.0]
+    admission = Admission(hold_seconds=60.0, clock=lambda: now[0])
+    actors: ActorSystem[int] = ActorSystem("slow", lambda key: Slow(key, journal), mailbox_size=1)
+
+    def offer(key: str, seq: int) -> bool:
+        return admission.offer(actors, seq, [Letter(key, seq)])
+
+    async def in_turn(key: str) -> None:
+        await eventually(lambda: actors.has_room(key))
+
+    try:
+        assert offer("stuck", 1)
+        await in_turn("stuck")  # 1 is in its turn, waiting for the gate
+        assert offer("stuck", 2)  # fills the mailbox
+        assert not offer("stuck", 3)  # full: handed back
+        assert offer("other", 4)  # another key is not affected
+        gate.set()
+        await eventually(lambda: journal.applied.get("stuck") == [1, 2])
+        assert not offer("stuck", 5)  # there is room again, but 3 is still out: 5 must not overtake it
+        assert offer("stuck", 3)  # 3 comes back first
+        await eventually(lambda: 3 in journal.applied["stuck"])
+        gate.clear()
+        assert offer("stuck", 5)  # then 5, whose turn now waits for the gate
+        await in_turn("stuck")
+        assert offer("stuck", 6)
+        assert not offer("stuck", 7)  # full
+        now[0] += 30
+        assert not offer("stuck", 8)  # 7 is out
+        now[0] += 31  # 7 never came back (terminated elsewhere): after its hold it no longer blocks the key
+        gate.set()
+        await eventually(lambda: journal.applied["stuck"][-1] == 6)
+        assert offer("stuck", 8)
+    finally:
+        gate.set()
+        await actors.stop()
+    assert journal.applied["stuck"] == [1, 2, 3, 5, 6, 8] and journal.applied["other"] == [4]

@@ -4,6 +4,10 @@ A raw record is acknowledged only when every envelope it produced was applied by
 actor, so a crash anywhere before that means redelivery (the envelopes' deterministic ids make the
 second pass a no-op). A record that does not decode is parked in the dead-letter stream with the
 reason and the original bytes, and terminated: it can be replayed after the codec is fixed.
+
+The actor never waits on a conversation: a record whose conversations have no room (a stuck chat) is
+handed back to JetStream for later (`babelhub.actors.admission`), so one chat never holds up the others
+of its connection.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
+from babelhub.actors.admission import Admission, Letter
 from babelhub.actors.conversation import ConversationMessage, Inbound, actor_key
 from babelhub.actors.runtime import Actor, ActorSystem
 from babelhub.codecs.base import HttpRequest
@@ -32,14 +37,20 @@ class RawDelivery(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     ack: Callable[[], Awaitable[None]]
     term: Callable[[], Awaitable[None]]
+    retry_later: Callable[[], Awaitable[None]]
+    """Hand the record back to JetStream, to be delivered again after a delay."""
+    release: Callable[[], Awaitable[None]]
+    """Hand the record back to JetStream, to be delivered again now."""
     trace: dict[str, str] = {}
 
 
 class ConnectionActor(Actor[RawDelivery]):
-    def __init__(self, key: str, hub: HubContext, conversations: ActorSystem[ConversationMessage]) -> None:
+    def __init__(self, key: str, hub: HubContext, conversations: ActorSystem[ConversationMessage],
+                 admission: Admission) -> None:
         super().__init__(key)
         self.hub = hub
         self.conversations = conversations
+        self.admission = admission
 
     async def receive(self, delivery: RawDelivery) -> None:
         connection = self.hub.connections.get(self.key)
@@ -60,7 +71,6 @@ class ConnectionActor(Actor[RawDelivery]):
         if not envelopes:
             await delivery.ack()
             return
-        self.hub.metrics.messages_in.labels(connection.channel).inc(len(envelopes))
         remaining = len(envelopes)
 
         async def one_applied() -> None:
@@ -73,9 +83,14 @@ class ConnectionActor(Actor[RawDelivery]):
             await self._park(delivery, f"conversation could not apply it: {exc!r}", stage="apply")
             await one_applied()
 
-        for envelope in envelopes:
-            key = actor_key(connection.tenant, envelope.conversation.id)
-            await self.conversations.tell(key, Inbound(envelope, trace), one_applied, one_failed)
+        letters: list[Letter[ConversationMessage]] = [
+            Letter(actor_key(connection.tenant, envelope.conversation.id), Inbound(envelope, trace), one_applied,
+                   one_failed, delivery.release)
+            for envelope in envelopes]
+        if not self.admission.offer(self.conversations, delivery.seq, letters):
+            await delivery.retry_later()  # a conversation of this record is full: try again later
+            return
+        self.hub.metrics.messages_in.labels(connection.channel).inc(len(envelopes))
 
     async def _park(self, delivery: RawDelivery, error: str, path: str = "", stage: str = "decode") -> None:
         connection = self.hub.connections.get(self.key)

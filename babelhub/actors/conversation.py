@@ -33,12 +33,35 @@ from babelhub.hub.context import HubContext
 from babelhub.hub.deadletters import DeadLetter
 from babelhub.hub.telemetry import carrier, span
 
-__all__ = ["ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict", "actor_key"]
+__all__ = ["MAX_SNAPSHOT_BYTES", "ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict",
+           "actor_key", "encode_snapshot"]
 
 log = logging.getLogger("babelhub.conversation")
 
 _MAX_IDS = 1000
 _MAX_APPLIED = 2000
+
+# Conversation state is bounded in bytes, whatever a channel or a processor sends (issue 7 §3):
+_MAX_ID_BYTES = 128
+"""A native or canonical message id longer than this is not remembered (a clipped id would name another
+message); real ones are far shorter (a WhatsApp wamid is ~60 characters)."""
+_MAX_APPLIED_ID_BYTES = 32
+"""Longer envelope ids are remembered as their hash, which still recognises a redelivery."""
+_MAX_NAME_BYTES = 128
+"""Participant names are clipped to this (at a character boundary)."""
+_MAX_PARTICIPANTS = 256
+"""The most recently heard participants are kept."""
+_MAX_CONVERSATION_BYTES = 512
+_MAX_API_BASE_BYTES = 512
+_MAX_CHOICES_BYTES = 16 * 1024
+"""A numbered menu bigger than this keeps its first options (a reply naming a later one arrives as text)."""
+MAX_SNAPSHOT_BYTES = 256 * 1024
+"""The largest snapshot written. The per-item limits above make the untrimmable part small —
+conversation 0.5 KiB + reply API base 0.5 KiB + participants 256 x (24 + 128 bytes + ~6 header) ≈ 40 KiB +
+choices 16 KiB, about 57 KiB — while the count-bounded maps could reach about 830 KiB
+(native_ids and canonical_ids 1000 x ~260 B each, aliases 1000 x ~155 B, applied 2000 x ~33 B).
+So past this budget the oldest id-map entries are dropped until the snapshot fits: far below NATS's
+default 1 MiB `max_payload`, so a checkpoint never fails for size."""
 
 
 class Inbound(msgspec.Struct, frozen=True):
@@ -112,7 +135,9 @@ class ConversationActor(Actor[ConversationMessage]):
     async def checkpoint(self) -> None:
         if not self._dirty:
             return
-        data = msgspec.msgpack.encode(self.state)
+        data = encode_snapshot(self.state)
+        if len(self._applied) > len(self.state.applied):  # the budget trimmed the applied ids
+            self._applied.intersection_update(self.state.applied)
         try:
             if self._revision is None:
                 self._revision = await self.hub.snapshots.create(self.key, data)
@@ -126,7 +151,7 @@ class ConversationActor(Actor[ConversationMessage]):
 
     async def receive(self, message: ConversationMessage) -> None:
         envelope = message.envelope
-        if envelope.id in self._applied:
+        if _applied_key(envelope.id) in self._applied:
             return
         match message:
             case Inbound():
@@ -208,7 +233,7 @@ class ConversationActor(Actor[ConversationMessage]):
             derived = c.message_id(message.tenant, self.state.conversation.connection, native_id)
             _bounded_put(self.state.aliases, derived, message.id)
         if sent.choices:
-            self.state.choices = sent.choices
+            self.state.choices = _fitting_choices(sent.choices)
             self._dirty = True
         if sent.ok:
             await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
@@ -221,13 +246,14 @@ class ConversationActor(Actor[ConversationMessage]):
         """Take in what an inbound envelope says about the conversation."""
         self._adopt(envelope.tenant, envelope.conversation)
         reply_base = envelope.meta.get(REPLY_API_BASE)
-        if isinstance(reply_base, str) and reply_base != self.state.api_base:
+        if (isinstance(reply_base, str) and reply_base != self.state.api_base
+                and len(reply_base.encode()) <= _MAX_API_BASE_BYTES):
             self.state.api_base = reply_base
         self._learn_native_id(envelope)
         if envelope.native is not None and envelope.native.thread and envelope.thread:
             self._remember_id(envelope.thread, envelope.native.thread)
         if envelope.sender is not None and envelope.sender.role == "user":
-            self.state.participants[envelope.sender.id] = envelope.sender.name
+            self._hear(envelope.sender)
             self.state.last_inbound = envelope.ts.timestamp()
         self._dirty = True
 
@@ -276,7 +302,8 @@ class ConversationActor(Actor[ConversationMessage]):
 
     def _adopt(self, tenant: str, conversation: c.Conversation) -> None:
         """Remember which chat this conversation is, the first time we are told."""
-        if self.state.conversation is None and conversation.connection and conversation.native_id:
+        if (self.state.conversation is None and conversation.connection and conversation.native_id
+                and len(msgspec.msgpack.encode(conversation)) <= _MAX_CONVERSATION_BYTES):
             self.state.tenant = tenant
             self.state.conversation = conversation
             self._dirty = True
@@ -334,12 +361,22 @@ class ConversationActor(Actor[ConversationMessage]):
         return connection.encode_context(self.state.conversation.native_id, self.state.native_ids,
                                          api_base=self.state.api_base)
 
+    def _hear(self, sender: c.Sender) -> None:
+        """Remember a participant (most recent last), with a bounded name, among a bounded number."""
+        participants = self.state.participants
+        key = _applied_key(sender.id)
+        participants.pop(key, None)
+        participants[key] = _clip(sender.name, _MAX_NAME_BYTES)
+        while len(participants) > _MAX_PARTICIPANTS:
+            del participants[next(iter(participants))]
+
     def _remember_id(self, canonical_id: str, native_id: str) -> None:
         _bounded_put(self.state.native_ids, canonical_id, native_id)
         _bounded_put(self.state.canonical_ids, native_id, canonical_id)
         self._dirty = True
 
     def _mark_applied(self, envelope_id: str) -> None:
+        envelope_id = _applied_key(envelope_id)
         self._applied.add(envelope_id)
         self.state.applied.append(envelope_id)
         if len(self.state.applied) > _MAX_APPLIED:
@@ -402,7 +439,47 @@ def _without_file_ids(message: c.Message) -> c.Message:
     return msgspec.structs.replace(message, parts=parts)
 
 
+def encode_snapshot(state: ConversationState) -> bytes:
+    """The snapshot's bytes, at most `MAX_SNAPSHOT_BYTES`: past the budget, the oldest tenth of each id map
+    is dropped (the most recent messages stay resolvable) until it fits."""
+    data = msgspec.msgpack.encode(state)
+    while len(data) > MAX_SNAPSHOT_BYTES:
+        for mapping in (state.native_ids, state.canonical_ids, state.aliases):
+            for key in list(mapping)[: max(1, len(mapping) // 10)]:
+                del mapping[key]
+        del state.applied[: max(1, len(state.applied) // 10)]
+        if not (state.native_ids or state.canonical_ids or state.aliases or state.applied):
+            state.participants.clear()  # cannot happen with the item limits above; a last resort
+            state.choices = {}
+        data = msgspec.msgpack.encode(state)
+    return data
+
+
+def _applied_key(envelope_id: str) -> str:
+    """How an id is kept in bounded state: as it is when short, else its hash."""
+    return envelope_id if len(envelope_id.encode()) <= _MAX_APPLIED_ID_BYTES else c.stable_id("id", envelope_id)
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, at a character boundary."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def _fitting_choices(choices: dict[str, Any]) -> dict[str, Any]:
+    """The first options of a numbered menu that fit `_MAX_CHOICES_BYTES`."""
+    kept: dict[str, Any] = {}
+    size = 0
+    for number, choice in choices.items():
+        size += len(msgspec.msgpack.encode([number, choice]))
+        if size > _MAX_CHOICES_BYTES:
+            break
+        kept[number] = choice
+    return kept
+
+
 def _bounded_put(mapping: dict[str, str], key: str, value: str, limit: int = _MAX_IDS) -> None:
+    if len(key.encode()) > _MAX_ID_BYTES or len(value.encode()) > _MAX_ID_BYTES:
+        return  # an id this long is not one a channel uses: not worth a place in bounded state
     mapping.pop(key, None)
     mapping[key] = value
     while len(mapping) > limit:

@@ -3,16 +3,25 @@
 Rules it keeps (DESIGN.md §5):
 * `tell(key, message)` never fails for a missing actor: the first message activates it.
 * One message completes before the next starts, so an actor's state needs no locks.
-* The data lane is bounded: `tell` waits when the mailbox is full (backpressure to the JetStream fetcher).
-  A control lane (`stop`) is looked at before every turn.
+* The data lane is bounded. `tell` waits when the mailbox is full; `offer` never waits: it says False
+  instead, so a caller that serves many keys (a shared JetStream consumer) can hand the message back to
+  the server for later and go on with other keys. A control lane (`stop`) is looked at before every turn.
+* An activation (`on_activate`, loading state) that keeps failing is given up after `max_restarts`
+  tries: the mail waiting for it goes to its `on_failed` callbacks (the caller parks it in the dead-letter
+  stream), and the next message for that key tries a fresh activation. A stop request ends the retries
+  at once, so shutting down never waits on an actor that cannot load.
 * A turn that raises restarts the actor from its last checkpoint, with exponential backoff and jitter;
   after `max_restarts` in `restart_window` seconds the message is handed to its `on_failed` callback
   (the caller parks it in the dead-letter stream) and the actor goes on with the next.
 * Group commit: after a run of turns (mailbox empty, or `checkpoint_every` turns) the actor checkpoints
   its state, and only then are the messages' `on_applied` callbacks (JetStream acks) run. A crash before
   the checkpoint means redelivery, never a lost message.
-* A checkpoint that keeps failing ends the activation without acknowledging its mail: JetStream
-  redelivers it, and the next message activates the actor afresh from its stored state.
+* A checkpoint that keeps failing ends the activation without acknowledging its mail: every message it
+  holds (applied but unsaved, or still in the mailbox) is handed to its `on_released` callback, so the
+  caller stops holding it and JetStream redelivers it; the next message activates the actor afresh
+  from its stored state.
+* `stop` passivates every actor and waits a grace period; a turn still running then is cancelled and
+  the mail it holds unsaved is released, so stopping never hangs on one actor.
 * Idle actors passivate: stop taking mail, drain, checkpoint, stop. Mail for a passivating key waits for
   the old activation to finish before the new one loads its state, so two activations never overlap.
 """
@@ -65,6 +74,10 @@ class Mail(msgspec.Struct, Generic[M]):
     message: M
     on_applied: Callback | None = None
     on_failed: FailureCallback | None = None
+    on_released: Callback | None = None
+    """Called when the activation holding the message ends without applying it for good (its state
+    could not be saved, or the system stopped while it was loading): nothing was recorded, so the
+    message must be delivered again."""
 
 
 class _Stop(msgspec.Struct, frozen=True):
@@ -73,6 +86,14 @@ class _Stop(msgspec.Struct, frozen=True):
 
 class _Abandoned(Exception):
     """An activation whose state could not be checkpointed stops without acknowledging its mail."""
+
+
+class _ActivationFailed(Exception):
+    """`on_activate` kept failing: the activation ends and its waiting mail is given up."""
+
+
+class _Interrupted(Exception):
+    """A stop request arrived while the actor was still loading: end without touching the mail."""
 
 
 class _Cell(Generic[M]):
@@ -85,6 +106,12 @@ class _Cell(Generic[M]):
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.restarts: deque[float] = deque()
+        self.pending: list[Mail[M]] = []
+        """Applied since the last checkpoint, acknowledged by the next one."""
+        self.current: Mail[M] | None = None
+        """The message of the turn under way."""
+        self.ended = False
+        """The activation is over: mail that still reaches this mailbox must be settled by the sender."""
 
 
 class ActorSystem(Generic[M]):
@@ -127,33 +154,74 @@ class ActorSystem(Generic[M]):
     def mailbox_depth(self) -> int:
         return sum(cell.mailbox.qsize() for cell in self._cells.values())
 
+    def has_room(self, key: str, count: int = 1) -> bool:
+        """Whether `count` more messages for `key` would be taken by `offer` right now."""
+        cell = self._cells.get(key)
+        free = self._mailbox_size if cell is None else self._mailbox_size - cell.mailbox.qsize()
+        return free >= count
+
+    def offer(
+        self,
+        key: str,
+        message: M,
+        on_applied: Callback | None = None,
+        on_failed: FailureCallback | None = None,
+        on_released: Callback | None = None,
+    ) -> bool:
+        """Queue `message` for actor `key` if its mailbox has room, activating it if needed; never waits.
+        False means nothing was queued: the caller keeps the message and offers it again later."""
+        if self._closed:
+            raise RuntimeError(f"actor system {self.name} is stopped")
+        if not self.has_room(key):
+            return False
+        cell = self._cell(key)
+        cell.mailbox.put_nowait(Mail(message, on_applied, on_failed, on_released))
+        cell.wakeup.set()
+        return True
+
     async def tell(
         self,
         key: str,
         message: M,
         on_applied: Callback | None = None,
         on_failed: FailureCallback | None = None,
+        on_released: Callback | None = None,
     ) -> None:
         """Queue `message` for actor `key`, activating it if needed; waits while its mailbox is full."""
         if self._closed:
             raise RuntimeError(f"actor system {self.name} is stopped")
-        cell = self._cells.get(key)
-        if cell is None:
-            cell = self._activate(key)
-        else:
-            self._cells.move_to_end(key)
-        await cell.mailbox.put(Mail(message, on_applied, on_failed))
+        cell = self._cell(key)
+        mail = Mail(message, on_applied, on_failed, on_released)
+        await cell.mailbox.put(mail)
         cell.wakeup.set()
+        if cell.ended:  # the activation gave up while this sender waited for room
+            await self._settle_leftovers(cell, None)
 
-    async def stop(self) -> None:
-        """Passivate every actor (drain, checkpoint) and wait for all of them."""
+    async def stop(self, grace: float = 10.0) -> None:
+        """Passivate every actor (drain, checkpoint) and wait for them, at most `grace` seconds: a turn
+        still running then (a channel that does not answer) is cancelled, and its unsaved mail is
+        released for redelivery, so stopping never hangs on one conversation."""
         self._closed = True
         for key in list(self._cells):
             self._passivate(key)
-        if self._ending:
-            await asyncio.gather(*self._ending.values(), return_exceptions=True)
+        if not self._ending:
+            return
+        tasks = list(self._ending.values())
+        _, late = await asyncio.wait(tasks, timeout=grace)
+        for task in late:
+            log.warning("actor %s:%s did not finish within %.0fs of stop: cancelled", self.name,
+                        task.get_name(), grace)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---------------------------------------------------------------------------------- lifecycle
+
+    def _cell(self, key: str) -> _Cell[M]:
+        cell = self._cells.get(key)
+        if cell is None:
+            return self._activate(key)
+        self._cells.move_to_end(key)
+        return cell
 
     def _activate(self, key: str) -> _Cell[M]:
         cell: _Cell[M] = _Cell(self._factory(key), self._mailbox_size)
@@ -185,8 +253,40 @@ class ActorSystem(Generic[M]):
         except _Abandoned:
             # Its state could not be saved: stop this activation without acknowledging anything, so
             # JetStream redelivers that mail, and the next message activates afresh from the store.
-            if self._cells.get(key) is cell:
-                del self._cells[key]
+            await self._end(key, cell, None)
+        except _Interrupted:
+            await self._end(key, cell, None)
+        except _ActivationFailed as exc:
+            await self._end(key, cell, exc)
+        except asyncio.CancelledError:
+            await self._end(key, cell, None)  # nothing it holds was saved: hand it all back
+            raise
+
+    async def _end(self, key: str, cell: _Cell[M], failure: BaseException | None) -> None:
+        """Retire an activation that could not go on, and settle every message it still holds: given up
+        (`on_failed`) when `failure` is set, otherwise released for redelivery."""
+        cell.ended = True
+        if self._cells.get(key) is cell:
+            del self._cells[key]
+        released, cell.pending = cell.pending, []
+        for mail in released:
+            await _call(self, cell, mail.on_released)
+        if cell.current is not None:  # its turn restarted the actor, which then could not load
+            await self._settle(cell, cell.current, failure)
+            cell.current = None
+        await self._settle_leftovers(cell, failure)
+
+    async def _settle_leftovers(self, cell: _Cell[M], failure: BaseException | None) -> None:
+        while not cell.mailbox.empty():
+            await self._settle(cell, cell.mailbox.get_nowait(), failure)
+
+    async def _settle(self, cell: _Cell[M], mail: Mail[M], failure: BaseException | None) -> None:
+        if failure is None:
+            await _call(self, cell, mail.on_released)
+            return
+        self.failures_total += 1
+        if mail.on_failed is not None:
+            await _call(self, cell, functools.partial(mail.on_failed, failure))
 
     async def _serve(self, key: str, cell: _Cell[M], previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
@@ -194,7 +294,7 @@ class ActorSystem(Generic[M]):
             with contextlib.suppress(Exception):
                 await asyncio.shield(previous)
         await self._start(cell)
-        pending: list[Mail[M]] = []
+        pending = cell.pending
         while True:
             if cell.control:
                 await self._drain(cell, pending)
@@ -218,17 +318,27 @@ class ActorSystem(Generic[M]):
                 await self._commit(cell, pending)
 
     async def _start(self, cell: _Cell[M]) -> None:
-        attempt = 0
-        while True:
+        """Run `on_activate`, retried with backoff; give up after `max_restarts` tries, or at once when
+        a stop is requested (a key whose state cannot be loaded must not hold up shutdown)."""
+        for attempt in range(1, self._max_restarts + 1):
             try:
                 await cell.actor.on_activate()
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                attempt += 1
-                log.exception("actor %s:%s failed to activate (attempt %d)", self.name, cell.actor.key, attempt)
-                await asyncio.sleep(self._backoff(attempt))
+            except Exception as exc:
+                log.warning("actor %s:%s failed to activate (attempt %d of %d): %r", self.name, cell.actor.key,
+                            attempt, self._max_restarts, exc)
+                if attempt == self._max_restarts:
+                    raise _ActivationFailed(f"actor {cell.actor.key!r} could not be activated after {attempt} "
+                                            f"tries: {exc!r}") from exc
+            if cell.control:
+                raise _Interrupted
+            cell.wakeup.clear()
+            with contextlib.suppress(TimeoutError):  # a stop request cuts the backoff short
+                await asyncio.wait_for(cell.wakeup.wait(), self._backoff(attempt))
+            if cell.control:
+                raise _Interrupted
 
     async def _drain(self, cell: _Cell[M], pending: list[Mail[M]]) -> None:
         while not cell.mailbox.empty():
@@ -242,14 +352,8 @@ class ActorSystem(Generic[M]):
             return
         await self._checkpoint(cell)
         for mail in pending:
-            if mail.on_applied is not None:
-                try:
-                    await mail.on_applied()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # an ack that does not arrive means a redelivery, which is absorbed
-                    log.warning("actor %s:%s could not acknowledge a message", self.name, cell.actor.key,
-                                exc_info=True)
+            # An ack that does not arrive means a redelivery, which is absorbed.
+            await _call(self, cell, mail.on_applied)
         pending.clear()
 
     async def _checkpoint(self, cell: _Cell[M]) -> None:
@@ -273,9 +377,11 @@ class ActorSystem(Generic[M]):
     async def _turn(self, cell: _Cell[M], mail: Mail[M]) -> bool:
         """Apply one message, restarting the actor on failure; False when the message was given up."""
         loop = asyncio.get_running_loop()
+        cell.current = mail
         while True:
             try:
                 await cell.actor.receive(mail.message)
+                cell.current = None
                 return True
             except asyncio.CancelledError:
                 raise
@@ -286,8 +392,9 @@ class ActorSystem(Generic[M]):
                 if len(cell.restarts) >= self._max_restarts:
                     self.failures_total += 1
                     log.error("actor %s:%s gave up on a message", self.name, cell.actor.key, exc_info=exc)
+                    cell.current = None
                     if mail.on_failed is not None:
-                        await mail.on_failed(exc)
+                        await _call(self, cell, functools.partial(mail.on_failed, exc))
                     return False
                 cell.restarts.append(now)
                 self.restarts_total += 1
@@ -299,3 +406,16 @@ class ActorSystem(Generic[M]):
     def _backoff(self, attempt: int) -> float:
         ceiling: float = min(self._backoff_max, self._backoff_base * 2**attempt)
         return random.uniform(0.5, 1.0) * ceiling
+
+
+async def _call(system: ActorSystem[M], cell: _Cell[M], callback: Callback | None) -> None:
+    """Run a message's settle callback; its failure (a lost connection) is logged, never raised into
+    the actor: JetStream's redelivery is the fallback."""
+    if callback is None:
+        return
+    try:
+        await callback()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.warning("actor %s:%s could not settle a message", system.name, cell.actor.key, exc_info=True)

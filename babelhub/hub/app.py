@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -26,6 +27,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from babelhub import canonical, codecs
+from babelhub.actors.admission import Admission, Letter, retry_delay
 from babelhub.actors.connection import ConnectionActor, RawDelivery
 from babelhub.actors.conversation import ConversationActor, ConversationMessage, Outbound, actor_key
 from babelhub.actors.runtime import ActorSystem
@@ -40,8 +42,10 @@ from babelhub.hub.context import HubContext
 from babelhub.hub.credentials import NatsUser, hub_user, load_key, server_config, tenant_user
 from babelhub.hub.deadletters import DeadLetter, DeadLetters
 from babelhub.hub.delivery import RetryPolicy, perform
-from babelhub.hub.inflight import InFlight
+from babelhub.hub.ids import conversation_id_error, is_conversation_id
+from babelhub.hub.inflight import Held, InFlight
 from babelhub.hub.ingest import Ingest, webhook_routes
+from babelhub.hub.supervise import TaskHealth, supervise
 from babelhub.hub.telemetry import Metrics, carrier, mask_logs, setup_tracing, span
 from babelhub.redaction import SecretMask
 from babelhub.sessions.websocket import WebSessions
@@ -63,6 +67,10 @@ class Hub:
         self.http_url = ""
         self.ready = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self.task_health: dict[str, TaskHealth] = {}
+        self._tenants = {tenant.id for tenant in config.tenants}
+        # Per consumer: which keys have messages handed back to the server, to keep each key's order.
+        self._admissions = {"raw": Admission(), "inbound": Admission(), "outbound": Admission()}
         self._subscriptions: list[JetStreamContext.PushSubscription] = []
         self._cleanups: list[Callable[[], Awaitable[Any]]] = []
 
@@ -154,7 +162,7 @@ class Hub:
         )
         self.connection_actors: ActorSystem[RawDelivery] = ActorSystem(
             "connection",
-            lambda key: ConnectionActor(key, self.ctx, self.conversations),
+            lambda key: ConnectionActor(key, self.ctx, self.conversations, self._admissions["inbound"]),
             mailbox_size=settings.mailbox_size,
             idle_seconds=settings.idle_seconds,
         )
@@ -166,7 +174,7 @@ class Hub:
     async def _start_consumers(self) -> None:
         p = self.subjects.prefix
         self.inflight = InFlight(self.config.hub.ack_wait_seconds)
-        self._spawn("inflight-keepalive", self.inflight.keep_alive())
+        self._spawn("inflight-keepalive", self.inflight.keep_alive)
         await self._consume("raw", f"{p}.*.raw.>", "decoder", self._on_raw)
         await self._consume("messages", f"{p}.*.out.>", "sender", self._on_outbound)
         for processor in self.config.processors:
@@ -178,7 +186,7 @@ class Hub:
                 if connection.codec.poll_request(connection.encode_context(to=""), "") is None:
                     raise ConfigError(f"connection {connection.id}: channel {connection.channel} cannot be polled; "
                                       "use mode = \"webhook\"")
-                self._spawn(f"poller:{connection.id}", self._poll(connection))
+                self._spawn(f"poller:{connection.id}", functools.partial(self._poll, connection))
 
     async def _consume(self, stream: str, subject: str, durable: str,
                        handler: Callable[[Msg], Coroutine[Any, Any, None]]) -> None:
@@ -196,8 +204,10 @@ class Hub:
         )
         self._subscriptions.append(subscription)
 
-    def _spawn(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine, name=name)
+    def _spawn(self, name: str, run: Callable[[TaskHealth], Coroutine[Any, Any, None]]) -> None:
+        """Start a supervised background task: restarted with backoff if it fails, shown in `/readyz`."""
+        health = self.task_health[name] = TaskHealth(name)
+        task = asyncio.create_task(supervise(health, run), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -210,7 +220,11 @@ class Hub:
 
     async def _on_raw(self, msg: Msg) -> None:
         """A raw record: hand it to its connection actor (it acks when the envelopes are applied)."""
-        connection_id = msg.subject.rsplit(".", 1)[-1]
+        tenant, connection_id = self._raw_subject(msg.subject)
+        if not connection_id:
+            await self._refuse(msg, "decode", f"{msg.subject[:200]!r} names no configured connection of a "
+                               "configured tenant", tenant)
+            return
         try:
             request = msgspec.msgpack.decode(msg.data, type=HttpRequest)
         except msgspec.DecodeError as exc:
@@ -218,14 +232,35 @@ class Hub:
                                                     connection=connection_id, subject=msg.subject, body=msg.data))
             await msg.term()
             return
-        ack, term = self.inflight.hold(msg)
-        delivery = RawDelivery(request=request, subject=msg.subject, seq=msg.metadata.sequence.stream,
-                               ack=ack, term=term, trace=dict(msg.headers or {}))
-        await self.connection_actors.tell(connection_id, delivery)
+        held = self.inflight.hold(msg)
+        delivery = RawDelivery(request=request, subject=msg.subject, seq=held.seq, ack=held.ack, term=held.term,
+                               retry_later=functools.partial(self._retry_later, held), release=held.nak,
+                               trace=dict(msg.headers or {}))
+        await self._hand_over(self.connection_actors, "raw", held, Letter(connection_id, delivery))
+
+    def _raw_subject(self, subject: str) -> tuple[str, str]:
+        """The tenant and connection a raw subject names (`<prefix>.<tenant>.raw.<channel>.<connection>`);
+        an empty connection when they are not a configured pair."""
+        tokens = subject.removeprefix(self.subjects.prefix + ".").split(".")
+        tenant = tokens[0] if tokens[0] in self._tenants else ""
+        if len(tokens) != 4 or not tenant:
+            return tenant, ""
+        connection = self.ctx.connections.get(tokens[3])
+        if connection is None or connection.tenant != tenant or connection.channel != tokens[2]:
+            return tenant, ""
+        return tenant, connection.id
 
     async def _on_outbound(self, msg: Msg) -> None:
         """A processor's message: check it names this subject's tenant and conversation, then route it."""
-        _, tenant, _, conversation = msg.subject.split(".", 3)
+        tokens = msg.subject.removeprefix(self.subjects.prefix + ".").split(".")
+        tenant = tokens[0] if tokens[0] in self._tenants else ""
+        if not tenant:
+            await self._refuse(msg, "processor", f"{tokens[0][:64]!r} is not a configured tenant")
+            return
+        conversation = ".".join(tokens[2:])
+        if not is_conversation_id(conversation):
+            await self._refuse(msg, "processor", conversation_id_error(conversation), tenant)
+            return
         try:
             envelope = canonical.decode(msg.data)
             if envelope.tenant != tenant or envelope.conversation.id != conversation:
@@ -237,16 +272,32 @@ class Hub:
             await msg.term()
             return
 
-        ack, term = self.inflight.hold(msg)
+        held = self.inflight.hold(msg)
 
         async def failed(exc: BaseException) -> None:
             await self.dead_letters.park(DeadLetter(stage="send", error=repr(exc), tenant=tenant,
                                                     subject=msg.subject, body=msg.data))
-            await term()
+            await held.term()
 
         # Keyed by the subject's tenant: naming another tenant's conversation id reaches an empty actor.
-        await self.conversations.tell(actor_key(tenant, conversation), Outbound(envelope, dict(msg.headers or {})),
-                                      ack, failed)
+        outbound = Outbound(envelope, dict(msg.headers or {}))
+        await self._hand_over(self.conversations, "outbound", held,
+                              Letter(actor_key(tenant, conversation), outbound, held.ack, failed, held.nak))
+
+    async def _refuse(self, msg: Msg, stage: str, error: str, tenant: str = "") -> None:
+        """A message whose subject names nothing of ours: kept in the dead-letter stream, never redelivered."""
+        await self.dead_letters.park(DeadLetter(stage=stage, error=error, tenant=tenant, subject=msg.subject,
+                                                body=msg.data))
+        await msg.term()
+
+    async def _hand_over(self, system: ActorSystem[Any], consumer: str, held: Held, letter: Letter[Any]) -> None:
+        """Queue a consumed message for its actor without waiting: when the actor's mailbox is full (or
+        an earlier message of its key is still out), the message goes back to the server for later."""
+        if not self._admissions[consumer].offer(system, held.seq, [letter]):
+            await self._retry_later(held)
+
+    async def _retry_later(self, held: Held) -> None:
+        await held.nak(retry_delay(held.deliveries))
 
     async def _on_echo(self, msg: Msg) -> None:
         """The built-in echo processor: what an app on NATS does, in a few lines."""
@@ -262,8 +313,9 @@ class Hub:
                                       canonical.encode(reply), headers={"Nats-Msg-Id": reply.id, **carrier()})
         await msg.ack()
 
-    async def _poll(self, connection: ConnectionService) -> None:
-        """Long-poll a channel (Telegram getUpdates) and record each delivery like a webhook."""
+    async def _poll(self, connection: ConnectionService, health: TaskHealth) -> None:
+        """Long-poll a channel (Telegram getUpdates) and record each delivery like a webhook. A channel
+        that does not answer is retried here; anything else ends the task, and its supervisor restarts it."""
         cursors = await self.js.key_value(self.subjects.bucket("cursors"))
         try:
             cursor = ((await cursors.get(connection.id)).value or b"").decode()
@@ -286,6 +338,7 @@ class Hub:
                 await asyncio.sleep(min(30.0, 0.5 * 2**failures))
                 continue
             failures = 0
+            health.ok()
             received_at = time.time()
             for record in result.records:
                 with contextlib.suppress(DecodeError):  # parked in the dead-letter stream by record()
@@ -319,8 +372,11 @@ class Hub:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        ready = self.ready and self.nc.is_connected
-        return web.json_response({"ready": ready, "nats": self.nc.is_connected}, status=200 if ready else 503)
+        tasks = {name: health.state for name, health in sorted(self.task_health.items())}
+        tasks_ok = not any(health.failing for health in self.task_health.values())
+        ready = self.ready and self.nc.is_connected and tasks_ok
+        return web.json_response({"ready": ready, "nats": self.nc.is_connected, "tasks": tasks},
+                                 status=200 if ready else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")

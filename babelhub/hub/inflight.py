@@ -1,4 +1,4 @@
-"""Keeping JetStream from redelivering what the hub is still working on.
+"""Keeping JetStream from redelivering what the hub is still working on — and letting go of what it cannot.
 
 A message the hub took is acknowledged only once its effect is recorded, which can take longer than
 the consumer's `ack_wait`: it waits in a busy conversation's mailbox, for the connection's pacer, or
@@ -7,22 +7,56 @@ skipped, but it still costs a turn and a place in a bounded mailbox. So every me
 registered here, and every third of `ack_wait` the server is told that each one is still in progress
 (`+WPI`). After a crash nothing tells it so, and the messages come back `ack_wait` after their last
 sign of life.
+
+A hold ends with the first settlement — `ack`, `term`, or `nak` (hand it back for redelivery, now or
+after a delay) — and later ones are ignored: a record whose envelopes were handed back after one of them
+could not be saved must not be acknowledged by another that could.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats.aio.msg import Msg
 
-__all__ = ["InFlight"]
+from babelhub.hub.supervise import TaskHealth
+
+__all__ = ["Held", "InFlight"]
 
 log = logging.getLogger("babelhub.inflight")
 
-Settle = Callable[[], Awaitable[None]]
+
+class Held:
+    """One delivery the hub holds; settle it once with `ack`, `term` or `nak`."""
+
+    def __init__(self, owner: InFlight, msg: Msg) -> None:
+        self._owner = owner
+        self.msg = msg
+
+    @property
+    def deliveries(self) -> int:
+        """How many times JetStream delivered this message (1 the first time)."""
+        return int(self.msg.metadata.num_delivered or 1)
+
+    @property
+    def seq(self) -> int:
+        """The message's stream sequence: the same on every redelivery."""
+        return int(self.msg.metadata.sequence.stream)
+
+    async def ack(self) -> None:
+        if self._owner._release(self.msg):
+            await self.msg.ack()
+
+    async def term(self) -> None:
+        if self._owner._release(self.msg):
+            await self.msg.term()
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Give the message back: JetStream redelivers it (after `delay` seconds)."""
+        if self._owner._release(self.msg):
+            await self.msg.nak(delay=delay or None)
 
 
 class InFlight:
@@ -33,23 +67,20 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, msg: Msg) -> tuple[Settle, Settle]:
-        """Register `msg`; its `ack` and `term`, which also end the hold."""
+    def hold(self, msg: Msg) -> Held:
+        """Register `msg` and keep it alive until it is settled."""
         self._held[msg.reply] = msg
+        return Held(self, msg)
 
-        async def ack() -> None:
-            self._held.pop(msg.reply, None)
-            await msg.ack()
+    def _release(self, msg: Msg) -> bool:
+        """End the hold; False when it had already ended (the message is settled once)."""
+        return self._held.pop(msg.reply, None) is not None
 
-        async def term() -> None:
-            self._held.pop(msg.reply, None)
-            await msg.term()
-
-        return ack, term
-
-    async def keep_alive(self) -> None:
+    async def keep_alive(self, health: TaskHealth | None = None) -> None:
         """Run until cancelled: every `interval`, tell the server each held message is in progress."""
         while True:
+            if health is not None:
+                health.ok()
             await asyncio.sleep(self.interval)
             for reply, msg in list(self._held.items()):
                 if reply not in self._held:  # settled while an earlier one was being extended

@@ -1197,3 +1197,19 @@ def test_every_corpus_payload_decodes_or_raises_decode_error() -> None:
             assert envelope.conversation.channel == "discord" and envelope.native is not None, path.name
         decoded += len(envelopes)
     assert decoded > 0
+
+
+def test_unreadable_files_are_unsupported_parts_and_the_content_still_arrives() -> None:
+    payload = fixture("message_object.json")
+    good = {"id": "1", "filename": "a.png", "url": "https://cdn.discordapp.com/a.png", "content_type": "image/png"}
+    huge = {**good, "id": "2", "content_type": "audio/ogg", "duration_secs": 1e308}  # infinite milliseconds
+    payload["attachments"] = [{"id": 3}, huge, good]
+    payload["sticker_items"] = [{"id": "4", "format_type": "gif"}]
+    message = decode_message(of(payload))
+    text, wrong_type, too_long, image, sticker = message.parts
+    assert isinstance(text, Text) and text.text == "Supa Hot"
+    assert isinstance(wrong_type, Unsupported) and "attachments[0].id" in wrong_type.reason
+    assert isinstance(too_long, Unsupported) and too_long.native == huge
+    assert isinstance(image, Media) and image.url == good["url"]
+    assert isinstance(sticker, Unsupported) and "sticker_items[0].format_type" in sticker.reason
+    assert canonical.decode(canonical.encode(message)) == message

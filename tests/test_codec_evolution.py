@@ -552,7 +552,6 @@ def test_event_names_in_upper_case_are_understood() -> None:
         (b'{"instance": "loja-centro", "data": {}}', "$", "event"),
         (raw("malformed_no_key_id"), "$.data.key.id", "no id"),
         (raw("malformed_timestamp"), "$.data.messageTimestamp", "timestamp"),
-        (raw("malformed_location"), "$.data.message.locationMessage.degreesLatitude", "float"),
         (raw("malformed_update"), "$.data.keyId", "names no message"),
         (b'{"event": "messages.upsert", "data": "oops"}', "$.data", "object"),
     ],
@@ -562,6 +561,16 @@ def test_undecodable_input_names_the_path(body: bytes, path: str, reason: str) -
         CODEC.decode(HttpRequest(body=body), CTX)
     assert caught.value.path == path
     assert reason in caught.value.reason
+
+
+def test_an_unreadable_location_is_an_unsupported_part_and_the_sender_still_arrives() -> None:
+    (message,) = decode("malformed_location")
+    assert isinstance(message, Message) and message.sender is not None and message.sender.name == "Maria Souza"
+    (part,) = message.parts
+    assert isinstance(part, Unsupported)
+    assert "$.data.message.locationMessage.degreesLatitude" in part.reason and "float" in part.reason
+    assert part.native == load_json("malformed_location")["data"]["message"]
+    assert canonical.decode(canonical.encode(message)) == message
 
 
 def changed(name: str, **data: Any) -> bytes:
@@ -579,8 +588,6 @@ def with_location(**fields: Any) -> bytes:
 @pytest.mark.parametrize(
     ("body", "path"),
     [
-        (with_location(degreesLatitude="nan"), "$.data.message.locationMessage.degreesLatitude"),
-        (with_location(degreesLongitude="Infinity"), "$.data.message.locationMessage.degreesLongitude"),
         (changed("upsert_text", messageTimestamp=10**17), "$.data.messageTimestamp"),
         (changed("upsert_text", messageTimestamp="1" + "0" * 400), "$.data.messageTimestamp"),
         (changed("update_v1_read", datetime=10**20), "$.data.datetime"),
@@ -592,6 +599,21 @@ def test_impossible_numbers_are_decode_errors_at_their_path(body: bytes, path: s
     with pytest.raises(DecodeError) as caught:
         CODEC.decode(HttpRequest(body=body), CTX)
     assert caught.value.path == path
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (with_location(degreesLatitude="nan"), "$.data.message.locationMessage.degreesLatitude"),
+        (with_location(degreesLongitude="Infinity"), "$.data.message.locationMessage.degreesLongitude"),
+    ],
+)
+def test_impossible_coordinates_are_an_unsupported_part_naming_the_path(body: bytes, path: str) -> None:
+    (message,) = CODEC.decode(HttpRequest(body=body), CTX)
+    assert isinstance(message, Message)
+    (part,) = message.parts
+    assert isinstance(part, Unsupported) and path in part.reason
+    assert canonical.decode(canonical.encode(message)) == message
 
 
 def test_a_body_nested_too_deeply_is_a_decode_error() -> None:

@@ -778,3 +778,19 @@ async def test_delivery_retries_a_503_with_the_same_request_id(fake_api: FakeApi
     result, _ = await _send(fake_api)
     assert result.ok and len(fake_api.requests) == 2
     assert fake_api.requests[0].query == fake_api.requests[1].query == {"requestId": "out1:0"}
+
+
+def test_an_unreadable_attachment_is_an_unsupported_part_and_the_text_still_arrives() -> None:
+    raw = fixture("message_dm_attachment.json")
+    good = raw["message"]["attachment"][0]
+    broken = {**good, "attachmentDataRef": "spaces/B/attachments/A"}
+    raw["message"]["attachment"] = [broken, good]
+    raw["message"]["text"] = "the invoice"
+    (message,) = CODEC.decode(HttpRequest(body=json.dumps(raw).encode()), CTX)
+    assert isinstance(message, c.Message) and message.sender is not None and message.sender.native_id
+    text, unreadable, media = message.parts
+    assert isinstance(text, c.Text) and text.text == "the invoice"
+    assert isinstance(unreadable, c.Unsupported) and "attachment[0].attachmentDataRef" in unreadable.reason
+    assert unreadable.native == broken
+    assert isinstance(media, c.Media) and media.filename == "invoice.pdf"
+    assert c.decode(c.encode(message)) == message

@@ -950,3 +950,57 @@ async def test_deliver_retries_5xx_and_instagram_rate_limits_then_succeeds(fake_
     fake_api.responder = lambda _: Reply(body={"recipient_id": IGSID, "message_id": "aWdfZAG1faWQ6sent"})
     result = await send(fake_api, instagram, outbound(c.Text(text="hi")))
     assert result.ok and result.native_ids == ["aWdfZAG1faWQ6sent"] and len(fake_api.requests) == 3
+
+
+# ------------------------------------------------------------------- lenient parts, fuzzer regressions
+
+
+def _with_message(channel: str, name: str, **changes: Any) -> bytes:
+    body = fixture_json(channel, name)
+    body["entry"][0]["messaging"][0]["message"].update(changes)
+    return json.dumps(body).encode()
+
+
+def test_a_reply_to_written_as_the_string_null_decodes() -> None:
+    """Found by bench/fuzz_codecs.py: lax conversion reads "null" as no reply_to, and the raw string
+    was then read as an object (AttributeError)."""
+    body = _with_message("instagram", "reply_to_message.json", reply_to="null")
+    (message,) = instagram.decode(HttpRequest(body=body), CTX)
+    assert isinstance(message, c.Message) and message.parts == [c.Text(text="yes, that one")]
+    assert not message.reply_to
+
+
+def test_a_location_beyond_any_float_is_unsupported_and_the_message_arrives() -> None:
+    """Found by bench/fuzz_codecs.py: float() of a 400-digit latitude raised OverflowError."""
+    body = fixture_json("messenger", "message_location_legacy.json")
+    attachment = body["entry"][0]["messaging"][0]["message"]["attachments"][0]
+    attachment["payload"]["coordinates"]["lat"] = -(10**400)
+    (message,) = messenger.decode(HttpRequest(body=json.dumps(body).encode()), CTX)
+    assert isinstance(message, c.Message) and message.sender is not None
+    (part,) = message.parts
+    assert isinstance(part, c.Unsupported) and "OverflowError" in part.reason
+    assert part.native == attachment
+    assert c.decode(c.encode(message)) == message
+
+
+def test_one_unreadable_attachment_keeps_the_text_and_the_other_attachments() -> None:
+    broken = {"type": ["image"], "payload": {"url": "https://example.com/a.jpg"}}
+    fine = {"type": "image", "payload": {"url": "https://example.com/b.jpg"}}
+    body = _with_message("instagram", "reply_to_message.json", attachments=[broken, fine])
+    (message,) = instagram.decode(HttpRequest(body=body), CTX)
+    assert isinstance(message, c.Message)
+    text, unreadable, image = message.parts
+    assert text == c.Text(text="yes, that one")
+    assert isinstance(unreadable, c.Unsupported) and unreadable.native == broken
+    assert "$.entry[0].messaging[0].message.attachments[0].type" in unreadable.reason
+    assert image == c.Media(media="image", url="https://example.com/b.jpg")
+    assert message.reply_to
+
+
+def test_an_unreadable_quick_reply_is_unsupported_and_its_text_still_arrives() -> None:
+    body = _with_message("messenger", "message_text_quick_reply.json", quick_reply={"payload": ["not", "text"]})
+    (message,) = messenger.decode(HttpRequest(body=body), CTX)
+    assert isinstance(message, c.Message)
+    unreadable, text = message.parts
+    assert isinstance(unreadable, c.Unsupported) and "message.quick_reply.payload" in unreadable.reason
+    assert isinstance(text, c.Text) and text.text

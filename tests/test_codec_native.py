@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
+import msgspec
 import pytest
 
-from babelhub.canonical import MediaKind
+from babelhub.canonical import Location, MediaKind, Text, Unsupported
 from babelhub.codecs import meta_graph, native
 from babelhub.codecs.base import EncodeContext, HttpRequest
-from babelhub.errors import EncodeError, SignatureError
+from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 
 @pytest.mark.parametrize(
@@ -78,3 +80,83 @@ def test_meta_handshake_answers_every_hub_mode_request(method: str) -> None:
     assert check("subscribe", "guess") == 403
     assert check("unsubscribe", "s3cret") == 403
     assert meta_graph.handshake(HttpRequest(method="POST", query={"hub.mode": "subscribe"}), "s3cret") is None
+
+
+# ------------------------------------------------------------------------------ lenient decoding
+
+
+class _Place(msgspec.Struct):
+    latitude: float
+
+
+class _Note(msgspec.Struct, rename={"from_": "from"}):
+    id: str
+    from_: str = ""
+    location: _Place | None = None
+    text: str = ""
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (lambda: native.convert({"latitude": "north"}, _Place, "$.location"), "Expected `float`, got `str`"),
+        (lambda: native.finite(float("nan"), "$.location.latitude"), "not a finite number"),
+        (lambda: {}["url"], "KeyError"),
+        (lambda: float(10**400), "OverflowError"),
+        (lambda: None.url, "AttributeError"),
+    ],
+)
+def test_lenient_parts_turns_an_unreadable_fragment_into_an_unsupported_part(build: Any, expected: str) -> None:
+    fragment = {"location": {"latitude": "north"}}
+    (part,) = native.lenient_parts(build, fragment, "test location")
+    assert isinstance(part, Unsupported) and part.reason.startswith("test location unreadable: ")
+    assert expected in part.reason and part.native == fragment
+
+
+def test_lenient_parts_passes_readable_parts_through() -> None:
+    text = Text(text="hi")
+    assert native.lenient_parts(lambda: text, {}, "x") == [text]
+    assert native.lenient_parts(lambda: [text, text], {}, "x") == [text, text]
+
+
+def test_lenient_parts_refuses_a_part_canonical_json_cannot_carry() -> None:
+    (part,) = native.lenient_parts(lambda: Location(lat=float("nan"), lon=0.0), {"lat": "nan"}, "test location")
+    assert isinstance(part, Unsupported) and "cannot carry" in part.reason
+    (part,) = native.lenient_parts(lambda: Text(text="a\ud800"), {"text": "a"}, "test text")
+    assert isinstance(part, Unsupported) and part.native == {"text": "a"}
+
+
+def test_an_unsupported_fragment_always_reads_back_from_canonical_json() -> None:
+    assert native.unsupported("r", {"a": float("nan"), "b": (1, 2)}).native == {"a": None, "b": [1, 2]}
+    kept = native.unsupported("lone \ud800", {"a": "\ud800"})
+    assert kept.reason == "lone \ufffd" and isinstance(kept.native, str) and "ud800" in kept.native
+    assert msgspec.json.decode(msgspec.json.encode(kept), type=Unsupported) == kept
+
+
+def test_convert_parts_leaves_out_an_unreadable_content_field_and_keeps_the_rest() -> None:
+    raw = {"id": "m1", "from": "ann", "location": {"latitude": "north"}, "text": "hi"}
+    note, readable, parts = native.convert_parts(raw, _Note, "$.note", {"location", "text"}, "test")
+    assert note == _Note(id="m1", from_="ann", text="hi")
+    assert readable == {"id": "m1", "from": "ann", "text": "hi"}
+    (part,) = parts
+    assert isinstance(part, Unsupported) and part.native == {"location": {"latitude": "north"}}
+    assert "$.note.location.latitude" in part.reason
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ({"from": "ann", "text": "hi"}, "$.note"),  # the header is the message: no id, no message
+        ({"id": 5, "text": "hi"}, "$.note.id"),
+        ({"id": "m1", "from": ["ann"]}, "$.note.from"),  # a header field, not a content field
+        ("not an object", "$.note"),
+    ],
+)
+def test_convert_parts_is_strict_about_the_header(raw: Any, path: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        native.convert_parts(raw, _Note, "$.note", {"location", "text"}, "test")
+    assert caught.value.path == path
+
+
+def test_well_formed_replaces_lone_surrogates_only() -> None:
+    assert native.well_formed("a\ud800b\udfff💬") == "a\ufffdb\ufffd💬"

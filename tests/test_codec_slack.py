@@ -982,3 +982,18 @@ def test_every_corpus_payload_decodes_or_raises_decode_error() -> None:
             assert envelope.conversation.channel == "slack" and envelope.native is not None, path.name
         decoded += len(envelopes)
     assert decoded > 0
+
+
+def test_an_unreadable_file_is_an_unsupported_part_and_the_text_still_arrives() -> None:
+    body = fixture("event_file_share.json")
+    good = body["event"]["files"][0]
+    broken = {**good, "size": "large"}
+    body["event"]["files"] = [broken, good]
+    (message,) = codec.decode(HttpRequest(body=json.dumps(body).encode(), received_at=RECEIVED_AT), CTX)
+    assert isinstance(message, Message) and message.sender is not None
+    text, unreadable, media = message.parts
+    assert isinstance(text, Text) and text.text == "Hi there!"
+    assert isinstance(unreadable, Unsupported) and "files[0].size" in unreadable.reason
+    assert unreadable.native == broken
+    assert isinstance(media, Media)
+    assert canonical.decode(canonical.encode(message)) == message

@@ -247,16 +247,35 @@ def test_read_receipt_is_a_read_status_of_our_message() -> None:
         (b'{"type": 5, "conversation": {"id": "x"}}', "$.type"),
         (b'{"type": "message", "id": "1", "conversation": {"id": "x"}, "timestamp": "yesterday"}', "$.timestamp"),
         (b'{"type": "typing", "conversation": {"id": "x"}, "timestamp": "9999-12-31T23:00:00-05:00"}', "$.timestamp"),
-        (
-            b'{"type": "message", "id": "1", "conversation": {"id": "x"}, "attachments": [{"name": 3}]}',
-            "$.attachments[0].name",
-        ),
     ],
 )
 def test_undecodable_activities_name_the_json_path(body: bytes, path: str) -> None:
     with pytest.raises(DecodeError) as caught:
         CODEC.decode(HttpRequest(body=body, received_at=RECEIVED_AT), CTX)
     assert caught.value.path == path
+
+
+def test_an_unreadable_attachment_is_an_unsupported_part_and_the_text_still_arrives() -> None:
+    activity = fixture("message_file_download_info.json")
+    activity["text"] = "here is the file"
+    good = activity["attachments"][0]
+    activity["attachments"] = [{"name": 3}, good]
+    (message,) = CODEC.decode(HttpRequest(body=json.dumps(activity).encode(), received_at=RECEIVED_AT), CTX)
+    assert isinstance(message, c.Message) and message.sender is not None
+    text, unreadable, media = message.parts
+    assert isinstance(text, c.Text) and text.text == "here is the file"
+    assert isinstance(unreadable, c.Unsupported) and "$.attachments[0].name" in unreadable.reason
+    assert unreadable.native == {"name": 3}
+    assert isinstance(media, c.Media)
+    assert c.decode(c.encode(message)) == message
+
+
+def test_a_card_value_written_as_a_string_with_nan_is_kept_as_that_string() -> None:
+    """json.loads reads NaN and Infinity, which no envelope can carry: the card data is read as JSON."""
+    activity = fixture("message_back_submit.json")
+    activity["value"] = '{"id": "x", "amount": NaN}'
+    (message,) = CODEC.decode(HttpRequest(body=json.dumps(activity).encode(), received_at=RECEIVED_AT), CTX)
+    assert c.decode(c.encode(message)) == message
 
 
 @pytest.mark.parametrize(
@@ -666,3 +685,12 @@ async def test_delivery_gives_up_on_a_500_as_teams_advises(fake_api: FakeApi) ->
     result, _ = await _send(fake_api, c.Text(text="Hello"))
     assert not result.ok and result.error is not None and result.error.code == "ServiceError"
     assert len(fake_api.requests) == 1
+
+
+def test_an_entity_that_is_no_object_is_skipped_and_the_message_arrives() -> None:
+    activity = fixture("message_channel_thread_mention.json")
+    activity["entities"] = ["not an entity", *activity["entities"]]
+    (message,) = CODEC.decode(HttpRequest(body=json.dumps(activity).encode(), received_at=RECEIVED_AT), CTX)
+    assert isinstance(message, c.Message)
+    (text,) = message.parts
+    assert isinstance(text, c.Text) and text.mentions

@@ -536,17 +536,40 @@ def changed(name: str, **fields: Any) -> bytes:
         (changed("my_chat_member_blocked", date=10**17), "$.my_chat_member.date"),
         (changed("message_new_chat_members", date=10**17), "$.message.date"),
         (changed("inline_query", date=10**17), "$.inline_query.date"),
+    ],
+)
+def test_impossible_times_name_the_path(body: bytes, path: str) -> None:
+    with pytest.raises(DecodeError) as raised:
+        CODEC.decode(HttpRequest(body=body), DECODE)
+    assert raised.value.path == path
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
         (changed("message_location", location={"latitude": "nan", "longitude": 3.14}), "$.message.location.latitude"),
         (
             changed("message_venue", venue={"location": {"latitude": 0, "longitude": "-inf"}, "title": "T"}),
             "$.message.venue.location.longitude",
         ),
+        (changed("message_location", location={"latitude": "north", "longitude": 3.14}), "$.message.location.latitude"),
+        (changed("message_photo_caption", photo=[{"file_id": 7}]), "$.message.photo[0].file_id"),
     ],
 )
-def test_impossible_times_and_places_name_the_path(body: bytes, path: str) -> None:
-    with pytest.raises(DecodeError) as raised:
-        CODEC.decode(HttpRequest(body=body), DECODE)
-    assert raised.value.path == path
+def test_an_impossible_place_or_file_is_an_unsupported_part_naming_the_path(body: bytes, path: str) -> None:
+    (message,) = CODEC.decode(HttpRequest(body=body), DECODE)
+    assert isinstance(message, Message) and message.conversation.native_id
+    unreadable = [part for part in message.parts if isinstance(part, Unsupported)]
+    assert len(unreadable) == 1 and path in unreadable[0].reason
+    assert canonical.decode(canonical.encode(message)) == message
+
+
+def test_a_caption_and_text_survive_an_unreadable_photo() -> None:
+    body = json.loads(changed("message_photo_caption", photo="not a list of sizes", text="and some text"))
+    (message,) = CODEC.decode(HttpRequest(body=json.dumps(body).encode()), DECODE)
+    assert isinstance(message, Message)
+    assert message.parts[0] == Text(text="and some text")
+    assert isinstance(message.parts[-1], Unsupported) and message.parts[-1].native == {"photo": "not a list of sizes"}
 
 
 def test_callback_query_time_falls_back_to_the_keyboard_message_and_names_it() -> None:
@@ -1015,3 +1038,12 @@ def test_every_corpus_payload_decodes_or_says_where_it_is_wrong(path: Path) -> N
         update = {"update_id": 1, field: json.loads(body)}
         (envelope,) = CODEC.decode(HttpRequest(body=json.dumps(update).encode()), DECODE)
         assert canonical.decode(canonical.encode(envelope)) == envelope
+
+
+@pytest.mark.parametrize("message", [None, "0x10", [1]])
+def test_a_message_that_is_no_object_is_a_decode_error(message: Any) -> None:
+    """Found by tests/test_fuzz_codecs.py: lenient reading took the message for an object (TypeError,
+    ValueError) instead of saying what is wrong."""
+    with pytest.raises(DecodeError) as raised:
+        CODEC.decode(HttpRequest(body=json.dumps({"update_id": 508, "message": message}).encode()), DECODE)
+    assert raised.value.path == "$.message"

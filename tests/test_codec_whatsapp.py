@@ -399,7 +399,6 @@ def test_group_receipts_of_different_members_are_different_deliveries() -> None:
 @pytest.mark.parametrize(
     ("body", "path", "reason"),
     [
-        (raw("malformed_text"), "$.entry[0].changes[0].value.messages[0].text", "`body`"),
         (raw("malformed_timestamp"), "$.entry[0].changes[0].value.messages[0].timestamp", "int"),
         (b"{not json", "$", "JSON"),
         (b'{"object": "page", "entry": []}', "$.object", "whatsapp_business_account"),
@@ -411,6 +410,49 @@ def test_undecodable_input_names_the_path(body: bytes, path: str, reason: str) -
         CODEC.decode(HttpRequest(body=body), CTX)
     assert caught.value.path == path
     assert reason in caught.value.reason
+
+
+def test_an_unreadable_content_object_is_an_unsupported_part_and_the_message_still_arrives() -> None:
+    (message,) = CODEC.decode(HttpRequest(body=raw("malformed_text")), CTX)
+    assert isinstance(message, Message) and message.sender is not None
+    assert message.sender.name == "Sheena Nelson"
+    (part,) = message.parts
+    assert isinstance(part, Unsupported)
+    assert "$.entry[0].changes[0].value.messages[0].text" in part.reason and "`body`" in part.reason
+    assert part.native == {"text": {"bdy": "typo"}}
+
+
+@pytest.mark.parametrize(
+    ("kind", "fragment", "where"),
+    [
+        ("location", {"latitude": "north", "longitude": 2.35}, "location.latitude"),
+        ("location", {"latitude": "nan", "longitude": 2.35}, "location.latitude"),
+        ("interactive", {"type": "nfm_reply", "nfm_reply": {"response_json": "[1, 2"}}, "response_json"),
+        ("image", {"id": ["not", "an", "id"]}, "image.id"),
+    ],
+)
+def test_one_unreadable_part_keeps_the_rest_of_the_message(kind: str, fragment: Any, where: str) -> None:
+    def swap(body: Any) -> None:
+        message = body["entry"][0]["changes"][0]["value"]["messages"][0]
+        message.update({"type": kind, kind: fragment, "context": {"from": "15550001111", "id": "wamid.CTX"}})
+
+    (message,) = CODEC.decode(HttpRequest(body=changed("text", swap)), CTX)
+    assert isinstance(message, Message) and message.sender is not None and message.sender.native_id
+    assert message.reply_to  # the rest of the message (here: what it answers) still arrives
+    (part,) = message.parts
+    assert isinstance(part, Unsupported) and where in part.reason
+    assert canonical.decode(canonical.encode(message)) == message
+
+
+def test_an_unreadable_reply_context_keeps_the_text() -> None:
+    def break_context(body: Any) -> None:
+        body["entry"][0]["changes"][0]["value"]["messages"][0]["context"] = {"id": ["wamid.X"]}
+
+    (message,) = CODEC.decode(HttpRequest(body=changed("text", break_context)), CTX)
+    assert isinstance(message, Message) and not message.reply_to
+    text, context = message.parts
+    assert isinstance(text, Text)
+    assert isinstance(context, Unsupported) and context.native == {"context": {"id": ["wamid.X"]}}
 
 
 def changed(name: str, edit: Any) -> bytes:
@@ -440,7 +482,18 @@ VALUE = "$.entry[0].changes[0].value"
             f"{VALUE}.statuses[0].timestamp",
         ),
         (changed("account_update", lambda b: b["entry"][0].update(time=10**17)), "$.entry[0].time"),
-        # Numbers JSON cannot carry, written as strings.
+    ],
+)
+def test_impossible_numbers_are_decode_errors_at_their_path(body: bytes, path: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        CODEC.decode(HttpRequest(body=body), CTX)
+    assert caught.value.path == path
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        # Numbers JSON cannot carry, written as strings: the part is unreadable, the message is not.
         (
             changed("location", lambda b: first_value(b)["messages"][0]["location"].update(latitude="nan")),
             f"{VALUE}.messages[0].location.latitude",
@@ -457,10 +510,11 @@ VALUE = "$.entry[0].changes[0].value"
         ),
     ],
 )
-def test_impossible_numbers_are_decode_errors_at_their_path(body: bytes, path: str) -> None:
-    with pytest.raises(DecodeError) as caught:
-        CODEC.decode(HttpRequest(body=body), CTX)
-    assert caught.value.path == path
+def test_impossible_numbers_in_a_part_make_it_unsupported_at_their_path(body: bytes, path: str) -> None:
+    (message,) = CODEC.decode(HttpRequest(body=body), CTX)
+    assert isinstance(message, Message)
+    (part,) = message.parts
+    assert isinstance(part, Unsupported) and path in part.reason
 
 
 def test_dedup_key_of_a_body_nested_too_deeply_is_empty() -> None:

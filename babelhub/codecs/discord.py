@@ -79,6 +79,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, ClassVar, Final, TypeAlias
 from urllib.parse import quote
 
@@ -263,8 +264,9 @@ class _Message(msgspec.Struct):
     member: _Member | None = None
     webhook_id: str | None = None
     mentions: list[_User] = []
-    attachments: list[_Attachment] = []
-    sticker_items: list[_StickerItem] = []
+    attachments: list[Any] = []
+    """Each read on its own (`_Attachment`, `_StickerItem`): one unreadable file is an Unsupported part."""
+    sticker_items: list[Any] = []
     message_reference: _Reference | None = None
 
 
@@ -823,8 +825,11 @@ def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[Part
         if text.text != message.content:
             meta["discord.content"] = message.content  # the original, with <@id> mentions
     voice = bool(message.flags & IS_VOICE_MESSAGE)
-    parts.extend(_attachment(attachment, voice) for attachment in message.attachments)
-    parts.extend(_sticker(item) for item in message.sticker_items)
+    for n, attachment in enumerate(message.attachments):
+        read = partial(_attachment, attachment, f"attachments[{n}]", voice)
+        parts.extend(native.lenient_parts(read, attachment, "discord attachment"))
+    for n, item in enumerate(message.sticker_items):
+        parts.extend(native.lenient_parts(partial(_sticker, item, f"sticker_items[{n}]"), item, "discord sticker"))
     previews = []
     for embed in native.list_field(raw, "embeds"):
         if isinstance(embed, dict) and embed.get("type", "rich") != "rich":
@@ -875,7 +880,8 @@ def _mentions_resolved(content: str, mentioned: list[_User], inbound: _Inbound) 
     return Text(text="".join(pieces), format="markdown", mentions=mentions)
 
 
-def _attachment(attachment: _Attachment, voice_message: bool) -> Media:
+def _attachment(raw: Any, where: str, voice_message: bool) -> Media:
+    attachment = native.convert(raw, _Attachment, where)
     mime = attachment.content_type or ""
     kind = native.media_kind(mime)
     if voice_message and kind == "audio":
@@ -895,8 +901,9 @@ def _attachment(attachment: _Attachment, voice_message: bool) -> Media:
     )
 
 
-def _sticker(item: _StickerItem) -> Media:
+def _sticker(raw: Any, where: str) -> Media:
     """Stickers are served from Discord's CDN by id (GIF stickers from the media host)."""
+    item = native.convert(raw, _StickerItem, where)
     extension, mime = _STICKER_FILES.get(item.format_type, ("png", "image/png"))
     host = "https://media.discordapp.net" if extension == "gif" else "https://cdn.discordapp.com"
     return Media(

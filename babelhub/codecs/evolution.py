@@ -635,7 +635,11 @@ class _EventDecoder:
         content = _Content.read(record.message or {}, record.message_type or "", f"{path}.message", meta)
         context = self._context(record.context_info or content.context_info, path)
         source = self._ref(context.stanza_id) if context.stanza_id else ""
-        parts = self._parts(content, context, source, message_key, meta)
+        parts = native.lenient_parts(
+            lambda: self._parts(content, context, source, message_key, meta),
+            {content.kind: content.body} if content.kind else content.message,
+            f"evolution {content.kind or 'message'}",
+        )
         return Message(
             id=self._ref(message_key),
             tenant=self.ctx.tenant,

@@ -43,6 +43,7 @@ import binascii
 import re
 from collections.abc import Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, ClassVar, Final
 from urllib.parse import quote, urlencode
 
@@ -155,7 +156,8 @@ class _Message(msgspec.Struct, kw_only=True):
     thread: _Thread | None = None
     space: _Space | None = None
     annotations: list[_Annotation] = []
-    attachment: list[_Attachment] = []
+    attachment: list[Any] = []
+    """Each read on its own (`_Attachment`): one unreadable attachment is an Unsupported part."""
     cardsV2: list[Any] = []
     cards: list[Any] = []
     slashCommand: dict[str, Any] | None = None
@@ -627,7 +629,8 @@ def _message_parts(inbound: _Inbound, message: _Message) -> list[c.Part]:
     parts: list[c.Part] = []
     if message.text:
         parts.append(_text(inbound, message))
-    parts.extend(_media(attachment) for attachment in message.attachment)
+    for n, attachment in enumerate(message.attachment):
+        parts.extend(native.lenient_parts(partial(_media, attachment, n), attachment, "google chat attachment"))
     if message.cardsV2 or message.cards:
         # Cards in a received message are the app's own (or another app's): kept, not interpreted.
         parts.append(c.Unsupported(reason="google chat cards", native=message.cardsV2 or message.cards))
@@ -649,7 +652,12 @@ def _text(inbound: _Inbound, message: _Message) -> c.Text:
     return c.Text(text=message.text, format="slack", mentions=mentions)
 
 
-def _media(attachment: _Attachment) -> c.Media:
+def _attachment_name(raw: Any) -> str:
+    return native.str_field(raw, "name") if isinstance(raw, dict) else ""
+
+
+def _media(raw: Any, n: int) -> c.Media:
+    attachment = native.convert(raw, _Attachment, f"attachment[{n}]")
     mime = attachment.contentType
     file_id = (attachment.attachmentDataRef.resourceName if attachment.attachmentDataRef else "") or (
         attachment.driveDataRef.driveFileId if attachment.driveDataRef else ""
@@ -669,7 +677,7 @@ def _message_meta(message: _Message | None) -> dict[str, Any]:
     meta = {
         "google_chat.argument_text": message.argumentText,
         "google_chat.slash_command": message.slashCommand,
-        "google_chat.attachment_names": [a.name for a in message.attachment if a.name],
+        "google_chat.attachment_names": [name for a in message.attachment if (name := _attachment_name(a))],
     }
     return {key: value for key, value in meta.items() if value}
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, ClassVar, Final
 
 import msgspec
@@ -167,8 +168,10 @@ class _Attachment(_Native, frozen=True, kw_only=True):
 class _Message(_Native, frozen=True, kw_only=True):
     mid: str
     text: str = ""
-    attachments: list[_Attachment] = []
-    quick_reply: _QuickReply | None = None
+    attachments: list[Any] = []
+    """Each read on its own (`_Attachment`): one unreadable attachment is an Unsupported part."""
+    quick_reply: Any = None
+    """Read on its own (`_QuickReply`): an unreadable one is an Unsupported part."""
     reply_to: _ReplyTo | None = None
     is_echo: bool = False
     is_deleted: bool = False
@@ -519,7 +522,9 @@ class MessengerCodec(Codec):
             return self._message_envelope(event, envelope_id, parts, native_id=message.mid)
         parts = self._message_parts(event, message, raw)
         reply_to = event.message_id(message.reply_to.mid) if message.reply_to and message.reply_to.mid else ""
-        reply_extra = unmapped(raw.get("reply_to") or {}, ("mid",))  # is_self_reply, IG story replies
+        # is_self_reply, IG story replies (lax conversion reads a "null" string as no reply_to at all)
+        raw_reply = raw.get("reply_to")
+        reply_extra = unmapped(raw_reply, ("mid",)) if isinstance(raw_reply, dict) else {}
         meta = event.meta(
             echo=message.is_echo,
             app_id=raw.get("app_id"),
@@ -544,24 +549,32 @@ class MessengerCodec(Codec):
         parts: list[c.Part] = []
         if message.quick_reply is not None:
             # The quick reply's title is the message text: one Action says both.
-            parts.append(c.Action(id=message.quick_reply.payload, title=message.text))
+            tap = partial(self._quick_reply, message.quick_reply, message.text, f"{event.path}.message.quick_reply")
+            parts.extend(native.lenient_parts(tap, {"quick_reply": message.quick_reply}, f"{self.channel} quick reply"))
+            if isinstance(parts[-1], c.Unsupported) and message.text:
+                parts.append(c.Text(text=message.text))  # the tap is unreadable, what it said is not
         elif message.text:
             parts.append(c.Text(text=message.text))
-        has_sticker = any(attachment.type == "sticker" for attachment in message.attachments)
-        for index, attachment in enumerate(message.attachments):
-            raw_attachment: Mapping[str, Any] = raw["attachments"][index]
-            if has_sticker and attachment.type == "image":
+        has_sticker = any(_attachment_type(attachment) == "sticker" for attachment in message.attachments)
+        for index, raw_attachment in enumerate(message.attachments):
+            if has_sticker and _attachment_type(raw_attachment) == "image":
                 # Until 2026-08-30 Meta sends a sticker twice: as `sticker` and as the old `image`.
                 parts.append(_unsupported("image copy of a sticker (Meta transition)", raw_attachment))
                 continue
-            parts.append(self._attachment(event, index, attachment, raw_attachment))
+            read = partial(self._attachment, event, index, raw_attachment)
+            parts.extend(native.lenient_parts(read, raw_attachment, f"{self.channel} attachment"))
         if message.is_unsupported:
             parts.append(_unsupported(f"{self.channel} message type the API does not deliver", dict(raw)))
         if not parts:
             parts.append(_unsupported(f"{self.channel} message without content", dict(raw)))
         return parts
 
-    def _attachment(self, event: _Event, index: int, attachment: _Attachment, raw: Mapping[str, Any]) -> c.Part:
+    @staticmethod
+    def _quick_reply(raw: Any, text: str, path: str) -> c.Part:
+        return c.Action(id=native.convert(raw, _QuickReply, path).payload, title=text)
+
+    def _attachment(self, event: _Event, index: int, raw: Mapping[str, Any]) -> c.Part:
+        attachment = native.convert(raw, _Attachment, f"{event.path}.message.attachments[{index}]")
         payload = attachment.payload or {}
         kind = _MEDIA_ATTACHMENTS.get(attachment.type)
         if kind is not None and isinstance(payload.get("url"), str):
@@ -930,12 +943,18 @@ def _unsupported(reason: str, fragment: Any) -> c.Unsupported:
     return c.Unsupported(reason=reason, native=dict(fragment) if isinstance(fragment, Mapping) else fragment)
 
 
+def _attachment_type(raw: Any) -> Any:
+    return raw.get("type") if isinstance(raw, dict) else None
+
+
 def _location(attachment: _Attachment, coordinates: Mapping[str, Any], raw: Mapping[str, Any]) -> c.Part:
     """The legacy `location` attachment: `payload.coordinates{lat,long}`, a title and a map link."""
     lat, lon = coordinates.get("lat"), coordinates.get("long")
     if not isinstance(lat, int | float) or not isinstance(lon, int | float):
         return _unsupported("location attachment without coordinates", raw)
-    return c.Location(lat=float(lat), lon=float(lon), name=attachment.title, url=attachment.url)
+    # float() of an integer beyond a double's range raises OverflowError: the part is then unreadable
+    return c.Location(lat=native.finite(float(lat)), lon=native.finite(float(lon)), name=attachment.title,
+                      url=attachment.url)
 
 
 def multipart(call: dict[str, Any], media: c.Media) -> tuple[bytes, str]:

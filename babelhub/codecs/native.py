@@ -7,14 +7,15 @@ import hmac
 import json
 import math
 import mimetypes
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, TypeVar
 
 import msgspec
 
-from babelhub.canonical import Error, MediaKind
+from babelhub.canonical import Error, MediaKind, Part, Unsupported
 from babelhub.codecs.base import EncodeContext, HttpRequest, HttpResponse, SendResult
 from babelhub.errors import DecodeError, EncodeError
 
@@ -22,10 +23,12 @@ __all__ = [
     "ErrorRule",
     "clip",
     "convert",
+    "convert_parts",
     "finite",
     "from_unix",
     "http_failure",
     "json_body",
+    "lenient_parts",
     "list_field",
     "media_kind",
     "native_id",
@@ -36,6 +39,8 @@ __all__ = [
     "retry_after",
     "same_secret",
     "str_field",
+    "unsupported",
+    "well_formed",
 ]
 
 T = TypeVar("T")
@@ -73,6 +78,104 @@ def convert(value: Any, into: type[T], path: str = "$") -> T:
             return_path = path + rest.rstrip("`")
             raise DecodeError(reason, path=return_path) from None
         raise DecodeError(text, path=path) from None
+
+
+# ------------------------------------------------------------------------------ lenient decoding
+#
+# Decoding is lenient per part: one native field the hub cannot read becomes an `Unsupported` part with
+# the reason and the fragment, and the rest of the message (its text, caption, sender) still arrives.
+# Only an envelope that cannot be read as a whole (no id, no chat, a body that is no JSON) is a
+# DecodeError. Codecs read each part through `lenient_parts`, and convert whole messages whose content
+# objects are typed fields through `convert_parts`.
+
+#: What reading a malformed fragment raises: DecodeError (a ValueError) from `convert`, `finite` and
+#: `from_unix`, and the lookup and arithmetic errors of a fragment of an unexpected shape.
+_UNREADABLE: Final = (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError)
+
+_FIELD_OF_PATH: Final = re.compile(r"^\$\.([^.\[]+)")
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def unsupported(reason: str, fragment: Any) -> Unsupported:
+    """An `Unsupported` part keeping `fragment` verbatim, as the JSON it reads back as (a typed native
+    Struct becomes the object it was read from, a NaN null), so that the part survives canonical JSON;
+    a fragment JSON cannot hold at all (lone surrogates) is kept as its repr."""
+    try:
+        plain = msgspec.json.decode(_encoder.encode(fragment))
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+        plain = well_formed(repr(fragment))
+    return Unsupported(reason=well_formed(reason), native=plain)
+
+
+def lenient_parts(build: Callable[[], Part | list[Part]], fragment: Any, what: str) -> list[Part]:
+    """The parts `build` reads from one native fragment (`what`, e.g. "whatsapp location"); when the
+    fragment cannot be read, one `Unsupported` part with the reason and the fragment instead."""
+    try:
+        built = build()
+    except _UNREADABLE as exc:
+        return [unsupported(f"{what} unreadable: {_reason(exc)}", fragment)]
+    parts = built if isinstance(built, list) else [built]
+    if not all(_portable(part) for part in parts):
+        # e.g. a NaN or a lone surrogate read from JSON that a payload carries as a string
+        return [unsupported(f"{what} holds values canonical JSON cannot carry", fragment)]
+    return parts
+
+
+_part_decoder: Final = msgspec.json.Decoder(Part)
+
+
+def _portable(part: Part) -> bool:
+    """Whether `part` reads back from canonical JSON as it is."""
+    try:
+        return bool(_part_decoder.decode(_encoder.encode(part)) == part)
+    except (msgspec.DecodeError, UnicodeEncodeError, OverflowError, TypeError, ValueError):
+        return False
+
+
+def convert_parts(
+    value: Any, into: type[T], path: str, part_fields: Collection[str], what: str
+) -> tuple[T, dict[str, Any], list[Part]]:
+    """`value` (a message object) as the Struct `into`, leniently: a member named in `part_fields` (the
+    content objects, by their JSON names) that does not fit its type is left out and becomes an
+    `Unsupported` part, so that the message still decodes. Returns the Struct, `value` without the left
+    out members, and their parts; an error outside `part_fields` is a DecodeError as with `convert`."""
+    if not isinstance(value, Mapping):
+        return convert(value, into, path), {}, []  # the DecodeError that says what was expected
+    readable = dict(value)
+    parts: list[Part] = []
+    for _ in range(len(part_fields) + 1):
+        try:
+            return msgspec.convert(readable, into, strict=False), readable, parts
+        except msgspec.ValidationError as exc:
+            field = _failed_field(str(exc))
+            if field not in part_fields or field not in readable:
+                break
+            parts.append(unsupported(f"{what} {field!r} unreadable: {_validation_reason(str(exc), path)}",
+                                     {field: readable.pop(field)}))
+    return convert(readable, into, path), readable, parts
+
+
+def _failed_field(message: str) -> str:
+    """The top-level member a msgspec ValidationError points at (`... - at `$.location.latitude``)."""
+    _, _, where = message.partition(" - at `")
+    found = _FIELD_OF_PATH.match(where.rstrip("`"))
+    return found.group(1) if found else ""
+
+
+def _validation_reason(message: str, path: str) -> str:
+    reason, _, where = message.partition(" - at `$")
+    return f"{reason} (at {path}{where.rstrip('`')})" if where else reason
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, DecodeError):
+        return f"{exc.reason} (at {exc.path})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def well_formed(text: str) -> str:
+    """`text` with lone surrogates (which no UTF-8 encoder takes) replaced by U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def json_body(value: Any) -> bytes:

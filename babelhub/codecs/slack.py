@@ -50,6 +50,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, ClassVar, Final, TypeAlias
 from urllib.parse import parse_qsl
 
@@ -188,7 +189,8 @@ class _Message(msgspec.Struct):
     ts: str = ""
     thread_ts: str | None = None
     deleted_ts: str | None = None
-    files: list[_File] = []
+    files: list[Any] = []
+    """Each read on its own (`_File`): one unreadable file is an Unsupported part."""
     message: _Message | None = None
     previous_message: _Message | None = None
 
@@ -702,8 +704,8 @@ def _content(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> tuple[l
         parts.append(Text(text=text, format="markdown", mentions=mentions))
         if text != event.text:
             meta["slack.text"] = event.text  # the original mrkdwn, for whoever needs it verbatim
-    for file, raw_file in zip(event.files, native.list_field(raw, "files"), strict=False):
-        parts.append(_media(file, raw_file))
+    for n, raw_file in enumerate(event.files):
+        parts.extend(native.lenient_parts(partial(_media, raw_file, f"files[{n}]"), raw_file, "slack file"))
     if event.files:
         meta["slack.files_need_token"] = True  # url_private answers only with `Authorization: Bearer <bot token>`
     rich_text: list[Any] = []
@@ -720,8 +722,10 @@ def _content(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> tuple[l
     return parts, meta
 
 
-def _media(file: _File, raw: Any) -> Part:
-    """A shared file. Files Slack no longer serves (deleted, hidden by plan limits) have no URL."""
+def _media(raw: Any, where: str) -> Part:
+    """A shared file (`where`: its place in the message). Files Slack no longer serves (deleted, hidden
+    by plan limits) have no URL."""
+    file = native.convert(raw, _File, where)
     if not file.url_private:
         return Unsupported(reason="slack file without url_private", native=raw)
     mime = file.mimetype or ""

@@ -30,11 +30,11 @@ Adaptive Cards (`Action.Submit` carrying `{"id": ...}`, `Action.OpenUrl`).
 
 from __future__ import annotations
 
-import json
 import mimetypes
 from base64 import b64encode
 from collections.abc import Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, ClassVar, Final
 from urllib.parse import quote, unquote
 
@@ -137,8 +137,10 @@ class _Activity(msgspec.Struct, kw_only=True):
     recipient: _Account | None = None
     text: str = ""
     textFormat: str = ""
-    attachments: list[_Attachment] = []
-    entities: list[dict[str, Any]] = []
+    attachments: list[Any] = []
+    """Each read on its own (`_Attachment`): one unreadable attachment is an Unsupported part."""
+    entities: list[Any] = []
+    """Mentions and client info; an entity that is no object is skipped (it names no one)."""
     channelData: dict[str, Any] = {}
     replyToId: str = ""
     value: Any = None
@@ -428,8 +430,8 @@ class _Inbound:
             "teams.aad_object_id": activity.sender.aadObjectId if activity.sender else "",
             "teams.recipient": msgspec.to_builtins(activity.recipient) if activity.recipient else None,
             "teams.channel_data": activity.channelData,
-            "teams.entities": [entity for entity in activity.entities if entity.get("type") != "mention"],
-            "teams.html": [a.content for a in activity.attachments if a.contentType == HTML_COPY],
+            "teams.entities": [entity for entity in activity.entities if _entity_type(entity) != "mention"],
+            "teams.html": [a.get("content") for a in activity.attachments if _content_type(a) == HTML_COPY],
             "teams.conversation_name": activity.conversation.name,
             "teams.extra": _unmapped_fields(self.raw),
         }
@@ -483,8 +485,18 @@ def _content_parts(inbound: _Inbound) -> list[c.Part]:
     if activity.text:
         parts.append(_text(inbound))
     # The `text/html` attachment is Teams' formatted copy of the text: it goes to meta (`teams.html`).
-    parts.extend(_attachment_part(a) for a in activity.attachments if a.contentType != HTML_COPY)
+    for n, raw in enumerate(activity.attachments):
+        if _content_type(raw) != HTML_COPY:
+            parts.extend(native.lenient_parts(partial(_attachment_part, raw, n), raw, "teams attachment"))
     return parts
+
+
+def _entity_type(raw: Any) -> Any:
+    return raw.get("type") if isinstance(raw, dict) else None
+
+
+def _content_type(raw: Any) -> Any:
+    return raw.get("contentType") if isinstance(raw, dict) else None
 
 
 def _text(inbound: _Inbound) -> c.Text:
@@ -494,8 +506,10 @@ def _text(inbound: _Inbound) -> c.Text:
     pieces: list[str] = []
     mentions: list[c.Mention] = []
     for entity in activity.entities:
+        if _entity_type(entity) != "mention":
+            continue
         tag, mentioned = entity.get("text"), entity.get("mentioned")
-        if entity.get("type") != "mention" or not isinstance(tag, str) or not isinstance(mentioned, dict):
+        if not isinstance(tag, str) or not isinstance(mentioned, dict):
             continue
         at = text.find(tag, cursor)
         if not tag or at < 0:
@@ -512,7 +526,8 @@ def _text(inbound: _Inbound) -> c.Text:
     return c.Text(text="".join(pieces), format=TEXT_FORMATS.get(activity.textFormat, "plain"), mentions=mentions)
 
 
-def _attachment_part(attachment: _Attachment) -> c.Part:
+def _attachment_part(raw: Any, n: int) -> c.Part:
+    attachment = native.convert(raw, _Attachment, f"$.attachments[{n}]")
     kind = attachment.contentType
     if kind == FILE_DOWNLOAD_INFO and isinstance(attachment.content, dict):
         return c.Media(
@@ -529,7 +544,7 @@ def _attachment_part(attachment: _Attachment) -> c.Part:
             mime=kind if "*" not in kind else "",
             filename=attachment.name,
         )
-    return _unsupported(f"teams attachment {kind or 'without contentType'}", msgspec.to_builtins(attachment))
+    return _unsupported(f"teams attachment {kind or 'without contentType'}", raw)
 
 
 def _card_submission(inbound: _Inbound, value: Any, *, title: str = "", verb: str = "") -> list[c.Part]:
@@ -553,8 +568,9 @@ def _as_object(value: Any) -> dict[str, Any] | None:
         return value
     if isinstance(value, str):
         try:
-            parsed = json.loads(value)
-        except ValueError:
+            # msgspec, not json: JSON has no NaN, Infinity or lone surrogates, and an envelope cannot carry them
+            parsed = msgspec.json.decode(value)
+        except (ValueError, RecursionError):
             return None
         return parsed if isinstance(parsed, dict) else None
     return None

@@ -285,6 +285,15 @@ _MAPPED_FIELDS: Final = frozenset(
     }
 )  # fmt: skip
 
+#: Message fields that carry content (or point at other messages): one of them that cannot be read becomes
+#: an Unsupported part, and the rest of the message still arrives.
+_CONTENT_FIELDS: Final = frozenset(
+    {
+        "reply_to_message", "entities", "caption_entities", "photo", "animation", "audio", "document",
+        "sticker", "video", "video_note", "voice", "location", "venue", "contact", "poll",
+    }
+)  # fmt: skip
+
 #: Message fields that describe a message rather than carry content: kept in meta when present.
 _DESCRIPTIVE_FIELDS: Final = frozenset(
     {
@@ -541,12 +550,12 @@ class _UpdateDecoder:
     # -------------------------------------------------------------------------------- messages
 
     def _message(self, *, edited: bool) -> Envelope:
-        message = native.convert(self.body, _Message, self.path)
-        raw: dict[str, Any] = self.body
+        message, raw, unreadable = native.convert_parts(self.body, _Message, self.path, _CONTENT_FIELDS, "telegram")
         if message.new_chat_members or message.left_chat_member:
             return self._membership_service_message(message, raw)
         native_id = _message_key(message.chat.id, message.message_id)
         parts, meta = _content(message, raw, self.ctx, self.path)
+        parts.extend(unreadable)
         if edited:
             parts.insert(0, Edit(target=self._message_id(native_id)))
             envelope_id = self._message_id(f"{native_id}:{message.edit_date}")
@@ -836,13 +845,22 @@ def _content(
         meta.update(_picked_meta(raw, ("caption", "caption_entities")))
     if message.venue is not None:
         venue = message.venue
-        lat, lon = _coordinates(venue.location, f"{path}.venue.location")
-        parts.append(Location(lat=lat, lon=lon, name=venue.title, address=venue.address))
+
+        def read_venue() -> Part:
+            lat, lon = _coordinates(venue.location, f"{path}.venue.location")
+            meta.update(_leftover_meta("location", raw["venue"]["location"], {"latitude", "longitude"}))
+            return Location(lat=lat, lon=lon, name=venue.title, address=venue.address)
+
+        parts.extend(native.lenient_parts(read_venue, {"venue": raw["venue"]}, "telegram venue"))
         meta.update(_leftover_meta("venue", raw["venue"], {"location", "title", "address"}))
-        meta.update(_leftover_meta("location", raw["venue"]["location"], {"latitude", "longitude"}))
     elif message.location is not None:
-        lat, lon = _coordinates(message.location, f"{path}.location")
-        parts.append(Location(lat=lat, lon=lon))
+        location = message.location
+
+        def read_location() -> Part:
+            lat, lon = _coordinates(location, f"{path}.location")
+            return Location(lat=lat, lon=lon)
+
+        parts.extend(native.lenient_parts(read_location, {"location": raw["location"]}, "telegram location"))
         meta.update(_leftover_meta("location", raw["location"], {"latitude", "longitude"}))
     if message.contact is not None:
         contact = message.contact

@@ -49,6 +49,7 @@ import hmac
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, ClassVar, Final, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -123,6 +124,9 @@ _MESSAGE_FIELDS: Final = frozenset({"MessageSid", "From", "Body", "NumMedia", "P
 _LOCATION_FIELDS: Final = frozenset({"Latitude", "Longitude", "Address", "Label"})
 _BUTTON_FIELDS: Final = frozenset({"ButtonPayload", "ButtonText"})
 _LIST_FIELDS: Final = frozenset({"ListId", "ListTitle"})
+#: Fields read into parts: one that cannot be read (a `NumMedia` or `Latitude` that is no number) is an
+#: Unsupported part, and the rest of the message still arrives.
+_PART_FIELDS: Final = frozenset({"NumMedia", "Latitude", "Longitude"})
 #: Status fields the envelope header already carries.
 _STATUS_FIELDS: Final = frozenset({"MessageSid", "To"})
 
@@ -297,13 +301,14 @@ class TwilioCodec(Codec):
 
     def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
         form = dict(_form_pairs(request))
-        webhook = native.convert(form, _Webhook)
+        webhook, readable, unreadable = native.convert_parts(form, _Webhook, "$", _PART_FIELDS, "twilio")
         if not webhook.message_sid:
             raise DecodeError("no MessageSid: not a Twilio messaging webhook", path="$.MessageSid")
-        decoder = _WebhookDecoder(ctx, form, webhook, _received_time(request.received_at))
+        received = _received_time(request.received_at)
         if _is_status_callback(webhook):
-            return [decoder.status()]
-        return [decoder.message()]
+            # a status has no parts: a field that could not be read stays in meta with the others
+            return [_WebhookDecoder(ctx, form, webhook, received, []).status()]
+        return [_WebhookDecoder(ctx, readable, webhook, received, unreadable).message()]
 
     # ---------------------------------------------------------------------------------- sending
 
@@ -413,7 +418,8 @@ def _form_pairs(request: HttpRequest) -> Pairs:
     `verify` checks: a GET is signed over its URL only, so its fields come from the query alone."""
     if _is_get(request):
         _refuse_get_body(request)
-        return list(request.query.items())
+        # A query is any text the caller decoded; an envelope cannot carry lone surrogates.
+        return [(native.well_formed(name), native.well_formed(value)) for name, value in request.query.items()]
     return _parse_form(request.body)
 
 
@@ -456,11 +462,14 @@ def _received_time(received_at: float) -> datetime:
 class _WebhookDecoder:
     """Turns one webhook form into its envelope."""
 
-    def __init__(self, ctx: DecodeContext, form: Form, webhook: _Webhook, ts: datetime) -> None:
+    def __init__(
+        self, ctx: DecodeContext, form: Form, webhook: _Webhook, ts: datetime, unreadable: list[Part]
+    ) -> None:
         self.ctx = ctx
         self.form = form
         self.webhook = webhook
         self.ts = ts
+        self.unreadable = unreadable  # fields that could not be read, as Unsupported parts
         self.mapped: set[str] = set()  # fields a canonical field holds; the others go to meta
 
     # ---------------------------------------------------------------------------- messages
@@ -470,7 +479,7 @@ class _WebhookDecoder:
         user = webhook.from_
         self.mapped.update(_MESSAGE_FIELDS)
         reply_to = self._ref(webhook.original_replied_message_sid) if webhook.original_replied_message_sid else ""
-        parts = [*self._text(), *self._media(), *self._location(), *self._choice(reply_to)]
+        parts = [*self._text(), *self._media(), *self._location(), *self._choice(reply_to), *self.unreadable]
         meta: dict[str, Any] = {"twilio.channel": _channel_kind(user, webhook.num_media)}
         meta.update(self._unmapped())
         return Message(
@@ -501,24 +510,37 @@ class _WebhookDecoder:
 
     def _media(self) -> list[Part]:
         parts: list[Part] = []
-        for n in range(self.webhook.num_media):
+        # Twilio sends at most 10 media; a larger NumMedia names media that are not there
+        for n in range(min(self.webhook.num_media, MEDIA_PER_MESSAGE + 1)):
             url_field, type_field = f"MediaUrl{n}", f"MediaContentType{n}"
-            url = self.form.get(url_field, "")
-            if not url:
-                raise DecodeError(f"NumMedia is {self.webhook.num_media} but {url_field} is missing", f"$.{url_field}")
-            mime = self.form.get(type_field, "")
-            self.mapped.update((url_field, type_field))
-            parts.append(Media(media=native.media_kind(mime), url=url, mime=mime))
+            fields = {name: self.form[name] for name in (url_field, type_field) if name in self.form}
+            self.mapped.update(fields)
+            parts.extend(native.lenient_parts(partial(self._medium, n), fields or {"NumMedia": self.webhook.num_media},
+                                              "twilio medium"))
         return parts
+
+    def _medium(self, n: int) -> Part:
+        url_field, type_field = f"MediaUrl{n}", f"MediaContentType{n}"
+        url = self.form.get(url_field, "")
+        if not url:
+            raise DecodeError(f"NumMedia is {self.webhook.num_media} but {url_field} is missing", f"$.{url_field}")
+        mime = self.form.get(type_field, "")
+        return Media(media=native.media_kind(mime), url=url, mime=mime)
 
     def _location(self) -> list[Part]:
         webhook = self.webhook
         if webhook.latitude is None or webhook.longitude is None:
             return []  # half a coordinate stays in meta
+        self.mapped.update(_LOCATION_FIELDS)
+        fields = {name: self.form[name] for name in _LOCATION_FIELDS if name in self.form}
+        return native.lenient_parts(self._place, fields, "twilio location")
+
+    def _place(self) -> Part:
+        webhook = self.webhook
+        assert webhook.latitude is not None and webhook.longitude is not None  # checked by _location
         lat = native.finite(webhook.latitude, "$.Latitude")
         lon = native.finite(webhook.longitude, "$.Longitude")
-        self.mapped.update(_LOCATION_FIELDS)
-        return [Location(lat=lat, lon=lon, name=webhook.label, address=webhook.address)]
+        return Location(lat=lat, lon=lon, name=webhook.label, address=webhook.address)
 
     def _choice(self, source: str) -> list[Part]:
         """A tapped quick-reply or call-to-action button, or a chosen list item."""

@@ -38,7 +38,6 @@ webhook and "Usernames & BSUID" pages.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime
@@ -142,6 +141,11 @@ _INBOUND_MEDIA: Final[dict[str, MediaKind]] = {
 #: Message keys the envelope header already carries; every other key (the sender's BSUID in
 #: `from_user_id` too) is kept in `meta`.
 _MESSAGE_HEADER: Final = frozenset({"from", "id", "timestamp", "type", "to"})
+#: A message's members besides its header: one of them that cannot be read becomes an Unsupported part.
+_CONTENT_FIELDS: Final = frozenset(
+    {"context", "errors", "text", "image", "audio", "video", "document", "sticker", "location", "contacts",
+     "interactive", "button", "reaction", "order", "system", "revoke", "edit"}
+)
 
 
 # ------------------------------------------------------------------------------------ error codes
@@ -814,8 +818,8 @@ class _ChangeDecoder:
 
     # ----------------------------------------------------------------------------- messages
 
-    def _message(self, raw: JsonObject, path: str, *, echo: bool) -> Message:
-        message = native.convert(raw, _Message, path)
+    def _message(self, received: JsonObject, path: str, *, echo: bool) -> Message:
+        message, raw, unreadable = native.convert_parts(received, _Message, path, _CONTENT_FIELDS, "whatsapp")
         # Echoes go from the business to the user; everything else comes from the user.
         user = message.user(echo=echo)
         if not user and not message.group_id:
@@ -826,7 +830,14 @@ class _ChangeDecoder:
         if self.change_errors:
             meta["whatsapp.change_errors"] = self.change_errors
         source = self._ref(message.context.id) if message.context and message.context.id else ""
-        parts = self._parts(message, raw, path, meta, source)
+        if message.type in received and message.type not in raw:
+            parts = unreadable  # the content object itself could not be read: its Unsupported part says why
+        else:
+            fragment = raw.get(message.type, raw)
+            parts = native.lenient_parts(
+                lambda: self._parts(message, raw, path, meta, source), fragment, f"whatsapp {message.type}"
+            )
+            parts.extend(unreadable)  # a reply context or error list that could not be read
         if echo:
             sender = Sender(
                 id=canonical.sender_id(*self._scope(), message.from_),
@@ -1063,8 +1074,9 @@ def _order_parts(order: _Order, path: str) -> list[Part]:
 def _flow_form(flow: _FlowReply, path: str) -> Form:
     """A completed WhatsApp Flow: its answers (`response_json`, a JSON string) as form fields."""
     try:
-        answers = json.loads(flow.response_json)
-    except ValueError:
+        # msgspec, not json: JSON has no NaN, Infinity or lone surrogates, and an envelope cannot carry them
+        answers = msgspec.json.decode(flow.response_json)
+    except (ValueError, RecursionError):
         raise DecodeError("response_json is not valid JSON", path=path) from None
     if not isinstance(answers, dict):
         raise DecodeError("response_json is not a JSON object", path=path)

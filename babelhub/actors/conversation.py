@@ -13,6 +13,7 @@ activation stops rather than overwrite it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -23,7 +24,7 @@ from babelhub import canonical as c
 from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
-from babelhub.hub.connections import ConnectionService
+from babelhub.hub.connections import ConnectionService, Progress
 from babelhub.hub.context import HubContext
 from babelhub.hub.deadletters import DeadLetter
 from babelhub.hub.telemetry import carrier, span
@@ -44,6 +45,8 @@ class Inbound(msgspec.Struct, frozen=True):
 class Outbound(msgspec.Struct, frozen=True):
     envelope: c.Envelope
     trace: dict[str, str] = {}
+    stored_at: float | None = None
+    """Unix time JetStream first stored the message (its send deadline counts from there); None = now."""
 
 
 ConversationMessage = Inbound | Outbound
@@ -68,6 +71,9 @@ class ConversationState(msgspec.Struct, kw_only=True):
     choices: dict[str, Any] = {}
     applied: list[str] = []
     """Envelope ids applied recently: a redelivery or a channel retry is skipped."""
+    sending: dict[str, Progress] = {}
+    """The send ledger: messages whose channel calls (some or all) succeeded in a turn that has not
+    ended. Checkpointed after each such call, so a message redelivered after a crash is not sent twice."""
 
 
 class SnapshotConflict(RuntimeError):
@@ -84,6 +90,7 @@ class ConversationActor(Actor[ConversationMessage]):
         self._revision: int | None = None
         self._applied: set[str] = set()
         self._dirty = False
+        self._stored_at: float | None = None  # the outbound message of the current turn's
 
     # --------------------------------------------------------------------------------- lifecycle
 
@@ -121,6 +128,7 @@ class ConversationActor(Actor[ConversationMessage]):
                 with span("conversation.inbound", message.trace, conversation=self.key):
                     await self._inbound(envelope)
             case Outbound():
+                self._stored_at = message.stored_at
                 with span("conversation.outbound", message.trace, conversation=self.key):
                     await self._outbound(envelope)
         self._mark_applied(envelope.id)
@@ -187,7 +195,11 @@ class ConversationActor(Actor[ConversationMessage]):
             return
         message = self._without_unknown_references(message)
         with span("conversation.send", channel=connection.channel):
-            sent = await connection.send(message, self._context(connection))
+            # While the channel fails this waits (the circuit), holding the conversation's later messages
+            # back in order; JetStream keeps the unacknowledged message, so a crash means redelivery.
+            sent = await connection.send(message, self._context(connection), stored_at=self._stored_at,
+                                         progress=self.state.sending.get(message.id),
+                                         on_progress=functools.partial(self._record_progress, message.id))
         for native_id in sent.native_ids:
             self._remember_id(message.id, native_id)
             derived = c.message_id(message.tenant, self.state.conversation.connection, native_id)
@@ -199,6 +211,26 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
         else:
             await self._status(message, "failed", error=sent.error)
+        # Ended with this turn: `applied`, saved in the same snapshot, now keeps the message from a resend.
+        if self.state.sending.pop(message.id, None) is not None:
+            self._dirty = True
+
+    async def _record_progress(self, message_id: str, progress: Progress) -> None:
+        """A channel call of `message_id` succeeded: write it down before anything else happens, so a
+        crash from here on cannot make the hub send it again. The window left is the channel's call itself
+        (the channel took it, the hub died before this line): the request's idempotency key covers it
+        where the channel honours one."""
+        self.state.sending.pop(message_id, None)
+        self.state.sending[message_id] = progress
+        while len(self.state.sending) > _MAX_IDS:
+            del self.state.sending[next(iter(self.state.sending))]
+        self._dirty = True
+        try:
+            await self.checkpoint()
+        except SnapshotConflict:
+            raise
+        except Exception as exc:  # NATS trouble: the runtime's checkpoint after the turn retries it
+            log.warning("conversation %s: could not record a send yet: %r", self.key, exc)
 
     # ---------------------------------------------------------------------------------- helpers
 

@@ -107,7 +107,8 @@ class Hub:
         self.ready = True
 
     def _build_connections(self) -> dict[str, ConnectionService]:
-        policy = RetryPolicy(attempts=self.config.hub.send_attempts)
+        most = self.config.hub.circuit_max_backoff_seconds
+        policy = RetryPolicy(base_delay=min(RetryPolicy().base_delay, most), max_delay=most)
         services: dict[str, ConnectionService] = {}
         for index, settings in enumerate(self.config.connections):
             try:
@@ -115,7 +116,8 @@ class Hub:
             except LookupError as exc:
                 raise ConfigError(f"$.connections[{index}].channel: {exc}") from None
             services[settings.id] = ConnectionService(
-                settings, codec, self.http, self.nc, self.subjects, self.metrics, policy)
+                settings, codec, self.http, self.nc, self.subjects, self.metrics, policy,
+                send_deadline=self.config.send_deadline(settings))
         return services
 
     def _start_actors(self) -> None:
@@ -219,7 +221,8 @@ class Hub:
                                                     subject=msg.subject, body=msg.data))
             await term()
 
-        await self.conversations.tell(conversation, Outbound(envelope, dict(msg.headers or {})), ack, failed)
+        stored_at = msg.metadata.timestamp.timestamp()  # when JetStream first stored it: the send deadline's start
+        await self.conversations.tell(conversation, Outbound(envelope, dict(msg.headers or {}), stored_at), ack, failed)
 
     async def _on_echo(self, msg: Msg) -> None:
         """The built-in echo processor: what an app on NATS does, in a few lines."""
@@ -309,6 +312,8 @@ class Hub:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for connection in getattr(getattr(self, "ctx", None), "connections", {}).values():
+            connection.circuit.stop()  # sends waiting out an outage end unacknowledged: the next process has them
         for system in (getattr(self, "connection_actors", None), getattr(self, "conversations", None)):
             if system is not None:
                 await system.stop()

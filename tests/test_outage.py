@@ -246,6 +246,27 @@ async def test_a_send_that_succeeded_is_not_made_again_when_its_message_comes_ba
     assert len({status.message_id for status in sent}) == 2
 
 
+async def test_a_reply_stored_while_the_hub_was_down_does_not_overtake_the_ones_it_held(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    """After a restart JetStream sends what is new at once, but what the old process held only once its
+    ack wait has passed: the conversation takes the older ones from the stream first."""
+    channel = FlakyTelegram(down_for=3600)
+    fake_api.responder = channel
+    config = flaky_config(nats_server.url, fake_api.base_url)
+    first = await start_hub(config)
+    for n in (1, 2):
+        await publish(nats_client, first.subjects.prefix, outbound(42, f"held {n}"))
+    await eventually(lambda: channel.refused >= 1)
+    await asyncio.wait_for(first.stop(), timeout=30)
+
+    await publish(nats_client, config.hub.subject_prefix, outbound(42, "stored while down"))
+    channel.down_until = 0.0
+    await start_hub(config)
+    await eventually(lambda: len(channel.sent) >= 3, timeout=30)
+    await asyncio.sleep(config.hub.ack_wait_seconds + 1)  # the held ones have come back by now
+    assert channel.texts() == ["held 1", "held 2", "stored while down"]
+
+
 def test_the_send_deadline_is_checked_and_overridden_per_connection() -> None:
     base = telegram_config("nats://127.0.0.1:1", "http://127.0.0.1:1")
     assert base.send_deadline(base.connections[0]) == 86_400

@@ -18,12 +18,15 @@ import logging
 from typing import Any
 
 import msgspec
+import nats.errors
+from nats.js.api import RawStreamMsg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from babelhub import canonical as c
 from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
+from babelhub.errors import DecodeError
 from babelhub.hub.connections import ConnectionService, Progress
 from babelhub.hub.context import HubContext
 from babelhub.hub.deadletters import DeadLetter
@@ -47,6 +50,8 @@ class Outbound(msgspec.Struct, frozen=True):
     trace: dict[str, str] = {}
     stored_at: float | None = None
     """Unix time JetStream first stored the message (its send deadline counts from there); None = now."""
+    seq: int = 0
+    """Its sequence in the messages stream; 0 = not known."""
 
 
 ConversationMessage = Inbound | Outbound
@@ -71,6 +76,8 @@ class ConversationState(msgspec.Struct, kw_only=True):
     choices: dict[str, Any] = {}
     applied: list[str] = []
     """Envelope ids applied recently: a redelivery or a channel retry is skipped."""
+    out_seq: int | None = None
+    """Stream sequence of the latest outbound message taken up; None in snapshots from before it was kept."""
     sending: dict[str, Progress] = {}
     """The send ledger: messages whose channel calls (some or all) succeeded in a turn that has not
     ended. Checkpointed after each such call, so a message redelivered after a crash is not sent twice."""
@@ -98,6 +105,7 @@ class ConversationActor(Actor[ConversationMessage]):
         try:
             entry = await self.hub.snapshots.get(self.key)
         except NotFoundError:
+            self.state.out_seq = 0  # a new conversation: every outbound message stored for it is still to do
             return
         if entry.value:
             self.state = msgspec.msgpack.decode(entry.value, type=ConversationState)
@@ -128,10 +136,57 @@ class ConversationActor(Actor[ConversationMessage]):
                 with span("conversation.inbound", message.trace, conversation=self.key):
                     await self._inbound(envelope)
             case Outbound():
-                self._stored_at = message.stored_at
-                with span("conversation.outbound", message.trace, conversation=self.key):
-                    await self._outbound(envelope)
+                await self._take_earlier_outbound(envelope.tenant, message.seq)
+                await self._apply_outbound(message)
         self._mark_applied(envelope.id)
+
+    async def _apply_outbound(self, message: Outbound) -> None:
+        self._stored_at = message.stored_at
+        if message.seq:
+            self.state.out_seq = max(self.state.out_seq or 0, message.seq)
+        with span("conversation.outbound", message.trace, conversation=self.key):
+            await self._outbound(message.envelope)
+
+    async def _take_earlier_outbound(self, tenant: str, seq: int) -> None:
+        """Apply first, in order, this conversation's outbound messages stored before `seq` and not applied
+        yet. After a crash, JetStream redelivers what was in flight only once its ack wait has passed, while
+        messages stored since come at once: without this, a newer reply would overtake older ones."""
+        if not seq or self.state.out_seq is None:
+            return  # not from the stream, or a snapshot from before sequences were kept
+        stream, subject = self.hub.subjects.stream_name("messages"), self.hub.subjects.outbound(tenant, self.key)
+        cursor = self.state.out_seq + 1
+        while cursor < seq:
+            try:
+                stored = await self.hub.js.get_msg(stream, seq=cursor, subject=subject, next=True)
+            except NotFoundError:
+                return
+            except nats.errors.Error as exc:  # order is kept on a best-effort basis when NATS is in trouble
+                log.warning("conversation %s: could not look for earlier messages: %r", self.key, exc)
+                return
+            if stored.seq is None or stored.seq >= seq:
+                return
+            cursor = stored.seq + 1
+            earlier = self._stored_outbound(stored, tenant)
+            if earlier is None or earlier.envelope.id in self._applied:
+                continue
+            try:
+                await self._apply_outbound(earlier)
+            except Exception:  # its own delivery comes later, and is parked if it fails again
+                log.exception("conversation %s: an earlier outbound message failed", self.key)
+                return
+            self._mark_applied(earlier.envelope.id)
+
+    def _stored_outbound(self, stored: RawStreamMsg, tenant: str) -> Outbound | None:
+        """An outbound message read back from the stream, if it is a valid one of this conversation
+        (anything else is refused, and parked, when its own delivery comes)."""
+        try:
+            envelope = c.decode(stored.data or b"")
+        except DecodeError:
+            return None
+        if envelope.tenant != tenant or envelope.conversation.id != self.key:
+            return None
+        stored_at = stored.time.timestamp() if stored.time is not None else None
+        return Outbound(envelope, dict(stored.headers or {}), stored_at, stored.seq or 0)
 
     async def _inbound(self, envelope: c.Envelope) -> None:
         self._learn(envelope)

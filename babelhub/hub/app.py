@@ -221,8 +221,10 @@ class Hub:
                                                     subject=msg.subject, body=msg.data))
             await term()
 
-        stored_at = msg.metadata.timestamp.timestamp()  # when JetStream first stored it: the send deadline's start
-        await self.conversations.tell(conversation, Outbound(envelope, dict(msg.headers or {}), stored_at), ack, failed)
+        # When JetStream first stored it (the send deadline's start) and where (what comes before it).
+        outbound = Outbound(envelope, dict(msg.headers or {}), msg.metadata.timestamp.timestamp(),
+                            msg.metadata.sequence.stream)
+        await self.conversations.tell(conversation, outbound, ack, failed)
 
     async def _on_echo(self, msg: Msg) -> None:
         """The built-in echo processor: what an app on NATS does, in a few lines."""

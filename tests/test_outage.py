@@ -358,7 +358,8 @@ secrets = {{ bot_token = "{BOT_TOKEN}", secret_token = "{SECRET}" }}
 
     hub = await run_hub()
     sent_order = [outbound(chat, f"{chat}:{n}") for n in range(per_chat) for chat in range(1, chats + 1)]
-    for message in sent_order:
+    stored_while_down = sent_order[-chats:]  # each chat's last reply
+    for message in sent_order[:-chats]:
         await publish(nats_client, prefix, message)
 
     await eventually(lambda: channel.down_until is not None, timeout=60)  # a third went, then the channel fell
@@ -366,6 +367,9 @@ secrets = {{ bot_token = "{BOT_TOKEN}", secret_token = "{SECRET}" }}
     for kill_at in (outage / 6, outage / 2):  # twice while it is down, then a fresh process carries on
         await asyncio.sleep(max(0.0, channel.down_until - outage + kill_at - time.monotonic()))
         hub.kill()
+        for message in stored_while_down:  # the app goes on replying while no hub runs
+            await publish(nats_client, prefix, message)
+        stored_while_down = []
         hub = await run_hub()
     assert time.monotonic() < channel.down_until, "the kills must fall inside the outage"
 

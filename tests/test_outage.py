@@ -224,26 +224,27 @@ async def test_a_message_still_unsent_at_its_deadline_is_failed(
 
 async def test_a_send_that_succeeded_is_not_made_again_when_its_message_comes_back(
         nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
-    """The hub stops while the channel is down: the message before the one it waits on was sent but not
-    acknowledged (its acknowledgement waits for the end of the run of turns), so it comes back."""
-    channel = FlakyTelegram(down_for=3600, down_after=1)
+    """The hub stops while the channel is down: the messages before the one it waits on were sent but not
+    acknowledged (acknowledgements wait for the end of the run of turns), so they come back."""
+    channel = FlakyTelegram(down_for=3600, down_after=2)
     fake_api.responder = channel
     config = flaky_config(nats_server.url, fake_api.base_url)
     first = await start_hub(config)
-    fake_api.queue(Reply(status=503))  # both messages wait in the conversation: then one goes through
-    await publish(nats_client, first.subjects.prefix, outbound(42, "first"))
-    await publish(nats_client, first.subjects.prefix, outbound(42, "second"))
-    await eventually(lambda: channel.texts() == ["first"] and channel.refused >= 1)
+    fake_api.queue(Reply(status=503))  # the messages wait in the conversation: then two go through
+    texts = ["first", "second", "third"]
+    for text in texts:
+        await publish(nats_client, first.subjects.prefix, outbound(42, text))
+    await eventually(lambda: channel.texts() == texts[:2] and channel.refused >= 2)
     # Stopping does not wait for the channel: the send waiting for the circuit ends unacknowledged.
     await asyncio.wait_for(first.stop(), timeout=30)
 
     channel.down_until = 0.0  # the channel is back
     await start_hub(config)
-    await eventually(lambda: len(channel.sent) >= 2, timeout=30)
+    await eventually(lambda: len(channel.sent) >= 3, timeout=30)
     await asyncio.sleep(config.hub.ack_wait_seconds + 1)  # anything still unacknowledged has come back
-    assert channel.texts() == ["first", "second"]
+    assert channel.texts() == texts
     sent = [s for s in await statuses(nats_client, config.hub.subject_prefix) if s.state == "sent"]
-    assert len({status.message_id for status in sent}) == 2
+    assert len({status.message_id for status in sent}) == 3
 
 
 async def test_a_reply_stored_while_the_hub_was_down_does_not_overtake_the_ones_it_held(

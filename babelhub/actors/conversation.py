@@ -78,9 +78,6 @@ class ConversationState(msgspec.Struct, kw_only=True):
     """Envelope ids applied recently: a redelivery or a channel retry is skipped."""
     out_seq: int | None = None
     """Stream sequence of the latest outbound message taken up; None in snapshots from before it was kept."""
-    sending: dict[str, Progress] = {}
-    """The send ledger: messages whose channel calls (some or all) succeeded in a turn that has not
-    ended. Checkpointed after each such call, so a message redelivered after a crash is not sent twice."""
 
 
 class SnapshotConflict(RuntimeError):
@@ -98,10 +95,15 @@ class ConversationActor(Actor[ConversationMessage]):
         self._applied: set[str] = set()
         self._dirty = False
         self._stored_at: float | None = None  # the outbound message of the current turn's
+        self._ledger: dict[str, Progress] = {}
+        """The send ledger: messages whose channel calls (some or all) succeeded, until a snapshot that
+        counts them as applied is saved. Kept under its own small key, written after each such call."""
+        self._ledger_revision: int | None = None
 
     # --------------------------------------------------------------------------------- lifecycle
 
     async def on_activate(self) -> None:
+        await self._load_ledger()
         try:
             entry = await self.hub.snapshots.get(self.key)
         except NotFoundError:
@@ -124,6 +126,8 @@ class ConversationActor(Actor[ConversationMessage]):
         except KeyWrongLastSequenceError as exc:
             raise SnapshotConflict(f"conversation {self.key} was written by another owner") from exc
         self._dirty = False
+        for message_id in [m for m in self._ledger if m in self._applied]:
+            del self._ledger[message_id]  # the saved snapshot keeps it from a resend now
 
     # ----------------------------------------------------------------------------------- turns
 
@@ -253,7 +257,7 @@ class ConversationActor(Actor[ConversationMessage]):
             # While the channel fails this waits (the circuit), holding the conversation's later messages
             # back in order; JetStream keeps the unacknowledged message, so a crash means redelivery.
             sent = await connection.send(message, self._context(connection), stored_at=self._stored_at,
-                                         progress=self.state.sending.get(message.id),
+                                         progress=self._ledger.get(message.id),
                                          on_progress=functools.partial(self._record_progress, message.id))
         for native_id in sent.native_ids:
             self._remember_id(message.id, native_id)
@@ -266,26 +270,36 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
         else:
             await self._status(message, "failed", error=sent.error)
-        # Ended with this turn: `applied`, saved in the same snapshot, now keeps the message from a resend.
-        if self.state.sending.pop(message.id, None) is not None:
-            self._dirty = True
 
     async def _record_progress(self, message_id: str, progress: Progress) -> None:
         """A channel call of `message_id` succeeded: write it down before anything else happens, so a
         crash from here on cannot make the hub send it again. The window left is the channel's call itself
         (the channel took it, the hub died before this line): the request's idempotency key covers it
         where the channel honours one."""
-        self.state.sending.pop(message_id, None)
-        self.state.sending[message_id] = progress
-        while len(self.state.sending) > _MAX_IDS:
-            del self.state.sending[next(iter(self.state.sending))]
-        self._dirty = True
+        self._ledger[message_id] = progress
+        data = msgspec.msgpack.encode(self._ledger)
+        key = self._ledger_key()
         try:
-            await self.checkpoint()
-        except SnapshotConflict:
-            raise
-        except Exception as exc:  # NATS trouble: the runtime's checkpoint after the turn retries it
-            log.warning("conversation %s: could not record a send yet: %r", self.key, exc)
+            if self._ledger_revision is None:
+                self._ledger_revision = await self.hub.snapshots.create(key, data)
+            else:
+                self._ledger_revision = await self.hub.snapshots.update(key, data, last=self._ledger_revision)
+        except KeyWrongLastSequenceError as exc:
+            raise SnapshotConflict(f"conversation {self.key}'s sends were recorded by another owner") from exc
+        except nats.errors.Error as exc:  # NATS trouble: the message may be sent again after a crash
+            log.warning("conversation %s: could not record a send: %r", self.key, exc)
+
+    async def _load_ledger(self) -> None:
+        try:
+            entry = await self.hub.snapshots.get(self._ledger_key())
+        except NotFoundError:
+            return
+        self._ledger_revision = entry.revision
+        if entry.value:
+            self._ledger = msgspec.msgpack.decode(entry.value, type=dict[str, Progress])
+
+    def _ledger_key(self) -> str:
+        return f"{self.key}.sending"
 
     # ---------------------------------------------------------------------------------- helpers
 

@@ -247,6 +247,26 @@ async def test_a_send_that_succeeded_is_not_made_again_when_its_message_comes_ba
     assert len({status.message_id for status in sent}) == 3
 
 
+async def test_a_message_split_into_several_calls_resumes_after_the_last_call_made(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    channel = FlakyTelegram(down_for=3600, down_after=1)
+    fake_api.responder = channel
+    config = flaky_config(nats_server.url, fake_api.base_url)
+    first = await start_hub(config)
+    long_text = " ".join(["word"] * 1500)  # past Telegram's 4,096 characters: two sendMessage calls
+    await publish(nats_client, first.subjects.prefix, outbound(42, long_text))
+    await eventually(lambda: len(channel.sent) == 1 and channel.refused >= 1)  # the first part went
+    await asyncio.wait_for(first.stop(), timeout=30)
+
+    channel.down_until = 0.0
+    await start_hub(config)
+    await eventually(lambda: len(channel.sent) >= 2, timeout=30)
+    await asyncio.sleep(config.hub.ack_wait_seconds + 1)
+    parts = channel.texts()
+    assert len(parts) == 2 and parts[0] != parts[1]  # each part once
+    assert " ".join(parts).split() == long_text.split()
+
+
 async def test_a_reply_stored_while_the_hub_was_down_does_not_overtake_the_ones_it_held(
         nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
     """After a restart JetStream sends what is new at once, but what the old process held only once its

@@ -151,6 +151,19 @@ async def test_a_refusal_fails_at_once_and_a_deadline_ends_the_wait(fake_api: Fa
     assert circuit.state == "open"
 
 
+async def test_a_best_effort_call_is_made_once_and_never_while_the_circuit_is_open(fake_api: FakeApi) -> None:
+    circuit, pacer = Circuit(base_delay=0.01, max_delay=0.02), Pacer(0)
+    fake_api.queue(Reply(status=503))
+    async with aiohttp.ClientSession() as session:
+        request = OutboundRequest(method="POST", url=f"{fake_api.base_url}/typing")
+        failed = await deliver_through(session, _PlainJsonApi(), request, circuit=circuit, pacer=pacer, deadline=None)
+        skipped = await deliver_through(session, _PlainJsonApi(), request, circuit=circuit, pacer=pacer,
+                                        deadline=None)
+    assert failed.error == Error(code="503", retryable=True) and circuit.state == "open"
+    assert skipped.error is not None and skipped.error.code == "circuit_open"
+    assert len(fake_api.requests) == 1 and circuit.probes == 0
+
+
 # -------------------------------------------------------------------------------- the hub in-process
 
 StartHub = Callable[[cfg.Config], Awaitable[Hub]]

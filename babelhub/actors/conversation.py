@@ -94,7 +94,7 @@ class ConversationActor(Actor[ConversationMessage]):
         self._revision: int | None = None
         self._applied: set[str] = set()
         self._dirty = False
-        self._stored_at: float | None = None  # the outbound message of the current turn's
+        self._stored_at: float | None = None  # when the current turn's outbound message was stored
         self._ledger: dict[str, Progress] = {}
         """The send ledger: messages whose channel calls (some or all) succeeded, until a snapshot that
         counts them as applied is saved. Kept under its own small key, written after each such call."""

@@ -175,7 +175,8 @@ def redirect_loop(request: Recorded) -> Reply:
 
 def secrets_config(nats_url: str, api_base: str, loop_base: str) -> cfg.Config:
     return cfg.Config(
-        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix(), send_attempts=2),
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix(),
+                            send_deadline_seconds=2.0),
         tenants=[cfg.Tenant(id="alpha")],
         connections=[
             cfg.Connection(id="tg", tenant="alpha", channel="telegram", api_base=api_base,
@@ -244,7 +245,10 @@ async def test_no_secret_reaches_logs_records_statuses_or_dead_letters(
                 status = await app.next_status(timeout=30.0)
                 if status.state == "failed":
                     failed.append(status)
-            assert {status.error.code for status in failed if status.error} == {"telegram_500", "network"}
+            # Both fail at their send deadline; the error names the channel's last answer (and carries it).
+            errors = [status.error for status in failed if status.error]
+            assert {error.code for error in errors} == {"send_deadline"}
+            assert {error.message.split("last: ")[1].split()[0] for error in errors} == {"telegram_500", "network"}
             await eventually(lambda: "poll failed" in caplog.text and "follow-up call" in caplog.text)
             assert api.requests and loop.requests
             assert any(TOKEN_A in request.path for request in api.requests)  # the token was really used

@@ -18,17 +18,21 @@ state, whatever ids it writes.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 import msgspec
+import nats.errors
+from nats.js.api import RawStreamMsg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from babelhub import canonical as c
 from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
-from babelhub.hub.connections import ConnectionService
+from babelhub.errors import DecodeError, PayloadTooLarge
+from babelhub.hub.connections import ConnectionService, Progress
 from babelhub.hub.context import HubContext
 from babelhub.hub.deadletters import DeadLetter
 from babelhub.hub.telemetry import span
@@ -72,6 +76,10 @@ class Inbound(msgspec.Struct, frozen=True):
 class Outbound(msgspec.Struct, frozen=True):
     envelope: c.Envelope
     trace: dict[str, str] = {}
+    stored_at: float | None = None
+    """Unix time JetStream first stored the message (its send deadline counts from there); None = now."""
+    seq: int = 0
+    """Its sequence in the messages stream; 0 = not known."""
 
 
 ConversationMessage = Inbound | Outbound
@@ -102,6 +110,8 @@ class ConversationState(msgspec.Struct, kw_only=True):
     choices: dict[str, Any] = {}
     applied: list[str] = []
     """Envelope ids applied recently: a redelivery or a channel retry is skipped."""
+    out_seq: int | None = None
+    """Stream sequence of the latest outbound message taken up; None in snapshots from before it was kept."""
 
 
 class SnapshotConflict(RuntimeError):
@@ -119,13 +129,20 @@ class ConversationActor(Actor[ConversationMessage]):
         self._revision: int | None = None
         self._applied: set[str] = set()
         self._dirty = False
+        self._stored_at: float | None = None  # when the current turn's outbound message was stored
+        self._ledger: dict[str, Progress] = {}
+        """The send ledger: messages whose channel calls (some or all) succeeded, until a snapshot that
+        counts them as applied is saved. Kept under its own small key, written after each such call."""
+        self._ledger_revision: int | None = None
 
     # --------------------------------------------------------------------------------- lifecycle
 
     async def on_activate(self) -> None:
+        await self._load_ledger()
         try:
             entry = await self.hub.snapshots.get(self.key)
         except NotFoundError:
+            self.state.out_seq = 0  # a new conversation: every outbound message stored for it is still to do
             return
         if entry.value:
             self.state = msgspec.msgpack.decode(entry.value, type=ConversationState)
@@ -143,6 +160,8 @@ class ConversationActor(Actor[ConversationMessage]):
         except KeyWrongLastSequenceError as exc:
             raise SnapshotConflict(f"conversation {self.key} was written by another owner") from exc
         self._dirty = False
+        for message_id in [m for m in self._ledger if m in self._applied]:
+            del self._ledger[message_id]  # the saved snapshot keeps it from a resend now
 
     # ----------------------------------------------------------------------------------- turns
 
@@ -155,9 +174,58 @@ class ConversationActor(Actor[ConversationMessage]):
                 with span("conversation.inbound", message.trace, conversation=self.key):
                     await self._inbound(envelope)
             case Outbound():
-                with span("conversation.outbound", message.trace, conversation=self.key):
-                    await self._outbound(envelope)
+                await self._take_earlier_outbound(message.seq)
+                await self._apply_outbound(message)
         self._mark_applied(envelope.id)
+
+    async def _apply_outbound(self, message: Outbound) -> None:
+        self._stored_at = message.stored_at
+        if message.seq:
+            self.state.out_seq = max(self.state.out_seq or 0, message.seq)
+        with span("conversation.outbound", message.trace, conversation=self.key):
+            await self._outbound(message.envelope)
+
+    async def _take_earlier_outbound(self, seq: int) -> None:
+        """Apply first, in order, this conversation's outbound messages stored before `seq` and not applied
+        yet. After a crash, JetStream redelivers what was in flight only once its ack wait has passed, while
+        messages stored since come at once: without this, a newer reply would overtake older ones."""
+        if not seq or self.state.out_seq is None:
+            return  # not from the stream, or a snapshot from before sequences were kept
+        stream = self.hub.subjects.stream_name("messages")
+        subject = self.hub.subjects.outbound(self.tenant, self.conversation_id)
+        cursor = self.state.out_seq + 1
+        while cursor < seq:
+            try:
+                stored = await self.hub.js.get_msg(stream, seq=cursor, subject=subject, next=True)
+            except NotFoundError:
+                return
+            except nats.errors.Error as exc:  # order is kept on a best-effort basis when NATS is in trouble
+                log.warning("conversation %s: could not look for earlier messages: %r", self.key, exc)
+                return
+            if stored.seq is None or stored.seq >= seq:
+                return
+            cursor = stored.seq + 1
+            earlier = self._stored_outbound(stored)
+            if earlier is None or earlier.envelope.id in self._applied:
+                continue
+            try:
+                await self._apply_outbound(earlier)
+            except Exception:  # its own delivery comes later, and is parked if it fails again
+                log.exception("conversation %s: an earlier outbound message failed", self.key)
+                return
+            self._mark_applied(earlier.envelope.id)
+
+    def _stored_outbound(self, stored: RawStreamMsg) -> Outbound | None:
+        """An outbound message read back from the stream, if it is a valid one of this conversation
+        (anything else is refused, and parked, when its own delivery comes)."""
+        try:
+            envelope = c.decode(stored.data or b"")
+        except DecodeError:
+            return None
+        if envelope.tenant != self.tenant or envelope.conversation.id != self.conversation_id:
+            return None
+        stored_at = stored.time.timestamp() if stored.time is not None else None
+        return Outbound(envelope, dict(stored.headers or {}), stored_at, stored.seq or 0)
 
     async def _inbound(self, envelope: c.Envelope) -> None:
         self._learn(envelope)
@@ -221,7 +289,11 @@ class ConversationActor(Actor[ConversationMessage]):
             return
         message = self._without_unknown_references(message)
         with span("conversation.send", channel=connection.channel):
-            sent = await connection.send(message, self._context(connection))
+            # While the channel fails this waits (the circuit), holding the conversation's later messages
+            # back in order; JetStream keeps the unacknowledged message, so a crash means redelivery.
+            sent = await connection.send(message, self._context(connection), stored_at=self._stored_at,
+                                         progress=self._ledger.get(message.id),
+                                         on_progress=functools.partial(self._record_progress, message.id))
         for native_id in sent.native_ids:
             self._remember_id(message.id, native_id)
             derived = c.message_id(message.tenant, self.state.conversation.connection, native_id)
@@ -233,6 +305,34 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
         else:
             await self._status(message, "failed", error=sent.error)
+
+    async def _record_progress(self, message_id: str, progress: Progress) -> None:
+        """A channel call of `message_id` succeeded: write it down before anything else happens, so a
+        crash from here on cannot make the hub send it again. The window left is the channel's call itself
+        (the channel took it, the hub died before this line): the request's idempotency key covers it
+        where the channel honours one."""
+        self._ledger[message_id] = progress
+        data = msgspec.msgpack.encode(self._ledger)
+        key = self._ledger_key()
+        try:
+            self._ledger_revision = await self.hub.publisher.store(self.hub.snapshots, key, data,
+                                                                   last=self._ledger_revision)
+        except KeyWrongLastSequenceError as exc:
+            raise SnapshotConflict(f"conversation {self.key}'s sends were recorded by another owner") from exc
+        except (nats.errors.Error, PayloadTooLarge) as exc:  # the message may be sent again after a crash
+            log.warning("conversation %s: could not record a send: %r", self.key, exc)
+
+    async def _load_ledger(self) -> None:
+        try:
+            entry = await self.hub.snapshots.get(self._ledger_key())
+        except NotFoundError:
+            return
+        self._ledger_revision = entry.revision
+        if entry.value:
+            self._ledger = msgspec.msgpack.decode(entry.value, type=dict[str, Progress])
+
+    def _ledger_key(self) -> str:
+        return f"{self.key}.sending"
 
     # ---------------------------------------------------------------------------------- helpers
 

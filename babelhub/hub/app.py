@@ -152,7 +152,8 @@ class Hub:
         return values
 
     def _build_connections(self) -> dict[str, ConnectionService]:
-        policy = RetryPolicy(attempts=self.config.hub.send_attempts)
+        most = self.config.hub.circuit_max_backoff_seconds
+        policy = RetryPolicy(base_delay=min(RetryPolicy().base_delay, most), max_delay=most)
         services: dict[str, ConnectionService] = {}
         for index, settings in enumerate(self.config.connections):
             try:
@@ -160,7 +161,8 @@ class Hub:
             except LookupError as exc:
                 raise ConfigError(f"$.connections[{index}].channel: {exc}") from None
             services[settings.id] = ConnectionService(
-                settings, codec, self.http, self.publisher, self.subjects, self.metrics, policy)
+                settings, codec, self.http, self.publisher, self.subjects, self.metrics, policy,
+                send_deadline=self.config.send_deadline(settings))
         return services
 
     def _start_actors(self) -> None:
@@ -292,7 +294,9 @@ class Hub:
             await held.term()
 
         # Keyed by the subject's tenant: naming another tenant's conversation id reaches an empty actor.
-        outbound = Outbound(envelope, dict(msg.headers or {}))
+        # When JetStream first stored it (the send deadline's start) and where (what comes before it).
+        outbound = Outbound(envelope, dict(msg.headers or {}), msg.metadata.timestamp.timestamp(),
+                            msg.metadata.sequence.stream)
         await self._hand_over(self.conversations, "outbound", held,
                               Letter(actor_key(tenant, conversation), outbound, held.ack, failed, held.nak))
 
@@ -448,6 +452,8 @@ class Hub:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for connection in getattr(getattr(self, "ctx", None), "connections", {}).values():
+            connection.circuit.stop()  # sends waiting out an outage end unacknowledged: the next process has them
         for system in (getattr(self, "connection_actors", None), getattr(self, "conversations", None)):
             if system is not None:
                 await system.stop()

@@ -64,8 +64,11 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     """A conversation actor idle this long is snapshotted and stopped."""
     max_active_actors: int = 10_000
     mailbox_size: int = 256
-    send_attempts: int = 5
-    """Tries per channel API call (429 and 5xx are retried with backoff or Retry-After)."""
+    send_deadline_seconds: float = 86_400.0
+    """While a channel keeps failing (5xx, 429, network errors, timeouts), an outbound message waits
+    this long from when the hub stored it; then it is `failed`. A refusal (4xx) fails it at once."""
+    circuit_max_backoff_seconds: float = 30.0
+    """Longest pause between two probes of a failing channel (the pauses double from half a second)."""
     log_level: str = "info"
     tracing: Literal["propagate", "console"] = "propagate"
     """OpenTelemetry: `propagate` carries the W3C trace context end to end without recording spans;
@@ -90,6 +93,8 @@ class Connection(_Table, frozen=True, kw_only=True):
     max_rate: float | None = None
     """API calls per second on this connection; unset = the channel's documented rate (`babelhub
     channels` lists it), 0 = unpaced. A 429's Retry-After pauses the connection either way."""
+    send_deadline_seconds: float | None = None
+    """This connection's `hub.send_deadline_seconds`; unset = the hub's."""
 
 
 class Processor(_Table, frozen=True, kw_only=True):
@@ -107,6 +112,12 @@ class Config(_Table, frozen=True, kw_only=True):
 
     def connection(self, connection_id: str) -> Connection | None:
         return next((c for c in self.connections if c.id == connection_id), None)
+
+    def send_deadline(self, connection: Connection) -> float:
+        """Seconds an outbound message of `connection` may wait out a failing channel."""
+        if connection.send_deadline_seconds is not None:
+            return connection.send_deadline_seconds
+        return self.hub.send_deadline_seconds
 
 
 _ENV_PREFIX = "BABELHUB_"
@@ -161,6 +172,8 @@ def _check(config: Config) -> None:
     if not re.match(r"^[A-Za-z0-9_-]+$", config.hub.subject_prefix):
         raise ConfigError(f"hub.subject_prefix {config.hub.subject_prefix!r} must be one subject token")
     _check_web_limits(config.hub)
+    for name in ("send_deadline_seconds", "circuit_max_backoff_seconds"):
+        _check_duration(f"hub.{name}", getattr(config.hub, name))
     for index, connection in enumerate(config.connections):
         if connection.tenant not in tenants:
             raise ConfigError(f"$.connections[{index}].tenant: no tenant {connection.tenant!r}")
@@ -168,6 +181,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"$.connections[{index}].channel: {connection.channel!r} is not a channel name")
         if connection.max_rate is not None and not 0 <= connection.max_rate < float("inf"):
             raise ConfigError(f"$.connections[{index}].max_rate: {connection.max_rate} is not a rate (0 or more)")
+        if connection.send_deadline_seconds is not None:
+            _check_duration(f"$.connections[{index}].send_deadline_seconds", connection.send_deadline_seconds)
     for index, processor in enumerate(config.processors):
         if processor.tenant not in tenants:
             raise ConfigError(f"$.processors[{index}].tenant: no tenant {processor.tenant!r}")
@@ -180,6 +195,11 @@ def _check_web_limits(hub: HubSettings) -> None:
     for name, value in positive.items():
         if not 0 < value < float("inf"):
             raise ConfigError(f"hub.{name}: {value} must be more than 0")
+
+
+def _check_duration(path: str, seconds: float) -> None:
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{path}: {seconds} is not a duration (more than 0 seconds)")
 
 
 def _unique(table: str, ids: list[str]) -> set[str]:

@@ -1,15 +1,19 @@
 """A configured connection: one channel account, its codec, and how calls to its API are made.
 
 The hub never names a channel: everything channel-specific is behind `Codec`. This module only knows
-that a codec's `OutboundRequest` is either an HTTP call (sent with retries) or, for the built-in
-WebSocket sessions, a `session:<id>` address delivered over core NATS to whichever hub process holds
-that socket.
+that a codec's `OutboundRequest` is either an HTTP call (sent through the connection's pacer and
+circuit) or, for the built-in WebSocket sessions, a `session:<id>` address delivered over core NATS to
+whichever hub process holds that socket.
+
+A message's calls are made in order; after each one that succeeds, the caller hears of its `Progress`
+and records it (the send ledger), so a message redelivered after a crash skips the calls already made.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import msgspec
@@ -21,17 +25,19 @@ from babelhub.codecs.degrade import CHOICES_KEY, degrade
 from babelhub.errors import EncodeError, PayloadTooLarge
 from babelhub.hub import config as cfg
 from babelhub.hub.broker import Subjects
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.hub.circuit import Circuit
+from babelhub.hub.delivery import RetryPolicy, deliver_through
 from babelhub.hub.pacing import Pacer
 from babelhub.hub.publisher import Publisher
 from babelhub.hub.telemetry import Metrics, carrier
 
-__all__ = ["ConnectionService", "Sent"]
+__all__ = ["DEFAULT_SEND_DEADLINE", "ConnectionService", "Progress", "Sent"]
 
 log = logging.getLogger("babelhub.connections")
 
 SESSION_SCHEME = "session:"
 _SESSION_TIMEOUT = 5.0
+DEFAULT_SEND_DEADLINE = 86_400.0
 
 
 class Sent(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,6 +50,19 @@ class Sent(msgspec.Struct, frozen=True, kw_only=True):
     """The numbered-choice map degradation made, so a reply "2" maps back to its button."""
 
 
+class Progress(msgspec.Struct, frozen=True, kw_only=True):
+    """How far one message's channel calls got: an entry of the send ledger."""
+
+    calls: int = 0
+    """Calls that succeeded, in order."""
+    native_ids: list[str] = []
+    done: bool = False
+    """Every call succeeded: the channel has the whole message."""
+
+
+OnProgress = Callable[[Progress], Awaitable[None]]
+
+
 class ConnectionService:
     def __init__(
         self,
@@ -54,7 +73,13 @@ class ConnectionService:
         subjects: Subjects,
         metrics: Metrics,
         policy: RetryPolicy,
+        *,
+        send_deadline: float = DEFAULT_SEND_DEADLINE,
+        circuit: Circuit | None = None,
     ) -> None:
+        """`send_deadline`: seconds from when the hub stored a message until it is given up as
+        `failed` while the channel keeps failing. `policy` gives the calls' timeout and the circuit's
+        pauses between probes."""
         self.settings = settings
         self.codec = codec
         self._http = http
@@ -63,6 +88,9 @@ class ConnectionService:
         self._metrics = metrics
         self._policy = policy
         self.pacer = Pacer(codec.send_rate if settings.max_rate is None else settings.max_rate)
+        self.circuit = circuit or Circuit(base_delay=policy.base_delay, max_delay=policy.max_delay)
+        self.send_deadline = send_deadline
+        metrics.circuit_open.labels(self.id).set_function(lambda: self.circuit.state != "closed")
 
     @property
     def id(self) -> str:
@@ -91,19 +119,31 @@ class ConnectionService:
             native_ids=dict(native_ids or {}),
         )
 
-    async def send(self, message: Message, ctx: EncodeContext) -> Sent:
-        """Degrade `message` to what the channel shows, encode it and make the calls in order."""
+    async def send(self, message: Message, ctx: EncodeContext, *, stored_at: float | None = None,
+                   progress: Progress | None = None, on_progress: OnProgress | None = None) -> Sent:
+        """Degrade `message` to what the channel shows, encode it and make the calls in order, waiting
+        out channel failures until `send_deadline` after `stored_at` (Unix time; default now). The calls
+        `progress` counts as made are not made again; `on_progress` hears of each one that succeeds."""
         shown = degrade(message, self.codec.capabilities)
         choices = dict(shown.meta.get(CHOICES_KEY, {}))
+        progress = progress or Progress()
+        if progress.done:
+            return Sent(ok=True, native_ids=progress.native_ids, choices=choices)
         try:
             requests = self.codec.encode(shown, ctx)
         except EncodeError as exc:
             self._metrics.send_failures.labels(self.channel).inc()
             return Sent(ok=False, error=Error(code="encode", message=str(exc)))
-        return await self._perform_all(requests, choices)
+        return await self._perform_all(requests, choices, self._deadline(stored_at), progress, on_progress)
 
     async def send_activity(self, activity: Activity, ctx: EncodeContext) -> Sent:
-        return await self._perform_all(self.codec.encode_activity(activity, ctx), {})
+        """Best effort: typing and read markers are not worth waiting for a failing channel."""
+        return await self._perform_all(self.codec.encode_activity(activity, ctx), {}, None, Progress(), None)
+
+    def _deadline(self, stored_at: float | None) -> float:
+        """The send deadline on the circuit's clock (`stored_at` is wall-clock time, and survives restarts)."""
+        left = self.send_deadline if stored_at is None else stored_at + self.send_deadline - time.time()
+        return self.circuit.clock() + left
 
     async def after_inbound(self, envelope: Envelope, ctx: EncodeContext) -> None:
         """The calls a channel expects once we accepted an inbound envelope (best effort)."""
@@ -112,23 +152,32 @@ class ConnectionService:
             if not result.ok:
                 log.warning("%s: follow-up call %s failed: %s", self.id, request.url, result.error)
 
-    async def _perform_all(self, requests: list[OutboundRequest], choices: dict[str, object]) -> Sent:
-        native_ids: list[str] = []
-        for request in requests:
-            result = await self.call(request)
+    async def _perform_all(self, requests: list[OutboundRequest], choices: dict[str, object], deadline: float | None,
+                           progress: Progress, on_progress: OnProgress | None) -> Sent:
+        native_ids = list(progress.native_ids)
+        for index, request in enumerate(requests):
+            if index < progress.calls:
+                continue  # made before a restart: the channel has it
+            result = await self.call(request, deadline)
             if not result.ok:
                 self._metrics.send_failures.labels(self.channel).inc()
                 return Sent(ok=False, native_ids=native_ids, error=result.error, choices=choices)
             self._metrics.messages_out.labels(self.channel).inc()
             native_ids.extend(result.native_ids)
+            if on_progress is not None:
+                await on_progress(Progress(calls=index + 1, native_ids=list(native_ids),
+                                           done=index + 1 == len(requests)))
         return Sent(ok=True, native_ids=native_ids, choices=choices)
 
-    async def call(self, request: OutboundRequest) -> SendResult:
+    async def call(self, request: OutboundRequest, deadline: float | None = None) -> SendResult:
+        """One API call, retried through the circuit until `deadline` (on the circuit's clock); without
+        a deadline, best effort: one try, none while the circuit is open."""
         if request.url.startswith(SESSION_SCHEME):
             return await self._to_session(request)
         traced = msgspec.structs.replace(request, headers={**request.headers, **carrier()})
-        return await deliver(self._http, self.codec, traced, self._policy, on_retry=self._count_retry,
-                             pacer=self.pacer, on_paced=self._count_paced)
+        return await deliver_through(self._http, self.codec, traced, circuit=self.circuit, pacer=self.pacer,
+                                     deadline=deadline, timeout=self._policy.timeout, on_retry=self._count_retry,
+                                     on_paced=self._count_paced)
 
     async def _count_retry(self, result: SendResult, wait: float) -> None:
         self._metrics.retries.labels(self.channel).inc()

@@ -1,9 +1,16 @@
-"""Sending a codec's `OutboundRequest` over HTTP, with retries that honour Retry-After.
+"""Sending a codec's `OutboundRequest` over HTTP, and deciding when to try again.
 
 The codec decides what an answer means (`parse_response`); this module only decides when to try
-again: a retryable failure waits for the channel's Retry-After when it gave one, otherwise for an
-exponential backoff with full jitter, and gives up after `RetryPolicy.attempts`. With a connection's
-`Pacer`, every attempt waits for its slot, and a Retry-After holds back the whole connection.
+again. Two ways:
+
+* `deliver_through` is the hub's: a retryable failure (5xx, 429, a network error, a timeout) does not
+  use up the message's attempts; it opens the connection's `Circuit`, and the call waits for it, one
+  probe at a time testing the channel, until the channel answers or the message's deadline passes.
+* `deliver` makes at most `RetryPolicy.attempts` tries, waiting for the channel's Retry-After when it
+  gave one, otherwise for an exponential backoff with full jitter (for a codec's tests and tools).
+
+With a connection's `Pacer`, every attempt waits for its slot, and a Retry-After holds back the whole
+connection.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ import msgspec
 
 from babelhub.canonical import Error
 from babelhub.codecs.base import Codec, HttpResponse, OutboundRequest, SendResult
+from babelhub.hub.circuit import Circuit
 from babelhub.hub.pacing import Pacer
 
-__all__ = ["RetryPolicy", "deliver", "perform"]
+__all__ = ["RetryPolicy", "attempt", "deliver", "deliver_through", "perform"]
+
+OnRetry = Callable[[SendResult, float], Awaitable[None]]
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,40 +66,107 @@ async def perform(session: aiohttp.ClientSession, request: OutboundRequest, seco
         )
 
 
+async def attempt(session: aiohttp.ClientSession, codec: Codec, request: OutboundRequest,
+                  timeout: float) -> SendResult:
+    """One call and what its answer means. No answer at all (a network error, a timeout) may pass, so
+    it is retryable; the channel may or may not have acted, and the request's idempotency key makes
+    trying again safe where the channel honours one."""
+    try:
+        response = await perform(session, request, timeout)
+    except TimeoutError:
+        return _unanswered("timeout", f"no answer within {timeout:g}s")
+    except aiohttp.ClientError as exc:
+        return _unanswered("network", repr(exc))
+    return codec.parse_response(request, response)
+
+
+def _unanswered(code: str, message: str) -> SendResult:
+    return SendResult(ok=False, retryable=True, error=Error(code=code, message=message, retryable=True))
+
+
 async def deliver(
     session: aiohttp.ClientSession,
     codec: Codec,
     request: OutboundRequest,
     policy: RetryPolicy = DEFAULT_POLICY,
     *,
-    on_retry: Callable[[SendResult, float], Awaitable[None]] | None = None,
+    on_retry: OnRetry | None = None,
     pacer: Pacer | None = None,
     on_paced: Callable[[float], None] | None = None,
 ) -> SendResult:
     """Send `request` until the channel accepts it, refuses it for good, or the attempts run out.
     `on_paced` hears how long each attempt waited for the pacer."""
     result = SendResult(ok=False, error=Error(code="not_sent"))
-    for attempt in range(policy.attempts):
+    for tried in range(policy.attempts):
         if pacer is not None:
             waited = await pacer.wait()
             if waited and on_paced is not None:
                 on_paced(waited)
-        try:
-            response = await perform(session, request, policy.timeout)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # No answer: the channel may or may not have acted. The idempotency key makes a retry safe
-            # where the channel honours one.
-            result = SendResult(ok=False, retryable=True, error=Error(code="network", message=repr(exc)))
-        else:
-            result = codec.parse_response(request, response)
+        result = await attempt(session, codec, request, policy.timeout)
         if pacer is not None and not result.ok and result.retry_after is not None:
             pacer.pause(min(result.retry_after, policy.max_retry_after))  # even when this call gives up
-        if result.ok or not result.retryable or attempt == policy.attempts - 1:
+        if result.ok or not result.retryable or tried == policy.attempts - 1:
             return result
-        wait = policy.delay(result, attempt)
+        wait = policy.delay(result, tried)
         if wait > policy.max_retry_after:
             return result
         if on_retry is not None:
             await on_retry(result, wait)
         await asyncio.sleep(wait)
     return result
+
+
+async def deliver_through(
+    session: aiohttp.ClientSession,
+    codec: Codec,
+    request: OutboundRequest,
+    *,
+    circuit: Circuit,
+    pacer: Pacer,
+    deadline: float | None,
+    timeout: float = DEFAULT_POLICY.timeout,
+    on_retry: OnRetry | None = None,
+    on_paced: Callable[[float], None] | None = None,
+) -> SendResult:
+    """Send `request` until the channel accepts or refuses it, or `deadline` (on the circuit's clock)
+    passes; retryable failures wait for the connection's circuit instead of counting down attempts.
+    `deadline=None` is a best-effort call: one try, and none while the circuit is open.
+    `on_paced` hears how long each attempt was held back, by the circuit or the pacer."""
+    last: SendResult | None = None
+    while True:
+        started = circuit.clock()
+        admitted = await circuit.admit(deadline)
+        if admitted is None:
+            return _too_late(last, deadline)
+        try:
+            held = circuit.clock() - started + await pacer.wait()
+            if held and on_paced is not None:
+                on_paced(held)
+            result = await attempt(session, codec, request, timeout)
+        except BaseException:
+            circuit.release(admitted)
+            raise
+        answered = result.ok or not result.retryable
+        circuit.record(admitted, answered=answered, retry_after=result.retry_after)
+        if answered or deadline is None:
+            return result
+        if result.retry_after is not None:
+            pacer.pause(result.retry_after)  # the channel's word holds for every call of the connection
+        if on_retry is not None:
+            await on_retry(result, max(0.0, circuit.open_until - circuit.clock()))
+        last = result
+
+
+def _too_late(last: SendResult | None, deadline: float | None) -> SendResult:
+    """The outcome of a call the circuit did not let through in time."""
+    if deadline is None:
+        return SendResult(ok=False, retryable=True, error=Error(
+            code="circuit_open", message="the channel is failing; best-effort calls wait for it to recover",
+            retryable=True))
+    if last is None or last.error is None:
+        return SendResult(ok=False, error=Error(
+            code="send_deadline", message="the channel was failing until the message's send deadline"))
+    error = Error(code="send_deadline", native=last.error.native,
+                  message=f"the channel was failing until the message's send deadline; last: {last.error.code}"
+                          + (f" {last.error.message}" if last.error.message else ""))
+    return SendResult(ok=False, error=error)

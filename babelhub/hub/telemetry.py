@@ -119,7 +119,9 @@ class Metrics:
                                      ["channel"], registry=r)
         self.retries = Counter("babelhub_send_retries", "Outbound API calls retried", ["channel"], registry=r)
         self.paced = Counter("babelhub_send_paced_seconds", "Time outbound calls waited for the connection's "
-                             "rate or a channel's Retry-After", ["connection"], registry=r)
+                             "rate, a channel's Retry-After or its open circuit", ["connection"], registry=r)
+        self.circuit_open = Gauge("babelhub_circuit_open", "1 while a connection's circuit is open: its channel "
+                                  "is failing and only probes are sent", ["connection"], registry=r)
         self.dead_letters = Counter("babelhub_dead_letters", "Records parked in the dead-letter stream", ["stage"],
                                     registry=r)
         self.mailbox_depth = Gauge("babelhub_mailbox_depth", "Messages waiting in actor mailboxes", ["actors"],

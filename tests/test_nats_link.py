@@ -44,6 +44,7 @@ from tests.hubkit import (
     telegram_responder,
     telegram_update,
     unique_prefix,
+    webchat_config,
 )
 from tests.test_process import HubProcess, write_config
 
@@ -378,3 +379,38 @@ id = "{TENANT}"
         assert code != 0 and "embedded nats-server exited" in output, output
     finally:
         hub.stop()
+
+
+async def test_a_web_chat_frame_while_nats_is_down_closes_with_1013_and_the_hub_stays_up(tmp_path: Path) -> None:
+    """Nothing was recorded, so the socket is closed with "try again later" (the page reconnects),
+    never left open as if the frame had been taken; once NATS is back the same visitor is answered."""
+    server = EmbeddedServer(tmp_path / "nats", port=free_port())
+    await server.start()
+    try:
+        async with Hub(webchat_config(server.url)) as hub, aiohttp.ClientSession() as session:
+            async with session.ws_connect(hub.http_url + "/ws/webchat") as socket:
+                hello = await socket.receive_json(timeout=10)
+                await server.stop()
+                await eventually_async(lambda: _nats_down(session, hub))
+                await socket.send_json({"id": "m1", "text": "while NATS is down"})
+                closing = await socket.receive(timeout=10)
+                assert closing.type == aiohttp.WSMsgType.CLOSE
+                assert closing.data == aiohttp.WSCloseCode.TRY_AGAIN_LATER and "reconnect later" in closing.extra
+            await server.start()
+            await eventually_async(lambda: _ready(session, hub))
+            resume = f"/ws/webchat?session={hello['session']}&token={hello['token']}"
+            async with session.ws_connect(hub.http_url + resume) as socket:
+                assert (await socket.receive_json(timeout=10))["resumed"] is True
+                await socket.send_json({"id": "m2", "text": "back"})
+                while True:  # the echo processor answers the resent message
+                    frame = await socket.receive_json(timeout=15)
+                    if frame.get("kind") == "message":
+                        break
+                assert frame["parts"] == [{"type": "text", "text": "echo: back"}]
+    finally:
+        await server.stop()
+
+
+async def _nats_down(session: aiohttp.ClientSession, hub: Hub) -> bool:
+    status, body = await readyz(session, hub)
+    return status == 503 and body["nats"] is False

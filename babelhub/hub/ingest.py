@@ -30,7 +30,7 @@ from babelhub.hub.deadletters import DeadLetter, DeadLetters
 from babelhub.hub.publisher import Publisher
 from babelhub.hub.telemetry import Metrics, span
 
-__all__ = ["RECORD_HEADROOM", "Ingest", "check_body_limit", "redacted", "webhook_routes"]
+__all__ = ["NATS_UNAVAILABLE", "RECORD_HEADROOM", "Ingest", "check_body_limit", "redacted", "webhook_routes"]
 
 UNKNOWN_CHANNEL = "unknown"
 """The `channel` label of webhook requests to a channel no connection has: labels name only what is
@@ -39,7 +39,8 @@ configured, so requests to made-up URLs cannot add series to /metrics."""
 log = logging.getLogger("babelhub.ingest")
 
 # What a lost or reconnecting NATS connection raises (nats.errors.TimeoutError is a TimeoutError).
-_NATS_UNAVAILABLE = (nats.errors.Error, TimeoutError, ConnectionError)
+NATS_UNAVAILABLE = (nats.errors.Error, TimeoutError, ConnectionError)
+"""What `Ingest.record` raises when NATS cannot take a record now (not the input's fault: retry later)."""
 _RETRY_AFTER_SECONDS = 5
 
 RECORD_HEADROOM = 64 * 1024
@@ -179,7 +180,7 @@ def webhook_routes(connections: dict[str, ConnectionService], ingest: Ingest, me
             except PayloadTooLarge as exc:
                 return _error(413, f"the request (headers and body) is too large to record: {exc.size} bytes with "
                                    f"the hub's framing, the NATS server takes at most {exc.limit}", limit=exc.limit)
-            except _NATS_UNAVAILABLE as exc:
+            except NATS_UNAVAILABLE as exc:
                 # Not recorded, so not accepted: the channel retries later, and nothing is lost.
                 log.warning("%s: could not record a delivery: %r", connection.id, exc)
                 return _error(503, "the hub cannot record deliveries right now; retry later",

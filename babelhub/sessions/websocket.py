@@ -30,12 +30,12 @@ from nats.aio.msg import Msg
 from yarl import URL
 
 from babelhub.codecs.base import SESSION_HEADER, HttpRequest
-from babelhub.errors import ConfigError, DecodeError
+from babelhub.errors import ConfigError, DecodeError, PayloadTooLarge
 from babelhub.hub.config import HubSettings
 from babelhub.hub.connections import ConnectionService
 from babelhub.hub.context import HubContext
 from babelhub.hub.deadletters import DeadLetter
-from babelhub.hub.ingest import Ingest
+from babelhub.hub.ingest import NATS_UNAVAILABLE, Ingest
 from babelhub.sessions.limits import AddressSlots, FrameBudgets
 from babelhub.sessions.tokens import SessionSigner, load_session_key, well_formed
 
@@ -199,6 +199,15 @@ class WebSessions:
             except DecodeError as exc:
                 reason = f"{exc.reason} (at {exc.path})"[:120]
                 await socket.close(code=WSCloseCode.INVALID_TEXT, message=reason.encode("utf-8"))
+                return
+            except PayloadTooLarge as exc:  # parked by record(); the frame limit normally stops it first
+                await socket.close(code=WSCloseCode.MESSAGE_TOO_BIG,
+                                   message=f"frame too large to record (NATS takes {exc.limit} bytes)".encode())
+                return
+            except NATS_UNAVAILABLE as exc:  # nothing was recorded: the browser reconnects and sends again
+                log.warning("%s: could not record a frame: %r", connection.id, exc)
+                await socket.close(code=WSCloseCode.TRY_AGAIN_LATER,
+                                   message=b"the hub cannot record messages right now; reconnect later")
                 return
 
     async def _park_refused(self, error: WebSocketError, connection: ConnectionService, session: str) -> None:

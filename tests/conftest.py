@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
+from babelhub.hub.config import Config
 from tests.fakeapi import FakeApi
+from tests.hubkit import StartHub
 
 
 @pytest.fixture
@@ -34,3 +38,20 @@ async def nats_client(nats_server: EmbeddedServer) -> AsyncIterator[NATS]:
     client = await nats.connect(nats_server.url)
     yield client
     await client.drain()
+
+
+@pytest.fixture
+async def start_hub() -> AsyncIterator[StartHub]:
+    """Start in-process hubs (`await start_hub(config)`); each is stopped at the end of the test, within a
+    bound, so a hub that cannot stop fails the test instead of hanging the run."""
+    hubs: list[Hub] = []
+
+    async def start(config: Config) -> Hub:
+        hub = Hub(config)
+        await hub.__aenter__()
+        hubs.append(hub)
+        return hub
+
+    yield start
+    for hub in reversed(hubs):
+        await asyncio.wait_for(hub.stop(), 60)

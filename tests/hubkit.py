@@ -6,8 +6,8 @@ import asyncio
 import itertools
 import json
 import os
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -17,7 +17,13 @@ from babelhub import canonical as c
 from babelhub.hub import config as cfg
 from tests.fakeapi import Recorded, Reply
 
+if TYPE_CHECKING:
+    from babelhub.hub.app import Hub
+
 _prefixes = itertools.count()
+
+StartHub = Callable[[cfg.Config], Awaitable["Hub"]]
+"""The `start_hub` fixture (conftest.py): starts an in-process hub that the test's teardown stops."""
 
 TENANT = "acme"
 BOT_TOKEN = "123456:TEST-token"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import msgspec
@@ -22,6 +21,7 @@ from tests.hubkit import (
     SECRET,
     TENANT,
     Processor,
+    StartHub,
     dead_letters,
     eventually,
     stream_messages,
@@ -31,22 +31,8 @@ from tests.hubkit import (
 )
 
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
-StartHub = Callable[[cfg.Config], Awaitable[Hub]]
 
 
-@pytest.fixture
-async def start_hub() -> AsyncIterator[StartHub]:
-    hubs: list[Hub] = []
-
-    async def start(config: cfg.Config) -> Hub:
-        hub = Hub(config)
-        await hub.__aenter__()
-        hubs.append(hub)
-        return hub
-
-    yield start
-    for hub in reversed(hubs):
-        await hub.stop()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from tests.hubkit import (
     SECRET,
     TENANT,
     Processor,
+    StartHub,
     dead_letters,
     eventually,
     stream_messages,
@@ -41,7 +42,6 @@ from tests.hubkit import (
 from tests.test_process import HubProcess, hub_processes, write_config  # noqa: F401 (a fixture)
 
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
-StartHub = Callable[[cfg.Config], Awaitable[Hub]]
 
 
 class HangingApi(FakeApi):
@@ -62,19 +62,6 @@ class HangingApi(FakeApi):
         return await super()._handle(request)
 
 
-@pytest.fixture
-async def start_hub() -> AsyncIterator[StartHub]:
-    hubs: list[Hub] = []
-
-    async def start(config: cfg.Config) -> Hub:
-        hub = Hub(config)
-        await hub.__aenter__()
-        hubs.append(hub)
-        return hub
-
-    yield start
-    for hub in reversed(hubs):
-        await asyncio.wait_for(hub.stop(), 60)
 
 
 @pytest.fixture

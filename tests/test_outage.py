@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -34,13 +34,21 @@ from babelhub.codecs.base import (
 )
 from babelhub.errors import ConfigError
 from babelhub.hub import config as cfg
-from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer, free_port
 from babelhub.hub.circuit import Circuit
 from babelhub.hub.delivery import attempt, deliver_through
 from babelhub.hub.pacing import Pacer
 from tests.fakeapi import FakeApi, Recorded, Reply
-from tests.hubkit import BOT_TOKEN, SECRET, TENANT, eventually, stream_messages, telegram_config, telegram_responder
+from tests.hubkit import (
+    BOT_TOKEN,
+    SECRET,
+    TENANT,
+    StartHub,
+    eventually,
+    stream_messages,
+    telegram_config,
+    telegram_responder,
+)
 
 # ------------------------------------------------------------------------------------- the channel
 
@@ -165,24 +173,6 @@ async def test_a_best_effort_call_is_made_once_and_never_while_the_circuit_is_op
 
 
 # -------------------------------------------------------------------------------- the hub in-process
-
-StartHub = Callable[[cfg.Config], Awaitable[Hub]]
-
-
-@pytest.fixture
-async def start_hub() -> AsyncIterator[StartHub]:
-    hubs: list[Hub] = []
-
-    async def start(config: cfg.Config) -> Hub:
-        hub = Hub(config)
-        await hub.__aenter__()
-        hubs.append(hub)
-        return hub
-
-    yield start
-    for hub in reversed(hubs):
-        if hub.ready:
-            await hub.stop()
 
 
 def flaky_config(nats_url: str, api_base: str, **connection: object) -> cfg.Config:

@@ -441,6 +441,9 @@ class Hub:
     # ------------------------------------------------------------------------------------ stop
 
     async def stop(self) -> None:
+        """Stop in the documented order; a second call (a test's, after `__aexit__`) does nothing."""
+        if self._stopping:
+            return
         self.ready = False
         self._stopping = True
         if getattr(self, "site", None) is not None:

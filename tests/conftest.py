@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import nats
 import pytest
@@ -11,7 +11,7 @@ from babelhub.hub.app import Hub
 from babelhub.hub.broker import EmbeddedServer
 from babelhub.hub.config import Config
 from tests.fakeapi import FakeApi
-from tests.hubkit import StartHub
+from tests.hubkit import HubProcess, StartHub
 
 
 @pytest.fixture
@@ -55,3 +55,12 @@ async def start_hub() -> AsyncIterator[StartHub]:
     yield start
     for hub in reversed(hubs):
         await asyncio.wait_for(hub.stop(), 60)
+
+
+@pytest.fixture
+def hub_processes() -> Iterator[list[HubProcess]]:
+    """`babelhub run` processes a test starts (append them); each is killed at the end of the test."""
+    processes: list[HubProcess] = []
+    yield processes
+    for process in processes:
+        process.stop()

@@ -6,9 +6,13 @@ import asyncio
 import itertools
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import aiohttp
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -177,3 +181,55 @@ class VirtualClock:
             self.on_sleep.pop(0)()
         self.now += seconds
         await asyncio.sleep(0)
+
+
+def write_config(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+class HubProcess:
+    """`babelhub run --config <config>` as a user runs it, in `cwd`; its output goes to a log file there
+    (a pipe nobody reads would block a chatty hub)."""
+
+    def __init__(self, config: Path, cwd: Path, log_name: str = "hub.log") -> None:
+        self.config = config
+        self.cwd = cwd
+        self.log = cwd / log_name
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BABELHUB_")}
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "babelhub", "run", "--config", str(self.config)],
+                                            cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    async def wait_ready(self, url: str, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with aiohttp.ClientSession() as session:
+            while loop.time() < deadline:
+                assert self.process is not None and self.process.poll() is None, self.output()
+                try:
+                    async with session.get(url + "/readyz") as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise AssertionError("hub did not become ready: " + self.output())
+
+    def output(self) -> str:
+        """What the process printed so far (every process started from this object)."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def children(self) -> list[int]:
+        assert self.process is not None
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+    def stop(self) -> None:
+        """SIGKILL, as a crash would: nothing is flushed or handed over."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -29,6 +29,7 @@ from tests.hubkit import (
     BOT_TOKEN,
     SECRET,
     TENANT,
+    HubProcess,
     Processor,
     StartHub,
     dead_letters,
@@ -38,8 +39,8 @@ from tests.hubkit import (
     telegram_responder,
     telegram_update,
     unique_prefix,
+    write_config,
 )
-from tests.test_process import HubProcess, hub_processes, write_config  # noqa: F401 (a fixture)
 
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
 
@@ -176,7 +177,7 @@ async def eventually_async(predicate: Callable[[], Awaitable[bool]], timeout: fl
 
 async def test_sigterm_and_restart_do_not_wedge_on_a_poison(
         nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, tmp_path: Path,
-        hub_processes: list[HubProcess]) -> None:  # noqa: F811 (the fixture)
+        hub_processes: list[HubProcess]) -> None:
     fake_api.responder = telegram_responder
     port, prefix = free_port(), unique_prefix()
     config = write_config(tmp_path / "hub.toml", f"""

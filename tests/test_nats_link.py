@@ -37,6 +37,7 @@ from tests.fakeapi import FakeApi
 from tests.hubkit import (
     SECRET,
     TENANT,
+    HubProcess,
     Processor,
     dead_letters,
     stream_messages,
@@ -45,8 +46,8 @@ from tests.hubkit import (
     telegram_update,
     unique_prefix,
     webchat_config,
+    write_config,
 )
-from tests.test_process import HubProcess, write_config
 
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
 FIXTURES = Path(__file__).parent / "fixtures"

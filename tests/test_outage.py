@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -43,6 +39,7 @@ from tests.hubkit import (
     BOT_TOKEN,
     SECRET,
     TENANT,
+    HubProcess,
     StartHub,
     eventually,
     stream_messages,
@@ -304,52 +301,9 @@ def test_the_send_deadline_is_checked_and_overridden_per_connection() -> None:
 # ----------------------------------------------------------------------- `babelhub run`, killed twice
 
 
-class KillableHub:
-    """`babelhub run` as a subprocess, its output in a file (a pipe nobody reads would block it)."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BABELHUB_")}
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "babelhub", "run", "--config", str(self.config)],
-                                            cwd=self.config.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    async def wait_ready(self, url: str, timeout: float = 30.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        async with aiohttp.ClientSession() as session:
-            while loop.time() < deadline:
-                assert self.process is not None and self.process.poll() is None, self.log.read_text()
-                try:
-                    async with session.get(url + "/readyz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError("hub did not become ready: " + self.log.read_text())
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-
-@pytest.fixture
-def killable_hubs() -> Iterator[list[KillableHub]]:
-    hubs: list[KillableHub] = []
-    yield hubs
-    for hub in hubs:
-        hub.kill()
-
-
 async def test_a_minute_long_outage_with_two_kills_loses_duplicates_and_reorders_no_reply(
         nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, tmp_path: Path,
-        killable_hubs: list[KillableHub]) -> None:
+        hub_processes: list[HubProcess]) -> None:
     chats, per_chat, outage = 30, 10, 60.0
     channel = FlakyTelegram(down_for=outage, down_after=chats * per_chat // 3)
     fake_api.responder = channel
@@ -373,9 +327,9 @@ secrets = {{ bot_token = "{BOT_TOKEN}", secret_token = "{SECRET}" }}
 """)
     url = f"http://127.0.0.1:{port}"
 
-    async def run_hub() -> KillableHub:
-        hub = KillableHub(config, tmp_path / "hub.log")
-        killable_hubs.append(hub)
+    async def run_hub() -> HubProcess:
+        hub = HubProcess(config, tmp_path)
+        hub_processes.append(hub)
         hub.start()
         await hub.wait_ready(url)
         return hub
@@ -390,7 +344,7 @@ secrets = {{ bot_token = "{BOT_TOKEN}", secret_token = "{SECRET}" }}
     assert channel.down_until is not None
     for kill_at in (outage / 6, outage / 2):  # twice while it is down, then a fresh process carries on
         await asyncio.sleep(max(0.0, channel.down_until - outage + kill_at - time.monotonic()))
-        hub.kill()
+        hub.stop()
         if kill_at == outage / 2:
             for message in stored_while_down:  # the app goes on replying while no hub runs
                 await publish(nats_client, prefix, message)

@@ -7,74 +7,24 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from babelhub import canonical as c
 from babelhub.hub.broker import EmbeddedServer, free_port
-from tests.hubkit import BOT_TOKEN, SECRET, TENANT, stream_messages, telegram_update, unique_prefix
+from tests.hubkit import (
+    BOT_TOKEN,
+    SECRET,
+    TENANT,
+    HubProcess,
+    stream_messages,
+    telegram_update,
+    unique_prefix,
+    write_config,
+)
 
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
-
-
-def write_config(path: Path, body: str) -> Path:
-    path.write_text(body)
-    return path
-
-
-class HubProcess:
-    def __init__(self, config: Path, cwd: Path) -> None:
-        self.config = config
-        self.cwd = cwd
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BABELHUB_")}
-        self.process = subprocess.Popen([sys.executable, "-m", "babelhub", "run", "--config", str(self.config)],
-                                        cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    async def wait_ready(self, url: str, timeout: float = 30.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        async with aiohttp.ClientSession() as session:
-            while loop.time() < deadline:
-                assert self.process is not None and self.process.poll() is None, self.output()
-                try:
-                    async with session.get(url + "/readyz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError("hub did not become ready: " + self.output())
-
-    def output(self) -> str:
-        if self.process is None or self.process.stdout is None or self.process.poll() is None:
-            return ""
-        return self.process.stdout.read().decode(errors="replace")
-
-    def children(self) -> list[int]:
-        assert self.process is not None
-        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture
-def hub_processes() -> Iterator[list[HubProcess]]:
-    processes: list[HubProcess] = []
-    yield processes
-    for process in processes:
-        process.stop()
 
 
 def pid_alive(pid: int) -> bool:
@@ -176,8 +126,8 @@ transport = "echo"
 
     assert hub.process is not None
     hub.process.send_signal(signal.SIGTERM)
-    output, _ = await asyncio.to_thread(hub.process.communicate, None, 30)
-    text = output.decode()
+    await asyncio.to_thread(hub.process.wait, 30)
+    text = hub.output()
     assert hub.process.returncode == 0, text
     assert "babelhub is running" in text and f"{url}/" in text and "shutting down" in text
     assert not pid_alive(children[0])

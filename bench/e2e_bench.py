@@ -21,7 +21,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,17 +54,26 @@ def update(n: int, text: str) -> bytes:
 
 @contextmanager
 def process(*args: str, ready: bool = True) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process, waited for until it prints "ready" (when asked), killed on the way out."""
+    """A child process, waited for until it prints "ready" (when asked), killed on the way out. Its output
+    is read to the end by a thread (a pipe nobody reads would block a chatty child) and its last lines
+    are shown if the bench fails."""
     child = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    assert child.stdout is not None
+    lines: deque[bytes] = deque(maxlen=40)
     try:
         if ready:
-            assert child.stdout is not None
             for line in child.stdout:
+                lines.append(line)
                 if b"ready" in line or b"babelhub is running" in line:
                     break
             else:
-                raise RuntimeError(f"{args[0]} exited before it was ready")
+                raise RuntimeError(f"{args[0]} exited before it was ready: {b''.join(lines).decode(errors='replace')}")
+        threading.Thread(target=lines.extend, args=(child.stdout,), daemon=True).start()
         yield child
+    except BaseException:
+        print(f"--- last output of {args[-1] if args[0] == '-m' else args[0]}:\n"
+              + b"".join(lines).decode(errors="replace"), file=sys.stderr)
+        raise
     finally:
         child.kill()
         child.wait()

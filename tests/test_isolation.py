@@ -279,6 +279,28 @@ async def test_a_chat_whose_api_hangs_delays_only_itself(nats_server: EmbeddedSe
     await eventually_async(lambda: _settled(nats_client.jetstream(), hub), timeout=30)
 
 
+async def test_a_burst_on_one_connection_is_decoded_without_turning_records_away(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    """One connection actor decodes for all of a connection's chats: a burst far larger than a mailbox
+    must not send raw records back to the server (a nak per record, then per redelivery, collapsed the
+    throughput of a busy connection); only a full *conversation* turns messages away."""
+    fake_api.responder = telegram_responder
+    hub = await start_hub(with_hub(telegram_config(nats_server.url, fake_api.base_url), mailbox_size=2))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    chats = range(1000, 1060)
+    async with aiohttp.ClientSession() as session:
+        async def deliver(update_id: int, chat: int) -> None:
+            async with session.post(f"{hub.http_url}/webhooks/telegram/tg", json=telegram_update(update_id, chat, "hi"),
+                                    headers=HEADERS) as response:
+                assert response.status == 200
+
+        await asyncio.gather(*(deliver(n, chat) for n, chat in enumerate(chats, start=1)))
+    seen = {int((await app.next())[0].conversation.native_id) for _ in chats}
+    assert seen == set(chats)
+    decoder = await nats_client.jetstream().consumer_info(hub.subjects.stream_name("raw"), "decoder")
+    assert decoder.num_redelivered == 0
+
+
 # ------------------------------------------------------------------------- an activation that cannot save
 
 async def test_an_activation_that_cannot_save_hands_its_mail_back(nats_server: EmbeddedServer, nats_client: NATS,

@@ -130,6 +130,7 @@ class ConversationActor(Actor[ConversationMessage]):
         self._applied: set[str] = set()
         self._dirty = False
         self._stored_at: float | None = None  # when the current turn's outbound message was stored
+        self._caught_up = False  # the earlier outbound messages were looked for once in this activation
         self._ledger: dict[str, Progress] = {}
         """The send ledger: messages whose channel calls (some or all) succeeded, until a snapshot that
         counts them as applied is saved. Kept under its own small key, written after each such call."""
@@ -188,9 +189,11 @@ class ConversationActor(Actor[ConversationMessage]):
     async def _take_earlier_outbound(self, seq: int) -> None:
         """Apply first, in order, this conversation's outbound messages stored before `seq` and not applied
         yet. After a crash, JetStream redelivers what was in flight only once its ack wait has passed, while
-        messages stored since come at once: without this, a newer reply would overtake older ones."""
-        if not seq or self.state.out_seq is None:
-            return  # not from the stream, or a snapshot from before sequences were kept
+        messages stored since come at once: without this, a newer reply would overtake older ones.
+        Within one activation messages come in stream order (a full mailbox turns later ones away too, and
+        what the hub holds is kept from redelivery), so the stream is read on the first outbound turn only."""
+        if self._caught_up or not seq or self.state.out_seq is None:
+            return  # done, not from the stream, or a snapshot from before sequences were kept
         stream = self.hub.subjects.stream_name("messages")
         subject = self.hub.subjects.outbound(self.tenant, self.conversation_id)
         cursor = self.state.out_seq + 1
@@ -198,15 +201,15 @@ class ConversationActor(Actor[ConversationMessage]):
             try:
                 stored = await self.hub.js.get_msg(stream, seq=cursor, subject=subject, next=True)
             except NotFoundError:
-                return
+                break
             except nats.errors.Error as exc:  # order is kept on a best-effort basis when NATS is in trouble
                 log.warning("conversation %s: could not look for earlier messages: %r", self.key, exc)
                 return
             if stored.seq is None or stored.seq >= seq:
-                return
+                break
             cursor = stored.seq + 1
             earlier = self._stored_outbound(stored)
-            if earlier is None or earlier.envelope.id in self._applied:
+            if earlier is None or _applied_key(earlier.envelope.id) in self._applied:
                 continue
             try:
                 await self._apply_outbound(earlier)
@@ -214,6 +217,7 @@ class ConversationActor(Actor[ConversationMessage]):
                 log.exception("conversation %s: an earlier outbound message failed", self.key)
                 return
             self._mark_applied(earlier.envelope.id)
+        self._caught_up = True
 
     def _stored_outbound(self, stored: RawStreamMsg) -> Outbound | None:
         """An outbound message read back from the stream, if it is a valid one of this conversation

@@ -177,7 +177,10 @@ class Hub:
         self.connection_actors: ActorSystem[RawDelivery] = ActorSystem(
             "connection",
             lambda key: ConnectionActor(key, self.ctx, self.conversations, self._admissions["inbound"]),
-            mailbox_size=settings.mailbox_size,
+            # A connection actor only decodes, and one serves all of its connection's conversations: its
+            # mailbox takes whatever the raw consumer may hold (`max_ack_pending`), so it never turns
+            # records away; a conversation that is full turns them away instead, by itself.
+            mailbox_size=_MAX_ACK_PENDING,
             idle_seconds=settings.idle_seconds,
         )
         self.metrics.watch_actors("conversation", lambda: self.conversations.active,

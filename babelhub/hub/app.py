@@ -419,11 +419,12 @@ class Hub:
         log.error("the NATS connection is closed for good (%r); the hub stops", self.nc.last_error)
         self._lose_nats()
 
-    async def _watch_embedded_server(self, server: EmbeddedServer, _: TaskHealth) -> None:
+    async def _watch_embedded_server(self, server: EmbeddedServer, health: TaskHealth) -> None:
         """The embedded nats-server is the hub's own child: once it is gone there is nothing to reconnect to.
         Runs until `stop()` cancels it (a supervised task that returned would be restarted)."""
         process = server.process
         assert process is not None
+        health.ok()
         code = await process.wait()
         if not self._stopping:
             log.error("the embedded nats-server exited with status %s; the hub stops", code)

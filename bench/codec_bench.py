@@ -18,11 +18,19 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 import pydantic
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, RootModel
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 from babelhub import canonical as c
 from babelhub.canonical import (
@@ -47,14 +55,31 @@ ROUNDS: Final = 5
 # * the tags are required fields without a default, as in a msgspec tagged union — with a default,
 #   `exclude_defaults=True` would drop the tag and the output could not be read back;
 # * strict mode, because msgspec's JSON decoding is strict too (no "5" → 5 coercion), and bytes as
-#   base64 in JSON, as msgspec writes them.
+#   base64 in JSON, as msgspec writes them;
+# * the header fields babelhub always writes (`v`, `direction`, a conversation's `type`, a status's
+#   `state`) keep their defaults but are put back by a serializer (`_AlwaysWritten`), since
+#   `exclude_defaults=True` drops every field at its default.
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, strict=True, ser_json_bytes="base64", val_json_bytes="base64")
 
 
-class ConversationModel(_Model):
+class _AlwaysWritten(_Model):
+    """A model whose `ALWAYS_WRITTEN` fields are written even at their defaults."""
+
+    ALWAYS_WRITTEN: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _write_always_written(self, write: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        written: dict[str, Any] = write(self)
+        for name in self.ALWAYS_WRITTEN:
+            written.setdefault(name, getattr(self, name))
+        return written
+
+
+class ConversationModel(_AlwaysWritten):
+    ALWAYS_WRITTEN: ClassVar[tuple[str, ...]] = ("type",)
     id: str
     channel: str = ""
     connection: str = ""
@@ -279,7 +304,8 @@ PartModel = Annotated[
 ]
 
 
-class _EnvelopeModel(_Model):
+class _EnvelopeModel(_AlwaysWritten):
+    ALWAYS_WRITTEN: ClassVar[tuple[str, ...]] = ("v", "direction")
     id: str
     tenant: str
     conversation: ConversationModel
@@ -300,6 +326,7 @@ class MessageModel(_EnvelopeModel):
 
 
 class StatusModel(_EnvelopeModel):
+    ALWAYS_WRITTEN: ClassVar[tuple[str, ...]] = (*_EnvelopeModel.ALWAYS_WRITTEN, "state")
     kind: Literal["status"]
     message_id: str = ""
     native_id: str = ""

@@ -38,6 +38,7 @@ from babelhub.canonical import (
     message_id,
     sender_id,
 )
+from babelhub.codecs import native
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.slack import SlackCodec, emoji_from_name, mrkdwn_to_markdown, sign, slack_emoji_name
@@ -443,6 +444,30 @@ def test_a_slash_command_is_the_text_the_user_typed() -> None:
 
 
 # -------------------------------------------------------------------------------- decode: errors
+
+
+def test_an_interaction_payload_nested_beyond_reading_is_refused_at_payload() -> None:
+    # 80,000 deep: 480 KB as a form, under the webhook's 512 KiB, and beyond what msgspec reads
+    deep = '{"type": "block_actions", "actions": ' + "[" * 80_000 + "]" * 80_000 + "}"
+    request = interaction(deep)
+    for read in (codec.dedup_key, lambda request: codec.decode(request, CTX)):
+        with pytest.raises(DecodeError) as refused:
+            read(request)
+        assert refused.value.path == "payload"
+        assert "nested too deeply" in refused.value.reason
+
+
+def test_a_slash_command_of_more_form_fields_than_the_limit_is_refused() -> None:
+    command = fixture("slash_command.json")
+    fields = command["_raw"].count("&") + 1
+    padding = "".join(f"&pad{index}=x" for index in range(native.MAX_FORM_FIELDS - fields))
+    at_the_limit = signed((command["_raw"] + padding).encode(), FORM)
+    assert decode_message(at_the_limit).parts == [Text(text="/hello-world Hi", format="markdown")]
+    with pytest.raises(DecodeError) as refused:
+        codec.decode(signed((command["_raw"] + padding + "&one=more").encode(), FORM), CTX)
+    assert refused.value.path == "$"
+    assert str(native.MAX_FORM_FIELDS) in refused.value.reason
+
 
 
 def test_undecodable_input_names_the_path() -> None:

@@ -33,7 +33,7 @@ from babelhub.canonical import (
     Text,
     Unsupported,
 )
-from babelhub.codecs import load
+from babelhub.codecs import load, native
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest, SendResult
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.twilio import API_BASE, TwilioCodec
@@ -393,6 +393,24 @@ def test_undecodable_input_names_the_path(body: bytes, path: str, reason: str) -
         CODEC.decode(HttpRequest(body=body), CTX)
     assert caught.value.path == path
     assert reason in caught.value.reason
+
+
+def test_a_field_of_hundreds_of_kb_of_percent_escapes_is_read_whole() -> None:
+    # what a fuzzer mutant posts: JSON nested deep in a field, 450 KB of `%5B`/`%5D` to percent-decode
+    text = "[" * 75_000 + "]" * 75_000
+    assert message("sms_text", Body=text).parts == [Text(text=text)]
+
+
+def test_a_form_of_more_fields_than_the_limit_is_refused() -> None:
+    raw = str(load_json("sms_text")["_raw"])
+    padding = "".join(f"&Pad{index}=x" for index in range(native.MAX_FORM_FIELDS - raw.count("&") - 1))
+    (envelope,) = CODEC.decode(HttpRequest(body=(raw + padding).encode()), CTX)
+    assert isinstance(envelope, Message)
+    for read in (CODEC.dedup_key, lambda request: CODEC.decode(request, CTX)):
+        with pytest.raises(DecodeError) as refused:
+            read(HttpRequest(body=(raw + padding + "&One=more").encode()))
+        assert refused.value.path == "$"
+        assert str(native.MAX_FORM_FIELDS) in refused.value.reason
 
 
 def _corpus_files() -> list[Path]:

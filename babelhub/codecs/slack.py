@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, ClassVar, Final, TypeAlias
-from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -463,16 +462,10 @@ def _read_payload(request: HttpRequest) -> tuple[dict[str, Any], str]:
         if not isinstance(body, dict):
             raise DecodeError("a Slack body is a JSON object", path="$")
         return body, "$"
-    try:
-        fields = dict(parse_qsl(request.body.decode("utf-8"), keep_blank_values=True))
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"form body is not UTF-8: {exc}", path="$") from None
+    fields = dict(native.parse_form(request.body))
     if "payload" not in fields:
         return fields, "$"
-    try:
-        payload = msgspec.json.decode(fields["payload"])
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"form field `payload` is not valid JSON: {exc}", path="payload") from None
+    payload = native.json_value(fields["payload"], path="payload", what="form field `payload`")
     if not isinstance(payload, dict):
         raise DecodeError("form field `payload` must hold a JSON object", path="payload")
     return payload, "payload"

@@ -433,16 +433,9 @@ def _refuse_get_body(request: HttpRequest) -> None:
 
 
 def _parse_form(body: bytes) -> Pairs:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"form body is not UTF-8: {exc}", path="$") from None
-    if not text:
+    if not body:
         raise DecodeError("empty body: expected a form post", path="$")
-    try:
-        return parse_qsl(text, keep_blank_values=True, strict_parsing=True)
-    except ValueError as exc:
-        raise DecodeError(f"body is not an application/x-www-form-urlencoded form: {exc}", path="$") from None
+    return list(native.parse_form(body, strict=True))
 
 
 def _is_status_callback(webhook: _Webhook) -> bool:

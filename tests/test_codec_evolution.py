@@ -303,6 +303,17 @@ def test_taps_and_choices_are_actions_on_the_message_that_offered_them(name: str
     assert msg.reply_to == mid(source)
 
 
+@pytest.mark.parametrize("params_json", ["[" * 100_000 + "]" * 100_000, "{not json", '{"id": NaN}'])
+def test_a_flow_answer_whose_params_cannot_be_read_is_unsupported_and_the_message_arrives(params_json: str) -> None:
+    body = load_json("upsert_interactive_response")
+    flow = body["data"]["message"]["interactiveResponseMessage"]["nativeFlowResponseMessage"]
+    flow["paramsJson"] = params_json
+    (envelope,) = CODEC.decode(HttpRequest(body=json.dumps(body).encode(), received_at=RECEIVED_AT), CTX)
+    assert isinstance(envelope, Message) and envelope.sender is not None
+    (part,) = envelope.parts
+    assert isinstance(part, Unsupported) and "button id" in part.reason
+
+
 def test_list_choice_keeps_the_row_description() -> None:
     assert message("upsert_list_response").meta["evolution.listResponseMessage"]["description"] == "Busto 92 cm"
 

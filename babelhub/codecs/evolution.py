@@ -781,8 +781,8 @@ class _EventDecoder:
         params: Any = None
         if flow is not None and flow.params_json:
             try:
-                params = json.loads(flow.params_json)
-            except ValueError:
+                params = native.json_value(flow.params_json, f"{content.path}.paramsJson", "paramsJson")
+            except DecodeError:  # not JSON, or nested beyond reading: the click is kept as unsupported
                 params = None
         if not isinstance(params, dict) or "id" not in params:
             return Unsupported(reason="interactive response without a button id", native={content.kind: content.body})

@@ -93,14 +93,14 @@ class Hub:
     # ------------------------------------------------------------------------------------ start
 
     async def start(self) -> None:
-        self.mask = SecretMask(self._secret_values())
+        users = [] if self.nats_url else self._embedded_users()
+        self.mask = SecretMask(self._secret_values(users))
         unmask = mask_logs(self.mask)
         self._cleanups.append(_async(unmask))  # the first cleanup made, the last one run
         setup_tracing(self.config.hub.tracing)
         settings = self.config.hub
         login: dict[str, str] = {}
-        if not self.nats_url:
-            users = self._embedded_users()
+        if users:
             self.server = EmbeddedServer(settings.data_dir, settings.nats_port, server_config(users))
             await self.server.start()
             self._cleanups.append(self.server.stop)
@@ -142,14 +142,13 @@ class Hub:
         key = load_key(self.config.hub.data_dir)
         return [hub_user(key), *(tenant_user(key, self.subjects, tenant.id) for tenant in self.config.tenants)]
 
-    def _secret_values(self) -> list[str]:
-        """Every secret the configuration holds: masked wherever text leaves the hub."""
+    def _secret_values(self, users: list[NatsUser]) -> list[str]:
+        """Every secret the configuration holds, and the embedded server's `users`' passwords: masked
+        wherever text leaves the hub."""
         values = [value for connection in self.config.connections for value in connection.secrets.values()]
         values += [key for tenant in self.config.tenants for key in tenant.api_keys]
         values += [urlsplit(url).password or "" for url in self.config.hub.nats.split(",")]
-        if not self.config.hub.nats:
-            values += [user.password for user in self._embedded_users()]
-        return values
+        return values + [user.password for user in users]
 
     def _build_connections(self) -> dict[str, ConnectionService]:
         most = self.config.hub.circuit_max_backoff_seconds

@@ -3,6 +3,8 @@ that uses them, so a channel's own exceptions stay visible in its codec."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import hmac
 from typing import Any
@@ -223,3 +225,38 @@ def test_json_nested_within_reach_is_read() -> None:
     for _ in range(99):
         nested = [nested]
     assert native.json_value(b"[" * 100 + b"]" * 100, path="payload") == nested
+
+
+
+def test_a_body_of_many_tiny_containers_is_read_without_collections_along_the_way() -> None:
+    """20,000 `{}` would start a young collection every 700 of them, and now and then a full one that
+    walks every object of the process: while the body is read the collector is held off; it counts the
+    new containers afterwards (at most the one collection that the first allocation after it starts)."""
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        tree = native.json_value(b'{"entry": [' + b"{}," * 20_000 + b"[]]}")
+    finally:
+        gc.callbacks.remove(count)
+    assert len(tree["entry"]) == 20_001
+    assert len(collections) <= 1
+
+
+@pytest.mark.parametrize("text", [b'{"entry": [' + b"{}," * 5_000 + b"[]]}", b"{not json"])
+@pytest.mark.parametrize("collector_on", [True, False])
+def test_reading_json_leaves_the_garbage_collector_as_it_found_it(text: bytes, collector_on: bool) -> None:
+    """The collector is on again after a body is read, also when the body is refused; one that was off
+    stays off."""
+    was_on = gc.isenabled()
+    (gc.enable if collector_on else gc.disable)()
+    try:
+        with contextlib.suppress(DecodeError):
+            native.json_value(text)
+        assert gc.isenabled() is collector_on
+    finally:
+        (gc.enable if was_on else gc.disable)()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -92,6 +93,9 @@ async def _serve(config: cfg.Config, path: Path | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with Hub(config) as hub:
+            # What start-up built (modules, codecs, config, connections) lives as long as the process:
+            # moved out of the collector's sight, so no later full collection walks it again.
+            gc.freeze()
             print(_banner(hub, path), flush=True)
             await _first_of(stop.wait(), hub.nats_lost.wait())
             print("babelhub: shutting down…", flush=True)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 
 import msgspec
 
-from babelhub.canonical import Activity, ButtonAction, Envelope, Error, MediaKind, Message, TextFormat
+from babelhub import canonical as c
 from babelhub.redaction import SecretMask
 
 __all__ = [
@@ -64,7 +64,7 @@ REPLY_API_BASE = "babelhub.reply_api_base"
 """An inbound envelope may name, in this meta key, the API base to reply through (Bot Framework's
 per-conversation serviceUrl, for instance); the hub hands it back as `EncodeContext.api_base`."""
 
-ALL_MEDIA: frozenset[MediaKind] = frozenset(
+ALL_MEDIA: frozenset[c.MediaKind] = frozenset(
     ("image", "audio", "voice", "video", "document", "sticker", "animation")
 )
 
@@ -75,10 +75,10 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     documented limit"."""
 
     parts: frozenset[PartType] = frozenset({"text"})
-    media: frozenset[MediaKind] = frozenset()
+    media: frozenset[c.MediaKind] = frozenset()
     media_max_bytes: int = 0
     """Largest file the channel takes; larger ones are sent as links."""
-    media_limits: dict[MediaKind, int] = {}
+    media_limits: dict[c.MediaKind, int] = {}
     """Per-kind limits where they differ from `media_max_bytes` (WhatsApp: images 5 MB, video 16 MB)."""
     media_upload: bool = False
     """True when the channel takes the file's bytes (`Media.data`); otherwise media needs a `url` or a
@@ -89,11 +89,11 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     choice_text_limit: int = 0
     """Characters of text shown together with buttons or a list (WhatsApp's interactive body: 1024); a
     longer text is sent before them, as text of its own."""
-    markup: TextFormat = "plain"
+    markup: c.TextFormat = "plain"
     """The dialect the channel renders: markdown in canonical text is converted into it."""
     max_buttons: int = 0
     max_button_title: int = 20
-    button_actions: frozenset[ButtonAction] = frozenset({"reply"})
+    button_actions: frozenset[c.ButtonAction] = frozenset({"reply"})
     max_list_rows: int = 0
     max_list_sections: int = 0
     max_row_title: int = 24
@@ -106,7 +106,7 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     window_hours: int = 0
     """Hours after the user's last message in which free-form messages may be sent (0 = no window)."""
 
-    def media_limit(self, kind: MediaKind) -> int:
+    def media_limit(self, kind: c.MediaKind) -> int:
         return self.media_limits.get(kind, self.media_max_bytes)
 
 
@@ -156,7 +156,7 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     native_ids: list[str] = []
     retryable: bool = False
     retry_after: float | None = None
-    error: Error | None = None
+    error: c.Error | None = None
 
 
 class PollResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -165,7 +165,7 @@ class PollResult(msgspec.Struct, frozen=True, kw_only=True):
 
     records: list[HttpRequest] = []
     cursor: str = ""
-    error: Error | None = None
+    error: c.Error | None = None
 
 
 class DecodeContext(msgspec.Struct, frozen=True, kw_only=True):
@@ -249,22 +249,22 @@ class Codec(ABC):
         return ""
 
     @abstractmethod
-    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         """The canonical envelopes in one request; raise `DecodeError` naming the path if unreadable."""
 
     @abstractmethod
-    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         """The API calls that send `message` (already degraded to `capabilities`). Pure: no I/O."""
 
     @abstractmethod
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         """What the API's answer to `request` means: native ids, or an error and whether to retry."""
 
-    def encode_activity(self, activity: Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         """The API calls for an outbound activity (typing, read marker); none by default."""
         return []
 
-    def on_inbound(self, envelope: Envelope, ctx: EncodeContext) -> list[OutboundRequest]:
+    def on_inbound(self, envelope: c.Envelope, ctx: EncodeContext) -> list[OutboundRequest]:
         """Calls the channel expects after an inbound envelope was accepted (Telegram
         `answerCallbackQuery` stops the button's spinner); none by default."""
         return []

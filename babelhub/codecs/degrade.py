@@ -33,30 +33,7 @@ from typing import Any, Final
 
 import msgspec
 
-from babelhub.canonical import (
-    Action,
-    Button,
-    Buttons,
-    Card,
-    Carousel,
-    Contact,
-    Delete,
-    Edit,
-    Form,
-    List,
-    ListRow,
-    Location,
-    Media,
-    Message,
-    Part,
-    Poll,
-    Product,
-    Reaction,
-    Template,
-    Text,
-    TextFormat,
-    Unsupported,
-)
+from babelhub import canonical as c
 from babelhub.codecs import markup
 from babelhub.codecs.base import Capabilities
 
@@ -74,7 +51,7 @@ _LINK_ACTIONS: Final = frozenset({"url", "call"})
 _CHOICE_ACTIONS: Final = ("reply", "postback")
 
 
-def degrade(message: Message, caps: Capabilities) -> Message:
+def degrade(message: c.Message, caps: Capabilities) -> c.Message:
     """`message` rewritten to what a channel with `caps` can show, every change listed in `meta`."""
     degradation = _Degradation(message, caps)
     parts = [fitted for index, part in enumerate(message.parts) for fitted in degradation.fit(part, index)]
@@ -96,7 +73,7 @@ def degrade(message: Message, caps: Capabilities) -> Message:
 _CHOICE_NUMBER: Final = re.compile(r"(\d+)\s*[.)]?")
 
 
-def resolve_choice(text: str, choices: Mapping[str, Any]) -> Action | None:
+def resolve_choice(text: str, choices: Mapping[str, Any]) -> c.Action | None:
     """The option a reply picks from a numbered menu — by its number or by its title (case and spacing
     ignored) — as the `Action` a button press would have given; None when the reply picks none."""
     wanted = _normalized(text)
@@ -118,25 +95,25 @@ def _normalized(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def _choice_action(entry: Any) -> Action | None:
+def _choice_action(entry: Any) -> c.Action | None:
     """A choice map entry as an Action; the map comes back from storage, so anything malformed is None."""
     if not isinstance(entry, Mapping):
         return None
     choice_id, title, source = entry.get("id"), entry.get("title", ""), entry.get("source", "")
     if not isinstance(choice_id, str) or not isinstance(title, str) or not isinstance(source, str):
         return None
-    return Action(id=choice_id, title=title, source=source)
+    return c.Action(id=choice_id, title=title, source=source)
 
 
 # ------------------------------------------------------------------------------------------ the rules
 
 
-def _type(part: Part) -> str:
+def _type(part: c.Part) -> str:
     """The part's `type` tag ("text", "buttons", …)."""
     return str(part.__struct_config__.tag)
 
 
-def _reachable(media: Media, caps: Capabilities) -> bool:
+def _reachable(media: c.Media, caps: Capabilities) -> bool:
     """Whether the channel can get at the file: by url or its own file id, or by upload if it takes bytes."""
     return bool(media.url or media.file_id) or caps.media_upload
 
@@ -159,13 +136,13 @@ def _lines(*lines: str) -> str:
 class _Degradation:
     """The state of one message's degradation: its changes so far and its numbered options."""
 
-    def __init__(self, message: Message, caps: Capabilities) -> None:
+    def __init__(self, message: c.Message, caps: Capabilities) -> None:
         self.message = message
         self.caps = caps
         self.changes: list[dict[str, Any]] = []
         self.choices: dict[str, dict[str, str]] = {}
 
-    def record(self, index: int | None, was: str, became: Iterable[Part] | list[str], why: str) -> None:
+    def record(self, index: int | None, was: str, became: Iterable[c.Part] | list[str], why: str) -> None:
         to = [item if isinstance(item, str) else _type(item) for item in became]
         self.changes.append({"part": index, "from": was, "to": to, "why": why})
 
@@ -177,45 +154,45 @@ class _Degradation:
 
     # -- dispatch
 
-    def fit(self, part: Part, index: int, generated: bool = False) -> list[Part]:
+    def fit(self, part: c.Part, index: int, generated: bool = False) -> list[c.Part]:
         """`part` (or what it becomes) in a form the channel shows. `generated` parts were written by an
         earlier rule, whose change is already recorded."""
         match part:
-            case Text():
+            case c.Text():
                 return self.fit_text(part, index, generated)
-            case Media():
+            case c.Media():
                 return self.fit_media(part, index)
-            case Buttons() | List() if self.choice_text_too_long(part):
+            case c.Buttons() | c.List() if self.choice_text_too_long(part):
                 return self.move_choice_text(part, index)
-            case Buttons():
+            case c.Buttons():
                 return self.fit_buttons(part, index)
-            case List():
+            case c.List():
                 return self.fit_list(part, index)
-            case Card():
+            case c.Card():
                 return self.fit_card(part, index)
-            case Carousel():
+            case c.Carousel():
                 return self.fit_carousel(part, index)
-            case Location():
+            case c.Location():
                 return self.fit_location(part, index)
-            case Contact():
+            case c.Contact():
                 return self.fit_contact(part, index)
-            case Template():
+            case c.Template():
                 return self.fit_template(part, index)
-            case Poll():
+            case c.Poll():
                 return self.fit_poll(part, index)
-            case Form() | Product():
+            case c.Form() | c.Product():
                 return self.fit_form_or_product(part, index)
-            case Reaction() | Edit() | Delete():
+            case c.Reaction() | c.Edit() | c.Delete():
                 return self.fit_marker(part, index)
-            case Action() | Unsupported():
+            case c.Action() | c.Unsupported():
                 return self.drop(part, index, f"{_type(part)} parts describe what came in and are never sent")
 
-    def replace(self, part: Part, index: int, parts: list[Part], why: str) -> list[Part]:
+    def replace(self, part: c.Part, index: int, parts: list[c.Part], why: str) -> list[c.Part]:
         """Record that `part` became `parts`, then fit those in turn."""
         self.record(index, _type(part), parts, why)
         return [fitted for new in parts for fitted in self.fit(new, index, generated=True)]
 
-    def drop(self, part: Part, index: int, why: str) -> list[Part]:
+    def drop(self, part: c.Part, index: int, why: str) -> list[c.Part]:
         self.record(index, _type(part), [], why)
         return []
 
@@ -224,11 +201,11 @@ class _Degradation:
 
     # -- text
 
-    def fit_text(self, part: Text, index: int, generated: bool) -> list[Part]:
+    def fit_text(self, part: c.Text, index: int, generated: bool) -> list[c.Part]:
         if not self.allows("text"):
             return self.drop(part, index, "the channel shows no text")
         target = self.caps.markup
-        source: TextFormat = part.format if part.format in markup.READABLE or part.format == target else "plain"
+        source: c.TextFormat = part.format if part.format in markup.READABLE or part.format == target else "plain"
 
         rendered_texts: dict[str, str] = {}  # fitting and sending render the same chunks: do it once
 
@@ -245,7 +222,7 @@ class _Degradation:
         if rendered == [part.text]:  # the same characters: at most the format's name changes
             return [part if part.format == target else msgspec.structs.replace(part, format=target)]
         # Mention offsets count characters of the original text, which is no longer what is sent.
-        texts: list[Part] = [Text(text=text, format=target) for text in rendered]
+        texts: list[c.Part] = [c.Text(text=text, format=target) for text in rendered]
         reasons = []
         if source != part.format:
             reasons.append(f"{part.format} text cannot be converted to {target}, sent as plain text")
@@ -262,19 +239,19 @@ class _Degradation:
 
     # -- choices: buttons, lists, polls
 
-    def choice_text_too_long(self, part: Buttons | List) -> bool:
+    def choice_text_too_long(self, part: c.Buttons | c.List) -> bool:
         limit = self.caps.choice_text_limit
         return self.allows(_type(part)) and limit > 0 and len(part.text) > limit
 
-    def move_choice_text(self, part: Buttons | List, index: int) -> list[Part]:
+    def move_choice_text(self, part: c.Buttons | c.List, index: int) -> list[c.Part]:
         """Text too long to go with the choices: all but its last piece go first, as text of their own."""
         limit = self.caps.choice_text_limit
         *before, last = _split_to_fit(part.text, lambda chunk: len(chunk) <= limit)
-        pieces: list[Part] = [Text(text=chunk) for chunk in before]
+        pieces: list[c.Part] = [c.Text(text=chunk) for chunk in before]
         why = f"text longer than the {limit} characters shown with choices: the start sent before them"
         return self.replace(part, index, [*pieces, msgspec.structs.replace(part, text=last)], why)
 
-    def fit_buttons(self, part: Buttons, index: int) -> list[Part]:
+    def fit_buttons(self, part: c.Buttons, index: int) -> list[c.Part]:
         caps = self.caps
         if not self.allows("buttons"):
             return self.replace(part, index, [self.numbered_buttons(part)], "the channel shows no buttons")
@@ -289,10 +266,10 @@ class _Degradation:
             return self.replace(part, index, [self.numbered_buttons(part)], why)
         text = _lines(part.text, *(f"{b.title}: {b.value}" for b in links))
         if not kept:
-            return self.replace(part, index, [Text(text=text)], "the channel has no url/call buttons")
+            return self.replace(part, index, [c.Text(text=text)], "the channel has no url/call buttons")
         shortened = [msgspec.structs.replace(b, title=_shorten(b.title, caps.max_button_title)) for b in kept]
         if links or shortened != kept:
-            fitted = Buttons(text=text, buttons=shortened)
+            fitted = c.Buttons(text=text, buttons=shortened)
             reasons = [f"{len(links)} url/call buttons as text lines"] if links else []
             if shortened != kept:
                 reasons.append(f"titles shortened to {caps.max_button_title} characters")
@@ -301,7 +278,7 @@ class _Degradation:
             return self.move_choice_text(fitted, index) if self.choice_text_too_long(fitted) else [fitted]
         return [part]
 
-    def numbered_buttons(self, part: Buttons) -> Text:
+    def numbered_buttons(self, part: c.Buttons) -> c.Text:
         """The buttons as text: choice buttons numbered, url/call buttons with their address."""
         lines = [part.text]
         for button in part.buttons:
@@ -309,9 +286,9 @@ class _Degradation:
                 lines.append(f"{button.title}: {button.value}")
             else:
                 lines.append(f"{self.number(button.id, button.title)}. {button.title}")
-        return Text(text=_lines(*lines))
+        return c.Text(text=_lines(*lines))
 
-    def fit_list(self, part: List, index: int) -> list[Part]:
+    def fit_list(self, part: c.List, index: int) -> list[c.Part]:
         caps = self.caps
         rows = [row for section in part.sections for row in section.rows]
         if self.allows("list"):
@@ -324,14 +301,14 @@ class _Degradation:
             return self.shorten_rows(part, index)
         action = next((action for action in _CHOICE_ACTIONS if action in caps.button_actions), None)
         if self.allows("buttons") and action is not None and _within(len(rows), caps.max_buttons):
-            buttons = Buttons(
+            buttons = c.Buttons(
                 text=_lines(part.header, part.text, part.footer),
                 buttons=[_row_button(row, action) for row in rows],
             )
             return self.replace(part, index, [buttons], "the channel shows no lists; rows as buttons")
         return self.replace(part, index, [self.numbered_list(part)], "the channel shows no lists")
 
-    def shorten_rows(self, part: List, index: int) -> list[Part]:
+    def shorten_rows(self, part: c.List, index: int) -> list[c.Part]:
         limit = self.caps.max_row_title
         sections = [
             msgspec.structs.replace(
@@ -345,7 +322,7 @@ class _Degradation:
         self.record(index, "list", [fitted], f"row titles shortened to {limit} characters")
         return [fitted]
 
-    def numbered_list(self, part: List) -> Text:
+    def numbered_list(self, part: c.List) -> c.Text:
         lines = [part.header, part.text]
         for section in part.sections:
             lines.append(section.title)
@@ -353,19 +330,19 @@ class _Degradation:
                 n = self.number(row.id, row.title)
                 lines.append(f"{n}. {row.title} - {row.description}" if row.description else f"{n}. {row.title}")
         lines.append(part.footer)
-        return Text(text=_lines(*lines))
+        return c.Text(text=_lines(*lines))
 
-    def fit_poll(self, part: Poll, index: int) -> list[Part]:
+    def fit_poll(self, part: c.Poll, index: int) -> list[c.Part]:
         if self.allows("poll"):
             return [part]
         lines = [part.question]
         for position, option in enumerate(part.options):
             lines.append(f"{self.number(f'option:{position}', option)}. {option}")
-        return self.replace(part, index, [Text(text=_lines(*lines))], "the channel shows no polls")
+        return self.replace(part, index, [c.Text(text=_lines(*lines))], "the channel shows no polls")
 
     # -- cards
 
-    def fit_card(self, part: Card, index: int) -> list[Part]:
+    def fit_card(self, part: c.Card, index: int) -> list[c.Part]:
         if self.allows("card"):
             fitted = self.card_as_shown(part)
             if fitted == part:
@@ -377,7 +354,7 @@ class _Degradation:
             return self.replace(part, index, _card_pieces(part), "the card's media or buttons do not fit")
         return self.replace(part, index, _card_pieces(part), "the channel shows no cards")
 
-    def card_as_shown(self, card: Card) -> Card | None:
+    def card_as_shown(self, card: c.Card) -> c.Card | None:
         """The card with its button titles shortened, or None when its media or buttons cannot be shown."""
         caps = self.caps
         if card.media is not None and not self.media_fits(card.media):
@@ -389,7 +366,7 @@ class _Degradation:
         buttons = [msgspec.structs.replace(b, title=_shorten(b.title, caps.max_button_title)) for b in card.buttons]
         return card if buttons == card.buttons else msgspec.structs.replace(card, buttons=buttons)
 
-    def fit_carousel(self, part: Carousel, index: int) -> list[Part]:
+    def fit_carousel(self, part: c.Carousel, index: int) -> list[c.Part]:
         caps = self.caps
         if not self.allows("carousel"):
             return self.replace(part, index, list(part.cards), "the channel shows no carousels")
@@ -398,7 +375,7 @@ class _Degradation:
         fitted = [self.card_as_shown(card) for card in shown]
         if any(card is None for card in fitted):
             return self.replace(part, index, list(part.cards), "a card's media or buttons do not fit")
-        carousel = Carousel(cards=[card for card in fitted if card is not None])
+        carousel = c.Carousel(cards=[card for card in fitted if card is not None])
         if carousel == part:
             return [part]
         reasons = [f"{len(rest)} cards after the first {caps.max_cards} sent one by one"] if rest else []
@@ -408,7 +385,7 @@ class _Degradation:
 
     # -- media
 
-    def media_fits(self, media: Media) -> bool:
+    def media_fits(self, media: c.Media) -> bool:
         size = len(media.data) if media.data else media.size
         return (
             media.media in self.caps.media
@@ -416,22 +393,22 @@ class _Degradation:
             and _reachable(media, self.caps)
         )
 
-    def fit_media(self, part: Media, index: int) -> list[Part]:
+    def fit_media(self, part: c.Media, index: int) -> list[c.Part]:
         caps = self.caps
         if not self.allows("media") or not self.media_fits(part):
             why = self.media_refusal(part)
             if not part.url:
                 return self.drop(part, index, f"{why}, and it has no url to link to")
-            link = Text(text=f"{part.caption} {part.url}".strip())
+            link = c.Text(text=f"{part.caption} {part.url}".strip())
             return self.replace(part, index, [link], f"{why}: sent as a link")
         if not _within(len(part.caption), caps.caption_limit):
-            pieces: list[Part] = [msgspec.structs.replace(part, caption=""), Text(text=part.caption)]
+            pieces: list[c.Part] = [msgspec.structs.replace(part, caption=""), c.Text(text=part.caption)]
             why = f"caption longer than {caps.caption_limit} characters moved to a text"
             self.record(index, "media", pieces, why)
             return [pieces[0], *self.fit(pieces[1], index, generated=True)]
         return [part]
 
-    def media_refusal(self, part: Media) -> str:
+    def media_refusal(self, part: c.Media) -> str:
         if not self.allows("media"):
             return "the channel shows no media"
         if part.media not in self.caps.media:
@@ -442,18 +419,18 @@ class _Degradation:
 
     # -- things shown as text
 
-    def fit_location(self, part: Location, index: int) -> list[Part]:
+    def fit_location(self, part: c.Location, index: int) -> list[c.Part]:
         if self.allows("location"):
             return [part]
         url = part.url or MAPS_URL.format(lat=_coordinate(part.lat), lon=_coordinate(part.lon))
-        text = Text(text=_lines(part.name, part.address, url))
+        text = c.Text(text=_lines(part.name, part.address, url))
         return self.replace(part, index, [text], "the channel shows no locations: sent as a maps link")
 
-    def fit_contact(self, part: Contact, index: int) -> list[Part]:
+    def fit_contact(self, part: c.Contact, index: int) -> list[c.Part]:
         if self.allows("contact"):
             return [part]
-        pieces: list[Part] = [Text(text=_lines(part.name, *part.phones, *part.emails, part.org, *part.urls))]
-        vcard = Media(
+        pieces: list[c.Part] = [c.Text(text=_lines(part.name, *part.phones, *part.emails, part.org, *part.urls))]
+        vcard = c.Media(
             media="document",
             data=_vcard(part).encode(),
             mime="text/vcard",
@@ -463,22 +440,22 @@ class _Degradation:
             pieces.append(vcard)
         return self.replace(part, index, pieces, "the channel shows no contacts: sent as text")
 
-    def fit_template(self, part: Template, index: int) -> list[Part]:
+    def fit_template(self, part: c.Template, index: int) -> list[c.Part]:
         if self.allows("template"):
             return [part]
         if part.fallback_text:
             text = _PLACEHOLDER.sub(lambda found: part.params.get(found.group(1), found.group(0)), part.fallback_text)
         else:
             text = _lines(part.name, *(f"{key}: {value}" for key, value in part.params.items()))
-        return self.replace(part, index, [Text(text=text)], "the channel has no templates: sent as its text")
+        return self.replace(part, index, [c.Text(text=text)], "the channel has no templates: sent as its text")
 
-    def fit_form_or_product(self, part: Form | Product, index: int) -> list[Part]:
+    def fit_form_or_product(self, part: c.Form | c.Product, index: int) -> list[c.Part]:
         if self.allows(_type(part)):
             return [part]
-        text = _form_text(part) if isinstance(part, Form) else _product_text(part)
-        return self.replace(part, index, [Text(text=text)], f"the channel shows no {_type(part)}s: sent as text")
+        text = _form_text(part) if isinstance(part, c.Form) else _product_text(part)
+        return self.replace(part, index, [c.Text(text=text)], f"the channel shows no {_type(part)}s: sent as text")
 
-    def fit_marker(self, part: Reaction | Edit | Delete, index: int) -> list[Part]:
+    def fit_marker(self, part: c.Reaction | c.Edit | c.Delete, index: int) -> list[c.Part]:
         able = {"reaction": self.caps.reaction, "edit": self.caps.edit, "delete": self.caps.delete}
         kind = _type(part)
         if able[kind] and self.allows(kind):
@@ -492,23 +469,23 @@ class _Degradation:
 _PLACEHOLDER: Final = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 
 
-def _row_button(row: ListRow, action: str) -> Button:
+def _row_button(row: c.ListRow, action: str) -> c.Button:
     """A list row as a button; a postback button carries the row id as its payload."""
     if action == "postback":
-        return Button(id=row.id, title=row.title, action="postback", value=row.id)
-    return Button(id=row.id, title=row.title, action="reply")
+        return c.Button(id=row.id, title=row.title, action="postback", value=row.id)
+    return c.Button(id=row.id, title=row.title, action="reply")
 
 
-def _card_pieces(card: Card) -> list[Part]:
+def _card_pieces(card: c.Card) -> list[c.Part]:
     """A card as separate parts: its media, its title (bold) and subtitle, its buttons."""
-    pieces: list[Part] = [card.media] if card.media is not None else []
+    pieces: list[c.Part] = [card.media] if card.media is not None else []
     # CommonMark only reads "**" as bold when it touches the title, hence the strip.
     title = f"**{markup.convert(card.title.strip(), 'plain', 'markdown')}**" if card.title.strip() else ""
     text = _lines(title, markup.convert(card.subtitle, "plain", "markdown"))
     if text:
-        pieces.append(Text(text=text, format="markdown"))
+        pieces.append(c.Text(text=text, format="markdown"))
     if card.buttons:
-        pieces.append(Buttons(buttons=card.buttons))
+        pieces.append(c.Buttons(buttons=card.buttons))
     return pieces
 
 
@@ -528,7 +505,7 @@ def _one_line(value: str, newline: str = " ") -> str:
     return value.replace("\r\n", newline).replace("\r", newline).replace("\n", newline)
 
 
-def _vcard(contact: Contact) -> str:
+def _vcard(contact: c.Contact) -> str:
     """The contact as a vCard 3.0 (RFC 2426): FN and N are required; the name is not split into parts."""
     name = _vcard_value(contact.name)
     lines = ["BEGIN:VCARD", "VERSION:3.0", f"FN:{name}", f"N:{name};;;;"]
@@ -547,7 +524,7 @@ def _file_name(name: str) -> str:
     return safe or "contact"
 
 
-def _form_text(form: Form) -> str:
+def _form_text(form: c.Form) -> str:
     lines = [form.title]
     for field in form.fields:
         line = field.label or field.id
@@ -563,7 +540,7 @@ def _value_text(value: Any) -> str:
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()
 
 
-def _product_text(product: Product) -> str:
+def _product_text(product: c.Product) -> str:
     lines = [f"- {product_id}" for product_id in product.product_ids]
     for item in product.items:
         price = f" {item.price:g} {item.currency}".rstrip() if item.price is not None else ""

@@ -88,37 +88,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from babelhub import __version__
-from babelhub.canonical import (
-    Action,
-    Activity,
-    Button,
-    Buttons,
-    Card,
-    Conversation,
-    ConversationType,
-    Delete,
-    Edit,
-    Envelope,
-    Error,
-    Form,
-    FormField,
-    List,
-    ListSection,
-    Media,
-    Mention,
-    Message,
-    Native,
-    Part,
-    Reaction,
-    Role,
-    Sender,
-    Text,
-    Unsupported,
-    conversation_id,
-    message_id,
-    sender_id,
-    stable_id,
-)
+from babelhub import canonical as c
 from babelhub.codecs import native
 from babelhub.codecs.base import (
     Capabilities,
@@ -441,7 +411,7 @@ class DiscordCodec(Codec):
             return ""
         return native.str_field(payload, "id")
 
-    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         payload = _read_object(request)
         inbound = _Inbound.of(ctx, request)
         if _is_dispatch(payload):
@@ -454,26 +424,26 @@ class DiscordCodec(Codec):
 
     # --------------------------------------------------------------------------------- outbound
 
-    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         """The API calls of `message`, in part order: content parts laid out as Discord messages (see
         `_Layout`), each reaction and deletion its own call, an `edit` part turning the content into a
         PATCH of the edited message."""
         calls = _Calls(self.api_base(ctx), message, ctx)
-        edit = next((part for part in message.parts if isinstance(part, Edit)), None)
-        if edit is not None and all(isinstance(part, Edit | Reaction | Delete) for part in message.parts):
+        edit = next((part for part in message.parts if isinstance(part, c.Edit)), None)
+        if edit is not None and all(isinstance(part, c.Edit | c.Reaction | c.Delete) for part in message.parts):
             raise EncodeError("discord: an edit needs new content to put into the message")
         layout = _Layout()
         for index, part in enumerate(message.parts):
-            if isinstance(part, Reaction | Delete):
+            if isinstance(part, c.Reaction | c.Delete):
                 calls.send(layout, edit)
                 layout = _Layout()
                 calls.marker(part)
-            elif not isinstance(part, Edit):
+            elif not isinstance(part, c.Edit):
                 layout.add(part, index)
         calls.send(layout, edit)
         return calls.requests
 
-    def encode_activity(self, activity: Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         """Typing is `POST /channels/{to}/typing` (shown for 10 seconds); Discord has no read marker."""
         if activity.activity != "typing":
             return []
@@ -578,10 +548,10 @@ def _object(raw: Mapping[str, Any], key: str) -> Json:
 # ------------------------------------------------------------------------------------ decode: helpers
 
 #: Channel types with a conversation type of their own; any other guild channel is a "channel".
-_CHAT_TYPES: Final[dict[int, ConversationType]] = {1: "direct", 3: "group", 10: "thread", 11: "thread", 12: "thread"}
+_CHAT_TYPES: Final[dict[int, c.ConversationType]] = {1: "direct", 3: "group", 10: "thread", 11: "thread", 12: "thread"}
 
 
-def _chat_type(channel_type: int | None, in_guild: bool) -> ConversationType:
+def _chat_type(channel_type: int | None, in_guild: bool) -> c.ConversationType:
     if channel_type is not None and channel_type in _CHAT_TYPES:
         return _CHAT_TYPES[channel_type]
     return "channel" if in_guild else "direct"
@@ -612,13 +582,13 @@ class _Inbound:
         return bool(self.own_user) and user == self.own_user
 
     def message_id(self, chat: str, message: str) -> str:
-        return message_id(self.tenant, self.connection, f"{chat}:{message}")
+        return c.message_id(self.tenant, self.connection, f"{chat}:{message}")
 
     def person(self, user: str) -> str:
-        return sender_id(self.tenant, self.connection, user)
+        return c.sender_id(self.tenant, self.connection, user)
 
-    def sender(self, user: _User, member: _Member | None = None, role: Role = "user") -> Sender:
-        return Sender(
+    def sender(self, user: _User, member: _Member | None = None, role: c.Role = "user") -> c.Sender:
+        return c.Sender(
             id=self.person(user.id),
             native_id=user.id,
             name=_display_name(user, member),
@@ -631,18 +601,18 @@ class _Inbound:
         *,
         native_id: str,
         chat: str,
-        chat_type: ConversationType,
+        chat_type: c.ConversationType,
         ts: datetime,
-        sender: Sender | None,
-        parts: list[Part],
+        sender: c.Sender | None,
+        parts: list[c.Part],
         reply_to: str = "",
         meta: dict[str, Any] | None = None,
-    ) -> Message:
-        return Message(
-            id=message_id(self.tenant, self.connection, native_id),
+    ) -> c.Message:
+        return c.Message(
+            id=c.message_id(self.tenant, self.connection, native_id),
             tenant=self.tenant,
-            conversation=Conversation(
-                id=conversation_id(self.tenant, self.connection, chat),
+            conversation=c.Conversation(
+                id=c.conversation_id(self.tenant, self.connection, chat),
                 channel=CHANNEL,
                 connection=self.connection,
                 native_id=chat,
@@ -650,7 +620,7 @@ class _Inbound:
             ),
             ts=ts,
             sender=sender,
-            native=Native(id=native_id, seq=self.seq),
+            native=c.Native(id=native_id, seq=self.seq),
             reply_to=reply_to,
             meta=meta or {},
             parts=parts,
@@ -660,7 +630,7 @@ class _Inbound:
 # ------------------------------------------------------------------------------------ decode: messages
 
 
-def _decode_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inbound) -> list[Envelope]:
+def _decode_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inbound) -> list[c.Envelope]:
     event, kind = dispatch.d, dispatch.t
     if kind == "MESSAGE_CREATE":
         return _message_created(native.convert(event, _Message, "$.d"), event, "$.d", inbound)
@@ -676,7 +646,7 @@ def _decode_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inboun
     return [_unsupported_dispatch(dispatch, request, inbound)]
 
 
-def _message_created(message: _Message, raw: Json, root: str, inbound: _Inbound) -> list[Envelope]:
+def _message_created(message: _Message, raw: Json, root: str, inbound: _Inbound) -> list[c.Envelope]:
     ts = native.parse_time(message.timestamp, f"{root}.timestamp")
     if inbound.is_own(message.author.id):
         return []  # our own message, echoed back by the gateway: never re-ingested
@@ -695,7 +665,7 @@ def _message_created(message: _Message, raw: Json, root: str, inbound: _Inbound)
     ]
 
 
-def _message_edited(message: _Message, raw: Json, root: str, inbound: _Inbound) -> list[Envelope]:
+def _message_edited(message: _Message, raw: Json, root: str, inbound: _Inbound) -> list[c.Envelope]:
     """MESSAGE_UPDATE with an `edited_timestamp`: an Edit marker followed by the new content."""
     native.parse_time(message.timestamp, f"{root}.timestamp")
     if inbound.is_own(message.author.id) or message.edited_timestamp is None:
@@ -709,13 +679,13 @@ def _message_edited(message: _Message, raw: Json, root: str, inbound: _Inbound) 
             chat_type=_message_chat_type(message),
             ts=edited,
             sender=_author(message, inbound),
-            parts=[Edit(target=inbound.message_id(message.channel_id, message.id)), *parts],
+            parts=[c.Edit(target=inbound.message_id(message.channel_id, message.id)), *parts],
             meta=meta,
         )
     ]
 
 
-def _message_deleted(event: _DeleteEvent, inbound: _Inbound) -> Message:
+def _message_deleted(event: _DeleteEvent, inbound: _Inbound) -> c.Message:
     """MESSAGE_DELETE: a Delete marker. Discord does not say who deleted it, nor when (arrival time)."""
     return inbound.envelope(
         native_id=f"{event.channel_id}:{event.id}:deleted",
@@ -723,11 +693,11 @@ def _message_deleted(event: _DeleteEvent, inbound: _Inbound) -> Message:
         chat_type=_chat_type(None, event.guild_id is not None),
         ts=inbound.received,
         sender=None,
-        parts=[Delete(target=inbound.message_id(event.channel_id, event.id))],
+        parts=[c.Delete(target=inbound.message_id(event.channel_id, event.id))],
     )
 
 
-def _reaction(event: _ReactionEvent, kind: str, sequence: int | None, inbound: _Inbound) -> list[Envelope]:
+def _reaction(event: _ReactionEvent, kind: str, sequence: int | None, inbound: _Inbound) -> list[c.Envelope]:
     if inbound.is_own(event.user_id):
         return []  # our own reaction, echoed back
     removed = kind == "MESSAGE_REACTION_REMOVE"
@@ -748,7 +718,7 @@ def _reaction(event: _ReactionEvent, kind: str, sequence: int | None, inbound: _
             ts=inbound.received,
             sender=inbound.sender(person, event.member),
             parts=[
-                Reaction(emoji=emoji, target=inbound.message_id(event.channel_id, event.message_id), removed=removed)
+                c.Reaction(emoji=emoji, target=inbound.message_id(event.channel_id, event.message_id), removed=removed)
             ],
             meta=meta,
         )
@@ -762,22 +732,22 @@ def _emoji_text(emoji: _Emoji) -> str:
     return emoji.name or ""
 
 
-def _unsupported_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inbound) -> Message:
+def _unsupported_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inbound) -> c.Message:
     event = dispatch.d if isinstance(dispatch.d, dict) else {}
     chat = native.str_field(event, "channel_id") or native.str_field(event, "guild_id") or native.str_field(event, "id")
     user = event.get("user") or event.get("author")
     user_id = user.get("id") if isinstance(user, dict) else event.get("user_id")
     return inbound.envelope(
-        native_id=f"{chat}:{dispatch.t}:{stable_id(request.body.decode('utf-8', 'replace'))}",
+        native_id=f"{chat}:{dispatch.t}:{c.stable_id(request.body.decode('utf-8', 'replace'))}",
         chat=chat,
         chat_type=_chat_type(None, "guild_id" in event),
         ts=inbound.received,
         sender=inbound.sender(_User(id=user_id)) if isinstance(user_id, str) and user_id else None,
-        parts=[Unsupported(reason=f"discord gateway event {dispatch.t}", native=dispatch.d)],
+        parts=[c.Unsupported(reason=f"discord gateway event {dispatch.t}", native=dispatch.d)],
     )
 
 
-def _message_chat_type(message: _Message) -> ConversationType:
+def _message_chat_type(message: _Message) -> c.ConversationType:
     """From MESSAGE_CREATE's `channel_type` when present; else a message with a guild is in a guild
     channel and one without is a DM. MESSAGE_CREATE always names the guild of a guild message; a bare
     message object may only show it in its reference (replies and crossposts are guild messages)."""
@@ -786,8 +756,8 @@ def _message_chat_type(message: _Message) -> ConversationType:
     return _chat_type(message.channel_type, in_guild or (reference is not None and reference.guild_id is not None))
 
 
-def _author(message: _Message, inbound: _Inbound) -> Sender:
-    role: Role = "bot" if message.webhook_id else "user"
+def _author(message: _Message, inbound: _Inbound) -> c.Sender:
+    role: c.Role = "bot" if message.webhook_id else "user"
     return inbound.sender(message.author, message.member, role)
 
 
@@ -809,7 +779,7 @@ _STICKER_FILES: Final[dict[int, tuple[str, str]]] = {
 }
 
 
-def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[Part], dict[str, Any]]:
+def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[c.Part], dict[str, Any]]:
     """A message's text, files and stickers as parts. Embeds with content of their own (`rich`),
     components, polls and forwarded snapshots become `unsupported` parts; link previews and
     references go to meta."""
@@ -817,8 +787,8 @@ def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[Part
     if message.guild_id:
         meta["discord.guild_id"] = message.guild_id
     if message.type not in _CONTENT_TYPES:
-        return [Unsupported(reason=f"discord message type {message.type}", native=raw)], meta
-    parts: list[Part] = []
+        return [c.Unsupported(reason=f"discord message type {message.type}", native=raw)], meta
+    parts: list[c.Part] = []
     if message.content:
         text = _mentions_resolved(message.content, message.mentions, inbound)
         parts.append(text)
@@ -835,15 +805,15 @@ def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[Part
         if isinstance(embed, dict) and embed.get("type", "rich") != "rich":
             previews.append(embed)  # link previews Discord generated from the content
         else:
-            parts.append(Unsupported(reason="discord embed", native=embed))
+            parts.append(c.Unsupported(reason="discord embed", native=embed))
     if previews:
         meta["discord.embeds"] = previews
     if native.list_field(raw, "components"):
-        parts.append(Unsupported(reason="discord components", native=raw["components"]))
+        parts.append(c.Unsupported(reason="discord components", native=raw["components"]))
     if isinstance(raw.get("poll"), dict):
-        parts.append(Unsupported(reason="discord poll", native=raw["poll"]))
+        parts.append(c.Unsupported(reason="discord poll", native=raw["poll"]))
     for snapshot in native.list_field(raw, "message_snapshots"):
-        parts.append(Unsupported(reason="discord forwarded message", native=snapshot))
+        parts.append(c.Unsupported(reason="discord forwarded message", native=snapshot))
     reference = raw.get("message_reference")
     if isinstance(reference, dict) and message.type not in (REPLY, CONTEXT_MENU_COMMAND):
         meta["discord.message_reference"] = reference
@@ -855,12 +825,12 @@ def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[Part
 _USER_MENTION: Final = re.compile(r"<@!?(?P<user>\d+)>")
 
 
-def _mentions_resolved(content: str, mentioned: list[_User], inbound: _Inbound) -> Text:
+def _mentions_resolved(content: str, mentioned: list[_User], inbound: _Inbound) -> c.Text:
     """Markdown content with `<@id>` user mentions written as `@name`, each with a Mention (offset and
     length in code points). Role, channel and emoji tokens are left as Discord wrote them."""
     names = {user.id: user.global_name or user.username for user in mentioned}
     pieces: list[str] = []
-    mentions: list[Mention] = []
+    mentions: list[c.Mention] = []
     written = cursor = 0
     for match in _USER_MENTION.finditer(content):
         before = content[cursor : match.start()]
@@ -869,7 +839,7 @@ def _mentions_resolved(content: str, mentioned: list[_User], inbound: _Inbound) 
         user = match["user"]
         shown = "@" + (names.get(user) or user)
         mentions.append(
-            Mention(
+            c.Mention(
                 id=inbound.person(user), native_id=user, name=names.get(user, ""), offset=written, length=len(shown)
             )
         )
@@ -877,17 +847,17 @@ def _mentions_resolved(content: str, mentioned: list[_User], inbound: _Inbound) 
         written += len(shown)
         cursor = match.end()
     pieces.append(content[cursor:])
-    return Text(text="".join(pieces), format="markdown", mentions=mentions)
+    return c.Text(text="".join(pieces), format="markdown", mentions=mentions)
 
 
-def _attachment(raw: Any, where: str, voice_message: bool) -> Media:
+def _attachment(raw: Any, where: str, voice_message: bool) -> c.Media:
     attachment = native.convert(raw, _Attachment, where)
     mime = attachment.content_type or ""
     kind = native.media_kind(mime)
     if voice_message and kind == "audio":
         kind = "voice"
     duration = attachment.duration_secs
-    return Media(
+    return c.Media(
         media=kind,
         url=attachment.url,
         file_id=attachment.id,
@@ -901,12 +871,12 @@ def _attachment(raw: Any, where: str, voice_message: bool) -> Media:
     )
 
 
-def _sticker(raw: Any, where: str) -> Media:
+def _sticker(raw: Any, where: str) -> c.Media:
     """Stickers are served from Discord's CDN by id (GIF stickers from the media host)."""
     item = native.convert(raw, _StickerItem, where)
     extension, mime = _STICKER_FILES.get(item.format_type, ("png", "image/png"))
     host = "https://media.discordapp.net" if extension == "gif" else "https://cdn.discordapp.com"
-    return Media(
+    return c.Media(
         media="sticker",
         url=f"{host}/stickers/{item.id}.{extension}",
         file_id=item.id,
@@ -915,7 +885,7 @@ def _sticker(raw: Any, where: str) -> Media:
     )
 
 
-def _webhook_event(payload: Json, inbound: _Inbound) -> list[Envelope]:
+def _webhook_event(payload: Json, inbound: _Inbound) -> list[c.Envelope]:
     """A webhook event, kept whole; its PING (type 0) only checks the URL."""
     if payload.get("type") == 0:
         return []
@@ -932,7 +902,7 @@ def _webhook_event(payload: Json, inbound: _Inbound) -> list[Envelope]:
             chat_type="direct",
             ts=ts,
             sender=inbound.sender(_User(id=user_id)) if user_id else None,
-            parts=[Unsupported(reason=f"discord webhook event {kind}", native=payload)],
+            parts=[c.Unsupported(reason=f"discord webhook event {kind}", native=payload)],
         )
     ]
 
@@ -940,7 +910,7 @@ def _webhook_event(payload: Json, inbound: _Inbound) -> list[Envelope]:
 # --------------------------------------------------------------------------------- decode: interactions
 
 
-def _decode_interaction(interaction: _Interaction, raw: Json, root: str, inbound: _Inbound) -> list[Envelope]:
+def _decode_interaction(interaction: _Interaction, raw: Json, root: str, inbound: _Inbound) -> list[c.Envelope]:
     if interaction.type == PING:
         return []  # Discord checking the URL, answered by `handshake`
     chat = interaction.channel_id or (interaction.channel.id if interaction.channel else "")
@@ -957,10 +927,10 @@ def _decode_interaction(interaction: _Interaction, raw: Json, root: str, inbound
         meta["discord.guild_id"] = interaction.guild_id
     data, data_path = interaction.data, f"{root}.data"
     reply_to = ""
-    parts: list[Part]
+    parts: list[c.Part]
     if interaction.type == APPLICATION_COMMAND:
         command = native.convert(data, _CommandData, data_path)
-        parts = [Text(text=_command_text(command))]
+        parts = [c.Text(text=_command_text(command))]
         meta["discord.command"] = _command_meta(command, data)
         if command.type == MESSAGE_COMMAND and command.target_id:
             reply_to = inbound.message_id(chat, command.target_id)  # the message the command was used on
@@ -971,9 +941,9 @@ def _decode_interaction(interaction: _Interaction, raw: Json, root: str, inbound
     elif interaction.type == MODAL_SUBMIT:
         parts = [_form(native.convert(data, _ModalData, data_path))]
     elif interaction.type == AUTOCOMPLETE:
-        parts = [Unsupported(reason="discord autocomplete", native=data)]
+        parts = [c.Unsupported(reason="discord autocomplete", native=data)]
     else:
-        parts = [Unsupported(reason=f"discord interaction type {interaction.type}", native=raw)]
+        parts = [c.Unsupported(reason=f"discord interaction type {interaction.type}", native=raw)]
     if isinstance(data.get("resolved"), dict):
         meta["discord.resolved"] = data["resolved"]  # the users, roles, channels, files the data names
     channel_type = interaction.channel.type if interaction.channel else None
@@ -1024,7 +994,7 @@ def _command_meta(command: _CommandData, data: Json) -> Json:
 
 def _component_actions(
     component: _ComponentData, interaction: _Interaction, raw: Json, chat: str, inbound: _Inbound
-) -> list[Action]:
+) -> list[c.Action]:
     """A button click is one Action (its custom_id); a select, one Action per chosen value. Titles come
     from the component's definition on the message it was on."""
     source_message = interaction.message
@@ -1032,7 +1002,7 @@ def _component_actions(
     message = raw.get("message")
     definition = _find_component(message.get("components") if isinstance(message, dict) else None, component.custom_id)
     if not component.values:
-        return [Action(id=component.custom_id, title=native.str_field(definition, "label"), source=source)]
+        return [c.Action(id=component.custom_id, title=native.str_field(definition, "label"), source=source)]
     # The definition is the message as the interaction quotes it: an option whose value is no string
     # (a list, an object) labels nothing, rather than breaking the lookup.
     labels = {
@@ -1040,7 +1010,7 @@ def _component_actions(
         for option in native.list_field(definition, "options")
         if isinstance(option, dict) and isinstance(option.get("value"), str)
     }
-    return [Action(id=value, title=labels.get(value, ""), source=source) for value in component.values]
+    return [c.Action(id=value, title=labels.get(value, ""), source=source) for value in component.values]
 
 
 def _find_component(components: Any, custom_id: str) -> Json:
@@ -1076,11 +1046,11 @@ _INPUT_KINDS: Final[dict[int, str]] = {
 }
 
 
-def _form(modal: _ModalData) -> Form:
-    return Form(id=modal.custom_id, fields=[answer for part in modal.components for answer in _form_fields(part)])
+def _form(modal: _ModalData) -> c.Form:
+    return c.Form(id=modal.custom_id, fields=[answer for part in modal.components for answer in _form_fields(part)])
 
 
-def _form_fields(component: Any) -> list[FormField]:
+def _form_fields(component: Any) -> list[c.FormField]:
     """The values in one submitted modal component. A label wraps one input (`component`), a legacy
     action row several (`components`); text displays hold no value. A text input, radio group or
     checkbox answers `value`; selects, checkbox groups and file uploads answer `values`."""
@@ -1096,7 +1066,7 @@ def _form_fields(component: Any) -> list[FormField]:
     kind = component.get("type")
     name = _INPUT_KINDS.get(kind, f"component_{kind}") if isinstance(kind, int) else "unknown"
     value = component["value"] if "value" in component else component.get("values")
-    return [FormField(id=custom_id, kind=name, value=value)]
+    return [c.FormField(id=custom_id, kind=name, value=value)]
 
 
 # ------------------------------------------------------------------------------------- encode: layout
@@ -1143,22 +1113,22 @@ class _Layout:
     def messages(self) -> list[Json]:
         return [draft.body() for draft in self.drafts if not draft.is_empty()]
 
-    def add(self, part: Part, index: int) -> None:
+    def add(self, part: c.Part, index: int) -> None:
         match part:
-            case Text():
+            case c.Text():
                 self.text(part.text)
-            case Buttons():
+            case c.Buttons():
                 self.text(part.text)
                 self.rows(_button_rows(part.buttons))
-            case List():
+            case c.List():
                 # Line by line: the three fit one message when they fit 2,000 characters together.
                 for line in (part.header, part.text, part.footer):
                     self.text(line)
                 self.rows([_select_row(part, section, f"list:{index}:{n}") for n, section in enumerate(part.sections)])
-            case Card():
+            case c.Card():
                 self.embed(_card_embed(part))
                 self.rows(_button_rows(part.buttons))
-            case Media():
+            case c.Media():
                 self.media(part)
             case _:
                 raise EncodeError(f"discord: cannot send a {type(part).__name__.lower()} part")
@@ -1196,7 +1166,7 @@ class _Layout:
                 self.next()
             self.current.rows.append(row)
 
-    def media(self, media: Media) -> None:
+    def media(self, media: c.Media) -> None:
         """An image by URL shows in an embed; any other file (when a message was not degraded first)
         as a link. Bytes would need a multipart upload, which this codec does not do."""
         url = _media_url(media, "media")
@@ -1209,7 +1179,7 @@ class _Layout:
             self.text(f"{media.caption or media.filename} {media.url}".strip())
 
 
-def _button_rows(buttons: list[Button]) -> list[Json]:
+def _button_rows(buttons: list[c.Button]) -> list[Json]:
     """Buttons in action rows of at most five."""
     return [
         {"type": ACTION_ROW, "components": [_button(button) for button in buttons[start : start + MAX_ROW_BUTTONS]]}
@@ -1217,7 +1187,7 @@ def _button_rows(buttons: list[Button]) -> list[Json]:
     ]
 
 
-def _button(button: Button) -> Json:
+def _button(button: c.Button) -> Json:
     """A url button is a link (style 5); a reply or postback button sends back its `custom_id` — the
     button's id, or a postback's value — which comes back as `Action.id`."""
     label = native.clip(button.title, BUTTON_LABEL_LIMIT)
@@ -1230,14 +1200,14 @@ def _button(button: Button) -> Json:
     return {"type": BUTTON, "style": PRIMARY, "label": label, "custom_id": _custom_id(button)}
 
 
-def _custom_id(button: Button) -> str:
+def _custom_id(button: c.Button) -> str:
     custom_id = button.value if button.action == "postback" and button.value else button.id
     if not 1 <= len(custom_id) <= MAX_CUSTOM_ID:
         raise EncodeError(f"discord: a button's custom_id takes 1-{MAX_CUSTOM_ID} characters: {custom_id!r}")
     return custom_id
 
 
-def _select_row(part: List, section: ListSection, custom_id: str) -> Json:
+def _select_row(part: c.List, section: c.ListSection, custom_id: str) -> Json:
     """A section as a string select in its own action row; a chosen option sends back the row's id.
     Labels, descriptions and the placeholder are cut to Discord's lengths; the value, which must come
     back unchanged, is refused when it does not fit."""
@@ -1258,7 +1228,7 @@ def _select_row(part: List, section: ListSection, custom_id: str) -> Json:
     return {"type": ACTION_ROW, "components": [select]}
 
 
-def _card_embed(card: Card) -> Json:
+def _card_embed(card: c.Card) -> Json:
     """A card as an embed: title (cut to 256 characters), subtitle as description, an image; another
     file links the title. A card's media without a url cannot be shown: refused, never left out."""
     embed: Json = {}
@@ -1279,7 +1249,7 @@ def _card_embed(card: Card) -> Json:
     return embed
 
 
-def _media_url(media: Media, what: str) -> str:
+def _media_url(media: c.Media, what: str) -> str:
     """The url a file is shown by. Discord takes no file ids (its attachment ids cannot be sent again)
     and this codec uploads no bytes (multipart), so a file without a url is refused by name."""
     if media.url:
@@ -1311,7 +1281,7 @@ def _bot_headers(ctx: EncodeContext) -> dict[str, str]:
 class _Calls:
     """The API calls of one outbound message, numbered for their idempotency keys."""
 
-    def __init__(self, base: str, message: Message, ctx: EncodeContext) -> None:
+    def __init__(self, base: str, message: c.Message, ctx: EncodeContext) -> None:
         self.base = base
         self.message = message
         self.ctx = ctx
@@ -1338,7 +1308,7 @@ class _Calls:
     def next_key(self) -> str:
         return f"{self.message.id}:{len(self.requests)}"
 
-    def send(self, layout: _Layout, edit: Edit | None) -> None:
+    def send(self, layout: _Layout, edit: c.Edit | None) -> None:
         """Post the laid-out messages, or, for an edit, put them into the edited message."""
         bodies = layout.messages()
         if not bodies:
@@ -1358,11 +1328,11 @@ class _Calls:
             body["message_reference"] = self.reference
             self.reference = None  # only the first message of a reply points at the original
         # Discord returns the message already made when a create with the same nonce is retried.
-        body["nonce"] = stable_id(self.next_key())[:NONCE_LENGTH]
+        body["nonce"] = c.stable_id(self.next_key())[:NONCE_LENGTH]
         body["enforce_nonce"] = True
         self.add("POST", f"{self.base}/channels/{chat}/messages", _bot_headers(self.ctx), body)
 
-    def edit(self, bodies: list[Json], edit: Edit) -> None:
+    def edit(self, bodies: list[Json], edit: c.Edit) -> None:
         """PATCH the message with all three of content, embeds and components, so that what the new
         version leaves out is removed rather than kept."""
         if len(bodies) > 1:
@@ -1377,8 +1347,8 @@ class _Calls:
         }
         self.add("PATCH", f"{self.base}/channels/{chat}/messages/{message}", _bot_headers(self.ctx), patch)
 
-    def marker(self, part: Reaction | Delete) -> None:
-        if isinstance(part, Delete):
+    def marker(self, part: c.Reaction | c.Delete) -> None:
+        if isinstance(part, c.Delete):
             chat, message = _native_message(self.ctx, part.target, "delete")
             self.add("DELETE", f"{self.base}/channels/{chat}/messages/{message}", _bot_headers(self.ctx))
             return
@@ -1387,7 +1357,7 @@ class _Calls:
         self.add("DELETE" if part.removed else "PUT", url, _bot_headers(self.ctx))
 
 
-def _follow_up_url(base: str, message: Message, ctx: EncodeContext) -> str:
+def _follow_up_url(base: str, message: c.Message, ctx: EncodeContext) -> str:
     """The interaction's webhook when `message` answers an interaction (its meta holds the token)."""
     token = message.meta.get("discord.interaction_token")
     if not isinstance(token, str) or not token:
@@ -1398,7 +1368,7 @@ def _follow_up_url(base: str, message: Message, ctx: EncodeContext) -> str:
     return f"{base}/webhooks/{_snowflake(application, 'application id')}/{_segment(token, 'interaction token')}"
 
 
-def _message_reference(message: Message, ctx: EncodeContext) -> Json | None:
+def _message_reference(message: c.Message, ctx: EncodeContext) -> Json | None:
     """What a reply points at. An interaction is no message, so a reply to one points at nothing."""
     if not message.reply_to:
         return None
@@ -1470,7 +1440,7 @@ def _api_failure(response: HttpResponse, answer: Json) -> SendResult:
         ok=False,
         retryable=retryable,
         retry_after=retry_after if retryable else None,
-        error=Error(code=name, message=message, retryable=retryable, native=answer),
+        error=c.Error(code=name, message=message, retryable=retryable, native=answer),
     )
 
 

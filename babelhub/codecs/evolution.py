@@ -69,36 +69,7 @@ from urllib.parse import quote, urlsplit
 
 import msgspec
 
-from babelhub import canonical
-from babelhub.canonical import (
-    Action,
-    Activity,
-    ActivityType,
-    Button,
-    Buttons,
-    Contact,
-    Conversation,
-    ConversationType,
-    Delete,
-    Edit,
-    Envelope,
-    List,
-    Location,
-    Media,
-    MediaKind,
-    Mention,
-    Message,
-    Native,
-    Part,
-    Poll,
-    Reaction,
-    Role,
-    Sender,
-    State,
-    Status,
-    Text,
-    Unsupported,
-)
+from babelhub import canonical as c
 from babelhub.codecs import jwt, native
 from babelhub.codecs.base import (
     Capabilities,
@@ -130,7 +101,7 @@ PRESENCE: Final = "presence.update"
 PARTICIPANTS: Final = "group.participants.update"
 
 #: `status` of messages.update (renderStatus.ts; the Cloud API integration sends Meta's names upper-cased).
-_STATES: Final[dict[str, State]] = {
+_STATES: Final[dict[str, c.State]] = {
     "PENDING": "queued",
     "SERVER_ACK": "sent",
     "DELIVERY_ACK": "delivered",
@@ -148,7 +119,7 @@ _CLOUD_API_ID_PREFIX: Final = "wamid."
 #: presence.update `lastKnownPresence` values that mean "is typing" (recording = a voice note).
 _TYPING: Final = frozenset({"composing", "recording"})
 #: group-participants.update `action` → activity (promote / demote have no canonical activity).
-_MEMBERSHIP: Final[dict[str, ActivityType]] = {"add": "joined", "remove": "left"}
+_MEMBERSHIP: Final[dict[str, c.ActivityType]] = {"add": "joined", "remove": "left"}
 
 #: Keys of the webhook envelope that say how it was delivered (kept in meta; `apikey` is a credential
 #: and `destination` our own URL, so neither is kept).
@@ -179,7 +150,7 @@ _WRAPPERS: Final = (
 _NOT_CONTENT: Final = frozenset(
     {"messageContextInfo", "senderKeyDistributionMessage", "base64", "mediaUrl", "speechToText"}
 )
-_MEDIA_TYPES: Final[dict[str, MediaKind]] = {
+_MEDIA_TYPES: Final[dict[str, c.MediaKind]] = {
     "imageMessage": "image",
     "videoMessage": "video",
     "ptvMessage": "video",  # a round "video note"
@@ -500,7 +471,7 @@ class EvolutionCodec(Codec):
         ids = sorted(set(_delivery_ids(event, raw.get("data"))))
         return ",".join(f"{event}:{native_id}" for native_id in ids)
 
-    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         raw = native.read_json(request)
         if not isinstance(raw, dict):
             raise DecodeError("expected a JSON object", path="$")
@@ -514,7 +485,7 @@ class EvolutionCodec(Codec):
 
     # ---------------------------------------------------------------------------------- sending
 
-    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         endpoint = _Endpoint.of(self, ctx)
         composer = _Composer(ctx)
         for part in message.parts:
@@ -530,7 +501,7 @@ class EvolutionCodec(Codec):
             requests.append(endpoint.request(call.method, call.body, key=f"{message.id}:{n}", message_id=message.id))
         return requests
 
-    def encode_activity(self, activity: Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         if activity.activity == "typing":
             typing_ms = int(ctx.options.get("typing_ms", _DEFAULT_TYPING_MS))
             body: JsonObject = {"number": ctx.to, "presence": "composing", "delay": typing_ms}
@@ -587,8 +558,8 @@ class _EventDecoder:
         self.delivery = {name: raw[name] for name in _DELIVERY_FIELDS if raw.get(name) is not None}
         self.delivery |= {name: value for name, value in raw.items() if name not in {*_DELIVERY_FIELDS, *_ENVELOPE}}
 
-    def envelopes(self) -> list[Envelope]:
-        envelopes: list[Envelope] = []
+    def envelopes(self) -> list[c.Envelope]:
+        envelopes: list[c.Envelope] = []
         match self.event:
             case "messages.upsert" | "send.message":
                 envelopes = [self._message(item, path) for item, path in self._items()]
@@ -621,7 +592,7 @@ class _EventDecoder:
 
     # ----------------------------------------------------------------------------- messages
 
-    def _message(self, raw: JsonObject, path: str) -> Message:
+    def _message(self, raw: JsonObject, path: str) -> c.Message:
         record = native.convert(raw, _Record, path)
         key = record.key
         message_key = _require(key.id, f"{path}.key.id", "message key has no id")
@@ -640,25 +611,25 @@ class _EventDecoder:
             {content.kind: content.body} if content.kind else content.message,
             f"evolution {content.kind or 'message'}",
         )
-        return Message(
+        return c.Message(
             id=self._ref(message_key),
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat),
             direction="outbound" if from_me else "inbound",
             ts=self._timestamp(record.message_timestamp, f"{path}.messageTimestamp"),
             sender=self._message_sender(record, chat, from_me),
-            native=Native(id=message_key, seq=self.ctx.seq),
+            native=c.Native(id=message_key, seq=self.ctx.seq),
             reply_to=source,
             parts=parts,
             meta=meta,
         )
 
-    def _message_sender(self, record: _Record, chat: str, from_me: bool) -> Sender:
+    def _message_sender(self, record: _Record, chat: str, from_me: bool) -> c.Sender:
         key = record.key
         name = record.push_name or ""
         if from_me:
             # Our own message: typed on the phone by a person (agent), or sent through the API (bot).
-            role: Role = "bot" if self.event == SENT else "agent"
+            role: c.Role = "bot" if self.event == SENT else "agent"
             return self._person(self.owner, name=name, role=role)
         author = (key.participant or record.participant or "") if _conversation_type(chat) != "direct" else chat
         alternatives = (key.participant_alt, key.participant_pn) if author != chat else (key.remote_jid_alt,)
@@ -666,12 +637,12 @@ class _EventDecoder:
 
     def _parts(
         self, content: _Content, context: _ContextInfo, source: str, message_key: str, meta: JsonObject
-    ) -> list[Part]:
+    ) -> list[c.Part]:
         """The canonical parts of one message; what has no part stays verbatim."""
         kind, body, path = content.kind, content.body, content.path
         match kind:
             case "":
-                return [Unsupported(reason="message without content", native=content.message)]
+                return [c.Unsupported(reason="message without content", native=content.message)]
             case "conversation" if isinstance(body, str):
                 return [self._text(body, context)]
             case "extendedTextMessage":
@@ -684,7 +655,7 @@ class _EventDecoder:
                 place = native.convert(body, _LocationContent, path)
                 _keep_unmapped(meta, kind, body, _LOCATION_MAPPED)
                 return [
-                    Location(
+                    c.Location(
                         lat=native.finite(place.degrees_latitude, f"{path}.degreesLatitude"),
                         lon=native.finite(place.degrees_longitude, f"{path}.degreesLongitude"),
                         name=place.name or "",
@@ -705,21 +676,21 @@ class _EventDecoder:
                 target = _require(reaction.key.id, f"{path}.key.id", "reaction names no message")
                 _keep_unmapped(meta, kind, body, {"text"})
                 emoji = reaction.text or ""
-                return [Reaction(emoji=emoji, target=self._ref(target), removed=not emoji)]
+                return [c.Reaction(emoji=emoji, target=self._ref(target), removed=not emoji)]
             case "buttonsResponseMessage":
                 tap = native.convert(body, _ButtonsResponse, path)
                 _keep_unmapped(meta, kind, body, {"selectedButtonId", "selectedDisplayText"})
-                return [Action(id=tap.selected_button_id or "", title=tap.selected_display_text or "", source=source)]
+                return [c.Action(id=tap.selected_button_id or "", title=tap.selected_display_text or "", source=source)]
             case "listResponseMessage":
                 choice = native.convert(body, _ListResponse, path)
                 row = choice.single_select_reply.selected_row_id if choice.single_select_reply else None
                 _keep_unmapped(meta, kind, body, {"title", "singleSelectReply"})
-                return [Action(id=row or "", title=choice.title or "", source=source)]
+                return [c.Action(id=row or "", title=choice.title or "", source=source)]
             case "templateButtonReplyMessage":
                 template_tap = native.convert(body, _TemplateButtonReply, path)
                 _keep_unmapped(meta, kind, body, {"selectedId", "selectedDisplayText"})
                 return [
-                    Action(
+                    c.Action(
                         id=template_tap.selected_id or "", title=template_tap.selected_display_text or "", source=source
                     )
                 ]
@@ -729,30 +700,30 @@ class _EventDecoder:
                 poll = native.convert(body, _PollCreation, path)
                 _keep_unmapped(meta, kind, body, {"name", "options", "selectableOptionsCount"})
                 options = [option.option_name for option in poll.options]
-                return [Poll(question=poll.name, options=options, multiple=poll.selectable_options_count != 1)]
+                return [c.Poll(question=poll.name, options=options, multiple=poll.selectable_options_count != 1)]
             case "protocolMessage":
                 protocol = native.convert(body, _Protocol, path)
                 return self._protocol_parts(protocol, body, path, meta)
             case _:
-                return [Unsupported(reason=f"WhatsApp message type {kind!r}", native={kind: body})]
+                return [c.Unsupported(reason=f"WhatsApp message type {kind!r}", native={kind: body})]
 
-    def _text(self, text: str, context: _ContextInfo) -> Text:
+    def _text(self, text: str, context: _ContextInfo) -> c.Text:
         """A text with its @mentions: WhatsApp writes them as "@<number>" and lists the JIDs apart."""
-        mentions: list[Mention] = []
+        mentions: list[c.Mention] = []
         for jid in context.mentioned_jid or []:
             written = "@" + jid.partition("@")[0]
             offset = text.find(written)
             mentions.append(
-                Mention(
-                    id=canonical.sender_id(*self._scope(), jid),
+                c.Mention(
+                    id=c.sender_id(*self._scope(), jid),
                     native_id=jid,
                     offset=max(offset, 0),
                     length=len(written) if offset >= 0 else 0,
                 )
             )
-        return Text(text=text, mentions=mentions)
+        return c.Text(text=text, mentions=mentions)
 
-    def _media(self, content: _Content, message_key: str, meta: JsonObject) -> Media:
+    def _media(self, content: _Content, message_key: str, meta: JsonObject) -> c.Media:
         kind, body = content.kind, content.body
         media = native.convert(body, _MediaContent, content.path)
         _keep_unmapped(meta, kind, body, _MEDIA_MAPPED)
@@ -761,7 +732,7 @@ class _EventDecoder:
             media_kind = "voice"
         elif kind == "videoMessage" and media.gif_playback:
             media_kind = "animation"
-        return Media(
+        return c.Media(
             media=media_kind,
             file_id=message_key,
             url=content.media_url,
@@ -775,7 +746,7 @@ class _EventDecoder:
             height=media.height or 0,
         )
 
-    def _interactive_response(self, content: _Content, source: str, meta: JsonObject) -> Part:
+    def _interactive_response(self, content: _Content, source: str, meta: JsonObject) -> c.Part:
         response = native.convert(content.body, _InteractiveResponse, content.path)
         flow = response.native_flow_response_message
         params: Any = None
@@ -785,28 +756,28 @@ class _EventDecoder:
             except DecodeError:  # not JSON, or nested beyond reading: the click is kept as unsupported
                 params = None
         if not isinstance(params, dict) or "id" not in params:
-            return Unsupported(reason="interactive response without a button id", native={content.kind: content.body})
+            return c.Unsupported(reason="interactive response without a button id", native={content.kind: content.body})
         _keep_unmapped(meta, content.kind, content.body, {"body"})
         title = response.body.text if response.body else ""
-        return Action(id=str(params["id"]), title=title or "", source=source)
+        return c.Action(id=str(params["id"]), title=title or "", source=source)
 
-    def _protocol_parts(self, protocol: _Protocol, raw: JsonObject, path: str, meta: JsonObject) -> list[Part]:
+    def _protocol_parts(self, protocol: _Protocol, raw: JsonObject, path: str, meta: JsonObject) -> list[c.Part]:
         """A revoke → `Delete`; an edit → `Edit` and the new content; anything else verbatim."""
         revoke = protocol.type in _PROTOCOL_REVOKE
         if not revoke and protocol.type not in _PROTOCOL_EDIT:
-            return [Unsupported(reason=f"WhatsApp protocol message {protocol.type!r}", native=raw)]
+            return [c.Unsupported(reason=f"WhatsApp protocol message {protocol.type!r}", native=raw)]
         key = protocol.key or _Key()
         message_key = _require(key.id, f"{path}.key.id", "protocol message names no message")
         _keep_unmapped(meta, "protocolMessage", raw, {"type", "editedMessage"})
         if revoke:
-            return [Delete(target=self._ref(message_key))]
+            return [c.Delete(target=self._ref(message_key))]
         content = _Content.read(protocol.edited_message or {}, "", f"{path}.editedMessage", meta)
         context = self._context(content.context_info, path)
-        return [Edit(target=self._ref(message_key)), *self._parts(content, context, "", message_key, meta)]
+        return [c.Edit(target=self._ref(message_key)), *self._parts(content, context, "", message_key, meta)]
 
     # -------------------------------------------------------------------- edits and deletes
 
-    def _protocol_event(self, raw: JsonObject, path: str) -> Message:
+    def _protocol_event(self, raw: JsonObject, path: str) -> c.Message:
         protocol = native.convert(raw, _Protocol, path)
         key = protocol.key or _Key()
         message_key = _require(key.id, f"{path}.key.id", "protocol message names no message")
@@ -816,19 +787,19 @@ class _EventDecoder:
         ours = self.event == SENT_EDIT  # an edit the API made; messages.edited is anyone's
         stamp = str(protocol.timestamp_ms) if protocol.timestamp_ms is not None else native.json_body(raw).decode()
         author = key.participant or chat
-        return Message(
-            id=canonical.stable_id("evolution.edit", *self._scope(), message_key, stamp),
+        return c.Message(
+            id=c.stable_id("evolution.edit", *self._scope(), message_key, stamp),
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat),
             direction="outbound" if ours else "inbound",
             ts=self._millis(protocol.timestamp_ms, f"{path}.timestampMs") or self._event_time(),
             sender=self._person(self.owner, role="bot") if ours else self._person(author),
-            native=Native(id=message_key, seq=self.ctx.seq),
+            native=c.Native(id=message_key, seq=self.ctx.seq),
             parts=parts,
             meta=meta,
         )
 
-    def _delete(self, raw: JsonObject, path: str) -> Message:
+    def _delete(self, raw: JsonObject, path: str) -> c.Message:
         """messages.delete carries the deleted message's key, or (deletes made through the API) the
         stored message with its key inside."""
         key_raw = raw.get("key") if isinstance(raw.get("key"), dict) else raw
@@ -844,21 +815,21 @@ class _EventDecoder:
         if from_me:
             meta["evolution.from_me"] = True
         author = (key.participant or chat) if not from_me else self.owner
-        return Message(
-            id=canonical.stable_id("evolution.delete", *self._scope(), message_key),
+        return c.Message(
+            id=c.stable_id("evolution.delete", *self._scope(), message_key),
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat),
             direction="outbound" if from_me else "inbound",
             ts=self._event_time(),
             sender=self._person(author, role="agent" if from_me else "user"),
-            native=Native(id=message_key, seq=self.ctx.seq),
-            parts=[Delete(target=self._ref(message_key))],
+            native=c.Native(id=message_key, seq=self.ctx.seq),
+            parts=[c.Delete(target=self._ref(message_key))],
             meta=meta,
         )
 
     # ----------------------------------------------------------------------------- statuses
 
-    def _status(self, raw: JsonObject, path: str) -> Envelope:
+    def _status(self, raw: JsonObject, path: str) -> c.Envelope:
         update = native.convert(raw, _StatusUpdate, path)
         message_key = _require(update.key_id or update.id, f"{path}.keyId", "status update names no message")
         chat = _require(update.remote_jid, f"{path}.remoteJid", "status update names no chat")
@@ -876,14 +847,14 @@ class _EventDecoder:
         member = (update.participant,) if update.participant and update.participant != chat else ()
         if not ours and status in _READ_STATES:
             # Our side read (or played) a message we received: a read marker, not a delivery status.
-            return Activity(
-                id=canonical.stable_id("evolution.read", *self._scope(), message_key, status, *member),
+            return c.Activity(
+                id=c.stable_id("evolution.read", *self._scope(), message_key, status, *member),
                 tenant=self.ctx.tenant,
                 conversation=self._conversation(chat),
                 direction="outbound",
                 ts=ts,
                 sender=self._person(self.owner, role="agent"),
-                native=Native(id=message_key, seq=self.ctx.seq),
+                native=c.Native(id=message_key, seq=self.ctx.seq),
                 activity="read",
                 detail={"native_id": message_key, "message_id": self._ref(message_key), "state": status},
                 meta=meta,
@@ -891,25 +862,25 @@ class _EventDecoder:
         if not ours or state is None:
             # A delivery state of a message we received, or a state we do not know: kept verbatim.
             whose = "" if ours else " of a received message"
-            return Message(
-                id=canonical.stable_id("evolution.status", *self._scope(), message_key, status, *member),
+            return c.Message(
+                id=c.stable_id("evolution.status", *self._scope(), message_key, status, *member),
                 tenant=self.ctx.tenant,
                 conversation=self._conversation(chat),
                 ts=ts,
-                sender=Sender(role="system"),
-                native=Native(id=message_key, seq=self.ctx.seq),
-                parts=[Unsupported(reason=f"Evolution status {status!r}{whose}", native=raw)],
+                sender=c.Sender(role="system"),
+                native=c.Native(id=message_key, seq=self.ctx.seq),
+                parts=[c.Unsupported(reason=f"Evolution status {status!r}{whose}", native=raw)],
                 meta=meta,
             )
         error = None
         if state == "failed":
-            error = canonical.Error(code="evolution_error", message="WhatsApp did not accept the message", native=raw)
-        return Status(
-            id=canonical.stable_id("status", *self._scope(), message_key, state, *member),
+            error = c.Error(code="evolution_error", message="WhatsApp did not accept the message", native=raw)
+        return c.Status(
+            id=c.stable_id("status", *self._scope(), message_key, state, *member),
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat),
             ts=ts,
-            native=Native(id=message_key, seq=self.ctx.seq),
+            native=c.Native(id=message_key, seq=self.ctx.seq),
             native_id=message_key,
             state=state,
             error=error,
@@ -918,17 +889,17 @@ class _EventDecoder:
 
     # ------------------------------------------------------------------------------ activities
 
-    def _presence(self) -> list[Envelope]:
+    def _presence(self) -> list[c.Envelope]:
         update = native.convert(self.webhook.data, _PresenceUpdate, "$.data")
-        envelopes: list[Envelope] = []
+        envelopes: list[c.Envelope] = []
         for who, presence in update.presences.items():
             value = presence.last_known_presence
             detail: JsonObject = {"presence": value}
             if presence.last_seen is not None:
                 detail["last_seen"] = presence.last_seen
             envelopes.append(
-                Activity(
-                    id=canonical.stable_id(
+                c.Activity(
+                    id=c.stable_id(
                         "evolution.presence",
                         *self._scope(),
                         update.id,
@@ -948,20 +919,20 @@ class _EventDecoder:
             )
         return envelopes
 
-    def _participants(self) -> list[Envelope]:
+    def _participants(self) -> list[c.Envelope]:
         update = native.convert(self.webhook.data, _ParticipantsUpdate, "$.data")
         activity = _MEMBERSHIP.get(update.action)
         if activity is None:
             return []  # promote / demote: delivered verbatim instead
         meta = self._meta()
         meta.update(_extras(self.webhook.data, {"id", "action", "participants"}))
-        envelopes: list[Envelope] = []
+        envelopes: list[c.Envelope] = []
         for i, participant in enumerate(update.participants):
             jid = participant.get("id") if isinstance(participant, dict) else participant
             who = _require(jid if isinstance(jid, str) else None, f"$.data.participants[{i}]", "participant has no JID")
             envelopes.append(
-                Activity(
-                    id=canonical.stable_id(
+                c.Activity(
+                    id=c.stable_id(
                         "evolution.participants",
                         *self._scope(),
                         update.id,
@@ -980,24 +951,24 @@ class _EventDecoder:
             )
         return envelopes
 
-    def _instance_event(self) -> Message:
+    def _instance_event(self) -> c.Message:
         """An event that is not about a conversation, in the instance's own conversation."""
         instance = self.webhook.instance or CHANNEL
         fingerprint = native.json_body({"data": self.sent_data, "date_time": self.webhook.date_time}).decode()
-        return Message(
-            id=canonical.stable_id("evolution.event", *self._scope(), self.event, fingerprint),
+        return c.Message(
+            id=c.stable_id("evolution.event", *self._scope(), self.event, fingerprint),
             tenant=self.ctx.tenant,
-            conversation=Conversation(
-                id=canonical.conversation_id(*self._scope(), instance),
+            conversation=c.Conversation(
+                id=c.conversation_id(*self._scope(), instance),
                 channel=CHANNEL,
                 connection=self.ctx.connection,
                 native_id=instance,
                 type="channel",
             ),
             ts=self._event_time(),
-            sender=Sender(id=canonical.sender_id(*self._scope(), instance), native_id=instance, role="system"),
-            native=Native(seq=self.ctx.seq),
-            parts=[Unsupported(reason=f"Evolution {self.webhook.event!r} event", native=self.webhook.data)],
+            sender=c.Sender(id=c.sender_id(*self._scope(), instance), native_id=instance, role="system"),
+            native=c.Native(seq=self.ctx.seq),
+            parts=[c.Unsupported(reason=f"Evolution {self.webhook.event!r} event", native=self.webhook.data)],
             meta={**self._meta(), "evolution.event": self.webhook.event},
         )
 
@@ -1008,14 +979,14 @@ class _EventDecoder:
 
     def _ref(self, message_key: str) -> str:
         """The canonical id the message `message_key` got (or will get) when it came in on this connection."""
-        return canonical.message_id(*self._scope(), message_key)
+        return c.message_id(*self._scope(), message_key)
 
     def _meta(self) -> JsonObject:
         return {"evolution.webhook": dict(self.delivery)} if self.delivery else {}
 
-    def _conversation(self, chat: str) -> Conversation:
-        return Conversation(
-            id=canonical.conversation_id(*self._scope(), chat),
+    def _conversation(self, chat: str) -> c.Conversation:
+        return c.Conversation(
+            id=c.conversation_id(*self._scope(), chat),
             channel=CHANNEL,
             connection=self.ctx.connection,
             native_id=chat,
@@ -1023,12 +994,12 @@ class _EventDecoder:
         )
 
     def _person(
-        self, jid: str, *, name: str = "", role: Role = "user", alternatives: tuple[str | None, ...] = ()
-    ) -> Sender:
+        self, jid: str, *, name: str = "", role: c.Role = "user", alternatives: tuple[str | None, ...] = ()
+    ) -> c.Sender:
         if not jid:
-            return Sender(name=name, role=role)
-        return Sender(
-            id=canonical.sender_id(*self._scope(), jid),
+            return c.Sender(name=name, role=role)
+        return c.Sender(
+            id=c.sender_id(*self._scope(), jid),
             native_id=jid,
             name=name,
             role=role,
@@ -1069,7 +1040,7 @@ class _EventDecoder:
                 return native.parse_time(self.webhook.date_time, "$.date_time")
             except DecodeError:
                 pass  # a time for the record only: an unreadable one is no reason to refuse the event
-        return canonical.now()
+        return c.now()
 
 
 class _Content:
@@ -1139,12 +1110,12 @@ def _unwrap(message: JsonObject, meta: JsonObject) -> JsonObject:
     return message
 
 
-def _contact_part(card: _ContactCard) -> Contact:
+def _contact_part(card: _ContactCard) -> c.Contact:
     """A shared contact from its vCard (the card itself stays in meta: types and extra fields)."""
     fields = _vcard_fields(card.vcard or "")
     name = card.display_name or next(iter(fields.get("FN", [])), "")
     organization = next(iter(fields.get("ORG", [])), "")
-    return Contact(
+    return c.Contact(
         name=name,
         phones=fields.get("TEL", []),
         emails=fields.get("EMAIL", []),
@@ -1166,7 +1137,7 @@ def _vcard_fields(vcard: str) -> dict[str, list[str]]:
     return fields
 
 
-def _conversation_type(chat: str) -> ConversationType:
+def _conversation_type(chat: str) -> c.ConversationType:
     server = chat.rpartition("@")[2]
     if server == "g.us":
         return "group"
@@ -1362,33 +1333,33 @@ class _Composer:
     def __init__(self, ctx: EncodeContext) -> None:
         self.ctx = ctx
         self.calls: list[_Call] = []
-        self._text: Text | None = None  # held back in case buttons or a list take it as their text
+        self._text: c.Text | None = None  # held back in case buttons or a list take it as their text
         self._contacts: list[JsonObject] = []
 
-    def add(self, part: Part) -> None:
-        if isinstance(part, Contact):
+    def add(self, part: c.Part) -> None:
+        if isinstance(part, c.Contact):
             self._flush_text()
             self._contacts.append(_contact_entry(part))
             return
         self._flush_contacts()
         match part:
-            case Text():
+            case c.Text():
                 self._flush_text()
                 self._text = part
-            case Buttons():
+            case c.Buttons():
                 self.calls.extend(self._buttons(part))
-            case List():
+            case c.List():
                 self.calls.append(self._list(part))
-            case Media():
+            case c.Media():
                 self._flush_text()
                 self.calls.extend(self._media(part))
-            case Location():
+            case c.Location():
                 self._flush_text()
                 self.calls.append(self._message("message/sendLocation", _location_body(part)))
-            case Reaction():
+            case c.Reaction():
                 self._flush_text()
                 self.calls.append(self._reaction(part))
-            case Poll():
+            case c.Poll():
                 self._flush_text()
                 self.calls.append(self._message("message/sendPoll", _poll_body(part)))
             case _:
@@ -1401,7 +1372,7 @@ class _Composer:
 
     # --------------------------------------------------------------------------------- parts
 
-    def _buttons(self, part: Buttons) -> list[_Call]:
+    def _buttons(self, part: c.Buttons) -> list[_Call]:
         """sendButtons renders `title` in bold above `description`: the text's first line is the title.
         Reply buttons cannot be mixed with link or call buttons, so those are written into the text (or,
         when the text would grow past what WhatsApp shows with buttons, sent just before it)."""
@@ -1437,11 +1408,11 @@ class _Composer:
         calls.append(self._message("message/sendButtons", body))
         return calls
 
-    def _list(self, part: List) -> _Call:
+    def _list(self, part: c.List) -> _Call:
         description = self._own_or_held_text(part.text)
         if len(description) > _CHOICE_TEXT_LIMIT:
             # A list needs no description: a longer text goes before it, as text of its own.
-            self._text, description = Text(text=description), ""
+            self._text, description = c.Text(text=description), ""
             self._flush_text()
         button = part.button or _DEFAULT_LIST_BUTTON
         sections = [
@@ -1458,7 +1429,7 @@ class _Composer:
         body |= {"buttonText": button, "footerText": part.footer, "sections": sections}
         return self._message("message/sendList", body)
 
-    def _media(self, part: Media) -> list[_Call]:
+    def _media(self, part: c.Media) -> list[_Call]:
         media = _media_source(part)
         match part.media:
             case "voice":
@@ -1474,7 +1445,7 @@ class _Composer:
             calls.append(self._message("message/sendText", {"text": part.caption}))
         return calls
 
-    def _media_body(self, part: Media, media: str) -> JsonObject:
+    def _media_body(self, part: c.Media, media: str) -> JsonObject:
         body: JsonObject = {"mediatype": part.media}
         if part.mime:
             body["mimetype"] = part.mime
@@ -1487,11 +1458,11 @@ class _Composer:
             body["fileName"] = filename
         return body
 
-    def _reaction(self, part: Reaction) -> _Call:
+    def _reaction(self, part: c.Reaction) -> _Call:
         message_key = native.native_id(self.ctx, part.target, "reaction target", "WhatsApp")
         # WhatsApp names the message by its key: chat, whether we wrote it, id. A target whose canonical id
         # is the one derived from its native id came in from the user; any other is a message we sent.
-        ours = part.target != canonical.message_id(self.ctx.tenant, self.ctx.connection, message_key)
+        ours = part.target != c.message_id(self.ctx.tenant, self.ctx.connection, message_key)
         key = {"remoteJid": self.ctx.to, "fromMe": ours, "id": message_key}
         # WhatsApp removes a reaction when it is sent again with an empty emoji.
         return _Call(
@@ -1539,7 +1510,7 @@ class _Composer:
             self._contacts = []
 
 
-def _button(button: Button) -> JsonObject:
+def _button(button: c.Button) -> JsonObject:
     match button.action:
         case "url":
             return {"type": "url", "displayText": button.title, "url": button.value}
@@ -1557,7 +1528,7 @@ def _list_row(row_id: str, title: str, description: str) -> JsonObject:
     return row
 
 
-def _media_source(part: Media) -> str:
+def _media_source(part: c.Media) -> str:
     """What `media` takes: a URL or the file as base64 (the channel's own file ids cannot be sent)."""
     if part.url:
         return part.url
@@ -1571,12 +1542,12 @@ def _document_name(url: str) -> str:
     return name or "document"
 
 
-def _location_body(part: Location) -> JsonObject:
+def _location_body(part: c.Location) -> JsonObject:
     # Evolution requires name and address, even empty.
     return {"name": part.name, "address": part.address, "latitude": part.lat, "longitude": part.lon}
 
 
-def _poll_body(part: Poll) -> JsonObject:
+def _poll_body(part: c.Poll) -> JsonObject:
     return {
         "name": part.question,
         "selectableCount": len(part.options) if part.multiple else 1,
@@ -1584,7 +1555,7 @@ def _poll_body(part: Poll) -> JsonObject:
     }
 
 
-def _contact_entry(part: Contact) -> JsonObject:
+def _contact_entry(part: c.Contact) -> JsonObject:
     """One card of sendContact. Evolution writes one phone, e-mail and URL into the vCard: the first."""
     if not part.phones:
         raise EncodeError(f"Evolution contacts need a phone number ({part.name!r} has none)")
@@ -1602,7 +1573,7 @@ def _contact_entry(part: Contact) -> JsonObject:
     return entry
 
 
-def _message_to_mark(activity: Activity, ctx: EncodeContext) -> str:
+def _message_to_mark(activity: c.Activity, ctx: EncodeContext) -> str:
     """The WhatsApp message id a read mark refers to (see `EvolutionCodec`)."""
     native_id = activity.detail.get("native_id")
     if isinstance(native_id, str) and native_id:

@@ -28,15 +28,15 @@ from typing import Final, Literal, TypeAlias
 from markdown_it import MarkdownIt
 from markdown_it.tree import SyntaxTreeNode
 
-from babelhub.canonical import TextFormat
+from babelhub import canonical as c
 
 __all__ = ["READABLE", "convert"]
 
 #: The formats `convert` can read. The channel dialects only appear as targets.
-READABLE: Final[frozenset[TextFormat]] = frozenset({"plain", "markdown", "html"})
+READABLE: Final[frozenset[c.TextFormat]] = frozenset({"plain", "markdown", "html"})
 
 
-def convert(text: str, source: TextFormat, target: TextFormat) -> str:
+def convert(text: str, source: c.TextFormat, target: c.TextFormat) -> str:
     """`text` written in `source` (plain, markdown or html) as the `target` dialect renders it."""
     if source == target:
         return text
@@ -84,7 +84,7 @@ class Block:
 Document: TypeAlias = tuple[Block, ...]
 
 
-def _read(text: str, source: TextFormat) -> Document:
+def _read(text: str, source: c.TextFormat) -> Document:
     if source == "markdown":
         return _read_markdown(text)
     if source == "html":
@@ -727,7 +727,7 @@ def _without_quotes(blocks: Document) -> Document:
     return tuple(flat)
 
 
-_DIALECTS: Final[dict[TextFormat, _Dialect]] = {
+_DIALECTS: Final[dict[c.TextFormat, _Dialect]] = {
     "plain": _Plain(),
     "markdown": _Markdown(),
     "html": _Html(),

@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
-from babelhub.canonical import Error, MediaKind, Part, Unsupported
+from babelhub import canonical as c
 from babelhub.codecs.base import EncodeContext, HttpRequest, HttpResponse, SendResult
 from babelhub.errors import DecodeError, EncodeError
 
@@ -179,7 +179,7 @@ _FIELD_OF_PATH: Final = re.compile(r"^\$\.([^.\[]+)")
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
-def unsupported(reason: str, fragment: Any) -> Unsupported:
+def unsupported(reason: str, fragment: Any) -> c.Unsupported:
     """An `Unsupported` part keeping `fragment` verbatim, as the JSON it reads back as (a typed native
     Struct becomes the object it was read from, a NaN null), so that the part survives canonical JSON;
     a fragment JSON cannot hold at all (lone surrogates) is kept as its repr."""
@@ -187,10 +187,10 @@ def unsupported(reason: str, fragment: Any) -> Unsupported:
         plain = msgspec.json.decode(_encoder.encode(fragment))
     except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
         plain = well_formed(repr(fragment))
-    return Unsupported(reason=well_formed(reason), native=plain)
+    return c.Unsupported(reason=well_formed(reason), native=plain)
 
 
-def lenient_parts(build: Callable[[], Part | list[Part]], fragment: Any, what: str) -> list[Part]:
+def lenient_parts(build: Callable[[], c.Part | list[c.Part]], fragment: Any, what: str) -> list[c.Part]:
     """The parts `build` reads from one native fragment (`what`, e.g. "whatsapp location"); when the
     fragment cannot be read, one `Unsupported` part with the reason and the fragment instead."""
     try:
@@ -204,10 +204,10 @@ def lenient_parts(build: Callable[[], Part | list[Part]], fragment: Any, what: s
     return parts
 
 
-_part_decoder: Final = msgspec.json.Decoder(Part)
+_part_decoder: Final = msgspec.json.Decoder(c.Part)
 
 
-def _portable(part: Part) -> bool:
+def _portable(part: c.Part) -> bool:
     """Whether `part` reads back from canonical JSON as it is."""
     try:
         return bool(_part_decoder.decode(_encoder.encode(part)) == part)
@@ -217,7 +217,7 @@ def _portable(part: Part) -> bool:
 
 def convert_parts(
     value: Any, into: type[T], path: str, part_fields: Collection[str], what: str
-) -> tuple[T, dict[str, Any], list[Part]]:
+) -> tuple[T, dict[str, Any], list[c.Part]]:
     """`value` (a message object) as the Struct `into`, leniently: a member named in `part_fields` (the
     content objects, by their JSON names) that does not fit its type is left out and becomes an
     `Unsupported` part, so that the message still decodes. Returns the Struct, `value` without the left
@@ -225,7 +225,7 @@ def convert_parts(
     if not isinstance(value, Mapping):
         return convert(value, into, path), {}, []  # the DecodeError that says what was expected
     readable = dict(value)
-    parts: list[Part] = []
+    parts: list[c.Part] = []
     for _ in range(len(part_fields) + 1):
         try:
             return msgspec.convert(readable, into, strict=False), readable, parts
@@ -321,7 +321,7 @@ def http_failure(response: HttpResponse, code: str = "", message: str = "", nati
         ok=False,
         retryable=retryable,
         retry_after=retry_after(response.headers),
-        error=Error(code=code or f"http_{response.status}", message=message, retryable=retryable, native=native),
+        error=c.Error(code=code or f"http_{response.status}", message=message, retryable=retryable, native=native),
     )
 
 
@@ -345,10 +345,10 @@ def list_field(raw: Mapping[str, Any], key: str) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-_MEDIA_KINDS: Final[dict[str, MediaKind]] = {"image": "image", "video": "video", "audio": "audio"}
+_MEDIA_KINDS: Final[dict[str, c.MediaKind]] = {"image": "image", "video": "video", "audio": "audio"}
 
 
-def media_kind(mime: str, filename: str = "") -> MediaKind:
+def media_kind(mime: str, filename: str = "") -> c.MediaKind:
     """The media kind a MIME type names, by its major part (`image/*`, `video/*`, `audio/*`, in any
     case, as MIME types are case-insensitive); anything else (PDFs, vCards, archives) is a document.
     Without a MIME type it is guessed from `filename`. Kinds a channel marks in its own way (a voice

@@ -55,35 +55,7 @@ from typing import Any, ClassVar, Final, TypeAlias
 
 import msgspec
 
-from babelhub.canonical import (
-    Action,
-    Activity,
-    Button,
-    Buttons,
-    Card,
-    Conversation,
-    ConversationType,
-    Delete,
-    Edit,
-    Envelope,
-    Error,
-    List,
-    ListRow,
-    Media,
-    Mention,
-    Message,
-    Native,
-    Part,
-    Reaction,
-    Role,
-    Sender,
-    Text,
-    Unsupported,
-    conversation_id,
-    message_id,
-    sender_id,
-    stable_id,
-)
+from babelhub import canonical as c
 from babelhub.codecs import native
 from babelhub.codecs.base import (
     Capabilities,
@@ -366,7 +338,7 @@ class SlackCodec(Codec):
                 return value
         return ""
 
-    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         payload, root = _read_payload(request)
         kind = payload.get("type")
         if kind == "url_verification" or payload.get("ssl_check") == "1":
@@ -387,26 +359,26 @@ class SlackCodec(Codec):
 
     # --------------------------------------------------------------------------------- outbound
 
-    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         """One Web API call per Slack message, reaction or deletion, in part order. Content parts between
         two markers (reaction, delete) become one message of blocks (more when over 50 blocks); with an
         `edit` part the content replaces the target message through `chat.update`."""
         calls = _Calls(self.api_base(ctx), message, ctx)
-        edit = next((part for part in message.parts if isinstance(part, Edit)), None)
-        if edit is not None and all(isinstance(part, Edit | Reaction | Delete) for part in message.parts):
+        edit = next((part for part in message.parts if isinstance(part, c.Edit)), None)
+        if edit is not None and all(isinstance(part, c.Edit | c.Reaction | c.Delete) for part in message.parts):
             raise EncodeError("slack: an edit needs new content to put into the message")
-        content: list[Part] = []
+        content: list[c.Part] = []
         for part in message.parts:
-            if isinstance(part, Reaction | Delete):
+            if isinstance(part, c.Reaction | c.Delete):
                 calls.send_content(content, edit)
                 content = []
                 calls.add(*_marker_call(part, ctx))
-            elif not isinstance(part, Edit):
+            elif not isinstance(part, c.Edit):
                 content.append(part)
         calls.send_content(content, edit)
         return calls.requests
 
-    def encode_activity(self, activity: Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         """None: the Web API has no typing indicator or read marker for bots."""
         return []
 
@@ -429,7 +401,7 @@ class SlackCodec(Codec):
             ok=False,
             retryable=retryable,
             retry_after=native.retry_after(response.headers) if retryable else None,
-            error=Error(
+            error=c.Error(
                 code=code,
                 message=_error_detail(body),
                 retryable=retryable,
@@ -498,45 +470,45 @@ class _Inbound:
         return bool(user and user in self.own_users) or bool(bot_id and bot_id in self.own_bots)
 
     def message_id(self, native_id: str) -> str:
-        return message_id(self.tenant, self.connection, native_id)
+        return c.message_id(self.tenant, self.connection, native_id)
 
     def person(self, user: str) -> str:
-        return sender_id(self.tenant, self.connection, user)
+        return c.sender_id(self.tenant, self.connection, user)
 
-    def conversation(self, chat: str, kind: ConversationType) -> Conversation:
-        return Conversation(
-            id=conversation_id(self.tenant, self.connection, chat),
+    def conversation(self, chat: str, kind: c.ConversationType) -> c.Conversation:
+        return c.Conversation(
+            id=c.conversation_id(self.tenant, self.connection, chat),
             channel=CHANNEL,
             connection=self.connection,
             native_id=chat,
             type=kind,
         )
 
-    def sender(self, user: str, name: str = "", role: Role = "user") -> Sender | None:
+    def sender(self, user: str, name: str = "", role: c.Role = "user") -> c.Sender | None:
         if not user:
             return None
         role = "bot" if role == "user" and self.is_own(user) else role
-        return Sender(id=self.person(user), native_id=user, name=name, role=role)
+        return c.Sender(id=self.person(user), native_id=user, name=name, role=role)
 
     def message(
         self,
         *,
         native_id: str,
         chat: str,
-        chat_type: ConversationType,
+        chat_type: c.ConversationType,
         ts: datetime,
-        sender: Sender | None,
-        parts: list[Part],
+        sender: c.Sender | None,
+        parts: list[c.Part],
         thread_root: str = "",
         meta: dict[str, Any] | None = None,
-    ) -> Message:
-        return Message(
+    ) -> c.Message:
+        return c.Message(
             id=self.message_id(native_id),
             tenant=self.tenant,
             conversation=self.conversation(chat, chat_type),
             ts=ts,
             sender=sender,
-            native=Native(id=native_id, seq=self.seq, thread=thread_root),
+            native=c.Native(id=native_id, seq=self.seq, thread=thread_root),
             thread=self.message_id(thread_root) if thread_root else "",
             meta=meta or {},
             parts=parts,
@@ -544,7 +516,7 @@ class _Inbound:
 
 
 #: `channel_type` values (events use words, member events one letter) → the canonical conversation type.
-_CHAT_TYPES: Final[dict[str, ConversationType]] = {
+_CHAT_TYPES: Final[dict[str, c.ConversationType]] = {
     "im": "direct",
     "app_home": "direct",
     "mpim": "group",
@@ -555,7 +527,7 @@ _CHAT_TYPES: Final[dict[str, ConversationType]] = {
 }
 
 
-def _chat_type(channel: str, channel_type: str = "") -> ConversationType:
+def _chat_type(channel: str, channel_type: str = "") -> c.ConversationType:
     """From `channel_type` when Slack gives it, else from the id: `D…` are direct messages."""
     if channel_type in _CHAT_TYPES:
         return _CHAT_TYPES[channel_type]
@@ -581,7 +553,7 @@ def _thread_root(chat: str, ts: str, thread_ts: str | None) -> str:
 # ------------------------------------------------------------------------------------ decode: events
 
 
-def _decode_event(callback: _Callback, inbound: _Inbound) -> list[Envelope]:
+def _decode_event(callback: _Callback, inbound: _Inbound) -> list[c.Envelope]:
     event = callback.event
     kind = event.get("type")
     if kind in ("message", "app_mention"):
@@ -593,7 +565,7 @@ def _decode_event(callback: _Callback, inbound: _Inbound) -> list[Envelope]:
     return [_unsupported_event(event, callback, inbound)]
 
 
-def _message_event(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> list[Envelope]:
+def _message_event(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> list[c.Envelope]:
     if event.subtype == "message_changed":
         return _edited(event, raw, inbound)
     if event.subtype == "message_deleted":
@@ -607,7 +579,7 @@ def _message_event(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> l
         parts, meta = _content(event, raw, inbound)
     else:
         parts, meta = (
-            [Unsupported(reason=f"slack message subtype {event.subtype}", native=_without_credentials(raw))],
+            [c.Unsupported(reason=f"slack message subtype {event.subtype}", native=_without_credentials(raw))],
             {},
         )
     if event.type == "app_mention":
@@ -628,7 +600,7 @@ def _message_event(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> l
     ]
 
 
-def _edited(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> list[Envelope]:
+def _edited(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> list[c.Envelope]:
     """`message_changed`: the new version of a message, as an Edit marker followed by the new content."""
     new = event.message
     if new is None:
@@ -648,14 +620,14 @@ def _edited(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> list[Env
             chat_type=_chat_type(chat, event.channel_type),
             ts=_slack_time(event.ts, "$.event.ts"),
             sender=_author(new, inbound),
-            parts=[Edit(target=inbound.message_id(f"{chat}:{target_ts}")), *parts],
+            parts=[c.Edit(target=inbound.message_id(f"{chat}:{target_ts}")), *parts],
             thread_root=_thread_root(chat, target_ts, new.thread_ts),
             meta=meta,
         )
     ]
 
 
-def _deleted(event: _Message, inbound: _Inbound) -> list[Envelope]:
+def _deleted(event: _Message, inbound: _Inbound) -> list[c.Envelope]:
     """`message_deleted`: a Delete marker. Slack does not say who deleted it, so there is no sender."""
     previous = event.previous_message
     if previous is not None and inbound.is_own(previous.user, previous.bot_id):
@@ -671,13 +643,13 @@ def _deleted(event: _Message, inbound: _Inbound) -> list[Envelope]:
             chat_type=_chat_type(chat, event.channel_type),
             ts=_slack_time(event.ts, "$.event.ts"),
             sender=None,
-            parts=[Delete(target=inbound.message_id(f"{chat}:{target_ts}"))],
+            parts=[c.Delete(target=inbound.message_id(f"{chat}:{target_ts}"))],
             meta={"slack.subtype": "message_deleted"},
         )
     ]
 
 
-def _author(event: _Message, inbound: _Inbound) -> Sender | None:
+def _author(event: _Message, inbound: _Inbound) -> c.Sender | None:
     """Who wrote a message: a person, or a bot (`bot_id`, or classic `bot_message` without a user)."""
     if event.bot_id or event.subtype == "bot_message":
         name = (event.bot_profile.name if event.bot_profile else None) or event.username or ""
@@ -687,14 +659,14 @@ def _author(event: _Message, inbound: _Inbound) -> Sender | None:
     return inbound.sender(event.user or "", name)
 
 
-def _content(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> tuple[list[Part], dict[str, Any]]:
+def _content(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> tuple[list[c.Part], dict[str, Any]]:
     """A message's text and files as parts. Blocks and attachments are kept: `rich_text` blocks repeat
     the text, so they go to meta; any other block or attachment becomes an `Unsupported` part."""
-    parts: list[Part] = []
+    parts: list[c.Part] = []
     meta: dict[str, Any] = {}
     if event.text:
         text, mentions = mrkdwn_to_markdown(event.text, inbound.person)
-        parts.append(Text(text=text, format="markdown", mentions=mentions))
+        parts.append(c.Text(text=text, format="markdown", mentions=mentions))
         if text != event.text:
             meta["slack.text"] = event.text  # the original mrkdwn, for whoever needs it verbatim
     for n, raw_file in enumerate(event.files):
@@ -707,22 +679,22 @@ def _content(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> tuple[l
             rich_text.append(block)
         else:
             kind = block.get("type") if isinstance(block, dict) else None
-            parts.append(Unsupported(reason=f"slack block {kind}", native=block))
+            parts.append(c.Unsupported(reason=f"slack block {kind}", native=block))
     if rich_text:
         meta["slack.blocks"] = rich_text
     for attachment in native.list_field(raw, "attachments"):
-        parts.append(Unsupported(reason="slack attachment", native=attachment))
+        parts.append(c.Unsupported(reason="slack attachment", native=attachment))
     return parts, meta
 
 
-def _media(raw: Any, where: str) -> Part:
+def _media(raw: Any, where: str) -> c.Part:
     """A shared file (`where`: its place in the message). Files Slack no longer serves (deleted, hidden
     by plan limits) have no URL."""
     file = native.convert(raw, _File, where)
     if not file.url_private:
-        return Unsupported(reason="slack file without url_private", native=raw)
+        return c.Unsupported(reason="slack file without url_private", native=raw)
     mime = file.mimetype or ""
-    return Media(
+    return c.Media(
         media=native.media_kind(mime),
         url=file.url_private,
         file_id=file.id,
@@ -736,14 +708,14 @@ def _media(raw: Any, where: str) -> Part:
 
 def _reaction_event(
     event: _ReactionEvent, raw: dict[str, Any], callback: _Callback, inbound: _Inbound
-) -> list[Envelope]:
+) -> list[c.Envelope]:
     if inbound.is_own(event.user):
         return []  # our own reaction, echoed back
     item = event.item
     if item.type != "message":
         return [_unsupported_event(raw, callback, inbound)]  # reactions to files and file comments
     chat = item.channel
-    reaction = Reaction(
+    reaction = c.Reaction(
         emoji=emoji_from_name(event.reaction),
         target=inbound.message_id(f"{chat}:{item.ts}"),
         removed=event.type == "reaction_removed",
@@ -761,22 +733,22 @@ def _reaction_event(
     ]
 
 
-def _membership(event: _MemberEvent, callback: _Callback, inbound: _Inbound) -> Activity:
+def _membership(event: _MemberEvent, callback: _Callback, inbound: _Inbound) -> c.Activity:
     native_id = _event_native_id(event.channel, callback, "")
     meta = {"slack.inviter": event.inviter} if event.inviter else {}
-    return Activity(
-        id=stable_id("activity", inbound.tenant, inbound.connection, native_id),
+    return c.Activity(
+        id=c.stable_id("activity", inbound.tenant, inbound.connection, native_id),
         tenant=inbound.tenant,
         conversation=inbound.conversation(event.channel, _chat_type(event.channel, event.channel_type)),
         ts=_event_time("", callback, "$.event_time"),
         sender=inbound.sender(event.user),
-        native=Native(id=native_id, seq=inbound.seq),
+        native=c.Native(id=native_id, seq=inbound.seq),
         activity="joined" if event.type == "member_joined_channel" else "left",
         meta=meta,
     )
 
 
-def _unsupported_event(event: dict[str, Any], callback: _Callback, inbound: _Inbound) -> Message:
+def _unsupported_event(event: dict[str, Any], callback: _Callback, inbound: _Inbound) -> c.Message:
     """Any other event, kept whole. Events without a channel (app uninstalled, tokens revoked, …) land in
     a conversation keyed by the workspace."""
     kind = event.get("type")
@@ -792,7 +764,7 @@ def _unsupported_event(event: dict[str, Any], callback: _Callback, inbound: _Inb
         chat_type=_chat_type(chat),
         ts=ts,
         sender=inbound.sender(_user_of(event)),
-        parts=[Unsupported(reason=f"slack event {kind}", native=_without_credentials(event))],
+        parts=[c.Unsupported(reason=f"slack event {kind}", native=_without_credentials(event))],
     )
 
 
@@ -834,7 +806,7 @@ def _user_of(payload: Mapping[str, Any]) -> str:
 
 def _block_actions(
     payload: _BlockActions, raw: dict[str, Any], root: str, request: HttpRequest, inbound: _Inbound
-) -> Message:
+) -> c.Message:
     """A click or choice on a Block Kit element: one `Action` per element used."""
     user = payload.user.id
     container = payload.container or _Container()
@@ -866,16 +838,16 @@ def _first_action_ts(actions: list[_ElementAction], root: str) -> tuple[str, str
     return "", ""
 
 
-def _action(action: _ElementAction, source: str) -> Action:
+def _action(action: _ElementAction, source: str) -> c.Action:
     """A chosen option is identified by its value (a list row's id); anything else by its action_id
     (a button's id). The element's full JSON stays in meta `slack.actions`."""
     option = action.selected_option
     if option is not None:
-        return Action(id=option.value, title=option.text.text if option.text else "", source=source)
-    return Action(id=action.action_id, title=action.text.text if action.text else "", source=source)
+        return c.Action(id=option.value, title=option.text.text if option.text else "", source=source)
+    return c.Action(id=action.action_id, title=action.text.text if action.text else "", source=source)
 
 
-def _slash_command(command: _SlashCommand, request: HttpRequest, inbound: _Inbound) -> Message:
+def _slash_command(command: _SlashCommand, request: HttpRequest, inbound: _Inbound) -> c.Message:
     """`/command text` as the text the user typed; the command's reply hooks go to meta."""
     text, mentions = mrkdwn_to_markdown(f"{command.command} {command.text}".strip(), inbound.person)
     chat = command.channel_id
@@ -885,7 +857,7 @@ def _slash_command(command: _SlashCommand, request: HttpRequest, inbound: _Inbou
         chat_type=_chat_type(chat),
         ts=_received(request),
         sender=inbound.sender(command.user_id, command.user_name),
-        parts=[Text(text=text, format="markdown", mentions=mentions)],
+        parts=[c.Text(text=text, format="markdown", mentions=mentions)],
         meta={
             "slack.command": command.command,
             "slack.trigger_id": command.trigger_id,
@@ -894,7 +866,7 @@ def _slash_command(command: _SlashCommand, request: HttpRequest, inbound: _Inbou
     )
 
 
-def _other_payload(kind: str, payload: dict[str, Any], request: HttpRequest, inbound: _Inbound) -> Message:
+def _other_payload(kind: str, payload: dict[str, Any], request: HttpRequest, inbound: _Inbound) -> c.Message:
     """Modals, shortcuts, legacy attachment actions, … kept whole in an Unsupported part."""
     user = _user_of(payload)
     team = payload.get("team")
@@ -907,12 +879,12 @@ def _other_payload(kind: str, payload: dict[str, Any], request: HttpRequest, inb
     except DecodeError:
         ts = _received(request)
     return inbound.message(
-        native_id=f"{chat}:{kind}:{trigger or action_ts or stable_id(request.body.decode('utf-8', 'replace'))}",
+        native_id=f"{chat}:{kind}:{trigger or action_ts or c.stable_id(request.body.decode('utf-8', 'replace'))}",
         chat=chat,
         chat_type="direct" if chat == user else _chat_type(chat),
         ts=ts,
         sender=inbound.sender(user),
-        parts=[Unsupported(reason=f"slack payload {kind}", native=_without_credentials(payload))],
+        parts=[c.Unsupported(reason=f"slack payload {kind}", native=_without_credentials(payload))],
     )
 
 
@@ -939,7 +911,7 @@ _MRKDWN: Final = re.compile(
 )
 
 
-def mrkdwn_to_markdown(text: str, person: Callable[[str], str]) -> tuple[str, list[Mention]]:
+def mrkdwn_to_markdown(text: str, person: Callable[[str], str]) -> tuple[str, list[c.Mention]]:
     """Slack mrkdwn as Markdown, and the people it mentions.
 
     `*bold*` → `**bold**`, `~strike~` → `~~strike~~` (`_italic_` and code are the same in both),
@@ -948,7 +920,7 @@ def mrkdwn_to_markdown(text: str, person: Callable[[str], str]) -> tuple[str, li
     (`&amp;` `&lt;` `&gt;`) undone. `person` turns a Slack user id into the canonical sender id.
     """
     pieces: list[str] = []
-    mentions: list[Mention] = []
+    mentions: list[c.Mention] = []
     written = 0  # code points in `pieces`, where the next piece starts
     cursor = 0
     for match in _MRKDWN.finditer(text):
@@ -975,14 +947,14 @@ def mrkdwn_to_markdown(text: str, person: Callable[[str], str]) -> tuple[str, li
     return "".join(pieces), mentions
 
 
-def _link(body: str, person: Callable[[str], str]) -> tuple[str, Mention | None]:
+def _link(body: str, person: Callable[[str], str]) -> tuple[str, c.Mention | None]:
     """One `<…>` token: a user mention, a channel link, a special mention or command, or a URL."""
     target, _, label = body.partition("|")
     label = _unescape(label)
     if target.startswith("@"):
         user = target[1:]
         shown = "@" + (label or user)
-        return shown, Mention(id=person(user), native_id=user, name=label, length=len(shown))
+        return shown, c.Mention(id=person(user), native_id=user, name=label, length=len(shown))
     if target.startswith("#"):
         return "#" + (label or target[1:]), None
     if target.startswith("!"):
@@ -1091,7 +1063,7 @@ def slack_emoji_name(emoji: str) -> str:
 class _Calls:
     """The Web API calls of one outbound message, numbered for their idempotency keys."""
 
-    def __init__(self, base: str, message: Message, ctx: EncodeContext) -> None:
+    def __init__(self, base: str, message: c.Message, ctx: EncodeContext) -> None:
         token = native.required_secret(ctx.secrets, "bot_token", "Slack")
         self.base = base
         self.message = message
@@ -1111,7 +1083,7 @@ class _Calls:
             )
         )
 
-    def send_content(self, content: list[Part], edit: Edit | None) -> None:
+    def send_content(self, content: list[c.Part], edit: c.Edit | None) -> None:
         """Post `content` as new message(s), or, for an edit, put it into the edited message."""
         if not content:
             return
@@ -1129,8 +1101,8 @@ class _Calls:
             self.add("chat.postMessage", body)
 
 
-def _marker_call(part: Reaction | Delete, ctx: EncodeContext) -> tuple[str, dict[str, Any]]:
-    if isinstance(part, Delete):
+def _marker_call(part: c.Reaction | c.Delete, ctx: EncodeContext) -> tuple[str, dict[str, Any]]:
+    if isinstance(part, c.Delete):
         chat, ts = _native_message(ctx, part.target, "delete")
         return "chat.delete", {"channel": chat, "ts": ts}
     chat, ts = _native_message(ctx, part.target, "reaction")
@@ -1146,7 +1118,7 @@ def _native_message(ctx: EncodeContext, canonical: str, purpose: str) -> tuple[s
     return chat, ts
 
 
-def _thread_ts(message: Message, ctx: EncodeContext) -> str:
+def _thread_ts(message: c.Message, ctx: EncodeContext) -> str:
     """Slack replies are thread replies: under the message's thread root, else under what it answers."""
     if message.thread:
         return _native_message(ctx, message.thread, "thread")[1]
@@ -1174,9 +1146,9 @@ def _error_detail(body: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------- encode: blocks
 
 
-def _message_body(content: list[Part]) -> dict[str, Any]:
+def _message_body(content: list[c.Part]) -> dict[str, Any]:
     """`text` (and `blocks`) of one Slack message. A lone text needs no blocks."""
-    if len(content) == 1 and isinstance(content[0], Text):
+    if len(content) == 1 and isinstance(content[0], c.Text):
         text = content[0]
         if text.format == "plain":
             return {"text": text.text, "mrkdwn": False}
@@ -1184,13 +1156,13 @@ def _message_body(content: list[Part]) -> dict[str, Any]:
     return _blocks_body(content)
 
 
-def _blocks_body(content: list[Part]) -> dict[str, Any]:
+def _blocks_body(content: list[c.Part]) -> dict[str, Any]:
     blocks = [block for index, part in enumerate(content) for block in _blocks(part, index)]
     fallback = _fallback(content)
     return {"text": fallback, "blocks": blocks} if fallback else {"blocks": blocks}
 
 
-def _edit_body(content: list[Part]) -> dict[str, Any]:
+def _edit_body(content: list[c.Part]) -> dict[str, Any]:
     """The new content of an edited message. chat.update keeps the old blocks unless given `blocks`
     (even empty), and has no `mrkdwn` switch, so plain text goes into a plain_text section."""
     body = _message_body(content)
@@ -1202,9 +1174,9 @@ def _edit_body(content: list[Part]) -> dict[str, Any]:
     return body
 
 
-def _chunks(content: list[Part]) -> list[list[Part]]:
+def _chunks(content: list[c.Part]) -> list[list[c.Part]]:
     """Content split into messages of at most 50 blocks, never splitting one part's blocks."""
-    chunks: list[list[Part]] = [[]]
+    chunks: list[list[c.Part]] = [[]]
     size = 0
     for index, part in enumerate(content):
         count = len(_blocks(part, index))
@@ -1216,30 +1188,30 @@ def _chunks(content: list[Part]) -> list[list[Part]]:
     return chunks
 
 
-def _fallback(content: list[Part]) -> str:
+def _fallback(content: list[c.Part]) -> str:
     """The notification text Slack shows where blocks cannot be (push, screen readers)."""
     texts: list[str] = []
     for part in content:
         match part:
-            case Text(text=text) | Buttons(text=text) | List(text=text) | Card(title=text):
+            case c.Text(text=text) | c.Buttons(text=text) | c.List(text=text) | c.Card(title=text):
                 texts.append(text)
-            case Media(caption=caption):
+            case c.Media(caption=caption):
                 texts.append(caption)
     return "\n".join(text for text in texts if text)[: SlackCodec.capabilities.text_limit]
 
 
-def _blocks(part: Part, index: int) -> list[Block]:
+def _blocks(part: c.Part, index: int) -> list[Block]:
     match part:
-        case Text():
+        case c.Text():
             return [_section(_text_object(part))] if part.text else []
-        case Buttons():
+        case c.Buttons():
             head = [_section(_mrkdwn(_escape(part.text)))] if part.text else []
             return head + _actions(part.buttons)
-        case List():
+        case c.List():
             return _list_blocks(part, index)
-        case Media():
+        case c.Media():
             return [_media_block(part)]
-        case Card():
+        case c.Card():
             return _card_blocks(part)
     raise EncodeError(f"slack: cannot send a {type(part).__name__.lower()} part")
 
@@ -1259,12 +1231,12 @@ def _section(text: Block, accessory: Block | None = None) -> Block:
     return section
 
 
-def _text_object(text: Text) -> Block:
+def _text_object(text: c.Text) -> Block:
     """Text arrives in Slack's dialect from the degradation step; plain text is shown as it is."""
     return _plain(text.text) if text.format == "plain" else _mrkdwn(text.text)
 
 
-def _button(button: Button) -> Block:
+def _button(button: c.Button) -> Block:
     """A reply or postback button sends back its id (as action_id) and value; a url button opens it."""
     element: Block = {"type": "button", "text": _plain(button.title), "action_id": button.id}
     if button.action == "url":
@@ -1274,12 +1246,12 @@ def _button(button: Button) -> Block:
     return element
 
 
-def _actions(buttons: list[Button]) -> list[Block]:
+def _actions(buttons: list[c.Button]) -> list[Block]:
     """An actions block of buttons (none when there are none: Slack refuses an empty actions block)."""
     return [{"type": "actions", "elements": [_button(button) for button in buttons]}] if buttons else []
 
 
-def _list_blocks(part: List, index: int) -> list[Block]:
+def _list_blocks(part: c.List, index: int) -> list[Block]:
     """A static_select: beside the list's text when it has one, else on its own in an actions block.
     The chosen option's value is the row id, which comes back as `Action.id`."""
     select: Block = {
@@ -1308,14 +1280,14 @@ def _list_blocks(part: List, index: int) -> list[Block]:
     return blocks
 
 
-def _option(row: ListRow) -> Block:
+def _option(row: c.ListRow) -> Block:
     option: Block = {"text": _plain(row.title), "value": row.id}
     if row.description:
         option["description"] = _plain(native.clip(row.description, OPTION_DESCRIPTION_LIMIT))
     return option
 
 
-def _media_block(media: Media) -> Block:
+def _media_block(media: c.Media) -> Block:
     """An image by URL becomes an image block; any other file with a URL (when a message was not
     degraded first) a link. Without a URL there is nothing to point at, and uploading bytes
     (files.uploadV2, multipart) is out of this codec's scope."""
@@ -1337,7 +1309,7 @@ def _image_source(url: str) -> Block:
     return {"image_url": url}
 
 
-def _card_blocks(card: Card) -> list[Block]:
+def _card_blocks(card: c.Card) -> list[Block]:
     """A section with the title (bold) and subtitle, the image as its accessory, the buttons below; a
     non-image file is linked in a context block. Blocks show files by URL only: a card whose media has
     none (a file id, bytes) is an EncodeError rather than a card without its image."""

@@ -25,33 +25,7 @@ from typing import Any, ClassVar, Final
 
 import msgspec
 
-from babelhub import canonical
-from babelhub.canonical import (
-    Action,
-    Activity,
-    Button,
-    Buttons,
-    Contact,
-    Conversation,
-    ConversationType,
-    Delete,
-    Edit,
-    Envelope,
-    Error,
-    List,
-    Location,
-    Media,
-    MediaKind,
-    Mention,
-    Message,
-    Native,
-    Part,
-    Poll,
-    Reaction,
-    Sender,
-    Text,
-    Unsupported,
-)
+from babelhub import canonical as c
 from babelhub.codecs import native
 from babelhub.codecs.base import (
     ALL_MEDIA,
@@ -268,7 +242,7 @@ class _Sent(msgspec.Struct):
 _NEW_MESSAGE_UPDATES: Final = ("message", "channel_post", "business_message", "guest_message")
 _EDITED_MESSAGE_UPDATES: Final = ("edited_message", "edited_channel_post", "edited_business_message")
 
-_CONVERSATION_TYPES: Final[dict[str, ConversationType]] = {
+_CONVERSATION_TYPES: Final[dict[str, c.ConversationType]] = {
     "private": "direct",
     "group": "group",
     "supergroup": "group",
@@ -419,7 +393,7 @@ class TelegramCodec(Codec):
 
     # ------------------------------------------------------------------------------------- decode
 
-    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         raw = native.read_json(request)
         if not isinstance(raw, dict):
             raise DecodeError("an Update must be a JSON object", path="$")
@@ -431,14 +405,14 @@ class TelegramCodec(Codec):
 
     # ------------------------------------------------------------------------------------- encode
 
-    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         calls = _MessageEncoder(message, ctx).calls()
         return [
             self._request(ctx, call.method, call.payload, f"{message.id}:{index}", message.id)
             for index, call in enumerate(calls)
         ]
 
-    def encode_activity(self, activity: Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         if activity.activity != "typing":
             return []
         payload: dict[str, Any] = {"chat_id": _chat_ref(ctx.to), "action": "typing"}
@@ -446,12 +420,12 @@ class TelegramCodec(Codec):
             payload["message_thread_id"] = _native_message(ctx, activity.thread, "thread")[1]
         return [self._request(ctx, "sendChatAction", payload, f"{activity.id}:0", "")]
 
-    def on_inbound(self, envelope: Envelope, ctx: EncodeContext) -> list[OutboundRequest]:
+    def on_inbound(self, envelope: c.Envelope, ctx: EncodeContext) -> list[OutboundRequest]:
         # A pressed button shows a spinner until the bot answers the callback query.
         query_id = envelope.meta.get("telegram.callback_query_id")
-        if not isinstance(envelope, Message) or not isinstance(query_id, str):
+        if not isinstance(envelope, c.Message) or not isinstance(query_id, str):
             return []
-        if not any(isinstance(part, Action) for part in envelope.parts):
+        if not any(isinstance(part, c.Action) for part in envelope.parts):
             return []
         payload = {"callback_query_id": query_id}
         return [self._request(ctx, "answerCallbackQuery", payload, f"{envelope.id}:answer", envelope.id)]
@@ -489,7 +463,7 @@ class TelegramCodec(Codec):
             return PollResult(cursor=cursor, error=failure.error)
         updates = answer.get("result")
         if not isinstance(updates, list):
-            error = Error(code="telegram_bad_result", message="getUpdates result is not a list", native=answer)
+            error = c.Error(code="telegram_bad_result", message="getUpdates result is not a list", native=answer)
             return PollResult(cursor=cursor, error=error)
         # Polled updates never pass `verify` (the hub fetched them itself), so they need no header.
         records = [HttpRequest(method="POST", path="/poll", body=native.json_body(update)) for update in updates]
@@ -532,7 +506,7 @@ class _UpdateDecoder:
         self.body = body
         self.path = f"$.{kind}"
 
-    def decode(self) -> Envelope:
+    def decode(self) -> c.Envelope:
         if self.kind in _NEW_MESSAGE_UPDATES:
             return self._message(edited=False)
         if self.kind in _EDITED_MESSAGE_UPDATES:
@@ -549,7 +523,7 @@ class _UpdateDecoder:
 
     # -------------------------------------------------------------------------------- messages
 
-    def _message(self, *, edited: bool) -> Envelope:
+    def _message(self, *, edited: bool) -> c.Envelope:
         message, raw, unreadable = native.convert_parts(self.body, _Message, self.path, _CONTENT_FIELDS, "telegram")
         if message.new_chat_members or message.left_chat_member:
             return self._membership_service_message(message, raw)
@@ -557,7 +531,7 @@ class _UpdateDecoder:
         parts, meta = _content(message, raw, self.ctx, self.path)
         parts.extend(unreadable)
         if edited:
-            parts.insert(0, Edit(target=self._message_id(native_id)))
+            parts.insert(0, c.Edit(target=self._message_id(native_id)))
             envelope_id = self._message_id(f"{native_id}:{message.edit_date}")
             if message.edit_date:
                 ts = native.from_unix(message.edit_date, f"{self.path}.edit_date")
@@ -568,15 +542,15 @@ class _UpdateDecoder:
             envelope_id = self._message_id(native_id)
             ts = native.from_unix(message.date, f"{self.path}.date")
         if not parts:
-            parts.append(Unsupported(reason="telegram message without content", native=raw))
+            parts.append(c.Unsupported(reason="telegram message without content", native=raw))
         sender, sender_meta = self._message_sender(message, raw)
-        return Message(
+        return c.Message(
             id=envelope_id,
             tenant=self.ctx.tenant,
             conversation=self._conversation(message.chat),
             ts=ts,
             sender=sender,
-            native=Native(id=native_id, seq=self.ctx.seq,
+            native=c.Native(id=native_id, seq=self.ctx.seq,
                           thread=self._topic_key(message.chat, message.message_thread_id, message.is_topic_message)),
             reply_to=self._reply_to(message),
             thread=self._thread(message.chat, message.message_thread_id, message.is_topic_message),
@@ -584,7 +558,7 @@ class _UpdateDecoder:
             parts=parts,
         )
 
-    def _message_sender(self, message: _Message, raw: dict[str, Any]) -> tuple[Sender | None, dict[str, Any]]:
+    def _message_sender(self, message: _Message, raw: dict[str, Any]) -> tuple[c.Sender | None, dict[str, Any]]:
         # A message sent on behalf of a chat (anonymous admin, linked channel) names that chat in
         # sender_chat; `from` then holds a placeholder user, kept in meta for completeness.
         if message.sender_chat is not None:
@@ -625,18 +599,18 @@ class _UpdateDecoder:
             return {}
         return {"telegram.message_thread_id": message.message_thread_id}
 
-    def _membership_service_message(self, message: _Message, raw: dict[str, Any]) -> Activity:
+    def _membership_service_message(self, message: _Message, raw: dict[str, Any]) -> c.Activity:
         joined = bool(message.new_chat_members)
         left = [message.left_chat_member] if message.left_chat_member else []
         members = message.new_chat_members if joined else left
         native_id = _message_key(message.chat.id, message.message_id)
-        return Activity(
-            id=canonical.stable_id("activity", self.ctx.tenant, self.ctx.connection, native_id),
+        return c.Activity(
+            id=c.stable_id("activity", self.ctx.tenant, self.ctx.connection, native_id),
             tenant=self.ctx.tenant,
             conversation=self._conversation(message.chat),
             ts=native.from_unix(message.date, f"{self.path}.date"),
             sender=self._sender(message.from_) if message.from_ else None,
-            native=Native(id=native_id, seq=self.ctx.seq),
+            native=c.Native(id=native_id, seq=self.ctx.seq),
             meta=_descriptive_meta(raw),
             activity="joined" if joined else "left",
             detail={"members": [_person(member) for member in members]},
@@ -644,7 +618,7 @@ class _UpdateDecoder:
 
     # ------------------------------------------------------------------------- button presses
 
-    def _callback_query(self) -> Envelope:
+    def _callback_query(self) -> c.Envelope:
         query = native.convert(self.body, _CallbackQuery, self.path)
         source = query.message
         if source is not None:
@@ -659,19 +633,19 @@ class _UpdateDecoder:
         # on_inbound answers the query by this id (it stops the button's spinner).
         meta: dict[str, Any] = {"telegram.callback_query_id": query.id}
         meta.update(_picked_meta(self.body, ("chat_instance", "inline_message_id", "game_short_name")))
-        part: Part
+        part: c.Part
         if query.data is not None:
-            part = Action(id=query.data, title=_button_title(source, query.data), source=source_id)
+            part = c.Action(id=query.data, title=_button_title(source, query.data), source=source_id)
         else:
-            part = Unsupported(reason="telegram callback_query without data (a game button)", native=self.body)
-        return Message(
+            part = c.Unsupported(reason="telegram callback_query without data (a game button)", native=self.body)
+        return c.Message(
             id=self._message_id(f"callback:{query.id}"),
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat),
             # A callback query has no date: the hub's receipt time is the press; else the keyboard's.
             ts=self._received_or(source.date if source else 0, f"{self.path}.message.date"),
             sender=self._sender(query.from_),
-            native=Native(id=query.id, seq=self.ctx.seq),
+            native=c.Native(id=query.id, seq=self.ctx.seq),
             thread=thread,
             meta=meta,
             parts=[part],
@@ -679,7 +653,7 @@ class _UpdateDecoder:
 
     # ------------------------------------------------------------------------------- reactions
 
-    def _reaction(self) -> Envelope:
+    def _reaction(self) -> c.Envelope:
         update = native.convert(self.body, _ReactionUpdate, self.path)
         target = self._message_id(_message_key(update.chat.id, update.message_id))
         old = _reactions_by_key(update.old_reaction, self.body["old_reaction"])
@@ -689,29 +663,29 @@ class _UpdateDecoder:
         added = [_reaction_part(*new[key], target, removed=False) for key in new if key not in old]
         parts = removed + added
         if not parts:
-            parts.append(Unsupported(reason="telegram message_reaction without a change", native=self.body))
+            parts.append(c.Unsupported(reason="telegram message_reaction without a change", native=self.body))
         # Anonymous reactions name the chat they were made on behalf of instead of a user.
         actor = update.user or update.actor_chat
         native_id = (
             f"reaction:{_message_key(update.chat.id, update.message_id)}:{actor.id if actor else 0}:{update.date}"
         )
         if update.user is not None:
-            sender: Sender | None = self._sender(update.user)
+            sender: c.Sender | None = self._sender(update.user)
         else:
             sender = self._chat_sender(update.actor_chat) if update.actor_chat else None
-        return Message(
+        return c.Message(
             id=self._message_id(native_id),
             tenant=self.ctx.tenant,
             conversation=self._conversation(update.chat),
             ts=native.from_unix(update.date, f"{self.path}.date"),
             sender=sender,
-            native=Native(id=native_id, seq=self.ctx.seq),
+            native=c.Native(id=native_id, seq=self.ctx.seq),
             parts=parts,
         )
 
     # ------------------------------------------------------------------------ membership changes
 
-    def _membership(self) -> Envelope:
+    def _membership(self) -> c.Envelope:
         update = native.convert(self.body, _MemberUpdate, self.path)
         old, new = update.old_chat_member, update.new_chat_member
         was_in, is_in = _is_present(old), _is_present(new)
@@ -724,42 +698,42 @@ class _UpdateDecoder:
             "new_status": new.status,
             "bot_itself": self.kind == "my_chat_member",
         }
-        return Activity(
-            id=canonical.stable_id("activity", self.ctx.tenant, self.ctx.connection, f"update:{self.update_id}"),
+        return c.Activity(
+            id=c.stable_id("activity", self.ctx.tenant, self.ctx.connection, f"update:{self.update_id}"),
             tenant=self.ctx.tenant,
             conversation=self._conversation(update.chat),
             ts=native.from_unix(update.date, f"{self.path}.date"),
             sender=self._sender(update.from_),
-            native=Native(id=f"update:{self.update_id}", seq=self.ctx.seq),
+            native=c.Native(id=f"update:{self.update_id}", seq=self.ctx.seq),
             # The full member records (an admin's rights, a ban's end) and how they joined.
             meta=_picked_meta(self.body, _MEMBER_UPDATE_META),
             activity="joined" if is_in else "left",
             detail=detail,
         )
 
-    def _deleted_messages(self) -> Envelope:
+    def _deleted_messages(self) -> c.Envelope:
         deleted = native.convert(self.body, _DeletedMessages, self.path)
         native_id = f"update:{self.update_id}"
         targets = [self._message_id(_message_key(deleted.chat.id, number)) for number in deleted.message_ids]
         meta = _picked_meta(self.body, ("business_connection_id",))
-        return Message(
+        return c.Message(
             id=self._message_id(native_id),
             tenant=self.ctx.tenant,
             conversation=self._conversation(deleted.chat),
             ts=self._received_or(0),
-            native=Native(id=native_id, seq=self.ctx.seq),
+            native=c.Native(id=native_id, seq=self.ctx.seq),
             meta=meta,
-            parts=[Delete(target=target) for target in targets],
+            parts=[c.Delete(target=target) for target in targets],
         )
 
     # ---------------------------------------------------------------------------- everything else
 
-    def _other_update(self) -> Envelope:
+    def _other_update(self) -> c.Envelope:
         where = native.convert(self.body, _Located, self.path) if isinstance(self.body, dict) else _Located()
         person = where.from_ or where.user
         return self._unsupported(f"telegram {self.kind} update", where.chat, person, where.date)
 
-    def _unsupported(self, reason: str, chat: _Chat | None, person: _User | None, date: int) -> Message:
+    def _unsupported(self, reason: str, chat: _Chat | None, person: _User | None, date: int) -> c.Message:
         """A Message holding the whole update payload, in the chat it concerns as far as we can tell."""
         if chat is None and person is not None:
             chat = _Chat(id=person.id, type="private")
@@ -767,50 +741,50 @@ class _UpdateDecoder:
         conversation = (
             self._conversation(chat)
             if chat is not None
-            else Conversation(
+            else c.Conversation(
                 # Polls and poll answers name no chat: they gather in one conversation per update type.
-                id=canonical.conversation_id(self.ctx.tenant, self.ctx.connection, self.kind),
+                id=c.conversation_id(self.ctx.tenant, self.ctx.connection, self.kind),
                 channel="telegram",
                 connection=self.ctx.connection,
                 native_id=self.kind,
             )
         )
-        return Message(
+        return c.Message(
             id=self._message_id(native_id),
             tenant=self.ctx.tenant,
             conversation=conversation,
             ts=native.from_unix(date, f"{self.path}.date") if date else self._received_or(0),
             sender=self._sender(person) if person else None,
-            native=Native(id=native_id, seq=self.ctx.seq),
-            parts=[Unsupported(reason=reason, native={self.kind: self.body})],
+            native=c.Native(id=native_id, seq=self.ctx.seq),
+            parts=[c.Unsupported(reason=reason, native={self.kind: self.body})],
         )
 
     # ---------------------------------------------------------------------------------- header
 
     def _message_id(self, native_id: str) -> str:
-        return canonical.message_id(self.ctx.tenant, self.ctx.connection, native_id)
+        return c.message_id(self.ctx.tenant, self.ctx.connection, native_id)
 
-    def _conversation(self, chat: _Chat) -> Conversation:
-        return Conversation(
-            id=canonical.conversation_id(self.ctx.tenant, self.ctx.connection, str(chat.id)),
+    def _conversation(self, chat: _Chat) -> c.Conversation:
+        return c.Conversation(
+            id=c.conversation_id(self.ctx.tenant, self.ctx.connection, str(chat.id)),
             channel="telegram",
             connection=self.ctx.connection,
             native_id=str(chat.id),
             type=_CONVERSATION_TYPES.get(chat.type, "direct"),
         )
 
-    def _sender(self, user: _User) -> Sender:
-        return Sender(
-            id=canonical.sender_id(self.ctx.tenant, self.ctx.connection, str(user.id)),
+    def _sender(self, user: _User) -> c.Sender:
+        return c.Sender(
+            id=c.sender_id(self.ctx.tenant, self.ctx.connection, str(user.id)),
             native_id=str(user.id),
             name=_full_name(user.first_name, user.last_name),
             role="bot" if user.is_bot else "user",
             handle=f"@{user.username}" if user.username else "",
         )
 
-    def _chat_sender(self, chat: _Chat) -> Sender:
-        return Sender(
-            id=canonical.sender_id(self.ctx.tenant, self.ctx.connection, str(chat.id)),
+    def _chat_sender(self, chat: _Chat) -> c.Sender:
+        return c.Sender(
+            id=c.sender_id(self.ctx.tenant, self.ctx.connection, str(chat.id)),
             native_id=str(chat.id),
             name=chat.title or _full_name(chat.first_name, chat.last_name),
             handle=f"@{chat.username}" if chat.username else "",
@@ -825,9 +799,9 @@ class _UpdateDecoder:
 
 def _content(
     message: _Message, raw: dict[str, Any], ctx: DecodeContext, path: str
-) -> tuple[list[Part], dict[str, Any]]:
+) -> tuple[list[c.Part], dict[str, Any]]:
     """A message's parts (`path` is where the message is), and the meta that keeps what the parts cannot say."""
-    parts: list[Part] = []
+    parts: list[c.Part] = []
     meta = _descriptive_meta(raw)
     if message.text:
         text, entities_meta = _text(message.text, message.entities, raw.get("entities"), ctx)
@@ -846,40 +820,40 @@ def _content(
     if message.venue is not None:
         venue = message.venue
 
-        def read_venue() -> Part:
+        def read_venue() -> c.Part:
             lat, lon = _coordinates(venue.location, f"{path}.venue.location")
             meta.update(_leftover_meta("location", raw["venue"]["location"], {"latitude", "longitude"}))
-            return Location(lat=lat, lon=lon, name=venue.title, address=venue.address)
+            return c.Location(lat=lat, lon=lon, name=venue.title, address=venue.address)
 
         parts.extend(native.lenient_parts(read_venue, {"venue": raw["venue"]}, "telegram venue"))
         meta.update(_leftover_meta("venue", raw["venue"], {"location", "title", "address"}))
     elif message.location is not None:
         location = message.location
 
-        def read_location() -> Part:
+        def read_location() -> c.Part:
             lat, lon = _coordinates(location, f"{path}.location")
-            return Location(lat=lat, lon=lon)
+            return c.Location(lat=lat, lon=lon)
 
         parts.extend(native.lenient_parts(read_location, {"location": raw["location"]}, "telegram location"))
         meta.update(_leftover_meta("location", raw["location"], {"latitude", "longitude"}))
     if message.contact is not None:
         contact = message.contact
         name = _full_name(contact.first_name, contact.last_name)
-        parts.append(Contact(name=name, phones=[contact.phone_number]))
+        parts.append(c.Contact(name=name, phones=[contact.phone_number]))
         meta.update(_leftover_meta("contact", raw["contact"], {"phone_number", "first_name", "last_name"}))
     if message.poll is not None:
         poll = message.poll
         options = [option.text for option in poll.options]
-        parts.append(Poll(question=poll.question, options=options, multiple=poll.allows_multiple_answers))
+        parts.append(c.Poll(question=poll.question, options=options, multiple=poll.allows_multiple_answers))
         meta["telegram.poll"] = raw["poll"]  # id, type (quiz), votes: what a canonical Poll cannot hold
     if "dice" in raw:
         # A dice is a random roll the bot may act on (a game): as text "🎲" its value would be lost, so
         # it stays native, with the roll readable in meta without digging into the part.
-        parts.append(Unsupported(reason="telegram dice", native={"dice": raw["dice"]}))
+        parts.append(c.Unsupported(reason="telegram dice", native={"dice": raw["dice"]}))
         meta["telegram.dice"] = raw["dice"]
     for key, value in raw.items():
         if key not in _MAPPED_FIELDS and key not in _DESCRIPTIVE_FIELDS and key != "dice":
-            parts.append(Unsupported(reason=f"telegram message field {key!r}", native={key: value}))
+            parts.append(c.Unsupported(reason=f"telegram message field {key!r}", native={key: value}))
     return parts, meta
 
 
@@ -910,12 +884,12 @@ def _leftover_meta(name: str, raw: dict[str, Any], mapped: Iterable[str]) -> dic
 # ------------------------------------------------------------------------------------------ media
 
 
-def _media(message: _Message) -> tuple[Media, str] | None:
+def _media(message: _Message) -> tuple[c.Media, str] | None:
     """The message's file as a Media part, and the name of the message field it came from. Fields that
     are present but null (`"animation": null`) are no file."""
     if message.photo:
         largest = message.photo[_largest_photo(message.photo)]
-        media = Media(
+        media = c.Media(
             media="image",
             file_id=largest.file_id,
             size=largest.file_size,
@@ -926,7 +900,7 @@ def _media(message: _Message) -> tuple[Media, str] | None:
         return media, "photo"
     if message.video_note is not None:
         note = message.video_note  # a round video message; `length` is its diameter
-        media = Media(
+        media = c.Media(
             media="video",
             file_id=note.file_id,
             size=note.file_size,
@@ -936,7 +910,7 @@ def _media(message: _Message) -> tuple[Media, str] | None:
         )
         return media, "video_note"
     # An animation also arrives as `document` for old clients: it comes first so it is read once.
-    files: tuple[tuple[MediaKind, _File | None], ...] = (
+    files: tuple[tuple[c.MediaKind, _File | None], ...] = (
         ("animation", message.animation),
         ("audio", message.audio),
         ("voice", message.voice),
@@ -946,7 +920,7 @@ def _media(message: _Message) -> tuple[Media, str] | None:
     )
     for kind, file in files:
         if file is not None:
-            media = Media(
+            media = c.Media(
                 media=kind,
                 file_id=file.file_id,
                 mime=file.mime_type,
@@ -994,7 +968,7 @@ def _media_meta(raw: dict[str, Any], name: str, photo: list[_PhotoSize]) -> dict
 # ------------------------------------------------------------------------------------------- text
 
 
-def _text(text: str, entities: list[_Entity], raw_entities: Any, ctx: DecodeContext) -> tuple[Text, dict[str, Any]]:
+def _text(text: str, entities: list[_Entity], raw_entities: Any, ctx: DecodeContext) -> tuple[c.Text, dict[str, Any]]:
     """A Text part: markdown when formatting entities are present, else the text as it is."""
     positions = _code_point_positions(text)
     spans = [_Span.of(entity, positions) for entity in entities]
@@ -1007,7 +981,7 @@ def _text(text: str, entities: list[_Entity], raw_entities: Any, ctx: DecodeCont
     meta: dict[str, Any] = {}
     if _has_unrendered(entities, _SELF_EVIDENT_ENTITIES | _FORMATTING_ENTITIES | _MENTION_ENTITIES):
         meta["telegram.entities"] = raw_entities  # underline, spoiler, custom emoji, …: no markdown for them
-    return Text(text=rendered, format="markdown" if formatting else "plain", mentions=mentions), meta
+    return c.Text(text=rendered, format="markdown" if formatting else "plain", mentions=mentions), meta
 
 
 def _has_unrendered(entities: Sequence[_Entity], understood: frozenset[str]) -> bool:
@@ -1044,14 +1018,14 @@ class _Span:
         return cls(entity=entity, start=start, end=max(start, end))
 
 
-def _mention(span: _Span, text: str, start_at: list[int], end_at: list[int], ctx: DecodeContext) -> Mention:
+def _mention(span: _Span, text: str, start_at: list[int], end_at: list[int], ctx: DecodeContext) -> c.Mention:
     offset = start_at[span.start]
     length = max(0, end_at[span.end] - offset)
     user = span.entity.user
     if user is None:  # "@username": Telegram gives only the name
-        return Mention(name=text[span.start : span.end], offset=offset, length=length)
-    return Mention(
-        id=canonical.sender_id(ctx.tenant, ctx.connection, str(user.id)),
+        return c.Mention(name=text[span.start : span.end], offset=offset, length=length)
+    return c.Mention(
+        id=c.sender_id(ctx.tenant, ctx.connection, str(user.id)),
         native_id=str(user.id),
         name=_full_name(user.first_name, user.last_name),
         offset=offset,
@@ -1178,12 +1152,12 @@ def _reactions_by_key(kinds: list[_ReactionType], raw: list[Any]) -> dict[tuple[
     }
 
 
-def _reaction_part(kind: _ReactionType, native: Any, target: str, *, removed: bool) -> Part:
+def _reaction_part(kind: _ReactionType, native: Any, target: str, *, removed: bool) -> c.Part:
     if kind.type == "emoji" and kind.emoji:
-        return Reaction(emoji=kind.emoji, target=target, removed=removed)
+        return c.Reaction(emoji=kind.emoji, target=target, removed=removed)
     # Custom emoji and paid (star) reactions have no Unicode emoji to show.
     change = "removed" if removed else "added"
-    return Unsupported(reason=f"telegram {kind.type} reaction {change}", native=native)
+    return c.Unsupported(reason=f"telegram {kind.type} reaction {change}", native=native)
 
 
 # =========================================================================================== encode
@@ -1202,11 +1176,11 @@ class _Call:
 class _MessageEncoder:
     """Turns a degraded canonical message into Bot API calls, in part order."""
 
-    def __init__(self, message: Message, ctx: EncodeContext) -> None:
+    def __init__(self, message: c.Message, ctx: EncodeContext) -> None:
         self.message = message
         self.ctx = ctx
         self._calls: list[_Call] = []
-        self._pending_edit: Edit | None = None  # an Edit waits for the Text that is its new content
+        self._pending_edit: c.Edit | None = None  # an Edit waits for the Text that is its new content
         self._replied = False
 
     def calls(self) -> list[_Call]:
@@ -1216,30 +1190,30 @@ class _MessageEncoder:
             raise EncodeError("telegram: an edit must be followed by the new text (only text messages can be edited)")
         return self._calls
 
-    def _encode(self, group: Sequence[Part]) -> None:
+    def _encode(self, group: Sequence[c.Part]) -> None:
         part = group[0]
-        if self._pending_edit is not None and not isinstance(part, Text):
+        if self._pending_edit is not None and not isinstance(part, c.Text):
             raise EncodeError(f"telegram: an edit must be followed by text, not {type(part).__name__}")
         match part:
-            case Media() if len(group) > 1:
+            case c.Media() if len(group) > 1:
                 self._album(group)
-            case Text():
+            case c.Text():
                 self._text(part)
-            case Media():
+            case c.Media():
                 self._media(part)
-            case Buttons() | List():
+            case c.Buttons() | c.List():
                 self._keyboard(part)
-            case Location():
+            case c.Location():
                 self._location(part)
-            case Contact():
+            case c.Contact():
                 self._contact(part)
-            case Poll():
+            case c.Poll():
                 self._poll(part)
-            case Reaction():
+            case c.Reaction():
                 self._reaction(part)
-            case Edit():
+            case c.Edit():
                 self._pending_edit = part
-            case Delete():
+            case c.Delete():
                 chat, number = _native_message(self.ctx, part.target, "delete target")
                 self._calls.append(_Call("deleteMessage", {"chat_id": chat, "message_id": number}))
             case _:
@@ -1247,7 +1221,7 @@ class _MessageEncoder:
 
     # ----------------------------------------------------------------------------------- parts
 
-    def _text(self, part: Text) -> None:
+    def _text(self, part: c.Text) -> None:
         payload: dict[str, Any] = {}
         if self._pending_edit is not None:
             chat, number = _native_message(self.ctx, self._pending_edit.target, "edit target")
@@ -1261,7 +1235,7 @@ class _MessageEncoder:
             payload["parse_mode"] = _PARSE_MODES[part.format]
         self._add(method, payload, keyboard=True)
 
-    def _media(self, part: Media) -> None:
+    def _media(self, part: c.Media) -> None:
         method, field_name = _SEND_MEDIA[part.media]
         payload = {**self._destination(), field_name: _file_ref(part)}
         if part.media in _WITH_DURATION and part.duration_ms:
@@ -1275,19 +1249,19 @@ class _MessageEncoder:
         if part.caption and caption_apart:
             self._add("sendMessage", {**self._destination(), "text": part.caption}, keyboard=True)
 
-    def _album(self, group: Sequence[Part]) -> None:
+    def _album(self, group: Sequence[c.Part]) -> None:
         items: list[dict[str, Any]] = []
         for part in group:
-            assert isinstance(part, Media)  # _groups only groups media
+            assert isinstance(part, c.Media)  # _groups only groups media
             item = {"type": _ALBUM_KINDS[part.media], "media": _file_ref(part)}
             if part.caption:
                 item["caption"] = part.caption
             items.append(item)
         self._add("sendMediaGroup", {**self._destination(), "media": items}, keyboard=False)
 
-    def _keyboard(self, part: Buttons | List) -> None:
-        markup = {"inline_keyboard": _button_rows(part) if isinstance(part, Buttons) else _list_rows(part)}
-        text = part.text if isinstance(part, Buttons) else _list_text(part)
+    def _keyboard(self, part: c.Buttons | c.List) -> None:
+        markup = {"inline_keyboard": _button_rows(part) if isinstance(part, c.Buttons) else _list_rows(part)}
+        text = part.text if isinstance(part, c.Buttons) else _list_text(part)
         if text:
             self._add("sendMessage", {**self._destination(), "text": text, "reply_markup": markup}, keyboard=False)
             return
@@ -1298,14 +1272,14 @@ class _MessageEncoder:
         previous.payload["reply_markup"] = markup
         previous.keyboard = False
 
-    def _location(self, part: Location) -> None:
+    def _location(self, part: c.Location) -> None:
         payload = {**self._destination(), "latitude": part.lat, "longitude": part.lon}
         if part.name and part.address:
             self._add("sendVenue", {**payload, "title": part.name, "address": part.address}, keyboard=True)
         else:
             self._add("sendLocation", payload, keyboard=True)
 
-    def _contact(self, part: Contact) -> None:
+    def _contact(self, part: c.Contact) -> None:
         if not part.phones:
             raise EncodeError(f"telegram: contact {part.name!r} has no phone number (sendContact needs one)")
         payload = {**self._destination(), "phone_number": part.phones[0], "first_name": part.name}
@@ -1313,13 +1287,13 @@ class _MessageEncoder:
             payload["vcard"] = _vcard(part)  # the fields sendContact has no parameter for
         self._add("sendContact", payload, keyboard=True)
 
-    def _poll(self, part: Poll) -> None:
+    def _poll(self, part: c.Poll) -> None:
         payload = {**self._destination(), "question": part.question, "options": [{"text": o} for o in part.options]}
         if part.multiple:
             payload["allows_multiple_answers"] = True
         self._add("sendPoll", payload, keyboard=True)
 
-    def _reaction(self, part: Reaction) -> None:
+    def _reaction(self, part: c.Reaction) -> None:
         chat, number = _native_message(self.ctx, part.target, "reaction target")
         # setMessageReaction replaces the bot's reaction: an empty list takes it back.
         reaction = [] if part.removed else [{"type": "emoji", "emoji": part.emoji}]
@@ -1348,7 +1322,7 @@ class _MessageEncoder:
         return parameters
 
 
-def _groups(parts: Sequence[Part]) -> Iterator[Sequence[Part]]:
+def _groups(parts: Sequence[c.Part]) -> Iterator[Sequence[c.Part]]:
     """Parts one by one, except consecutive photos/videos, which go together as albums of 2-10."""
     index = 0
     while index < len(parts):
@@ -1363,16 +1337,16 @@ def _groups(parts: Sequence[Part]) -> Iterator[Sequence[Part]]:
             index += 1
 
 
-def _album_item(part: Part) -> bool:
-    return isinstance(part, Media) and part.media in _ALBUM_KINDS
+def _album_item(part: c.Part) -> bool:
+    return isinstance(part, c.Media) and part.media in _ALBUM_KINDS
 
 
-def _button_rows(part: Buttons) -> list[list[dict[str, str]]]:
+def _button_rows(part: c.Buttons) -> list[list[dict[str, str]]]:
     # One button per row: labels stay readable on a phone, whatever their length.
     return [[_inline_button(button)] for button in part.buttons]
 
 
-def _inline_button(button: Button) -> dict[str, str]:
+def _inline_button(button: c.Button) -> dict[str, str]:
     if button.action == "url":
         return {"text": button.title, "url": button.value}
     if button.action not in ("reply", "postback"):
@@ -1381,12 +1355,12 @@ def _inline_button(button: Button) -> dict[str, str]:
     return {"text": button.title, "callback_data": _callback_data(data, button.title)}
 
 
-def _list_rows(part: List) -> list[list[dict[str, str]]]:
+def _list_rows(part: c.List) -> list[list[dict[str, str]]]:
     rows = [row for section in part.sections for row in section.rows]
     return [[{"text": row.title, "callback_data": _callback_data(row.id, row.title)}] for row in rows]
 
 
-def _list_text(part: List) -> str:
+def _list_text(part: c.List) -> str:
     return "\n\n".join(piece for piece in (part.header, part.text, part.footer) if piece)
 
 
@@ -1399,7 +1373,7 @@ def _callback_data(data: str, title: str) -> str:
     return data
 
 
-def _file_ref(part: Media) -> str:
+def _file_ref(part: c.Media) -> str:
     if part.file_id or part.url:
         return part.file_id or part.url
     raise EncodeError(
@@ -1408,7 +1382,7 @@ def _file_ref(part: Media) -> str:
     )
 
 
-def _vcard(contact: Contact) -> str:
+def _vcard(contact: c.Contact) -> str:
     lines = ["BEGIN:VCARD", "VERSION:3.0", f"FN:{contact.name}"]
     lines += [f"TEL:{phone}" for phone in contact.phones]
     lines += [f"EMAIL:{email}" for email in contact.emails]
@@ -1469,5 +1443,5 @@ def _api_failure(response: HttpResponse, answer: dict[str, Any]) -> SendResult:
 def _unreadable_success(response: HttpResponse) -> SendResult:
     # The call may have gone through; retrying could send twice, so this is a final, reported failure.
     body = response.body.decode("utf-8", "replace")
-    error = Error(code="telegram_unreadable", message="a 2xx answer without a Bot API body", native=body)
+    error = c.Error(code="telegram_unreadable", message="a 2xx answer without a Bot API body", native=body)
     return SendResult(ok=False, error=error)

@@ -55,24 +55,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import msgspec
 
-from babelhub import canonical
-from babelhub.canonical import (
-    Action,
-    Conversation,
-    Envelope,
-    Error,
-    Location,
-    Media,
-    Message,
-    Native,
-    Part,
-    Sender,
-    State,
-    Status,
-    Template,
-    Text,
-    Unsupported,
-)
+from babelhub import canonical as c
 from babelhub.codecs import native
 from babelhub.codecs.base import (
     Capabilities,
@@ -104,7 +87,7 @@ _PARAGRAPH: Final = "\n\n"  # between texts (and captions) sharing one Body
 #: and is choosing a sender: it is as good as queued. "scheduled" has not been queued yet; "canceled"
 #: (a scheduled message called off) will never be sent. Statuses of incoming messages ("receiving",
 #: "received") and "partially_delivered" are not states of a message we sent: kept verbatim instead.
-_STATES: Final[dict[str, State]] = {
+_STATES: Final[dict[str, c.State]] = {
     "scheduled": "accepted",
     "accepted": "queued",
     "queued": "queued",
@@ -299,7 +282,7 @@ class TwilioCodec(Codec):
         status = form.get("MessageStatus", "")
         return f"{sid}:{status}" if sid and status else sid
 
-    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         form = dict(_form_pairs(request))
         webhook, readable, unreadable = native.convert_parts(form, _Webhook, "$", _PART_FIELDS, "twilio")
         if not webhook.message_sid:
@@ -312,7 +295,7 @@ class TwilioCodec(Codec):
 
     # ---------------------------------------------------------------------------------- sending
 
-    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         account_sid = native.required_secret(ctx.secrets, "account_sid", "Twilio")
         url = f"{self.api_base(ctx)}/Accounts/{account_sid}/Messages.json"
         headers = {"Authorization": _basic_auth(ctx.secrets), "Content-Type": "application/x-www-form-urlencoded"}
@@ -353,7 +336,7 @@ class TwilioCodec(Codec):
             return native.http_failure(response, message=api_error.message, native=raw)
         rule = _error_rule(api_error.code)
         retryable = rule.retryable if rule else (response.status in (408, 425, 429) or response.status >= 500)
-        error = Error(
+        error = c.Error(
             code=f"twilio_{api_error.code}",
             message=_describe_error(api_error.code, api_error.message),
             retryable=retryable,
@@ -446,7 +429,7 @@ def _is_status_callback(webhook: _Webhook) -> bool:
 
 def _received_time(received_at: float) -> datetime:
     """Twilio's webhooks carry no timestamp: the hub's time of receipt, recorded with the request."""
-    return native.from_unix(received_at) if received_at else canonical.now()
+    return native.from_unix(received_at) if received_at else c.now()
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -456,7 +439,7 @@ class _WebhookDecoder:
     """Turns one webhook form into its envelope."""
 
     def __init__(
-        self, ctx: DecodeContext, form: Form, webhook: _Webhook, ts: datetime, unreadable: list[Part]
+        self, ctx: DecodeContext, form: Form, webhook: _Webhook, ts: datetime, unreadable: list[c.Part]
     ) -> None:
         self.ctx = ctx
         self.form = form
@@ -467,7 +450,7 @@ class _WebhookDecoder:
 
     # ---------------------------------------------------------------------------- messages
 
-    def message(self) -> Message:
+    def message(self) -> c.Message:
         webhook = self.webhook
         user = webhook.from_
         self.mapped.update(_MESSAGE_FIELDS)
@@ -475,34 +458,34 @@ class _WebhookDecoder:
         parts = [*self._text(), *self._media(), *self._location(), *self._choice(reply_to), *self.unreadable]
         meta: dict[str, Any] = {"twilio.channel": _channel_kind(user, webhook.num_media)}
         meta.update(self._unmapped())
-        return Message(
-            id=canonical.message_id(*self._scope(), webhook.message_sid),
+        return c.Message(
+            id=c.message_id(*self._scope(), webhook.message_sid),
             tenant=self.ctx.tenant,
             conversation=self._conversation(user),
             direction="inbound",
             ts=self.ts,
-            sender=Sender(
-                id=canonical.sender_id(*self._scope(), user),
+            sender=c.Sender(
+                id=c.sender_id(*self._scope(), user),
                 native_id=user,
                 name=webhook.profile_name,
                 role="user",
                 handle=user,
             ),
-            native=Native(id=webhook.message_sid, seq=self.ctx.seq),
+            native=c.Native(id=webhook.message_sid, seq=self.ctx.seq),
             reply_to=reply_to,
             parts=parts,
             meta=meta,
         )
 
-    def _text(self) -> list[Part]:
+    def _text(self) -> list[c.Part]:
         body = self.webhook.body
         # A tapped button or list item also puts its title in Body: the Action already says so.
         if not body or body in (self.webhook.button_text, self.webhook.list_title):
             return []
-        return [Text(text=body)]
+        return [c.Text(text=body)]
 
-    def _media(self) -> list[Part]:
-        parts: list[Part] = []
+    def _media(self) -> list[c.Part]:
+        parts: list[c.Part] = []
         # Twilio sends at most 10 media; a larger NumMedia names media that are not there
         for n in range(min(self.webhook.num_media, MEDIA_PER_MESSAGE + 1)):
             url_field, type_field = f"MediaUrl{n}", f"MediaContentType{n}"
@@ -512,15 +495,15 @@ class _WebhookDecoder:
                                               "twilio medium"))
         return parts
 
-    def _medium(self, n: int) -> Part:
+    def _medium(self, n: int) -> c.Part:
         url_field, type_field = f"MediaUrl{n}", f"MediaContentType{n}"
         url = self.form.get(url_field, "")
         if not url:
             raise DecodeError(f"NumMedia is {self.webhook.num_media} but {url_field} is missing", f"$.{url_field}")
         mime = self.form.get(type_field, "")
-        return Media(media=native.media_kind(mime), url=url, mime=mime)
+        return c.Media(media=native.media_kind(mime), url=url, mime=mime)
 
-    def _location(self) -> list[Part]:
+    def _location(self) -> list[c.Part]:
         webhook = self.webhook
         if webhook.latitude is None or webhook.longitude is None:
             return []  # half a coordinate stays in meta
@@ -528,29 +511,29 @@ class _WebhookDecoder:
         fields = {name: self.form[name] for name in _LOCATION_FIELDS if name in self.form}
         return native.lenient_parts(self._place, fields, "twilio location")
 
-    def _place(self) -> Part:
+    def _place(self) -> c.Part:
         webhook = self.webhook
         assert webhook.latitude is not None and webhook.longitude is not None  # checked by _location
         lat = native.finite(webhook.latitude, "$.Latitude")
         lon = native.finite(webhook.longitude, "$.Longitude")
-        return Location(lat=lat, lon=lon, name=webhook.label, address=webhook.address)
+        return c.Location(lat=lat, lon=lon, name=webhook.label, address=webhook.address)
 
-    def _choice(self, source: str) -> list[Part]:
+    def _choice(self, source: str) -> list[c.Part]:
         """A tapped quick-reply or call-to-action button, or a chosen list item."""
         webhook = self.webhook
-        parts: list[Part] = []
+        parts: list[c.Part] = []
         if webhook.button_payload or webhook.button_text:
             self.mapped.update(_BUTTON_FIELDS)
             button = webhook.button_payload or webhook.button_text  # a button without payload answers with its text
-            parts.append(Action(id=button, title=webhook.button_text, source=source))
+            parts.append(c.Action(id=button, title=webhook.button_text, source=source))
         if webhook.list_id:
             self.mapped.update(_LIST_FIELDS)
-            parts.append(Action(id=webhook.list_id, title=webhook.list_title, source=source))
+            parts.append(c.Action(id=webhook.list_id, title=webhook.list_title, source=source))
         return parts
 
     # ---------------------------------------------------------------------------- statuses
 
-    def status(self) -> Envelope:
+    def status(self) -> c.Envelope:
         webhook = self.webhook
         sid = webhook.message_sid
         self.mapped.update(_STATUS_FIELDS)
@@ -558,37 +541,37 @@ class _WebhookDecoder:
         meta.update(self._unmapped())
         state = _STATES.get(webhook.message_status)
         if state is None:
-            return Message(
-                id=canonical.stable_id("twilio.status", *self._scope(), sid, webhook.message_status),
+            return c.Message(
+                id=c.stable_id("twilio.status", *self._scope(), sid, webhook.message_status),
                 tenant=self.ctx.tenant,
                 conversation=self._conversation(webhook.to),
                 ts=self.ts,
-                sender=Sender(role="system"),
-                native=Native(id=sid, seq=self.ctx.seq),
-                parts=[Unsupported(reason=f"Twilio message status {webhook.message_status!r}", native=self.form)],
+                sender=c.Sender(role="system"),
+                native=c.Native(id=sid, seq=self.ctx.seq),
+                parts=[c.Unsupported(reason=f"Twilio message status {webhook.message_status!r}", native=self.form)],
                 meta=meta,
             )
-        return Status(
-            id=canonical.stable_id("status", *self._scope(), sid, state),
+        return c.Status(
+            id=c.stable_id("status", *self._scope(), sid, state),
             tenant=self.ctx.tenant,
             conversation=self._conversation(webhook.to),
             ts=self.ts,
-            native=Native(id=sid, seq=self.ctx.seq),
+            native=c.Native(id=sid, seq=self.ctx.seq),
             native_id=sid,
             state=state,
             error=self._status_error() if state == "failed" else None,
             meta=meta,
         )
 
-    def _status_error(self) -> Error:
+    def _status_error(self) -> c.Error:
         webhook = self.webhook
         words = webhook.error_message or webhook.channel_status_message
         fields = ("ErrorCode", "ErrorMessage", "ChannelStatusMessage", "MessageStatus")
         details = {name: self.form[name] for name in fields if name in self.form}
         if not webhook.error_code:
-            return Error(code=f"twilio_{webhook.message_status}", message=words, native=details)
+            return c.Error(code=f"twilio_{webhook.message_status}", message=words, native=details)
         rule = _error_rule(webhook.error_code)
-        return Error(
+        return c.Error(
             code=f"twilio_{webhook.error_code}",
             message=_describe_error(webhook.error_code, words),
             retryable=rule.retryable if rule else False,
@@ -602,11 +585,11 @@ class _WebhookDecoder:
 
     def _ref(self, sid: str) -> str:
         """The canonical id the message `sid` got (or will get) when it came in on this connection."""
-        return canonical.message_id(*self._scope(), sid)
+        return c.message_id(*self._scope(), sid)
 
-    def _conversation(self, address: str) -> Conversation:
-        return Conversation(
-            id=canonical.conversation_id(*self._scope(), address),
+    def _conversation(self, address: str) -> c.Conversation:
+        return c.Conversation(
+            id=c.conversation_id(*self._scope(), address),
             channel=CHANNEL,
             connection=self.ctx.connection,
             native_id=address,
@@ -641,13 +624,13 @@ class _Composer:
         self._texts: list[str] = []
         self._media: list[str] = []
 
-    def add(self, part: Part) -> None:
+    def add(self, part: c.Part) -> None:
         match part:
-            case Text():
+            case c.Text():
                 self._add_text(part.text)
-            case Media():
+            case c.Media():
                 self._add_media(part)
-            case Template():
+            case c.Template():
                 self._flush()
                 self.calls.append(_template_fields(part))
             case _:
@@ -664,7 +647,7 @@ class _Composer:
             self._flush()
         self._texts.append(text)
 
-    def _add_media(self, part: Media) -> None:
+    def _add_media(self, part: c.Media) -> None:
         if not part.url:
             raise EncodeError("Twilio sends media by public URL only (MediaUrl): this medium has no url")
         if not self.mms:
@@ -687,7 +670,7 @@ class _Composer:
         self._texts, self._media = [], []
 
 
-def _template_fields(part: Template) -> Pairs:
+def _template_fields(part: c.Template) -> Pairs:
     """A Content API template: `Template.name` is its Content SID, `params` its variables."""
     if not part.name.startswith("HX"):
         raise EncodeError(

@@ -45,38 +45,7 @@ from typing import Any, ClassVar, Final, TypeAlias
 
 import msgspec
 
-from babelhub import canonical
-from babelhub.canonical import (
-    Action,
-    Activity,
-    ActivityType,
-    Button,
-    Buttons,
-    Contact,
-    Conversation,
-    Delete,
-    Edit,
-    Envelope,
-    Error,
-    Form,
-    FormField,
-    List,
-    Location,
-    Media,
-    MediaKind,
-    Message,
-    Native,
-    Part,
-    Product,
-    ProductItem,
-    Reaction,
-    Sender,
-    State,
-    Status,
-    Template,
-    Text,
-    Unsupported,
-)
+from babelhub import canonical as c
 from babelhub.codecs import meta_graph, native
 from babelhub.codecs.base import (
     Capabilities,
@@ -101,7 +70,7 @@ WEBHOOK_OBJECT: Final = "whatsapp_business_account"
 
 _MB: Final = 1_000_000  # decimal megabytes: the documented limits, rounded down rather than up
 #: Largest file per kind, from "Supported media types" (stickers: 100 KB static, 500 KB animated).
-MEDIA_MAX_BYTES: Final[dict[MediaKind, int]] = {
+MEDIA_MAX_BYTES: Final[dict[c.MediaKind, int]] = {
     "image": 5 * _MB,
     "audio": 16 * _MB,
     "voice": 16 * _MB,
@@ -120,7 +89,7 @@ BSUID: Final = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{1,128}")
 
 #: WhatsApp status name → canonical state. Anything else (call statuses such as "RINGING") is kept as
 #: an unsupported message instead.
-_STATES: Final[dict[str, State]] = {
+_STATES: Final[dict[str, c.State]] = {
     "sent": "sent",
     "delivered": "delivered",
     "read": "read",
@@ -129,9 +98,9 @@ _STATES: Final[dict[str, State]] = {
     "deleted": "deleted",
 }
 #: user_preferences values (marketing messages) → activity.
-_PREFERENCES: Final[dict[str, ActivityType]] = {"stop": "opt_out", "resume": "opt_in", "signup": "opt_in"}
+_PREFERENCES: Final[dict[str, c.ActivityType]] = {"stop": "opt_out", "resume": "opt_in", "signup": "opt_in"}
 #: Inbound media message types → canonical media kind (audio becomes "voice" when it is a voice note).
-_INBOUND_MEDIA: Final[dict[str, MediaKind]] = {
+_INBOUND_MEDIA: Final[dict[str, c.MediaKind]] = {
     "image": "image",
     "audio": "audio",
     "video": "video",
@@ -573,12 +542,12 @@ class WhatsAppCodec(Codec):
         keys = {key for entry in webhook.entry for change in entry.changes for key in _delivery_keys(change.value)}
         return ",".join(sorted(keys))
 
-    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[Envelope]:
+    def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         webhook = native.convert(native.read_json(request), _Webhook)
         if webhook.object != WEBHOOK_OBJECT:
             raise DecodeError(f"expected object {WEBHOOK_OBJECT!r}, got {webhook.object!r}", path="$.object")
         own_number = str(ctx.options.get("phone_number_id") or "")
-        envelopes: list[Envelope] = []
+        envelopes: list[c.Envelope] = []
         foreign: list[tuple[str, str]] = []
         for i, entry in enumerate(webhook.entry):
             for j, change in enumerate(entry.changes):
@@ -605,7 +574,7 @@ class WhatsAppCodec(Codec):
         default = D360_API_BASE if _uses_360dialog(ctx) else self.default_api_base
         return (ctx.api_base or default).rstrip("/")
 
-    def encode(self, message: Message, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         url, headers = self._endpoint(ctx)
         composer = _Composer(ctx)
         for part in message.parts:
@@ -635,15 +604,15 @@ class WhatsAppCodec(Codec):
             )
         return requests
 
-    def encode_activity(self, activity: Activity, ctx: EncodeContext) -> list[OutboundRequest]:
+    def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         if activity.activity not in ("read", "typing"):
             return []
         wamid = _message_to_mark(activity, ctx)
         return [self._read_receipt(wamid, ctx, key=f"{activity.id}:0", typing=activity.activity == "typing")]
 
-    def on_inbound(self, envelope: Envelope, ctx: EncodeContext) -> list[OutboundRequest]:
+    def on_inbound(self, envelope: c.Envelope, ctx: EncodeContext) -> list[OutboundRequest]:
         """With `options["auto_read"]`, every inbound user message is marked as read (blue ticks)."""
-        if not ctx.options.get("auto_read") or not isinstance(envelope, Message):
+        if not ctx.options.get("auto_read") or not isinstance(envelope, c.Message):
             return []
         if envelope.direction != "inbound" or envelope.native is None or not envelope.native.id:
             return []
@@ -666,7 +635,7 @@ class WhatsAppCodec(Codec):
         rule = _error_rule(graph_error.code)
         retryable = rule.retryable if rule else (response.status in (408, 425, 429) or response.status >= 500)
         details = graph_error.error_data.details if graph_error.error_data else ""
-        error = Error(
+        error = c.Error(
             code=f"whatsapp_{graph_error.code}",
             message=_describe_error(graph_error.code, graph_error.message, details),
             retryable=retryable,
@@ -699,7 +668,7 @@ class WhatsAppCodec(Codec):
         )
 
     @staticmethod
-    def _reply_context(message: Message, ctx: EncodeContext) -> JsonObject | None:
+    def _reply_context(message: c.Message, ctx: EncodeContext) -> JsonObject | None:
         if not message.reply_to:
             return None
         return {"message_id": native.native_id(ctx, message.reply_to, "reply_to", "WhatsApp")}
@@ -725,7 +694,7 @@ class _ChangeDecoder:
         self.contacts: dict[str, JsonObject] = {}
         self.change_errors: list[JsonObject] = []
 
-    def envelopes(self) -> list[Envelope]:
+    def envelopes(self) -> list[c.Envelope]:
         match self.change.field:
             case "messages":
                 envelopes = self._messages()
@@ -741,18 +710,18 @@ class _ChangeDecoder:
 
     # ------------------------------------------------------------------------------- by field
 
-    def _messages(self) -> list[Envelope]:
+    def _messages(self) -> list[c.Envelope]:
         value = native.convert(self.change.value, _MessagesValue, self.path)
         self._remember_contacts(value.contacts)
         self.change_errors = value.errors
-        envelopes: list[Envelope] = []
+        envelopes: list[c.Envelope] = []
         for k, raw in enumerate(value.messages):
             envelopes.append(self._message(raw, f"{self.path}.messages[{k}]", echo=False))
         for k, raw in enumerate(value.statuses):
             envelopes.append(self._status(raw, f"{self.path}.statuses[{k}]"))
         return envelopes
 
-    def _echoes(self) -> list[Envelope]:
+    def _echoes(self) -> list[c.Envelope]:
         value = native.convert(self.change.value, _MessagesValue, self.path)
         self._remember_contacts(value.contacts)
         return [
@@ -760,18 +729,18 @@ class _ChangeDecoder:
             for k, raw in enumerate(value.message_echoes)
         ]
 
-    def _preferences(self) -> list[Envelope]:
+    def _preferences(self) -> list[c.Envelope]:
         value = native.convert(self.change.value, _PreferencesValue, self.path)
         self._remember_contacts(value.contacts)
-        envelopes: list[Envelope] = []
+        envelopes: list[c.Envelope] = []
         for k, raw in enumerate(value.user_preferences):
             preference = native.convert(raw, _Preference, f"{self.path}.user_preferences[{k}]")
             activity = _PREFERENCES.get(preference.value)
             if activity is None:
                 return []  # an unknown preference: the whole change goes out verbatim instead
             envelopes.append(
-                Activity(
-                    id=canonical.stable_id(
+                c.Activity(
+                    id=c.stable_id(
                         "whatsapp.preference",
                         *self._scope(),
                         preference.wa_id,
@@ -794,31 +763,31 @@ class _ChangeDecoder:
             )
         return envelopes
 
-    def _account_event(self) -> Message:
+    def _account_event(self) -> c.Message:
         """A change that is not a conversation message, in the business account's own conversation."""
         waba = self.entry.id
         value = self.change.value
         fingerprint = native.json_body(value).decode()
-        return Message(
-            id=canonical.stable_id("whatsapp.event", *self._scope(), waba, self.change.field, fingerprint),
+        return c.Message(
+            id=c.stable_id("whatsapp.event", *self._scope(), waba, self.change.field, fingerprint),
             tenant=self.ctx.tenant,
-            conversation=Conversation(
-                id=canonical.conversation_id(*self._scope(), waba),
+            conversation=c.Conversation(
+                id=c.conversation_id(*self._scope(), waba),
                 channel=CHANNEL,
                 connection=self.ctx.connection,
                 native_id=waba,
                 type="channel",
             ),
             ts=self._event_time(),
-            sender=Sender(id=canonical.sender_id(*self._scope(), waba), native_id=waba, role="system"),
-            native=Native(seq=self.ctx.seq),
-            parts=[Unsupported(reason=f"WhatsApp {self.change.field!r} webhook", native=value)],
+            sender=c.Sender(id=c.sender_id(*self._scope(), waba), native_id=waba, role="system"),
+            native=c.Native(seq=self.ctx.seq),
+            parts=[c.Unsupported(reason=f"WhatsApp {self.change.field!r} webhook", native=value)],
             meta={"whatsapp.field": self.change.field, "whatsapp.waba_id": waba},
         )
 
     # ----------------------------------------------------------------------------- messages
 
-    def _message(self, received: JsonObject, path: str, *, echo: bool) -> Message:
+    def _message(self, received: JsonObject, path: str, *, echo: bool) -> c.Message:
         message, raw, unreadable = native.convert_parts(received, _Message, path, _CONTENT_FIELDS, "whatsapp")
         # Echoes go from the business to the user; everything else comes from the user.
         user = message.user(echo=echo)
@@ -839,34 +808,34 @@ class _ChangeDecoder:
             )
             parts.extend(unreadable)  # a reply context or error list that could not be read
         if echo:
-            sender = Sender(
-                id=canonical.sender_id(*self._scope(), message.from_),
+            sender = c.Sender(
+                id=c.sender_id(*self._scope(), message.from_),
                 native_id=message.from_,
                 role="agent",
                 handle=_phone_handle(message.from_),
             )
         else:
             sender = self._user(user, role="system" if message.type == "system" else "user")
-        return Message(
-            id=canonical.message_id(*self._scope(), message.id),
+        return c.Message(
+            id=c.message_id(*self._scope(), message.id),
             tenant=self.ctx.tenant,
             conversation=self._conversation(message.group_id or user, group=bool(message.group_id)),
             direction="outbound" if echo else "inbound",
             ts=native.from_unix(message.timestamp, f"{path}.timestamp"),
             sender=sender,
-            native=Native(id=message.id, seq=self.ctx.seq),
+            native=c.Native(id=message.id, seq=self.ctx.seq),
             reply_to=source,
             parts=parts,
             meta=meta,
         )
 
-    def _parts(self, content: _Content, raw: JsonObject, path: str, meta: JsonObject, source: str) -> list[Part]:
+    def _parts(self, content: _Content, raw: JsonObject, path: str, meta: JsonObject, source: str) -> list[c.Part]:
         """The canonical parts of one message's content; what has no part stays verbatim."""
         kind = content.type
         body = raw.get(kind)
         match kind:
             case "text" if content.text is not None:
-                return [Text(text=content.text.body)]
+                return [c.Text(text=content.text.body)]
             case _ if kind in _INBOUND_MEDIA and isinstance(body, dict):
                 media: _MediaObject = getattr(content, kind)
                 _keep_unmapped(meta, f"whatsapp.{kind}", body, _MEDIA_MAPPED)
@@ -875,7 +844,7 @@ class _ChangeDecoder:
                 _keep_unmapped(meta, "whatsapp.location", body, {"latitude", "longitude", "name", "address", "url"})
                 place = content.location
                 return [
-                    Location(
+                    c.Location(
                         lat=native.finite(place.latitude, f"{path}.location.latitude"),
                         lon=native.finite(place.longitude, f"{path}.location.longitude"),
                         name=place.name,
@@ -889,58 +858,58 @@ class _ChangeDecoder:
             case "interactive" if content.interactive is not None and isinstance(body, dict):
                 return [self._interactive(content.interactive, body, f"{path}.interactive", meta, source)]
             case "button" if content.button is not None:
-                return [Action(id=content.button.payload, title=content.button.text, source=source)]
+                return [c.Action(id=content.button.payload, title=content.button.text, source=source)]
             case "reaction" if content.reaction is not None:
                 reaction = content.reaction
                 return [
-                    Reaction(emoji=reaction.emoji, target=self._ref(reaction.message_id), removed=not reaction.emoji)
+                    c.Reaction(emoji=reaction.emoji, target=self._ref(reaction.message_id), removed=not reaction.emoji)
                 ]
             case "order" if content.order is not None and isinstance(body, dict):
                 _keep_unmapped(meta, "whatsapp.order", body, {"catalog_id", "text", "product_items"})
                 return _order_parts(content.order, f"{path}.order")
             case "system" if content.system is not None and isinstance(body, dict):
                 _keep_unmapped(meta, "whatsapp.system", body, {"body"})
-                return [Text(text=content.system.body)]
+                return [c.Text(text=content.system.body)]
             case "revoke" if content.revoke is not None:
-                return [Delete(target=self._ref(content.revoke.original_message_id))]
+                return [c.Delete(target=self._ref(content.revoke.original_message_id))]
             case "edit" if content.edit is not None and isinstance(content, _Message):
                 # (only a received message can be an edit: an edit inside an edit is kept verbatim)
                 return self._edit(content.edit, f"{path}.edit.message", meta)
             case "unsupported" | "unknown":
                 return [
-                    Unsupported(reason=_errors_reason(content.errors) or "not supported by the Cloud API", native=raw)
+                    c.Unsupported(reason=_errors_reason(content.errors) or "not supported by the Cloud API", native=raw)
                 ]
             case _ if body is None and kind:
-                return [Unsupported(reason=f"{kind} message without its {kind!r} object", native=raw)]
+                return [c.Unsupported(reason=f"{kind} message without its {kind!r} object", native=raw)]
             case _:
-                return [Unsupported(reason=f"WhatsApp message type {kind!r}", native=raw)]
+                return [c.Unsupported(reason=f"WhatsApp message type {kind!r}", native=raw)]
 
     def _interactive(
         self, interactive: _Interactive, raw: JsonObject, path: str, meta: JsonObject, source: str
-    ) -> Part:
+    ) -> c.Part:
         """A tap on a reply button or list row → `Action`; a completed Flow → `Form`."""
         replies = {"button_reply": interactive.button_reply, "list_reply": interactive.list_reply}
         reply = replies.get(interactive.type)
         raw_reply = raw.get(interactive.type)
         if reply is not None and isinstance(raw_reply, dict):
             _keep_unmapped(meta, f"whatsapp.{interactive.type}", raw_reply, {"id", "title"})  # row descriptions
-            return Action(id=reply.id, title=reply.title, source=source)
+            return c.Action(id=reply.id, title=reply.title, source=source)
         flow = interactive.nfm_reply
         raw_flow = raw.get("nfm_reply")
         if interactive.type == "nfm_reply" and flow is not None and isinstance(raw_flow, dict):
             _keep_unmapped(meta, "whatsapp.nfm_reply", raw_flow, {"response_json"})
             return _flow_form(flow, f"{path}.nfm_reply.response_json")
-        return Unsupported(reason=f"interactive reply {interactive.type!r}", native=raw)
+        return c.Unsupported(reason=f"interactive reply {interactive.type!r}", native=raw)
 
-    def _edit(self, edit: _EditObject, path: str, meta: JsonObject) -> list[Part]:
+    def _edit(self, edit: _EditObject, path: str, meta: JsonObject) -> list[c.Part]:
         """An edited message: the `Edit` marker, then the new content."""
         content = native.convert(edit.message, _Content, path)
         _keep_unmapped(meta, "whatsapp.edit.message", edit.message, {"type", content.type})
-        return [Edit(target=self._ref(edit.original_message_id)), *self._parts(content, edit.message, path, meta, "")]
+        return [c.Edit(target=self._ref(edit.original_message_id)), *self._parts(content, edit.message, path, meta, "")]
 
     # ----------------------------------------------------------------------------- statuses
 
-    def _status(self, raw: JsonObject, path: str) -> Envelope:
+    def _status(self, raw: JsonObject, path: str) -> c.Envelope:
         status = native.convert(raw, _StatusObject, path)
         chat = status.group_id or status.recipient_id or status.recipient_user_id
         is_group = bool(status.group_id) or status.recipient_type == "group"
@@ -952,22 +921,22 @@ class _ChangeDecoder:
         # A group member's receipt is told apart from the other members' by the member.
         member = (status.recipient_participant_id,) if status.recipient_participant_id else ()
         if state is None:
-            return Message(
-                id=canonical.stable_id("whatsapp.status", *self._scope(), status.id, status.status, *member),
+            return c.Message(
+                id=c.stable_id("whatsapp.status", *self._scope(), status.id, status.status, *member),
                 tenant=self.ctx.tenant,
                 conversation=self._conversation(chat, group=is_group),
                 ts=ts,
-                sender=Sender(role="system"),
-                native=Native(id=status.id, seq=self.ctx.seq),
-                parts=[Unsupported(reason=f"WhatsApp status {status.status!r}", native=raw)],
+                sender=c.Sender(role="system"),
+                native=c.Native(id=status.id, seq=self.ctx.seq),
+                parts=[c.Unsupported(reason=f"WhatsApp status {status.status!r}", native=raw)],
                 meta=meta,
             )
-        return Status(
-            id=canonical.stable_id("status", *self._scope(), status.id, state, *member),
+        return c.Status(
+            id=c.stable_id("status", *self._scope(), status.id, state, *member),
             tenant=self.ctx.tenant,
             conversation=self._conversation(chat, group=is_group),
             ts=ts,
-            native=Native(id=status.id, seq=self.ctx.seq),
+            native=c.Native(id=status.id, seq=self.ctx.seq),
             native_id=status.id,
             state=state,
             error=_status_error(status.errors[0], raw["errors"][0]) if status.errors else None,
@@ -981,21 +950,21 @@ class _ChangeDecoder:
 
     def _ref(self, wamid: str) -> str:
         """The canonical id the message `wamid` got (or will get) when it came in on this connection."""
-        return canonical.message_id(*self._scope(), wamid)
+        return c.message_id(*self._scope(), wamid)
 
-    def _conversation(self, chat: str, *, group: bool = False) -> Conversation:
-        return Conversation(
-            id=canonical.conversation_id(*self._scope(), chat),
+    def _conversation(self, chat: str, *, group: bool = False) -> c.Conversation:
+        return c.Conversation(
+            id=c.conversation_id(*self._scope(), chat),
             channel=CHANNEL,
             connection=self.ctx.connection,
             native_id=chat,
             type="group" if group else "direct",
         )
 
-    def _user(self, user: str, role: canonical.Role = "user") -> Sender:
+    def _user(self, user: str, role: c.Role = "user") -> c.Sender:
         """A user, by phone number or (a user with a username) by BSUID."""
-        return Sender(
-            id=canonical.sender_id(*self._scope(), user),
+        return c.Sender(
+            id=c.sender_id(*self._scope(), user),
             native_id=user,
             name=self.names.get(user, ""),
             role=role,
@@ -1026,11 +995,11 @@ class _ChangeDecoder:
             return native.from_unix(self.entry.time, f"{self.entry_path}.time")
         if self.received_at:
             return native.from_unix(self.received_at)
-        return canonical.now()
+        return c.now()
 
 
-def _media_part(kind: str, media: _MediaObject) -> Media:
-    return Media(
+def _media_part(kind: str, media: _MediaObject) -> c.Media:
+    return c.Media(
         media="voice" if kind == "audio" and media.voice else _INBOUND_MEDIA[kind],
         file_id=media.id,
         url=media.url,
@@ -1040,11 +1009,11 @@ def _media_part(kind: str, media: _MediaObject) -> Media:
     )
 
 
-def _contact_part(card: _ContactCard) -> Contact:
+def _contact_part(card: _ContactCard) -> c.Contact:
     name = ""
     if card.name is not None:
         name = card.name.formatted_name or " ".join(p for p in (card.name.first_name, card.name.last_name) if p)
-    return Contact(
+    return c.Contact(
         name=name,
         phones=[phone.phone or phone.wa_id for phone in card.phones if phone.phone or phone.wa_id],
         emails=[email.email for email in card.emails if email.email],
@@ -1053,9 +1022,9 @@ def _contact_part(card: _ContactCard) -> Contact:
     )
 
 
-def _order_parts(order: _Order, path: str) -> list[Part]:
+def _order_parts(order: _Order, path: str) -> list[c.Part]:
     items = [
-        ProductItem(
+        c.ProductItem(
             product_id=item.product_retailer_id,
             quantity=item.quantity,
             price=native.finite(item.item_price, f"{path}.product_items[{n}].item_price")
@@ -1065,13 +1034,13 @@ def _order_parts(order: _Order, path: str) -> list[Part]:
         )
         for n, item in enumerate(order.product_items)
     ]
-    parts: list[Part] = [Product(catalog_id=order.catalog_id, items=items)]
+    parts: list[c.Part] = [c.Product(catalog_id=order.catalog_id, items=items)]
     if order.text:
-        parts.append(Text(text=order.text))
+        parts.append(c.Text(text=order.text))
     return parts
 
 
-def _flow_form(flow: _FlowReply, path: str) -> Form:
+def _flow_form(flow: _FlowReply, path: str) -> c.Form:
     """A completed WhatsApp Flow: its answers (`response_json`, a JSON string) as form fields."""
     try:
         # msgspec, not json: JSON has no NaN, Infinity or lone surrogates, and an envelope cannot carry them
@@ -1081,15 +1050,15 @@ def _flow_form(flow: _FlowReply, path: str) -> Form:
     if not isinstance(answers, dict):
         raise DecodeError("response_json is not a JSON object", path=path)
     token = answers.pop("flow_token", "")
-    return Form(
+    return c.Form(
         id=str(token) or flow.name,
-        fields=[FormField(id=key, value=value) for key, value in answers.items()],
+        fields=[c.FormField(id=key, value=value) for key, value in answers.items()],
     )
 
 
-def _status_error(error: _ErrorObject, raw: JsonObject) -> Error:
+def _status_error(error: _ErrorObject, raw: JsonObject) -> c.Error:
     rule = _error_rule(error.code)
-    return Error(
+    return c.Error(
         code=f"whatsapp_{error.code}",
         message=_describe_error(error.code, error.title or error.message, error.details),
         retryable=rule.retryable if rule else False,
@@ -1171,30 +1140,30 @@ class _Composer:
         self._text: str | None = None  # held back in case an interactive part takes it as its body
         self._contacts: list[JsonObject] = []
 
-    def add(self, part: Part) -> None:
-        if isinstance(part, Contact):
+    def add(self, part: c.Part) -> None:
+        if isinstance(part, c.Contact):
             self._flush_text()
             self._contacts.append(_contact_card(part))
             return
         self._flush_contacts()
         match part:
-            case Text():
+            case c.Text():
                 self._flush_text()
                 self._text = part.text
-            case Buttons():
+            case c.Buttons():
                 self.bodies.extend(self._buttons(part))
-            case List():
+            case c.List():
                 self.bodies.append(self._list(part))
-            case Media():
+            case c.Media():
                 self._flush_text()
                 self.bodies.extend(_media_bodies(part))
-            case Location():
+            case c.Location():
                 self._flush_text()
                 self.bodies.append(_location_body(part))
-            case Template():
+            case c.Template():
                 self._flush_text()
                 self.bodies.append(_template_body(part))
-            case Reaction():
+            case c.Reaction():
                 self._flush_text()
                 self.bodies.append(self._reaction(part))
             case _:
@@ -1207,7 +1176,7 @@ class _Composer:
 
     # --------------------------------------------------------------------------------- parts
 
-    def _buttons(self, part: Buttons) -> list[JsonObject]:
+    def _buttons(self, part: c.Buttons) -> list[JsonObject]:
         replies = [button for button in part.buttons if button.action == "reply"]
         links = [button for button in part.buttons if button.action == "url"]
         unsendable = [button.action for button in part.buttons if button.action not in ("reply", "url")]
@@ -1243,7 +1212,7 @@ class _Composer:
         )
         return bodies
 
-    def _list(self, part: List) -> JsonObject:
+    def _list(self, part: c.List) -> JsonObject:
         interactive: JsonObject = {"type": "list"}
         if part.header:
             interactive["header"] = {"type": "text", "text": part.header}
@@ -1257,7 +1226,7 @@ class _Composer:
         interactive["action"] = {"button": part.button or _DEFAULT_LIST_BUTTON, "sections": sections}
         return {"type": "interactive", "interactive": interactive}
 
-    def _reaction(self, part: Reaction) -> JsonObject:
+    def _reaction(self, part: c.Reaction) -> JsonObject:
         wamid = native.native_id(self.ctx, part.target, "reaction target", "WhatsApp")
         # WhatsApp removes a reaction when it is sent again with an empty emoji.
         return {"type": "reaction", "reaction": {"message_id": wamid, "emoji": "" if part.removed else part.emoji}}
@@ -1309,7 +1278,7 @@ def _packed(pieces: list[str], limit: int) -> list[str]:
     return texts
 
 
-def _cta_url_body(body: str, link: Button) -> JsonObject:
+def _cta_url_body(body: str, link: c.Button) -> JsonObject:
     return {
         "type": "interactive",
         "interactive": {
@@ -1327,7 +1296,7 @@ def _list_row(row_id: str, title: str, description: str) -> JsonObject:
     return row
 
 
-def _media_bodies(part: Media) -> list[JsonObject]:
+def _media_bodies(part: c.Media) -> list[JsonObject]:
     kind = "audio" if part.media == "voice" else part.media  # a voice note is an audio message (OGG/Opus)
     if kind not in MEDIA_MAX_BYTES:
         raise EncodeError(f"WhatsApp cannot send {part.media!r} media")
@@ -1352,7 +1321,7 @@ def _media_bodies(part: Media) -> list[JsonObject]:
     return bodies
 
 
-def _location_body(part: Location) -> JsonObject:
+def _location_body(part: c.Location) -> JsonObject:
     location: JsonObject = {"latitude": part.lat, "longitude": part.lon}
     if part.name:
         location["name"] = part.name
@@ -1361,7 +1330,7 @@ def _location_body(part: Location) -> JsonObject:
     return {"type": "location", "location": location}
 
 
-def _contact_card(part: Contact) -> JsonObject:
+def _contact_card(part: c.Contact) -> JsonObject:
     # WhatsApp requires formatted_name plus at least one other name field; splitting a full name into
     # first and last is not reliable across cultures, so the whole name is the first name.
     card: JsonObject = {"name": {"formatted_name": part.name, "first_name": part.name}}
@@ -1376,7 +1345,7 @@ def _contact_card(part: Contact) -> JsonObject:
     return card
 
 
-def _template_body(part: Template) -> JsonObject:
+def _template_body(part: c.Template) -> JsonObject:
     if not part.language:
         raise EncodeError(f"WhatsApp template {part.name!r} needs a language code (Template.language)")
     template: JsonObject = {"name": part.name, "language": {"code": part.language}}
@@ -1386,7 +1355,7 @@ def _template_body(part: Template) -> JsonObject:
     return {"type": "template", "template": template}
 
 
-def _template_parameters(part: Template) -> list[JsonObject]:
+def _template_parameters(part: c.Template) -> list[JsonObject]:
     """Positional templates ({{1}}, {{2}}) get their values in numeric order; named ones by name."""
     keys = list(part.params)
     if all(key.isdigit() for key in keys):
@@ -1396,7 +1365,7 @@ def _template_parameters(part: Template) -> list[JsonObject]:
     return [{"type": "text", "parameter_name": key, "text": value} for key, value in part.params.items()]
 
 
-def _message_to_mark(activity: Activity, ctx: EncodeContext) -> str:
+def _message_to_mark(activity: c.Activity, ctx: EncodeContext) -> str:
     """The wamid a read receipt or typing indicator refers to (see `WhatsAppCodec`)."""
     wamid = activity.detail.get("native_id")
     if isinstance(wamid, str) and wamid:

@@ -176,7 +176,7 @@ Json: TypeAlias = dict[str, Any]
 """A Discord JSON object as the API takes it."""
 
 
-# ------------------------------------------------------------------------------------ native shapes
+# -------------------------------------------------------------------------------------- wire format
 # Only the fields this codec reads; the rest is kept in meta or in `unsupported` parts. Discord ids are
 # snowflakes serialized as strings.
 
@@ -354,7 +354,7 @@ class DiscordCodec(Codec):
         typing=True,
     )
 
-    # ---------------------------------------------------------------------------------- inbound
+    # ----------------------------------------------------------------------------------- decode
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
         """Ed25519 over `X-Signature-Timestamp` + raw body, by Discord's key or the bridge's, and a
@@ -413,35 +413,35 @@ class DiscordCodec(Codec):
 
     def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         payload = _read_object(request)
-        inbound = _Inbound.of(ctx, request)
+        decoder = _Decoder.of(ctx, request)
         if _is_dispatch(payload):
-            return _decode_dispatch(native.convert(payload, _Dispatch), request, inbound)
+            return _decode_dispatch(native.convert(payload, _Dispatch), request, decoder)
         if _is_webhook_event(payload):
-            return _webhook_event(payload, inbound)
+            return _webhook_event(payload, decoder)
         if "author" in payload:  # a bare message object: only messages have an author
-            return _message_created(native.convert(payload, _Message), payload, "$", inbound)
-        return _decode_interaction(native.convert(payload, _Interaction), payload, "$", inbound)
+            return _message_created(native.convert(payload, _Message), payload, "$", decoder)
+        return _decode_interaction(native.convert(payload, _Interaction), payload, "$", decoder)
 
-    # --------------------------------------------------------------------------------- outbound
+    # ----------------------------------------------------------------------------------- encode
 
     def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         """The API calls of `message`, in part order: content parts laid out as Discord messages (see
         `_Layout`), each reaction and deletion its own call, an `edit` part turning the content into a
         PATCH of the edited message."""
-        calls = _Calls(self.api_base(ctx), message, ctx)
+        encoder = _Encoder(self.api_base(ctx), message, ctx)
         edit = next((part for part in message.parts if isinstance(part, c.Edit)), None)
         if edit is not None and all(isinstance(part, c.Edit | c.Reaction | c.Delete) for part in message.parts):
             raise EncodeError("discord: an edit needs new content to put into the message")
         layout = _Layout()
         for index, part in enumerate(message.parts):
             if isinstance(part, c.Reaction | c.Delete):
-                calls.send(layout, edit)
+                encoder.send(layout, edit)
                 layout = _Layout()
-                calls.marker(part)
+                encoder.marker(part)
             elif not isinstance(part, c.Edit):
                 layout.add(part, index)
-        calls.send(layout, edit)
-        return calls.requests
+        encoder.send(layout, edit)
+        return encoder.requests
 
     def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         """Typing is `POST /channels/{to}/typing` (shown for 10 seconds); Discord has no read marker."""
@@ -545,7 +545,7 @@ def _object(raw: Mapping[str, Any], key: str) -> Json:
     return value if isinstance(value, dict) else {}
 
 
-# ------------------------------------------------------------------------------------ decode: helpers
+# ---------------------------------------------------------------------------------- decoding: helpers
 
 #: Channel types with a conversation type of their own; any other guild channel is a "channel".
 _CHAT_TYPES: Final[dict[int, c.ConversationType]] = {1: "direct", 3: "group", 10: "thread", 11: "thread", 12: "thread"}
@@ -563,7 +563,7 @@ def _display_name(user: _User, member: _Member | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class _Inbound:
+class _Decoder:
     """What every envelope of one decode shares: whose connection, when it arrived, who "we" are."""
 
     tenant: str
@@ -573,7 +573,7 @@ class _Inbound:
     own_user: str
 
     @classmethod
-    def of(cls, ctx: DecodeContext, request: HttpRequest) -> _Inbound:
+    def of(cls, ctx: DecodeContext, request: HttpRequest) -> _Decoder:
         own = ctx.options.get("bot_user_id")
         own_user = own if isinstance(own, str) else ""
         return cls(ctx.tenant, ctx.connection, ctx.seq, native.from_unix(request.received_at), own_user)
@@ -627,78 +627,78 @@ class _Inbound:
         )
 
 
-# ------------------------------------------------------------------------------------ decode: messages
+# ---------------------------------------------------------------------------------- decoding: messages
 
 
-def _decode_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inbound) -> list[c.Envelope]:
+def _decode_dispatch(dispatch: _Dispatch, request: HttpRequest, decoder: _Decoder) -> list[c.Envelope]:
     event, kind = dispatch.d, dispatch.t
     if kind == "MESSAGE_CREATE":
-        return _message_created(native.convert(event, _Message, "$.d"), event, "$.d", inbound)
+        return _message_created(native.convert(event, _Message, "$.d"), event, "$.d", decoder)
     if kind == "MESSAGE_UPDATE" and isinstance(event, dict) and event.get("edited_timestamp"):
-        return _message_edited(native.convert(event, _Message, "$.d"), event, "$.d", inbound)
+        return _message_edited(native.convert(event, _Message, "$.d"), event, "$.d", decoder)
     if kind == "MESSAGE_DELETE":
-        return [_message_deleted(native.convert(event, _DeleteEvent, "$.d"), inbound)]
+        return [_message_deleted(native.convert(event, _DeleteEvent, "$.d"), decoder)]
     if kind in ("MESSAGE_REACTION_ADD", "MESSAGE_REACTION_REMOVE"):
-        return _reaction(native.convert(event, _ReactionEvent, "$.d"), kind, dispatch.s, inbound)
+        return _reaction(native.convert(event, _ReactionEvent, "$.d"), kind, dispatch.s, decoder)
     if kind == "INTERACTION_CREATE":
-        return _decode_interaction(native.convert(event, _Interaction, "$.d"), event, "$.d", inbound)
+        return _decode_interaction(native.convert(event, _Interaction, "$.d"), event, "$.d", decoder)
     # Anything else (a MESSAGE_UPDATE that only resolved link previews, guild events, …) is kept whole.
-    return [_unsupported_dispatch(dispatch, request, inbound)]
+    return [_unsupported_dispatch(dispatch, request, decoder)]
 
 
-def _message_created(message: _Message, raw: Json, root: str, inbound: _Inbound) -> list[c.Envelope]:
+def _message_created(message: _Message, raw: Json, root: str, decoder: _Decoder) -> list[c.Envelope]:
     ts = native.parse_time(message.timestamp, f"{root}.timestamp")
-    if inbound.is_own(message.author.id):
+    if decoder.is_own(message.author.id):
         return []  # our own message, echoed back by the gateway: never re-ingested
-    parts, meta = _content(message, raw, inbound)
+    parts, meta = _content(message, raw, decoder)
     return [
-        inbound.envelope(
+        decoder.envelope(
             native_id=f"{message.channel_id}:{message.id}",
             chat=message.channel_id,
             chat_type=_message_chat_type(message),
             ts=ts,
-            sender=_author(message, inbound),
+            sender=_author(message, decoder),
             parts=parts,
-            reply_to=_replied(message, inbound),
+            reply_to=_replied(message, decoder),
             meta=meta,
         )
     ]
 
 
-def _message_edited(message: _Message, raw: Json, root: str, inbound: _Inbound) -> list[c.Envelope]:
+def _message_edited(message: _Message, raw: Json, root: str, decoder: _Decoder) -> list[c.Envelope]:
     """MESSAGE_UPDATE with an `edited_timestamp`: an Edit marker followed by the new content."""
     native.parse_time(message.timestamp, f"{root}.timestamp")
-    if inbound.is_own(message.author.id) or message.edited_timestamp is None:
+    if decoder.is_own(message.author.id) or message.edited_timestamp is None:
         return []
     edited = native.parse_time(message.edited_timestamp, f"{root}.edited_timestamp")
-    parts, meta = _content(message, raw, inbound)
+    parts, meta = _content(message, raw, decoder)
     return [
-        inbound.envelope(
+        decoder.envelope(
             native_id=f"{message.channel_id}:{message.id}:edited:{edited.isoformat()}",
             chat=message.channel_id,
             chat_type=_message_chat_type(message),
             ts=edited,
-            sender=_author(message, inbound),
-            parts=[c.Edit(target=inbound.message_id(message.channel_id, message.id)), *parts],
+            sender=_author(message, decoder),
+            parts=[c.Edit(target=decoder.message_id(message.channel_id, message.id)), *parts],
             meta=meta,
         )
     ]
 
 
-def _message_deleted(event: _DeleteEvent, inbound: _Inbound) -> c.Message:
+def _message_deleted(event: _DeleteEvent, decoder: _Decoder) -> c.Message:
     """MESSAGE_DELETE: a Delete marker. Discord does not say who deleted it, nor when (arrival time)."""
-    return inbound.envelope(
+    return decoder.envelope(
         native_id=f"{event.channel_id}:{event.id}:deleted",
         chat=event.channel_id,
         chat_type=_chat_type(None, event.guild_id is not None),
-        ts=inbound.received,
+        ts=decoder.received,
         sender=None,
-        parts=[c.Delete(target=inbound.message_id(event.channel_id, event.id))],
+        parts=[c.Delete(target=decoder.message_id(event.channel_id, event.id))],
     )
 
 
-def _reaction(event: _ReactionEvent, kind: str, sequence: int | None, inbound: _Inbound) -> list[c.Envelope]:
-    if inbound.is_own(event.user_id):
+def _reaction(event: _ReactionEvent, kind: str, sequence: int | None, decoder: _Decoder) -> list[c.Envelope]:
+    if decoder.is_own(event.user_id):
         return []  # our own reaction, echoed back
     removed = kind == "MESSAGE_REACTION_REMOVE"
     emoji = _emoji_text(event.emoji)
@@ -711,14 +711,14 @@ def _reaction(event: _ReactionEvent, kind: str, sequence: int | None, inbound: _
     if sequence is not None:
         native_id += f":{sequence}"
     return [
-        inbound.envelope(
+        decoder.envelope(
             native_id=native_id,
             chat=event.channel_id,
             chat_type=_chat_type(None, event.guild_id is not None),
-            ts=inbound.received,
-            sender=inbound.sender(person, event.member),
+            ts=decoder.received,
+            sender=decoder.sender(person, event.member),
             parts=[
-                c.Reaction(emoji=emoji, target=inbound.message_id(event.channel_id, event.message_id), removed=removed)
+                c.Reaction(emoji=emoji, target=decoder.message_id(event.channel_id, event.message_id), removed=removed)
             ],
             meta=meta,
         )
@@ -732,17 +732,17 @@ def _emoji_text(emoji: _Emoji) -> str:
     return emoji.name or ""
 
 
-def _unsupported_dispatch(dispatch: _Dispatch, request: HttpRequest, inbound: _Inbound) -> c.Message:
+def _unsupported_dispatch(dispatch: _Dispatch, request: HttpRequest, decoder: _Decoder) -> c.Message:
     event = dispatch.d if isinstance(dispatch.d, dict) else {}
     chat = native.str_field(event, "channel_id") or native.str_field(event, "guild_id") or native.str_field(event, "id")
     user = event.get("user") or event.get("author")
     user_id = user.get("id") if isinstance(user, dict) else event.get("user_id")
-    return inbound.envelope(
+    return decoder.envelope(
         native_id=f"{chat}:{dispatch.t}:{c.stable_id(request.body.decode('utf-8', 'replace'))}",
         chat=chat,
         chat_type=_chat_type(None, "guild_id" in event),
-        ts=inbound.received,
-        sender=inbound.sender(_User(id=user_id)) if isinstance(user_id, str) and user_id else None,
+        ts=decoder.received,
+        sender=decoder.sender(_User(id=user_id)) if isinstance(user_id, str) and user_id else None,
         parts=[c.Unsupported(reason=f"discord gateway event {dispatch.t}", native=dispatch.d)],
     )
 
@@ -756,18 +756,18 @@ def _message_chat_type(message: _Message) -> c.ConversationType:
     return _chat_type(message.channel_type, in_guild or (reference is not None and reference.guild_id is not None))
 
 
-def _author(message: _Message, inbound: _Inbound) -> c.Sender:
+def _author(message: _Message, decoder: _Decoder) -> c.Sender:
     role: c.Role = "bot" if message.webhook_id else "user"
-    return inbound.sender(message.author, message.member, role)
+    return decoder.sender(message.author, message.member, role)
 
 
-def _replied(message: _Message, inbound: _Inbound) -> str:
+def _replied(message: _Message, decoder: _Decoder) -> str:
     """A reply (type 19) and a context-menu command's message (type 23) point at their message; other
     references (crossposts, pins, forwards) say where content came from and stay in meta."""
     reference = message.message_reference
     if message.type not in (REPLY, CONTEXT_MENU_COMMAND) or reference is None or not reference.message_id:
         return ""
-    return inbound.message_id(reference.channel_id or message.channel_id, reference.message_id)
+    return decoder.message_id(reference.channel_id or message.channel_id, reference.message_id)
 
 
 #: Sticker format types → the file Discord serves: PNG, APNG, Lottie (JSON), GIF.
@@ -779,7 +779,7 @@ _STICKER_FILES: Final[dict[int, tuple[str, str]]] = {
 }
 
 
-def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[c.Part], dict[str, Any]]:
+def _content(message: _Message, raw: Json, decoder: _Decoder) -> tuple[list[c.Part], dict[str, Any]]:
     """A message's text, files and stickers as parts. Embeds with content of their own (`rich`),
     components, polls and forwarded snapshots become `unsupported` parts; link previews and
     references go to meta."""
@@ -790,7 +790,7 @@ def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[c.Pa
         return [c.Unsupported(reason=f"discord message type {message.type}", native=raw)], meta
     parts: list[c.Part] = []
     if message.content:
-        text = _mentions_resolved(message.content, message.mentions, inbound)
+        text = _mentions_resolved(message.content, message.mentions, decoder)
         parts.append(text)
         if text.text != message.content:
             meta["discord.content"] = message.content  # the original, with <@id> mentions
@@ -825,7 +825,7 @@ def _content(message: _Message, raw: Json, inbound: _Inbound) -> tuple[list[c.Pa
 _USER_MENTION: Final = re.compile(r"<@!?(?P<user>\d+)>")
 
 
-def _mentions_resolved(content: str, mentioned: list[_User], inbound: _Inbound) -> c.Text:
+def _mentions_resolved(content: str, mentioned: list[_User], decoder: _Decoder) -> c.Text:
     """Markdown content with `<@id>` user mentions written as `@name`, each with a Mention (offset and
     length in code points). Role, channel and emoji tokens are left as Discord wrote them."""
     names = {user.id: user.global_name or user.username for user in mentioned}
@@ -840,7 +840,7 @@ def _mentions_resolved(content: str, mentioned: list[_User], inbound: _Inbound) 
         shown = "@" + (names.get(user) or user)
         mentions.append(
             c.Mention(
-                id=inbound.person(user), native_id=user, name=names.get(user, ""), offset=written, length=len(shown)
+                id=decoder.person(user), native_id=user, name=names.get(user, ""), offset=written, length=len(shown)
             )
         )
         pieces.append(shown)
@@ -885,7 +885,7 @@ def _sticker(raw: Any, where: str) -> c.Media:
     )
 
 
-def _webhook_event(payload: Json, inbound: _Inbound) -> list[c.Envelope]:
+def _webhook_event(payload: Json, decoder: _Decoder) -> list[c.Envelope]:
     """A webhook event, kept whole; its PING (type 0) only checks the URL."""
     if payload.get("type") == 0:
         return []
@@ -894,23 +894,23 @@ def _webhook_event(payload: Json, inbound: _Inbound) -> list[c.Envelope]:
     user_id = native.str_field(_object(_object(event, "data"), "user"), "id")
     application = native.str_field(payload, "application_id")
     timestamp = native.str_field(event, "timestamp")
-    ts = native.parse_time(timestamp, "$.event.timestamp") if timestamp else inbound.received
+    ts = native.parse_time(timestamp, "$.event.timestamp") if timestamp else decoder.received
     return [
-        inbound.envelope(
+        decoder.envelope(
             native_id=f"{application}:event:{kind}:{timestamp}:{user_id}",
             chat=application,
             chat_type="direct",
             ts=ts,
-            sender=inbound.sender(_User(id=user_id)) if user_id else None,
+            sender=decoder.sender(_User(id=user_id)) if user_id else None,
             parts=[c.Unsupported(reason=f"discord webhook event {kind}", native=payload)],
         )
     ]
 
 
-# --------------------------------------------------------------------------------- decode: interactions
+# ------------------------------------------------------------------------------- decoding: interactions
 
 
-def _decode_interaction(interaction: _Interaction, raw: Json, root: str, inbound: _Inbound) -> list[c.Envelope]:
+def _decode_interaction(interaction: _Interaction, raw: Json, root: str, decoder: _Decoder) -> list[c.Envelope]:
     if interaction.type == PING:
         return []  # Discord checking the URL, answered by `handshake`
     chat = interaction.channel_id or (interaction.channel.id if interaction.channel else "")
@@ -933,10 +933,10 @@ def _decode_interaction(interaction: _Interaction, raw: Json, root: str, inbound
         parts = [c.Text(text=_command_text(command))]
         meta["discord.command"] = _command_meta(command, data)
         if command.type == MESSAGE_COMMAND and command.target_id:
-            reply_to = inbound.message_id(chat, command.target_id)  # the message the command was used on
+            reply_to = decoder.message_id(chat, command.target_id)  # the message the command was used on
     elif interaction.type == MESSAGE_COMPONENT:
         component = native.convert(data, _ComponentData, data_path)
-        parts = list(_component_actions(component, interaction, raw, chat, inbound))
+        parts = list(_component_actions(component, interaction, raw, chat, decoder))
         meta["discord.component"] = data
     elif interaction.type == MODAL_SUBMIT:
         parts = [_form(native.convert(data, _ModalData, data_path))]
@@ -948,12 +948,12 @@ def _decode_interaction(interaction: _Interaction, raw: Json, root: str, inbound
         meta["discord.resolved"] = data["resolved"]  # the users, roles, channels, files the data names
     channel_type = interaction.channel.type if interaction.channel else None
     return [
-        inbound.envelope(
+        decoder.envelope(
             native_id=f"{chat}:interaction:{interaction.id}",
             chat=chat,
             chat_type=_chat_type(channel_type, interaction.guild_id is not None),
             ts=_interaction_time(interaction.id, f"{root}.id"),
-            sender=inbound.sender(user, member),
+            sender=decoder.sender(user, member),
             parts=parts,
             reply_to=reply_to,
             meta=meta,
@@ -993,12 +993,12 @@ def _command_meta(command: _CommandData, data: Json) -> Json:
 
 
 def _component_actions(
-    component: _ComponentData, interaction: _Interaction, raw: Json, chat: str, inbound: _Inbound
+    component: _ComponentData, interaction: _Interaction, raw: Json, chat: str, decoder: _Decoder
 ) -> list[c.Action]:
     """A button click is one Action (its custom_id); a select, one Action per chosen value. Titles come
     from the component's definition on the message it was on."""
     source_message = interaction.message
-    source = inbound.message_id(source_message.channel_id or chat, source_message.id) if source_message else ""
+    source = decoder.message_id(source_message.channel_id or chat, source_message.id) if source_message else ""
     message = raw.get("message")
     definition = _find_component(message.get("components") if isinstance(message, dict) else None, component.custom_id)
     if not component.values:
@@ -1069,7 +1069,7 @@ def _form_fields(component: Any) -> list[c.FormField]:
     return [c.FormField(id=custom_id, kind=name, value=value)]
 
 
-# ------------------------------------------------------------------------------------- encode: layout
+# ----------------------------------------------------------------------------------- encoding: layout
 
 
 def _embed_size(embed: Json) -> int:
@@ -1270,7 +1270,7 @@ def _description(text: str, what: str) -> str:
     return text
 
 
-# -------------------------------------------------------------------------------------- encode: calls
+# ------------------------------------------------------------------------------------ encoding: calls
 
 
 def _bot_headers(ctx: EncodeContext) -> dict[str, str]:
@@ -1278,7 +1278,7 @@ def _bot_headers(ctx: EncodeContext) -> dict[str, str]:
     return {"Authorization": f"Bot {token}", "User-Agent": USER_AGENT}
 
 
-class _Calls:
+class _Encoder:
     """The API calls of one outbound message, numbered for their idempotency keys."""
 
     def __init__(self, base: str, message: c.Message, ctx: EncodeContext) -> None:

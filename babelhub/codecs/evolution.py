@@ -175,7 +175,7 @@ _CAPTIONED: Final = frozenset({"image", "video", "document"})  # audio, voice no
 _TRANSIENT_ERRORS: Final = ("Connection Closed", "Timed Out")
 
 
-# --------------------------------------------------------------------------- native webhook shapes
+# --------------------------------------------------------------------------- wire format: webhooks
 
 
 class _Native(msgspec.Struct, kw_only=True):
@@ -264,7 +264,7 @@ class _ParticipantsUpdate(_Native, kw_only=True):
     author: str | None = None
 
 
-# ---------------------------------------------------------------- native message contents (WAProto)
+# ---------------------------------------------------------- wire format: message contents (WAProto)
 
 
 class _ExtendedText(_Camel, kw_only=True):
@@ -360,7 +360,7 @@ class _PollCreation(_Camel, kw_only=True):
     selectable_options_count: int | None = None
 
 
-# ------------------------------------------------------------------------------ native API answers
+# ------------------------------------------------------------------------ wire format: API answers
 
 
 class _SentKey(_Camel, kw_only=True):
@@ -479,7 +479,7 @@ class EvolutionCodec(Codec):
             safe = _without_credentials(raw)
             webhook = native.convert(safe, _Webhook)
             # Event ids are derived from the webhook as sent, so that redacting cannot make two events one.
-            return _EventDecoder(ctx, webhook, safe, request.received_at, sent_data=raw.get("data")).envelopes()
+            return _Decoder(ctx, webhook, safe, request.received_at, sent_data=raw.get("data")).envelopes()
         except RecursionError:
             raise DecodeError("body is nested too deeply to read", path="$") from None
 
@@ -487,10 +487,10 @@ class EvolutionCodec(Codec):
 
     def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         endpoint = _Endpoint.of(self, ctx)
-        composer = _Composer(ctx)
+        encoder = _Encoder(ctx)
         for part in message.parts:
-            composer.add(part)
-        calls = composer.finish()
+            encoder.add(part)
+        calls = encoder.finish()
         quote_id = native.native_id(ctx, message.reply_to, "reply_to", "WhatsApp") if message.reply_to else ""
         requests: list[OutboundRequest] = []
         for n, call in enumerate(calls):
@@ -542,7 +542,7 @@ class EvolutionCodec(Codec):
 # ------------------------------------------------------------------------------------ decoding
 
 
-class _EventDecoder:
+class _Decoder:
     """Decodes one webhook into envelopes (see the module doc for what each event becomes)."""
 
     def __init__(
@@ -1325,7 +1325,7 @@ class _Call:
         self.quotable = quotable
 
 
-class _Composer:
+class _Encoder:
     """Turns a message's parts into Evolution send calls, in order, combining parts the way WhatsApp
     does: a text right before buttons or a list becomes that message's text, and consecutive contacts
     travel in one contact message."""

@@ -94,7 +94,7 @@ SPACE_TYPES: Final[Mapping[str, c.ConversationType]] = {
 }
 
 
-# ------------------------------------------------------------------------------------ native shapes
+# -------------------------------------------------------------------------------------- wire format
 
 
 class _User(msgspec.Struct, kw_only=True):
@@ -271,7 +271,7 @@ class _PushEnvelope(msgspec.Struct, kw_only=True):
     subscription: str = ""
 
 
-# ---------------------------------------------------------------------------------------- the codec
+# -------------------------------------------------------------------------------------------- codec
 
 
 class GoogleChatCodec(Codec):
@@ -339,11 +339,11 @@ class GoogleChatCodec(Codec):
     # ------------------------------------------------------------------------------------- encode
 
     def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
-        outbound = _Outbound(message, ctx, self.api_base(ctx))
+        encoder = _Encoder(message, ctx, self.api_base(ctx))
         edits = [part for part in message.parts if isinstance(part, c.Edit)]
         if edits:
-            return outbound.replace(edits[0].target, [p for p in message.parts if not isinstance(p, c.Edit)])
-        return outbound.send(message.parts)
+            return encoder.replace(edits[0].target, [p for p in message.parts if not isinstance(p, c.Edit)])
+        return encoder.send(message.parts)
 
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         if 200 <= response.status < 300:
@@ -355,23 +355,23 @@ class GoogleChatCodec(Codec):
         return native.http_failure(response, code=error.status, message=error.message)
 
 
-# ------------------------------------------------------------------------------------------ inbound
+# ----------------------------------------------------------------------------------------- decoding
 
 
 def _decode_event(raw: Any, ctx: DecodeContext, delivery: Mapping[str, Any] | None = None) -> list[c.Envelope]:
-    inbound = _Inbound(_read_event(raw), raw, ctx, delivery)
-    event = inbound.event
+    decoder = _Decoder(_read_event(raw), raw, ctx, delivery)
+    event = decoder.event
     match event.type:
         case "MESSAGE" if event.message is not None:
-            return [inbound.as_message(event.message)]
+            return [decoder.as_message(event.message)]
         case "ADDED_TO_SPACE":
-            joined: list[c.Envelope] = [inbound.as_activity("joined")]
-            return joined + ([inbound.as_message(event.message)] if event.message else [])
+            joined: list[c.Envelope] = [decoder.as_activity("joined")]
+            return joined + ([decoder.as_message(event.message)] if event.message else [])
         case "REMOVED_FROM_SPACE":
-            return [inbound.as_activity("left")]
+            return [decoder.as_activity("left")]
         case "CARD_CLICKED":
-            return [inbound.as_click()]
-    return [inbound.as_unsupported()]
+            return [decoder.as_click()]
+    return [decoder.as_unsupported()]
 
 
 def _chat_event(raw: Any, path: str) -> Any:
@@ -492,7 +492,7 @@ def _space_of(event: _Event) -> _Space | None:
     return None
 
 
-class _Inbound:
+class _Decoder:
     """One interaction event and the envelope header it gives."""
 
     def __init__(self, event: _Event, raw: Any, ctx: DecodeContext, delivery: Mapping[str, Any] | None = None) -> None:
@@ -625,10 +625,10 @@ class _Inbound:
         )
 
 
-def _message_parts(inbound: _Inbound, message: _Message) -> list[c.Part]:
+def _message_parts(decoder: _Decoder, message: _Message) -> list[c.Part]:
     parts: list[c.Part] = []
     if message.text:
-        parts.append(_text(inbound, message))
+        parts.append(_text(decoder, message))
     for n, attachment in enumerate(message.attachment):
         parts.extend(native.lenient_parts(partial(_media, attachment, n), attachment, "google chat attachment"))
     if message.cardsV2 or message.cards:
@@ -637,10 +637,10 @@ def _message_parts(inbound: _Inbound, message: _Message) -> list[c.Part]:
     return parts
 
 
-def _text(inbound: _Inbound, message: _Message) -> c.Text:
+def _text(decoder: _Decoder, message: _Message) -> c.Text:
     mentions = [
         c.Mention(
-            id=c.sender_id(inbound.ctx.tenant, inbound.ctx.connection, note.userMention.user.name),
+            id=c.sender_id(decoder.ctx.tenant, decoder.ctx.connection, note.userMention.user.name),
             native_id=note.userMention.user.name,
             name=note.userMention.user.displayName,
             offset=note.startIndex,
@@ -733,7 +733,7 @@ def _integer(value: Any, path: str) -> int:
     raise DecodeError(f"expected an integer, got {value!r}", path=path)
 
 
-# ----------------------------------------------------------------------------------------- outbound
+# ----------------------------------------------------------------------------------------- encoding
 
 
 class _Draft(msgspec.Struct, kw_only=True):
@@ -746,7 +746,7 @@ class _Draft(msgspec.Struct, kw_only=True):
         return not self.text and not self.cards
 
 
-class _Outbound:
+class _Encoder:
     def __init__(self, message: c.Message, ctx: EncodeContext, base: str) -> None:
         if not SPACE_NAME.fullmatch(ctx.to):
             raise EncodeError(f"a google chat space is named spaces/<id> (letters, digits, _ and -), not {ctx.to!r}")

@@ -127,7 +127,7 @@ _ATTACHMENT_TYPES: Final[dict[c.MediaKind, str]] = {
     "document": "file",
 }
 
-# ------------------------------------------------------------------------------ native webhook shapes
+# ------------------------------------------------------------------------------ wire format: webhooks
 #
 # Only the fields this module reads; ids are `str | int` because older payloads carry numeric ids,
 # timestamps `int | float | str` because the App Dashboard test sends strings.
@@ -287,10 +287,10 @@ def chunks(items: list[c.Button], size: int) -> Iterator[list[c.Button]]:
         yield items[start : start + size]
 
 
-# ---------------------------------------------------------------------------------- one event
+# ----------------------------------------------------------------------------------- decoding
 
 
-class _Event:
+class _Decoder:
     """One messaging item and what every envelope decoded from it shares (header, ids, meta)."""
 
     def __init__(
@@ -389,7 +389,7 @@ class _Event:
         return {f"{self.codec.channel}.{key}": value for key, value in values.items()}
 
 
-# ------------------------------------------------------------------------------------- codecs
+# -------------------------------------------------------------------------------------- codec
 
 
 class MessengerCodec(Codec):
@@ -461,7 +461,7 @@ class MessengerCodec(Codec):
             for lane in ("messaging", "standby"):
                 for m, item in enumerate(getattr(entry, lane)):
                     path = f"$.entry[{e}].{lane}[{m}]"
-                    event = _Event(self, ctx, entry, item, raw_entry[lane][m], path, standby=lane == "standby")
+                    event = _Decoder(self, ctx, entry, item, raw_entry[lane][m], path, standby=lane == "standby")
                     envelopes.extend(self._decode_item(event))
             for n, change in enumerate(entry.changes):
                 path = f"$.entry[{e}].changes[{n}]"
@@ -476,13 +476,15 @@ class MessengerCodec(Codec):
         if change.field in _MESSAGING_FIELDS and isinstance(change.value, dict):
             item = native.convert(change.value, _Item, path=f"{path}.value")
             standby = change.field == "standby"
-            return self._decode_item(_Event(self, ctx, entry, item, change.value, f"{path}.value", standby=standby))
+            return self._decode_item(_Decoder(self, ctx, entry, item, change.value, f"{path}.value", standby=standby))
         time_path = f"{_entry_path(path)}.time"
-        event = _Event(self, ctx, entry, _Item(timestamp=entry.time), {}, path, standby=False, timestamp_path=time_path)
+        event = _Decoder(
+            self, ctx, entry, _Item(timestamp=entry.time), {}, path, standby=False, timestamp_path=time_path
+        )
         reason = f"{self.channel} webhook field {change.field!r}"
         return [self._message_envelope(event, event.event_id("change", change.field), [_unsupported(reason, raw)])]
 
-    def _decode_item(self, event: _Event) -> list[c.Envelope]:
+    def _decode_item(self, event: _Decoder) -> list[c.Envelope]:
         item = event.item
         if item.message is not None:
             return [self._message(event, item.message, event.raw["message"])]
@@ -511,7 +513,7 @@ class MessengerCodec(Codec):
 
     # ---- messages
 
-    def _message(self, event: _Event, message: _Message, raw: Mapping[str, Any]) -> c.Message:
+    def _message(self, event: _Decoder, message: _Message, raw: Mapping[str, Any]) -> c.Message:
         known = {"mid", "text", "attachments", "quick_reply", "reply_to", "is_echo", "is_deleted", "is_unsupported"}
         known |= {"app_id", "metadata", "referral", "sticker_id"}
         event.keep("message", raw, known)
@@ -545,7 +547,7 @@ class MessengerCodec(Codec):
             parts=parts,
         )
 
-    def _message_parts(self, event: _Event, message: _Message, raw: Mapping[str, Any]) -> list[c.Part]:
+    def _message_parts(self, event: _Decoder, message: _Message, raw: Mapping[str, Any]) -> list[c.Part]:
         parts: list[c.Part] = []
         if message.quick_reply is not None:
             # The quick reply's title is the message text: one Action says both.
@@ -573,7 +575,7 @@ class MessengerCodec(Codec):
     def _quick_reply(raw: Any, text: str, path: str) -> c.Part:
         return c.Action(id=native.convert(raw, _QuickReply, path).payload, title=text)
 
-    def _attachment(self, event: _Event, index: int, raw: Mapping[str, Any]) -> c.Part:
+    def _attachment(self, event: _Decoder, index: int, raw: Mapping[str, Any]) -> c.Part:
         attachment = native.convert(raw, _Attachment, f"{event.path}.message.attachments[{index}]")
         payload = attachment.payload or {}
         kind = _MEDIA_ATTACHMENTS.get(attachment.type)
@@ -592,13 +594,13 @@ class MessengerCodec(Codec):
         # Shares (fallback links, templates, posts, reels, stories, …) point at content elsewhere.
         return _unsupported(f"{self.channel} attachment {attachment.type!r}", raw)
 
-    def _edit(self, event: _Event, edit: _MessageEdit, raw: Mapping[str, Any]) -> c.Message:
+    def _edit(self, event: _Decoder, edit: _MessageEdit, raw: Mapping[str, Any]) -> c.Message:
         event.keep("message_edit", raw, ("mid", "text", "num_edit"))
         parts: list[c.Part] = [c.Edit(target=event.message_id(edit.mid)), c.Text(text=edit.text)]
         envelope_id = event.message_id(f"{edit.mid}:edit:{edit.num_edit}")
         return self._message_envelope(event, envelope_id, parts, native_id=edit.mid)
 
-    def _postback(self, event: _Event, postback: _Postback, raw: Mapping[str, Any]) -> c.Message:
+    def _postback(self, event: _Decoder, postback: _Postback, raw: Mapping[str, Any]) -> c.Message:
         event.keep("postback", raw, ("payload", "title", "mid", "referral"))
         source = event.message_id(postback.mid) if postback.mid else ""
         action = c.Action(id=postback.payload, title=postback.title, source=source)
@@ -610,7 +612,7 @@ class MessengerCodec(Codec):
             referral=raw.get("referral"),
         )
 
-    def _reaction(self, event: _Event, reaction: _Reaction, raw: Mapping[str, Any]) -> c.Message:
+    def _reaction(self, event: _Decoder, reaction: _Reaction, raw: Mapping[str, Any]) -> c.Message:
         event.keep("reaction", raw, ("mid", "action", "emoji", "reaction"))
         part = c.Reaction(
             emoji=reaction.emoji or reaction.reaction,
@@ -621,7 +623,7 @@ class MessengerCodec(Codec):
         return self._message_envelope(event, envelope_id, [part], reaction=reaction.reaction)
 
     def _message_envelope(
-        self, event: _Event, envelope_id: str, parts: list[c.Part], *, native_id: str = "", **meta: Any
+        self, event: _Decoder, envelope_id: str, parts: list[c.Part], *, native_id: str = "", **meta: Any
     ) -> c.Message:
         return c.Message(
             id=envelope_id,
@@ -636,18 +638,18 @@ class MessengerCodec(Codec):
 
     # ---- receipts and activities
 
-    def _deliveries(self, event: _Event, delivery: _Delivery, raw: Mapping[str, Any]) -> list[c.Envelope]:
+    def _deliveries(self, event: _Decoder, delivery: _Delivery, raw: Mapping[str, Any]) -> list[c.Envelope]:
         event.keep("delivery", raw, ("mids", "watermark"))
         # Without mids the receipt only says "everything before the watermark": no message to name.
         return [self._status(event, mid, "delivered", watermark=delivery.watermark) for mid in delivery.mids or [""]]
 
-    def _read(self, event: _Event, read: _Read, raw: Mapping[str, Any]) -> c.Envelope:
+    def _read(self, event: _Decoder, read: _Read, raw: Mapping[str, Any]) -> c.Envelope:
         event.keep("read", raw, ("mid", "watermark"))
         if read.mid:  # Instagram `messaging_seen` names the message
             return self._status(event, read.mid, "read", watermark=read.watermark)
         return self._activity(event, "read", "read", {"watermark": read.watermark}, from_user=False)
 
-    def _status(self, event: _Event, mid: str, state: c.State, **meta: Any) -> c.Status:
+    def _status(self, event: _Decoder, mid: str, state: c.State, **meta: Any) -> c.Status:
         # No sender: a receipt is not something the person said, and must not reopen the 24-hour window.
         ctx = event.ctx
         watermark = meta.get("watermark")
@@ -664,7 +666,7 @@ class MessengerCodec(Codec):
         )
 
     def _activity(
-        self, event: _Event, key: str, activity: c.ActivityType, detail: dict[str, Any], *, from_user: bool = True
+        self, event: _Decoder, key: str, activity: c.ActivityType, detail: dict[str, Any], *, from_user: bool = True
     ) -> c.Activity:
         """An Activity; `from_user=False` for markers (read) that are not the person acting."""
         ctx = event.ctx

@@ -103,7 +103,7 @@ Block: TypeAlias = dict[str, Any]
 """One Block Kit block (or element) as the Web API takes it: plain JSON."""
 
 
-# ------------------------------------------------------------------------------------ native shapes
+# -------------------------------------------------------------------------------------- wire format
 # Only the fields this codec reads; unknown fields are ignored, and whatever is not mapped is kept in an
 # `Unsupported` part or in `meta`. Slack sends `null` for some absent values, hence the `| None`.
 
@@ -280,7 +280,7 @@ class SlackCodec(Codec):
         typing=False,
     )
 
-    # ---------------------------------------------------------------------------------- inbound
+    # ----------------------------------------------------------------------------------- decode
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
         """Slack's v0 signature: `v0=` + hex HMAC-SHA256 of `v0:{timestamp}:{raw body}`, and a timestamp
@@ -344,39 +344,39 @@ class SlackCodec(Codec):
         if kind == "url_verification" or payload.get("ssl_check") == "1":
             return []  # checks of the Request URL, answered by `handshake`: nothing to deliver
         if kind is None and "command" in payload:
-            inbound = _Inbound.of(ctx)
-            return [_slash_command(native.convert(payload, _SlashCommand, root), request, inbound)]
+            decoder = _Decoder.of(ctx)
+            return [_slash_command(native.convert(payload, _SlashCommand, root), request, decoder)]
         if not isinstance(kind, str):
             raise DecodeError("a Slack payload needs a string `type`", path=f"{root}.type")
         if kind == "event_callback":
             callback = native.convert(payload, _Callback, root)
-            return _decode_event(callback, _Inbound.of(ctx, callback.authorizations))
-        inbound = _Inbound.of(ctx)
+            return _decode_event(callback, _Decoder.of(ctx, callback.authorizations))
+        decoder = _Decoder.of(ctx)
         if kind == "block_actions":
             actions = native.convert(payload, _BlockActions, root)
-            return [_block_actions(actions, payload, root, request, inbound)]
-        return [_other_payload(kind, payload, request, inbound)]
+            return [_block_actions(actions, payload, root, request, decoder)]
+        return [_other_payload(kind, payload, request, decoder)]
 
-    # --------------------------------------------------------------------------------- outbound
+    # ----------------------------------------------------------------------------------- encode
 
     def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         """One Web API call per Slack message, reaction or deletion, in part order. Content parts between
         two markers (reaction, delete) become one message of blocks (more when over 50 blocks); with an
         `edit` part the content replaces the target message through `chat.update`."""
-        calls = _Calls(self.api_base(ctx), message, ctx)
+        encoder = _Encoder(self.api_base(ctx), message, ctx)
         edit = next((part for part in message.parts if isinstance(part, c.Edit)), None)
         if edit is not None and all(isinstance(part, c.Edit | c.Reaction | c.Delete) for part in message.parts):
             raise EncodeError("slack: an edit needs new content to put into the message")
         content: list[c.Part] = []
         for part in message.parts:
             if isinstance(part, c.Reaction | c.Delete):
-                calls.send_content(content, edit)
+                encoder.send_content(content, edit)
                 content = []
-                calls.add(*_marker_call(part, ctx))
+                encoder.add(*_marker_call(part, ctx))
             elif not isinstance(part, c.Edit):
                 content.append(part)
-        calls.send_content(content, edit)
-        return calls.requests
+        encoder.send_content(content, edit)
+        return encoder.requests
 
     def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         """None: the Web API has no typing indicator or read marker for bots."""
@@ -443,11 +443,11 @@ def _read_payload(request: HttpRequest) -> tuple[dict[str, Any], str]:
     return payload, "payload"
 
 
-# ------------------------------------------------------------------------------------ decode: helpers
+# ---------------------------------------------------------------------------------- decoding: helpers
 
 
 @dataclass(frozen=True)
-class _Inbound:
+class _Decoder:
     """What every envelope of one decode shares: whose connection, and who "we" (the app's bot) are."""
 
     tenant: str
@@ -457,7 +457,7 @@ class _Inbound:
     own_bots: frozenset[str]
 
     @classmethod
-    def of(cls, ctx: DecodeContext, authorizations: Iterable[_Authorization] = ()) -> _Inbound:
+    def of(cls, ctx: DecodeContext, authorizations: Iterable[_Authorization] = ()) -> _Decoder:
         own_users = {auth.user_id for auth in authorizations if auth.is_bot and auth.user_id}
         own_bots: set[str] = set()
         if isinstance(user := ctx.options.get("bot_user_id"), str) and user:
@@ -550,33 +550,33 @@ def _thread_root(chat: str, ts: str, thread_ts: str | None) -> str:
     return ""
 
 
-# ------------------------------------------------------------------------------------ decode: events
+# ---------------------------------------------------------------------------------- decoding: events
 
 
-def _decode_event(callback: _Callback, inbound: _Inbound) -> list[c.Envelope]:
+def _decode_event(callback: _Callback, decoder: _Decoder) -> list[c.Envelope]:
     event = callback.event
     kind = event.get("type")
     if kind in ("message", "app_mention"):
-        return _message_event(native.convert(event, _Message, "$.event"), event, inbound)
+        return _message_event(native.convert(event, _Message, "$.event"), event, decoder)
     if kind in ("reaction_added", "reaction_removed"):
-        return _reaction_event(native.convert(event, _ReactionEvent, "$.event"), event, callback, inbound)
+        return _reaction_event(native.convert(event, _ReactionEvent, "$.event"), event, callback, decoder)
     if kind in ("member_joined_channel", "member_left_channel"):
-        return [_membership(native.convert(event, _MemberEvent, "$.event"), callback, inbound)]
-    return [_unsupported_event(event, callback, inbound)]
+        return [_membership(native.convert(event, _MemberEvent, "$.event"), callback, decoder)]
+    return [_unsupported_event(event, callback, decoder)]
 
 
-def _message_event(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> list[c.Envelope]:
+def _message_event(event: _Message, raw: dict[str, Any], decoder: _Decoder) -> list[c.Envelope]:
     if event.subtype == "message_changed":
-        return _edited(event, raw, inbound)
+        return _edited(event, raw, decoder)
     if event.subtype == "message_deleted":
-        return _deleted(event, inbound)
-    if inbound.is_own(event.user, event.bot_id):
+        return _deleted(event, decoder)
+    if decoder.is_own(event.user, event.bot_id):
         return []  # our own message, echoed back: never re-ingested
     if not event.ts:
         raise DecodeError("a message event needs `ts`", path="$.event.ts")
     chat = event.channel
     if event.subtype in _CONTENT_SUBTYPES:
-        parts, meta = _content(event, raw, inbound)
+        parts, meta = _content(event, raw, decoder)
     else:
         parts, meta = (
             [c.Unsupported(reason=f"slack message subtype {event.subtype}", native=_without_credentials(raw))],
@@ -587,12 +587,12 @@ def _message_event(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> l
     if event.subtype:
         meta["slack.subtype"] = event.subtype
     return [
-        inbound.message(
+        decoder.message(
             native_id=f"{chat}:{event.ts}",
             chat=chat,
             chat_type=_chat_type(chat, event.channel_type),
             ts=_slack_time(event.ts, "$.event.ts"),
-            sender=_author(event, inbound),
+            sender=_author(event, decoder),
             parts=parts,
             thread_root=_thread_root(chat, event.ts, event.thread_ts),
             meta=meta,
@@ -600,72 +600,72 @@ def _message_event(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> l
     ]
 
 
-def _edited(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> list[c.Envelope]:
+def _edited(event: _Message, raw: dict[str, Any], decoder: _Decoder) -> list[c.Envelope]:
     """`message_changed`: the new version of a message, as an Edit marker followed by the new content."""
     new = event.message
     if new is None:
         raise DecodeError("message_changed needs `message`", path="$.event.message")
-    if inbound.is_own(new.user, new.bot_id):
+    if decoder.is_own(new.user, new.bot_id):
         return []
     target_ts = new.ts or (event.previous_message.ts if event.previous_message else "")
     if not target_ts:
         raise DecodeError("message_changed needs the edited message's `ts`", path="$.event.message.ts")
     chat = event.channel
-    parts, meta = _content(new, raw.get("message", {}), inbound)
+    parts, meta = _content(new, raw.get("message", {}), decoder)
     meta["slack.subtype"] = "message_changed"
     return [
-        inbound.message(
+        decoder.message(
             native_id=f"{chat}:{event.ts}",
             chat=chat,
             chat_type=_chat_type(chat, event.channel_type),
             ts=_slack_time(event.ts, "$.event.ts"),
-            sender=_author(new, inbound),
-            parts=[c.Edit(target=inbound.message_id(f"{chat}:{target_ts}")), *parts],
+            sender=_author(new, decoder),
+            parts=[c.Edit(target=decoder.message_id(f"{chat}:{target_ts}")), *parts],
             thread_root=_thread_root(chat, target_ts, new.thread_ts),
             meta=meta,
         )
     ]
 
 
-def _deleted(event: _Message, inbound: _Inbound) -> list[c.Envelope]:
+def _deleted(event: _Message, decoder: _Decoder) -> list[c.Envelope]:
     """`message_deleted`: a Delete marker. Slack does not say who deleted it, so there is no sender."""
     previous = event.previous_message
-    if previous is not None and inbound.is_own(previous.user, previous.bot_id):
+    if previous is not None and decoder.is_own(previous.user, previous.bot_id):
         return []  # we deleted our own message
     target_ts = event.deleted_ts or (previous.ts if previous else "")
     if not target_ts:
         raise DecodeError("message_deleted needs `deleted_ts`", path="$.event.deleted_ts")
     chat = event.channel
     return [
-        inbound.message(
+        decoder.message(
             native_id=f"{chat}:{event.ts}",
             chat=chat,
             chat_type=_chat_type(chat, event.channel_type),
             ts=_slack_time(event.ts, "$.event.ts"),
             sender=None,
-            parts=[c.Delete(target=inbound.message_id(f"{chat}:{target_ts}"))],
+            parts=[c.Delete(target=decoder.message_id(f"{chat}:{target_ts}"))],
             meta={"slack.subtype": "message_deleted"},
         )
     ]
 
 
-def _author(event: _Message, inbound: _Inbound) -> c.Sender | None:
+def _author(event: _Message, decoder: _Decoder) -> c.Sender | None:
     """Who wrote a message: a person, or a bot (`bot_id`, or classic `bot_message` without a user)."""
     if event.bot_id or event.subtype == "bot_message":
         name = (event.bot_profile.name if event.bot_profile else None) or event.username or ""
-        return inbound.sender(event.user or event.bot_id or "", name, role="bot")
+        return decoder.sender(event.user or event.bot_id or "", name, role="bot")
     profile = event.user_profile
     name = (profile.display_name or profile.real_name or "") if profile else ""
-    return inbound.sender(event.user or "", name)
+    return decoder.sender(event.user or "", name)
 
 
-def _content(event: _Message, raw: dict[str, Any], inbound: _Inbound) -> tuple[list[c.Part], dict[str, Any]]:
+def _content(event: _Message, raw: dict[str, Any], decoder: _Decoder) -> tuple[list[c.Part], dict[str, Any]]:
     """A message's text and files as parts. Blocks and attachments are kept: `rich_text` blocks repeat
     the text, so they go to meta; any other block or attachment becomes an `Unsupported` part."""
     parts: list[c.Part] = []
     meta: dict[str, Any] = {}
     if event.text:
-        text, mentions = mrkdwn_to_markdown(event.text, inbound.person)
+        text, mentions = mrkdwn_to_markdown(event.text, decoder.person)
         parts.append(c.Text(text=text, format="markdown", mentions=mentions))
         if text != event.text:
             meta["slack.text"] = event.text  # the original mrkdwn, for whoever needs it verbatim
@@ -707,48 +707,48 @@ def _media(raw: Any, where: str) -> c.Part:
 
 
 def _reaction_event(
-    event: _ReactionEvent, raw: dict[str, Any], callback: _Callback, inbound: _Inbound
+    event: _ReactionEvent, raw: dict[str, Any], callback: _Callback, decoder: _Decoder
 ) -> list[c.Envelope]:
-    if inbound.is_own(event.user):
+    if decoder.is_own(event.user):
         return []  # our own reaction, echoed back
     item = event.item
     if item.type != "message":
-        return [_unsupported_event(raw, callback, inbound)]  # reactions to files and file comments
+        return [_unsupported_event(raw, callback, decoder)]  # reactions to files and file comments
     chat = item.channel
     reaction = c.Reaction(
         emoji=emoji_from_name(event.reaction),
-        target=inbound.message_id(f"{chat}:{item.ts}"),
+        target=decoder.message_id(f"{chat}:{item.ts}"),
         removed=event.type == "reaction_removed",
     )
     return [
-        inbound.message(
+        decoder.message(
             native_id=_event_native_id(chat, callback, event.event_ts),
             chat=chat,
             chat_type=_chat_type(chat, item.channel_type),
             ts=_event_time(event.event_ts, callback, "$.event.event_ts"),
-            sender=inbound.sender(event.user),
+            sender=decoder.sender(event.user),
             parts=[reaction],
             meta={"slack.reaction": event.reaction},
         )
     ]
 
 
-def _membership(event: _MemberEvent, callback: _Callback, inbound: _Inbound) -> c.Activity:
+def _membership(event: _MemberEvent, callback: _Callback, decoder: _Decoder) -> c.Activity:
     native_id = _event_native_id(event.channel, callback, "")
     meta = {"slack.inviter": event.inviter} if event.inviter else {}
     return c.Activity(
-        id=c.stable_id("activity", inbound.tenant, inbound.connection, native_id),
-        tenant=inbound.tenant,
-        conversation=inbound.conversation(event.channel, _chat_type(event.channel, event.channel_type)),
+        id=c.stable_id("activity", decoder.tenant, decoder.connection, native_id),
+        tenant=decoder.tenant,
+        conversation=decoder.conversation(event.channel, _chat_type(event.channel, event.channel_type)),
         ts=_event_time("", callback, "$.event_time"),
-        sender=inbound.sender(event.user),
-        native=c.Native(id=native_id, seq=inbound.seq),
+        sender=decoder.sender(event.user),
+        native=c.Native(id=native_id, seq=decoder.seq),
         activity="joined" if event.type == "member_joined_channel" else "left",
         meta=meta,
     )
 
 
-def _unsupported_event(event: dict[str, Any], callback: _Callback, inbound: _Inbound) -> c.Message:
+def _unsupported_event(event: dict[str, Any], callback: _Callback, decoder: _Decoder) -> c.Message:
     """Any other event, kept whole. Events without a channel (app uninstalled, tokens revoked, …) land in
     a conversation keyed by the workspace."""
     kind = event.get("type")
@@ -758,12 +758,12 @@ def _unsupported_event(event: dict[str, Any], callback: _Callback, inbound: _Inb
         ts = _event_time(event_ts, callback, "$.event.event_ts")
     except DecodeError:
         ts = native.from_unix(callback.event_time, "$.event_time")
-    return inbound.message(
+    return decoder.message(
         native_id=_event_native_id(chat, callback, event_ts),
         chat=chat,
         chat_type=_chat_type(chat),
         ts=ts,
-        sender=inbound.sender(_user_of(event)),
+        sender=decoder.sender(_user_of(event)),
         parts=[c.Unsupported(reason=f"slack event {kind}", native=_without_credentials(event))],
     )
 
@@ -801,11 +801,11 @@ def _user_of(payload: Mapping[str, Any]) -> str:
     return user if isinstance(user, str) else ""
 
 
-# ------------------------------------------------------------------------------ decode: interactivity
+# ---------------------------------------------------------------------------- decoding: interactivity
 
 
 def _block_actions(
-    payload: _BlockActions, raw: dict[str, Any], root: str, request: HttpRequest, inbound: _Inbound
+    payload: _BlockActions, raw: dict[str, Any], root: str, request: HttpRequest, decoder: _Decoder
 ) -> c.Message:
     """A click or choice on a Block Kit element: one `Action` per element used."""
     user = payload.user.id
@@ -813,17 +813,17 @@ def _block_actions(
     chat = (payload.channel.id if payload.channel else "") or container.channel_id or user
     source_ts = container.message_ts or (payload.message.ts if payload.message else "")
     thread_ts = container.thread_ts or (payload.message.thread_ts if payload.message else None)
-    source = inbound.message_id(f"{chat}:{source_ts}") if source_ts else ""
+    source = decoder.message_id(f"{chat}:{source_ts}") if source_ts else ""
     action_ts, ts_path = _first_action_ts(payload.actions, root)
     meta: dict[str, Any] = {"slack.actions": raw.get("actions"), "slack.trigger_id": payload.trigger_id}
     if payload.response_url:
         meta["slack.response_url"] = payload.response_url
-    return inbound.message(
+    return decoder.message(
         native_id=f"{chat}:action:{action_ts or payload.trigger_id}",
         chat=chat,
         chat_type="direct" if chat == user else _chat_type(chat),
         ts=_slack_time(action_ts, ts_path) if action_ts else _received(request),
-        sender=inbound.sender(user, payload.user.name or payload.user.username or ""),
+        sender=decoder.sender(user, payload.user.name or payload.user.username or ""),
         parts=[_action(action, source) for action in payload.actions],
         thread_root=_thread_root(chat, source_ts, thread_ts),
         meta=meta,
@@ -847,16 +847,16 @@ def _action(action: _ElementAction, source: str) -> c.Action:
     return c.Action(id=action.action_id, title=action.text.text if action.text else "", source=source)
 
 
-def _slash_command(command: _SlashCommand, request: HttpRequest, inbound: _Inbound) -> c.Message:
+def _slash_command(command: _SlashCommand, request: HttpRequest, decoder: _Decoder) -> c.Message:
     """`/command text` as the text the user typed; the command's reply hooks go to meta."""
-    text, mentions = mrkdwn_to_markdown(f"{command.command} {command.text}".strip(), inbound.person)
+    text, mentions = mrkdwn_to_markdown(f"{command.command} {command.text}".strip(), decoder.person)
     chat = command.channel_id
-    return inbound.message(
+    return decoder.message(
         native_id=f"{chat}:command:{command.trigger_id}",
         chat=chat,
         chat_type=_chat_type(chat),
         ts=_received(request),
-        sender=inbound.sender(command.user_id, command.user_name),
+        sender=decoder.sender(command.user_id, command.user_name),
         parts=[c.Text(text=text, format="markdown", mentions=mentions)],
         meta={
             "slack.command": command.command,
@@ -866,7 +866,7 @@ def _slash_command(command: _SlashCommand, request: HttpRequest, inbound: _Inbou
     )
 
 
-def _other_payload(kind: str, payload: dict[str, Any], request: HttpRequest, inbound: _Inbound) -> c.Message:
+def _other_payload(kind: str, payload: dict[str, Any], request: HttpRequest, decoder: _Decoder) -> c.Message:
     """Modals, shortcuts, legacy attachment actions, … kept whole in an Unsupported part."""
     user = _user_of(payload)
     team = payload.get("team")
@@ -878,12 +878,12 @@ def _other_payload(kind: str, payload: dict[str, Any], request: HttpRequest, inb
         ts = _slack_time(action_ts, "$.action_ts") if action_ts else _received(request)
     except DecodeError:
         ts = _received(request)
-    return inbound.message(
+    return decoder.message(
         native_id=f"{chat}:{kind}:{trigger or action_ts or c.stable_id(request.body.decode('utf-8', 'replace'))}",
         chat=chat,
         chat_type="direct" if chat == user else _chat_type(chat),
         ts=ts,
-        sender=inbound.sender(user),
+        sender=decoder.sender(user),
         parts=[c.Unsupported(reason=f"slack payload {kind}", native=_without_credentials(payload))],
     )
 
@@ -1057,10 +1057,10 @@ def slack_emoji_name(emoji: str) -> str:
     return f"{name}::{tone}" if tone else name
 
 
-# ------------------------------------------------------------------------------------ encode: calls
+# ---------------------------------------------------------------------------------- encoding: calls
 
 
-class _Calls:
+class _Encoder:
     """The Web API calls of one outbound message, numbered for their idempotency keys."""
 
     def __init__(self, base: str, message: c.Message, ctx: EncodeContext) -> None:
@@ -1143,7 +1143,7 @@ def _error_detail(body: Mapping[str, Any]) -> str:
     return native.str_field(body, "warning")
 
 
-# ----------------------------------------------------------------------------------- encode: blocks
+# --------------------------------------------------------------------------------- encoding: blocks
 
 
 def _message_body(content: list[c.Part]) -> dict[str, Any]:

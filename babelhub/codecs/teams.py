@@ -94,7 +94,7 @@ THREAD_MARKER: Final = ";messageid="
 """A channel conversation id ending in `;messageid=<root>` is the reply thread of that root message."""
 
 
-# ------------------------------------------------------------------------------------ native shapes
+# -------------------------------------------------------------------------------------- wire format
 
 
 class _Account(msgspec.Struct, kw_only=True):
@@ -184,7 +184,7 @@ class _ErrorResponse(msgspec.Struct, kw_only=True):
     error: _ErrorDetail | None = None
 
 
-# ---------------------------------------------------------------------------------------- the codec
+# -------------------------------------------------------------------------------------------- codec
 
 
 class TeamsCodec(Codec):
@@ -264,36 +264,36 @@ class TeamsCodec(Codec):
     def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         raw = native.read_json(request)
         activity = native.convert(raw, _Activity)
-        inbound = _Inbound(activity, raw, request, ctx)
+        decoder = _Decoder(activity, raw, request, ctx)
         match activity.type:
             case "message":
-                return [inbound.as_message(_message_parts(inbound))]
+                return [decoder.as_message(_message_parts(decoder))]
             case "messageUpdate":
-                return [_edited(inbound)]
+                return [_edited(decoder)]
             case "messageDelete":
-                return [inbound.as_message([c.Delete(target=inbound.message_id(activity.id))], suffix="#delete")]
+                return [decoder.as_message([c.Delete(target=decoder.message_id(activity.id))], suffix="#delete")]
             case "messageReaction":
-                return [inbound.as_message(_reactions(inbound), suffix="#reaction")]
+                return [decoder.as_message(_reactions(decoder), suffix="#reaction")]
             case "invoke":
-                return [inbound.as_message(_invoke_parts(inbound), suffix="#invoke")]
+                return [decoder.as_message(_invoke_parts(decoder), suffix="#invoke")]
             case "conversationUpdate" | "installationUpdate":
-                return _membership(inbound)
+                return _membership(decoder)
             case "typing":
-                return [inbound.as_activity("typing")]
+                return [decoder.as_activity("typing")]
             case "endOfConversation":
-                return [inbound.as_activity("ended", {"teams.code": activity.code} if activity.code else {})]
+                return [decoder.as_activity("ended", {"teams.code": activity.code} if activity.code else {})]
             case "event" if activity.name == READ_RECEIPT_EVENT:
-                return [_read_receipt(inbound)]
-        return [inbound.as_message([_unsupported(f"teams {activity.type} activity", raw)], suffix=f"#{activity.type}")]
+                return [_read_receipt(decoder)]
+        return [decoder.as_message([_unsupported(f"teams {activity.type} activity", raw)], suffix=f"#{activity.type}")]
 
     # ------------------------------------------------------------------------------------- encode
 
     def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
-        outbound = _Outbound(message, ctx, self.api_base(ctx))
+        encoder = _Encoder(message, ctx, self.api_base(ctx))
         edits = [part for part in message.parts if isinstance(part, c.Edit)]
         if edits:
-            return outbound.replace(edits[0].target, [p for p in message.parts if not isinstance(p, c.Edit)])
-        return outbound.send(message.parts)
+            return encoder.replace(edits[0].target, [p for p in message.parts if not isinstance(p, c.Edit)])
+        return encoder.send(message.parts)
 
     def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         if activity.activity != "typing":
@@ -332,10 +332,10 @@ class TeamsCodec(Codec):
         )
 
 
-# ------------------------------------------------------------------------------------------ inbound
+# ----------------------------------------------------------------------------------------- decoding
 
 
-class _Inbound:
+class _Decoder:
     """One received activity and the header every envelope made from it shares."""
 
     def __init__(self, activity: _Activity, raw: Any, request: HttpRequest, ctx: DecodeContext) -> None:
@@ -471,19 +471,19 @@ def _unsupported(reason: str, fragment: Any) -> c.Unsupported:
     return c.Unsupported(reason=reason, native=fragment)
 
 
-def _message_parts(inbound: _Inbound) -> list[c.Part]:
+def _message_parts(decoder: _Decoder) -> list[c.Part]:
     """A user's message: a card click when it carries a `value`, otherwise text and attachments."""
-    activity = inbound.activity
+    activity = decoder.activity
     if activity.value is not None:
-        return _card_submission(inbound, activity.value, title=activity.text)
-    return _content_parts(inbound)
+        return _card_submission(decoder, activity.value, title=activity.text)
+    return _content_parts(decoder)
 
 
-def _content_parts(inbound: _Inbound) -> list[c.Part]:
-    activity = inbound.activity
+def _content_parts(decoder: _Decoder) -> list[c.Part]:
+    activity = decoder.activity
     parts: list[c.Part] = []
     if activity.text:
-        parts.append(_text(inbound))
+        parts.append(_text(decoder))
     # The `text/html` attachment is Teams' formatted copy of the text: it goes to meta (`teams.html`).
     for n, raw in enumerate(activity.attachments):
         if _content_type(raw) != HTML_COPY:
@@ -499,9 +499,9 @@ def _content_type(raw: Any) -> Any:
     return raw.get("contentType") if isinstance(raw, dict) else None
 
 
-def _text(inbound: _Inbound) -> c.Text:
+def _text(decoder: _Decoder) -> c.Text:
     """The text with each `<at>name</at>` mention replaced by `@name` and described as a Mention."""
-    activity = inbound.activity
+    activity = decoder.activity
     text, cursor = activity.text, 0
     pieces: list[str] = []
     mentions: list[c.Mention] = []
@@ -519,7 +519,7 @@ def _text(inbound: _Inbound) -> c.Text:
         offset = sum(len(piece) for piece in pieces)
         pieces.append(f"@{name}")
         native_id = str(mentioned.get("id", ""))
-        mention_id = inbound.sender_id(native_id)
+        mention_id = decoder.sender_id(native_id)
         mentions.append(c.Mention(id=mention_id, native_id=native_id, name=name, offset=offset, length=len(name) + 1))
         cursor = at + len(tag)
     pieces.append(text[cursor:])
@@ -547,15 +547,15 @@ def _attachment_part(raw: Any, n: int) -> c.Part:
     return _unsupported(f"teams attachment {kind or 'without contentType'}", raw)
 
 
-def _card_submission(inbound: _Inbound, value: Any, *, title: str = "", verb: str = "") -> list[c.Part]:
+def _card_submission(decoder: _Decoder, value: Any, *, title: str = "", verb: str = "") -> list[c.Part]:
     """A card button press: the data it carried (`{"id": ...}` for buttons babelhub sent) becomes the
     action, the card's other inputs a form."""
     data = _as_object(value)
     if data is None:
-        return [c.Action(id=str(value), title=title, source=_source(inbound))]
+        return [c.Action(id=str(value), title=title, source=_source(decoder))]
     action_id = str(data.get("id") or verb)
     inputs = {key: item for key, item in data.items() if key not in ("id", "msteams")}
-    parts: list[c.Part] = [c.Action(id=action_id, title=title, source=_source(inbound))]
+    parts: list[c.Part] = [c.Action(id=action_id, title=title, source=_source(decoder))]
     if inputs:
         fields = [c.FormField(id=key, value=item) for key, item in inputs.items()]
         parts.append(c.Form(id=action_id, fields=fields))
@@ -576,36 +576,36 @@ def _as_object(value: Any) -> dict[str, Any] | None:
     return None
 
 
-def _source(inbound: _Inbound) -> str:
+def _source(decoder: _Decoder) -> str:
     """The card's message: Teams puts its id in `replyToId` of the click."""
-    reply_to = inbound.activity.replyToId
-    return inbound.message_id(reply_to) if reply_to else ""
+    reply_to = decoder.activity.replyToId
+    return decoder.message_id(reply_to) if reply_to else ""
 
 
-def _invoke_parts(inbound: _Inbound) -> list[c.Part]:
-    activity = inbound.activity
+def _invoke_parts(decoder: _Decoder) -> list[c.Part]:
+    activity = decoder.activity
     if activity.name == "adaptiveCard/action" and isinstance(activity.value, dict):
         action = activity.value.get("action")
         if isinstance(action, dict):
             return _card_submission(
-                inbound, action.get("data") or {}, title=str(action.get("title", "")), verb=str(action.get("verb", ""))
+                decoder, action.get("data") or {}, title=str(action.get("title", "")), verb=str(action.get("verb", ""))
             )
     if activity.name in CARD_SUBMIT_INVOKES:
-        return _card_submission(inbound, activity.value)
+        return _card_submission(decoder, activity.value)
     return [_unsupported(f"teams invoke {activity.name}", {"name": activity.name, "value": activity.value})]
 
 
-def _edited(inbound: _Inbound) -> c.Message:
+def _edited(decoder: _Decoder) -> c.Message:
     """`messageUpdate` names the edited message by its own id; an undelete restores its content."""
-    activity = inbound.activity
+    activity = decoder.activity
     event = str(activity.channelData.get("eventType", "")) or "messageUpdate"
-    parts: list[c.Part] = [c.Edit(target=inbound.message_id(activity.id)), *_content_parts(inbound)]
-    return inbound.as_message(parts, suffix=f"#{event}@{activity.timestamp}", meta={"teams.event_type": event})
+    parts: list[c.Part] = [c.Edit(target=decoder.message_id(activity.id)), *_content_parts(decoder)]
+    return decoder.as_message(parts, suffix=f"#{event}@{activity.timestamp}", meta={"teams.event_type": event})
 
 
-def _reactions(inbound: _Inbound) -> list[c.Part]:
-    activity = inbound.activity
-    target = inbound.message_id(activity.replyToId) if activity.replyToId else ""
+def _reactions(decoder: _Decoder) -> list[c.Part]:
+    activity = decoder.activity
+    target = decoder.message_id(activity.replyToId) if activity.replyToId else ""
     added = [c.Reaction(emoji=_emoji(r.type), target=target) for r in activity.reactionsAdded]
     removed = [c.Reaction(emoji=_emoji(r.type), target=target, removed=True) for r in activity.reactionsRemoved]
     return [*added, *removed]
@@ -615,9 +615,9 @@ def _emoji(reaction_type: str) -> str:
     return REACTION_EMOJI.get(reaction_type, reaction_type)
 
 
-def _membership(inbound: _Inbound) -> list[c.Envelope]:
+def _membership(decoder: _Decoder) -> list[c.Envelope]:
     """Members added/removed (or the bot installed/uninstalled) → joined / left activities."""
-    activity = inbound.activity
+    activity = decoder.activity
     added, removed = activity.membersAdded, activity.membersRemoved
     if activity.type == "installationUpdate" and activity.recipient is not None:
         installed = activity.action.startswith("add")
@@ -625,20 +625,20 @@ def _membership(inbound: _Inbound) -> list[c.Envelope]:
     event = {"teams.event_type": activity.channelData["eventType"]} if "eventType" in activity.channelData else {}
     envelopes: list[c.Envelope] = []
     if added:
-        envelopes.append(inbound.as_activity("joined", {"members": _members(inbound, added), **event}))
+        envelopes.append(decoder.as_activity("joined", {"members": _members(decoder, added), **event}))
     if removed:
-        envelopes.append(inbound.as_activity("left", {"members": _members(inbound, removed), **event}))
+        envelopes.append(decoder.as_activity("left", {"members": _members(decoder, removed), **event}))
     if not envelopes:
         # Channel created/renamed/deleted, team renamed…: no canonical activity says that.
-        envelopes.append(inbound.as_message([_unsupported("teams conversationUpdate", inbound.raw)], suffix="#update"))
+        envelopes.append(decoder.as_message([_unsupported("teams conversationUpdate", decoder.raw)], suffix="#update"))
     return envelopes
 
 
-def _members(inbound: _Inbound, accounts: list[_Account]) -> list[dict[str, str]]:
-    bot_id = inbound.activity.recipient.id if inbound.activity.recipient else ""
+def _members(decoder: _Decoder, accounts: list[_Account]) -> list[dict[str, str]]:
+    bot_id = decoder.activity.recipient.id if decoder.activity.recipient else ""
     return [
         {
-            "id": inbound.sender_id(account.id),
+            "id": decoder.sender_id(account.id),
             "native_id": account.id,
             "name": account.name,
             "role": "bot" if account.id == bot_id or account.role == "bot" else "user",
@@ -647,14 +647,14 @@ def _members(inbound: _Inbound, accounts: list[_Account]) -> list[dict[str, str]
     ]
 
 
-def _read_receipt(inbound: _Inbound) -> c.Status:
+def _read_receipt(decoder: _Decoder) -> c.Status:
     """The user read the bot's messages up to `value.lastReadMessageId`."""
-    value = inbound.activity.value if isinstance(inbound.activity.value, dict) else {}
+    value = decoder.activity.value if isinstance(decoder.activity.value, dict) else {}
     native_id = str(value.get("lastReadMessageId", ""))
     if not native_id:
         raise DecodeError("read receipt without lastReadMessageId", path="$.value.lastReadMessageId")
-    ctx = inbound.ctx
-    header = inbound.header(None)
+    ctx = decoder.ctx
+    header = decoder.header(None)
     return c.Status(
         id=c.stable_id("status", ctx.tenant, ctx.connection, native_id, "read"),
         native_id=native_id,
@@ -663,10 +663,10 @@ def _read_receipt(inbound: _Inbound) -> c.Status:
     )
 
 
-# ----------------------------------------------------------------------------------------- outbound
+# ----------------------------------------------------------------------------------------- encoding
 
 
-class _Outbound:
+class _Encoder:
     """Turns one canonical message into Connector API calls, one activity per call."""
 
     def __init__(self, message: c.Message, ctx: EncodeContext, base: str) -> None:

@@ -46,7 +46,7 @@ __all__ = ["TelegramCodec"]
 SECRET_HEADER: Final = "x-telegram-bot-api-secret-token"
 """setWebhook's `secret_token` comes back in this header on every webhook request."""
 
-# ------------------------------------------------------------------------------ native shapes (read)
+# --------------------------------------------------------------------------------------- wire format
 # Only the fields this codec reads; msgspec ignores the rest, which stays in the raw dict for `meta`.
 # Everything but the ids is optional: the doc samples on core.telegram.org/bots/webhooks predate
 # fields such as `is_bot` and `file_unique_id`.
@@ -236,7 +236,7 @@ class _Sent(msgspec.Struct):
     chat: _Chat
 
 
-# ----------------------------------------------------------------------------- decoding constants
+# ---------------------------------------------------------------------------- decoding: constants
 
 #: Update fields that carry a Message, and whether it is a new message or a new version of one.
 _NEW_MESSAGE_UPDATES: Final = ("message", "channel_post", "business_message", "guest_message")
@@ -308,7 +308,7 @@ _MEMBER_UPDATE_META: Final = (
 #: ChatMember statuses of someone who is in the chat (`restricted` members carry `is_member`).
 _PRESENT_STATUSES: Final = frozenset({"creator", "owner", "administrator", "member"})
 
-# ----------------------------------------------------------------------------- encoding constants
+# ---------------------------------------------------------------------------- encoding: constants
 
 #: Media kind → (Bot API method, name of the field that takes the file).
 _SEND_MEDIA: Final = {
@@ -401,12 +401,12 @@ class TelegramCodec(Codec):
         kind = next((key for key in raw if key != "update_id"), None)
         if kind is None:
             raise DecodeError("the Update carries nothing besides update_id", path="$")
-        return [_UpdateDecoder(ctx, request, update_id, kind, raw[kind]).decode()]
+        return [_Decoder(ctx, request, update_id, kind, raw[kind]).decode()]
 
     # ------------------------------------------------------------------------------------- encode
 
     def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
-        calls = _MessageEncoder(message, ctx).calls()
+        calls = _Encoder(message, ctx).calls()
         return [
             self._request(ctx, call.method, call.payload, f"{message.id}:{index}", message.id)
             for index, call in enumerate(calls)
@@ -495,7 +495,7 @@ def _update_id(update: Any) -> Any:
 # =========================================================================================== decode
 
 
-class _UpdateDecoder:
+class _Decoder:
     """Turns one Update's payload (`kind` names the Update field that is set) into one envelope."""
 
     def __init__(self, ctx: DecodeContext, request: HttpRequest, update_id: int, kind: str, body: Any) -> None:
@@ -1111,7 +1111,7 @@ class _Output:
         return "".join(self._pieces)
 
 
-# ------------------------------------------------------------------------------ small decode helpers
+# --------------------------------------------------------------------------------- decoding: helpers
 
 
 def _message_key(chat_id: int, message_id: int) -> str:
@@ -1173,7 +1173,7 @@ class _Call:
     keyboard: bool = False
 
 
-class _MessageEncoder:
+class _Encoder:
     """Turns a degraded canonical message into Bot API calls, in part order."""
 
     def __init__(self, message: c.Message, ctx: EncodeContext) -> None:

@@ -173,7 +173,7 @@ def _describe_error(code: str | int, native_words: str) -> str:
     return f"{rule.meaning} ({native_words})" if native_words else rule.meaning
 
 
-# ---------------------------------------------------------------------------- native form shapes
+# -------------------------------------------------------------------- wire format: webhook forms
 
 
 class _Webhook(msgspec.Struct, kw_only=True, rename="pascal"):
@@ -200,7 +200,7 @@ class _Webhook(msgspec.Struct, kw_only=True, rename="pascal"):
     channel_status_message: str = ""
 
 
-# ------------------------------------------------------------------------------ native API answers
+# ------------------------------------------------------------------------ wire format: API answers
 
 
 class _CreatedMessage(msgspec.Struct, kw_only=True):
@@ -290,8 +290,8 @@ class TwilioCodec(Codec):
         received = _received_time(request.received_at)
         if _is_status_callback(webhook):
             # a status has no parts: a field that could not be read stays in meta with the others
-            return [_WebhookDecoder(ctx, form, webhook, received, []).status()]
-        return [_WebhookDecoder(ctx, readable, webhook, received, unreadable).message()]
+            return [_Decoder(ctx, form, webhook, received, []).status()]
+        return [_Decoder(ctx, readable, webhook, received, unreadable).message()]
 
     # ---------------------------------------------------------------------------------- sending
 
@@ -302,9 +302,9 @@ class TwilioCodec(Codec):
         addressing = _addressing(ctx)
         trailer = _status_callback(ctx)
         recipient = dict(addressing)["To"]
-        composer = _Composer(channel_address=_is_channel_address(recipient), mms=_mms_enabled(ctx))
+        encoder = _Encoder(channel_address=_is_channel_address(recipient), mms=_mms_enabled(ctx))
         for part in message.parts:
-            composer.add(part)
+            encoder.add(part)
         return [
             OutboundRequest(
                 method="POST",
@@ -314,7 +314,7 @@ class TwilioCodec(Codec):
                 idempotency_key=f"{message.id}:{n}",
                 message_id=message.id,
             )
-            for n, content in enumerate(composer.finish())
+            for n, content in enumerate(encoder.finish())
         ]
 
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
@@ -435,7 +435,7 @@ def _received_time(received_at: float) -> datetime:
 # ------------------------------------------------------------------------------------ decoding
 
 
-class _WebhookDecoder:
+class _Decoder:
     """Turns one webhook form into its envelope."""
 
     def __init__(
@@ -611,7 +611,7 @@ def _channel_kind(address: str, num_media: int) -> str:
 # ------------------------------------------------------------------------------------ encoding
 
 
-class _Composer:
+class _Encoder:
     """Groups a message's parts into Messages API calls, in order: texts and media share a call while
     the Body stays within 1,600 characters and the media within the per-message count; a template is
     always a call of its own."""

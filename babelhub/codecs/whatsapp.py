@@ -193,7 +193,7 @@ def _describe_error(code: int, message: str, details: str) -> str:
     return f"{rule.meaning} ({native_words})" if native_words else rule.meaning
 
 
-# --------------------------------------------------------------------------- native webhook shapes
+# --------------------------------------------------------------------------- wire format: webhooks
 
 
 class _Native(msgspec.Struct, kw_only=True):
@@ -448,7 +448,7 @@ class _PreferencesValue(_Native, kw_only=True):
     user_preferences: list[JsonObject] = []
 
 
-# ------------------------------------------------------------------------------ native API answers
+# ------------------------------------------------------------------------ wire format: API answers
 
 
 class _SentMessage(_Native, kw_only=True):
@@ -556,7 +556,7 @@ class WhatsAppCodec(Codec):
                 if own_number and number and number != own_number:
                     foreign.append((f"{path}.metadata.phone_number_id", number))
                     continue
-                decoder = _ChangeDecoder(ctx, entry, change, path, request.received_at, entry_path=f"$.entry[{i}]")
+                decoder = _Decoder(ctx, entry, change, path, request.received_at, entry_path=f"$.entry[{i}]")
                 envelopes.extend(decoder.envelopes())
         if foreign and not envelopes:
             # One business account may have several numbers, and one app gets all their webhooks: the
@@ -576,10 +576,10 @@ class WhatsAppCodec(Codec):
 
     def encode(self, message: c.Message, ctx: EncodeContext) -> list[OutboundRequest]:
         url, headers = self._endpoint(ctx)
-        composer = _Composer(ctx)
+        encoder = _Encoder(ctx)
         for part in message.parts:
-            composer.add(part)
-        bodies = composer.finish()
+            encoder.add(part)
+        bodies = encoder.finish()
         context = self._reply_context(message, ctx)
         recipient_type = "group" if message.conversation.type == "group" else "individual"
         # A user known only by BSUID is named in `recipient`; `to` takes a phone number or a group id.
@@ -677,7 +677,7 @@ class WhatsAppCodec(Codec):
 # ------------------------------------------------------------------------------------ decoding
 
 
-class _ChangeDecoder:
+class _Decoder:
     """Decodes one `entry[].changes[]` item into envelopes."""
 
     def __init__(
@@ -1129,7 +1129,7 @@ def _objects(items: Any) -> list[JsonObject]:
 # ------------------------------------------------------------------------------------ encoding
 
 
-class _Composer:
+class _Encoder:
     """Turns a message's parts into WhatsApp message bodies, in order, combining parts the way WhatsApp
     does: a text right before buttons or a list becomes that interactive message's body, and consecutive
     contacts travel in one contacts message."""

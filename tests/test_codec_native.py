@@ -260,3 +260,31 @@ def test_reading_json_leaves_the_garbage_collector_as_it_found_it(text: bytes, c
         assert gc.isenabled() is collector_on
     finally:
         (gc.enable if was_on else gc.disable)()
+
+
+def test_unmapped_keeps_only_members_no_canonical_field_took() -> None:
+    raw = {"id": "m1", "text": "hi", "speak": "hello", "importance": "high"}
+    assert native.unmapped(raw, {"id", "text"}) == {"speak": "hello", "importance": "high"}
+    assert native.unmapped(["not", "an", "object"], {"id"}) == {}
+
+
+def test_extras_are_namespaced_one_meta_key_each() -> None:
+    assert native.extras("twilio", {"To": "+1", "ApiVersion": "2010-04-01"}, {"To"}) == {
+        "twilio.ApiVersion": "2010-04-01"
+    }
+
+
+def test_keep_unmapped_adds_a_meta_key_only_when_something_was_left() -> None:
+    meta: dict[str, Any] = {}
+    native.keep_unmapped(meta, "whatsapp.location", {"latitude": 1.0, "longitude": 2.0}, {"latitude", "longitude"})
+    assert meta == {}
+    native.keep_unmapped(meta, "whatsapp.location", {"latitude": 1.0, "place_id": "p"}, {"latitude", "longitude"})
+    assert meta == {"whatsapp.location": {"place_id": "p"}}
+    native.keep_unmapped(meta, "evolution.key", None, {"id"})  # a field that is no object adds nothing
+    assert meta == {"whatsapp.location": {"place_id": "p"}}
+
+
+def test_without_drops_the_named_credentials_and_leaves_other_values_alone() -> None:
+    payload = {"token": "verification-secret", "type": "view_submission", "team": {"id": "T1"}}
+    assert native.without(payload, {"token"}) == {"type": "view_submission", "team": {"id": "T1"}}
+    assert native.without("a string", {"token"}) == "a string"

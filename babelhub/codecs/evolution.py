@@ -556,7 +556,7 @@ class _Decoder:
         self.event = _event_name(webhook.event)
         self.owner = webhook.sender or ""  # the instance's own WhatsApp JID
         self.delivery = {name: raw[name] for name in _DELIVERY_FIELDS if raw.get(name) is not None}
-        self.delivery |= {name: value for name, value in raw.items() if name not in {*_DELIVERY_FIELDS, *_ENVELOPE}}
+        self.delivery |= native.unmapped(raw, {*_DELIVERY_FIELDS, *_ENVELOPE})
 
     def envelopes(self) -> list[c.Envelope]:
         envelopes: list[c.Envelope] = []
@@ -599,8 +599,8 @@ class _Decoder:
         chat = _require(key.remote_jid, f"{path}.key.remoteJid", "message key has no remoteJid")
         from_me = bool(key.from_me)
         meta = self._meta()
-        meta.update(_extras(raw, _RECORD_HEADER))
-        _keep_key_extras(meta, raw.get("key"))
+        meta.update(native.extras("evolution", raw, _RECORD_HEADER))
+        native.keep_unmapped(meta, "evolution.key", raw.get("key"), _KEY_HEADER)
         if from_me:
             meta["evolution.from_me"] = True
         content = _Content.read(record.message or {}, record.message_type or "", f"{path}.message", meta)
@@ -647,13 +647,13 @@ class _Decoder:
                 return [self._text(body, context)]
             case "extendedTextMessage":
                 text = native.convert(body, _ExtendedText, path)
-                _keep_unmapped(meta, kind, body, {"text"})
+                native.keep_unmapped(meta, f"evolution.{kind}", body, {"text"})
                 return [self._text(text.text or "", context)]
             case _ if kind in _MEDIA_TYPES:
                 return [self._media(content, message_key, meta)]
             case "locationMessage" | "liveLocationMessage":
                 place = native.convert(body, _LocationContent, path)
-                _keep_unmapped(meta, kind, body, _LOCATION_MAPPED)
+                native.keep_unmapped(meta, f"evolution.{kind}", body, _LOCATION_MAPPED)
                 return [
                     c.Location(
                         lat=native.finite(place.degrees_latitude, f"{path}.degreesLatitude"),
@@ -665,30 +665,30 @@ class _Decoder:
                 ]
             case "contactMessage":
                 card = native.convert(body, _ContactCard, path)
-                _keep_unmapped(meta, kind, body, {"displayName"})  # the vCard itself stays in meta
+                native.keep_unmapped(meta, f"evolution.{kind}", body, {"displayName"})  # the vCard itself stays in meta
                 return [_contact_part(card)]
             case "contactsArrayMessage":
                 cards = native.convert(body, _ContactsArray, path)
-                _keep_unmapped(meta, kind, body, set())
+                native.keep_unmapped(meta, f"evolution.{kind}", body, set())
                 return [_contact_part(card) for card in cards.contacts]
             case "reactionMessage":
                 reaction = native.convert(body, _ReactionContent, path)
                 target = _require(reaction.key.id, f"{path}.key.id", "reaction names no message")
-                _keep_unmapped(meta, kind, body, {"text"})
+                native.keep_unmapped(meta, f"evolution.{kind}", body, {"text"})
                 emoji = reaction.text or ""
                 return [c.Reaction(emoji=emoji, target=self._ref(target), removed=not emoji)]
             case "buttonsResponseMessage":
                 tap = native.convert(body, _ButtonsResponse, path)
-                _keep_unmapped(meta, kind, body, {"selectedButtonId", "selectedDisplayText"})
+                native.keep_unmapped(meta, f"evolution.{kind}", body, {"selectedButtonId", "selectedDisplayText"})
                 return [c.Action(id=tap.selected_button_id or "", title=tap.selected_display_text or "", source=source)]
             case "listResponseMessage":
                 choice = native.convert(body, _ListResponse, path)
                 row = choice.single_select_reply.selected_row_id if choice.single_select_reply else None
-                _keep_unmapped(meta, kind, body, {"title", "singleSelectReply"})
+                native.keep_unmapped(meta, f"evolution.{kind}", body, {"title", "singleSelectReply"})
                 return [c.Action(id=row or "", title=choice.title or "", source=source)]
             case "templateButtonReplyMessage":
                 template_tap = native.convert(body, _TemplateButtonReply, path)
-                _keep_unmapped(meta, kind, body, {"selectedId", "selectedDisplayText"})
+                native.keep_unmapped(meta, f"evolution.{kind}", body, {"selectedId", "selectedDisplayText"})
                 return [
                     c.Action(
                         id=template_tap.selected_id or "", title=template_tap.selected_display_text or "", source=source
@@ -698,7 +698,7 @@ class _Decoder:
                 return [self._interactive_response(content, source, meta)]
             case _ if kind in _POLL_TYPES:
                 poll = native.convert(body, _PollCreation, path)
-                _keep_unmapped(meta, kind, body, {"name", "options", "selectableOptionsCount"})
+                native.keep_unmapped(meta, f"evolution.{kind}", body, {"name", "options", "selectableOptionsCount"})
                 options = [option.option_name for option in poll.options]
                 return [c.Poll(question=poll.name, options=options, multiple=poll.selectable_options_count != 1)]
             case "protocolMessage":
@@ -726,7 +726,7 @@ class _Decoder:
     def _media(self, content: _Content, message_key: str, meta: JsonObject) -> c.Media:
         kind, body = content.kind, content.body
         media = native.convert(body, _MediaContent, content.path)
-        _keep_unmapped(meta, kind, body, _MEDIA_MAPPED)
+        native.keep_unmapped(meta, f"evolution.{kind}", body, _MEDIA_MAPPED)
         media_kind = _MEDIA_TYPES[kind]
         if kind == "audioMessage" and media.ptt:
             media_kind = "voice"
@@ -757,7 +757,7 @@ class _Decoder:
                 params = None
         if not isinstance(params, dict) or "id" not in params:
             return c.Unsupported(reason="interactive response without a button id", native={content.kind: content.body})
-        _keep_unmapped(meta, content.kind, content.body, {"body"})
+        native.keep_unmapped(meta, f"evolution.{content.kind}", content.body, {"body"})
         title = response.body.text if response.body else ""
         return c.Action(id=str(params["id"]), title=title or "", source=source)
 
@@ -768,7 +768,7 @@ class _Decoder:
             return [c.Unsupported(reason=f"WhatsApp protocol message {protocol.type!r}", native=raw)]
         key = protocol.key or _Key()
         message_key = _require(key.id, f"{path}.key.id", "protocol message names no message")
-        _keep_unmapped(meta, "protocolMessage", raw, {"type", "editedMessage"})
+        native.keep_unmapped(meta, "evolution.protocolMessage", raw, {"type", "editedMessage"})
         if revoke:
             return [c.Delete(target=self._ref(message_key))]
         content = _Content.read(protocol.edited_message or {}, "", f"{path}.editedMessage", meta)
@@ -809,8 +809,8 @@ class _Decoder:
         chat = _require(key.remote_jid, f"{key_path}.remoteJid", "deleted message has no remoteJid")
         meta = self._meta()
         if key_raw is not raw:
-            meta.update(_extras(raw, {"key"}))
-        _keep_key_extras(meta, key_raw)
+            meta.update(native.extras("evolution", raw, {"key"}))
+        native.keep_unmapped(meta, "evolution.key", key_raw, _KEY_HEADER)
         from_me = bool(key.from_me)
         if from_me:
             meta["evolution.from_me"] = True
@@ -837,7 +837,7 @@ class _Decoder:
         state = _STATES.get(status)
         ts = self._millis(update.datetime, f"{path}.datetime") or self._event_time()
         meta = self._meta()
-        meta.update(_extras(raw, {"keyId", "id", "remoteJid", "fromMe", "status", "datetime"}))
+        meta.update(native.extras("evolution", raw, {"keyId", "id", "remoteJid", "fromMe", "status", "datetime"}))
         # The Cloud API integration always says fromMe false (whatsapp.business.service.ts compares the
         # user's number with the business's phone number id), but Meta only reports on messages the
         # business sent, and only its message ids start with "wamid.".
@@ -925,7 +925,7 @@ class _Decoder:
         if activity is None:
             return []  # promote / demote: delivered verbatim instead
         meta = self._meta()
-        meta.update(_extras(self.webhook.data, {"id", "action", "participants"}))
+        meta.update(native.extras("evolution", self.webhook.data, {"id", "action", "participants"}))
         envelopes: list[c.Envelope] = []
         for i, participant in enumerate(update.participants):
             jid = participant.get("id") if isinstance(participant, dict) else participant
@@ -1064,9 +1064,8 @@ class _Content:
             kind = next((name for name in message if name not in _NOT_CONTENT), "")
         content = cls(message, kind, path)
         consumed = {kind, "mediaUrl", "base64"} if kind in _MEDIA_TYPES else {kind}
-        leftovers = {name: value for name, value in message.items() if name not in consumed}
-        if leftovers:
-            meta["evolution.message"] = leftovers  # messageContextInfo, speechToText, a second content
+        # messageContextInfo, speechToText, a second content
+        native.keep_unmapped(meta, "evolution.message", message, consumed)
         return content
 
     @property
@@ -1180,28 +1179,6 @@ def _require(value: str | None, path: str, reason: str) -> str:
     if not value:
         raise DecodeError(reason, path=path)
     return value
-
-
-def _extras(raw: JsonObject, known: set[str] | frozenset[str]) -> JsonObject:
-    """The keys of a native object that nothing canonical carries, namespaced for `meta`."""
-    return {f"evolution.{name}": value for name, value in raw.items() if name not in known}
-
-
-def _keep_unmapped(meta: JsonObject, kind: str, raw: Any, mapped: set[str] | frozenset[str]) -> None:
-    """Keep the fields of a content object that its canonical part has no room for under `meta`."""
-    if not isinstance(raw, dict):
-        return
-    unmapped = {name: value for name, value in raw.items() if name not in mapped}
-    if unmapped:
-        meta[f"evolution.{kind}"] = unmapped
-
-
-def _keep_key_extras(meta: JsonObject, key: Any) -> None:
-    """Key fields beyond chat, direction, id and author (phone-number JIDs beside privacy ids, …)."""
-    if isinstance(key, dict):
-        extras = {name: value for name, value in key.items() if name not in _KEY_HEADER}
-        if extras:
-            meta["evolution.key"] = extras
 
 
 def _without_credentials(value: Any) -> Any:

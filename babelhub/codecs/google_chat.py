@@ -459,13 +459,6 @@ def _is_add_on(raw: Any) -> bool:
     return isinstance(raw, dict) and "chat" in raw and "type" not in raw
 
 
-def _without_credentials(raw: Any) -> Any:
-    """The event as it may be kept (meta, unsupported parts): without its credential fields."""
-    if not isinstance(raw, dict):
-        return raw
-    return {key: value for key, value in raw.items() if key not in CREDENTIAL_FIELDS}
-
-
 def _from_add_on(add_on: _AddOnEvent) -> _Event:
     chat = add_on.chat
     for field, event_type in ADD_ON_TYPES:
@@ -501,7 +494,7 @@ class _Decoder:
             raise DecodeError("event has no space name", path="$.space.name")
         self.event = event
         # Every copy of the raw event an envelope keeps is made from this one, so it holds no secrets.
-        self.raw = _without_credentials(raw)
+        self.raw = native.without(raw, CREDENTIAL_FIELDS)  # kept in meta and unsupported parts
         self.add_on = _is_add_on(raw)
         self.ctx = ctx
         self.space = space
@@ -605,11 +598,8 @@ class _Decoder:
             meta["google_chat.pubsub"] = self.delivery
         if self.space.displayName:
             meta["google_chat.space_display_name"] = self.space.displayName
-        if isinstance(self.raw, dict):
-            read = ADD_ON_READ_FIELDS if self.add_on else MAPPED_EVENT_FIELDS
-            extra = {key: value for key, value in self.raw.items() if key not in read}
-            if extra:
-                meta["google_chat.extra"] = extra
+        read = ADD_ON_READ_FIELDS if self.add_on else MAPPED_EVENT_FIELDS
+        native.keep_unmapped(meta, "google_chat.extra", self.raw, read)
         return meta
 
     def _sender(self) -> c.Sender | None:

@@ -38,7 +38,7 @@ bytes are uploaded as multipart `filedata` on Messenger); Reaction → `sender_a
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, ClassVar, Final
@@ -276,12 +276,6 @@ def _entry_path(path: str) -> str:
     return path.partition("].")[0] + "]"
 
 
-def unmapped(raw: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
-    """The members of `raw` that no canonical field took."""
-    taken = set(known)
-    return {key: value for key, value in raw.items() if key not in taken}
-
-
 def chunks(items: list[c.Button], size: int) -> Iterator[list[c.Button]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -369,11 +363,9 @@ class _Decoder:
     def native(self, native_message_id: str = "") -> c.Native:
         return c.Native(id=native_message_id, seq=self.ctx.seq)
 
-    def keep(self, where: str, raw: Mapping[str, Any], known: Iterable[str]) -> None:
+    def keep(self, where: str, raw: Mapping[str, Any], known: Collection[str]) -> None:
         """Remember the members of `raw` (at `where`) that no canonical field took."""
-        rest = unmapped(raw, known)
-        if rest:
-            self.unmapped[where] = rest
+        native.keep_unmapped(self.unmapped, where, raw, known)
 
     def meta(self, **extra: Any) -> dict[str, Any]:
         """The envelope's meta: `extra` plus standby and unmapped fields, namespaced by channel."""
@@ -381,9 +373,7 @@ class _Decoder:
         values = {key: value for key, value in values.items() if value != "" and value != {}}
         if self.standby:
             values["standby"] = True
-        item_rest = unmapped(self.raw, ("sender", "recipient", "timestamp", *_EVENT_KEYS))
-        if item_rest:
-            self.unmapped["item"] = item_rest
+        native.keep_unmapped(self.unmapped, "item", self.raw, ("sender", "recipient", "timestamp", *_EVENT_KEYS))
         if self.unmapped:
             values["unmapped"] = self.unmapped
         return {f"{self.codec.channel}.{key}": value for key, value in values.items()}
@@ -507,7 +497,7 @@ class MessengerCodec(Codec):
         for handover in HANDOVER_EVENTS:
             if isinstance(event.raw.get(handover), dict):
                 return [self._activity(event, handover, "handoff", {"event": handover, **event.raw[handover]})]
-        kinds = sorted(unmapped(event.raw, ("sender", "recipient", "timestamp"))) or ["empty"]
+        kinds = sorted(native.unmapped(event.raw, ("sender", "recipient", "timestamp"))) or ["empty"]
         reason = f"{self.channel} messaging event {', '.join(kinds)}"
         return [self._message_envelope(event, event.event_id(*kinds), [_unsupported(reason, dict(event.raw))])]
 
@@ -526,7 +516,7 @@ class MessengerCodec(Codec):
         reply_to = event.message_id(message.reply_to.mid) if message.reply_to and message.reply_to.mid else ""
         # is_self_reply, IG story replies (lax conversion reads a "null" string as no reply_to at all)
         raw_reply = raw.get("reply_to")
-        reply_extra = unmapped(raw_reply, ("mid",)) if isinstance(raw_reply, dict) else {}
+        reply_extra = native.unmapped(raw_reply, ("mid",))
         meta = event.meta(
             echo=message.is_echo,
             app_id=raw.get("app_id"),

@@ -27,11 +27,13 @@ __all__ = [
     "clip",
     "convert",
     "convert_parts",
+    "extras",
     "finite",
     "from_unix",
     "http_failure",
     "json_body",
     "json_value",
+    "keep_unmapped",
     "lenient_parts",
     "list_field",
     "media_kind",
@@ -44,8 +46,10 @@ __all__ = [
     "retry_after",
     "same_secret",
     "str_field",
+    "unmapped",
     "unsupported",
     "well_formed",
+    "without",
 ]
 
 T = TypeVar("T")
@@ -343,6 +347,43 @@ def list_field(raw: Mapping[str, Any], key: str) -> list[Any]:
     """`raw[key]` when it is a list, else an empty one."""
     value = raw.get(key)
     return value if isinstance(value, list) else []
+
+
+# ---------------------------------------------------------------------- keeping what is not mapped
+#
+# A native field that no canonical field takes is kept, so that an application can still read it: in
+# `meta` under the channel's namespace, or in an `Unsupported` part. Credentials a payload carries are
+# dropped before any of it is kept.
+
+
+def unmapped(raw: Any, mapped: Collection[str]) -> dict[str, Any]:
+    """The members of a native object (`raw`, decoded JSON) that `mapped` does not name: what no
+    canonical field took. Nothing when `raw` is no object."""
+    if not isinstance(raw, Mapping):
+        return {}
+    return {name: value for name, value in raw.items() if name not in mapped}
+
+
+def extras(namespace: str, raw: Any, mapped: Collection[str]) -> dict[str, Any]:
+    """The unmapped members of `raw`, each as a `meta` key of its own in `namespace` (the channel):
+    `{"<namespace>.<member>": value}`."""
+    return {f"{namespace}.{name}": value for name, value in unmapped(raw, mapped).items()}
+
+
+def keep_unmapped(meta: dict[str, Any], key: str, raw: Any, mapped: Collection[str]) -> None:
+    """Keep the unmapped members of `raw` together under `meta[key]` (`"whatsapp.location"`: the fields
+    of a location that its canonical part has no room for); nothing is added when every member was mapped."""
+    rest = unmapped(raw, mapped)
+    if rest:
+        meta[key] = rest
+
+
+def without(raw: Any, names: Collection[str]) -> Any:
+    """`raw` without the members `names` names (the credentials a payload carries, such as Slack's
+    legacy verification `token`), to be kept in an envelope; anything but an object as it is."""
+    if not isinstance(raw, Mapping):
+        return raw
+    return unmapped(raw, names)
 
 
 _MEDIA_KINDS: Final[dict[str, c.MediaKind]] = {"image": "image", "video": "video", "audio": "audio"}

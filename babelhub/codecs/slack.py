@@ -578,10 +578,8 @@ def _message_event(event: _Message, raw: dict[str, Any], decoder: _Decoder) -> l
     if event.subtype in _CONTENT_SUBTYPES:
         parts, meta = _content(event, raw, decoder)
     else:
-        parts, meta = (
-            [c.Unsupported(reason=f"slack message subtype {event.subtype}", native=_without_credentials(raw))],
-            {},
-        )
+        kept = native.without(raw, _CREDENTIAL_KEYS)
+        parts, meta = [c.Unsupported(reason=f"slack message subtype {event.subtype}", native=kept)], {}
     if event.type == "app_mention":
         meta["slack.event"] = "app_mention"  # Slack may also send the same message as a `message` event
     if event.subtype:
@@ -764,7 +762,7 @@ def _unsupported_event(event: dict[str, Any], callback: _Callback, decoder: _Dec
         chat_type=_chat_type(chat),
         ts=ts,
         sender=decoder.sender(_user_of(event)),
-        parts=[c.Unsupported(reason=f"slack event {kind}", native=_without_credentials(event))],
+        parts=[c.Unsupported(reason=f"slack event {kind}", native=native.without(event, _CREDENTIAL_KEYS))],
     )
 
 
@@ -884,13 +882,8 @@ def _other_payload(kind: str, payload: dict[str, Any], request: HttpRequest, dec
         chat_type="direct" if chat == user else _chat_type(chat),
         ts=ts,
         sender=decoder.sender(user),
-        parts=[c.Unsupported(reason=f"slack payload {kind}", native=_without_credentials(payload))],
+        parts=[c.Unsupported(reason=f"slack payload {kind}", native=native.without(payload, _CREDENTIAL_KEYS))],
     )
-
-
-def _without_credentials(payload: dict[str, Any]) -> dict[str, Any]:
-    """`payload` without its credentials (the legacy verification `token`), to be kept in an envelope."""
-    return {key: value for key, value in payload.items() if key not in _CREDENTIAL_KEYS}
 
 
 def _received(request: HttpRequest) -> datetime:

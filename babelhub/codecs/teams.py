@@ -433,17 +433,10 @@ class _Decoder:
             "teams.entities": [entity for entity in activity.entities if _entity_type(entity) != "mention"],
             "teams.html": [a.get("content") for a in activity.attachments if _content_type(a) == HTML_COPY],
             "teams.conversation_name": activity.conversation.name,
-            "teams.extra": _unmapped_fields(self.raw),
+            "teams.extra": native.unmapped(self.raw, MAPPED_FIELDS),  # speak, summary, importance…
         }
         meta.update({key: value for key, value in optional.items() if value})
         return meta
-
-
-def _unmapped_fields(raw: Any) -> dict[str, Any]:
-    """Top-level activity fields no part or meta key above carries (speak, summary, importance…)."""
-    if not isinstance(raw, dict):
-        return {}
-    return {key: value for key, value in raw.items() if key not in MAPPED_FIELDS}
 
 
 def _timestamp(activity: _Activity, request: HttpRequest) -> datetime:
@@ -554,7 +547,7 @@ def _card_submission(decoder: _Decoder, value: Any, *, title: str = "", verb: st
     if data is None:
         return [c.Action(id=str(value), title=title, source=_source(decoder))]
     action_id = str(data.get("id") or verb)
-    inputs = {key: item for key, item in data.items() if key not in ("id", "msteams")}
+    inputs = native.unmapped(data, ("id", "msteams"))
     parts: list[c.Part] = [c.Action(id=action_id, title=title, source=_source(decoder))]
     if inputs:
         fields = [c.FormField(id=key, value=item) for key, item in inputs.items()]

@@ -822,11 +822,11 @@ def _content(
 
         def read_venue() -> c.Part:
             lat, lon = _coordinates(venue.location, f"{path}.venue.location")
-            meta.update(_leftover_meta("location", raw["venue"]["location"], {"latitude", "longitude"}))
+            native.keep_unmapped(meta, "telegram.location", raw["venue"]["location"], {"latitude", "longitude"})
             return c.Location(lat=lat, lon=lon, name=venue.title, address=venue.address)
 
         parts.extend(native.lenient_parts(read_venue, {"venue": raw["venue"]}, "telegram venue"))
-        meta.update(_leftover_meta("venue", raw["venue"], {"location", "title", "address"}))
+        native.keep_unmapped(meta, "telegram.venue", raw["venue"], {"location", "title", "address"})
     elif message.location is not None:
         location = message.location
 
@@ -835,12 +835,12 @@ def _content(
             return c.Location(lat=lat, lon=lon)
 
         parts.extend(native.lenient_parts(read_location, {"location": raw["location"]}, "telegram location"))
-        meta.update(_leftover_meta("location", raw["location"], {"latitude", "longitude"}))
+        native.keep_unmapped(meta, "telegram.location", raw["location"], {"latitude", "longitude"})
     if message.contact is not None:
         contact = message.contact
         name = _full_name(contact.first_name, contact.last_name)
         parts.append(c.Contact(name=name, phones=[contact.phone_number]))
-        meta.update(_leftover_meta("contact", raw["contact"], {"phone_number", "first_name", "last_name"}))
+        native.keep_unmapped(meta, "telegram.contact", raw["contact"], {"phone_number", "first_name", "last_name"})
     if message.poll is not None:
         poll = message.poll
         options = [option.text for option in poll.options]
@@ -872,13 +872,6 @@ def _descriptive_meta(raw: dict[str, Any]) -> dict[str, Any]:
 def _picked_meta(raw: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     """`raw`'s fields named in `keys`, as namespaced meta."""
     return {f"telegram.{key}": raw[key] for key in keys if key in raw}
-
-
-def _leftover_meta(name: str, raw: dict[str, Any], mapped: Iterable[str]) -> dict[str, Any]:
-    """Fields of a native object that its part does not hold (a venue's place ids, a vCard, …)."""
-    mapped = set(mapped)
-    leftover = {key: value for key, value in raw.items() if key not in mapped}
-    return {f"telegram.{name}": leftover} if leftover else {}
 
 
 # ------------------------------------------------------------------------------------------ media
@@ -956,10 +949,12 @@ _FILE_FIELDS_IN_MEDIA: Final = {
 def _media_meta(raw: dict[str, Any], name: str, photo: list[_PhotoSize]) -> dict[str, Any]:
     """What the file object in field `name` says beyond its Media part — file_unique_id (the same for
     every bot), an audio's performer and title, a sticker's emoji and set, … — under `telegram.file`."""
+    meta: dict[str, Any] = {}
     if name == "photo":
         largest = raw["photo"][_largest_photo(photo)]  # the same size as the Media part's
-        return _leftover_meta("file", largest, ("file_id", "file_size", "width", "height"))
-    meta = _leftover_meta("file", raw[name], _FILE_FIELDS_IN_MEDIA[name])
+        native.keep_unmapped(meta, "telegram.file", largest, ("file_id", "file_size", "width", "height"))
+        return meta
+    native.keep_unmapped(meta, "telegram.file", raw[name], _FILE_FIELDS_IN_MEDIA[name])
     if name == "video_note":
         meta["telegram.video_note"] = True  # a round video message, told apart from an ordinary video
     return meta

@@ -597,7 +597,7 @@ class _Decoder:
         )
 
     def _unmapped(self) -> dict[str, str]:
-        return {f"twilio.{name}": value for name, value in self.form.items() if name not in self.mapped}
+        return native.extras("twilio", self.form, self.mapped)
 
 
 def _channel_kind(address: str, num_media: int) -> str:

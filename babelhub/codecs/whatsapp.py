@@ -758,7 +758,7 @@ class _Decoder:
                     sender=self._user(preference.wa_id),
                     activity=activity,
                     detail={"category": preference.category, "value": preference.value, "detail": preference.detail},
-                    meta=_extras(raw, {"wa_id", "value", "category", "detail", "timestamp"}),
+                    meta=native.extras("whatsapp", raw, {"wa_id", "value", "category", "detail", "timestamp"}),
                 )
             )
         return envelopes
@@ -793,7 +793,7 @@ class _Decoder:
         user = message.user(echo=echo)
         if not user and not message.group_id:
             raise DecodeError("the message names no user: neither 'from' nor 'from_user_id'", path=f"{path}.from")
-        meta = {f"whatsapp.{key}": value for key, value in raw.items() if key not in _MESSAGE_HEADER | {message.type}}
+        meta = native.extras("whatsapp", raw, _MESSAGE_HEADER | {message.type})
         if not echo:
             meta.update(self._contact_meta(user))
         if self.change_errors:
@@ -838,10 +838,11 @@ class _Decoder:
                 return [c.Text(text=content.text.body)]
             case _ if kind in _INBOUND_MEDIA and isinstance(body, dict):
                 media: _MediaObject = getattr(content, kind)
-                _keep_unmapped(meta, f"whatsapp.{kind}", body, _MEDIA_MAPPED)
+                native.keep_unmapped(meta, f"whatsapp.{kind}", body, _MEDIA_MAPPED)
                 return [_media_part(kind, media)]
             case "location" if content.location is not None and isinstance(body, dict):
-                _keep_unmapped(meta, "whatsapp.location", body, {"latitude", "longitude", "name", "address", "url"})
+                mapped = {"latitude", "longitude", "name", "address", "url"}
+                native.keep_unmapped(meta, "whatsapp.location", body, mapped)
                 place = content.location
                 return [
                     c.Location(
@@ -865,10 +866,10 @@ class _Decoder:
                     c.Reaction(emoji=reaction.emoji, target=self._ref(reaction.message_id), removed=not reaction.emoji)
                 ]
             case "order" if content.order is not None and isinstance(body, dict):
-                _keep_unmapped(meta, "whatsapp.order", body, {"catalog_id", "text", "product_items"})
+                native.keep_unmapped(meta, "whatsapp.order", body, {"catalog_id", "text", "product_items"})
                 return _order_parts(content.order, f"{path}.order")
             case "system" if content.system is not None and isinstance(body, dict):
-                _keep_unmapped(meta, "whatsapp.system", body, {"body"})
+                native.keep_unmapped(meta, "whatsapp.system", body, {"body"})
                 return [c.Text(text=content.system.body)]
             case "revoke" if content.revoke is not None:
                 return [c.Delete(target=self._ref(content.revoke.original_message_id))]
@@ -892,19 +893,19 @@ class _Decoder:
         reply = replies.get(interactive.type)
         raw_reply = raw.get(interactive.type)
         if reply is not None and isinstance(raw_reply, dict):
-            _keep_unmapped(meta, f"whatsapp.{interactive.type}", raw_reply, {"id", "title"})  # row descriptions
+            native.keep_unmapped(meta, f"whatsapp.{interactive.type}", raw_reply, {"id", "title"})  # row descriptions
             return c.Action(id=reply.id, title=reply.title, source=source)
         flow = interactive.nfm_reply
         raw_flow = raw.get("nfm_reply")
         if interactive.type == "nfm_reply" and flow is not None and isinstance(raw_flow, dict):
-            _keep_unmapped(meta, "whatsapp.nfm_reply", raw_flow, {"response_json"})
+            native.keep_unmapped(meta, "whatsapp.nfm_reply", raw_flow, {"response_json"})
             return _flow_form(flow, f"{path}.nfm_reply.response_json")
         return c.Unsupported(reason=f"interactive reply {interactive.type!r}", native=raw)
 
     def _edit(self, edit: _EditObject, path: str, meta: JsonObject) -> list[c.Part]:
         """An edited message: the `Edit` marker, then the new content."""
         content = native.convert(edit.message, _Content, path)
-        _keep_unmapped(meta, "whatsapp.edit.message", edit.message, {"type", content.type})
+        native.keep_unmapped(meta, "whatsapp.edit.message", edit.message, {"type", content.type})
         return [c.Edit(target=self._ref(edit.original_message_id)), *self._parts(content, edit.message, path, meta, "")]
 
     # ----------------------------------------------------------------------------- statuses
@@ -914,7 +915,7 @@ class _Decoder:
         chat = status.group_id or status.recipient_id or status.recipient_user_id
         is_group = bool(status.group_id) or status.recipient_type == "group"
         state = _STATES.get(status.status)
-        meta = _extras(raw, {"id", "status", "timestamp", "recipient_id", "errors"})
+        meta = native.extras("whatsapp", raw, {"id", "status", "timestamp", "recipient_id", "errors"})
         if len(status.errors) > 1:
             meta["whatsapp.errors"] = raw["errors"]
         ts = native.from_unix(status.timestamp, f"{path}.timestamp")
@@ -986,7 +987,7 @@ class _Decoder:
     def _contact_meta(self, wa_id: str) -> JsonObject:
         """The sender's contact entry when it says more than wa_id and profile name (user ids, …)."""
         raw = self.contacts.get(wa_id)
-        if raw is None or (not _extras(raw, {"wa_id", "profile"}) and _only_name(raw.get("profile"))):
+        if raw is None or (not native.extras("whatsapp", raw, {"wa_id", "profile"}) and _only_name(raw.get("profile"))):
             return {}
         return {"whatsapp.contact": raw}
 
@@ -1071,18 +1072,6 @@ def _errors_reason(errors: list[_ErrorObject]) -> str:
         return ""
     first = errors[0]
     return ": ".join(part for part in (first.title or first.message, first.details) if part)
-
-
-def _extras(raw: JsonObject, known: set[str] | frozenset[str]) -> JsonObject:
-    """The keys of a native object that nothing canonical carries, namespaced for `meta`."""
-    return {f"whatsapp.{key}": value for key, value in raw.items() if key not in known}
-
-
-def _keep_unmapped(meta: JsonObject, key: str, raw: JsonObject, mapped: set[str] | frozenset[str]) -> None:
-    """Keep the fields of a native object that its canonical part has no room for under `meta[key]`."""
-    unmapped = {name: value for name, value in raw.items() if name not in mapped}
-    if unmapped:
-        meta[key] = unmapped
 
 
 def _only_name(profile: Any) -> bool:

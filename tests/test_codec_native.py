@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from babelhub.canonical import Location, MediaKind, Text, Unsupported
+from babelhub.canonical import Conversation, Location, MediaKind, Text, Unsupported, conversation_id
 from babelhub.codecs import meta_graph, native
-from babelhub.codecs.base import EncodeContext, HttpRequest
+from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 
@@ -288,3 +288,18 @@ def test_without_drops_the_named_credentials_and_leaves_other_values_alone() -> 
     payload = {"token": "verification-secret", "type": "view_submission", "team": {"id": "T1"}}
     assert native.without(payload, {"token"}) == {"type": "view_submission", "team": {"id": "T1"}}
     assert native.without("a string", {"token"}) == "a string"
+
+
+def test_a_conversation_is_one_id_per_tenant_connection_and_chat() -> None:
+    ctx = DecodeContext(tenant="acme", connection="support", seq=7)
+    group = native.conversation(ctx, "whatsapp", "120363", "group")
+    assert group == Conversation(
+        id=conversation_id("acme", "support", "120363"),
+        channel="whatsapp",
+        connection="support",
+        native_id="120363",
+        type="group",
+    )
+    assert native.conversation(ctx, "whatsapp", "120364").type == "direct"
+    other = DecodeContext(tenant="acme", connection="sales")
+    assert native.conversation(other, "whatsapp", "120363").id != group.id

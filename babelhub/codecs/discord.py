@@ -611,13 +611,7 @@ class _Decoder:
         return c.Message(
             id=c.message_id(self.tenant, self.connection, native_id),
             tenant=self.tenant,
-            conversation=c.Conversation(
-                id=c.conversation_id(self.tenant, self.connection, chat),
-                channel=CHANNEL,
-                connection=self.connection,
-                native_id=chat,
-                type=chat_type,
-            ),
+            conversation=native.conversation(self, CHANNEL, chat, chat_type),
             ts=ts,
             sender=sender,
             native=c.Native(id=native_id, seq=self.seq),

@@ -958,13 +958,7 @@ class _Decoder:
         return c.Message(
             id=c.stable_id("evolution.event", *self._scope(), self.event, fingerprint),
             tenant=self.ctx.tenant,
-            conversation=c.Conversation(
-                id=c.conversation_id(*self._scope(), instance),
-                channel=CHANNEL,
-                connection=self.ctx.connection,
-                native_id=instance,
-                type="channel",
-            ),
+            conversation=native.conversation(self.ctx, CHANNEL, instance, "channel"),
             ts=self._event_time(),
             sender=c.Sender(id=c.sender_id(*self._scope(), instance), native_id=instance, role="system"),
             native=c.Native(seq=self.ctx.seq),
@@ -985,13 +979,7 @@ class _Decoder:
         return {"evolution.webhook": dict(self.delivery)} if self.delivery else {}
 
     def _conversation(self, chat: str) -> c.Conversation:
-        return c.Conversation(
-            id=c.conversation_id(*self._scope(), chat),
-            channel=CHANNEL,
-            connection=self.ctx.connection,
-            native_id=chat,
-            type=_conversation_type(chat),
-        )
+        return native.conversation(self.ctx, CHANNEL, chat, _conversation_type(chat))
 
     def _person(
         self, jid: str, *, name: str = "", role: c.Role = "user", alternatives: tuple[str | None, ...] = ()

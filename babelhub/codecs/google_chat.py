@@ -573,15 +573,10 @@ class _Decoder:
         all_meta = {**self._event_meta(), **_message_meta(message), **(meta or {})}
         if thread is not None and thread.name:
             all_meta["google_chat.thread_name"] = thread.name
+        space_type = SPACE_TYPES.get(self.space.spaceType or self.space.type, "channel")
         return {
             "tenant": self.ctx.tenant,
-            "conversation": c.Conversation(
-                id=c.conversation_id(self.ctx.tenant, self.ctx.connection, self.space.name),
-                channel=CHANNEL,
-                connection=self.ctx.connection,
-                native_id=self.space.name,
-                type=SPACE_TYPES.get(self.space.spaceType or self.space.type, "channel"),
-            ),
+            "conversation": native.conversation(self.ctx, CHANNEL, self.space.name, space_type),
             "ts": ts,
             "sender": self._sender(),
             "native": c.Native(id=message.name if message else "", seq=self.ctx.seq,

@@ -340,13 +340,7 @@ class _Decoder:
 
     def conversation(self) -> c.Conversation:
         chat = self.user_id or self.page_id
-        return c.Conversation(
-            id=c.conversation_id(self.ctx.tenant, self.ctx.connection, chat),
-            channel=self.codec.channel,
-            connection=self.ctx.connection,
-            native_id=chat,
-            type="direct" if self.user_id else "channel",
-        )
+        return native.conversation(self.ctx, self.codec.channel, chat, "direct" if self.user_id else "channel")
 
     def user(self) -> c.Sender | None:
         if not self.user_id:

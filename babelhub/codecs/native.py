@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 
@@ -24,7 +24,9 @@ from babelhub.errors import DecodeError, EncodeError
 
 __all__ = [
     "ErrorRule",
+    "Scope",
     "clip",
+    "conversation",
     "convert",
     "convert_parts",
     "extras",
@@ -384,6 +386,34 @@ def without(raw: Any, names: Collection[str]) -> Any:
     if not isinstance(raw, Mapping):
         return raw
     return unmapped(raw, names)
+
+
+# ------------------------------------------------------------------------- building envelopes
+
+
+class Scope(Protocol):
+    """Whose connection an envelope is decoded for: the `DecodeContext`, or a codec's decoder that
+    carries its tenant and connection."""
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def connection(self) -> str: ...
+
+
+def conversation(
+    scope: Scope, channel: str, native_id: str, kind: c.ConversationType = "direct"
+) -> c.Conversation:
+    """The conversation of the channel's chat `native_id` on `scope`'s connection. Its id is derived from
+    tenant, connection and chat, so every envelope of that chat, and a replay, lands in the same one."""
+    return c.Conversation(
+        id=c.conversation_id(scope.tenant, scope.connection, native_id),
+        channel=channel,
+        connection=scope.connection,
+        native_id=native_id,
+        type=kind,
+    )
 
 
 _MEDIA_KINDS: Final[dict[str, c.MediaKind]] = {"image": "image", "video": "video", "audio": "audio"}

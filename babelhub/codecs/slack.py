@@ -476,13 +476,7 @@ class _Decoder:
         return c.sender_id(self.tenant, self.connection, user)
 
     def conversation(self, chat: str, kind: c.ConversationType) -> c.Conversation:
-        return c.Conversation(
-            id=c.conversation_id(self.tenant, self.connection, chat),
-            channel=CHANNEL,
-            connection=self.connection,
-            native_id=chat,
-            type=kind,
-        )
+        return native.conversation(self, CHANNEL, chat, kind)
 
     def sender(self, user: str, name: str = "", role: c.Role = "user") -> c.Sender | None:
         if not user:

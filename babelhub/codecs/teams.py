@@ -392,13 +392,8 @@ class _Decoder:
 
     def _conversation(self) -> c.Conversation:
         assert self.activity.conversation is not None
-        return c.Conversation(
-            id=c.conversation_id(self.ctx.tenant, self.ctx.connection, self.conversation_id),
-            channel=CHANNEL,
-            connection=self.ctx.connection,
-            native_id=self.conversation_id,
-            type=_conversation_type(self.activity.conversation),
-        )
+        kind = _conversation_type(self.activity.conversation)
+        return native.conversation(self.ctx, CHANNEL, self.conversation_id, kind)
 
     def _thread(self) -> str:
         _, marker, root = self.conversation_id.partition(THREAD_MARKER)

@@ -738,16 +738,9 @@ class _Decoder:
         if chat is None and person is not None:
             chat = _Chat(id=person.id, type="private")
         native_id = f"update:{self.update_id}"
+        # Polls and poll answers name no chat: they gather in one conversation per update type.
         conversation = (
-            self._conversation(chat)
-            if chat is not None
-            else c.Conversation(
-                # Polls and poll answers name no chat: they gather in one conversation per update type.
-                id=c.conversation_id(self.ctx.tenant, self.ctx.connection, self.kind),
-                channel="telegram",
-                connection=self.ctx.connection,
-                native_id=self.kind,
-            )
+            self._conversation(chat) if chat is not None else native.conversation(self.ctx, "telegram", self.kind)
         )
         return c.Message(
             id=self._message_id(native_id),
@@ -765,13 +758,7 @@ class _Decoder:
         return c.message_id(self.ctx.tenant, self.ctx.connection, native_id)
 
     def _conversation(self, chat: _Chat) -> c.Conversation:
-        return c.Conversation(
-            id=c.conversation_id(self.ctx.tenant, self.ctx.connection, str(chat.id)),
-            channel="telegram",
-            connection=self.ctx.connection,
-            native_id=str(chat.id),
-            type=_CONVERSATION_TYPES.get(chat.type, "direct"),
-        )
+        return native.conversation(self.ctx, "telegram", str(chat.id), _CONVERSATION_TYPES.get(chat.type, "direct"))
 
     def _sender(self, user: _User) -> c.Sender:
         return c.Sender(

@@ -588,13 +588,7 @@ class _Decoder:
         return c.message_id(*self._scope(), sid)
 
     def _conversation(self, address: str) -> c.Conversation:
-        return c.Conversation(
-            id=c.conversation_id(*self._scope(), address),
-            channel=CHANNEL,
-            connection=self.ctx.connection,
-            native_id=address,
-            type="direct",
-        )
+        return native.conversation(self.ctx, CHANNEL, address, "direct")
 
     def _unmapped(self) -> dict[str, str]:
         return native.extras("twilio", self.form, self.mapped)

@@ -17,6 +17,7 @@ from typing import Annotated, ClassVar
 import msgspec
 
 from babelhub import canonical as c
+from babelhub.codecs import native
 from babelhub.codecs.base import (
     SESSION_HEADER,
     Capabilities,
@@ -28,7 +29,6 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
-from babelhub.codecs.native import convert, from_unix, read_json
 from babelhub.errors import DecodeError
 
 __all__ = ["WebchatCodec"]
@@ -89,9 +89,8 @@ class WebchatCodec(Codec):
         return [c.Message(
             id=c.message_id(ctx.tenant, ctx.connection, native_id),
             tenant=ctx.tenant,
-            conversation=c.Conversation(id=c.conversation_id(ctx.tenant, ctx.connection, session),
-                                        channel=self.channel, connection=ctx.connection, native_id=session),
-            ts=from_unix(request.received_at) if request.received_at else c.now(),
+            conversation=native.conversation(ctx, self.channel, session),
+            ts=native.from_unix(request.received_at) if request.received_at else c.now(),
             sender=c.Sender(id=c.sender_id(ctx.tenant, ctx.connection, session), native_id=session,
                             name=frame.name or "web visitor"),
             native=c.Native(id=native_id, seq=ctx.seq),
@@ -107,7 +106,7 @@ class WebchatCodec(Codec):
 
     @staticmethod
     def _frame(request: HttpRequest) -> Frame:
-        frame = convert(read_json(request), Frame)
+        frame = native.convert(native.read_json(request), Frame)
         if bool(frame.text) == (frame.action is not None):
             raise DecodeError("a frame carries either `text` or `action`", path="$")
         return frame

@@ -771,13 +771,7 @@ class _Decoder:
         return c.Message(
             id=c.stable_id("whatsapp.event", *self._scope(), waba, self.change.field, fingerprint),
             tenant=self.ctx.tenant,
-            conversation=c.Conversation(
-                id=c.conversation_id(*self._scope(), waba),
-                channel=CHANNEL,
-                connection=self.ctx.connection,
-                native_id=waba,
-                type="channel",
-            ),
+            conversation=native.conversation(self.ctx, CHANNEL, waba, "channel"),
             ts=self._event_time(),
             sender=c.Sender(id=c.sender_id(*self._scope(), waba), native_id=waba, role="system"),
             native=c.Native(seq=self.ctx.seq),
@@ -954,13 +948,7 @@ class _Decoder:
         return c.message_id(*self._scope(), wamid)
 
     def _conversation(self, chat: str, *, group: bool = False) -> c.Conversation:
-        return c.Conversation(
-            id=c.conversation_id(*self._scope(), chat),
-            channel=CHANNEL,
-            connection=self.ctx.connection,
-            native_id=chat,
-            type="group" if group else "direct",
-        )
+        return native.conversation(self.ctx, CHANNEL, chat, "group" if group else "direct")
 
     def _user(self, user: str, role: c.Role = "user") -> c.Sender:
         """A user, by phone number or (a user with a username) by BSUID."""

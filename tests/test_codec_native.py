@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from babelhub.canonical import Conversation, Location, MediaKind, Text, Unsupported, conversation_id
+from babelhub.canonical import Conversation, Location, MediaKind, Sender, Text, Unsupported, conversation_id, sender_id
 from babelhub.codecs import meta_graph, native
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest
 from babelhub.errors import DecodeError, EncodeError, SignatureError
@@ -303,3 +303,16 @@ def test_a_conversation_is_one_id_per_tenant_connection_and_chat() -> None:
     assert native.conversation(ctx, "whatsapp", "120364").type == "direct"
     other = DecodeContext(tenant="acme", connection="sales")
     assert native.conversation(other, "whatsapp", "120363").id != group.id
+
+
+def test_a_sender_is_one_id_per_person_on_a_connection() -> None:
+    ctx = DecodeContext(tenant="acme", connection="support")
+    ann = native.sender(ctx, "4915112345678", name="Ann", handle="+4915112345678")
+    assert ann == Sender(
+        id=sender_id("acme", "support", "4915112345678"),
+        native_id="4915112345678",
+        name="Ann",
+        role="user",
+        handle="+4915112345678",
+    )
+    assert native.sender(ctx, "4915112345678", role="agent").id == ann.id

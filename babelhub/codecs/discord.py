@@ -588,9 +588,8 @@ class _Decoder:
         return c.sender_id(self.tenant, self.connection, user)
 
     def sender(self, user: _User, member: _Member | None = None, role: c.Role = "user") -> c.Sender:
-        return c.Sender(
-            id=self.person(user.id),
-            native_id=user.id,
+        return native.sender(
+            self, user.id,
             name=_display_name(user, member),
             role="bot" if user.bot else role,
             handle=user.username,

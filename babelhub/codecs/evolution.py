@@ -960,7 +960,7 @@ class _Decoder:
             tenant=self.ctx.tenant,
             conversation=native.conversation(self.ctx, CHANNEL, instance, "channel"),
             ts=self._event_time(),
-            sender=c.Sender(id=c.sender_id(*self._scope(), instance), native_id=instance, role="system"),
+            sender=native.sender(self.ctx, instance, role="system"),
             native=c.Native(seq=self.ctx.seq),
             parts=[c.Unsupported(reason=f"Evolution {self.webhook.event!r} event", native=self.webhook.data)],
             meta={**self._meta(), "evolution.event": self.webhook.event},
@@ -986,9 +986,8 @@ class _Decoder:
     ) -> c.Sender:
         if not jid:
             return c.Sender(name=name, role=role)
-        return c.Sender(
-            id=c.sender_id(*self._scope(), jid),
-            native_id=jid,
+        return native.sender(
+            self.ctx, jid,
             name=name,
             role=role,
             handle=_phone_handle(jid, *alternatives),

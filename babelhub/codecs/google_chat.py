@@ -601,9 +601,8 @@ class _Decoder:
         user = self.event.user
         if user is None or not user.name:
             return None
-        return c.Sender(
-            id=c.sender_id(self.ctx.tenant, self.ctx.connection, user.name),
-            native_id=user.name,
+        return native.sender(
+            self.ctx, user.name,
             name=user.displayName,
             role="bot" if user.type == "BOT" else "user",
             handle=user.email,

@@ -345,14 +345,10 @@ class _Decoder:
     def user(self) -> c.Sender | None:
         if not self.user_id:
             return None
-        return c.Sender(
-            id=c.sender_id(self.ctx.tenant, self.ctx.connection, self.user_id), native_id=self.user_id, role="user"
-        )
+        return native.sender(self.ctx, self.user_id, role="user")
 
     def page(self) -> c.Sender:
-        return c.Sender(
-            id=c.sender_id(self.ctx.tenant, self.ctx.connection, self.page_id), native_id=self.page_id, role="bot"
-        )
+        return native.sender(self.ctx, self.page_id, role="bot")
 
     def native(self, native_message_id: str = "") -> c.Native:
         return c.Native(id=native_message_id, seq=self.ctx.seq)

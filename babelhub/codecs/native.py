@@ -47,6 +47,7 @@ __all__ = [
     "required_secret",
     "retry_after",
     "same_secret",
+    "sender",
     "str_field",
     "unmapped",
     "unsupported",
@@ -413,6 +414,18 @@ def conversation(
         connection=scope.connection,
         native_id=native_id,
         type=kind,
+    )
+
+
+def sender(scope: Scope, native_id: str, *, name: str = "", role: c.Role = "user", handle: str = "") -> c.Sender:
+    """The sender who is `native_id` on the channel (a user id, phone number or page id), with the hub's
+    id for that person on `scope`'s connection, so that the same person is one sender in every envelope."""
+    return c.Sender(
+        id=c.sender_id(scope.tenant, scope.connection, native_id),
+        native_id=native_id,
+        name=name,
+        role=role,
+        handle=handle,
     )
 
 

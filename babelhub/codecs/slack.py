@@ -482,7 +482,7 @@ class _Decoder:
         if not user:
             return None
         role = "bot" if role == "user" and self.is_own(user) else role
-        return c.Sender(id=self.person(user), native_id=user, name=name, role=role)
+        return native.sender(self, user, name=name, role=role)
 
     def message(
         self,

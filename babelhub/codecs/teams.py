@@ -403,9 +403,8 @@ class _Decoder:
         account = self.activity.sender
         if account is None or not account.id:
             return None
-        return c.Sender(
-            id=self.sender_id(account.id),
-            native_id=account.id,
+        return native.sender(
+            self.ctx, account.id,
             name=account.name,
             role="bot" if account.role == "bot" else "user",
         )

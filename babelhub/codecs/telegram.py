@@ -761,18 +761,16 @@ class _Decoder:
         return native.conversation(self.ctx, "telegram", str(chat.id), _CONVERSATION_TYPES.get(chat.type, "direct"))
 
     def _sender(self, user: _User) -> c.Sender:
-        return c.Sender(
-            id=c.sender_id(self.ctx.tenant, self.ctx.connection, str(user.id)),
-            native_id=str(user.id),
+        return native.sender(
+            self.ctx, str(user.id),
             name=_full_name(user.first_name, user.last_name),
             role="bot" if user.is_bot else "user",
             handle=f"@{user.username}" if user.username else "",
         )
 
     def _chat_sender(self, chat: _Chat) -> c.Sender:
-        return c.Sender(
-            id=c.sender_id(self.ctx.tenant, self.ctx.connection, str(chat.id)),
-            native_id=str(chat.id),
+        return native.sender(
+            self.ctx, str(chat.id),
             name=chat.title or _full_name(chat.first_name, chat.last_name),
             handle=f"@{chat.username}" if chat.username else "",
         )

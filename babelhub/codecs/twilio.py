@@ -464,9 +464,8 @@ class _Decoder:
             conversation=self._conversation(user),
             direction="inbound",
             ts=self.ts,
-            sender=c.Sender(
-                id=c.sender_id(*self._scope(), user),
-                native_id=user,
+            sender=native.sender(
+                self.ctx, user,
                 name=webhook.profile_name,
                 role="user",
                 handle=user,

@@ -91,8 +91,7 @@ class WebchatCodec(Codec):
             tenant=ctx.tenant,
             conversation=native.conversation(ctx, self.channel, session),
             ts=native.from_unix(request.received_at) if request.received_at else c.now(),
-            sender=c.Sender(id=c.sender_id(ctx.tenant, ctx.connection, session), native_id=session,
-                            name=frame.name or "web visitor"),
+            sender=native.sender(ctx, session, name=frame.name or "web visitor"),
             native=c.Native(id=native_id, seq=ctx.seq),
             parts=parts,
         )]

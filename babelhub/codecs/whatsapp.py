@@ -773,7 +773,7 @@ class _Decoder:
             tenant=self.ctx.tenant,
             conversation=native.conversation(self.ctx, CHANNEL, waba, "channel"),
             ts=self._event_time(),
-            sender=c.Sender(id=c.sender_id(*self._scope(), waba), native_id=waba, role="system"),
+            sender=native.sender(self.ctx, waba, role="system"),
             native=c.Native(seq=self.ctx.seq),
             parts=[c.Unsupported(reason=f"WhatsApp {self.change.field!r} webhook", native=value)],
             meta={"whatsapp.field": self.change.field, "whatsapp.waba_id": waba},
@@ -802,9 +802,8 @@ class _Decoder:
             )
             parts.extend(unreadable)  # a reply context or error list that could not be read
         if echo:
-            sender = c.Sender(
-                id=c.sender_id(*self._scope(), message.from_),
-                native_id=message.from_,
+            sender = native.sender(
+                self.ctx, message.from_,
                 role="agent",
                 handle=_phone_handle(message.from_),
             )
@@ -952,9 +951,8 @@ class _Decoder:
 
     def _user(self, user: str, role: c.Role = "user") -> c.Sender:
         """A user, by phone number or (a user with a username) by BSUID."""
-        return c.Sender(
-            id=c.sender_id(*self._scope(), user),
-            native_id=user,
+        return native.sender(
+            self.ctx, user,
             name=self.names.get(user, ""),
             role=role,
             handle=_phone_handle(user) or self.usernames.get(user, ""),

@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -38,9 +37,6 @@ from babelhub.canonical import (
     Reaction,
     Text,
     Unsupported,
-    conversation_id,
-    message_id,
-    sender_id,
     stable_id,
 )
 from babelhub.codecs import load
@@ -48,11 +44,13 @@ from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, Http
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.discord import USER_AGENT, DiscordCodec, reaction_emoji, snowflake_time
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.hub.delivery import RetryPolicy
+from tests import codeckit
+from tests.codeckit import Fixtures, Ids, deliver_one, response
 from tests.fakeapi import FakeApi, Recorded, Reply
 
-FIXTURES = Path(__file__).parent / "fixtures" / "discord"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "discord"
+FIXTURES = Fixtures("discord")
+CORPUS = codeckit.CORPUS / "discord"
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "specs" / "discord_openapi.json"
 TENANT, CONNECTION = "acme", "discord-main"
 CTX = DecodeContext(tenant=TENANT, connection=CONNECTION, seq=7)
@@ -78,8 +76,7 @@ codec = DiscordCodec()
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def fixture(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_bytes())
+fixture = FIXTURES.json
 
 
 def signed(body: bytes, *, at: float = RECEIVED_AT, key: Ed25519PrivateKey = DISCORD_KEY) -> HttpRequest:
@@ -109,22 +106,8 @@ def decode_message(request: HttpRequest, ctx: DecodeContext = CTX) -> Message:
     return envelope
 
 
-def mid(native_id: str) -> str:
-    return message_id(TENANT, CONNECTION, native_id)
-
-
-def person(user: str) -> str:
-    return sender_id(TENANT, CONNECTION, user)
-
-
-def conversation(chat: str, kind: canonical.ConversationType) -> Conversation:
-    return Conversation(
-        id=conversation_id(TENANT, CONNECTION, chat),
-        channel="discord",
-        connection=CONNECTION,
-        native_id=chat,
-        type=kind,
-    )
+IDS = Ids(TENANT, CONNECTION, "discord")
+mid, person, conversation = IDS.message, IDS.sender, IDS.conversation
 
 
 # ---------------------------------------------------------------------------------------- signature
@@ -1050,8 +1033,7 @@ def test_request_bodies_match_discords_openapi_schemas() -> None:
 
 
 def answer(status: int, body: Any, **headers: str) -> HttpResponse:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return HttpResponse(status=status, headers=headers, body=raw)
+    return response(status, body, headers)
 
 
 REQUEST = OutboundRequest(method="POST", url="https://discord.com/api/v10/channels/111/messages")
@@ -1103,9 +1085,7 @@ def created(recorded: Recorded) -> Reply:
 
 async def send(api: FakeApi, message: Message) -> tuple[Any, Recorded]:
     (request,) = codec.encode(message, encode_ctx(api.base_url))
-    async with aiohttp.ClientSession() as session:
-        result = await deliver(session, codec, request, FAST)
-    return result, api.requests[-1]
+    return await deliver_one(codec, request, FAST), api.requests[-1]
 
 
 async def test_a_message_is_posted_to_the_channel(fake_api: FakeApi) -> None:

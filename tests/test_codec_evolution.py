@@ -8,11 +8,9 @@ import base64
 import hashlib
 import hmac
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from babelhub import canonical
@@ -46,11 +44,13 @@ from babelhub.codecs import load
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.evolution import EvolutionCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.hub.delivery import RetryPolicy
+from tests import codeckit
+from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, json_bodies, response, utc
 from tests.fakeapi import FakeApi, Recorded, Reply
 
-FIXTURES = Path(__file__).parent / "fixtures" / "evolution"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "evolution_api"
+FIXTURES = Fixtures("evolution", suffix=".json")
+CORPUS = codeckit.CORPUS / "evolution_api"
 
 CODEC = EvolutionCodec()
 TENANT, CONNECTION = "acme", "evo-loja"
@@ -65,12 +65,8 @@ APIKEY = "6B1F0C3E9A2D4E7F8A1B2C3D4E5F6A7B"  # what the webhook fixtures carry i
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
 
 
-def raw(name: str) -> bytes:
-    return (FIXTURES / f"{name}.json").read_bytes()
-
-
-def load_json(name: str) -> Any:
-    return json.loads(raw(name))
+raw = FIXTURES.bytes
+load_json = FIXTURES.json
 
 
 def decode(name: str) -> list[Envelope]:
@@ -89,16 +85,9 @@ def status(name: str) -> Status:
     return envelope
 
 
-def mid(native_id: str) -> str:
-    return canonical.message_id(TENANT, CONNECTION, native_id)
-
-
-def sid(jid: str) -> str:
-    return canonical.sender_id(TENANT, CONNECTION, jid)
-
-
-def at(unix: float) -> datetime:
-    return datetime.fromtimestamp(unix, UTC)
+IDS = Ids(TENANT, CONNECTION)
+mid, sid = IDS.message, IDS.sender
+at = utc
 
 
 # ------------------------------------------------------------------------------ inbound messages
@@ -634,13 +623,7 @@ def test_a_body_nested_too_deeply_is_a_decode_error() -> None:
     assert caught.value.path == "$"
 
 
-def _corpus_files() -> list[Path]:
-    if not CORPUS.is_dir():
-        return []
-    return sorted([*CORPUS.glob("inbound/*.json"), *CORPUS.glob("status/*.json")])
-
-
-@pytest.mark.parametrize("path", _corpus_files() or [None], ids=lambda p: p.name if p else "absent")
+@pytest.mark.parametrize("path", corpus_files(CORPUS) or [None], ids=lambda p: p.name if p else "absent")
 def test_corpus_payload_decodes_or_raises_decode_error(path: Path | None) -> None:
     if path is None:
         pytest.skip("shared corpus not present beside the checkout")
@@ -778,8 +761,7 @@ def encode_ctx(**overrides: Any) -> EncodeContext:
 HEADERS = {"apikey": APIKEY, "Content-Type": "application/json"}
 
 
-def bodies(requests: list[OutboundRequest]) -> list[Any]:
-    return [json.loads(request.body) for request in requests]
+bodies = json_bodies
 
 
 def paths(requests: list[OutboundRequest]) -> list[str]:
@@ -1106,7 +1088,7 @@ def test_other_activities_send_nothing() -> None:
 
 
 def answer(status_code: int, name: str, headers: dict[str, str] | None = None) -> HttpResponse:
-    return HttpResponse(status=status_code, body=raw(name), headers=headers or {})
+    return response(status_code, raw(name), headers)
 
 
 SENT = OutboundRequest(method="POST", url=f"{API_BASE}/message/sendText/{INSTANCE}")
@@ -1162,8 +1144,7 @@ def fake_ctx(api: FakeApi) -> EncodeContext:
 
 async def send(api: FakeApi) -> Any:
     (request,) = CODEC.encode(outbound(Text(text="Temos horários às 10h e às 15h.")), fake_ctx(api))
-    async with aiohttp.ClientSession() as session:
-        return await deliver(session, CODEC, request, FAST)
+    return await deliver_one(CODEC, request, FAST)
 
 
 def evolution_created(_: Recorded) -> Reply:

@@ -7,37 +7,37 @@ import datetime as dt
 import json
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from babelhub import canonical as c
-from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
+from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse
 from babelhub.codecs.google_chat import GoogleChatCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy, deliver
+from tests import codeckit
+from tests.codeckit import Fixtures, Ids, corpus_files, json_body, rs256_token, rsa_key
 from tests.fakeapi import FakeApi, Reply
 
-FIXTURES = Path(__file__).parent / "fixtures" / "google_chat"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "google_chat"
+FIXTURES = Fixtures("google_chat")
+CORPUS = codeckit.CORPUS / "google_chat"
 CODEC = GoogleChatCodec()
 CTX = DecodeContext(tenant="acme", connection="gchat", seq=3)
 PROJECT_NUMBER = "1234567890"
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
 
 
-def fixture_bytes(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
+fixture_bytes = FIXTURES.bytes
 
 
 def fixture(name: str) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads(fixture_bytes(name))
+    value: dict[str, Any] = FIXTURES.json(name)
     return value
 
 
@@ -50,12 +50,8 @@ def decode_one(name: str) -> c.Envelope:
     return envelope
 
 
-def message_id(name: str) -> str:
-    return c.message_id("acme", "gchat", name)
-
-
-def sender_id(name: str) -> str:
-    return c.sender_id("acme", "gchat", name)
+IDS = Ids("acme", "gchat")
+message_id, sender_id = IDS.message, IDS.sender
 
 
 # ------------------------------------------------------------------------------------------ decode
@@ -319,7 +315,7 @@ def test_dedup_key_is_stable_and_tells_clicks_apart() -> None:
 def test_corpus_sweep_decodes_or_raises_decode_error() -> None:
     if not CORPUS.is_dir():
         pytest.skip("shared corpus not present")
-    files = sorted(CORPUS.glob("inbound/*.json")) + sorted(CORPUS.glob("status/*.json"))
+    files = corpus_files(CORPUS)
     assert files
     for path in files:
         try:
@@ -334,15 +330,8 @@ def test_corpus_sweep_decodes_or_raises_decode_error() -> None:
 # ------------------------------------------------------------------------------------ signatures
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _token(key: rsa.RSAPrivateKey, claims: dict[str, Any], kid: str = "cert-1") -> str:
-    header = _b64url(json.dumps({"alg": "RS256", "kid": kid, "typ": "JWT"}).encode())
-    payload = _b64url(json.dumps(claims).encode())
-    signature = key.sign(f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
-    return f"{header}.{payload}.{_b64url(signature)}"
+    return rs256_token(key, {"alg": "RS256", "kid": kid, "typ": "JWT"}, claims)
 
 
 def _certificate(key: rsa.RSAPrivateKey) -> str:
@@ -364,7 +353,7 @@ def _certificate(key: rsa.RSAPrivateKey) -> str:
 
 @pytest.fixture(scope="module")
 def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return rsa_key()
 
 
 def _claims(**overrides: Any) -> dict[str, Any]:
@@ -548,8 +537,7 @@ def _message(*parts: c.Part, **fields: Any) -> c.Message:
     )
 
 
-def _body(request: OutboundRequest) -> Any:
-    return json.loads(request.body)
+_body = json_body
 
 
 def test_text_is_created_in_the_space_with_an_idempotent_request_id() -> None:

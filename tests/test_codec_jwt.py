@@ -3,29 +3,26 @@ holds, verifying it ends in a SignatureError or a verified token, never in anoth
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from babelhub.codecs import jwt
 from babelhub.errors import SignatureError
+from tests.codeckit import b64url, rs256_signed, rsa_key
 
 ISSUER = "https://issuer.example"
 AUDIENCE = "app-1"
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+_b64url = b64url
 
 
 @pytest.fixture(scope="module")
 def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return rsa_key()
 
 
 def _keys(key: rsa.RSAPrivateKey) -> str:
@@ -36,10 +33,7 @@ def _keys(key: rsa.RSAPrivateKey) -> str:
     )
 
 
-def _signed(key: rsa.RSAPrivateKey, header: bytes, payload: bytes) -> str:
-    """A token over exactly these header and payload bytes, correctly signed."""
-    signing_input = f"{_b64url(header)}.{_b64url(payload)}"
-    return f"{signing_input}.{_b64url(key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256()))}"
+_signed = rs256_signed
 
 
 def _claims(**overrides: Any) -> bytes:

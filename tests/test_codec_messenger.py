@@ -3,16 +3,12 @@ exact Send API requests, and real sends through `deliver` to a local fake Graph 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from datetime import UTC, datetime
 from email import policy
 from email.parser import BytesParser
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,12 +18,12 @@ from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, Http
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.messenger import InstagramCodec, MessengerCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
-from tests import strategies
+from babelhub.hub.delivery import RetryPolicy
+from tests import codeckit, strategies
+from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, meta_signed, response, utc
 from tests.fakeapi import FakeApi, Reply
 
-FIXTURES = Path(__file__).parent / "fixtures"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = codeckit.CORPUS
 
 TENANT, CONNECTION = "acme", "fb-main"
 CTX = DecodeContext(tenant=TENANT, connection=CONNECTION, seq=41)
@@ -41,11 +37,11 @@ instagram = InstagramCodec()
 
 
 def fixture(channel: str, name: str) -> bytes:
-    return (FIXTURES / channel / name).read_bytes()
+    return Fixtures(channel).bytes(name)
 
 
 def fixture_json(channel: str, name: str) -> Any:
-    return json.loads(fixture(channel, name))
+    return Fixtures(channel).json(name)
 
 
 def decode(codec: MessengerCodec, name: str) -> list[c.Envelope]:
@@ -63,16 +59,12 @@ def only_message(codec: MessengerCodec, name: str) -> c.Message:
     return envelope
 
 
-def mid(native_id: str) -> str:
-    return c.message_id(TENANT, CONNECTION, native_id)
-
-
-def user(native_id: str) -> str:
-    return c.sender_id(TENANT, CONNECTION, native_id)
+IDS = Ids(TENANT, CONNECTION)
+mid, user = IDS.message, IDS.sender
 
 
 def ms(value: int) -> datetime:
-    return datetime.fromtimestamp(value / 1000, UTC)
+    return utc(value / 1000)
 
 
 # ---------------------------------------------------------------------------------- Messenger decode
@@ -410,7 +402,7 @@ def test_every_corpus_payload_decodes_or_raises_decode_error(codec: MessengerCod
     folder = CORPUS / codec.channel
     if not folder.is_dir():
         pytest.skip(f"no corpus at {folder}")
-    files = sorted([*folder.glob("inbound/*.json"), *folder.glob("status/*.json")])
+    files = corpus_files(folder)
     assert files
     decoded = 0
     for path in files:
@@ -429,8 +421,7 @@ def test_every_corpus_payload_decodes_or_raises_decode_error(codec: MessengerCod
 
 
 def signed(body: bytes, secret: str = APP_SECRET) -> HttpRequest:
-    signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return HttpRequest(body=body, headers={"x-hub-signature-256": f"sha256={signature}"})
+    return meta_signed(body, secret)
 
 
 SECRETS = {"app_secret": APP_SECRET, "verify_token": "s3cret-verify"}
@@ -879,7 +870,7 @@ def test_capabilities_differ_where_the_platforms_do() -> None:
 
 
 def answer(status: int, name: str, headers: dict[str, str] | None = None) -> HttpResponse:
-    return HttpResponse(status=status, headers=headers or {}, body=fixture("messenger", name))
+    return response(status, fixture("messenger", name), headers)
 
 
 def test_parse_response_maps_success_and_documented_errors() -> None:
@@ -901,8 +892,7 @@ def test_parse_response_maps_success_and_documented_errors() -> None:
 
 async def send(api: FakeApi, codec: MessengerCodec, message: c.Message) -> Any:
     (request,) = codec.encode(message, encode_ctx(api_base=api.base_url))
-    async with aiohttp.ClientSession() as session:
-        return await deliver(session, codec, request, FAST)
+    return await deliver_one(codec, request, FAST)
 
 
 async def test_deliver_sends_the_exact_request_and_reads_the_message_id(fake_api: FakeApi) -> None:

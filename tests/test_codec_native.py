@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
-import hmac
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -19,6 +17,7 @@ from babelhub.canonical import Conversation, Location, MediaKind, Sender, Text, 
 from babelhub.codecs import meta_graph, native
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest
 from babelhub.errors import DecodeError, EncodeError, SignatureError
+from tests.codeckit import meta_signed
 
 
 @pytest.mark.parametrize(
@@ -63,8 +62,7 @@ def test_a_missing_setting_is_named_with_its_kind() -> None:
 
 
 def _meta_signed(body: bytes, secret: str, upper: bool = False) -> HttpRequest:
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return HttpRequest(body=body, headers={"x-hub-signature-256": f"sha256={digest.upper() if upper else digest}"})
+    return meta_signed(body, secret, upper=upper)
 
 
 def test_meta_signatures_in_either_hex_case_verify() -> None:

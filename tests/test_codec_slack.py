@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 import pytest
 
 from babelhub import canonical
@@ -34,20 +33,19 @@ from babelhub.canonical import (
     Reaction,
     Text,
     Unsupported,
-    conversation_id,
-    message_id,
-    sender_id,
 )
 from babelhub.codecs import native
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.slack import SlackCodec, emoji_from_name, mrkdwn_to_markdown, sign, slack_emoji_name
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.hub.delivery import RetryPolicy
+from tests import codeckit
+from tests.codeckit import Fixtures, Ids, deliver_one, response
 from tests.fakeapi import FakeApi, Recorded, Reply
 
-FIXTURES = Path(__file__).parent / "fixtures" / "slack"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "slack"
+FIXTURES = Fixtures("slack")
+CORPUS = codeckit.CORPUS / "slack"
 TENANT, CONNECTION = "acme", "slack-main"
 CTX = DecodeContext(tenant=TENANT, connection=CONNECTION, seq=42)
 SECRET = "test-signing-secret"
@@ -61,16 +59,11 @@ codec = SlackCodec()
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def fixture(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_bytes())
+fixture = FIXTURES.json
 
 
-def mid(native_id: str) -> str:
-    return message_id(TENANT, CONNECTION, native_id)
-
-
-def person(user: str) -> str:
-    return sender_id(TENANT, CONNECTION, user)
+IDS = Ids(TENANT, CONNECTION, "slack")
+mid, person, channel_conversation = IDS.message, IDS.sender, IDS.conversation
 
 
 def signed(
@@ -107,16 +100,6 @@ def decode_message(request: HttpRequest, ctx: DecodeContext = CTX) -> Message:
     envelope = decode_one(request, ctx)
     assert isinstance(envelope, Message)
     return envelope
-
-
-def channel_conversation(native_chat: str, kind: canonical.ConversationType) -> Conversation:
-    return Conversation(
-        id=conversation_id(TENANT, CONNECTION, native_chat),
-        channel="slack",
-        connection=CONNECTION,
-        native_id=native_chat,
-        type=kind,
-    )
 
 
 # ---------------------------------------------------------------------------------------- signature
@@ -875,8 +858,7 @@ def test_typing_has_no_web_api_call() -> None:
 
 
 def answer(status: int, body: Any, **headers: str) -> HttpResponse:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return HttpResponse(status=status, headers=headers, body=raw)
+    return response(status, body, headers)
 
 
 REQUEST = OutboundRequest(method="POST", url="https://slack.com/api/chat.postMessage")
@@ -916,9 +898,7 @@ def test_error_answers_say_whether_to_retry() -> None:
 
 async def send(api: FakeApi, message: Message) -> tuple[Any, Recorded]:
     (request,) = codec.encode(message, encode_ctx(api.base_url))
-    async with aiohttp.ClientSession() as session:
-        result = await deliver(session, codec, request, FAST)
-    return result, api.requests[-1]
+    return await deliver_one(codec, request, FAST), api.requests[-1]
 
 
 async def test_a_message_is_posted_to_the_web_api(fake_api: FakeApi) -> None:

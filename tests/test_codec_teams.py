@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from babelhub import canonical as c
-from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
+from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse
 from babelhub.codecs.teams import TeamsCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy, deliver
+from tests import codeckit
+from tests.codeckit import Fixtures, b64url, corpus_files, json_body, rs256_token, rsa_key
 from tests.fakeapi import FakeApi, Reply
 
-FIXTURES = Path(__file__).parent / "fixtures" / "teams"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "teams_botframework"
+FIXTURES = Fixtures("teams")
+CORPUS = codeckit.CORPUS / "teams_botframework"
 CODEC = TeamsCodec()
 CTX = DecodeContext(tenant="acme", connection="teams-main", seq=7)
 RECEIVED_AT = 1_700_000_000.0
@@ -31,12 +31,11 @@ APP_ID = "0b6fe6d1-fece-44f7-9a48-56465e2d5ab8"
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
 
 
-def fixture_bytes(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
+fixture_bytes = FIXTURES.bytes
 
 
 def fixture(name: str) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads(fixture_bytes(name))
+    value: dict[str, Any] = FIXTURES.json(name)
     return value
 
 
@@ -305,7 +304,7 @@ def test_dedup_key_tells_an_edit_from_the_message_it_edits() -> None:
 def test_corpus_sweep_decodes_or_raises_decode_error() -> None:
     if not CORPUS.is_dir():
         pytest.skip("shared corpus not present")
-    files = sorted(CORPUS.glob("inbound/*.json")) + sorted(CORPUS.glob("status/*.json"))
+    files = corpus_files(CORPUS)
     assert files
     decoded = 0
     for path in files:
@@ -323,33 +322,26 @@ def test_corpus_sweep_decodes_or_raises_decode_error() -> None:
 # ------------------------------------------------------------------------------------ signatures
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _jwks(key: rsa.RSAPrivateKey, kid: str, **extra: Any) -> str:
     numbers = key.public_key().public_numbers()
     jwk = {
         "kty": "RSA",
         "kid": kid,
         "use": "sig",
-        "n": _b64url(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
-        "e": _b64url(numbers.e.to_bytes(3, "big")),
+        "n": b64url(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
+        "e": b64url(numbers.e.to_bytes(3, "big")),
         **extra,
     }
     return json.dumps({"keys": [jwk]})
 
 
 def _token(key: rsa.RSAPrivateKey, claims: dict[str, Any], kid: str = "key-1", alg: str = "RS256") -> str:
-    header = _b64url(json.dumps({"typ": "JWT", "alg": alg, "kid": kid, "x5t": kid}).encode())
-    payload = _b64url(json.dumps(claims).encode())
-    signature = key.sign(f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
-    return f"{header}.{payload}.{_b64url(signature)}"
+    return rs256_token(key, {"typ": "JWT", "alg": alg, "kid": kid, "x5t": kid}, claims)
 
 
 @pytest.fixture(scope="module")
 def signing_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return rsa_key()
 
 
 def _claims(**overrides: Any) -> dict[str, Any]:
@@ -465,8 +457,7 @@ def _message(*parts: c.Part, **fields: Any) -> c.Message:
 ACTIVITIES = f"https://smba.trafficmanager.net/amer/v3/conversations/{quote(CONVERSATION, safe='')}/activities"
 
 
-def _body(request: OutboundRequest) -> Any:
-    return json.loads(request.body)
+_body = json_body
 
 
 def test_text_is_one_markdown_activity() -> None:

@@ -5,7 +5,6 @@ shared corpus."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,12 @@ from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, Http
 from babelhub.codecs.telegram import TelegramCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy, deliver, perform
+from tests import codeckit
+from tests.codeckit import Fixtures, Ids, response, utc
 from tests.fakeapi import FakeApi, Recorded, Reply
 
-FIXTURES = Path(__file__).parent / "fixtures" / "telegram"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "telegram"
+FIXTURES = Fixtures("telegram", suffix=".json")
+CORPUS = codeckit.CORPUS / "telegram"
 
 CODEC = TelegramCodec()
 TENANT, CONNECTION = "acme", "tg-main"
@@ -51,8 +52,7 @@ SECRETS = {"bot_token": TOKEN, "secret_token": "s3cr3t-Token_1"}
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
 
 
-def fixture(name: str) -> Any:
-    return json.loads((FIXTURES / f"{name}.json").read_text())
+fixture = FIXTURES.json
 
 
 def webhook(body: Any, **headers: str) -> HttpRequest:
@@ -73,16 +73,8 @@ def decode_message(name: str) -> Message:
     return envelope
 
 
-def message_id(native_id: str) -> str:
-    return canonical.message_id(TENANT, CONNECTION, native_id)
-
-
-def sender_id(native_id: str) -> str:
-    return canonical.sender_id(TENANT, CONNECTION, native_id)
-
-
-def utc(unix_time: int) -> datetime:
-    return datetime.fromtimestamp(unix_time, UTC)
+IDS = Ids(TENANT, CONNECTION)
+message_id, sender_id = IDS.message, IDS.sender
 
 
 def encode_ctx(to: str = "1111111", native_ids: dict[str, str] | None = None, api_base: str = "") -> EncodeContext:
@@ -122,7 +114,7 @@ def method_of(request: OutboundRequest) -> str:
 
 
 def answer(name: str, status: int = 200, headers: dict[str, str] | None = None) -> HttpResponse:
-    return HttpResponse(status=status, headers=headers or {}, body=(FIXTURES / f"{name}.json").read_bytes())
+    return response(status, FIXTURES.bytes(name), headers)
 
 
 # ------------------------------------------------------------------------------------------ verify
@@ -1009,7 +1001,7 @@ def test_a_failed_poll_keeps_the_cursor_and_reports_the_error() -> None:
 
 
 def corpus_files() -> list[Path]:
-    return sorted((CORPUS / "inbound").glob("*.json")) + sorted((CORPUS / "status").glob("*.json"))
+    return codeckit.corpus_files(CORPUS)
 
 
 #: Corpus files that hold a bare object of the Update field named here: wrapped, they must decode.

@@ -8,12 +8,10 @@ import base64
 import hashlib
 import hmac
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-import aiohttp
 import pytest
 
 from babelhub import canonical
@@ -21,7 +19,6 @@ from babelhub.canonical import (
     Action,
     Button,
     Buttons,
-    Conversation,
     Envelope,
     Location,
     Media,
@@ -38,11 +35,13 @@ from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, Http
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.twilio import API_BASE, TwilioCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.hub.delivery import RetryPolicy
+from tests import codeckit
+from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, response, utc
 from tests.fakeapi import FakeApi, Recorded, Reply
 
-FIXTURES = Path(__file__).parent / "fixtures" / "twilio"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "twilio_messaging"
+FIXTURES = Fixtures("twilio", suffix=".json")
+CORPUS = codeckit.CORPUS / "twilio_messaging"
 
 CODEC = TwilioCodec()
 TENANT, CONNECTION = "acme", "twilio-main"
@@ -54,8 +53,7 @@ WEBHOOK_URL = "https://hooks.example.com/webhooks/twilio/twilio-main"
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
 
 
-def load_json(name: str) -> Any:
-    return json.loads((FIXTURES / f"{name}.json").read_text())
+load_json = FIXTURES.json
 
 
 def form_body(name: str, **changes: str | None) -> bytes:
@@ -88,21 +86,9 @@ def status(name: str, **changes: str | None) -> Status:
     return envelope
 
 
-def mid(sid: str) -> str:
-    return canonical.message_id(TENANT, CONNECTION, sid)
-
-
-def conversation(address: str) -> Conversation:
-    return Conversation(
-        id=canonical.conversation_id(TENANT, CONNECTION, address),
-        channel="twilio",
-        connection=CONNECTION,
-        native_id=address,
-        type="direct",
-    )
-
-
-RECEIVED = datetime.fromtimestamp(RECEIVED_AT, UTC)
+IDS = Ids(TENANT, CONNECTION, "twilio")
+mid, conversation = IDS.message, IDS.conversation
+RECEIVED = utc(RECEIVED_AT)
 
 
 # ------------------------------------------------------------------------------ incoming messages
@@ -413,13 +399,7 @@ def test_a_form_of_more_fields_than_the_limit_is_refused() -> None:
         assert str(native.MAX_FORM_FIELDS) in refused.value.reason
 
 
-def _corpus_files() -> list[Path]:
-    if not CORPUS.is_dir():
-        return []
-    return sorted([*CORPUS.glob("inbound/*.json"), *CORPUS.glob("status/*.json")])
-
-
-@pytest.mark.parametrize("path", _corpus_files() or [None], ids=lambda p: p.name if p else "absent")
+@pytest.mark.parametrize("path", corpus_files(CORPUS) or [None], ids=lambda p: p.name if p else "absent")
 def test_corpus_payload_decodes_or_raises_decode_error(path: Path | None) -> None:
     if path is None:
         pytest.skip("shared corpus not present beside the checkout")
@@ -751,7 +731,7 @@ def test_what_twilio_cannot_send_is_an_encode_error(
 
 
 def answer(status_code: int, name: str, headers: dict[str, str] | None = None) -> HttpResponse:
-    return HttpResponse(status=status_code, body=(FIXTURES / f"{name}.json").read_bytes(), headers=headers or {})
+    return response(status_code, FIXTURES.bytes(name), headers)
 
 
 def parse(response: HttpResponse) -> SendResult:
@@ -804,8 +784,7 @@ def created(_: Recorded) -> Reply:
 async def send(api: FakeApi) -> SendResult:
     ctx = encode_ctx(api_base=f"{api.base_url}/2010-04-01")
     (request,) = CODEC.encode(outbound(Text(text=TEXT)), ctx)
-    async with aiohttp.ClientSession() as session:
-        return await deliver(session, CODEC, request, FAST)
+    return await deliver_one(CODEC, request, FAST)
 
 
 async def test_send_through_the_api_returns_the_message_sid(fake_api: FakeApi) -> None:

@@ -3,14 +3,10 @@ subscription handshake, exact outbound requests, API answers, and sending throug
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from babelhub import canonical
@@ -45,11 +41,23 @@ from babelhub.codecs import load
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.whatsapp import D360_API_BASE, META_API_BASE, WhatsAppCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.hub.delivery import RetryPolicy
+from tests import codeckit
+from tests.codeckit import (
+    Fixtures,
+    Ids,
+    corpus_files,
+    deliver_one,
+    json_bodies,
+    meta_signed,
+    response,
+    round_trips,
+    utc,
+)
 from tests.fakeapi import FakeApi, Recorded, Reply
 
-FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "whatsapp_cloud"
+FIXTURES = Fixtures("whatsapp", suffix=".json")
+CORPUS = codeckit.CORPUS / "whatsapp_cloud"
 
 CODEC = WhatsAppCodec()
 TENANT, CONNECTION = "acme", "wa-main"
@@ -60,12 +68,8 @@ APP_SECRET = "app-secret-of-the-meta-app"
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
 
 
-def raw(name: str) -> bytes:
-    return (FIXTURES / f"{name}.json").read_bytes()
-
-
-def load_json(name: str) -> Any:
-    return json.loads(raw(name))
+raw = FIXTURES.bytes
+load_json = FIXTURES.json
 
 
 def decode(name: str) -> list[Envelope]:
@@ -78,12 +82,8 @@ def message(name: str) -> Message:
     return envelope
 
 
-def mid(wamid: str) -> str:
-    return canonical.message_id(TENANT, CONNECTION, wamid)
-
-
-def at(unix: int) -> datetime:
-    return datetime.fromtimestamp(unix, UTC)
+mid = Ids(TENANT, CONNECTION).message
+at = utc
 
 
 # ------------------------------------------------------------------------------ inbound messages
@@ -521,13 +521,7 @@ def test_dedup_key_of_a_body_nested_too_deeply_is_empty() -> None:
     assert CODEC.dedup_key(HttpRequest(body=b"[" * 100_000 + b"]" * 100_000)) == ""
 
 
-def _corpus_files() -> list[Path]:
-    if not CORPUS.is_dir():
-        return []
-    return sorted([*CORPUS.glob("inbound/*.json"), *CORPUS.glob("status/*.json")])
-
-
-@pytest.mark.parametrize("path", _corpus_files() or [None], ids=lambda p: p.name if p else "absent")
+@pytest.mark.parametrize("path", corpus_files(CORPUS) or [None], ids=lambda p: p.name if p else "absent")
 def test_corpus_payload_decodes_or_raises_decode_error(path: Path | None) -> None:
     if path is None:
         pytest.skip("shared corpus not present beside the checkout")
@@ -544,8 +538,7 @@ def test_corpus_payload_decodes_or_raises_decode_error(path: Path | None) -> Non
 
 
 def signed(body: bytes, secret: str = APP_SECRET) -> HttpRequest:
-    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return HttpRequest(body=body, headers={"x-hub-signature-256": signature})
+    return meta_signed(body, secret)
 
 
 def test_good_signature_verifies() -> None:
@@ -672,8 +665,7 @@ def encode_ctx(**overrides: Any) -> EncodeContext:
 META_HEADERS = {"Authorization": "Bearer EAAG-test", "Content-Type": "application/json"}
 
 
-def bodies(requests: list[OutboundRequest]) -> list[Any]:
-    return [json.loads(request.body) for request in requests]
+bodies = json_bodies
 
 
 def test_text_request_is_exact() -> None:
@@ -981,7 +973,7 @@ def test_auto_read_marks_inbound_messages_only_when_asked() -> None:
 
 
 def answer(status: int, name: str, headers: dict[str, str] | None = None) -> HttpResponse:
-    return HttpResponse(status=status, body=raw(name), headers=headers or {})
+    return response(status, raw(name), headers)
 
 
 def test_success_answer_gives_the_wamid() -> None:
@@ -1036,8 +1028,7 @@ def fake_ctx(api: FakeApi, **overrides: Any) -> EncodeContext:
 
 async def send(api: FakeApi, ctx: EncodeContext, text: str = "text-message-content") -> Any:
     (request,) = CODEC.encode(outbound(Text(text=text)), ctx)
-    async with aiohttp.ClientSession() as session:
-        return await deliver(session, CODEC, request, FAST)
+    return await deliver_one(CODEC, request, FAST)
 
 
 def meta_success(_: Recorded) -> Reply:
@@ -1186,8 +1177,7 @@ def test_a_reply_to_a_user_known_by_bsuid_names_it_in_recipient() -> None:
     assert json.loads(request.body) == load_json("send_text")
 
 
-def c_roundtrip(envelope: Envelope) -> bool:
-    return canonical.decode(canonical.encode(envelope)) == envelope
+c_roundtrip = round_trips
 
 
 # -------------------------------------------------------------- several numbers in one business account

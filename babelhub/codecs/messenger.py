@@ -462,7 +462,8 @@ class MessengerCodec(Codec):
             self, ctx, entry, _Item(timestamp=entry.time), {}, path, standby=False, timestamp_path=time_path
         )
         reason = f"{self.channel} webhook field {change.field!r}"
-        return [self._message_envelope(event, event.event_id("change", change.field), [_unsupported(reason, raw)])]
+        parts: list[c.Part] = [native.unsupported(reason, raw)]
+        return [self._message_envelope(event, event.event_id("change", change.field), parts)]
 
     def _decode_item(self, event: _Decoder) -> list[c.Envelope]:
         item = event.item
@@ -489,7 +490,7 @@ class MessengerCodec(Codec):
                 return [self._activity(event, handover, "handoff", {"event": handover, **event.raw[handover]})]
         kinds = sorted(native.unmapped(event.raw, ("sender", "recipient", "timestamp"))) or ["empty"]
         reason = f"{self.channel} messaging event {', '.join(kinds)}"
-        return [self._message_envelope(event, event.event_id(*kinds), [_unsupported(reason, dict(event.raw))])]
+        return [self._message_envelope(event, event.event_id(*kinds), [native.unsupported(reason, dict(event.raw))])]
 
     # ---- messages
 
@@ -541,14 +542,14 @@ class MessengerCodec(Codec):
         for index, raw_attachment in enumerate(message.attachments):
             if has_sticker and _attachment_type(raw_attachment) == "image":
                 # Until 2026-08-30 Meta sends a sticker twice: as `sticker` and as the old `image`.
-                parts.append(_unsupported("image copy of a sticker (Meta transition)", raw_attachment))
+                parts.append(native.unsupported("image copy of a sticker (Meta transition)", raw_attachment))
                 continue
             read = partial(self._attachment, event, index, raw_attachment)
             parts.extend(native.lenient_parts(read, raw_attachment, f"{self.channel} attachment"))
         if message.is_unsupported:
-            parts.append(_unsupported(f"{self.channel} message type the API does not deliver", dict(raw)))
+            parts.append(native.unsupported(f"{self.channel} message type the API does not deliver", dict(raw)))
         if not parts:
-            parts.append(_unsupported(f"{self.channel} message without content", dict(raw)))
+            parts.append(native.unsupported(f"{self.channel} message without content", dict(raw)))
         return parts
 
     @staticmethod
@@ -572,7 +573,7 @@ class MessengerCodec(Codec):
         if attachment.type == "location" and isinstance(coordinates, dict):
             return _location(attachment, coordinates, raw)
         # Shares (fallback links, templates, posts, reels, stories, …) point at content elsewhere.
-        return _unsupported(f"{self.channel} attachment {attachment.type!r}", raw)
+        return native.unsupported(f"{self.channel} attachment {attachment.type!r}", raw)
 
     def _edit(self, event: _Decoder, edit: _MessageEdit, raw: Mapping[str, Any]) -> c.Message:
         event.keep("message_edit", raw, ("mid", "text", "num_edit"))
@@ -921,10 +922,6 @@ class InstagramCodec(MessengerCodec):
 # ------------------------------------------------------------------------------- small builders
 
 
-def _unsupported(reason: str, fragment: Any) -> c.Unsupported:
-    return c.Unsupported(reason=reason, native=dict(fragment) if isinstance(fragment, Mapping) else fragment)
-
-
 def _attachment_type(raw: Any) -> Any:
     return raw.get("type") if isinstance(raw, dict) else None
 
@@ -933,7 +930,7 @@ def _location(attachment: _Attachment, coordinates: Mapping[str, Any], raw: Mapp
     """The legacy `location` attachment: `payload.coordinates{lat,long}`, a title and a map link."""
     lat, lon = coordinates.get("lat"), coordinates.get("long")
     if not isinstance(lat, int | float) or not isinstance(lon, int | float):
-        return _unsupported("location attachment without coordinates", raw)
+        return native.unsupported("location attachment without coordinates", raw)
     # float() of an integer beyond a double's range raises OverflowError: the part is then unreadable
     return c.Location(lat=native.finite(float(lat)), lon=native.finite(float(lon)), name=attachment.title,
                       url=attachment.url)

@@ -284,7 +284,8 @@ class TeamsCodec(Codec):
                 return [decoder.as_activity("ended", {"teams.code": activity.code} if activity.code else {})]
             case "event" if activity.name == READ_RECEIPT_EVENT:
                 return [_read_receipt(decoder)]
-        return [decoder.as_message([_unsupported(f"teams {activity.type} activity", raw)], suffix=f"#{activity.type}")]
+        kept = native.unsupported(f"teams {activity.type} activity", raw)
+        return [decoder.as_message([kept], suffix=f"#{activity.type}")]
 
     # ------------------------------------------------------------------------------------- encode
 
@@ -362,7 +363,7 @@ class _Decoder:
     def as_message(self, parts: list[c.Part], *, suffix: str = "", meta: Mapping[str, Any] | None = None) -> c.Message:
         activity = self.activity
         if not parts:
-            parts = [_unsupported(f"teams {activity.type} activity without content", self.raw)]
+            parts = [native.unsupported(f"teams {activity.type} activity without content", self.raw)]
         return c.Message(
             id=self.message_id(self.key + suffix),
             parts=parts,
@@ -454,10 +455,6 @@ def _conversation_type(conversation: _ConversationAccount) -> c.ConversationType
     return "group" if conversation.isGroup else "direct"
 
 
-def _unsupported(reason: str, fragment: Any) -> c.Unsupported:
-    return c.Unsupported(reason=reason, native=fragment)
-
-
 def _message_parts(decoder: _Decoder) -> list[c.Part]:
     """A user's message: a card click when it carries a `value`, otherwise text and attachments."""
     activity = decoder.activity
@@ -531,7 +528,7 @@ def _attachment_part(raw: Any, n: int) -> c.Part:
             mime=kind if "*" not in kind else "",
             filename=attachment.name,
         )
-    return _unsupported(f"teams attachment {kind or 'without contentType'}", raw)
+    return native.unsupported(f"teams attachment {kind or 'without contentType'}", raw)
 
 
 def _card_submission(decoder: _Decoder, value: Any, *, title: str = "", verb: str = "") -> list[c.Part]:
@@ -579,7 +576,7 @@ def _invoke_parts(decoder: _Decoder) -> list[c.Part]:
             )
     if activity.name in CARD_SUBMIT_INVOKES:
         return _card_submission(decoder, activity.value)
-    return [_unsupported(f"teams invoke {activity.name}", {"name": activity.name, "value": activity.value})]
+    return [native.unsupported(f"teams invoke {activity.name}", {"name": activity.name, "value": activity.value})]
 
 
 def _edited(decoder: _Decoder) -> c.Message:
@@ -617,7 +614,8 @@ def _membership(decoder: _Decoder) -> list[c.Envelope]:
         envelopes.append(decoder.as_activity("left", {"members": _members(decoder, removed), **event}))
     if not envelopes:
         # Channel created/renamed/deleted, team renamed…: no canonical activity says that.
-        envelopes.append(decoder.as_message([_unsupported("teams conversationUpdate", decoder.raw)], suffix="#update"))
+        kept = native.unsupported("teams conversationUpdate", decoder.raw)
+        envelopes.append(decoder.as_message([kept], suffix="#update"))
     return envelopes
 
 

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,14 @@ class Ids:
 def utc(unix_time: float) -> datetime:
     """A Unix time as the aware UTC datetime codecs put in `ts`."""
     return datetime.fromtimestamp(unix_time, UTC)
+
+
+def outbound_message(
+    tenant: str, conversation: c.Conversation, parts: Iterable[c.Part], *, id: str, **fields: Any
+) -> c.Message:
+    """A message the application sends into `conversation`, stamped now unless `fields` give a `ts`."""
+    fields.setdefault("ts", c.now())
+    return c.Message(id=id, tenant=tenant, conversation=conversation, direction="outbound", parts=list(parts), **fields)
 
 
 def response(status: int, body: Any, headers: dict[str, str] | None = None) -> HttpResponse:

@@ -46,7 +46,7 @@ from babelhub.codecs.discord import USER_AGENT, DiscordCodec, reaction_emoji, sn
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy
 from tests import codeckit
-from tests.codeckit import Fixtures, Ids, deliver_one, response
+from tests.codeckit import Fixtures, Ids, deliver_one, outbound_message, response
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Fixtures("discord")
@@ -561,15 +561,8 @@ def test_undecodable_input_names_the_path() -> None:
 
 
 def outbound(*parts: Part, **fields: Any) -> Message:
-    return Message(
-        id="m1",
-        tenant=TENANT,
-        conversation=Conversation(id="conv", channel="discord", connection=CONNECTION, native_id="C1"),
-        ts=canonical.now(),
-        direction="outbound",
-        parts=list(parts),
-        **fields,
-    )
+    conversation = Conversation(id="conv", channel="discord", connection=CONNECTION, native_id="C1")
+    return outbound_message(TENANT, conversation, parts, id="m1", **fields)
 
 
 def encode_ctx(api_base: str = "", options: dict[str, Any] | None = None, **native_ids: str) -> EncodeContext:

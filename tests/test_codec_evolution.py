@@ -46,7 +46,7 @@ from babelhub.codecs.evolution import EvolutionCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy
 from tests import codeckit
-from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, json_bodies, response, utc
+from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, json_bodies, outbound_message, response, utc
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Fixtures("evolution", suffix=".json")
@@ -735,15 +735,7 @@ def test_dedup_key_names_the_event_the_message_and_the_state() -> None:
 
 def outbound(*parts: Part, reply_to: str = "") -> Message:
     conversation = Conversation(id="c1", channel="evolution", connection=CONNECTION, native_id=USER)
-    return Message(
-        id="01hzmsg",
-        tenant=TENANT,
-        conversation=conversation,
-        ts=canonical.now(),
-        direction="outbound",
-        reply_to=reply_to,
-        parts=list(parts),
-    )
+    return outbound_message(TENANT, conversation, parts, id="01hzmsg", reply_to=reply_to)
 
 
 def encode_ctx(**overrides: Any) -> EncodeContext:

@@ -22,7 +22,7 @@ from babelhub.codecs.google_chat import GoogleChatCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy, deliver
 from tests import codeckit
-from tests.codeckit import Fixtures, Ids, corpus_files, json_body, rs256_token, rsa_key
+from tests.codeckit import Fixtures, Ids, corpus_files, json_body, outbound_message, rs256_token, rsa_key
 from tests.fakeapi import FakeApi, Reply
 
 FIXTURES = Fixtures("google_chat")
@@ -526,15 +526,7 @@ def _ctx(base: str = "", **native_ids: str) -> EncodeContext:
 
 def _message(*parts: c.Part, **fields: Any) -> c.Message:
     conversation = c.Conversation(id="conv", channel="google_chat", connection="gchat", native_id=SPACE)
-    return c.Message(
-        id="out1",
-        tenant="acme",
-        conversation=conversation,
-        ts=c.now(),
-        direction="outbound",
-        parts=list(parts),
-        **fields,
-    )
+    return outbound_message("acme", conversation, parts, id="out1", **fields)
 
 
 _body = json_body

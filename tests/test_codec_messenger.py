@@ -20,7 +20,7 @@ from babelhub.codecs.messenger import InstagramCodec, MessengerCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy
 from tests import codeckit, strategies
-from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, meta_signed, response, utc
+from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, meta_signed, outbound_message, response, utc
 from tests.fakeapi import FakeApi, Reply
 
 CORPUS = codeckit.CORPUS
@@ -557,15 +557,7 @@ def encode_ctx(api_base: str = "", **options: Any) -> EncodeContext:
 
 def outbound(*parts: c.Part, **fields: Any) -> c.Message:
     conversation = c.Conversation(id="conv", channel="messenger", connection=CONNECTION, native_id=PSID)
-    return c.Message(
-        id="out1",
-        tenant=TENANT,
-        conversation=conversation,
-        ts=c.now(),
-        direction="outbound",
-        parts=list(parts),
-        **fields,
-    )
+    return outbound_message(TENANT, conversation, parts, id="out1", **fields)
 
 
 def call_of(request: OutboundRequest) -> Any:

@@ -41,7 +41,7 @@ from babelhub.codecs.slack import SlackCodec, emoji_from_name, mrkdwn_to_markdow
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy
 from tests import codeckit
-from tests.codeckit import Fixtures, Ids, deliver_one, response
+from tests.codeckit import Fixtures, Ids, deliver_one, outbound_message, response
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Fixtures("slack")
@@ -513,15 +513,8 @@ def test_emoji_names_both_ways() -> None:
 
 
 def outbound(*parts: Part, **fields: Any) -> Message:
-    return Message(
-        id="m1",
-        tenant=TENANT,
-        conversation=Conversation(id="conv", channel="slack", connection=CONNECTION, native_id="C111"),
-        ts=canonical.now(),
-        direction="outbound",
-        parts=list(parts),
-        **fields,
-    )
+    conversation = Conversation(id="conv", channel="slack", connection=CONNECTION, native_id="C111")
+    return outbound_message(TENANT, conversation, parts, id="m1", **fields)
 
 
 def encode_ctx(api_base: str = "", **native_ids: str) -> EncodeContext:

@@ -19,7 +19,7 @@ from babelhub.codecs.teams import TeamsCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy, deliver
 from tests import codeckit
-from tests.codeckit import Fixtures, b64url, corpus_files, json_body, rs256_token, rsa_key
+from tests.codeckit import Fixtures, b64url, corpus_files, json_body, outbound_message, rs256_token, rsa_key
 from tests.fakeapi import FakeApi, Reply
 
 FIXTURES = Fixtures("teams")
@@ -443,15 +443,7 @@ def _ctx(base: str = "https://smba.trafficmanager.net/amer/", **native_ids: str)
 
 def _message(*parts: c.Part, **fields: Any) -> c.Message:
     conversation = c.Conversation(id="conv", channel="teams", connection="teams-main", native_id=CONVERSATION)
-    return c.Message(
-        id="out1",
-        tenant="acme",
-        conversation=conversation,
-        ts=c.now(),
-        direction="outbound",
-        parts=list(parts),
-        **fields,
-    )
+    return outbound_message("acme", conversation, parts, id="out1", **fields)
 
 
 ACTIVITIES = f"https://smba.trafficmanager.net/amer/v3/conversations/{quote(CONVERSATION, safe='')}/activities"

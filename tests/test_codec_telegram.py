@@ -38,7 +38,7 @@ from babelhub.codecs.telegram import TelegramCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy, deliver, perform
 from tests import codeckit
-from tests.codeckit import Fixtures, Ids, response, utc
+from tests.codeckit import Fixtures, Ids, outbound_message, response, utc
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Fixtures("telegram", suffix=".json")
@@ -84,16 +84,9 @@ def encode_ctx(to: str = "1111111", native_ids: dict[str, str] | None = None, ap
 
 
 def outbound(*parts: Any, reply_to: str = "", thread: str = "") -> Message:
-    return Message(
-        id="msg01",
-        tenant=TENANT,
-        conversation=canonical.Conversation(id="conv01"),
-        ts=utc(1_700_000_000),
-        direction="outbound",
-        reply_to=reply_to,
-        thread=thread,
-        parts=list(parts),
-    )
+    conversation = canonical.Conversation(id="conv01")
+    fields = {"reply_to": reply_to, "thread": thread}
+    return outbound_message(TENANT, conversation, parts, id="msg01", ts=utc(1_700_000_000), **fields)
 
 
 def calls(message: Message, ctx: EncodeContext | None = None) -> list[tuple[str, Any]]:

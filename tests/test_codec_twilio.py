@@ -37,7 +37,7 @@ from babelhub.codecs.twilio import API_BASE, TwilioCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy
 from tests import codeckit
-from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, response, utc
+from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, outbound_message, response, utc
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Fixtures("twilio", suffix=".json")
@@ -582,14 +582,7 @@ def encode_ctx(**overrides: Any) -> EncodeContext:
 
 
 def outbound(*parts: Part) -> Message:
-    return Message(
-        id="01hzmsg",
-        tenant=TENANT,
-        conversation=conversation(USER),
-        direction="outbound",
-        ts=canonical.now(),
-        parts=list(parts),
-    )
+    return outbound_message(TENANT, conversation(USER), parts, id="01hzmsg")
 
 
 def fields(request: OutboundRequest | Recorded) -> list[tuple[str, str]]:

@@ -50,6 +50,7 @@ from tests.codeckit import (
     deliver_one,
     json_bodies,
     meta_signed,
+    outbound_message,
     response,
     round_trips,
     utc,
@@ -640,15 +641,7 @@ def test_dedup_key_names_every_message_and_status_state() -> None:
 
 def outbound(*parts: Part, reply_to: str = "", group: bool = False) -> Message:
     conversation = Conversation(id="c1", channel="whatsapp", native_id=USER, type="group" if group else "direct")
-    return Message(
-        id="01hzmsg",
-        tenant=TENANT,
-        conversation=conversation,
-        ts=canonical.now(),
-        direction="outbound",
-        reply_to=reply_to,
-        parts=list(parts),
-    )
+    return outbound_message(TENANT, conversation, parts, id="01hzmsg", reply_to=reply_to)
 
 
 def encode_ctx(**overrides: Any) -> EncodeContext:

@@ -1,7 +1,8 @@
 """What the codec tests share, so that each `tests/test_codec_<channel>.py` holds only its channel's cases:
-reading a channel's fixtures and the shared corpus, the canonical ids a codec derives for a connection,
-times, API answers, JSON bodies of outbound requests, Meta's body signature, RSA keys for the channels
-that sign with JWTs, the canonical JSON round trip, and one send through `deliver` to a local fake API."""
+reading a channel's fixtures and the shared corpus, the canonical ids and conversations a codec derives
+for a connection, times, outbound messages, API answers, JSON bodies of outbound requests, Meta's body
+signature, RS256 tokens and RSA keys for the channels that sign with JWTs, the canonical JSON round trip,
+and one send through `deliver` to a local fake API."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from babelhub.codecs.discord import USER_AGENT, DiscordCodec, reaction_emoji, sn
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy
 from tests import codeckit
-from tests.codeckit import Fixtures, Ids, deliver_one, outbound_message, response
+from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, outbound_message, response
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Fixtures("discord")
@@ -1152,7 +1152,7 @@ def test_registered_under_its_channel_name_with_discords_limits() -> None:
 
 
 def test_every_corpus_payload_decodes_or_raises_decode_error() -> None:
-    files = sorted((CORPUS / "inbound").glob("*.json")) + sorted((CORPUS / "status").glob("*.json"))
+    files = corpus_files(CORPUS)
     if not files:
         pytest.skip(f"no Discord corpus at {CORPUS}")
     decoded = 0

@@ -41,7 +41,7 @@ from babelhub.codecs.slack import SlackCodec, emoji_from_name, mrkdwn_to_markdow
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.hub.delivery import RetryPolicy
 from tests import codeckit
-from tests.codeckit import Fixtures, Ids, deliver_one, outbound_message, response
+from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, outbound_message, response
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Fixtures("slack")
@@ -963,7 +963,7 @@ def _as_slack_sends_it(path: Path) -> HttpRequest:
 
 
 def test_every_corpus_payload_decodes_or_raises_decode_error() -> None:
-    files = sorted((CORPUS / "inbound").glob("*.json")) + sorted((CORPUS / "status").glob("*.json"))
+    files = corpus_files(CORPUS)
     if not files:
         pytest.skip(f"no Slack corpus at {CORPUS}")
     decoded = 0

@@ -33,25 +33,31 @@ from babelhub.errors import DecodeError
 
 __all__ = ["WebchatCodec"]
 
+
+# -------------------------------------------------------------------------------------- wire format
+
 # Anything a browser sends ends up in ids, dedup keys and conversation state: every field is bounded.
 FrameId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 """The client's own id of a frame; a resent frame with the same id is recorded once."""
 ShortText = Annotated[str, msgspec.Meta(max_length=256)]
 
 
-class ClickedAction(msgspec.Struct, frozen=True):
+class _ClickedAction(msgspec.Struct, frozen=True):
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
     title: ShortText = ""
     source: ShortText = ""
 
 
-class Frame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class _Frame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a browser sends. Exactly one of `text` or `action`."""
 
     id: FrameId
     text: Annotated[str, msgspec.Meta(max_length=10_000)] = ""
-    action: ClickedAction | None = None
+    action: _ClickedAction | None = None
     name: Annotated[str, msgspec.Meta(max_length=100)] = ""
+
+
+# -------------------------------------------------------------------------------------------- codec
 
 
 class WebchatCodec(Codec):
@@ -104,8 +110,8 @@ class WebchatCodec(Codec):
         return SendResult(ok=200 <= response.status < 300, native_ids=[request.message_id])
 
     @staticmethod
-    def _frame(request: HttpRequest) -> Frame:
-        frame = native.convert(native.read_json(request), Frame)
+    def _frame(request: HttpRequest) -> _Frame:
+        frame = native.convert(native.read_json(request), _Frame)
         if bool(frame.text) == (frame.action is not None):
             raise DecodeError("a frame carries either `text` or `action`", path="$")
         return frame

@@ -46,7 +46,7 @@ from babelhub.codecs import load
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.evolution import EvolutionCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.services.delivery import RetryPolicy, deliver
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "evolution"

@@ -21,7 +21,7 @@ from babelhub import canonical as c
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.google_chat import GoogleChatCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.services.delivery import RetryPolicy, deliver
 from tests.fakeapi import FakeApi, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "google_chat"

@@ -43,7 +43,7 @@ from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, Http
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.slack import SlackCodec, emoji_from_name, mrkdwn_to_markdown, sign, slack_emoji_name
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.services.delivery import RetryPolicy, deliver
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slack"

@@ -37,7 +37,7 @@ from babelhub.canonical import (
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.telegram import TelegramCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver, perform
+from babelhub.services.delivery import RetryPolicy, deliver, perform
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "telegram"

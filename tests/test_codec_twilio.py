@@ -38,7 +38,7 @@ from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, Http
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.twilio import API_BASE, TwilioCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.services.delivery import RetryPolicy, deliver
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "twilio"

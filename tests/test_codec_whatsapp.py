@@ -45,7 +45,7 @@ from babelhub.codecs import load
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.whatsapp import D360_API_BASE, META_API_BASE, WhatsAppCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.services.delivery import RetryPolicy, deliver
 from tests.fakeapi import FakeApi, Recorded, Reply
 
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"

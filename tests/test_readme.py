@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from babelhub.codecs.support import markdown_table
-from babelhub.hub.broker import Subjects
-from babelhub.hub.config import Config, Connection, HubSettings, Processor, Tenant
+from babelhub.services.broker import Subjects
+from babelhub.services.config import Config, Connection, HubSettings, Processor, Tenant
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -7,7 +7,6 @@ package: `[project.entry-points."babelhub.codecs"] mychannel = "mypackage.codec:
 from __future__ import annotations
 
 from functools import cache
-from importlib.metadata import entry_points
 
 from babelhub.codecs.base import (
     Capabilities,
@@ -19,6 +18,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.entrypoints import installed, load_class
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = [
@@ -42,17 +42,11 @@ GROUP = "babelhub.codecs"
 
 def available() -> list[str]:
     """The channel names of every installed codec."""
-    return sorted(ep.name for ep in entry_points(group=GROUP))
+    return installed(GROUP)
 
 
 @cache
 def load(channel: str) -> Codec:
     """The codec registered for `channel`; one shared instance (codecs hold no state)."""
-    matches = entry_points(group=GROUP, name=channel)
-    if not matches:
-        raise LookupError(f"no codec for channel {channel!r}; installed: {', '.join(available()) or 'none'}")
-    (entry_point,) = tuple(matches)[:1]
-    codec_class = entry_point.load()
-    if not (isinstance(codec_class, type) and issubclass(codec_class, Codec)):
-        raise TypeError(f"entry point {entry_point.value!r} is not a babelhub Codec subclass")
-    return codec_class()
+    # Codec is abstract, and only a concrete subclass is ever returned.
+    return load_class(GROUP, channel, Codec, "codec for channel")()  # type: ignore[type-abstract]

@@ -207,10 +207,11 @@ class Codec(ABC):
     """True for channels that may deliver by GET, the fields in the query string (Twilio can be set to
     call the webhook with GET): such a GET is verified and recorded like a POST. Other channels' GETs are
     only checks of the endpoint, answered by `handshake` (Meta's `hub.challenge`); a GET never has a body."""
-    takes_sessions: ClassVar[bool] = False
-    """True for channels whose clients connect to the hub's own WebSocket (`/ws/{connection}`): each
-    frame is recorded with the session id in the `SESSION_HEADER` header, and `session:<id>` URLs in
-    `OutboundRequest` are delivered to that socket."""
+    inbound: ClassVar[str] = "webhook"
+    """The inbound source a connection of this channel uses unless its `mode` names another: `webhook`
+    (the channel calls the hub), or `websocket` for channels whose clients connect to the hub's own
+    WebSocket (`/ws/{connection}`): each frame is then recorded with the session id in the
+    `SESSION_HEADER` header, and `session:<id>` URLs in `OutboundRequest` are delivered to that socket."""
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:  # noqa: B027
         """Raise `SignatureError` unless the request is signed by the channel. Default: unsigned."""

@@ -56,7 +56,7 @@ class Frame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class WebchatCodec(Codec):
     channel = "webchat"
-    takes_sessions = True
+    inbound = "websocket"
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "list", "card", "carousel"}),
         media=frozenset({"image", "audio", "voice", "video", "document", "animation", "sticker"}),

@@ -14,9 +14,15 @@ from typing import Any, Literal
 
 import msgspec
 
+from babelhub.entrypoints import installed
 from babelhub.errors import ConfigError
 
-__all__ = ["Config", "Connection", "HubSettings", "Processor", "Tenant", "load"]
+__all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "HubSettings", "Processor", "Tenant", "load"]
+
+TRANSPORTS = "babelhub.transports"
+"""The entry-point group of processor transports (`babelhub.plugins.ProcessorTransport`)."""
+SOURCES = "babelhub.sources"
+"""The entry-point group of inbound sources (`babelhub.plugins.InboundSource`)."""
 
 # Ids become NATS subject tokens and URL path segments: keep them to a safe alphabet.
 _ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -84,8 +90,10 @@ class Connection(_Table, frozen=True, kw_only=True):
     id: str
     tenant: str
     channel: str
-    mode: Literal["webhook", "polling"] = "webhook"
-    """How inbound arrives: channel calls our webhook, or we poll the channel (Telegram getUpdates)."""
+    mode: str = ""
+    """The inbound source its traffic comes through: `webhook` (the channel calls the hub), `polling` (the
+    hub polls the channel: Telegram getUpdates), `websocket` (clients connect to the hub: the web
+    chat); empty = the channel's own default."""
     api_base: str = ""
     """Overrides the channel API's base URL (a proxy, a regional endpoint, a local fake in tests)."""
     secrets: dict[str, str] = {}
@@ -100,8 +108,9 @@ class Connection(_Table, frozen=True, kw_only=True):
 class Processor(_Table, frozen=True, kw_only=True):
     id: str
     tenant: str
-    transport: Literal["nats", "echo"] = "nats"
-    """`nats`: your app subscribes to the subjects itself. `echo`: the built-in demo processor."""
+    transport: str = "nats"
+    """The processor transport: `nats` (your app subscribes to the subjects itself), `echo` (the built-in
+    demo processor), or any other installed one."""
 
 
 class Config(_Table, frozen=True, kw_only=True):
@@ -183,9 +192,19 @@ def _check(config: Config) -> None:
             raise ConfigError(f"$.connections[{index}].max_rate: {connection.max_rate} is not a rate (0 or more)")
         if connection.send_deadline_seconds is not None:
             _check_duration(f"$.connections[{index}].send_deadline_seconds", connection.send_deadline_seconds)
+        if connection.mode:
+            _check_installed(f"$.connections[{index}].mode", connection.mode, SOURCES, "inbound source")
     for index, processor in enumerate(config.processors):
         if processor.tenant not in tenants:
             raise ConfigError(f"$.processors[{index}].tenant: no tenant {processor.tenant!r}")
+        _check_installed(f"$.processors[{index}].transport", processor.transport, TRANSPORTS, "processor transport")
+
+
+def _check_installed(path: str, name: str, group: str, what: str) -> None:
+    """Plug-ins are found by name (`babelhub.plugins`): a name no installed one has is refused here."""
+    names = installed(group)
+    if name not in names:
+        raise ConfigError(f"{path}: no {what} {name!r}; installed: {', '.join(names) or 'none'}")
 
 
 def _check_web_limits(hub: HubSettings) -> None:

@@ -90,9 +90,13 @@ def toml_value(value: Any) -> str:
 
 
 def write_config(tmp_path: Path, channel: str, secrets: dict[str, Any], options: dict[str, Any]) -> Path:
-    """A config whose second connection (`$.connections[1]`) is the one under test."""
+    """A config whose second connection (`$.connections[1]`) is the one under test. Should a hub start
+    on it, it takes free ports."""
     path = tmp_path / "hub.toml"
     path.write_text(f"""
+[hub]
+http = "127.0.0.1:0"
+nats_port = 0
 [[tenants]]
 id = "acme"
 [[connections]]
@@ -221,7 +225,7 @@ def test_an_unknown_channel_is_refused_at_start(tmp_path: Path) -> None:
 def test_babelhub_run_exits_2_naming_the_missing_secret(tmp_path: Path) -> None:
     config = write_config(tmp_path, "slack", {"bot_token": "xoxb-0000-secret"}, {})
     done = subprocess.run([sys.executable, "-m", "babelhub", "run", "--config", str(config)], cwd=tmp_path,
-                          capture_output=True, timeout=60, check=False)
+                          capture_output=True, timeout=30, check=False)
     assert done.returncode == 2
     printed = done.stderr.decode()
     assert "$.connections[1].secrets.signing_secret: missing" in printed

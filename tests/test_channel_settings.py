@@ -206,6 +206,8 @@ def test_a_misspelt_setting_is_refused_by_name(tmp_path: Path, secrets: dict[str
         ({"bot_token": ["123456:ABC-secret-value"]}, {}, "Expected `str`, got `array`"),
         ({"bot_token": "123456:ABC-secret-value"}, {"poll_timeout": "soon"},
          "$.connections[1].options.poll_timeout: Expected `int`, got `str`"),
+        ({"bot_token": "123456:ABC-secret-value"}, {"poll_timeout": "30"},
+         "$.connections[1].options.poll_timeout: Expected `int`, got `str`"),
         ({"bot_token": "123456:ABC-secret-value"}, {"allowed_updates": "message"},
          "$.connections[1].options.allowed_updates: Expected `array`, got `str`"),
     ],

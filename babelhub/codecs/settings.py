@@ -97,7 +97,9 @@ def _convert(codec: Codec, kind: str, struct: type[Settings], raw: Mapping[str, 
             hint = docs.get(field.name, "")
             raise SettingsError(f"{kind}.{name}", f"missing; {codec.channel} needs it" + (f": {hint}" if hint else ""))
     try:
-        return msgspec.convert(dict(raw), struct, strict=False)
+        # Strict: codecs read the connection's dicts, so a value must already be of the declared type
+        # (`auto_read = "false"` would be read as true).
+        return msgspec.convert(dict(raw), struct)
     except msgspec.ValidationError as exc:
         # msgspec says "<what is wrong> - at `$.<field>…`", naming types, never values (settings are str,
         # bool, int, lists and tables: no enum, whose error would quote the value).

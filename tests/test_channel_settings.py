@@ -134,6 +134,20 @@ def test_every_setting_is_declared_with_its_meaning(channel: str) -> None:
         assert field.type is str, f"secret {field.name} must be text (the hub masks secrets by value)"
 
 
+def test_field_docs_are_read_from_the_source_and_inherited() -> None:
+    class Extended(ConnectionOptions, frozen=True, kw_only=True):
+        depth: int = 1
+        """How deep,
+        in two lines."""
+        shallow: bool = False
+
+    assert field_docs(Extended) == {"public_url": field_docs(ConnectionOptions)["public_url"],
+                                    "depth": "How deep, in two lines."}
+    namespace: dict[str, Any] = {"Settings": Settings}
+    exec("class Compiled(Settings, frozen=True):\n    name: str = ''\n    'no source to read this from'\n", namespace)
+    assert field_docs(namespace["Compiled"]) == {}, "without source there are no docs, and no crash"
+
+
 def test_the_settings_the_hub_reads_are_declared() -> None:
     """Every secret and option name the code reads by name is one some channel declares."""
     read = re.compile(r"""(?:secrets|options)(?:\.get\(|\[)\s*"(\w+)"|required_(?:secret|option)\([^,]+,\s*"(\w+)\"""")

@@ -2,8 +2,9 @@
 as Structs of this module's kind, so a connection's settings are checked when the config is read.
 
 A field without a default is required; one with a default is optional. A field's docstring is the
-meaning an operator needs: it is shown in the README's channel settings table (`settings_table`,
-printed by `babelhub channels`) and in the error that names a missing field. Names a channel does not
+meaning an operator needs: it is shown in the README's channel settings table
+(`babelhub.codecs.support.settings_table`, printed by `babelhub channels`) and in the error that names
+a missing field. Names a channel does not
 declare are refused, so a misspelt secret fails at start instead of at the first send.
 
 Where a channel documents alternatives (Twilio's auth token or API key pair, WhatsApp's Meta or
@@ -65,7 +66,7 @@ class MissingSetting(ValueError):
 
 class SettingsError(ValueError):
     """A connection's settings do not fit its channel: `path` names the setting inside the connection
-    (`secrets.bot_token`, `options`), `reason` what is wrong. Neither holds a secret's value."""
+    (`secrets.bot_token`), `reason` what is wrong. Neither holds a secret's value."""
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")

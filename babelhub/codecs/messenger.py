@@ -393,13 +393,18 @@ class _Event:
 # ------------------------------------------------------------------------------------- codecs
 
 
-class MessengerSecrets(Settings, frozen=True, kw_only=True):
-    page_access_token: str
-    """The Page access token: Send API calls carry it as a bearer token."""
+class MetaAppSecrets(Settings, frozen=True, kw_only=True):
+    """The secrets of a Meta app's webhooks, which Messenger and Instagram share."""
+
     app_secret: str
     """The Meta app's secret: webhooks are signed with it (`X-Hub-Signature-256`)."""
     verify_token: str = ""
     """The Verify Token entered in the app's webhook settings, for Meta's `hub.challenge` check."""
+
+
+class MessengerSecrets(MetaAppSecrets, frozen=True, kw_only=True):
+    page_access_token: str
+    """The Page access token: Send API calls carry it as a bearer token."""
 
 
 class MessengerOptions(ConnectionOptions, frozen=True, kw_only=True):
@@ -910,13 +915,9 @@ class MessengerCodec(Codec):
         )
 
 
-class InstagramSecrets(Settings, frozen=True, kw_only=True):
+class InstagramSecrets(MetaAppSecrets, frozen=True, kw_only=True):
     access_token: str
     """The Instagram (or Page) access token: Send API calls carry it as a bearer token."""
-    app_secret: str
-    """The Meta app's secret: webhooks are signed with it (`X-Hub-Signature-256`)."""
-    verify_token: str = ""
-    """The Verify Token entered in the app's webhook settings, for Meta's `hub.challenge` check."""
 
 
 class InstagramOptions(ConnectionOptions, frozen=True, kw_only=True):

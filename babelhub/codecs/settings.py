@@ -148,8 +148,9 @@ class SettingRow(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def settings_rows(struct: type[Settings], kind: str, inherited: bool = True) -> list[SettingRow]:
-    """The fields of `struct` (a codec's secrets or options) in declaration order; without those of
-    `ConnectionOptions` when `inherited` is false (the table lists them once, for every channel)."""
+    """The fields of `struct` (a codec's secrets or options), the required ones first, each kind in
+    declaration order; without those of `ConnectionOptions` when `inherited` is false (the table lists
+    them once, for every channel)."""
     docs = field_docs(struct)
     skip = set() if inherited else set(ConnectionOptions.__struct_fields__)
     rows = []
@@ -161,4 +162,4 @@ def settings_rows(struct: type[Settings], kind: str, inherited: bool = True) -> 
                                           else field.default)
         rows.append(SettingRow(path=f"{kind}.{field.encode_name}", required=required, default=default,
                                meaning=docs.get(field.name, "")))
-    return rows
+    return sorted(rows, key=lambda row: not row.required)

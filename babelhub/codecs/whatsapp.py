@@ -506,7 +506,7 @@ class _ErrorAnswer(_Native, kw_only=True):
 
 class WhatsAppSecrets(Settings, frozen=True, kw_only=True):
     access_token: str = ""
-    """Meta: the system user's access token for the Cloud API (required unless 360dialog)."""
+    """Meta: the Cloud API access token (required unless 360dialog)."""
     app_secret: str = ""
     """Meta: the app's secret, which signs webhooks (`X-Hub-Signature-256`; required unless 360dialog)."""
     verify_token: str = ""

@@ -29,6 +29,7 @@ from babelhub.codecs.base import (
     SendResult,
 )
 from babelhub.codecs.native import convert, from_unix, read_json
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError
 
 __all__ = ["WebchatCodec"]
@@ -54,8 +55,20 @@ class Frame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(max_length=100)] = ""
 
 
+class WebchatSecrets(Settings, frozen=True, kw_only=True):
+    session_key: str = ""
+    """Signs the session resume tokens (unset: a random key made once and kept in NATS KV)."""
+
+
+class WebchatOptions(ConnectionOptions, frozen=True, kw_only=True):
+    allowed_origins: list[str] = []
+    """Browser origins besides the hub's own that may open the socket (`["*"]`: any site)."""
+
+
 class WebchatCodec(Codec):
     channel = "webchat"
+    secret_settings: ClassVar[type[Settings]] = WebchatSecrets
+    option_settings: ClassVar[type[Settings]] = WebchatOptions
     inbound = "websocket"
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "list", "card", "carousel"}),

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     credentials.add_argument("--server-config", action="store_true",
                              help="print the user's nats-server `authorization.users` entry instead")
     credentials.set_defaults(handler=_credentials)
-    channels = commands.add_parser("channels", help="print the channel by part-type table (markdown)")
+    channels = commands.add_parser("channels", help="print the channel tables (markdown): parts and settings")
     channels.set_defaults(handler=_channels)
     return parser
 

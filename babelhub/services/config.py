@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from babelhub import codecs
+from babelhub.codecs.settings import SettingsError, read_settings
 from babelhub.entrypoints import installed
 from babelhub.errors import ConfigError
 
@@ -97,7 +99,9 @@ class Connection(_Table, frozen=True, kw_only=True):
     api_base: str = ""
     """Overrides the channel API's base URL (a proxy, a regional endpoint, a local fake in tests)."""
     secrets: dict[str, str] = {}
+    """Credentials, named by the channel's codec (`Codec.secret_settings`); checked by `load`."""
     options: dict[str, Any] = {}
+    """Channel options (`Codec.option_settings`, `public_url` on every channel); checked by `load`."""
     max_rate: float | None = None
     """API calls per second on this connection; unset = the channel's documented rate (`babelhub
     channels` lists it), 0 = unpaced. A 429's Retry-After pauses the connection either way."""
@@ -154,9 +158,22 @@ def load(
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from None
+        raise ConfigError(f"{path or 'config'}: {_secret_named(str(exc), raw)}") from None
     _check(config)
     return config
+
+
+def _secret_named(message: str, raw: dict[str, Any]) -> str:
+    """msgspec calls a secret that is not text `$.connections[<i>].secrets[...]`: name it, as found in
+    the raw config, so the operator knows which one to fix (its value is never shown)."""
+    found = re.search(r"\$\.connections\[(\d+)\]\.secrets\[\.\.\.\]", message)
+    if found is None:
+        return message
+    secrets = raw["connections"][int(found[1])]["secrets"]
+    name = next((name for name, value in secrets.items() if not isinstance(value, str)), None)
+    if name is None:
+        return message
+    return message.replace(found[0], found[0].removesuffix("[...]") + f".{name}")
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -198,6 +215,8 @@ def _check(config: Config) -> None:
         if processor.tenant not in tenants:
             raise ConfigError(f"$.processors[{index}].tenant: no tenant {processor.tenant!r}")
         _check_installed(f"$.processors[{index}].transport", processor.transport, TRANSPORTS, "processor transport")
+    for index, connection in enumerate(config.connections):
+        _check_settings(f"$.connections[{index}]", connection)
 
 
 def _check_installed(path: str, name: str, group: str, what: str) -> None:
@@ -205,6 +224,19 @@ def _check_installed(path: str, name: str, group: str, what: str) -> None:
     names = installed(group)
     if name not in names:
         raise ConfigError(f"{path}: no {what} {name!r}; installed: {', '.join(names) or 'none'}")
+
+
+def _check_settings(path: str, connection: Connection) -> None:
+    """The connection's channel has a codec, and its secrets and options are the ones that codec
+    declares: a missing, misspelt or mistyped one fails here rather than at the first send."""
+    try:
+        codec = codecs.load(connection.channel)
+    except LookupError as exc:
+        raise ConfigError(f"{path}.channel: {exc}") from None
+    try:
+        read_settings(codec, connection.secrets, connection.options)
+    except SettingsError as exc:
+        raise ConfigError(f"{path}.{exc.path}: {exc.reason}") from None
 
 
 def _check_web_limits(hub: HubSettings) -> None:

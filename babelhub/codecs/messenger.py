@@ -477,6 +477,9 @@ class MessengerCodec(Codec):
         webhook = native.convert(body, _Webhook)
         if webhook.object and webhook.object != self.webhook_object:
             raise DecodeError(f"expected object {self.webhook_object!r}, got {webhook.object!r}", path="$.object")
+        meta_graph.check_batch(
+            f"$.entry[{e}].{lane}[{m}]" for e, entry in enumerate(webhook.entry)
+            for lane in ("messaging", "standby", "changes") for m in range(len(getattr(entry, lane))))
         envelopes: list[c.Envelope] = []
         for e, entry in enumerate(webhook.entry):
             raw_entry = body["entry"][e]

@@ -619,6 +619,7 @@ class WhatsAppCodec(Codec):
         webhook = native.convert(native.read_json(request), _Webhook)
         if webhook.object != WEBHOOK_OBJECT:
             raise DecodeError(f"expected object {WEBHOOK_OBJECT!r}, got {webhook.object!r}", path="$.object")
+        meta_graph.check_batch(_update_paths(webhook))
         own_number = str(ctx.options.get("phone_number_id") or "")
         envelopes: list[Envelope] = []
         foreign: list[tuple[str, str]] = []
@@ -1168,6 +1169,18 @@ def _phone_handle(wa_id: str) -> str:
 
 def _username_handle(username: str) -> str:
     return username if not username or username.startswith("@") else f"@{username}"
+
+
+def _update_paths(webhook: _Webhook) -> Iterator[str]:
+    """The path of each update: every message and status a change carries, or the change itself when
+    it carries none (an account update, a template status)."""
+    for i, entry in enumerate(webhook.entry):
+        for j, change in enumerate(entry.changes):
+            path = f"$.entry[{i}].changes[{j}]"
+            value = change.value if isinstance(change.value, dict) else {}
+            items = [f"{path}.value.{key}[{k}]" for key in ("messages", "statuses")
+                     for k in range(len(value[key]) if isinstance(value.get(key), list) else 0)]
+            yield from items or [path]
 
 
 def _phone_number_id(value: JsonObject) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from babelhub.hub.broker import EmbeddedServer, free_port
+from babelhub.services.broker import EmbeddedServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "123456:BENCH"

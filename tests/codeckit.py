@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from babelhub import canonical as c
 from babelhub.codecs.base import Codec, HttpRequest, HttpResponse, OutboundRequest, SendResult
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.services.delivery import RetryPolicy, deliver
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"

@@ -8,8 +8,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer
-from babelhub.hub.config import Config
+from babelhub.services.broker import EmbeddedServer
+from babelhub.services.config import Config
 from tests.fakeapi import FakeApi
 from tests.hubkit import HubProcess, StartHub
 

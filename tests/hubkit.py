@@ -14,11 +14,21 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import msgspec
+from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from babelhub import canonical as c
-from babelhub.hub import config as cfg
+from babelhub.plugins import Services
+from babelhub.services import config as cfg
+from babelhub.services.broker import Subjects
+from babelhub.services.connections import ConnectionService
+from babelhub.services.context import HubContext
+from babelhub.services.deadletters import DeadLetters
+from babelhub.services.ingest import Ingest
+from babelhub.services.publisher import Publisher
+from babelhub.services.telemetry import Metrics
+from babelhub.sources.webhook import Webhooks
 from tests.fakeapi import Recorded, Reply
 
 if TYPE_CHECKING:
@@ -233,3 +243,29 @@ class HubProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+async def webhook_app(nats_client: NATS, subjects: Subjects, metrics: Metrics, http: aiohttp.ClientSession,
+                      connections: dict[str, ConnectionService]) -> web.AppRunner:
+    """The `webhook` inbound source alone on an aiohttp app (not listening yet), over real NATS: what the
+    hub mounts, without the rest of the hub."""
+    js = nats_client.jetstream()
+    publisher = Publisher(nats_client, js)
+    dead_letters = DeadLetters(publisher, subjects, metrics)
+    ctx = HubContext(nats=nats_client, js=js, subjects=subjects, dead_letters=dead_letters, metrics=metrics,
+                     snapshots=await js.key_value(subjects.bucket("conversations")), publisher=publisher,
+                     connections=connections)
+
+    def spawn(name: str, run: object) -> None:
+        raise AssertionError(f"the webhook source starts no task ({name})")
+
+    async def consume(*args: object) -> None:
+        raise AssertionError("the webhook source consumes nothing")
+
+    services = Services(config=cfg.Config(), ctx=ctx, http=http, ingest=Ingest(publisher, subjects, dead_letters),
+                        spawn=spawn, consume=consume)
+    app = web.Application()
+    app.add_routes(Webhooks(list(connections.values()), services).routes())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    return runner

@@ -10,7 +10,7 @@ from playwright.async_api import async_playwright, expect
 
 from babelhub import canonical as c
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer
+from babelhub.services.broker import EmbeddedServer
 from tests.hubkit import Processor, webchat_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

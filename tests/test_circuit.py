@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from babelhub.hub.circuit import Circuit, Pass
+from babelhub.services.circuit import Circuit, Pass
 
 
 class SteppedClock:

@@ -44,7 +44,7 @@ from babelhub.codecs import load
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.evolution import EvolutionCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy
+from babelhub.services.delivery import RetryPolicy
 from tests import codeckit
 from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, json_bodies, outbound_message, response, utc
 from tests.fakeapi import FakeApi, Recorded, Reply

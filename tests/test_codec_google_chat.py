@@ -20,7 +20,7 @@ from babelhub import canonical as c
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse
 from babelhub.codecs.google_chat import GoogleChatCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.services.delivery import RetryPolicy, deliver
 from tests import codeckit
 from tests.codeckit import Fixtures, Ids, corpus_files, json_body, outbound_message, rs256_token, rsa_key
 from tests.fakeapi import FakeApi, Reply

@@ -18,7 +18,7 @@ from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, Http
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.messenger import InstagramCodec, MessengerCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy
+from babelhub.services.delivery import RetryPolicy
 from tests import codeckit, strategies
 from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, meta_signed, outbound_message, response, utc
 from tests.fakeapi import FakeApi, Reply
@@ -986,3 +986,17 @@ def test_an_unreadable_quick_reply_is_unsupported_and_its_text_still_arrives() -
     unreadable, text = message.parts
     assert isinstance(unreadable, c.Unsupported) and "message.quick_reply.payload" in unreadable.reason
     assert isinstance(text, c.Text) and text.text
+
+
+@pytest.mark.parametrize(("copies", "refused_at"), [(1000, None), (1001, "$.entry[0].messaging[1000]")])
+def test_a_webhook_of_more_updates_than_meta_batches_is_refused(copies: int, refused_at: str | None) -> None:
+    """Meta batches at most 1000 updates in one webhook: one more is refused at its path."""
+    webhook = fixture_json("messenger", "message_reply_to.json")
+    webhook["entry"][0]["messaging"] *= copies
+    request = HttpRequest(body=json.dumps(webhook).encode())
+    if refused_at is None:
+        assert len(messenger.decode(request, CTX)) == 1000
+        return
+    with pytest.raises(DecodeError) as refused:
+        messenger.decode(request, CTX)
+    assert refused.value.path == refused_at and "at most 1000 updates" in refused.value.reason

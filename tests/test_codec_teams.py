@@ -17,7 +17,7 @@ from babelhub import canonical as c
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse
 from babelhub.codecs.teams import TeamsCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver
+from babelhub.services.delivery import RetryPolicy, deliver
 from tests import codeckit
 from tests.codeckit import Fixtures, b64url, corpus_files, json_body, outbound_message, rs256_token, rsa_key
 from tests.fakeapi import FakeApi, Reply

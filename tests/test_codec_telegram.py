@@ -36,7 +36,7 @@ from babelhub.canonical import (
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.telegram import TelegramCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy, deliver, perform
+from babelhub.services.delivery import RetryPolicy, deliver, perform
 from tests import codeckit
 from tests.codeckit import Fixtures, Ids, outbound_message, response, utc
 from tests.fakeapi import FakeApi, Recorded, Reply

@@ -35,7 +35,7 @@ from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, Http
 from babelhub.codecs.degrade import degrade
 from babelhub.codecs.twilio import API_BASE, TwilioCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy
+from babelhub.services.delivery import RetryPolicy
 from tests import codeckit
 from tests.codeckit import Fixtures, Ids, corpus_files, deliver_one, outbound_message, response, utc
 from tests.fakeapi import FakeApi, Recorded, Reply

@@ -41,7 +41,7 @@ from babelhub.codecs import load
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest, HttpResponse, OutboundRequest
 from babelhub.codecs.whatsapp import D360_API_BASE, META_API_BASE, WhatsAppCodec
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.hub.delivery import RetryPolicy
+from babelhub.services.delivery import RetryPolicy
 from tests import codeckit
 from tests.codeckit import (
     Fixtures,
@@ -1195,3 +1195,18 @@ def test_a_webhook_only_for_another_number_is_refused_with_the_reason() -> None:
         CODEC.decode(HttpRequest(body=raw("text")), ctx_for("999000111222333"))
     assert caught.value.path == "$.entry[0].changes[0].value.metadata.phone_number_id"
     assert "'106540352242922'" in caught.value.reason and "'999000111222333'" in caught.value.reason
+
+
+@pytest.mark.parametrize(("copies", "refused_at"), [(1000, None), (1001, "$.entry[0].changes[1000].value.messages[0]")])
+def test_a_webhook_of_more_updates_than_meta_batches_is_refused(copies: int, refused_at: str | None) -> None:
+    """Meta batches at most 1000 updates in one webhook; a body with more would cost the decoder an
+    envelope per update, so it is refused at the first update too many."""
+    webhook = load_json("text")
+    webhook["entry"][0]["changes"] *= copies
+    request = HttpRequest(body=json.dumps(webhook).encode(), received_at=1_750_000_000.0)
+    if refused_at is None:
+        assert len(CODEC.decode(request, CTX)) == 1000
+        return
+    with pytest.raises(DecodeError) as refused:
+        CODEC.decode(request, CTX)
+    assert refused.value.path == refused_at and "at most 1000 updates" in refused.value.reason

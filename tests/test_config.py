@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from babelhub.errors import ConfigError
-from babelhub.hub import config as cfg
+from babelhub.services import config as cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 

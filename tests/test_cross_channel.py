@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from babelhub import canonical as c
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer
 from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import TENANT, Processor, unique_prefix
 

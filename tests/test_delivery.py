@@ -17,8 +17,8 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
-from babelhub.hub.delivery import RetryPolicy, deliver
-from babelhub.hub.pacing import Pacer
+from babelhub.services.delivery import RetryPolicy, deliver
+from babelhub.services.pacing import Pacer
 from tests.fakeapi import FakeApi, Reply
 from tests.hubkit import VirtualClock
 

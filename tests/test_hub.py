@@ -12,9 +12,9 @@ import pytest
 
 from babelhub import canonical as c
 from babelhub.errors import ConfigError
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer
 from tests.fakeapi import FakeApi, Reply
 from tests.hubkit import (
     BOT_TOKEN,
@@ -340,6 +340,6 @@ async def test_polling_a_channel_that_cannot_be_polled_is_refused_at_start(nats_
     config = telegram_config(nats_server.url, "http://127.0.0.1:9")
     slack = cfg.Connection(id="sl", tenant=TENANT, channel="slack", mode="polling")
     bad = msgspec.structs.replace(config, connections=[*config.connections, slack])
-    with pytest.raises(ConfigError, match="connection sl: channel slack cannot be polled"):
+    with pytest.raises(ConfigError, match=r"\$\.connections\[1\]\.mode: channel slack cannot be polled"):
         async with Hub(bad):
             pass

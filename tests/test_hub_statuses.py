@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from babelhub import canonical as c
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer
 from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import TENANT, Processor, unique_prefix
 

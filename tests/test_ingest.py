@@ -21,15 +21,13 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
-from babelhub.hub import config as cfg
-from babelhub.hub.broker import Subjects, provision
-from babelhub.hub.connections import ConnectionService
-from babelhub.hub.deadletters import DeadLetters
-from babelhub.hub.delivery import RetryPolicy
-from babelhub.hub.ingest import Ingest, webhook_routes
-from babelhub.hub.publisher import Publisher
-from babelhub.hub.telemetry import Metrics
-from tests.hubkit import dead_letters, stream_messages, unique_prefix
+from babelhub.services import config as cfg
+from babelhub.services.broker import Subjects, provision
+from babelhub.services.connections import ConnectionService
+from babelhub.services.delivery import RetryPolicy
+from babelhub.services.publisher import Publisher
+from babelhub.services.telemetry import Metrics
+from tests.hubkit import dead_letters, stream_messages, unique_prefix, webhook_app
 
 
 class Careless(Codec):
@@ -64,11 +62,7 @@ async def endpoint(nats_client) -> AsyncIterator[tuple[str, Subjects]]:  # type:
     async with aiohttp.ClientSession() as http:
         publisher = Publisher(nats_client, js)
         connection = ConnectionService(settings, Careless(), http, publisher, subjects, metrics, RetryPolicy())
-        app = web.Application()
-        ingest = Ingest(publisher, subjects, DeadLetters(publisher, subjects, metrics))
-        app.add_routes(webhook_routes({"c1": connection}, ingest, metrics))
-        runner = web.AppRunner(app)
-        await runner.setup()
+        runner = await webhook_app(nats_client, subjects, metrics, http, {"c1": connection})
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

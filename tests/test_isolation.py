@@ -21,9 +21,9 @@ from nats.js.errors import NotFoundError
 from babelhub import canonical as c
 from babelhub.actors.conversation import MAX_SNAPSHOT_BYTES, ConversationActor, ConversationState, Inbound, actor_key
 from babelhub.codecs.base import REPLY_API_BASE
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer, free_port, provision
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer, free_port, provision
 from tests.fakeapi import FakeApi, Reply
 from tests.hubkit import (
     BOT_TOKEN,

@@ -27,12 +27,12 @@ from nats.aio.client import Client as NATS
 
 from babelhub import canonical as c
 from babelhub.errors import ConfigError, PayloadTooLarge
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer, Subjects, free_port, provision
-from babelhub.hub.deadletters import DeadLetter, DeadLetters
-from babelhub.hub.publisher import MAX_TRACESTATE, Publisher
-from babelhub.hub.telemetry import Metrics
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer, Subjects, free_port, provision
+from babelhub.services.deadletters import DeadLetter, DeadLetters
+from babelhub.services.publisher import MAX_TRACESTATE, Publisher
+from babelhub.services.telemetry import Metrics
 from tests.fakeapi import FakeApi
 from tests.hubkit import (
     SECRET,

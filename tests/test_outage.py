@@ -29,11 +29,11 @@ from babelhub.codecs.base import (
     SendResult,
 )
 from babelhub.errors import ConfigError
-from babelhub.hub import config as cfg
-from babelhub.hub.broker import EmbeddedServer, free_port
-from babelhub.hub.circuit import Circuit
-from babelhub.hub.delivery import attempt, deliver_through
-from babelhub.hub.pacing import Pacer
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer, free_port
+from babelhub.services.circuit import Circuit
+from babelhub.services.delivery import attempt, deliver_through
+from babelhub.services.pacing import Pacer
 from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import (
     BOT_TOKEN,

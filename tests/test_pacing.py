@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from babelhub.hub.pacing import Pacer
+from babelhub.services.pacing import Pacer
 from tests.hubkit import VirtualClock
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from babelhub import canonical as c
-from babelhub.hub.broker import EmbeddedServer, free_port
+from babelhub.services.broker import EmbeddedServer, free_port
 from tests.hubkit import (
     BOT_TOKEN,
     SECRET,

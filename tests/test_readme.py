@@ -7,20 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from babelhub.codecs.support import markdown_table
-from babelhub.hub.broker import Subjects
-from babelhub.hub.config import Config, Connection, HubSettings, Processor, Tenant
+from babelhub.codecs.support import capabilities_table, markdown_table, settings_table
+from babelhub.services.broker import Subjects
+from babelhub.services.config import Config, Connection, HubSettings, Processor, Tenant
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def test_the_channel_table_is_the_generated_one() -> None:
-    block = re.search(r"<!-- channels:start -->\n(.*?)\n<!-- channels:end -->", README, re.DOTALL)
-    assert block is not None
-    assert block.group(1) == markdown_table(), "run `babelhub channels` and paste its output into the README"
+def test_the_channel_tables_are_the_generated_ones() -> None:
+    for marker, table in (("channels", capabilities_table()), ("settings", settings_table())):
+        block = re.search(rf"<!-- {marker}:start -->\n(.*?)\n<!-- {marker}:end -->", README, re.DOTALL)
+        assert block is not None
+        assert block.group(1) == table, "run `babelhub channels` and paste its tables into the README"
     printed = subprocess.run([sys.executable, "-m", "babelhub", "channels"], capture_output=True, check=True)
-    assert printed.stdout.decode().strip() == markdown_table()
+    assert printed.stdout.decode().strip() == markdown_table() == f"{capabilities_table()}\n\n{settings_table()}"
 
 
 def test_every_config_key_is_documented() -> None:

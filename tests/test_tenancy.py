@@ -23,11 +23,11 @@ from babelhub import codecs
 from babelhub.codecs.base import DecodeContext, HttpRequest
 from babelhub.errors import DecodeError
 from babelhub.hub import cli
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer
-from babelhub.hub.deadletters import DeadLetter
 from babelhub.redaction import SecretMask
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer
+from babelhub.services.deadletters import DeadLetter
 from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import (
     Processor,

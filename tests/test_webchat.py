@@ -15,9 +15,9 @@ from aiohttp import WSMsgType
 
 from babelhub import canonical as c
 from babelhub.errors import ConfigError
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer
 from babelhub.sessions.limits import FrameBudgets
 from babelhub.sessions.tokens import SessionSigner, well_formed
 from tests.hubkit import VirtualClock, dead_letters, stream_messages, webchat_config
@@ -312,13 +312,17 @@ async def test_a_frame_limit_near_the_nats_max_payload_stops_the_start(nats_serv
 
 
 async def test_a_stalled_request_body_times_out_with_408(nats_server: EmbeddedServer) -> None:
-    async with Hub(limited_config(nats_server.url, body_timeout_seconds=0.5)) as hub, \
+    config = limited_config(nats_server.url, body_timeout_seconds=0.5)
+    telegram = cfg.Connection(id="tg", tenant="demo", channel="telegram",
+                              secrets={"bot_token": "1:x", "secret_token": "s"})
+    config = msgspec.structs.replace(config, connections=[*config.connections, telegram])
+    async with Hub(config) as hub, \
             aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as chatting:
         await chatting.receive_json()
         host, port = hub.http_url.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
-            writer.write(b"POST /webhooks/webchat/webchat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            writer.write(b"POST /webhooks/telegram/tg HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 1000\r\n\r\n{\"id\": \"slow")  # ... and nothing more
             await writer.drain()
             status_line = await asyncio.wait_for(reader.readline(), 15)
@@ -404,3 +408,15 @@ _LIMITS = ["BODY_TIMEOUT_SECONDS", "MAX_FRAME_BYTES", "MAX_SOCKETS_PER_IP", "SES
 def test_a_limit_that_is_no_limit_is_refused(setting: str, value: str) -> None:
     with pytest.raises(ConfigError, match=setting.lower()):
         cfg.load(None, env={f"BABELHUB_{setting}": value})
+
+
+async def test_a_web_chat_connection_takes_no_webhooks(nats_server: EmbeddedServer, nats_client) -> None:  # type: ignore[no-untyped-def]
+    """Browsers reach a web chat only through its WebSocket (origin, limits, session tokens): a POST that
+    names a session in its headers must not slip a message into someone's chat."""
+    async with Hub(limited_config(nats_server.url)) as hub, aiohttp.ClientSession() as session:
+        frame = {"id": "1", "text": "forged"}
+        async with session.post(hub.http_url + "/webhooks/webchat/webchat", json=frame,
+                                headers={"x-babelhub-session": "someone-else"}) as response:
+            assert response.status == 404
+        raw = await stream_messages(nats_client, f"{hub.subjects.prefix}.demo.raw.>", hub.subjects.stream_name("raw"))
+        assert raw == []

@@ -37,16 +37,14 @@ from babelhub.codecs.slack import SlackCodec
 from babelhub.codecs.teams import TeamsCodec
 from babelhub.codecs.twilio import TwilioCodec
 from babelhub.codecs.whatsapp import WhatsAppCodec
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import Subjects, provision
-from babelhub.hub.connections import ConnectionService
-from babelhub.hub.deadletters import DeadLetters
-from babelhub.hub.delivery import RetryPolicy
-from babelhub.hub.ingest import Ingest, webhook_routes
-from babelhub.hub.publisher import Publisher
-from babelhub.hub.telemetry import Metrics
-from tests.hubkit import Processor, stream_messages, unique_prefix
+from babelhub.services import config as cfg
+from babelhub.services.broker import Subjects, provision
+from babelhub.services.connections import ConnectionService
+from babelhub.services.delivery import RetryPolicy
+from babelhub.services.publisher import Publisher
+from babelhub.services.telemetry import Metrics
+from tests.hubkit import Processor, stream_messages, unique_prefix, webhook_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AUTH_TOKEN = "twilio-auth-token"
@@ -145,11 +143,7 @@ async def endpoint(nats_client, bot_key: rsa.RSAPrivateKey) -> AsyncIterator[End
                                     codec, http, publisher, subjects, metrics, RetryPolicy())
             for name, (codec, secrets) in codecs.items()
         }
-        app = web.Application()
-        ingest = Ingest(publisher, subjects, DeadLetters(publisher, subjects, metrics))
-        app.add_routes(webhook_routes(connections, ingest, metrics))
-        runner = web.AppRunner(app)
-        await runner.setup()
+        runner = await webhook_app(nats_client, subjects, metrics, http, connections)
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 
 from babelhub import canonical as c
-from babelhub.hub import config as cfg
 from babelhub.hub.app import Hub
-from babelhub.hub.broker import EmbeddedServer
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer
 from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import TENANT, Processor, stream_messages, unique_prefix
 

@@ -22,9 +22,9 @@ from babelhub.actors.conversation import ConversationMessage, Inbound, actor_key
 from babelhub.actors.runtime import Actor, ActorSystem
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError
-from babelhub.hub.context import HubContext
-from babelhub.hub.deadletters import DeadLetter
-from babelhub.hub.telemetry import carrier, span
+from babelhub.services.context import HubContext
+from babelhub.services.deadletters import DeadLetter
+from babelhub.services.telemetry import carrier, span
 
 __all__ = ["ConnectionActor", "RawDelivery"]
 

@@ -32,10 +32,10 @@ from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
 from babelhub.errors import DecodeError, PayloadTooLarge
-from babelhub.hub.connections import ConnectionService, Progress
-from babelhub.hub.context import HubContext
-from babelhub.hub.deadletters import DeadLetter
-from babelhub.hub.telemetry import span
+from babelhub.services.connections import ConnectionService, Progress
+from babelhub.services.context import HubContext
+from babelhub.services.deadletters import DeadLetter
+from babelhub.services.telemetry import span
 
 __all__ = ["MAX_SNAPSHOT_BYTES", "ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict",
            "actor_key", "encode_snapshot"]

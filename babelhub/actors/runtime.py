@@ -1,6 +1,6 @@
 """A small virtual-actor runtime: one asyncio task per active actor, turn by turn.
 
-Rules it keeps (DESIGN.md §5):
+Rules it keeps (docs/architecture.md, "Actors"):
 * `tell(key, message)` never fails for a missing actor: the first message activates it.
 * One message completes before the next starts, so an actor's state needs no locks.
 * The data lane is bounded. `tell` waits when the mailbox is full; `offer` never waits: it says False

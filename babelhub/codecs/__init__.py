@@ -16,13 +16,13 @@ Every channel module uses the same names for the same roles:
   keeping unmapped fields (`native.unmapped`, `native.extras`, `native.keep_unmapped`), dropping credentials
   from what is kept (`native.without`), and unreadable fragments (`native.unsupported`, `native.lenient_parts`).
   `meta_graph` holds Meta's webhook mechanics, `jwt` the RS256 bearer-token check, `markup` the text
-  dialects, `degrade` the degradation rules.
+  dialects, `degrade` the degradation rules, `settings` the kind of Struct a codec declares its
+  connections' secrets and options in.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from importlib.metadata import entry_points
 
 from babelhub.codecs.base import (
     Capabilities,
@@ -34,6 +34,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.entrypoints import installed, load_class
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = [
@@ -57,17 +58,11 @@ GROUP = "babelhub.codecs"
 
 def available() -> list[str]:
     """The channel names of every installed codec."""
-    return sorted(ep.name for ep in entry_points(group=GROUP))
+    return installed(GROUP)
 
 
 @cache
 def load(channel: str) -> Codec:
     """The codec registered for `channel`; one shared instance (codecs hold no state)."""
-    matches = entry_points(group=GROUP, name=channel)
-    if not matches:
-        raise LookupError(f"no codec for channel {channel!r}; installed: {', '.join(available()) or 'none'}")
-    (entry_point,) = tuple(matches)[:1]
-    codec_class = entry_point.load()
-    if not (isinstance(codec_class, type) and issubclass(codec_class, Codec)):
-        raise TypeError(f"entry point {entry_point.value!r} is not a babelhub Codec subclass")
-    return codec_class()
+    # Codec is abstract, and only a concrete subclass is ever returned.
+    return load_class(GROUP, channel, Codec, "codec for channel")()  # type: ignore[type-abstract]

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import msgspec
 
 from babelhub import canonical as c
+from babelhub.codecs.settings import ConnectionOptions, NoSecrets, Settings
 from babelhub.redaction import SecretMask
 
 __all__ = [
@@ -207,10 +208,20 @@ class Codec(ABC):
     """True for channels that may deliver by GET, the fields in the query string (Twilio can be set to
     call the webhook with GET): such a GET is verified and recorded like a POST. Other channels' GETs are
     only checks of the endpoint, answered by `handshake` (Meta's `hub.challenge`); a GET never has a body."""
-    takes_sessions: ClassVar[bool] = False
-    """True for channels whose clients connect to the hub's own WebSocket (`/ws/{connection}`): each
-    frame is recorded with the session id in the `SESSION_HEADER` header, and `session:<id>` URLs in
-    `OutboundRequest` are delivered to that socket."""
+    inbound: ClassVar[str] = "webhook"
+    """The inbound source a connection of this channel uses unless its `mode` names another: `webhook`
+    (the channel calls the hub), or `websocket` for channels whose clients connect to the hub's own
+    WebSocket (`/ws/{connection}`): each frame is then recorded with the session id in the
+    `SESSION_HEADER` header, and `session:<id>` URLs in `OutboundRequest` are delivered to that socket."""
+    secret_settings: ClassVar[type[Settings]] = NoSecrets
+    """The connection's `secrets` this channel reads: a `Settings` Struct whose fields without a default
+    are required and whose field docstrings tell an operator what to set (see `babelhub.codecs.settings`)."""
+    option_settings: ClassVar[type[Settings]] = ConnectionOptions
+    """The connection's `options` this channel reads: a subclass of `ConnectionOptions`."""
+
+    def check_settings(self, secrets: Any, options: Any) -> None:  # noqa: B027
+        """Raise `MissingSetting` when neither of the alternatives the channel documents is configured
+        (`secrets` and `options` are instances of the two Structs above). Default: no alternatives."""
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:  # noqa: B027
         """Raise `SignatureError` unless the request is signed by the channel. Default: unsigned."""

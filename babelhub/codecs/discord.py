@@ -100,6 +100,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["DiscordCodec", "reaction_emoji", "snowflake_time"]
@@ -324,10 +325,30 @@ class _ReactionEvent(msgspec.Struct):
 # ------------------------------------------------------------------------------------------- codec
 
 
+class DiscordSecrets(Settings, frozen=True, kw_only=True):
+    public_key: str
+    """The application's public key (hex, from the Developer Portal): interactions are signed with it."""
+    bot_token: str
+    """The bot's token: REST calls carry it as `Authorization: Bot …`."""
+    bridge_public_key: str = ""
+    """The public half (hex) of the Ed25519 key a gateway bridge signs what it forwards with."""
+
+
+class DiscordOptions(ConnectionOptions, frozen=True, kw_only=True):
+    application_id: str = ""
+    """The application id interaction replies are posted under when the message's meta names none."""
+    bot_user_id: str = ""
+    """The bot's own user id: its messages and reactions echoed by the gateway are not taken in again."""
+    allowed_mentions: dict[str, Any] = msgspec.field(default_factory=lambda: {"parse": []})
+    """Discord's `allowed_mentions` object sent with every message; the default pings nobody."""
+
+
 class DiscordCodec(Codec):
     """Discord interactions (and a gateway bridge) in, REST API v10 out. See the module docstring."""
 
     channel: ClassVar[str] = CHANNEL
+    secret_settings: ClassVar[type[Settings]] = DiscordSecrets
+    option_settings: ClassVar[type[Settings]] = DiscordOptions
     default_api_base: ClassVar[str] = "https://discord.com/api/v10"
     # Global rate limit: a bot can make up to 50 requests per second.
     send_rate: ClassVar[float] = 50.0

@@ -81,6 +81,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["EvolutionCodec"]
@@ -389,6 +390,27 @@ class _ErrorAnswer(_Native, kw_only=True):
 # ------------------------------------------------------------------------------------------ codec
 
 
+class EvolutionSecrets(Settings, frozen=True, kw_only=True):
+    apikey: str
+    """The instance token or the server's global key, sent as the `apikey` header on every call."""
+    webhook_apikey: str = ""
+    """What webhooks must carry as `apikey` (body field or header) when it is not `apikey`."""
+    webhook_jwt_key: str = ""
+    """The `jwt_key` set in the instance's webhook headers: webhooks must then carry an HS256 JWT
+    signed with it (the strongest check Evolution offers)."""
+
+
+class EvolutionOptions(ConnectionOptions, frozen=True, kw_only=True):
+    instance: str
+    """The Evolution instance name, the last segment of every API path."""
+    delay: int = 0
+    """Milliseconds of "typing…" Evolution shows before each message (0: none)."""
+    link_preview: bool | None = None
+    """Force link previews on or off (unset: Evolution's default)."""
+    typing_ms: int = _DEFAULT_TYPING_MS
+    """Milliseconds a typing activity shows."""
+
+
 class EvolutionCodec(Codec):
     """WhatsApp through Evolution API v2 (see the module documentation for events and settings).
 
@@ -398,6 +420,8 @@ class EvolutionCodec(Codec):
     """
 
     channel: ClassVar[str] = CHANNEL
+    secret_settings: ClassVar[type[Settings]] = EvolutionSecrets
+    option_settings: ClassVar[type[Settings]] = EvolutionOptions
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "location", "contact", "buttons", "list", "reaction", "poll"}),
         media=frozenset({"image", "audio", "voice", "video", "document", "sticker"}),

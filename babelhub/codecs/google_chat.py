@@ -61,6 +61,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, MissingSetting, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["GoogleChatCodec"]
@@ -274,8 +275,33 @@ class _PushEnvelope(msgspec.Struct, kw_only=True):
 # -------------------------------------------------------------------------------------------- codec
 
 
+class GoogleChatSecrets(Settings, frozen=True, kw_only=True):
+    access_token: str
+    """An OAuth access token of the app (refreshed outside the hub): sends carry it as a bearer token."""
+    audience: str = ""
+    """The Cloud project number, the audience of Chat's bearer JWTs (needed unless `options.pubsub`)."""
+    signing_keys: str = ""
+    """The public keys of `chat@system.gserviceaccount.com`: the x509 map Google serves, a JWKS or PEM
+    (needed unless `options.pubsub`)."""
+    pubsub_audience: str = ""
+    """With `options.pubsub`: the push subscription's OIDC audience (by default its push endpoint URL)."""
+    pubsub_service_account: str = ""
+    """With `options.pubsub`: the service account the push subscription signs its tokens as."""
+    pubsub_signing_keys: str = ""
+    """With `options.pubsub`: Google's OAuth2 keys (`https://www.googleapis.com/oauth2/v3/certs`)."""
+
+
+class GoogleChatOptions(ConnectionOptions, frozen=True, kw_only=True):
+    pubsub: bool = False
+    """True: the app's events come through a Cloud Pub/Sub push subscription (the `pubsub_*` secrets)."""
+    action_function: str = DEFAULT_ACTION_FUNCTION
+    """The function name button clicks invoke (the click's `id` parameter names the button)."""
+
+
 class GoogleChatCodec(Codec):
     channel: ClassVar[str] = CHANNEL
+    secret_settings: ClassVar[type[Settings]] = GoogleChatSecrets
+    option_settings: ClassVar[type[Settings]] = GoogleChatOptions
     default_api_base: ClassVar[str] = "https://chat.googleapis.com"
     # Usage limits: 3,000 message writes per minute per project.
     send_rate: ClassVar[float] = 50.0
@@ -297,6 +323,19 @@ class GoogleChatCodec(Codec):
         reaction=False,
         typing=False,
     )
+
+    def check_settings(self, secrets: GoogleChatSecrets, options: GoogleChatOptions) -> None:
+        """Events come from Chat itself (its JWTs) or, with `options.pubsub`, through Pub/Sub push."""
+        needed: tuple[str, ...]
+        if options.pubsub:
+            needed = ("pubsub_audience", "pubsub_service_account", "pubsub_signing_keys")
+            reason = "options.pubsub takes Pub/Sub push deliveries, checked with it"
+        else:
+            needed = ("audience", "signing_keys")
+            reason = "Chat's bearer tokens are checked with it (or set options.pubsub for Pub/Sub push)"
+        for name in needed:
+            if not getattr(secrets, name):
+                raise MissingSetting(f"secrets.{name}", reason)
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
         """The bearer token must be a JWT from Chat's service account for this project number; a Pub/Sub

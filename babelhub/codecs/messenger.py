@@ -57,6 +57,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["InstagramCodec", "MessengerCodec"]
@@ -372,10 +373,31 @@ class _Decoder:
 # -------------------------------------------------------------------------------------- codec
 
 
+class MetaAppSecrets(Settings, frozen=True, kw_only=True):
+    """The secrets of a Meta app's webhooks, which Messenger and Instagram share."""
+
+    app_secret: str
+    """The Meta app's secret: webhooks are signed with it (`X-Hub-Signature-256`)."""
+    verify_token: str = ""
+    """The Verify Token entered in the app's webhook settings, for Meta's `hub.challenge` check."""
+
+
+class MessengerSecrets(MetaAppSecrets, frozen=True, kw_only=True):
+    page_access_token: str
+    """The Page access token: Send API calls carry it as a bearer token."""
+
+
+class MessengerOptions(ConnectionOptions, frozen=True, kw_only=True):
+    page_id: str = ""
+    """The Page whose `/messages` edge is called (unset: `me`, the Page of the token)."""
+
+
 class MessengerCodec(Codec):
     """Facebook Messenger through a Page: webhooks in, Send API out."""
 
     channel: ClassVar[str] = "messenger"
+    secret_settings: ClassVar[type[Settings]] = MessengerSecrets
+    option_settings: ClassVar[type[Settings]] = MessengerOptions
     default_api_base: ClassVar[str] = "https://graph.facebook.com/v23.0"
     # Send API: 300 calls per second per Page (and per Instagram professional account) for text, links,
     # reactions and stickers; audio and video have a lower limit the channel enforces with 429s.
@@ -435,6 +457,9 @@ class MessengerCodec(Codec):
         webhook = native.convert(body, _Webhook)
         if webhook.object and webhook.object != self.webhook_object:
             raise DecodeError(f"expected object {self.webhook_object!r}, got {webhook.object!r}", path="$.object")
+        meta_graph.check_batch(
+            f"$.entry[{e}].{lane}[{m}]" for e, entry in enumerate(webhook.entry)
+            for lane in ("messaging", "standby", "changes") for m in range(len(getattr(entry, lane))))
         envelopes: list[c.Envelope] = []
         for e, entry in enumerate(webhook.entry):
             raw_entry = body["entry"][e]
@@ -876,12 +901,27 @@ class MessengerCodec(Codec):
         )
 
 
+class InstagramSecrets(MetaAppSecrets, frozen=True, kw_only=True):
+    access_token: str
+    """The Instagram (or Page) access token: Send API calls carry it as a bearer token."""
+
+
+class InstagramOptions(ConnectionOptions, frozen=True, kw_only=True):
+    ig_user_id: str = ""
+    """The Instagram professional account's id: messages are sent through the Instagram API with
+    Instagram Login (`graph.instagram.com`) as this account."""
+    page_id: str = ""
+    """With Facebook Login instead: the linked Page whose `/messages` edge is called."""
+
+
 class InstagramCodec(MessengerCodec):
     """Instagram Direct for professional accounts. Through a Facebook Page (Messenger Platform):
     option `page_id` (or none: `/me`) and a Page token. Through "Instagram API with Instagram Login":
     option `ig_user_id`, which also switches the default host to graph.instagram.com."""
 
     channel: ClassVar[str] = "instagram"
+    secret_settings: ClassVar[type[Settings]] = InstagramSecrets
+    option_settings: ClassVar[type[Settings]] = InstagramOptions
     instagram_login_api_base: ClassVar[str] = "https://graph.instagram.com/v23.0"
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "card", "carousel", "reaction"}),

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterable
 from typing import Final
 
 from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest, HttpResponse
-from babelhub.errors import SignatureError
+from babelhub.errors import DecodeError, SignatureError
 
-__all__ = ["SIGNATURE_HEADER", "handshake", "verify_signature"]
+__all__ = ["MAX_UPDATES", "SIGNATURE_HEADER", "check_batch", "handshake", "verify_signature"]
 
 SIGNATURE_HEADER: Final = "x-hub-signature-256"
+
+MAX_UPDATES: Final = 1000
+"""Meta aggregates event notifications "in a batch with a maximum of 1000 updates" (Graph API webhooks
+docs). A body with more is not Meta's, and each update costs a decoder its envelopes: refused."""
 
 _SHA256_HEX_LENGTH: Final = 64
 _HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
@@ -51,6 +56,15 @@ def verify_signature(request: HttpRequest, app_secret: str, channel: str) -> Non
     expected = hmac.new(app_secret.encode(), request.body, hashlib.sha256).hexdigest()
     if not native.same_secret(given.lower(), expected):
         raise SignatureError(f"{channel}: X-Hub-Signature-256 does not match the body")
+
+
+def check_batch(update_paths: Iterable[str]) -> None:
+    """Raise DecodeError at the first update beyond `MAX_UPDATES`; `update_paths` yields the JSON path
+    of each update of a webhook (a `changes[]` or `messaging[]` item, a message or status in one), in
+    order, and is read no further than that."""
+    for count, path in enumerate(update_paths, start=1):
+        if count > MAX_UPDATES:
+            raise DecodeError(f"a Meta webhook carries at most {MAX_UPDATES} updates", path=path)
 
 
 def _plain_text(status: int, body: bytes) -> HttpResponse:

@@ -67,6 +67,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["SlackCodec", "emoji_from_name", "mrkdwn_to_markdown", "sign", "slack_emoji_name"]
@@ -250,10 +251,26 @@ class _SlashCommand(msgspec.Struct):
 # ------------------------------------------------------------------------------------------- codec
 
 
+class SlackSecrets(Settings, frozen=True, kw_only=True):
+    signing_secret: str
+    """The app's Signing Secret: Events and Interactivity requests are signed with it (v0)."""
+    bot_token: str
+    """The bot token (`xoxb-…`): Web API calls carry it as a bearer token."""
+
+
+class SlackOptions(ConnectionOptions, frozen=True, kw_only=True):
+    bot_user_id: str = ""
+    """The bot's user id (`U…`/`W…`): its own messages are not taken in again."""
+    bot_id: str = ""
+    """The bot's id (`B…`): messages posted as it are not taken in again."""
+
+
 class SlackCodec(Codec):
     """Slack Events API + interactivity in, Web API out. See the module docstring for the decisions."""
 
     channel: ClassVar[str] = CHANNEL
+    secret_settings: ClassVar[type[Settings]] = SlackSecrets
+    option_settings: ClassVar[type[Settings]] = SlackOptions
     default_api_base: ClassVar[str] = "https://slack.com/api"
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "list", "card", "reaction", "edit", "delete"}),

@@ -1,16 +1,21 @@
 """What each installed channel does with each part type: shown natively, degraded into something it
 can show, or not possible. Worked out by running a sample of every part through `degrade` with each
-codec's declared capabilities, so the table cannot drift from what the hub really sends."""
+codec's declared capabilities, so the table cannot drift from what the hub really sends. Beside it, the
+settings each channel's connections take, from the codecs' declared `secret_settings` and
+`option_settings`."""
 
 from __future__ import annotations
 
 from typing import Literal, TypeAlias
 
+import msgspec
+
 from babelhub import canonical as c
 from babelhub.codecs import available, load
 from babelhub.codecs.degrade import degrade
+from babelhub.codecs.settings import ConnectionOptions, SettingRow, settings_rows
 
-__all__ = ["SAMPLES", "Support", "markdown_table", "support"]
+__all__ = ["SAMPLES", "Support", "capabilities_table", "markdown_table", "settings_table", "support"]
 
 Support: TypeAlias = Literal["native", "degraded", "impossible"]
 
@@ -64,6 +69,11 @@ _SYMBOL: dict[Support, str] = {"native": "✅", "degraded": "↘", "impossible":
 
 
 def markdown_table() -> str:
+    """What `babelhub channels` prints: the README's two channel tables, capabilities then settings."""
+    return capabilities_table() + "\n\n" + settings_table()
+
+
+def capabilities_table() -> str:
     """The channel by part-type table for the README: ✅ native, ↘ degraded, — not possible; then the
     calls per second each connection is paced to by default (— where the docs give no rate)."""
     channels = available()
@@ -74,3 +84,28 @@ def markdown_table() -> str:
         cells.append(f"{rate:g}" if rate else "—")
         lines.append(f"| {channel} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def settings_table() -> str:
+    """The settings table for the README: one row per secret and option of each channel, required ones
+    plain, optional ones in parentheses with their default where it is a plain value; the options of
+    every connection (`ConnectionOptions`) come first, once."""
+    lines = ["| channel | setting | meaning |", "|---|---|---|"]
+    lines += _setting_lines("every channel", settings_rows(ConnectionOptions, "options"))
+    for channel in available():
+        codec = load(channel)
+        rows = settings_rows(codec.secret_settings, "secrets") + settings_rows(codec.option_settings, "options",
+                                                                                 inherited=False)
+        lines += _setting_lines(channel, rows)
+    return "\n".join(lines)
+
+
+def _setting_lines(channel: str, rows: list[SettingRow]) -> list[str]:
+    lines = []
+    for index, row in enumerate(rows):
+        name = f"`{row.path}`" if row.required else f"(`{row.path}`)"
+        meaning = row.meaning.replace("|", "\\|")
+        if isinstance(row.default, (bool, int, float)) or (isinstance(row.default, str) and row.default):
+            meaning += f" Default `{msgspec.json.encode(row.default).decode()}`."
+        lines.append(f"| {channel if index == 0 else ''} | {name} | {meaning} |")
+    return lines

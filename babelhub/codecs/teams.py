@@ -53,6 +53,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["TeamsCodec"]
@@ -187,8 +188,26 @@ class _ErrorResponse(msgspec.Struct, kw_only=True):
 # -------------------------------------------------------------------------------------------- codec
 
 
+class TeamsSecrets(Settings, frozen=True, kw_only=True):
+    app_id: str
+    """The bot's Microsoft app id, the audience of Bot Framework's JWTs."""
+    signing_keys: str
+    """Bot Framework's signing keys (its OpenID key set as JWKS, or PEM), refreshed outside the hub."""
+    bot_token: str
+    """A Bot Framework access token (from Microsoft Entra ID, refreshed outside the hub): replies carry it."""
+    invoke_reply: str = ""
+    """The `value` of the answer to an Adaptive Card `Action.Execute` invoke."""
+
+
+class TeamsOptions(ConnectionOptions, frozen=True, kw_only=True):
+    service_url: str = ""
+    """The Bot Connector URL to send to when the conversation has not given its own `serviceUrl`."""
+
+
 class TeamsCodec(Codec):
     channel: ClassVar[str] = CHANNEL
+    secret_settings: ClassVar[type[Settings]] = TeamsSecrets
+    option_settings: ClassVar[type[Settings]] = TeamsOptions
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "card", "carousel", "edit", "delete"}),
         # Pictures only: PNG/JPEG/GIF up to 1 MB ("Use picture messages"); other files need the

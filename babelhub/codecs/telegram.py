@@ -39,6 +39,7 @@ from babelhub.codecs.base import (
     PollResult,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["TelegramCodec"]
@@ -340,8 +341,25 @@ DEFAULT_ALLOWED_UPDATES: Final = (
 _MB: Final = 1024 * 1024
 
 
+class TelegramSecrets(Settings, frozen=True, kw_only=True):
+    bot_token: str
+    """The bot's token from @BotFather (`123456:ABC-DEF…`): every Bot API call carries it."""
+    secret_token: str = ""
+    """The `secret_token` given to `setWebhook`, which Telegram sends back in
+    `X-Telegram-Bot-Api-Secret-Token`; webhooks are refused without it (polling needs none)."""
+
+
+class TelegramOptions(ConnectionOptions, frozen=True, kw_only=True):
+    poll_timeout: int = 25
+    """Seconds one `getUpdates` long poll waits for updates (`mode = "polling"`)."""
+    allowed_updates: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_ALLOWED_UPDATES))
+    """The update types `getUpdates` asks for (`mode = "polling"`)."""
+
+
 class TelegramCodec(Codec):
     channel: ClassVar[str] = "telegram"
+    secret_settings: ClassVar[type[Settings]] = TelegramSecrets
+    option_settings: ClassVar[type[Settings]] = TelegramOptions
     default_api_base: ClassVar[str] = "https://api.telegram.org"
     # Bot FAQ: "the API will not allow bulk notifications to more than ~30 users per second".
     send_rate: ClassVar[float] = 30.0

@@ -67,6 +67,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, MissingSetting, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["TwilioCodec"]
@@ -221,10 +222,37 @@ class _ApiError(msgspec.Struct, kw_only=True):
 # ------------------------------------------------------------------------------------------ codec
 
 
+class TwilioSecrets(Settings, frozen=True, kw_only=True):
+    account_sid: str
+    """The account SID (`AC…`), part of every API URL."""
+    auth_token: str = ""
+    """The account's auth token: webhooks are signed with it (`X-Twilio-Signature`), and API calls use
+    it unless an API key is set."""
+    api_key_sid: str = ""
+    """An API key SID (`SK…`) for the API calls, with `api_key_secret`, instead of the auth token."""
+    api_key_secret: str = ""
+    """The secret of `api_key_sid`."""
+
+
+class TwilioOptions(ConnectionOptions, frozen=True, kw_only=True):
+    from_: str = msgspec.field(default="", name="from")
+    """Our number or channel address messages are sent from (or set `messaging_service_sid`)."""
+    messaging_service_sid: str = ""
+    """The Messaging Service (`MG…`) that sends, instead of or besides `from`."""
+    channel_prefix: str = ""
+    """`whatsapp:` for a WhatsApp sender: put before `To` and `From` when they have no prefix."""
+    mms: bool = True
+    """False for senders outside the US and Canada, where Twilio sends no MMS: media go as links."""
+    status_callback: str = ""
+    """The URL Twilio posts each sent message's status callbacks to."""
+
+
 class TwilioCodec(Codec):
     """Twilio Programmable Messaging: SMS and MMS, and WhatsApp through Twilio (`options["channel_prefix"]`)."""
 
     channel: ClassVar[str] = CHANNEL
+    secret_settings: ClassVar[type[Settings]] = TwilioSecrets
+    option_settings: ClassVar[type[Settings]] = TwilioOptions
     default_api_base: ClassVar[str] = API_BASE
     # A phone number's or messaging service's webhook may be set to HTTP GET: the fields then come in
     # the query string, signed with the URL ("Secure webhooks"), and are verified and recorded like a POST.
@@ -246,6 +274,19 @@ class TwilioCodec(Codec):
     )
 
     # ------------------------------------------------------------------------------ webhook intake
+
+    def check_settings(self, secrets: TwilioSecrets, options: TwilioOptions) -> None:
+        """API calls authenticate with the auth token or with an API key pair; a message needs a sender."""
+        if secrets.api_key_sid or secrets.api_key_secret:
+            for name in ("api_key_sid", "api_key_secret"):
+                if not getattr(secrets, name):
+                    raise MissingSetting(f"secrets.{name}", "an API key needs both api_key_sid and api_key_secret")
+        elif not secrets.auth_token:
+            raise MissingSetting("secrets.auth_token", "it signs webhooks and authenticates API calls "
+                                 "(or set api_key_sid + api_key_secret for the API calls)")
+        if not options.from_ and not options.messaging_service_sid:
+            raise MissingSetting("options.from", "the number or address messages are sent from "
+                                 "(or set options.messaging_service_sid)")
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
         """`X-Twilio-Signature` = base64(HMAC-SHA1(auth_token, URL + each POST field's name and value,

@@ -29,6 +29,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError
 
 __all__ = ["WebchatCodec"]
@@ -57,12 +58,24 @@ class _Frame(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(max_length=100)] = ""
 
 
+class WebchatSecrets(Settings, frozen=True, kw_only=True):
+    session_key: str = ""
+    """Signs the session resume tokens (unset: a random key made once and kept in NATS KV)."""
+
+
+class WebchatOptions(ConnectionOptions, frozen=True, kw_only=True):
+    allowed_origins: list[str] = []
+    """Browser origins besides the hub's own that may open the socket (`["*"]`: any site)."""
+
+
 # -------------------------------------------------------------------------------------------- codec
 
 
 class WebchatCodec(Codec):
     channel = "webchat"
-    takes_sessions = True
+    secret_settings: ClassVar[type[Settings]] = WebchatSecrets
+    option_settings: ClassVar[type[Settings]] = WebchatOptions
+    inbound = "websocket"
     capabilities: ClassVar[Capabilities] = Capabilities(
         parts=frozenset({"text", "media", "buttons", "list", "card", "carousel"}),
         media=frozenset({"image", "audio", "voice", "video", "document", "animation", "sticker"}),

@@ -57,6 +57,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
+from babelhub.codecs.settings import ConnectionOptions, MissingSetting, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["WhatsAppCodec"]
@@ -472,6 +473,33 @@ class _ErrorAnswer(_Native, kw_only=True):
 # ------------------------------------------------------------------------------------------ codec
 
 
+class WhatsAppSecrets(Settings, frozen=True, kw_only=True):
+    access_token: str = ""
+    """Meta: the Cloud API access token (required unless 360dialog)."""
+    app_secret: str = ""
+    """Meta: the app's secret, which signs webhooks (`X-Hub-Signature-256`; required unless 360dialog)."""
+    verify_token: str = ""
+    """The Verify Token entered in the app's webhook settings, for Meta's `hub.challenge` check."""
+    api_key: str = ""
+    """360dialog: the channel's API key (`D360-API-KEY`; required with `provider = "360dialog"`)."""
+    provider: str = ""
+    """`360dialog` for a connection through 360dialog, whose webhooks come unsigned (webhook checks
+    see only the secrets, so it is named here); unset: Meta."""
+
+
+class WhatsAppOptions(ConnectionOptions, frozen=True, kw_only=True):
+    phone_number_id: str = ""
+    """Meta: the business phone number's id (required unless 360dialog). Only webhooks for this number
+    are taken."""
+    provider: str = ""
+    """`360dialog` also picks 360dialog's API when named here, but only `secrets.provider` lets its
+    unsigned webhooks in."""
+    auto_read: bool = False
+    """Mark every inbound user message as read (blue ticks)."""
+    preview_url: bool | None = None
+    """Force link previews on or off (unset: a text with a link gets a preview)."""
+
+
 class WhatsAppCodec(Codec):
     """WhatsApp Cloud API, directly from Meta or through 360dialog (`options["provider"]`).
 
@@ -482,6 +510,8 @@ class WhatsAppCodec(Codec):
     """
 
     channel: ClassVar[str] = CHANNEL
+    secret_settings: ClassVar[type[Settings]] = WhatsAppSecrets
+    option_settings: ClassVar[type[Settings]] = WhatsAppOptions
     default_api_base: ClassVar[str] = META_API_BASE
     # Throughput: "up to 80 messages per second (mps) by default" per business phone number.
     send_rate: ClassVar[float] = 80.0
@@ -509,6 +539,18 @@ class WhatsAppCodec(Codec):
     )
 
     # ------------------------------------------------------------------------------ webhook intake
+
+    def check_settings(self, secrets: WhatsAppSecrets, options: WhatsAppOptions) -> None:
+        """Meta needs its token, app secret and phone number id; 360dialog its API key."""
+        if "360dialog" in (secrets.provider.lower(), options.provider.lower()):
+            if not secrets.api_key:
+                raise MissingSetting("secrets.api_key", "a 360dialog connection sends with its API key")
+            return
+        for path, value in (("secrets.access_token", secrets.access_token), ("secrets.app_secret", secrets.app_secret),
+                            ("options.phone_number_id", options.phone_number_id)):
+            if not value:
+                raise MissingSetting(path, 'a Meta Cloud API connection needs it '
+                                     '(a 360dialog one sets secrets.provider = "360dialog")')
 
     def verify(self, request: HttpRequest, secrets: Mapping[str, str]) -> None:
         """Meta signs the raw body with the `app_secret` (`X-Hub-Signature-256`, checked by `meta_graph`).
@@ -546,6 +588,7 @@ class WhatsAppCodec(Codec):
         webhook = native.convert(native.read_json(request), _Webhook)
         if webhook.object != WEBHOOK_OBJECT:
             raise DecodeError(f"expected object {WEBHOOK_OBJECT!r}, got {webhook.object!r}", path="$.object")
+        meta_graph.check_batch(_update_paths(webhook))
         own_number = str(ctx.options.get("phone_number_id") or "")
         envelopes: list[c.Envelope] = []
         foreign: list[tuple[str, str]] = []
@@ -1070,6 +1113,18 @@ def _phone_handle(wa_id: str) -> str:
 
 def _username_handle(username: str) -> str:
     return username if not username or username.startswith("@") else f"@{username}"
+
+
+def _update_paths(webhook: _Webhook) -> Iterator[str]:
+    """The path of each update: every message and status a change carries, or the change itself when
+    it carries none (an account update, a template status)."""
+    for i, entry in enumerate(webhook.entry):
+        for j, change in enumerate(entry.changes):
+            path = f"$.entry[{i}].changes[{j}]"
+            value = change.value if isinstance(change.value, dict) else {}
+            items = [f"{path}.value.{key}[{k}]" for key in ("messages", "statuses")
+                     for k in range(len(value[key]) if isinstance(value.get(key), list) else 0)]
+            yield from items or [path]
 
 
 def _phone_number_id(value: JsonObject) -> str:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from babelhub import canonical
 from babelhub.errors import ConfigError
-from babelhub.hub import config as cfg
+from babelhub.services import config as cfg
 
 if TYPE_CHECKING:  # the hub's imports (NATS, aiohttp, actors) load only when `run` needs them
     from babelhub.hub.app import Hub
@@ -37,8 +37,8 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 
 
 def _credentials(args: argparse.Namespace) -> int:
-    from babelhub.hub.broker import Subjects
-    from babelhub.hub.credentials import load_key, tenant_user, user_entry
+    from babelhub.services.broker import Subjects
+    from babelhub.services.credentials import load_key, tenant_user, user_entry
 
     path = _config_path(args)
     try:
@@ -135,13 +135,9 @@ def _banner(hub: Hub, path: Path | None) -> str:
     ]
     if hub.server is not None:
         lines.append("  processors  `babelhub credentials <tenant>` prints the NATS user of a tenant's processors")
+    addresses = hub.addresses()
     for connection in hub.config.connections:
-        if hub.ctx.connections[connection.id].codec.takes_sessions:
-            where = f"WebSocket {hub.http_url.replace('http', 'ws', 1)}/ws/{connection.id}"
-        elif connection.mode == "polling":
-            where = "polling the channel"
-        else:
-            where = f"{hub.http_url}/webhooks/{connection.channel}/{connection.id}"
+        where = addresses[connection.id]
         lines.append(f"  connection  {connection.id} ({connection.channel}, tenant {connection.tenant}): {where}")
     lines.append("Ctrl-C stops it.")
     return "\n".join(lines)
@@ -180,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     credentials.add_argument("--server-config", action="store_true",
                              help="print the user's nats-server `authorization.users` entry instead")
     credentials.set_defaults(handler=_credentials)
-    channels = commands.add_parser("channels", help="print the channel by part-type table (markdown)")
+    channels = commands.add_parser("channels", help="print the channel tables (markdown): parts and settings")
     channels.set_defaults(handler=_channels)
     return parser
 

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NotFoundError
 
-from babelhub.hub.broker import Subjects
+from babelhub.services.broker import Subjects
 
 __all__ = ["SessionSigner", "load_session_key", "well_formed"]
 

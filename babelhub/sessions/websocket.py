@@ -31,11 +31,10 @@ from yarl import URL
 
 from babelhub.codecs.base import SESSION_HEADER, HttpRequest
 from babelhub.errors import ConfigError, DecodeError, PayloadTooLarge
-from babelhub.hub.config import HubSettings
-from babelhub.hub.connections import ConnectionService
-from babelhub.hub.context import HubContext
-from babelhub.hub.deadletters import DeadLetter
-from babelhub.hub.ingest import NATS_UNAVAILABLE, Ingest
+from babelhub.plugins import InboundSource, Services
+from babelhub.services.connections import ConnectionService
+from babelhub.services.deadletters import DeadLetter
+from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.sessions.limits import AddressSlots, FrameBudgets
 from babelhub.sessions.tokens import SessionSigner, load_session_key, well_formed
 
@@ -63,35 +62,40 @@ class _ChatSocket(web.WebSocketResponse):
         return await super().close(code=code, message=message, drain=drain)
 
 
-class WebSessions:
-    def __init__(self, hub: HubContext, ingest: Ingest) -> None:
-        self._hub = hub
-        self._ingest = ingest
+class WebSessions(InboundSource):
+    """The `websocket` inbound source: browsers of every connection whose mode is `websocket` (the web
+    chat's default)."""
+
+    name = "websocket"
+
+    def __init__(self, connections: list[ConnectionService], services: Services) -> None:
+        super().__init__(connections, services)
+        self._hub = services.ctx
+        self._ingest = services.ingest
+        self._settings = services.config.hub
+        self._addresses = AddressSlots(self._settings.max_sockets_per_ip)
+        self._budgets = FrameBudgets(self._settings.session_frame_rate, self._settings.session_frame_burst)
         self._sockets: set[web.WebSocketResponse] = set()
         self._signers: dict[str, SessionSigner] = {}
         self._origins: dict[str, frozenset[str]] = {}
         self._open_sessions: Counter[str] = Counter()
-        self._apply_limits(HubSettings())  # the defaults, until start() is given the configured ones
 
-    def _apply_limits(self, settings: HubSettings) -> None:
-        self._settings = settings
-        self._addresses = AddressSlots(settings.max_sockets_per_ip)
-        self._budgets = FrameBudgets(settings.session_frame_rate, settings.session_frame_burst)
-
-    async def start(self, settings: HubSettings) -> None:
-        """Check the limits against the NATS server and load each web chat connection's session key."""
+    async def start(self) -> None:
+        """Check the frame limit against the NATS server and load each connection's session key."""
         max_payload = self._hub.nats.max_payload
-        if settings.max_frame_bytes + _RECORD_OVERHEAD > max_payload:
-            raise ConfigError(f"hub.max_frame_bytes {settings.max_frame_bytes} leaves no room in the NATS server's "
+        limit = self._settings.max_frame_bytes
+        if limit + _RECORD_OVERHEAD > max_payload:
+            raise ConfigError(f"hub.max_frame_bytes {limit} leaves no room in the NATS server's "
                               f"max_payload of {max_payload} bytes; set it below {max_payload - _RECORD_OVERHEAD}")
-        self._apply_limits(settings)
-        for connection in self._hub.connections.values():
-            if connection.codec.takes_sessions:
-                self._origins[connection.id] = _allowed_origins(connection)
-                key = connection.settings.secrets.get("session_key", "").encode("utf-8")
-                if not key:
-                    key = await load_session_key(self._hub.js, self._hub.subjects, connection.id)
-                self._signers[connection.id] = SessionSigner(key, connection.tenant, connection.id)
+        for connection in self.connections.values():
+            self._origins[connection.id] = _allowed_origins(connection)
+            key = connection.settings.secrets.get("session_key", "").encode("utf-8")
+            if not key:
+                key = await load_session_key(self._hub.js, self._hub.subjects, connection.id)
+            self._signers[connection.id] = SessionSigner(key, connection.tenant, connection.id)
+
+    def address(self, connection: ConnectionService, http_url: str) -> str:
+        return f"WebSocket {http_url.replace('http', 'ws', 1)}/ws/{connection.id}"
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/", self._page), web.get("/ws/{connection}", self._socket)]
@@ -100,7 +104,7 @@ class WebSessions:
         return web.Response(text=_PAGE, content_type="text/html")
 
     async def _socket(self, request: web.Request) -> web.StreamResponse:
-        connection = self._hub.connections.get(request.match_info["connection"])
+        connection = self.connections.get(request.match_info["connection"])
         if connection is None or connection.id not in self._signers:
             return web.json_response({"error": "no WebSocket connection of that name"}, status=404)
         if not self._origin_allowed(request, connection.id):
@@ -217,7 +221,7 @@ class WebSessions:
             stage="ingest", error=f"WebSocket frame refused: {error}", tenant=connection.tenant,
             connection=connection.id, headers={SESSION_HEADER: session}))
 
-    async def close_all(self) -> None:
+    async def stop(self) -> None:
         """Shutdown: tell every browser the hub is going away (1001), so it reconnects later."""
         sockets = list(self._sockets)
         await asyncio.gather(*(s.close(code=WSCloseCode.GOING_AWAY, message=b"hub shutting down") for s in sockets),

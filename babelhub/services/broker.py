@@ -3,7 +3,7 @@
 The embedded server is a child process started with JetStream in the data directory. It is asked to
 die with its parent (Linux `PR_SET_PDEATHSIG`), so even a `kill -9` of the hub leaves no server behind;
 the signal is SIGTERM, which lets nats-server flush its stores before it exits. Given an `auth_config`
-(the hub gives one: its own user and one per tenant, see `babelhub.hub.credentials`), the server admits
+(the hub gives one: its own user and one per tenant, see `babelhub.services.credentials`), the server admits
 only those users.
 """
 

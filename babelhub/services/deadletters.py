@@ -14,10 +14,10 @@ import time
 
 import msgspec
 
-from babelhub.hub.broker import Subjects
-from babelhub.hub.publisher import Publisher
-from babelhub.hub.telemetry import Metrics
 from babelhub.redaction import SecretMask
+from babelhub.services.broker import Subjects
+from babelhub.services.publisher import Publisher
+from babelhub.services.telemetry import Metrics
 
 __all__ = ["DeadLetter", "DeadLetters", "fitted"]
 

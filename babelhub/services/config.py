@@ -14,9 +14,17 @@ from typing import Any, Literal
 
 import msgspec
 
+from babelhub import codecs
+from babelhub.codecs.settings import SettingsError, read_settings
+from babelhub.entrypoints import installed
 from babelhub.errors import ConfigError
 
-__all__ = ["Config", "Connection", "HubSettings", "Processor", "Tenant", "load"]
+__all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "HubSettings", "Processor", "Tenant", "load"]
+
+TRANSPORTS = "babelhub.transports"
+"""The entry-point group of processor transports (`babelhub.plugins.ProcessorTransport`)."""
+SOURCES = "babelhub.sources"
+"""The entry-point group of inbound sources (`babelhub.plugins.InboundSource`)."""
 
 # Ids become NATS subject tokens and URL path segments: keep them to a safe alphabet.
 _ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -84,12 +92,16 @@ class Connection(_Table, frozen=True, kw_only=True):
     id: str
     tenant: str
     channel: str
-    mode: Literal["webhook", "polling"] = "webhook"
-    """How inbound arrives: channel calls our webhook, or we poll the channel (Telegram getUpdates)."""
+    mode: str = ""
+    """The inbound source its traffic comes through: `webhook` (the channel calls the hub), `polling` (the
+    hub polls the channel: Telegram getUpdates), `websocket` (clients connect to the hub: the web
+    chat); empty = the channel's own default."""
     api_base: str = ""
     """Overrides the channel API's base URL (a proxy, a regional endpoint, a local fake in tests)."""
     secrets: dict[str, str] = {}
+    """Credentials, named by the channel's codec (`Codec.secret_settings`); checked by `load`."""
     options: dict[str, Any] = {}
+    """Channel options (`Codec.option_settings`, `public_url` on every channel); checked by `load`."""
     max_rate: float | None = None
     """API calls per second on this connection; unset = the channel's documented rate (`babelhub
     channels` lists it), 0 = unpaced. A 429's Retry-After pauses the connection either way."""
@@ -100,8 +112,9 @@ class Connection(_Table, frozen=True, kw_only=True):
 class Processor(_Table, frozen=True, kw_only=True):
     id: str
     tenant: str
-    transport: Literal["nats", "echo"] = "nats"
-    """`nats`: your app subscribes to the subjects itself. `echo`: the built-in demo processor."""
+    transport: str = "nats"
+    """The processor transport: `nats` (your app subscribes to the subjects itself), `echo` (the built-in
+    demo processor), or any other installed one."""
 
 
 class Config(_Table, frozen=True, kw_only=True):
@@ -145,9 +158,22 @@ def load(
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from None
+        raise ConfigError(f"{path or 'config'}: {_secret_named(str(exc), raw)}") from None
     _check(config)
     return config
+
+
+def _secret_named(message: str, raw: dict[str, Any]) -> str:
+    """msgspec calls a secret that is not text `$.connections[<i>].secrets[...]`: name it, as found in
+    the raw config, so the operator knows which one to fix (its value is never shown)."""
+    found = re.search(r"\$\.connections\[(\d+)\]\.secrets\[\.\.\.\]", message)
+    if found is None:
+        return message
+    secrets = raw["connections"][int(found[1])]["secrets"]
+    name = next((name for name, value in secrets.items() if not isinstance(value, str)), None)
+    if name is None:
+        return message
+    return message.replace(found[0], found[0].removesuffix("[...]") + f".{name}")
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -183,9 +209,34 @@ def _check(config: Config) -> None:
             raise ConfigError(f"$.connections[{index}].max_rate: {connection.max_rate} is not a rate (0 or more)")
         if connection.send_deadline_seconds is not None:
             _check_duration(f"$.connections[{index}].send_deadline_seconds", connection.send_deadline_seconds)
+        if connection.mode:
+            _check_installed(f"$.connections[{index}].mode", connection.mode, SOURCES, "inbound source")
     for index, processor in enumerate(config.processors):
         if processor.tenant not in tenants:
             raise ConfigError(f"$.processors[{index}].tenant: no tenant {processor.tenant!r}")
+        _check_installed(f"$.processors[{index}].transport", processor.transport, TRANSPORTS, "processor transport")
+    for index, connection in enumerate(config.connections):
+        _check_settings(f"$.connections[{index}]", connection)
+
+
+def _check_installed(path: str, name: str, group: str, what: str) -> None:
+    """Plug-ins are found by name (`babelhub.plugins`): a name no installed one has is refused here."""
+    names = installed(group)
+    if name not in names:
+        raise ConfigError(f"{path}: no {what} {name!r}; installed: {', '.join(names) or 'none'}")
+
+
+def _check_settings(path: str, connection: Connection) -> None:
+    """The connection's channel has a codec, and its secrets and options are the ones that codec
+    declares: a missing, misspelt or mistyped one fails here rather than at the first send."""
+    try:
+        codec = codecs.load(connection.channel)
+    except LookupError as exc:
+        raise ConfigError(f"{path}.channel: {exc}") from None
+    try:
+        read_settings(codec, connection.secrets, connection.options)
+    except SettingsError as exc:
+        raise ConfigError(f"{path}.{exc.path}: {exc.reason}") from None
 
 
 def _check_web_limits(hub: HubSettings) -> None:

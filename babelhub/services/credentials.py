@@ -22,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from babelhub.hub.broker import Subjects
+from babelhub.services.broker import Subjects
 
 __all__ = ["HUB_USER", "NatsUser", "hub_user", "load_key", "server_config", "tenant_user"]
 

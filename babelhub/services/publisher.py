@@ -20,7 +20,7 @@ from nats.js.kv import KeyValue
 
 from babelhub.canonical import stable_id
 from babelhub.errors import PayloadTooLarge
-from babelhub.hub.telemetry import carrier
+from babelhub.services.telemetry import carrier
 
 __all__ = ["MAX_TRACESTATE", "Publisher", "header_block_size"]
 

@@ -24,8 +24,8 @@ import msgspec
 
 from babelhub.canonical import Error
 from babelhub.codecs.base import Codec, HttpResponse, OutboundRequest, SendResult
-from babelhub.hub.circuit import Circuit
-from babelhub.hub.pacing import Pacer
+from babelhub.services.circuit import Circuit
+from babelhub.services.pacing import Pacer
 
 __all__ = ["RetryPolicy", "attempt", "deliver", "deliver_through", "perform"]
 

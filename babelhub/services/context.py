@@ -8,12 +8,12 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from babelhub.hub.broker import Subjects
-from babelhub.hub.connections import ConnectionService
-from babelhub.hub.deadletters import DeadLetters
-from babelhub.hub.publisher import Publisher
-from babelhub.hub.telemetry import Metrics
 from babelhub.redaction import SecretMask
+from babelhub.services.broker import Subjects
+from babelhub.services.connections import ConnectionService
+from babelhub.services.deadletters import DeadLetters
+from babelhub.services.publisher import Publisher
+from babelhub.services.telemetry import Metrics
 
 
 @dataclass

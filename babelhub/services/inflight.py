@@ -21,7 +21,7 @@ import logging
 import nats.errors
 from nats.aio.msg import Msg
 
-from babelhub.hub.supervise import TaskHealth
+from babelhub.services.supervise import TaskHealth
 
 __all__ = ["Held", "InFlight"]
 

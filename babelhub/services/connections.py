@@ -23,13 +23,13 @@ from babelhub.canonical import Activity, Envelope, Error, Message
 from babelhub.codecs.base import Codec, DecodeContext, EncodeContext, HttpRequest, OutboundRequest, SendResult
 from babelhub.codecs.degrade import CHOICES_KEY, degrade
 from babelhub.errors import EncodeError, PayloadTooLarge
-from babelhub.hub import config as cfg
-from babelhub.hub.broker import Subjects
-from babelhub.hub.circuit import Circuit
-from babelhub.hub.delivery import RetryPolicy, deliver_through
-from babelhub.hub.pacing import Pacer
-from babelhub.hub.publisher import Publisher
-from babelhub.hub.telemetry import Metrics, carrier
+from babelhub.services import config as cfg
+from babelhub.services.broker import Subjects
+from babelhub.services.circuit import Circuit
+from babelhub.services.delivery import RetryPolicy, deliver_through
+from babelhub.services.pacing import Pacer
+from babelhub.services.publisher import Publisher
+from babelhub.services.telemetry import Metrics, carrier
 
 __all__ = ["DEFAULT_SEND_DEADLINE", "ConnectionService", "Progress", "Sent"]
 

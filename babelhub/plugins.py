@@ -1,0 +1,114 @@
+"""The hub's two extension points: processor transports and inbound sources.
+
+* A **processor transport** is how a tenant's processing app receives inbound envelopes and answers:
+  one instance per `[[processors]]` entry, chosen by its `transport` name.
+* An **inbound source** is how a channel's traffic reaches the hub: one instance per source name,
+  serving every connection whose `mode` names it (a connection without a `mode` uses its codec's
+  `inbound` source).
+
+Both are classes registered under an entry-point group (`babelhub.transports`, `babelhub.sources`), so
+adding one is one module plus one line in `pyproject.toml`. Each is given the hub's `Services`,
+contributes its HTTP routes (the hub mounts every part's routes in one place), is started after the
+hub's services and before its actors, and is stopped after the actors have passivated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import aiohttp
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from babelhub import entrypoints
+from babelhub.services.config import SOURCES, TRANSPORTS, Config, Processor
+from babelhub.services.connections import ConnectionService
+from babelhub.services.context import HubContext
+from babelhub.services.ingest import Ingest
+from babelhub.services.supervise import TaskHealth
+
+__all__ = [
+    "SOURCES",
+    "TRANSPORTS",
+    "Consume",
+    "InboundSource",
+    "Part",
+    "ProcessorTransport",
+    "Services",
+    "Spawn",
+    "load_source",
+    "load_transport",
+]
+
+
+Spawn = Callable[[str, Callable[[TaskHealth], Coroutine[Any, Any, None]]], None]
+"""`spawn(name, run)`: a supervised background task, restarted if it fails, shown in `/readyz`, cancelled
+when the hub stops."""
+
+Consume = Callable[[str, str, str, Callable[[Msg], Coroutine[Any, Any, None]]], Awaitable[None]]
+"""`await consume(stream, subject, durable, handler)`: a durable JetStream push consumer with explicit
+acks, one message at a time in stream order; unsubscribed when the hub stops."""
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the hub hands every plug-in."""
+
+    config: Config
+    ctx: HubContext
+    """NATS, subjects, the publisher, dead letters, metrics, the configured connections."""
+    http: aiohttp.ClientSession
+    """The hub's HTTP client, for calls to channels and apps."""
+    ingest: Ingest
+    """Durable ingest: what a source receives becomes a raw record before it is acknowledged."""
+    spawn: Spawn
+    consume: Consume
+
+
+class Part:
+    """What both kinds of plug-in share: routes to mount, and a start and a stop."""
+
+    def routes(self) -> list[web.RouteDef]:
+        """The HTTP routes this part serves (mounted by the hub in one place)."""
+        return []
+
+    async def start(self) -> None:
+        """Called once, after the hub's services are up and before its actors start."""
+
+    async def stop(self) -> None:
+        """Called once, after the actors have passivated and before NATS is closed."""
+
+
+class ProcessorTransport(Part):
+    name: ClassVar[str]
+
+    def __init__(self, processor: Processor, services: Services) -> None:
+        self.processor = processor
+        self.services = services
+
+
+class InboundSource(Part):
+    name: ClassVar[str]
+
+    def __init__(self, connections: list[ConnectionService], services: Services) -> None:
+        self.connections = {connection.id: connection for connection in connections}
+        self.services = services
+
+    @classmethod
+    def check(cls, connection: ConnectionService) -> str:
+        """Why `connection` cannot come in through this source (its channel has no way to), or ""."""
+        return ""
+
+    def address(self, connection: ConnectionService, http_url: str) -> str:
+        """Where `connection`'s traffic comes in, in words for the start-up banner."""
+        return f"through the {self.name} source"
+
+
+def load_transport(name: str) -> type[ProcessorTransport]:
+    return entrypoints.load_class(TRANSPORTS, name, ProcessorTransport, "processor transport")
+
+
+def load_source(name: str) -> type[InboundSource]:
+    return entrypoints.load_class(SOURCES, name, InboundSource, "inbound source")

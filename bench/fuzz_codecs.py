@@ -35,12 +35,13 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl, urlencode
 
 from babelhub import canonical
-from babelhub.codecs import available, load
+from babelhub.codecs import available, load, native
 from babelhub.codecs.base import SESSION_HEADER, Codec, DecodeContext, HttpRequest
 from babelhub.errors import DecodeError
 from babelhub.services.config import HubSettings
@@ -356,13 +357,13 @@ def check(codec: Codec, sample: Sample) -> Finding:
     request = sample.request(codec.channel)
     started = time.process_time()
     try:
-        codec.dedup_key(request)
+        native.without_collector(partial(codec.dedup_key, request))  # as the hub calls codecs
     except DecodeError:
         pass
     except Exception as exc:  # every other exception is a crash site
         return Finding(site="dedup_key: " + _crash_site(exc), seconds=time.process_time() - started)
     try:
-        envelopes = codec.decode(request, CONTEXT)
+        envelopes = native.without_collector(partial(codec.decode, request, CONTEXT))
     except DecodeError:
         return Finding(seconds=time.process_time() - started)
     except Exception as exc:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 
 import aiohttp
 import msgspec
 import nats.errors
 
 from babelhub.canonical import Activity, Envelope, Error, Message
+from babelhub.codecs import native
 from babelhub.codecs.base import Codec, DecodeContext, EncodeContext, HttpRequest, OutboundRequest, SendResult
 from babelhub.codecs.degrade import CHOICES_KEY, degrade
 from babelhub.errors import EncodeError, PayloadTooLarge
@@ -104,9 +106,14 @@ class ConnectionService:
     def channel(self) -> str:
         return self.settings.channel
 
+    def dedup_key(self, request: HttpRequest) -> str:
+        """The codec's dedup key of `request`, read with the collector held off (`native.without_collector`)."""
+        return native.without_collector(partial(self.codec.dedup_key, request))
+
     def decode(self, request: HttpRequest, seq: int) -> list[Envelope]:
+        """The codec's envelopes of `request`, read with the collector held off (`native.without_collector`)."""
         ctx = DecodeContext(tenant=self.tenant, connection=self.id, seq=seq, options=self.settings.options)
-        return self.codec.decode(request, ctx)
+        return native.without_collector(partial(self.codec.decode, request, ctx))
 
     def encode_context(self, to: str, native_ids: Mapping[str, str] | None = None, api_base: str = "") -> EncodeContext:
         return EncodeContext(

@@ -98,7 +98,7 @@ def redacted(connection: ConnectionService, request: HttpRequest) -> HttpRequest
 
 def _dedup_key(connection: ConnectionService, request: HttpRequest) -> str:
     try:
-        return connection.codec.dedup_key(request)
+        return connection.dedup_key(request)
     except DecodeError:
         raise
     except Exception as exc:  # a codec bug on odd input must still end in a 400 and a kept record

@@ -327,8 +327,11 @@ class Finding:
 
 
 def _crash_site(exc: BaseException) -> str:
-    """The exception type and the innermost frame inside babelhub (else the innermost frame)."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    """The exception type and the innermost frame inside babelhub (else the innermost frame), below the
+    frame that calls the codec (`native.without_collector`)."""
+    stack = traceback.extract_tb(exc.__traceback__)
+    calls = [index for index, frame in enumerate(stack) if frame.name == native.without_collector.__name__]
+    frames = list(stack)[calls[-1] + 1:] if calls else list(stack)
     ours = [frame for frame in frames if "/babelhub/" in frame.filename] or frames
     where = f"{Path(ours[-1].filename).relative_to(ROOT)}:{ours[-1].lineno}" if ours else "?"
     if ours and not Path(ours[-1].filename).is_relative_to(ROOT):

@@ -415,3 +415,18 @@ async def test_a_web_chat_frame_while_nats_is_down_closes_with_1013_and_the_hub_
 async def _nats_down(session: aiohttp.ClientSession, hub: Hub) -> bool:
     status, body = await readyz(session, hub)
     return status == 503 and body["nats"] is False
+
+
+async def test_a_start_that_fails_half_way_leaves_no_server_and_no_task(tmp_path: Path, telegram_api: FakeApi) -> None:
+    """The embedded server is started and watched before the body limit is checked against it: a start
+    refused there stops the server and the task that watched it (every start step undoes itself)."""
+    config = telegram_config("", telegram_api.base_url)
+    config = msgspec.structs.replace(config, hub=msgspec.structs.replace(
+        config.hub, nats_port=0, data_dir=str(tmp_path / "data"), max_body_bytes=1024 * 1024))
+    hub = Hub(config)
+    with pytest.raises(ConfigError, match="max_body_bytes"):
+        await hub.__aenter__()
+    assert hub.server is not None and hub.server.process is None  # the embedded nats-server was stopped
+    await asyncio.sleep(0)
+    assert not [task for task in asyncio.all_tasks() if task.get_name() == "embedded-nats-watch"]
+    assert not hub.nats_lost.is_set()  # its end was the hub's own doing, not a lost connection

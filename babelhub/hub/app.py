@@ -171,6 +171,7 @@ class Hub:
 
     async def start(self) -> None:
         stack, settings = self._stack, self.config.hub
+        stack.push_async_callback(self._cancel_tasks)  # whatever runs still when a start fails half-way
         users = [] if settings.nats else self._embedded_users()
         mask = SecretMask(self._secret_values(users))
         stack.callback(mask_logs(mask))
@@ -188,7 +189,8 @@ class Hub:
                          snapshots=await js.key_value(self.subjects.bucket("conversations")),
                          dead_letters=dead_letters, metrics=self.metrics, publisher=publisher,
                          connections=self._build_connections(client, publisher), mask=mask)
-        consumers = Consumers(ctx, {tenant.id for tenant in self.config.tenants}, settings.ack_wait_seconds)
+        consumers = Consumers(ctx, {tenant.id for tenant in self.config.tenants}, settings.ack_wait_seconds,
+                              self.connection_actors, self.conversations)
         ingest = Ingest(publisher, self.subjects, dead_letters)
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
                             consume=consumers.consume)
@@ -200,7 +202,7 @@ class Hub:
         self._start_actors()
         self.spawn("inflight-keepalive", consumers.inflight.keep_alive)
         stack.push_async_callback(self._cancel_tasks)
-        await consumers.start(self.connection_actors, self.conversations)
+        await consumers.start()
         stack.push_async_callback(consumers.stop)
         await self.http.listen(stack)
         self.ready = True

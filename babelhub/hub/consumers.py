@@ -42,16 +42,17 @@ Handler = Callable[[Msg], Coroutine[Any, Any, None]]
 
 
 class Consumers:
-    def __init__(self, ctx: HubContext, tenants: set[str], ack_wait_seconds: float) -> None:
+    def __init__(self, ctx: HubContext, tenants: set[str], ack_wait_seconds: float,
+                 decoders: ActorSystem[RawDelivery], conversations: ActorSystem[ConversationMessage]) -> None:
         self.ctx = ctx
         self.tenants = tenants
         self.ack_wait_seconds = ack_wait_seconds
+        self._decoders = decoders
+        self._conversations = conversations
         self.inflight = InFlight(ack_wait_seconds)
         """What the consumers hold unacknowledged, kept alive while the actors work on it."""
         # Per consumer: which keys have messages handed back to the server, to keep each key's order.
         self._admissions = {"raw": Admission(), "outbound": Admission()}
-        self.inbound_admission = Admission()
-        """The connection actors' hand-over to the conversation actors, ordered the same way."""
         self._subscriptions: list[JetStreamContext.PushSubscription] = []
 
     async def consume(self, stream: str, subject: str, durable: str, handler: Handler) -> None:
@@ -67,10 +68,9 @@ class Consumers:
         )
         self._subscriptions.append(subscription)
 
-    async def start(self, decoders: ActorSystem[RawDelivery], conversations: ActorSystem[ConversationMessage]) -> None:
-        """Feed raw records to `decoders` and processors' messages to `conversations`."""
-        self._decoders = decoders
-        self._conversations = conversations
+    async def start(self) -> None:
+        """Feed raw records to the decoders (connection actors) and processors' messages to the
+        conversation actors."""
         prefix = self.ctx.subjects.prefix
         await self.consume("raw", f"{prefix}.*.raw.>", "decoder", self._on_raw)
         await self.consume("messages", f"{prefix}.*.out.>", "sender", self._on_outbound)

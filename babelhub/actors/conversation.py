@@ -32,7 +32,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from babelhub import canonical as c
-from babelhub.actors.memory import Fact, Learnt, Memory
+from babelhub.actors.memory import MAX_ID_BYTES, Fact, Learnt, Memory
 from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
@@ -168,6 +168,17 @@ class ConversationActor(Actor[ConversationMessage]):
             self.memory.put(Fact.MESSAGE, envelope_id, "")
         self._dirty = self._dirty or bool(earlier.native_ids or earlier.aliases or earlier.applied)
 
+    async def save_snapshot(self, journal: list[Learnt] | None = None) -> None:
+        """The first half of a checkpoint: the snapshot, with the facts not written yet (all of them by
+        default) as its journal."""
+        self.state.journal = self.memory.pending() if journal is None else journal
+        data = msgspec.msgpack.encode(self.state)
+        try:
+            self._revision = await self.hub.publisher.store(self.hub.snapshots, self.key, data, last=self._revision)
+        except KeyWrongLastSequenceError as exc:
+            raise SnapshotConflict(f"conversation {self.key} was written by another owner") from exc
+        self._dirty = False
+
     async def checkpoint(self) -> None:
         journal = self.memory.pending()
         if not (self._dirty or journal):
@@ -175,13 +186,7 @@ class ConversationActor(Actor[ConversationMessage]):
         if len(journal) > _MAX_JOURNAL:
             await self.memory.flush()
             journal = []
-        self.state.journal = journal
-        data = msgspec.msgpack.encode(self.state)
-        try:
-            self._revision = await self.hub.publisher.store(self.hub.snapshots, self.key, data, last=self._revision)
-        except KeyWrongLastSequenceError as exc:
-            raise SnapshotConflict(f"conversation {self.key} was written by another owner") from exc
-        self._dirty = False
+        await self.save_snapshot(journal)
         await self.memory.flush()
         self.state.journal = []
         for message_id in [m for m in self._ledger if await self._applied(m)]:
@@ -497,7 +502,8 @@ class ConversationActor(Actor[ConversationMessage]):
 
     def _mark_applied(self, envelope_id: str) -> None:
         """Record the envelope as applied, with the native id it brought or was sent as, if any."""
-        self.memory.put(Fact.MESSAGE, envelope_id, self._natives.pop(envelope_id, ""))
+        native_id = self._natives.pop(envelope_id, "")
+        self.memory.put(Fact.MESSAGE, envelope_id, native_id if len(native_id.encode()) <= MAX_ID_BYTES else "")
         self._dirty = True
 
     async def _status(self, message: c.Message | c.Activity, state: c.State, native_id: str = "",

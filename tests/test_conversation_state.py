@@ -5,6 +5,7 @@ Bot API; conversations are driven through their actor directly where thousands o
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def chat_of(key: str) -> c.Conversation:
 def user_message(key: str, n: int, *parts: c.Part) -> c.Message:
     native_id = f"{CHAT}:{n}"
     return c.Message(id=c.message_id(TENANT, "tg", native_id), tenant=TENANT, conversation=chat_of(key),
-                     ts=c.now(), direction="inbound", native=c.Native(id=native_id),
+                     ts=c.now(), direction="inbound", native=c.Native(id=native_id, seq=n),
                      sender=c.Sender(id="ada", name="Ada", role="user"), parts=list(parts or [c.Text(text=f"hi {n}")]))
 
 
@@ -77,12 +78,14 @@ class Recorder:
     def __init__(self) -> None:
         self.envelopes: list[c.Envelope] = []
         self.bytes = 0
+        self.count = 0
 
     async def envelope(self, msg: Msg) -> None:
         self.envelopes.append(c.decode(msg.data))
 
     async def write(self, msg: Msg) -> None:
         self.bytes += len(msg.data) + header_block_size(msg.headers)
+        self.count += 1
 
 
 async def converse(actor: ConversationActor, key: str, first: int, last: int, checkpoint_every: int = 8) -> None:
@@ -165,6 +168,39 @@ async def test_a_snapshot_stays_within_its_bound_under_hostile_envelopes(
     fresh = Memory(hub.ctx.snapshots, hub.subjects.bucket("conversations"), hub.publisher, actor_key(TENANT, key))
     assert await fresh.get(Fact.MESSAGE, f"{299:0128d}") == f"{299:0128d}"
     assert await fresh.get(Fact.THREAD, f"t{299:0127d}") == f"{299:0128d}"
+
+
+async def test_a_conversation_in_full_flow_reads_only_what_may_repeat(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    fake_api.responder = telegram_responder
+    hub = await start_hub(unpaced(telegram_config(nats_server.url, fake_api.base_url)))
+    key = c.conversation_id(TENANT, "tg", CHAT)
+    reads = Recorder()
+    await nats_client.subscribe(f"$JS.API.STREAM.MSG.GET.KV_{hub.subjects.bucket('conversations')}",
+                                cb=reads.write)
+    await nats_client.flush()
+    actor = ConversationActor(actor_key(TENANT, key), hub.ctx)
+    await actor.on_activate()
+    await converse(actor, key, 1, 50)
+    await nats_client.flush()
+    flowing = reads.count
+
+    inbound = Recorder()
+    await nats_client.subscribe(hub.subjects.inbound(TENANT, key), cb=inbound.envelope)
+    await nats_client.flush()
+    again = ConversationActor(actor_key(TENANT, key), hub.ctx)
+    await again.on_activate()
+    retried = msgspec.structs.replace(user_message(key, 3), ts=user_message(key, 3).ts - timedelta(minutes=20),
+                                      native=c.Native(id=f"{CHAT}:3", seq=10_000))  # a new record, an old message
+    await again.receive(Inbound(retried))
+    await again.receive(Inbound(user_message(key, 5)))  # redelivered: its record is not newer
+    await nats_client.flush()
+    await asyncio.sleep(0.1)
+
+    # The snapshot and the send ledger at activation, then one read per answer (an app may repeat one),
+    # none per user message.
+    assert flowing == 2 + 50
+    assert inbound.envelopes == []
 
 
 # ------------------------------------------------------------------------------- old messages known

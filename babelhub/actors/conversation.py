@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -58,6 +59,10 @@ _MAX_CONVERSATION_BYTES = 512
 _MAX_API_BASE_BYTES = 512
 _MAX_CHOICES_BYTES = 16 * 1024
 """A numbered menu bigger than this keeps its first options (a reply naming a later one arrives as text)."""
+_FRESH_SECONDS = 60.0
+"""An inbound message younger than this (by the channel's clock) whose raw record is new is not looked up
+in the conversation's memory: ingest's dedup window (`hub.dedup_window_seconds`, 10 minutes by default;
+keep it above this) has absorbed any retry of it."""
 _MAX_JOURNAL = 256
 """Facts a snapshot carries at most (each under 180 bytes: a 24-character digest and an id of at most
 `memory.MAX_ID_BYTES`). A checkpoint with more — a catch-up of many earlier messages in one turn — writes
@@ -105,6 +110,8 @@ class ConversationState(msgspec.Struct, kw_only=True):
     choices: dict[str, Any] = {}
     out_seq: int | None = None
     """Stream sequence of the latest outbound message taken up; None in snapshots from before it was kept."""
+    in_seq: int = 0
+    """Raw-record sequence of the latest inbound envelope applied: one at or before it may be a repeat."""
     journal: list[Learnt] = []
     """Facts learnt by the turns this snapshot records, written to their own keys right after it; the next
     activation writes them again in case it did not get that far."""
@@ -196,12 +203,13 @@ class ConversationActor(Actor[ConversationMessage]):
 
     async def receive(self, message: ConversationMessage) -> None:
         envelope = message.envelope
-        if await self._applied(envelope.id):
+        if await self._applied(envelope.id, look_up=self._may_repeat(message)):
             return
         match message:
             case Inbound():
                 with span("conversation.inbound", message.trace, conversation=self.key):
                     await self._inbound(envelope)
+                self.state.in_seq = max(self.state.in_seq, _raw_seq(envelope))
             case Outbound():
                 await self._take_earlier_outbound(message.seq)
                 await self._apply_outbound(message)
@@ -496,9 +504,27 @@ class ConversationActor(Actor[ConversationMessage]):
         while len(participants) > _MAX_PARTICIPANTS:
             del participants[next(iter(participants))]
 
-    async def _applied(self, envelope_id: str) -> bool:
-        """Whether the envelope was applied here (within `memory.RETENTION`): then it is skipped."""
-        return await self.memory.get(Fact.MESSAGE, envelope_id) is not None
+    async def _applied(self, envelope_id: str, look_up: bool = True) -> bool:
+        """Whether the envelope was applied here (within `memory.RETENTION`): then it is skipped. Without
+        `look_up`, only what this activation learnt or read is asked (no I/O)."""
+        if look_up:
+            return await self.memory.get(Fact.MESSAGE, envelope_id) is not None
+        return self.memory.known(Fact.MESSAGE, envelope_id) is not None
+
+    def _may_repeat(self, message: ConversationMessage) -> bool:
+        """Whether `message` may repeat an envelope applied before, and must be looked up.
+
+        An outbound message always may: an app that publishes an answer again (its own retry) makes a new
+        stream message. An inbound one may when its raw record is not newer than every one applied here
+        (a JetStream redelivery, or a record handed back and taken later), or when the channel's message
+        is older than `_FRESH_SECONDS` (a channel's retry after the dedup window of ingest, a poller that
+        reads an update again). Other inbound messages — a conversation in full flow — are new: a channel's
+        retry of them is absorbed at ingest (`hub.dedup_window_seconds`), so they cost no read."""
+        envelope = message.envelope
+        if isinstance(message, Outbound):
+            return True
+        seq = _raw_seq(envelope)
+        return not seq or seq <= self.state.in_seq or envelope.ts.timestamp() < time.time() - _FRESH_SECONDS
 
     def _mark_applied(self, envelope_id: str) -> None:
         """Record the envelope as applied, with the native id it brought or was sent as, if any."""
@@ -557,6 +583,11 @@ def _without_file_ids(message: c.Message) -> c.Message:
                 part = msgspec.structs.replace(part, cards=[card(item) for item in part.cards])
         parts.append(part)
     return msgspec.structs.replace(message, parts=parts)
+
+
+def _raw_seq(envelope: c.Envelope) -> int:
+    """The raw record's stream sequence an inbound envelope was decoded from (0: not known)."""
+    return envelope.native.seq if envelope.native is not None else 0
 
 
 def _short_key(item: str) -> str:

@@ -105,6 +105,12 @@ class Memory:
         self._remember(slot, value)
         return value
 
+    def known(self, fact: Fact, item: str) -> str | None:
+        """What this activation learnt or read of `item` (no I/O): None when it does not know."""
+        slot = (fact, self.digest(item))
+        unwritten = self._unwritten.get(slot)
+        return unwritten if unwritten is not None else self._cache.get(slot)
+
     async def get_many(self, fact: Fact, items: Iterable[str]) -> dict[str, str]:
         """The known values of those of `items` that have one ("" included)."""
         found: dict[str, str] = {}

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
@@ -391,3 +392,24 @@ async def post(url: str, update: dict[str, Any]) -> None:
             f"{url}/webhooks/telegram/tg", json=update,
             headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}) as response:
         assert response.status == 200, await response.text()
+
+
+async def test_facts_the_server_refuses_stay_for_the_next_try(nats_client: NATS) -> None:
+    js = nats_client.jetstream()
+    subjects = Subjects(prefix=unique_prefix())
+    bucket = subjects.bucket("conversations")
+    await js.add_stream(StreamConfig(  # refuses expiring keys until provision allows them
+        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], max_msgs_per_subject=1, allow_rollup_hdrs=True,
+        deny_delete=True, discard=DiscardPolicy.NEW, storage=StorageType.FILE, allow_msg_ttl=False))
+    kv = await js.key_value(bucket)
+    memory = Memory(kv, bucket, Publisher(nats_client, js), "acme.conv")
+    memory.put(Fact.MESSAGE, "m1", "42:1")
+
+    with pytest.raises(TimeoutError):
+        await memory.flush()
+    assert memory.pending() != []
+
+    await provision(js, subjects, 60.0)
+    await memory.flush()
+    assert memory.pending() == []
+    assert await Memory(kv, bucket, Publisher(nats_client, js), "acme.conv").get(Fact.MESSAGE, "m1") == "42:1"

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 import msgspec
+from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
@@ -49,6 +50,7 @@ MAX_ID_BYTES = 128
 message); real ones are far shorter (a WhatsApp wamid is ~60 characters)."""
 
 _CACHE_SIZE = 4096
+_ACK_TIMEOUT = 5.0
 
 
 class Fact(enum.Enum):
@@ -142,15 +144,20 @@ class Memory:
         if not self._unwritten:
             return
         written = dict(self._unwritten)
-        results = await asyncio.gather(*(
-            self._publisher.put_expiring(self._bucket, self.key(*slot), value.encode(), ttl=self._retention)
-            for slot, value in written.items()), return_exceptions=True)
-        failures = [result for result in results if isinstance(result, BaseException)]
-        for slot, result in zip(written, results, strict=True):
-            if not isinstance(result, BaseException) and self._unwritten.get(slot) == written[slot]:
+        acks: list[asyncio.Future[PubAck]] = []
+        try:
+            for slot, value in written.items():
+                acks.append(await self._publisher.put_expiring(self._bucket, self.key(*slot), value.encode(),
+                                                               ttl=self._retention))
+            _, unanswered = await asyncio.wait(acks, timeout=_ACK_TIMEOUT)
+        finally:
+            for ack in acks:
+                ack.cancel()  # no-op once answered; else the write may or may not be stored: it is sent again
+        for slot, ack in zip(written, acks, strict=True):
+            if ack not in unanswered and ack.exception() is None and self._unwritten.get(slot) == written[slot]:
                 del self._unwritten[slot]
-        if failures:
-            raise failures[0]
+        if unanswered or self._unwritten:
+            raise TimeoutError(f"{len(self._unwritten)} facts of {self._key} were not written")
 
     def _learn(self, slot: tuple[Fact, str], value: str) -> None:
         if self._cache.get(slot, ...) == value and slot not in self._unwritten:

@@ -10,6 +10,7 @@ dedup components, and a `tracestate` longer than the W3C limit is dropped (the `
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 
 from nats.aio.client import Client as NATS
@@ -105,9 +106,11 @@ class Publisher:
             return await kv.create(key, value)
         return await kv.update(key, value, last=last)
 
-    async def put_expiring(self, bucket: str, key: str, value: bytes, *, ttl: float) -> PubAck:
-        """Write `key` of KV `bucket`, for the server to remove `ttl` seconds later (a per-message TTL:
-        nats-server 2.11 or later, on a bucket that allows it)."""
+    async def put_expiring(self, bucket: str, key: str, value: bytes, *, ttl: float) -> asyncio.Future[PubAck]:
+        """Start writing `key` of KV `bucket`, for the server to remove `ttl` seconds later (a per-message
+        TTL: nats-server 2.11 or later, on a bucket that allows it). Returns the future of the server's ack
+        at once, so that many writes go out together. nats-py never completes that future when the
+        server answers with an error: wait for it with a timeout."""
         subject = f"$KV.{bucket}.{key}"
         self.check(subject, value, _TTL_HEADERS)
-        return await self._js.publish(subject, value, msg_ttl=ttl)
+        return await self._js.publish_async(subject, value, msg_ttl=ttl)

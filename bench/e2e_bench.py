@@ -398,9 +398,10 @@ async def deliver(hub_url: str, fake: str, first: int, last: int, concurrency: i
 
 
 def long_chat_update(n: int, chat: int) -> bytes:
+    """A message of `chat` dated now, as a chat in full flow sends them."""
     return json.dumps({
         "update_id": chat * 100_000 + n,
-        "message": {"message_id": n, "date": 1_767_225_600, "text": f"long {n}",
+        "message": {"message_id": n, "date": int(time.time()), "text": f"long {n}",
                     "from": {"id": chat, "is_bot": False, "first_name": "Long"},
                     "chat": {"id": chat, "type": "private", "first_name": "Long"}},
     }).encode()

@@ -60,9 +60,9 @@ _MAX_API_BASE_BYTES = 512
 _MAX_CHOICES_BYTES = 16 * 1024
 """A numbered menu bigger than this keeps its first options (a reply naming a later one arrives as text)."""
 _FRESH_SECONDS = 60.0
-"""An inbound message younger than this (by the channel's clock) whose raw record is new is not looked up
-in the conversation's memory: ingest's dedup window (`hub.dedup_window_seconds`, 10 minutes by default;
-keep it above this) has absorbed any retry of it."""
+"""A message younger than this (by its envelope's time) in a new stream message is not looked up in the
+conversation's memory (`ConversationActor._may_repeat`): for an inbound one, ingest's dedup window
+(`hub.dedup_window_seconds`, 10 minutes by default; keep it above this) has absorbed any retry of it."""
 _MAX_JOURNAL = 256
 """Facts a snapshot carries at most (each under 180 bytes: a 24-character digest and an id of at most
 `memory.MAX_ID_BYTES`). A checkpoint with more — a catch-up of many earlier messages in one turn — writes
@@ -141,6 +141,7 @@ class ConversationActor(Actor[ConversationMessage]):
         self._revision: int | None = None
         self._natives: dict[str, str] = {}
         """Native ids learnt for envelopes of the turn under way, recorded when they are applied."""
+        self._activated_at = time.time()
         self._dirty = False
         self._stored_at: float | None = None  # when the current turn's outbound message was stored
         self._caught_up = False  # the earlier outbound messages were looked for once in this activation
@@ -512,19 +513,25 @@ class ConversationActor(Actor[ConversationMessage]):
         return self.memory.known(Fact.MESSAGE, envelope_id) is not None
 
     def _may_repeat(self, message: ConversationMessage) -> bool:
-        """Whether `message` may repeat an envelope applied before, and must be looked up.
+        """Whether `message` may repeat an envelope applied before this activation learnt of it, and must
+        be looked up (what this activation applied it knows without a read).
 
-        An outbound message always may: an app that publishes an answer again (its own retry) makes a new
-        stream message. An inbound one may when its raw record is not newer than every one applied here
-        (a JetStream redelivery, or a record handed back and taken later), or when the channel's message
-        is older than `_FRESH_SECONDS` (a channel's retry after the dedup window of ingest, a poller that
-        reads an update again). Other inbound messages — a conversation in full flow — are new: a channel's
-        retry of them is absorbed at ingest (`hub.dedup_window_seconds`), so they cost no read."""
+        A message may repeat when its stream message is not newer than every one applied here (a JetStream
+        redelivery, or one handed back and taken later), or when its envelope is older than `_FRESH_SECONDS`
+        (a channel's retry after ingest's dedup window, a poller that reads an update again, an app that
+        publishes an old answer again). An outbound envelope made before this activation began may also
+        repeat (an app publishing its answer again after the hub restarted). The rest — a conversation in
+        full flow — are new, and cost no read. What this leaves out: an app that makes an answer afresh,
+        with the id of one applied in an earlier activation, less than a minute after the hub restarted."""
         envelope = message.envelope
-        if isinstance(message, Outbound):
+        made = envelope.ts.timestamp()
+        if made < time.time() - _FRESH_SECONDS:
             return True
+        if isinstance(message, Outbound):
+            return (not message.seq or self.state.out_seq is None or message.seq <= self.state.out_seq
+                    or made < self._activated_at)
         seq = _raw_seq(envelope)
-        return not seq or seq <= self.state.in_seq or envelope.ts.timestamp() < time.time() - _FRESH_SECONDS
+        return not seq or seq <= self.state.in_seq
 
     def _mark_applied(self, envelope_id: str) -> None:
         """Record the envelope as applied, with the native id it brought or was sent as, if any."""

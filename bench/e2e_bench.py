@@ -53,7 +53,7 @@ def update(n: int, text: str) -> bytes:
     chat = 10_000 + n % CHATS
     return json.dumps({
         "update_id": n,
-        "message": {"message_id": n, "date": 1_767_225_600, "text": text,
+        "message": {"message_id": n, "date": int(time.time()), "text": text,
                     "from": {"id": chat, "is_bot": False, "first_name": "Load"},
                     "chat": {"id": chat, "type": "private", "first_name": "Load"}},
     }).encode()

@@ -4,11 +4,16 @@
     bare aiohttp handler that only publishes the body to JetStream. Target ratio ≥ 0.8.
 (b) The whole path: webhook → hub → processor app on NATS → hub → fake Telegram Bot API. Throughput at
     a high offered load, then p50/p99 latency at half that load. Targets: ≥ 2,000 msg/s, p99 ≤ 50 ms.
+(c) One conversation, 5,000 messages through the whole path: hub CPU and bytes written to JetStream per
+    message for messages 1-500 against 4,501-5,000. Target: the later messages cost at most 1.2 times the
+    first. Bytes of the streams are read from their state before and after; the conversations bucket
+    keeps one revision per key, so what is written to it is counted on the wire instead (a core-NATS
+    subscriber on its subjects sees every write).
 
 Every part is a separate process on 127.0.0.1 (nats-server, the hub, the baseline server, the fake API,
 the processor); this process only generates load. Requests are bounded in count and time.
 
-    python bench/e2e_bench.py [--requests 4000] [--seconds 6]
+    python bench/e2e_bench.py [--requests 4000] [--seconds 6] [--parts abc] [--messages 5000]
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from typing import Any
 import aiohttp
 import uvloop
 
+from babelhub.canonical import conversation_id
 from babelhub.services.broker import EmbeddedServer, free_port
+from babelhub.services.publisher import header_block_size
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "123456:BENCH"
@@ -46,7 +53,7 @@ def update(n: int, text: str) -> bytes:
     chat = 10_000 + n % CHATS
     return json.dumps({
         "update_id": n,
-        "message": {"message_id": n, "date": 1_767_225_600, "text": text,
+        "message": {"message_id": n, "date": int(time.time()), "text": text,
                     "from": {"id": chat, "is_bot": False, "first_name": "Load"},
                     "chat": {"id": chat, "type": "private", "first_name": "Load"}},
     }).encode()
@@ -193,18 +200,27 @@ def percentile(values: list[float], fraction: float) -> float:
     return values[min(len(values) - 1, int(fraction * len(values)))]
 
 
-async def run(requests: int, seconds: float, concurrency: int) -> None:
+class Options(argparse.Namespace):
+    requests: int
+    seconds: float
+    concurrency: int
+    parts: str
+    messages: int
+
+
+async def run(options: Options) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         nats_server = EmbeddedServer(Path(tmp) / "nats", port=0)
         await nats_server.start()
         try:
             assert nats_server.process is not None
-            await measure(nats_server.url, nats_server.process.pid, Path(tmp), requests, seconds, concurrency)
+            await measure(nats_server.url, nats_server.process.pid, Path(tmp), options)
         finally:
             await nats_server.stop()
 
 
-async def measure(nats_url: str, nats_pid: int, tmp: Path, requests: int, seconds: float, concurrency: int) -> None:
+async def measure(nats_url: str, nats_pid: int, tmp: Path, options: Options) -> None:
+    requests, seconds, concurrency = options.requests, options.seconds, options.concurrency
     fake_port, hub_port, base_port = free_port(), free_port(), free_port()
     config = tmp / "hub.toml"
     config.write_text(f"""
@@ -236,6 +252,11 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
                           "fake channel API": fake_api.pid, "load generator": os.getpid()})
         await wait_http(f"http://127.0.0.1:{hub_port}/readyz")
         print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; every process on 127.0.0.1")
+        fake = f"http://127.0.0.1:{fake_port}"
+        if "c" in options.parts:  # first: the hub has seen nothing else yet
+            await one_long_conversation(hub_url, fake, nats_url, hub_process.pid, options.messages)
+        if "a" not in options.parts and "b" not in options.parts:
+            return
 
         # (a) durable ingest vs a bare publish-to-JetStream handler, alternating, best of 3 each.
         warm = [update(n, "warm") for n in range(1, 301)]
@@ -257,7 +278,6 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
         print(f"    ratio                             {hub / base:8.2f}   (target ≥ 0.80: "
               f"{'met' if hub / base >= 0.8 else 'NOT met'})")
 
-        fake = f"http://127.0.0.1:{fake_port}"
         async with aiohttp.ClientSession() as session, session.post(fake + "/reset") as response:
             await response.read()
         await asyncio.sleep(3)
@@ -289,6 +309,104 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
         print(f"    baseline: bare NATS request/reply round trip p50 {rtt:.2f} ms")
 
 
+LONG_CHAT = 77_777
+
+
+class WireBytes:
+    """Bytes published on some subjects, headers included, as a core-NATS subscriber receives them."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    async def count(self, msg: Any) -> None:
+        self.bytes += len(msg.data) + header_block_size(msg.headers)
+
+
+async def stored_bytes(js: Any) -> int:
+    """Bytes the streams the hub writes messages to hold now (raw records, envelopes, statuses)."""
+    return sum([(await js.stream_info(f"{PREFIX.upper()}_{role}")).state.bytes
+                for role in ("RAW", "MESSAGES", "STATUSES")])
+
+
+async def one_long_conversation(hub_url: str, fake: str, nats_url: str, hub_pid: int, messages: int) -> None:
+    """(c) `messages` webhooks of one chat, all answered; the first and the last 500 are measured."""
+    import nats
+
+    window = min(500, messages // 2)
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        bucket = WireBytes()
+        await nc.subscribe(f"$KV.{PREFIX}_conversations.>", cb=bucket.count)
+        await deliver(hub_url, fake, 1, 200, chat=LONG_CHAT + 1)  # warm the hub up on another chat first
+        first_window = await measured_window(hub_url, fake, js, nc, bucket, hub_pid, 1, window)
+        if messages - window > window:
+            await deliver(hub_url, fake, window + 1, messages - window)
+        last_window = await measured_window(hub_url, fake, js, nc, bucket, hub_pid, messages - window + 1, messages)
+        print(f"(c) one conversation, {messages} messages: webhook → hub → processor (NATS) → hub → channel API")
+        print("    messages        hub CPU/msg   streams B/msg   conversations bucket B/msg")
+        for first, cpu, streams, kv in (first_window, last_window):
+            print(f"    {first:>5}-{first + window - 1:<5}     {cpu:8.2f} ms   {streams:10.0f}      {kv:10.0f}")
+        cpu_ratio = last_window[1] / first_window[1]
+        bytes_ratio = sum(last_window[2:]) / sum(first_window[2:])
+        bucket_kv = await js.key_value(f"{PREFIX}_conversations")
+        snapshot = await bucket_kv.get(f"{TENANT}.{conversation_id(TENANT, 'tg', str(LONG_CHAT))}")
+        print(f"    (hub CPU: median of five runs of 100 messages each; the conversation's snapshot is now "
+              f"{len(snapshot.value or b''):,} bytes)")
+        print(f"    ratio last/first: hub CPU {cpu_ratio:.2f}, bytes written {bytes_ratio:.2f}   "
+              f"(target ≤ 1.2: {'met' if max(cpu_ratio, bytes_ratio) <= 1.2 else 'NOT met'})")
+    finally:
+        await nc.drain()
+
+
+async def measured_window(hub_url: str, fake: str, js: Any, nc: Any, bucket: WireBytes, hub_pid: int,
+                          first: int, last: int) -> tuple[int, float, float, float]:
+    """Messages `first`..`last` of the long chat, in runs of 100: the median hub CPU per message of the runs
+    (the machine is shared: a run slowed by a neighbour does not move it), and the bytes per message
+    written to the streams and to the conversations bucket."""
+    meter = CpuMeter({"hub": hub_pid})
+    streams_before, bucket_before = await stored_bytes(js), bucket.bytes
+    cpu_per_message = []
+    for start in range(first, last + 1, 100):
+        end = min(start + 99, last)
+        meter.start()
+        await deliver(hub_url, fake, start, end)
+        used, _ = meter.stop()
+        cpu_per_message.append(used["hub"] * 1000 / (end - start + 1))
+    await nc.flush()
+    count = last - first + 1
+    return (first, statistics.median(cpu_per_message), (await stored_bytes(js) - streams_before) / count,
+            (bucket.bytes - bucket_before) / count)
+
+
+async def deliver(hub_url: str, fake: str, first: int, last: int, concurrency: int = 8, chat: int = LONG_CHAT) -> None:
+    """Post messages `first`..`last` of one chat and wait until every answer reached the channel API."""
+    bodies = [long_chat_update(n, chat) for n in range(first, last + 1)]
+    await flood(hub_url, bodies, concurrency)
+    expected = {f"long {n}" for n in range(first, last + 1)}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(1200):
+            async with session.get(fake + "/stats") as response:
+                arrived = {text for text, _ in json.loads(await response.text())}
+            if expected <= arrived:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError(f"only {len(expected & arrived)} of {len(expected)} answers arrived")
+        async with session.post(fake + "/reset") as response:
+            await response.read()
+
+
+def long_chat_update(n: int, chat: int) -> bytes:
+    """A message of `chat` dated now, as a chat in full flow sends them."""
+    return json.dumps({
+        "update_id": chat * 100_000 + n,
+        "message": {"message_id": n, "date": int(time.time()), "text": f"long {n}",
+                    "from": {"id": chat, "is_bot": False, "first_name": "Long"},
+                    "chat": {"id": chat, "type": "private", "first_name": "Long"}},
+    }).encode()
+
+
 async def nats_round_trip(nats_url: str) -> float:
     import nats
 
@@ -313,8 +431,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000, help="webhooks per ingest round")
     parser.add_argument("--seconds", type=float, default=6.0, help="duration of each offered-load phase")
     parser.add_argument("--concurrency", type=int, default=64)
-    args = parser.parse_args()
-    uvloop.run(run(args.requests, args.seconds, args.concurrency))
+    parser.add_argument("--parts", default="abc", help="which parts to run (a, b, c)")
+    parser.add_argument("--messages", type=int, default=5000, help="messages of the one conversation of (c)")
+    uvloop.run(run(parser.parse_args(namespace=Options())))
 
 
 if __name__ == "__main__":

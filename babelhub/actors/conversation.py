@@ -6,9 +6,13 @@ processors (`…out.<conversation>`) are sent to the conversation's own chat, or
 another conversation is re-published on that conversation's `out` subject, so its own actor sends it,
 durably and in its order.
 
-State (participants, the canonical↔native id map, the numbered-choice map, recently applied ids) is
-snapshotted to JetStream KV with a revision check: a conflict means another owner wrote first, and this
-activation stops rather than overwrite it.
+State is kept in two parts, so that a checkpoint costs the same whatever the conversation's age. The
+snapshot (participants, messaging window, numbered-choice map, the reply API base) has a fixed bound and
+is written to JetStream KV with a revision check: a conflict means another owner wrote first, and this
+activation stops rather than overwrite it. What each message teaches — which envelopes were applied,
+the canonical↔native id map — is written once per fact, as keys of their own that expire by themselves
+(`babelhub.actors.memory`). A checkpoint writes the snapshot first, carrying the facts learnt since the
+previous one, then those facts: a crash in between loses none of them.
 
 Actors and their snapshots are keyed by tenant + conversation (`actor_key`), and an outbound envelope is
 applied only when the connections it names belong to its tenant and its conversation id is the one its
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -28,6 +33,7 @@ from nats.js.api import RawStreamMsg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from babelhub import canonical as c
+from babelhub.actors.memory import MAX_ID_BYTES, Fact, Learnt, Memory
 from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
@@ -38,19 +44,13 @@ from babelhub.services.deadletters import DeadLetter
 from babelhub.services.telemetry import span
 
 __all__ = ["MAX_SNAPSHOT_BYTES", "ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict",
-           "actor_key", "encode_snapshot"]
+           "actor_key"]
 
 log = logging.getLogger("babelhub.conversation")
 
-_MAX_IDS = 1000
-_MAX_APPLIED = 2000
-
 # Conversation state is bounded in bytes, whatever a channel or a processor sends (issue 7 §3):
-_MAX_ID_BYTES = 128
-"""A native or canonical message id longer than this is not remembered (a clipped id would name another
-message); real ones are far shorter (a WhatsApp wamid is ~60 characters)."""
-_MAX_APPLIED_ID_BYTES = 32
-"""Longer envelope ids are remembered as their hash, which still recognises a redelivery."""
+_MAX_KEY_BYTES = 32
+"""Longer participant ids are kept as their hash."""
 _MAX_NAME_BYTES = 128
 """Participant names are clipped to this (at a character boundary)."""
 _MAX_PARTICIPANTS = 256
@@ -59,13 +59,20 @@ _MAX_CONVERSATION_BYTES = 512
 _MAX_API_BASE_BYTES = 512
 _MAX_CHOICES_BYTES = 16 * 1024
 """A numbered menu bigger than this keeps its first options (a reply naming a later one arrives as text)."""
-MAX_SNAPSHOT_BYTES = 256 * 1024
-"""The largest snapshot written. The per-item limits above make the untrimmable part small —
+_FRESH_SECONDS = 60.0
+"""A message younger than this (by its envelope's time) in a new stream message is not looked up in the
+conversation's memory (`ConversationActor._may_repeat`): for an inbound one, ingest's dedup window
+(`hub.dedup_window_seconds`, 10 minutes by default; keep it above this) has absorbed any retry of it."""
+_MAX_JOURNAL = 256
+"""Facts a snapshot carries at most (each under 180 bytes: a 24-character digest and an id of at most
+`memory.MAX_ID_BYTES`). A checkpoint with more — a catch-up of many earlier messages in one turn — writes
+them before the snapshot instead: a crash in between may then lose the snapshot's side of those turns."""
+MAX_SNAPSHOT_BYTES = 128 * 1024
+"""The largest snapshot written, whatever the conversation's age. The per-item limits above bound it:
 conversation 0.5 KiB + reply API base 0.5 KiB + participants 256 x (24 + 128 bytes + ~6 header) ≈ 40 KiB +
-choices 16 KiB, about 57 KiB — while the count-bounded maps could reach about 830 KiB
-(native_ids and canonical_ids 1000 x ~260 B each, aliases 1000 x ~155 B, applied 2000 x ~33 B).
-So past this budget the oldest id-map entries are dropped until the snapshot fits: far below NATS's
-default 1 MiB `max_payload`, so a checkpoint never fails for size."""
+choices 16 KiB + journal 256 x ~180 B ≈ 45 KiB, about 102 KiB; far below NATS's default 1 MiB
+`max_payload`, so a checkpoint never fails for size. A conversation with one participant and no menu
+writes a few hundred bytes."""
 
 
 class Inbound(msgspec.Struct, frozen=True):
@@ -100,18 +107,22 @@ class ConversationState(msgspec.Struct, kw_only=True):
     last_inbound: float = 0.0
     """Unix time of the user's last message, for messaging windows."""
     participants: dict[str, str] = {}
-    native_ids: dict[str, str] = {}
-    """Canonical message id → native id, most recent last."""
-    canonical_ids: dict[str, str] = {}
-    """Native id → canonical message id, to resolve statuses."""
-    aliases: dict[str, str] = {}
-    """The id a codec derives for one of our sent messages (from its native id) → the id the app gave it,
-    so a reply, reaction or button click that refers to our message names the app's id."""
     choices: dict[str, Any] = {}
-    applied: list[str] = []
-    """Envelope ids applied recently: a redelivery or a channel retry is skipped."""
     out_seq: int | None = None
     """Stream sequence of the latest outbound message taken up; None in snapshots from before it was kept."""
+    in_seq: int = 0
+    """Raw-record sequence of the latest inbound envelope applied: one at or before it may be a repeat."""
+    journal: list[Learnt] = []
+    """Facts learnt by the turns this snapshot records, written to their own keys right after it; the next
+    activation writes them again in case it did not get that far."""
+
+
+class _EarlierState(msgspec.Struct, kw_only=True):
+    """What snapshots written before the facts had keys of their own kept of them (read once, then moved)."""
+
+    native_ids: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    applied: list[str] = []
 
 
 class SnapshotConflict(RuntimeError):
@@ -126,8 +137,11 @@ class ConversationActor(Actor[ConversationMessage]):
         self.tenant, _, self.conversation_id = key.partition(".")
         self.hub = hub
         self.state = ConversationState()
+        self.memory = Memory(hub.snapshots, hub.subjects.bucket("conversations"), hub.publisher, key)
         self._revision: int | None = None
-        self._applied: set[str] = set()
+        self._natives: dict[str, str] = {}
+        """Native ids learnt for envelopes of the turn under way, recorded when they are applied."""
+        self._activated_at = time.time()
         self._dirty = False
         self._stored_at: float | None = None  # when the current turn's outbound message was stored
         self._caught_up = False  # the earlier outbound messages were looked for once in this activation
@@ -148,32 +162,55 @@ class ConversationActor(Actor[ConversationMessage]):
         if entry.value:
             self.state = msgspec.msgpack.decode(entry.value, type=ConversationState)
             self._revision = entry.revision
-            self._applied = set(self.state.applied)
+            self.memory.restore(self.state.journal)
+            self._move_earlier_state(msgspec.msgpack.decode(entry.value, type=_EarlierState))
 
-    async def checkpoint(self) -> None:
-        if not self._dirty:
-            return
-        data = encode_snapshot(self.state)
-        if len(self._applied) > len(self.state.applied):  # the budget trimmed the applied ids
-            self._applied.intersection_update(self.state.applied)
+    def _move_earlier_state(self, earlier: _EarlierState) -> None:
+        """A snapshot from before the facts had keys of their own: its id maps and applied ids become
+        facts (written at the next checkpoint), and the snapshot is rewritten without them."""
+        for canonical_id, native_id in earlier.native_ids.items():
+            self.memory.put(Fact.THREAD, canonical_id, native_id)  # a lookup falls back to these
+        for derived, ours in earlier.aliases.items():
+            self.memory.put(Fact.OURS, derived, ours)
+        for envelope_id in earlier.applied:
+            self.memory.put(Fact.MESSAGE, envelope_id, "")
+        self._dirty = self._dirty or bool(earlier.native_ids or earlier.aliases or earlier.applied)
+
+    async def save_snapshot(self, journal: list[Learnt] | None = None) -> None:
+        """The first half of a checkpoint: the snapshot, with the facts not written yet (all of them by
+        default) as its journal."""
+        self.state.journal = self.memory.pending() if journal is None else journal
+        data = msgspec.msgpack.encode(self.state)
         try:
             self._revision = await self.hub.publisher.store(self.hub.snapshots, self.key, data, last=self._revision)
         except KeyWrongLastSequenceError as exc:
             raise SnapshotConflict(f"conversation {self.key} was written by another owner") from exc
         self._dirty = False
-        for message_id in [m for m in self._ledger if m in self._applied]:
+
+    async def checkpoint(self) -> None:
+        journal = self.memory.pending()
+        if not (self._dirty or journal):
+            return
+        if len(journal) > _MAX_JOURNAL:
+            await self.memory.flush()
+            journal = []
+        await self.save_snapshot(journal)
+        await self.memory.flush()
+        self.state.journal = []
+        for message_id in [m for m in self._ledger if await self._applied(m)]:
             del self._ledger[message_id]  # the saved snapshot keeps it from a resend now
 
     # ----------------------------------------------------------------------------------- turns
 
     async def receive(self, message: ConversationMessage) -> None:
         envelope = message.envelope
-        if _applied_key(envelope.id) in self._applied:
+        if await self._applied(envelope.id, look_up=self._may_repeat(message)):
             return
         match message:
             case Inbound():
                 with span("conversation.inbound", message.trace, conversation=self.key):
                     await self._inbound(envelope)
+                self.state.in_seq = max(self.state.in_seq, _raw_seq(envelope))
             case Outbound():
                 await self._take_earlier_outbound(message.seq)
                 await self._apply_outbound(message)
@@ -209,7 +246,7 @@ class ConversationActor(Actor[ConversationMessage]):
                 break
             cursor = stored.seq + 1
             earlier = self._stored_outbound(stored)
-            if earlier is None or _applied_key(earlier.envelope.id) in self._applied:
+            if earlier is None or await self._applied(earlier.envelope.id):
                 continue
             try:
                 await self._apply_outbound(earlier)
@@ -235,17 +272,16 @@ class ConversationActor(Actor[ConversationMessage]):
         self._learn(envelope)
         match envelope:
             case c.Status():
-                ours = self.state.canonical_ids.get(envelope.native_id, envelope.message_id)
-                status = msgspec.structs.replace(envelope, message_id=ours)
+                status = msgspec.structs.replace(envelope, message_id=await self._status_target(envelope))
                 await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
             case c.Message():
-                resolved = self._resolve(self._translate(envelope))
+                resolved = self._resolve(await self._translate(envelope))
                 await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), resolved)
             case c.Activity():
                 await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), envelope)
         connection = self._connection()
         if connection is not None:
-            await connection.after_inbound(envelope, self._context(connection))
+            await connection.after_inbound(envelope, self._context(connection, {}))
 
     async def _outbound(self, envelope: c.Envelope) -> None:
         refusal = self._refusal(envelope)
@@ -261,7 +297,8 @@ class ConversationActor(Actor[ConversationMessage]):
             case c.Activity():
                 connection = self._connection()
                 if connection is not None:
-                    await connection.send_activity(envelope, self._context(connection))
+                    natives = await self._natives_of(_references(envelope))
+                    await connection.send_activity(envelope, self._context(connection, natives))
             case c.Status():
                 await self.hub.dead_letters.park(DeadLetter(
                     stage="apply", error="processors send messages or activities, not statuses",
@@ -291,17 +328,18 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._refuse(message, c.Error(
                 code="unknown_conversation", message="the conversation has no channel chat to send to yet"))
             return
-        message = self._without_unknown_references(message)
+        natives = await self._natives_of(_references(message))
+        message = _without_unknown_references(message, natives)
         with span("conversation.send", channel=connection.channel):
             # While the channel fails this waits (the circuit), holding the conversation's later messages
             # back in order; JetStream keeps the unacknowledged message, so a crash means redelivery.
-            sent = await connection.send(message, self._context(connection), stored_at=self._stored_at,
+            sent = await connection.send(message, self._context(connection, natives), stored_at=self._stored_at,
                                          progress=self._ledger.get(message.id),
                                          on_progress=functools.partial(self._record_progress, message.id))
         for native_id in sent.native_ids:
-            self._remember_id(message.id, native_id)
+            self._natives[message.id] = native_id
             derived = c.message_id(message.tenant, self.state.conversation.connection, native_id)
-            _bounded_put(self.state.aliases, derived, message.id)
+            self.memory.put(Fact.OURS, derived, message.id)
         if sent.choices:
             self.state.choices = _fitting_choices(sent.choices)
             self._dirty = True
@@ -349,27 +387,28 @@ class ConversationActor(Actor[ConversationMessage]):
             self.state.api_base = reply_base
         self._learn_native_id(envelope)
         if envelope.native is not None and envelope.native.thread and envelope.thread:
-            self._remember_id(envelope.thread, envelope.native.thread)
+            self.memory.put(Fact.THREAD, envelope.thread, envelope.native.thread)
         if envelope.sender is not None and envelope.sender.role == "user":
             self._hear(envelope.sender)
             self.state.last_inbound = envelope.ts.timestamp()
         self._dirty = True
 
     def _learn_native_id(self, envelope: c.Envelope) -> None:
-        """Map an inbound message's own native id to its canonical id.
-
-        A status's native id is the message it reports on (one we sent), never its own: recording it would
-        take that message's entry in `canonical_ids`, and its later statuses would name the status instead
-        of the app's id. Other envelopes can also repeat a message's native id (an edit, a receipt the codec
-        keeps as an `unsupported` message): the message the id first named keeps it.
-        """
+        """Note an inbound envelope's own native id, recorded with it when it is applied (a reply to it
+        names that id). A status's native id is the message it reports on (one we sent), never its own.
+        Native ids lead back to canonical ids only for messages we sent (`Fact.OURS`): an inbound
+        envelope that repeats one of those (an edit, a receipt kept as `unsupported`) never takes it."""
         native = envelope.native
         if isinstance(envelope, c.Status) or native is None or not native.id or envelope.direction != "inbound":
             return
-        _bounded_put(self.state.native_ids, envelope.id, native.id)
-        if native.id not in self.state.canonical_ids:
-            _bounded_put(self.state.canonical_ids, native.id, envelope.id)
-        self._dirty = True
+        self._natives[envelope.id] = native.id
+
+    async def _status_target(self, status: c.Status) -> str:
+        """The app's id of the message a status reports on, when it is one we sent; else the codec's."""
+        if not status.native_id:
+            return status.message_id
+        derived = c.message_id(status.tenant, status.conversation.connection, status.native_id)
+        return await self.memory.get(Fact.OURS, derived) or status.message_id
 
     def _refusal(self, envelope: c.Envelope) -> c.Error | None:
         """Why a processor's envelope may not be applied here, or None. The subject's tenant was checked
@@ -406,9 +445,9 @@ class ConversationActor(Actor[ConversationMessage]):
             self.state.conversation = conversation
             self._dirty = True
 
-    def _translate(self, message: c.Message) -> c.Message:
+    async def _translate(self, message: c.Message) -> c.Message:
         """Ids that point at messages we sent, rewritten to the ids the app gave those messages."""
-        aliases = self.state.aliases
+        aliases = await self.memory.get_many(Fact.OURS, _references(message))
         if not aliases:
             return message
         parts: list[c.Part] = []
@@ -438,15 +477,13 @@ class ConversationActor(Actor[ConversationMessage]):
             return envelope
         return msgspec.structs.replace(envelope, parts=[*envelope.parts, action])
 
-    def _without_unknown_references(self, message: c.Message) -> c.Message:
-        """A reply to (or thread of) a message this chat never saw — a fan-out copy from another channel,
-        an id the app made up — is sent as a plain message, and the dropped reference is recorded."""
-        dropped = {name: value for name, value in (("reply_to", message.reply_to), ("thread", message.thread))
-                   if value and value not in self.state.native_ids}
-        if not dropped:
-            return message
-        meta = {**message.meta, "babelhub.unknown_references": dropped}
-        return msgspec.structs.replace(message, meta=meta, **{name: "" for name in dropped})
+    async def _natives_of(self, canonical_ids: list[str]) -> dict[str, str]:
+        """The native ids known for `canonical_ids`: the messages applied here, else the threads."""
+        natives = {key: value for key, value in (await self.memory.get_many(Fact.MESSAGE, canonical_ids)).items()
+                   if value}
+        missing = [canonical_id for canonical_id in canonical_ids if canonical_id not in natives]
+        natives.update(await self.memory.get_many(Fact.THREAD, missing))
+        return natives
 
     def _connection(self) -> ConnectionService | None:
         """This conversation's connection; None until the conversation knows its chat."""
@@ -454,33 +491,52 @@ class ConversationActor(Actor[ConversationMessage]):
             return None
         return self._own_connection(self.state.conversation.connection)
 
-    def _context(self, connection: ConnectionService) -> EncodeContext:
+    def _context(self, connection: ConnectionService, natives: dict[str, str]) -> EncodeContext:
+        """How to encode for this chat; `natives`: the native ids of the canonical ids the envelope names."""
         assert self.state.conversation is not None
-        return connection.encode_context(self.state.conversation.native_id, self.state.native_ids,
-                                         api_base=self.state.api_base)
+        return connection.encode_context(self.state.conversation.native_id, natives, api_base=self.state.api_base)
 
     def _hear(self, sender: c.Sender) -> None:
         """Remember a participant (most recent last), with a bounded name, among a bounded number."""
         participants = self.state.participants
-        key = _applied_key(sender.id)
+        key = _short_key(sender.id)
         participants.pop(key, None)
         participants[key] = _clip(sender.name, _MAX_NAME_BYTES)
         while len(participants) > _MAX_PARTICIPANTS:
             del participants[next(iter(participants))]
 
-    def _remember_id(self, canonical_id: str, native_id: str) -> None:
-        _bounded_put(self.state.native_ids, canonical_id, native_id)
-        _bounded_put(self.state.canonical_ids, native_id, canonical_id)
-        self._dirty = True
+    async def _applied(self, envelope_id: str, look_up: bool = True) -> bool:
+        """Whether the envelope was applied here (within `memory.RETENTION`): then it is skipped. Without
+        `look_up`, only what this activation learnt or read is asked (no I/O)."""
+        if look_up:
+            return await self.memory.get(Fact.MESSAGE, envelope_id) is not None
+        return self.memory.known(Fact.MESSAGE, envelope_id) is not None
+
+    def _may_repeat(self, message: ConversationMessage) -> bool:
+        """Whether `message` may repeat an envelope applied before this activation learnt of it, and must
+        be looked up (what this activation applied it knows without a read).
+
+        A message may repeat when its stream message is not newer than every one applied here (a JetStream
+        redelivery, or one handed back and taken later), or when its envelope is older than `_FRESH_SECONDS`
+        (a channel's retry after ingest's dedup window, a poller that reads an update again, an app that
+        publishes an old answer again). An outbound envelope made before this activation began may also
+        repeat (an app publishing its answer again after the hub restarted). The rest — a conversation in
+        full flow — are new, and cost no read. What this leaves out: an app that makes an answer afresh,
+        with the id of one applied in an earlier activation, less than a minute after the hub restarted."""
+        envelope = message.envelope
+        made = envelope.ts.timestamp()
+        if made < time.time() - _FRESH_SECONDS:
+            return True
+        if isinstance(message, Outbound):
+            return (not message.seq or self.state.out_seq is None or message.seq <= self.state.out_seq
+                    or made < self._activated_at)
+        seq = _raw_seq(envelope)
+        return not seq or seq <= self.state.in_seq
 
     def _mark_applied(self, envelope_id: str) -> None:
-        envelope_id = _applied_key(envelope_id)
-        self._applied.add(envelope_id)
-        self.state.applied.append(envelope_id)
-        if len(self.state.applied) > _MAX_APPLIED:
-            for old in self.state.applied[: -_MAX_APPLIED]:
-                self._applied.discard(old)
-            del self.state.applied[: -_MAX_APPLIED]
+        """Record the envelope as applied, with the native id it brought or was sent as, if any."""
+        native_id = self._natives.pop(envelope_id, "")
+        self.memory.put(Fact.MESSAGE, envelope_id, native_id if len(native_id.encode()) <= MAX_ID_BYTES else "")
         self._dirty = True
 
     async def _status(self, message: c.Message | c.Activity, state: c.State, native_id: str = "",
@@ -536,25 +592,41 @@ def _without_file_ids(message: c.Message) -> c.Message:
     return msgspec.structs.replace(message, parts=parts)
 
 
-def encode_snapshot(state: ConversationState) -> bytes:
-    """The snapshot's bytes, at most `MAX_SNAPSHOT_BYTES`: past the budget, the oldest tenth of each id map
-    is dropped (the most recent messages stay resolvable) until it fits."""
-    data = msgspec.msgpack.encode(state)
-    while len(data) > MAX_SNAPSHOT_BYTES:
-        for mapping in (state.native_ids, state.canonical_ids, state.aliases):
-            for key in list(mapping)[: max(1, len(mapping) // 10)]:
-                del mapping[key]
-        del state.applied[: max(1, len(state.applied) // 10)]
-        if not (state.native_ids or state.canonical_ids or state.aliases or state.applied):
-            state.participants.clear()  # cannot happen with the item limits above; a last resort
-            state.choices = {}
-        data = msgspec.msgpack.encode(state)
-    return data
+def _raw_seq(envelope: c.Envelope) -> int:
+    """The raw record's stream sequence an inbound envelope was decoded from (0: not known)."""
+    return envelope.native.seq if envelope.native is not None else 0
 
 
-def _applied_key(envelope_id: str) -> str:
+def _short_key(item: str) -> str:
     """How an id is kept in bounded state: as it is when short, else its hash."""
-    return envelope_id if len(envelope_id.encode()) <= _MAX_APPLIED_ID_BYTES else c.stable_id("id", envelope_id)
+    return item if len(item.encode()) <= _MAX_KEY_BYTES else c.stable_id("id", item)
+
+
+def _references(envelope: c.Envelope) -> list[str]:
+    """The canonical message ids an envelope names: the message it answers, its thread, the targets of its
+    reactions, edits and deletions, the source of a choice, and the message an activity is about."""
+    found = [envelope.reply_to, envelope.thread]
+    if isinstance(envelope, c.Message):
+        for part in envelope.parts:
+            match part:
+                case c.Reaction(target=target) | c.Edit(target=target) | c.Delete(target=target):
+                    found.append(target)
+                case c.Action(source=source):
+                    found.append(source)
+    elif isinstance(envelope, c.Activity) and isinstance(envelope.detail.get("message_id"), str):
+        found.append(envelope.detail["message_id"])
+    return [item for item in dict.fromkeys(found) if item]
+
+
+def _without_unknown_references(message: c.Message, natives: dict[str, str]) -> c.Message:
+    """A reply to (or thread of) a message this chat never saw — a fan-out copy from another channel,
+    an id the app made up — is sent as a plain message, and the dropped reference is recorded."""
+    dropped = {name: value for name, value in (("reply_to", message.reply_to), ("thread", message.thread))
+               if value and value not in natives}
+    if not dropped:
+        return message
+    meta = {**message.meta, "babelhub.unknown_references": dropped}
+    return msgspec.structs.replace(message, meta=meta, **{name: "" for name in dropped})
 
 
 def _clip(text: str, limit: int) -> str:
@@ -572,13 +644,3 @@ def _fitting_choices(choices: dict[str, Any]) -> dict[str, Any]:
             break
         kept[number] = choice
     return kept
-
-
-def _bounded_put(mapping: dict[str, str], key: str, value: str, limit: int = _MAX_IDS) -> None:
-    if len(key.encode()) > _MAX_ID_BYTES or len(value.encode()) > _MAX_ID_BYTES:
-        return  # an id this long is not one a channel uses: not worth a place in bounded state
-    mapping.pop(key, None)
-    mapping[key] = value
-    while len(mapping) > limit:
-        del mapping[next(iter(mapping))]
-

@@ -89,6 +89,16 @@ async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: floa
             await js.key_value(subjects.bucket(role))
         except (NotFoundError, BadRequestError):
             await js.create_key_value(KeyValueConfig(bucket=subjects.bucket(role), history=1))
+    await _allow_message_ttl(js, f"KV_{subjects.bucket('conversations')}")
+
+
+async def _allow_message_ttl(js: JetStreamContext, stream: str) -> None:
+    """Conversations keep what each message teaches under keys that expire one by one (a per-message
+    TTL, nats-server 2.11 or later); a bucket made before that is allowed to take them."""
+    config = (await js.stream_info(stream)).config
+    if not config.allow_msg_ttl:
+        config.allow_msg_ttl = True
+        await js.update_stream(config)
 
 
 def find_nats_server() -> str:

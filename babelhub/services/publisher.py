@@ -10,6 +10,7 @@ dedup components, and a `tracestate` longer than the W3C limit is dropped (the `
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 
 from nats.aio.client import Client as NATS
@@ -29,6 +30,8 @@ MAX_TRACESTATE = 512
 
 _HEADER_LINE = len(b"NATS/1.0\r\n")
 _HEADERS_END = len(b"\r\n")
+_TTL_HEADERS = {Header.MSG_TTL.value: str(2**63 - 1)}
+"""An expiring KV write carries `Nats-TTL: <seconds>`, measured at its longest."""
 # A KV create/update carries `Nats-Expected-Last-Subject-Sequence: <revision>`: measured at the
 # largest revision (a uint64), so the check never depends on how far the bucket has come.
 _KV_HEADERS = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(2**64 - 1)}
@@ -102,3 +105,12 @@ class Publisher:
         if last is None:
             return await kv.create(key, value)
         return await kv.update(key, value, last=last)
+
+    async def put_expiring(self, bucket: str, key: str, value: bytes, *, ttl: float) -> asyncio.Future[PubAck]:
+        """Start writing `key` of KV `bucket`, for the server to remove `ttl` seconds later (a per-message
+        TTL: nats-server 2.11 or later, on a bucket that allows it). Returns the future of the server's ack
+        at once, so that many writes go out together. nats-py never completes that future when the
+        server answers with an error: wait for it with a timeout."""
+        subject = f"$KV.{bucket}.{key}"
+        self.check(subject, value, _TTL_HEADERS)
+        return await self._js.publish_async(subject, value, msg_ttl=ttl)

@@ -8,9 +8,9 @@
     second fresh process with `tracemalloc` on, the Python heap per actor and the lines that allocate it.
     Target ≤ 4 KB per actor.
 (b) Web chat sessions. `babelhub run` in its own process serves a web chat connection; this process
-    opens N WebSockets to `/ws/<connection>` with aiohttp, reads each one's session greeting and lets
-    them idle. Printed: (hub RSS with N sessions - hub RSS with none) / N, and the RSS once they are
-    closed again. Target ≤ 30 KB per session (Centrifugo's figure).
+    opens N WebSockets to `/ws/<connection>` with aiohttp, offering compression as browsers do, reads
+    each one's session greeting and lets them idle. Printed: (hub RSS with N sessions - hub RSS with
+    none) / N, and the RSS once they are closed again. Target ≤ 30 KB per session (Centrifugo's figure).
 
 Both baselines are taken in the same run, after a short warm-up. Nothing is asserted.
 
@@ -215,7 +215,9 @@ async def open_sessions(http: aiohttp.ClientSession, url: str, count: int) -> li
 
     async def one() -> aiohttp.ClientWebSocketResponse:
         async with room:
-            socket = await http.ws_connect(url, autoping=True)
+            # Offered as browsers offer it (`permessage-deflate; client_max_window_bits`): a hub that took
+            # it up would keep zlib state per socket.
+            socket = await http.ws_connect(url, autoping=True, compress=15)
             greeting = await socket.receive_json(timeout=30)
             if greeting.get("type") != "session":
                 raise RuntimeError(f"unexpected first frame {greeting!r}")

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TENANT = "bench"
 ACTOR_TARGET_KB = 4.0
 SESSION_TARGET_KB = 30.0
-IN_FLIGHT = 500
+IN_FLIGHT = 256
 """Actors being activated at once (each takes a few NATS round trips)."""
 
 

@@ -122,6 +122,27 @@ async def test_idle_actors_passivate_and_reactivate_from_their_checkpoint() -> N
     assert journal.checkpoints["a"] == [1, 2]
 
 
+async def test_an_idle_actor_passivates_while_one_ahead_of_it_is_still_busy() -> None:
+    journal = Journal()
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        async def receive(self, message: int) -> None:
+            if self.key == "busy":
+                await gate.wait()
+            await super().receive(message)
+
+    actors: ActorSystem[int] = ActorSystem("sweep", lambda key: Slow(key, journal), idle_seconds=0.05)
+    await actors.tell("busy", 1)  # told first: the least recently used, and its turn does not end
+    await actors.tell("quiet", 1)
+    await eventually(lambda: "quiet" in journal.passivations)
+    assert "busy" not in journal.passivations
+    gate.set()
+    await eventually(lambda: "busy" in journal.passivations)
+    await actors.stop()
+    assert journal.applied == {"busy": [1], "quiet": [1]}
+
+
 async def test_the_lru_cap_passivates_the_least_recently_used_actor() -> None:
     journal = Journal()
     actors = system(journal, max_active=2)

@@ -26,9 +26,10 @@ Rules it keeps (docs/architecture.md, "Actors"):
 * Idle actors passivate: stop taking mail, drain, checkpoint, stop. Mail for a passivating key waits for
   the old activation to finish before the new one loads its state, so two activations never overlap.
 * An active actor whose mailbox is empty (and checkpointed) has no task: it is parked, and the next
-  mail, a stop request or its idle timer starts a task again, without activating it anew. A hub holds
-  tens of thousands of idle conversations, and a task waiting on a timeout costs more than the rest of
-  an idle actor (bench/memory_bench.py).
+  mail or a stop request starts a task again, without activating it anew. One sweep per system, not a
+  timer per actor, passivates those parked for `idle_seconds`. A hub holds tens of thousands of idle
+  conversations, and a task waiting on a timeout costs more than the rest of an idle actor
+  (bench/memory_bench.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ import msgspec
 __all__ = ["Actor", "ActorSystem", "Mail"]
 
 log = logging.getLogger("babelhub.actors")
+
+_MAX_SWEEP_INTERVAL = 30.0
+"""Seconds between two looks for idle actors at most: an actor passivates at most this much (or a
+quarter of `idle_seconds`, if less) after it has been idle `idle_seconds`."""
 
 M = TypeVar("M")
 Callback = Callable[[], Awaitable[None]]
@@ -171,7 +176,7 @@ class _Cell(Generic[M]):
     """One activation: its actor, mailbox and (while it has mail) task. Slotted, and every part it needs
     only now and then is made when needed: a hub holds many idle ones."""
 
-    __slots__ = ("actor", "control", "current", "ended", "idle_timer", "mailbox", "pending", "restarts", "task",
+    __slots__ = ("actor", "control", "current", "ended", "mailbox", "parked_at", "pending", "restarts", "task",
                  "wakeup")
 
     def __init__(self, actor: Actor[M], mailbox_size: int) -> None:
@@ -180,8 +185,8 @@ class _Cell(Generic[M]):
         self.control: list[_Stop] = []
         self.task: asyncio.Task[None] | None = None
         """Serves the mailbox; None while the actor is parked (idle, no mail)."""
-        self.idle_timer: asyncio.TimerHandle | None = None
-        """Passivates the parked actor when it has been idle long enough."""
+        self.parked_at: float | None = None
+        """Loop time at which the actor was parked; None while it has a task."""
         self.wakeup: asyncio.Event | None = None
         """Set by new mail or a stop request; exists while activation waits out a backoff."""
         self.restarts: list[float] = []
@@ -219,7 +224,9 @@ class ActorSystem(Generic[M]):
         self._restart_window = restart_window
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
-        self._cells: OrderedDict[str, _Cell[M]] = OrderedDict()  # least recently used first
+        self._cells: OrderedDict[str, _Cell[M]] = OrderedDict()
+        """Least recently used first: moved to the end by new mail and by parking."""
+        self._sweeper: asyncio.Task[None] | None = None
         self._ending: dict[str, asyncio.Task[None]] = {}
         self._closed = False
         self.restarts_total = 0
@@ -283,6 +290,9 @@ class ActorSystem(Generic[M]):
         still running then (a channel that does not answer) is cancelled, and its unsaved mail is
         released for redelivery, so stopping never hangs on one conversation."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         for key in list(self._cells):
             self._passivate(key)
         if not self._ending:
@@ -322,22 +332,37 @@ class ActorSystem(Generic[M]):
             if cell.wakeup is not None:
                 cell.wakeup.set()
             return
-        if cell.idle_timer is not None:
-            cell.idle_timer.cancel()
-            cell.idle_timer = None
+        cell.parked_at = None
         self._serve_in_task(key, cell, activate=False)
 
     def _park(self, key: str, cell: _Cell[M]) -> None:
-        """The actor has no mail and its turns are saved: end its task, and start its idle timer."""
+        """The actor has no mail and its turns are saved: end its task; the sweep passivates it once it
+        has been parked for `idle_seconds`."""
         cell.task = None
-        if math.isfinite(self._idle_seconds):
-            loop = asyncio.get_running_loop()
-            cell.idle_timer = loop.call_later(self._idle_seconds, self._idle, key, cell)
+        cell.parked_at = asyncio.get_running_loop().time()
+        if self._cells.get(key) is cell:
+            self._cells.move_to_end(key)
+        if self._sweeper is None and math.isfinite(self._idle_seconds) and not self._closed:
+            self._sweeper = asyncio.create_task(self._sweep_idle(), name=f"{self.name} idle sweep")
 
-    def _idle(self, key: str, cell: _Cell[M]) -> None:
-        cell.idle_timer = None
-        if self._cells.get(key) is cell and cell.task is None:
-            self._passivate(key)
+    async def _sweep_idle(self) -> None:
+        """Passivate the actors parked for `idle_seconds`, from time to time. Cells are in the order of
+        their last mail or parking, so a sweep stops at the first actor parked too recently: every
+        parked one after it was parked later still. Actors that are serving mail are passed over."""
+        loop = asyncio.get_running_loop()
+        interval = min(self._idle_seconds / 4, _MAX_SWEEP_INTERVAL)
+        while True:
+            await asyncio.sleep(interval)
+            cutoff = loop.time() - self._idle_seconds
+            idle: list[str] = []
+            for key, cell in self._cells.items():
+                if cell.parked_at is None:
+                    continue
+                if cell.parked_at > cutoff:
+                    break
+                idle.append(key)
+            for key in idle:
+                self._passivate(key)
 
     def _passivate(self, key: str) -> None:
         cell = self._cells.pop(key, None)

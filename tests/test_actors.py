@@ -401,6 +401,7 @@ async def test_an_idle_actor_is_parked_without_a_task_and_its_next_message_wakes
     assert journal.activations == ["a"] and journal.passivations == []  # woken, not activated anew
     await actors.stop()
     assert journal.passivations == ["a"]  # stopping passivates parked actors too
+    assert not [task for task in asyncio.all_tasks() if task.get_name().startswith("test ")]  # nor the sweep
 
 
 async def test_a_sender_that_gives_up_waiting_for_room_leaves_the_room_to_the_next() -> None:

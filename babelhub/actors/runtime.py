@@ -350,7 +350,7 @@ class ActorSystem(Generic[M]):
         their last mail or parking, so a sweep stops at the first actor parked too recently: every
         parked one after it was parked later still. Actors that are serving mail are passed over."""
         loop = asyncio.get_running_loop()
-        interval = min(self._idle_seconds / 4, _MAX_SWEEP_INTERVAL)
+        interval = min(max(self._idle_seconds / 4, 0.01), _MAX_SWEEP_INTERVAL)  # never a busy loop
         while True:
             await asyncio.sleep(interval)
             cutoff = loop.time() - self._idle_seconds

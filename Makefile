@@ -35,6 +35,7 @@ test: lint system-deps
 bench: install
 	$(BIN)/python bench/codec_bench.py
 	$(BIN)/python bench/e2e_bench.py
+	$(BIN)/python bench/memory_bench.py
 	$(BIN)/python bench/fuzz_codecs.py --budget 60
 
 schema: install

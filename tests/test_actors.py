@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 
 import pytest
 
@@ -119,6 +120,27 @@ async def test_idle_actors_passivate_and_reactivate_from_their_checkpoint() -> N
     await actors.stop()
     assert journal.activations == ["a", "a"]
     assert journal.checkpoints["a"] == [1, 2]
+
+
+async def test_an_idle_actor_passivates_while_one_ahead_of_it_is_still_busy() -> None:
+    journal = Journal()
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        async def receive(self, message: int) -> None:
+            if self.key == "busy":
+                await gate.wait()
+            await super().receive(message)
+
+    actors: ActorSystem[int] = ActorSystem("sweep", lambda key: Slow(key, journal), idle_seconds=0.05)
+    await actors.tell("busy", 1)  # told first: the least recently used, and its turn does not end
+    await actors.tell("quiet", 1)
+    await eventually(lambda: "quiet" in journal.passivations)
+    assert "busy" not in journal.passivations
+    gate.set()
+    await eventually(lambda: "busy" in journal.passivations)
+    await actors.stop()
+    assert journal.applied == {"busy": [1], "quiet": [1]}
 
 
 async def test_the_lru_cap_passivates_the_least_recently_used_actor() -> None:
@@ -362,3 +384,76 @@ async def test_admission_keeps_each_keys_order_and_lets_other_keys_pass() -> Non
         gate.set()
         await actors.stop()
     assert journal.applied["stuck"] == [1, 2, 3, 5, 6, 8] and journal.applied["other"] == [4]
+
+
+def _serving_tasks(system_name: str) -> list[str]:
+    return [task.get_name() for task in asyncio.all_tasks() if task.get_name().startswith(f"{system_name}:")]
+
+
+async def test_an_idle_actor_is_parked_without_a_task_and_its_next_message_wakes_it() -> None:
+    journal = Journal()
+    actors = system(journal)
+    await actors.tell("a", 1)
+    await eventually(lambda: journal.checkpoints.get("a") == [1] and not _serving_tasks("test"))
+    assert actors.active == 1  # still active: parked, not passivated
+    await actors.tell("a", 2)
+    await eventually(lambda: journal.checkpoints.get("a") == [1, 2] and not _serving_tasks("test"))
+    assert journal.activations == ["a"] and journal.passivations == []  # woken, not activated anew
+    await actors.stop()
+    assert journal.passivations == ["a"]  # stopping passivates parked actors too
+    assert not [task for task in asyncio.all_tasks() if task.get_name().startswith("test ")]  # nor the sweep
+
+
+async def test_a_sender_that_gives_up_waiting_for_room_leaves_the_room_to_the_next() -> None:
+    journal = Journal()
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        async def receive(self, message: int) -> None:
+            await gate.wait()
+            await super().receive(message)
+
+    actors: ActorSystem[int] = ActorSystem("slow", lambda key: Slow(key, journal), mailbox_size=1)
+    await actors.tell("a", 0)
+    await eventually(lambda: actors.has_room("a"))  # 0 is in its turn
+    await actors.tell("a", 1)  # fills the mailbox
+    impatient = asyncio.create_task(actors.tell("a", 2), name="impatient-tell")
+    patient = asyncio.create_task(actors.tell("a", 3), name="patient-tell")
+    await asyncio.sleep(0.02)
+    impatient.cancel()
+    gate.set()
+    await asyncio.wait_for(patient, 5)
+    await actors.stop()
+    assert impatient.cancelled() and journal.applied["a"] == [0, 1, 3]
+
+
+async def test_an_idle_actor_costs_the_runtime_little_memory() -> None:
+    """What the runtime itself keeps per idle actor (its cell, mailbox, bookkeeping), measured with
+    tracemalloc: an asyncio task, queue or event per idle actor would cost several KB each."""
+    class Idle(Actor[int]):
+        async def receive(self, message: int) -> None:
+            pass
+
+    count = 2000
+    actors: ActorSystem[int] = ActorSystem("idle", Idle)
+    keys = [f"conversation-{n}" for n in range(count)]  # made before tracing: they are the caller's
+    applied: list[int] = []
+
+    async def on_applied() -> None:
+        applied.append(1)
+
+    tracemalloc.start()
+    try:
+        for key in keys:
+            await actors.tell(key, 1, on_applied)
+        await eventually(lambda: len(applied) == count)
+        await asyncio.sleep(0.05)  # every actor idle
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    assert actors.active == count
+    runtime = snapshot.filter_traces([tracemalloc.Filter(True, "*/babelhub/actors/runtime.py"),
+                                      tracemalloc.Filter(True, "*/asyncio/*")])
+    per_actor = sum(stat.size for stat in runtime.statistics("filename")) / count
+    await actors.stop()
+    assert per_actor < 2048, f"{per_actor:.0f} bytes per idle actor"

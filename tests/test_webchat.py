@@ -66,6 +66,20 @@ async def test_chat_echoes_and_buttons_come_back_as_actions(hub: Hub) -> None:
         assert answer["parts"] == [{"type": "text", "text": f"You chose: {chosen['title']}"}]
 
 
+async def test_compression_offered_by_a_browser_is_declined(hub: Hub) -> None:
+    """Browsers offer `permessage-deflate; client_max_window_bits`; taking it up would keep zlib state
+    (over 100 KB) for every idle session. The chat still works uncompressed."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(hub.http_url + "/ws/webchat", compress=15) as socket,
+    ):
+        assert socket.compress == 0  # the handshake's answer names no extension
+        assert (await socket.receive_json())["type"] == "session"
+        await socket.send_json({"id": "1", "text": "plain frames"})
+        reply = await receive_message(socket)
+    assert reply["parts"] == [{"type": "text", "text": "echo: plain frames"}]
+
+
 async def test_a_session_resumes_with_its_id_and_token(hub: Hub) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(hub.http_url + "/ws/webchat") as socket:

@@ -1,4 +1,5 @@
-"""A small virtual-actor runtime: one asyncio task per active actor, turn by turn.
+"""A small virtual-actor runtime: active actors take their mail turn by turn, each in an asyncio task of
+its own while it has mail.
 
 Rules it keeps (docs/architecture.md, "Actors"):
 * `tell(key, message)` never fails for a missing actor: the first message activates it.
@@ -24,6 +25,11 @@ Rules it keeps (docs/architecture.md, "Actors"):
   the mail it holds unsaved is released, so stopping never hangs on one actor.
 * Idle actors passivate: stop taking mail, drain, checkpoint, stop. Mail for a passivating key waits for
   the old activation to finish before the new one loads its state, so two activations never overlap.
+* An active actor whose mailbox is empty (and checkpointed) has no task: it is parked, and the next
+  mail or a stop request starts a task again, without activating it anew. One sweep per system, not a
+  timer per actor, passivates those parked for `idle_seconds`. A hub holds tens of thousands of idle
+  conversations, and a task waiting on a timeout costs more than the rest of an idle actor
+  (bench/memory_bench.py).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import random
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
@@ -43,6 +50,10 @@ import msgspec
 __all__ = ["Actor", "ActorSystem", "Mail"]
 
 log = logging.getLogger("babelhub.actors")
+
+_MAX_SWEEP_INTERVAL = 30.0
+"""Seconds between two looks for idle actors at most: an actor passivates at most this much (or a
+quarter of `idle_seconds`, if less) after it has been idle `idle_seconds`."""
 
 M = TypeVar("M")
 Callback = Callable[[], Awaitable[None]]
@@ -96,16 +107,90 @@ class _Interrupted(Exception):
     """A stop request arrived while the actor was still loading: end without touching the mail."""
 
 
+class _Mailbox(Generic[M]):
+    """The data lane: a bounded FIFO, with `asyncio.Queue`'s methods that the runtime uses. It holds no
+    deque while it is empty (an empty deque takes 760 bytes, and most actors are idle)."""
+
+    __slots__ = ("_items", "_senders", "maxsize")
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Mail[M]] | None = None
+        self._senders: list[asyncio.Future[None]] | None = None
+        """Senders waiting for room, first come first served."""
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items is not None else 0
+
+    def empty(self) -> bool:
+        return self._items is None
+
+    def full(self) -> bool:
+        return self.qsize() >= self.maxsize
+
+    def put_nowait(self, mail: Mail[M]) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(mail)
+
+    def get_nowait(self) -> Mail[M]:
+        if self._items is None:
+            raise asyncio.QueueEmpty
+        mail = self._items.popleft()
+        if not self._items:
+            self._items = None
+        self._wake_next_sender()
+        return mail
+
+    async def put(self, mail: Mail[M]) -> None:
+        """Queue `mail`, waiting while the mailbox is full."""
+        while self.full():
+            room = asyncio.get_running_loop().create_future()
+            if self._senders is None:
+                self._senders = []
+            self._senders.append(room)
+            try:
+                await room
+            except asyncio.CancelledError:
+                self._forget_sender(room)
+                if room.done() and not room.cancelled() and not self.full():
+                    self._wake_next_sender()  # the room it was given goes to the next sender
+                raise
+            self._forget_sender(room)
+        self.put_nowait(mail)
+
+    def _wake_next_sender(self) -> None:
+        for room in self._senders or ():
+            if not room.done():
+                room.set_result(None)
+                return
+
+    def _forget_sender(self, room: asyncio.Future[None]) -> None:
+        if self._senders is not None and room in self._senders:
+            self._senders.remove(room)
+            if not self._senders:
+                self._senders = None
+
+
 class _Cell(Generic[M]):
-    """One activation: its actor, mailbox and task."""
+    """One activation: its actor, mailbox and (while it has mail) task. Slotted, and every part it needs
+    only now and then is made when needed: a hub holds many idle ones."""
+
+    __slots__ = ("actor", "control", "current", "ended", "mailbox", "parked_at", "pending", "restarts", "task",
+                 "wakeup")
 
     def __init__(self, actor: Actor[M], mailbox_size: int) -> None:
         self.actor = actor
-        self.mailbox: asyncio.Queue[Mail[M]] = asyncio.Queue(maxsize=mailbox_size)
-        self.control: deque[_Stop] = deque()
-        self.wakeup = asyncio.Event()
+        self.mailbox: _Mailbox[M] = _Mailbox(mailbox_size)
+        self.control: list[_Stop] = []
         self.task: asyncio.Task[None] | None = None
-        self.restarts: deque[float] = deque()
+        """Serves the mailbox; None while the actor is parked (idle, no mail)."""
+        self.parked_at: float | None = None
+        """Loop time at which the actor was parked; None while it has a task."""
+        self.wakeup: asyncio.Event | None = None
+        """Set by new mail or a stop request; exists while activation waits out a backoff."""
+        self.restarts: list[float] = []
+        """When its recent restarts happened, oldest first."""
         self.pending: list[Mail[M]] = []
         """Applied since the last checkpoint, acknowledged by the next one."""
         self.current: Mail[M] | None = None
@@ -139,7 +224,9 @@ class ActorSystem(Generic[M]):
         self._restart_window = restart_window
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
-        self._cells: OrderedDict[str, _Cell[M]] = OrderedDict()  # least recently used first
+        self._cells: OrderedDict[str, _Cell[M]] = OrderedDict()
+        """Least recently used first: moved to the end by new mail and by parking."""
+        self._sweeper: asyncio.Task[None] | None = None
         self._ending: dict[str, asyncio.Task[None]] = {}
         self._closed = False
         self.restarts_total = 0
@@ -176,7 +263,7 @@ class ActorSystem(Generic[M]):
             return False
         cell = self._cell(key)
         cell.mailbox.put_nowait(Mail(message, on_applied, on_failed, on_released))
-        cell.wakeup.set()
+        self._wake(key, cell)
         return True
 
     async def tell(
@@ -193,15 +280,19 @@ class ActorSystem(Generic[M]):
         cell = self._cell(key)
         mail = Mail(message, on_applied, on_failed, on_released)
         await cell.mailbox.put(mail)
-        cell.wakeup.set()
         if cell.ended:  # the activation gave up while this sender waited for room
             await self._settle_leftovers(cell, None)
+        elif self._cells.get(key) is cell:
+            self._wake(key, cell)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Passivate every actor (drain, checkpoint) and wait for them, at most `grace` seconds: a turn
         still running then (a channel that does not answer) is cancelled, and its unsaved mail is
         released for redelivery, so stopping never hangs on one conversation."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         for key in list(self._cells):
             self._passivate(key)
         if not self._ending:
@@ -226,18 +317,60 @@ class ActorSystem(Generic[M]):
     def _activate(self, key: str) -> _Cell[M]:
         cell: _Cell[M] = _Cell(self._factory(key), self._mailbox_size)
         self._cells[key] = cell
-        previous = self._ending.get(key)
-        cell.task = asyncio.create_task(self._run(key, cell, previous), name=f"{self.name}:{key}")
+        self._serve_in_task(key, cell, activate=True)
         while len(self._cells) > self._max_active:
             self._passivate(next(iter(self._cells)))
         return cell
 
+    def _serve_in_task(self, key: str, cell: _Cell[M], *, activate: bool) -> None:
+        previous = self._ending.get(key) if activate else None
+        cell.task = asyncio.create_task(self._run(key, cell, previous, activate), name=f"{self.name}:{key}")
+
+    def _wake(self, key: str, cell: _Cell[M]) -> None:
+        """New mail or a stop request for an active actor: a parked one gets a task again."""
+        if cell.task is not None:  # serving: it looks at its mailbox and control lane before parking
+            if cell.wakeup is not None:
+                cell.wakeup.set()
+            return
+        cell.parked_at = None
+        self._serve_in_task(key, cell, activate=False)
+
+    def _park(self, key: str, cell: _Cell[M]) -> None:
+        """The actor has no mail and its turns are saved: end its task; the sweep passivates it once it
+        has been parked for `idle_seconds`."""
+        cell.task = None
+        cell.parked_at = asyncio.get_running_loop().time()
+        if self._cells.get(key) is cell:
+            self._cells.move_to_end(key)
+        if self._sweeper is None and math.isfinite(self._idle_seconds) and not self._closed:
+            self._sweeper = asyncio.create_task(self._sweep_idle(), name=f"{self.name} idle sweep")
+
+    async def _sweep_idle(self) -> None:
+        """Passivate the actors parked for `idle_seconds`, from time to time. Cells are in the order of
+        their last mail or parking, so a sweep stops at the first actor parked too recently: every
+        parked one after it was parked later still. Actors that are serving mail are passed over."""
+        loop = asyncio.get_running_loop()
+        interval = min(max(self._idle_seconds / 4, 0.01), _MAX_SWEEP_INTERVAL)  # never a busy loop
+        while True:
+            await asyncio.sleep(interval)
+            cutoff = loop.time() - self._idle_seconds
+            idle: list[str] = []
+            for key, cell in self._cells.items():
+                if cell.parked_at is None:
+                    continue
+                if cell.parked_at > cutoff:
+                    break
+                idle.append(key)
+            for key in idle:
+                self._passivate(key)
+
     def _passivate(self, key: str) -> None:
         cell = self._cells.pop(key, None)
-        if cell is None or cell.task is None:
+        if cell is None:
             return
         cell.control.append(_Stop())
-        cell.wakeup.set()
+        self._wake(key, cell)
+        assert cell.task is not None
         self._ending[key] = cell.task
         cell.task.add_done_callback(functools.partial(self._forget, key))
 
@@ -247,9 +380,9 @@ class ActorSystem(Generic[M]):
         if not task.cancelled() and task.exception() is not None:
             log.error("actor %s:%s ended with an error", self.name, key, exc_info=task.exception())
 
-    async def _run(self, key: str, cell: _Cell[M], previous: asyncio.Task[None] | None) -> None:
+    async def _run(self, key: str, cell: _Cell[M], previous: asyncio.Task[None] | None, activate: bool) -> None:
         try:
-            await self._serve(key, cell, previous)
+            await self._serve(key, cell, previous, activate)
         except _Abandoned:
             # Its state could not be saved: stop this activation without acknowledging anything, so
             # JetStream redelivers that mail, and the next message activates afresh from the store.
@@ -288,12 +421,14 @@ class ActorSystem(Generic[M]):
         if mail.on_failed is not None:
             await _call(self, cell, functools.partial(mail.on_failed, failure))
 
-    async def _serve(self, key: str, cell: _Cell[M], previous: asyncio.Task[None] | None) -> None:
+    async def _serve(self, key: str, cell: _Cell[M], previous: asyncio.Task[None] | None, activate: bool) -> None:
+        """Take the actor's mail until it has none (then park it) or it is asked to stop."""
         if previous is not None:
             # The previous activation of this key is still checkpointing: load state only after it.
             with contextlib.suppress(Exception):
                 await asyncio.shield(previous)
-        await self._start(cell)
+        if activate:
+            await self._start(cell)
         pending = cell.pending
         while True:
             if cell.control:
@@ -304,13 +439,8 @@ class ActorSystem(Generic[M]):
                 await self._commit(cell, pending)
                 if not cell.mailbox.empty() or cell.control:
                     continue  # mail came in while the checkpoint was written
-                cell.wakeup.clear()
-                try:
-                    await asyncio.wait_for(cell.wakeup.wait(), self._idle_seconds)
-                except TimeoutError:
-                    if self._cells.get(key) is cell and cell.mailbox.empty():
-                        self._passivate(key)
-                continue
+                self._park(key, cell)
+                return
             mail = cell.mailbox.get_nowait()
             if await self._turn(cell, mail):
                 pending.append(mail)
@@ -334,9 +464,10 @@ class ActorSystem(Generic[M]):
                                             f"tries: {exc!r}") from exc
             if cell.control:
                 raise _Interrupted
-            cell.wakeup.clear()
+            cell.wakeup = asyncio.Event()
             with contextlib.suppress(TimeoutError):  # a stop request cuts the backoff short
                 await asyncio.wait_for(cell.wakeup.wait(), self._backoff(attempt))
+            cell.wakeup = None
             if cell.control:
                 raise _Interrupted
 
@@ -388,7 +519,7 @@ class ActorSystem(Generic[M]):
             except Exception as exc:
                 now = loop.time()
                 while cell.restarts and now - cell.restarts[0] > self._restart_window:
-                    cell.restarts.popleft()
+                    del cell.restarts[0]
                 if len(cell.restarts) >= self._max_restarts:
                     self.failures_total += 1
                     log.error("actor %s:%s gave up on a message", self.name, cell.actor.key, exc_info=exc)

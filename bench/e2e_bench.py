@@ -4,6 +4,9 @@
     bare aiohttp handler that only publishes the body to JetStream. Target ratio ≥ 0.8.
 (b) The whole path: webhook → hub → processor app on NATS → hub → fake Telegram Bot API. Throughput at
     a high offered load, then p50/p99 latency at half that load. Targets: ≥ 2,000 msg/s, p99 ≤ 50 ms.
+    Its floor, measured in the same run: the same path with no hub logic (bench/floor_server.py: webhook
+    → JetStream publish → push consumer → core publish to the same processor app → its reply → HTTP
+    POST to the fake API). Targets: hub throughput ≥ 0.6 of the floor's, hub CPU ≤ 0.5 ms per message.
 (c) One conversation, 5,000 messages through the whole path: hub CPU and bytes written to JetStream per
     message for messages 1-500 against 4,501-5,000. Target: the later messages cost at most 1.2 times the
     first. Bytes of the streams are read from their state before and after; the conversations bucket
@@ -46,6 +49,7 @@ TOKEN = "123456:BENCH"
 SECRET = "bench-secret"
 TENANT = "bench"
 PREFIX = "bench"
+FLOOR_PREFIX = "floor"
 CHATS = 200
 
 
@@ -221,7 +225,7 @@ async def run(options: Options) -> None:
 
 async def measure(nats_url: str, nats_pid: int, tmp: Path, options: Options) -> None:
     requests, seconds, concurrency = options.requests, options.seconds, options.concurrency
-    fake_port, hub_port, base_port = free_port(), free_port(), free_port()
+    fake_port, hub_port, base_port, floor_port = free_port(), free_port(), free_port(), free_port()
     config = tmp / "hub.toml"
     config.write_text(f"""
 [hub]
@@ -247,6 +251,9 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
                 f"{PREFIX}.{TENANT}.raw.baseline.tg"),
         process("-m", "babelhub", "run", "--config", str(config)) as hub_process,
         process("bench/processor.py", "--nats", nats_url, "--prefix", PREFIX, "--tenant", TENANT) as app,
+        process("bench/floor_server.py", "--nats", nats_url, "--port", str(floor_port), "--prefix", FLOOR_PREFIX,
+                "--tenant", TENANT, "--api-base", f"http://127.0.0.1:{fake_port}", "--token", TOKEN) as floor,
+        process("bench/processor.py", "--nats", nats_url, "--prefix", FLOOR_PREFIX, "--tenant", TENANT),
     ):
         meter = CpuMeter({"hub": hub_process.pid, "processor app": app.pid, "nats-server": nats_pid,
                           "fake channel API": fake_api.pid, "load generator": os.getpid()})
@@ -297,6 +304,14 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
         hub_ms = used["hub"] * 1000 / max(delivered, 1)
         print(f"    → one hub process on one core caps near {1000 / hub_ms:.0f} msg/s; "
               f"the machine ({os.cpu_count()} cores) was {machine_busy:.0%} busy")
+        floor_url = f"http://127.0.0.1:{floor_port}/webhooks/telegram/tg"
+        floor_rate, floor_ms = await floor_path(floor_url, fake, floor.pid, seconds, next_id)
+        next_id += int(3000 * seconds)
+        print(f"    floor (the same path with no hub logic, bench/floor_server.py): {floor_rate:.0f} msg/s, "
+              f"{floor_ms:.2f} ms of CPU per message in its relay process")
+        print(f"    → hub/floor throughput {throughput / floor_rate:.2f} (target ≥ 0.6: "
+              f"{'met' if throughput / floor_rate >= 0.6 else 'NOT met'}); hub CPU {hub_ms:.2f} ms/msg "
+              f"(target ≤ 0.5: {'met' if hub_ms <= 0.5 else 'NOT met'})")
         await asyncio.sleep(3)
         half = max(50.0, throughput / 2)
         sent = await offered_load(hub_url, half, seconds, next_id)
@@ -307,6 +322,19 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
               f"(target p99 ≤ 50 ms: {'met' if p99 <= 50 else 'NOT met'})")
         rtt = await nats_round_trip(nats_url)
         print(f"    baseline: bare NATS request/reply round trip p50 {rtt:.2f} ms")
+
+
+async def floor_path(floor_url: str, fake: str, floor_pid: int, seconds: float, first: int) -> tuple[float, float]:
+    """Part (b)'s offered load through the floor: its throughput, and its relay's CPU per message."""
+    async with aiohttp.ClientSession() as session, session.post(fake + "/reset") as response:
+        await response.read()
+    await asyncio.sleep(3)
+    meter = CpuMeter({"floor": floor_pid})
+    meter.start()
+    sent = await offered_load(floor_url, 3000, seconds, first)
+    latencies, throughput = await collect(fake, sent, timeout=60)
+    used, _ = meter.stop()
+    return throughput, used["floor"] * 1000 / max(len(latencies), 1)
 
 
 LONG_CHAT = 77_777

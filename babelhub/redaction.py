@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 from urllib.parse import quote, quote_plus
 
-__all__ = ["MASK", "MIN_SECRET_LENGTH", "SecretMask"]
+__all__ = ["MASK", "MIN_SECRET_LENGTH", "SecretMask", "mask_of"]
 
 MASK = "***"
 MIN_SECRET_LENGTH = 8
@@ -45,3 +46,9 @@ class SecretMask:
 
     def found_in(self, value: str) -> bool:
         return self._text is not None and self._text.search(value) is not None
+
+
+@lru_cache(maxsize=1024)
+def mask_of(secrets: tuple[str, ...]) -> SecretMask:
+    """The mask of one connection's secrets, made once: codecs redact every request they store with it."""
+    return SecretMask(secrets)

@@ -16,7 +16,7 @@ import msgspec
 
 from babelhub import canonical as c
 from babelhub.codecs.settings import ConnectionOptions, NoSecrets, Settings
-from babelhub.redaction import SecretMask
+from babelhub.redaction import mask_of
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -239,7 +239,7 @@ class Codec(ABC):
         seen it whole: without the `credential_headers`, without any header that carries one of the
         connection's `secrets`, and with those secrets' values masked in the URL, query and body.
         `decode` must not need what is removed. A codec whose bodies carry credentials extends this."""
-        mask = SecretMask(secrets.values())
+        mask = mask_of(tuple(secrets.values()))
         headers = {name: value for name, value in request.headers.items()
                    if name.lower() not in self.credential_headers and not mask.found_in(value)}
         return msgspec.structs.replace(

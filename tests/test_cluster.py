@@ -1,0 +1,183 @@
+"""The hub on a real 3-node NATS cluster: `hub.replicas`, a server list, and a node lost under load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import KeyValueConfig
+
+from babelhub.errors import ConfigError
+from babelhub.hub.app import Hub
+from babelhub.hub.cli import _without_userinfo
+from babelhub.hub.link import servers
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer, Subjects, bucket_stream, free_port, raise_replicas
+from babelhub.services.localcluster import LocalCluster
+from babelhub.services.ownership import lease_bucket
+from tests.fakeapi import FakeApi
+from tests.hubkit import (
+    BOT_TOKEN,
+    SECRET,
+    TENANT,
+    HubProcess,
+    StartHub,
+    telegram_config,
+    unique_prefix,
+    write_config,
+)
+
+HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
+ROLES = ("raw", "messages", "statuses", "dead_letters")
+BUCKETS = ("conversations", "cursors")
+
+
+def with_hub(config: cfg.Config, **settings: object) -> cfg.Config:
+    return msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, **settings))
+
+
+@contextlib.asynccontextmanager
+async def connected(urls: list[str]) -> AsyncIterator[NATS]:
+    nc = await nats.connect(servers=urls, max_reconnect_attempts=-1)
+    try:
+        yield nc
+    finally:
+        await nc.drain()
+
+
+async def replica_counts(nc: NATS, subjects: Subjects) -> dict[str, int]:
+    """How many copies JetStream keeps of each stream and bucket of the hub (peers that hold them)."""
+    js = nc.jetstream()
+    names = [subjects.stream_name(role) for role in ROLES] + [bucket_stream(subjects.bucket(b)) for b in BUCKETS]
+    counts: dict[str, int] = {}
+    for name in names:
+        info = await js.stream_info(name)
+        assert info.config.num_replicas is not None
+        counts[name] = info.config.num_replicas
+    return counts
+
+
+async def on_every_node(nc: NATS, stream: str, nodes: int, timeout: float = 15.0) -> None:
+    """Until `stream` has a leader and `nodes - 1` current followers (peers report in after a change)."""
+    js = nc.jetstream()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        cluster = (await js.stream_info(stream)).cluster
+        followers = (cluster.replicas or []) if cluster is not None else []
+        if cluster is not None and cluster.leader and len(followers) == nodes - 1 and all(
+                peer.current for peer in followers):
+            return
+        assert loop.time() < deadline, f"{stream} is not on {nodes} nodes: {cluster}"
+        await asyncio.sleep(0.1)
+
+
+# ------------------------------------------------------------------------ settings and the server list
+
+
+@pytest.mark.parametrize("replicas", [0, 6, -1])
+def test_replicas_outside_1_to_5_are_refused_naming_the_key(replicas: int) -> None:
+    with pytest.raises(ConfigError, match=rf"hub.replicas: {replicas} must be 1 to 5"):
+        cfg.load(None, env={"BABELHUB_REPLICAS": str(replicas)})
+
+
+def test_replicas_come_from_the_environment() -> None:
+    assert cfg.load(None, env={"BABELHUB_REPLICAS": "3"}).hub.replicas == 3
+    assert cfg.load(None, env={}).hub.replicas == 1
+
+
+def test_a_comma_separated_nats_setting_is_a_list_of_servers_shown_without_passwords() -> None:
+    setting = "nats://hub:pw1@a:4222, nats://hub:pw2@b:4222,nats://c:4222,"
+    assert servers(setting) == ["nats://hub:pw1@a:4222", "nats://hub:pw2@b:4222", "nats://c:4222"]
+    assert servers("nats://127.0.0.1:4222") == ["nats://127.0.0.1:4222"]
+    assert _without_userinfo(setting.rstrip(",")) == "nats://a:4222,nats://b:4222,nats://c:4222"
+
+
+# ------------------------------------------------------------------------------------ replicas
+
+
+async def test_replicas_beyond_a_single_server_are_refused_at_start(
+        nats_server: EmbeddedServer, fake_api: FakeApi) -> None:
+    config = with_hub(telegram_config(nats_server.url, fake_api.base_url), replicas=3)
+    with pytest.raises(ConfigError, match=r"hub.replicas = 3: .*non-clustered mode.*at least 3 JetStream servers"):
+        async with Hub(config):
+            pass
+
+
+async def test_replicas_beyond_the_cluster_are_refused_at_start(
+        nats_cluster: LocalCluster, fake_api: FakeApi) -> None:
+    config = with_hub(telegram_config(nats_cluster.servers, fake_api.base_url), replicas=5)
+    with pytest.raises(ConfigError, match=r"hub.replicas = 5: .*no suitable peers.*at least 5 JetStream servers"):
+        async with Hub(config):
+            pass
+
+
+async def test_every_stream_and_bucket_gets_the_replicas_and_fewer_are_raised(
+        nats_cluster: LocalCluster, fake_api: FakeApi, start_hub: StartHub) -> None:
+    config = telegram_config(nats_cluster.servers, fake_api.base_url)
+    subjects = Subjects(config.hub.subject_prefix)
+    async with connected(nats_cluster.urls) as nc:
+        async with Hub(config):  # replicas = 1: what a deployment that grew into a cluster has
+            pass
+        assert set((await replica_counts(nc, subjects)).values()) == {1}
+
+        hub = await start_hub(with_hub(config, replicas=3))
+        counts = await replica_counts(nc, subjects)
+        assert counts == dict.fromkeys(counts, 3) and len(counts) == len(ROLES) + len(BUCKETS)
+        # JetStream really placed them: one copy on each node, all caught up.
+        await on_every_node(nc, subjects.stream_name("raw"), 3)
+        assert hub.nc.is_connected
+
+        # Fewer are never forced on what has more.
+        await hub.stop()
+        async with Hub(config):
+            pass
+        assert set((await replica_counts(nc, subjects)).values()) == {3}
+
+
+async def test_a_lease_bucket_made_with_one_replica_is_raised(nats_cluster: LocalCluster) -> None:
+    subjects = Subjects(unique_prefix())
+    async with connected(nats_cluster.urls) as nc:
+        js = nc.jetstream()
+        await lease_bucket(js, subjects, ttl=10.0, replicas=1)
+        name = bucket_stream(subjects.bucket("leases"))
+        await raise_replicas(js, name, 3)
+        assert (await js.stream_info(name)).config.num_replicas == 3
+        await raise_replicas(js, name, 1)  # never lowered
+        assert (await js.stream_info(name)).config.num_replicas == 3
+        other = await js.create_key_value(KeyValueConfig(bucket=f"{subjects.prefix}_other"))
+        await other.put("k", b"v")
+        await raise_replicas(js, bucket_stream(f"{subjects.prefix}_other"), 3)
+        assert (await other.get("k")).value == b"v"
+
+
+async def test_babelhub_run_takes_a_cluster_as_a_comma_separated_list(
+        nats_cluster: LocalCluster, fake_api: FakeApi, tmp_path: Path, hub_processes: list[HubProcess]) -> None:
+    port, prefix = free_port(), unique_prefix()
+    config = write_config(tmp_path / "hub.toml", f"""
+[hub]
+http = "127.0.0.1:{port}"
+subject_prefix = "{prefix}"
+replicas = 3
+[[tenants]]
+id = "{TENANT}"
+[[connections]]
+id = "tg"
+tenant = "{TENANT}"
+channel = "telegram"
+api_base = "{fake_api.base_url}"
+secrets = {{ bot_token = "{BOT_TOKEN}", secret_token = "{SECRET}" }}
+""")
+    hub = HubProcess(config, tmp_path, nats=nats_cluster.servers)
+    hub_processes.append(hub)
+    hub.start()
+    await hub.wait_ready(f"http://127.0.0.1:{port}")
+    assert f"nats        {nats_cluster.servers}   (external)" in hub.output()
+    async with connected(nats_cluster.urls) as nc:
+        assert set((await replica_counts(nc, Subjects(prefix))).values()) == {3}

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 
+from babelhub import canonical as c
 from babelhub.errors import ConfigError
 from babelhub.hub.app import Hub
 from babelhub.hub.cli import _without_userinfo
@@ -28,7 +32,11 @@ from tests.hubkit import (
     TENANT,
     HubProcess,
     StartHub,
+    eventually,
+    stream_messages,
     telegram_config,
+    telegram_responder,
+    telegram_update,
     unique_prefix,
     write_config,
 )
@@ -181,3 +189,126 @@ secrets = {{ bot_token = "{BOT_TOKEN}", secret_token = "{SECRET}" }}
     assert f"nats        {nats_cluster.servers}   (external)" in hub.output()
     async with connected(nats_cluster.urls) as nc:
         assert set((await replica_counts(nc, Subjects(prefix))).values()) == {3}
+
+
+# ------------------------------------------------------------------------- a node lost under load
+
+CHATS = 20
+PER_CHAT = 15
+
+
+class ClusterApp:
+    """A processing app as the README advises for at-least-once: it deduplicates on the envelope id and
+    publishes each reply through JetStream with a `Nats-Msg-Id`, retrying until the stream has it."""
+
+    def __init__(self, nc: NATS, prefix: str) -> None:
+        self.nc = nc
+        self.prefix = prefix
+        self.deliveries: collections.Counter[str] = collections.Counter()
+        """Envelope id → times the app was handed it."""
+        self.texts: list[str] = []
+
+    async def start(self) -> None:
+        await self.nc.subscribe(f"{self.prefix}.{TENANT}.in.>", cb=self._on_inbound)
+        await self.nc.flush()
+
+    async def _on_inbound(self, msg: Msg) -> None:
+        inbound = c.decode(msg.data)
+        if not isinstance(inbound, c.Message) or inbound.direction != "inbound":
+            return
+        self.deliveries[inbound.id] += 1
+        if self.deliveries[inbound.id] > 1:
+            return
+        text = next(part.text for part in inbound.parts if isinstance(part, c.Text))
+        self.texts.append(text)
+        reply = c.Message(id=f"re-{inbound.id}", tenant=TENANT, conversation=c.Conversation(id=inbound.conversation.id),
+                          ts=c.now(), direction="outbound", reply_to=inbound.id, parts=[c.Text(text=f"re:{text}")])
+        js = self.nc.jetstream(timeout=2.0)
+        for _ in range(60):
+            try:
+                await js.publish(f"{self.prefix}.{TENANT}.out.{inbound.conversation.id}", c.encode(reply),
+                                 headers={"Nats-Msg-Id": reply.id})
+                return
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                await asyncio.sleep(0.25)
+        raise AssertionError(f"the reply to {text} could not be stored")
+
+
+async def post_until_accepted(session: aiohttp.ClientSession, url: str, update: dict[str, object]) -> int:
+    """Post like a channel does: a refusal (503 while the hub has no NATS) is retried. Returns the tries."""
+    for attempt in range(1, 200):
+        try:
+            async with session.post(url, json=update, headers=HEADERS) as response:
+                if response.status == 200:
+                    return attempt
+                assert response.status == 503, await response.text()
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"update {update['update_id']} was never accepted")
+
+
+async def test_traffic_keeps_flowing_while_the_hubs_nats_node_is_stopped_and_restarted(
+        nats_cluster: LocalCluster, fake_api: FakeApi, start_hub: StartHub) -> None:
+    fake_api.responder = telegram_responder
+    config = with_hub(telegram_config(nats_cluster.servers, fake_api.base_url), replicas=3, ack_wait_seconds=3.0)
+    hub = await start_hub(config)
+    assert hub.nc.connected_url is not None
+    node = next(i for i, n in enumerate(nats_cluster.nodes) if n.port == hub.nc.connected_url.port)
+    others = [url for i, url in enumerate(nats_cluster.urls) if i != node]
+    progress = collections.Counter[str]()
+
+    async with connected(others) as app_nc, aiohttp.ClientSession() as session:
+        app = ClusterApp(app_nc, hub.subjects.prefix)
+        await app.start()
+        url = hub.http_url + "/webhooks/telegram/tg"
+
+        async def chat(chat_id: int) -> None:  # one chat's messages in order, as its channel sends them
+            for n in range(PER_CHAT):
+                update_id = chat_id * 1000 + n
+                tries = await post_until_accepted(session, url, telegram_update(update_id, chat_id, f"c{chat_id}m{n}"))
+                progress["tries"] += tries
+                progress["accepted"] += 1
+                await asyncio.sleep(0.05)
+
+        async def while_down(index: int) -> None:
+            """Stop node `index`, see webhooks accepted without it, start it again and let it catch up."""
+            await nats_cluster.stop_node(index)
+            before = progress["accepted"]
+            await eventually(lambda: progress["accepted"] >= before + CHATS, timeout=30)
+            await nats_cluster.start_node(index)
+            await on_every_node(app_nc, raw_stream, 3, timeout=30)
+
+        async def lose_nodes() -> None:
+            await eventually(lambda: progress["accepted"] >= CHATS * 2, timeout=30)
+            await while_down(node)  # the node the hub is connected to
+            info = await app_nc.jetstream().stream_info(raw_stream)
+            assert info.cluster is not None and info.cluster.leader is not None
+            await while_down(int(info.cluster.leader.removeprefix("n")) - 1)  # the one leading the raw records
+            stopped.set()
+
+        stopped = asyncio.Event()
+        raw_stream = hub.subjects.stream_name("raw")
+        await asyncio.gather(lose_nodes(), *(chat(chat_id) for chat_id in range(1, CHATS + 1)))
+        assert stopped.is_set()
+        assert hub.nc.connected_url is not None and hub.nc.connected_url.port != nats_cluster.nodes[node].port
+
+        total = CHATS * PER_CHAT
+        expected = {f"c{chat_id}m{n}" for chat_id in range(1, CHATS + 1) for n in range(PER_CHAT)}
+
+        def replies() -> list[tuple[int, str]]:
+            return [(body["chat_id"], body["text"]) for body in
+                    (r.json() for r in fake_api.requests if r.path.endswith("/sendMessage"))]
+
+        await eventually(lambda: len(replies()) >= total, timeout=60)
+        await asyncio.sleep(1.0)  # anything sent twice would arrive by now
+        sends = replies()
+        assert sorted(text for _, text in sends) == sorted(f"re:{text}" for text in expected)  # each once
+        for chat_id in range(1, CHATS + 1):  # and in each chat's order
+            assert [text for to, text in sends if to == chat_id] == [f"re:c{chat_id}m{n}" for n in range(PER_CHAT)]
+        assert sorted(app.texts) == sorted(expected)
+        stored = await stream_messages(app_nc, f"{hub.subjects.prefix}.{TENANT}.in.>",
+                                       hub.subjects.stream_name("messages"))
+        assert len(stored) == total and len({c.decode(data).id for data in stored}) == total
+        print(f"accepted {total} after {progress['tries']} tries; the app was handed "
+              f"{sum(app.deliveries.values())} inbound envelopes for {len(app.deliveries)} ids")

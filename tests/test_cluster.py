@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from tests.hubkit import (
     write_config,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
 ROLES = ("raw", "messages", "statuses", "dead_letters")
 BUCKETS = ("conversations", "cursors")
@@ -312,3 +317,57 @@ async def test_traffic_keeps_flowing_while_the_hubs_nats_node_is_stopped_and_res
         assert len(stored) == total and len({c.decode(data).id for data in stored}) == total
         print(f"accepted {total} after {progress['tries']} tries; the app was handed "
               f"{sum(app.deliveries.values())} inbound envelopes for {len(app.deliveries)} ids")
+
+
+# ------------------------------------------------------------------------------------ make cluster
+
+
+def descendants(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    children = [int(child) for child in path.read_text().split()] if path.exists() else []
+    return children + [grandchild for child in children for grandchild in descendants(child)]
+
+
+def start_script(log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`python scripts/cluster.py ARGS` as `make cluster` runs it, from the repository, its output to `log`."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("BABELHUB_")}
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "cluster.py"), *args], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+async def test_make_cluster_starts_3_nodes_and_3_hubs_with_3_replicas_and_ctrl_c_stops_them_all(
+        tmp_path: Path) -> None:
+    http_ports = [free_port() for _ in range(3)]
+    log = tmp_path / "cluster.out"
+    script = start_script(log, "--nats-ports", "0,0,0", "--http-ports", ",".join(map(str, http_ports)),
+                          "--data-dir", str(tmp_path / "cluster"))
+    try:
+        await eventually(lambda: "Ctrl-C stops everything." in log.read_text() or script.poll() is not None,
+                         timeout=90, interval=0.2)
+        banner = log.read_text()
+        assert script.poll() is None, banner
+        assert "NOT yet safe" in banner
+        children = descendants(script.pid)
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+        assert sum(b"nats-server" in command for command in commands) == 3
+        assert sum(b"babelhub\x00run" in command for command in commands) == 3
+        servers = banner.split("--nats ", 1)[1].split()[0].split(",")
+        assert len(servers) == 3 and all(f"{url}" in banner for url in servers)
+        async with aiohttp.ClientSession() as session:
+            for port in http_ports:
+                assert f"http://127.0.0.1:{port}/" in banner
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    assert response.status == 200
+        async with connected(servers) as nc:
+            for prefix in ("bh1", "bh2", "bh3"):  # one deployment each until partition ownership is wired in
+                assert set((await replica_counts(nc, Subjects(prefix))).values()) == {3}
+
+        script.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(script.wait, 60) == 0, log.read_text()
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait()

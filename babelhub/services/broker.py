@@ -29,7 +29,8 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from babelhub.errors import ConfigError
 
-__all__ = ["EmbeddedServer", "Subjects", "bucket_stream", "find_nats_server", "provision", "raise_replicas"]
+__all__ = ["EmbeddedServer", "Subjects", "bucket_stream", "die_with_parent", "find_nats_server", "provision",
+           "raise_replicas"]
 
 
 class Subjects(msgspec.Struct, frozen=True):
@@ -159,7 +160,7 @@ def find_nats_server() -> str:
     return found
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child between fork and exec: SIGTERM it when the hub dies, however it dies."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -209,7 +210,7 @@ class EmbeddedServer:
             command += ["-c", str(self._write_auth_config())]
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *command, stdout=log, stderr=log, preexec_fn=_die_with_parent)
+                *command, stdout=log, stderr=log, preexec_fn=die_with_parent)
         finally:
             log.close()
         await self._wait_until_listening(ready_timeout)

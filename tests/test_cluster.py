@@ -16,6 +16,7 @@ import aiohttp
 import msgspec
 import nats
 import pytest
+import yaml
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
@@ -23,7 +24,7 @@ from nats.js.api import KeyValueConfig
 from babelhub import canonical as c
 from babelhub.errors import ConfigError
 from babelhub.hub.app import Hub
-from babelhub.hub.cli import _without_userinfo
+from babelhub.hub.cli import _without_userinfo, build_parser
 from babelhub.hub.link import servers
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer, Subjects, bucket_stream, free_port, raise_replicas
@@ -371,3 +372,45 @@ async def test_make_cluster_starts_3_nodes_and_3_hubs_with_3_replicas_and_ctrl_c
         if script.poll() is None:
             script.kill()
             script.wait()
+
+
+# ------------------------------------------------------------------------------------ docker compose
+
+
+def flag(command: list[str], name: str) -> str:
+    """The value after `name` in a command line."""
+    return command[command.index(name) + 1]
+
+
+def test_the_docker_compose_file_is_a_3_node_jetstream_cluster_and_hubs_with_3_replicas() -> None:
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    nodes = {name: service for name, service in services.items() if service.get("image", "").startswith("nats:")}
+    hubs = {name: service for name, service in services.items() if "build" in service}
+    assert set(nodes) == {"n1", "n2", "n3"} and set(hubs) == {"hub1", "hub2", "hub3"}
+
+    for name, node in nodes.items():
+        command = node["command"]
+        assert "--js" in command and flag(command, "--server_name") == name
+        assert flag(command, "--cluster_name") == "babelhub" and flag(command, "--cluster") == "nats://0.0.0.0:6222"
+        assert sorted(flag(command, "--routes").split(",")) == [f"nats://{other}:6222" for other in sorted(nodes)
+                                                               if other != name]
+        volume, mount = node["volumes"][0].split(":")
+        assert mount == flag(command, "--sd") and volume in compose["volumes"]
+    assert len({node["volumes"][0] for node in nodes.values()}) == 3
+
+    for hub in hubs.values():
+        args = build_parser().parse_args(hub["command"])
+        assert servers(args.nats) == [f"nats://{name}:4222" for name in sorted(nodes)]
+        assert (ROOT / args.config.relative_to("/app")).exists()  # the image has the repository's configs/
+        assert cfg.load(None, env=hub["environment"]).hub.replicas == 3
+        assert set(hub["depends_on"]) == set(nodes)
+        context = (ROOT / "deploy" / hub["build"]["context"]).resolve()  # relative to the compose file
+        assert context == ROOT and (context / hub["build"]["dockerfile"]) == ROOT / "deploy" / "Dockerfile"
+    assert len({hub["ports"][0].split(":")[0] for hub in hubs.values()}) == 3
+
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text(encoding="utf-8")
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            assert all((ROOT / source).exists() for source in line.split()[1:-1]), line
+    assert "pip install --no-cache-dir ." in dockerfile and "ENV BABELHUB_HTTP=0.0.0.0:8080" in dockerfile

@@ -88,7 +88,10 @@ async def on_every_node(nc: NATS, stream: str, nodes: int, timeout: float = 15.0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        cluster = (await js.stream_info(stream)).cluster
+        try:
+            cluster = (await js.stream_info(stream)).cluster
+        except (nats.errors.Error, TimeoutError):  # the cluster is electing a leader: ask again
+            cluster = None
         followers = (cluster.replicas or []) if cluster is not None else []
         if cluster is not None and cluster.leader and len(followers) == nodes - 1 and all(
                 peer.current for peer in followers):
@@ -519,3 +522,28 @@ async def test_a_kv_write_whose_answer_was_lost_is_recognised_as_the_hubs_own(na
         await publisher.store(lossy, "k", b"mine", revision)
     with pytest.raises(KeyWrongLastSequenceError):
         await publisher.store(kv, "k", b"theirs", revision)
+
+
+async def test_a_kv_write_while_the_buckets_leader_is_frozen_lands_once_a_new_leader_is_elected(
+        nats_cluster: LocalCluster) -> None:
+    bucket = f"{unique_prefix()}_frozen"
+    async with connected(nats_cluster.urls) as setup:
+        kv = await setup.jetstream().create_key_value(KeyValueConfig(bucket=bucket, replicas=3))
+        first = await kv.put("k", b"v1")
+        await on_every_node(setup, bucket_stream(bucket), 3)
+        leader = (await setup.jetstream().stream_info(bucket_stream(bucket))).cluster
+        assert leader is not None and leader.leader is not None
+    frozen = nats_cluster.nodes[int(leader.leader.removeprefix("n")) - 1]
+    others = [node.url for node in nats_cluster.nodes if node is not frozen]
+    assert frozen.process is not None
+    async with connected(others) as nc:
+        js = nc.jetstream(timeout=2.0)
+        kv = await js.key_value(bucket)
+        frozen.process.send_signal(signal.SIGSTOP)  # it neither answers nor steps down: the others elect
+        try:
+            revision = await Publisher(nc, js).store(kv, "k", b"v2", first)
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)
+        await on_every_node(nc, bucket_stream(bucket), 3, timeout=30)
+        entry = await kv.get("k")
+        assert entry.value == b"v2" and entry.revision == revision

@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header, PubAck
-from nats.js.errors import KeyWrongLastSequenceError, NoStreamResponseError
+from nats.js.errors import KeyWrongLastSequenceError, NoStreamResponseError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from babelhub.canonical import stable_id
@@ -34,9 +34,10 @@ STORE_TRIES = 5
 """Tries of one KV write that goes unanswered (a cluster electing a bucket leader takes seconds)."""
 STORE_RETRY_PAUSE = 0.5
 STORE_RETRY_MAX_PAUSE = 2.0
-# No answer: a timeout (the write may have landed), or nobody to take it yet (it did not).
+# No answer: a timeout (the write may have landed), or nobody to take it yet, or JetStream's "temporarily
+# unavailable" while it elects a leader (it did not).
 _UNANSWERED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError,
-               nats.errors.ConnectionReconnectingError)
+               ServiceUnavailableError, nats.errors.ConnectionReconnectingError)
 
 _HEADER_LINE = len(b"NATS/1.0\r\n")
 _HEADERS_END = len(b"\r\n")
@@ -115,8 +116,8 @@ class Publisher:
         one is checked: the key holding exactly `value` is this write, and its revision is returned (a
         caller would otherwise take its own write for another owner's)."""
         self.check(f"KV {key}", value, _KV_HEADERS)
-        in_doubt = False
-        for attempt in range(1, STORE_TRIES + 1):
+        in_doubt, attempt = False, 1
+        while True:
             try:
                 return await (kv.create(key, value) if last is None else kv.update(key, value, last=last))
             except KeyWrongLastSequenceError:
@@ -131,4 +132,4 @@ class Publisher:
                 if attempt == STORE_TRIES:
                     raise
                 await asyncio.sleep(min(STORE_RETRY_MAX_PAUSE, STORE_RETRY_PAUSE * 2 ** (attempt - 1)))
-        raise AssertionError("unreachable")
+                attempt += 1

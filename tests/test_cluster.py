@@ -225,6 +225,7 @@ secrets = {{ bot_token = "{BOT_TOKEN}", secret_token = "{SECRET}" }}
 
 CHATS = 20
 PER_CHAT = 15
+MAX_PER_CHAT = 60
 
 
 class ClusterApp:
@@ -241,18 +242,22 @@ class ClusterApp:
         """Envelope id → times the app was handed it."""
         self.texts: list[str] = []
         self._task: asyncio.Task[None] | None = None
+        self._subscription: JetStreamContext.PullSubscription | None = None
 
     async def start(self) -> None:
-        subscription = await self.js.pull_subscribe(
+        self._subscription = await self.js.pull_subscribe(
             f"{self.prefix}.{TENANT}.in.>", durable="app", stream=f"{self.prefix.upper()}_MESSAGES",
             config=ConsumerConfig(max_ack_pending=1, ack_wait=2.0))
-        self._task = asyncio.create_task(self._run(subscription))
+        self._task = asyncio.create_task(self._run(self._subscription))
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._subscription is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._subscription.unsubscribe()
 
     async def _run(self, subscription: JetStreamContext.PullSubscription) -> None:
         while True:
@@ -300,10 +305,9 @@ async def post_until_accepted(session: aiohttp.ClientSession, url: str, update: 
     raise AssertionError(f"update {update['update_id']} was never accepted")
 
 
-async def what_is_missing(app: ClusterApp, nc: NATS, hub: Hub, replied: set[str]) -> str:
+async def what_is_missing(app: ClusterApp, nc: NATS, hub: Hub, expected: set[str], replied: set[str]) -> str:
     """Where the messages whose replies never reached the channel API got stuck: said by a failing test."""
     prefix, stream = hub.subjects.prefix, hub.subjects.stream_name("messages")
-    expected = {f"c{chat_id}m{n}" for chat_id in range(1, CHATS + 1) for n in range(PER_CHAT)}
     missing = sorted(text for text in expected if f"re:{text}" not in replied)
     outbound = [c.decode(data) for data in await stream_messages(nc, f"{prefix}.{TENANT}.out.>", stream)]
     stored_replies = {part.text for env in outbound if isinstance(env, c.Message)
@@ -331,18 +335,24 @@ async def test_traffic_keeps_flowing_while_the_hubs_nats_node_is_stopped_and_res
         stack.push_async_callback(app.stop)
         url = hub.http_url + "/webhooks/telegram/tg"
 
-        async def chat(chat_id: int) -> None:  # one chat's messages in order, as its channel sends them
-            for n in range(PER_CHAT):
-                update_id = chat_id * 1000 + n
-                tries = await post_until_accepted(session, url, telegram_update(update_id, chat_id, f"c{chat_id}m{n}"))
+        async def chat(chat_id: int) -> None:
+            """One chat's messages in order, as its channel sends them: at least PER_CHAT, and on until
+            both nodes were back (bounded), so that traffic spans every outage."""
+            for n in range(MAX_PER_CHAT):
+                if n >= PER_CHAT and outages_over.is_set():
+                    return
+                update = telegram_update(chat_id * 1000 + n, chat_id, f"c{chat_id}m{n}")
+                tries = await post_until_accepted(session, url, update)  # (not `+= await`: tasks interleave)
                 progress["tries"] += tries
                 progress["accepted"] += 1
-                await asyncio.sleep(0.05)
+                sent[chat_id].append(f"c{chat_id}m{n}")
+                await asyncio.sleep(0.2)
 
         async def while_down(index: int) -> None:
             """Stop node `index`, see webhooks accepted without it, start it again and let it catch up."""
             await nats_cluster.stop_node(index)
             before = progress["accepted"]
+            await asyncio.sleep(2.0)  # down for a while, under load
             await eventually(lambda: progress["accepted"] >= before + CHATS, timeout=30)
             assert hub.nc.connected_url is not None and hub.nc.connected_url.port != nats_cluster.nodes[index].port
             await nats_cluster.start_node(index)
@@ -354,12 +364,15 @@ async def test_traffic_keeps_flowing_while_the_hubs_nats_node_is_stopped_and_res
             info = await app_nc.jetstream().stream_info(raw_stream)
             assert info.cluster is not None and info.cluster.leader is not None
             await while_down(int(info.cluster.leader.removeprefix("n")) - 1)  # the one leading the raw records
+            outages_over.set()
 
         raw_stream = hub.subjects.stream_name("raw")
+        outages_over = asyncio.Event()
+        sent: dict[int, list[str]] = collections.defaultdict(list)
         await asyncio.gather(lose_nodes(), *(chat(chat_id) for chat_id in range(1, CHATS + 1)))
 
-        total = CHATS * PER_CHAT
-        expected = {f"c{chat_id}m{n}" for chat_id in range(1, CHATS + 1) for n in range(PER_CHAT)}
+        expected = {text for texts in sent.values() for text in texts}
+        total = len(expected)
 
         def replies() -> list[tuple[int, str]]:
             return [(body["chat_id"], body["text"]) for body in
@@ -368,12 +381,12 @@ async def test_traffic_keeps_flowing_while_the_hubs_nats_node_is_stopped_and_res
         try:
             await eventually(lambda: len(replies()) >= total, timeout=60)
         except AssertionError:
-            raise AssertionError(await what_is_missing(app, app_nc, hub, {text for _, text in replies()})) from None
+            raise AssertionError(await what_is_missing(app, app_nc, hub, expected, {t for _, t in replies()})) from None
         await asyncio.sleep(1.0)  # anything sent twice would arrive by now
         sends = replies()
         assert sorted(text for _, text in sends) == sorted(f"re:{text}" for text in expected)  # each once
         for chat_id in range(1, CHATS + 1):  # and in each chat's order
-            assert [text for to, text in sends if to == chat_id] == [f"re:c{chat_id}m{n}" for n in range(PER_CHAT)]
+            assert [text for to, text in sends if to == chat_id] == [f"re:{text}" for text in sent[chat_id]]
         assert sorted(app.texts) == sorted(expected)
         stored = await stream_messages(app_nc, f"{hub.subjects.prefix}.{TENANT}.in.>",
                                        hub.subjects.stream_name("messages"))

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps run test lint bench schema clean
+.PHONY: install system-deps run cluster test lint bench schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ install: $(STAMP)
 run: install
 	$(BIN)/babelhub run
 
+# A local 3-node NATS cluster and 3 hubs (HTTP 8081-8083) with replicas = 3; Ctrl-C stops them all.
+cluster: install
+	$(BIN)/python scripts/cluster.py
+
 lint: install
-	$(BIN)/ruff check babelhub tests bench
+	$(BIN)/ruff check babelhub tests bench scripts
 	$(BIN)/mypy
 
 # The browser test drives Debian's Chromium (never a downloaded browser build). As root with apt,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -10,6 +11,7 @@ from nats.aio.client import Client as NATS
 from babelhub.hub.app import Hub
 from babelhub.services.broker import EmbeddedServer
 from babelhub.services.config import Config
+from babelhub.services.localcluster import LocalCluster
 from tests.fakeapi import FakeApi
 from tests.hubkit import HubProcess, StartHub
 
@@ -31,6 +33,18 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+    """Three clustered nats-server processes (JetStream, free ports, stores under tmp_path), usable once
+    JetStream can place a stream on all three; `stop_node(i)` / `start_node(i)` take one down and back."""
+    cluster = LocalCluster(tmp_path / "cluster")
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()
 
 
 @pytest.fixture

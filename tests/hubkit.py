@@ -202,8 +202,10 @@ class HubProcess:
     """`babelhub run --config <config>` as a user runs it, in `cwd`; its output goes to a log file there
     (a pipe nobody reads would block a chatty hub)."""
 
-    def __init__(self, config: Path, cwd: Path, log_name: str = "hub.log") -> None:
+    def __init__(self, config: Path, cwd: Path, log_name: str = "hub.log", nats: str = "") -> None:
+        """`nats`: given as `--nats` (a server, or a cluster's comma-separated)."""
         self.config = config
+        self.nats = nats
         self.cwd = cwd
         self.log = cwd / log_name
         self.process: subprocess.Popen[bytes] | None = None
@@ -211,8 +213,9 @@ class HubProcess:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BABELHUB_")}
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "babelhub", "run", "--config", str(self.config)],
-                                            cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            command = [sys.executable, "-m", "babelhub", "run", "--config", str(self.config)]
+            command += ["--nats", self.nats] if self.nats else []
+            self.process = subprocess.Popen(command, cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     async def wait_ready(self, url: str, timeout: float = 30.0) -> None:
         loop = asyncio.get_running_loop()

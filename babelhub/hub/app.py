@@ -182,7 +182,7 @@ class Hub:
         js = nc.jetstream()
         publisher = Publisher(nc, js)
         check_body_limit(settings.max_body_bytes, publisher.max_payload)
-        await provision(js, self.subjects, settings.dedup_window_seconds)
+        await provision(js, self.subjects, settings.dedup_window_seconds, settings.replicas)
         client = await stack.enter_async_context(aiohttp.ClientSession())
         dead_letters = DeadLetters(publisher, self.subjects, self.metrics, mask)
         ctx = HubContext(nats=nc, js=js, subjects=self.subjects,

@@ -144,9 +144,12 @@ def _banner(hub: Hub, path: Path | None) -> str:
 
 
 def _without_userinfo(url: str) -> str:
-    """A NATS URL as it may be shown: without a user and password in it."""
-    parts = urlsplit(url)
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    """NATS URLs (one, or a cluster's, comma-separated) as they may be shown: without users and passwords."""
+    shown = []
+    for server in url.split(","):
+        parts = urlsplit(server.strip())
+        shown.append(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl())
+    return ",".join(shown)
 
 
 def _channels(_: argparse.Namespace) -> int:
@@ -162,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="start the hub")
     run.add_argument("--config", type=Path, default=None, help=f"TOML config (default: {DEFAULT_CONFIG})")
     run.add_argument("--http", default=None, help="host:port to serve HTTP on (default 127.0.0.1:8080)")
-    run.add_argument("--nats", default=None, help="nats://… of an existing server (default: embedded)")
+    run.add_argument("--nats", default=None, help="nats://… of an existing server, or several of one cluster "
+                     "comma-separated (default: embedded)")
     run.add_argument("--data-dir", default=None, help="embedded nats-server data directory (default .babelhub/)")
     run.set_defaults(handler=_run)
     schema = commands.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the envelope")

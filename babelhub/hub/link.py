@@ -20,9 +20,15 @@ from babelhub.services.config import HubSettings
 from babelhub.services.credentials import NatsUser, server_config
 from babelhub.services.supervise import TaskHealth
 
-__all__ = ["NatsLink"]
+__all__ = ["NatsLink", "servers"]
 
 log = logging.getLogger("babelhub.hub")
+
+
+def servers(url: str) -> list[str]:
+    """`hub.nats` may name several servers of one cluster, comma-separated: nats-py takes them as a list
+    (a single string would be read as one server) and reconnects to the others when one goes away."""
+    return [server.strip() for server in url.split(",") if server.strip()]
 
 
 class NatsLink:
@@ -54,7 +60,7 @@ class NatsLink:
             self.url = self.server.url
             login = {"user": users[0].user, "password": users[0].password}
         self._nc = await nats.connect(
-            self.url, name="babelhub", max_reconnect_attempts=self.settings.nats_max_reconnect_attempts,
+            servers(self.url), name="babelhub", max_reconnect_attempts=self.settings.nats_max_reconnect_attempts,
             disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected, closed_cb=self._on_closed,
             **login)
         stack.push_async_callback(self._close)

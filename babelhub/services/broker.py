@@ -12,20 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import os
 import shutil
 import signal
 import socket
 import sys
 import sysconfig
+from collections.abc import Awaitable
 from pathlib import Path
 
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-__all__ = ["EmbeddedServer", "Subjects", "find_nats_server", "provision"]
+from babelhub.errors import ConfigError
+
+__all__ = ["EmbeddedServer", "Subjects", "bucket_stream", "die_with_parent", "find_nats_server", "provision",
+           "raise_replicas"]
 
 
 class Subjects(msgspec.Struct, frozen=True):
@@ -68,8 +73,17 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.prefix}_{role}"
 
 
-async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: float) -> None:
-    """Create or update the streams and KV buckets; safe to run at every start."""
+STREAM_NAME_IN_USE = 10058
+"""JetStream's answer to creating a stream that exists with another configuration."""
+REPLICA_PLACEMENT_ERRORS = {10005, 10023, 10074}
+"""JetStream's answers when a stream cannot have the replicas asked for: no suitable peers for placement,
+insufficient resources, replicas > 1 not supported in non-clustered mode."""
+
+
+async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: float, replicas: int = 1) -> None:
+    """Create or update the streams and KV buckets, each with `replicas` copies on as many cluster nodes
+    (one that has more is left so); safe to run at every start. Raises `ConfigError` naming
+    `hub.replicas` when the servers cannot hold that many."""
     for role, filters in subjects.streams().items():
         config = StreamConfig(
             name=subjects.stream_name(role),
@@ -79,17 +93,19 @@ async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: floa
             discard=DiscardPolicy.OLD,
             duplicate_window=dedup_window,
             max_age=7 * 24 * 3600.0,
+            num_replicas=replicas,
         )
-        try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+        await _placed(replicas, config.name, _create_or_update(js, config))
     for role in ("conversations", "cursors"):
+        bucket = subjects.bucket(role)
         try:
-            await js.key_value(subjects.bucket(role))
+            await js.key_value(bucket)
         except (NotFoundError, BadRequestError):
-            await js.create_key_value(KeyValueConfig(bucket=subjects.bucket(role), history=1))
-    await _allow_message_ttl(js, f"KV_{subjects.bucket('conversations')}")
+            await _placed(replicas, bucket, js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=1, replicas=replicas)))
+        else:
+            await raise_replicas(js, bucket_stream(bucket), replicas)
+    await _allow_message_ttl(js, bucket_stream(subjects.bucket("conversations")))
 
 
 async def _allow_message_ttl(js: JetStreamContext, stream: str) -> None:
@@ -99,6 +115,47 @@ async def _allow_message_ttl(js: JetStreamContext, stream: str) -> None:
     if not config.allow_msg_ttl:
         config.allow_msg_ttl = True
         await js.update_stream(config)
+
+
+def bucket_stream(bucket: str) -> str:
+    """The stream that holds a KV bucket (JetStream keeps each bucket in a stream of its own)."""
+    return f"KV_{bucket}"
+
+
+async def raise_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Give an existing stream (or a bucket's, `bucket_stream`) at least `replicas` copies: JetStream
+    copies its data to the new peers. Fewer are never forced on it: lowering is the operator's call."""
+    info = await js.stream_info(stream)
+    if (info.config.num_replicas or 1) < replicas:
+        await _placed(replicas, stream, js.update_stream(_with_replicas(info.config, replicas)))
+
+
+def _with_replicas(config: StreamConfig, replicas: int) -> StreamConfig:
+    return dataclasses.replace(config, num_replicas=replicas)
+
+
+async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
+        # It exists: it takes the hub's settings, and keeps any higher replica count.
+        current = await js.stream_info(config.name or "")
+        replicas = max(config.num_replicas or 1, current.config.num_replicas or 1)
+        await js.update_stream(_with_replicas(config, replicas))
+
+
+async def _placed(replicas: int, name: str | None, step: Awaitable[object]) -> None:
+    """Run `step`; a server that cannot hold `replicas` copies is a configuration error, said as one."""
+    try:
+        await step
+    except APIError as exc:
+        if exc.err_code not in REPLICA_PLACEMENT_ERRORS:
+            raise
+        raise ConfigError(
+            f"hub.replicas = {replicas}: JetStream cannot keep {replicas} copies of {name} ({exc.description}); "
+            f"it needs a NATS cluster with at least {replicas} JetStream servers up") from None
 
 
 def find_nats_server() -> str:
@@ -113,7 +170,7 @@ def find_nats_server() -> str:
     return found
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child between fork and exec: SIGTERM it when the hub dies, however it dies."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -131,12 +188,20 @@ def free_port() -> int:
 class EmbeddedServer:
     """A nats-server child process with JetStream, listening on 127.0.0.1."""
 
-    def __init__(self, data_dir: str | Path, port: int = 4222, auth_config: str = "") -> None:
+    def __init__(self, data_dir: str | Path, port: int = 4222, auth_config: str = "", *,
+                 server_name: str = "babelhub-embedded", cluster_name: str = "", route_port: int = 0,
+                 routes: list[str] | None = None) -> None:
         """`auth_config`: nats-server configuration text naming the users it admits (empty: anyone may
-        connect, as on a test server); written to the data directory, readable by its owner only."""
+        connect, as on a test server); written to the data directory, readable by its owner only.
+        `cluster_name`, `route_port` and `routes` make it one node of a cluster (`LocalCluster`): it
+        listens for routes on `route_port` and connects to the other nodes' `routes`."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.auth_config = auth_config
+        self.server_name = server_name
+        self.cluster_name = cluster_name
+        self.route_port = route_port
+        self.routes = routes or []
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -147,12 +212,15 @@ class EmbeddedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = (self.data_dir / "nats-server.log").open("ab")
         command = [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
-                   str(self.data_dir / "jetstream"), "--server_name", "babelhub-embedded"]
+                   str(self.data_dir / "jetstream"), "--server_name", self.server_name]
+        if self.cluster_name:
+            command += ["--cluster_name", self.cluster_name, "--cluster", f"nats://127.0.0.1:{self.route_port}",
+                        "--routes", ",".join(self.routes)]
         if self.auth_config:
             command += ["-c", str(self._write_auth_config())]
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *command, stdout=log, stderr=log, preexec_fn=_die_with_parent)
+                *command, stdout=log, stderr=log, preexec_fn=die_with_parent)
         finally:
             log.close()
         await self._wait_until_listening(ready_timeout)

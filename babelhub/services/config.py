@@ -26,6 +26,9 @@ TRANSPORTS = "babelhub.transports"
 SOURCES = "babelhub.sources"
 """The entry-point group of inbound sources (`babelhub.plugins.InboundSource`)."""
 
+MAX_REPLICAS = 5
+"""The most copies JetStream keeps of a stream."""
+
 # Ids become NATS subject tokens and URL path segments: keep them to a safe alphabet.
 _ID = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -51,6 +54,10 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     session_frame_burst: int = 20
     nats: str = ""
     """nats://… of an existing server or cluster; empty = start the embedded nats-server."""
+    replicas: int = 1
+    """Copies JetStream keeps of every stream and KV bucket the hub makes (1 to 5), each on another server
+    of the NATS cluster; more than the cluster has up is refused at start. Existing ones with fewer are
+    raised to it."""
     nats_port: int = 4222
     """Port of the embedded nats-server on 127.0.0.1 (0 = any free port)."""
     data_dir: str = ".babelhub"
@@ -198,6 +205,8 @@ def _check(config: Config) -> None:
     if not re.match(r"^[A-Za-z0-9_-]+$", config.hub.subject_prefix):
         raise ConfigError(f"hub.subject_prefix {config.hub.subject_prefix!r} must be one subject token")
     _check_web_limits(config.hub)
+    if not 1 <= config.hub.replicas <= MAX_REPLICAS:
+        raise ConfigError(f"hub.replicas: {config.hub.replicas} must be 1 to {MAX_REPLICAS} (JetStream's limit)")
     for name in ("send_deadline_seconds", "circuit_max_backoff_seconds"):
         _check_duration(f"hub.{name}", getattr(config.hub, name))
     for index, connection in enumerate(config.connections):

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import Header, PubAck
+from nats.js.errors import KeyWrongLastSequenceError, NoStreamResponseError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from babelhub.canonical import stable_id
@@ -27,6 +29,15 @@ __all__ = ["MAX_TRACESTATE", "Publisher", "header_block_size"]
 
 MAX_TRACESTATE = 512
 """W3C Trace Context: a `tracestate` may be cut beyond 512 characters; the hub drops such a one."""
+
+STORE_TRIES = 5
+"""Tries of one KV write that goes unanswered (a cluster electing a bucket leader takes seconds)."""
+STORE_RETRY_PAUSE = 0.5
+STORE_RETRY_MAX_PAUSE = 2.0
+# No answer: a timeout (the write may have landed), or nobody to take it yet, or JetStream's "temporarily
+# unavailable" while it elects a leader (it did not).
+_UNANSWERED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError,
+               ServiceUnavailableError, nats.errors.ConnectionReconnectingError)
 
 _HEADER_LINE = len(b"NATS/1.0\r\n")
 _HEADERS_END = len(b"\r\n")
@@ -100,11 +111,30 @@ class Publisher:
 
     async def store(self, kv: KeyValue, key: str, value: bytes, last: int | None) -> int:
         """Write `key` in `kv`: create it when `last` is None, else update it if its revision is
-        still `last`. Returns the new revision; raises nats' KeyWrongLastSequenceError on a conflict."""
+        still `last`. Returns the new revision; raises nats' KeyWrongLastSequenceError on a conflict.
+
+        On a NATS cluster a write can go unanswered while the bucket's leader changes (a node stopped):
+        it is tried again, a few times. An unanswered write may still have landed, so a conflict after
+        one is checked: the key holding exactly `value` is this write, and its revision is returned (a
+        caller would otherwise take its own write for another owner's)."""
         self.check(f"KV {key}", value, _KV_HEADERS)
-        if last is None:
-            return await kv.create(key, value)
-        return await kv.update(key, value, last=last)
+        in_doubt, attempt = False, 1
+        while True:
+            try:
+                return await (kv.create(key, value) if last is None else kv.update(key, value, last=last))
+            except KeyWrongLastSequenceError:
+                if not in_doubt:
+                    raise
+                entry = await kv.get(key)
+                if entry.value != value or entry.revision is None:
+                    raise
+                return entry.revision
+            except _UNANSWERED as exc:
+                in_doubt = in_doubt or isinstance(exc, nats.errors.TimeoutError)
+                if attempt == STORE_TRIES:
+                    raise
+                await asyncio.sleep(min(STORE_RETRY_MAX_PAUSE, STORE_RETRY_PAUSE * 2 ** (attempt - 1)))
+                attempt += 1
 
     async def put_expiring(self, bucket: str, key: str, value: bytes, *, ttl: float) -> asyncio.Future[PubAck]:
         """Start writing `key` of KV `bucket`, for the server to remove `ttl` seconds later (a per-message

@@ -185,7 +185,7 @@ async def test_a_lease_bucket_made_with_one_replica_is_raised(nats_cluster: Loca
         js = nc.jetstream()
         await lease_bucket(js, subjects, ttl=10.0, replicas=1)
         name = bucket_stream(subjects.bucket("leases"))
-        await raise_replicas(js, name, 3)
+        await lease_bucket(js, subjects, ttl=10.0, replicas=3)  # as a hub started with hub.replicas = 3 asks
         assert (await js.stream_info(name)).config.num_replicas == 3
         await raise_replicas(js, name, 1)  # never lowered
         assert (await js.stream_info(name)).config.num_replicas == 3

@@ -35,7 +35,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
-from babelhub.services.broker import Subjects
+from babelhub.services.broker import Subjects, bucket_stream, raise_replicas
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.supervise import TaskHealth
 
@@ -51,13 +51,16 @@ def partition_of(tenant: str, conversation: str, partitions: int) -> int:
 
 
 async def lease_bucket(js: JetStreamContext, subjects: Subjects, ttl: float, replicas: int = 1) -> KeyValue:
-    """The leases bucket, made if missing; its entries expire `ttl` seconds after their last write."""
+    """The leases bucket, made if missing (or given `replicas` copies if it has fewer); its entries expire
+    `ttl` seconds after their last write."""
     name = subjects.bucket("leases")
     try:
-        return await js.key_value(name)
+        bucket = await js.key_value(name)
     except (NotFoundError, BadRequestError):
         return await js.create_key_value(KeyValueConfig(bucket=name, history=1, ttl=ttl, replicas=replicas,
                                                         storage=StorageType.FILE))
+    await raise_replicas(js, bucket_stream(name), replicas)
+    return bucket
 
 
 class _Holder(msgspec.Struct, frozen=True):

@@ -11,8 +11,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
 
 from babelhub.services.broker import EmbeddedServer, Subjects
 from babelhub.services.ownership import Ownership, lease_bucket, partition_of
@@ -121,3 +123,46 @@ async def test_a_member_cut_off_from_nats_gives_up_before_another_takes_over(mem
     await a.nc.close()  # a keeps running, but none of its renewals gets through
     await eventually(lambda: spread(b) == [PARTITIONS], timeout=TTL + 4 * b.ownership.interval + 2)
     assert spread(a) == [0]
+
+
+class AnswersLost(KeyValue):
+    """A real bucket whose next `lose` lease writes (create or update) land on the server but whose
+    answers never come back, as when the bucket's leader stops between committing and answering."""
+
+    lose = 0
+
+    @classmethod
+    def of(cls, kv: KeyValue) -> AnswersLost:
+        lossy = cls.__new__(cls)
+        lossy.__dict__.update(kv.__dict__)
+        return lossy
+
+    async def _lost(self, revision: int) -> int:
+        if self.lose:
+            self.lose -= 1
+            raise nats.errors.TimeoutError
+        return revision
+
+    async def create(self, key: str, value: bytes, validate_keys: bool = True, msg_ttl: float | None = None) -> int:
+        return await self._lost(await super().create(key, value, validate_keys=validate_keys, msg_ttl=msg_ttl))
+
+    async def update(self, key: str, value: bytes, last: int | None = None, validate_keys: bool = True) -> int:
+        return await self._lost(await super().update(key, value, last=last, validate_keys=validate_keys))
+
+
+async def test_a_lease_write_whose_answer_was_lost_is_recognised_as_its_own(nats_client: NATS) -> None:
+    """A take or a renewal that landed though its answer never came is the member's own: the next round
+    goes on from it instead of dropping the partition (which would hand it over for nothing)."""
+    kv = AnswersLost.of(await lease_bucket(nats_client.jetstream(), Subjects(unique_prefix()), TTL))
+    ownership = Ownership(kv, "a", 2, TTL)
+    kv.lose = 2  # both takes land, neither answer arrives
+    await ownership.round()
+    assert ownership.held() == set()
+    await ownership.round()  # the takes are found to be its own, and renewed
+    assert ownership.held() == {0, 1}
+    tokens = {lease.partition: lease.token for lease in ownership.leases.values()}
+    kv.lose = 2  # both renewals land, neither answer arrives
+    await ownership.round()
+    await ownership.round()
+    assert ownership.held() == {0, 1}
+    assert {lease.partition: lease.token for lease in ownership.leases.values()} == tokens  # never handed over

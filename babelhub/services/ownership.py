@@ -7,7 +7,8 @@ server removes `ttl` seconds after they were last written (the bucket's max age)
 * announces itself with a member key `m.<id>` in the same bucket, renewed like a lease;
 * takes a free partition with `create` (refused when another process holds it), and renews what it
   holds with `update` checked against the revision it last wrote: a refused renewal means the lease
-  was lost, and the partition is dropped at once;
+  was lost, and the partition is dropped at once (unless the lease names this process: then a write of
+  its own landed though its answer was lost, and it goes on from there);
 * spreads partitions evenly: partition n belongs to the n-th live member (modulo their number, members
   sorted by id); a process releases (deletes) what belongs to another, and takes what is free and its
   own. Nobody ever takes a held lease, so views of the membership that differ for a moment can delay
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
 from babelhub.services.broker import Subjects, bucket_stream, raise_replicas
@@ -156,7 +157,7 @@ class Ownership:
         return bool(members) and members[partition % len(members)] == self.member
 
     async def _announce(self) -> None:
-        await self.kv.put(self._member_key(self.member), msgspec.msgpack.encode(_Holder(self.member)))
+        await self.kv.put(self._member_key(self.member), self._holder())
 
     async def _members(self) -> list[str]:
         try:
@@ -169,22 +170,34 @@ class Ownership:
     async def _take(self, partition: int) -> None:
         sent = time.monotonic()
         try:
-            revision = await self.kv.create(self._lease_key(partition), msgspec.msgpack.encode(_Holder(self.member)))
+            revision = await self.kv.create(self._lease_key(partition), self._holder())
         except KeyWrongLastSequenceError:
-            return  # held by another process: it releases it, or it expires
+            landed = await self._own_revision(partition)
+            if landed is None:
+                return  # held by another process: it releases it, or it expires
+            # Our own take landed in an earlier round, its answer lost: renewed now, so that how long it
+            # counts as held is measured from a write whose sending time is known.
+            self.leases[partition] = Lease(partition, landed, landed, valid_until=0.0)
+            await self._renew(partition)
+            return
         except NATS_UNAVAILABLE as exc:
             log.warning("member %s could not take partition %d: %r", self.member, partition, exc)
             return
         self.leases[partition] = Lease(partition, revision, revision, sent + self.ttl - self.margin)
         log.info("member %s took partition %d (token %d)", self.member, partition, revision)
 
-    async def _renew(self, partition: int) -> None:
+    async def _renew(self, partition: int, *, again: bool = True) -> None:
         lease = self.leases[partition]
         sent = time.monotonic()
         try:
-            lease.revision = await self.kv.update(self._lease_key(partition),
-                                                  msgspec.msgpack.encode(_Holder(self.member)), last=lease.revision)
+            lease.revision = await self.kv.update(self._lease_key(partition), self._holder(), last=lease.revision)
         except KeyWrongLastSequenceError:
+            revision = await self._own_revision(partition)
+            if revision is not None and again:
+                # A renewal whose answer was lost had landed: go on from it.
+                lease.revision = revision
+                await self._renew(partition, again=False)
+                return
             log.warning("member %s lost partition %d", self.member, partition)
             del self.leases[partition]
             return
@@ -192,6 +205,20 @@ class Ownership:
             log.warning("member %s could not renew partition %d: %r", self.member, partition, exc)
             return
         lease.valid_until = sent + self.ttl - self.margin
+
+    async def _own_revision(self, partition: int) -> int | None:
+        """The revision of `partition`'s lease when it names this member (a write of ours that landed
+        though its answer was lost: no other process writes this member's name), else None."""
+        try:
+            entry = await self.kv.get(self._lease_key(partition))
+        except (KeyNotFoundError, *NATS_UNAVAILABLE):
+            return None
+        if entry.value is None or msgspec.msgpack.decode(entry.value, type=_Holder).owner != self.member:
+            return None
+        return entry.revision
+
+    def _holder(self) -> bytes:
+        return msgspec.msgpack.encode(_Holder(self.member))
 
     async def _release(self, partition: int) -> None:
         lease = self.leases.pop(partition)

@@ -76,7 +76,8 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     what it holds as in progress every third of this; after a crash, what was in flight is processed
     again this long after its last mark (duplicates are absorbed)."""
     idle_seconds: float = 900.0
-    """A conversation actor idle this long is snapshotted and stopped."""
+    """A conversation actor idle this long is snapshotted and stopped (by a sweep that runs every 30 s at
+    most, or every quarter of this, whichever is sooner)."""
     max_active_actors: int = 10_000
     mailbox_size: int = 256
     send_deadline_seconds: float = 86_400.0

@@ -34,7 +34,7 @@ __all__ = [
     "TRANSPORTS",
     "Consume",
     "InboundSource",
-    "Part",
+    "Plugin",
     "ProcessorTransport",
     "Services",
     "Spawn",
@@ -67,7 +67,7 @@ class Services:
     consume: Consume
 
 
-class Part:
+class Plugin:
     """What both kinds of plug-in share: routes to mount, and a start and a stop."""
 
     def routes(self) -> list[web.RouteDef]:
@@ -81,7 +81,7 @@ class Part:
         """Called once, after the actors have passivated and before NATS is closed."""
 
 
-class ProcessorTransport(Part):
+class ProcessorTransport(Plugin):
     name: ClassVar[str]
 
     def __init__(self, processor: Processor, services: Services) -> None:
@@ -89,7 +89,7 @@ class ProcessorTransport(Part):
         self.services = services
 
 
-class InboundSource(Part):
+class InboundSource(Plugin):
     name: ClassVar[str]
 
     def __init__(self, connections: list[ConnectionService], services: Services) -> None:

@@ -37,7 +37,7 @@ from babelhub.errors import ConfigError
 from babelhub.hub.consumers import MAX_ACK_PENDING, Consumers
 from babelhub.hub.http import HttpServer
 from babelhub.hub.link import NatsLink
-from babelhub.plugins import InboundSource, Part, ProcessorTransport, Services, load_source, load_transport
+from babelhub.plugins import InboundSource, Plugin, ProcessorTransport, Services, load_source, load_transport
 from babelhub.redaction import SecretMask
 from babelhub.services.broker import EmbeddedServer, Subjects, provision
 from babelhub.services.config import Config
@@ -68,7 +68,7 @@ class _Running:
     sources: list[InboundSource]
 
     @property
-    def plugins(self) -> list[Part]:
+    def plugins(self) -> list[Plugin]:
         return [*self.transports, *self.sources]
 
 
@@ -283,7 +283,7 @@ class Hub:
 
     # ------------------------------------------------------------------------------------ HTTP
 
-    def _routes(self, plugins: list[Part]) -> list[web.RouteDef]:
+    def _routes(self, plugins: list[Plugin]) -> list[web.RouteDef]:
         """Every part's routes, and the hub's own: health, readiness and metrics."""
         own = [web.get("/healthz", self._healthz), web.get("/readyz", self._readyz), web.get("/metrics", self._metrics)]
         return [route for plugin in plugins for route in plugin.routes()] + own

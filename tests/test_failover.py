@@ -338,23 +338,26 @@ class LeaseHistory:
     def overlaps(self) -> list[str]:
         """Every handover where the new owner took a partition while the old one may still have held it:
         neither after the old owner's release (DEL) nor `lease_seconds` after its last write (when the
-        server expires it)."""
+        server expires it). A handover across a write never seen (see `missed`) is not judged: that
+        write may have been the release."""
         found = []
+        missed = self.missed()
         for partition in range(PARTITIONS):
             owner: str | None = None
-            last_write: datetime.datetime | None = None
+            last: Write | None = None
             for write in self.of(partition):
                 if write.operation != "PUT":
-                    owner = last_write = None  # released: anyone may take it
+                    owner, last = None, None  # released: anyone may take it
                 elif write.owner == owner:
-                    last_write = write.at  # a renewal
+                    last = write  # a renewal
                 else:
-                    if owner is not None and last_write is not None:
-                        held_for = (write.at - last_write).total_seconds()
+                    unseen = last is not None and any(last.revision < gap < write.revision for gap in missed)
+                    if owner is not None and last is not None and not unseen:
+                        held_for = (write.at - last.at).total_seconds()
                         if held_for < self.lease_seconds:
                             found.append(f"p.{partition}: {write.owner} took it at revision {write.revision}, "
                                          f"{held_for:.3f}s after {owner}'s last write, unreleased")
-                    owner, last_write = write.owner, write.at
+                    owner, last = write.owner, write
         return found
 
     def handovers(self, member: str) -> dict[int, tuple[Write, Write | None]]:
@@ -462,7 +465,9 @@ async def test_a_nats_node_restart_under_load_with_several_hubs_loses_nothing(
         await asyncio.wait_for(asyncio.gather(restart_a_node(), traffic.run()), 120)
         await all_replied_once_in_order(fake_api, app, nc, prefix, traffic, members)
         assert all(member.alive for member in members)
+        # (the history's consumer may have been on the stopped node: what it missed then is not judged)
         assert history.overlaps() == []
+        print(f"lease writes seen: {len(history.writes)}, missed: {len(history.missed())}")
 
 
 async def test_a_graceful_stop_hands_partitions_over_at_once(
@@ -521,6 +526,9 @@ def test_the_lease_history_check_finds_a_take_while_the_lease_could_still_be_hel
     assert history.missed() == []
     history.writes.pop(2)
     assert history.missed() == [4]
-    assert history.overlaps()[0].startswith("p.0: b took it at revision 6, 0.600s after a's last write")
+    assert history.overlaps() == []  # the write not seen may have been the release of either: not judged
+    history.writes.append(Write("p.0", 8, at(5.0), "PUT", "d"))  # after what was seen: judged again
+    assert history.overlaps() == ["p.0: d took it at revision 8, 0.300s after c's last write, unreleased"]
+    history.writes.pop()
     assert history.handovers("a") == {0: (Write("p.0", 3, at(1), "PUT", "a"), Write("p.0", 6, at(1.6), "PUT", "b")),
                                       1: (Write("p.1", 2, at(0), "PUT", "a"), Write("p.1", 5, at(2.9), "PUT", "b"))}

@@ -11,7 +11,7 @@ import contextlib
 import datetime
 import itertools
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,13 @@ class Traffic:
             await asyncio.sleep(self.pause)
 
 
+async def alongside(traffic: Traffic, faults: Coroutine[Any, Any, None], timeout: float = 120.0) -> None:
+    """Run the traffic and the faults together, bounded; a failure in either cancels the other."""
+    async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+        group.create_task(traffic.run())
+        group.create_task(faults)
+
+
 def replies(fake_api: FakeApi) -> list[tuple[int, str]]:
     """(chat, text) of every sendMessage the fake Telegram API received, in arrival order."""
     return [(body["chat_id"], body["text"]) for body in
@@ -421,7 +428,7 @@ async def test_three_hubs_lose_two_to_kill_9_under_load_and_nothing_is_lost_or_d
         async def survivors_hold(partitions: set[int], survivors: list[Member]) -> bool:
             return partitions <= set().union(*[await held(session, member) for member in survivors])
 
-        await asyncio.wait_for(asyncio.gather(kill_two(), traffic.run()), 120)
+        await alongside(traffic, kill_two())
         await all_replied_once_in_order(fake_api, app, nc, prefix, traffic, members)
 
         # The lease history: whole, no partition ever held by two at once, and all on the survivor now.
@@ -462,7 +469,7 @@ async def test_a_nats_node_restart_under_load_with_several_hubs_loses_nothing(
             await until_spread(members)
             traffic.enough.set()
 
-        await asyncio.wait_for(asyncio.gather(restart_a_node(), traffic.run()), 120)
+        await alongside(traffic, restart_a_node())
         await all_replied_once_in_order(fake_api, app, nc, prefix, traffic, members)
         assert all(member.alive for member in members)
         # (the history's consumer may have been on the stopped node: what it missed then is not judged)
@@ -491,7 +498,7 @@ async def test_a_graceful_stop_hands_partitions_over_at_once(
             await until_spread([staying])
             traffic.enough.set()
 
-        await asyncio.wait_for(asyncio.gather(stop_one(), traffic.run()), 120)
+        await alongside(traffic, stop_one())
         await all_replied_once_in_order(fake_api, app, nc, prefix, traffic, members)
 
         assert history.missed() == []

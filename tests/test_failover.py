@@ -139,16 +139,17 @@ async def until_spread(members: list[Member], timeout: float = 30.0) -> dict[str
         return everything == set(range(PARTITIONS)) and sum(map(len, shares.values())) == PARTITIONS and fair
 
     async with aiohttp.ClientSession() as session:
-        await until(spread, timeout, f"partitions not spread over {[m.id for m in live]}: {shares}")
+        await until(spread, timeout, lambda: f"partitions not spread over {[m.id for m in live]}: {shares}\n"
+                    + log_tails(members))
     return shares
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, failure: str) -> None:
-    """Wait until the async `check()` is true (polling, bounded)."""
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, failure: Callable[[], str]) -> None:
+    """Wait until the async `check()` is true (polling, bounded); `failure()` says what was not."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not await check():
-        assert loop.time() < deadline, failure
+        assert loop.time() < deadline, failure()
         await asyncio.sleep(0.2)
 
 
@@ -419,7 +420,7 @@ async def test_three_hubs_lose_two_to_kill_9_under_load_and_nothing_is_lost_or_d
             first.process.process.send_signal(signal.SIGKILL)
             # its partitions move to the two left, then the second one goes as well
             await until(lambda: survivors_hold(lost, [second, survivor]), 30,
-                        f"{first.id}'s partitions {sorted(lost)} did not move\n{log_tails(members)}")
+                        lambda: f"{first.id}'s partitions {sorted(lost)} did not move\n{log_tails(members)}")
             assert second.process.process is not None
             second.process.process.send_signal(signal.SIGKILL)
             await until_spread([survivor])

@@ -488,12 +488,14 @@ async def test_a_graceful_stop_hands_partitions_over_at_once(
                                    lease_seconds=lease_seconds)
         await app.start()
         stack.push_async_callback(app.stop)
-        shares = await until_spread(members)
+        await until_spread(members)
         staying, leaving = members
+        holding: set[int] = set()
         traffic = Traffic(Balancer(session, members), chats=60, per_chat=4, max_per_chat=40, pause=0.5)
 
         async def stop_one() -> None:
             await eventually(lambda: traffic.accepted >= 120, timeout=30)
+            holding.update(await held(session, leaving))
             code = await asyncio.to_thread(leaving.process.terminate)
             assert code == 0, leaving.process.output()
             await until_spread([staying])
@@ -505,8 +507,9 @@ async def test_a_graceful_stop_hands_partitions_over_at_once(
         assert history.missed() == []
         assert history.overlaps() == []
         handed = history.handovers(leaving.id)
-        assert set(handed) == shares[leaving.id]
-        for partition, (last, then) in handed.items():
+        assert holding and holding <= set(handed)
+        for partition in holding:
+            last, then = handed[partition]
             # released by the leaving hub (a DEL right after its last write), then taken by the other
             # before the lease could have expired
             writes = history.of(partition)

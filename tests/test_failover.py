@@ -26,7 +26,7 @@ from nats.js.api import DeliverPolicy
 from babelhub import canonical as c
 from babelhub.services.broker import Subjects, bucket_stream, free_port
 from babelhub.services.localcluster import LocalCluster
-from babelhub.services.ownership import lease_bucket
+from babelhub.services.ownership import lease_bucket, partition_of
 from tests.fakeapi import FakeApi
 from tests.hubkit import (
     SECRET,
@@ -249,12 +249,34 @@ async def what_is_missing(app: ClusterApp, nc: NATS, prefix: str, expected: set[
     outbound = {part.text for data in await stream_messages(nc, f"{prefix}.{TENANT}.out.>", subjects.stream_name(
         "messages")) for part in getattr(c.decode(data), "parts", []) if isinstance(part, c.Text)}
     letters = await stream_messages(nc, f"{prefix}.{TENANT}.dlq.>", subjects.stream_name("dead_letters"))
-    return (f"{len(missing)} of {len(expected)} replies missing: {missing[:10]}; stored inbound: "
+    stuck = collections.Counter(partition_of(TENANT, chat_conversation(int(text[1:].split("m")[0])), PARTITIONS)
+                                for text in missing)
+    return (f"{len(missing)} of {len(expected)} replies missing, by partition {dict(stuck)}: {missing[:10]}; "
+            f"stored inbound: "
             f"{[t for t in missing if t in inbound][:10]}; handed to the app: "
             f"{[t for t in missing if t in app.texts][:10]}; their replies stored: "
             f"{[t for t in missing if f're:{t}' in outbound][:10]}; dead letters: {len(letters)} "
             f"{collections.Counter((d['stage'], d['error'][:120]) for d in dead_letters(letters)).most_common(5)}\n"
-            + log_tails(members))
+            + await consumer_states(nc, prefix, set(stuck)) + "\n" + log_tails(members))
+
+
+async def consumer_states(nc: NATS, prefix: str, partitions: set[int]) -> str:
+    """What the hub's consumers of `partitions` say: delivered, acknowledged floor, pending, redelivered."""
+    js, subjects, lines = nc.jetstream(), Subjects(prefix), []
+    for role, kind in (("raw", "raw"), ("messages", "conversations")):
+        for info in await js.consumers_info(subjects.stream_name(role)):
+            name = info.name
+            if name.startswith(f"{kind}-") and (not partitions or int(name.split("-")[1]) in partitions):
+                lines.append(f"{name}: delivered {info.delivered.stream_seq if info.delivered else None} "
+                             f"floor {info.ack_floor.stream_seq if info.ack_floor else None} pending "
+                             f"{info.num_pending} ack pending {info.num_ack_pending} redelivered "
+                             f"{info.num_redelivered} waiting {info.num_waiting} push-bound {info.push_bound}")
+    return "\n".join(lines)
+
+
+def chat_conversation(chat_id: int) -> str:
+    """The canonical conversation id of a chat of the traffic."""
+    return c.conversation_id(TENANT, CONNECTIONS[chat_id % len(CONNECTIONS)], str(chat_id))
 
 
 async def all_replied_once_in_order(fake_api: FakeApi, app: ClusterApp, nc: NATS, prefix: str, traffic: Traffic,

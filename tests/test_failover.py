@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import itertools
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +236,14 @@ async def alongside(traffic: Traffic, faults: Coroutine[Any, Any, None], timeout
         group.create_task(faults)
 
 
+def sent_when(fake_api: FakeApi, texts: list[str], events: dict[str, float] | None) -> str:
+    """When each of `texts` reached the channel API, relative to the test's `events`."""
+    base = min((events or {}).values(), default=0.0)
+    times = {text: [round(r.at - base, 3) for r in fake_api.requests if r.path.endswith("/sendMessage")
+                    and r.json()["text"] == text] for text in texts}
+    return f"{times} (events: { {name: round(at - base, 3) for name, at in (events or {}).items()} })"
+
+
 def replies(fake_api: FakeApi) -> list[tuple[int, str]]:
     """(chat, text) of every sendMessage the fake Telegram API received, in arrival order."""
     return [(body["chat_id"], body["text"]) for body in
@@ -282,9 +291,11 @@ def chat_conversation(chat_id: int) -> str:
 
 
 async def all_replied_once_in_order(fake_api: FakeApi, app: ClusterApp, nc: NATS, prefix: str, traffic: Traffic,
-                                    members: list[Member], timeout: float = 60.0) -> None:
+                                    members: list[Member], timeout: float = 60.0,
+                                    events: dict[str, float] | None = None) -> None:
     """Every accepted message was handed to the app and answered; each answer reached the channel API
-    exactly once, in its chat's order; nothing was dead-lettered."""
+    exactly once, in its chat's order; nothing was dead-lettered. `events`: what the test did when
+    (`time.monotonic()`), said with the times of replies sent twice."""
     expected = traffic.expected
     assert len(expected) == traffic.accepted  # (every text is its own)
     try:
@@ -296,7 +307,8 @@ async def all_replied_once_in_order(fake_api: FakeApi, app: ClusterApp, nc: NATS
     await asyncio.sleep(2.0)  # a send made twice would arrive by now
     sends = replies(fake_api)
     twice = [text for text, times in collections.Counter(text for _, text in sends).items() if times > 1]
-    assert not twice, f"{len(twice)} replies sent more than once: {twice[:10]}\n{log_tails(members)}"
+    assert not twice, f"{len(twice)} replies sent more than once: {sent_when(fake_api, twice[:10], events)}\n" + \
+        log_tails(members)
     assert sorted(text for _, text in sends) == sorted(f"re:{text}" for text in expected)
     for chat_id, texts in traffic.sent.items():
         assert [text for to, text in sends if to == chat_id] == [f"re:{text}" for text in texts], chat_id
@@ -442,6 +454,7 @@ async def test_three_hubs_lose_two_to_kill_9_under_load_and_nothing_is_lost_or_d
             killed[first.id] = await held(session, first)
             assert first.process.process is not None
             first.process.process.send_signal(signal.SIGKILL)
+            events[f"kill {first.id}"] = time.monotonic()
             # its partitions move to the two left, then the second one goes as well
             await until(lambda: survivors_hold(killed[first.id], [second, survivor]), 30,
                         lambda: f"{first.id}'s partitions {sorted(killed[first.id])} did not move\n"
@@ -449,15 +462,18 @@ async def test_three_hubs_lose_two_to_kill_9_under_load_and_nothing_is_lost_or_d
             killed[second.id] = await held(session, second)
             assert second.process.process is not None
             second.process.process.send_signal(signal.SIGKILL)
+            events[f"kill {second.id}"] = time.monotonic()
             await until_spread([survivor])
+            events[f"{survivor.id} holds all"] = time.monotonic()
             traffic.enough.set()
 
         async def survivors_hold(partitions: set[int], survivors: list[Member]) -> bool:
             return partitions <= set().union(*[await held(session, member) for member in survivors])
 
         killed: dict[str, set[int]] = {}
+        events = {"traffic": time.monotonic()}
         await alongside(traffic, kill_two())
-        await all_replied_once_in_order(fake_api, app, nc, prefix, traffic, members)
+        await all_replied_once_in_order(fake_api, app, nc, prefix, traffic, members, events=events)
 
         # The lease history: whole, no partition ever held by two at once, and all on the survivor now.
         assert history.missed() == []
@@ -482,7 +498,7 @@ async def test_a_nats_node_restart_under_load_with_several_hubs_loses_nothing(
         await app.start()
         stack.push_async_callback(app.stop)
         await until_spread(members)
-        traffic = Traffic(Balancer(session, members), chats=60, per_chat=4, max_per_chat=40, pause=0.5)
+        traffic = Traffic(Balancer(session, members), chats=60, per_chat=4, max_per_chat=30, pause=1.2)
         leases = bucket_stream(Subjects(prefix).bucket("leases"))
 
         async def restart_a_node() -> None:
@@ -520,7 +536,7 @@ async def test_a_graceful_stop_hands_partitions_over_at_once(
         await until_spread(members)
         staying, leaving = members
         holding: set[int] = set()
-        traffic = Traffic(Balancer(session, members), chats=60, per_chat=4, max_per_chat=40, pause=0.5)
+        traffic = Traffic(Balancer(session, members), chats=60, per_chat=4, max_per_chat=30, pause=1.2)
 
         async def stop_one() -> None:
             await eventually(lambda: traffic.accepted >= 120, timeout=30)
@@ -560,7 +576,7 @@ async def test_a_hub_stalled_past_its_lease_is_fenced_and_comes_back_losing_noth
         stack.push_async_callback(app.stop)
         await until_spread(members)
         awake, frozen = members
-        traffic = Traffic(Balancer(session, members), chats=60, per_chat=4, max_per_chat=40, pause=0.5)
+        traffic = Traffic(Balancer(session, members), chats=60, per_chat=4, max_per_chat=30, pause=1.2)
         stalled: set[int] = set()
 
         async def freeze_one() -> None:

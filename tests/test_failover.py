@@ -268,7 +268,29 @@ async def what_is_missing(app: ClusterApp, nc: NATS, prefix: str, expected: set[
             f"{[t for t in missing if t in app.texts][:10]}; their replies stored: "
             f"{[t for t in missing if f're:{t}' in outbound][:10]}; dead letters: {len(letters)} "
             f"{collections.Counter((d['stage'], d['error'][:120]) for d in dead_letters(letters)).most_common(5)}\n"
-            + await consumer_states(nc, prefix, set(stuck)) + "\n" + log_tails(members))
+            + await consumer_states(nc, prefix, set(stuck)) + "\n" + await hub_metrics(members) + "\n"
+            + log_tails(members))
+
+
+SHOWN_METRICS = ("babelhub_messages_out_total", "babelhub_send_", "babelhub_circuit_open", "babelhub_mailbox_depth",
+                 "babelhub_active_actors")
+
+
+async def hub_metrics(members: list[Member]) -> str:
+    """What the running hubs' `/metrics` say of sending and of their actors."""
+    lines = []
+    async with aiohttp.ClientSession() as session:
+        for member in members:
+            if not member.alive:
+                continue
+            try:
+                async with session.get(member.url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    text = await response.text()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                lines.append(f"{member.id}: /metrics unanswered: {exc!r}")
+                continue
+            lines += [f"{member.id}: {line}" for line in text.splitlines() if line.startswith(SHOWN_METRICS)]
+    return "\n".join(lines)
 
 
 async def consumer_states(nc: NATS, prefix: str, partitions: set[int]) -> str:

@@ -325,7 +325,10 @@ async def all_replied_once_in_order(fake_api: FakeApi, app: ClusterApp, nc: NATS
                          interval=0.2)
     except AssertionError:
         replied = {text for _, text in replies(fake_api)}
-        raise AssertionError(await what_is_missing(app, nc, prefix, expected, replied, members)) from None
+        calls = collections.Counter((r.path.rsplit("/", 1)[-1], r.json().get("text", "")[:3])
+                                    for r in fake_api.requests)
+        raise AssertionError(f"channel API calls: {dict(calls)}; "
+                             + await what_is_missing(app, nc, prefix, expected, replied, members)) from None
     await asyncio.sleep(2.0)  # a send made twice would arrive by now
     sends = replies(fake_api)
     twice = [text for text, times in collections.Counter(text for _, text in sends).items() if times > 1]

@@ -336,7 +336,9 @@ async def all_replied_once_in_order(fake_api: FakeApi, app: ClusterApp, nc: NATS
         log_tails(members)
     assert sorted(text for _, text in sends) == sorted(f"re:{text}" for text in expected)
     for chat_id, texts in traffic.sent.items():
-        assert [text for to, text in sends if to == chat_id] == [f"re:{text}" for text in texts], chat_id
+        assert [text for to, text in sends if to == chat_id] == [f"re:{text}" for text in texts], (
+            f"chat {chat_id}: the app was handed its messages in this order: "
+            f"{[text for text in app.texts if text.startswith(f'c{chat_id}m')]}")
     assert sorted(app.texts) == sorted(expected)  # each handed to the app, under one envelope id each
     assert len(app.deliveries) == len(expected)
     info = await nc.jetstream().stream_info(Subjects(prefix).stream_name("dead_letters"))

@@ -1,7 +1,8 @@
 """Several `babelhub run` processes on one subject prefix over a 3-node NATS cluster (issue 9 §4): hubs
-killed with SIGKILL, a NATS node restarted and a hub stopped gracefully, all under load, lose no message,
-send no reply twice, keep each chat's order, and never let two processes own a partition at once (checked
-from the leases bucket's history)."""
+killed with SIGKILL or frozen past its lease, a NATS node restarted and a hub stopped gracefully, all under
+load, lose no message, send no reply twice (but for a channel call in flight at the very moment a hub
+dies, on a channel without idempotency keys: `AMBIGUOUS_SECONDS`), keep each chat's order, and never let
+two processes own a partition at once (checked from the leases bucket's history)."""
 
 from __future__ import annotations
 
@@ -244,6 +245,20 @@ def sent_when(fake_api: FakeApi, texts: list[str], events: dict[str, float] | No
     return f"{times} (events: { {name: round(at - base, 3) for name, at in (events or {}).items()} })"
 
 
+AMBIGUOUS_SECONDS = 1.0
+"""How long before a hub is killed or frozen a channel call it made may still be unrecorded (the call
+in flight, or its answer not yet written to the send ledger): the one window where a reply can be sent
+twice on a channel without idempotency keys (Telegram)."""
+
+
+def in_flight_at_a_stop(fake_api: FakeApi, text: str, events: dict[str, float]) -> bool:
+    """Whether `text` reached the channel API exactly twice, the first time just before a hub was
+    killed or frozen (`events` named `kill …` or `freeze …`)."""
+    times = [r.at for r in fake_api.requests if r.path.endswith("/sendMessage") and r.json()["text"] == text]
+    stops = [at for name, at in events.items() if name.startswith(("kill", "freeze"))]
+    return len(times) == 2 and any(0.0 <= stop - times[0] <= AMBIGUOUS_SECONDS for stop in stops)
+
+
 def replies(fake_api: FakeApi) -> list[tuple[int, str]]:
     """(chat, text) of every sendMessage the fake Telegram API received, in arrival order."""
     return [(body["chat_id"], body["text"]) for body in
@@ -316,8 +331,8 @@ async def all_replied_once_in_order(fake_api: FakeApi, app: ClusterApp, nc: NATS
                                     members: list[Member], timeout: float = 60.0,
                                     events: dict[str, float] | None = None) -> None:
     """Every accepted message was handed to the app and answered; each answer reached the channel API
-    exactly once, in its chat's order; nothing was dead-lettered. `events`: what the test did when
-    (`time.monotonic()`), said with the times of replies sent twice."""
+    once (twice only when its first call was in flight as a hub was killed or frozen), in its chat's
+    order; nothing was dead-lettered. `events`: what the test did when (`time.monotonic()`)."""
     expected = traffic.expected
     assert len(expected) == traffic.accepted  # (every text is its own)
     try:
@@ -332,8 +347,13 @@ async def all_replied_once_in_order(fake_api: FakeApi, app: ClusterApp, nc: NATS
     await asyncio.sleep(2.0)  # a send made twice would arrive by now
     sends = replies(fake_api)
     twice = [text for text, times in collections.Counter(text for _, text in sends).items() if times > 1]
-    assert not twice, f"{len(twice)} replies sent more than once: {sent_when(fake_api, twice[:10], events)}\n" + \
-        log_tails(members)
+    ambiguous = [text for text in twice if in_flight_at_a_stop(fake_api, text, events or {})]
+    assert not set(twice) - set(ambiguous), (
+        f"{len(twice)} replies sent more than once: {sent_when(fake_api, twice[:10], events)}\n" + log_tails(members))
+    if ambiguous:  # the window the README names: a call that went out just before its process stopped dead
+        print(f"{len(ambiguous)} replies sent twice, their first call in flight when a hub stopped: "
+              f"{sent_when(fake_api, ambiguous, events)}")
+    sends = list(dict.fromkeys(sends))  # (each text is its own: a repeat is a second copy)
     assert sorted(text for _, text in sends) == sorted(f"re:{text}" for text in expected)
     for chat_id, texts in traffic.sent.items():
         assert [text for to, text in sends if to == chat_id] == [f"re:{text}" for text in texts], (
@@ -611,6 +631,7 @@ async def test_a_hub_stalled_past_its_lease_is_fenced_and_comes_back_losing_noth
             stalled.update(await held(session, frozen))
             assert frozen.process.process is not None
             frozen.process.process.send_signal(signal.SIGSTOP)
+            events[f"freeze {frozen.id}"] = time.monotonic()
             try:
                 await until(lambda: holds_all(awake), 40,
                             lambda: f"{frozen.id}'s partitions were not taken over\n{log_tails(members)}")
@@ -622,14 +643,18 @@ async def test_a_hub_stalled_past_its_lease_is_fenced_and_comes_back_losing_noth
         async def holds_all(member: Member) -> bool:
             return await held(session, member) == set(range(PARTITIONS))
 
+        events: dict[str, float] = {}
         await alongside(traffic, freeze_one())
-        await all_replied_once_in_order(fake_api, app, nc, prefix, traffic, members)
+        await all_replied_once_in_order(fake_api, app, nc, prefix, traffic, members, events=events)
         assert history.missed() == []
         assert history.overlaps() == []
         assert stalled
         for partition in stalled:  # taken by expiry, not released (the frozen hub wrote nothing)
-            then = history.handovers(frozen.id)[partition][1]
-            assert then is not None and then.operation == "PUT" and then.owner == awake.id, history.summary(partition)
+            writes = history.of(partition)
+            since = next(i for i, w in enumerate(writes) if w.owner == frozen.id)
+            # The first write after the frozen hub's own that is not its own (it may come back to it later).
+            first_change = next(w for w in writes[since:] if w.owner != frozen.id)
+            assert first_change.operation == "PUT" and first_change.owner == awake.id, history.summary(partition)
 
 
 def test_the_lease_history_check_finds_a_take_while_the_lease_could_still_be_held() -> None:

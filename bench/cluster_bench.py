@@ -361,7 +361,8 @@ async def wait_spread(bench: Bench, hubs: list[HubProcess], timeout: float = 45.
             break
         await asyncio.sleep(0.5)
     else:
-        return f"partitions: not spread within {timeout:.0f}s: " + ", ".join(str(len(h)) for h in held)
+        raise RuntimeError(f"the partitions were not spread over the hubs within {timeout:.0f}s (held: "
+                           + ", ".join(str(len(h)) for h in held) + f" of {partitions})")
     return f"partitions spread after {time.monotonic() - started:.1f}s: " + "; ".join(
         spread_line(bench.traffic, hub.name, owned, partitions) for hub, owned in zip(hubs, held, strict=True))
 
@@ -418,6 +419,8 @@ async def throughput_phase(bench: Bench, load: Load, run: Run, meter: CpuMeter) 
     await bench.arrivals.poll()
     delivered = bench.arrivals.between(start, end)
     run.throughput = delivered / (end - start)
+    if not delivered:
+        raise RuntimeError("no answer reached the fake API during the throughput phase")
     per_message = {role: 0.0 for role in ("hubs", "nats-servers", "app", "fake API", "load generator")}
     for name, seconds in used.items():
         role = {"hub": "hubs", "nats": "nats-servers"}.get(name.split()[0], name)
@@ -588,14 +591,16 @@ def print_summary(runs: list[Run], result: Failover | None, background: float) -
         return
     base = next((run for run in measured if run.hubs == 1), measured[0])
     print(f"\nsummary ({os.cpu_count()} cores; machine {background:.0%} busy before the bench started)")
-    print("  hubs  throughput  vs 1 hub   p50 ms   p99 ms  (at msg/s)   CPU ms/msg: hubs   nats   app   fake API"
-          "   load gen   all  machine busy")
+    columns = ["hubs", "msg/s", "vs 1 hub", "p50 ms", "p99 ms", "at msg/s", "CPU ms/msg: hubs", "nats",
+               "app", "fake API", "load gen", "all", "machine busy"]
+    print("  " + "  ".join(columns))
     for run in measured:
         cpu = run.cpu_ms
-        print(f"  {run.hubs:>4}  {run.throughput:7.0f}/s  {run.throughput / base.throughput:8.2f}  {run.p50:7.1f}  "
-              f"{run.p99:7.1f}  ({run.latency_rate:6.0f})   {cpu['hubs']:15.2f}  {cpu['nats-servers']:5.2f} "
-              f"{cpu['app']:5.2f}  {cpu['fake API']:9.2f}  {cpu['load generator']:9.2f}  {run.whole_path_ms:4.2f}  "
-              f"{run.machine_busy:10.0%}")
+        cells = [run.hubs, f"{run.throughput:.0f}", f"{ratio(run.throughput, base.throughput):.2f}",
+                 f"{run.p50:.1f}", f"{run.p99:.1f}", f"{run.latency_rate:.0f}", f"{cpu['hubs']:.2f}",
+                 f"{cpu['nats-servers']:.2f}", f"{cpu['app']:.2f}", f"{cpu['fake API']:.2f}",
+                 f"{cpu['load generator']:.2f}", f"{run.whole_path_ms:.2f}", f"{run.machine_busy:.0%}"]
+        print("  " + "  ".join(f"{cell:>{len(name)}}" for cell, name in zip(cells, columns, strict=True)))
     if result is not None and not result.note:
         print(f"  failover after SIGKILL of 1 of 3 hubs: first moved conversation answered after "
               f"{seconds(result.first_moved)}, every moved partition after {seconds(result.all_moved)}; "
@@ -603,21 +608,26 @@ def print_summary(runs: list[Run], result: Failover | None, background: float) -
     print_model(base, measured)
 
 
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN when nothing was measured (a run that delivered nothing)."""
+    return numerator / denominator if denominator else float("nan")
+
+
 def print_model(base: Run, measured: list[Run]) -> None:
     hub_ms = base.cpu_ms["hubs"]
     cores = os.cpu_count() or 1
     print("model")
+    per_cores = ", ".join(f"{c} core{'s' * (c > 1)}: {ratio(c * 1000, hub_ms):.0f}" for c in (1, 2, 4, 8))
     print(f"  one hub process spent {hub_ms:.2f} ms of CPU per delivered message (1-hub run): hubs given C cores "
-          f"of their own deliver about C * {1000 / hub_ms:.0f} msg/s (" + ", ".join(
-              f"{c} cores: {c * 1000 / hub_ms:.0f}" for c in (1, 2, 4, 8)) + "), while the NATS cluster, the app "
-          "and the channel keep up (each needs its own share of cores, at the rates below).")
+          f"of their own deliver about C * {ratio(1000, hub_ms):.0f} msg/s ({per_cores}), while the NATS cluster, "
+          "the app and the channel keep up (each needs its own share of cores, at the rates below).")
     for run in measured:
         cpu = run.cpu_ms
         print(f"  {run.hubs} hub(s) on this {cores}-core machine: per delivered message the hubs spent "
               f"{cpu['hubs']:.2f} ms, the 3 nats-servers {cpu['nats-servers']:.2f}, the app {cpu['app']:.2f}, the "
               f"fake API {cpu['fake API']:.2f}, this load generator {cpu['load generator']:.2f}: "
               f"{run.whole_path_ms:.2f} ms in all, so {cores} shared cores cap near "
-              f"{cores * 1000 / run.whole_path_ms:.0f} msg/s; "
+              f"{ratio(cores * 1000, run.whole_path_ms):.0f} msg/s; "
               f"measured {run.throughput:.0f} (machine {run.machine_busy:.0%} busy).")
 
 

@@ -141,14 +141,17 @@ class HubProcess:
 
     async def readiness(self, session: aiohttp.ClientSession) -> dict[str, Any] | None:
         """`/readyz`'s JSON while it answers 200, else None."""
+        status, answer = await self.readyz(session)
+        return answer if status == 200 else None
+
+    async def readyz(self, session: aiohttp.ClientSession) -> tuple[int, dict[str, Any]]:
+        """`/readyz`'s status and JSON (0 and {} when it does not answer)."""
         try:
             async with session.get(self.url + "/readyz", timeout=aiohttp.ClientTimeout(total=2)) as response:
-                if response.status != 200:
-                    return None
-                answer: dict[str, Any] = await response.json()
-                return answer
-        except (aiohttp.ClientError, TimeoutError):
-            return None
+                answer: dict[str, Any] = await response.json(content_type=None)
+                return response.status, answer
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return 0, {}
 
     def kill(self) -> None:
         if self.child is not None and self.child.poll() is None:
@@ -361,8 +364,10 @@ async def wait_spread(bench: Bench, hubs: list[HubProcess], timeout: float = 45.
             break
         await asyncio.sleep(0.5)
     else:
+        states = [f"{hub.name}: {await hub.readyz(bench.session)}" for hub in hubs]
         raise RuntimeError(f"the partitions were not spread over the hubs within {timeout:.0f}s (held: "
-                           + ", ".join(str(len(h)) for h in held) + f" of {partitions})")
+                           + ", ".join(str(len(h)) for h in held) + f" of {partitions}); /readyz said:\n"
+                           + "\n".join(states))
     return f"partitions spread after {time.monotonic() - started:.1f}s: " + "; ".join(
         spread_line(bench.traffic, hub.name, owned, partitions) for hub, owned in zip(hubs, held, strict=True))
 

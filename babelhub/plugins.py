@@ -27,6 +27,7 @@ from babelhub.services.config import SOURCES, TRANSPORTS, Config, Processor
 from babelhub.services.connections import ConnectionService
 from babelhub.services.context import HubContext
 from babelhub.services.ingest import Ingest
+from babelhub.services.ownership import Ownership
 from babelhub.services.supervise import TaskHealth
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 
-Spawn = Callable[[str, Callable[[TaskHealth], Coroutine[Any, Any, None]]], None]
+Spawn = Callable[[str, Callable[[TaskHealth], Coroutine[Any, Any, None]]], object]
 """`spawn(name, run)`: a supervised background task, restarted if it fails, shown in `/readyz`, cancelled
 when the hub stops."""
 
@@ -65,6 +66,9 @@ class Services:
     """Durable ingest: what a source receives becomes a raw record before it is acknowledged."""
     spawn: Spawn
     consume: Consume
+    ownership: Ownership
+    """Which partitions this process holds: a part that must run in one process only (a connection's
+    poller) runs where `owns(partition_of(tenant, connection, partitions))`."""
 
 
 class Plugin:

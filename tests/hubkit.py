@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from babelhub import canonical as c
 from babelhub.plugins import Services
@@ -26,6 +27,7 @@ from babelhub.services.connections import ConnectionService
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetters
 from babelhub.services.ingest import Ingest
+from babelhub.services.ownership import Ownership, lease_bucket
 from babelhub.services.publisher import Publisher
 from babelhub.services.telemetry import Metrics
 from babelhub.sources.webhook import Webhooks
@@ -167,6 +169,13 @@ async def stream_messages(nc: NATS, subject: str, stream: str) -> list[bytes]:
     return found
 
 
+async def consumer_totals(js: JetStreamContext, stream: str, kind: str) -> tuple[int, int]:
+    """Messages handed out and not acknowledged, and messages redelivered, summed over the partition
+    consumers `<kind>-<partition>` of `stream` (`raw` or `conversations`)."""
+    infos = [info for info in await js.consumers_info(stream) if info.name.startswith(f"{kind}-")]
+    return sum(info.num_ack_pending or 0 for info in infos), sum(info.num_redelivered or 0 for info in infos)
+
+
 def json_of(recorded: Recorded) -> Any:
     return json.loads(recorded.body)
 
@@ -265,8 +274,9 @@ async def webhook_app(nats_client: NATS, subjects: Subjects, metrics: Metrics, h
     async def consume(*args: object) -> None:
         raise AssertionError("the webhook source consumes nothing")
 
+    ownership = Ownership(await lease_bucket(js, subjects, 6.0), "webhook-test", subjects.partitions, 6.0)
     services = Services(config=cfg.Config(), ctx=ctx, http=http, ingest=Ingest(publisher, subjects, dead_letters),
-                        spawn=spawn, consume=consume)
+                        spawn=spawn, consume=consume, ownership=ownership)
     app = web.Application()
     app.add_routes(Webhooks(list(connections.values()), services).routes())
     runner = web.AppRunner(app)

@@ -34,6 +34,7 @@ from tests.hubkit import (
     HubProcess,
     Processor,
     StartHub,
+    consumer_totals,
     dead_letters,
     eventually,
     stream_messages,
@@ -164,8 +165,8 @@ async def test_poison_ids_are_dead_lettered_and_other_conversations_flow(
 
 
 async def _settled(js: Any, hub: Hub) -> bool:
-    info = await js.consumer_info(hub.subjects.stream_name("messages"), "sender")
-    return int(info.num_ack_pending) == 0 and len(hub.inflight) == 0
+    pending, _ = await consumer_totals(js, hub.subjects.stream_name("messages"), "conversations")
+    return pending == 0 and len(hub.inflight) == 0
 
 
 async def eventually_async(predicate: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
@@ -299,8 +300,8 @@ async def test_a_burst_on_one_connection_is_decoded_without_turning_records_away
         await asyncio.gather(*(deliver(n, chat) for n, chat in enumerate(chats, start=1)))
     seen = {int((await app.next())[0].conversation.native_id) for _ in chats}
     assert seen == set(chats)
-    decoder = await nats_client.jetstream().consumer_info(hub.subjects.stream_name("raw"), "decoder")
-    assert decoder.num_redelivered == 0
+    _, redelivered = await consumer_totals(nats_client.jetstream(), hub.subjects.stream_name("raw"), "raw")
+    assert redelivered == 0
 
 
 # ------------------------------------------------------------------------- an activation that cannot save

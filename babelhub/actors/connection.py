@@ -1,30 +1,31 @@
-"""The connection actor: one per configured connection, turning raw records into canonical envelopes.
+"""The connection actor: one per connection whose partition this process owns, turning its raw records,
+in order, into canonical envelopes.
 
-A raw record is acknowledged only when every envelope it produced was applied by its conversation
-actor, so a crash anywhere before that means redelivery (the envelopes' deterministic ids make the
-second pass a no-op). A record that does not decode is parked in the dead-letter stream with the
-reason and the original bytes, and terminated: it can be replayed after the codec is fixed.
-
-The actor never waits on a conversation: a record whose conversations have no room (a stuck chat) is
-handed back to JetStream for later (`babelhub.actors.admission`), so one chat never holds up the others
-of its connection.
+Each envelope is stored on its conversation's `conv` subject (`Subjects.decoded`), from where the
+owner of the conversation's partition — this process or another — applies it. A raw record is
+acknowledged only when all of its envelopes are stored, so a crash before that means redelivery; the
+envelopes' deterministic ids make the second pass a no-op (JetStream's dedup window, then the
+conversation's memory of what it applied). A record that does not decode is parked in the dead-letter
+stream with the reason and the original bytes, and terminated: it can be replayed after the codec is
+fixed. The actor never waits on a conversation, so one stuck chat never holds up its connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from babelhub.actors.admission import Admission, Letter
-from babelhub.actors.conversation import ConversationMessage, Inbound, actor_key
-from babelhub.actors.runtime import Actor, ActorSystem
+from babelhub import canonical as c
+from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import HttpRequest
-from babelhub.errors import DecodeError
+from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
-from babelhub.services.telemetry import carrier, span
+from babelhub.services.ingest import NATS_UNAVAILABLE
+from babelhub.services.telemetry import span
 
 __all__ = ["ConnectionActor", "RawDelivery"]
 
@@ -45,12 +46,9 @@ class RawDelivery(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ConnectionActor(Actor[RawDelivery]):
-    def __init__(self, key: str, hub: HubContext, conversations: ActorSystem[ConversationMessage],
-                 admission: Admission) -> None:
+    def __init__(self, key: str, hub: HubContext) -> None:
         super().__init__(key)
         self.hub = hub
-        self.conversations = conversations
-        self.admission = admission
 
     async def receive(self, delivery: RawDelivery) -> None:
         connection = self.hub.connections.get(self.key)
@@ -67,30 +65,22 @@ class ConnectionActor(Actor[RawDelivery]):
                 log.exception("%s: codec failed on raw record %d", self.key, delivery.seq)
                 await self._park(delivery, f"codec error: {exc!r}")
                 return
-            trace = carrier()
-        if not envelopes:
-            await delivery.ack()
-            return
-        remaining = len(envelopes)
-
-        async def one_applied() -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                await delivery.ack()
-
-        async def one_failed(exc: BaseException) -> None:
-            await self._park(delivery, f"conversation could not apply it: {exc!r}", stage="apply")
-            await one_applied()
-
-        letters: list[Letter[ConversationMessage]] = [
-            Letter(actor_key(connection.tenant, envelope.conversation.id), Inbound(envelope, trace), one_applied,
-                   one_failed, delivery.release)
-            for envelope in envelopes]
-        if not self.admission.offer(self.conversations, delivery.seq, letters):
-            await delivery.retry_later()  # a conversation of this record is full: try again later
-            return
+            try:
+                await asyncio.gather(*(self._hand_on(envelope) for envelope in envelopes))
+            except PayloadTooLarge as exc:
+                await self._park(delivery, str(exc))
+                return
+            except NATS_UNAVAILABLE as exc:
+                log.warning("%s: raw record %d waits for NATS: %r", self.key, delivery.seq, exc)
+                await delivery.retry_later()
+                return
+        await delivery.ack()
         self.hub.metrics.messages_in.labels(connection.channel).inc(len(envelopes))
+
+    async def _hand_on(self, envelope: c.Envelope) -> None:
+        """Store a decoded envelope for its conversation's owner (whichever process that is)."""
+        subject = self.hub.subjects.decoded(envelope.tenant, envelope.conversation.id)
+        await self.hub.publisher.publish(subject, c.encode(envelope), dedup=("decoded", envelope.id))
 
     async def _park(self, delivery: RawDelivery, error: str, path: str = "", stage: str = "decode") -> None:
         connection = self.hub.connections.get(self.key)

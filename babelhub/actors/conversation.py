@@ -1,6 +1,7 @@
 """The conversation actor: one per conversation, the single writer of its state.
 
-Inbound envelopes (from the connection actors) are applied in order and handed on to processors on
+Inbound envelopes (decoded by the connection actors, stored on the conversation's `conv` subject) are
+applied in order and handed on to processors on
 `<prefix>.<tenant>.in.<conversation>`; statuses go to `…status.<conversation>`. Outbound messages from
 processors (`…out.<conversation>`) are sent to the conversation's own chat, or fanned out: a target in
 another conversation is re-published on that conversation's `out` subject, so its own actor sends it,
@@ -41,6 +42,7 @@ from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.connections import ConnectionService, Progress
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
+from babelhub.services.ownership import partition_of
 from babelhub.services.telemetry import span
 
 __all__ = ["MAX_SNAPSHOT_BYTES", "ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict",
@@ -231,8 +233,10 @@ class ConversationActor(Actor[ConversationMessage]):
         what the hub holds is kept from redelivery), so the stream is read on the first outbound turn only."""
         if self._caught_up or not seq or self.state.out_seq is None:
             return  # done, not from the stream, or a snapshot from before sequences were kept
-        stream = self.hub.subjects.stream_name("messages")
-        subject = self.hub.subjects.outbound(self.tenant, self.conversation_id)
+        subjects = self.hub.subjects
+        stream = subjects.stream_name("messages")
+        subject = subjects.stored(subjects.outbound(self.tenant, self.conversation_id),
+                                  partition_of(self.tenant, self.conversation_id, subjects.partitions))
         cursor = self.state.out_seq + 1
         while cursor < seq:
             try:

@@ -293,15 +293,22 @@ class ActorSystem(Generic[M]):
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        for key in list(self._cells):
+        await self.stop_where(lambda key: True, grace)
+
+    async def stop_where(self, chosen: Callable[[str], bool], grace: float) -> None:
+        """Passivate the actors whose key is `chosen`, as `stop` does all of them (a `grace` of 0 cancels
+        them at once: their unsaved mail is released). Others go on; new mail activates afresh."""
+        for key in [key for key in self._cells if chosen(key)]:
             self._passivate(key)
-        if not self._ending:
+        tasks = [task for key, task in self._ending.items() if chosen(key)]
+        if not tasks:
             return
-        tasks = list(self._ending.values())
-        _, late = await asyncio.wait(tasks, timeout=grace)
+        await asyncio.sleep(0)  # each task enters its body, so that even one cancelled now releases its mail
+        _, late = await asyncio.wait(tasks, timeout=grace) if grace > 0 else (set(), set(tasks))
         for task in late:
-            log.warning("actor %s:%s did not finish within %.0fs of stop: cancelled", self.name,
-                        task.get_name(), grace)
+            if grace > 0:
+                log.warning("actor %s:%s did not finish within %.0fs of stop: cancelled", self.name,
+                            task.get_name(), grace)
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -6,9 +6,11 @@ systems (`babelhub.actors`), and the plug-ins chosen by name in the config — o
 per `[[processors]]` entry and one inbound source per connection mode (`babelhub.plugins`).
 
 Start order: NATS (embedded or external) → streams and buckets → connections → plug-ins (built, routes
-mounted, started) → actor systems → consumers → HTTP listener. Every step registers its own undoing on
-one exit stack, so stopping runs the reverse, in the steps docs/architecture.md names: readiness off →
-stop listening → stop consumers (unacked records will be redelivered) → cancel background tasks →
+mounted, started) → actor systems → partition ownership (a first round takes this process's partitions
+and starts their consumers) → HTTP listener. Every step registers its own undoing on one exit stack, so
+stopping runs the reverse, in the steps docs/architecture.md names: readiness off → stop listening →
+hand the partitions over (their consumers stop, their actors finish, their leases are given back) →
+stop the shared consumers (unacked records will be redelivered) → cancel background tasks →
 release sends waiting on a circuit → passivate actors (drain, checkpoint, ack) → stop plug-ins (web chat
 sockets close with 1001) → close the HTTP application → close the HTTP client → close NATS → stop the
 embedded server.
@@ -29,7 +31,6 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from babelhub import codecs
-from babelhub.actors.admission import Admission
 from babelhub.actors.connection import ConnectionActor, RawDelivery
 from babelhub.actors.conversation import ConversationActor, ConversationMessage
 from babelhub.actors.runtime import ActorSystem
@@ -48,6 +49,7 @@ from babelhub.services.deadletters import DeadLetters
 from babelhub.services.delivery import RetryPolicy
 from babelhub.services.inflight import InFlight
 from babelhub.services.ingest import Ingest, check_body_limit
+from babelhub.services.ownership import Ownership, lease_bucket, member_id
 from babelhub.services.publisher import Publisher
 from babelhub.services.supervise import TaskHealth, supervise
 from babelhub.services.telemetry import Metrics, mask_logs, setup_tracing
@@ -64,6 +66,7 @@ class _Running:
     ctx: HubContext
     ingest: Ingest
     consumers: Consumers
+    ownership: Ownership
     transports: list[ProcessorTransport]
     sources: list[InboundSource]
 
@@ -75,7 +78,7 @@ class _Running:
 class Hub:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.subjects = Subjects(config.hub.subject_prefix)
+        self.subjects = Subjects(config.hub.subject_prefix, config.hub.partitions)
         self.metrics = Metrics()
         self.link = NatsLink(config.hub)
         self.http = HttpServer(config.hub)
@@ -85,14 +88,11 @@ class Hub:
         self.conversations: ActorSystem[ConversationMessage] = ActorSystem(
             "conversation", lambda key: ConversationActor(key, self.ctx), mailbox_size=settings.mailbox_size,
             idle_seconds=settings.idle_seconds, max_active=settings.max_active_actors)
-        self._handed_to_conversations = Admission()
-        """The connection actors' hand-over to the conversation actors, which keeps each key's order."""
         self.connection_actors: ActorSystem[RawDelivery] = ActorSystem(
-            "connection",
-            lambda key: ConnectionActor(key, self.ctx, self.conversations, self._handed_to_conversations),
+            "connection", lambda key: ConnectionActor(key, self.ctx),
             # A connection actor only decodes, and one serves all of its connection's conversations: its
-            # mailbox takes whatever the raw consumer may hold (`max_ack_pending`), so it never turns
-            # records away; a conversation that is full turns them away instead, by itself.
+            # mailbox takes whatever the raw consumers may hold (`max_ack_pending`), so it never turns
+            # records away.
             mailbox_size=MAX_ACK_PENDING, idle_seconds=settings.idle_seconds)
         self.metrics.watch_actors("conversation", lambda: self.conversations.active, self.conversations.mailbox_depth)
         self.metrics.watch_actors("connection", lambda: self.connection_actors.active,
@@ -190,11 +190,14 @@ class Hub:
                          dead_letters=dead_letters, metrics=self.metrics, publisher=publisher,
                          connections=self._build_connections(client, publisher), mask=mask)
         consumers = Consumers(ctx, {tenant.id for tenant in self.config.tenants}, settings.ack_wait_seconds,
-                              self.connection_actors, self.conversations)
+                              settings.lease_seconds / 4, self.connection_actors, self.conversations)
+        leases = await lease_bucket(js, self.subjects, settings.lease_seconds, settings.replicas)
+        ownership = Ownership(leases, member_id(), settings.partitions, settings.lease_seconds, work=consumers)
         ingest = Ingest(publisher, self.subjects, dead_letters)
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
-                            consume=consumers.consume)
-        self._running = _Running(ctx, ingest, consumers, self._transports(services), self._sources(services))
+                            consume=consumers.consume, ownership=ownership)
+        self._running = _Running(ctx, ingest, consumers, ownership, self._transports(services),
+                                 self._sources(services))
         await self.http.mount(stack, self._routes(self._running.plugins))
         for plugin in self._running.plugins:
             await plugin.start()
@@ -202,8 +205,11 @@ class Hub:
         self._start_actors()
         self.spawn("inflight-keepalive", consumers.inflight.keep_alive)
         stack.push_async_callback(self._cancel_tasks)
-        await consumers.start()
         stack.push_async_callback(consumers.stop)
+        await ownership.round()  # the partitions free for this process are its own before it says ready
+        await ownership.match_work()
+        rounds = self.spawn("ownership", ownership.run)
+        stack.push_async_callback(self._hand_over, rounds, ownership)
         await self.http.listen(stack)
         self.ready = True
 
@@ -267,13 +273,23 @@ class Hub:
         for connection in self.ctx.connections.values():
             self._stack.callback(connection.circuit.stop)
 
-    def spawn(self, name: str, run: Callable[[TaskHealth], Coroutine[Any, Any, None]]) -> None:
+    def spawn(self, name: str, run: Callable[[TaskHealth], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
         """Start a supervised background task: restarted with backoff if it fails, shown in `/readyz`,
         cancelled when the hub stops."""
         health = self.task_health[name] = TaskHealth(name)
         task = asyncio.create_task(supervise(health, run), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    async def _hand_over(rounds: asyncio.Task[None], ownership: Ownership) -> None:
+        """Graceful stop: no more rounds, then every partition's work ends and its lease is given back,
+        so the other processes take over at once instead of after `hub.lease_seconds`."""
+        ownership.closing = True  # (a cancellation can be lost in a wait_for finishing at that moment)
+        rounds.cancel()
+        await asyncio.wait([rounds], timeout=ownership.ttl)
+        await ownership.release()
 
     async def _cancel_tasks(self) -> None:
         tasks = list(self._tasks)
@@ -298,7 +314,11 @@ class Hub:
         tasks_ok = not any(health.failing for health in self.task_health.values())
         connected = self.nc.is_connected and not self.nats_lost.is_set()
         ready = self.ready and connected and tasks_ok
-        return web.json_response({"ready": ready, "nats": connected, "tasks": tasks}, status=200 if ready else 503)
+        ownership = self._running.ownership if self._running is not None else None
+        return web.json_response({"ready": ready, "nats": connected, "tasks": tasks,
+                                  "member": ownership.member if ownership else "",
+                                  "partitions": sorted(ownership.working) if ownership else []},
+                                 status=200 if ready else 503)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")

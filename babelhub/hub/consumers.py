@@ -1,19 +1,29 @@
 """The hub's JetStream consumers, which feed the actors: raw records to the connection actors (decode),
-processors' messages to the conversation actors (send).
+decoded envelopes and processors' messages to the conversation actors (apply, send).
 
-Each is a durable push consumer with explicit acks. nats-py runs one callback at a time per
-subscription, in stream order, and a callback never waits for an actor: a message whose actor has no
-room (or an earlier message of whose key is still out) goes back to the server for later, so one busy
-conversation never holds back another. `max_ack_pending` bounds what the server hands out: backpressure.
+Work is split into partitions (`babelhub.services.ownership`): this process consumes only the
+partitions it holds, each through two durable push consumers with explicit acks — `raw-<p>` (the raw
+records of the connections in partition p) and `conversations-<p>` (the decoded and outbound messages of
+its conversations, in one stream order). Taking a partition starts them from the first message not
+acknowledged, so what a dead owner held comes again at once, in order (what it had applied is
+recognised and skipped); giving one up stops them and the partition's actors.
 
-Both check the subject before anything else: a raw record must name a configured connection of its
-tenant, and a processor's message must name a configured tenant and a well-formed conversation id that
-its envelope repeats. What fails is kept in the dead-letter stream and never redelivered.
+nats-py runs one callback at a time per subscription, in stream order, and a callback never waits for an
+actor: a message whose actor has no room (or an earlier message of whose key is still out) goes back to
+the server for later, so one busy conversation never holds back another. `max_ack_pending` bounds what
+the server hands out per partition: backpressure.
+
+Every message's subject is checked before anything else: a raw record must name a configured
+connection of its tenant, and a message must name a configured tenant and a well-formed conversation
+id that its envelope repeats. What fails is kept in the dead-letter stream and never redelivered.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
+import secrets
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -21,11 +31,12 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from babelhub import canonical
 from babelhub.actors.admission import Admission, Letter, retry_delay
 from babelhub.actors.connection import RawDelivery
-from babelhub.actors.conversation import ConversationMessage, Outbound, actor_key
+from babelhub.actors.conversation import ConversationMessage, Inbound, Outbound, actor_key
 from babelhub.actors.runtime import ActorSystem
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError
@@ -33,55 +44,123 @@ from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.ids import conversation_id_error, is_conversation_id
 from babelhub.services.inflight import Held, InFlight
+from babelhub.services.ownership import partition_of
 
 __all__ = ["MAX_ACK_PENDING", "Consumers"]
 
 MAX_ACK_PENDING = 20_000
+"""Messages the server hands this process unacknowledged at most, over all the partitions it holds."""
 
 Handler = Callable[[Msg], Coroutine[Any, Any, None]]
+Subscription = JetStreamContext.PushSubscription
 
 
 class Consumers:
-    def __init__(self, ctx: HubContext, tenants: set[str], ack_wait_seconds: float,
+    """The `PartitionWork` of a hub process (`Ownership` begins and ends it), and the consumers its
+    plug-ins share with the other processes (`consume`)."""
+
+    def __init__(self, ctx: HubContext, tenants: set[str], ack_wait_seconds: float, handover_seconds: float,
                  decoders: ActorSystem[RawDelivery], conversations: ActorSystem[ConversationMessage]) -> None:
         self.ctx = ctx
         self.tenants = tenants
         self.ack_wait_seconds = ack_wait_seconds
+        self.handover_seconds = handover_seconds
+        """How long a handed-over partition's actors may take to finish what they hold."""
         self._decoders = decoders
         self._conversations = conversations
         self.inflight = InFlight(ack_wait_seconds)
         """What the consumers hold unacknowledged, kept alive while the actors work on it."""
-        # Per consumer: which keys have messages handed back to the server, to keep each key's order.
-        self._admissions = {"raw": Admission(), "outbound": Admission()}
-        self._subscriptions: list[JetStreamContext.PushSubscription] = []
+        # Per consumer kind: which keys have messages handed back to the server, to keep each key's order.
+        self._admissions = {"raw": Admission(), "conversations": Admission()}
+        self._partitions: dict[int, list[Subscription]] = {}
+        self._shared: list[Subscription] = []
+
+    # ------------------------------------------------------------------------------- partitions
+
+    async def take(self, partition: int) -> None:
+        """Begin consuming `partition` (both of its consumers or neither)."""
+        prefix, opened = self.ctx.subjects.prefix, []
+        try:
+            opened.append(await self._open("raw", f"raw-{partition}", [f"{prefix}.*.raw.{partition}.*.*"],
+                                           self._on_raw))
+            opened.append(await self._open(
+                "messages", f"conversations-{partition}",
+                [f"{prefix}.*.conv.{partition}.*", f"{prefix}.*.out.{partition}.*"], self._on_message))
+        except BaseException:
+            await _unsubscribe(opened)
+            raise
+        self._partitions[partition] = opened
+
+    async def give_up(self, partitions: set[int], *, lost: bool) -> None:
+        """Stop consuming `partitions` and stop their actors: at once when the lease is lost (their
+        unsaved work is redelivered to the next owner), else letting them finish for a moment."""
+        for partition in partitions:
+            await _unsubscribe(self._partitions.pop(partition, []))
+        grace = 0.0 if lost else self.handover_seconds
+        await asyncio.gather(
+            self._conversations.stop_where(functools.partial(self._conversation_in, partitions), grace),
+            self._decoders.stop_where(functools.partial(self._connection_in, partitions), grace))
+
+    def _conversation_in(self, partitions: set[int], key: str) -> bool:
+        tenant, _, conversation = key.partition(".")
+        return partition_of(tenant, conversation, self.ctx.subjects.partitions) in partitions
+
+    def _connection_in(self, partitions: set[int], key: str) -> bool:
+        connection = self.ctx.connections.get(key)
+        return connection is None or partition_of(connection.tenant, key, self.ctx.subjects.partitions) in partitions
+
+    async def _open(self, role: str, durable: str, filters: list[str], handler: Handler) -> Subscription:
+        """Bind to the durable consumer `durable`, made or remade so that it delivers to this process
+        from its first unacknowledged message. A previous owner's deliveries in flight are not waited for
+        (its ack wait): the consumer is made afresh from its acknowledged floor."""
+        js, stream = self.ctx.js, self.ctx.subjects.stream_name(role)
+        per_partition = max(256, MAX_ACK_PENDING // self.ctx.subjects.partitions)
+        config = self._config(durable, per_partition, filter_subjects=filters, deliver_policy=DeliverPolicy.ALL)
+        try:
+            info = await js.consumer_info(stream, durable)
+        except NotFoundError:
+            info = None
+        if info is not None:
+            await js.delete_consumer(stream, durable)
+            floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+            if floor:
+                config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
+        await js.add_consumer(stream, config)
+        return await js.subscribe_bind(stream, config, durable, cb=handler, manual_ack=True,
+                                       pending_msgs_limit=per_partition)
+
+    def _config(self, durable: str, max_ack_pending: int, **settings: Any) -> ConsumerConfig:
+        return ConsumerConfig(
+            # A subject of its own each time: a previous owner still subscribed to the old one gets nothing.
+            durable_name=durable, deliver_subject=f"_HUB.{self.ctx.subjects.prefix}.{durable}.{secrets.token_hex(8)}",
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_seconds, max_ack_pending=max_ack_pending,
+            flow_control=True, idle_heartbeat=5.0, **settings)
+
+    # ------------------------------------------------------------------------------- shared
 
     async def consume(self, stream: str, subject: str, durable: str, handler: Handler) -> None:
-        """A durable push consumer with explicit acks on `stream`, filtered to `subject`."""
-        config = ConsumerConfig(
-            durable_name=durable, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, ack_wait=self.ack_wait_seconds,
-            max_ack_pending=MAX_ACK_PENDING, flow_control=True, idle_heartbeat=5.0,
-        )
-        subscription = await self.ctx.js.subscribe(
-            subject, durable=durable, stream=self.ctx.subjects.stream_name(stream), cb=handler, manual_ack=True,
-            config=config, pending_msgs_limit=MAX_ACK_PENDING, flow_control=True, idle_heartbeat=5.0,
-        )
-        self._subscriptions.append(subscription)
-
-    async def start(self) -> None:
-        """Feed raw records to the decoders (connection actors) and processors' messages to the
-        conversation actors."""
-        prefix = self.ctx.subjects.prefix
-        await self.consume("raw", f"{prefix}.*.raw.>", "decoder", self._on_raw)
-        await self.consume("messages", f"{prefix}.*.out.>", "sender", self._on_outbound)
+        """A durable push consumer with explicit acks on `stream`, filtered to `subject`, shared by every
+        hub process that consumes it (a queue group: each message goes to one of them)."""
+        js, name = self.ctx.js, self.ctx.subjects.stream_name(stream)
+        config = self._config(durable, MAX_ACK_PENDING, filter_subject=subject, deliver_policy=DeliverPolicy.ALL,
+                              deliver_group=durable)
+        try:
+            info = await js.consumer_info(name, durable)
+        except NotFoundError:
+            await js.add_consumer(name, config)
+        else:
+            if info.config.deliver_group != durable:  # made by a hub that served it alone: shared from now on
+                await js.add_consumer(name, dataclasses.replace(info.config, deliver_group=durable,
+                                                                deliver_subject=config.deliver_subject))
+            config = (await js.consumer_info(name, durable)).config
+        self._shared.append(await js.subscribe_bind(name, config, durable, cb=handler, manual_ack=True,
+                                                    pending_msgs_limit=MAX_ACK_PENDING))
 
     async def stop(self) -> None:
-        """Stop taking messages; what is held unacknowledged is redelivered to the next process."""
-        for subscription in self._subscriptions:
-            try:
-                await subscription.unsubscribe()
-            except Exception:  # the connection may be gone already: the server forgets the interest anyway
-                continue
+        """Stop taking messages; what is held unacknowledged is redelivered to the next owner."""
+        await _unsubscribe(self._shared)
+        for partition in list(self._partitions):
+            await _unsubscribe(self._partitions.pop(partition))
 
     # ------------------------------------------------------------------------------ raw records
 
@@ -106,29 +185,32 @@ class Consumers:
         await self._hand_over(self._decoders, "raw", held, Letter(connection_id, delivery))
 
     def _raw_subject(self, subject: str) -> tuple[str, str]:
-        """The tenant and connection a raw subject names (`<prefix>.<tenant>.raw.<channel>.<connection>`);
-        an empty connection when they are not a configured pair."""
+        """The tenant and connection a stored raw subject names
+        (`<prefix>.<tenant>.raw.<partition>.<channel>.<connection>`); an empty connection when they are
+        not a configured pair."""
         tokens = subject.removeprefix(self.ctx.subjects.prefix + ".").split(".")
         tenant = tokens[0] if tokens[0] in self.tenants else ""
-        if len(tokens) != 4 or not tenant:
+        if len(tokens) != 5 or not tenant:
             return tenant, ""
-        connection = self.ctx.connections.get(tokens[3])
-        if connection is None or connection.tenant != tenant or connection.channel != tokens[2]:
+        connection = self.ctx.connections.get(tokens[4])
+        if connection is None or connection.tenant != tenant or connection.channel != tokens[3]:
             return tenant, ""
         return tenant, connection.id
 
-    # ------------------------------------------------------------------------- processors' messages
+    # ------------------------------------------------------------------------ conversations' messages
 
-    async def _on_outbound(self, msg: Msg) -> None:
-        """A processor's message: check it names this subject's tenant and conversation, then route it."""
+    async def _on_message(self, msg: Msg) -> None:
+        """A decoded envelope (`conv`) or a processor's message (`out`): check it names this subject's
+        tenant and conversation, then hand it to the conversation's actor."""
         tokens = msg.subject.removeprefix(self.ctx.subjects.prefix + ".").split(".")
+        stage = "processor" if tokens[1:2] == ["out"] else "apply"
         tenant = tokens[0] if tokens[0] in self.tenants else ""
         if not tenant:
-            await self._refuse(msg, "processor", f"{tokens[0][:64]!r} is not a configured tenant")
+            await self._refuse(msg, stage, f"{tokens[0][:64]!r} is not a configured tenant")
             return
-        conversation = ".".join(tokens[2:])
+        conversation = ".".join(tokens[3:])
         if not is_conversation_id(conversation):
-            await self._refuse(msg, "processor", conversation_id_error(conversation), tenant)
+            await self._refuse(msg, stage, conversation_id_error(conversation), tenant)
             return
         try:
             envelope = canonical.decode(msg.data)
@@ -136,7 +218,7 @@ class Consumers:
                 raise DecodeError(f"the subject names tenant {tenant!r} and conversation {conversation!r}",
                                   path="$.conversation.id" if envelope.tenant == tenant else "$.tenant")
         except DecodeError as exc:
-            await self.ctx.dead_letters.park(DeadLetter(stage="processor", error=exc.reason, path=exc.path,
+            await self.ctx.dead_letters.park(DeadLetter(stage=stage, error=exc.reason, path=exc.path,
                                                         tenant=tenant, subject=msg.subject, body=msg.data))
             await msg.term()
             return
@@ -144,16 +226,21 @@ class Consumers:
         held = self.inflight.hold(msg)
 
         async def failed(exc: BaseException) -> None:
-            await self.ctx.dead_letters.park(DeadLetter(stage="send", error=repr(exc), tenant=tenant,
-                                                        subject=msg.subject, body=msg.data))
+            await self.ctx.dead_letters.park(DeadLetter(stage="send" if stage == "processor" else stage,
+                                                        error=repr(exc), tenant=tenant, subject=msg.subject,
+                                                        body=msg.data))
             await held.term()
 
+        trace = dict(msg.headers or {})
+        message: ConversationMessage
+        if stage == "apply":
+            message = Inbound(envelope, trace)
+        else:
+            # When JetStream first stored it (the send deadline's start) and where (what comes before it).
+            message = Outbound(envelope, trace, msg.metadata.timestamp.timestamp(), msg.metadata.sequence.stream)
         # Keyed by the subject's tenant: naming another tenant's conversation id reaches an empty actor.
-        # When JetStream first stored it (the send deadline's start) and where (what comes before it).
-        outbound = Outbound(envelope, dict(msg.headers or {}), msg.metadata.timestamp.timestamp(),
-                            msg.metadata.sequence.stream)
-        await self._hand_over(self._conversations, "outbound", held,
-                              Letter(actor_key(tenant, conversation), outbound, held.ack, failed, held.nak))
+        await self._hand_over(self._conversations, "conversations", held,
+                              Letter(actor_key(tenant, conversation), message, held.ack, failed, held.nak))
 
     # ------------------------------------------------------------------------------------ shared
 
@@ -172,3 +259,11 @@ class Consumers:
 
 async def _retry_later(held: Held) -> None:
     await held.nak(retry_delay(held.deliveries))
+
+
+async def _unsubscribe(subscriptions: list[Subscription]) -> None:
+    for subscription in subscriptions:
+        try:
+            await subscription.unsubscribe()
+        except Exception:  # the connection may be gone already: the server forgets the interest anyway
+            continue

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    SubjectTransform,
+)
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from babelhub.errors import ConfigError
@@ -34,9 +41,15 @@ __all__ = ["EmbeddedServer", "Subjects", "bucket_stream", "die_with_parent", "fi
 
 
 class Subjects(msgspec.Struct, frozen=True):
-    """Subject names: `<prefix>.<tenant>.<kind>.<…>`. Foreign ids never appear raw in a token."""
+    """Subject names: `<prefix>.<tenant>.<kind>.<…>`. Foreign ids never appear raw in a token.
+
+    The raw and messages streams store their subjects with a partition number put in by the server
+    (`stored`): a conversation's inbound, outbound and decoded messages under its partition, a
+    connection's raw records under the connection's, so that the hub owning a partition consumes
+    exactly its own (`babelhub.services.ownership`). Publishers and core subscribers never see it."""
 
     prefix: str = "bh"
+    partitions: int = 64
 
     def raw(self, tenant: str, channel: str, connection: str) -> str:
         return f"{self.prefix}.{tenant}.raw.{channel}.{connection}"
@@ -46,6 +59,10 @@ class Subjects(msgspec.Struct, frozen=True):
 
     def outbound(self, tenant: str, conversation: str) -> str:
         return f"{self.prefix}.{tenant}.out.{conversation}"
+
+    def decoded(self, tenant: str, conversation: str) -> str:
+        """Where the connection actors put what they decoded, for the conversation's owner to apply."""
+        return f"{self.prefix}.{tenant}.conv.{conversation}"
 
     def status(self, tenant: str, conversation: str) -> str:
         return f"{self.prefix}.{tenant}.status.{conversation}"
@@ -60,11 +77,31 @@ class Subjects(msgspec.Struct, frozen=True):
     def streams(self) -> dict[str, list[str]]:
         p = self.prefix
         return {
-            "raw": [f"{p}.*.raw.>"],
-            "messages": [f"{p}.*.in.>", f"{p}.*.out.>"],
+            "raw": [f"{p}.*.raw.*.*"],
+            "messages": [f"{p}.*.in.*", f"{p}.*.out.*", f"{p}.*.conv.*"],
             "statuses": [f"{p}.*.status.>"],
             "dead_letters": [f"{p}.*.dlq.>"],
         }
+
+    def transform(self, role: str) -> SubjectTransform | None:
+        """How a stream stores its subjects: with the partition of tenant + conversation (messages) or
+        tenant + connection (raw) after the kind; nats-server's `partition()` is
+        `ownership.partition_of`."""
+        p, n = self.prefix, self.partitions
+        if role == "raw":
+            return SubjectTransform(src=f"{p}.*.raw.*.*",
+                                    dest=f"{p}.{{{{wildcard(1)}}}}.raw.{{{{partition({n},1,3)}}}}"
+                                         ".{{wildcard(2)}}.{{wildcard(3)}}")
+        if role == "messages":
+            return SubjectTransform(src=f"{p}.*.*.*",
+                                    dest=f"{p}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({n},1,3)}}}}"
+                                         ".{{wildcard(3)}}")
+        return None
+
+    def stored(self, subject: str, partition: int) -> str:
+        """`subject` (a raw, inbound, outbound or decoded one) as its stream stores it."""
+        prefix, tenant, kind, rest = subject.split(".", 3)
+        return f"{prefix}.{tenant}.{kind}.{partition}.{rest}"
 
     def stream_name(self, role: str) -> str:
         return f"{self.prefix.upper()}_{role.upper()}"
@@ -84,10 +121,12 @@ async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: floa
     """Create or update the streams and KV buckets, each with `replicas` copies on as many cluster nodes
     (one that has more is left so); safe to run at every start. Raises `ConfigError` naming
     `hub.replicas` when the servers cannot hold that many."""
+    await _retire_legacy_consumers(js, subjects)
     for role, filters in subjects.streams().items():
         config = StreamConfig(
             name=subjects.stream_name(role),
             subjects=filters,
+            subject_transform=subjects.transform(role),
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
@@ -142,8 +181,35 @@ async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
             raise
         # It exists: it takes the hub's settings, and keeps any higher replica count.
         current = await js.stream_info(config.name or "")
+        _check_partitions(config, current.config)
         replicas = max(config.num_replicas or 1, current.config.num_replicas or 1)
         await js.update_stream(_with_replicas(config, replicas))
+
+
+def _check_partitions(wanted: StreamConfig, current: StreamConfig) -> None:
+    """A stream partitions its subjects once and for all: a hub counting otherwise would consume the
+    wrong ones. (One made before partitions existed has no transform, and takes the hub's.)"""
+    made, asked = current.subject_transform, wanted.subject_transform
+    if made is not None and asked is not None and made.dest != asked.dest:
+        raise ConfigError(f"hub.partitions: stream {wanted.name} stores subjects as {made.dest!r}, not "
+                          f"{asked.dest!r}: every hub on these streams must keep the partitions they were made with")
+
+
+async def _retire_legacy_consumers(js: JetStreamContext, subjects: Subjects) -> None:
+    """Before partitions, one `decoder` and one `sender` consumer served every conversation. Removed
+    once they have nothing left; until then the upgrade is refused, as the hub could not finish their
+    work in order."""
+    for role, durable in (("raw", "decoder"), ("messages", "sender")):
+        try:
+            info = await js.consumer_info(subjects.stream_name(role), durable)
+        except NotFoundError:
+            continue
+        if info.num_pending or info.num_ack_pending:
+            raise ConfigError(
+                f"consumer {durable} of stream {subjects.stream_name(role)} (from a babelhub without partitions) "
+                f"still has {info.num_pending + info.num_ack_pending} messages to process: let the previous "
+                "version finish them (stop sending traffic to it), then start this one")
+        await js.delete_consumer(subjects.stream_name(role), durable)
 
 
 async def _placed(replicas: int, name: str | None, step: Awaitable[object]) -> None:

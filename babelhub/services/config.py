@@ -27,6 +27,7 @@ SOURCES = "babelhub.sources"
 """The entry-point group of inbound sources (`babelhub.plugins.InboundSource`)."""
 
 MAX_REPLICAS = 5
+MAX_PARTITIONS = 1024
 """The most copies JetStream keeps of a stream."""
 
 # Ids become NATS subject tokens and URL path segments: keep them to a safe alphabet.
@@ -58,6 +59,13 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     """Copies JetStream keeps of every stream and KV bucket the hub makes (1 to 5), each on another server
     of the NATS cluster; more than the cluster has up is refused at start. Existing ones with fewer are
     raised to it."""
+    partitions: int = 64
+    """Conversations hash into this many partitions, each handled by one hub process at a time (1 to
+    1024). Fixed when the streams are made: every hub sharing them must say the same."""
+    lease_seconds: float = 6.0
+    """How long a hub's hold on its partitions outlives its last renewal: a hub that dies without
+    stopping (kill -9, a lost machine) has its partitions taken over by the others after about this
+    long and a quarter more."""
     nats_port: int = 4222
     """Port of the embedded nats-server on 127.0.0.1 (0 = any free port)."""
     data_dir: str = ".babelhub"
@@ -208,6 +216,10 @@ def _check(config: Config) -> None:
     _check_web_limits(config.hub)
     if not 1 <= config.hub.replicas <= MAX_REPLICAS:
         raise ConfigError(f"hub.replicas: {config.hub.replicas} must be 1 to {MAX_REPLICAS} (JetStream's limit)")
+    if not 1 <= config.hub.partitions <= MAX_PARTITIONS:
+        raise ConfigError(f"hub.partitions: {config.hub.partitions} must be 1 to {MAX_PARTITIONS}")
+    if not 1.0 <= config.hub.lease_seconds <= 300.0:
+        raise ConfigError(f"hub.lease_seconds: {config.hub.lease_seconds} must be 1 to 300")
     for name in ("send_deadline_seconds", "circuit_max_backoff_seconds"):
         _check_duration(f"hub.{name}", getattr(config.hub, name))
     for index, connection in enumerate(config.connections):

@@ -24,11 +24,15 @@ take, grows with every new owner and serves as a fencing token for writes elsewh
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import logging
+import os
+import re
+import secrets
+import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 from nats.js import JetStreamContext
@@ -40,15 +44,29 @@ from babelhub.services.broker import Subjects, bucket_stream, raise_replicas
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.supervise import TaskHealth
 
-__all__ = ["Lease", "Ownership", "lease_bucket", "partition_of"]
+__all__ = ["Lease", "Ownership", "PartitionWork", "lease_bucket", "member_id", "partition_of"]
 
 log = logging.getLogger("babelhub.ownership")
 
 
-def partition_of(tenant: str, conversation: str, partitions: int) -> int:
-    """The partition of a tenant's conversation: a stable hash, the same in every process and release."""
-    digest = hashlib.blake2b(f"{tenant}\0{conversation}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % partitions
+def partition_of(tenant: str, key: str, partitions: int) -> int:
+    """The partition of a tenant's conversation (or connection): the number nats-server's subject
+    transform `partition(n,1,3)` puts in the stored subject (FNV-1a, 32 bits, over the tokens joined),
+    so the hub and the streams always agree."""
+    digest = _FNV_OFFSET
+    for byte in (tenant + key).encode():
+        digest = ((digest ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return digest % partitions
+
+
+_FNV_OFFSET = 0x811C9DC5
+_FNV_PRIME = 0x01000193
+
+
+def member_id() -> str:
+    """A hub's name among the others: host, process id and a random part (two hubs may share a process,
+    as in tests), in the characters a KV key allows."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
 
 
 async def lease_bucket(js: JetStreamContext, subjects: Subjects, ttl: float, replicas: int = 1) -> KeyValue:
@@ -83,12 +101,25 @@ class Lease:
     """`time.monotonic()` until which the lease counts as held."""
 
 
-Listener = Callable[[set[int]], None]
+class PartitionWork(Protocol):
+    """What ownership drives: the work of each partition, begun when it is taken and ended when it is
+    given up."""
+
+    async def take(self, partition: int) -> None:
+        """Begin the work of `partition` (raises when it cannot: it is offered again later)."""
+
+    async def give_up(self, partitions: set[int], *, lost: bool) -> None:
+        """End the work of `partitions`: at once when the lease is `lost` (another process may take it
+        any moment), else finishing what is under way (before the lease is handed over)."""
 
 
 class Ownership:
+    """Leases are kept by rounds (`round`, every `interval`); the work is begun and ended by a task of
+    its own (`match_work`), so that beginning many partitions (consumers to make on a busy cluster) never
+    delays a renewal, and a lease that runs out stops its work at that moment."""
+
     def __init__(self, kv: KeyValue, member: str, partitions: int, ttl: float, *,
-                 on_change: Listener | None = None) -> None:
+                 work: PartitionWork | None = None) -> None:
         self.kv = kv
         self.member = member
         self.partitions = partitions
@@ -98,9 +129,16 @@ class Ownership:
         self.interval = ttl / 4
         """Time between two rounds (renew, release, take): a lease is renewed a few times per `ttl`."""
         self.leases: dict[int, Lease] = {}
-        self.on_change = on_change
-        """Called with the partitions held, whenever that set changes."""
-        self._held: set[int] = set()
+        self.work = work
+        self.working: set[int] = set()
+        """The partitions whose work is begun: held ones, until they are given up."""
+        self.releasing: set[int] = set()
+        """Held partitions that belong to another member now: handed over by `match_work`."""
+        self.closing = False
+        """Set by `release`: nothing is taken, renewed or begun any more."""
+        self._changing = asyncio.Lock()
+        """Held while work is begun or ended, so that those steps never interleave."""
+        self._changed = asyncio.Event()
 
     # ------------------------------------------------------------------------------------ asking
 
@@ -115,41 +153,98 @@ class Ownership:
     # ------------------------------------------------------------------------------------ running
 
     async def run(self, health: TaskHealth) -> None:
-        """Keep membership and leases until cancelled; `release` hands them over at once."""
-        while True:
-            await self.round()
-            health.ok()
-            await asyncio.sleep(self.interval)
+        """Keep membership and leases, and the work matched to them, until cancelled; `release` hands
+        everything over at once."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._keep_work_matched(), name=f"ownership-work-{self.member}")
+            while True:
+                await self.round()
+                health.ok()
+                await asyncio.sleep(self.interval)
 
     async def round(self) -> None:
-        """One round: announce this member, renew what is held, release what is another's, take what
-        is free and this member's."""
+        """One round: renew what is held (all at once: that is what keeps the leases), announce this
+        member, mark for handover what is another's, take what is free and this member's."""
+        if self.closing:
+            return
+        await asyncio.gather(*(self._renew(partition) for partition in list(self.leases)))
         try:
             await self._announce()
             members = await self._members()
         except NATS_UNAVAILABLE as exc:
             log.warning("member %s cannot reach the leases bucket: %r", self.member, exc)
             members = []  # no view of the others: hold on to what is held while it lasts, take nothing
-        for partition in list(self.leases):
-            await self._renew(partition)
-        if members:
+        if members and not self.closing:
             mine = {partition for partition in range(self.partitions) if self._assigned(partition, members)}
-            for partition in set(self.leases) - mine:
-                await self._release(partition)
-            for partition in sorted(mine - set(self.leases)):
-                await self._take(partition)
-        self._drop_expired()
-        self._tell()
+            self.releasing = set(self.leases) - mine
+            await asyncio.gather(*(self._take(partition) for partition in sorted(mine - set(self.leases))))
+        self._changed.set()
 
     async def release(self) -> None:
-        """Graceful stop: give every lease back and leave, so the others take over at once."""
-        for partition in list(self.leases):
-            await self._release(partition)
+        """Graceful stop: end the work, give every lease back and leave, so the others take over at once."""
+        self.closing = True
+        async with self._changing:
+            await self._hand_over(set(self.leases))
         try:
             await self.kv.delete(self._member_key(self.member))
         except NATS_UNAVAILABLE as exc:  # the entry expires anyway
             log.warning("could not remove member %s: %r", self.member, exc)
-        self._tell()
+
+    # ------------------------------------------------------------------------------------ work
+
+    async def _keep_work_matched(self) -> None:
+        """Match the work after each round, and whenever a lease runs out (a renewal that did not get
+        through in time), whatever the rounds are waiting for."""
+        while True:
+            ends = [lease.valid_until for lease in self.leases.values() if lease.partition in self.working]
+            wait = max(0.0, min(ends, default=time.monotonic() + self.interval) - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._changed.wait()
+            self._changed.clear()
+            await self.match_work()
+
+    async def match_work(self) -> None:
+        """End at once the work of what is no longer held; hand over what is another's; begin the work
+        of what is held, one partition at a time (looking for lost leases before each)."""
+        async with self._changing:
+            if self.closing:
+                return  # `release` ends the work
+            await self._give_up_lost()
+            await self._hand_over(self.releasing & set(self.leases))
+            for partition in sorted(self.held() - self.working - self.releasing):
+                await self._give_up_lost()
+                if not self.owns(partition) or self.work is None:
+                    continue
+                try:
+                    await self.work.take(partition)
+                except Exception:  # offered again after the next round, while the lease is held
+                    log.exception("member %s could not begin partition %d", self.member, partition)
+                    continue
+                self.working.add(partition)
+            if self.work is None:
+                self.working = self.held()
+
+    async def _give_up_lost(self) -> None:
+        lost = self.working - self.held()
+        if not lost:
+            return
+        log.warning("member %s stops partitions %s: their leases ran out", self.member, sorted(lost))
+        for partition in lost:
+            self.leases.pop(partition, None)
+        self.working -= lost
+        if self.work is not None:
+            await self.work.give_up(lost, lost=True)
+
+    async def _hand_over(self, partitions: set[int]) -> None:
+        """Hand `partitions` over: their work ends (what is under way is finished), then their leases
+        are deleted, so whoever takes them next starts after this process stopped."""
+        ending = partitions & self.working
+        self.working -= ending
+        if ending and self.work is not None:
+            await self.work.give_up(ending, lost=False)
+        await asyncio.gather(*(self._delete_lease(partition) for partition in partitions))
+        self.releasing -= partitions
 
     # ------------------------------------------------------------------------------------ steps
 
@@ -187,7 +282,9 @@ class Ownership:
         log.info("member %s took partition %d (token %d)", self.member, partition, revision)
 
     async def _renew(self, partition: int, *, again: bool = True) -> None:
-        lease = self.leases[partition]
+        lease = self.leases.get(partition)
+        if lease is None:  # handed over meanwhile
+            return
         sent = time.monotonic()
         try:
             lease.revision = await self.kv.update(self._lease_key(partition), self._holder(), last=lease.revision)
@@ -199,7 +296,7 @@ class Ownership:
                 await self._renew(partition, again=False)
                 return
             log.warning("member %s lost partition %d", self.member, partition)
-            del self.leases[partition]
+            self.leases.pop(partition, None)
             return
         except NATS_UNAVAILABLE as exc:  # the lease runs out by itself unless a renewal gets through
             log.warning("member %s could not renew partition %d: %r", self.member, partition, exc)
@@ -220,23 +317,14 @@ class Ownership:
     def _holder(self) -> bytes:
         return msgspec.msgpack.encode(_Holder(self.member))
 
-    async def _release(self, partition: int) -> None:
-        lease = self.leases.pop(partition)
+    async def _delete_lease(self, partition: int) -> None:
+        lease = self.leases.pop(partition, None)
+        if lease is None:
+            return
         try:
             await self.kv.delete(self._lease_key(partition), last=lease.revision)
         except (KeyWrongLastSequenceError, *NATS_UNAVAILABLE) as exc:  # lost meanwhile, or NATS unreachable: it expires
             log.warning("member %s could not release partition %d: %r", self.member, partition, exc)
-
-    def _drop_expired(self) -> None:
-        for partition in [partition for partition in self.leases if not self.owns(partition)]:
-            del self.leases[partition]
-
-    def _tell(self) -> None:
-        held = self.held()
-        if held != self._held:
-            self._held = held
-            if self.on_change is not None:
-                self.on_change(held)
 
     @staticmethod
     def _lease_key(partition: int) -> str:

@@ -1,10 +1,11 @@
 """The `polling` inbound source: the hub long-polls channels that offer it (Telegram `getUpdates`)
 instead of being called, for hosts without a public URL.
 
-Each connection gets one supervised task. Its cursor (the channel's offset) is kept in the `cursors`
-KV bucket, written only after the records it covers are stored, so a restart neither skips nor
-(beyond JetStream's dedup window) repeats a delivery. A channel that does not answer is retried with
-backoff; anything else ends the task, and its supervisor restarts it.
+Each connection gets one supervised task, which polls only while this process holds the connection's
+partition (`Services.ownership`), so that one process at a time polls it. Its cursor (the channel's
+offset) is kept in the `cursors` KV bucket, written only after the records it covers are stored, so a
+restart neither skips nor (beyond JetStream's dedup window) repeats a delivery. A channel that does
+not answer is retried with backoff; anything else ends the task, and its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import time
 import aiohttp
 import msgspec
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 
 from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.plugins import InboundSource
 from babelhub.services.connections import ConnectionService
 from babelhub.services.delivery import perform
+from babelhub.services.ownership import partition_of
 from babelhub.services.supervise import TaskHealth
 
 __all__ = ["Pollers"]
@@ -53,17 +56,29 @@ class Pollers(InboundSource):
             self.services.spawn(f"poller:{connection.id}", functools.partial(self._poll, connection))
 
     async def _poll(self, connection: ConnectionService, health: TaskHealth) -> None:
-        """Poll `connection` and record each delivery like a webhook, until cancelled."""
+        """Poll `connection` while this process holds its partition, and record each delivery like a
+        webhook, until cancelled. The cursor is read afresh each time the partition is taken: another
+        process may have moved it meanwhile."""
         ctx = self.services.ctx
         cursors = await ctx.js.key_value(ctx.subjects.bucket("cursors"))
-        try:
-            cursor = ((await cursors.get(connection.id)).value or b"").decode()
-        except NotFoundError:  # never polled before
-            cursor = ""
+        ownership = self.services.ownership
+        partition = partition_of(connection.tenant, connection.id, ctx.subjects.partitions)
+        while True:
+            while not ownership.owns(partition):  # another hub process polls it
+                health.ok()
+                await asyncio.sleep(ownership.interval)
+            try:
+                cursor = ((await cursors.get(connection.id)).value or b"").decode()
+            except NotFoundError:  # never polled before
+                cursor = ""
+            await self._poll_while_owned(connection, health, cursors, cursor, partition)
+
+    async def _poll_while_owned(self, connection: ConnectionService, health: TaskHealth, cursors: KeyValue,
+                                cursor: str, partition: int) -> None:
         encode_context = connection.encode_context(to="")
         timeout = float(connection.settings.options.get("poll_timeout", _POLL_TIMEOUT)) + 10
         failures = 0
-        while True:
+        while self.services.ownership.owns(partition):
             request = connection.codec.poll_request(encode_context, cursor)
             assert request is not None  # `check` refused the connection at start otherwise
             try:

@@ -1,0 +1,225 @@
+"""Partitions in the message flow: the streams store each conversation's (and connection's) messages
+under the partition `ownership.partition_of` computes, several hub processes on one subject prefix
+share the partitions and the traffic, a graceful stop hands them over, and a deployment made by a hub
+without partitions is upgraded only when nothing is left half-done."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from collections.abc import Callable
+
+import aiohttp
+import msgspec
+import nats.js.errors
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
+
+from babelhub import canonical as c
+from babelhub.actors.runtime import Actor, ActorSystem
+from babelhub.errors import ConfigError
+from babelhub.hub.app import Hub
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer, Subjects, provision
+from babelhub.services.ownership import partition_of
+from tests.fakeapi import FakeApi
+from tests.hubkit import (
+    SECRET,
+    TENANT,
+    Processor,
+    StartHub,
+    eventually,
+    telegram_config,
+    telegram_responder,
+    telegram_update,
+    unique_prefix,
+)
+
+HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET, "Content-Type": "application/json"}
+
+
+def with_hub(config: cfg.Config, **settings: object) -> cfg.Config:
+    return msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, **settings))
+
+
+async def test_the_streams_store_each_message_under_the_partition_the_hub_computes(nats_client: NATS) -> None:
+    subjects = Subjects(unique_prefix(), partitions=16)
+    js = nats_client.jetstream()
+    await provision(js, subjects, dedup_window=60.0)
+    for n in range(40):
+        conversation = c.conversation_id(TENANT, "tg", str(n))
+        expected = partition_of(TENANT, conversation, 16)
+        for subject in (subjects.inbound(TENANT, conversation), subjects.outbound(TENANT, conversation),
+                        subjects.decoded(TENANT, conversation)):
+            ack = await js.publish(subject, b"{}")
+            stored = await js.get_msg(subjects.stream_name("messages"), seq=ack.seq)
+            assert stored.subject == subjects.stored(subject, expected)
+        raw = subjects.raw(TENANT, "telegram", f"bot{n}")
+        ack = await js.publish(raw, b"")
+        stored = await js.get_msg(subjects.stream_name("raw"), seq=ack.seq)
+        assert stored.subject == subjects.stored(raw, partition_of(TENANT, f"bot{n}", 16))
+
+
+async def test_a_processor_cannot_pick_a_partition(nats_client: NATS) -> None:
+    """Only `<prefix>.<tenant>.out.<conversation>` is stored from outside; a subject naming a partition
+    is taken by no stream, so its publisher is told at once (and no owner ever sees it)."""
+    subjects = Subjects(unique_prefix(), partitions=8)
+    js = nats_client.jetstream()
+    await provision(js, subjects, dedup_window=60.0)
+    conversation = c.conversation_id(TENANT, "tg", "1")
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        await js.publish(f"{subjects.prefix}.{TENANT}.out.3.{conversation}", b"{}")
+
+
+async def test_a_hub_counting_other_partitions_than_the_streams_is_refused(nats_client: NATS) -> None:
+    prefix = unique_prefix()
+    js = nats_client.jetstream()
+    await provision(js, Subjects(prefix, partitions=64), dedup_window=60.0)
+    with pytest.raises(ConfigError, match=r"hub\.partitions: stream .*_RAW stores subjects as"):
+        await provision(js, Subjects(prefix, partitions=32), dedup_window=60.0)
+
+
+async def test_streams_made_before_partitions_are_upgraded_once_their_consumers_have_nothing_left(
+        nats_client: NATS) -> None:
+    subjects = Subjects(unique_prefix(), partitions=8)
+    js, p = nats_client.jetstream(), subjects.prefix
+    await js.add_stream(StreamConfig(name=subjects.stream_name("raw"), subjects=[f"{p}.*.raw.>"]))
+    await js.add_stream(StreamConfig(name=subjects.stream_name("messages"), subjects=[f"{p}.*.in.>", f"{p}.*.out.>"]))
+    for stream, durable, subject in (("raw", "decoder", f"{p}.*.raw.>"), ("messages", "sender", f"{p}.*.out.>")):
+        await js.add_consumer(subjects.stream_name(stream),
+                              ConsumerConfig(durable_name=durable, filter_subject=subject))
+    await js.publish(subjects.outbound(TENANT, c.conversation_id(TENANT, "tg", "1")), b"{}")
+
+    with pytest.raises(ConfigError, match=r"consumer sender of stream .* still has 1 messages to process"):
+        await provision(js, subjects, dedup_window=60.0)
+    assert (await js.stream_info(subjects.stream_name("messages"))).config.subject_transform is None  # untouched
+
+    await js.delete_consumer(subjects.stream_name("messages"), "sender")  # as if the old hub had finished
+    await js.add_consumer(subjects.stream_name("messages"), ConsumerConfig(
+        durable_name="sender", filter_subject=f"{p}.*.out.>", deliver_policy=DeliverPolicy.NEW))
+    await provision(js, subjects, dedup_window=60.0)  # nothing pending: upgraded
+    names = {info.name for role in ("raw", "messages") for info in await js.consumers_info(subjects.stream_name(role))}
+    assert names.isdisjoint({"decoder", "sender"})
+    info = await js.stream_info(subjects.stream_name("messages"))
+    assert info.config.subject_transform is not None and "partition(8,1,3)" in info.config.subject_transform.dest
+
+
+# ------------------------------------------------------------------------------- several hubs
+
+
+async def readiness(hub: Hub) -> dict[str, object]:
+    async with aiohttp.ClientSession() as session, session.get(hub.http_url + "/readyz") as response:
+        answer: dict[str, object] = await response.json()
+        return answer
+
+
+def held(hub: Hub) -> set[int]:
+    return set(hub._started().ownership.working)
+
+
+async def test_two_hubs_on_one_prefix_share_the_partitions_and_each_message_is_handled_once(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    fake_api.responder = telegram_responder
+    config = with_hub(telegram_config(nats_server.url, fake_api.base_url), partitions=8, lease_seconds=4.0)
+    first = await start_hub(config)
+    second = await start_hub(config)
+    await eventually(lambda: len(held(first)) == len(held(second)) == 4 and not held(first) & held(second),
+                     timeout=20)
+    assert (await readiness(second))["partitions"] == sorted(held(second))
+    assert (await readiness(first))["member"] != (await readiness(second))["member"]
+
+    app = await Processor(nats_client, config.hub.subject_prefix).start()
+    texts: dict[int, list[str]] = collections.defaultdict(list)
+    async with aiohttp.ClientSession() as session:
+        async def chat(chat_id: int) -> None:
+            for n in range(3):  # in order, alternating hubs as a load balancer would
+                hub = (first, second)[(chat_id + n) % 2]
+                text = f"c{chat_id}m{n}"
+                async with session.post(f"{hub.http_url}/webhooks/telegram/tg", headers=HEADERS,
+                                        data=json.dumps(telegram_update(chat_id * 10 + n, chat_id, text))) as response:
+                    assert response.status == 200
+                texts[chat_id].append(text)
+
+        await asyncio.gather(*(chat(chat_id) for chat_id in range(1, 25)))
+
+    handed: list[c.Envelope] = []
+    for _ in range(72):
+        inbound, _ = await app.next()
+        handed.append(inbound)
+        await app.reply(inbound, c.Text(text="re:" + next(p.text for p in inbound.parts if isinstance(p, c.Text))))
+
+    def sends() -> list[tuple[int, str]]:
+        return [(r.json()["chat_id"], r.json()["text"]) for r in fake_api.requests if r.path.endswith("/sendMessage")]
+
+    await eventually(lambda: len(sends()) >= 72, timeout=30)
+    await asyncio.sleep(0.5)  # a double would arrive by now
+    assert len(sends()) == 72 and len({e.id for e in handed}) == 72
+    for chat_id, sent in texts.items():  # each chat's messages reached the app, and were answered, in order
+        assert [text for to, text in sends() if to == chat_id] == [f"re:{text}" for text in sent]
+        conversation = c.conversation_id(TENANT, "tg", str(chat_id))
+        assert [next(p.text for p in e.parts if isinstance(p, c.Text)) for e in handed
+                if e.conversation.id == conversation] == sent
+    # Each conversation's actor ran in the process holding its partition, and only there.
+    for hub in (first, second):
+        for key in list(hub.conversations._cells):
+            tenant, _, conversation = key.partition(".")
+            assert partition_of(tenant, conversation, 8) in held(hub)
+
+
+async def test_a_graceful_stop_hands_the_partitions_over_at_once(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    fake_api.responder = telegram_responder
+    # Leases that would take a minute to run out: only a handover can move the partitions in time.
+    config = with_hub(telegram_config(nats_server.url, fake_api.base_url), partitions=8, lease_seconds=60.0)
+    first = await start_hub(config)
+    second = await start_hub(config)
+    await eventually(lambda: len(held(first)) == len(held(second)) == 4, timeout=60)
+    await first.stop()
+    await eventually(lambda: len(held(second)) == 8, timeout=20)
+
+    app = await Processor(nats_client, config.hub.subject_prefix).start()
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{second.http_url}/webhooks/telegram/tg", headers=HEADERS,
+            data=json.dumps(telegram_update(1, 42, "after the handover"))) as response:
+        assert response.status == 200
+    inbound, _ = await app.next()
+    assert isinstance(inbound, c.Message) and inbound.conversation.native_id == "42"
+
+
+# ------------------------------------------------------------------------------- actors of a partition
+
+
+class Slow(Actor[str]):
+    def __init__(self, key: str, applied: list[str], gate: asyncio.Event) -> None:
+        super().__init__(key)
+        self.applied = applied
+        self.gate = gate
+
+    async def receive(self, message: str) -> None:
+        await self.gate.wait()
+        self.applied.append(f"{self.key}:{message}")
+
+
+async def test_stopping_one_partitions_actors_leaves_the_others_running() -> None:
+    applied: list[str] = []
+    released: list[str] = []
+    gate = asyncio.Event()
+    system: ActorSystem[str] = ActorSystem("t", lambda key: Slow(key, applied, gate))
+
+    def note(key: str) -> Callable[[], asyncio.Future[None]]:
+        async def released_() -> None:
+            released.append(key)
+        return released_  # type: ignore[return-value]
+
+    for key in ("a1", "a2", "b1"):
+        assert system.offer(key, "m", on_released=note(key))
+    await system.stop_where(lambda key: key.startswith("a"), grace=0)  # lost: at once, nothing saved
+    assert sorted(released) == ["a1", "a2"]
+    gate.set()
+    await eventually(lambda: applied == ["b1:m"])
+    assert system.active == 1
+    assert system.offer("a1", "again")  # the key activates afresh
+    await eventually(lambda: "a1:again" in applied)
+    await system.stop()

@@ -519,8 +519,8 @@ async def time_to_cover(bench: Bench, survivors: list[HubProcess], killed_at: fl
                         timeout: float = 60.0) -> float | None:
     """Seconds from the kill until the survivors hold every partition between them."""
     while time.time() - killed_at < timeout:
-        answers = [await hub.readiness(bench.session) for hub in survivors]
-        held: set[int] = set().union(*(answer.get("partitions", []) for answer in answers if answer))
+        answers = [(await hub.readyz(bench.session))[1] for hub in survivors]  # also while 503: what it holds
+        held: set[int] = set().union(*(answer.get("partitions", []) for answer in answers))
         if len(held) == bench.options.partitions:
             return time.time() - killed_at
         await asyncio.sleep(0.1)
@@ -623,9 +623,10 @@ def print_model(base: Run, measured: list[Run]) -> None:
     cores = os.cpu_count() or 1
     print("model")
     per_cores = ", ".join(f"{c} core{'s' * (c > 1)}: {ratio(c * 1000, hub_ms):.0f}" for c in (1, 2, 4, 8))
-    print(f"  one hub process spent {hub_ms:.2f} ms of CPU per delivered message (1-hub run): hubs given C cores "
-          f"of their own deliver about C * {ratio(1000, hub_ms):.0f} msg/s ({per_cores}), while the NATS cluster, "
-          "the app and the channel keep up (each needs its own share of cores, at the rates below).")
+    print(f"  the hubs spent {hub_ms:.2f} ms of CPU per delivered message, all together ({base.hubs}-hub run): "
+          f"hubs given C cores of their own deliver about C * {ratio(1000, hub_ms):.0f} msg/s ({per_cores}), "
+          "while the NATS cluster, the app and the channel keep up (each needs its own share of cores, at the "
+          "rates below).")
     for run in measured:
         cpu = run.cpu_ms
         print(f"  {run.hubs} hub(s) on this {cores}-core machine: per delivered message the hubs spent "

@@ -12,7 +12,8 @@ its partition, so decoding is spread over the hubs too). Per N it prints:
 - latency: webhook accepted (answered 200) → the answer's sendMessage at the fake API, p50 and p99, at an
   open-loop load of half that throughput;
 - CPU per delivered message of the hubs (summed), of the 3 nats-servers (summed), of the app, of the fake
-  API and of this process (the load generator), from /proc/<pid>/stat, during the throughput phase.
+  API and of this process (the load generator), from /proc/<pid>/stat, during the throughput phase; and
+  the cores the hubs and the nats-servers use with no traffic at all (lease rounds, heartbeats).
 
 Then the failover: with the 3 hubs under a steady open-loop load, one hub is killed with SIGKILL. Its
 partitions are read from its `/readyz` just before; the bench prints the time from the kill to the first
@@ -297,6 +298,7 @@ class Run:
     p50: float = float("nan")
     p99: float = float("nan")
     cpu_ms: dict[str, float] = field(default_factory=dict)  # per delivered message, by role
+    idle_cores: dict[str, float] = field(default_factory=dict)  # with no traffic, by role
     machine_busy: float = float("nan")
     unanswered: int = 0
     refused: int = 0
@@ -394,6 +396,7 @@ async def measure(bench: Bench, count: int) -> tuple[Run, list[HubProcess], Exit
         print(f"  {await wait_spread(bench, hubs)}", flush=True)
         load = Load(bench.session, bench.traffic, hubs, bench.next_message)
         await warm_up(bench, load)
+        await idle_phase(bench, run, bench.meter(hubs, app.pid))
         await throughput_phase(bench, load, run, bench.meter(hubs, app.pid))
         await latency_phase(bench, load, run)
         bench.next_message = load.next
@@ -412,6 +415,23 @@ async def warm_up(bench: Bench, load: Load) -> None:
         raise RuntimeError(f"warm-up: {len(missing)} of {len(warm)} messages were not answered within 90s")
 
 
+def by_role(used: dict[str, float]) -> dict[str, float]:
+    """CPU seconds of each process summed by role: every hub together, every nats-server together."""
+    roles = dict.fromkeys(("hubs", "nats-servers", "app", "fake API", "load generator"), 0.0)
+    for name, seconds in used.items():
+        roles[{"hub": "hubs", "nats": "nats-servers"}.get(name.split()[0], name)] += seconds
+    return roles
+
+
+async def idle_phase(bench: Bench, run: Run, meter: CpuMeter) -> None:
+    """CPU the processes use with no traffic (lease rounds, consumers' and servers' heartbeats), in cores."""
+    await asyncio.sleep(1.0)
+    meter.start()
+    await asyncio.sleep(bench.options.idle_seconds)
+    used, _ = meter.stop()
+    run.idle_cores = {role: seconds / bench.options.idle_seconds for role, seconds in by_role(used).items()}
+
+
 async def throughput_phase(bench: Bench, load: Load, run: Run, meter: CpuMeter) -> None:
     options = bench.options
     pending: set[int] = set()
@@ -426,11 +446,7 @@ async def throughput_phase(bench: Bench, load: Load, run: Run, meter: CpuMeter) 
     run.throughput = delivered / (end - start)
     if not delivered:
         raise RuntimeError("no answer reached the fake API during the throughput phase")
-    per_message = {role: 0.0 for role in ("hubs", "nats-servers", "app", "fake API", "load generator")}
-    for name, seconds in used.items():
-        role = {"hub": "hubs", "nats": "nats-servers"}.get(name.split()[0], name)
-        per_message[role] += seconds * 1000 / max(delivered, 1)
-    run.cpu_ms = per_message
+    run.cpu_ms = {role: seconds * 1000 / delivered for role, seconds in by_role(used).items()}
     await load.settle()
     await bench.arrivals.wait_for(sorted(pending), timeout=60)
 
@@ -455,6 +471,8 @@ def print_run(run: Run) -> None:
           f"p99 {run.p99:.1f} ms; accepted and unanswered {run.unanswered}, refused by every hub {run.refused}",
           flush=True)
     print(f"  CPU ms per delivered message: {cpu} (machine {run.machine_busy:.0%} busy)", flush=True)
+    print(f"  idle (after the warm-up, no traffic): hubs {run.idle_cores['hubs']:.2f} cores, nats-servers "
+          f"{run.idle_cores['nats-servers']:.2f} cores", flush=True)
 
 
 # ------------------------------------------------------------------------------------------- failover
@@ -597,14 +615,15 @@ def print_summary(runs: list[Run], result: Failover | None, background: float) -
     base = next((run for run in measured if run.hubs == 1), measured[0])
     print(f"\nsummary ({os.cpu_count()} cores; machine {background:.0%} busy before the bench started)")
     columns = ["hubs", "msg/s", "vs 1 hub", "p50 ms", "p99 ms", "at msg/s", "CPU ms/msg: hubs", "nats",
-               "app", "fake API", "load gen", "all", "machine busy"]
+               "app", "fake API", "load gen", "all", "machine busy", "idle cores: hubs", "nats"]
     print("  " + "  ".join(columns))
     for run in measured:
         cpu = run.cpu_ms
         cells = [run.hubs, f"{run.throughput:.0f}", f"{ratio(run.throughput, base.throughput):.2f}",
                  f"{run.p50:.1f}", f"{run.p99:.1f}", f"{run.latency_rate:.0f}", f"{cpu['hubs']:.2f}",
                  f"{cpu['nats-servers']:.2f}", f"{cpu['app']:.2f}", f"{cpu['fake API']:.2f}",
-                 f"{cpu['load generator']:.2f}", f"{run.whole_path_ms:.2f}", f"{run.machine_busy:.0%}"]
+                 f"{cpu['load generator']:.2f}", f"{run.whole_path_ms:.2f}", f"{run.machine_busy:.0%}",
+                 f"{run.idle_cores['hubs']:.2f}", f"{run.idle_cores['nats-servers']:.2f}"]
         print("  " + "  ".join(f"{cell:>{len(name)}}" for cell, name in zip(cells, columns, strict=True)))
     if result is not None and not result.note:
         print(f"  failover after SIGKILL of 1 of 3 hubs: first moved conversation answered after "
@@ -634,7 +653,9 @@ def print_model(base: Run, measured: list[Run]) -> None:
               f"fake API {cpu['fake API']:.2f}, this load generator {cpu['load generator']:.2f}: "
               f"{run.whole_path_ms:.2f} ms in all, so {cores} shared cores cap near "
               f"{ratio(cores * 1000, run.whole_path_ms):.0f} msg/s; "
-              f"measured {run.throughput:.0f} (machine {run.machine_busy:.0%} busy).")
+              f"measured {run.throughput:.0f} (machine {run.machine_busy:.0%} busy). With no traffic the "
+              f"nats-servers already use {run.idle_cores['nats-servers']:.2f} cores and the hubs "
+              f"{run.idle_cores['hubs']:.2f}.")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -643,6 +664,7 @@ def print_model(base: Run, measured: list[Run]) -> None:
 class Options(argparse.Namespace):
     hubs: str
     seconds: float
+    idle_seconds: float
     ramp: float
     in_flight: int
     chats: int
@@ -723,6 +745,7 @@ def main() -> None:
     parser.add_argument("--hubs", default="1,2,3", help="the numbers of hub processes to run, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measured phase")
     parser.add_argument("--ramp", type=float, default=2.0, help="closed-loop seconds before throughput is measured")
+    parser.add_argument("--idle-seconds", type=float, default=3.0, help="CPU measured with no traffic")
     parser.add_argument("--in-flight", type=int, default=240, help="messages in flight in the throughput phase")
     parser.add_argument("--chats", type=int, default=300)
     parser.add_argument("--connections", type=int, default=6, help="Telegram bots the chats are spread over")

@@ -567,7 +567,10 @@ def after_kill(result: Failover, arrivals: Arrivals, load: Load, sent: list[int]
                 bot_firsts.append(at)
         elif n in load.accepted and load.accepted[n] >= killed_at:
             others.append((at - load.accepted[n]) * 1000)
-    partitions_with_traffic = {partition_of(TENANT, traffic.conversation(c), partitions) for c in moved_chats}
+    # The moved partitions that had work for the new owner: a message not answered before the kill.
+    partitions_with_traffic = {partition_of(TENANT, traffic.conversation(traffic.chat_of(n)), partitions)
+                               for n in sent if traffic.chat_of(n) in moved_chats
+                               and arrivals.first.get(n, after) >= after}
     result.partitions_silent = len(partitions_with_traffic - set(first_by_partition))
     if first_by_partition:
         result.first_moved = min(first_by_partition.values()) - killed_at

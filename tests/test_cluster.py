@@ -423,7 +423,7 @@ async def test_make_cluster_starts_3_nodes_and_3_hubs_with_3_replicas_and_ctrl_c
                          timeout=90, interval=0.2)
         banner = log.read_text()
         assert script.poll() is None, banner
-        assert "NOT yet safe" in banner
+        assert "share subject prefix bh" in banner
         children = descendants(script.pid)
         commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
         assert sum(b"nats-server" in command for command in commands) == 3
@@ -436,8 +436,10 @@ async def test_make_cluster_starts_3_nodes_and_3_hubs_with_3_replicas_and_ctrl_c
                 async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
                     assert response.status == 200
         async with connected(servers) as nc:
-            for prefix in ("bh1", "bh2", "bh3"):  # one deployment each until partition ownership is wired in
-                assert set((await replica_counts(nc, Subjects(prefix))).values()) == {3}
+            assert set((await replica_counts(nc, Subjects("bh"))).values()) == {3}
+        held = [int(line.split(" partitions")[0].rsplit(" ", 1)[1]) for line in banner.splitlines()
+                if line.startswith("  hub ")]
+        assert sum(held) == 64 and max(held) - min(held) <= 1  # split evenly between the three
 
         script.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(script.wait, 60) == 0, log.read_text()

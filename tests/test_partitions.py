@@ -44,6 +44,18 @@ def with_hub(config: cfg.Config, **settings: object) -> cfg.Config:
     return msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, **settings))
 
 
+@pytest.mark.parametrize(("variable", "value", "error"), [
+    ("BABELHUB_PARTITIONS", "0", r"hub\.partitions: 0 must be 1 to 1024"),
+    ("BABELHUB_PARTITIONS", "5000", r"hub\.partitions: 5000 must be 1 to 1024"),
+    ("BABELHUB_LEASE_SECONDS", "0.2", r"hub\.lease_seconds: 0\.2 must be 1 to 300"),
+    ("BABELHUB_LEASE_SECONDS", "nan", r"hub\.lease_seconds: nan must be 1 to 300"),
+])
+def test_partitions_and_leases_outside_their_range_are_refused_naming_the_key(variable: str, value: str,
+                                                                              error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        cfg.load(None, env={variable: value})
+
+
 async def test_the_streams_store_each_message_under_the_partition_the_hub_computes(nats_client: NATS) -> None:
     subjects = Subjects(unique_prefix(), partitions=16)
     js = nats_client.jetstream()

@@ -359,15 +359,18 @@ async def test_the_embedded_server_admits_only_the_hub_and_each_tenant_on_its_ow
             assert ack.seq > 0
             await eventually(lambda: len([r for r in api_a.requests if "sendMessage" in r.path]) == 2)
 
-            # Nothing of tenant beta's, and no JetStream API.
+            # Nothing of tenant beta's, no JetStream API, and none of what only the hub writes (decoded
+            # envelopes, which the conversation's owner applies as the channel's).
             await alpha.subscribe("bh.beta.in.>")
             await alpha.publish("bh.beta.out.x", b"{}")
             await alpha.publish("$JS.API.STREAM.NAMES", b"")
+            await alpha.publish(f"bh.alpha.conv.{inbound.conversation.id}", b"{}")
             await alpha.flush()
-            await eventually(lambda: len(errors) >= 3)
+            await eventually(lambda: len(errors) >= 4)
         finally:
             await alpha.close()
-        assert len(errors) == 3 and all("permissions violation" in error.lower() for error in errors)
+        assert len(errors) == 4 and all("permissions violation" in error.lower() for error in errors)
+        assert any('publish to "bh.alpha.conv.' in error.lower() for error in errors)
         assert any('subscription to "bh.beta.in.>"' in error.lower() for error in errors)
         assert any('publish to "bh.beta.out.x"' in error.lower() for error in errors)
         assert any('publish to "$js.api.stream.names"' in error.lower() for error in errors)

@@ -42,7 +42,7 @@ bench: install
 	$(BIN)/python bench/memory_bench.py
 	$(BIN)/python bench/fuzz_codecs.py --budget 60
 
-# 1, 2 and 3 hubs on one prefix against a local 3-node NATS cluster, then a SIGKILL of one (about 3 minutes).
+# 1, 2 and 3 hubs on one prefix against a local 3-node NATS cluster, then a SIGKILL of one (about 5 minutes).
 bench-cluster: install
 	$(BIN)/python bench/cluster_bench.py
 

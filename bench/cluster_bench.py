@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
 import uvloop
 from e2e_bench import CpuMeter, percentile, process
 
@@ -721,6 +722,20 @@ async def run_all(options: Options) -> None:
             await cluster.stop()
 
 
+async def forget_run(servers: list[str], prefix: str) -> None:
+    """Delete the streams and buckets of a finished run: an R3 stream or consumer left in the cluster costs
+    the servers CPU even when idle, and would weigh on the next run's figures."""
+    nc = await nats.connect(servers=servers)
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            name = info.config.name or ""
+            if name.startswith((f"{prefix.upper()}_", f"KV_{prefix}_")):
+                await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
 async def every_run(bench: Bench, counts: list[int]) -> tuple[list[Run], Failover | None]:
     runs: list[Run] = []
     result = None
@@ -731,15 +746,19 @@ async def every_run(bench: Bench, counts: list[int]) -> tuple[list[Run], Failove
         except (RuntimeError, TimeoutError) as exc:
             runs.append(Run(hubs=count, failure=str(exc)))
             print_run(runs[-1])
+            await forget_run(bench.cluster.urls, f"cb{count}")
             continue
-        with stack:
-            runs.append(run)
-            print_run(run)
-            if bench.options.failover and count == max(counts) and count >= 2:
-                rate = bench.options.failover_load * run.throughput
-                print(f"failover: {count} hubs under {rate:.0f} msg/s", flush=True)
-                result = await failover(bench, hubs, max(rate, 5.0))
-                print_failover(result, bench.options)
+        try:
+            with stack:
+                runs.append(run)
+                print_run(run)
+                if bench.options.failover and count == max(counts) and count >= 2:
+                    rate = bench.options.failover_load * run.throughput
+                    print(f"failover: {count} hubs under {rate:.0f} msg/s", flush=True)
+                    result = await failover(bench, hubs, max(rate, 5.0))
+                    print_failover(result, bench.options)
+        finally:
+            await forget_run(bench.cluster.urls, f"cb{count}")
     return runs, result
 
 

@@ -16,7 +16,10 @@
 Every part is a separate process on 127.0.0.1 (nats-server, the hub, the baseline server, the fake API,
 the processor); this process only generates load. Requests are bounded in count and time.
 
-    python bench/e2e_bench.py [--requests 4000] [--seconds 6] [--parts abc] [--messages 5000]
+    python bench/e2e_bench.py [--requests 4000] [--seconds 6] [--parts abc] [--messages 5000] [--profile FILE]
+
+`--profile FILE` samples the hub with py-spy during (b)'s saturating phase and writes its collapsed
+stacks (py-spy's `raw` format) to FILE; `bench/profile_summary.py FILE` sums them per module.
 """
 
 from __future__ import annotations
@@ -210,6 +213,7 @@ class Options(argparse.Namespace):
     concurrency: int
     parts: str
     messages: int
+    profile: str
 
 
 async def run(options: Options) -> None:
@@ -270,30 +274,19 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
         await flood(base_url, warm, concurrency)
         await flood(hub_url, warm, concurrency)
         await asyncio.sleep(2)
-        base_rates, hub_rates = [], []
         next_id = 1000
-        for _ in range(3):
-            bodies = [update(n, f"ingest {n}") for n in range(next_id, next_id + requests)]
-            next_id += requests
-            base_rates.append(await flood(base_url, bodies, concurrency))
-            hub_rates.append(await flood(hub_url, bodies, concurrency))
-            await asyncio.sleep(2)  # let the hub drain what it accepted before the next round
-        base, hub = max(base_rates), max(hub_rates)
-        print("(a) durable webhook ingest")
-        print(f"    bare aiohttp + JetStream publish  {base:8.0f} req/s")
-        print(f"    babelhub webhook (verify, dedup)  {hub:8.0f} req/s")
-        print(f"    ratio                             {hub / base:8.2f}   (target ≥ 0.80: "
-              f"{'met' if hub / base >= 0.8 else 'NOT met'})")
+        if "a" in options.parts:
+            next_id = await durable_ingest(base_url, hub_url, requests, concurrency, next_id)
+        await settle(fake, hub_process.pid)
 
-        async with aiohttp.ClientSession() as session, session.post(fake + "/reset") as response:
-            await response.read()
-        await asyncio.sleep(3)
-
+        if "b" not in options.parts:
+            return
         # (b) the whole path: saturate to find throughput, then latency at half of it.
         meter.start()
-        sent = await offered_load(hub_url, 3000, seconds, next_id)
-        next_id += len(sent)
-        latencies, throughput = await collect(fake, sent, timeout=60)
+        with profiled(hub_process.pid, options.profile):
+            sent = await offered_load(hub_url, 3000, seconds, next_id)
+            next_id += len(sent)
+            latencies, throughput = await collect(fake, sent, timeout=60)
         used, machine_busy = meter.stop()
         delivered = len(latencies)
         print("(b) webhook → hub → processor (NATS) → hub → channel API")
@@ -305,6 +298,7 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
         print(f"    → one hub process on one core caps near {1000 / hub_ms:.0f} msg/s; "
               f"the machine ({os.cpu_count()} cores) was {machine_busy:.0%} busy")
         floor_url = f"http://127.0.0.1:{floor_port}/webhooks/telegram/tg"
+        await settle(fake, hub_process.pid)  # the floor shares the machine: not with the hub's backlog
         floor_rate, floor_ms = await floor_path(floor_url, fake, floor.pid, seconds, next_id)
         next_id += int(3000 * seconds)
         print(f"    floor (the same path with no hub logic, bench/floor_server.py): {floor_rate:.0f} msg/s, "
@@ -312,7 +306,7 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
         print(f"    → hub/floor throughput {throughput / floor_rate:.2f} (target ≥ 0.6: "
               f"{'met' if throughput / floor_rate >= 0.6 else 'NOT met'}); hub CPU {hub_ms:.2f} ms/msg "
               f"(target ≤ 0.5: {'met' if hub_ms <= 0.5 else 'NOT met'})")
-        await asyncio.sleep(3)
+        await settle(fake, hub_process.pid)
         half = max(50.0, throughput / 2)
         sent = await offered_load(hub_url, half, seconds, next_id)
         latencies, _ = await collect(fake, sent, timeout=60)
@@ -322,6 +316,55 @@ max_rate = 0  # the fake API has no limit: measure the hub, not Telegram's pace 
               f"(target p99 ≤ 50 ms: {'met' if p99 <= 50 else 'NOT met'})")
         rtt = await nats_round_trip(nats_url)
         print(f"    baseline: bare NATS request/reply round trip p50 {rtt:.2f} ms")
+
+
+async def durable_ingest(base_url: str, hub_url: str, requests: int, concurrency: int, next_id: int) -> int:
+    """(a): the bare handler and the hub alternately, best of 3 each; the next free update id."""
+    base_rates, hub_rates = [], []
+    for _ in range(3):
+        bodies = [update(n, f"ingest {n}") for n in range(next_id, next_id + requests)]
+        next_id += requests
+        base_rates.append(await flood(base_url, bodies, concurrency))
+        hub_rates.append(await flood(hub_url, bodies, concurrency))
+        await asyncio.sleep(2)  # let the hub drain what it accepted before the next round
+    base, hub = max(base_rates), max(hub_rates)
+    print("(a) durable webhook ingest")
+    print(f"    bare aiohttp + JetStream publish  {base:8.0f} req/s")
+    print(f"    babelhub webhook (verify, dedup)  {hub:8.0f} req/s")
+    print(f"    ratio                             {hub / base:8.2f}   (target ≥ 0.80: "
+          f"{'met' if hub / base >= 0.8 else 'NOT met'})")
+    return next_id
+
+
+async def settle(fake: str, hub_pid: int) -> None:
+    """Wait until the hub has worked off what earlier parts gave it (its CPU use falls quiet, at most a
+    minute), then clear the fake API's record: (b) must not measure (a)'s backlog."""
+    meter = CpuMeter({"hub": hub_pid})
+    for _ in range(60):
+        meter.start()
+        await asyncio.sleep(1)
+        used, _ = meter.stop()
+        if used["hub"] < 0.05:
+            break
+    async with aiohttp.ClientSession() as session, session.post(fake + "/reset") as response:
+        await response.read()
+
+
+@contextmanager
+def profiled(pid: int, output: str) -> Iterator[None]:
+    """Sample `pid` with py-spy (collapsed stacks to `output`) while the block runs; nothing without `output`."""
+    if not output:
+        yield
+        return
+    spy = Path(sys.executable).with_name("py-spy")
+    sampler = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                                "--nonblocking", "--output", output], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        sampler.send_signal(2)  # SIGINT: py-spy writes what it sampled and exits
+        sampler.wait(timeout=30)
 
 
 async def floor_path(floor_url: str, fake: str, floor_pid: int, seconds: float, first: int) -> tuple[float, float]:
@@ -461,6 +504,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--parts", default="abc", help="which parts to run (a, b, c)")
     parser.add_argument("--messages", type=int, default=5000, help="messages of the one conversation of (c)")
+    parser.add_argument("--profile", default="", help="write py-spy's collapsed stacks of the hub during (b) here")
     uvloop.run(run(parser.parse_args(namespace=Options())))
 
 

@@ -250,6 +250,13 @@ class HubProcess:
         path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM, as a supervisor stops it (the hub stops in order), and wait for it: its exit code.
+        Blocks: call it in a thread from async code."""
+        assert self.process is not None
+        self.process.terminate()
+        return self.process.wait(timeout)
+
     def stop(self) -> None:
         """SIGKILL, as a crash would: nothing is flushed or handed over."""
         if self.process is not None and self.process.poll() is None:

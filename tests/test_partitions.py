@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
 from babelhub import canonical as c
+from babelhub.actors.admission import Admission, Letter
 from babelhub.actors.runtime import Actor, ActorSystem
 from babelhub.errors import ConfigError
 from babelhub.hub.app import Hub
@@ -235,3 +236,41 @@ async def test_stopping_one_partitions_actors_leaves_the_others_running() -> Non
     assert system.offer("a1", "again")  # the key activates afresh
     await eventually(lambda: "a1:again" in applied)
     await system.stop()
+
+
+async def test_what_was_out_before_a_partition_is_taken_afresh_is_forgotten() -> None:
+    """A message handed back while this process held the partition may be applied by another process
+    since: once the partition's consumer starts afresh, later messages of its key must not wait for it."""
+    admission = Admission(hold_seconds=60.0)
+    actors: ActorSystem[str] = ActorSystem("t", lambda key: Slow(key, [], asyncio.Event()))
+    admission.turned_away("acme.c1", 5)
+    admission.turned_away("acme.c2", 5)
+    assert not admission.offer(actors, 9, [Letter("acme.c1", "m")])
+    admission.forget(lambda key: key == "acme.c1")
+    assert admission.offer(actors, 9, [Letter("acme.c1", "m")])
+    assert not admission.offer(actors, 9, [Letter("acme.c2", "m")])  # another partition's key is kept
+    await actors.stop(grace=0)
+
+
+async def test_a_process_whose_lease_ran_out_sends_nothing_for_the_partition(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    """A process stalled past its lease (its rounds stopped; the other processes may have taken the
+    partition) refuses the channel call and hands the message back, instead of sending it."""
+    fake_api.responder = telegram_responder
+    config = with_hub(telegram_config(nats_server.url, fake_api.base_url), partitions=1, lease_seconds=60.0)
+    hub = await start_hub(config)
+    app = await Processor(nats_client, config.hub.subject_prefix).start()
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{hub.http_url}/webhooks/telegram/tg", headers=HEADERS,
+            data=json.dumps(telegram_update(1, 42, "hello"))) as response:
+        assert response.status == 200
+    inbound, _ = await app.next()
+
+    ownership = hub._started().ownership
+    rounds = next(task for task in asyncio.all_tasks() if task.get_name() == "ownership")
+    rounds.cancel()  # no renewal, no fence task: as if the process were frozen
+    await asyncio.gather(rounds, return_exceptions=True)
+    ownership.leases[0].valid_until = 0.0  # its hold has run out, in its own view
+    await app.reply(inbound, c.Text(text="must not go out from here"))
+    await asyncio.sleep(2.0)
+    assert not [r for r in fake_api.requests if r.path.endswith("/sendMessage")]

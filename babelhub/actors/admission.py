@@ -86,6 +86,12 @@ class Admission:
             assert queued, "room was checked above, with no await in between"
         return True
 
+    def forget(self, chosen: Callable[[str], bool]) -> None:
+        """Drop what is known of the `chosen` keys' messages out: their consumer starts afresh, and a
+        message out before may have been applied by another process since (it would never come back)."""
+        for key in [key for key in self._out if chosen(key)]:
+            del self._out[key]
+
     def turned_away(self, key: str, seq: int) -> None:
         self._out.setdefault(key, {})[seq] = self._clock() + self._hold_seconds
 

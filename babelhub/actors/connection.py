@@ -13,6 +13,7 @@ fixed. The actor never waits on a conversation, so one stuck chat never holds up
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -31,6 +32,9 @@ __all__ = ["ConnectionActor", "RawDelivery"]
 
 log = logging.getLogger("babelhub.connection")
 
+_MAX_PAUSE = 5.0
+"""Longest pause between two tries to store a record's envelopes while NATS cannot take them."""
+
 
 class RawDelivery(msgspec.Struct, frozen=True, kw_only=True):
     request: HttpRequest
@@ -38,10 +42,6 @@ class RawDelivery(msgspec.Struct, frozen=True, kw_only=True):
     seq: int
     ack: Callable[[], Awaitable[None]]
     term: Callable[[], Awaitable[None]]
-    retry_later: Callable[[], Awaitable[None]]
-    """Hand the record back to JetStream, to be delivered again after a delay."""
-    release: Callable[[], Awaitable[None]]
-    """Hand the record back to JetStream, to be delivered again now."""
     trace: dict[str, str] = {}
 
 
@@ -66,16 +66,23 @@ class ConnectionActor(Actor[RawDelivery]):
                 await self._park(delivery, f"codec error: {exc!r}")
                 return
             try:
-                await asyncio.gather(*(self._hand_on(envelope) for envelope in envelopes))
+                await self._hand_on_all(envelopes, delivery.seq)
             except PayloadTooLarge as exc:
                 await self._park(delivery, str(exc))
                 return
-            except NATS_UNAVAILABLE as exc:
-                log.warning("%s: raw record %d waits for NATS: %r", self.key, delivery.seq, exc)
-                await delivery.retry_later()
-                return
         await delivery.ack()
         self.hub.metrics.messages_in.labels(connection.channel).inc(len(envelopes))
+
+    async def _hand_on_all(self, envelopes: list[c.Envelope], seq: int) -> None:
+        """Store every envelope of a record, trying again while NATS cannot take them: the connection's
+        later records wait meanwhile (in this actor's mailbox, kept alive), so none overtakes this one."""
+        for attempt in itertools.count():
+            try:
+                await asyncio.gather(*(self._hand_on(envelope) for envelope in envelopes))
+                return
+            except NATS_UNAVAILABLE as exc:
+                log.warning("%s: raw record %d waits for NATS: %r", self.key, seq, exc)
+                await asyncio.sleep(min(_MAX_PAUSE, 0.1 * 2**attempt))
 
     async def _hand_on(self, envelope: c.Envelope) -> None:
         """Store a decoded envelope for its conversation's owner (whichever process that is)."""

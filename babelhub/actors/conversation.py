@@ -45,8 +45,8 @@ from babelhub.services.deadletters import DeadLetter
 from babelhub.services.ownership import partition_of
 from babelhub.services.telemetry import span
 
-__all__ = ["MAX_SNAPSHOT_BYTES", "ConversationActor", "ConversationState", "Inbound", "Outbound", "SnapshotConflict",
-           "actor_key"]
+__all__ = ["MAX_SNAPSHOT_BYTES", "ConversationActor", "ConversationState", "Inbound", "NotHeld", "Outbound",
+           "SnapshotConflict", "actor_key"]
 
 log = logging.getLogger("babelhub.conversation")
 
@@ -129,6 +129,12 @@ class _EarlierState(msgspec.Struct, kw_only=True):
 
 class SnapshotConflict(RuntimeError):
     """Another owner wrote this conversation's snapshot first: never overwrite it, stop."""
+
+    fatal = True
+
+
+class NotHeld(RuntimeError):
+    """This process no longer holds the conversation's partition: another may be sending for it."""
 
     fatal = True
 
@@ -334,6 +340,8 @@ class ConversationActor(Actor[ConversationMessage]):
             return
         natives = await self._natives_of(_references(message))
         message = _without_unknown_references(message, natives)
+        if not self.hub.holds(self.tenant, self.conversation_id):
+            raise NotHeld(f"conversation {self.key}: its partition is no longer held by this process")
         with span("conversation.send", channel=connection.channel):
             # While the channel fails this waits (the circuit), holding the conversation's later messages
             # back in order; JetStream keeps the unacknowledged message, so a crash means redelivery.

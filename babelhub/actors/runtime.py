@@ -524,6 +524,9 @@ class ActorSystem(Generic[M]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if getattr(exc, "fatal", False):  # not this activation's to apply: hand it all back
+                    log.warning("actor %s:%s stops: %r", self.name, cell.actor.key, exc)
+                    raise _Abandoned from exc
                 now = loop.time()
                 while cell.restarts and now - cell.restarts[0] > self._restart_window:
                     del cell.restarts[0]

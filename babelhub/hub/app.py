@@ -193,6 +193,7 @@ class Hub:
                               settings.lease_seconds / 4, self.connection_actors, self.conversations)
         leases = await lease_bucket(js, self.subjects, settings.lease_seconds, settings.replicas)
         ownership = Ownership(leases, member_id(), settings.partitions, settings.lease_seconds, work=consumers)
+        ctx.ownership = ownership
         ingest = Ingest(publisher, self.subjects, dead_letters)
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
                             consume=consumers.consume, ownership=ownership)

@@ -49,7 +49,9 @@ from babelhub.services.ownership import partition_of
 __all__ = ["MAX_ACK_PENDING", "Consumers"]
 
 MAX_ACK_PENDING = 20_000
-"""Messages the server hands this process unacknowledged at most, over all the partitions it holds."""
+"""Messages the server hands out unacknowledged at most, over all partitions (each has at least
+`PARTITION_ACK_PENDING`)."""
+PARTITION_ACK_PENDING = 1_000
 
 Handler = Callable[[Msg], Coroutine[Any, Any, None]]
 Subscription = JetStreamContext.PushSubscription
@@ -80,6 +82,8 @@ class Consumers:
     async def take(self, partition: int) -> None:
         """Begin consuming `partition` (both of its consumers or neither)."""
         prefix, opened = self.ctx.subjects.prefix, []
+        self._admissions["raw"].forget(functools.partial(self._connection_in, {partition}))
+        self._admissions["conversations"].forget(functools.partial(self._conversation_in, {partition}))
         try:
             opened.append(await self._open("raw", f"raw-{partition}", [f"{prefix}.*.raw.{partition}.*.*"],
                                            self._on_raw))
@@ -114,7 +118,7 @@ class Consumers:
         from its first unacknowledged message. A previous owner's deliveries in flight are not waited for
         (its ack wait): the consumer is made afresh from its acknowledged floor."""
         js, stream = self.ctx.js, self.ctx.subjects.stream_name(role)
-        per_partition = max(256, MAX_ACK_PENDING // self.ctx.subjects.partitions)
+        per_partition = max(PARTITION_ACK_PENDING, MAX_ACK_PENDING // self.ctx.subjects.partitions)
         config = self._config(durable, per_partition, filter_subjects=filters, deliver_policy=DeliverPolicy.ALL)
         try:
             info = await js.consumer_info(stream, durable)
@@ -126,8 +130,10 @@ class Consumers:
             if floor:
                 config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
         await js.add_consumer(stream, config)
+        # The client's own queue never drops (that would break order until `ack_wait` redelivers): the
+        # server's `max_ack_pending` is the bound.
         return await js.subscribe_bind(stream, config, durable, cb=handler, manual_ack=True,
-                                       pending_msgs_limit=per_partition)
+                                       pending_msgs_limit=MAX_ACK_PENDING)
 
     def _config(self, durable: str, max_ack_pending: int, **settings: Any) -> ConsumerConfig:
         return ConsumerConfig(
@@ -180,9 +186,9 @@ class Consumers:
             return
         held = self.inflight.hold(msg)
         delivery = RawDelivery(request=request, subject=msg.subject, seq=held.seq, ack=held.ack, term=held.term,
-                               retry_later=functools.partial(_retry_later, held), release=held.nak,
                                trace=dict(msg.headers or {}))
-        await self._hand_over(self._decoders, "raw", held, Letter(connection_id, delivery))
+        # Handed back (its actor stopped before it was done with it): delivered again now.
+        await self._hand_over(self._decoders, "raw", held, Letter(connection_id, delivery, on_released=held.nak))
 
     def _raw_subject(self, subject: str) -> tuple[str, str]:
         """The tenant and connection a stored raw subject names

@@ -93,6 +93,11 @@ class ConnectionService:
         self.circuit = circuit or Circuit(base_delay=policy.base_delay, max_delay=policy.max_delay)
         self.send_deadline = send_deadline
         metrics.circuit_open.labels(self.id).set_function(lambda: self.circuit.state != "closed")
+        # This connection's series, looked up once (a lookup costs more than the increment).
+        self._messages_out = metrics.messages_out.labels(self.channel)
+        self._send_failures = metrics.send_failures.labels(self.channel)
+        self._retries = metrics.retries.labels(self.channel)
+        self._paced = metrics.paced.labels(self.id)
 
     @property
     def id(self) -> str:
@@ -139,7 +144,7 @@ class ConnectionService:
         try:
             requests = self.codec.encode(shown, ctx)
         except EncodeError as exc:
-            self._metrics.send_failures.labels(self.channel).inc()
+            self._send_failures.inc()
             return Sent(ok=False, error=Error(code="encode", message=str(exc)))
         return await self._perform_all(requests, choices, self._deadline(stored_at), progress, on_progress)
 
@@ -167,9 +172,9 @@ class ConnectionService:
                 continue  # made before a restart: the channel has it
             result = await self.call(request, deadline)
             if not result.ok:
-                self._metrics.send_failures.labels(self.channel).inc()
+                self._send_failures.inc()
                 return Sent(ok=False, native_ids=native_ids, error=result.error, choices=choices)
-            self._metrics.messages_out.labels(self.channel).inc()
+            self._messages_out.inc()
             native_ids.extend(result.native_ids)
             if on_progress is not None:
                 await on_progress(Progress(calls=index + 1, native_ids=list(native_ids),
@@ -187,11 +192,11 @@ class ConnectionService:
                                      on_paced=self._count_paced)
 
     async def _count_retry(self, result: SendResult, wait: float) -> None:
-        self._metrics.retries.labels(self.channel).inc()
+        self._retries.inc()
         log.info("%s: retrying in %.2fs after %s", self.id, wait, result.error)
 
     def _count_paced(self, seconds: float) -> None:
-        self._metrics.paced.labels(self.id).inc(seconds)
+        self._paced.inc(seconds)
 
     async def _to_session(self, request: OutboundRequest) -> SendResult:
         """Hand the message to whichever hub process holds the session's socket; it answers once the

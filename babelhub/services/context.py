@@ -12,6 +12,7 @@ from babelhub.redaction import SecretMask
 from babelhub.services.broker import Subjects
 from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetters
+from babelhub.services.ownership import Ownership, partition_of
 from babelhub.services.publisher import Publisher
 from babelhub.services.telemetry import Metrics
 
@@ -29,3 +30,13 @@ class HubContext:
     connections: dict[str, ConnectionService] = field(default_factory=dict)
     mask: SecretMask = field(default_factory=SecretMask)
     """Masks the configured secrets in what leaves the hub (statuses, dead letters, logs)."""
+    ownership: Ownership | None = None
+    """The partitions this process holds (set once they are kept, at start); None: all of them."""
+
+    def holds(self, tenant: str, conversation: str) -> bool:
+        """Whether this process may act for the conversation now: its partition's lease is held and not
+        near expiry. Asked right before a channel call, so a process that was stalled (a long pause, cut
+        off from NATS) past its lease never sends for a partition another process has taken."""
+        if self.ownership is None:
+            return True
+        return self.ownership.owns(partition_of(tenant, conversation, self.subjects.partitions))

@@ -4,9 +4,9 @@ A message the hub took is acknowledged only once its effect is recorded, which c
 the consumer's `ack_wait`: it waits in a busy conversation's mailbox, for the connection's pacer, or
 out a channel's Retry-After. JetStream would then deliver it again. The copy would be recognised and
 skipped, but it still costs a turn and a place in a bounded mailbox. So every message the hub holds is
-registered here, and every third of `ack_wait` the server is told that each one is still in progress
-(`+WPI`). After a crash nothing tells it so, and the messages come back `ack_wait` after their last
-sign of life.
+registered here, and the server is told that each one held for a third of `ack_wait` is still in
+progress (`+WPI`); most are settled sooner and cost no such message. After a crash nothing tells it
+so, and the messages come back `ack_wait` after their last sign of life.
 
 A hold ends with the first settlement — `ack`, `term`, or `nak` (hand it back for redelivery, now or
 after a delay) — and later ones are ignored: a record whose envelopes were handed back after one of them
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -60,16 +62,20 @@ class Held:
 
 
 class InFlight:
-    def __init__(self, ack_wait: float) -> None:
+    def __init__(self, ack_wait: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = ack_wait / 3
-        self._held: dict[str, Msg] = {}  # by reply subject: one per delivery (Msg is not hashable)
+        """A held message is told "in progress" once it has gone this long without a sign of life."""
+        self._clock = clock
+        # By reply subject (one per delivery; Msg is not hashable): the message and its last sign of life,
+        # oldest first, so a look stops at the first one that is still fresh.
+        self._held: dict[str, tuple[Msg, float]] = {}
 
     def __len__(self) -> int:
         return len(self._held)
 
     def hold(self, msg: Msg) -> Held:
         """Register `msg` and keep it alive until it is settled."""
-        self._held[msg.reply] = msg
+        self._held[msg.reply] = (msg, self._clock())
         return Held(self, msg)
 
     def _release(self, msg: Msg) -> bool:
@@ -77,15 +83,29 @@ class InFlight:
         return self._held.pop(msg.reply, None) is not None
 
     async def keep_alive(self, health: TaskHealth | None = None) -> None:
-        """Run until cancelled: every `interval`, tell the server each held message is in progress."""
+        """Run until cancelled: every half `interval`, tell the server that each message held for
+        `interval` since its delivery (or its last extension) is in progress. Its ack deadline then never
+        comes nearer than half an ack wait; a message settled within `interval`, as most are, costs no
+        extension at all."""
         while True:
             if health is not None:
                 health.ok()
-            await asyncio.sleep(self.interval)
-            for reply, msg in list(self._held.items()):
-                if reply not in self._held:  # settled while an earlier one was being extended
-                    continue
-                try:
-                    await msg.in_progress()
-                except nats.errors.Error as exc:  # connection trouble: redelivery is the fallback anyway
-                    log.warning("could not extend the ack deadline of %s: %r", msg.subject, exc)
+            await asyncio.sleep(self.interval / 2)
+            await self.extend_due()
+
+    async def extend_due(self) -> None:
+        """Tell the server that each message held for `interval` or more is in progress."""
+        due = self._clock() - self.interval
+        stale = []
+        for reply, (msg, since) in self._held.items():
+            if since > due:
+                break
+            stale.append((reply, msg))
+        for reply, msg in stale:
+            if self._held.pop(reply, None) is None:  # settled while an earlier one was being extended
+                continue
+            self._held[reply] = (msg, self._clock())  # to the end: held ones stay ordered by last sign of life
+            try:
+                await msg.in_progress()
+            except nats.errors.Error as exc:  # connection trouble: redelivery is the fallback anyway
+                log.warning("could not extend the ack deadline of %s: %r", msg.subject, exc)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from opentelemetry import context, propagate, trace
@@ -79,10 +80,28 @@ def setup_tracing(mode: str) -> None:
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         trace.set_tracer_provider(provider)
+    global _spans_checked_at
+    _spans_checked_at = float("-inf")  # ask again at the next span
+
+
+_SPANS_RECHECK_SECONDS = 1.0
+_spans_recorded = False
+_spans_checked_at = float("-inf")
 
 
 def _records_spans() -> bool:
-    return isinstance(trace.get_tracer_provider(), TracerProvider)
+    """Whether a span-recording (SDK) tracer provider is installed. Asking OpenTelemetry reads the
+    environment each time, which costs more than the rest of a skipped span; so the answer is kept: a
+    provider, once set, stays (OpenTelemetry refuses to replace it), and its absence is asked again
+    at most once a second (an application may install one after the hub started)."""
+    global _spans_recorded, _spans_checked_at
+    if _spans_recorded:
+        return True
+    now = time.monotonic()
+    if now - _spans_checked_at >= _SPANS_RECHECK_SECONDS:
+        _spans_checked_at = now
+        _spans_recorded = isinstance(trace.get_tracer_provider(), TracerProvider)
+    return _spans_recorded
 
 
 def carrier() -> dict[str, str]:
@@ -92,15 +111,20 @@ def carrier() -> dict[str, str]:
     return headers
 
 
-@contextmanager
-def span(name: str, parent: Mapping[str, str] | None = None, **attributes: str | int) -> Iterator[None]:
-    """A span continuing the trace found in `parent` headers (if any)."""
-    if parent is not None and "traceparent" not in parent and not _records_spans():
-        yield  # no trace to continue and none to start: skip the tracer's work on this hot path
-        return
+_NO_SPAN: AbstractContextManager[object] = nullcontext()
+
+
+def span(name: str, parent: Mapping[str, str] | None = None,
+         **attributes: str | int) -> AbstractContextManager[object]:
+    """A span continuing the trace found in `parent` headers (else the current one).
+
+    Without a recording tracer a span only carries a trace context on: with no `traceparent` in
+    `parent` (or no `parent`) the context stays what it is, so the tracer's work is skipped on this hot
+    path."""
+    if not _records_spans() and (parent is None or "traceparent" not in parent):
+        return _NO_SPAN
     ctx = propagate.extract(dict(parent)) if parent else context.get_current()
-    with tracer.start_as_current_span(name, context=ctx, attributes=attributes):
-        yield
+    return tracer.start_as_current_span(name, context=ctx, attributes=attributes)
 
 
 class Metrics:

@@ -13,6 +13,7 @@ import logging
 import time
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from babelhub.codecs.base import HttpRequest, HttpResponse
 from babelhub.errors import DecodeError, PayloadTooLarge, SignatureError
@@ -30,6 +31,8 @@ UNKNOWN_CHANNEL = "unknown"
 configured, so requests to made-up URLs cannot add series to /metrics."""
 
 _RETRY_AFTER_SECONDS = 5
+_OK = b'{"ok": true}'
+"""The answer to an accepted delivery, as `web.json_response({"ok": True})` writes it."""
 
 
 class Webhooks(InboundSource):
@@ -40,6 +43,8 @@ class Webhooks(InboundSource):
     def __init__(self, connections: list[ConnectionService], services: Services) -> None:
         super().__init__(connections, services)
         self._channels = {connection.channel for connection in connections}
+        self._counters: dict[tuple[str, int], Counter] = {}
+        """`babelhub_webhooks`' series by channel label and status, looked up once each."""
 
     def address(self, connection: ConnectionService, http_url: str) -> str:
         return f"{http_url}/webhooks/{connection.channel}/{connection.id}"
@@ -53,7 +58,11 @@ class Webhooks(InboundSource):
         channel = request.match_info["channel"]
         response = await self._answer(request, channel)
         label = channel if channel in self._channels else UNKNOWN_CHANNEL
-        self.services.ctx.metrics.webhooks.labels(label, str(response.status)).inc()
+        counted = self._counters.get((label, response.status))
+        if counted is None:  # labels name only configured channels and the statuses answered: few of them
+            counted = self._counters[label, response.status] = self.services.ctx.metrics.webhooks.labels(
+                label, str(response.status))
+        counted.inc()
         return response
 
     async def _answer(self, request: web.Request, channel: str) -> web.Response:
@@ -97,7 +106,7 @@ class Webhooks(InboundSource):
                               headers={"Retry-After": str(_RETRY_AFTER_SECONDS)})
             # Only now, verified and recorded, may the request be answered the channel's way.
             answer = await self._handshake(connection, native)
-            return answer or web.json_response({"ok": True})
+            return answer or web.Response(body=_OK, content_type="application/json", charset="utf-8")
 
     async def _handshake(self, connection: ConnectionService, native: HttpRequest) -> web.Response | None:
         """The codec's own answer to `native`, if any. A handshake that raises is a codec tripping over odd

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps run cluster test lint bench schema clean
+.PHONY: install system-deps run cluster test lint bench bench-cluster schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: install
 	$(BIN)/python bench/e2e_bench.py
 	$(BIN)/python bench/memory_bench.py
 	$(BIN)/python bench/fuzz_codecs.py --budget 60
+
+# 1, 2 and 3 hubs on one prefix against a local 3-node NATS cluster, then a SIGKILL of one (about 5 minutes).
+bench-cluster: install
+	$(BIN)/python bench/cluster_bench.py
 
 schema: install
 	$(BIN)/babelhub schema

@@ -1,5 +1,5 @@
-"""A fake Telegram Bot API for `e2e_bench.py`: answers sendMessage like the real one and notes when
-each text arrived, so the bench can compute webhook → channel API latency."""
+"""A fake Telegram Bot API for `e2e_bench.py` and `cluster_bench.py`: answers sendMessage like the real one
+and notes when each text arrived, so the bench can compute webhook → channel API latency."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ async def serve(port: int) -> None:
         return web.json_response({"ok": True, "result": {"message_id": next(ids), "date": int(time.time()),
                                                          "chat": {"id": body.get("chat_id"), "type": "private"}}})
 
-    async def stats(_: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(arrivals), content_type="application/json")
+    async def stats(request: web.Request) -> web.Response:
+        """Every (text, arrival time) so far, or those after the first `since` (a poller's cursor)."""
+        since = int(request.query.get("since", "0"))
+        return web.Response(text=json.dumps(arrivals[since:]), content_type="application/json")
 
     async def reset(_: web.Request) -> web.Response:
         arrivals.clear()

@@ -439,7 +439,7 @@ async def test_make_cluster_starts_3_nodes_and_3_hubs_with_3_replicas_and_ctrl_c
             assert set((await replica_counts(nc, Subjects("bh"))).values()) == {3}
         held = [int(line.split(" partitions")[0].rsplit(" ", 1)[1]) for line in banner.splitlines()
                 if line.startswith("  hub ")]
-        assert sum(held) == 64 and max(held) - min(held) <= 1  # split evenly between the three
+        assert sum(held) == 16 and max(held) - min(held) <= 1  # split evenly between the three
 
         script.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(script.wait, 60) == 0, log.read_text()

@@ -51,7 +51,9 @@ __all__ = ["MAX_ACK_PENDING", "Consumers"]
 MAX_ACK_PENDING = 20_000
 """Messages the server hands out unacknowledged at most, over all partitions (each has at least
 `PARTITION_ACK_PENDING`)."""
-PARTITION_ACK_PENDING = 1_000
+PARTITION_ACK_PENDING = 100
+"""(A bound per partition that grows with fewer partitions keeps the total near `MAX_ACK_PENDING`: more
+messages out only means more of them turned away by full mailboxes and redelivered.)"""
 
 Handler = Callable[[Msg], Coroutine[Any, Any, None]]
 Subscription = JetStreamContext.PushSubscription

@@ -49,7 +49,7 @@ class Subjects(msgspec.Struct, frozen=True):
     exactly its own (`babelhub.services.ownership`). Publishers and core subscribers never see it."""
 
     prefix: str = "bh"
-    partitions: int = 64
+    partitions: int = 16
 
     def raw(self, tenant: str, channel: str, connection: str) -> str:
         return f"{self.prefix}.{tenant}.raw.{channel}.{connection}"

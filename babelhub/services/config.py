@@ -59,7 +59,7 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     """Copies JetStream keeps of every stream and KV bucket the hub makes (1 to 5), each on another server
     of the NATS cluster; more than the cluster has up is refused at start. Existing ones with fewer are
     raised to it."""
-    partitions: int = 64
+    partitions: int = 16
     """Conversations hash into this many partitions, each handled by one hub process at a time (1 to
     1024). Fixed when the streams are made: every hub sharing them must say the same."""
     lease_seconds: float = 6.0

@@ -63,6 +63,12 @@ _FNV_OFFSET = 0x811C9DC5
 _FNV_PRIME = 0x01000193
 
 
+_TAKES_AT_ONCE = 4
+"""Partitions begun together: each makes its consumers afresh (a few JetStream API calls, each a
+replicated write on a cluster), so a process taking over many is not held up one by one, nor floods
+the servers."""
+
+
 def member_id() -> str:
     """A hub's name among the others: host, process id and a random part (two hubs may share a process,
     as in tests), in the characters a KV key allows."""
@@ -212,18 +218,25 @@ class Ownership:
                 return  # `release` ends the work
             await self._give_up_lost()
             await self._hand_over(self.releasing & set(self.leases))
-            for partition in sorted(self.held() - self.working - self.releasing):
+            new = sorted(self.held() - self.working - self.releasing)
+            for start in range(0, len(new), _TAKES_AT_ONCE):
                 await self._give_up_lost()
-                if not self.owns(partition) or self.work is None:
-                    continue
-                try:
-                    await self.work.take(partition)
-                except Exception:  # offered again after the next round, while the lease is held
-                    log.exception("member %s could not begin partition %d", self.member, partition)
-                    continue
+                await self._begin([partition for partition in new[start:start + _TAKES_AT_ONCE]
+                                   if self.owns(partition)])
+
+    async def _begin(self, partitions: list[int]) -> None:
+        if self.work is None:
+            self.working.update(partitions)
+            return
+        results = await asyncio.gather(*(self.work.take(partition) for partition in partitions),
+                                       return_exceptions=True)
+        for partition, result in zip(partitions, results, strict=True):
+            if isinstance(result, Exception):  # offered again after the next round, while the lease is held
+                log.error("member %s could not begin partition %d: %r", self.member, partition, result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
                 self.working.add(partition)
-            if self.work is None:
-                self.working = self.held()
 
     async def _give_up_lost(self) -> None:
         lost = self.working - self.held()

@@ -771,7 +771,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=240, help="messages in flight in the throughput phase")
     parser.add_argument("--chats", type=int, default=300)
     parser.add_argument("--connections", type=int, default=6, help="Telegram bots the chats are spread over")
-    parser.add_argument("--partitions", type=int, default=64, help="hub.partitions")
+    parser.add_argument("--partitions", type=int, default=16, help="hub.partitions")
     parser.add_argument("--lease-seconds", type=float, default=6.0, help="hub.lease_seconds")
     parser.add_argument("--no-failover", dest="failover", action="store_false", help="skip the kill -9 part")
     parser.add_argument("--failover-seconds", type=float, default=20.0, help="load after the kill")

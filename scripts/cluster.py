@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from babelhub.services.broker import die_with_parent, free_port
+from babelhub.services.config import load
 from babelhub.services.localcluster import LocalCluster
 
 REPLICAS = 3
@@ -105,7 +106,7 @@ async def run(args: argparse.Namespace) -> int:
         for hub in hubs:  # one after the other: the first makes the streams, the others find them
             await hub.start()
             await hub.wait_ready()
-        held = await spread(hubs)
+        held = await spread(hubs, load(config).hub.partitions)
         print(banner(cluster, hubs, held, data_dir), flush=True)
         await stop.wait()
         print("cluster: stopping the hubs, then the NATS servers…", flush=True)
@@ -115,17 +116,16 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def spread(hubs: list[HubChild], timeout: float = 30.0) -> list[list[int]]:
-    """The partitions each hub holds, once they are split between all of them (a hub that joins takes
-    its share within a few lease rounds), or as they are after `timeout`."""
+async def spread(hubs: list[HubChild], partitions: int, timeout: float = 60.0) -> list[list[int]]:
+    """The partitions each hub holds, once all `partitions` are split evenly between them (a hub that
+    joins takes its share within a few lease rounds), or as they are after `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         held = [list((await asyncio.to_thread(hub.readiness)).get("partitions", [])) for hub in hubs]
-        if all(held) and len({p for partitions in held for p in partitions}) == sum(map(len, held)):
-            if max(map(len, held)) - min(map(len, held)) <= 1 or loop.time() > deadline:
-                return held
-        elif loop.time() > deadline:
+        counts = [len(mine) for mine in held]
+        covered = {partition for mine in held for partition in mine}
+        if (len(covered) == sum(counts) == partitions and max(counts) - min(counts) <= 1) or loop.time() > deadline:
             return held
         await asyncio.sleep(0.5)
 

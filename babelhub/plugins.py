@@ -68,7 +68,7 @@ class Services:
     consume: Consume
     ownership: Ownership
     """Which partitions this process holds: a part that must run in one process only (a connection's
-    poller) runs where `owns(partition_of(tenant, connection, partitions))`."""
+    poller) runs where `owns(ctx.subjects.partition(tenant, connection))`."""
 
 
 class Plugin:

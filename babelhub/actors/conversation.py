@@ -42,7 +42,6 @@ from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.connections import ConnectionService, Progress
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
-from babelhub.services.ownership import partition_of
 from babelhub.services.telemetry import span
 
 __all__ = ["MAX_SNAPSHOT_BYTES", "ConversationActor", "ConversationState", "Inbound", "NotHeld", "Outbound",
@@ -144,6 +143,7 @@ class ConversationActor(Actor[ConversationMessage]):
         super().__init__(key)
         self.tenant, _, self.conversation_id = key.partition(".")
         self.hub = hub
+        self.partition = hub.subjects.partition(self.tenant, self.conversation_id)
         self.state = ConversationState()
         self.memory = Memory(hub.snapshots, hub.subjects.bucket("conversations"), hub.publisher, key)
         self._revision: int | None = None
@@ -241,8 +241,7 @@ class ConversationActor(Actor[ConversationMessage]):
             return  # done, not from the stream, or a snapshot from before sequences were kept
         subjects = self.hub.subjects
         stream = subjects.stream_name("messages")
-        subject = subjects.stored(subjects.outbound(self.tenant, self.conversation_id),
-                                  partition_of(self.tenant, self.conversation_id, subjects.partitions))
+        subject = subjects.stored(subjects.outbound(self.tenant, self.conversation_id), self.partition)
         cursor = self.state.out_seq + 1
         while cursor < seq:
             try:
@@ -340,7 +339,7 @@ class ConversationActor(Actor[ConversationMessage]):
             return
         natives = await self._natives_of(_references(message))
         message = _without_unknown_references(message, natives)
-        if not self.hub.holds(self.tenant, self.conversation_id):
+        if not self.hub.holds(self.partition):
             raise NotHeld(f"conversation {self.key}: its partition is no longer held by this process")
         with span("conversation.send", channel=connection.channel):
             # While the channel fails this waits (the circuit), holding the conversation's later messages

@@ -44,7 +44,6 @@ from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.ids import conversation_id_error, is_conversation_id
 from babelhub.services.inflight import Held, InFlight
-from babelhub.services.ownership import partition_of
 
 __all__ = ["MAX_ACK_PENDING", "Consumers"]
 
@@ -109,11 +108,11 @@ class Consumers:
 
     def _conversation_in(self, partitions: set[int], key: str) -> bool:
         tenant, _, conversation = key.partition(".")
-        return partition_of(tenant, conversation, self.ctx.subjects.partitions) in partitions
+        return self.ctx.subjects.partition(tenant, conversation) in partitions
 
     def _connection_in(self, partitions: set[int], key: str) -> bool:
         connection = self.ctx.connections.get(key)
-        return connection is None or partition_of(connection.tenant, key, self.ctx.subjects.partitions) in partitions
+        return connection is None or self.ctx.subjects.partition(connection.tenant, key) in partitions
 
     async def _open(self, role: str, durable: str, filters: list[str], handler: Handler) -> Subscription:
         """Bind to the durable consumer `durable`, made or remade so that it delivers to this process

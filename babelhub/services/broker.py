@@ -36,8 +36,8 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from babelhub.errors import ConfigError
 
-__all__ = ["EmbeddedServer", "Subjects", "bucket_stream", "die_with_parent", "find_nats_server", "provision",
-           "raise_replicas"]
+__all__ = ["EmbeddedServer", "Subjects", "bucket_stream", "die_with_parent", "find_nats_server", "partition_of",
+           "provision", "raise_replicas"]
 
 
 class Subjects(msgspec.Struct, frozen=True):
@@ -86,7 +86,7 @@ class Subjects(msgspec.Struct, frozen=True):
     def transform(self, role: str) -> SubjectTransform | None:
         """How a stream stores its subjects: with the partition of tenant + conversation (messages) or
         tenant + connection (raw) after the kind; nats-server's `partition()` is
-        `ownership.partition_of`."""
+        `partition_of`."""
         p, n = self.prefix, self.partitions
         if role == "raw":
             return SubjectTransform(src=f"{p}.*.raw.*.*",
@@ -98,6 +98,10 @@ class Subjects(msgspec.Struct, frozen=True):
                                          ".{{wildcard(3)}}")
         return None
 
+    def partition(self, tenant: str, key: str) -> int:
+        """The partition of a tenant's conversation or connection (`partition_of`)."""
+        return partition_of(tenant, key, self.partitions)
+
     def stored(self, subject: str, partition: int) -> str:
         """`subject` (a raw, inbound, outbound or decoded one) as its stream stores it."""
         prefix, tenant, kind, rest = subject.split(".", 3)
@@ -108,6 +112,20 @@ class Subjects(msgspec.Struct, frozen=True):
 
     def bucket(self, role: str) -> str:
         return f"{self.prefix}_{role}"
+
+
+def partition_of(tenant: str, key: str, partitions: int) -> int:
+    """The partition of a tenant's conversation (or connection): the number nats-server's subject
+    transform `partition(n,1,3)` puts in the stored subject (FNV-1a, 32 bits, over the tokens joined),
+    so the hub and the streams always agree."""
+    digest = _FNV_OFFSET
+    for byte in (tenant + key).encode():
+        digest = ((digest ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
+    return digest % partitions
+
+
+_FNV_OFFSET = 0x811C9DC5
+_FNV_PRIME = 0x01000193
 
 
 STREAM_NAME_IN_USE = 10058

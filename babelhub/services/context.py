@@ -12,7 +12,7 @@ from babelhub.redaction import SecretMask
 from babelhub.services.broker import Subjects
 from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetters
-from babelhub.services.ownership import Ownership, partition_of
+from babelhub.services.ownership import Ownership
 from babelhub.services.publisher import Publisher
 from babelhub.services.telemetry import Metrics
 
@@ -33,10 +33,8 @@ class HubContext:
     ownership: Ownership | None = None
     """The partitions this process holds (set once they are kept, at start); None: all of them."""
 
-    def holds(self, tenant: str, conversation: str) -> bool:
-        """Whether this process may act for the conversation now: its partition's lease is held and not
-        near expiry. Asked right before a channel call, so a process that was stalled (a long pause, cut
-        off from NATS) past its lease never sends for a partition another process has taken."""
-        if self.ownership is None:
-            return True
-        return self.ownership.owns(partition_of(tenant, conversation, self.subjects.partitions))
+    def holds(self, partition: int) -> bool:
+        """Whether this process may act for `partition` now: its lease is held and not near expiry. Asked
+        right before a channel call, so a process that was stalled (a long pause, cut off from NATS) past
+        its lease never sends for a partition another process has taken."""
+        return self.ownership is None or self.ownership.owns(partition)

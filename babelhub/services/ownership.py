@@ -40,7 +40,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
-from babelhub.services.broker import Subjects, bucket_stream, raise_replicas
+from babelhub.services.broker import Subjects, bucket_stream, partition_of, raise_replicas
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.supervise import TaskHealth
 
@@ -49,18 +49,6 @@ __all__ = ["Lease", "Ownership", "PartitionWork", "lease_bucket", "member_id", "
 log = logging.getLogger("babelhub.ownership")
 
 
-def partition_of(tenant: str, key: str, partitions: int) -> int:
-    """The partition of a tenant's conversation (or connection): the number nats-server's subject
-    transform `partition(n,1,3)` puts in the stored subject (FNV-1a, 32 bits, over the tokens joined),
-    so the hub and the streams always agree."""
-    digest = _FNV_OFFSET
-    for byte in (tenant + key).encode():
-        digest = ((digest ^ byte) * _FNV_PRIME) & 0xFFFFFFFF
-    return digest % partitions
-
-
-_FNV_OFFSET = 0x811C9DC5
-_FNV_PRIME = 0x01000193
 
 
 _TAKES_AT_ONCE = 4

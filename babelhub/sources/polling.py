@@ -25,7 +25,6 @@ from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.plugins import InboundSource
 from babelhub.services.connections import ConnectionService
 from babelhub.services.delivery import perform
-from babelhub.services.ownership import partition_of
 from babelhub.services.supervise import TaskHealth
 
 __all__ = ["Pollers"]
@@ -62,7 +61,7 @@ class Pollers(InboundSource):
         ctx = self.services.ctx
         cursors = await ctx.js.key_value(ctx.subjects.bucket("cursors"))
         ownership = self.services.ownership
-        partition = partition_of(connection.tenant, connection.id, ctx.subjects.partitions)
+        partition = ctx.subjects.partition(connection.tenant, connection.id)
         while True:
             while not ownership.owns(partition):  # another hub process polls it
                 health.ok()

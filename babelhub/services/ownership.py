@@ -200,7 +200,7 @@ class Ownership:
 
     async def match_work(self) -> None:
         """End at once the work of what is no longer held; hand over what is another's; begin the work
-        of what is held, one partition at a time (looking for lost leases before each)."""
+        of what is held, `_TAKES_AT_ONCE` partitions at a time (looking for lost leases before each batch)."""
         async with self._changing:
             if self.closing:
                 return  # `release` ends the work

@@ -5,6 +5,7 @@ Bot API; conversations are driven through their actor directly where thousands o
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from babelhub import canonical as c
+from babelhub.actors import conversation
 from babelhub.actors.conversation import (
     MAX_SNAPSHOT_BYTES,
     ConversationActor,
@@ -130,6 +132,12 @@ async def checkpoint_bytes(hub: Hub, nc: NATS, actor: ConversationActor, key: st
     return recorder.bytes
 
 
+async def snapshot_bytes(hub: Hub, actor: ConversationActor, key: str) -> int:
+    """The size of the actor's snapshot, written now (a checkpoint writes it only when it changed)."""
+    await actor.save_snapshot()
+    return len((await hub.ctx.snapshots.get(actor_key(TENANT, key))).value or b"")
+
+
 # ------------------------------------------------------------------------------------ bounded cost
 
 async def test_a_checkpoint_writes_the_same_bytes_however_long_the_conversation(
@@ -141,10 +149,10 @@ async def test_a_checkpoint_writes_the_same_bytes_however_long_the_conversation(
     await actor.on_activate()
 
     await converse(actor, key, 1, 20)
-    young_snapshot = len((await hub.ctx.snapshots.get(actor_key(TENANT, key))).value or b"")
+    young_snapshot = await snapshot_bytes(hub, actor, key)
     young_write = await checkpoint_bytes(hub, nats_client, actor, key, 21)
     await converse(actor, key, 22, PAIRS)
-    old_snapshot = len((await hub.ctx.snapshots.get(actor_key(TENANT, key))).value or b"")
+    old_snapshot = await snapshot_bytes(hub, actor, key)
     old_write = await checkpoint_bytes(hub, nats_client, actor, key, PAIRS + 1)
 
     assert old_snapshot <= young_snapshot * 1.1 and old_snapshot < 1024  # nothing that grows per message
@@ -202,6 +210,68 @@ async def test_a_conversation_in_full_flow_reads_only_what_may_repeat(
 
     assert flowing == 2  # the snapshot and the send ledger at activation; nothing per message
     assert inbound.envelopes == []
+
+
+async def test_a_turn_that_only_moves_its_progress_marks_leaves_the_snapshot_to_lag(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_api.responder = telegram_responder
+    hub = await start_hub(unpaced(telegram_config(nats_server.url, fake_api.base_url)))
+    key = c.conversation_id(TENANT, "tg", CHAT)
+    snapshot_writes = Recorder()
+    await nats_client.subscribe(f"$KV.{hub.subjects.bucket('conversations')}.{actor_key(TENANT, key)}",
+                                cb=snapshot_writes.write)
+    await nats_client.flush()
+    actor = ConversationActor(actor_key(TENANT, key), hub.ctx)
+    await actor.on_activate()
+
+    await converse(actor, key, 1, 1, seqs=True)  # the chat, its participant: written
+    await converse(actor, key, 2, 10, checkpoint_every=1, seqs=True)  # only the marks move: not written
+    await nats_client.flush()
+    await asyncio.sleep(0.1)
+    assert snapshot_writes.count == 1
+
+    monkeypatch.setattr(conversation, "SNAPSHOT_LAG_SECONDS", 0.0)  # the marks are now old enough
+    await converse(actor, key, 11, 11, seqs=True)
+    await nats_client.flush()
+    await asyncio.sleep(0.1)
+    saved = msgspec.msgpack.decode((await hub.ctx.snapshots.get(actor_key(TENANT, key))).value or b"",
+                                   type=ConversationState)
+    assert snapshot_writes.count == 2 and saved.out_seq == 11 and saved.in_seq == 11
+
+    monkeypatch.setattr(conversation, "SNAPSHOT_LAG_SECONDS", 3600.0)
+    await converse(actor, key, 12, 12, seqs=True)
+    await actor.on_passivate()  # the last marks are written when the activation ends
+    saved = msgspec.msgpack.decode((await hub.ctx.snapshots.get(actor_key(TENANT, key))).value or b"",
+                                   type=ConversationState)
+    assert saved.out_seq == 12 and saved.in_seq == 12
+
+
+async def test_after_a_crash_with_a_lagging_snapshot_redelivered_messages_are_not_applied_again(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    fake_api.responder = telegram_responder
+    hub = await start_hub(unpaced(telegram_config(nats_server.url, fake_api.base_url)))
+    key = c.conversation_id(TENANT, "tg", CHAT)
+    actor = ConversationActor(actor_key(TENANT, key), hub.ctx)
+    await actor.on_activate()
+    await converse(actor, key, 1, 6, checkpoint_every=1, seqs=True)  # the snapshot holds the marks of turn 1
+    inbound = Recorder()
+    await nats_client.subscribe(hub.subjects.inbound(TENANT, key), cb=inbound.envelope)
+    await nats_client.flush()
+    sent_before = len(sends(fake_api))
+    stored = time.time()
+
+    again = ConversationActor(actor_key(TENANT, key), hub.ctx)  # the process died; its mail comes back
+    await again.on_activate()
+    assert again.state.in_seq < 6
+    for n in range(4, 7):
+        redelivered = user_message(key, n)
+        await again.receive(Inbound(redelivered, stored_at=stored))
+        await again.receive(Outbound(app_reply(key, n, reply_to=redelivered.id), stored_at=stored, seq=n))
+    await nats_client.flush()
+    await asyncio.sleep(0.1)
+
+    assert inbound.envelopes == [] and len(sends(fake_api)) == sent_before
 
 
 # ------------------------------------------------------------------------------- old messages known

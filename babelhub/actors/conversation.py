@@ -12,8 +12,8 @@ snapshot (participants, messaging window, numbered-choice map, the reply API bas
 is written to JetStream KV with a revision check: a conflict means another owner wrote first, and this
 activation stops rather than overwrite it. What each message teaches — which envelopes were applied,
 the canonical↔native id map — is written once per fact, as keys of their own that expire by themselves
-(`babelhub.actors.memory`). A checkpoint writes the snapshot first, carrying the facts learnt since the
-previous one, then those facts: a crash in between loses none of them.
+(`babelhub.actors.memory`). A checkpoint writes the snapshot first, when it changed (`SNAPSHOT_LAG_SECONDS`),
+carrying the facts learnt since the previous one, then those facts: a crash in between loses none of them.
 
 Actors and their snapshots are keyed by tenant + conversation (`actor_key`), and an outbound envelope is
 applied only when the connections it names belong to its tenant and its conversation id is the one its
@@ -44,8 +44,8 @@ from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.telemetry import span
 
-__all__ = ["MAX_SNAPSHOT_BYTES", "ConversationActor", "ConversationState", "Inbound", "NotHeld", "Outbound",
-           "SnapshotConflict", "actor_key"]
+__all__ = ["MAX_SNAPSHOT_BYTES", "SNAPSHOT_LAG_SECONDS", "ConversationActor", "ConversationState", "Inbound",
+           "NotHeld", "Outbound", "SnapshotConflict", "actor_key"]
 
 log = logging.getLogger("babelhub.conversation")
 
@@ -68,6 +68,13 @@ _MAX_JOURNAL = 256
 """Facts a snapshot carries at most (each under 180 bytes: a 24-character digest and an id of at most
 `memory.MAX_ID_BYTES`). A checkpoint with more — a catch-up of many earlier messages in one turn — writes
 them before the snapshot instead: a crash in between may then lose the snapshot's side of those turns."""
+SNAPSHOT_LAG_SECONDS = 5.0
+"""How long the snapshot may lag behind a conversation in full flow. A turn that only moves its progress
+marks (`ConversationState.in_seq`, `out_seq`, `last_inbound`) writes its facts, not the snapshot. The
+marks only spare reads: a message stored before the activation began is looked up whatever they say
+(`ConversationActor._may_repeat`), so after a crash older marks cost a few more reads, never a message.
+A snapshot is written when anything else changes, when the marks are older than this, and when the
+actor passivates."""
 MAX_SNAPSHOT_BYTES = 128 * 1024
 """The largest snapshot written, whatever the conversation's age. The per-item limits above bound it:
 conversation 0.5 KiB + reply API base 0.5 KiB + participants 256 x (24 + 128 bytes + ~6 header) ≈ 40 KiB +
@@ -79,6 +86,8 @@ writes a few hundred bytes."""
 class Inbound(msgspec.Struct, frozen=True):
     envelope: c.Envelope
     trace: dict[str, str] = {}
+    stored_at: float | None = None
+    """Unix time JetStream first stored the decoded envelope; None = now."""
 
 
 class Outbound(msgspec.Struct, frozen=True):
@@ -151,11 +160,15 @@ class ConversationActor(Actor[ConversationMessage]):
         """Native ids learnt for envelopes of the turn under way, recorded when they are applied."""
         self._activated_at = time.time()
         self._dirty = False
+        """The snapshot must be written at the next checkpoint."""
+        self._moved = False
+        """Only the progress marks changed since the snapshot was written (`SNAPSHOT_LAG_SECONDS`)."""
+        self._saved_at = time.monotonic()
         self._stored_at: float | None = None  # when the current turn's outbound message was stored
         self._caught_up = False  # the earlier outbound messages were looked for once in this activation
         self._ledger: dict[str, Progress] = {}
-        """The send ledger: messages whose channel calls (some or all) succeeded, until a snapshot that
-        counts them as applied is saved. Kept under its own small key, written after each such call."""
+        """The send ledger: messages whose channel calls (some or all) succeeded, until the facts that
+        count them as applied are written. Kept under its own small key, written after each such call."""
         self._ledger_revision: int | None = None
 
     # --------------------------------------------------------------------------------- lifecycle
@@ -193,20 +206,30 @@ class ConversationActor(Actor[ConversationMessage]):
             self._revision = await self.hub.publisher.store(self.hub.snapshots, self.key, data, last=self._revision)
         except KeyWrongLastSequenceError as exc:
             raise SnapshotConflict(f"conversation {self.key} was written by another owner") from exc
-        self._dirty = False
+        self._dirty = self._moved = False
+        self._saved_at = time.monotonic()
 
     async def checkpoint(self) -> None:
-        journal = self.memory.pending()
-        if not (self._dirty or journal):
-            return
-        if len(journal) > _MAX_JOURNAL:
-            await self.memory.flush()
-            journal = []
-        await self.save_snapshot(journal)
+        if self._dirty or (self._moved and time.monotonic() - self._saved_at >= SNAPSHOT_LAG_SECONDS):
+            journal = self.memory.pending()
+            if len(journal) > _MAX_JOURNAL:
+                await self.memory.flush()
+                journal = []
+            await self.save_snapshot(journal)
         await self.memory.flush()
         self.state.journal = []
         for message_id in [m for m in self._ledger if await self._applied(m)]:
             del self._ledger[message_id]  # the saved snapshot keeps it from a resend now
+
+    async def on_passivate(self) -> None:
+        """Progress marks the last checkpoint left to lag are written before the activation ends; if
+        that fails they only cost reads later."""
+        if not self._moved:
+            return
+        try:
+            await self.save_snapshot([])
+        except Exception as exc:
+            log.warning("conversation %s: its progress marks were not saved: %r", self.key, exc)
 
     # ----------------------------------------------------------------------------------- turns
 
@@ -218,7 +241,7 @@ class ConversationActor(Actor[ConversationMessage]):
             case Inbound():
                 with span("conversation.inbound", message.trace, conversation=self.key):
                     await self._inbound(envelope)
-                self.state.in_seq = max(self.state.in_seq, _raw_seq(envelope))
+                self._advance_in(_raw_seq(envelope))
             case Outbound():
                 await self._take_earlier_outbound(message.seq)
                 await self._apply_outbound(message)
@@ -226,8 +249,9 @@ class ConversationActor(Actor[ConversationMessage]):
 
     async def _apply_outbound(self, message: Outbound) -> None:
         self._stored_at = message.stored_at
-        if message.seq:
-            self.state.out_seq = max(self.state.out_seq or 0, message.seq)
+        if message.seq > (self.state.out_seq or 0):
+            self.state.out_seq = message.seq
+            self._moved = True
         with span("conversation.outbound", message.trace, conversation=self.key):
             await self._outbound(message.envelope)
 
@@ -396,13 +420,19 @@ class ConversationActor(Actor[ConversationMessage]):
         if (isinstance(reply_base, str) and reply_base != self.state.api_base
                 and len(reply_base.encode()) <= _MAX_API_BASE_BYTES):
             self.state.api_base = reply_base
+            self._dirty = True
         self._learn_native_id(envelope)
         if envelope.native is not None and envelope.native.thread and envelope.thread:
             self.memory.put(Fact.THREAD, envelope.thread, envelope.native.thread)
         if envelope.sender is not None and envelope.sender.role == "user":
             self._hear(envelope.sender)
             self.state.last_inbound = envelope.ts.timestamp()
-        self._dirty = True
+            self._moved = True
+
+    def _advance_in(self, seq: int) -> None:
+        if seq > self.state.in_seq:
+            self.state.in_seq = seq
+            self._moved = True
 
     def _learn_native_id(self, envelope: c.Envelope) -> None:
         """Note an inbound envelope's own native id, recorded with it when it is applied (a reply to it
@@ -511,10 +541,14 @@ class ConversationActor(Actor[ConversationMessage]):
         """Remember a participant (most recent last), with a bounded name, among a bounded number."""
         participants = self.state.participants
         key = _short_key(sender.id)
+        name = _clip(sender.name, _MAX_NAME_BYTES)
+        if participants and next(reversed(participants)) == key and participants[key] == name:
+            return  # the one heard last, again: nothing to write
         participants.pop(key, None)
-        participants[key] = _clip(sender.name, _MAX_NAME_BYTES)
+        participants[key] = name
         while len(participants) > _MAX_PARTICIPANTS:
             del participants[next(iter(participants))]
+        self._dirty = True
 
     async def _applied(self, envelope_id: str, look_up: bool = True) -> bool:
         """Whether the envelope was applied here (within `memory.RETENTION`): then it is skipped. Without
@@ -527,16 +561,20 @@ class ConversationActor(Actor[ConversationMessage]):
         """Whether `message` may repeat an envelope applied before this activation learnt of it, and must
         be looked up (what this activation applied it knows without a read).
 
-        A message may repeat when its stream message is not newer than every one applied here (a JetStream
-        redelivery, or one handed back and taken later), or when its envelope is older than `_FRESH_SECONDS`
-        (a channel's retry after ingest's dedup window, a poller that reads an update again, an app that
-        publishes an old answer again). An outbound envelope made before this activation began may also
-        repeat (an app publishing its answer again after the hub restarted). The rest — a conversation in
-        full flow — are new, and cost no read. What this leaves out: an app that makes an answer afresh,
-        with the id of one applied in an earlier activation, less than a minute after the hub restarted."""
+        A message may repeat when it was stored before this activation began (what an earlier one, or a
+        process that died, may have applied: the snapshot's progress marks may lag behind it), when its
+        stream message is not newer than every one applied here (a JetStream redelivery, or one handed back
+        and taken later), or when its envelope is older than `_FRESH_SECONDS` (a channel's retry after
+        ingest's dedup window, a poller that reads an update again, an app that publishes an old answer
+        again). An outbound envelope made before this activation began may also repeat (an app publishing
+        its answer again after the hub restarted). The rest — a conversation in full flow — are new, and
+        cost no read. What this leaves out: an app that makes an answer afresh, with the id of one applied
+        in an earlier activation, less than a minute after the hub restarted."""
         envelope = message.envelope
         made = envelope.ts.timestamp()
         if made < time.time() - _FRESH_SECONDS:
+            return True
+        if message.stored_at is not None and message.stored_at < self._activated_at:
             return True
         if isinstance(message, Outbound):
             return (not message.seq or self.state.out_seq is None or message.seq <= self.state.out_seq
@@ -548,7 +586,6 @@ class ConversationActor(Actor[ConversationMessage]):
         """Record the envelope as applied, with the native id it brought or was sent as, if any."""
         native_id = self._natives.pop(envelope_id, "")
         self.memory.put(Fact.MESSAGE, envelope_id, native_id if len(native_id.encode()) <= MAX_ID_BYTES else "")
-        self._dirty = True
 
     async def _status(self, message: c.Message | c.Activity, state: c.State, native_id: str = "",
                       error: c.Error | None = None) -> None:

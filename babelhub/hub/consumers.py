@@ -239,12 +239,14 @@ class Consumers:
             await held.term()
 
         trace = dict(msg.headers or {})
+        # When JetStream first stored it (what an earlier activation may have applied; for a send, its
+        # deadline's start) and where (what comes before it).
+        metadata = msg.metadata
         message: ConversationMessage
         if stage == "apply":
-            message = Inbound(envelope, trace)
+            message = Inbound(envelope, trace, metadata.timestamp.timestamp())
         else:
-            # When JetStream first stored it (the send deadline's start) and where (what comes before it).
-            message = Outbound(envelope, trace, msg.metadata.timestamp.timestamp(), msg.metadata.sequence.stream)
+            message = Outbound(envelope, trace, metadata.timestamp.timestamp(), metadata.sequence.stream)
         # Keyed by the subject's tenant: naming another tenant's conversation id reaches an empty actor.
         await self._hand_over(self._conversations, "conversations", held,
                               Letter(actor_key(tenant, conversation), message, held.ack, failed, held.nak))

@@ -6,7 +6,8 @@ JSON with `encode`, and read back with `decode`. An envelope is one of three kin
 
 * `Message`  — content: an ordered list of parts (text, media, buttons, …), so mixed content is natural.
 * `Status`   — what happened to a message we sent (accepted → queued → sent → delivered → read, or failed).
-* `Activity` — everything that is neither: typing, read markers, members joining, opt-outs, handoffs.
+* `Activity` — everything that is neither: typing, read markers, members joining, opt-outs, handoffs,
+  a call starting or ending, its DTMF digits and playback marks.
 
 Evolution is additive only: new fields get defaults, unknown fields are ignored on decode, and `v`
 (the schema version) changes only if a field's meaning ever has to change.
@@ -119,7 +120,8 @@ MediaKind: TypeAlias = Literal["image", "audio", "voice", "video", "document", "
 ButtonAction: TypeAlias = Literal["reply", "url", "call", "postback"]
 State: TypeAlias = Literal["accepted", "queued", "sent", "delivered", "read", "played", "failed", "deleted"]
 ActivityType: TypeAlias = Literal[
-    "typing", "read", "presence", "joined", "left", "opt_in", "opt_out", "started", "ended", "handoff"
+    "typing", "read", "presence", "joined", "left", "opt_in", "opt_out", "started", "ended", "handoff",
+    "call_started", "call_ended", "dtmf", "mark",
 ]
 
 

@@ -15,7 +15,7 @@ ROOT = Path(babelhub.__file__).parent
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("babelhub", "babelhub.canonical", "babelhub.errors", "babelhub.redaction",
                     "babelhub.entrypoints")),
-    ("codecs", ("babelhub.codecs",)),
+    ("codecs", ("babelhub.codecs", "babelhub.audio", "babelhub.media")),
     ("services", ("babelhub.services",)),
     ("actors", ("babelhub.actors",)),
     ("plug-in contracts", ("babelhub.plugins",)),

@@ -69,12 +69,12 @@ _MAX_JOURNAL = 256
 `memory.MAX_ID_BYTES`). A checkpoint with more — a catch-up of many earlier messages in one turn — writes
 them before the snapshot instead: a crash in between may then lose the snapshot's side of those turns."""
 SNAPSHOT_LAG_SECONDS = 5.0
-"""How long the snapshot may lag behind a conversation in full flow. A turn that only moves its progress
-marks (`ConversationState.in_seq`, `out_seq`, `last_inbound`) writes its facts, not the snapshot. The
-marks only spare reads: a message stored before the activation began is looked up whatever they say
-(`ConversationActor._may_repeat`), so after a crash older marks cost a few more reads, never a message.
-A snapshot is written when anything else changes, when the marks are older than this, and when the
-actor passivates."""
+"""How long the snapshot may be left behind a conversation in full flow. A turn that only moves its
+progress marks (`ConversationState.in_seq`, `out_seq`, `last_inbound`) writes its facts, not the
+snapshot. The marks only spare reads: a message stored before the activation began is looked up whatever
+they say (`ConversationActor._may_repeat`), so after a crash older marks cost a few more reads, never a
+message. The snapshot is written when anything else changes, by the first checkpoint this long after
+the previous one, and when the actor passivates."""
 MAX_SNAPSHOT_BYTES = 128 * 1024
 """The largest snapshot written, whatever the conversation's age. The per-item limits above bound it:
 conversation 0.5 KiB + reply API base 0.5 KiB + participants 256 x (24 + 128 bytes + ~6 header) ≈ 40 KiB +

@@ -1,0 +1,9 @@
+"""Telephony media streams: one module per provider behind the small `MediaSession` base class.
+
+Providers are found through the `babelhub.media` entry-point group, as channel codecs are through
+`babelhub.codecs`; a connection whose `channel` names one takes calls at `WebSocket /media/{connection}`.
+"""
+
+from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+
+__all__ = ["Audio", "Dtmf", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "WsFrame"]

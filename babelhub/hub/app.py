@@ -30,7 +30,6 @@ import aiohttp
 from aiohttp import web
 from nats.aio.client import Client
 
-from babelhub import codecs
 from babelhub.actors.connection import ConnectionActor, RawDelivery
 from babelhub.actors.conversation import ConversationActor, ConversationMessage
 from babelhub.actors.runtime import ActorSystem
@@ -41,7 +40,7 @@ from babelhub.hub.link import NatsLink
 from babelhub.plugins import InboundSource, Plugin, ProcessorTransport, Services, load_source, load_transport
 from babelhub.redaction import SecretMask
 from babelhub.services.broker import EmbeddedServer, Subjects, provision
-from babelhub.services.config import Config
+from babelhub.services.config import Config, channel_codec
 from babelhub.services.connections import ConnectionService
 from babelhub.services.context import HubContext
 from babelhub.services.credentials import NatsUser, hub_user, load_key, tenant_user
@@ -233,7 +232,7 @@ class Hub:
         services: dict[str, ConnectionService] = {}
         for index, settings in enumerate(self.config.connections):
             try:
-                codec = codecs.load(settings.channel)
+                codec = channel_codec(settings.channel)
             except LookupError as exc:
                 raise ConfigError(f"$.connections[{index}].channel: {exc}") from None
             services[settings.id] = ConnectionService(

@@ -18,8 +18,10 @@ from babelhub import codecs
 from babelhub.codecs.settings import SettingsError, read_settings
 from babelhub.entrypoints import installed
 from babelhub.errors import ConfigError
+from babelhub.media.channel import is_media_channel, media_channel
 
-__all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "HubSettings", "Processor", "Tenant", "load"]
+__all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "HubSettings", "Processor", "Tenant", "channel_codec",
+           "load"]
 
 TRANSPORTS = "babelhub.transports"
 """The entry-point group of processor transports (`babelhub.plugins.ProcessorTransport`)."""
@@ -53,6 +55,16 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     """Frames per second one web chat session may send, after a burst of `session_frame_burst`; a
     session that sends faster is closed with 1008."""
     session_frame_burst: int = 20
+    media_max_frame_bytes: int = 64 * 1024
+    """Largest frame a telephony provider may send on `/media/{connection}`; a larger one closes the
+    socket with 1009."""
+    media_frame_rate: float = 150.0
+    """Frames per second one media socket may send after a burst of `media_frame_burst` (providers send
+    50 a second of 20 ms audio); a faster one is closed with 1008."""
+    media_frame_burst: int = 300
+    media_queue_seconds: float = 10.0
+    """Seconds of audio a call's outbound queue holds before the oldest frame is dropped (counted in
+    `babelhub_audio_frames_dropped_total`)."""
     nats: str = ""
     """nats://… of an existing server or cluster; empty = start the embedded nats-server."""
     replicas: int = 1
@@ -252,7 +264,7 @@ def _check_settings(path: str, connection: Connection) -> None:
     """The connection's channel has a codec, and its secrets and options are the ones that codec
     declares: a missing, misspelt or mistyped one fails here rather than at the first send."""
     try:
-        codec = codecs.load(connection.channel)
+        codec = channel_codec(connection.channel)
     except LookupError as exc:
         raise ConfigError(f"{path}.channel: {exc}") from None
     try:
@@ -261,10 +273,21 @@ def _check_settings(path: str, connection: Connection) -> None:
         raise ConfigError(f"{path}.{exc.path}: {exc.reason}") from None
 
 
+def channel_codec(channel: str) -> codecs.Codec:
+    """The codec of `channel`'s connections: its channel codec, or for a telephony media stream
+    (`babelhub.media`) the stand-in that declares the provider's secrets and refuses messages
+    (`babelhub.media.channel`). LookupError when neither is installed."""
+    if is_media_channel(channel):
+        return media_channel(channel)
+    return codecs.load(channel)
+
+
 def _check_web_limits(hub: HubSettings) -> None:
     positive = {"body_timeout_seconds": hub.body_timeout_seconds, "max_frame_bytes": hub.max_frame_bytes,
                 "max_sockets_per_ip": hub.max_sockets_per_ip, "session_frame_rate": hub.session_frame_rate,
-                "session_frame_burst": hub.session_frame_burst}
+                "session_frame_burst": hub.session_frame_burst, "media_max_frame_bytes": hub.media_max_frame_bytes,
+                "media_frame_rate": hub.media_frame_rate, "media_frame_burst": hub.media_frame_burst,
+                "media_queue_seconds": hub.media_queue_seconds}
     for name, value in positive.items():
         if not 0 < value < float("inf"):
             raise ConfigError(f"hub.{name}: {value} must be more than 0")

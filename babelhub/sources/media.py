@@ -1,0 +1,205 @@
+"""The `media` inbound source: telephony providers' media WebSockets at `WebSocket /media/{connection}`.
+
+The connection's `channel` names the provider (`babelhub.media` entry points); each socket gets its own
+`MediaSession` (the provider's protocol) and, once the provider says the stream started, a `CallStream`
+(`media_call.py`) relaying its audio over NATS. The hub holds the socket for the whole call, so the
+audio services behind NATS may come and go.
+
+A socket is only as strong as its limits:
+
+* the opening request must pass the provider's `verify` (its signature), else 403 before the upgrade;
+* a frame larger than `hub.media_max_frame_bytes` closes the socket with 1009 naming the limit;
+* one socket sends at most `hub.media_frame_rate` frames a second after a burst of
+  `hub.media_frame_burst`, else 1008;
+* a frame the provider's protocol cannot read closes with 1007 and the reason, and is kept in the
+  dead-letter stream (`stage="media"`). One call's trouble never touches another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
+
+from babelhub.errors import DecodeError, SignatureError
+from babelhub.media.base import MediaSession, WsFrame
+from babelhub.media.channel import MEDIA_SOURCE, is_media_channel, load_provider
+from babelhub.plugins import InboundSource, Services
+from babelhub.services.connections import ConnectionService
+from babelhub.services.deadletters import DeadLetter
+from babelhub.sources.media_call import CallStream
+from babelhub.sources.webhook import to_request
+
+__all__ = ["MediaStreams"]
+
+log = logging.getLogger("babelhub.media")
+
+_MAX_REASON_BYTES = 123
+"""A close frame's reason fits in 123 bytes (RFC 6455, 5.5: control frames carry at most 125)."""
+
+
+class _MediaSocket(web.WebSocketResponse):
+    """aiohttp refuses a frame over `max_msg_size` with close code 1009 but no reason: name the limit."""
+
+    def __init__(self, *, too_big: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._too_big = too_big.encode("utf-8")
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = self._too_big
+        return await super().close(code=code, message=message, drain=drain)
+
+
+class _FrameBudget:
+    """A token bucket for one socket: `burst` frames at once, refilled at `rate` a second."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate, self._burst, self._clock = rate, float(burst), clock
+        self._tokens, self._counted = self._burst, clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._counted) * self._rate)
+        self._counted = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class MediaStreams(InboundSource):
+    """Calls of every connection whose channel is a telephony media stream."""
+
+    name = MEDIA_SOURCE
+
+    def __init__(self, connections: list[ConnectionService], services: Services) -> None:
+        super().__init__(connections, services)
+        self._settings = services.config.hub
+        self._providers = {connection.id: load_provider(connection.channel) for connection in connections}
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    @classmethod
+    def check(cls, connection: ConnectionService) -> str:
+        if not is_media_channel(connection.channel):
+            return f"{connection.channel} is no telephony media stream (installed: see babelhub.media entry points)"
+        return ""
+
+    def address(self, connection: ConnectionService, http_url: str) -> str:
+        return f"WebSocket {http_url.replace('http', 'ws', 1)}/media/{connection.id}"
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/media/{connection}", self._socket)]
+
+    async def _socket(self, request: web.Request) -> web.StreamResponse:
+        connection = self.connections.get(request.match_info["connection"])
+        if connection is None:
+            return web.json_response({"error": "no media connection of that name"}, status=404)
+        settings = connection.settings
+        session = self._providers[connection.id](settings.secrets, settings.options)
+        refusal = _refusal(session, to_request(request, b"", str(settings.options.get("public_url", ""))))
+        if refusal:
+            return web.json_response({"error": f"signature check failed: {refusal}"}, status=403)
+        limit = self._settings.media_max_frame_bytes
+        socket = _MediaSocket(max_msg_size=limit, compress=False, heartbeat=30.0,
+                              too_big=f"frame larger than {limit} bytes (hub.media_max_frame_bytes)")
+        await socket.prepare(request)
+        self._sockets.add(socket)
+        try:
+            await self._serve(socket, connection, session)
+        finally:
+            self._sockets.discard(socket)
+        return socket
+
+    async def _serve(self, socket: web.WebSocketResponse, connection: ConnectionService, session: MediaSession) -> None:
+        async def send(frames: list[WsFrame]) -> None:
+            for frame in frames:
+                if socket.closed:
+                    return
+                if isinstance(frame, str):
+                    await socket.send_str(frame)
+                else:
+                    await socket.send_bytes(frame)
+
+        async def hang_up(reason: str) -> None:
+            await call.close(reason)
+            await socket.close(code=WSCloseCode.OK, message=_reason(reason))
+
+        call = CallStream(self.services.ctx, connection, session, send, hang_up=hang_up,
+                          queue_seconds=self._settings.media_queue_seconds)
+        try:
+            await send(session.opening())
+            await self._read_frames(socket, connection, session, call, send)
+        finally:
+            await call.close("the provider's socket closed")
+
+    async def _read_frames(self, socket: web.WebSocketResponse, connection: ConnectionService, session: MediaSession,
+                           call: CallStream, send: Callable[[list[WsFrame]], Any]) -> None:
+        budget = _FrameBudget(self._settings.media_frame_rate, self._settings.media_frame_burst)
+        async for message in socket:
+            if message.type == WSMsgType.ERROR:
+                if isinstance(message.data, WebSocketError):  # a frame refused, not a connection lost
+                    await self._park(connection, f"WebSocket frame refused: {message.data}", "", b"")
+                return
+            if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                continue
+            if not budget.take():
+                settings = self._settings
+                await socket.close(code=WSCloseCode.POLICY_VIOLATION, message=_reason(
+                    f"frame rate limit: {settings.media_frame_rate:g}/s after a burst of "
+                    f"{settings.media_frame_burst} (hub.media_frame_rate)"))
+                return
+            frame: WsFrame = message.data
+            try:
+                events = session.receive(frame)
+            except DecodeError as exc:
+                await self._refuse(socket, connection, frame, exc.reason, exc.path)
+                return
+            except Exception as exc:  # a provider module tripping over odd input costs this socket only
+                log.warning("%s: the %s protocol raised %s on a frame", connection.id, connection.channel,
+                            type(exc).__name__)
+                await self._refuse(socket, connection, frame, f"the frame could not be read ({type(exc).__name__})",
+                                   "$")
+                return
+            await send(session.replies())
+            for event in events:
+                await call.handle(event)
+            if call.stopped:
+                await socket.close(code=WSCloseCode.OK, message=b"stream stopped")
+                return
+
+    async def _refuse(self, socket: web.WebSocketResponse, connection: ConnectionService, frame: WsFrame,
+                      reason: str, path: str) -> None:
+        body = frame.encode("utf-8") if isinstance(frame, str) else frame
+        await self._park(connection, reason, path, body)
+        await socket.close(code=WSCloseCode.INVALID_TEXT, message=_reason(f"{reason} (at {path})"))
+
+    async def _park(self, connection: ConnectionService, error: str, path: str, body: bytes) -> None:
+        await self.services.ctx.dead_letters.park(DeadLetter(
+            stage="media", error=error, path=path, tenant=connection.tenant, connection=connection.id,
+            subject=f"/media/{connection.id}", body=body))
+
+    async def stop(self) -> None:
+        """Shutdown: close every provider socket with 1001 (the calls' streams end)."""
+        sockets = list(self._sockets)
+        await asyncio.gather(*(s.close(code=WSCloseCode.GOING_AWAY, message=b"hub shutting down") for s in sockets),
+                             return_exceptions=True)
+
+
+def _refusal(session: MediaSession, request: Any) -> str:
+    """Why the provider's `verify` refuses the opening request, or ""."""
+    try:
+        session.verify(request)
+    except SignatureError as exc:
+        return str(exc)
+    except Exception as exc:  # odd input that trips the check is still no valid signature
+        return f"the signature could not be read ({type(exc).__name__})"
+    return ""
+
+
+def _reason(text: str) -> bytes:
+    return text.encode("utf-8")[:_MAX_REASON_BYTES].decode("utf-8", errors="ignore").encode("utf-8")

@@ -14,6 +14,7 @@ from functools import cache
 
 from babelhub import canonical as c
 from babelhub.codecs.base import (
+    Capabilities,
     Codec,
     DecodeContext,
     EncodeContext,
@@ -56,6 +57,8 @@ class MediaChannel(Codec):
     no channel API to send to."""
 
     inbound = MEDIA_SOURCE
+    capabilities = Capabilities()
+    """Plain text, the least a message can be degraded to before `encode` refuses it."""
 
     def decode(self, request: HttpRequest, ctx: DecodeContext) -> list[c.Envelope]:
         raise DecodeError(f"{self.channel} connections record no requests: calls come in at /media/{ctx.connection}")

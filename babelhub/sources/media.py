@@ -27,7 +27,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media.base import MediaSession, WsFrame
-from babelhub.media.channel import MEDIA_SOURCE, is_media_channel, load_provider
+from babelhub.media.channel import MEDIA_SOURCE, is_media_channel, load_provider, providers
 from babelhub.plugins import InboundSource, Services
 from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetter
@@ -86,7 +86,7 @@ class MediaStreams(InboundSource):
     @classmethod
     def check(cls, connection: ConnectionService) -> str:
         if not is_media_channel(connection.channel):
-            return f"{connection.channel} is no telephony media stream (installed: see babelhub.media entry points)"
+            return f"{connection.channel} is no telephony media stream; installed: {', '.join(providers())}"
         return ""
 
     def address(self, connection: ConnectionService, http_url: str) -> str:

@@ -291,7 +291,10 @@ async def test_a_mark_is_played_by_the_pacing_clock_when_the_provider_does_not_a
             await service.mark(started.stream, "answer-2")
             (played,) = await take(events, 1)
             assert played == Played(stream=started.stream, name="answer-2", acknowledged=False)
-            assert len(await call.played_payloads(10)) == 10  # all of it paced out before the mark
+            # The audio before the mark went to the provider (and a frame's worth of time passed) before
+            # the mark was reported: all of it is in already.
+            assert call.received.qsize() == 10
+            assert len(await call.played_payloads(10)) == 10
         assert call.received.empty()  # no mark message went to the provider
 
 
@@ -464,3 +467,49 @@ def aclosing_call(hub: Hub, service: AudioService, call_sid: str) -> Any:
     return asynccontextmanager(started_call)(hub, service, call_sid)
 
 
+
+
+async def test_a_bad_control_operation_is_a_dead_letter_and_the_call_goes_on(
+        nats_server: EmbeddedServer, nats_client: NATS, start_hub: StartHub) -> None:
+    hub = await start_hub(media_config(nats_server.url))
+    async with audio_service(nats_server, hub) as service, aclosing_call(hub, service, "CA-ctl") as (call, started):
+        control = f"{hub.subjects.prefix}.{TENANT}.audio.{started.stream}.control"
+        for bad in (b'{"op": "explode"}', b'{"op": "mark"}', b"not json", b'{"op": "dtmf", "digits": "12<script>"}'):
+            await service.nc.publish(control, bad)
+        await service.dtmf(started.stream, "1")  # valid, but Twilio Media Streams cannot play DTMF
+        down = f"{hub.subjects.prefix}.{TENANT}.audio.{started.stream}.down"
+        await service.nc.publish(down, b"\x09not an audio frame, only words")
+        await service.mark(started.stream, "still-here")
+        assert (await call.next("mark"))["mark"]["name"] == "still-here"
+        assert not call.socket.closed
+    letters = dead_letters(await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.dlq.media",
+                                                 hub.subjects.stream_name("dead_letters")))
+    by_body = {letter["body"]: letter for letter in letters}
+    assert len(letters) == 6 and set(by_body) == {
+        b'{"op": "explode"}', b'{"op": "mark"}', b"not json", b'{"op": "dtmf", "digits": "12<script>"}',
+        b'{"op":"dtmf","digits":"1"}', b"\x09not an audio frame, only words"}
+    assert by_body[b'{"op": "dtmf", "digits": "12<script>"}']["path"] == "$.digits"
+    assert "cannot play DTMF" in by_body[b'{"op":"dtmf","digits":"1"}']["error"]
+    assert by_body[b"\x09not an audio frame, only words"]["path"] == "version"
+    assert by_body[b"\x09not an audio frame, only words"]["subject"].endswith(".down")
+
+
+async def test_an_audio_service_hangs_up_the_call(nats_server: EmbeddedServer, start_hub: StartHub) -> None:
+    hub = await start_hub(media_config(nats_server.url))
+    async with audio_service(nats_server, hub) as service, aclosing_call(hub, service, "CA-bye") as (call, started), \
+            service.events(started.stream) as events:
+        await service.hangup(started.stream, "goodbye")
+        (stopped,) = await take(events, 1)
+        assert isinstance(stopped, Stopped) and stopped.reason == "goodbye"
+        await asyncio.wait_for(call._reader, WAIT)
+        assert call.socket.close_code == 1000
+
+
+def test_a_stream_id_is_stable_per_call_and_differs_between_tenants_and_connections() -> None:
+    from babelhub.audio import valid_stream_id
+    from babelhub.sources.media_call import stream_id
+
+    ids = {stream_id("acme", "tw", "CA1", "MZ1"), stream_id("acme", "tw", "CA1", "MZ1")}
+    assert len(ids) == 1 and valid_stream_id(ids.pop())
+    assert len({stream_id("acme", "tw", "CA1", "MZ1"), stream_id("other", "tw", "CA1", "MZ1"),
+                stream_id("acme", "tw2", "CA1", "MZ1"), stream_id("acme", "tw", "CA1", "MZ2")}) == 4

@@ -117,13 +117,17 @@ class MediaStreams(InboundSource):
 
     async def _serve(self, socket: web.WebSocketResponse, connection: ConnectionService, session: MediaSession) -> None:
         async def send(frames: list[WsFrame]) -> None:
+            """What the provider cannot take any more (its socket is closing) is dropped: the call ends."""
             for frame in frames:
                 if socket.closed:
                     return
-                if isinstance(frame, str):
-                    await socket.send_str(frame)
-                else:
-                    await socket.send_bytes(frame)
+                try:
+                    if isinstance(frame, str):
+                        await socket.send_str(frame)
+                    else:
+                        await socket.send_bytes(frame)
+                except ConnectionError:
+                    return
 
         async def hang_up(reason: str) -> None:
             await call.close(reason)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -73,7 +73,7 @@ class CallStream:
     session's events in order; `close` ends the stream (also when the socket went away)."""
 
     def __init__(self, ctx: HubContext, connection: ConnectionService, session: MediaSession, send: Send, *,
-                 queue_seconds: float, hang_up: Callable[[str], Awaitable[None]],
+                 queue_seconds: float, hang_up: Callable[[str], Coroutine[Any, Any, None]],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ctx = ctx
         self.connection = connection
@@ -91,7 +91,7 @@ class CallStream:
         self.dropped = {"down": 0, "foreign": 0, "unreadable": 0}
         self._playout: Playout | None = None
         self._chunker: Chunker | None = None
-        self._converters: dict[AudioFormat, Converter] = {}
+        self._converter: Converter | None = None
         self._subscriptions: list[Subscription] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -175,7 +175,7 @@ class CallStream:
             self._dropped_down.inc()
             return
         try:
-            payload = self._converter(frame.format).convert(frame.payload)
+            payload = self._converter_from(frame.format).convert(frame.payload)
         except EncodeError as exc:
             self.dropped["unreadable"] += 1
             await self._park(str(exc), "payload", msg)
@@ -188,12 +188,12 @@ class CallStream:
             self._dropped_down.inc(newly_dropped)
         self._wake.set()
 
-    def _converter(self, source: AudioFormat) -> Converter:
-        """One converter per format a service sends in, each keeping its resampling state."""
-        converter = self._converters.get(source)
-        if converter is None:
-            converter = self._converters[source] = Converter(source, self.session.outbound_format)
-        return converter
+    def _converter_from(self, source: AudioFormat) -> Converter:
+        """The converter of the format the service sends in now, keeping its resampling state from frame
+        to frame; only the latest is kept, so a service switching formats cannot make the hub hoard them."""
+        if self._converter is None or self._converter.source != source:
+            self._converter = Converter(source, self.session.outbound_format)
+        return self._converter
 
     async def _control(self, msg: Msg) -> None:
         try:
@@ -218,7 +218,9 @@ class CallStream:
                 self._activity("dtmf", {"digits": op.digits}, direction="outbound")
             case Hangup():
                 await self._send(self.session.hangup(op.reason))
-                await self._hang_up(op.reason or "hung up by an audio service")
+                # Not awaited here: ending the stream unsubscribes this very callback's subscription,
+                # which would cancel it half-way.
+                self._tasks.append(asyncio.create_task(self._hang_up(op.reason or "hung up by an audio service")))
 
     # --------------------------------------------------------------------------------------- pacing
 

@@ -29,6 +29,7 @@ from babelhub.hub.app import Hub
 from babelhub.media.twilio import TwilioMedia
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
+from babelhub.services.credentials import load_key, tenant_user
 from tests.hubkit import StartHub, dead_letters, stream_messages, unique_prefix
 
 FIXTURES = Path(__file__).parent / "fixtures" / "twilio_media"
@@ -513,3 +514,44 @@ def test_a_stream_id_is_stable_per_call_and_differs_between_tenants_and_connecti
     assert len(ids) == 1 and valid_stream_id(ids.pop())
     assert len({stream_id("acme", "tw", "CA1", "MZ1"), stream_id("other", "tw", "CA1", "MZ1"),
                 stream_id("acme", "tw2", "CA1", "MZ1"), stream_id("acme", "tw", "CA1", "MZ2")}) == 4
+
+
+async def test_a_tenants_audio_service_reaches_only_its_own_tenants_streams(tmp_path: Path) -> None:
+    """On the embedded server, a tenant's NATS user hears and plays into its own calls only, and cannot
+    forge a caller's audio or a stream's events."""
+    config = media_config("", nats_port=0, data_dir=str(tmp_path / "data"))
+    config = msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, subject_prefix="bh"),
+                                     tenants=[*config.tenants, cfg.Tenant(id="other")])
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+
+    async with Hub(config) as hub:
+        user = tenant_user(load_key(tmp_path / "data"), hub.subjects, TENANT)
+        nc = await nats.connect(hub.nats_url, user=user.user, password=user.password, inbox_prefix=user.inbox_prefix,
+                                error_cb=on_error)
+        try:
+            service = AudioService(nc, "bh", TENANT)
+            ready = asyncio.Event()
+            async with service.calls() as calls, twilio_call(hub, "CA-perm") as call:
+                await call.begin()
+                started = await asyncio.wait_for(anext(aiter(calls)), WAIT)
+                async with running(echo(service, started.stream, ready)):
+                    await ready.wait()
+                    await call.media(0, mulaw_packets(1)[0])
+                    assert await call.played_payloads(1) == mulaw_packets(1)
+            await nc.subscribe("bh.other.audio.*.up")
+            await nc.publish(f"bh.other.audio.{started.stream}.down", b"")
+            await nc.publish(f"bh.{TENANT}.audio.{started.stream}.up", b"")
+            await nc.publish(f"bh.{TENANT}.audio.{started.stream}.events", b"")
+            await nc.flush()
+            for _ in range(200):
+                if len(errors) >= 4:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await nc.close()
+    assert len(errors) == 4 and all("permissions violation" in error for error in errors)
+    assert any('subscription to "bh.other.audio.*.up"' in error for error in errors)
+    assert any(f'publish to "bh.{TENANT}.audio.{started.stream}.up"' in error for error in errors)

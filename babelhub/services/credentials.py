@@ -70,8 +70,11 @@ def tenant_user(key: bytes, subjects: Subjects, tenant: str) -> NatsUser:
         user=f"tenant-{tenant}",
         password=_password(key, f"tenant:{tenant}"),
         inbox_prefix=inbox,
-        publish=[f"{p}.{tenant}.out.>"],
-        subscribe=[f"{p}.{tenant}.in.>", f"{p}.{tenant}.status.>", f"{inbox}.>"],
+        # Audio services hear the tenant's calls and their events, and play into and steer them; the
+        # callers' audio and the events are the hub's to publish.
+        publish=[f"{p}.{tenant}.out.>", f"{p}.{tenant}.audio.*.down", f"{p}.{tenant}.audio.*.control"],
+        subscribe=[f"{p}.{tenant}.in.>", f"{p}.{tenant}.status.>", f"{inbox}.>", f"{p}.{tenant}.audio.*.up",
+                   f"{p}.{tenant}.audio.*.events"],
     )
 
 

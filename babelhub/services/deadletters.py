@@ -27,7 +27,7 @@ _ENCODING_SLACK = 16
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     stage: str
-    """Where it failed: ingest, decode, apply, send, processor."""
+    """Where it failed: ingest, decode, apply, send, processor, media."""
     error: str
     path: str = ""
     """The JSON path of what was wrong, when known."""

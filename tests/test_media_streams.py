@@ -23,13 +23,15 @@ from aiohttp import WSMsgType
 from nats.aio.client import Client as NATS
 
 from babelhub import canonical as c
-from babelhub.audio import AudioFrame, AudioService
+from babelhub.audio import AudioFormat, AudioFrame, AudioService
 from babelhub.audio.protocol import DtmfPressed, Played, Started, Stopped
 from babelhub.hub.app import Hub
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Start, WsFrame
 from babelhub.media.twilio import TwilioMedia
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from babelhub.services.credentials import load_key, tenant_user
+from babelhub.sources.media_call import CallStream
 from tests.hubkit import StartHub, dead_letters, stream_messages, unique_prefix
 
 FIXTURES = Path(__file__).parent / "fixtures" / "twilio_media"
@@ -555,3 +557,38 @@ async def test_a_tenants_audio_service_reaches_only_its_own_tenants_streams(tmp_
     assert len(errors) == 4 and all("permissions violation" in error for error in errors)
     assert any('subscription to "bh.other.audio.*.up"' in error for error in errors)
     assert any(f'publish to "bh.{TENANT}.audio.{started.stream}.up"' in error for error in errors)
+
+
+class UntimedProvider(MediaSession):
+    """A provider protocol whose audio carries no timestamps (binary L16 frames, as some send)."""
+
+    channel = "untimed_media"
+    outbound_format = AudioFormat(codec="pcm16", rate=16000, frame_ms=20)
+
+    def receive(self, frame: WsFrame) -> list[MediaEvent]:
+        return []
+
+    def send_audio(self, payload: bytes) -> list[WsFrame]:
+        return [payload]
+
+
+async def test_audio_without_timestamps_is_stamped_with_the_media_time_counted_from_its_length(
+        nats_server: EmbeddedServer, nats_client: NATS, start_hub: StartHub) -> None:
+    hub = await start_hub(media_config(nats_server.url))
+    to_provider: list[WsFrame] = []
+
+    async def send(frames: list[WsFrame]) -> None:
+        to_provider.extend(frames)
+
+    async def hang_up(reason: str) -> None:
+        raise AssertionError("not hung up")
+
+    call = CallStream(hub.ctx, hub.ctx.connections["tw"], UntimedProvider({}, {}), send, queue_seconds=1.0,
+                      hang_up=hang_up)
+    await call.handle(Start(call_id="call-1", inbound_format=AudioFormat(codec="pcm16", rate=16000)))
+    async with AudioService(nats_client, hub.subjects.prefix, TENANT).listen(call.stream) as up:
+        for size in (640, 320, 640):  # 20 ms, 10 ms, 20 ms of pcm16 at 16 kHz
+            await call.handle(Audio(payload=bytes(size)))
+        frames = await take(up, 3)
+    await call.close("done")
+    assert [(f.seq, f.timestamp) for f in frames] == [(0, 0), (1, 20_000), (2, 30_000)]

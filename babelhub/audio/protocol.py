@@ -113,8 +113,8 @@ class Stopped(_Event, tag="stopped", frozen=True, kw_only=True):
     relayed: dict[str, int] = {}
     """Frames relayed by direction (`up`, `down`)."""
     dropped: dict[str, int] = {}
-    """Frames dropped by cause: `down` (outbound queue full, the oldest went), `foreign` (a `down`
-    frame naming another stream), `unreadable`."""
+    """Frames dropped by cause: `up` (NATS could not take the caller's audio), `down` (outbound queue
+    full, the oldest went), `foreign` (a `down` frame naming another stream), `unreadable`."""
 
 
 StreamEvent: TypeAlias = Started | DtmfPressed | Played | Stopped

@@ -151,9 +151,10 @@ class Metrics:
         self.audio_relayed = Counter("babelhub_audio_frames_relayed", "Audio frames relayed between telephony "
                                      "calls and NATS, by direction (up: from the caller, down: to the caller)",
                                      ["direction"], registry=r)
-        self.audio_dropped = Counter("babelhub_audio_frames_dropped", "Audio frames dropped, by direction: down "
-                                     "when a call's outbound queue was full (the oldest goes) or a frame named "
-                                     "another stream", ["direction"], registry=r)
+        self.audio_dropped = Counter("babelhub_audio_frames_dropped", "Audio frames dropped, by direction: up "
+                                     "when NATS could not take the caller's audio, down when a call's outbound "
+                                     "queue was full (the oldest goes) or a frame named another stream",
+                                     ["direction"], registry=r)
         self.mailbox_depth = Gauge("babelhub_mailbox_depth", "Messages waiting in actor mailboxes", ["actors"],
                                    registry=r)
         self.active_actors = Gauge("babelhub_active_actors", "Active actors", ["actors"], registry=r)

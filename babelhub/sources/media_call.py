@@ -88,7 +88,7 @@ class CallStream:
         self._up_seq = 0
         self._up_media_us = 0
         self.relayed = {"up": 0, "down": 0}
-        self.dropped = {"down": 0, "foreign": 0, "unreadable": 0}
+        self.dropped = {"up": 0, "down": 0, "foreign": 0, "unreadable": 0}
         self._playout: Playout | None = None
         self._chunker: Chunker | None = None
         self._converter: Converter | None = None
@@ -100,7 +100,7 @@ class CallStream:
         self._stopped = False
         metrics = ctx.metrics
         self._relayed_up, self._relayed_down = metrics.audio_relayed.labels("up"), metrics.audio_relayed.labels("down")
-        self._dropped_down = metrics.audio_dropped.labels("down")
+        self._dropped_up, self._dropped_down = metrics.audio_dropped.labels("up"), metrics.audio_dropped.labels("down")
 
     # ----------------------------------------------------------------------------- from the provider
 
@@ -155,7 +155,14 @@ class CallStream:
                            rate=inbound.rate, channels=inbound.channels, payload=audio.payload)
         self._up_seq += 1
         self._up_media_us = timestamp + frame.duration_us()
-        await self.ctx.nats.publish(self._subject("up"), frame.to_bytes())
+        try:
+            await self.ctx.nats.publish(self._subject("up"), frame.to_bytes())
+        except NATS_UNAVAILABLE:
+            # Realtime audio is not worth waiting for: a frame NATS cannot take now is gone (the gap in
+            # `seq` shows it), and the call goes on.
+            self.dropped["up"] += 1
+            self._dropped_up.inc()
+            return
         self.relayed["up"] += 1
         self._relayed_up.inc()
 

@@ -38,7 +38,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "twilio_media"
 TENANT = "acme"
 AUTH_TOKEN = "twilio-auth-token-0123456789"
 PUBLIC_URL = "wss://hub.example/media/tw"
-WAIT = 10.0
+WAIT = 20.0
 
 
 def fixture(name: str) -> dict[str, Any]:

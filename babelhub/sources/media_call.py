@@ -17,7 +17,6 @@ dead-letter stream. Neither ends the call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -94,6 +93,9 @@ class CallStream:
         self._converter: Converter | None = None
         self._subscriptions: list[Subscription] = []
         self._wake = asyncio.Event()
+        self._sending = asyncio.Lock()
+        """Held while frames go to the provider from the pacer or a control operation, so that their
+        order is the order they were decided in."""
         self._tasks: list[asyncio.Task[None]] = []
         self._activities: asyncio.Queue[c.Activity | None] = asyncio.Queue()
         self._activity_count = 0
@@ -211,9 +213,11 @@ class CallStream:
         assert self._playout is not None and self._chunker is not None
         match op:
             case Clear():
-                self._chunker.clear()
-                await self._send(self.session.clear())
-                await self._perform(self._playout.clear(self._clock()))
+                async with self._sending:  # no packet of the cleared audio may follow the provider's clear
+                    steps = self._playout.clear(self._clock())
+                    self._chunker.clear()
+                    await self._send(self.session.clear())
+                    await self._perform(steps)
             case Mark():
                 self._playout.push_mark(op.name)
                 self._wake.set()
@@ -221,10 +225,12 @@ class CallStream:
                 if not self.session.sends_dtmf:
                     await self._park(f"{self.connection.channel} cannot play DTMF to a call", "$.op", msg)
                     return
-                await self._send(self.session.dtmf(op.digits))
+                async with self._sending:
+                    await self._send(self.session.dtmf(op.digits))
                 self._activity("dtmf", {"digits": op.digits}, direction="outbound")
             case Hangup():
-                await self._send(self.session.hangup(op.reason))
+                async with self._sending:
+                    await self._send(self.session.hangup(op.reason))
                 # Not awaited here: ending the stream unsubscribes this very callback's subscription,
                 # which would cancel it half-way.
                 self._tasks.append(asyncio.create_task(self._hang_up(op.reason or "hung up by an audio service")))
@@ -232,16 +238,27 @@ class CallStream:
     # --------------------------------------------------------------------------------------- pacing
 
     async def _pace(self) -> None:
-        """Release the queued audio at the provider's frame interval (`Playout`)."""
+        """Release the queued audio at the provider's frame interval (`Playout`): woken by new audio or
+        control, or by a timer at the next packet's time (a timer, not a `wait_for`, which would cost a
+        task per packet)."""
         assert self._playout is not None
-        while True:
-            now = self._clock()
-            await self._perform(self._playout.due(now))
-            self._wake.clear()
-            next_due = self._playout.next_due(self._clock())
-            timeout = None if next_due is None else max(0.0, next_due - self._clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+        try:
+            while True:
+                async with self._sending:
+                    await self._perform(self._playout.due(self._clock()))
+                self._wake.clear()  # what was pushed meanwhile is in next_due below
+                if timer is not None:
+                    timer.cancel()
+                    timer = None
+                next_due = self._playout.next_due(self._clock())
+                if next_due is not None:
+                    timer = loop.call_later(max(0.0, next_due - self._clock()), self._wake.set)
+                await self._wake.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _perform(self, steps: list[Step]) -> None:
         for step in steps:

@@ -12,6 +12,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
@@ -19,6 +21,7 @@ from babelhub.errors import ConfigError, DecodeError, SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start, Stop
 from babelhub.media.telnyx import TelnyxMedia, TelnyxStreamError
 from tests.codeckit import Fixtures
+from tests.strategies import json_values
 
 FIXTURES = Fixtures("telnyx_media", suffix=".json")
 STREAM_ID = "32DE0DEA-53CB-4B21-89A4-9E1819C043BC"
@@ -259,3 +262,45 @@ def test_a_wrong_or_missing_token_is_refused(token: str | None, reason: str) -> 
 
 def test_without_a_configured_token_nothing_is_checked() -> None:
     TelnyxMedia({}, {}).verify(websocket_request(None))
+
+
+# ------------------------------------------------------------------------------------ property
+
+
+def members(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """The path of every member of a JSON value, itself included."""
+    found = [path]
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            found += members(inner, (*path, key))
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found += members(inner, (*path, index))
+    return found
+
+
+def replaced(value: Any, path: tuple[str | int, ...], new: Any) -> Any:
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[head] = replaced(value[head], rest, new)  # type: ignore[index]
+    return copy
+
+
+INBOUND = ["connected", "start", "start_l16", "media", "media_l16", "media_outbound_track", "dtmf", "mark", "stop",
+           "error"]
+
+
+@given(data=st.data())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_member_replaced_by_any_json_yields_events_or_a_decode_error(data: st.DataObject) -> None:
+    message = FIXTURES.json(data.draw(st.sampled_from(INBOUND)))
+    path = data.draw(st.sampled_from(members(message)))
+    frame = json.dumps(replaced(message, path, data.draw(json_values)))
+    media = started(data.draw(st.sampled_from(["start", "start_l16"])))
+    try:
+        events = media.receive(frame)
+    except DecodeError:
+        return
+    assert all(isinstance(event, Start | Audio | Dtmf | Played | Stop) for event in events)

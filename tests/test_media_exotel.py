@@ -185,6 +185,13 @@ def test_a_malformed_frame_is_a_decode_error_naming_the_path(frame: str, path: s
     assert error.value.path == path
 
 
+def test_a_deeply_nested_member_is_a_decode_error_not_a_crash() -> None:
+    nested = "[" * 5000 + "]" * 5000
+    with pytest.raises(DecodeError) as error:
+        started().receive('{"event": "media", "extra": ' + nested + ', "media": {"payload": "AAAA"}}')
+    assert error.value.path == "$"
+
+
 def test_a_binary_frame_is_refused() -> None:
     with pytest.raises(DecodeError) as error:
         started().receive(fixture("media.json").encode())

@@ -287,6 +287,8 @@ def _read(frame: str, into: type[T]) -> T:
         raise DecodeError(reason, where.rstrip("`") or "$") from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"the frame is not valid JSON: {exc}", "$") from None
+    except RecursionError:  # msgspec stops at Python's recursion limit, even inside a member it skips
+        raise DecodeError("the frame is nested too deeply to read", "$") from None
 
 
 def _text(message: msgspec.Struct) -> str:

@@ -261,3 +261,20 @@ def test_without_an_auth_token_or_a_known_url_nothing_verifies() -> None:
         PlivoMedia({}, {}).verify(opening(headers))
     with pytest.raises(SignatureError, match="public_url"):
         session().verify(opening(headers, url=""))
+
+
+def hand_signed(signed_string: str, token: str = AUTH_TOKEN) -> str:
+    return base64.b64encode(hmac.new(token.encode(), signed_string.encode(), hashlib.sha256).digest()).decode()
+
+
+def test_a_url_without_a_query_is_signed_without_a_question_mark() -> None:
+    url = "wss://hub.example.com/media/plivo-main"
+    headers = {"x-plivo-signature-v3": hand_signed(f"{url}.42"), "x-plivo-signature-v3-nonce": "42"}
+    session().verify(opening(headers, url=url))
+
+
+def test_a_repeated_query_name_is_signed_with_its_values_sorted() -> None:
+    url = "wss://hub.example.com/media/plivo-main?b=2&a=1&a=0"
+    expected = "wss://hub.example.com/media/plivo-main?a=0&a=1&b=2.42"
+    headers = {"x-plivo-signature-v3": hand_signed(expected), "x-plivo-signature-v3-nonce": "42"}
+    session().verify(opening(headers, url=url))

@@ -27,8 +27,8 @@ Outbound (hub → Exotel), Voicebot applet only:
   is the shortest packet of at least 3,200 bytes in whole 320-byte steps (200 ms at 8 kHz, 100 ms at
   16 kHz, 80 ms at 24 kHz), a shorter last packet is padded with silence to the next 320 bytes, and a
   longer one is cut into several messages.
-* `mark(name)` → `mark`; `clear()` → `clear` (drops the audio Exotel has not started playing). Both and
-  `media` name the `stream_sid` read from `start`, so nothing is sent before it.
+* `mark(name)` → `mark`; `clear()` → `clear` (drops the audio Exotel has not started playing).
+  `media`, `mark` and `clear` name the `stream_sid` read from `start`, so nothing is sent before it.
 * Exotel has no message to send DTMF or to hang up: `hangup()` yields nothing, and the socket's close
   ends the stream (the call goes on to the applet's next one).
 

@@ -23,8 +23,8 @@ Outbound (hub → Plivo), on bidirectional streams only (`<Stream bidirectional=
 * `send_audio` → `playAudio` with `media.contentType`, `media.sampleRate` and the base64 payload. Plivo
   plays only the stream's own `contentType` and rate, so `outbound_format` becomes the caller's format
   once `start` is read (µ-law 8 kHz before, Plivo's recommended `contentType`); packets are 20 ms.
-* `mark(name)` → `checkpoint`; `clear()` → `clearAudio`; `dtmf(digits)` → `sendDTMF`. The last two
-  name the `streamId` read from `start`, so they are empty before it.
+* `mark(name)` → `checkpoint`; `clear()` → `clearAudio`; `dtmf(digits)` → `sendDTMF` (digits 0-9, *,
+  #, A-D). `checkpoint` and `clearAudio` name the `streamId` read from `start`, so they are empty before it.
 * `hangup()` has no message: the socket's close ends the stream, and the call then ends or goes on
   with the next XML element as `keepCallAlive` says (a hang-up as such is a REST API call).
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
@@ -19,6 +21,7 @@ from babelhub.entrypoints import load_class
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media import Audio, Dtmf, MediaSession, Played, Start, Stop
 from babelhub.media.exotel import ExotelMedia, packet_ms
+from tests.strategies import json_values
 
 FIXTURES = Path(__file__).parent / "fixtures" / "exotel_media"
 STREAM_SID = "0f2b9c3e7a1d4e5f8a6b7c8d9e0f1a2b"
@@ -167,6 +170,9 @@ def test_before_start_nothing_can_be_sent() -> None:
     ('{"event": ["media"]}', "$.event"),
     ('{"event": "media", "media": {"payload": 3200}}', "$.media.payload"),
     ('{"event": "media", "media": {"payload": "AAAA****"}}', "$.media.payload"),
+    ('{"event": "media", "media": {"payload": "AAA\u00e9"}}', "$.media.payload"),
+    ('{"event": "start", "start": {"call_sid": "c", "media_format": {"sample_rate": "fast"}}}',
+     "$.start.media_format.sample_rate"),
     ('{"event": "media", "media": {"timestamp": "later", "payload": "AAAA"}}', "$.media.timestamp"),
     ('{"event": "start", "start": {"call_sid": "c", "stream_sid": "s", "media_format": {"sample_rate": "11025"}}}',
      "$.start.media_format.sample_rate"),
@@ -233,3 +239,41 @@ def test_missing_or_wrong_credentials_are_refused(authorization: str | None) -> 
 
 def test_without_credentials_configured_the_endpoint_relies_on_ip_whitelisting() -> None:
     ExotelMedia({}, {}).verify(opening(None))
+
+
+def member_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The path of every member of decoded JSON, containers included."""
+    paths = [path]
+    if isinstance(value, dict):
+        for key, member in value.items():
+            paths += member_paths(member, (*path, key))
+    elif isinstance(value, list):
+        for index, member in enumerate(value):
+            paths += member_paths(member, (*path, index))
+    return paths
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    copy = value.copy()
+    copy[path[0]] = replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+INBOUND = [documented(path.name) for path in sorted(FIXTURES.glob("*.json")) if not path.name.startswith("out_")]
+#: Scalars as often as containers: the fields of these messages are strings and numbers.
+REPLACEMENTS = st.one_of(st.text(max_size=12), st.integers(-10, 10**6), st.none(), st.booleans(), json_values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), new=REPLACEMENTS)
+def test_any_member_of_a_documented_message_replaced_by_any_json_reads_or_is_a_decode_error(
+        data: st.DataObject, new: Any) -> None:
+    message = data.draw(st.sampled_from(INBOUND))
+    path = data.draw(st.sampled_from(member_paths(message)))
+    media = ExotelMedia({}, {})
+    try:
+        media.receive(json.dumps(replaced(message, path, new)))
+    except DecodeError as error:
+        assert error.path.startswith("$")

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
@@ -20,6 +22,7 @@ from babelhub.entrypoints import load_class
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.media import Audio, Dtmf, MediaSession, Played, Start
 from babelhub.media.plivo import PlivoMedia
+from tests.strategies import json_values
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plivo_media"
 AUTH_TOKEN = "MjFhZTZhYzc0ZWQzYmI3ZTU5NDBjNDQxYzdlZTc4"
@@ -168,6 +171,7 @@ def test_dtmf_refuses_what_is_no_keypad_digit() -> None:
     ('{"event": 5}', "$.event"),
     ('{"event": "media", "media": {"track": "inbound", "payload": 160}}', "$.media.payload"),
     ('{"event": "media", "media": {"track": "inbound", "payload": "AAAA@@@@"}}', "$.media.payload"),
+    ('{"event": "media", "media": {"track": "inbound", "payload": "AAA\u00e9"}}', "$.media.payload"),
     ('{"event": "media", "media": {"track": "inbound", "timestamp": "soon", "payload": "AAAA"}}',
      "$.media.timestamp"),
     ('{"event": "media"}', "$"),
@@ -176,6 +180,8 @@ def test_dtmf_refuses_what_is_no_keypad_digit() -> None:
     ('{"event": "start", "start": {"callId": "c", "streamId": "s", "mediaFormat": {"encoding": "audio/ogg",'
      ' "sampleRate": 8000}}}', "$.start.mediaFormat.encoding"),
     ('{"event": "start", "start": {"callId": 7, "streamId": "s", "mediaFormat": {}}}', "$.start.callId"),
+    ('{"event": "start", "start": {"callId": "c", "streamId": "s", "mediaFormat": {"encoding": "audio/x-l16",'
+     ' "sampleRate": "fast"}}}', "$.start.mediaFormat.sampleRate"),
     ('{"event": "dtmf", "dtmf": {"digit": "55"}}', "$.dtmf.digit"),
     ('{"event": "dtmf", "dtmf": {"digit": 5}}', "$.dtmf.digit"),
     ('{"event": "playedStream", "name": ["a"]}', "$.name"),
@@ -278,3 +284,41 @@ def test_a_repeated_query_name_is_signed_with_its_values_sorted() -> None:
     expected = "wss://hub.example.com/media/plivo-main?a=0&a=1&b=2.42"
     headers = {"x-plivo-signature-v3": hand_signed(expected), "x-plivo-signature-v3-nonce": "42"}
     session().verify(opening(headers, url=url))
+
+
+def member_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The path of every member of decoded JSON, containers included."""
+    paths = [path]
+    if isinstance(value, dict):
+        for key, member in value.items():
+            paths += member_paths(member, (*path, key))
+    elif isinstance(value, list):
+        for index, member in enumerate(value):
+            paths += member_paths(member, (*path, index))
+    return paths
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    copy = value.copy()
+    copy[path[0]] = replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+INBOUND = [documented(path.name) for path in sorted(FIXTURES.glob("*.json")) if not path.name.startswith("out_")]
+#: Scalars as often as containers: the fields of these messages are strings and numbers.
+REPLACEMENTS = st.one_of(st.text(max_size=12), st.integers(-10, 10**6), st.none(), st.booleans(), json_values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), new=REPLACEMENTS)
+def test_any_member_of_a_documented_message_replaced_by_any_json_reads_or_is_a_decode_error(
+        data: st.DataObject, new: Any) -> None:
+    message = data.draw(st.sampled_from(INBOUND))
+    path = data.draw(st.sampled_from(member_paths(message)))
+    media = PlivoMedia({}, {})
+    try:
+        media.receive(json.dumps(replaced(message, path, new)))
+    except DecodeError as error:
+        assert error.path.startswith("$")

@@ -45,7 +45,6 @@ parameters; message examples); support.exotel.com article 3000108630 (chunk size
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, TypeAlias, TypeVar
@@ -252,7 +251,7 @@ class ExotelMedia(MediaSession):
     def _audio(self, media: _MediaBody) -> Audio:
         try:
             payload = base64.b64decode(media.payload, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a character outside ASCII
             raise DecodeError("the audio payload is not valid base64", "$.media.payload") from None
         return Audio(payload=payload, timestamp_us=self._media_time(media.timestamp))
 

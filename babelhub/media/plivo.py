@@ -48,7 +48,6 @@ element; plivo-python `utils/signature_v3.py` (the signed string).
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import re
@@ -298,7 +297,7 @@ def _text(message: msgspec.Struct) -> str:
 def _base64(text: str, path: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a character outside ASCII
         raise DecodeError("the audio payload is not valid base64", path) from None
 
 

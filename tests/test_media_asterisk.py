@@ -4,6 +4,7 @@ documented commands out (in the format the channel speaks), Basic credentials, a
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import math
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
@@ -19,6 +22,7 @@ from babelhub.entrypoints import load_class
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.media import Audio, Dtmf, MediaSession, Played, Start
 from babelhub.media.asterisk import MAX_COMMAND_BYTES, MAX_MEDIA_BYTES, AsteriskMedia
+from tests.strategies import json_values
 
 FIXTURES = Path(__file__).parent / "fixtures" / "asterisk_media"
 ULAW = AudioFormat(codec="mulaw", rate=8000, frame_ms=20)
@@ -245,6 +249,7 @@ def test_the_longest_accepted_mark_fits_the_command_limit() -> None:
     ("MEDIA_START connection_id:c1 format:speex optimal_frame_size:160", "MEDIA_START.format"),
     ("MEDIA_START connection_id:c1 format:ulaw", "MEDIA_START"),
     ("MEDIA_START connection_id:c1 ulaw optimal_frame_size:160", "MEDIA_START"),
+    ('{"event":"MEDIA_START","x":' + "[" * 100_000 + "]" * 100_000 + "}", "$"),
 ])
 def test_a_malformed_media_start_raises_decode_error_with_the_path(frame: str, path: str) -> None:
     session = AsteriskMedia({}, {})
@@ -300,3 +305,38 @@ def test_basic_credentials_of_websocket_client_conf_are_checked() -> None:
 
 def test_without_credentials_the_socket_is_not_checked() -> None:
     AsteriskMedia({}, {}).verify(opening(None))
+
+
+# --------------------------------------------------------------------------------------- fuzzing
+
+EVENTS = ["MEDIA_START", "DTMF_END", "MEDIA_MARK_PROCESSED", "MEDIA_XOFF", "MEDIA_XON", "STATUS", "ERROR", "OTHER"]
+FIELDS = ["connection_id", "format", "optimal_frame_size", "ptime", "channel_id", "channel_variables", "digit",
+          "correlation_id", "error_text"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(event=st.sampled_from(EVENTS), fields=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=5),
+       before=st.booleans())
+def test_any_json_event_is_events_or_a_decode_error(event: str, fields: dict[str, Any], before: bool) -> None:
+    """Whatever Asterisk (or an impostor) sends, the session answers with events or a DecodeError."""
+    session = AsteriskMedia({}, {}) if before else started()
+    try:
+        events = session.receive(json.dumps({"event": event, **fields}))
+    except DecodeError:
+        return
+    assert all(isinstance(e, Start | Audio | Dtmf | Played) for e in events)
+
+
+@settings(max_examples=200, deadline=None)
+@given(event=st.sampled_from(EVENTS), rest=st.text(max_size=120), before=st.booleans())
+def test_any_plain_text_line_is_events_or_a_decode_error(event: str, rest: str, before: bool) -> None:
+    session = AsteriskMedia({}, {}) if before else started("media_start.txt")
+    with contextlib.suppress(DecodeError):
+        session.receive(f"{event} {rest}")
+
+
+@settings(max_examples=100, deadline=None)
+@given(frame=st.binary(max_size=700))
+def test_any_binary_frame_is_audio_or_a_decode_error(frame: bytes) -> None:
+    with contextlib.suppress(DecodeError):
+        started("media_start_slin16.json").receive(frame)

@@ -4,6 +4,7 @@ clear/notify actions out, the signed opening request, and hostile frames."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
@@ -21,6 +24,7 @@ from babelhub.entrypoints import load_class
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media import Audio, Dtmf, MediaSession, Played, Start
 from babelhub.media.vonage import VonageMedia
+from tests.strategies import json_values
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vonage_media"
 NOW = 1_790_000_000.0
@@ -170,6 +174,8 @@ def test_clear_and_mark_are_the_documented_actions_and_the_mark_comes_back_as_pl
     ('{"event":"websocket:dtmf","digit":"5","duration":"long"}', "$.duration"),
     ('{"event":"websocket:notify","payload":"reply-1"}', "$.payload"),
     ('{"event":"websocket:notify","payload":{"name":7}}', "$.payload.name"),
+    ('{"event":"websocket:connected","content-type":"audio/l16;rate=16000","x":' + "[" * 100_000 + "]" * 100_000
+     + "}", "$"),
 ])
 def test_malformed_text_raises_decode_error_with_the_path(frame: str, path: str) -> None:
     session = started()
@@ -266,3 +272,30 @@ def test_a_custom_authorization_value_must_match_exactly() -> None:
 
 def test_without_configured_secrets_the_socket_is_not_checked() -> None:
     VonageMedia({}, {}).verify(opening(None))
+
+
+# --------------------------------------------------------------------------------------- fuzzing
+
+EVENTS = ["websocket:connected", "websocket:dtmf", "websocket:notify", "websocket:cleared", "other"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(event=st.sampled_from(EVENTS), fields=st.dictionaries(
+    st.sampled_from(["content-type", "digit", "duration", "payload", "uuid", "from", "x"]), json_values, max_size=4),
+    before=st.booleans())
+def test_any_message_is_events_or_a_decode_error(event: str, fields: dict[str, Any], before: bool) -> None:
+    """Whatever a socket sends, the session answers with events or a DecodeError: nothing else escapes
+    to crash the stream's actor."""
+    session = VonageMedia({}, {}) if before else started()
+    try:
+        events = session.receive(json.dumps({"event": event, **fields}))
+    except DecodeError:
+        return
+    assert all(isinstance(e, Start | Audio | Dtmf | Played) for e in events)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frame=st.text(max_size=200) | st.binary(max_size=700))
+def test_any_frame_is_events_or_a_decode_error(frame: str | bytes) -> None:
+    with contextlib.suppress(DecodeError):
+        started().receive(frame)

@@ -174,6 +174,8 @@ def _parse_json(text: str) -> _Message:
         raise DecodeError(reason, where.rstrip("`") or "$") from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"not JSON: {exc}", "$") from None
+    except RecursionError:  # nesting deep enough to exhaust the decoder's stack
+        raise DecodeError("nested too deeply to read", "$") from None
     return _Message(event=event, fields=fields, is_json=True)
 
 

@@ -128,6 +128,8 @@ def _read(decoder: msgspec.json.Decoder[Any], text: str) -> Any:
         raise DecodeError(reason, where.rstrip("`") or "$") from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"not JSON: {exc}", "$") from None
+    except RecursionError:  # nesting deep enough to exhaust the decoder's stack
+        raise DecodeError("nested too deeply to read", "$") from None
 
 
 # --- the session

@@ -7,7 +7,8 @@ Inbound, what maps to what:
   → `Start`. The NCCO endpoint's `headers` arrive as top-level fields of this message; they become
   `parameters`, except three that babelhub reads by convention (Vonage's own message names no call): put
   the answer webhook's `uuid`, `from` and `to` in the headers and they become `call_id`, `caller` and
-  `callee`. The rate (8000, 16000 or 24000 Hz) is the inbound format and the outbound one.
+  `callee`. The rate is the inbound format and the outbound one: 8000 or 16000 Hz as documented (24000
+  is accepted too: integrations run Vonage at that rate, though the pages read here do not list it).
 * binary messages → `Audio`: 16-bit linear PCM, little-endian, mono, 20 ms each (320 bytes at 8 kHz,
   640 at 16 kHz, 960 at 24 kHz). Vonage gives no timestamp: `timestamp_us` is counted from the bytes.
 * `{"event": "websocket:dtmf", "digit": "5", "duration": 260}` → `Dtmf` (one digit per key press).
@@ -18,9 +19,9 @@ Inbound, what maps to what:
 
 Outbound: `send_audio` writes the same L16 format as binary messages of exactly one 20 ms frame each (a
 short last packet is padded with silence: Vonage wants every message 320/640/960 bytes). Vonage buffers
-what is sent ahead of real time (about 20 s in its first documentation, 60 s in later pages), so the hub
-may send ahead. `clear()` is `{"action": "clear"}` (drops what Vonage buffered); `mark(name)` is
-`{"action": "notify", "payload": {"name": name}}`.
+what is sent ahead of real time (1024 messages, about 20 s, as documented), so the hub may send ahead.
+`clear()` is `{"action": "clear"}` (drops what Vonage buffered); `mark(name)` is `{"action": "notify",
+"payload": {"name": name}}`.
 
 Authentication: with the endpoint's `"authorization": {"type": "vonage"}` Vonage sends the JWT of its
 signed webhooks (`Authorization: Bearer <JWT>`, HS256 with the account's signature secret) on the opening
@@ -33,10 +34,12 @@ API, signed with the application's private key), report a stop reason, carry any
 the caller's and the other party's audio apart (the socket hears the mix of the call).
 
 Sources: Vonage "WebSockets" guide (developer.vonage.com/en/voice/voice-api/concepts/websockets: the
-connect action, `websocket:connected`, binary audio and its sizes, `websocket:dtmf`, writing audio, the
-`clear` and `notify` actions with `websocket:cleared` / `websocket:notify`), the NCCO reference (websocket
-endpoint `content-type`, `headers`, `authorization`), Vonage's Voice API signed-webhook guide (the JWT) and
-the `WebsocketAuthorization` type of Vonage's Node SDK (`vonage` / `custom`).
+connect action, `websocket:connected`, binary audio and its sizes, `websocket:dtmf`, writing audio; its
+current edition adds the `clear` and `notify` actions and the `websocket:cleared` / `websocket:notify`
+events, read here through the AsyncAPI description derived from it), the NCCO reference (websocket
+endpoint `content-type`, `headers`, `authorization`), Vonage's signed-webhook guides (the JWT) and the
+`WebsocketAuthorization` type of Vonage's Node SDK (`vonage`: "the same JWT used for signed webhooks";
+`custom`).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ __all__ = ["VonageMedia", "VonageMediaSecrets"]
 CHANNEL: Final = "vonage_media"
 FRAME_MS: Final = 20
 RATES: Final = frozenset({8000, 16000, 24000})
-"""The L16 rates Vonage offers in the endpoint's `content-type`."""
+"""The L16 rates of the endpoint's `content-type` (Vonage documents 8000 and 16000)."""
 DTMF_DIGITS: Final = frozenset("0123456789*#")
 TOKEN_MAX_AGE: Final = 300.0
 """Seconds a signed opening request's JWT is accepted after its `iat` (and before, for clock skew): the

@@ -241,6 +241,7 @@ def test_the_longest_accepted_mark_fits_the_command_limit() -> None:
      "$.optimal_frame_size"),
     ('{"event":"MEDIA_START","connection_id":"c1","format":"opus","optimal_frame_size":0}', "$.format"),
     ('{"event":"MEDIA_START","connection_id":"c1","format":"g722","optimal_frame_size":160}', "$.format"),
+    ('{"event":"MEDIA_START","connection_id":"c1","format":"slin44","optimal_frame_size":1764}', "$.format"),
     ('{"event":"MEDIA_START","connection_id":"c1","format":"ulaw","optimal_frame_size":0}', "$.optimal_frame_size"),
     ('{"event":"MEDIA_START","connection_id":"c1","format":"ulaw","optimal_frame_size":160,"ptime":0}', "$.ptime"),
     ('{"event":"MEDIA_START","connection_id":"c1","format":"ulaw","optimal_frame_size":160,"channel_variables":[]}',

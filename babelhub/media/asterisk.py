@@ -12,8 +12,9 @@ Inbound, what maps to what:
 
 * `MEDIA_START` → `Start`: `call_id` is the channel's unique id (`channel_id`; the `connection_id` on
   versions without it), `stream_id` the `connection_id`, `parameters` the `channel_variables` (JSON
-  format only). `format` is the codec: `ulaw` and `alaw` (8 kHz), `slin` (8 kHz) and `slin12` … `slin48`
-  (16-bit linear, host byte order, i.e. little-endian on the machines Asterisk runs on). Passthrough
+  format only). `format` is the codec: `ulaw` and `alaw` (8 kHz), `slin` (8 kHz), `slin12`, `slin16`,
+  `slin24`, `slin32` and `slin48` (16-bit linear, host byte order, i.e. little-endian on the machines
+  Asterisk runs on). Passthrough
   codecs (opus, speex, g729), which chan_websocket neither re-frames nor acknowledges marks on, and codecs
   the hub cannot convert (g722, gsm, …) are refused with a `DecodeError` naming `format`.
 * BINARY frames → `Audio`, raw media in that format, one `ptime` (20 ms) frame each; the media time is
@@ -74,7 +75,8 @@ MAX_MEDIA_BYTES: Final = 65500
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 #: Asterisk format names → the hub's codec and rate (the formats chan_websocket re-frames and the hub
-#: converts; slin96 and slin192 are beyond the hub's 48 kHz).
+#: converts). slin96 and slin192 are beyond the hub's 48 kHz; slin44 is left out because 20 ms of it is
+#: 882 samples, which `AudioFormat.frame_bytes` (whole bytes a millisecond) cannot express.
 FORMATS: Final[dict[str, tuple[AudioCodec, int]]] = {
     "ulaw": ("mulaw", 8000),
     "alaw": ("alaw", 8000),
@@ -83,7 +85,6 @@ FORMATS: Final[dict[str, tuple[AudioCodec, int]]] = {
     "slin16": ("pcm16", 16000),
     "slin24": ("pcm16", 24000),
     "slin32": ("pcm16", 32000),
-    "slin44": ("pcm16", 44100),
     "slin48": ("pcm16", 48000),
 }
 

@@ -341,3 +341,9 @@ def test_any_plain_text_line_is_events_or_a_decode_error(event: str, rest: str, 
 def test_any_binary_frame_is_audio_or_a_decode_error(frame: bytes) -> None:
     with contextlib.suppress(DecodeError):
         started("media_start_slin16.json").receive(frame)
+
+
+def test_a_refusal_names_no_credentials() -> None:
+    with pytest.raises(SignatureError) as caught:
+        AsteriskMedia({"username": "asterisk", "password": "s3cret"}, {}).verify(opening(basic("asterisk:guess")))
+    assert "s3cret" not in str(caught.value) and "guess" not in str(caught.value)

@@ -299,3 +299,12 @@ def test_any_message_is_events_or_a_decode_error(event: str, fields: dict[str, A
 def test_any_frame_is_events_or_a_decode_error(frame: str | bytes) -> None:
     with contextlib.suppress(DecodeError):
         started().receive(frame)
+
+
+def test_a_refusal_names_no_secret() -> None:
+    for secrets, header in (({"signature_secret": SECRET}, f"Bearer {token(CLAIMS, secret='guess')}"),
+                           ({"authorization": "Bearer abc123"}, "Bearer abc124")):
+        with pytest.raises(SignatureError) as caught:
+            VonageMedia(secrets, {}).verify(opening(header))
+        assert not any(value in str(caught.value) for value in secrets.values())
+        assert "abc124" not in str(caught.value)

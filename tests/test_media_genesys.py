@@ -419,3 +419,32 @@ def test_the_api_key_is_required_and_no_secret_is_echoed() -> None:
     with pytest.raises(SignatureError) as refused:
         GenesysMedia(secrets, {}).verify(request)
     assert secrets["api_key"] not in str(refused.value) and secrets["client_secret"] not in str(refused.value)
+
+
+def test_messages_must_carry_the_session_id_of_the_opening_request() -> None:
+    request, secrets = signed_request()
+    session = GenesysMedia(secrets, {})
+    session.verify(request)  # Audiohook-Session-Id: 30b0e395-…
+    with pytest.raises(DecodeError) as refused:
+        session.receive(fixture_text("open_audio_connector.json"))  # id e160e428-…
+    assert refused.value.path == "$.id"
+    session = GenesysMedia({"api_key": API_KEY}, {})
+    session.verify(signed_request(headers={"audiohook-session-id": SESSION})[0])
+    [start] = session.receive(fixture_text("open_audio_connector.json"))
+    assert isinstance(start, Start) and start.stream_id == SESSION
+
+
+def test_a_position_that_is_no_duration_is_refused() -> None:
+    session, _ = opened_session()
+    with pytest.raises(DecodeError) as refused:
+        session.receive(message("ping", 2, 1, position="5 seconds"))
+    assert refused.value.path == "$.position"
+
+
+def test_clear_drops_the_audio_and_ends_its_marks() -> None:
+    session, _ = opened_session()
+    session.send_audio(bytes(1600))
+    session.mark("cut-short")
+    session.clear()
+    assert session.receive(bytes(160)) == [Played(name="cut-short"), Audio(payload=bytes(160), timestamp_us=0)]
+    assert session.receive(message("playback_completed", 2, 1)) == []

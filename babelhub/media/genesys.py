@@ -24,7 +24,8 @@ Inbound (client → server) maps to events:
 * `paused`, `resumed`, `discarded`, `update`, `error`, `playback_started` and unknown types → nothing.
 
 The counters are checked as the protocol requires: a `seq` that is not the next one, a `serverseq`
-beyond what the hub sent, or another session's `id` raises `DecodeError` naming the field.
+beyond what the hub sent, an `id` other than the request's `Audiohook-Session-Id` (or the first
+message's), or a `position` that is no duration raises `DecodeError` naming the field.
 
 Outbound (server → client): `send_audio` sends the packet as one binary frame of PCMU 8 kHz mono. Only
 Audio Connector (bidirectional) plays it to the caller; AudioHook Monitor is listen-only and silently
@@ -32,8 +33,8 @@ drops what the server sends. Packets are 200 ms (1,600 bytes): the client rate-l
 answers floods with `error` 429), and fewer larger frames stay well under it. `clear` sends an `event`
 with a `barge_in` entity (Genesys stops the audio it has queued); `mark` sends nothing and is
 acknowledged by the next `playback_completed` (right away, with the next frame read, when no audio is
-waiting to be played); `hangup` sends `disconnect` (reason `completed`), to which Genesys answers with
-`close`. There is no DTMF towards the call.
+waiting to be played, or when `clear` has dropped it); `hangup` sends `disconnect` (reason
+`completed`), to which Genesys answers with `close`. There is no DTMF towards the call.
 
 Authentication (`verify`): the `X-API-KEY` header must be the connection's `api_key`. When the
 integration has a client secret (`client_secret`, base64 as Genesys shows it), the opening request must
@@ -218,6 +219,8 @@ class GenesysMedia(MediaSession):
         client_secret = self.secrets.get("client_secret", "")
         if client_secret:
             _verify_signature(request, api_key, client_secret)
+        # Every message must then carry the session id the request announced.
+        self.session_id = request.headers.get("audiohook-session-id", "")
 
     # --- inbound
 
@@ -259,7 +262,10 @@ class GenesysMedia(MediaSession):
             raise DecodeError(f"serverseq must be 0-{self._server_seq}: the hub has sent no later message",
                               "$.serverseq")
         if self.session_id and message.id != self.session_id:
-            raise DecodeError("the id is not this session's", "$.id")
+            raise DecodeError("the id is not this session's (Audiohook-Session-Id, then the first message's)",
+                              "$.id")
+        _duration_us(message.position, "$.position")
+        self.session_id = message.id
         self._client_seq = message.seq
 
     def _dispatch(self, message: _Message) -> list[MediaEvent]:
@@ -288,7 +294,6 @@ class GenesysMedia(MediaSession):
         medium = next((medium for medium in opening.media if _takes(medium)), None)
         if medium is None:
             raise DecodeError("none of the offered media is PCMU at 8000 Hz", "$.parameters.media")
-        self.session_id = message.id
         self._open = True
         self.inbound_format = AudioFormat(codec="mulaw", rate=RATE, channels=len(medium.channels), frame_ms=20)
         opened: dict[str, Any] = {"media": [msgspec.to_builtins(medium)], "startPaused": False}
@@ -322,6 +327,11 @@ class GenesysMedia(MediaSession):
     def clear(self) -> list[WsFrame]:
         if not self._open or self._closed:
             return []
+        # The audio before the pending marks is dropped, not played: they are over all the same, and are
+        # reported with the next frame read (as Twilio returns its marks on a clear).
+        self._marks_played.extend(self._marks)
+        self._marks.clear()
+        self._audio_unplayed = False
         return [self._message("event", {"entities": [{"type": "barge_in", "data": {}}]})]
 
     def mark(self, name: str) -> list[WsFrame]:

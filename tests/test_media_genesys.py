@@ -5,6 +5,7 @@ request (the documentation's own example) and hostile input."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
@@ -448,3 +451,53 @@ def test_clear_drops_the_audio_and_ends_its_marks() -> None:
     session.clear()
     assert session.receive(bytes(160)) == [Played(name="cut-short"), Audio(payload=bytes(160), timestamp_us=0)]
     assert session.receive(message("playback_completed", 2, 1)) == []
+
+
+# --- whatever arrives, only DecodeError / SignatureError come out
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12)
+MESSAGE_FILES = sorted(path.name for path in FIXTURES.glob("*.json") if path.name != "connect_request_signed.json")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(MESSAGE_FILES), path=st.lists(st.text(max_size=12), min_size=1, max_size=3),
+       value=JSON, opened=st.booleans())
+def test_a_mutated_message_raises_nothing_but_decode_error(name: str, path: list[str], value: Any,
+                                                          opened: bool) -> None:
+    document = fixture(name)
+    if opened and document["type"] != "open":
+        document["seq"], document["serverseq"] = 2, 1
+    target = document
+    keys = [key for key in ("parameters", *path) if key]
+    for key in keys[:-1]:
+        if not isinstance(target.get(key), dict):
+            target[key] = {}
+        target = target[key]
+    target[keys[-1]] = value
+    session = opened_session()[0] if opened else GenesysMedia({"api_key": API_KEY}, {})
+    with contextlib.suppress(DecodeError):
+        session.receive(json.dumps(document))
+
+
+@settings(max_examples=300, deadline=None)
+@given(frame=st.binary(max_size=64) | st.text(max_size=64), opened=st.booleans())
+def test_any_frame_raises_nothing_but_decode_error(frame: bytes | str, opened: bool) -> None:
+    session = opened_session()[0] if opened else GenesysMedia({"api_key": API_KEY}, {})
+    with contextlib.suppress(DecodeError):
+        session.receive(frame)
+
+
+SF_PIECES = st.sampled_from(['sig1', '=', '(', ')', '"@request-target"', '"x-api-key"', ';', 'keyid=', 'created=',
+                             '1641013200', '"', '\\', ':', 'NZBw', '==', ' ', ',', '?1', 'alg', 'tok/en', '-9'])
+
+
+@settings(max_examples=300, deadline=None)
+@given(signature_input=st.lists(SF_PIECES, max_size=30).map("".join) | st.text(max_size=60),
+       signature=st.lists(SF_PIECES, max_size=12).map("".join) | st.text(max_size=60))
+def test_any_signature_header_raises_nothing_but_signature_error(signature_input: str, signature: str) -> None:
+    request, secrets = signed_request(headers={"signature-input": signature_input, "signature": signature})
+    with pytest.raises(SignatureError):
+        GenesysMedia(secrets, {}).verify(request)

@@ -44,6 +44,9 @@ by the decoded secret, `keyid` = the API key, covering `@request-target`, `@auth
 created at most `SIGNATURE_MAX_AGE_SECONDS` before the request arrived (and not after it, give or take
 `CLOCK_SKEW_SECONDS`) and not expired.
 
+Options: `supported_languages` (a list of language codes), answered in `opened` when the `open` asks
+for it (`supportedLanguages: true`); none by default.
+
 Cannot do: play DTMF, audio other than PCMU 8 kHz (`L16` offers are passed over), audio back on
 AudioHook Monitor, acknowledge marks on Monitor (it never plays anything), resume a broken connection
 (AudioHook does not re-establish sessions).

@@ -22,7 +22,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, KeyValueConfig
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError, NoStreamResponseError
+from nats.js.kv import KeyValue
 
 from babelhub import canonical as c
 from babelhub.errors import ConfigError
@@ -179,6 +180,18 @@ async def test_every_stream_and_bucket_gets_the_replicas_and_fewer_are_raised(
         assert set((await replica_counts(nc, subjects)).values()) == {3}
 
 
+async def put_once_reachable(kv: KeyValue, key: str, value: bytes) -> None:
+    """A bucket just made on a cluster answers once its stream's interest has reached the node this
+    client is connected to (a busy machine takes a moment)."""
+    for _ in range(50):
+        try:
+            await kv.put(key, value)
+            return
+        except NoStreamResponseError:
+            await asyncio.sleep(0.1)
+    await kv.put(key, value)
+
+
 async def test_a_lease_bucket_made_with_one_replica_is_raised(nats_cluster: LocalCluster) -> None:
     subjects = Subjects(unique_prefix())
     async with connected(nats_cluster.urls) as nc:
@@ -190,7 +203,7 @@ async def test_a_lease_bucket_made_with_one_replica_is_raised(nats_cluster: Loca
         await raise_replicas(js, name, 1)  # never lowered
         assert (await js.stream_info(name)).config.num_replicas == 3
         other = await js.create_key_value(KeyValueConfig(bucket=f"{subjects.prefix}_other"))
-        await other.put("k", b"v")
+        await put_once_reachable(other, "k", b"v")
         await raise_replicas(js, bucket_stream(f"{subjects.prefix}_other"), 3)
         assert (await other.get("k")).value == b"v"
 

@@ -14,6 +14,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
@@ -21,6 +23,7 @@ from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start, Stop
 from babelhub.media.twilio import TwilioMedia
 from tests.codeckit import Fixtures
+from tests.strategies import json_values
 
 FIXTURES = Fixtures("twilio_media", suffix=".json")
 STREAM_SID = "MZ18ad3ab5a668481ce02b83e7395059f0"
@@ -271,3 +274,44 @@ def test_a_request_with_a_body_is_refused() -> None:
     signed = websocket_request(STREAM_URL, twilio_signature(STREAM_URL))
     with pytest.raises(SignatureError, match="body"):
         session().verify(HttpRequest(method="GET", headers=signed.headers, url=STREAM_URL, body=b"x=1"))
+
+
+# ------------------------------------------------------------------------------------ property
+
+
+def members(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """The path of every member of a JSON value, itself included."""
+    found = [path]
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            found += members(inner, (*path, key))
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found += members(inner, (*path, index))
+    return found
+
+
+def replaced(value: Any, path: tuple[str | int, ...], new: Any) -> Any:
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[head] = replaced(value[head], rest, new)  # type: ignore[index]
+    return copy
+
+
+INBOUND = ["connected", "start", "media", "media_outbound_track", "dtmf", "mark", "stop", "log_start", "log_media"]
+
+
+@given(data=st.data())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_member_replaced_by_any_json_yields_events_or_a_decode_error(data: st.DataObject) -> None:
+    message = FIXTURES.json(data.draw(st.sampled_from(INBOUND)))
+    path = data.draw(st.sampled_from(members(message)))
+    frame = json.dumps(replaced(message, path, data.draw(json_values)))
+    media = started()
+    try:
+        events = media.receive(frame)
+    except DecodeError:
+        return
+    assert all(isinstance(event, Start | Audio | Dtmf | Played | Stop) for event in events)

@@ -12,7 +12,9 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from babelhub import canonical as c
-from babelhub.errors import ConfigError
+from babelhub.codecs.base import EncodeContext
+from babelhub.errors import ConfigError, EncodeError
+from babelhub.media.channel import load_provider, providers
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from tests.hubkit import Processor, StartHub, unique_prefix
@@ -72,3 +74,15 @@ async def test_a_message_sent_to_a_media_conversation_fails_with_the_reason(
     status = await asyncio.wait_for(app.next_status(), 15)
     assert status.state == "failed" and status.error is not None
     assert "carries a call's audio, not messages" in status.error.message
+
+
+@pytest.mark.parametrize("channel", providers())
+def test_every_installed_provider_stands_in_for_a_codec_with_its_own_secrets(channel: str) -> None:
+    stand_in = cfg.channel_codec(channel)
+    provider = load_provider(channel)
+    assert stand_in.channel == provider.channel == channel
+    assert stand_in.secret_settings is provider.secret_settings
+    assert stand_in.inbound == "media"
+    with pytest.raises(EncodeError, match="carries a call's audio, not messages"):
+        stand_in.encode(c.Message(id="m", tenant="a", conversation=c.Conversation(id="x"), ts=c.now()),
+                        EncodeContext(tenant="a", connection="calls", to="x"))

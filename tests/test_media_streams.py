@@ -592,3 +592,44 @@ async def test_audio_without_timestamps_is_stamped_with_the_media_time_counted_f
         frames = await take(up, 3)
     await call.close("done")
     assert [(f.seq, f.timestamp) for f in frames] == [(0, 0), (1, 20_000), (2, 30_000)]
+
+
+# ------------------------------------------------------------------------- a binary provider: Vonage
+
+VONAGE_FIXTURES = Path(__file__).parent / "fixtures" / "vonage_media"
+VONAGE_AUTHORIZATION = "Bearer custom-vonage-endpoint-value"
+
+
+async def test_a_vonage_call_binary_l16_without_timestamps_shares_the_callers_identity(
+        nats_server: EmbeddedServer, nats_client: NATS, start_hub: StartHub) -> None:
+    """Vonage streams binary L16 without timestamps and names the caller in the NCCO headers: the hub
+    counts media time from the bytes, and the call's activities land on the caller's conversation."""
+    config = media_config(nats_server.url)
+    vonage = cfg.Connection(id="vg", tenant=TENANT, channel="vonage_media",
+                            secrets={"authorization": VONAGE_AUTHORIZATION})
+    hub = await start_hub(msgspec.structs.replace(config, connections=[*config.connections, vonage]))
+    inbound = await nats_client.subscribe(f"{hub.subjects.prefix}.{TENANT}.in.*")
+    connected = json.loads((VONAGE_FIXTURES / "websocket_connected_call_headers.json").read_text("utf-8"))
+    service = AudioService(nats_client, hub.subjects.prefix, TENANT)
+    async with aiohttp.ClientSession() as session, service.calls() as calls:
+        socket = await session.ws_connect(f"{hub.http_url}/media/vg", headers={"Authorization": VONAGE_AUTHORIZATION})
+        await socket.send_str(json.dumps(connected))
+        started = await asyncio.wait_for(anext(aiter(calls)), WAIT)
+        assert (started.caller, started.call_id, started.inbound.rate) == ("447700900000", connected["uuid"], 8000)
+        ready = asyncio.Event()
+        async with service.listen(started.stream) as up, running(echo(service, started.stream, ready)):
+            await ready.wait()
+            sent = [bytes([n]) * 320 for n in range(5)]  # 20 ms of L16 at 8 kHz each
+            for frame in sent:
+                await socket.send_bytes(frame)
+            frames = await take(up, 5)
+            echoed = [(await asyncio.wait_for(socket.receive(), WAIT)).data for _ in range(5)]
+        await socket.close()
+    assert [f.timestamp for f in frames] == [n * 20_000 for n in range(5)]
+    assert echoed == sent
+    activities = await activities_of(inbound, {"call_started", "call_ended"})
+    caller_chat = c.conversation_id(TENANT, "vg", "447700900000")
+    assert started.conversation == caller_chat
+    assert all(activity.conversation.id == caller_chat for activity in activities.values())
+    assert activities["call_started"].sender is not None
+    assert activities["call_started"].sender.handle == "447700900000"

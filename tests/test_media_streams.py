@@ -600,10 +600,11 @@ VONAGE_FIXTURES = Path(__file__).parent / "fixtures" / "vonage_media"
 VONAGE_AUTHORIZATION = "Bearer custom-vonage-endpoint-value"
 
 
-async def test_a_vonage_call_binary_l16_without_timestamps_shares_the_callers_identity(
+async def test_a_vonage_call_of_binary_l16_goes_both_ways_on_the_callers_conversation(
         nats_server: EmbeddedServer, nats_client: NATS, start_hub: StartHub) -> None:
-    """Vonage streams binary L16 without timestamps and names the caller in the NCCO headers: the hub
-    counts media time from the bytes, and the call's activities land on the caller's conversation."""
+    """Vonage streams binary L16 (its media time counted from the bytes) and names the caller in the
+    NCCO headers: binary frames go up and come back, and the call's activities land on the caller's
+    conversation, the one its chat on this connection would have."""
     config = media_config(nats_server.url)
     vonage = cfg.Connection(id="vg", tenant=TENANT, channel="vonage_media",
                             secrets={"authorization": VONAGE_AUTHORIZATION})

@@ -123,8 +123,8 @@ class CallStream:
                 log.debug("%s: %s before the stream started, ignored", self.connection.id, type(event).__name__)
 
     async def _started(self, start: Start) -> None:
-        if self._start is not None:
-            return  # one stream per socket: a repeated start changes nothing
+        if self._start is not None or self._stopped:
+            return  # one stream per socket: a repeated start, or one after the end, changes nothing
         connection = self.connection
         self._start = start
         self.stream = stream_id(connection.tenant, connection.id, start.call_id, start.stream_id)

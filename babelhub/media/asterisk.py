@@ -61,11 +61,11 @@ import msgspec
 from babelhub.audio.convert import silence
 from babelhub.audio.frame import AudioCodec, AudioFormat
 from babelhub.codecs.base import HttpRequest
-from babelhub.codecs.settings import Settings
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
 
-__all__ = ["AsteriskMedia", "AsteriskMediaSecrets"]
+__all__ = ["AsteriskMedia", "AsteriskMediaOptions", "AsteriskMediaSecrets"]
 
 CHANNEL: Final = "asterisk_media"
 MAX_COMMAND_BYTES: Final = 128
@@ -96,6 +96,12 @@ class AsteriskMediaSecrets(Settings, frozen=True, kw_only=True):
     """`username` of the websocket_client.conf connection Asterisk opens the socket with."""
     password: str = ""
     """Its `password`."""
+
+
+class AsteriskMediaOptions(ConnectionOptions, frozen=True, kw_only=True):
+    answer: bool = False
+    """Answer the channel (`ANSWER`) once `MEDIA_START` arrives: for channels dialled with the `n` option,
+    which Asterisk does not answer itself."""
 
 
 # --- wire format
@@ -203,9 +209,11 @@ def _parse_line(line: str) -> _Message:
 
 class AsteriskMedia(MediaSession):
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="mulaw", rate=8000, frame_ms=20)
+    outbound_format: AudioFormat = AudioFormat(codec="mulaw", rate=8000, frame_ms=20)
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = AsteriskMediaSecrets
+    option_settings: ClassVar[type[Settings]] = AsteriskMediaOptions
+    settings: AsteriskMediaOptions
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
@@ -266,8 +274,8 @@ class AsteriskMedia(MediaSession):
         self._json_commands = message.is_json
         self._frame_size = start.optimal_frame_size
         self.inbound_format = audio
-        self.outbound_format = audio  # type: ignore[misc]  # the channel's format, both ways
-        if self.options.get("answer") is True:
+        self.outbound_format = audio  # the channel's format, both ways
+        if self.settings.answer:
             self._replies.append(self._command("ANSWER"))
         variables = {name: value if isinstance(value, str) else json.dumps(value)
                      for name, value in start.channel_variables.items()}

@@ -194,7 +194,7 @@ class ExotelMedia(MediaSession):
     """One Exotel AgentStream (Voicebot or Stream applet)."""
 
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="pcm16", rate=DEFAULT_RATE,
+    outbound_format: AudioFormat = AudioFormat(codec="pcm16", rate=DEFAULT_RATE,
                                                          frame_ms=packet_ms(DEFAULT_RATE))
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = ExotelSecrets
@@ -243,7 +243,7 @@ class ExotelMedia(MediaSession):
         self.stream_sid = body.stream_sid or message.stream_sid
         self.inbound_format = inbound
         # Exotel plays back the format it streams, in its own packet size.
-        self.outbound_format = AudioFormat(codec="pcm16", rate=inbound.rate,  # type: ignore[misc]
+        self.outbound_format = AudioFormat(codec="pcm16", rate=inbound.rate,
                                            frame_ms=packet_ms(inbound.rate))
         return Start(call_id=body.call_sid, stream_id=self.stream_sid, caller=body.caller,
                      callee=body.callee, inbound_format=inbound, parameters=body.custom_parameters)

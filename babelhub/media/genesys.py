@@ -74,11 +74,11 @@ import msgspec
 
 from babelhub.audio.frame import AudioFormat
 from babelhub.codecs.base import HttpRequest
-from babelhub.codecs.settings import Settings
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 
-__all__ = ["CLOCK_SKEW_SECONDS", "SIGNATURE_MAX_AGE_SECONDS", "GenesysMedia", "GenesysSecrets"]
+__all__ = ["CLOCK_SKEW_SECONDS", "SIGNATURE_MAX_AGE_SECONDS", "GenesysMedia", "GenesysOptions", "GenesysSecrets"]
 
 CHANNEL: Final = "genesys_media"
 PROTOCOL_VERSION: Final = "2"
@@ -102,6 +102,11 @@ class GenesysSecrets(Settings, frozen=True, kw_only=True):
     client_secret: str = ""
     """The integration's Client Secret (base64, as Genesys shows it): when set, the opening request
     must carry a valid HTTP Message Signature made with it."""
+
+
+class GenesysOptions(ConnectionOptions, frozen=True, kw_only=True):
+    supported_languages: list[str] = []
+    """The language codes answered in `opened` when the `open` asks for them (`supportedLanguages`)."""
 
 
 # --- wire format (client → server messages; only the fields read here)
@@ -190,10 +195,12 @@ class GenesysMedia(MediaSession):
     """One AudioHook session (one WebSocket from Genesys Cloud)."""
 
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="mulaw", rate=RATE, channels=1,
+    outbound_format: AudioFormat = AudioFormat(codec="mulaw", rate=RATE, channels=1,
                                                          frame_ms=OUTBOUND_FRAME_MS)
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = GenesysSecrets
+    option_settings: ClassVar[type[Settings]] = GenesysOptions
+    settings: GenesysOptions
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
@@ -301,7 +308,7 @@ class GenesysMedia(MediaSession):
         self.inbound_format = AudioFormat(codec="mulaw", rate=RATE, channels=len(medium.channels), frame_ms=20)
         opened: dict[str, Any] = {"media": [msgspec.to_builtins(medium)], "startPaused": False}
         if opening.supportedLanguages:
-            opened["supportedLanguages"] = list(self.options.get("supported_languages", []))
+            opened["supportedLanguages"] = list(self.settings.supported_languages)
         self._reply("opened", opened)
         return [Start(call_id=opening.conversationId, stream_id=message.id, caller=opening.participant.ani,
                       callee=opening.participant.dnis, inbound_format=self.inbound_format,

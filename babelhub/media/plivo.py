@@ -179,7 +179,7 @@ class PlivoMedia(MediaSession):
     """One Plivo audio stream."""
 
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="mulaw", rate=8000, frame_ms=PACKET_MS)
+    outbound_format: AudioFormat = AudioFormat(codec="mulaw", rate=8000, frame_ms=PACKET_MS)
     acknowledges_marks: ClassVar[bool] = True
     sends_dtmf: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = PlivoSecrets
@@ -229,7 +229,7 @@ class PlivoMedia(MediaSession):
         inbound = _format(body.media_format)
         self.stream_id = body.stream_id
         self.inbound_format = inbound
-        self.outbound_format = inbound  # type: ignore[misc]  # Plivo plays only the stream's own format
+        self.outbound_format = inbound  # Plivo plays only the stream's own format
         return Start(call_id=body.call_id, stream_id=body.stream_id, inbound_format=inbound,
                      parameters=_extra_headers(message.extra_headers))
 

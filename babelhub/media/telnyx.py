@@ -59,11 +59,11 @@ import msgspec
 from babelhub.audio.frame import AudioCodec, AudioFormat
 from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
-from babelhub.codecs.settings import Settings
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import ConfigError, DecodeError, SignatureError
 from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 
-__all__ = ["TelnyxMedia", "TelnyxMediaSecrets", "TelnyxStreamError"]
+__all__ = ["TelnyxMedia", "TelnyxMediaOptions", "TelnyxMediaSecrets", "TelnyxStreamError"]
 
 FORMAT: Final = AudioFormat(codec="mulaw", rate=8000, channels=1, frame_ms=20)
 """PCMU at 8000 Hz, Telnyx's default bidirectional codec, 20 ms at a time."""
@@ -82,9 +82,11 @@ class TelnyxMediaSecrets(Settings, frozen=True, kw_only=True):
     Empty: the request is not checked."""
 
 
-class _Options(msgspec.Struct, frozen=True):
+class TelnyxMediaOptions(ConnectionOptions, frozen=True, kw_only=True):
     bidirectional_codec: Literal["PCMU", "PCMA", "L16"] = "PCMU"
+    """The `stream_bidirectional_codec` the stream is started with: the codec the hub plays."""
     bidirectional_sampling_rate: Literal[8000, 16000, 24000] = 8000
+    """The `stream_bidirectional_sampling_rate` the stream is started with (16000 or 24000 for L16 only)."""
 
 
 class TelnyxStreamError(msgspec.Struct, frozen=True):
@@ -99,14 +101,16 @@ class TelnyxMedia(MediaSession):
     """One Telnyx media stream; the format it plays comes from the connection's options."""
 
     channel: ClassVar[str] = "telnyx_media"
-    outbound_format: ClassVar[AudioFormat] = FORMAT
+    outbound_format: AudioFormat = FORMAT
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = TelnyxMediaSecrets
+    option_settings: ClassVar[type[Settings]] = TelnyxMediaOptions
+    settings: TelnyxMediaOptions
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
         # The instance narrows the class's default to the codec the stream was started with.
-        setattr(self, "outbound_format", _outbound_format(options))  # noqa: B010 - a ClassVar narrowed per instance
+        self.outbound_format = _outbound_format(self.settings)
         self.stream_id = ""
         """The stream's id from the `start` message."""
         self.errors: list[TelnyxStreamError] = []
@@ -200,20 +204,13 @@ _READERS: Final = {
 }
 
 
-def _outbound_format(options: Mapping[str, Any]) -> AudioFormat:
+def _outbound_format(chosen: TelnyxMediaOptions) -> AudioFormat:
     """The format the connection's options say the stream plays; `ConfigError` names a wrong option."""
-    try:
-        chosen = msgspec.convert({key: options[key] for key in _OPTION_NAMES if key in options}, _Options)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"telnyx_media options: {exc}") from None
     codec = _ENCODINGS[chosen.bidirectional_codec]
     if codec != "pcm16" and chosen.bidirectional_sampling_rate != 8000:
         raise ConfigError(f"telnyx_media options: {chosen.bidirectional_codec} plays at 8000 Hz only "
                           f"(bidirectional_sampling_rate is {chosen.bidirectional_sampling_rate})")
     return msgspec.structs.replace(FORMAT, codec=codec, rate=chosen.bidirectional_sampling_rate)
-
-
-_OPTION_NAMES: Final = tuple(_Options.__struct_fields__)
 
 
 def _swap_bytes(payload: bytes) -> bytes:

@@ -78,7 +78,7 @@ class TwilioMedia(MediaSession):
     """One Twilio Media Stream: its `streamSid` is known from the `start` message on."""
 
     channel: ClassVar[str] = "twilio_media"
-    outbound_format: ClassVar[AudioFormat] = FORMAT
+    outbound_format: AudioFormat = FORMAT
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = TwilioMediaSecrets
 

@@ -140,7 +140,7 @@ def _read(decoder: msgspec.json.Decoder[Any], text: str) -> Any:
 
 class VonageMedia(MediaSession):
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="pcm16", rate=16000, frame_ms=FRAME_MS)
+    outbound_format: AudioFormat = AudioFormat(codec="pcm16", rate=16000, frame_ms=FRAME_MS)
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = VonageMediaSecrets
 
@@ -185,7 +185,7 @@ class VonageMedia(MediaSession):
         audio = AudioFormat(codec="pcm16", rate=_rate(connected.content_type), frame_ms=FRAME_MS)
         headers: dict[str, Any] = _read(_HEADERS, text)
         self.inbound_format = audio
-        self.outbound_format = audio  # type: ignore[misc]  # narrowed to the negotiated rate
+        self.outbound_format = audio  # narrowed to the negotiated rate
         parameters = {name: _text(value) for name, value in headers.items() if name not in _PROTOCOL_FIELDS}
         return [Start(call_id=parameters.pop(_CALL_ID, ""), caller=parameters.pop(_CALLER, ""),
                       callee=parameters.pop(_CALLEE, ""), inbound_format=audio, parameters=parameters)]

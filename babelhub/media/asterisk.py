@@ -52,7 +52,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
@@ -63,6 +62,7 @@ from babelhub.audio.frame import AudioCodec, AudioFormat
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
+from babelhub.media import support
 from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
 
 __all__ = ["AsteriskMedia", "AsteriskMediaOptions", "AsteriskMediaSecrets"]
@@ -72,7 +72,6 @@ MAX_COMMAND_BYTES: Final = 128
 """chan_websocket ignores a TEXT message longer than this (`MAX_TEXT_MESSAGE_LEN`)."""
 MAX_MEDIA_BYTES: Final = 65500
 """The largest BINARY message Asterisk reads; a larger one closes the socket and hangs the call up."""
-DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 #: Asterisk format names → the hub's codec and rate (the formats chan_websocket re-frames and the hub
 #: converts). slin96 and slin192 are beyond the hub's 48 kHz; slin44 is left out because 20 ms of it is
@@ -138,8 +137,6 @@ class _Error(msgspec.Struct, frozen=True):
     error_text: str = ""
 
 
-_EVENT = msgspec.json.Decoder(_Event)
-_JSON_OBJECT = msgspec.json.Decoder(dict[str, Any])
 #: Events whose plain-text line is `EVENT key:value key:value …`.
 _KEYED_LINES: Final = frozenset({"MEDIA_START", "DTMF_END", "STATUS"})
 #: Events whose plain-text line is `EVENT [<correlation id>]`.
@@ -173,17 +170,8 @@ def _parse(text: str) -> _Message:
 
 
 def _parse_json(text: str) -> _Message:
-    try:
-        event = _EVENT.decode(text).event
-        fields = _JSON_OBJECT.decode(text)
-    except msgspec.ValidationError as exc:
-        reason, _, where = str(exc).partition(" - at `")
-        raise DecodeError(reason, where.rstrip("`") or "$") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"not JSON: {exc}", "$") from None
-    except RecursionError:  # nesting deep enough to exhaust the decoder's stack
-        raise DecodeError("nested too deeply to read", "$") from None
-    return _Message(event=event, fields=fields, is_json=True)
+    event = support.decode_frame(text, _Event).event
+    return _Message(event=event, fields=support.decode_frame(text, dict[str, Any]), is_json=True)
 
 
 def _parse_line(line: str) -> _Message:
@@ -277,8 +265,7 @@ class AsteriskMedia(MediaSession):
         self.outbound_format = audio  # the channel's format, both ways
         if self.settings.answer:
             self._replies.append(self._command("ANSWER"))
-        variables = {name: value if isinstance(value, str) else json.dumps(value)
-                     for name, value in start.channel_variables.items()}
+        variables = {name: support.parameter_text(value) for name, value in start.channel_variables.items()}
         return [Start(call_id=start.channel_id or start.connection_id, stream_id=start.connection_id,
                       inbound_format=audio, parameters=variables)]
 
@@ -322,7 +309,7 @@ class AsteriskMedia(MediaSession):
         """A command in the format the channel's events arrive in."""
         if self._json_commands:
             fields = {"command": command, **({"correlation_id": correlation_id} if correlation_id else {})}
-            return json.dumps(fields, separators=(",", ":"))
+            return support.text(fields)
         return f"{command} {correlation_id}" if correlation_id else command
 
 
@@ -342,8 +329,4 @@ def _format(start: _MediaStart, message: _Message) -> AudioFormat:
 
 
 def _dtmf(message: _Message) -> Dtmf:
-    digit = message.read(_DtmfEnd).digit
-    if digit not in DTMF_DIGITS:
-        raise DecodeError(f"a DTMF digit is one of 0-9, *, # and A-D, not {digit[:8]!r}",
-                          "$.digit" if message.is_json else "DTMF_END.digit")
-    return Dtmf(digit=digit)
+    return support.dtmf_event(message.read(_DtmfEnd).digit, "$.digit" if message.is_json else "DTMF_END.digit")

@@ -47,7 +47,7 @@ from __future__ import annotations
 import base64
 import hmac
 from collections.abc import Mapping
-from typing import Any, ClassVar, Final, TypeAlias, TypeVar
+from typing import Any, ClassVar, Final, TypeAlias
 
 import msgspec
 
@@ -55,7 +55,8 @@ from babelhub.audio.frame import AudioFormat
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
 from babelhub.errors import DecodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.media import support
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 
 __all__ = ["ExotelMedia", "ExotelSecrets", "packet_ms"]
 
@@ -71,7 +72,6 @@ INBOUND_MS: Final = 100
 """Exotel streams the caller's audio about every 100 ms."""
 _ENCODINGS: Final = frozenset({"audio/x-raw", "raw"})
 """`media_format.encoding` as Exotel's two documents spell raw PCM."""
-_DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 
 class ExotelSecrets(Settings, frozen=True, kw_only=True):
@@ -94,7 +94,7 @@ def packet_ms(rate: int) -> int:
 
 # ---------------------------------------------------------------------------------------- wire format
 
-Number: TypeAlias = int | str
+Number: TypeAlias = support.Number
 
 
 class _Head(msgspec.Struct):
@@ -183,8 +183,6 @@ class _SendClear(msgspec.Struct, tag_field="event", tag="clear"):
     stream_sid: str
 
 
-_encoder: Final = msgspec.json.Encoder()
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------- the session
@@ -202,7 +200,7 @@ class ExotelMedia(MediaSession):
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
         self.stream_sid = ""
-        self._first_timestamp_ms: int | None = None
+        self._clock = support.TimestampClock()
 
     # ------------------------------------------------------------------ the opening request
 
@@ -222,19 +220,18 @@ class ExotelMedia(MediaSession):
     # ------------------------------------------------------------------ inbound
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        if isinstance(frame, bytes):
-            raise DecodeError("Exotel sends JSON text frames, not binary ones", "$")
-        event = _read(frame, _Head).event
+        text = support.text_frame(frame, "Exotel")
+        event = support.decode_frame(text, _Head).event
         if event == "media":
-            return [self._audio(_read(frame, _Media).media)]
+            return [self._audio(support.decode_frame(text, _Media).media)]
         if event == "start":
-            return [self._start(_read(frame, _Start))]
+            return [self._start(support.decode_frame(text, _Start))]
         if event == "dtmf":
-            return [_digit(_read(frame, _Dtmf).dtmf.digit)]
+            return [support.dtmf_event(support.decode_frame(text, _Dtmf).dtmf.digit, "$.dtmf.digit")]
         if event == "mark":
-            return [Played(name=_read(frame, _Mark).mark.name)]
+            return [Played(name=support.decode_frame(text, _Mark).mark.name)]
         if event == "stop":
-            return [Stop(reason=_read(frame, _Stop).stop.reason)]
+            return [Stop(reason=support.decode_frame(text, _Stop).stop.reason)]
         return []  # `connected`, and events Exotel may add
 
     def _start(self, message: _Start) -> Start:
@@ -249,61 +246,28 @@ class ExotelMedia(MediaSession):
                      callee=body.callee, inbound_format=inbound, parameters=body.custom_parameters)
 
     def _audio(self, media: _MediaBody) -> Audio:
-        try:
-            payload = base64.b64decode(media.payload, validate=True)
-        except ValueError:  # binascii.Error, or a character outside ASCII
-            raise DecodeError("the audio payload is not valid base64", "$.media.payload") from None
-        return Audio(payload=payload, timestamp_us=self._media_time(media.timestamp))
-
-    def _media_time(self, timestamp: Number | None) -> int | None:
-        """Microseconds since the first chunk, from `media.timestamp` (milliseconds)."""
-        if timestamp is None:
-            return None
-        try:
-            ms = int(timestamp)
-        except ValueError:
-            raise DecodeError(f"media.timestamp {timestamp!r} is no number of milliseconds",
-                              "$.media.timestamp") from None
-        if self._first_timestamp_ms is None:
-            self._first_timestamp_ms = ms
-        return max(0, ms - self._first_timestamp_ms) * 1000
+        payload = support.audio_payload(media.payload, "$.media.payload")
+        return Audio(payload=payload, timestamp_us=self._clock.media_time_us(media.timestamp, "$.media.timestamp"))
 
     # ------------------------------------------------------------------ outbound
 
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         if not self.stream_sid or not payload:
             return []
-        return [_text(_SendMedia(stream_sid=self.stream_sid,
+        return [support.text(_SendMedia(stream_sid=self.stream_sid,
                                  media=_OutMedia(payload=base64.b64encode(chunk).decode("ascii"))))
                 for chunk in _chunks(payload)]
 
     def clear(self) -> list[WsFrame]:
-        return [_text(_SendClear(stream_sid=self.stream_sid))] if self.stream_sid else []
+        return [support.text(_SendClear(stream_sid=self.stream_sid))] if self.stream_sid else []
 
     def mark(self, name: str) -> list[WsFrame]:
         if not self.stream_sid:
             return []
-        return [_text(_SendMark(stream_sid=self.stream_sid, mark=_MarkBody(name=name)))]
+        return [support.text(_SendMark(stream_sid=self.stream_sid, mark=_MarkBody(name=name)))]
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def _read(frame: str, into: type[T]) -> T:
-    """`frame` as the wire Struct `into`; a DecodeError names the JSON path of what is wrong."""
-    try:
-        return msgspec.json.decode(frame, type=into)
-    except msgspec.ValidationError as exc:
-        reason, _, where = str(exc).partition(" - at `")
-        raise DecodeError(reason, where.rstrip("`") or "$") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"the frame is not valid JSON: {exc}", "$") from None
-    except RecursionError:  # msgspec stops at Python's recursion limit, even inside a member it skips
-        raise DecodeError("the frame is nested too deeply to read", "$") from None
-
-
-def _text(message: msgspec.Struct) -> str:
-    return _encoder.encode(message).decode()
 
 
 def _format(media_format: _MediaFormat) -> AudioFormat:
@@ -318,12 +282,6 @@ def _format(media_format: _MediaFormat) -> AudioFormat:
         raise DecodeError(f"sample_rate must be one of {', '.join(map(str, sorted(RATES)))}, "
                           f"not {media_format.sample_rate!r}", "$.start.media_format.sample_rate")
     return AudioFormat(codec="pcm16", rate=rate, frame_ms=INBOUND_MS)
-
-
-def _digit(digit: str) -> Dtmf:
-    if len(digit) != 1 or digit not in _DTMF_DIGITS:
-        raise DecodeError(f"a DTMF digit is one of 0-9, *, #, A-D, not {digit!r}", "$.dtmf.digit")
-    return Dtmf(digit=digit)
 
 
 def _chunks(payload: bytes) -> list[bytes]:

@@ -63,11 +63,10 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final
 from urllib.parse import urlencode, urlsplit
 
 import msgspec
@@ -76,7 +75,9 @@ from babelhub.audio.frame import AudioFormat
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.media import support
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.media.support import decode_frame
 
 __all__ = ["CLOCK_SKEW_SECONDS", "SIGNATURE_MAX_AGE_SECONDS", "GenesysMedia", "GenesysOptions", "GenesysSecrets"]
 
@@ -93,7 +94,6 @@ SIGNED_COMPONENTS: Final = frozenset({
     "audiohook-correlation-id", "x-api-key",
 })
 """What the signature must cover, as Genesys signs it."""
-DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 
 class GenesysSecrets(Settings, frozen=True, kw_only=True):
@@ -161,23 +161,7 @@ class _Gap(msgspec.Struct, frozen=True):
     discarded: str = "PT0S"
 
 
-_T = TypeVar("_T")
-_PATH_SUFFIX: Final = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _DURATION: Final = re.compile(r"PT(?P<seconds>[0-9]+(?:\.[0-9]+)?)S")
-
-
-def _decode(data: bytes | str, kind: type[_T], prefix: str = "$") -> _T:
-    """`data` as `kind`; `DecodeError` with the JSON path (under `prefix`) of what is wrong."""
-    try:
-        return msgspec.json.decode(data, type=kind)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _PATH_SUFFIX.search(text)
-        if match is None:
-            raise DecodeError(text, prefix) from None
-        raise DecodeError(text[: match.start()], prefix + match.group("path")) from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"malformed JSON: {exc}", prefix) from None
 
 
 def _duration_us(value: str, path: str) -> int:
@@ -238,7 +222,7 @@ class GenesysMedia(MediaSession):
         if isinstance(frame, bytes):
             events = self._audio(frame)
         else:
-            message = _decode(frame, _Message)
+            message = decode_frame(frame, _Message)
             self._check_counters(message)
             events = self._dispatch(message)
         # Marks set while no audio was waiting to be played are played already: reported with this frame.
@@ -293,14 +277,14 @@ class GenesysMedia(MediaSession):
                 self._audio_unplayed = False
                 return [Played(name=name) for name in played]
             case "discarded" | "resumed":
-                gap = _decode(message.parameters, _Gap, "$.parameters")
+                gap = decode_frame(message.parameters, _Gap, "$.parameters")
                 self._media_us += _duration_us(gap.discarded, "$.parameters.discarded")
         return []
 
     def _on_open(self, message: _Message) -> list[MediaEvent]:
         if self._open:
             raise DecodeError("a second 'open' in one session", "$.type")
-        opening = _decode(message.parameters, _Open, "$.parameters")
+        opening = decode_frame(message.parameters, _Open, "$.parameters")
         medium = next((medium for medium in opening.media if _takes(medium)), None)
         if medium is None:
             raise DecodeError("none of the offered media is PCMU at 8000 Hz", "$.parameters.media")
@@ -315,16 +299,14 @@ class GenesysMedia(MediaSession):
                       parameters=_start_parameters(opening))]
 
     def _on_close(self, message: _Message) -> list[MediaEvent]:
-        close = _decode(message.parameters, _Close, "$.parameters")
+        close = decode_frame(message.parameters, _Close, "$.parameters")
         self._closed = True
         self._reply("closed", {})
         return [Stop(reason=close.reason)]
 
     def _on_dtmf(self, message: _Message) -> list[MediaEvent]:
-        digit = _decode(message.parameters, _Dtmf, "$.parameters").digit
-        if digit not in DTMF_DIGITS:
-            raise DecodeError("a DTMF digit is one of 0-9, *, #, A-D", "$.parameters.digit")
-        return [Dtmf(digit=digit)]
+        digit = decode_frame(message.parameters, _Dtmf, "$.parameters").digit
+        return [support.dtmf_event(digit, "$.parameters.digit")]
 
     # --- outbound
 
@@ -364,9 +346,8 @@ class GenesysMedia(MediaSession):
 
     def _message(self, kind: str, parameters: dict[str, Any]) -> str:
         self._server_seq += 1
-        return json.dumps({"version": PROTOCOL_VERSION, "type": kind, "seq": self._server_seq,
-                           "clientseq": self._client_seq, "id": self.session_id, "parameters": parameters},
-                          separators=(",", ":"))
+        return support.text({"version": PROTOCOL_VERSION, "type": kind, "seq": self._server_seq,
+                             "clientseq": self._client_seq, "id": self.session_id, "parameters": parameters})
 
 
 def _takes(medium: _Medium) -> bool:

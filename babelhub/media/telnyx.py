@@ -49,7 +49,6 @@ with custom parameters), the Call Control "Streaming start" command and the TeXM
 from __future__ import annotations
 
 import base64
-import binascii
 from array import array
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Final, Literal
@@ -61,7 +60,8 @@ from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import ConfigError, DecodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.media import support
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 
 __all__ = ["TelnyxMedia", "TelnyxMediaOptions", "TelnyxMediaSecrets", "TelnyxStreamError"]
 
@@ -70,7 +70,6 @@ FORMAT: Final = AudioFormat(codec="mulaw", rate=8000, channels=1, frame_ms=20)
 
 _ENCODINGS: Final[dict[str, AudioCodec]] = {"PCMU": "mulaw", "PCMA": "alaw", "L16": "pcm16", "OPUS": "opus"}
 """`start.media_format.encoding` values this module reads, as `AudioFormat` codecs."""
-_DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 _TOKEN_HEADER: Final = "x-telnyx-streaming-auth-token"
 _MAX_ERRORS: Final = 100
 """Error frames kept per stream: a stream that keeps failing must not grow without bound."""
@@ -128,9 +127,7 @@ class TelnyxMedia(MediaSession):
             raise SignatureError("x-telnyx-streaming-auth-token does not match the stream_auth_token")
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        if isinstance(frame, bytes):
-            raise DecodeError("Telnyx media streaming sends JSON text frames, not binary ones", path="$")
-        raw = native.json_value(frame, what="the frame")
+        raw = support.json_frame(frame, "Telnyx media streaming")
         event = native.convert(raw, _Message).event
         read = _READERS.get(event)
         return read(self, raw) if read else []
@@ -139,13 +136,13 @@ class TelnyxMedia(MediaSession):
         if self.outbound_format.codec == "pcm16":
             payload = _swap_bytes(payload)  # RTP's L16 is big-endian
         media = _OutMedia(payload=base64.b64encode(payload).decode("ascii"))
-        return [_text(_OutMediaMessage(media=media))]
+        return [support.text(_OutMediaMessage(media=media))]
 
     def clear(self) -> list[WsFrame]:
-        return [_text(_OutClearMessage())]
+        return [support.text(_OutClearMessage())]
 
     def mark(self, name: str) -> list[WsFrame]:
-        return [_text(_OutMarkMessage(mark=_Mark(name=name)))]
+        return [support.text(_OutMarkMessage(mark=_Mark(name=name)))]
 
     # ---------------------------------------------------------------------------------- inbound
 
@@ -166,10 +163,7 @@ class TelnyxMedia(MediaSession):
         media = native.convert(raw, _MediaMessage).media
         if media.track == "outbound":
             return []  # what the call plays (a stream of both tracks), not the caller
-        try:
-            payload = base64.b64decode(media.payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise DecodeError("the audio is not valid base64", path="$.media.payload") from None
+        payload = support.audio_payload(media.payload, "$.media.payload")
         if self.inbound_format is not None and self.inbound_format.codec == "pcm16":
             if len(payload) % 2:
                 raise DecodeError("L16 audio must hold whole 16-bit samples", path="$.media.payload")
@@ -177,10 +171,7 @@ class TelnyxMedia(MediaSession):
         return [Audio(payload=payload)]
 
     def _dtmf(self, raw: Any) -> list[MediaEvent]:
-        digit = native.convert(raw, _DtmfMessage).dtmf.digit
-        if digit not in _DTMF_DIGITS:
-            raise DecodeError(f"{digit!r} is not a DTMF digit", path="$.dtmf.digit")
-        return [Dtmf(digit=digit)]
+        return [support.dtmf_event(native.convert(raw, _DtmfMessage).dtmf.digit, "$.dtmf.digit")]
 
     def _mark(self, raw: Any) -> list[MediaEvent]:
         return [Played(name=native.convert(raw, _MarkMessage).mark.name)]
@@ -218,10 +209,6 @@ def _swap_bytes(payload: bytes) -> bytes:
     samples = array("h", payload[: len(payload) - len(payload) % 2])
     samples.byteswap()
     return samples.tobytes()
-
-
-def _text(message: msgspec.Struct) -> str:
-    return msgspec.json.encode(message).decode("utf-8")
 
 
 

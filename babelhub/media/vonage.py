@@ -59,7 +59,9 @@ from babelhub.audio.frame import AudioFormat
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
 from babelhub.errors import DecodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
+from babelhub.media import support
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, WsFrame
+from babelhub.media.support import decode_frame
 
 __all__ = ["VonageMedia", "VonageMediaSecrets"]
 
@@ -67,7 +69,8 @@ CHANNEL: Final = "vonage_media"
 FRAME_MS: Final = 20
 RATES: Final = frozenset({8000, 16000, 24000})
 """The L16 rates of the endpoint's `content-type` (Vonage documents 8000 and 16000)."""
-DTMF_DIGITS: Final = frozenset("0123456789*#")
+DTMF_DIGITS: Final = support.DTMF_DIGITS - frozenset("ABCD")
+"""The keys Vonage reports (it documents no A-D)."""
 TOKEN_MAX_AGE: Final = 300.0
 """Seconds a signed opening request's JWT is accepted after its `iat` (and before, for clock skew): the
 socket is opened right after Vonage signs it."""
@@ -115,24 +118,6 @@ class _Notify(msgspec.Struct, frozen=True):
     payload: _NotifyPayload | None = None
 
 
-_EVENT = msgspec.json.Decoder(_Event)
-_CONNECTED = msgspec.json.Decoder(_Connected)
-_DTMF = msgspec.json.Decoder(_Dtmf)
-_NOTIFY = msgspec.json.Decoder(_Notify)
-_HEADERS = msgspec.json.Decoder(dict[str, Any])
-
-
-def _read(decoder: msgspec.json.Decoder[Any], text: str) -> Any:
-    """`text` read by `decoder`, or a DecodeError naming the JSON path of what is wrong."""
-    try:
-        return decoder.decode(text)
-    except msgspec.ValidationError as exc:
-        reason, _, where = str(exc).partition(" - at `")
-        raise DecodeError(reason, where.rstrip("`") or "$") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"not JSON: {exc}", "$") from None
-    except RecursionError:  # nesting deep enough to exhaust the decoder's stack
-        raise DecodeError("nested too deeply to read", "$") from None
 
 
 # --- the session
@@ -167,13 +152,13 @@ class VonageMedia(MediaSession):
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
         if isinstance(frame, bytes):
             return [self._audio(frame)]
-        kind = _read(_EVENT, frame).event
+        kind = decode_frame(frame, _Event).event
         if kind == "websocket:connected":
             return self._start(frame)
         if kind == "websocket:dtmf":
-            return [_dtmf(_read(_DTMF, frame))]
+            return [support.dtmf_event(decode_frame(frame, _Dtmf).digit, "$.digit", DTMF_DIGITS)]
         if kind == "websocket:notify":
-            payload = _read(_NOTIFY, frame).payload
+            payload = decode_frame(frame, _Notify).payload
             # A notify whose payload babelhub did not write (no name) acknowledges no mark of ours.
             return [Played(name=payload.name)] if payload is not None and payload.name else []
         return []  # websocket:cleared, and whatever Vonage adds later
@@ -181,12 +166,13 @@ class VonageMedia(MediaSession):
     def _start(self, text: str) -> list[MediaEvent]:
         if self.inbound_format is not None:
             return []  # Vonage sends it once; a repeat may not change the stream's format
-        connected: _Connected = _read(_CONNECTED, text)
+        connected = decode_frame(text, _Connected)
         audio = AudioFormat(codec="pcm16", rate=_rate(connected.content_type), frame_ms=FRAME_MS)
-        headers: dict[str, Any] = _read(_HEADERS, text)
+        headers = decode_frame(text, dict[str, Any])
         self.inbound_format = audio
         self.outbound_format = audio  # narrowed to the negotiated rate
-        parameters = {name: _text(value) for name, value in headers.items() if name not in _PROTOCOL_FIELDS}
+        parameters = {name: support.parameter_text(value) for name, value in headers.items()
+                      if name not in _PROTOCOL_FIELDS}
         return [Start(call_id=parameters.pop(_CALL_ID, ""), caller=parameters.pop(_CALLER, ""),
                       callee=parameters.pop(_CALLEE, ""), inbound_format=audio, parameters=parameters)]
 
@@ -210,10 +196,10 @@ class VonageMedia(MediaSession):
         return frames
 
     def clear(self) -> list[WsFrame]:
-        return [json.dumps({"action": "clear"})]
+        return [support.text({"action": "clear"})]
 
     def mark(self, name: str) -> list[WsFrame]:
-        return [json.dumps({"action": "notify", "payload": {"name": name}})]
+        return [support.text({"action": "notify", "payload": {"name": name}})]
 
 
 def _rate(content_type: str) -> int:
@@ -223,17 +209,6 @@ def _rate(content_type: str) -> int:
         raise DecodeError(f"content-type must be audio/l16;rate=<{rates}>, not {content_type[:60]!r}",
                           "$.content-type")
     return int(match.group(1))
-
-
-def _dtmf(message: _Dtmf) -> Dtmf:
-    if message.digit not in DTMF_DIGITS:
-        raise DecodeError(f"a DTMF digit is one of 0-9, * and #, not {message.digit[:8]!r}", "$.digit")
-    return Dtmf(digit=message.digit)
-
-
-def _text(value: Any) -> str:
-    """An NCCO header's value as text: strings as they are, anything else as its JSON."""
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 # --- the signed opening request

@@ -1,0 +1,125 @@
+"""Helpers every media provider needs for reading the frames its provider sends and writing the ones it
+plays, so that each provider module holds only what is particular to its protocol (as
+`babelhub.codecs.native` serves the channel codecs, whose `json_value` and `convert` these build on)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Final, TypeAlias, TypeVar
+
+import msgspec
+
+from babelhub.codecs import native
+from babelhub.errors import DecodeError
+from babelhub.media.base import Dtmf, WsFrame
+
+__all__ = [
+    "DTMF_DIGITS",
+    "Number",
+    "TimestampClock",
+    "audio_payload",
+    "decode_frame",
+    "dtmf_event",
+    "json_frame",
+    "parameter_text",
+    "text",
+    "text_frame",
+]
+
+T = TypeVar("T")
+
+DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
+"""The 16 DTMF keys: what a provider may report and the most one may play (some document fewer)."""
+
+Number: TypeAlias = int | str
+"""A number some providers write as a JSON number in one message and as a string of digits in another
+(Plivo's `sampleRate`, Exotel's `sequence_number`)."""
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+# ---------------------------------------------------------------------------------------- inbound
+
+
+def text_frame(frame: WsFrame, provider: str) -> str:
+    """`frame` when it is text; a DecodeError at `$` when `provider`, which sends JSON text, sent binary."""
+    if isinstance(frame, bytes):
+        raise DecodeError(f"{provider} sends JSON text frames, not binary ones", path="$")
+    return frame
+
+
+def json_frame(frame: WsFrame, provider: str) -> Any:
+    """A text frame as JSON, to read with `native.convert` into the Struct its event names; a DecodeError
+    at `$` for a binary frame, invalid JSON, or JSON nested too deeply to read."""
+    return native.json_value(text_frame(frame, provider), what="the frame")
+
+
+def decode_frame(data: str | bytes, into: type[T], path: str = "$") -> T:
+    """JSON `data` (a frame, or a member at `path` kept raw) read straight into the wire Struct `into`, as
+    strictly as msgspec types it (a number written as a string is refused unless `into` says so); a
+    DecodeError under `path` names the member that does not fit, and invalid or too deeply nested JSON."""
+    try:
+        return msgspec.json.decode(data, type=into)
+    except msgspec.ValidationError as exc:
+        reason, _, where = str(exc).partition(" - at `$")
+        raise DecodeError(reason, path=path + where.rstrip("`")) from None
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"the frame is not valid JSON: {exc}", path=path) from None
+    except RecursionError:  # msgspec stops at Python's recursion limit, even inside a member it skips
+        raise DecodeError("the frame is nested too deeply to read", path=path) from None
+
+
+def audio_payload(encoded: str, path: str) -> bytes:
+    """Base64 audio, strictly (no stray characters); a DecodeError at `path` otherwise."""
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except ValueError:  # binascii.Error, or a character outside ASCII
+        raise DecodeError("the audio payload is not valid base64", path=path) from None
+
+
+def dtmf_event(digit: str, path: str, digits: frozenset[str] = DTMF_DIGITS) -> Dtmf:
+    """The key press `digit`, one of `digits`; a DecodeError at `path` otherwise."""
+    if len(digit) != 1 or digit not in digits:
+        raise DecodeError(f"a DTMF digit is one of {_keys(digits)}, not {digit[:8]!r}", path=path)
+    return Dtmf(digit=digit)
+
+
+def _keys(digits: frozenset[str]) -> str:
+    named = [key for key in ("*", "#") if key in digits] + (["A-D"] if "A" in digits else [])
+    return ", ".join(["0-9", *named])
+
+
+class TimestampClock:
+    """Media time from a provider's `timestamp` in milliseconds, counted from the first one read: Plivo
+    documents its timestamps both as Unix time and as time since the stream began, and the difference
+    is right for both."""
+
+    def __init__(self) -> None:
+        self._first_ms: int | None = None
+
+    def media_time_us(self, timestamp: Number | None, path: str) -> int | None:
+        """Microseconds since the first timestamp; None when the message has none."""
+        if timestamp is None:
+            return None
+        try:
+            ms = int(timestamp)
+        except ValueError:
+            raise DecodeError(f"the timestamp {timestamp!r} is no number of milliseconds", path=path) from None
+        if self._first_ms is None:
+            self._first_ms = ms
+        return max(0, ms - self._first_ms) * 1000
+
+
+# --------------------------------------------------------------------------------------- outbound
+
+
+def text(message: Any) -> str:
+    """An outbound message (a wire Struct, or plain JSON values) as a compact JSON text frame."""
+    return _encoder.encode(message).decode("utf-8")
+
+
+def parameter_text(value: Any) -> str:
+    """A provider's custom parameter (a header, a channel variable) as `Start.parameters` holds it: a
+    string as it is, any other JSON value as its compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))

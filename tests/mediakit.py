@@ -11,6 +11,7 @@ import math
 import struct
 from typing import Any
 
+import pytest
 from hypothesis import strategies as st
 
 from babelhub.errors import DecodeError
@@ -18,8 +19,8 @@ from babelhub.media import Audio, Dtmf, MediaSession, Played, Start, Stop, WsFra
 from tests.codeckit import Fixtures
 from tests.strategies import json_values
 
-__all__ = ["REPLACEMENTS", "MediaFixtures", "crossings", "goertzel", "members", "mutated", "reads_or_refuses",
-           "replaced", "same_shape", "tone", "tone_samples"]
+__all__ = ["REPLACEMENTS", "MediaFixtures", "changed", "crossings", "goertzel", "members", "mutated",
+           "reads_or_refuses", "refusal_path", "replaced", "same_shape", "tone", "tone_samples", "tone_strength"]
 
 
 class MediaFixtures(Fixtures):
@@ -63,6 +64,15 @@ def goertzel(linear: bytes, rate: int, hz: float) -> float:
     real = sum(s * math.cos(2 * math.pi * hz * n / rate) for n, s in enumerate(samples))
     imaginary = sum(s * math.sin(2 * math.pi * hz * n / rate) for n, s in enumerate(samples))
     return math.hypot(real, imaginary) / len(samples)
+
+
+def tone_strength(pcm: bytes, rate: int, hz: float = 400) -> tuple[float, float]:
+    """The RMS of 16-bit little-endian `pcm`, and the share of it a sine of `hz` explains (1.0: all)."""
+    samples = samples_of(pcm)
+    sine = [math.sin(2 * math.pi * hz * n / rate) for n in range(len(samples))]
+    rms = math.sqrt(sum(s * s for s in samples) / len(samples))
+    correlation = sum(s * w for s, w in zip(samples, sine, strict=True)) / len(samples)
+    return rms, correlation / (rms / math.sqrt(2))
 
 
 # ----------------------------------------------------------------------------------- JSON shapes
@@ -120,3 +130,20 @@ def reads_or_refuses(session: MediaSession, frame: WsFrame) -> None:
         assert error.path.startswith("$") or error.path.split(".")[0].isupper()
         return
     assert all(isinstance(event, Start | Audio | Dtmf | Played | Stop) for event in events)
+
+
+def changed(message: Any, at: tuple[str, ...], **fields: Any) -> str:
+    """`message` (decoded JSON, left as it is) as a frame, with `fields` set in its member at `at`."""
+    copy = json.loads(json.dumps(message))
+    member = copy
+    for key in at:
+        member = member[key]
+    member |= fields
+    return json.dumps(copy)
+
+
+def refusal_path(session: MediaSession, frame: WsFrame) -> str:
+    """The path of the `DecodeError` that `session` raises for `frame` (fails when it reads it)."""
+    with pytest.raises(DecodeError) as caught:
+        session.receive(frame)
+    return caught.value.path

@@ -20,7 +20,8 @@ from tests.codeckit import Fixtures
 from tests.strategies import json_values
 
 __all__ = ["REPLACEMENTS", "MediaFixtures", "changed", "crossings", "goertzel", "members", "mutated",
-           "reads_or_refuses", "refusal_path", "replaced", "same_shape", "tone", "tone_samples", "tone_strength"]
+           "pcm", "reads_or_refuses", "refusal_path", "replaced", "same_shape", "samples_of", "tone", "tone_samples",
+           "tone_strength"]
 
 
 class MediaFixtures(Fixtures):
@@ -45,17 +46,22 @@ def tone_samples(hz: float, rate: int, ms: int, amplitude: int = 8000) -> list[i
 
 def tone(hz: float, rate: int, ms: int, amplitude: int = 8000) -> bytes:
     """The same tone as 16-bit little-endian PCM (the hub's `pcm16`)."""
-    samples = tone_samples(hz, rate, ms, amplitude)
+    return pcm(tone_samples(hz, rate, ms, amplitude))
+
+
+def pcm(samples: list[int]) -> bytes:
+    """16-bit sample values as little-endian PCM."""
     return struct.pack(f"<{len(samples)}h", *samples)
 
 
-def samples_of(pcm: bytes) -> tuple[int, ...]:
-    return struct.unpack(f"<{len(pcm) // 2}h", pcm[: len(pcm) - len(pcm) % 2])
+def samples_of(linear: bytes) -> list[int]:
+    """The 16-bit sample values of little-endian PCM (a trailing odd byte left out)."""
+    return list(struct.unpack(f"<{len(linear) // 2}h", linear[: len(linear) - len(linear) % 2]))
 
 
-def crossings(pcm: bytes) -> int:
-    """How often 16-bit little-endian `pcm` changes sign (twice a period for a tone)."""
-    return sum(1 for a, b in itertools.pairwise(samples_of(pcm)) if (a < 0) != (b < 0))
+def crossings(linear: bytes) -> int:
+    """How often 16-bit little-endian `linear` changes sign (twice a period for a tone)."""
+    return sum(1 for a, b in itertools.pairwise(samples_of(linear)) if (a < 0) != (b < 0))
 
 
 def goertzel(linear: bytes, rate: int, hz: float) -> float:
@@ -66,9 +72,9 @@ def goertzel(linear: bytes, rate: int, hz: float) -> float:
     return math.hypot(real, imaginary) / len(samples)
 
 
-def tone_strength(pcm: bytes, rate: int, hz: float = 400) -> tuple[float, float]:
-    """The RMS of 16-bit little-endian `pcm`, and the share of it a sine of `hz` explains (1.0: all)."""
-    samples = samples_of(pcm)
+def tone_strength(linear: bytes, rate: int, hz: float = 400) -> tuple[float, float]:
+    """The RMS of 16-bit little-endian `linear`, and the share of it a sine of `hz` explains (1.0: all)."""
+    samples = samples_of(linear)
     sine = [math.sin(2 * math.pi * hz * n / rate) for n in range(len(samples))]
     rms = math.sqrt(sum(s * s for s in samples) / len(samples))
     correlation = sum(s * w for s, w in zip(samples, sine, strict=True)) / len(samples)

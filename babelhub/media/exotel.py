@@ -52,6 +52,7 @@ from typing import Any, ClassVar, Final, TypeAlias
 import msgspec
 
 from babelhub.audio.frame import AudioFormat
+from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
 from babelhub.errors import DecodeError, SignatureError
@@ -95,10 +96,6 @@ def packet_ms(rate: int) -> int:
 # ---------------------------------------------------------------------------------------- wire format
 
 Number: TypeAlias = support.Number
-
-
-class _Head(msgspec.Struct):
-    event: str
 
 
 class _MediaFormat(msgspec.Struct):
@@ -220,34 +217,33 @@ class ExotelMedia(MediaSession):
     # ------------------------------------------------------------------ inbound
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        text = support.text_frame(frame, "Exotel")
-        event = support.decode_frame(text, _Head).event
-        if event == "media":
-            return [self._audio(support.decode_frame(text, _Media).media)]
-        if event == "start":
-            return [self._start(support.decode_frame(text, _Start))]
-        if event == "dtmf":
-            return [support.dtmf_event(support.decode_frame(text, _Dtmf).dtmf.digit, "$.dtmf.digit")]
-        if event == "mark":
-            return [Played(name=support.decode_frame(text, _Mark).mark.name)]
-        if event == "stop":
-            return [Stop(reason=support.decode_frame(text, _Stop).stop.reason)]
-        return []  # `connected`, and events Exotel may add
+        # `connected` and events Exotel adds have no reader: nothing.
+        return support.dispatch(self, support.json_frame(frame, "Exotel"), _READERS)
 
-    def _start(self, message: _Start) -> Start:
+    def _start(self, raw: Any) -> list[MediaEvent]:
+        message = native.convert(raw, _Start)
         body = message.start
         inbound = _format(body.media_format)
         self.stream_sid = body.stream_sid or message.stream_sid
         self.inbound_format = inbound
         # Exotel plays back the format it streams, in its own packet size.
-        self.outbound_format = AudioFormat(codec="pcm16", rate=inbound.rate,
-                                           frame_ms=packet_ms(inbound.rate))
-        return Start(call_id=body.call_sid, stream_id=self.stream_sid, caller=body.caller,
-                     callee=body.callee, inbound_format=inbound, parameters=body.custom_parameters)
+        self.outbound_format = AudioFormat(codec="pcm16", rate=inbound.rate, frame_ms=packet_ms(inbound.rate))
+        return [Start(call_id=body.call_sid, stream_id=self.stream_sid, caller=body.caller,
+                      callee=body.callee, inbound_format=inbound, parameters=body.custom_parameters)]
 
-    def _audio(self, media: _MediaBody) -> Audio:
+    def _audio(self, raw: Any) -> list[MediaEvent]:
+        media = native.convert(raw, _Media).media
         payload = support.audio_payload(media.payload, "$.media.payload")
-        return Audio(payload=payload, timestamp_us=self._clock.media_time_us(media.timestamp, "$.media.timestamp"))
+        return [Audio(payload=payload, timestamp_us=self._clock.media_time_us(media.timestamp, "$.media.timestamp"))]
+
+    def _dtmf(self, raw: Any) -> list[MediaEvent]:
+        return [support.dtmf_event(native.convert(raw, _Dtmf).dtmf.digit, "$.dtmf.digit")]
+
+    def _mark(self, raw: Any) -> list[MediaEvent]:
+        return [Played(name=native.convert(raw, _Mark).mark.name)]
+
+    def _stop(self, raw: Any) -> list[MediaEvent]:
+        return [Stop(reason=native.convert(raw, _Stop).stop.reason)]
 
     # ------------------------------------------------------------------ outbound
 
@@ -265,6 +261,15 @@ class ExotelMedia(MediaSession):
         if not self.stream_sid:
             return []
         return [support.text(_SendMark(stream_sid=self.stream_sid, mark=_MarkBody(name=name)))]
+
+
+_READERS: Final = {
+    "start": ExotelMedia._start,
+    "media": ExotelMedia._audio,
+    "dtmf": ExotelMedia._dtmf,
+    "mark": ExotelMedia._mark,
+    "stop": ExotelMedia._stop,
+}
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -58,6 +58,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 import msgspec
 
 from babelhub.audio.frame import AudioCodec, AudioFormat
+from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
@@ -91,10 +92,6 @@ class PlivoSecrets(Settings, frozen=True, kw_only=True):
 Number: TypeAlias = support.Number
 """Plivo documents numbers (`sequenceNumber`, `sampleRate`) as JSON numbers; some messages carry them as
 strings."""
-
-
-class _Head(msgspec.Struct):
-    event: str
 
 
 class _MediaFormat(msgspec.Struct, rename="camel"):
@@ -209,33 +206,31 @@ class PlivoMedia(MediaSession):
     # ------------------------------------------------------------------ inbound
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        text = support.text_frame(frame, "Plivo")
-        event = support.decode_frame(text, _Head).event
-        if event == "media":
-            return self._audio(support.decode_frame(text, _Media))
-        if event == "start":
-            return [self._start(support.decode_frame(text, _Start))]
-        if event == "dtmf":
-            return [support.dtmf_event(support.decode_frame(text, _Dtmf).dtmf.digit, "$.dtmf.digit")]
-        if event == "playedStream":
-            return [Played(name=support.decode_frame(text, _PlayedStream).name)]
-        return []  # clearedAudio acknowledges a clearAudio; unknown events are Plivo's future ones
+        # clearedAudio (which acknowledges a clearAudio) and events Plivo adds have no reader: nothing.
+        return support.dispatch(self, support.json_frame(frame, "Plivo"), _READERS)
 
-    def _start(self, message: _Start) -> Start:
+    def _start(self, raw: Any) -> list[MediaEvent]:
+        message = native.convert(raw, _Start)
         body = message.start
         inbound = _format(body.media_format)
         self.stream_id = body.stream_id
         self.inbound_format = inbound
         self.outbound_format = inbound  # Plivo plays only the stream's own format
-        return Start(call_id=body.call_id, stream_id=body.stream_id, inbound_format=inbound,
-                     parameters=_extra_headers(message.extra_headers))
+        return [Start(call_id=body.call_id, stream_id=body.stream_id, inbound_format=inbound,
+                      parameters=_extra_headers(message.extra_headers))]
 
-    def _audio(self, message: _Media) -> list[MediaEvent]:
-        media = message.media
+    def _audio(self, raw: Any) -> list[MediaEvent]:
+        media = native.convert(raw, _Media).media
         if media.track != "inbound":
             return []
         payload = support.audio_payload(media.payload, "$.media.payload")
         return [Audio(payload=payload, timestamp_us=self._clock.media_time_us(media.timestamp, "$.media.timestamp"))]
+
+    def _dtmf(self, raw: Any) -> list[MediaEvent]:
+        return [support.dtmf_event(native.convert(raw, _Dtmf).dtmf.digit, "$.dtmf.digit")]
+
+    def _played(self, raw: Any) -> list[MediaEvent]:
+        return [Played(name=native.convert(raw, _PlayedStream).name)]
 
     # ------------------------------------------------------------------ outbound
 
@@ -255,6 +250,14 @@ class PlivoMedia(MediaSession):
         if not digits or not set(digits) <= support.DTMF_DIGITS:
             raise EncodeError(f"DTMF digits must be 0-9, *, # or A-D, not {digits!r}")
         return [support.text(_SendDtmf(dtmf=digits))]
+
+
+_READERS: Final = {
+    "start": PlivoMedia._start,
+    "media": PlivoMedia._audio,
+    "dtmf": PlivoMedia._dtmf,
+    "playedStream": PlivoMedia._played,
+}
 
 
 # ---------------------------------------------------------------------------------------- helpers

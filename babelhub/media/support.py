@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeAlias, TypeVar
 
 import msgspec
 
 from babelhub.codecs import native
 from babelhub.errors import DecodeError
-from babelhub.media.base import Dtmf, WsFrame
+from babelhub.media.base import Dtmf, MediaEvent, MediaSession, WsFrame
 
 __all__ = [
     "DTMF_DIGITS",
@@ -20,6 +21,7 @@ __all__ = [
     "TimestampClock",
     "audio_payload",
     "decode_frame",
+    "dispatch",
     "dtmf_event",
     "json_frame",
     "parameter_text",
@@ -28,6 +30,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+Session = TypeVar("Session", bound=MediaSession)
 
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 """The 16 DTMF keys: what a provider may report and the most one may play (some document fewer)."""
@@ -53,6 +56,19 @@ def json_frame(frame: WsFrame, provider: str) -> Any:
     """A text frame as JSON, to read with `native.convert` into the Struct its event names; a DecodeError
     at `$` for a binary frame, invalid JSON, or JSON nested too deeply to read."""
     return native.json_value(text_frame(frame, provider), what="the frame")
+
+
+class _Head(msgspec.Struct):
+    event: str
+
+
+def dispatch(session: Session, message: Any,
+             readers: Mapping[str, Callable[[Session, Any], list[MediaEvent]]]) -> list[MediaEvent]:
+    """The events of `message` (decoded JSON with an `event` string) as the reader for its event makes
+    them; none for an event without one (informational, or added by the provider since: forward
+    compatible). A DecodeError names the path when `event` is missing or no string."""
+    read = readers.get(native.convert(message, _Head).event)
+    return read(session, message) if read else []
 
 
 def decode_frame(data: str | bytes, into: type[T], path: str = "$") -> T:

@@ -127,10 +127,7 @@ class TelnyxMedia(MediaSession):
             raise SignatureError("x-telnyx-streaming-auth-token does not match the stream_auth_token")
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        raw = support.json_frame(frame, "Telnyx media streaming")
-        event = native.convert(raw, _Message).event
-        read = _READERS.get(event)
-        return read(self, raw) if read else []
+        return support.dispatch(self, support.json_frame(frame, "Telnyx media streaming"), _READERS)
 
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         if self.outbound_format.codec == "pcm16":
@@ -213,10 +210,6 @@ def _swap_bytes(payload: bytes) -> bytes:
 
 
 # ------------------------------------------------------------------------------------ wire format
-
-
-class _Message(msgspec.Struct):
-    event: str
 
 
 class _MediaFormat(msgspec.Struct):

@@ -105,10 +105,7 @@ class TwilioMedia(MediaSession):
         raise SignatureError("X-Twilio-Signature does not match the URL")
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        raw = support.json_frame(frame, "Twilio Media Streams")
-        event = native.convert(raw, _Message).event
-        read = _READERS.get(event)
-        return read(self, raw) if read else []
+        return support.dispatch(self, support.json_frame(frame, "Twilio Media Streams"), _READERS)
 
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         media = _OutMedia(payload=base64.b64encode(payload).decode("ascii"))
@@ -187,10 +184,6 @@ def _url_spellings(url: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ wire format
-
-
-class _Message(msgspec.Struct):
-    event: str
 
 
 _Count = Annotated[int, msgspec.Meta(ge=0)]

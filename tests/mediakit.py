@@ -5,6 +5,7 @@ member replaced by other JSON) with the one outcome allowed for them."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import math
@@ -19,7 +20,7 @@ from babelhub.media import Audio, Dtmf, MediaSession, Played, Start, Stop, WsFra
 from tests.codeckit import Fixtures
 from tests.strategies import json_values
 
-__all__ = ["REPLACEMENTS", "MediaFixtures", "changed", "crossings", "goertzel", "members", "mutated",
+__all__ = ["REPLACEMENTS", "MediaFixtures", "basic", "changed", "crossings", "goertzel", "members", "mutated",
            "pcm", "reads_or_refuses", "refusal_path", "replaced", "same_shape", "samples_of", "tone", "tone_samples",
            "tone_strength"]
 
@@ -153,3 +154,8 @@ def refusal_path(session: MediaSession, frame: WsFrame) -> str:
     with pytest.raises(DecodeError) as caught:
         session.receive(frame)
     return caught.value.path
+
+
+def basic(user: str, password: str) -> str:
+    """An `Authorization` header of HTTP Basic credentials."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -3,7 +3,6 @@ documented commands out (in the format the channel speaks), Basic credentials, a
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -16,7 +15,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start
 from babelhub.media.asterisk import MAX_COMMAND_BYTES, MAX_MEDIA_BYTES, AsteriskMedia
-from tests.mediakit import MediaFixtures, crossings, reads_or_refuses, refusal_path, tone
+from tests.mediakit import MediaFixtures, basic, crossings, reads_or_refuses, refusal_path, tone
 from tests.strategies import json_values
 
 FIXTURES = MediaFixtures("asterisk_media")
@@ -266,15 +265,11 @@ def opening(authorization: str | None) -> HttpRequest:
     return HttpRequest(method="GET", path="/media/asterisk", headers=headers)
 
 
-def basic(credentials: str) -> str:
-    return "Basic " + base64.b64encode(credentials.encode()).decode()
-
-
 def test_basic_credentials_of_websocket_client_conf_are_checked() -> None:
     session = AsteriskMedia({"username": "asterisk", "password": "s3cret:with-colon"}, {})
-    session.verify(opening(basic("asterisk:s3cret:with-colon")))
-    for wrong in (None, basic("asterisk:guess"), basic("other:s3cret:with-colon"), "Bearer abc",
-                  "Basic not*base64", basic("asterisk:s3cret:with-colon")[:-2]):
+    session.verify(opening(basic("asterisk", "s3cret:with-colon")))
+    for wrong in (None, basic("asterisk", "guess"), basic("other", "s3cret:with-colon"), "Bearer abc",
+                  "Basic not*base64", basic("asterisk", "s3cret:with-colon")[:-2]):
         with pytest.raises(SignatureError):
             session.verify(opening(wrong))
 
@@ -314,5 +309,5 @@ def test_any_binary_frame_is_audio_or_a_decode_error(frame: bytes) -> None:
 
 def test_a_refusal_names_no_credentials() -> None:
     with pytest.raises(SignatureError) as caught:
-        AsteriskMedia({"username": "asterisk", "password": "s3cret"}, {}).verify(opening(basic("asterisk:guess")))
+        AsteriskMedia({"username": "asterisk", "password": "s3cret"}, {}).verify(opening(basic("asterisk", "guess")))
     assert "s3cret" not in str(caught.value) and "guess" not in str(caught.value)

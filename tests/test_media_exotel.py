@@ -17,7 +17,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.errors import SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start, Stop
 from babelhub.media.exotel import ExotelMedia, packet_ms
-from tests.mediakit import REPLACEMENTS, MediaFixtures, goertzel, mutated, reads_or_refuses, refusal_path
+from tests.mediakit import REPLACEMENTS, MediaFixtures, basic, goertzel, mutated, reads_or_refuses, refusal_path
 
 FIXTURES = MediaFixtures("exotel_media")
 STREAM_SID = "0f2b9c3e7a1d4e5f8a6b7c8d9e0f1a2b"
@@ -180,10 +180,6 @@ def opening(authorization: str | None) -> HttpRequest:
     headers = {} if authorization is None else {"authorization": authorization}
     return HttpRequest(method="GET", path="/media/exotel-main", headers=headers,
                        url="wss://hub.example.com/media/exotel-main")
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def test_the_credentials_of_the_applet_url_are_accepted() -> None:

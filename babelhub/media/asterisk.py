@@ -49,9 +49,6 @@ options), `configs/samples/websocket_client.conf.sample` (`username`, `password`
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
@@ -61,7 +58,7 @@ from babelhub.audio.convert import silence
 from babelhub.audio.frame import AudioCodec, AudioFormat
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, Settings
-from babelhub.errors import DecodeError, EncodeError, SignatureError
+from babelhub.errors import DecodeError, EncodeError
 from babelhub.media import support
 from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
 
@@ -218,18 +215,7 @@ class AsteriskMedia(MediaSession):
 
     def verify(self, request: HttpRequest) -> None:
         """HTTP Basic credentials equal to the configured `username` and `password`, when configured."""
-        username, password = self.secrets.get("username", ""), self.secrets.get("password", "")
-        if not username and not password:
-            return
-        scheme, _, encoded = request.headers.get("authorization", "").strip().partition(" ")
-        if scheme.lower() != "basic":
-            raise SignatureError("missing Authorization: Basic credentials")
-        try:
-            given = base64.b64decode(encoded.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raise SignatureError("Basic credentials are not base64") from None
-        if not hmac.compare_digest(given, f"{username}:{password}".encode()):
-            raise SignatureError("Basic credentials do not match the connection's username and password")
+        support.check_basic_credentials(request, self.secrets.get("username", ""), self.secrets.get("password", ""))
 
     # --------------------------------------------------------------------------------- inbound
 

@@ -45,7 +45,6 @@ parameters; message examples); support.exotel.com article 3000108630 (chunk size
 from __future__ import annotations
 
 import base64
-import hmac
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, TypeAlias
 
@@ -55,7 +54,7 @@ from babelhub.audio.frame import AudioFormat
 from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
-from babelhub.errors import DecodeError, SignatureError
+from babelhub.errors import DecodeError
 from babelhub.media import support
 from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 
@@ -203,16 +202,7 @@ class ExotelMedia(MediaSession):
 
     def verify(self, request: HttpRequest) -> None:
         """Basic credentials when the connection has them; nothing otherwise (IP whitelisting)."""
-        user = self.secrets.get("api_key", "")
-        password = self.secrets.get("api_token", "")
-        if not user and not password:
-            return
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "basic" or not credentials:
-            raise SignatureError("missing Authorization: Basic header")
-        expected = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-        if not hmac.compare_digest(credentials.strip().encode(), expected.encode()):
-            raise SignatureError("the Basic credentials do not match api_key and api_token")
+        support.check_basic_credentials(request, self.secrets.get("api_key", ""), self.secrets.get("api_token", ""))
 
     # ------------------------------------------------------------------ inbound
 

@@ -5,6 +5,7 @@ plays, so that each provider module holds only what is particular to its protoco
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeAlias, TypeVar
@@ -12,7 +13,8 @@ from typing import Any, Final, TypeAlias, TypeVar
 import msgspec
 
 from babelhub.codecs import native
-from babelhub.errors import DecodeError
+from babelhub.codecs.base import HttpRequest
+from babelhub.errors import DecodeError, SignatureError
 from babelhub.media.base import Dtmf, MediaEvent, MediaSession, WsFrame
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "Number",
     "TimestampClock",
     "audio_payload",
+    "check_basic_credentials",
     "decode_frame",
     "dispatch",
     "dtmf_event",
@@ -125,6 +128,26 @@ class TimestampClock:
         if self._first_ms is None:
             self._first_ms = ms
         return max(0, ms - self._first_ms) * 1000
+
+
+# -------------------------------------------------------------------------------- opening request
+
+
+def check_basic_credentials(request: HttpRequest, username: str, password: str) -> None:
+    """The opening request's `Authorization: Basic` must carry `username:password`, when the connection
+    configures either; nothing is checked when it configures neither (the endpoint is then restricted by
+    network). `SignatureError` otherwise, naming no credential."""
+    if not username and not password:
+        return
+    scheme, _, encoded = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() != "basic" or not encoded.strip():
+        raise SignatureError("missing Authorization: Basic credentials")
+    try:
+        given = base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:  # binascii.Error, or a character outside ASCII
+        raise SignatureError("the Basic credentials are not base64") from None
+    if not hmac.compare_digest(given, f"{username}:{password}".encode()):
+        raise SignatureError("the Basic credentials do not match the connection's")
 
 
 # --------------------------------------------------------------------------------------- outbound

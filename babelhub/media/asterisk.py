@@ -60,7 +60,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError
 from babelhub.media import support
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
+from babelhub.media.base import Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
 
 __all__ = ["AsteriskMedia", "AsteriskMediaOptions", "AsteriskMediaSecrets"]
 
@@ -208,7 +208,7 @@ class AsteriskMedia(MediaSession):
         """The text of the last ERROR event (a command Asterisk refused)."""
         self._json_commands = False  # plain text until MEDIA_START says otherwise (Asterisk's default)
         self._frame_size = 0  # optimal_frame_size
-        self._received_bytes = 0
+        self._audio = support.BinaryAudio()
         self._replies: list[WsFrame] = []
 
     # ------------------------------------------------------------------------------- the handshake
@@ -221,7 +221,7 @@ class AsteriskMedia(MediaSession):
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
         if isinstance(frame, bytes):
-            return [self._audio(frame)]
+            return [self._audio.read(frame, self.inbound_format, "the MEDIA_START event")]
         message = _parse(frame)
         if message.event == "MEDIA_START":
             return self._start(message)
@@ -254,16 +254,6 @@ class AsteriskMedia(MediaSession):
         variables = {name: support.parameter_text(value) for name, value in start.channel_variables.items()}
         return [Start(call_id=start.channel_id or start.connection_id, stream_id=start.connection_id,
                       inbound_format=audio, parameters=variables)]
-
-    def _audio(self, payload: bytes) -> Audio:
-        audio = self.inbound_format
-        if audio is None:
-            raise DecodeError("binary media before the MEDIA_START event", "$")
-        if audio.codec == "pcm16" and len(payload) % 2:
-            raise DecodeError(f"slin media has 2 bytes a sample; got {len(payload)} bytes", "$")
-        timestamp = self._received_bytes * 1000 // audio.bytes_per_ms()
-        self._received_bytes += len(payload)
-        return Audio(payload=payload, timestamp_us=timestamp)
 
     # -------------------------------------------------------------------------------- outbound
 

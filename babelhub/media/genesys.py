@@ -76,7 +76,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media import support
-from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.media.base import MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 from babelhub.media.support import decode_frame
 
 __all__ = ["CLOCK_SKEW_SECONDS", "SIGNATURE_MAX_AGE_SECONDS", "GenesysMedia", "GenesysOptions", "GenesysSecrets"]
@@ -193,7 +193,7 @@ class GenesysMedia(MediaSession):
         self._server_seq = 0
         self._open = False
         self._closed = False
-        self._media_us = 0  # media time of the next audio sample
+        self._caller_audio = support.BinaryAudio()
         self._replies: list[WsFrame] = []
         self._marks: list[str] = []  # set since audio was last sent and not yet acknowledged
         self._marks_played: list[str] = []  # set while nothing was waiting to be played
@@ -235,16 +235,9 @@ class GenesysMedia(MediaSession):
         return replies
 
     def _audio(self, payload: bytes) -> list[MediaEvent]:
-        if self.inbound_format is None:  # known from 'open' on
-            raise DecodeError("audio before the session was opened (binary frame before 'open')", "$")
         if self._closed:
             raise DecodeError("audio after 'close'", "$")
-        if len(payload) % self.inbound_format.channels:
-            raise DecodeError(f"{len(payload)} bytes do not hold whole samples of "
-                              f"{self.inbound_format.channels} channels", "$")
-        timestamp = self._media_us
-        self._media_us += len(payload) * 1000 // self.inbound_format.bytes_per_ms()
-        return [Audio(payload=payload, timestamp_us=timestamp)]
+        return [self._caller_audio.read(payload, self.inbound_format, "the session was opened ('open')")]
 
     def _check_counters(self, message: _Message) -> None:
         if message.version != PROTOCOL_VERSION:
@@ -278,7 +271,7 @@ class GenesysMedia(MediaSession):
                 return [Played(name=name) for name in played]
             case "discarded" | "resumed":
                 gap = decode_frame(message.parameters, _Gap, "$.parameters")
-                self._media_us += _duration_us(gap.discarded, "$.parameters.discarded")
+                self._caller_audio.skip(_duration_us(gap.discarded, "$.parameters.discarded"))
         return []
 
     def _on_open(self, message: _Message) -> list[MediaEvent]:

@@ -12,13 +12,15 @@ from typing import Any, Final, TypeAlias, TypeVar
 
 import msgspec
 
+from babelhub.audio.frame import AudioFormat
 from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError, SignatureError
-from babelhub.media.base import Dtmf, MediaEvent, MediaSession, WsFrame
+from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, WsFrame
 
 __all__ = [
     "DTMF_DIGITS",
+    "BinaryAudio",
     "Number",
     "TimestampClock",
     "audio_payload",
@@ -128,6 +130,33 @@ class TimestampClock:
         if self._first_ms is None:
             self._first_ms = ms
         return max(0, ms - self._first_ms) * 1000
+
+
+class BinaryAudio:
+    """The caller's audio in binary frames, for providers that send it raw and give it no time (Vonage,
+    Asterisk, Genesys): each frame must hold whole samples of the stream's format, and its media time is
+    counted from the bytes received before it, plus any gap the provider reports (`skip`)."""
+
+    def __init__(self) -> None:
+        self._received_bytes = 0
+        self._skipped_us = 0
+
+    def read(self, payload: bytes, audio: AudioFormat | None, start: str) -> Audio:
+        """`payload` as `Audio` in the format `audio`; a DecodeError at `$` when the stream has not started
+        (`audio` is None: `start` names what starts it) or the frame ends inside a sample."""
+        if audio is None:
+            raise DecodeError(f"binary audio before {start}", "$")
+        sample = (2 if audio.codec == "pcm16" else 1) * audio.channels
+        if len(payload) % sample:
+            raise DecodeError(f"{len(payload)} bytes do not hold whole samples: {audio.codec} of {audio.channels} "
+                              f"channel(s) has {sample} bytes a sample", "$")
+        timestamp = self._skipped_us + self._received_bytes * 1000 // audio.bytes_per_ms()
+        self._received_bytes += len(payload)
+        return Audio(payload=payload, timestamp_us=timestamp)
+
+    def skip(self, us: int) -> None:
+        """Move the media time on by `us` microseconds of audio the provider did not send."""
+        self._skipped_us += us
 
 
 # -------------------------------------------------------------------------------- opening request

@@ -60,7 +60,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media import support
-from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, WsFrame
+from babelhub.media.base import MediaEvent, MediaSession, Played, Start, WsFrame
 from babelhub.media.support import decode_frame
 
 __all__ = ["VonageMedia", "VonageMediaSecrets"]
@@ -131,7 +131,7 @@ class VonageMedia(MediaSession):
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
-        self._received_bytes = 0  # of caller audio, for its media time
+        self._audio = support.BinaryAudio()
 
     # ------------------------------------------------------------------------------- the handshake
 
@@ -151,7 +151,7 @@ class VonageMedia(MediaSession):
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
         if isinstance(frame, bytes):
-            return [self._audio(frame)]
+            return [self._audio.read(frame, self.inbound_format, "the websocket:connected message")]
         kind = decode_frame(frame, _Event).event
         if kind == "websocket:connected":
             return self._start(frame)
@@ -175,15 +175,6 @@ class VonageMedia(MediaSession):
                       if name not in _PROTOCOL_FIELDS}
         return [Start(call_id=parameters.pop(_CALL_ID, ""), caller=parameters.pop(_CALLER, ""),
                       callee=parameters.pop(_CALLEE, ""), inbound_format=audio, parameters=parameters)]
-
-    def _audio(self, payload: bytes) -> Audio:
-        if self.inbound_format is None:
-            raise DecodeError("binary audio before the websocket:connected message", "$")
-        if len(payload) % 2:
-            raise DecodeError(f"L16 audio has 2 bytes a sample; got {len(payload)} bytes", "$")
-        timestamp = self._received_bytes * 1_000_000 // (2 * self.inbound_format.rate)
-        self._received_bytes += len(payload)
-        return Audio(payload=payload, timestamp_us=timestamp)
 
     # -------------------------------------------------------------------------------- outbound
 

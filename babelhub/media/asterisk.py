@@ -209,7 +209,6 @@ class AsteriskMedia(MediaSession):
         self._json_commands = False  # plain text until MEDIA_START says otherwise (Asterisk's default)
         self._frame_size = 0  # optimal_frame_size
         self._audio = support.BinaryAudio()
-        self._replies: list[WsFrame] = []
 
     # ------------------------------------------------------------------------------- the handshake
 
@@ -235,10 +234,6 @@ class AsteriskMedia(MediaSession):
         elif message.event == "ERROR":
             self.last_error = message.read(_Error).error_text
         return []  # STATUS, MEDIA_BUFFERING_COMPLETED, QUEUE_DRAINED and events Asterisk adds later
-
-    def replies(self) -> list[WsFrame]:
-        replies, self._replies = self._replies, []
-        return replies
 
     def _start(self, message: _Message) -> list[MediaEvent]:
         if self.inbound_format is not None:

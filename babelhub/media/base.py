@@ -108,6 +108,8 @@ class MediaSession(ABC):
         self.settings = read_options(self.channel, self.option_settings, options)
         """The connection's `options` as this provider's `option_settings` declare them."""
         self.outbound_format = type(self).outbound_format
+        self._replies: list[WsFrame] = []
+        """Frames `replies` hands out next: a subclass appends its protocol's answers while it reads."""
         self.inbound_format: AudioFormat | None = None
         """Known once the stream has started."""
 
@@ -127,7 +129,8 @@ class MediaSession(ABC):
     def replies(self) -> list[WsFrame]:
         """Frames the protocol requires in answer to what `receive` just read (an `opened` to an `open`,
         a `pong` to a `ping`); taken once, then empty."""
-        return []
+        replies, self._replies = self._replies, []
+        return replies
 
     @abstractmethod
     def send_audio(self, payload: bytes) -> list[WsFrame]:

@@ -194,7 +194,6 @@ class GenesysMedia(MediaSession):
         self._open = False
         self._closed = False
         self._caller_audio = support.BinaryAudio()
-        self._replies: list[WsFrame] = []
         self._marks: list[str] = []  # set since audio was last sent and not yet acknowledged
         self._marks_played: list[str] = []  # set while nothing was waiting to be played
         self._audio_unplayed = False
@@ -229,10 +228,6 @@ class GenesysMedia(MediaSession):
         played: list[MediaEvent] = [Played(name=name) for name in self._marks_played]
         self._marks_played.clear()
         return played + events
-
-    def replies(self) -> list[WsFrame]:
-        replies, self._replies = self._replies, []
-        return replies
 
     def _audio(self, payload: bytes) -> list[MediaEvent]:
         if self._closed:

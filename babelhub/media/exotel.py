@@ -269,13 +269,7 @@ def _format(media_format: _MediaFormat) -> AudioFormat:
     if media_format.encoding not in _ENCODINGS:
         raise DecodeError(f"encoding {media_format.encoding!r} is not raw PCM ({', '.join(sorted(_ENCODINGS))})",
                           "$.start.media_format.encoding")
-    try:
-        rate = int(media_format.sample_rate)
-    except ValueError:
-        rate = 0
-    if rate not in RATES:
-        raise DecodeError(f"sample_rate must be one of {', '.join(map(str, sorted(RATES)))}, "
-                          f"not {media_format.sample_rate!r}", "$.start.media_format.sample_rate")
+    rate = support.sample_rate(media_format.sample_rate, RATES, "$.start.media_format.sample_rate")
     return AudioFormat(codec="pcm16", rate=rate, frame_ms=INBOUND_MS)
 
 

@@ -268,14 +268,7 @@ def _format(media_format: _MediaFormat) -> AudioFormat:
     if codec is None:
         raise DecodeError(f"encoding {media_format.encoding!r} is none of {', '.join(_CODECS)}",
                           "$.start.mediaFormat.encoding")
-    try:
-        rate = int(media_format.sample_rate)
-    except ValueError:
-        rate = 0
-    if rate not in _RATES[codec]:
-        allowed = ", ".join(str(rate) for rate in sorted(_RATES[codec]))
-        raise DecodeError(f"{media_format.encoding} comes at {allowed} Hz, not {media_format.sample_rate!r}",
-                          "$.start.mediaFormat.sampleRate")
+    rate = support.sample_rate(media_format.sample_rate, _RATES[codec], "$.start.mediaFormat.sampleRate")
     return AudioFormat(codec=codec, rate=rate, frame_ms=PACKET_MS)
 
 

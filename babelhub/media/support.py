@@ -30,6 +30,7 @@ __all__ = [
     "dtmf_event",
     "json_frame",
     "parameter_text",
+    "sample_rate",
     "text",
     "text_frame",
 ]
@@ -109,6 +110,19 @@ def dtmf_event(digit: str, path: str, digits: frozenset[str] = DTMF_DIGITS) -> D
 def _keys(digits: frozenset[str]) -> str:
     named = [key for key in ("*", "#") if key in digits] + (["A-D"] if "A" in digits else [])
     return ", ".join(["0-9", *named])
+
+
+def sample_rate(value: Number, allowed: frozenset[int], path: str) -> int:
+    """A sample rate written as a number or a string of digits, one of `allowed`; a DecodeError at
+    `path` otherwise."""
+    try:
+        rate = int(value)
+    except ValueError:
+        rate = 0
+    if rate not in allowed:
+        rates = ", ".join(str(rate) for rate in sorted(allowed))
+        raise DecodeError(f"the sample rate must be one of {rates} Hz, not {value!r}", path=path)
+    return rate
 
 
 class TimestampClock:

@@ -7,11 +7,13 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any
 
+import msgspec
 import pytest
 
+from babelhub.audio import AudioFormat
 from babelhub.entrypoints import load_class
-from babelhub.errors import ConfigError
-from babelhub.media import MediaSession
+from babelhub.errors import ConfigError, DecodeError
+from babelhub.media import MediaSession, support
 from babelhub.media.asterisk import AsteriskMedia
 from babelhub.media.exotel import ExotelMedia
 from babelhub.media.genesys import GenesysMedia
@@ -83,3 +85,63 @@ def test_an_instance_narrows_its_own_outbound_format_not_its_class() -> None:
     session.receive(MediaFixtures("plivo_media").text("start_l16_16k.json"))
     assert session.outbound_format.rate == 16000 and session.outbound_format.codec == "pcm16"
     assert PlivoMedia.outbound_format == default and PlivoMedia({}, {}).outbound_format == default
+
+
+# --- babelhub.media.support, as every provider uses it
+
+
+@pytest.mark.parametrize("encoded", ["AAA", "AAAA@@@@", "AAA\u00e9", "AA AA"])
+def test_audio_that_is_no_strict_base64_is_refused_at_its_path(encoded: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        support.audio_payload(encoded, "$.media.payload")
+    assert caught.value.path == "$.media.payload"
+
+
+@pytest.mark.parametrize(("data", "path"), [
+    ('{"digit": 5}', "$.parameters.digit"),
+    ("{not json", "$.parameters"),
+    ('{"digit": "5", "x": ' + DEEP + "}", "$.parameters"),
+])
+def test_a_member_kept_raw_is_refused_under_its_path(data: str, path: str) -> None:
+    class Digit(msgspec.Struct):
+        digit: str
+
+    with pytest.raises(DecodeError) as caught:
+        support.decode_frame(data, Digit, "$.parameters")
+    assert caught.value.path == path
+
+
+def test_a_dtmf_digit_is_one_key_of_those_the_provider_sends() -> None:
+    assert [support.dtmf_event(key, "$.digit").digit for key in "0123456789*#ABCD"] == list("0123456789*#ABCD")
+    for wrong in ("", "11", "E", "a"):
+        with pytest.raises(DecodeError, match="0-9, \\*, #, A-D"):
+            support.dtmf_event(wrong, "$.digit")
+    with pytest.raises(DecodeError, match="one of 0-9, \\*, #, not 'A'"):
+        support.dtmf_event("A", "$.digit", support.DTMF_DIGITS - frozenset("ABCD"))
+
+
+def test_binary_audio_holds_whole_samples_and_is_timed_by_its_bytes() -> None:
+    stereo = AudioFormat(codec="mulaw", rate=8000, channels=2)
+    audio = support.BinaryAudio()
+    with pytest.raises(DecodeError, match="before the start"):
+        audio.read(bytes(320), None, "the start")
+    with pytest.raises(DecodeError, match="2 bytes a sample"):
+        audio.read(bytes(321), stereo, "the start")
+    assert audio.read(bytes(320), stereo, "the start").timestamp_us == 0
+    audio.skip(1_000_000)
+    assert audio.read(bytes(320), stereo, "the start").timestamp_us == 1_020_000
+
+
+def test_a_timestamp_clock_counts_from_the_first_timestamp() -> None:
+    clock = support.TimestampClock()
+    assert clock.media_time_us(None, "$.t") is None
+    assert [clock.media_time_us(ms, "$.t") for ms in (1_700_000_000_000, "1700000000020", 1_699_999_999_990)] == [
+        0, 20_000, 0]
+    with pytest.raises(DecodeError) as caught:
+        clock.media_time_us("soon", "$.media.timestamp")
+    assert caught.value.path == "$.media.timestamp"
+
+
+def test_outbound_json_is_compact_and_parameters_are_text() -> None:
+    assert support.text({"action": "notify", "payload": {"name": "é"}}) == '{"action":"notify","payload":{"name":"é"}}'
+    assert [support.parameter_text(value) for value in ("a", 3, True, ["a", 1])] == ["a", "3", "true", '["a",1]']

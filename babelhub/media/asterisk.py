@@ -208,7 +208,7 @@ class AsteriskMedia(MediaSession):
         """The text of the last ERROR event (a command Asterisk refused)."""
         self._json_commands = False  # plain text until MEDIA_START says otherwise (Asterisk's default)
         self._frame_size = 0  # optimal_frame_size
-        self._audio = support.BinaryAudio()
+        self._caller_audio = support.BinaryAudio()
 
     # ------------------------------------------------------------------------------- the handshake
 
@@ -220,7 +220,7 @@ class AsteriskMedia(MediaSession):
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
         if isinstance(frame, bytes):
-            return [self._audio.read(frame, self.inbound_format, "the MEDIA_START event")]
+            return [self._caller_audio.read(frame, self.inbound_format, "the MEDIA_START event")]
         message = _parse(frame)
         if message.event == "MEDIA_START":
             return self._start(message)

@@ -77,7 +77,6 @@ from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media import support
 from babelhub.media.base import MediaEvent, MediaSession, Played, Start, Stop, WsFrame
-from babelhub.media.support import decode_frame
 
 __all__ = ["CLOCK_SKEW_SECONDS", "SIGNATURE_MAX_AGE_SECONDS", "GenesysMedia", "GenesysOptions", "GenesysSecrets"]
 
@@ -221,7 +220,7 @@ class GenesysMedia(MediaSession):
         if isinstance(frame, bytes):
             events = self._audio(frame)
         else:
-            message = decode_frame(frame, _Message)
+            message = support.decode_frame(frame, _Message)
             self._check_counters(message)
             events = self._dispatch(message)
         # Marks set while no audio was waiting to be played are played already: reported with this frame.
@@ -265,14 +264,14 @@ class GenesysMedia(MediaSession):
                 self._audio_unplayed = False
                 return [Played(name=name) for name in played]
             case "discarded" | "resumed":
-                gap = decode_frame(message.parameters, _Gap, "$.parameters")
+                gap = support.decode_frame(message.parameters, _Gap, "$.parameters")
                 self._caller_audio.skip(_duration_us(gap.discarded, "$.parameters.discarded"))
         return []
 
     def _on_open(self, message: _Message) -> list[MediaEvent]:
         if self._open:
             raise DecodeError("a second 'open' in one session", "$.type")
-        opening = decode_frame(message.parameters, _Open, "$.parameters")
+        opening = support.decode_frame(message.parameters, _Open, "$.parameters")
         medium = next((medium for medium in opening.media if _takes(medium)), None)
         if medium is None:
             raise DecodeError("none of the offered media is PCMU at 8000 Hz", "$.parameters.media")
@@ -287,13 +286,13 @@ class GenesysMedia(MediaSession):
                       parameters=_start_parameters(opening))]
 
     def _on_close(self, message: _Message) -> list[MediaEvent]:
-        close = decode_frame(message.parameters, _Close, "$.parameters")
+        close = support.decode_frame(message.parameters, _Close, "$.parameters")
         self._closed = True
         self._reply("closed", {})
         return [Stop(reason=close.reason)]
 
     def _on_dtmf(self, message: _Message) -> list[MediaEvent]:
-        digit = decode_frame(message.parameters, _Dtmf, "$.parameters").digit
+        digit = support.decode_frame(message.parameters, _Dtmf, "$.parameters").digit
         return [support.dtmf_event(digit, "$.parameters.digit")]
 
     # --- outbound

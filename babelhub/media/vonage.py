@@ -61,7 +61,6 @@ from babelhub.codecs.settings import Settings
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media import support
 from babelhub.media.base import MediaEvent, MediaSession, Played, Start, WsFrame
-from babelhub.media.support import decode_frame
 
 __all__ = ["VonageMedia", "VonageMediaSecrets"]
 
@@ -118,8 +117,6 @@ class _Notify(msgspec.Struct, frozen=True):
     payload: _NotifyPayload | None = None
 
 
-
-
 # --- the session
 
 
@@ -131,7 +128,7 @@ class VonageMedia(MediaSession):
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
-        self._audio = support.BinaryAudio()
+        self._caller_audio = support.BinaryAudio()
 
     # ------------------------------------------------------------------------------- the handshake
 
@@ -151,14 +148,14 @@ class VonageMedia(MediaSession):
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
         if isinstance(frame, bytes):
-            return [self._audio.read(frame, self.inbound_format, "the websocket:connected message")]
-        kind = decode_frame(frame, _Event).event
+            return [self._caller_audio.read(frame, self.inbound_format, "the websocket:connected message")]
+        kind = support.decode_frame(frame, _Event).event
         if kind == "websocket:connected":
             return self._start(frame)
         if kind == "websocket:dtmf":
-            return [support.dtmf_event(decode_frame(frame, _Dtmf).digit, "$.digit", DTMF_DIGITS)]
+            return [support.dtmf_event(support.decode_frame(frame, _Dtmf).digit, "$.digit", DTMF_DIGITS)]
         if kind == "websocket:notify":
-            payload = decode_frame(frame, _Notify).payload
+            payload = support.decode_frame(frame, _Notify).payload
             # A notify whose payload babelhub did not write (no name) acknowledges no mark of ours.
             return [Played(name=payload.name)] if payload is not None and payload.name else []
         return []  # websocket:cleared, and whatever Vonage adds later
@@ -166,9 +163,9 @@ class VonageMedia(MediaSession):
     def _start(self, text: str) -> list[MediaEvent]:
         if self.inbound_format is not None:
             return []  # Vonage sends it once; a repeat may not change the stream's format
-        connected = decode_frame(text, _Connected)
+        connected = support.decode_frame(text, _Connected)
         audio = AudioFormat(codec="pcm16", rate=_rate(connected.content_type), frame_ms=FRAME_MS)
-        headers = decode_frame(text, dict[str, Any])
+        headers = support.decode_frame(text, dict[str, Any])
         self.inbound_format = audio
         self.outbound_format = audio  # narrowed to the negotiated rate
         parameters = {name: support.parameter_text(value) for name, value in headers.items()

@@ -15,14 +15,32 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
+from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError
 from babelhub.media import Audio, Dtmf, MediaSession, Played, Start, Stop, WsFrame
 from tests.codeckit import Fixtures
 from tests.strategies import json_values
 
-__all__ = ["REPLACEMENTS", "MediaFixtures", "basic", "changed", "crossings", "goertzel", "members", "mutated",
-           "pcm", "reads_or_refuses", "refusal_path", "replaced", "same_shape", "samples_of", "tone", "tone_samples",
-           "tone_strength"]
+__all__ = [
+    "REPLACEMENTS",
+    "MediaFixtures",
+    "basic",
+    "changed",
+    "crossings",
+    "goertzel",
+    "members",
+    "mutated",
+    "opening",
+    "pcm",
+    "reads_or_refuses",
+    "refusal_path",
+    "replaced",
+    "same_shape",
+    "samples_of",
+    "tone",
+    "tone_samples",
+    "tone_strength",
+]
 
 
 class MediaFixtures(Fixtures):
@@ -159,3 +177,11 @@ def refusal_path(session: MediaSession, frame: WsFrame) -> str:
 def basic(user: str, password: str) -> str:
     """An `Authorization` header of HTTP Basic credentials."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def opening(path: str, url: str = "", received_at: float = 0.0, **headers: str | None) -> HttpRequest:
+    """The provider's WebSocket opening request (a GET) for `path`, with `headers` (`x_api_key` is sent as
+    `x-api-key`; one given as None is left out)."""
+    given = {name.replace("_", "-"): value for name, value in headers.items() if value is not None}
+    return HttpRequest(method="GET", path=path, headers={"upgrade": "websocket", **given}, url=url,
+                       received_at=received_at)

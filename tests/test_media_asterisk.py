@@ -15,6 +15,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start
 from babelhub.media.asterisk import MAX_COMMAND_BYTES, MAX_MEDIA_BYTES, AsteriskMedia
+from tests import mediakit
 from tests.mediakit import MediaFixtures, basic, crossings, reads_or_refuses, refusal_path, tone
 from tests.strategies import json_values
 
@@ -261,8 +262,7 @@ def test_odd_length_slin_is_refused() -> None:
 
 
 def opening(authorization: str | None) -> HttpRequest:
-    headers = {} if authorization is None else {"authorization": authorization}
-    return HttpRequest(method="GET", path="/media/asterisk", headers=headers)
+    return mediakit.opening("/media/asterisk", authorization=authorization)
 
 
 def test_basic_credentials_of_websocket_client_conf_are_checked() -> None:

@@ -17,6 +17,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.errors import SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start, Stop
 from babelhub.media.exotel import ExotelMedia, packet_ms
+from tests import mediakit
 from tests.mediakit import REPLACEMENTS, MediaFixtures, basic, goertzel, mutated, reads_or_refuses, refusal_path
 
 FIXTURES = MediaFixtures("exotel_media")
@@ -177,9 +178,8 @@ SECRETS = {"api_key": "a1b2c3d4e5f6a7b8c9d0", "api_token": "f0e9d8c7b6a5f4e3d2c1
 
 
 def opening(authorization: str | None) -> HttpRequest:
-    headers = {} if authorization is None else {"authorization": authorization}
-    return HttpRequest(method="GET", path="/media/exotel-main", headers=headers,
-                       url="wss://hub.example.com/media/exotel-main")
+    return mediakit.opening("/media/exotel-main", "wss://hub.example.com/media/exotel-main",
+                            authorization=authorization)
 
 
 def test_the_credentials_of_the_applet_url_are_accepted() -> None:

@@ -18,7 +18,16 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.errors import ConfigError, DecodeError, SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start, Stop
 from babelhub.media.telnyx import TelnyxMedia, TelnyxStreamError
-from tests.mediakit import MediaFixtures, changed, mutated, reads_or_refuses, refusal_path, same_shape, tone_strength
+from tests.mediakit import (
+    MediaFixtures,
+    changed,
+    mutated,
+    opening,
+    reads_or_refuses,
+    refusal_path,
+    same_shape,
+    tone_strength,
+)
 
 FIXTURES = MediaFixtures("telnyx_media", suffix=".json")
 STREAM_ID = "32DE0DEA-53CB-4B21-89A4-9E1819C043BC"
@@ -204,9 +213,8 @@ def test_a_refused_start_leaves_no_stream_behind() -> None:
 
 
 def websocket_request(token: str | None) -> HttpRequest:
-    headers = {"upgrade": "websocket"} | ({"x-telnyx-streaming-auth-token": token} if token is not None else {})
-    return HttpRequest(method="GET", path="/media/telnyx-voice", headers=headers,
-                       url="wss://media.example.com/media/telnyx-voice")
+    return opening("/media/telnyx-voice", "wss://media.example.com/media/telnyx-voice",
+                   x_telnyx_streaming_auth_token=token)
 
 
 def test_the_streaming_auth_token_is_accepted() -> None:

@@ -19,7 +19,16 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start, Stop
 from babelhub.media.twilio import TwilioMedia
-from tests.mediakit import MediaFixtures, changed, mutated, reads_or_refuses, refusal_path, same_shape, tone_strength
+from tests.mediakit import (
+    MediaFixtures,
+    changed,
+    mutated,
+    opening,
+    reads_or_refuses,
+    refusal_path,
+    same_shape,
+    tone_strength,
+)
 
 FIXTURES = MediaFixtures("twilio_media", suffix=".json")
 STREAM_SID = "MZ18ad3ab5a668481ce02b83e7395059f0"
@@ -52,8 +61,7 @@ def twilio_signature(url: str, token: str = AUTH_TOKEN) -> str:
 
 
 def websocket_request(url: str, signature: str | None) -> HttpRequest:
-    headers = {"upgrade": "websocket"} | ({"x-twilio-signature": signature} if signature is not None else {})
-    return HttpRequest(method="GET", path="/media/twilio-voice", headers=headers, url=url)
+    return opening("/media/twilio-voice", url, x_twilio_signature=signature)
 
 
 # ---------------------------------------------------------------------------------------- inbound

@@ -18,6 +18,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start
 from babelhub.media.vonage import VonageMedia
+from tests import mediakit
 from tests.mediakit import MediaFixtures, crossings, reads_or_refuses, refusal_path, tone
 from tests.strategies import json_values
 
@@ -202,8 +203,7 @@ def token(claims: dict[str, Any], secret: str = SECRET, alg: str = "HS256") -> s
 
 
 def opening(authorization: str | None) -> HttpRequest:
-    headers = {} if authorization is None else {"authorization": authorization}
-    return HttpRequest(method="GET", path="/media/vonage", headers=headers, received_at=NOW)
+    return mediakit.opening("/media/vonage", received_at=NOW, authorization=authorization)
 
 
 CLAIMS = {"iat": int(NOW) - 2, "jti": "c5ba8f24-1a14-4c10-bfdf-3fbe8ce511b5", "iss": "Vonage",

@@ -54,7 +54,6 @@ from typing import Any, ClassVar, Final
 
 import msgspec
 
-from babelhub.audio.convert import silence
 from babelhub.audio.frame import AudioCodec, AudioFormat
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, Settings
@@ -255,12 +254,7 @@ class AsteriskMedia(MediaSession):
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         """BINARY messages of whole frames, the last one padded with silence, none over 65500 bytes."""
         size = self._frame_size or self.outbound_format.frame_bytes()
-        short = -len(payload) % size
-        if short:
-            quiet = silence(self.outbound_format, 1)  # one millisecond of the codec's silence
-            payload += (quiet * (short // len(quiet) + 1))[:short]
-        largest = MAX_MEDIA_BYTES // size * size
-        return [payload[start:start + largest] for start in range(0, len(payload), largest)]
+        return list(support.packets(payload, self.outbound_format, size, MAX_MEDIA_BYTES // size * size))
 
     def clear(self) -> list[WsFrame]:
         return [self._command("FLUSH_MEDIA")]

@@ -68,6 +68,9 @@ CHUNK_STEP: Final = 320
 """Exotel plays chunks in multiples of 320 bytes (10 ms at 16 kHz, 20 ms at 8 kHz)."""
 MIN_CHUNK: Final = 3_200
 MAX_CHUNK: Final = 100_000
+LARGEST_CHUNK: Final = MAX_CHUNK - MAX_CHUNK % CHUNK_STEP
+"""The longest chunk sent: at most `MAX_CHUNK` bytes, in whole `CHUNK_STEP`s (the tail of a packet is
+padded with silence to the next step)."""
 INBOUND_MS: Final = 100
 """Exotel streams the caller's audio about every 100 ms."""
 _ENCODINGS: Final = frozenset({"audio/x-raw", "raw"})
@@ -242,7 +245,7 @@ class ExotelMedia(MediaSession):
             return []
         return [support.text(_SendMedia(stream_sid=self.stream_sid,
                                  media=_OutMedia(payload=base64.b64encode(chunk).decode("ascii"))))
-                for chunk in _chunks(payload)]
+                for chunk in support.packets(payload, self.outbound_format, CHUNK_STEP, LARGEST_CHUNK)]
 
     def clear(self) -> list[WsFrame]:
         return [support.text(_SendClear(stream_sid=self.stream_sid))] if self.stream_sid else []
@@ -271,12 +274,3 @@ def _format(media_format: _MediaFormat) -> AudioFormat:
                           "$.start.media_format.encoding")
     rate = support.sample_rate(media_format.sample_rate, RATES, "$.start.media_format.sample_rate")
     return AudioFormat(codec="pcm16", rate=rate, frame_ms=INBOUND_MS)
-
-
-def _chunks(payload: bytes) -> list[bytes]:
-    """`payload` in chunks Exotel plays without gaps: whole 320-byte steps (the tail padded with
-    silence, zero samples of 16-bit PCM), none over `MAX_CHUNK`."""
-    short = -len(payload) % CHUNK_STEP
-    padded = payload + bytes(short)
-    largest = MAX_CHUNK - MAX_CHUNK % CHUNK_STEP
-    return [padded[start:start + largest] for start in range(0, len(padded), largest)]

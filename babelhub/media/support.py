@@ -12,6 +12,7 @@ from typing import Any, Final, TypeAlias, TypeVar
 
 import msgspec
 
+from babelhub.audio.convert import silence
 from babelhub.audio.frame import AudioFormat
 from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
@@ -29,6 +30,7 @@ __all__ = [
     "dispatch",
     "dtmf_event",
     "json_frame",
+    "packets",
     "parameter_text",
     "sample_rate",
     "text",
@@ -194,6 +196,17 @@ def check_basic_credentials(request: HttpRequest, username: str, password: str) 
 
 
 # --------------------------------------------------------------------------------------- outbound
+
+
+def packets(payload: bytes, audio: AudioFormat, step: int, largest: int) -> list[bytes]:
+    """`payload` (in `audio`) padded with the codec's silence to a whole number of `step` bytes (a frame, a
+    chunk size the provider plays without gaps) and cut into packets of at most `largest` bytes, itself a
+    multiple of `step`: for providers that drop or garble a partial frame or refuse a larger message."""
+    short = -len(payload) % step
+    if short:
+        quiet = silence(audio, 1)  # one millisecond of the codec's silence
+        payload += (quiet * (short // len(quiet) + 1))[:short]
+    return [payload[start:start + largest] for start in range(0, len(payload), largest)]
 
 
 def text(message: Any) -> str:

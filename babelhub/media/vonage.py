@@ -178,10 +178,7 @@ class VonageMedia(MediaSession):
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         """One binary message per 20 ms frame; a short last frame is padded with silence."""
         size = self.outbound_format.frame_bytes()
-        frames: list[WsFrame] = []
-        for start in range(0, len(payload), size):
-            frames.append(payload[start:start + size].ljust(size, b"\x00"))
-        return frames
+        return list(support.packets(payload, self.outbound_format, size, size))
 
     def clear(self) -> list[WsFrame]:
         return [support.text({"action": "clear"})]

@@ -56,6 +56,13 @@ def test_a_hostile_frame_is_refused_at_the_root(provider: type[MediaSession], fr
     assert refusal_path(provider({}, {}), frame) == "$"
 
 
+@pytest.mark.parametrize("provider", [provider for provider in PROVIDERS if provider is not AsteriskMedia],
+                         ids=by_channel)
+def test_a_frame_nested_too_deeply_as_a_whole_is_refused_at_the_root(provider: type[MediaSession]) -> None:
+    """(Asterisk reads a text frame that is no JSON object as a plain-text event line.)"""
+    assert refusal_path(provider({}, {}), DEEP) == "$"
+
+
 @pytest.mark.parametrize("provider", PROVIDERS, ids=by_channel)
 def test_an_unknown_option_is_refused_naming_it(provider: type[MediaSession]) -> None:
     with pytest.raises(ConfigError, match=rf"{provider.channel} options: .*unknown field `bidirectional_codek`"):

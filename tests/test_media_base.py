@@ -15,6 +15,7 @@ from babelhub.entrypoints import load_class
 from babelhub.errors import ConfigError, DecodeError
 from babelhub.media import MediaSession, support
 from babelhub.media.asterisk import AsteriskMedia
+from babelhub.media.client import ClientMedia
 from babelhub.media.exotel import ExotelMedia
 from babelhub.media.genesys import GenesysMedia
 from babelhub.media.plivo import PlivoMedia
@@ -23,8 +24,8 @@ from babelhub.media.twilio import TwilioMedia
 from babelhub.media.vonage import VonageMedia
 from tests.mediakit import MediaFixtures, refusal_path
 
-PROVIDERS: list[type[MediaSession]] = [AsteriskMedia, ExotelMedia, GenesysMedia, PlivoMedia, TelnyxMedia, TwilioMedia,
-                                       VonageMedia]
+PROVIDERS: list[type[MediaSession]] = [AsteriskMedia, ClientMedia, ExotelMedia, GenesysMedia, PlivoMedia, TelnyxMedia,
+                                       TwilioMedia, VonageMedia]
 DEEP = "[" * 100_000 + "]" * 100_000
 """JSON nested past Python's recursion limit, which msgspec would raise as RecursionError."""
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -449,3 +451,78 @@ def test_babelhub_schema_frames_prints_one_schema_per_frame_type(capsys: pytest.
         jsonschema.Draft202012Validator.check_schema(document)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"type": "subscribe", "conversations": ["a.b"]}, printed["client.subscribe"])
+
+
+# ------------------------------------------------------------------------------------------- the documented clients
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "client-sessions.md"
+
+
+def documented(lang: str) -> str:
+    [block] = re.findall(rf"^```{lang}\n(.*?)^```$", DOC.read_text("utf-8"), re.DOTALL | re.MULTILINE)
+    return block
+
+
+def texts_of(frames: list[dict[str, Any]]) -> list[str]:
+    return [item["envelope"]["parts"][0]["text"] for item in frames if item["type"] == "message"]
+
+
+async def test_the_documented_python_client_follows_and_resumes(hub: Hub, nats_client) -> None:
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    namespace: dict[str, Any] = {}
+    exec(compile(documented("python"), str(DOC), "exec"), namespace)
+    got: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
+
+    def on_frame(frame: dict[str, Any], cursor: dict[str, Any]) -> None:
+        got.append(frame)
+        kept.append(cursor)
+
+    first = asyncio.create_task(namespace["follow"](hub.http_url, KEY, CONVERSATION, on_frame=on_frame))
+    await eventually(lambda: len(got) == 1)
+    await converse(hub, app, 1, "one")
+    await eventually(lambda: len(got) == 4)
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await converse(hub, app, 2, "two")
+    again = asyncio.create_task(namespace["follow"](hub.http_url, KEY, CONVERSATION, kept[-1], on_frame=on_frame))
+    try:
+        await eventually(lambda: len(got) == 8)
+    finally:
+        again.cancel()
+        await asyncio.gather(again, return_exceptions=True)
+    assert got[4]["type"] == "subscribed" and got[4]["recovered"] is True
+    assert texts_of(got) == ["one", "re: one", "two", "re: two"]
+
+
+async def test_the_documented_javascript_client_runs_in_a_browser(hub: Hub, nats_client) -> None:
+    from playwright.async_api import async_playwright
+
+    from tests.test_browser import CHROMIUM, FLAGS
+
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    _, issued = await issue(hub, {"conversations": [CONVERSATION], "rights": ["read"]})
+    run = """([hub, token, conversation, cursor]) => {
+        window.socket = follow(hub, token, conversation, cursor, (frame, kept) => {
+            window.got.push(frame); window.cursor = kept; });
+    }"""
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(hub.http_url + "/healthz")
+            await page.add_script_tag(content=documented("js") + "\nwindow.got = [];")
+            await page.evaluate(run, [hub.http_url, issued["token"], CONVERSATION, None])
+            await page.wait_for_function("window.got.length === 1")
+            await converse(hub, app, 1, "one")
+            await page.wait_for_function("window.got.length === 4")
+            await page.evaluate("window.socket.close(1000)")
+            await converse(hub, app, 2, "two")
+            await page.evaluate(run, [hub.http_url, issued["token"], CONVERSATION,
+                                      await page.evaluate("window.cursor")])
+            await page.wait_for_function("window.got.length === 8")
+            got = await page.evaluate("window.got")
+        finally:
+            await browser.close()
+    assert got[4]["type"] == "subscribed" and got[4]["recovered"] is True
+    assert texts_of(got) == ["one", "re: one", "two", "re: two"]

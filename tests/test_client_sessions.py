@@ -330,6 +330,13 @@ async def test_a_session_sends_into_its_conversation_like_a_processor(hub: Hub, 
         await eventually(lambda: any(r.path.endswith("/sendMessage") and r.json()["text"] == "an agent here"
                                      for r in telegram_api.requests))
         assert (await frame(socket))["type"] == "status"
+        typing = c.Activity(id=c.new_id(), tenant=TENANT, conversation=c.Conversation(id=CONVERSATION), ts=c.now(),
+                            direction="outbound", activity="typing")
+        await send(socket, {"type": "send", "envelope": msgspec.to_builtins(typing)})
+        shown = await frame(socket)
+        assert shown["type"] == "activity" and shown["envelope"]["id"] == typing.id
+        assert shown["envelope"]["activity"] == "typing" and shown["offset"] > echoed["offset"]
+        await until_pong(socket, "settled")  # the typing's own status, if the channel reports one
 
         inbound = msgspec.to_builtins(msgspec.structs.replace(agent, id=c.new_id(), direction="inbound"))
         await send(socket, {"type": "send", "envelope": inbound})

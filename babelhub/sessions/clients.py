@@ -18,6 +18,7 @@ does not allow; 4400 `MAX_BAD_FRAMES` frames that could not be used; 1001 the hu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -201,7 +202,9 @@ class _Session:
         if self.socket.closed:
             return
         async with self._sending:  # frames from several consumers go out whole, one after the other
-            await self.socket.send_str(f.encode(frame))
+            # A socket closing under our feet drops the frame: the client resumes from its cursor.
+            with contextlib.suppress(ConnectionResetError):
+                await self.socket.send_str(f.encode(frame))
 
     # ------------------------------------------------------------------------------------ auth
 
@@ -333,13 +336,18 @@ class _Session:
                     subjects.stored(subjects.outbound(tenant, conversation), partition)]
         on_message = self._deliver(conversation, cursor.epoch, "messages")
         on_status = self._deliver(conversation, cursor.epoch, "statuses")
-        consumers = [
-            await js.subscribe(messages[0], stream=subjects.stream_name("messages"), cb=on_message,
-                               ordered_consumer=True, config=_from(cursor.messages + 1, filter_subjects=messages)),
-            await js.subscribe(subjects.status(tenant, conversation), stream=subjects.stream_name("statuses"),
-                               cb=on_status, ordered_consumer=True, config=_from(cursor.statuses + 1)),
-        ]
-        return _Subscription(conversation, [consumer.unsubscribe for consumer in consumers])
+        subscription = _Subscription(conversation, [])
+        try:
+            for subject, stream, deliver, config in (
+                    (messages[0], "messages", on_message, _from(cursor.messages + 1, filter_subjects=messages)),
+                    (subjects.status(tenant, conversation), "statuses", on_status, _from(cursor.statuses + 1))):
+                consumer = await js.subscribe(subject, stream=subjects.stream_name(stream), cb=deliver,
+                                              ordered_consumer=True, config=config)
+                subscription.unsubscribe.append(consumer.unsubscribe)
+        except BaseException:
+            await self._drop(subscription)  # not half a subscription left behind
+            raise
+        return subscription
 
     def _deliver(self, conversation: str, epoch: str, stream: str) -> Callable[[Msg], Awaitable[None]]:
         assert self.credential is not None

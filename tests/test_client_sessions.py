@@ -403,7 +403,18 @@ async def test_bad_frames_get_errors_with_paths_then_close_4400(hub: Hub, nats_c
     parked = dead_letters(await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.dlq.session",
                                                 hub.subjects.stream_name("dead_letters")))
     assert [letter["path"] for letter in parked] == [path for _, path in bad] + ["$"]
-    assert all(KEY not in json.dumps(letter, default=repr) for letter in parked)
+
+
+async def test_an_auth_frame_once_authenticated_is_an_error_kept_without_its_token(hub: Hub, nats_client) -> None:
+    _, issued = await issue(hub, {"conversations": [CONVERSATION]})
+    async with connect(hub) as socket:
+        await send(socket, {"type": "auth", "token": issued["token"]})
+        error = await frame(socket)
+        assert error["type"] == "error" and error["path"] == "$.type"
+    subject = f"{hub.subjects.prefix}.{TENANT}.dlq.session"
+    parked = dead_letters(await stream_messages(nats_client, subject, hub.subjects.stream_name("dead_letters")))
+    assert len(parked) == 1 and parked[0]["error"] == "this session is authenticated already"
+    assert issued["token"].split(".")[2].encode() not in msgspec.msgpack.encode(parked)
 
 
 async def test_too_many_subscriptions_are_refused(hub: Hub) -> None:
@@ -533,3 +544,31 @@ async def test_the_documented_javascript_client_runs_in_a_browser(hub: Hub, nats
             await browser.close()
     assert got[4]["type"] == "subscribed" and got[4]["recovered"] is True
     assert texts_of(got) == ["one", "re: one", "two", "re: two"]
+
+
+async def test_a_stopping_hub_closes_client_sessions_with_1001(nats_server: EmbeddedServer, telegram_api: FakeApi,
+                                                              nats_client) -> None:
+    hub = Hub(config(nats_server.url, telegram_api.base_url))
+    await hub.start()
+    try:
+        async with connect(hub) as socket:
+            await subscribe(socket, CONVERSATION)
+            stopping = asyncio.create_task(hub.stop())
+            code, reason = await closed(socket)
+            await asyncio.wait_for(stopping, 60)
+    finally:
+        await hub.stop()
+    assert code == 1001 and "shutting down" in reason
+    js, left = nats_client.jetstream(), [1]
+
+    async def count_left() -> None:
+        consumers = await js.consumers_info(hub.subjects.stream_name("messages"))
+        left[0] = len([info for info in consumers if not info.name.startswith(("raw-", "conversations-"))])
+
+    # The session's consumers are gone with it (the server removes one nobody listens to).
+    for _ in range(100):
+        await count_left()
+        if not left[0]:
+            break
+        await asyncio.sleep(0.2)
+    assert left == [0]

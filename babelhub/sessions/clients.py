@@ -55,6 +55,7 @@ MAX_SUBSCRIPTIONS: Final = 32
 FORBIDDEN: Final = 4003
 TOO_MANY_ERRORS: Final = 4400
 _KEY_NAME: Final = "session-token-key"
+_INACTIVE_SECONDS: Final = 5.0
 
 
 class _SessionSocket(web.WebSocketResponse):
@@ -262,6 +263,9 @@ class _Session:
         except DecodeError as exc:
             await self._bad(text, "bad_frame", exc.reason, exc.path)
             return
+        if isinstance(frame, f.Auth):  # kept without its body: the token is a credential
+            await self._bad("", "refused", "this session is authenticated already", "$.type")
+            return
         try:
             await self._dispatch(frame)
         except DecodeError as exc:
@@ -284,8 +288,6 @@ class _Session:
                 await self._send(frame.envelope)
             case f.Ping():
                 await self.send(f.Pong(id=frame.id))
-            case f.Auth():
-                raise DecodeError("this session is authenticated already", path="$.type")
 
     async def _bad(self, text: str, code: str, reason: str, path: str) -> None:
         """Answer a frame that could not be used with an `error` frame; keep it as a dead letter."""
@@ -423,8 +425,9 @@ def _start(since: f.Cursor | None, epoch: str, messages: StreamInfo, statuses: S
 
 
 def _from(sequence: int, filter_subjects: list[str] | None = None) -> ConsumerConfig:
+    """An ordered consumer's start; the server removes it `_INACTIVE_SECONDS` after its session is gone."""
     return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=sequence,
-                          filter_subjects=filter_subjects)
+                          filter_subjects=filter_subjects, inactive_threshold=_INACTIVE_SECONDS)
 
 
 def _error(status: int, code: str, message: str, path: str = "$", headers: dict[str, str] | None = None

@@ -18,6 +18,8 @@ import aiohttp
 import jsonschema
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from babelhub import canonical as c
 from babelhub.hub.app import Hub
@@ -25,7 +27,7 @@ from babelhub.hub.cli import main as cli_main
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from babelhub.sessions import clients
-from babelhub.sessions.auth import SessionRequest, SessionTokens
+from babelhub.sessions.auth import ApiKeys, Refused, SessionRequest, SessionTokens
 from babelhub.sessions.frames import schemas
 from babelhub.sessions.tokens import load_session_key
 from tests.fakeapi import FakeApi
@@ -572,3 +574,42 @@ async def test_a_stopping_hub_closes_client_sessions_with_1001(nats_server: Embe
             break
         await asyncio.sleep(0.2)
     assert left == [0]
+
+
+# ------------------------------------------------------------------------------------------- tokens, pure
+
+
+@given(st.integers(min_value=0, max_value=200), st.characters(codec="ascii"))
+def test_a_token_changed_anywhere_is_refused(position: int, replacement: str) -> None:
+    tokens = SessionTokens(b"k" * 32, clock=lambda: 1_800_000_000.0)
+    token, _ = tokens.issue(TENANT, SessionRequest(conversations=[CONVERSATION], rights=["read", "send"]))
+    index = position % len(token)
+    changed = token[:index] + replacement + token[index + 1:]
+    if changed == token or changed.rstrip("=") == token:
+        return
+    with pytest.raises(Refused):
+        tokens.credential(changed)
+
+
+def test_a_token_carries_its_scope_until_it_expires() -> None:
+    now = [1_800_000_000.0]
+    tokens = SessionTokens(b"k" * 32, clock=lambda: now[0])
+    token, expires = tokens.issue(TENANT, SessionRequest(conversations=[CONVERSATION, CONVERSATION], ttl_seconds=60))
+    credential = tokens.credential(token)
+    assert credential.tenant == TENANT and credential.conversations == {CONVERSATION}
+    assert credential.may("read", CONVERSATION) and not credential.may("send", CONVERSATION)
+    assert not credential.may("read", "another")
+    now[0] = expires - 1
+    tokens.credential(token)
+    now[0] = expires
+    with pytest.raises(Refused, match="expired"):
+        tokens.credential(token)
+
+
+def test_api_keys_name_their_tenant() -> None:
+    keys = ApiKeys([cfg.Tenant(id="a", api_keys=["ka1", "ka2"]), cfg.Tenant(id="b", api_keys=["kb"]),
+                    cfg.Tenant(id="c")])
+    assert [keys.credential(key).tenant for key in ("ka1", "ka2", "kb")] == ["a", "a", "b"]
+    for wrong in ("", "ka", "ka1 ", "KB"):
+        with pytest.raises(Refused):
+            keys.credential(wrong)

@@ -206,6 +206,43 @@ async def test_resume_after_a_forced_disconnect_loses_and_repeats_nothing(hub: H
         "live again", "re: live again"]
 
 
+async def test_reconnecting_again_and_again_under_traffic_delivers_each_message_once(hub: Hub) -> None:
+    count = 20
+
+    async def chat() -> None:
+        for n in range(1, count + 1):
+            await post_update(hub, telegram_update(n, CHAT, f"m{n}"))
+            await asyncio.sleep(0.02)
+
+    async with connect(hub) as socket:
+        [subscribed] = await subscribe(socket, CONVERSATION)
+    since = subscribed["since"]
+    traffic = asyncio.create_task(chat())
+    delivered: list[dict[str, Any]] = []
+    reconnects = 0
+    try:
+        while len(delivered) < count:
+            reconnects += 1
+            assert reconnects < 200, delivered
+            async with connect(hub) as socket:
+                [subscribed] = await subscribe(socket, CONVERSATION, since={CONVERSATION: since})
+                assert subscribed["recovered"] is True
+                for _ in range(3):  # a few frames, then the network drops
+                    try:
+                        item = await asyncio.wait_for(frame(socket), 0.1)
+                    except TimeoutError:
+                        break
+                    delivered.append(item)
+                    since = {**since, "messages": item["offset"]}
+                socket._response.connection.transport.abort()  # type: ignore[union-attr]
+    finally:
+        await traffic
+    assert [item["envelope"]["parts"][0]["text"] for item in delivered] == [f"m{n}" for n in range(1, count + 1)]
+    offsets = [item["offset"] for item in delivered]
+    assert offsets == sorted(set(offsets))
+    assert reconnects > 3
+
+
 async def test_a_cursor_beyond_the_retained_window_is_not_recovered(hub: Hub, nats_client) -> None:
     app = await Processor(nats_client, hub.subjects.prefix).start()
     async with connect(hub) as socket:

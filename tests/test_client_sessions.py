@@ -439,6 +439,7 @@ async def test_bad_frames_get_errors_with_paths_then_close_4400(hub: Hub, nats_c
         await socket.send_str(json.dumps({"type": "ping", "extra": 1}))
         code, reason = await closed(socket)
     assert code == clients.TOO_MANY_ERRORS and "`extra`" in reason
+    assert await metric(hub, 'babelhub_client_session_closes_total{code="4400"}') == 1
     parked = dead_letters(await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.dlq.session",
                                                 hub.subjects.stream_name("dead_letters")))
     assert [letter["path"] for letter in parked] == [path for _, path in bad] + ["$"]
@@ -456,6 +457,14 @@ async def test_an_auth_frame_once_authenticated_is_an_error_kept_without_its_tok
     assert issued["token"].split(".")[2].encode() not in msgspec.msgpack.encode(parked)
 
 
+async def metric(hub: Hub, name: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(hub.http_url + "/metrics") as response:
+        text = await response.text()
+    [value] = [line.rpartition(" ")[2] for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{")]
+    return float(value)
+
+
 async def test_too_many_subscriptions_are_refused(hub: Hub) -> None:
     ids = [f"c{n}" for n in range(clients.MAX_SUBSCRIPTIONS)]
     async with connect(hub) as socket:
@@ -468,6 +477,17 @@ async def test_too_many_subscriptions_are_refused(hub: Hub) -> None:
         assert (await frame(socket)) == {"type": "unsubscribed", "conversation": "c0"}
         [again] = await subscribe(socket, "one-more")
         assert again["type"] == "subscribed"
+        await until_pong(socket, "subscribed")
+        assert await metric(hub, "babelhub_client_sessions") == 1
+        assert await metric(hub, "babelhub_client_subscriptions") == clients.MAX_SUBSCRIPTIONS
+        await send(socket, {"type": "subscribe", "conversations": ["c1"]})
+        await frame(socket)
+        await send(socket, {"type": "unsubscribe", "conversations": ["c1"]})
+        await frame(socket)
+        await send(socket, {"type": "subscribe", "conversations": ["c2"]})  # again: moves, not doubles
+        assert [item["type"] for item in await until_pong(socket, "done")] == ["subscribed"]
+        assert await metric(hub, "babelhub_client_subscriptions") == clients.MAX_SUBSCRIPTIONS - 1
+    await eventually(lambda: not hub.ctx.metrics.registry.get_sample_value("babelhub_client_sessions"))
 
 
 async def test_limits_close_the_socket(nats_server: EmbeddedServer, telegram_api: FakeApi,

@@ -31,6 +31,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.client import JetStreamContext
+from prometheus_client import Counter, Gauge
 
 from babelhub import canonical as c
 from babelhub.errors import DecodeError, PayloadTooLarge
@@ -95,6 +96,13 @@ class ClientSessions(Api):
         self._budgets = FrameBudgets(settings.session_frame_rate, settings.session_frame_burst)
         self._sessions: set[_Session] = set()
         self._numbers = itertools.count()
+        registry = services.ctx.metrics.registry
+        Gauge("babelhub_client_sessions", "Open client-session sockets at /ws", registry=registry).set_function(
+            lambda: len(self._sessions))
+        Gauge("babelhub_client_subscriptions", "Conversations followed by client sessions", registry=registry
+              ).set_function(lambda: sum(len(session.subscriptions) for session in self._sessions))
+        self.closes = Counter("babelhub_client_session_closes", "Client sessions the hub closed, by close code",
+                              ["code"], registry=registry)
 
     @property
     def tokens(self) -> SessionTokens:
@@ -197,6 +205,7 @@ class _Session:
                 await self._drop(subscription)
 
     async def close(self, code: int, reason: str) -> None:
+        self.api.closes.labels(str(int(code))).inc()
         await self.socket.close(code=code, message=reason.encode("utf-8")[:123])
 
     async def send(self, frame: f.HubFrame) -> None:

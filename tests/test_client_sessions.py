@@ -349,6 +349,8 @@ async def test_issuing_a_token_needs_a_key_and_a_valid_body(hub: Hub) -> None:
         assert status == 400 and answer["error"]["path"] == path, (path, answer)
     status, answer = await issue(hub, {"conversations": [CONVERSATION]})
     assert status == 201 and answer["rights"] == ["read"]
+    status, _ = await issue(hub, {"conversations": [CONVERSATION]}, key=answer["token"])
+    assert status == 401, "a session token cannot issue tokens (it could renew itself for ever)"
 
 
 # ------------------------------------------------------------------------------------------- send

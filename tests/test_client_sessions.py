@@ -492,14 +492,17 @@ async def test_too_many_subscriptions_are_refused(hub: Hub) -> None:
     await eventually(lambda: not hub.ctx.metrics.registry.get_sample_value("babelhub_client_sessions"))
 
 
-async def test_limits_close_the_socket(nats_server: EmbeddedServer, telegram_api: FakeApi,
-                                       start_hub: StartHub) -> None:
+async def test_limits_close_the_socket(nats_server: EmbeddedServer, telegram_api: FakeApi, start_hub: StartHub,
+                                       nats_client) -> None:
     hub = await start_hub(config(nats_server.url, telegram_api.base_url, max_frame_bytes=4096,
                                  max_sockets_per_ip=2, session_frame_rate=0.5, session_frame_burst=3))
     async with connect(hub) as socket:
         await socket.send_str(json.dumps({"type": "ping", "id": "x" * 5000}))
         code, reason = await closed(socket)
     assert code == 1009 and "hub.max_frame_bytes" in reason
+    parked = dead_letters(await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.dlq.session",
+                                                hub.subjects.stream_name("dead_letters")))
+    assert [letter["error"].startswith("WebSocket frame refused") for letter in parked] == [True]
     async with connect(hub) as socket:
         await socket.send_bytes(b"\x00\x01")
         code, _ = await closed(socket)

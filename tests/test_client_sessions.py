@@ -537,11 +537,13 @@ def test_babelhub_schema_frames_prints_one_schema_per_frame_type(capsys: pytest.
 
 # ------------------------------------------------------------------------------------------- the documented clients
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "client-sessions.md"
+DOC = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def documented(lang: str) -> str:
-    [block] = re.findall(rf"^```{lang}\n(.*?)^```$", DOC.read_text("utf-8"), re.DOTALL | re.MULTILINE)
+    """The README's `lang` client of the client-session protocol (its section holds one of each)."""
+    section = DOC.read_text("utf-8").split("### Client sessions (`WebSocket /ws`)", 1)[1].split("\n### ", 1)[0]
+    [block] = re.findall(rf"^```{lang}\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
     return block
 
 

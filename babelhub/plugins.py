@@ -1,12 +1,14 @@
-"""The hub's two extension points: processor transports and inbound sources.
+"""The hub's extension points for parts with routes: processor transports, inbound sources and APIs.
 
 * A **processor transport** is how a tenant's processing app receives inbound envelopes and answers:
   one instance per `[[processors]]` entry, chosen by its `transport` name.
 * An **inbound source** is how a channel's traffic reaches the hub: one instance per source name,
   serving every connection whose `mode` names it (a connection without a `mode` uses its codec's
   `inbound` source).
+* An **API** serves clients of the hub itself, tied to no connection or processor (the client sessions
+  at `/ws`): every one installed is built once.
 
-Both are classes registered under an entry-point group (`babelhub.transports`, `babelhub.sources`), so
+Each is a class registered under an entry-point group (`babelhub.transports`, `babelhub.sources`, `babelhub.apis`), so
 adding one is one module plus one line in `pyproject.toml`. Each is given the hub's `Services`,
 contributes its HTTP routes (the hub mounts every part's routes in one place), is started after the
 hub's services and before its actors, and is stopped after the actors have passivated.
@@ -31,18 +33,24 @@ from babelhub.services.ownership import Ownership
 from babelhub.services.supervise import TaskHealth
 
 __all__ = [
+    "APIS",
     "SOURCES",
     "TRANSPORTS",
+    "Api",
     "Consume",
     "InboundSource",
     "Plugin",
     "ProcessorTransport",
     "Services",
     "Spawn",
+    "installed_apis",
+    "load_api",
     "load_source",
     "load_transport",
 ]
 
+APIS = "babelhub.apis"
+"""The entry-point group of APIs: every class registered there is built (none is chosen in the config)."""
 
 Spawn = Callable[[str, Callable[[TaskHealth], Coroutine[Any, Any, None]]], object]
 """`spawn(name, run)`: a supervised background task, restarted if it fails, shown in `/readyz`, cancelled
@@ -72,7 +80,7 @@ class Services:
 
 
 class Plugin:
-    """What both kinds of plug-in share: routes to mount, and a start and a stop."""
+    """What every kind of plug-in share: routes to mount, and a start and a stop."""
 
     def routes(self) -> list[web.RouteDef]:
         """The HTTP routes this part serves (mounted by the hub in one place)."""
@@ -110,9 +118,26 @@ class InboundSource(Plugin):
         return f"through the {self.name} source"
 
 
+class Api(Plugin):
+    """A part serving the hub's own clients (not a channel's, not a processor's): built once per hub."""
+
+    name: ClassVar[str]
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+
 def load_transport(name: str) -> type[ProcessorTransport]:
     return entrypoints.load_class(TRANSPORTS, name, ProcessorTransport, "processor transport")
 
 
 def load_source(name: str) -> type[InboundSource]:
     return entrypoints.load_class(SOURCES, name, InboundSource, "inbound source")
+
+
+def load_api(name: str) -> type[Api]:
+    return entrypoints.load_class(APIS, name, Api, "API")
+
+
+def installed_apis() -> list[str]:
+    return entrypoints.installed(APIS)

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,10 @@ def test_the_settings_the_hub_reads_are_declared() -> None:
     read = re.compile(r"""(?:secrets|options)(?:\.get\(|\[)\s*"(\w+)"|required_(?:secret|option)\([^,]+,\s*"(\w+)\"""")
     names = {first or second for path in (ROOT / "babelhub").rglob("*.py")
              for first, second in read.findall(path.read_text(encoding="utf-8"))}
-    declared = {field.encode_name for channel in available()
-                for struct in (load(channel).secret_settings, load(channel).option_settings)
+    declaring = [load(channel) for channel in available()] + [
+        point.load() for point in entry_points(group="babelhub.media")]  # telephony media providers too
+    declared = {field.encode_name for plugin in declaring
+                for struct in (plugin.secret_settings, plugin.option_settings)
                 for field in msgspec.structs.fields(struct)}
     assert names and names <= declared, f"read but not declared: {names - declared}"
 

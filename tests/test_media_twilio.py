@@ -8,9 +8,6 @@ import base64
 import hashlib
 import hmac
 import json
-import math
-import struct
-from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
@@ -22,10 +19,18 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.media import Audio, Dtmf, Played, Start, Stop
 from babelhub.media.twilio import TwilioMedia
-from tests.codeckit import Fixtures
-from tests.strategies import json_values
+from tests.mediakit import (
+    MediaFixtures,
+    changed,
+    mutated,
+    opening,
+    reads_or_refuses,
+    refusal_path,
+    same_shape,
+    tone_strength,
+)
 
-FIXTURES = Fixtures("twilio_media", suffix=".json")
+FIXTURES = MediaFixtures("twilio_media", suffix=".json")
 STREAM_SID = "MZ18ad3ab5a668481ce02b83e7395059f0"
 CALL_SID = "CA0f2b6a9e4c1d7e8f90a1b2c3d4e5f6a7"
 AUTH_TOKEN = "12345678901234567890123456789012"
@@ -56,17 +61,10 @@ def twilio_signature(url: str, token: str = AUTH_TOKEN) -> str:
 
 
 def websocket_request(url: str, signature: str | None) -> HttpRequest:
-    headers = {"upgrade": "websocket"} | ({"x-twilio-signature": signature} if signature is not None else {})
-    return HttpRequest(method="GET", path="/media/twilio-voice", headers=headers, url=url)
+    return opening("/media/twilio-voice", url, x_twilio_signature=signature)
 
 
 # ---------------------------------------------------------------------------------------- inbound
-
-
-def test_the_entry_point_names_this_class() -> None:
-    (point,) = entry_points(group="babelhub.media", name="twilio_media")
-    assert point.load() is TwilioMedia
-    assert TwilioMedia.channel == "twilio_media"
 
 
 def test_connected_says_nothing() -> None:
@@ -108,13 +106,9 @@ def test_the_audio_is_in_the_declared_format_a_tone_decodes_to_a_tone() -> None:
     (audio,) = media.receive(text("media"))
     assert isinstance(audio, Audio) and media.inbound_format is not None
     pcm = Converter(media.inbound_format, AudioFormat(codec="pcm16", rate=8000)).convert(audio.payload)
-    samples = struct.unpack(f"<{len(pcm) // 2}h", pcm)
     # The fixture is 20 ms of a 400 Hz tone: correlating with a 400 Hz sine finds nearly all its energy.
-    sine = [math.sin(2 * math.pi * 400 * n / 8000) for n in range(len(samples))]
-    correlation = sum(s * w for s, w in zip(samples, sine, strict=True)) / len(samples)
-    rms = math.sqrt(sum(s * s for s in samples) / len(samples))
-    assert rms > 4000
-    assert correlation / (rms / math.sqrt(2)) > 0.95
+    rms, share = tone_strength(pcm, 8000)
+    assert rms > 4000 and share > 0.95
 
 
 def test_the_outbound_track_of_a_listen_only_stream_is_not_the_caller() -> None:
@@ -133,14 +127,6 @@ def test_an_unknown_event_is_skipped() -> None:
 
 
 # ---------------------------------------------------------------------------------------- outbound
-
-
-def same_shape(ours: Any, documented: Any) -> bool:
-    """Whether two JSON values have the same members at every level (values aside)."""
-    if isinstance(documented, dict):
-        return isinstance(ours, dict) and ours.keys() == documented.keys() and all(
-            same_shape(ours[key], value) for key, value in documented.items())
-    return type(ours) is type(documented)
 
 
 def test_outbound_messages_have_the_documented_shape_and_echo_the_stream_sid() -> None:
@@ -184,28 +170,20 @@ def test_nothing_is_sent_before_the_start_names_the_stream() -> None:
 
 
 def media_with(**fields: Any) -> str:
-    message = FIXTURES.json("media")
-    message["media"] |= fields
-    return json.dumps(message)
+    return changed(FIXTURES.json("media"), ("media",), **fields)
 
 
 def start_with(**fields: Any) -> str:
-    message = FIXTURES.json("start")
-    message["start"] |= fields
-    return json.dumps(message)
+    return changed(FIXTURES.json("start"), ("start",), **fields)
 
 
 def start_with_format(**fields: Any) -> str:
-    message = FIXTURES.json("start")
-    message["start"]["mediaFormat"] |= fields
-    return json.dumps(message)
+    return changed(FIXTURES.json("start"), ("start", "mediaFormat"), **fields)
 
 
 @pytest.mark.parametrize(("frame", "path"), [
-    ("{not json", "$"),
     ("[1, 2]", "$"),
     ('{"event": 7}', "$.event"),
-    (FIXTURES.bytes("media"), "$"),
     (media_with(payload="no+JhoaJjpz..."), "$.media.payload"),
     (media_with(payload="/7ut!pqGg"), "$.media.payload"),
     (media_with(payload=12), "$.media.payload"),
@@ -221,12 +199,9 @@ def start_with_format(**fields: Any) -> str:
     (start_with_format(sampleRate=0), "$.start.mediaFormat.sampleRate"),
     (start_with_format(channels=100), "$.start.mediaFormat.channels"),
     (start_with(customParameters={"a": {"b": 1}}), "$.start.customParameters[...]"),
-    ("[" * 100_000 + "]" * 100_000, "$"),
 ])
 def test_a_hostile_frame_is_refused_naming_its_path(frame: str | bytes, path: str) -> None:
-    with pytest.raises(DecodeError) as caught:
-        session().receive(frame)
-    assert caught.value.path == path
+    assert refusal_path(session(), frame) == path
 
 
 def test_a_refused_start_leaves_no_stream_behind() -> None:
@@ -279,39 +254,10 @@ def test_a_request_with_a_body_is_refused() -> None:
 # ------------------------------------------------------------------------------------ property
 
 
-def members(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
-    """The path of every member of a JSON value, itself included."""
-    found = [path]
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            found += members(inner, (*path, key))
-    elif isinstance(value, list):
-        for index, inner in enumerate(value):
-            found += members(inner, (*path, index))
-    return found
-
-
-def replaced(value: Any, path: tuple[str | int, ...], new: Any) -> Any:
-    if not path:
-        return new
-    head, rest = path[0], path[1:]
-    copy = dict(value) if isinstance(value, dict) else list(value)
-    copy[head] = replaced(value[head], rest, new)  # type: ignore[index]
-    return copy
-
-
 INBOUND = ["connected", "start", "media", "media_outbound_track", "dtmf", "mark", "stop", "log_start", "log_media"]
 
 
 @given(data=st.data())
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_any_member_replaced_by_any_json_yields_events_or_a_decode_error(data: st.DataObject) -> None:
-    message = FIXTURES.json(data.draw(st.sampled_from(INBOUND)))
-    path = data.draw(st.sampled_from(members(message)))
-    frame = json.dumps(replaced(message, path, data.draw(json_values)))
-    media = started()
-    try:
-        events = media.receive(frame)
-    except DecodeError:
-        return
-    assert all(isinstance(event, Start | Audio | Dtmf | Played | Stop) for event in events)
+    reads_or_refuses(started(), mutated(data, FIXTURES.json(data.draw(st.sampled_from(INBOUND)))))

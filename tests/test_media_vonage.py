@@ -4,14 +4,9 @@ clear/notify actions out, the signed opening request, and hostile frames."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
-import itertools
 import json
-import math
-import struct
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,40 +15,26 @@ from hypothesis import strategies as st
 
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
-from babelhub.entrypoints import load_class
 from babelhub.errors import DecodeError, SignatureError
-from babelhub.media import Audio, Dtmf, MediaSession, Played, Start
+from babelhub.media import Audio, Dtmf, Played, Start
 from babelhub.media.vonage import VonageMedia
+from tests import mediakit
+from tests.mediakit import MediaFixtures, crossings, reads_or_refuses, refusal_path, tone
 from tests.strategies import json_values
 
-FIXTURES = Path(__file__).parent / "fixtures" / "vonage_media"
+FIXTURES = MediaFixtures("vonage_media")
 NOW = 1_790_000_000.0
 SECRET = "vonage-signature-secret-0123456789"
 
 
 def fixture(name: str) -> str:
-    return (FIXTURES / name).read_text()
+    return FIXTURES.text(name)
 
 
 def started(name: str = "websocket_connected.json") -> VonageMedia:
     session = VonageMedia({}, {})
     session.receive(fixture(name))
     return session
-
-
-def tone(hz: float, rate: int, ms: int, amplitude: int = 8000) -> bytes:
-    count = rate * ms // 1000
-    return struct.pack(f"<{count}h", *(int(amplitude * math.sin(2 * math.pi * hz * n / rate)) for n in range(count)))
-
-
-def crossings(pcm: bytes) -> int:
-    samples = struct.unpack(f"<{len(pcm) // 2}h", pcm)
-    return sum(1 for a, b in itertools.pairwise(samples) if (a < 0) != (b < 0))
-
-
-def test_the_entry_point_names_this_class() -> None:
-    base: Any = MediaSession  # abstract: load_class only checks the subclass
-    assert load_class("babelhub.media", "vonage_media", base, "media stream") is VonageMedia
 
 
 # --------------------------------------------------------------------------------------- inbound
@@ -178,10 +159,7 @@ def test_clear_and_mark_are_the_documented_actions_and_the_mark_comes_back_as_pl
      + "}", "$"),
 ])
 def test_malformed_text_raises_decode_error_with_the_path(frame: str, path: str) -> None:
-    session = started()
-    with pytest.raises(DecodeError) as caught:
-        session.receive(frame)
-    assert caught.value.path == path
+    assert refusal_path(started(), frame) == path
 
 
 @pytest.mark.parametrize("content_type", [
@@ -189,9 +167,8 @@ def test_malformed_text_raises_decode_error_with_the_path(frame: str, path: str)
 ])
 def test_an_unusable_content_type_raises_decode_error(content_type: str) -> None:
     session = VonageMedia({}, {})
-    with pytest.raises(DecodeError) as caught:
-        session.receive('{"event":"websocket:connected","content-type":' + content_type + "}")
-    assert caught.value.path == "$.content-type"
+    frame = '{"event":"websocket:connected","content-type":' + content_type + "}"
+    assert refusal_path(session, frame) == "$.content-type"
     assert session.inbound_format is None
 
 
@@ -226,8 +203,7 @@ def token(claims: dict[str, Any], secret: str = SECRET, alg: str = "HS256") -> s
 
 
 def opening(authorization: str | None) -> HttpRequest:
-    headers = {} if authorization is None else {"authorization": authorization}
-    return HttpRequest(method="GET", path="/media/vonage", headers=headers, received_at=NOW)
+    return mediakit.opening("/media/vonage", received_at=NOW, authorization=authorization)
 
 
 CLAIMS = {"iat": int(NOW) - 2, "jti": "c5ba8f24-1a14-4c10-bfdf-3fbe8ce511b5", "iss": "Vonage",
@@ -287,18 +263,13 @@ def test_any_message_is_events_or_a_decode_error(event: str, fields: dict[str, A
     """Whatever a socket sends, the session answers with events or a DecodeError: nothing else escapes
     to crash the stream's actor."""
     session = VonageMedia({}, {}) if before else started()
-    try:
-        events = session.receive(json.dumps({"event": event, **fields}))
-    except DecodeError:
-        return
-    assert all(isinstance(e, Start | Audio | Dtmf | Played) for e in events)
+    reads_or_refuses(session, json.dumps({"event": event, **fields}))
 
 
 @settings(max_examples=200, deadline=None)
 @given(frame=st.text(max_size=200) | st.binary(max_size=700))
 def test_any_frame_is_events_or_a_decode_error(frame: str | bytes) -> None:
-    with contextlib.suppress(DecodeError):
-        started().receive(frame)
+    reads_or_refuses(started(), frame)
 
 
 def test_a_refusal_names_no_secret() -> None:

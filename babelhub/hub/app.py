@@ -3,7 +3,8 @@
 `Hub` only wires parts together; each part is a module of its own: the NATS link (`link.py`), the
 JetStream consumers that feed the actors (`consumers.py`), the HTTP server (`http.py`), the actor
 systems (`babelhub.actors`), and the plug-ins chosen by name in the config — one processor transport
-per `[[processors]]` entry and one inbound source per connection mode (`babelhub.plugins`).
+per `[[processors]]` entry, one inbound source per connection mode, and every installed API
+(`babelhub.plugins`).
 
 Start order: NATS (embedded or external) → streams and buckets → connections → plug-ins (built, routes
 mounted, started) → actor systems → partition ownership (a first round takes this process's partitions
@@ -37,7 +38,17 @@ from babelhub.errors import ConfigError
 from babelhub.hub.consumers import MAX_ACK_PENDING, Consumers
 from babelhub.hub.http import HttpServer
 from babelhub.hub.link import NatsLink
-from babelhub.plugins import InboundSource, Plugin, ProcessorTransport, Services, load_source, load_transport
+from babelhub.plugins import (
+    Api,
+    InboundSource,
+    Plugin,
+    ProcessorTransport,
+    Services,
+    installed_apis,
+    load_api,
+    load_source,
+    load_transport,
+)
 from babelhub.redaction import SecretMask
 from babelhub.services.broker import EmbeddedServer, Subjects, provision
 from babelhub.services.config import Config, channel_codec
@@ -68,10 +79,11 @@ class _Running:
     ownership: Ownership
     transports: list[ProcessorTransport]
     sources: list[InboundSource]
+    apis: list[Api]
 
     @property
     def plugins(self) -> list[Plugin]:
-        return [*self.transports, *self.sources]
+        return [*self.transports, *self.sources, *self.apis]
 
 
 class Hub:
@@ -197,7 +209,7 @@ class Hub:
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
                             consume=consumers.consume, ownership=ownership)
         self._running = _Running(ctx, ingest, consumers, ownership, self._transports(services),
-                                 self._sources(services))
+                                 self._sources(services), [load_api(name)(services) for name in installed_apis()])
         await self.http.mount(stack, self._routes(self._running.plugins))
         for plugin in self._running.plugins:
             await plugin.start()

@@ -1,4 +1,5 @@
-"""The `babelhub` command line: `babelhub run` starts the hub, `babelhub schema` prints the JSON Schema,
+"""The `babelhub` command line: `babelhub run` starts the hub, `babelhub schema` prints the JSON Schema
+(`--frames`: those of the client-session frames),
 `babelhub credentials <tenant>` prints the NATS user a tenant's processors connect to the embedded server with."""
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ if TYPE_CHECKING:  # the hub's imports (NATS, aiohttp, actors) load only when `r
 DEFAULT_CONFIG = Path("configs/default.toml")
 
 
-def _schema(_: argparse.Namespace) -> int:
-    json.dump(canonical.schema(), sys.stdout, indent=2, sort_keys=True)
+def _schema(args: argparse.Namespace) -> int:
+    if args.frames:
+        from babelhub.sessions.frames import schemas
+
+        json.dump(schemas(), sys.stdout, indent=2, sort_keys=True)
+    else:
+        json.dump(canonical.schema(), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     return 0
 
@@ -179,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=None, help="embedded nats-server data directory (default .babelhub/)")
     run.set_defaults(handler=_run)
     schema = commands.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the envelope")
+    schema.add_argument("--frames", action="store_true",
+                        help="print the client-session frames' schemas instead: one per frame type, keyed "
+                             "client.<type> / hub.<type>")
     schema.set_defaults(handler=_schema)
     credentials = commands.add_parser(
         "credentials", help="print the NATS user of a tenant's processors (embedded server)")

@@ -49,30 +49,25 @@ options), `configs/samples/websocket_client.conf.sample` (`username`, `password`
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final
 
 import msgspec
 
-from babelhub.audio.convert import silence
 from babelhub.audio.frame import AudioCodec, AudioFormat
 from babelhub.codecs.base import HttpRequest
-from babelhub.codecs.settings import Settings
-from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
+from babelhub.codecs.settings import ConnectionOptions, Settings
+from babelhub.errors import DecodeError, EncodeError
+from babelhub.media import support
+from babelhub.media.base import Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
 
-__all__ = ["AsteriskMedia", "AsteriskMediaSecrets"]
+__all__ = ["AsteriskMedia", "AsteriskMediaOptions", "AsteriskMediaSecrets"]
 
 CHANNEL: Final = "asterisk_media"
 MAX_COMMAND_BYTES: Final = 128
 """chan_websocket ignores a TEXT message longer than this (`MAX_TEXT_MESSAGE_LEN`)."""
 MAX_MEDIA_BYTES: Final = 65500
 """The largest BINARY message Asterisk reads; a larger one closes the socket and hangs the call up."""
-DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 #: Asterisk format names → the hub's codec and rate (the formats chan_websocket re-frames and the hub
 #: converts). slin96 and slin192 are beyond the hub's 48 kHz; slin44 is left out because 20 ms of it is
@@ -96,6 +91,12 @@ class AsteriskMediaSecrets(Settings, frozen=True, kw_only=True):
     """`username` of the websocket_client.conf connection Asterisk opens the socket with."""
     password: str = ""
     """Its `password`."""
+
+
+class AsteriskMediaOptions(ConnectionOptions, frozen=True, kw_only=True):
+    answer: bool = False
+    """Answer the channel (`ANSWER`) once `MEDIA_START` arrives: for channels dialled with the `n` option,
+    which Asterisk does not answer itself."""
 
 
 # --- wire format
@@ -132,8 +133,6 @@ class _Error(msgspec.Struct, frozen=True):
     error_text: str = ""
 
 
-_EVENT = msgspec.json.Decoder(_Event)
-_JSON_OBJECT = msgspec.json.Decoder(dict[str, Any])
 #: Events whose plain-text line is `EVENT key:value key:value …`.
 _KEYED_LINES: Final = frozenset({"MEDIA_START", "DTMF_END", "STATUS"})
 #: Events whose plain-text line is `EVENT [<correlation id>]`.
@@ -167,17 +166,8 @@ def _parse(text: str) -> _Message:
 
 
 def _parse_json(text: str) -> _Message:
-    try:
-        event = _EVENT.decode(text).event
-        fields = _JSON_OBJECT.decode(text)
-    except msgspec.ValidationError as exc:
-        reason, _, where = str(exc).partition(" - at `")
-        raise DecodeError(reason, where.rstrip("`") or "$") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"not JSON: {exc}", "$") from None
-    except RecursionError:  # nesting deep enough to exhaust the decoder's stack
-        raise DecodeError("nested too deeply to read", "$") from None
-    return _Message(event=event, fields=fields, is_json=True)
+    event = support.decode_frame(text, _Event).event
+    return _Message(event=event, fields=support.decode_frame(text, dict[str, Any]), is_json=True)
 
 
 def _parse_line(line: str) -> _Message:
@@ -203,9 +193,11 @@ def _parse_line(line: str) -> _Message:
 
 class AsteriskMedia(MediaSession):
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="mulaw", rate=8000, frame_ms=20)
+    outbound_format: AudioFormat = AudioFormat(codec="mulaw", rate=8000, frame_ms=20)
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = AsteriskMediaSecrets
+    option_settings: ClassVar[type[Settings]] = AsteriskMediaOptions
+    settings: AsteriskMediaOptions
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
@@ -215,31 +207,19 @@ class AsteriskMedia(MediaSession):
         """The text of the last ERROR event (a command Asterisk refused)."""
         self._json_commands = False  # plain text until MEDIA_START says otherwise (Asterisk's default)
         self._frame_size = 0  # optimal_frame_size
-        self._received_bytes = 0
-        self._replies: list[WsFrame] = []
+        self._caller_audio = support.BinaryAudio()
 
     # ------------------------------------------------------------------------------- the handshake
 
     def verify(self, request: HttpRequest) -> None:
         """HTTP Basic credentials equal to the configured `username` and `password`, when configured."""
-        username, password = self.secrets.get("username", ""), self.secrets.get("password", "")
-        if not username and not password:
-            return
-        scheme, _, encoded = request.headers.get("authorization", "").strip().partition(" ")
-        if scheme.lower() != "basic":
-            raise SignatureError("missing Authorization: Basic credentials")
-        try:
-            given = base64.b64decode(encoded.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raise SignatureError("Basic credentials are not base64") from None
-        if not hmac.compare_digest(given, f"{username}:{password}".encode()):
-            raise SignatureError("Basic credentials do not match the connection's username and password")
+        support.check_basic_credentials(request, self.secrets.get("username", ""), self.secrets.get("password", ""))
 
     # --------------------------------------------------------------------------------- inbound
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
         if isinstance(frame, bytes):
-            return [self._audio(frame)]
+            return [self._caller_audio.read(frame, self.inbound_format, "the MEDIA_START event")]
         message = _parse(frame)
         if message.event == "MEDIA_START":
             return self._start(message)
@@ -254,10 +234,6 @@ class AsteriskMedia(MediaSession):
             self.last_error = message.read(_Error).error_text
         return []  # STATUS, MEDIA_BUFFERING_COMPLETED, QUEUE_DRAINED and events Asterisk adds later
 
-    def replies(self) -> list[WsFrame]:
-        replies, self._replies = self._replies, []
-        return replies
-
     def _start(self, message: _Message) -> list[MediaEvent]:
         if self.inbound_format is not None:
             return []  # one per socket; a repeat may not change the stream's format
@@ -266,35 +242,19 @@ class AsteriskMedia(MediaSession):
         self._json_commands = message.is_json
         self._frame_size = start.optimal_frame_size
         self.inbound_format = audio
-        self.outbound_format = audio  # type: ignore[misc]  # the channel's format, both ways
-        if self.options.get("answer") is True:
+        self.outbound_format = audio  # the channel's format, both ways
+        if self.settings.answer:
             self._replies.append(self._command("ANSWER"))
-        variables = {name: value if isinstance(value, str) else json.dumps(value)
-                     for name, value in start.channel_variables.items()}
+        variables = {name: support.parameter_text(value) for name, value in start.channel_variables.items()}
         return [Start(call_id=start.channel_id or start.connection_id, stream_id=start.connection_id,
                       inbound_format=audio, parameters=variables)]
-
-    def _audio(self, payload: bytes) -> Audio:
-        audio = self.inbound_format
-        if audio is None:
-            raise DecodeError("binary media before the MEDIA_START event", "$")
-        if audio.codec == "pcm16" and len(payload) % 2:
-            raise DecodeError(f"slin media has 2 bytes a sample; got {len(payload)} bytes", "$")
-        timestamp = self._received_bytes * 1000 // audio.bytes_per_ms()
-        self._received_bytes += len(payload)
-        return Audio(payload=payload, timestamp_us=timestamp)
 
     # -------------------------------------------------------------------------------- outbound
 
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         """BINARY messages of whole frames, the last one padded with silence, none over 65500 bytes."""
         size = self._frame_size or self.outbound_format.frame_bytes()
-        short = -len(payload) % size
-        if short:
-            quiet = silence(self.outbound_format, 1)  # one millisecond of the codec's silence
-            payload += (quiet * (short // len(quiet) + 1))[:short]
-        largest = MAX_MEDIA_BYTES // size * size
-        return [payload[start:start + largest] for start in range(0, len(payload), largest)]
+        return list(support.packets(payload, self.outbound_format, size, MAX_MEDIA_BYTES // size * size))
 
     def clear(self) -> list[WsFrame]:
         return [self._command("FLUSH_MEDIA")]
@@ -314,7 +274,7 @@ class AsteriskMedia(MediaSession):
         """A command in the format the channel's events arrive in."""
         if self._json_commands:
             fields = {"command": command, **({"correlation_id": correlation_id} if correlation_id else {})}
-            return json.dumps(fields, separators=(",", ":"))
+            return support.text(fields)
         return f"{command} {correlation_id}" if correlation_id else command
 
 
@@ -334,8 +294,4 @@ def _format(start: _MediaStart, message: _Message) -> AudioFormat:
 
 
 def _dtmf(message: _Message) -> Dtmf:
-    digit = message.read(_DtmfEnd).digit
-    if digit not in DTMF_DIGITS:
-        raise DecodeError(f"a DTMF digit is one of 0-9, *, # and A-D, not {digit[:8]!r}",
-                          "$.digit" if message.is_json else "DTMF_END.digit")
-    return Dtmf(digit=digit)
+    return support.dtmf_event(message.read(_DtmfEnd).digit, "$.digit" if message.is_json else "DTMF_END.digit")

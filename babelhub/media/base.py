@@ -16,15 +16,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias, TypeVar
 
 import msgspec
 
 from babelhub.audio.frame import AudioFormat
 from babelhub.codecs.base import HttpRequest
-from babelhub.codecs.settings import NoSecrets, Settings
+from babelhub.codecs.settings import ConnectionOptions, NoSecrets, Settings
+from babelhub.errors import ConfigError
 
-__all__ = ["Audio", "Dtmf", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "WsFrame"]
+__all__ = ["Audio", "Dtmf", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "WsFrame", "read_options"]
+
+S = TypeVar("S", bound=Settings)
 
 WsFrame: TypeAlias = str | bytes
 """One WebSocket message: text (str) or binary (bytes)."""
@@ -84,9 +87,10 @@ class MediaSession(ABC):
 
     channel: ClassVar[str]
     """The connection `channel` that names this provider (`twilio_media`, …)."""
-    outbound_format: ClassVar[AudioFormat]
-    """What the provider plays, and the packet size it wants (`frame_ms`); an instance may narrow it
-    once the stream has started (a provider that negotiates the format)."""
+    outbound_format: AudioFormat
+    """What the provider plays, and the packet size it wants (`frame_ms`): the class sets the default,
+    which each instance copies and may narrow (from its options, or once the stream has started, for a
+    provider that negotiates the format)."""
     acknowledges_marks: ClassVar[bool] = False
     """True when the provider reports that audio before a mark was played; otherwise the hub reports a
     mark as played when it has paced out the audio before it."""
@@ -94,10 +98,18 @@ class MediaSession(ABC):
     """True when the hub can send DTMF tones to the call through this protocol."""
     secret_settings: ClassVar[type[Settings]] = NoSecrets
     """The connection's `secrets` this provider reads (to verify the socket's opening request)."""
+    option_settings: ClassVar[type[Settings]] = ConnectionOptions
+    """The connection's `options` this provider reads: a subclass of `ConnectionOptions`, read into
+    `settings` when the session is made."""
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         self.secrets = secrets
         self.options = options
+        self.settings = read_options(self.channel, self.option_settings, options)
+        """The connection's `options` as this provider's `option_settings` declare them."""
+        self.outbound_format = type(self).outbound_format
+        self._replies: list[WsFrame] = []
+        """Frames `replies` hands out next: a subclass appends its protocol's answers while it reads."""
         self.inbound_format: AudioFormat | None = None
         """Known once the stream has started."""
 
@@ -117,7 +129,8 @@ class MediaSession(ABC):
     def replies(self) -> list[WsFrame]:
         """Frames the protocol requires in answer to what `receive` just read (an `opened` to an `open`,
         a `pong` to a `ping`); taken once, then empty."""
-        return []
+        replies, self._replies = self._replies, []
+        return replies
 
     @abstractmethod
     def send_audio(self, payload: bytes) -> list[WsFrame]:
@@ -139,3 +152,13 @@ class MediaSession(ABC):
     def hangup(self, reason: str = "") -> list[WsFrame]:
         """The frames that end the stream from the hub's side, before the socket is closed."""
         return []
+
+
+def read_options(channel: str, struct: type[S], options: Mapping[str, Any]) -> S:
+    """A connection's `options` as `struct`; a `ConfigError` names the first unknown, mistyped or unfitting
+    one. Strict, as the config's check is: a value must already be of the declared type."""
+    try:
+        return msgspec.convert(dict(options), struct)
+    except msgspec.ValidationError as exc:
+        reason, _, where = str(exc).partition(" - at `$")
+        raise ConfigError(f"{channel} options{where.rstrip('`')}: {reason}") from None

@@ -45,17 +45,18 @@ parameters; message examples); support.exotel.com article 3000108630 (chunk size
 from __future__ import annotations
 
 import base64
-import hmac
 from collections.abc import Mapping
-from typing import Any, ClassVar, Final, TypeAlias, TypeVar
+from typing import Any, ClassVar, Final, TypeAlias
 
 import msgspec
 
 from babelhub.audio.frame import AudioFormat
+from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
-from babelhub.errors import DecodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.errors import DecodeError
+from babelhub.media import support
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 
 __all__ = ["ExotelMedia", "ExotelSecrets", "packet_ms"]
 
@@ -67,11 +68,13 @@ CHUNK_STEP: Final = 320
 """Exotel plays chunks in multiples of 320 bytes (10 ms at 16 kHz, 20 ms at 8 kHz)."""
 MIN_CHUNK: Final = 3_200
 MAX_CHUNK: Final = 100_000
+LARGEST_CHUNK: Final = MAX_CHUNK - MAX_CHUNK % CHUNK_STEP
+"""The longest chunk sent: at most `MAX_CHUNK` bytes, in whole `CHUNK_STEP`s (the tail of a packet is
+padded with silence to the next step)."""
 INBOUND_MS: Final = 100
 """Exotel streams the caller's audio about every 100 ms."""
 _ENCODINGS: Final = frozenset({"audio/x-raw", "raw"})
 """`media_format.encoding` as Exotel's two documents spell raw PCM."""
-_DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 
 class ExotelSecrets(Settings, frozen=True, kw_only=True):
@@ -94,11 +97,7 @@ def packet_ms(rate: int) -> int:
 
 # ---------------------------------------------------------------------------------------- wire format
 
-Number: TypeAlias = int | str
-
-
-class _Head(msgspec.Struct):
-    event: str
+Number: TypeAlias = support.Number
 
 
 class _MediaFormat(msgspec.Struct):
@@ -183,8 +182,6 @@ class _SendClear(msgspec.Struct, tag_field="event", tag="clear"):
     stream_sid: str
 
 
-_encoder: Final = msgspec.json.Encoder()
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------- the session
@@ -194,7 +191,7 @@ class ExotelMedia(MediaSession):
     """One Exotel AgentStream (Voicebot or Stream applet)."""
 
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="pcm16", rate=DEFAULT_RATE,
+    outbound_format: AudioFormat = AudioFormat(codec="pcm16", rate=DEFAULT_RATE,
                                                          frame_ms=packet_ms(DEFAULT_RATE))
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = ExotelSecrets
@@ -202,134 +199,78 @@ class ExotelMedia(MediaSession):
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
         self.stream_sid = ""
-        self._first_timestamp_ms: int | None = None
+        self._clock = support.TimestampClock()
 
     # ------------------------------------------------------------------ the opening request
 
     def verify(self, request: HttpRequest) -> None:
         """Basic credentials when the connection has them; nothing otherwise (IP whitelisting)."""
-        user = self.secrets.get("api_key", "")
-        password = self.secrets.get("api_token", "")
-        if not user and not password:
-            return
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "basic" or not credentials:
-            raise SignatureError("missing Authorization: Basic header")
-        expected = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-        if not hmac.compare_digest(credentials.strip().encode(), expected.encode()):
-            raise SignatureError("the Basic credentials do not match api_key and api_token")
+        support.check_basic_credentials(request, self.secrets.get("api_key", ""), self.secrets.get("api_token", ""))
 
     # ------------------------------------------------------------------ inbound
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        if isinstance(frame, bytes):
-            raise DecodeError("Exotel sends JSON text frames, not binary ones", "$")
-        event = _read(frame, _Head).event
-        if event == "media":
-            return [self._audio(_read(frame, _Media).media)]
-        if event == "start":
-            return [self._start(_read(frame, _Start))]
-        if event == "dtmf":
-            return [_digit(_read(frame, _Dtmf).dtmf.digit)]
-        if event == "mark":
-            return [Played(name=_read(frame, _Mark).mark.name)]
-        if event == "stop":
-            return [Stop(reason=_read(frame, _Stop).stop.reason)]
-        return []  # `connected`, and events Exotel may add
+        # `connected` and events Exotel adds have no reader: nothing.
+        return support.dispatch(self, support.json_frame(frame, "Exotel"), _READERS)
 
-    def _start(self, message: _Start) -> Start:
+    def _start(self, raw: Any) -> list[MediaEvent]:
+        message = native.convert(raw, _Start)
         body = message.start
         inbound = _format(body.media_format)
         self.stream_sid = body.stream_sid or message.stream_sid
         self.inbound_format = inbound
         # Exotel plays back the format it streams, in its own packet size.
-        self.outbound_format = AudioFormat(codec="pcm16", rate=inbound.rate,  # type: ignore[misc]
-                                           frame_ms=packet_ms(inbound.rate))
-        return Start(call_id=body.call_sid, stream_id=self.stream_sid, caller=body.caller,
-                     callee=body.callee, inbound_format=inbound, parameters=body.custom_parameters)
+        self.outbound_format = AudioFormat(codec="pcm16", rate=inbound.rate, frame_ms=packet_ms(inbound.rate))
+        return [Start(call_id=body.call_sid, stream_id=self.stream_sid, caller=body.caller,
+                      callee=body.callee, inbound_format=inbound, parameters=body.custom_parameters)]
 
-    def _audio(self, media: _MediaBody) -> Audio:
-        try:
-            payload = base64.b64decode(media.payload, validate=True)
-        except ValueError:  # binascii.Error, or a character outside ASCII
-            raise DecodeError("the audio payload is not valid base64", "$.media.payload") from None
-        return Audio(payload=payload, timestamp_us=self._media_time(media.timestamp))
+    def _audio(self, raw: Any) -> list[MediaEvent]:
+        media = native.convert(raw, _Media).media
+        payload = support.audio_payload(media.payload, "$.media.payload")
+        return [Audio(payload=payload, timestamp_us=self._clock.media_time_us(media.timestamp, "$.media.timestamp"))]
 
-    def _media_time(self, timestamp: Number | None) -> int | None:
-        """Microseconds since the first chunk, from `media.timestamp` (milliseconds)."""
-        if timestamp is None:
-            return None
-        try:
-            ms = int(timestamp)
-        except ValueError:
-            raise DecodeError(f"media.timestamp {timestamp!r} is no number of milliseconds",
-                              "$.media.timestamp") from None
-        if self._first_timestamp_ms is None:
-            self._first_timestamp_ms = ms
-        return max(0, ms - self._first_timestamp_ms) * 1000
+    def _dtmf(self, raw: Any) -> list[MediaEvent]:
+        return [support.dtmf_event(native.convert(raw, _Dtmf).dtmf.digit, "$.dtmf.digit")]
+
+    def _mark(self, raw: Any) -> list[MediaEvent]:
+        return [Played(name=native.convert(raw, _Mark).mark.name)]
+
+    def _stop(self, raw: Any) -> list[MediaEvent]:
+        return [Stop(reason=native.convert(raw, _Stop).stop.reason)]
 
     # ------------------------------------------------------------------ outbound
 
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         if not self.stream_sid or not payload:
             return []
-        return [_text(_SendMedia(stream_sid=self.stream_sid,
+        return [support.text(_SendMedia(stream_sid=self.stream_sid,
                                  media=_OutMedia(payload=base64.b64encode(chunk).decode("ascii"))))
-                for chunk in _chunks(payload)]
+                for chunk in support.packets(payload, self.outbound_format, CHUNK_STEP, LARGEST_CHUNK)]
 
     def clear(self) -> list[WsFrame]:
-        return [_text(_SendClear(stream_sid=self.stream_sid))] if self.stream_sid else []
+        return [support.text(_SendClear(stream_sid=self.stream_sid))] if self.stream_sid else []
 
     def mark(self, name: str) -> list[WsFrame]:
         if not self.stream_sid:
             return []
-        return [_text(_SendMark(stream_sid=self.stream_sid, mark=_MarkBody(name=name)))]
+        return [support.text(_SendMark(stream_sid=self.stream_sid, mark=_MarkBody(name=name)))]
+
+
+_READERS: Final = {
+    "start": ExotelMedia._start,
+    "media": ExotelMedia._audio,
+    "dtmf": ExotelMedia._dtmf,
+    "mark": ExotelMedia._mark,
+    "stop": ExotelMedia._stop,
+}
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def _read(frame: str, into: type[T]) -> T:
-    """`frame` as the wire Struct `into`; a DecodeError names the JSON path of what is wrong."""
-    try:
-        return msgspec.json.decode(frame, type=into)
-    except msgspec.ValidationError as exc:
-        reason, _, where = str(exc).partition(" - at `")
-        raise DecodeError(reason, where.rstrip("`") or "$") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"the frame is not valid JSON: {exc}", "$") from None
-    except RecursionError:  # msgspec stops at Python's recursion limit, even inside a member it skips
-        raise DecodeError("the frame is nested too deeply to read", "$") from None
-
-
-def _text(message: msgspec.Struct) -> str:
-    return _encoder.encode(message).decode()
 
 
 def _format(media_format: _MediaFormat) -> AudioFormat:
     if media_format.encoding not in _ENCODINGS:
         raise DecodeError(f"encoding {media_format.encoding!r} is not raw PCM ({', '.join(sorted(_ENCODINGS))})",
                           "$.start.media_format.encoding")
-    try:
-        rate = int(media_format.sample_rate)
-    except ValueError:
-        rate = 0
-    if rate not in RATES:
-        raise DecodeError(f"sample_rate must be one of {', '.join(map(str, sorted(RATES)))}, "
-                          f"not {media_format.sample_rate!r}", "$.start.media_format.sample_rate")
+    rate = support.sample_rate(media_format.sample_rate, RATES, "$.start.media_format.sample_rate")
     return AudioFormat(codec="pcm16", rate=rate, frame_ms=INBOUND_MS)
-
-
-def _digit(digit: str) -> Dtmf:
-    if len(digit) != 1 or digit not in _DTMF_DIGITS:
-        raise DecodeError(f"a DTMF digit is one of 0-9, *, #, A-D, not {digit!r}", "$.dtmf.digit")
-    return Dtmf(digit=digit)
-
-
-def _chunks(payload: bytes) -> list[bytes]:
-    """`payload` in chunks Exotel plays without gaps: whole 320-byte steps (the tail padded with
-    silence, zero samples of 16-bit PCM), none over `MAX_CHUNK`."""
-    short = -len(payload) % CHUNK_STEP
-    padded = payload + bytes(short)
-    largest = MAX_CHUNK - MAX_CHUNK % CHUNK_STEP
-    return [padded[start:start + largest] for start in range(0, len(padded), largest)]

@@ -63,22 +63,22 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final
 from urllib.parse import urlencode, urlsplit
 
 import msgspec
 
 from babelhub.audio.frame import AudioFormat
 from babelhub.codecs.base import HttpRequest
-from babelhub.codecs.settings import Settings
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.media import support
+from babelhub.media.base import MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 
-__all__ = ["CLOCK_SKEW_SECONDS", "SIGNATURE_MAX_AGE_SECONDS", "GenesysMedia", "GenesysSecrets"]
+__all__ = ["CLOCK_SKEW_SECONDS", "SIGNATURE_MAX_AGE_SECONDS", "GenesysMedia", "GenesysOptions", "GenesysSecrets"]
 
 CHANNEL: Final = "genesys_media"
 PROTOCOL_VERSION: Final = "2"
@@ -93,7 +93,6 @@ SIGNED_COMPONENTS: Final = frozenset({
     "audiohook-correlation-id", "x-api-key",
 })
 """What the signature must cover, as Genesys signs it."""
-DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
 
 class GenesysSecrets(Settings, frozen=True, kw_only=True):
@@ -102,6 +101,11 @@ class GenesysSecrets(Settings, frozen=True, kw_only=True):
     client_secret: str = ""
     """The integration's Client Secret (base64, as Genesys shows it): when set, the opening request
     must carry a valid HTTP Message Signature made with it."""
+
+
+class GenesysOptions(ConnectionOptions, frozen=True, kw_only=True):
+    supported_languages: list[str] = []
+    """The language codes answered in `opened` when the `open` asks for them (`supportedLanguages`)."""
 
 
 # --- wire format (client → server messages; only the fields read here)
@@ -156,23 +160,7 @@ class _Gap(msgspec.Struct, frozen=True):
     discarded: str = "PT0S"
 
 
-_T = TypeVar("_T")
-_PATH_SUFFIX: Final = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _DURATION: Final = re.compile(r"PT(?P<seconds>[0-9]+(?:\.[0-9]+)?)S")
-
-
-def _decode(data: bytes | str, kind: type[_T], prefix: str = "$") -> _T:
-    """`data` as `kind`; `DecodeError` with the JSON path (under `prefix`) of what is wrong."""
-    try:
-        return msgspec.json.decode(data, type=kind)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _PATH_SUFFIX.search(text)
-        if match is None:
-            raise DecodeError(text, prefix) from None
-        raise DecodeError(text[: match.start()], prefix + match.group("path")) from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"malformed JSON: {exc}", prefix) from None
 
 
 def _duration_us(value: str, path: str) -> int:
@@ -190,10 +178,12 @@ class GenesysMedia(MediaSession):
     """One AudioHook session (one WebSocket from Genesys Cloud)."""
 
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="mulaw", rate=RATE, channels=1,
+    outbound_format: AudioFormat = AudioFormat(codec="mulaw", rate=RATE, channels=1,
                                                          frame_ms=OUTBOUND_FRAME_MS)
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = GenesysSecrets
+    option_settings: ClassVar[type[Settings]] = GenesysOptions
+    settings: GenesysOptions
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
@@ -202,8 +192,7 @@ class GenesysMedia(MediaSession):
         self._server_seq = 0
         self._open = False
         self._closed = False
-        self._media_us = 0  # media time of the next audio sample
-        self._replies: list[WsFrame] = []
+        self._caller_audio = support.BinaryAudio()
         self._marks: list[str] = []  # set since audio was last sent and not yet acknowledged
         self._marks_played: list[str] = []  # set while nothing was waiting to be played
         self._audio_unplayed = False
@@ -231,7 +220,7 @@ class GenesysMedia(MediaSession):
         if isinstance(frame, bytes):
             events = self._audio(frame)
         else:
-            message = _decode(frame, _Message)
+            message = support.decode_frame(frame, _Message)
             self._check_counters(message)
             events = self._dispatch(message)
         # Marks set while no audio was waiting to be played are played already: reported with this frame.
@@ -239,21 +228,10 @@ class GenesysMedia(MediaSession):
         self._marks_played.clear()
         return played + events
 
-    def replies(self) -> list[WsFrame]:
-        replies, self._replies = self._replies, []
-        return replies
-
     def _audio(self, payload: bytes) -> list[MediaEvent]:
-        if self.inbound_format is None:  # known from 'open' on
-            raise DecodeError("audio before the session was opened (binary frame before 'open')", "$")
         if self._closed:
             raise DecodeError("audio after 'close'", "$")
-        if len(payload) % self.inbound_format.channels:
-            raise DecodeError(f"{len(payload)} bytes do not hold whole samples of "
-                              f"{self.inbound_format.channels} channels", "$")
-        timestamp = self._media_us
-        self._media_us += len(payload) * 1000 // self.inbound_format.bytes_per_ms()
-        return [Audio(payload=payload, timestamp_us=timestamp)]
+        return [self._caller_audio.read(payload, self.inbound_format, "the session was opened ('open')")]
 
     def _check_counters(self, message: _Message) -> None:
         if message.version != PROTOCOL_VERSION:
@@ -286,14 +264,14 @@ class GenesysMedia(MediaSession):
                 self._audio_unplayed = False
                 return [Played(name=name) for name in played]
             case "discarded" | "resumed":
-                gap = _decode(message.parameters, _Gap, "$.parameters")
-                self._media_us += _duration_us(gap.discarded, "$.parameters.discarded")
+                gap = support.decode_frame(message.parameters, _Gap, "$.parameters")
+                self._caller_audio.skip(_duration_us(gap.discarded, "$.parameters.discarded"))
         return []
 
     def _on_open(self, message: _Message) -> list[MediaEvent]:
         if self._open:
             raise DecodeError("a second 'open' in one session", "$.type")
-        opening = _decode(message.parameters, _Open, "$.parameters")
+        opening = support.decode_frame(message.parameters, _Open, "$.parameters")
         medium = next((medium for medium in opening.media if _takes(medium)), None)
         if medium is None:
             raise DecodeError("none of the offered media is PCMU at 8000 Hz", "$.parameters.media")
@@ -301,23 +279,21 @@ class GenesysMedia(MediaSession):
         self.inbound_format = AudioFormat(codec="mulaw", rate=RATE, channels=len(medium.channels), frame_ms=20)
         opened: dict[str, Any] = {"media": [msgspec.to_builtins(medium)], "startPaused": False}
         if opening.supportedLanguages:
-            opened["supportedLanguages"] = list(self.options.get("supported_languages", []))
+            opened["supportedLanguages"] = list(self.settings.supported_languages)
         self._reply("opened", opened)
         return [Start(call_id=opening.conversationId, stream_id=message.id, caller=opening.participant.ani,
                       callee=opening.participant.dnis, inbound_format=self.inbound_format,
                       parameters=_start_parameters(opening))]
 
     def _on_close(self, message: _Message) -> list[MediaEvent]:
-        close = _decode(message.parameters, _Close, "$.parameters")
+        close = support.decode_frame(message.parameters, _Close, "$.parameters")
         self._closed = True
         self._reply("closed", {})
         return [Stop(reason=close.reason)]
 
     def _on_dtmf(self, message: _Message) -> list[MediaEvent]:
-        digit = _decode(message.parameters, _Dtmf, "$.parameters").digit
-        if digit not in DTMF_DIGITS:
-            raise DecodeError("a DTMF digit is one of 0-9, *, #, A-D", "$.parameters.digit")
-        return [Dtmf(digit=digit)]
+        digit = support.decode_frame(message.parameters, _Dtmf, "$.parameters").digit
+        return [support.dtmf_event(digit, "$.parameters.digit")]
 
     # --- outbound
 
@@ -357,9 +333,8 @@ class GenesysMedia(MediaSession):
 
     def _message(self, kind: str, parameters: dict[str, Any]) -> str:
         self._server_seq += 1
-        return json.dumps({"version": PROTOCOL_VERSION, "type": kind, "seq": self._server_seq,
-                           "clientseq": self._client_seq, "id": self.session_id, "parameters": parameters},
-                          separators=(",", ":"))
+        return support.text({"version": PROTOCOL_VERSION, "type": kind, "seq": self._server_seq,
+                             "clientseq": self._client_seq, "id": self.session_id, "parameters": parameters})
 
 
 def _takes(medium: _Medium) -> bool:

@@ -52,16 +52,18 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping
-from typing import Any, ClassVar, Final, TypeAlias, TypeVar
+from typing import Any, ClassVar, Final, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import msgspec
 
 from babelhub.audio.frame import AudioCodec, AudioFormat
+from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
+from babelhub.media import support
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, WsFrame
 
 __all__ = ["PlivoMedia", "PlivoSecrets"]
 
@@ -73,7 +75,6 @@ PACKET_MS: Final = 20
 _CODECS: Final[dict[str, AudioCodec]] = {"audio/x-mulaw": "mulaw", "audio/x-l16": "pcm16"}
 _CONTENT_TYPES: Final[dict[AudioCodec, str]] = {codec: name for name, codec in _CODECS.items()}
 _RATES: Final[dict[AudioCodec, frozenset[int]]] = {"mulaw": frozenset({8000}), "pcm16": frozenset({8000, 16000})}
-_DTMF_DIGITS: Final = re.compile(r"[0-9*#A-D]+")
 _SIGNATURE_HEADERS: Final = ("x-plivo-signature-v3", "x-plivo-signature-ma-v3")
 _NONCE_HEADER: Final = "x-plivo-signature-v3-nonce"
 #: The WebSocket URL Plivo signs (`wss://`) may be known to the hub by its HTTP spelling.
@@ -88,13 +89,9 @@ class PlivoSecrets(Settings, frozen=True, kw_only=True):
 
 # ---------------------------------------------------------------------------------------- wire format
 
-Number: TypeAlias = int | str
+Number: TypeAlias = support.Number
 """Plivo documents numbers (`sequenceNumber`, `sampleRate`) as JSON numbers; some messages carry them as
 strings."""
-
-
-class _Head(msgspec.Struct):
-    event: str
 
 
 class _MediaFormat(msgspec.Struct, rename="camel"):
@@ -168,8 +165,6 @@ class _SendDtmf(msgspec.Struct, tag_field="event", tag="sendDTMF"):
     dtmf: str
 
 
-_encoder: Final = msgspec.json.Encoder()
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------- the session
@@ -179,7 +174,7 @@ class PlivoMedia(MediaSession):
     """One Plivo audio stream."""
 
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="mulaw", rate=8000, frame_ms=PACKET_MS)
+    outbound_format: AudioFormat = AudioFormat(codec="mulaw", rate=8000, frame_ms=PACKET_MS)
     acknowledges_marks: ClassVar[bool] = True
     sends_dtmf: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = PlivoSecrets
@@ -187,7 +182,7 @@ class PlivoMedia(MediaSession):
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
         self.stream_id = ""
-        self._first_timestamp_ms: int | None = None
+        self._clock = support.TimestampClock()
 
     # ------------------------------------------------------------------ the opening request
 
@@ -211,48 +206,31 @@ class PlivoMedia(MediaSession):
     # ------------------------------------------------------------------ inbound
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        if isinstance(frame, bytes):
-            raise DecodeError("Plivo sends JSON text frames, not binary ones", "$")
-        event = _read(frame, _Head).event
-        if event == "media":
-            return self._audio(_read(frame, _Media))
-        if event == "start":
-            return [self._start(_read(frame, _Start))]
-        if event == "dtmf":
-            return [_digit(_read(frame, _Dtmf).dtmf.digit, "$.dtmf.digit")]
-        if event == "playedStream":
-            return [Played(name=_read(frame, _PlayedStream).name)]
-        return []  # clearedAudio acknowledges a clearAudio; unknown events are Plivo's future ones
+        # clearedAudio (which acknowledges a clearAudio) and events Plivo adds have no reader: nothing.
+        return support.dispatch(self, support.json_frame(frame, "Plivo"), _READERS)
 
-    def _start(self, message: _Start) -> Start:
+    def _start(self, raw: Any) -> list[MediaEvent]:
+        message = native.convert(raw, _Start)
         body = message.start
         inbound = _format(body.media_format)
         self.stream_id = body.stream_id
         self.inbound_format = inbound
-        self.outbound_format = inbound  # type: ignore[misc]  # Plivo plays only the stream's own format
-        return Start(call_id=body.call_id, stream_id=body.stream_id, inbound_format=inbound,
-                     parameters=_extra_headers(message.extra_headers))
+        self.outbound_format = inbound  # Plivo plays only the stream's own format
+        return [Start(call_id=body.call_id, stream_id=body.stream_id, inbound_format=inbound,
+                      parameters=_extra_headers(message.extra_headers))]
 
-    def _audio(self, message: _Media) -> list[MediaEvent]:
-        media = message.media
+    def _audio(self, raw: Any) -> list[MediaEvent]:
+        media = native.convert(raw, _Media).media
         if media.track != "inbound":
             return []
-        payload = _base64(media.payload, "$.media.payload")
-        return [Audio(payload=payload, timestamp_us=self._media_time(media.timestamp))]
+        payload = support.audio_payload(media.payload, "$.media.payload")
+        return [Audio(payload=payload, timestamp_us=self._clock.media_time_us(media.timestamp, "$.media.timestamp"))]
 
-    def _media_time(self, timestamp: Number | None) -> int | None:
-        """Microseconds since the first chunk, from `media.timestamp` (milliseconds): Plivo documents it
-        both as Unix time and as time since the stream began, and the difference is right for both."""
-        if timestamp is None:
-            return None
-        try:
-            ms = int(timestamp)
-        except ValueError:
-            raise DecodeError(f"media.timestamp {timestamp!r} is no number of milliseconds",
-                              "$.media.timestamp") from None
-        if self._first_timestamp_ms is None:
-            self._first_timestamp_ms = ms
-        return max(0, ms - self._first_timestamp_ms) * 1000
+    def _dtmf(self, raw: Any) -> list[MediaEvent]:
+        return [support.dtmf_event(native.convert(raw, _Dtmf).dtmf.digit, "$.dtmf.digit")]
+
+    def _played(self, raw: Any) -> list[MediaEvent]:
+        return [Played(name=native.convert(raw, _PlayedStream).name)]
 
     # ------------------------------------------------------------------ outbound
 
@@ -260,45 +238,29 @@ class PlivoMedia(MediaSession):
         audio = self.outbound_format
         media = _PlayAudioMedia(content_type=_CONTENT_TYPES[audio.codec], sample_rate=audio.rate,
                                 payload=base64.b64encode(payload).decode("ascii"))
-        return [_text(_PlayAudio(media=media))]
+        return [support.text(_PlayAudio(media=media))]
 
     def clear(self) -> list[WsFrame]:
-        return [_text(_ClearAudio(stream_id=self.stream_id))] if self.stream_id else []
+        return [support.text(_ClearAudio(stream_id=self.stream_id))] if self.stream_id else []
 
     def mark(self, name: str) -> list[WsFrame]:
-        return [_text(_Checkpoint(stream_id=self.stream_id, name=name))] if self.stream_id else []
+        return [support.text(_Checkpoint(stream_id=self.stream_id, name=name))] if self.stream_id else []
 
     def dtmf(self, digits: str) -> list[WsFrame]:
-        if not _DTMF_DIGITS.fullmatch(digits):
+        if not digits or not set(digits) <= support.DTMF_DIGITS:
             raise EncodeError(f"DTMF digits must be 0-9, *, # or A-D, not {digits!r}")
-        return [_text(_SendDtmf(dtmf=digits))]
+        return [support.text(_SendDtmf(dtmf=digits))]
+
+
+_READERS: Final = {
+    "start": PlivoMedia._start,
+    "media": PlivoMedia._audio,
+    "dtmf": PlivoMedia._dtmf,
+    "playedStream": PlivoMedia._played,
+}
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def _read(frame: str, into: type[T]) -> T:
-    """`frame` as the wire Struct `into`; a DecodeError names the JSON path of what is wrong."""
-    try:
-        return msgspec.json.decode(frame, type=into)
-    except msgspec.ValidationError as exc:
-        reason, _, where = str(exc).partition(" - at `")
-        raise DecodeError(reason, where.rstrip("`") or "$") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"the frame is not valid JSON: {exc}", "$") from None
-    except RecursionError:  # msgspec stops at Python's recursion limit, even inside a member it skips
-        raise DecodeError("the frame is nested too deeply to read", "$") from None
-
-
-def _text(message: msgspec.Struct) -> str:
-    return _encoder.encode(message).decode()
-
-
-def _base64(text: str, path: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError:  # binascii.Error, or a character outside ASCII
-        raise DecodeError("the audio payload is not valid base64", path) from None
 
 
 def _format(media_format: _MediaFormat) -> AudioFormat:
@@ -306,14 +268,7 @@ def _format(media_format: _MediaFormat) -> AudioFormat:
     if codec is None:
         raise DecodeError(f"encoding {media_format.encoding!r} is none of {', '.join(_CODECS)}",
                           "$.start.mediaFormat.encoding")
-    try:
-        rate = int(media_format.sample_rate)
-    except ValueError:
-        rate = 0
-    if rate not in _RATES[codec]:
-        allowed = ", ".join(str(rate) for rate in sorted(_RATES[codec]))
-        raise DecodeError(f"{media_format.encoding} comes at {allowed} Hz, not {media_format.sample_rate!r}",
-                          "$.start.mediaFormat.sampleRate")
+    rate = support.sample_rate(media_format.sample_rate, _RATES[codec], "$.start.mediaFormat.sampleRate")
     return AudioFormat(codec=codec, rate=rate, frame_ms=PACKET_MS)
 
 
@@ -326,12 +281,6 @@ def _extra_headers(text: str) -> dict[str, str]:
         if sep and key.strip():
             pairs[key.strip()] = unquote(value.strip())
     return pairs
-
-
-def _digit(digit: str, path: str) -> Dtmf:
-    if len(digit) != 1 or not _DTMF_DIGITS.fullmatch(digit):
-        raise DecodeError(f"a DTMF digit is one of 0-9, *, #, A-D, not {digit!r}", path)
-    return Dtmf(digit=digit)
 
 
 def _url_spellings(url: str) -> list[str]:

@@ -49,7 +49,6 @@ with custom parameters), the Call Control "Streaming start" command and the TeXM
 from __future__ import annotations
 
 import base64
-import binascii
 from array import array
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Final, Literal
@@ -59,18 +58,18 @@ import msgspec
 from babelhub.audio.frame import AudioCodec, AudioFormat
 from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
-from babelhub.codecs.settings import Settings
+from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import ConfigError, DecodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.media import support
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 
-__all__ = ["TelnyxMedia", "TelnyxMediaSecrets", "TelnyxStreamError"]
+__all__ = ["TelnyxMedia", "TelnyxMediaOptions", "TelnyxMediaSecrets", "TelnyxStreamError"]
 
 FORMAT: Final = AudioFormat(codec="mulaw", rate=8000, channels=1, frame_ms=20)
 """PCMU at 8000 Hz, Telnyx's default bidirectional codec, 20 ms at a time."""
 
 _ENCODINGS: Final[dict[str, AudioCodec]] = {"PCMU": "mulaw", "PCMA": "alaw", "L16": "pcm16", "OPUS": "opus"}
 """`start.media_format.encoding` values this module reads, as `AudioFormat` codecs."""
-_DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 _TOKEN_HEADER: Final = "x-telnyx-streaming-auth-token"
 _MAX_ERRORS: Final = 100
 """Error frames kept per stream: a stream that keeps failing must not grow without bound."""
@@ -82,9 +81,11 @@ class TelnyxMediaSecrets(Settings, frozen=True, kw_only=True):
     Empty: the request is not checked."""
 
 
-class _Options(msgspec.Struct, frozen=True):
+class TelnyxMediaOptions(ConnectionOptions, frozen=True, kw_only=True):
     bidirectional_codec: Literal["PCMU", "PCMA", "L16"] = "PCMU"
+    """The `stream_bidirectional_codec` the stream is started with: the codec the hub plays."""
     bidirectional_sampling_rate: Literal[8000, 16000, 24000] = 8000
+    """The `stream_bidirectional_sampling_rate` the stream is started with (16000 or 24000 for L16 only)."""
 
 
 class TelnyxStreamError(msgspec.Struct, frozen=True):
@@ -99,14 +100,16 @@ class TelnyxMedia(MediaSession):
     """One Telnyx media stream; the format it plays comes from the connection's options."""
 
     channel: ClassVar[str] = "telnyx_media"
-    outbound_format: ClassVar[AudioFormat] = FORMAT
+    outbound_format: AudioFormat = FORMAT
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = TelnyxMediaSecrets
+    option_settings: ClassVar[type[Settings]] = TelnyxMediaOptions
+    settings: TelnyxMediaOptions
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
         # The instance narrows the class's default to the codec the stream was started with.
-        setattr(self, "outbound_format", _outbound_format(options))  # noqa: B010 - a ClassVar narrowed per instance
+        self.outbound_format = _outbound_format(self.settings)
         self.stream_id = ""
         """The stream's id from the `start` message."""
         self.errors: list[TelnyxStreamError] = []
@@ -124,24 +127,19 @@ class TelnyxMedia(MediaSession):
             raise SignatureError("x-telnyx-streaming-auth-token does not match the stream_auth_token")
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        if isinstance(frame, bytes):
-            raise DecodeError("Telnyx media streaming sends JSON text frames, not binary ones", path="$")
-        raw = native.json_value(frame, what="the frame")
-        event = native.convert(raw, _Message).event
-        read = _READERS.get(event)
-        return read(self, raw) if read else []
+        return support.dispatch(self, support.json_frame(frame, "Telnyx media streaming"), _READERS)
 
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         if self.outbound_format.codec == "pcm16":
             payload = _swap_bytes(payload)  # RTP's L16 is big-endian
         media = _OutMedia(payload=base64.b64encode(payload).decode("ascii"))
-        return [_text(_OutMediaMessage(media=media))]
+        return [support.text(_OutMediaMessage(media=media))]
 
     def clear(self) -> list[WsFrame]:
-        return [_text(_OutClearMessage())]
+        return [support.text(_OutClearMessage())]
 
     def mark(self, name: str) -> list[WsFrame]:
-        return [_text(_OutMarkMessage(mark=_Mark(name=name)))]
+        return [support.text(_OutMarkMessage(mark=_Mark(name=name)))]
 
     # ---------------------------------------------------------------------------------- inbound
 
@@ -162,10 +160,7 @@ class TelnyxMedia(MediaSession):
         media = native.convert(raw, _MediaMessage).media
         if media.track == "outbound":
             return []  # what the call plays (a stream of both tracks), not the caller
-        try:
-            payload = base64.b64decode(media.payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise DecodeError("the audio is not valid base64", path="$.media.payload") from None
+        payload = support.audio_payload(media.payload, "$.media.payload")
         if self.inbound_format is not None and self.inbound_format.codec == "pcm16":
             if len(payload) % 2:
                 raise DecodeError("L16 audio must hold whole 16-bit samples", path="$.media.payload")
@@ -173,10 +168,7 @@ class TelnyxMedia(MediaSession):
         return [Audio(payload=payload)]
 
     def _dtmf(self, raw: Any) -> list[MediaEvent]:
-        digit = native.convert(raw, _DtmfMessage).dtmf.digit
-        if digit not in _DTMF_DIGITS:
-            raise DecodeError(f"{digit!r} is not a DTMF digit", path="$.dtmf.digit")
-        return [Dtmf(digit=digit)]
+        return [support.dtmf_event(native.convert(raw, _DtmfMessage).dtmf.digit, "$.dtmf.digit")]
 
     def _mark(self, raw: Any) -> list[MediaEvent]:
         return [Played(name=native.convert(raw, _MarkMessage).mark.name)]
@@ -200,20 +192,13 @@ _READERS: Final = {
 }
 
 
-def _outbound_format(options: Mapping[str, Any]) -> AudioFormat:
+def _outbound_format(chosen: TelnyxMediaOptions) -> AudioFormat:
     """The format the connection's options say the stream plays; `ConfigError` names a wrong option."""
-    try:
-        chosen = msgspec.convert({key: options[key] for key in _OPTION_NAMES if key in options}, _Options)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"telnyx_media options: {exc}") from None
     codec = _ENCODINGS[chosen.bidirectional_codec]
     if codec != "pcm16" and chosen.bidirectional_sampling_rate != 8000:
         raise ConfigError(f"telnyx_media options: {chosen.bidirectional_codec} plays at 8000 Hz only "
                           f"(bidirectional_sampling_rate is {chosen.bidirectional_sampling_rate})")
     return msgspec.structs.replace(FORMAT, codec=codec, rate=chosen.bidirectional_sampling_rate)
-
-
-_OPTION_NAMES: Final = tuple(_Options.__struct_fields__)
 
 
 def _swap_bytes(payload: bytes) -> bytes:
@@ -223,16 +208,8 @@ def _swap_bytes(payload: bytes) -> bytes:
     return samples.tobytes()
 
 
-def _text(message: msgspec.Struct) -> str:
-    return msgspec.json.encode(message).decode("utf-8")
-
-
 
 # ------------------------------------------------------------------------------------ wire format
-
-
-class _Message(msgspec.Struct):
-    event: str
 
 
 class _MediaFormat(msgspec.Struct):

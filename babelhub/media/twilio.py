@@ -41,7 +41,6 @@ bidirectional stream accepts).
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -55,7 +54,8 @@ from babelhub.codecs import native
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.media import support
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
 
 __all__ = ["TwilioMedia", "TwilioMediaSecrets"]
 
@@ -64,7 +64,6 @@ FORMAT: Final = AudioFormat(codec="mulaw", rate=8000, channels=1, frame_ms=20)
 
 _ENCODINGS: Final[dict[str, AudioCodec]] = {"audio/x-mulaw": "mulaw"}
 """`start.mediaFormat.encoding` values Twilio documents, as `AudioFormat` codecs."""
-_DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 _DEFAULT_PORTS: Final = {"wss": 443, "https": 443, "ws": 80, "http": 80}
 
 
@@ -78,7 +77,7 @@ class TwilioMedia(MediaSession):
     """One Twilio Media Stream: its `streamSid` is known from the `start` message on."""
 
     channel: ClassVar[str] = "twilio_media"
-    outbound_format: ClassVar[AudioFormat] = FORMAT
+    outbound_format: AudioFormat = FORMAT
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = TwilioMediaSecrets
 
@@ -106,22 +105,17 @@ class TwilioMedia(MediaSession):
         raise SignatureError("X-Twilio-Signature does not match the URL")
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
-        if isinstance(frame, bytes):
-            raise DecodeError("Twilio Media Streams sends JSON text frames, not binary ones", path="$")
-        raw = native.json_value(frame, what="the frame")
-        event = native.convert(raw, _Message).event
-        read = _READERS.get(event)
-        return read(self, raw) if read else []
+        return support.dispatch(self, support.json_frame(frame, "Twilio Media Streams"), _READERS)
 
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         media = _OutMedia(payload=base64.b64encode(payload).decode("ascii"))
-        return [_text(_OutMediaMessage(stream_sid=self._stream(), media=media))]
+        return [support.text(_OutMediaMessage(stream_sid=self._stream(), media=media))]
 
     def clear(self) -> list[WsFrame]:
-        return [_text(_OutClearMessage(stream_sid=self._stream()))]
+        return [support.text(_OutClearMessage(stream_sid=self._stream()))]
 
     def mark(self, name: str) -> list[WsFrame]:
-        return [_text(_OutMarkMessage(stream_sid=self._stream(), mark=_Mark(name=name)))]
+        return [support.text(_OutMarkMessage(stream_sid=self._stream(), mark=_Mark(name=name)))]
 
     def _stream(self) -> str:
         if not self.stream_sid:
@@ -146,17 +140,11 @@ class TwilioMedia(MediaSession):
         media = native.convert(raw, _MediaMessage).media
         if media.track == "outbound":
             return []  # what the call plays (a listen-only stream of both tracks), not the caller
-        try:
-            payload = base64.b64decode(media.payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise DecodeError("the audio is not valid base64", path="$.media.payload") from None
+        payload = support.audio_payload(media.payload, "$.media.payload")
         return [Audio(payload=payload, timestamp_us=media.timestamp * 1000)]
 
     def _dtmf(self, raw: Any) -> list[MediaEvent]:
-        digit = native.convert(raw, _DtmfMessage).dtmf.digit
-        if digit not in _DTMF_DIGITS:
-            raise DecodeError(f"{digit!r} is not a DTMF digit", path="$.dtmf.digit")
-        return [Dtmf(digit=digit)]
+        return [support.dtmf_event(native.convert(raw, _DtmfMessage).dtmf.digit, "$.dtmf.digit")]
 
     def _mark(self, raw: Any) -> list[MediaEvent]:
         return [Played(name=native.convert(raw, _MarkMessage).mark.name)]
@@ -195,15 +183,7 @@ def _url_spellings(url: str) -> list[str]:
     return [url, parts._replace(netloc=other).geturl()]
 
 
-def _text(message: msgspec.Struct) -> str:
-    return msgspec.json.encode(message).decode("utf-8")
-
-
 # ------------------------------------------------------------------------------------ wire format
-
-
-class _Message(msgspec.Struct):
-    event: str
 
 
 _Count = Annotated[int, msgspec.Meta(ge=0)]

@@ -59,7 +59,8 @@ from babelhub.audio.frame import AudioFormat
 from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import Settings
 from babelhub.errors import DecodeError, SignatureError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
+from babelhub.media import support
+from babelhub.media.base import MediaEvent, MediaSession, Played, Start, WsFrame
 
 __all__ = ["VonageMedia", "VonageMediaSecrets"]
 
@@ -67,7 +68,8 @@ CHANNEL: Final = "vonage_media"
 FRAME_MS: Final = 20
 RATES: Final = frozenset({8000, 16000, 24000})
 """The L16 rates of the endpoint's `content-type` (Vonage documents 8000 and 16000)."""
-DTMF_DIGITS: Final = frozenset("0123456789*#")
+DTMF_DIGITS: Final = support.DTMF_DIGITS - frozenset("ABCD")
+"""The keys Vonage reports (it documents no A-D)."""
 TOKEN_MAX_AGE: Final = 300.0
 """Seconds a signed opening request's JWT is accepted after its `iat` (and before, for clock skew): the
 socket is opened right after Vonage signs it."""
@@ -115,38 +117,18 @@ class _Notify(msgspec.Struct, frozen=True):
     payload: _NotifyPayload | None = None
 
 
-_EVENT = msgspec.json.Decoder(_Event)
-_CONNECTED = msgspec.json.Decoder(_Connected)
-_DTMF = msgspec.json.Decoder(_Dtmf)
-_NOTIFY = msgspec.json.Decoder(_Notify)
-_HEADERS = msgspec.json.Decoder(dict[str, Any])
-
-
-def _read(decoder: msgspec.json.Decoder[Any], text: str) -> Any:
-    """`text` read by `decoder`, or a DecodeError naming the JSON path of what is wrong."""
-    try:
-        return decoder.decode(text)
-    except msgspec.ValidationError as exc:
-        reason, _, where = str(exc).partition(" - at `")
-        raise DecodeError(reason, where.rstrip("`") or "$") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"not JSON: {exc}", "$") from None
-    except RecursionError:  # nesting deep enough to exhaust the decoder's stack
-        raise DecodeError("nested too deeply to read", "$") from None
-
-
 # --- the session
 
 
 class VonageMedia(MediaSession):
     channel: ClassVar[str] = CHANNEL
-    outbound_format: ClassVar[AudioFormat] = AudioFormat(codec="pcm16", rate=16000, frame_ms=FRAME_MS)
+    outbound_format: AudioFormat = AudioFormat(codec="pcm16", rate=16000, frame_ms=FRAME_MS)
     acknowledges_marks: ClassVar[bool] = True
     secret_settings: ClassVar[type[Settings]] = VonageMediaSecrets
 
     def __init__(self, secrets: Mapping[str, str], options: Mapping[str, Any]) -> None:
         super().__init__(secrets, options)
-        self._received_bytes = 0  # of caller audio, for its media time
+        self._caller_audio = support.BinaryAudio()
 
     # ------------------------------------------------------------------------------- the handshake
 
@@ -166,14 +148,14 @@ class VonageMedia(MediaSession):
 
     def receive(self, frame: WsFrame) -> list[MediaEvent]:
         if isinstance(frame, bytes):
-            return [self._audio(frame)]
-        kind = _read(_EVENT, frame).event
+            return [self._caller_audio.read(frame, self.inbound_format, "the websocket:connected message")]
+        kind = support.decode_frame(frame, _Event).event
         if kind == "websocket:connected":
             return self._start(frame)
         if kind == "websocket:dtmf":
-            return [_dtmf(_read(_DTMF, frame))]
+            return [support.dtmf_event(support.decode_frame(frame, _Dtmf).digit, "$.digit", DTMF_DIGITS)]
         if kind == "websocket:notify":
-            payload = _read(_NOTIFY, frame).payload
+            payload = support.decode_frame(frame, _Notify).payload
             # A notify whose payload babelhub did not write (no name) acknowledges no mark of ours.
             return [Played(name=payload.name)] if payload is not None and payload.name else []
         return []  # websocket:cleared, and whatever Vonage adds later
@@ -181,39 +163,28 @@ class VonageMedia(MediaSession):
     def _start(self, text: str) -> list[MediaEvent]:
         if self.inbound_format is not None:
             return []  # Vonage sends it once; a repeat may not change the stream's format
-        connected: _Connected = _read(_CONNECTED, text)
+        connected = support.decode_frame(text, _Connected)
         audio = AudioFormat(codec="pcm16", rate=_rate(connected.content_type), frame_ms=FRAME_MS)
-        headers: dict[str, Any] = _read(_HEADERS, text)
+        headers = support.decode_frame(text, dict[str, Any])
         self.inbound_format = audio
-        self.outbound_format = audio  # type: ignore[misc]  # narrowed to the negotiated rate
-        parameters = {name: _text(value) for name, value in headers.items() if name not in _PROTOCOL_FIELDS}
+        self.outbound_format = audio  # narrowed to the negotiated rate
+        parameters = {name: support.parameter_text(value) for name, value in headers.items()
+                      if name not in _PROTOCOL_FIELDS}
         return [Start(call_id=parameters.pop(_CALL_ID, ""), caller=parameters.pop(_CALLER, ""),
                       callee=parameters.pop(_CALLEE, ""), inbound_format=audio, parameters=parameters)]
-
-    def _audio(self, payload: bytes) -> Audio:
-        if self.inbound_format is None:
-            raise DecodeError("binary audio before the websocket:connected message", "$")
-        if len(payload) % 2:
-            raise DecodeError(f"L16 audio has 2 bytes a sample; got {len(payload)} bytes", "$")
-        timestamp = self._received_bytes * 1_000_000 // (2 * self.inbound_format.rate)
-        self._received_bytes += len(payload)
-        return Audio(payload=payload, timestamp_us=timestamp)
 
     # -------------------------------------------------------------------------------- outbound
 
     def send_audio(self, payload: bytes) -> list[WsFrame]:
         """One binary message per 20 ms frame; a short last frame is padded with silence."""
         size = self.outbound_format.frame_bytes()
-        frames: list[WsFrame] = []
-        for start in range(0, len(payload), size):
-            frames.append(payload[start:start + size].ljust(size, b"\x00"))
-        return frames
+        return list(support.packets(payload, self.outbound_format, size, size))
 
     def clear(self) -> list[WsFrame]:
-        return [json.dumps({"action": "clear"})]
+        return [support.text({"action": "clear"})]
 
     def mark(self, name: str) -> list[WsFrame]:
-        return [json.dumps({"action": "notify", "payload": {"name": name}})]
+        return [support.text({"action": "notify", "payload": {"name": name}})]
 
 
 def _rate(content_type: str) -> int:
@@ -223,17 +194,6 @@ def _rate(content_type: str) -> int:
         raise DecodeError(f"content-type must be audio/l16;rate=<{rates}>, not {content_type[:60]!r}",
                           "$.content-type")
     return int(match.group(1))
-
-
-def _dtmf(message: _Dtmf) -> Dtmf:
-    if message.digit not in DTMF_DIGITS:
-        raise DecodeError(f"a DTMF digit is one of 0-9, * and #, not {message.digit[:8]!r}", "$.digit")
-    return Dtmf(digit=message.digit)
-
-
-def _text(value: Any) -> str:
-    """An NCCO header's value as text: strings as they are, anything else as its JSON."""
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 # --- the signed opening request

@@ -53,10 +53,10 @@ class SessionSigner:
         return hmac.compare_digest(self.token(session).encode("ascii"), token.encode("utf-8"))
 
 
-async def load_session_key(js: JetStreamContext, subjects: Subjects, connection: str) -> bytes:
-    """The connection's random session key from KV, made on first use. When several hub processes
-    start at once, the first write wins and the others read it."""
-    bucket = subjects.bucket("webchat")
+async def load_session_key(js: JetStreamContext, subjects: Subjects, connection: str, role: str = "webchat") -> bytes:
+    """The connection's random session key from KV (bucket `<prefix>_<role>`, key `connection`), made on
+    first use. When several hub processes start at once, the first write wins and the others read it."""
+    bucket = subjects.bucket(role)
     try:
         kv = await js.key_value(bucket)
     except (NotFoundError, BadRequestError):

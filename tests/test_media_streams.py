@@ -410,6 +410,19 @@ async def test_a_forged_signature_is_refused_before_the_upgrade(nats_server: Emb
         assert unsigned.value.status == 403
 
 
+async def test_a_page_of_another_site_cannot_open_a_media_stream(nats_server: EmbeddedServer,
+                                                                   start_hub: StartHub) -> None:
+    hub = await start_hub(media_config(nats_server.url))
+    signed = {"X-Twilio-Signature": twilio_signature(PUBLIC_URL)}
+    async with aiohttp.ClientSession() as session:
+        for origin in ("https://evil.example", "null"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(f"{hub.http_url}/media/tw", headers={**signed, "Origin": origin})
+            assert refused.value.status == 403
+        own = await session.ws_connect(f"{hub.http_url}/media/tw", headers={**signed, "Origin": hub.http_url})
+        await own.close()
+
+
 async def test_an_oversized_frame_closes_the_socket_with_1009(nats_server: EmbeddedServer,
                                                               start_hub: StartHub) -> None:
     hub = await start_hub(media_config(nats_server.url, media_max_frame_bytes=4096))

@@ -8,6 +8,7 @@ audio services behind NATS may come and go.
 A socket is only as strong as its limits:
 
 * the opening request must pass the provider's `verify` (its signature), else 403 before the upgrade;
+  a browser's (one with an `Origin`) must come from a page of the hub's own origin, else 403;
 * a frame larger than `hub.media_max_frame_bytes` closes the socket with 1009 naming the limit;
 * one socket sends at most `hub.media_frame_rate` frames a second after a burst of
   `hub.media_frame_burst`, else 1008;
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
+from yarl import URL
 
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media.base import MediaSession, WsFrame
@@ -99,6 +101,9 @@ class MediaStreams(InboundSource):
         connection = self.connections.get(request.match_info["connection"])
         if connection is None:
             return web.json_response({"error": "no media connection of that name"}, status=404)
+        if not _same_origin(request):
+            return web.json_response({"error": f"origin {request.headers['Origin'][:100]!r} may not open a media "
+                                                "stream of this hub"}, status=403)
         settings = connection.settings
         session = self._providers[connection.id](settings.secrets, settings.options)
         refusal = _refusal(session, to_request(request, b"", str(settings.options.get("public_url", ""))))
@@ -192,6 +197,21 @@ class MediaStreams(InboundSource):
         sockets = list(self._sockets)
         await asyncio.gather(*(s.close(code=WSCloseCode.GOING_AWAY, message=b"hub shutting down") for s in sockets),
                              return_exceptions=True)
+
+
+def _same_origin(request: web.Request) -> bool:
+    """Telephony providers send no `Origin`; a browser always does, and only a page of the hub's own may
+    open a media stream (another site's page would stream its visitor's microphone in their name)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    try:
+        claimed = URL(origin).origin()
+        # The hub's own origin with the browser's scheme: behind a TLS-terminating proxy the hub is
+        # reached over http while the page was loaded over https.
+        return claimed == URL(f"{claimed.scheme}://{request.host}").origin()
+    except ValueError:  # "null" (sandboxed frames, file://) and other non-URLs
+        return False
 
 
 def _refusal(session: MediaSession, request: Any) -> str:

@@ -82,7 +82,18 @@ def test_every_installed_provider_stands_in_for_a_codec_with_its_own_secrets(cha
     provider = load_provider(channel)
     assert stand_in.channel == provider.channel == channel
     assert stand_in.secret_settings is provider.secret_settings
+    assert stand_in.option_settings is provider.option_settings
     assert stand_in.inbound == "media"
     with pytest.raises(EncodeError, match="carries a call's audio, not messages"):
         stand_in.encode(c.Message(id="m", tenant="a", conversation=c.Conversation(id="x"), ts=c.now()),
                         EncodeContext(tenant="a", connection="calls", to="x"))
+
+
+def test_a_media_connection_takes_its_providers_options_and_no_others(tmp_path: Path) -> None:
+    genesys = ('[[tenants]]\nid = "a"\n[[connections]]\nid = "hook"\ntenant = "a"\nchannel = "genesys_media"\n'
+               '[connections.secrets]\napi_key = "k"\n[connections.options]\n')
+    config = load(tmp_path, genesys + 'supported_languages = ["en-US"]\npublic_url = "wss://hub.example/media/hook"\n')
+    assert config.connections[0].options["supported_languages"] == ["en-US"]
+    with pytest.raises(ConfigError) as refused:
+        load(tmp_path, genesys + 'languages = ["en-US"]\n')
+    assert "$.connections[0].options.languages: genesys_media takes no such option" in str(refused.value)

@@ -4,7 +4,7 @@ that lets the rest of the hub treat a media connection like any other.
 A connection whose `channel` names a telephony media stream (`twilio_media`, …) carries calls' audio at
 `WebSocket /media/{connection}`, not messages through a channel API. The hub's connection services,
 conversation actors and config checks are written against `Codec`; `media_channel` gives them one
-that declares the provider's secrets, comes in through the `media` source, and refuses every message
+that declares the provider's secrets and options, comes in through the `media` source, and refuses every message
 sent to it with an `EncodeError` saying why (the message's status becomes `failed` with that reason).
 """
 
@@ -74,10 +74,11 @@ class MediaChannel(Codec):
 
 @cache
 def media_channel(channel: str) -> MediaChannel:
-    """The stand-in codec of `channel`'s connections, declaring its provider's secrets (one shared
+    """The stand-in codec of `channel`'s connections, declaring its provider's secrets and options (one shared
     instance per channel, as codecs are); LookupError when no provider is registered under it."""
     provider = load_provider(channel)
     stand_in = type(f"{provider.__name__}Channel", (MediaChannel,), {
         "channel": provider.channel, "secret_settings": provider.secret_settings,
+        "option_settings": provider.option_settings,
         "__doc__": f"The stand-in codec of {provider.channel} connections."})
     return stand_in()  # type: ignore[no-any-return]

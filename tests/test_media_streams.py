@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -647,3 +648,32 @@ async def test_a_vonage_call_of_binary_l16_goes_both_ways_on_the_callers_convers
     assert all(activity.conversation.id == caller_chat for activity in activities.values())
     assert activities["call_started"].sender is not None
     assert activities["call_started"].sender.handle == "447700900000"
+
+
+async def test_the_readmes_audio_service_echoes_every_call(nats_server: EmbeddedServer, start_hub: StartHub) -> None:
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8").split(
+        "### Telephony media streams and audio on NATS", 1)[1].split("\n### ", 1)[0]
+    [block] = re.findall(r"^```python\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    hub = await start_hub(media_config(nats_server.url))
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with running(namespace["echo_every_call"](nc, hub.subjects.prefix, TENANT)):
+            for call_sid in ("CA-readme-1", "CA-readme-2"):  # two calls, one after the other: each is echoed
+                async with twilio_call(hub, call_sid) as call:
+                    await call.begin()
+                    assert await echoed(call, bytes([7]) * 160)
+    finally:
+        await nc.close()
+
+
+async def echoed(call: TwilioCall, packet: bytes) -> bool:
+    """Whether `packet`, sent again until the service listens (it learns of the call a moment later),
+    comes back."""
+    for chunk in range(100):
+        await call.media(chunk, packet)
+        with suppress(TimeoutError):
+            message = await asyncio.wait_for(call.next("media"), 0.1)
+            return base64.b64decode(message["media"]["payload"]) == packet
+    return False

@@ -49,6 +49,7 @@ from tests.hubkit import (
     telegram_responder,
     telegram_update,
     unique_prefix,
+    webchat_config,
     write_config,
 )
 
@@ -206,6 +207,18 @@ async def test_a_lease_bucket_made_with_one_replica_is_raised(nats_cluster: Loca
         await put_once_reachable(other, "k", b"v")
         await raise_replicas(js, bucket_stream(f"{subjects.prefix}_other"), 3)
         assert (await other.get("k")).value == b"v"
+
+
+async def test_the_session_key_buckets_are_kept_on_as_many_nodes_as_the_hubs_streams(
+        nats_cluster: LocalCluster, start_hub: StartHub) -> None:
+    """The web chat's and the client sessions' signing keys are made at start by the first hub (a bucket
+    just made on a cluster, written at once): with `hub.replicas` copies, so that losing a node loses no
+    session."""
+    hub = await start_hub(with_hub(webchat_config(nats_cluster.servers), replicas=3))
+    js = hub.nc.jetstream()
+    for role in ("webchat", "clients"):
+        info = await js.stream_info(bucket_stream(hub.subjects.bucket(role)))
+        assert info.config.num_replicas == 3 and info.state.messages == 1
 
 
 async def test_babelhub_run_takes_a_cluster_as_a_comma_separated_list(

@@ -113,7 +113,9 @@ class ClientSessions(Api):
     async def start(self) -> None:
         """Load the token key (made once, shared by every hub process on the same NATS)."""
         ctx = self.services.ctx
-        self._tokens = SessionTokens(await load_session_key(ctx.js, ctx.subjects, _KEY_NAME, role="clients"))
+        key = await load_session_key(ctx.js, ctx.subjects, _KEY_NAME, role="clients",
+                                     replicas=self.services.config.hub.replicas)
+        self._tokens = SessionTokens(key)
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/v1/sessions", self._issue), web.get("/ws", self._socket)]

@@ -12,17 +12,26 @@ sessions survive restarts.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import hmac
 import secrets
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from babelhub.services.broker import Subjects
+from babelhub.services.publisher import STORE_RETRY_MAX_PAUSE, STORE_RETRY_PAUSE, STORE_TRIES
 
 __all__ = ["SessionSigner", "load_session_key", "well_formed"]
 
@@ -53,17 +62,28 @@ class SessionSigner:
         return hmac.compare_digest(self.token(session).encode("ascii"), token.encode("utf-8"))
 
 
-async def load_session_key(js: JetStreamContext, subjects: Subjects, connection: str, role: str = "webchat") -> bytes:
-    """The connection's random session key from KV (bucket `<prefix>_<role>`, key `connection`), made on
-    first use. When several hub processes start at once, the first write wins and the others read it."""
+async def load_session_key(js: JetStreamContext, subjects: Subjects, connection: str, role: str = "webchat",
+                           replicas: int = 1) -> bytes:
+    """The connection's random session key from KV (bucket `<prefix>_<role>`, `replicas` copies, key
+    `connection`), made on first use. When several hub processes start at once, the first write wins and
+    the others read it. On a cluster a bucket just made answers once its stream is reachable from this
+    client's server, and a write may go unanswered while a leader is elected: tried again, a few times
+    (a write that landed unanswered is then read back, as another process's would be)."""
     bucket = subjects.bucket(role)
     try:
         kv = await js.key_value(bucket)
     except (NotFoundError, BadRequestError):
-        kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
-    with contextlib.suppress(KeyWrongLastSequenceError):  # made before, by this process or another
-        await kv.create(connection, secrets.token_bytes(32))
-    entry = await kv.get(connection)
+        kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
+    for attempt in range(1, STORE_TRIES + 1):
+        try:
+            with contextlib.suppress(KeyWrongLastSequenceError):  # made before, by this process or another
+                await kv.create(connection, secrets.token_bytes(32))
+            entry = await kv.get(connection)
+            break
+        except (nats.errors.TimeoutError, NoStreamResponseError, ServiceUnavailableError):
+            if attempt == STORE_TRIES:
+                raise
+            await asyncio.sleep(min(STORE_RETRY_MAX_PAUSE, STORE_RETRY_PAUSE * 2 ** (attempt - 1)))
     if not entry.value:
         raise RuntimeError(f"the session key of connection {connection!r} in KV bucket {bucket} is empty")
     return entry.value

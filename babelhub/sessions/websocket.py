@@ -91,7 +91,8 @@ class WebSessions(InboundSource):
             self._origins[connection.id] = _allowed_origins(connection)
             key = connection.settings.secrets.get("session_key", "").encode("utf-8")
             if not key:
-                key = await load_session_key(self._hub.js, self._hub.subjects, connection.id)
+                key = await load_session_key(self._hub.js, self._hub.subjects, connection.id,
+                                             replicas=self._settings.replicas)
             self._signers[connection.id] = SessionSigner(key, connection.tenant, connection.id)
 
     def address(self, connection: ConnectionService, http_url: str) -> str:

@@ -60,14 +60,17 @@ def telegram_config(nats_url: str, api_base: str, *, mode: Literal["webhook", "p
     )
 
 
-def webchat_config(nats_url: str, *, echo: bool = True) -> cfg.Config:
-    """The default config's shape: a web chat connection, answered by the echo processor."""
+def webchat_config(nats_url: str, *, echo: bool = True, mic: bool = False) -> cfg.Config:
+    """The default config's shape: a web chat connection, answered by the echo processor; with `mic`,
+    also the page's microphone (`client_media`) answered by the loopback audio service."""
+    connections = [cfg.Connection(id="webchat", tenant="demo", channel="webchat")]
+    processors = [cfg.Processor(id="echo", tenant="demo", transport="echo")] if echo else []
+    if mic:
+        connections.append(cfg.Connection(id="mic", tenant="demo", channel="client_media"))
+        processors.append(cfg.Processor(id="loopback", tenant="demo", transport="audio_loopback"))
     return cfg.Config(
         hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix()),
-        tenants=[cfg.Tenant(id="demo")],
-        connections=[cfg.Connection(id="webchat", tenant="demo", channel="webchat")],
-        processors=[cfg.Processor(id="echo", tenant="demo", transport="echo")] if echo else [],
-    )
+        tenants=[cfg.Tenant(id="demo")], connections=connections, processors=processors)
 
 
 def telegram_update(update_id: int, chat_id: int, text: str, message_id: int | None = None) -> dict[str, Any]:

@@ -78,3 +78,29 @@ async def test_links_from_the_app_are_followed_only_when_they_are_web_urls(hub: 
             assert await page.locator(".hub a[href^='javascript']").count() == 0
         finally:
             await browser.close()
+
+
+async def test_a_person_talks_into_the_microphone_and_hears_the_loopback_service(nats_server: EmbeddedServer) -> None:
+    """The demo's audio path: Chromium's fake microphone → `client_media` → NATS → the `audio_loopback`
+    service → NATS → the page's speaker; the call is an activity on the visitor's conversation."""
+    async with Hub(webchat_config(nats_server.url, mic=True)) as hub, async_playwright() as playwright:
+        inbound = await hub.nc.subscribe(f"{hub.subjects.prefix}.demo.in.>")
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            *FLAGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+            "--autoplay-policy=no-user-gesture-required"])
+        try:
+            page = await browser.new_page()
+            await page.goto(hub.http_url + "/")
+            await expect(page.locator("#state")).to_have_text("connected")
+            await page.click("#mic")
+            await expect(page.locator("#mic")).to_have_attribute("aria-pressed", "true")
+            await page.wait_for_function("window.heardFrames > 25", timeout=20_000)  # half a second heard back
+            await page.click("#mic")
+            await expect(page.locator("#mic")).to_have_attribute("aria-pressed", "false")
+        finally:
+            await browser.close()
+        kinds: set[str] = set()
+        while not {"call_started", "call_ended"} <= kinds:
+            envelope = c.decode((await inbound.next_msg(timeout=10)).data)
+            if isinstance(envelope, c.Activity):
+                kinds.add(envelope.activity)

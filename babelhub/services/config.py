@@ -142,7 +142,8 @@ class Processor(_Table, frozen=True, kw_only=True):
     tenant: str
     transport: str = "nats"
     """The processor transport: `nats` (your app subscribes to the subjects itself), `echo` (the built-in
-    demo processor), or any other installed one."""
+    demo processor), `audio_loopback` (the built-in demo audio service: every call hears itself), or any
+    other installed one."""
 
 
 class Config(_Table, frozen=True, kw_only=True):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import aiohttp
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from nats.aio.msg import Msg
 
 from babelhub import entrypoints
@@ -38,6 +38,7 @@ __all__ = [
     "TRANSPORTS",
     "Api",
     "Consume",
+    "ExplainedSocket",
     "InboundSource",
     "Plugin",
     "ProcessorTransport",
@@ -77,6 +78,20 @@ class Services:
     ownership: Ownership
     """Which partitions this process holds: a part that must run in one process only (a connection's
     poller) runs where `owns(ctx.subjects.partition(tenant, connection))`."""
+
+
+class ExplainedSocket(web.WebSocketResponse):
+    """A plug-in's server-side WebSocket. aiohttp refuses a frame over `max_msg_size` with close code 1009
+    but no reason; this one names the limit crossed (`too_big`), so a client learns what to change."""
+
+    def __init__(self, *, too_big: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._too_big = too_big.encode("utf-8")
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = self._too_big
+        return await super().close(code=code, message=message, drain=drain)
 
 
 class Plugin:

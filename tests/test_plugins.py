@@ -98,7 +98,7 @@ async def test_a_transport_from_another_package_plugs_in_by_name(
 
 @pytest.mark.parametrize(("entry", "refusal"), [
     ('[[processors]]\nid = "p"\ntenant = "demo"\ntransport = "htp"',
-     "$.processors[0].transport: no processor transport 'htp'; installed: echo, nats"),
+     "$.processors[0].transport: no processor transport 'htp'; installed: audio_loopback, echo, nats"),
     ('[[connections]]\nid = "c"\ntenant = "demo"\nchannel = "webchat"\nmode = "smoke-signals"',
      "$.connections[0].mode: no inbound source 'smoke-signals'; installed: media, polling, webhook, websocket"),
 ])

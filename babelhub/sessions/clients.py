@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from nats.aio.msg import Msg
@@ -35,7 +35,7 @@ from prometheus_client import Counter, Gauge
 
 from babelhub import canonical as c
 from babelhub.errors import DecodeError, PayloadTooLarge
-from babelhub.plugins import Api, Services
+from babelhub.plugins import Api, ExplainedSocket, Services
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.sessions import frames as f
@@ -58,19 +58,6 @@ TOO_MANY_ERRORS: Final = 4400
 _KEY_NAME: Final = "session-token-key"
 _INACTIVE_SECONDS: Final = 5.0
 
-
-class _SessionSocket(web.WebSocketResponse):
-    """aiohttp refuses a frame over `max_msg_size` with close code 1009 but no reason; a client should
-    learn the limit it crossed."""
-
-    def __init__(self, *, too_big: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._too_big = too_big.encode("utf-8")
-
-    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
-        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
-            message = self._too_big
-        return await super().close(code=code, message=message, drain=drain)
 
 
 class _Closed(Exception):
@@ -148,7 +135,7 @@ class ClientSessions(Api):
     async def _socket(self, request: web.Request) -> web.StreamResponse:
         limit = self.services.config.hub.max_frame_bytes
         # No permessage-deflate: zlib state per socket would multiply what an idle session costs.
-        socket = _SessionSocket(heartbeat=30.0, max_msg_size=limit, compress=False,
+        socket = ExplainedSocket(heartbeat=30.0, max_msg_size=limit, compress=False,
                                 too_big=f"frame larger than {limit} bytes (hub.max_frame_bytes)")
         address = request.remote or ""
         if not self._addresses.take(address):
@@ -186,7 +173,7 @@ class _Subscription:
 class _Session:
     """One client socket: its credential, its subscriptions, its count of bad frames."""
 
-    def __init__(self, api: ClientSessions, socket: _SessionSocket, key: str) -> None:
+    def __init__(self, api: ClientSessions, socket: ExplainedSocket, key: str) -> None:
         self.api = api
         self.socket = socket
         self.key = key

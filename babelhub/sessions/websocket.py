@@ -23,7 +23,6 @@ import logging
 import time
 from collections import Counter
 from importlib.resources import files
-from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from nats.aio.msg import Msg
@@ -31,7 +30,7 @@ from yarl import URL
 
 from babelhub.codecs.base import SESSION_HEADER, HttpRequest
 from babelhub.errors import ConfigError, DecodeError, PayloadTooLarge
-from babelhub.plugins import InboundSource, Services
+from babelhub.plugins import ExplainedSocket, InboundSource, Services
 from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.ingest import NATS_UNAVAILABLE
@@ -47,19 +46,6 @@ _PAGE = files("babelhub.sessions").joinpath("static/webchat.html").read_text("ut
 _RECORD_OVERHEAD = 4096
 _ANY_ORIGIN = "*"
 
-
-class _ChatSocket(web.WebSocketResponse):
-    """aiohttp refuses a frame over `max_msg_size` with close code 1009 but no reason; a browser should
-    learn the limit it crossed."""
-
-    def __init__(self, *, too_big: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._too_big = too_big.encode("utf-8")
-
-    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
-        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
-            message = self._too_big
-        return await super().close(code=code, message=message, drain=drain)
 
 
 class WebSessions(InboundSource):
@@ -118,7 +104,7 @@ class WebSessions(InboundSource):
         limit = self._settings.max_frame_bytes
         # No permessage-deflate, which browsers offer: zlib state per socket would make an idle session
         # cost some 115 KB instead of 24 (bench/memory_bench.py), and chat frames are small.
-        socket = _ChatSocket(heartbeat=30.0, max_msg_size=limit, compress=False,
+        socket = ExplainedSocket(heartbeat=30.0, max_msg_size=limit, compress=False,
                              too_big=f"frame larger than {limit} bytes (hub.max_frame_bytes)")
         address = request.remote or ""
         if not self._addresses.take(address):

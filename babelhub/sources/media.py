@@ -30,7 +30,7 @@ from yarl import URL
 from babelhub.errors import DecodeError, SignatureError
 from babelhub.media.base import MediaSession, WsFrame
 from babelhub.media.channel import MEDIA_SOURCE, is_media_channel, load_provider, providers
-from babelhub.plugins import InboundSource, Services
+from babelhub.plugins import ExplainedSocket, InboundSource, Services
 from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetter
 from babelhub.sources.media_call import CallStream
@@ -43,18 +43,6 @@ log = logging.getLogger("babelhub.media")
 _MAX_REASON_BYTES = 123
 """A close frame's reason fits in 123 bytes (RFC 6455, 5.5: control frames carry at most 125)."""
 
-
-class _MediaSocket(web.WebSocketResponse):
-    """aiohttp refuses a frame over `max_msg_size` with close code 1009 but no reason: name the limit."""
-
-    def __init__(self, *, too_big: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._too_big = too_big.encode("utf-8")
-
-    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
-        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
-            message = self._too_big
-        return await super().close(code=code, message=message, drain=drain)
 
 
 class _FrameBudget:
@@ -110,7 +98,7 @@ class MediaStreams(InboundSource):
         if refusal:
             return web.json_response({"error": f"signature check failed: {refusal}"}, status=403)
         limit = self._settings.media_max_frame_bytes
-        socket = _MediaSocket(max_msg_size=limit, compress=False, heartbeat=30.0,
+        socket = ExplainedSocket(max_msg_size=limit, compress=False, heartbeat=30.0,
                               too_big=f"frame larger than {limit} bytes (hub.media_max_frame_bytes)")
         await socket.prepare(request)
         self._sockets.add(socket)

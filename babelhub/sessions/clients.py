@@ -136,7 +136,7 @@ class ClientSessions(Api):
         limit = self.services.config.hub.max_frame_bytes
         # No permessage-deflate: zlib state per socket would multiply what an idle session costs.
         socket = ExplainedSocket(heartbeat=30.0, max_msg_size=limit, compress=False,
-                                too_big=f"frame larger than {limit} bytes (hub.max_frame_bytes)")
+                                 too_big=f"frame larger than {limit} bytes (hub.max_frame_bytes)")
         address = request.remote or ""
         if not self._addresses.take(address):
             await socket.prepare(request)

@@ -105,7 +105,7 @@ class WebSessions(InboundSource):
         # No permessage-deflate, which browsers offer: zlib state per socket would make an idle session
         # cost some 115 KB instead of 24 (bench/memory_bench.py), and chat frames are small.
         socket = ExplainedSocket(heartbeat=30.0, max_msg_size=limit, compress=False,
-                             too_big=f"frame larger than {limit} bytes (hub.max_frame_bytes)")
+                                 too_big=f"frame larger than {limit} bytes (hub.max_frame_bytes)")
         address = request.remote or ""
         if not self._addresses.take(address):
             await socket.prepare(request)

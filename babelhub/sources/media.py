@@ -99,7 +99,7 @@ class MediaStreams(InboundSource):
             return web.json_response({"error": f"signature check failed: {refusal}"}, status=403)
         limit = self._settings.media_max_frame_bytes
         socket = ExplainedSocket(max_msg_size=limit, compress=False, heartbeat=30.0,
-                              too_big=f"frame larger than {limit} bytes (hub.media_max_frame_bytes)")
+                                 too_big=f"frame larger than {limit} bytes (hub.media_max_frame_bytes)")
         await socket.prepare(request)
         self._sockets.add(socket)
         try:

@@ -54,6 +54,10 @@ class FrameBudgets:
         self._buckets[key] = (tokens - 1, now)
         return True
 
+    def forget(self, key: str) -> None:
+        """Drop `key`'s budget (a socket that closed and will not come back under that key)."""
+        self._buckets.pop(key, None)
+
     def forget_refilled(self, keep: Container[str]) -> None:
         """Drop the buckets that are full again (a new one would be the same), except those in `keep`,
         so the table holds only recently busy sessions."""

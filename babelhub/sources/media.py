@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ from babelhub.media.channel import MEDIA_SOURCE, is_media_channel, load_provider
 from babelhub.plugins import ExplainedSocket, InboundSource, Services
 from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetter
+from babelhub.sessions.limits import FrameBudgets
 from babelhub.sources.media_call import CallStream
 from babelhub.sources.webhook import to_request
 
@@ -45,22 +45,6 @@ _MAX_REASON_BYTES = 123
 
 
 
-class _FrameBudget:
-    """A token bucket for one socket: `burst` frames at once, refilled at `rate` a second."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._rate, self._burst, self._clock = rate, float(burst), clock
-        self._tokens, self._counted = self._burst, clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._counted) * self._rate)
-        self._counted = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
 
 class MediaStreams(InboundSource):
     """Calls of every connection whose channel is a telephony media stream."""
@@ -72,6 +56,7 @@ class MediaStreams(InboundSource):
         self._settings = services.config.hub
         self._providers = {connection.id: load_provider(connection.channel) for connection in connections}
         self._sockets: set[web.WebSocketResponse] = set()
+        self._budgets = FrameBudgets(self._settings.media_frame_rate, self._settings.media_frame_burst)
 
     @classmethod
     def check(cls, connection: ConnectionService) -> str:
@@ -128,15 +113,16 @@ class MediaStreams(InboundSource):
 
         call = CallStream(self.services.ctx, connection, session, send, hang_up=hang_up,
                           queue_seconds=self._settings.media_queue_seconds)
+        budget = f"{connection.id}:{id(socket)}"  # this socket's frame budget, dropped when it closes
         try:
             await send(session.opening())
-            await self._read_frames(socket, connection, session, call, send)
+            await self._read_frames(socket, connection, session, call, send, budget)
         finally:
+            self._budgets.forget(budget)
             await call.close("the provider's socket closed")
 
     async def _read_frames(self, socket: web.WebSocketResponse, connection: ConnectionService, session: MediaSession,
-                           call: CallStream, send: Callable[[list[WsFrame]], Any]) -> None:
-        budget = _FrameBudget(self._settings.media_frame_rate, self._settings.media_frame_burst)
+                           call: CallStream, send: Callable[[list[WsFrame]], Any], budget: str) -> None:
         async for message in socket:
             if message.type == WSMsgType.ERROR:
                 if isinstance(message.data, WebSocketError):  # a frame refused, not a connection lost
@@ -144,7 +130,7 @@ class MediaStreams(InboundSource):
                 return
             if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 continue
-            if not budget.take():
+            if not self._budgets.take(budget):
                 settings = self._settings
                 await socket.close(code=WSCloseCode.POLICY_VIOLATION, message=_reason(
                     f"frame rate limit: {settings.media_frame_rate:g}/s after a burst of "

@@ -80,6 +80,32 @@ async def test_links_from_the_app_are_followed_only_when_they_are_web_urls(hub: 
             await browser.close()
 
 
+async def test_answers_sent_while_the_page_was_closed_are_shown_when_the_person_comes_back(hub: Hub, nats_client
+                                                                                         ) -> None:
+    """The page keeps its session and cursor: coming back, it is shown exactly what it missed."""
+    app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(hub.http_url + "/")
+            await expect(page.locator("#state")).to_have_text("connected")
+            await page.fill("#text", "call me back")
+            await page.press("#text", "Enter")
+            await expect(page.locator(".hub").last).to_have_text("echo: call me back")
+            inbound, _ = await app.next()
+            await page.goto("about:blank")  # the person leaves
+
+            answer = await app.reply(inbound, c.Text(text="we called, you were out"))
+            while (await app.next_status()).message_id != answer.id:  # stored and sent while it was away
+                pass
+            await page.goto(hub.http_url + "/")
+            await expect(page.locator(".hub")).to_have_text(["we called, you were out"])
+            await expect(page.locator(".me")).to_have_count(0)  # nothing it had seen is shown again
+        finally:
+            await browser.close()
+
+
 async def test_a_person_talks_into_the_microphone_and_hears_the_loopback_service(nats_server: EmbeddedServer) -> None:
     """The demo's audio path: Chromium's fake microphone → `client_media` → NATS → the `audio_loopback`
     service → NATS → the page's speaker; the call is an activity on the visitor's conversation."""

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+from array import array
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any, ClassVar
@@ -67,6 +68,12 @@ class JsonCall:
     out_clear: ClassVar[str]
     out_mark: ClassVar[str]
     """The fixtures of the hub's play, clear and mark messages, as the provider documents them."""
+    caller: ClassVar[str]
+    """The caller the `start` fixture names ("" when the provider names none)."""
+    inbound: ClassVar[AudioFormat]
+    """The caller's audio as the provider documents it for the `start` fixture (`frame_ms`: its chunks)."""
+    outbound: ClassVar[AudioFormat]
+    """What the provider plays, in its documented packet size."""
 
     def __init__(self, socket: aiohttp.ClientWebSocketResponse, call_id: str) -> None:
         self.socket = socket
@@ -108,6 +115,11 @@ class JsonCall:
     def mark_name(message: dict[str, Any]) -> str:
         name: str = message["mark"]["name"]
         return name
+
+    @staticmethod
+    def hub_audio(carried: bytes) -> bytes:
+        """Audio as the provider carries it, in the hub's byte order (the same, but for RTP's L16)."""
+        return carried
 
     # ------------------------------------------------------------------ the shared driver
 
@@ -182,14 +194,18 @@ class TelnyxCall(JsonCall):
     connection = "tx"
     fixtures = MediaFixtures("telnyx_media", suffix=".json")
     start_fixture = "start"
+    media_fixture = "media"
     hello_fixtures = ("connected",)
     play_event, clear_event, mark_event = "media", "clear", "mark"
     out_play, out_clear, out_mark = "outbound_media", "outbound_clear", "outbound_mark"
+    caller = "+13122010094"
+    inbound = outbound = AudioFormat(codec="mulaw", rate=8000, frame_ms=20)
+    options: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def connection_config(cls) -> cfg.Connection:
         return cfg.Connection(id=cls.connection, tenant=TENANT, channel="telnyx_media",
-                              secrets={"stream_auth_token": TELNYX_TOKEN})
+                              secrets={"stream_auth_token": TELNYX_TOKEN}, options=cls.options)
 
     @classmethod
     def opening_headers(cls, *, forged: bool = False) -> dict[str, str]:
@@ -201,7 +217,7 @@ class TelnyxCall(JsonCall):
         return message
 
     def media_message(self, chunk: int, payload: bytes, packet_ms: int) -> dict[str, Any]:
-        message = self.fixture("media")
+        message = self.fixture(self.media_fixture)
         message["media"].update(chunk=str(chunk + 1), timestamp=str(chunk * packet_ms),
                                 payload=base64.b64encode(payload).decode())
         return message
@@ -217,6 +233,23 @@ class TelnyxCall(JsonCall):
         return message
 
 
+class TelnyxL16Call(TelnyxCall):
+    """Telnyx started with `stream_codec` L16 and `stream_bidirectional_codec` L16 at 16 kHz: 16-bit
+    samples in network byte order both ways, as RTP carries L16."""
+
+    connection = "tx16"
+    start_fixture = "start_l16"
+    media_fixture = "media_l16"
+    inbound = outbound = AudioFormat(codec="pcm16", rate=16000, frame_ms=20)
+    options = {"bidirectional_codec": "L16", "bidirectional_sampling_rate": 16000}
+
+    @staticmethod
+    def hub_audio(carried: bytes) -> bytes:
+        swapped = array("h", carried)
+        swapped.byteswap()
+        return swapped.tobytes()
+
+
 class PlivoCall(JsonCall):
     """Plivo audio streams, bidirectional, µ-law at 8 kHz (`contentType="audio/x-mulaw;rate=8000"`)."""
 
@@ -225,6 +258,8 @@ class PlivoCall(JsonCall):
     start_fixture = "start"
     play_event, clear_event, mark_event = "playAudio", "clearAudio", "checkpoint"
     out_play, out_clear, out_mark = "out_play_audio", "out_clear_audio", "out_checkpoint"
+    caller = ""
+    inbound = outbound = AudioFormat(codec="mulaw", rate=8000, frame_ms=20)
 
     @classmethod
     def connection_config(cls) -> cfg.Connection:
@@ -275,6 +310,9 @@ class ExotelCall(JsonCall):
     hello_fixtures = ("connected",)
     play_event, clear_event, mark_event = "media", "clear", "mark"
     out_play, out_clear, out_mark = "out_media", "out_clear", "out_mark"
+    caller = "+919876543210"
+    inbound = AudioFormat(codec="pcm16", rate=8000, frame_ms=100)
+    outbound = AudioFormat(codec="pcm16", rate=8000, frame_ms=200)  # 3,200 bytes: Exotel's smallest chunk
 
     @classmethod
     def connection_config(cls) -> cfg.Connection:
@@ -307,14 +345,14 @@ class ExotelCall(JsonCall):
         return message
 
 
-PROVIDERS = [pytest.param(TelnyxCall, id="telnyx"), pytest.param(PlivoCall, id="plivo"),
-             pytest.param(ExotelCall, id="exotel")]
+PROVIDERS = [pytest.param(TelnyxCall, id="telnyx"), pytest.param(TelnyxL16Call, id="telnyx-l16"),
+             pytest.param(PlivoCall, id="plivo"), pytest.param(ExotelCall, id="exotel")]
 
 
 def config_of(nats_url: str) -> cfg.Config:
     """One hub with a connection for each of the three providers."""
     config = media_config(nats_url)
-    connections = [provider.connection_config() for provider in (TelnyxCall, PlivoCall, ExotelCall)]
+    connections = [provider.connection_config() for provider in (TelnyxCall, TelnyxL16Call, PlivoCall, ExotelCall)]
     return msgspec.structs.replace(config, connections=connections)
 
 
@@ -341,8 +379,9 @@ async def started_call(hub: Hub, service: AudioService, provider: type[JsonCall]
 
 
 def packets(audio: AudioFormat, count: int, first: int = 1) -> list[bytes]:
-    """`count` distinct packets of `audio`'s packet size."""
-    return [bytes([(first + n) % 256]) * audio.frame_bytes() for n in range(count)]
+    """`count` distinct packets of `audio`'s packet size, no two neighbouring bytes alike (so that a
+    sample's bytes swapped show)."""
+    return [bytes((first + n + i) % 256 for i in range(audio.frame_bytes())) for n in range(count)]
 
 
 def frames(stream: str, audio: AudioFormat, payloads: list[bytes]) -> list[AudioFrame]:
@@ -352,8 +391,8 @@ def frames(stream: str, audio: AudioFormat, payloads: list[bytes]) -> list[Audio
             for seq, payload in enumerate(payloads)]
 
 
-async def play(service: AudioService, started: Started, payloads: list[bytes]) -> None:
-    for frame in frames(started.stream, started.outbound, payloads):
+async def play(service: AudioService, started: Started, audio: AudioFormat, payloads: list[bytes]) -> None:
+    for frame in frames(started.stream, audio, payloads):
         await service.play(started.stream, frame)
 
 
@@ -373,18 +412,6 @@ async def call_activities(subscription: Subscription) -> list[c.Activity]:
 
 # ------------------------------------------------------------------------------------ start and stop
 
-CALLERS = {TelnyxCall: "+13122010094", PlivoCall: "", ExotelCall: "+919876543210"}
-"""The caller each `start` fixture names (Plivo names none: the call is the conversation)."""
-INBOUND = {TelnyxCall: AudioFormat(codec="mulaw", rate=8000, frame_ms=20),
-           PlivoCall: AudioFormat(codec="mulaw", rate=8000, frame_ms=20),
-           ExotelCall: AudioFormat(codec="pcm16", rate=8000, frame_ms=100)}
-"""The caller's audio, as each provider's documentation says its `start` fixture negotiates."""
-OUTBOUND = {TelnyxCall: AudioFormat(codec="mulaw", rate=8000, frame_ms=20),
-            PlivoCall: AudioFormat(codec="mulaw", rate=8000, frame_ms=20),
-            ExotelCall: AudioFormat(codec="pcm16", rate=8000, frame_ms=200)}
-"""What each provider plays, in its packets: Exotel's are at least 3,200 bytes in 320-byte steps."""
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_a_call_starts_on_nats_and_as_an_activity_on_the_callers_conversation_and_stops(
         provider: type[JsonCall], nats_server: EmbeddedServer, nats_client: NATS, start_hub: StartHub) -> None:
@@ -396,16 +423,16 @@ async def test_a_call_starts_on_nats_and_as_an_activity_on_the_callers_conversat
             call, started), service.events(started.stream) as events:
         await service.nc.flush()  # the server has the subscriptions before the hub reports
         assert (started.call_id, started.provider_stream, started.caller) == (call_id, call.stream_id,
-                                                                               CALLERS[provider])
+                                                                               provider.caller)
         assert (started.connection, started.channel) == (provider.connection, provider.connection_config().channel)
-        assert started.inbound == INBOUND[provider] and started.outbound == OUTBOUND[provider]
+        assert started.inbound == provider.inbound and started.outbound == provider.outbound
         await call.stop()
         (stopped,) = await take(events, 1)
         assert isinstance(stopped, Stopped)
         await asyncio.wait_for(call.reader, WAIT)  # the hub closes the socket once the stream stopped
     activities = await call_activities(inbound)
     assert [activity.activity for activity in activities] == ["call_started", "call_ended"]
-    conversation = c.conversation_id(TENANT, provider.connection, CALLERS[provider] or call_id)
+    conversation = c.conversation_id(TENANT, provider.connection, provider.caller or call_id)
     assert started.conversation == conversation
     for activity in activities:
         assert activity.conversation.id == conversation and activity.tenant == TENANT
@@ -437,17 +464,17 @@ async def test_the_callers_audio_goes_up_in_order_and_an_echo_comes_back_in_the_
         async with running(echo(service, started.stream, ready)):
             await ready.wait()
             await service.nc.flush()  # the server has the echo's subscription
-            sent = packets(started.inbound, 10)
+            inbound, outbound = provider.inbound, provider.outbound
+            sent = packets(inbound, 10)
             for chunk, payload in enumerate(sent):
-                await call.media(chunk, payload, started.inbound.frame_ms)
+                await call.media(chunk, payload, inbound.frame_ms)
             up = await take(heard, 10)
-            outbound = started.outbound
             played = await call.played_payloads(len(sent) * len(sent[0]) // outbound.frame_bytes())
         await heard.close()
-    assert [f.payload for f in up] == sent
+    assert [f.payload for f in up] == [call.hub_audio(payload) for payload in sent]
     assert [f.seq for f in up] == list(range(10))
-    assert [f.timestamp for f in up] == [n * started.inbound.frame_ms * 1000 for n in range(10)]
-    assert {(f.codec, f.rate) for f in up} == {(started.inbound.codec, started.inbound.rate)}
+    assert [f.timestamp for f in up] == [n * inbound.frame_ms * 1000 for n in range(10)]
+    assert {(f.codec, f.rate) for f in up} == {(inbound.codec, inbound.rate)}
     assert all(len(packet) == outbound.frame_bytes() for packet in played)  # the provider's packet size
     assert b"".join(played) == b"".join(sent)
 
@@ -458,15 +485,16 @@ async def test_audio_of_another_format_is_played_in_the_providers_format_and_pac
     hub = await start_hub(config_of(nats_server.url))
     async with audio_service(nats_server, hub) as service, started_call(hub, service, provider, "call-tone") as (
             call, started):
-        wideband = AudioFormat(codec="pcm16", rate=16000, frame_ms=20)
-        sound = tone(400, 16000, 1200)  # 1.2 s of a 400 Hz tone at 16 kHz
+        wideband = AudioFormat(codec="pcm16", rate=24000, frame_ms=20)  # a format none of them plays
+        sound = tone(400, 24000, 1200)  # 1.2 s of a 400 Hz tone
         step = wideband.frame_bytes()
         for frame in frames(started.stream, wideband, [sound[at:at + step] for at in range(0, len(sound), step)]):
             await service.play(started.stream, frame)
-        outbound = started.outbound
+        outbound = provider.outbound
         played = await call.played_payloads(1000 // outbound.frame_ms)  # one second of it
     assert all(len(packet) == outbound.frame_bytes() for packet in played)
-    linear = Converter(outbound, AudioFormat(codec="pcm16", rate=outbound.rate)).convert(b"".join(played))
+    heard = call.hub_audio(b"".join(played))
+    linear = Converter(outbound, AudioFormat(codec="pcm16", rate=outbound.rate)).convert(heard)
     rms, share = tone_strength(linear[len(linear) // 4:], outbound.rate)  # past the resampler's start
     assert rms > 2000 and share > 0.9
 
@@ -480,8 +508,8 @@ async def test_clear_drops_the_queued_answer_and_sends_the_providers_clear(
     hub = await start_hub(config_of(nats_server.url))
     async with audio_service(nats_server, hub) as service, started_call(hub, service, provider, "call-clear") as (
             call, started):
-        answer = packets(started.outbound, 5000 // started.outbound.frame_ms)  # five seconds, queued at once
-        await play(service, started, answer)
+        answer = packets(provider.outbound, 5000 // provider.outbound.frame_ms)  # five seconds, queued at once
+        await play(service, started, provider.outbound, answer)
         await call.played_payloads(2)  # the answer is playing
         await service.clear(started.stream)
         await service.mark(started.stream, "after-clear")
@@ -506,10 +534,10 @@ async def test_a_mark_goes_to_the_provider_and_its_acknowledgement_is_a_played_e
     async with audio_service(nats_server, hub) as service, started_call(hub, service, provider, "call-mark") as (
             call, started), service.events(started.stream) as events:
         await service.nc.flush()  # the server has the subscriptions before the hub reports
-        answer = packets(started.outbound, 3)
-        await play(service, started, answer)
+        answer = packets(provider.outbound, 3)
+        await play(service, started, provider.outbound, answer)
         await service.mark(started.stream, "answer-1")
-        assert await call.played_payloads(3) == answer
+        assert [call.hub_audio(packet) for packet in await call.played_payloads(3)] == answer
         mark = await call.next(call.mark_event)  # sent after the audio before it
         assert same_shape(mark, call.fixtures.json(call.out_mark)) and call.mark_name(mark) == "answer-1"
         assert mark.get("streamId", mark.get("stream_sid", call.stream_id)) == call.stream_id

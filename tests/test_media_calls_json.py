@@ -632,8 +632,7 @@ async def test_a_telnyx_error_frame_is_logged_and_kept_as_a_dead_letter_and_the_
             call, started), service.events(started.stream) as events:
         await service.nc.flush()  # the server has the subscriptions before the hub reports
         error = call.fixture("error")
-        error["payload"].update(code=100003, title="malformed_frame",
-                                detail=f"could not parse the frame (token {TELNYX_TOKEN} echoed back)")
+        error["payload"]["detail"] += f" (token {TELNYX_TOKEN} echoed back)"  # code 100002, unknown_error
         await call.send(error)
         await call.dtmf("5")  # read after the error frame: its letter is stored once this is reported
         assert await take(events, 1) == [DtmfPressed(stream=started.stream, digit="5")]
@@ -644,11 +643,11 @@ async def test_a_telnyx_error_frame_is_logged_and_kept_as_a_dead_letter_and_the_
                                                  hub.subjects.stream_name("dead_letters")))
     (letter,) = letters
     assert letter["stage"] == "media" and letter["connection"] == "tx"
-    assert letter["error"].startswith("telnyx_media reported error 100003: malformed_frame: could not parse")
-    assert json.loads(letter["body"])["payload"]["code"] == 100003  # the provider's report itself
+    assert letter["error"].startswith("telnyx_media reported error 100002: unknown_error: An unknown error occurred")
+    assert json.loads(letter["body"])["payload"]["code"] == 100002  # the provider's report itself
     assert TELNYX_TOKEN.encode() not in msgspec.msgpack.encode(letter)
-    logged = [record.getMessage() for record in caplog.records if "reported error 100003" in record.getMessage()]
-    assert len(logged) == 1 and "malformed_frame" in logged[0] and TELNYX_TOKEN not in logged[0]
+    logged = [record.getMessage() for record in caplog.records if "reported error 100002" in record.getMessage()]
+    assert len(logged) == 1 and "unknown_error" in logged[0] and TELNYX_TOKEN not in logged[0]
 
 
 async def test_a_flood_of_telnyx_error_frames_keeps_only_the_first_as_dead_letters(
@@ -659,7 +658,7 @@ async def test_a_flood_of_telnyx_error_frames_keeps_only_the_first_as_dead_lette
         await service.nc.flush()  # the server has the subscriptions before the hub reports
         for n in range(MAX_TROUBLE_LETTERS + 15):
             error = call.fixture("error")
-            error["payload"].update(code=100005, title="rate_limit_reached", detail=f"report {n}")
+            error["payload"]["detail"] = f"report {n}"
             await call.send(error)
         await call.dtmf("5")  # read after every error frame
         assert await take(events, 1) == [DtmfPressed(stream=started.stream, digit="5")]

@@ -3,8 +3,9 @@ audio streams and Exotel AgentStream — through an in-process hub on a real nat
 
 Each fake provider is an aiohttp WebSocket client that opens `/media/{connection}` with the provider's
 documented authentication and speaks its protocol with the messages of its fixtures
-(`tests/fixtures/<channel>/`: ids, payloads and sequence numbers changed, nothing invented). What they
-share is `JsonCall`; each behaviour is one test run for every provider it applies to. Audio services are
+(`tests/fixtures/<channel>/`: ids, payloads and sequence numbers changed, nothing invented); Telnyx runs
+twice, with µ-law and with L16 at 16 kHz (network byte order on the wire). What they share is
+`JsonCall`; each behaviour is one test run for every provider it applies to. Audio services are
 `AudioService`s on NATS connections of their own (helpers of `tests/test_media_streams.py`).
 """
 
@@ -350,7 +351,7 @@ PROVIDERS = [pytest.param(TelnyxCall, id="telnyx"), pytest.param(TelnyxL16Call, 
 
 
 def config_of(nats_url: str) -> cfg.Config:
-    """One hub with a connection for each of the three providers."""
+    """One hub with a connection for each provider (Telnyx twice: µ-law and L16 streams)."""
     config = media_config(nats_url)
     connections = [provider.connection_config() for provider in (TelnyxCall, TelnyxL16Call, PlivoCall, ExotelCall)]
     return msgspec.structs.replace(config, connections=connections)

@@ -61,8 +61,8 @@ SEND_AHEAD_FRAMES = 3
 that a `clear` leaves little already sent."""
 
 MAX_TROUBLE_LETTERS = 20
-"""A call's provider error reports kept as dead letters (and logged); later ones are only counted, so
-a provider repeating an error cannot flood the dead-letter stream."""
+"""A call's provider error reports kept as dead letters (and logged); later ones are only counted
+(`CallStream.troubles`), so a provider repeating an error cannot flood the dead-letter stream."""
 
 Send = Callable[[list[WsFrame]], Awaitable[None]]
 """Sends frames to the provider's socket, in order."""

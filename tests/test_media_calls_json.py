@@ -4,7 +4,8 @@ audio streams and Exotel AgentStream — through an in-process hub on a real nat
 Each fake provider is an aiohttp WebSocket client that opens `/media/{connection}` with the provider's
 documented authentication and speaks its protocol with the messages of its fixtures
 (`tests/fixtures/<channel>/`: ids, payloads and sequence numbers changed, nothing invented); Telnyx runs
-twice, with µ-law and with L16 at 16 kHz (network byte order on the wire). What they share is
+twice, with µ-law and with L16 at 16 kHz (network byte order on the wire), and Exotel at 8 and 16 kHz
+(the packet size follows the rate). What they share is
 `JsonCall`; each behaviour is one test run for every provider it applies to. Audio services are
 `AudioService`s on NATS connections of their own (helpers of `tests/test_media_streams.py`).
 """
@@ -346,14 +347,25 @@ class ExotelCall(JsonCall):
         return message
 
 
+class Exotel16kCall(ExotelCall):
+    """Exotel with the applet URL's `?sample-rate=16000`: its chunks are then 100 ms long."""
+
+    connection = "ex16"
+    start_fixture = "start_16k"
+    inbound = outbound = AudioFormat(codec="pcm16", rate=16000, frame_ms=100)
+
+
+CALLS: list[type[JsonCall]] = [TelnyxCall, TelnyxL16Call, PlivoCall, ExotelCall, Exotel16kCall]
 PROVIDERS = [pytest.param(TelnyxCall, id="telnyx"), pytest.param(TelnyxL16Call, id="telnyx-l16"),
-             pytest.param(PlivoCall, id="plivo"), pytest.param(ExotelCall, id="exotel")]
+             pytest.param(PlivoCall, id="plivo"), pytest.param(ExotelCall, id="exotel"),
+             pytest.param(Exotel16kCall, id="exotel-16k")]
 
 
 def config_of(nats_url: str) -> cfg.Config:
-    """One hub with a connection for each provider (Telnyx twice: µ-law and L16 streams)."""
+    """One hub with a connection for each provider (Telnyx with µ-law and L16 streams, Exotel at 8 and
+    16 kHz)."""
     config = media_config(nats_url)
-    connections = [provider.connection_config() for provider in (TelnyxCall, TelnyxL16Call, PlivoCall, ExotelCall)]
+    connections = [provider.connection_config() for provider in CALLS]
     return msgspec.structs.replace(config, connections=connections)
 
 

@@ -25,7 +25,8 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, NoSecrets, Settings
 from babelhub.errors import ConfigError
 
-__all__ = ["Audio", "Dtmf", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "WsFrame", "read_options"]
+__all__ = ["Audio", "Dtmf", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "Trouble", "WsFrame",
+           "read_options"]
 
 S = TypeVar("S", bound=Settings)
 
@@ -78,7 +79,19 @@ class Stop(_Event, tag="stop", frozen=True, kw_only=True):
     reason: str = ""
 
 
-MediaEvent: TypeAlias = Start | Audio | Dtmf | Played | Stop
+class Trouble(_Event, tag="trouble", frozen=True, kw_only=True):
+    """The provider reports that it could not use something the hub sent (an error frame). The stream
+    goes on; the hub logs the report and keeps it as a dead letter."""
+
+    code: str
+    """The provider's code of the error (Telnyx `payload.code`, …)."""
+    reason: str
+    """What the provider says went wrong: its title and detail."""
+    report: bytes = b""
+    """The provider's message as read (JSON), kept in the dead letter."""
+
+
+MediaEvent: TypeAlias = Start | Audio | Dtmf | Played | Stop | Trouble
 
 
 class MediaSession(ABC):

@@ -6,7 +6,7 @@ import shutil
 from collections.abc import AsyncIterator
 
 import pytest
-from playwright.async_api import async_playwright, expect
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 from babelhub import canonical as c
 from babelhub.hub.app import Hub
@@ -56,17 +56,23 @@ async def test_a_person_chats_in_the_browser(hub: Hub) -> None:
             await browser.close()
 
 
+async def chat_page(browser: Browser, hub: Hub, first: str) -> Page:
+    """A person opens the chat and says `first`."""
+    page = await browser.new_page()
+    await page.goto(hub.http_url + "/")
+    await expect(page.locator("#state")).to_have_text("connected")
+    await page.fill("#text", first)
+    await page.press("#text", "Enter")
+    return page
+
+
 async def test_links_from_the_app_are_followed_only_when_they_are_web_urls(hub: Hub, nats_client) -> None:
     """A `javascript:` link relayed by the app must not run in the page that keeps the session token."""
     app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
-            page = await browser.new_page()
-            await page.goto(hub.http_url + "/")
-            await expect(page.locator("#state")).to_have_text("connected")
-            await page.fill("#text", "links please")
-            await page.press("#text", "Enter")
+            page = await chat_page(browser, hub, "links please")
             inbound, _ = await app.next()
             await app.reply(inbound, c.Buttons(text="links", buttons=[
                 c.Button(id="a", title="docs", action="url", value="https://example.org/docs"),
@@ -87,11 +93,7 @@ async def test_answers_sent_while_the_page_was_closed_are_shown_when_the_person_
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
-            page = await browser.new_page()
-            await page.goto(hub.http_url + "/")
-            await expect(page.locator("#state")).to_have_text("connected")
-            await page.fill("#text", "call me back")
-            await page.press("#text", "Enter")
+            page = await chat_page(browser, hub, "call me back")
             await expect(page.locator(".hub").last).to_have_text("echo: call me back")
             inbound, _ = await app.next()
             await page.goto("about:blank")  # the person leaves

@@ -190,13 +190,37 @@ class JsonCall:
             await self.reader
 
 
-class TelnyxCall(JsonCall):
+class TwilioShapedCall(JsonCall):
+    """Telnyx and Exotel follow Twilio's messages: `media` with `chunk`, `timestamp` and `payload`, `mark`
+    with a `name`, and a `stop` naming the call (in `call_id_field`)."""
+
+    media_fixture = "media"
+    call_id_field: ClassVar[str]
+
+    def media_message(self, chunk: int, payload: bytes, packet_ms: int) -> dict[str, Any]:
+        message = self.fixture(self.media_fixture)
+        message["media"].update(chunk=str(chunk + 1), timestamp=str(chunk * packet_ms),
+                                payload=base64.b64encode(payload).decode())
+        return message
+
+    def mark_played_message(self, name: str) -> dict[str, Any]:
+        message = self.fixture("mark")
+        message["mark"]["name"] = name
+        return message
+
+    def stop_message(self) -> dict[str, Any] | None:
+        message = self.fixture("stop")
+        message["stop"][self.call_id_field] = self.call_id
+        return message
+
+
+class TelnyxCall(TwilioShapedCall):
     """Telnyx media streaming in RTP bidirectional mode, PCMU at 8 kHz both ways (the defaults)."""
 
     connection = "tx"
     fixtures = MediaFixtures("telnyx_media", suffix=".json")
     start_fixture = "start"
-    media_fixture = "media"
+    call_id_field = "call_control_id"
     hello_fixtures = ("connected",)
     play_event, clear_event, mark_event = "media", "clear", "mark"
     out_play, out_clear, out_mark = "outbound_media", "outbound_clear", "outbound_mark"
@@ -218,21 +242,6 @@ class TelnyxCall(JsonCall):
         message["start"]["call_control_id"] = self.call_id
         return message
 
-    def media_message(self, chunk: int, payload: bytes, packet_ms: int) -> dict[str, Any]:
-        message = self.fixture(self.media_fixture)
-        message["media"].update(chunk=str(chunk + 1), timestamp=str(chunk * packet_ms),
-                                payload=base64.b64encode(payload).decode())
-        return message
-
-    def mark_played_message(self, name: str) -> dict[str, Any]:
-        message = self.fixture("mark")
-        message["mark"]["name"] = name
-        return message
-
-    def stop_message(self) -> dict[str, Any] | None:
-        message = self.fixture("stop")
-        message["stop"]["call_control_id"] = self.call_id
-        return message
 
 
 class TelnyxL16Call(TelnyxCall):
@@ -303,12 +312,13 @@ class PlivoCall(JsonCall):
         return name
 
 
-class ExotelCall(JsonCall):
+class ExotelCall(TwilioShapedCall):
     """Exotel AgentStream of a Voicebot applet: 16-bit PCM at 8 kHz, about 100 ms a chunk."""
 
     connection = "ex"
     fixtures = MediaFixtures("exotel_media", suffix=".json")
     start_fixture = "start"
+    call_id_field = "call_sid"
     hello_fixtures = ("connected",)
     play_event, clear_event, mark_event = "media", "clear", "mark"
     out_play, out_clear, out_mark = "out_media", "out_clear", "out_mark"
@@ -330,21 +340,6 @@ class ExotelCall(JsonCall):
         message["start"].update(call_sid=self.call_id, stream_sid=self.stream_id)
         return message
 
-    def media_message(self, chunk: int, payload: bytes, packet_ms: int) -> dict[str, Any]:
-        message = self.fixture("media")
-        message["media"].update(chunk=str(chunk + 1), timestamp=str(chunk * packet_ms),
-                                payload=base64.b64encode(payload).decode())
-        return message
-
-    def mark_played_message(self, name: str) -> dict[str, Any]:
-        message = self.fixture("mark")
-        message["mark"]["name"] = name
-        return message
-
-    def stop_message(self) -> dict[str, Any] | None:
-        message = self.fixture("stop")
-        message["stop"]["call_sid"] = self.call_id
-        return message
 
 
 class Exotel16kCall(ExotelCall):

@@ -7,9 +7,10 @@ import collections
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,7 +32,14 @@ from babelhub.hub.app import Hub
 from babelhub.hub.cli import _without_userinfo, build_parser
 from babelhub.hub.link import servers
 from babelhub.services import config as cfg
-from babelhub.services.broker import EmbeddedServer, Subjects, bucket_stream, free_port, raise_replicas
+from babelhub.services.broker import (
+    EmbeddedServer,
+    PortInUse,
+    Subjects,
+    bucket_stream,
+    free_port,
+    raise_replicas,
+)
 from babelhub.services.localcluster import LocalCluster
 from babelhub.services.ownership import lease_bucket
 from babelhub.services.publisher import Publisher
@@ -419,6 +427,52 @@ async def test_traffic_keeps_flowing_while_the_hubs_nats_node_is_stopped_and_res
         assert len(stored) == total and len({c.decode(data).id for data in stored}) == total
         print(f"accepted {total} after {progress['tries']} tries; the app was handed "
               f"{sum(app.deliveries.values())} inbound envelopes for {len(app.deliveries)} ids")
+
+
+# ---------------------------------------------------------------------- a picked port taken meanwhile
+
+
+@contextlib.contextmanager
+def held(port: int) -> Iterator[None]:
+    """Another process listening on `port`, as one that took a free port between its pick and the bind."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        yield
+
+
+async def test_a_server_whose_picked_port_was_taken_picks_another_and_a_given_one_is_a_clear_error(
+        tmp_path: Path) -> None:
+    server = EmbeddedServer(tmp_path / "picked", port=0)
+    taken = server.port
+    with held(taken):
+        await server.start()
+        try:
+            assert server.port != taken
+            nc = await nats.connect(server.url)
+            await nc.close()
+        finally:
+            await server.stop()
+
+        given = EmbeddedServer(tmp_path / "given", port=taken)
+        with pytest.raises(PortInUse, match=rf"port {taken} is in use; see .*nats-server.log") as refused:
+            await given.start()
+        assert refused.value.port == taken and given.port == taken
+
+
+async def test_a_cluster_forms_when_a_nodes_route_port_was_taken(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path / "cluster")
+    taken = cluster.nodes[1].route_port
+    try:
+        with held(taken):
+            await cluster.start()
+            assert cluster.nodes[1].route_port != taken
+            await cluster.stop_node(0)  # a restart routes to the port the node listens on now
+            await cluster.start_node(0)
+            assert f"nats://127.0.0.1:{cluster.nodes[1].route_port}" in cluster.nodes[0].routes
+            await cluster.wait_until_usable()
+    finally:
+        await cluster.stop()
 
 
 # ------------------------------------------------------------------------------------ make cluster

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +23,7 @@ import sys
 import sysconfig
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import NoReturn
 
 import msgspec
 from nats.js import JetStreamContext
@@ -258,6 +261,18 @@ def die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+PORT_ATTEMPTS = 5
+_BUSY_PORT = re.compile(r"listen tcp 127\.0\.0\.1:(\d+): bind: address already in use")
+
+
+class PortInUse(RuntimeError):
+    """nats-server could not listen: another process holds `port`."""
+
+    def __init__(self, port: int, message: str) -> None:
+        super().__init__(message)
+        self.port = port
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -280,17 +295,38 @@ class EmbeddedServer:
         self.auth_config = auth_config
         self.server_name = server_name
         self.cluster_name = cluster_name
-        self.route_port = route_port
+        self.route_port = route_port or (free_port() if cluster_name else 0)
         self.routes = routes or []
         self.process: asyncio.subprocess.Process | None = None
+        # Ports this server picked itself: another process may take one between the pick and the
+        # bind, and then the server picks again instead of failing to start.
+        self._picked_ports = {name for name, given in (("port", port), ("route_port", route_port)) if not given}
+        self._log_start = 0
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     async def start(self, ready_timeout: float = 15.0) -> None:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return await self._launch(ready_timeout)
+            except PortInUse as busy:
+                if attempt == PORT_ATTEMPTS or not self._pick_again(busy.port):
+                    raise
+
+    def _pick_again(self, busy: int) -> bool:
+        """A fresh free port in place of `busy`, if this server picked `busy` itself."""
+        for name in self._picked_ports:
+            if getattr(self, name) == busy:
+                setattr(self, name, free_port())
+                return True
+        return False
+
+    async def _launch(self, ready_timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = (self.data_dir / "nats-server.log").open("ab")
+        self._log_start = log.tell()  # this launch's lines begin here (the log keeps earlier runs)
         command = [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
                    str(self.data_dir / "jetstream"), "--server_name", self.server_name]
         if self.cluster_name:
@@ -318,15 +354,35 @@ class EmbeddedServer:
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             if self.process is not None and self.process.returncode is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}; "
-                                   f"see {self.data_dir / 'nats-server.log'}")
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.close()
-                await writer.wait_closed()
+                self._raise_exit(self.process.returncode)
+            if await self._greets():
                 return
             await asyncio.sleep(0.05)
         raise TimeoutError(f"nats-server did not listen on port {self.port} within {timeout}s")
+
+    async def _greets(self) -> bool:
+        """Whether this server answers on its port: its INFO line names it (a port someone else holds
+        accepts connections too)."""
+        with contextlib.suppress(OSError, TimeoutError, ValueError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            try:
+                line = await asyncio.wait_for(reader.readline(), 1.0)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            kind, _, info = line.partition(b" ")
+            return kind == b"INFO" and json.loads(info).get("server_name") == self.server_name
+        return False
+
+    def _raise_exit(self, code: int) -> NoReturn:
+        log = self.data_dir / "nats-server.log"
+        with log.open("rb") as file:
+            file.seek(self._log_start)
+            busy = _BUSY_PORT.findall(file.read().decode(errors="replace"))
+        if busy:
+            raise PortInUse(int(busy[-1]), f"nats-server exited: port {busy[-1]} is in use; see {log}")
+        raise RuntimeError(f"nats-server exited with {code}; see {log}")
 
     async def stop(self, timeout: float = 10.0) -> None:
         process, self.process = self.process, None

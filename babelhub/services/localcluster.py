@@ -17,7 +17,7 @@ import nats
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError
 
-from babelhub.services.broker import EmbeddedServer, free_port
+from babelhub.services.broker import EmbeddedServer
 
 __all__ = ["LocalCluster"]
 
@@ -31,11 +31,8 @@ class LocalCluster:
         ports = client_ports or [0] * size
         if len(ports) != size:
             raise ValueError(f"{size} nodes need {size} client ports, not {len(ports)}")
-        route_ports = [free_port() for _ in range(size)]
         self.nodes = [
-            EmbeddedServer(Path(data_dir) / f"n{index + 1}", port, server_name=f"n{index + 1}",
-                           cluster_name=name, route_port=route_ports[index],
-                           routes=[f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != index])
+            EmbeddedServer(Path(data_dir) / f"n{index + 1}", port, server_name=f"n{index + 1}", cluster_name=name)
             for index, port in enumerate(ports)
         ]
 
@@ -49,8 +46,15 @@ class LocalCluster:
         return ",".join(self.urls)
 
     async def start(self, ready_timeout: float = 30.0) -> None:
+        self._point_routes()
         await asyncio.gather(*(node.start() for node in self.nodes))
         await self.wait_until_usable(ready_timeout)
+
+    def _point_routes(self) -> None:
+        """Every node routes to the others' current route ports (a node whose picked port was taken
+        picks another at start; one route from either side is enough for the pair to connect)."""
+        for node in self.nodes:
+            node.routes = [f"nats://127.0.0.1:{peer.route_port}" for peer in self.nodes if peer is not node]
 
     async def stop(self) -> None:
         await asyncio.gather(*(node.stop() for node in self.nodes))
@@ -60,6 +64,7 @@ class LocalCluster:
 
     async def start_node(self, index: int) -> None:
         """Start a stopped node again, with its ports and store: it rejoins and catches up."""
+        self._point_routes()
         await self.nodes[index].start()
 
     async def wait_until_usable(self, timeout: float = 30.0) -> None:

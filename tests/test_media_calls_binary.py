@@ -160,6 +160,14 @@ class BinaryCall:
     def is_clear(self, message: Received) -> bool:
         raise NotImplementedError
 
+    def is_hangup(self, message: Received, reason: str) -> bool:
+        """Whether `message` ends the stream from the hub's side."""
+        raise NotImplementedError
+
+    def dtmf_played(self, message: Received) -> str | None:
+        """The digits `message` plays to the call, if it is one that does (None where the protocol has none)."""
+        return None
+
     async def sync(self) -> list[Received]:
         """Everything the hub has sent so far, read in order (up to a reply the protocol gives at once,
         where it has one)."""
@@ -213,11 +221,43 @@ class AsteriskCall(BinaryCall):
     def is_clear(self, message: Received) -> bool:
         return isinstance(message, str) and json.loads(message) == {"command": "FLUSH_MEDIA"}
 
+    def is_hangup(self, message: Received, reason: str) -> bool:
+        return isinstance(message, str) and json.loads(message) == {"command": "HANGUP"}
+
     async def flow(self, event: str) -> None:
         await self.socket.send_str(self.event(f"media_{event}.json"))
 
     async def stop(self) -> None:
         await self.socket.close()
+
+
+class AsteriskTextCall(AsteriskCall):
+    """Asterisk `chan_websocket` in its plain-text format (the default): one line per event and command."""
+
+    def line(self, name: str, **fields: str) -> str:
+        text = fixture_text("asterisk_media", name).strip()
+        for field, value in {"channel_id": self.call_id, **fields}.items():
+            text = re.sub(rf"\b{field}:\S+", f"{field}:{value}", text)
+        return text
+
+    async def begin(self) -> None:
+        await self.socket.send_str(self.line("media_start.txt", connection_id=f"conn-{self.call_id}"))
+
+    async def dtmf(self, digit: str) -> None:
+        await self.socket.send_str(self.line("dtmf_end.txt", digit=digit))
+
+    def is_mark(self, message: Received, name: str) -> bool:
+        return message == f"MARK_MEDIA {name}"
+
+    async def acknowledge(self, name: str) -> None:
+        event, _, _ = fixture_text("asterisk_media", "media_mark_processed.txt").strip().partition(" ")
+        await self.socket.send_str(f"{event} {name}")
+
+    def is_clear(self, message: Received) -> bool:
+        return message == "FLUSH_MEDIA"
+
+    def is_hangup(self, message: Received, reason: str) -> bool:
+        return message == "HANGUP"
 
 
 class GenesysCall(BinaryCall):
@@ -282,6 +322,10 @@ class GenesysCall(BinaryCall):
         return isinstance(message, str) and json.loads(message)["type"] == "event" and \
             json.loads(message)["parameters"] == {"entities": [{"type": "barge_in", "data": {}}]}
 
+    def is_hangup(self, message: Received, reason: str) -> bool:
+        return isinstance(message, str) and json.loads(message)["type"] == "disconnect" and \
+            json.loads(message)["parameters"] == {"reason": "completed", "info": reason}
+
     async def sync(self) -> list[Received]:
         ping = await self.send("ping.json")
         _, before = await self.reply("pong", clientseq=ping["seq"])
@@ -328,12 +372,20 @@ class ClientCall(BinaryCall):
     def is_clear(self, message: Received) -> bool:
         return isinstance(message, str) and json.loads(message) == {"type": "clear"}
 
+    def is_hangup(self, message: Received, reason: str) -> bool:
+        return isinstance(message, str) and json.loads(message) == {"type": "hangup", "reason": reason}
+
+    def dtmf_played(self, message: Received) -> str | None:
+        if isinstance(message, str) and (command := json.loads(message))["type"] == "dtmf":
+            return str(command["digits"])
+        return None
+
     async def stop(self) -> None:
         await self.socket.send_str(fixture_text("client_media", "stop.json"))
 
 
-PROTOCOLS = [pytest.param(AsteriskCall, id="asterisk"), pytest.param(GenesysCall, id="genesys"),
-             pytest.param(ClientCall, id="client_media")]
+PROTOCOLS = [pytest.param(AsteriskCall, id="asterisk"), pytest.param(AsteriskTextCall, id="asterisk-text"),
+             pytest.param(GenesysCall, id="genesys"), pytest.param(ClientCall, id="client_media")]
 
 
 def genesys_session(call_id: str) -> str:
@@ -511,6 +563,49 @@ async def test_dtmf_and_the_end_of_the_call_are_events_and_activities_on_the_cal
     assert activities["call_ended"].detail["reason"] == protocol.stop_reason
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_an_audio_service_hangs_up_with_the_providers_own_message(
+        nats_server: EmbeddedServer, start_hub: StartHub, protocol: type[BinaryCall]) -> None:
+    hub = await start_hub(binary_config(nats_server.url))
+    async with audio_service(nats_server, hub) as service, started_call(hub, service, protocol, "call-bye") as (
+            call, started), service.events(started.stream) as events:
+        await service.hangup(started.stream, "goodbye")
+        assert call.is_hangup(await call.next(), "goodbye")
+        assert (await next_event(events, Stopped)).reason == "goodbye"
+        assert await call.closed() == 1000
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_dtmf_to_the_call_is_played_where_the_protocol_can_and_a_dead_letter_where_it_cannot(
+        nats_server: EmbeddedServer, nats_client: NATS, start_hub: StartHub, protocol: type[BinaryCall]) -> None:
+    hub = await start_hub(binary_config(nats_server.url))
+    inbound = await conversations(nats_client, hub)
+    async with audio_service(nats_server, hub) as service, started_call(hub, service, protocol, "call-tones") as (
+            call, started):
+        await service.dtmf(started.stream, "12#")
+        await service.mark(started.stream, "after-tones")  # the call goes on either way
+        if protocol is GenesysCall:
+            async with service.events(started.stream) as events:
+                await played_event(events, call, "after-tones")
+            messages = await call.sync()
+        else:
+            messages = []
+            while not call.is_mark(message := await call.next(), "after-tones"):
+                messages.append(message)
+        played = [digits for message in messages if (digits := call.dtmf_played(message))]
+        assert not call.socket.closed
+    if hub.ctx.connections[protocol.connection].channel == "client_media":
+        assert played == ["12#"]
+        dtmf = (await activities_of(inbound, {"dtmf"}))["dtmf"]
+        assert (dtmf.direction, dtmf.detail["digits"]) == ("outbound", "12#")
+    else:
+        assert played == []
+        (letter,) = dead_letters(await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.dlq.media",
+                                                       hub.subjects.stream_name("dead_letters")))
+        assert "cannot play DTMF" in letter["error"]
+    await inbound.unsubscribe()
+
+
 # ---------------------------------------------------------------------------------- marks and clear
 
 
@@ -673,6 +768,8 @@ async def test_asterisk_without_its_basic_credentials_is_refused_with_403(nats_s
 UNREADABLE = [
     # Asterisk: a DTMF key that is none
     pytest.param(AsteriskCall, lambda call: call.event("dtmf_end.json", digit="%"), "$.digit", id="asterisk"),
+    pytest.param(AsteriskTextCall, lambda call: call.line("dtmf_end.txt", digit="%"), "DTMF_END.digit",
+                 id="asterisk-text"),
     # Genesys: a message that skips a seq
     pytest.param(GenesysCall, lambda call: json.dumps(fixture("genesys_media", "ping.json") | {
         "id": call.session, "seq": 7, "serverseq": 1}), "$.seq", id="genesys"),

@@ -535,6 +535,23 @@ async def test_genesys_gets_opened_with_its_counters_and_the_offer_it_chose(
         assert (pong["seq"], pong["clientseq"]) == (2, 2)
 
 
+async def test_audio_genesys_discarded_or_held_back_moves_the_media_time_of_the_up_frames_on(
+        nats_server: EmbeddedServer, start_hub: StartHub) -> None:
+    hub = await start_hub(binary_config(nats_server.url))
+    async with audio_service(nats_server, hub) as service, started_call(hub, service, GenesysCall, "call-gaps") as (
+            call, started), service.listen(started.stream) as up:
+        await call.audio(0, call.frame(0))
+        discarded = await call.send("discarded.json")  # audio the client dropped
+        await call.audio(1, call.frame(1))
+        await call.send("paused.json")
+        resumed = await call.send("resumed.json")  # audio not sent while paused
+        await call.audio(2, call.frame(2))
+        frames = await take(up, 3)
+    gaps = [round(float(message["parameters"]["discarded"][2:-1]) * 1_000_000) for message in (discarded, resumed)]
+    assert [f.seq for f in frames] == [0, 1, 2]
+    assert [f.timestamp for f in frames] == [0, 20_000 + gaps[0], 40_000 + gaps[0] + gaps[1]]
+
+
 # ---------------------------------------------------------------------------------- DTMF and stop
 
 

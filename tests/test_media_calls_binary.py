@@ -17,6 +17,7 @@ import hmac
 import json
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -79,7 +80,7 @@ def binary_config(nats_url: str, **hub: Any) -> cfg.Config:
 # ------------------------------------------------------------------------------ the fake providers
 
 
-class BinaryCall:
+class BinaryCall(ABC):
     """One call's socket as a provider holds it: what all three protocols share (reading what the hub
     sends, in order). Each subclass opens the socket as its provider does and builds its messages from
     the provider's fixtures."""
@@ -140,29 +141,32 @@ class BinaryCall:
 
     # What each protocol says, in its own messages.
 
+    @abstractmethod
     async def begin(self) -> None:
-        raise NotImplementedError
+        """Start the call as the provider does."""
 
     async def audio(self, n: int, payload: bytes) -> None:
         await self.socket.send_bytes(payload)
 
+    @abstractmethod
     async def dtmf(self, digit: str) -> None:
-        raise NotImplementedError
+        """Report a key the caller pressed."""
 
+    @abstractmethod
     def is_mark(self, message: Received, name: str) -> bool:
         """Whether `message` asks the provider to acknowledge the mark `name`."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def acknowledge(self, name: str) -> None:
         """Tell the hub the audio before the mark `name` has been played."""
-        raise NotImplementedError
 
+    @abstractmethod
     def is_clear(self, message: Received) -> bool:
-        raise NotImplementedError
+        """Whether `message` tells the provider to drop the audio it has not played yet."""
 
+    @abstractmethod
     def is_hangup(self, message: Received, reason: str) -> bool:
         """Whether `message` ends the stream from the hub's side."""
-        raise NotImplementedError
 
     def dtmf_played(self, message: Received) -> str | None:
         """The digits `message` plays to the call, if it is one that does (None where the protocol has none)."""
@@ -176,12 +180,13 @@ class BinaryCall:
             messages.append(self.received.get_nowait())
         return messages
 
-    async def nudge(self) -> None:
-        """Send something the protocol sends anyway, so that the hub reads a frame."""
+    async def nudge(self) -> None:  # noqa: B027 - most protocols need no nudge
+        """Send something the protocol sends anyway, so that the hub reads a frame (where marks are
+        reported only with a frame read: Genesys)."""
 
+    @abstractmethod
     async def stop(self) -> None:
         """End the call as the provider does."""
-        raise NotImplementedError
 
     stop_reason: ClassVar[str]
 

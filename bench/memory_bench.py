@@ -10,8 +10,9 @@
     Target ≤ 4 KB per actor.
 (b) Web chat sessions. `babelhub run` in its own process serves a web chat connection; this process
     opens N WebSockets to `/ws/<connection>` with aiohttp, offering compression as browsers do, reads
-    each one's session greeting and lets them idle. Printed: (hub RSS with N sessions - hub RSS with
-    none) / N, and the RSS once they are closed again. Target ≤ 30 KB per session (Centrifugo's figure).
+    each one's session greeting, subscribes to its conversation as the page does and lets them idle.
+    Printed: (hub RSS with N sessions - hub RSS with none) / N, and the RSS once they are closed again.
+    Target ≤ 30 KB per session (Centrifugo's figure).
 
 Both baselines are taken in the same run, after a short warm-up. Nothing is asserted.
 
@@ -193,7 +194,7 @@ def hub_process(config: Path) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         child.kill()
         _, errors = child.communicate()
-        if child.returncode not in (0, -9):
+        if child.returncode not in (0, -9) or os.environ.get("BENCH_HUB_LOG"):
             print(errors.decode(errors="replace")[-2000:], file=sys.stderr)
 
 
@@ -213,7 +214,8 @@ async def wait_ready(url: str, child: subprocess.Popen[bytes]) -> None:
 
 
 async def open_sessions(http: aiohttp.ClientSession, url: str, count: int) -> list[aiohttp.ClientWebSocketResponse]:
-    """`count` web chat sockets, each past its session greeting, opened `IN_FLIGHT` at a time at most."""
+    """`count` web chat sockets, each past its session greeting and following its conversation, opened
+    `IN_FLIGHT` at a time at most."""
     room = asyncio.Semaphore(IN_FLIGHT // 5)
 
     async def one() -> aiohttp.ClientWebSocketResponse:
@@ -224,6 +226,11 @@ async def open_sessions(http: aiohttp.ClientSession, url: str, count: int) -> li
             greeting = await socket.receive_json(timeout=30)
             if greeting.get("type") != "session":
                 raise RuntimeError(f"unexpected first frame {greeting!r}")
+            # As the page does: follow its conversation (two ordered consumers on the NATS server).
+            await socket.send_json({"type": "subscribe", "conversations": [greeting["conversation"]]})
+            subscribed = await socket.receive_json(timeout=30)
+            if subscribed.get("type") != "subscribed":
+                raise RuntimeError(f"unexpected answer to subscribe {subscribed!r}")
             return socket
 
     return await asyncio.gather(*(one() for _ in range(count)))

@@ -73,6 +73,66 @@ def webchat_config(nats_url: str, *, echo: bool = True, mic: bool = False) -> cf
         tenants=[cfg.Tenant(id="demo")], connections=connections, processors=processors)
 
 
+class WebVisitor:
+    """A browser on the built-in web chat, speaking the client-session protocol as the page does: it
+    takes the `session` frame, subscribes to its conversation (from its cursor when it resumes), posts
+    its messages and keeps the offsets of what it read."""
+
+    def __init__(self, socket: aiohttp.ClientWebSocketResponse, hello: dict[str, Any]) -> None:
+        self.socket = socket
+        self.hello = hello
+        self.subscribed: dict[str, Any] = {}
+        self.cursor: dict[str, Any] | None = None
+
+    @classmethod
+    async def open(cls, http: aiohttp.ClientSession, hub_url: str, *, resume: WebVisitor | None = None,
+                   query: str = "", subscribe: bool = True, **connect: Any) -> WebVisitor:
+        """A new visitor, or `resume`'s session again (with its cursor)."""
+        if resume is not None:
+            query = f"?session={resume.hello['session']}&token={resume.hello['token']}"
+        socket = await http.ws_connect(f"{hub_url}/ws/webchat{query}", **connect)
+        hello = await socket.receive_json(timeout=15)
+        assert hello["type"] == "session", hello
+        visitor = cls(socket, hello)
+        if subscribe:
+            since = {hello["conversation"]: resume.cursor} if resume is not None and resume.cursor else {}
+            visitor.subscribed = await visitor.subscribe(hello["conversation"], since)
+        return visitor
+
+    async def subscribe(self, conversation: str, since: dict[str, Any] | None = None) -> dict[str, Any]:
+        await self.socket.send_json({"type": "subscribe", "conversations": [conversation], "since": since or {}})
+        subscribed = await self.frame("subscribed")
+        self.cursor = subscribed["since"]
+        return subscribed
+
+    async def say(self, text: str, frame_id: str = "1") -> None:
+        await self.post({"id": frame_id, "text": text})
+
+    async def post(self, message: Any) -> None:
+        await self.socket.send_json({"type": "post", "message": message})
+
+    async def frame(self, *types: str) -> dict[str, Any]:
+        """The next frame of one of `types` (others are read and skipped; offsets are kept)."""
+        while True:
+            received = await asyncio.wait_for(self.socket.receive(), 15)
+            assert received.type == aiohttp.WSMsgType.TEXT, f"the socket ended: {received.data} {received.extra}"
+            frame: dict[str, Any] = json.loads(received.data)
+            if "offset" in frame and self.cursor is not None:
+                self.cursor["statuses" if frame["type"] == "status" else "messages"] = frame["offset"]
+            if frame["type"] in types:
+                return frame
+
+    async def reply(self) -> dict[str, Any]:
+        """The next message the hub sends the visitor (its own messages coming back are skipped)."""
+        while True:
+            envelope: dict[str, Any] = (await self.frame("message"))["envelope"]
+            if envelope["direction"] == "outbound":
+                return envelope
+
+    async def close(self) -> None:
+        await self.socket.close()
+
+
 def telegram_update(update_id: int, chat_id: int, text: str, message_id: int | None = None) -> dict[str, Any]:
     """A private-chat text message, shaped as the Bot API documents `Update`."""
     return {

@@ -6,7 +6,7 @@ import shutil
 from collections.abc import AsyncIterator
 
 import pytest
-from playwright.async_api import async_playwright, expect
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 from babelhub import canonical as c
 from babelhub.hub.app import Hub
@@ -56,17 +56,23 @@ async def test_a_person_chats_in_the_browser(hub: Hub) -> None:
             await browser.close()
 
 
+async def chat_page(browser: Browser, hub: Hub, first: str) -> Page:
+    """A person opens the chat and says `first`."""
+    page = await browser.new_page()
+    await page.goto(hub.http_url + "/")
+    await expect(page.locator("#state")).to_have_text("connected")
+    await page.fill("#text", first)
+    await page.press("#text", "Enter")
+    return page
+
+
 async def test_links_from_the_app_are_followed_only_when_they_are_web_urls(hub: Hub, nats_client) -> None:
     """A `javascript:` link relayed by the app must not run in the page that keeps the session token."""
     app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
-            page = await browser.new_page()
-            await page.goto(hub.http_url + "/")
-            await expect(page.locator("#state")).to_have_text("connected")
-            await page.fill("#text", "links please")
-            await page.press("#text", "Enter")
+            page = await chat_page(browser, hub, "links please")
             inbound, _ = await app.next()
             await app.reply(inbound, c.Buttons(text="links", buttons=[
                 c.Button(id="a", title="docs", action="url", value="https://example.org/docs"),
@@ -76,6 +82,28 @@ async def test_links_from_the_app_are_followed_only_when_they_are_web_urls(hub: 
             await expect(page.locator(".hub span", has_text="prize")).to_have_count(1)
             await expect(page.locator(".hub span", has_text="invoice.pdf")).to_have_count(1)
             assert await page.locator(".hub a[href^='javascript']").count() == 0
+        finally:
+            await browser.close()
+
+
+async def test_answers_sent_while_the_page_was_closed_are_shown_when_the_person_comes_back(hub: Hub, nats_client
+                                                                                         ) -> None:
+    """The page keeps its session and cursor: coming back, it is shown exactly what it missed."""
+    app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = await chat_page(browser, hub, "call me back")
+            await expect(page.locator(".hub").last).to_have_text("echo: call me back")
+            inbound, _ = await app.next()
+            await page.goto("about:blank")  # the person leaves
+
+            answer = await app.reply(inbound, c.Text(text="we called, you were out"))
+            while (await app.next_status()).message_id != answer.id:  # stored and sent while it was away
+                pass
+            await page.goto(hub.http_url + "/")
+            await expect(page.locator(".hub")).to_have_text(["we called, you were out"])
+            await expect(page.locator(".me")).to_have_count(0)  # nothing it had seen is shown again
         finally:
             await browser.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import time
@@ -20,6 +21,7 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.aio.client import Client as NATS
 
 from babelhub import canonical as c
 from babelhub.hub.app import Hub
@@ -403,6 +405,17 @@ async def test_a_read_only_token_cannot_send(hub: Hub) -> None:
     assert code == clients.FORBIDDEN and "send" in reason
 
 
+async def test_only_a_web_chat_visitor_posts(hub: Hub, nats_client) -> None:
+    """`post` records a channel's own inbound frame: a tenant's client must not be able to make up what a
+    customer said, not even with the tenant's key."""
+    async with connect(hub) as socket:
+        await send(socket, {"type": "post", "message": {"id": "1", "text": "I agree to the terms"}})
+        code, reason = await closed(socket)
+    assert code == clients.FORBIDDEN and "only a web chat visitor posts" in reason
+    raw = await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.raw.>", hub.subjects.stream_name("raw"))
+    assert raw == []
+
+
 # ------------------------------------------------------------------------------------------- isolation
 
 
@@ -492,6 +505,55 @@ async def test_too_many_subscriptions_are_refused(hub: Hub) -> None:
     await eventually(lambda: not hub.ctx.metrics.registry.get_sample_value("babelhub_client_sessions"))
 
 
+async def store_inbound(hub: Hub, nats_client: NATS, count: int, size: int = 10) -> None:
+    """`count` inbound messages of the conversation stored as the hub stores them (on its `in` subject)."""
+    js = nats_client.jetstream()
+    for n in range(count):
+        message = c.Message(id=c.new_id(), tenant=TENANT, conversation=c.Conversation(id=CONVERSATION), ts=c.now(),
+                            parts=[c.Text(text=f"{n:06d}".ljust(size, "."))])
+        await js.publish(hub.subjects.inbound(TENANT, CONVERSATION), c.encode(message))
+
+
+async def test_sessions_cost_the_streams_no_consumer_each(hub: Hub) -> None:
+    """nats-server refuses more than 1,000 consumers on a stream by default: a hub process reads each
+    stream once for all its sessions, however many follow a conversation."""
+    js, subjects = hub.ctx.js, hub.subjects
+
+    async def consumers() -> tuple[int, int]:
+        infos = [await js.stream_info(subjects.stream_name(role)) for role in ("messages", "statuses")]
+        return infos[0].state.consumer_count, infos[1].state.consumer_count
+
+    async with connect(hub) as first:
+        await subscribe(first, CONVERSATION)
+        with_one = await consumers()
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(12):
+                socket = await stack.enter_async_context(connect(hub))
+                await subscribe(socket, CONVERSATION, "another-conversation")
+            assert await consumers() == with_one
+
+
+async def test_a_client_that_does_not_read_is_closed_and_holds_up_no_one(
+        hub: Hub, nats_client: NATS, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clients, "OUTBOX_FRAMES", 8)
+    async with connect(hub) as stalled, connect(hub) as reading:
+        await subscribe(stalled, CONVERSATION)
+        await subscribe(reading, CONVERSATION)
+        stalled._response.connection.transport.pause_reading()  # type: ignore[union-attr]
+        count = 150  # 60 KB each: far more than the sockets' buffers hold
+        storing = asyncio.create_task(store_inbound(hub, nats_client, count, size=60_000), name="store")
+        texts = [(await frame(reading))["envelope"]["parts"][0]["text"][:6] for _ in range(count)]
+        await storing
+        assert texts == [f"{n:06d}" for n in range(count)]
+        stalled._response.connection.transport.resume_reading()  # type: ignore[union-attr]
+        received = [await asyncio.wait_for(stalled.receive(), 15)]
+        while received[-1].type == aiohttp.WSMsgType.TEXT:  # what the sockets' buffers held, then the close
+            received.append(await asyncio.wait_for(stalled.receive(), 15))
+    assert received[-1].type == aiohttp.WSMsgType.CLOSE
+    assert received[-1].data == clients.TOO_SLOW and "too slow" in received[-1].extra
+    assert len(received) - 1 < count  # it was cut off, not served everything
+
+
 async def test_limits_close_the_socket(nats_server: EmbeddedServer, telegram_api: FakeApi, start_hub: StartHub,
                                        nats_client) -> None:
     hub = await start_hub(config(nats_server.url, telegram_api.base_url, max_frame_bytes=4096,
@@ -500,8 +562,12 @@ async def test_limits_close_the_socket(nats_server: EmbeddedServer, telegram_api
         await socket.send_str(json.dumps({"type": "ping", "id": "x" * 5000}))
         code, reason = await closed(socket)
     assert code == 1009 and "hub.max_frame_bytes" in reason
-    parked = dead_letters(await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.dlq.session",
-                                                hub.subjects.stream_name("dead_letters")))
+    for _ in range(300):  # aiohttp closes the socket before the hub has parked the refusal
+        parked = dead_letters(await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.dlq.session",
+                                                    hub.subjects.stream_name("dead_letters")))
+        if parked:
+            break
+        await asyncio.sleep(0.05)
     assert [letter["error"].startswith("WebSocket frame refused") for letter in parked] == [True]
     async with connect(hub) as socket:
         await socket.send_bytes(b"\x00\x01")
@@ -526,9 +592,9 @@ async def test_limits_close_the_socket(nats_server: EmbeddedServer, telegram_api
 def test_babelhub_schema_frames_prints_one_schema_per_frame_type(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["schema", "--frames"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert set(printed) == {"client.auth", "client.subscribe", "client.unsubscribe", "client.send", "client.ping",
-                            "hub.message", "hub.activity", "hub.status", "hub.subscribed", "hub.unsubscribed",
-                            "hub.error", "hub.pong"}
+    assert set(printed) == {"client.auth", "client.subscribe", "client.unsubscribe", "client.send", "client.post",
+                            "client.ping", "hub.message", "hub.activity", "hub.status", "hub.subscribed",
+                            "hub.unsubscribed", "hub.error", "hub.pong", "hub.session"}
     for document in printed.values():
         jsonschema.Draft202012Validator.check_schema(document)
     with pytest.raises(jsonschema.ValidationError):

@@ -19,10 +19,8 @@ from babelhub.codecs import load, meta_graph, native
 from babelhub.codecs.base import DecodeContext, EncodeContext, HttpRequest
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 from babelhub.services import config as cfg
-from babelhub.services.broker import Subjects
 from babelhub.services.connections import ConnectionService
 from babelhub.services.delivery import RetryPolicy
-from babelhub.services.publisher import Publisher
 from babelhub.services.telemetry import Metrics
 from tests.codeckit import meta_signed
 
@@ -244,11 +242,10 @@ async def test_a_body_of_many_tiny_containers_is_decoded_without_a_collection(na
         if phase == "start":
             collections.append(info["generation"])
 
-    subjects, metrics = Subjects("fuzz"), Metrics()
+    metrics = Metrics()
     async with aiohttp.ClientSession() as http:
         connection = ConnectionService(cfg.Connection(id="tg", tenant="acme", channel="telegram"), load("telegram"),
-                                       http, Publisher(nats_client, nats_client.jetstream()), subjects, metrics,
-                                       RetryPolicy())
+                                       http, metrics, RetryPolicy())
         gc.collect()
         gc.callbacks.append(count)
         try:

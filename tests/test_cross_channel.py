@@ -8,7 +8,6 @@ own codec understood the answer; the request checks below look at what each chan
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -34,7 +33,7 @@ from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from tests.fakeapi import FakeApi, Recorded, Reply
-from tests.hubkit import TENANT, Processor, unique_prefix
+from tests.hubkit import TENANT, Processor, WebVisitor, unique_prefix
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEXT = "Your order has shipped"
@@ -226,9 +225,8 @@ async def test_each_channel_answers_into_every_other_channel(world: tuple[Hub, d
             body = channel.body(hub.ctx.connections["teams"].settings.api_base.rsplit("/", 1)[0])
             async with session.post(url, data=body, headers=channel.headers(url, body)) as response:
                 assert response.status in (200, 201, 202), f"{name}: {response.status} {await response.text()}"
-        socket = await session.ws_connect(hub.http_url + "/ws/webchat?session=visitor")
-        await socket.receive_json()
-        await socket.send_json({"id": "w1", "text": "hi from the web"})
+        visitor = await WebVisitor.open(session, hub.http_url)
+        await visitor.say("hi from the web", "w1")
 
         inbound: dict[str, c.Message] = {}
         while len(inbound) < len(every) + 1:
@@ -253,12 +251,8 @@ async def test_each_channel_answers_into_every_other_channel(world: tuple[Hub, d
         failed = [s for s in statuses if s.state != "sent"]
         assert not failed, [(s.conversation.connection, s.error) for s in failed]
 
-        web_messages = []
-        while len(web_messages) < len(inbound) - 1:
-            frame = await asyncio.wait_for(socket.receive_json(), 15)
-            if frame.get("kind") == "message":
-                web_messages.append(frame)
-        await socket.close()
+        web_messages = [await visitor.reply() for _ in range(len(inbound) - 1)]
+        await visitor.close()
 
     for name, channel in every.items():
         assert channel.requests, f"{name} received nothing"

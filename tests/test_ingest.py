@@ -25,7 +25,6 @@ from babelhub.services import config as cfg
 from babelhub.services.broker import Subjects, provision
 from babelhub.services.connections import ConnectionService
 from babelhub.services.delivery import RetryPolicy
-from babelhub.services.publisher import Publisher
 from babelhub.services.telemetry import Metrics
 from tests.hubkit import dead_letters, stream_messages, unique_prefix, webhook_app
 
@@ -60,8 +59,7 @@ async def endpoint(nats_client) -> AsyncIterator[tuple[str, Subjects]]:  # type:
     await provision(js, subjects, 60.0)
     settings = cfg.Connection(id="c1", tenant="acme", channel="careless")
     async with aiohttp.ClientSession() as http:
-        publisher = Publisher(nats_client, js)
-        connection = ConnectionService(settings, Careless(), http, publisher, subjects, metrics, RetryPolicy())
+        connection = ConnectionService(settings, Careless(), http, metrics, RetryPolicy())
         runner = await webhook_app(nats_client, subjects, metrics, http, {"c1": connection})
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -1,6 +1,6 @@
 """Telnyx media streaming: every documented frame read from real-shaped fixtures (µ-law and big-endian
 L16 audio), the outbound frames in the documented shape and the codec the options name, hostile frames
-refused naming the JSON path, error frames kept, and the streaming auth token of the WebSocket request."""
+refused naming the JSON path, error frames as `Trouble`, and the streaming auth token of the WebSocket request."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import ConfigError, DecodeError, SignatureError
-from babelhub.media import Audio, Dtmf, Played, Start, Stop
-from babelhub.media.telnyx import TelnyxMedia, TelnyxStreamError
+from babelhub.media import Audio, Dtmf, Played, Start, Stop, Trouble
+from babelhub.media.telnyx import TelnyxMedia
 from tests.mediakit import (
     MediaFixtures,
     changed,
@@ -97,19 +97,18 @@ def test_dtmf_mark_and_stop() -> None:
     assert media.receive(text("stop")) == [Stop()]
 
 
-def test_an_error_frame_is_kept_for_the_hub_to_log() -> None:
+def test_an_error_frame_is_trouble_with_its_code_title_detail_and_the_message() -> None:
     media = started()
-    assert media.receive(text("error")) == []
-    assert media.errors == [TelnyxStreamError(code=100002, title="unknown_error",
-                                              detail="An unknown error occurred on the stream")]
+    (trouble,) = media.receive(text("error"))
+    assert trouble == Trouble(code="100002", reason="unknown_error: An unknown error occurred on the stream",
+                              report=trouble.report)
+    assert json.loads(trouble.report) == FIXTURES.json("error")
 
 
-def test_error_frames_kept_are_bounded() -> None:
-    media = started()
-    for code in range(250):
-        media.receive(json.dumps({"event": "error", "payload": {"code": code, "title": "rate_limit_reached"}}))
-    assert len(media.errors) == 100
-    assert [error.code for error in media.errors[:1] + media.errors[-1:]] == [150, 249]
+def test_an_error_frame_without_a_detail_is_trouble_with_its_title() -> None:
+    frame = json.dumps({"event": "error", "payload": {"code": 100005, "title": "rate_limit_reached"}})
+    (trouble,) = started().receive(frame)
+    assert isinstance(trouble, Trouble) and (trouble.code, trouble.reason) == ("100005", "rate_limit_reached")
 
 
 def test_an_unknown_event_is_skipped() -> None:

@@ -39,6 +39,7 @@ from tests.hubkit import (
     TENANT,
     HubProcess,
     Processor,
+    WebVisitor,
     dead_letters,
     stream_messages,
     telegram_config,
@@ -389,25 +390,19 @@ async def test_a_web_chat_frame_while_nats_is_down_closes_with_1013_and_the_hub_
     await server.start()
     try:
         async with Hub(webchat_config(server.url)) as hub, aiohttp.ClientSession() as session:
-            async with session.ws_connect(hub.http_url + "/ws/webchat") as socket:
-                hello = await socket.receive_json(timeout=10)
-                await server.stop()
-                await eventually_async(lambda: _nats_down(session, hub))
-                await socket.send_json({"id": "m1", "text": "while NATS is down"})
-                closing = await socket.receive(timeout=10)
-                assert closing.type == aiohttp.WSMsgType.CLOSE
-                assert closing.data == aiohttp.WSCloseCode.TRY_AGAIN_LATER and "reconnect later" in closing.extra
+            visitor = await WebVisitor.open(session, hub.http_url)
+            await server.stop()
+            await eventually_async(lambda: _nats_down(session, hub))
+            await visitor.say("while NATS is down", "m1")
+            closing = await visitor.socket.receive(timeout=10)
+            assert closing.type == aiohttp.WSMsgType.CLOSE
+            assert closing.data == aiohttp.WSCloseCode.TRY_AGAIN_LATER and "reconnect later" in closing.extra
             await server.start()
             await eventually_async(lambda: _ready(session, hub))
-            resume = f"/ws/webchat?session={hello['session']}&token={hello['token']}"
-            async with session.ws_connect(hub.http_url + resume) as socket:
-                assert (await socket.receive_json(timeout=10))["resumed"] is True
-                await socket.send_json({"id": "m2", "text": "back"})
-                while True:  # the echo processor answers the resent message
-                    frame = await socket.receive_json(timeout=15)
-                    if frame.get("kind") == "message":
-                        break
-                assert frame["parts"] == [{"type": "text", "text": "echo: back"}]
+            back = await WebVisitor.open(session, hub.http_url, resume=visitor)
+            assert back.hello["resumed"] is True
+            await back.say("back", "m2")  # the page sends again what was not taken
+            assert (await back.reply())["parts"] == [{"type": "text", "text": "echo: back"}]
     finally:
         await server.stop()
 

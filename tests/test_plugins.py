@@ -13,7 +13,7 @@ import pytest
 from babelhub.errors import ConfigError
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
-from tests.hubkit import StartHub, unique_prefix, write_config
+from tests.hubkit import StartHub, WebVisitor, unique_prefix, write_config
 
 OUTSIDE_MODULE = '''
 """A processor transport shipped by another package: it keeps what its tenant's customers wrote and
@@ -81,9 +81,8 @@ async def test_a_transport_from_another_package_plugs_in_by_name(
     )
     hub = await start_hub(config)
     assert outside_transport.EVENTS == ["start"]
-    async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as chat:
-        await chat.receive_json()  # the session the hub opened
-        await chat.send_json({"id": "1", "text": "hello, plug-in"})
+    async with aiohttp.ClientSession() as session:
+        await (await WebVisitor.open(session, hub.http_url)).say("hello, plug-in")
 
         for _ in range(300):
             async with session.get(hub.http_url + "/recorder/rec") as response:  # the plug-in's own route

@@ -20,21 +20,13 @@ from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from babelhub.sessions.limits import FrameBudgets
 from babelhub.sessions.tokens import SessionSigner, well_formed
-from tests.hubkit import VirtualClock, dead_letters, stream_messages, webchat_config
+from tests.hubkit import Processor, VirtualClock, WebVisitor, dead_letters, stream_messages, webchat_config
 
 
 @pytest.fixture
 async def hub(nats_server: EmbeddedServer) -> AsyncIterator[Hub]:
     async with Hub(webchat_config(nats_server.url)) as running:
         yield running
-
-
-async def receive_message(socket: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
-    """The next canonical message the hub pushes to the browser."""
-    while True:
-        frame = await asyncio.wait_for(socket.receive_json(), 15)
-        if frame.get("kind") == "message":
-            return frame
 
 
 async def test_page_is_served(hub: Hub) -> None:
@@ -45,55 +37,79 @@ async def test_page_is_served(hub: Hub) -> None:
 
 
 async def test_chat_echoes_and_buttons_come_back_as_actions(hub: Hub) -> None:
-    async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as socket:
-        hello = await socket.receive_json()
-        assert hello["type"] == "session" and hello["session"]
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url)
+        assert visitor.hello["session"] and visitor.hello["conversation"]
+        assert visitor.subscribed["recovered"] is False  # a new visitor gives no cursor
 
-        await socket.send_json({"id": "1", "text": "hello there"})
-        reply = await receive_message(socket)
+        await visitor.say("hello there", "1")
+        mine = (await visitor.frame("message"))["envelope"]
+        assert mine["direction"] == "inbound" and mine["parts"] == [{"type": "text", "text": "hello there"}]
+        reply = await visitor.reply()
         assert reply["parts"] == [{"type": "text", "text": "echo: hello there"}]
-        assert reply["direction"] == "outbound" and reply["reply_to"]
+        assert reply["reply_to"] == mine["id"]
+        assert (await visitor.frame("status"))["envelope"]["state"] == "sent"
 
-        await socket.send_json({"id": "2", "text": "menu"})
-        menu = await receive_message(socket)
+        await visitor.say("menu", "2")
+        menu = await visitor.reply()
         (buttons,) = menu["parts"]
         assert buttons["type"] == "buttons" and len(buttons["buttons"]) == 3
         chosen = buttons["buttons"][0]
 
-        await socket.send_json({"id": "3", "action": {"id": chosen["id"], "title": chosen["title"],
-                                                      "source": menu["id"]}})
-        answer = await receive_message(socket)
+        await visitor.post({"id": "3", "action": {"id": chosen["id"], "title": chosen["title"], "source": menu["id"]}})
+        answer = await visitor.reply()
         assert answer["parts"] == [{"type": "text", "text": f"You chose: {chosen['title']}"}]
 
 
 async def test_compression_offered_by_a_browser_is_declined(hub: Hub) -> None:
     """Browsers offer `permessage-deflate; client_max_window_bits`; taking it up would keep zlib state
     (over 100 KB) for every idle session. The chat still works uncompressed."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(hub.http_url + "/ws/webchat", compress=15) as socket,
-    ):
-        assert socket.compress == 0  # the handshake's answer names no extension
-        assert (await socket.receive_json())["type"] == "session"
-        await socket.send_json({"id": "1", "text": "plain frames"})
-        reply = await receive_message(socket)
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url, compress=15)
+        assert visitor.socket.compress == 0  # the handshake's answer names no extension
+        await visitor.say("plain frames")
+        reply = await visitor.reply()
     assert reply["parts"] == [{"type": "text", "text": "echo: plain frames"}]
 
 
 async def test_a_session_resumes_with_its_id_and_token(hub: Hub) -> None:
     async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(hub.http_url + "/ws/webchat") as socket:
-            issued = await socket.receive_json()
-            assert issued["resumed"] is False and issued["session"] and issued["token"]
-            await socket.send_json({"id": "a", "text": "first"})
-            first = await receive_message(socket)
-        resume = f"/ws/webchat?session={issued['session']}&token={issued['token']}"
-        async with session.ws_connect(hub.http_url + resume) as socket:
-            again = await socket.receive_json()
-            await socket.send_json({"id": "b", "text": "second"})
-            second = await receive_message(socket)
-    assert again == {**issued, "resumed": True}
-    assert first["conversation"]["id"] == second["conversation"]["id"]
+        first_visit = await WebVisitor.open(session, hub.http_url)
+        issued = first_visit.hello
+        assert issued["resumed"] is False and issued["session"] and issued["token"]
+        await first_visit.say("first", "a")
+        first = await first_visit.reply()
+        await first_visit.close()
+        again = await WebVisitor.open(session, hub.http_url, resume=first_visit)
+        await again.say("second", "b")
+        second = await again.reply()
+    assert again.hello == {**issued, "resumed": True}
+    assert first["conversation"]["id"] == second["conversation"]["id"] == issued["conversation"]
+
+
+async def test_what_was_sent_while_the_visitor_was_away_comes_once_when_it_resumes(hub: Hub, nats_client) -> None:
+    """A visitor's connection drops; the app answers twice meanwhile. Reconnecting with its session and
+    cursor, the visitor gets both answers, in order, and nothing it had already read."""
+    app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url)
+        await visitor.say("where is my parcel?")
+        assert (await visitor.reply())["parts"][0]["text"] == "echo: where is my parcel?"
+        await visitor.frame("status")
+        inbound, _ = await app.next()
+        await visitor.close()  # the train enters a tunnel
+
+        for text in ("it left the depot", "it arrives today"):
+            await app.reply(inbound, c.Text(text=text))
+        states = [(await app.next_status()).state for _ in range(3)]  # the echo's reply, then these two
+        assert states == ["sent", "sent", "sent"]  # stored for the visitor: nothing failed
+
+        back = await WebVisitor.open(session, hub.http_url, resume=visitor)
+        assert back.subscribed["recovered"] is True
+        missed = [(await back.reply())["parts"][0]["text"] for _ in range(2)]
+        assert missed == ["it left the depot", "it arrives today"]
+        await back.say("thanks", "2")  # nothing else was pending: the next answer is to this
+        assert (await back.reply())["parts"][0]["text"] == "echo: thanks"
 
 
 @pytest.mark.parametrize("forged_token",
@@ -103,64 +119,100 @@ async def test_a_session_id_without_its_token_cannot_read_the_session(hub: Hub, 
     """An attacker who learned a visitor's session id presents it with no token, a guessed one, or the
     token of a session of their own: the hub starts a new session for them and the visitor's messages
     never reach them."""
-    from tests.hubkit import Processor
-
     app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
-    async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as visitor:
-        victim = await visitor.receive_json()
-        await visitor.send_json({"id": "1", "text": "my order number is 1234"})
-        await receive_message(visitor)
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url)
+        await visitor.say("my order number is 1234")
+        await visitor.reply()
         inbound, _ = await app.next()
         if forged_token == "from-another-session":
-            async with session.ws_connect(hub.http_url + "/ws/webchat") as own:
-                forged_token = (await own.receive_json())["token"]
-        query = f"?session={victim['session']}" + (f"&token={forged_token}" if forged_token else "")
-        async with session.ws_connect(hub.http_url + "/ws/webchat" + query) as attacker:
-            given = await attacker.receive_json()
-            assert given["session"] != victim["session"] and given["resumed"] is False
+            own = await WebVisitor.open(session, hub.http_url, subscribe=False)
+            forged_token = own.hello["token"]
+        query = f"?session={visitor.hello['session']}" + (f"&token={forged_token}" if forged_token else "")
+        attacker = await WebVisitor.open(session, hub.http_url, query=query)
+        assert attacker.hello["session"] != visitor.hello["session"] and attacker.hello["resumed"] is False
 
-            await app.reply(inbound, c.Text(text="your parcel leaves today"))
-            assert (await receive_message(visitor))["parts"][0]["text"] == "your parcel leaves today"
-            # The attacker's socket works, and all it ever gets is its own conversation.
-            await attacker.send_json({"id": "x", "text": "anything for me?"})
-            seen = await receive_message(attacker)
-            assert seen["parts"][0]["text"] == "echo: anything for me?"
-            assert seen["conversation"]["id"] != inbound.conversation.id
+        await app.reply(inbound, c.Text(text="your parcel leaves today"))
+        assert (await visitor.reply())["parts"][0]["text"] == "your parcel leaves today"
+        # The attacker's socket works, and all it ever gets is its own conversation.
+        await attacker.say("anything for me?", "x")
+        seen = await attacker.reply()
+        assert seen["parts"][0]["text"] == "echo: anything for me?"
+        assert seen["conversation"]["id"] != inbound.conversation.id
+        # Subscribing to the visitor's conversation by its id is refused outright.
+        await attacker.socket.send_json({"type": "subscribe", "conversations": [inbound.conversation.id]})
+        closing = await close_of(attacker.socket)
+        assert closing.data == 4003 and "may not read" in closing.extra
+
+
+async def test_a_visitor_posts_but_never_sends_envelopes(hub: Hub) -> None:
+    """A `send` frame would let a browser write as the business: a visitor's credential has no right to it."""
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url)
+        envelope = {"kind": "message", "id": "m1", "tenant": "demo", "direction": "outbound",
+                    "ts": "2026-12-01T10:00:00Z", "parts": [{"type": "text", "text": "refund approved"}],
+                    "conversation": {"id": visitor.hello["conversation"], "channel": "webchat",
+                                     "connection": "webchat", "native_id": visitor.hello["session"]}}
+        await visitor.socket.send_json({"type": "send", "envelope": envelope})
+        closing = await close_of(visitor.socket)
+    assert closing.data == 4003 and "may not send" in closing.extra
+
+
+async def test_a_visitor_is_shown_what_the_web_chat_can_show(hub: Hub, nats_client) -> None:
+    """The stream holds the app's message as it was sent; the visitor gets it degraded to the web chat's
+    capabilities, like a channel's API call would carry it (a location becomes text with a map link)."""
+    app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url)
+        await visitor.say("where are you?")
+        await visitor.reply()
+        inbound, _ = await app.next()
+        await app.reply(inbound, c.Location(lat=48.8584, lon=2.2945, name="Eiffel Tower"))
+        shown = await visitor.reply()
+    assert [part["type"] for part in shown["parts"]] == ["text"]
+    assert "Eiffel Tower" in shown["parts"][0]["text"]
+    assert shown["meta"]["babelhub.degraded"][0]["from"] == "location"
 
 
 @pytest.mark.parametrize(
-    ("frame", "reason"),
+    ("message", "reason", "path"),
     [
-        ("not json", "body is not valid JSON"),
-        ('{"id": "x"}', "either `text` or `action`"),
-        ('{"id": 5, "text": "hi"}', "Expected `str`, got `int` (at $.id)"),
-        ('{"id": "x", "text": "hi", "colour": "red"}', "unknown field `colour`"),
+        ("not json", "Expected `object`", "$.message"),
+        ({"id": "x"}, "either `text` or `action`", "$.message"),
+        ({"id": 5, "text": "hi"}, "Expected `str`, got `int`", "$.message.id"),
+        ({"id": "x", "text": "hi", "colour": "red"}, "unknown field `colour`", "$.message"),
         # Every field is bounded: an empty id would make every frame a duplicate of the first.
-        ('{"id": "", "text": "hi"}', "length >= 1 (at $.id)"),
-        ('{"id": "' + "i" * 65 + '", "text": "hi"}', "length <= 64 (at $.id)"),
-        ('{"id": "x", "text": "' + "a" * 10_001 + '"}', "length <= 10000 (at $.text)"),
-        ('{"id": "x", "text": "hi", "name": "' + "n" * 101 + '"}', "length <= 100 (at $.name)"),
-        ('{"id": "x", "action": {"id": "' + "b" * 257 + '"}}', "length <= 256 (at $.action.id)"),
+        ({"id": "", "text": "hi"}, "length >= 1", "$.message.id"),
+        ({"id": "i" * 65, "text": "hi"}, "length <= 64", "$.message.id"),
+        ({"id": "x", "text": "a" * 10_001}, "length <= 10000", "$.message.text"),
+        ({"id": "x", "text": "hi", "name": "n" * 101}, "length <= 100", "$.message.name"),
+        ({"id": "x", "action": {"id": "b" * 257}}, "length <= 256", "$.message.action.id"),
     ],
 )
-async def test_a_bad_frame_closes_with_1007_and_a_reason_and_is_kept(hub: Hub, nats_client, frame: str,
-                                                                     reason: str) -> None:
-    async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as socket:
-        await socket.receive_json()
-        await socket.send_str(frame)
-        closing = await asyncio.wait_for(socket.receive(), 15)
-        assert closing.type == WSMsgType.CLOSE
-        assert closing.data == 1007 and reason in closing.extra
+async def test_a_bad_post_is_answered_with_the_path_and_is_kept(hub: Hub, nats_client, message: Any, reason: str,
+                                                                path: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url)
+        await visitor.post(message)
+        error = await visitor.frame("error")
+        assert reason in error["message"] and error["path"] == path
+        # The socket is still open and the chat goes on.
+        await visitor.say("still here", "ok")
+        assert (await visitor.reply())["parts"][0]["text"] == "echo: still here"
     letters = await stream_messages(nats_client, f"{hub.subjects.prefix}.demo.dlq.>",
                                     hub.subjects.stream_name("dead_letters"))
     (letter,) = dead_letters(letters)
     assert letter["stage"] == "ingest" and letter["connection"] == "webchat"
-    assert letter["body"] == frame.encode()
-    # The chat itself is not disturbed.
-    async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as socket:
-        await socket.receive_json()
-        await socket.send_json({"id": "ok", "text": "still here"})
-        assert (await receive_message(socket))["parts"][0]["text"] == "echo: still here"
+    assert letter["body"] == json.dumps(message).encode()
+
+
+async def test_a_visitor_that_keeps_posting_bad_frames_is_closed_with_4400(hub: Hub) -> None:
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url)
+        for n in range(5):
+            await visitor.post({"id": str(n)})
+        closing = await close_of(visitor.socket)
+    assert closing.data == 4400 and "too many bad frames" in closing.extra
 
 
 async def test_unknown_socket_names_are_refused(hub: Hub) -> None:
@@ -174,30 +226,12 @@ async def test_unknown_socket_names_are_refused(hub: Hub) -> None:
 async def test_shutdown_closes_sockets_with_1001(nats_server: EmbeddedServer) -> None:
     hub = Hub(webchat_config(nats_server.url, echo=False))
     await hub.start()
-    async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as socket:
-        await socket.receive_json()
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url)
         stopping = asyncio.create_task(hub.stop(), name="hub-stop")
-        closing = await asyncio.wait_for(socket.receive(), 15)
+        closing = await close_of(visitor.socket)
         await stopping
     assert closing.type == WSMsgType.CLOSE and closing.data == 1001
-
-
-async def test_a_message_for_a_visitor_who_left_is_reported_failed(hub: Hub, nats_client) -> None:
-    from tests.hubkit import Processor
-
-    app = await Processor(nats_client, hub.subjects.prefix, tenant="demo").start()
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(hub.http_url + "/ws/webchat") as socket:
-            await socket.receive_json()
-            await socket.send_json({"id": "1", "text": "hello"})
-            await receive_message(socket)
-            inbound, _ = await app.next()
-        # The visitor closed the tab; the app answers anyway.
-        await app.reply(inbound, c.Text(text="are you there?"))
-        status = await app.next_status()
-        while status.state == "sent":  # the echo processor's own reply may be reported first
-            status = await app.next_status()
-    assert status.state == "failed" and status.error is not None and status.error.code == "session_offline"
 
 
 # ------------------------------------------------------------------------------ exposed to the internet
@@ -222,10 +256,11 @@ async def close_of(socket: aiohttp.ClientWebSocketResponse) -> aiohttp.WSMessage
 
 async def chat_once(hub: Hub, text: str) -> str:
     """A new visitor says something and returns the echo's text."""
-    async with aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as socket:
-        await socket.receive_json()
-        await socket.send_json({"id": "1", "text": text})
-        text_back: str = (await receive_message(socket))["parts"][0]["text"]
+    async with aiohttp.ClientSession() as session:
+        visitor = await WebVisitor.open(session, hub.http_url)
+        await visitor.say(text)
+        text_back: str = (await visitor.reply())["parts"][0]["text"]
+        await visitor.close()
         return text_back
 
 
@@ -288,7 +323,7 @@ async def test_a_session_sending_too_fast_is_closed_with_1008(nats_server: Embed
             for n in range(50):
                 if socket.closed:
                     break
-                await socket.send_json({"id": str(n), "text": "spam"})
+                await socket.send_json({"type": "post", "message": {"id": str(n), "text": "spam"}})
             closing = await close_of(socket)
         assert closing.data == 1008 and "frame rate limit" in closing.extra
         assert "hub.session_frame_rate" in closing.extra
@@ -297,7 +332,8 @@ async def test_a_session_sending_too_fast_is_closed_with_1008(nats_server: Embed
         assert 5 <= len(recorded) < 50  # the frames over the budget were never recorded
 
 
-@pytest.mark.parametrize("frame", ["x" * 800_000, json.dumps({"id": "big", "text": "a" * 800_000})])
+@pytest.mark.parametrize("frame", ["x" * 800_000,
+                                   json.dumps({"type": "post", "message": {"id": "big", "text": "a" * 800_000}})])
 async def test_an_oversized_frame_closes_with_1009_and_the_hub_serves_everyone(
         nats_server: EmbeddedServer, nats_client, frame: str) -> None:
     """The attack from issue 7: one ~800 KB frame, no authentication needed, used to make a publish over
@@ -330,9 +366,8 @@ async def test_a_stalled_request_body_times_out_with_408(nats_server: EmbeddedSe
     telegram = cfg.Connection(id="tg", tenant="demo", channel="telegram",
                               secrets={"bot_token": "1:x", "secret_token": "s"})
     config = msgspec.structs.replace(config, connections=[*config.connections, telegram])
-    async with Hub(config) as hub, \
-            aiohttp.ClientSession() as session, session.ws_connect(hub.http_url + "/ws/webchat") as chatting:
-        await chatting.receive_json()
+    async with Hub(config) as hub, aiohttp.ClientSession() as session:
+        chatting = await WebVisitor.open(session, hub.http_url)
         host, port = hub.http_url.removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
@@ -346,14 +381,14 @@ async def test_a_stalled_request_body_times_out_with_408(nats_server: EmbeddedSe
         finally:
             writer.close()
         # A WebSocket has no body: it outlives the body deadline.
-        await chatting.send_json({"id": "1", "text": "after the deadline"})
-        assert (await receive_message(chatting))["parts"][0]["text"] == "echo: after the deadline"
+        await chatting.say("after the deadline")
+        assert (await chatting.reply())["parts"][0]["text"] == "echo: after the deadline"
 
 
 async def test_a_chatty_visitor_does_not_hold_up_other_visitors(nats_server: EmbeddedServer) -> None:
     """One visitor floods frames (reconnecting with its token each time it is cut off) while another
     chats: every one of the other visitor's messages is answered, and the flood hits its rate limit."""
-    config = limited_config(nats_server.url, session_frame_rate=5.0, session_frame_burst=10)
+    config = limited_config(nats_server.url, session_frame_rate=5.0, session_frame_burst=12)  # subscribe + 10 posts fit
     async with Hub(config) as hub, aiohttp.ClientSession() as session:
         quiet_done = asyncio.Event()
         cut_off: list[aiohttp.WSMessage] = []
@@ -370,16 +405,16 @@ async def test_a_chatty_visitor_does_not_hold_up_other_visitors(nats_server: Emb
                         for n in range(200):
                             if socket.closed:
                                 break
-                            await socket.send_json({"id": f"{issued['session']}-{len(cut_off)}-{n}", "text": "spam"})
+                            await socket.send_json({"type": "post", "message": {
+                                "id": f"{issued['session']}-{len(cut_off)}-{n}", "text": "spam"}})
                     cut_off.append(await close_of(socket))
 
         flooding = asyncio.create_task(flood(), name="flood")
         try:
-            async with session.ws_connect(hub.http_url + "/ws/webchat") as quiet:
-                await quiet.receive_json()
-                for n in range(10):
-                    await quiet.send_json({"id": str(n), "text": f"question {n}"})
-                    assert (await receive_message(quiet))["parts"][0]["text"] == f"echo: question {n}"
+            quiet = await WebVisitor.open(session, hub.http_url)
+            for n in range(10):
+                await quiet.say(f"question {n}", str(n))
+                assert (await quiet.reply())["parts"][0]["text"] == f"echo: question {n}"
         finally:
             quiet_done.set()
             await asyncio.wait_for(flooding, 60)

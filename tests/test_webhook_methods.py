@@ -42,7 +42,6 @@ from babelhub.services import config as cfg
 from babelhub.services.broker import Subjects, provision
 from babelhub.services.connections import ConnectionService
 from babelhub.services.delivery import RetryPolicy
-from babelhub.services.publisher import Publisher
 from babelhub.services.telemetry import Metrics
 from tests.hubkit import Processor, stream_messages, unique_prefix, webhook_app
 
@@ -135,12 +134,11 @@ async def endpoint(nats_client, bot_key: rsa.RSAPrivateKey) -> AsyncIterator[End
                                    "pubsub_audience": PUSH_AUDIENCE, "pubsub_service_account": PUSH_ACCOUNT,
                                    "pubsub_signing_keys": _jwks(bot_key)}),
     }
-    publisher = Publisher(nats_client, js)
     async with aiohttp.ClientSession() as http:
         connections = {
             name: ConnectionService(cfg.Connection(id=name, tenant="acme", channel=codec.channel, secrets=secrets,
                                                    options=OPTIONS.get(name, {})),
-                                    codec, http, publisher, subjects, metrics, RetryPolicy())
+                                    codec, http, metrics, RetryPolicy())
             for name, (codec, secrets) in codecs.items()
         }
         runner = await webhook_app(nats_client, subjects, metrics, http, connections)

@@ -212,7 +212,8 @@ class Codec(ABC):
     """The inbound source a connection of this channel uses unless its `mode` names another: `webhook`
     (the channel calls the hub), or `websocket` for channels whose clients connect to the hub's own
     WebSocket (`/ws/{connection}`): each frame is then recorded with the session id in the
-    `SESSION_HEADER` header, and `session:<id>` URLs in `OutboundRequest` are delivered to that socket."""
+    `SESSION_HEADER` header, and a `session:<id>` URL in an `OutboundRequest` names a visitor, who reads
+    the message from the conversation's stream (no call is made)."""
     secret_settings: ClassVar[type[Settings]] = NoSecrets
     """The connection's `secrets` this channel reads: a `Settings` Struct whose fields without a default
     are required and whose field docstrings tell an operator what to set (see `babelhub.codecs.settings`)."""

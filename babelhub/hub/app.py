@@ -248,7 +248,7 @@ class Hub:
             except LookupError as exc:
                 raise ConfigError(f"$.connections[{index}].channel: {exc}") from None
             services[settings.id] = ConnectionService(
-                settings, codec, client, publisher, self.subjects, self.metrics, policy,
+                settings, codec, client, self.metrics, policy,
                 send_deadline=self.config.send_deadline(settings))
         return services
 

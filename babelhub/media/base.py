@@ -25,8 +25,8 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, NoSecrets, Settings
 from babelhub.errors import ConfigError
 
-__all__ = ["Audio", "Dtmf", "FlowControl", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "WsFrame",
-           "read_options"]
+__all__ = ["Audio", "Dtmf", "FlowControl", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "Trouble",
+           "WsFrame", "read_options"]
 
 S = TypeVar("S", bound=Settings)
 
@@ -79,6 +79,18 @@ class Stop(_Event, tag="stop", frozen=True, kw_only=True):
     reason: str = ""
 
 
+class Trouble(_Event, tag="trouble", frozen=True, kw_only=True):
+    """The provider reports that it could not use something the hub sent (an error frame). The stream
+    goes on; the hub logs the report and keeps it as a dead letter."""
+
+    code: str
+    """The provider's code of the error (Telnyx `payload.code`, …)."""
+    reason: str
+    """What the provider says went wrong: its title and detail."""
+    report: bytes = b""
+    """The provider's message as read (JSON), kept in the dead letter."""
+
+
 class FlowControl(_Event, tag="flow", frozen=True, kw_only=True):
     """The provider asks the hub to stop sending audio (`paused`: its buffer is nearly full, and what
     comes now would be dropped) or to go on (`paused=False`). The hub holds the call's outbound audio
@@ -87,7 +99,7 @@ class FlowControl(_Event, tag="flow", frozen=True, kw_only=True):
     paused: bool
 
 
-MediaEvent: TypeAlias = Start | Audio | Dtmf | Played | Stop | FlowControl
+MediaEvent: TypeAlias = Start | Audio | Dtmf | Played | Stop | Trouble | FlowControl
 
 
 class MediaSession(ABC):

@@ -18,8 +18,8 @@ Inbound, every message is a JSON text frame with an `event`:
   once when nothing is queued, and every queued one when a `clear` drops the media;
 * `stop` → `Stop`;
 * `error` (`payload.code`, `title`, `detail`: 100003 malformed frame, 100004 invalid media, 100005
-  rate limit, …) reports a frame the hub sent: it has no event of its own, so it yields nothing and
-  is kept in `errors` for the hub to log.
+  rate limit, …) reports a frame the hub sent → `Trouble` with the code, the title and detail, and the
+  message; the stream goes on.
 
 Any other event yields nothing; a known event whose fields do not fit raises `DecodeError` naming the
 JSON path.
@@ -61,7 +61,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import ConfigError, DecodeError, SignatureError
 from babelhub.media import support
-from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, WsFrame
+from babelhub.media.base import Audio, MediaEvent, MediaSession, Played, Start, Stop, Trouble, WsFrame
 
 __all__ = ["TelnyxMedia", "TelnyxMediaOptions", "TelnyxMediaSecrets", "TelnyxStreamError"]
 
@@ -71,8 +71,6 @@ FORMAT: Final = AudioFormat(codec="mulaw", rate=8000, channels=1, frame_ms=20)
 _ENCODINGS: Final[dict[str, AudioCodec]] = {"PCMU": "mulaw", "PCMA": "alaw", "L16": "pcm16", "OPUS": "opus"}
 """`start.media_format.encoding` values this module reads, as `AudioFormat` codecs."""
 _TOKEN_HEADER: Final = "x-telnyx-streaming-auth-token"
-_MAX_ERRORS: Final = 100
-"""Error frames kept per stream: a stream that keeps failing must not grow without bound."""
 
 
 class TelnyxMediaSecrets(Settings, frozen=True, kw_only=True):
@@ -112,8 +110,6 @@ class TelnyxMedia(MediaSession):
         self.outbound_format = _outbound_format(self.settings)
         self.stream_id = ""
         """The stream's id from the `start` message."""
-        self.errors: list[TelnyxStreamError] = []
-        """The error frames Telnyx sent, oldest first (at most the last 100)."""
 
     def verify(self, request: HttpRequest) -> None:
         """The `x-telnyx-streaming-auth-token` header must be the connection's `stream_auth_token`."""
@@ -178,8 +174,9 @@ class TelnyxMedia(MediaSession):
         return [Stop()]
 
     def _error(self, raw: Any) -> list[MediaEvent]:
-        self.errors = [*self.errors[-(_MAX_ERRORS - 1):], native.convert(raw, _ErrorMessage).payload]
-        return []
+        error = native.convert(raw, _ErrorMessage).payload
+        reason = f"{error.title}: {error.detail}" if error.detail else error.title
+        return [Trouble(code=str(error.code), reason=reason, report=msgspec.json.encode(raw))]
 
 
 _READERS: Final = {

@@ -70,10 +70,6 @@ class Subjects(msgspec.Struct, frozen=True):
     def dead_letter(self, tenant: str, stage: str) -> str:
         return f"{self.prefix}.{tenant}.dlq.{stage}"
 
-    def session(self, tenant: str, connection: str, session: str) -> str:
-        """Core-NATS subject on which a connected WebSocket session receives what is sent to it."""
-        return f"{self.prefix}.{tenant}.session.{connection}.{session}"
-
     def streams(self) -> dict[str, list[str]]:
         p = self.prefix
         return {

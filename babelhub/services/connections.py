@@ -2,8 +2,8 @@
 
 The hub never names a channel: everything channel-specific is behind `Codec`. This module only knows
 that a codec's `OutboundRequest` is either an HTTP call (sent through the connection's pacer and
-circuit) or, for the built-in WebSocket sessions, a `session:<id>` address delivered over core NATS to
-whichever hub process holds that socket.
+circuit) or, for the built-in WebSocket sessions, a `session:<id>` address: a visitor reads what is
+sent to it from its conversation's stream, where the message is stored already, so no call is made.
 
 A message's calls are made in order; after each one that succeeds, the caller hears of its `Progress`
 and records it (the send ledger), so a message redelivered after a crash skips the calls already made.
@@ -18,19 +18,16 @@ from functools import partial
 
 import aiohttp
 import msgspec
-import nats.errors
 
 from babelhub.canonical import Activity, Envelope, Error, Message
 from babelhub.codecs import native
 from babelhub.codecs.base import Codec, DecodeContext, EncodeContext, HttpRequest, OutboundRequest, SendResult
 from babelhub.codecs.degrade import CHOICES_KEY, degrade
-from babelhub.errors import EncodeError, PayloadTooLarge
+from babelhub.errors import EncodeError
 from babelhub.services import config as cfg
-from babelhub.services.broker import Subjects
 from babelhub.services.circuit import Circuit
 from babelhub.services.delivery import RetryPolicy, deliver_through
 from babelhub.services.pacing import Pacer
-from babelhub.services.publisher import Publisher
 from babelhub.services.telemetry import Metrics, carrier
 
 __all__ = ["DEFAULT_SEND_DEADLINE", "ConnectionService", "Progress", "Sent"]
@@ -38,7 +35,6 @@ __all__ = ["DEFAULT_SEND_DEADLINE", "ConnectionService", "Progress", "Sent"]
 log = logging.getLogger("babelhub.connections")
 
 SESSION_SCHEME = "session:"
-_SESSION_TIMEOUT = 5.0
 DEFAULT_SEND_DEADLINE = 86_400.0
 
 
@@ -71,8 +67,6 @@ class ConnectionService:
         settings: cfg.Connection,
         codec: Codec,
         http: aiohttp.ClientSession,
-        publisher: Publisher,
-        subjects: Subjects,
         metrics: Metrics,
         policy: RetryPolicy,
         *,
@@ -85,8 +79,6 @@ class ConnectionService:
         self.settings = settings
         self.codec = codec
         self._http = http
-        self._publisher = publisher
-        self._subjects = subjects
         self._metrics = metrics
         self._policy = policy
         self.pacer = Pacer(codec.send_rate if settings.max_rate is None else settings.max_rate)
@@ -185,7 +177,9 @@ class ConnectionService:
         """One API call, retried through the circuit until `deadline` (on the circuit's clock); without
         a deadline, best effort: one try, none while the circuit is open."""
         if request.url.startswith(SESSION_SCHEME):
-            return await self._to_session(request)
+            # Stored in the conversation's stream before it reached this actor: the visitor's socket
+            # delivers it from there, now or when the visitor comes back with its cursor.
+            return SendResult(ok=True, native_ids=[request.message_id])
         traced = msgspec.structs.replace(request, headers={**request.headers, **carrier()})
         return await deliver_through(self._http, self.codec, traced, circuit=self.circuit, pacer=self.pacer,
                                      deadline=deadline, timeout=self._policy.timeout, on_retry=self._count_retry,
@@ -197,20 +191,3 @@ class ConnectionService:
 
     def _count_paced(self, seconds: float) -> None:
         self._paced.inc(seconds)
-
-    async def _to_session(self, request: OutboundRequest) -> SendResult:
-        """Hand the message to whichever hub process holds the session's socket; it answers once the
-        socket took it, so an offline visitor is a `failed` status, not a silent loss."""
-        session = request.url[len(SESSION_SCHEME) :]
-        subject = self._subjects.session(self.tenant, self.id, session)
-        try:
-            await self._publisher.request(subject, request.body, timeout=_SESSION_TIMEOUT)
-        except PayloadTooLarge as exc:
-            return SendResult(ok=False, error=Error(code="too_large", message=str(exc)))
-        except nats.errors.NoRespondersError:
-            return SendResult(ok=False, error=Error(code="session_offline",
-                                                    message=f"no WebSocket is connected for session {session}"))
-        except nats.errors.TimeoutError:
-            return SendResult(ok=False, retryable=True, error=Error(
-                code="session_timeout", message="the WebSocket did not take the message in time", retryable=True))
-        return SendResult(ok=True, native_ids=[request.message_id])

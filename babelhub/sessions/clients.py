@@ -13,6 +13,9 @@ gets exactly what came after them, or `recovered: false` when the streams no lon
 Close codes: 1008 a credential refused, no credential in time, or a socket or frame-rate limit;
 1009 a frame over `hub.max_frame_bytes`; 1003 a binary frame; 4003 a subscribe or send the credential
 does not allow; 4400 `MAX_BAD_FRAMES` frames that could not be used; 1001 the hub stopping.
+
+`ClientSession` is one socket speaking this protocol; the web chat (`websocket.py`) runs it too, for a
+visitor whose credential is its own conversation and whose messages are `post`ed (`Visitor`).
 """
 
 from __future__ import annotations
@@ -28,9 +31,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy, StreamInfo
-from nats.js.client import JetStreamContext
+from nats.js.api import StreamInfo
 from prometheus_client import Counter, Gauge
 
 from babelhub import canonical as c
@@ -40,10 +41,12 @@ from babelhub.services.deadletters import DeadLetter
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.sessions import frames as f
 from babelhub.sessions.auth import ApiKeys, Credential, Refused, SessionTokens, bearer, read_request
+from babelhub.sessions.feed import Feeds, Follower, Key, LiveFeed, Stored
 from babelhub.sessions.limits import AddressSlots, FrameBudgets
 from babelhub.sessions.tokens import load_session_key
 
-__all__ = ["AUTH_SECONDS", "FORBIDDEN", "MAX_BAD_FRAMES", "MAX_SUBSCRIPTIONS", "TOO_MANY_ERRORS", "ClientSessions"]
+__all__ = ["AUTH_SECONDS", "FORBIDDEN", "MAX_BAD_FRAMES", "MAX_SUBSCRIPTIONS", "TOO_MANY_ERRORS", "ClientSession",
+           "ClientSessions", "Visitor"]
 
 log = logging.getLogger("babelhub.sessions.clients")
 
@@ -55,8 +58,10 @@ MAX_SUBSCRIPTIONS: Final = 32
 """Conversations one socket follows at once (each costs two consumers on the NATS server)."""
 FORBIDDEN: Final = 4003
 TOO_MANY_ERRORS: Final = 4400
+TOO_SLOW: Final = 4008
+OUTBOX_FRAMES: Final = 256
+"""Frames waiting for a socket that does not read them; one more closes it with `TOO_SLOW`."""
 _KEY_NAME: Final = "session-token-key"
-_INACTIVE_SECONDS: Final = 5.0
 
 
 
@@ -81,7 +86,8 @@ class ClientSessions(Api):
         self._tokens: SessionTokens | None = None
         self._addresses = AddressSlots(settings.max_sockets_per_ip)
         self._budgets = FrameBudgets(settings.session_frame_rate, settings.session_frame_burst)
-        self._sessions: set[_Session] = set()
+        self._sessions: set[ClientSession] = set()
+        self._feeds = Feeds(services.ctx.js, services.ctx.subjects)
         self._numbers = itertools.count()
         registry = services.ctx.metrics.registry
         Gauge("babelhub_client_sessions", "Open client-session sockets at /ws", registry=registry).set_function(
@@ -111,6 +117,7 @@ class ClientSessions(Api):
         """Shutdown: every client is told the hub is going away (1001), so it reconnects later."""
         await asyncio.gather(*(session.close(WSCloseCode.GOING_AWAY, "hub shutting down")
                                for session in list(self._sessions)), return_exceptions=True)
+        await self._feeds.stop()
 
     # ------------------------------------------------------------------------------ POST /v1/sessions
 
@@ -143,98 +150,118 @@ class ClientSessions(Api):
             await socket.close(code=WSCloseCode.POLICY_VIOLATION, message=(
                 f"too many sockets from one address: {self._addresses.limit} (hub.max_sockets_per_ip)").encode())
             return socket
-        session = _Session(self, socket, f"client-{next(self._numbers)}")
+        session = ClientSession(self.services, socket, f"client-{next(self._numbers)}", self._budgets, self._feeds,
+                                on_close=self._count_close)
         self._sessions.add(session)
         try:
             await socket.prepare(request)
-            await session.run(request)
+            await session.run(await self._authenticate(request, session))
         finally:
             self._sessions.discard(session)
             self._addresses.release(address)
             self._budgets.forget_refilled(keep={s.key for s in self._sessions})
         return socket
 
-    def authenticate(self, presented: str) -> Credential:
-        """An API key or a session token (told apart by the token's shape)."""
-        if presented.startswith("v1.") and presented.count(".") == 2:
-            return self.tokens.credential(presented)
-        return self._keys.credential(presented)
+    def _count_close(self, code: int) -> None:
+        self.closes.labels(str(int(code))).inc()
 
-    def take_frame(self, key: str) -> bool:
-        return self._budgets.take(key)
+    async def _authenticate(self, request: web.Request, session: ClientSession) -> Credential | None:
+        """The `Authorization` header takes an API key or a session token; the URL and the auth frame take
+        only session tokens: a URL ends up in proxies' logs, and a browser holding a tenant's key would
+        hand it to every visitor. None: the socket was closed with the reason."""
+        try:
+            if presented := bearer(request.headers.get("Authorization", "")):
+                if presented.startswith("v1.") and presented.count(".") == 2:
+                    return self.tokens.credential(presented)
+                return self._keys.credential(presented)
+            return self.tokens.credential(request.query.get("token", "") or await _auth_frame(session.socket))
+        except Refused as exc:
+            await session.close(WSCloseCode.POLICY_VIOLATION, f"authentication failed: {exc}")
+        except _Closed as closed:
+            await session.close(closed.code, closed.reason)
+        return None
 
 
 @dataclass
 class _Subscription:
     conversation: str
-    unsubscribe: list[Callable[[], Awaitable[None]]]
+    following: list[tuple[LiveFeed, Key, Follower]]
+    """Each stream's feed, the key followed on it, and this subscription's follower."""
+    epoch: str = ""
 
 
-class _Session:
-    """One client socket: its credential, its subscriptions, its count of bad frames."""
+@dataclass(frozen=True)
+class Visitor:
+    """A web chat visitor's side of a session: what it `post`s is recorded as its channel's inbound
+    (`post` raises like `Ingest.record`), and the messages it is shown are those the channel can show
+    (`present`)."""
 
-    def __init__(self, api: ClientSessions, socket: ExplainedSocket, key: str) -> None:
-        self.api = api
+    post: Callable[[bytes], Awaitable[None]]
+    present: Callable[[c.Message], c.Message]
+
+
+class ClientSession:
+    """One socket speaking the protocol: its credential, its subscriptions, its count of bad frames."""
+
+    def __init__(self, services: Services, socket: ExplainedSocket, key: str, budgets: FrameBudgets, feeds: Feeds,
+                 *, visitor: Visitor | None = None, on_close: Callable[[int], None] | None = None) -> None:
+        self.ctx = services.ctx
+        self.settings = services.config.hub
+        self.feeds = feeds
         self.socket = socket
         self.key = key
-        self.ctx = api.services.ctx
+        """Names the session in the frame budgets (kept across a visitor's reconnects)."""
+        self.budgets = budgets
+        self.visitor = visitor
+        self.on_close = on_close
         self.credential: Credential | None = None
         self.subscriptions: dict[str, _Subscription] = {}
         self.bad_frames = 0
-        self._sending = asyncio.Lock()
+        # What goes to the client waits here for the socket: the live feeds hand frames over without
+        # waiting, so a client that reads slowly holds up nobody but itself.
+        self._outbox: asyncio.Queue[f.HubFrame | None] = asyncio.Queue(OUTBOX_FRAMES)
+        self._too_slow = False
 
-    async def run(self, request: web.Request) -> None:
+    async def run(self, credential: Credential | None) -> None:
+        """Serve the socket as `credential` until either side closes it (None: it is closed already)."""
+        if credential is None:
+            return
+        self.credential = credential
+        writer = asyncio.create_task(self._write(), name=f"client-session-writer-{self.key}")
         try:
-            self.credential = await self._authenticate(request)
             await self._read_frames()
         except _Closed as closed:
             await self.close(closed.code, closed.reason)
         finally:
             for subscription in list(self.subscriptions.values()):
-                await self._drop(subscription)
+                self._drop(subscription)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
 
     async def close(self, code: int, reason: str) -> None:
-        self.api.closes.labels(str(int(code))).inc()
+        if self.on_close is not None:
+            self.on_close(code)
         await self.socket.close(code=code, message=reason.encode("utf-8")[:123])
 
-    async def send(self, frame: f.HubFrame) -> None:
-        if self.socket.closed:
+    def send(self, frame: f.HubFrame) -> None:
+        """Queue `frame` for the socket; a client that lets `OUTBOX_FRAMES` pile up is closed."""
+        if self._too_slow:
             return
-        async with self._sending:  # frames from several consumers go out whole, one after the other
+        try:
+            self._outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            self._too_slow = True
+            while not self._outbox.empty():  # it resumes from its cursor: nothing queued is owed
+                self._outbox.get_nowait()
+            self._outbox.put_nowait(None)
+
+    async def _write(self) -> None:
+        while (frame := await self._outbox.get()) is not None:
             # A socket closing under our feet drops the frame: the client resumes from its cursor.
             with contextlib.suppress(ConnectionResetError):
                 await self.socket.send_str(f.encode(frame))
-
-    # ------------------------------------------------------------------------------------ auth
-
-    async def _authenticate(self, request: web.Request) -> Credential:
-        """The `Authorization` header takes an API key or a session token; the URL and the auth frame take
-        only session tokens: a URL ends up in proxies' logs, and a browser holding a tenant's key would
-        hand it to every visitor."""
-        try:
-            if presented := bearer(request.headers.get("Authorization", "")):
-                return self.api.authenticate(presented)
-            token = request.query.get("token", "") or await self._auth_frame()
-            return self.api.tokens.credential(token)
-        except Refused as exc:
-            raise _Closed(WSCloseCode.POLICY_VIOLATION, f"authentication failed: {exc}") from None
-
-    async def _auth_frame(self) -> str:
-        try:
-            message = await self.socket.receive(timeout=AUTH_SECONDS)
-        except TimeoutError:
-            raise _Closed(WSCloseCode.POLICY_VIOLATION, f"no credential: send an auth frame within {AUTH_SECONDS:g} s"
-                          ) from None
-        if message.type != WSMsgType.TEXT:
-            raise _Closed(WSCloseCode.POLICY_VIOLATION, "no credential: the first frame must be an auth frame")
-        try:
-            frame = f.decode_client_frame(message.data)
-        except DecodeError as exc:  # never parked: the frame may hold a credential
-            raise _Closed(WSCloseCode.POLICY_VIOLATION, f"the first frame must be an auth frame: {exc.reason} "
-                          f"(at {exc.path})") from None
-        if not isinstance(frame, f.Auth):
-            raise _Closed(WSCloseCode.POLICY_VIOLATION, "authenticate first: the first frame must be an auth frame")
-        return frame.token
+        await self.close(TOO_SLOW, f"too slow: {OUTBOX_FRAMES} frames waited to be read; resume from the cursor")
 
     # ------------------------------------------------------------------------------------ frames
 
@@ -248,8 +275,8 @@ class _Session:
                 raise _Closed(WSCloseCode.UNSUPPORTED_DATA, "client-session frames are JSON text")
             if message.type != WSMsgType.TEXT:
                 continue
-            if not self.api.take_frame(self.key):
-                settings = self.api.services.config.hub
+            if not self.budgets.take(self.key):
+                settings = self.settings
                 raise _Closed(WSCloseCode.POLICY_VIOLATION, (
                     f"frame rate limit: {settings.session_frame_rate:g}/s after a burst of "
                     f"{settings.session_frame_burst} (hub.session_frame_rate)"))
@@ -280,20 +307,24 @@ class _Session:
             case f.Unsubscribe():
                 for conversation in frame.conversations:
                     if (subscription := self.subscriptions.get(conversation)) is not None:
-                        await self._drop(subscription)
-                    await self.send(f.Unsubscribed(conversation=conversation))
+                        self._drop(subscription)
+                    self.send(f.Unsubscribed(conversation=conversation))
             case f.Send():
                 await self._send(frame.envelope)
+            case f.Post():
+                await self._post(frame)
             case f.Ping():
-                await self.send(f.Pong(id=frame.id))
+                self.send(f.Pong(id=frame.id))
 
-    async def _bad(self, text: str, code: str, reason: str, path: str) -> None:
-        """Answer a frame that could not be used with an `error` frame; keep it as a dead letter."""
+    async def _bad(self, text: str, code: str, reason: str, path: str, *, parked: bool = False) -> None:
+        """Answer a frame that could not be used with an `error` frame; keep it as a dead letter (unless
+        it is `parked` already)."""
         self.bad_frames += 1
-        await self._park(reason, path, text.encode("utf-8"))
+        if not parked:
+            await self._park(reason, path, text.encode("utf-8"))
         if self.bad_frames >= MAX_BAD_FRAMES:
             raise _Closed(TOO_MANY_ERRORS, f"too many bad frames ({MAX_BAD_FRAMES}); last: {reason} (at {path})")
-        await self.send(f.ErrorFrame(code=code, message=reason, path=path))
+        self.send(f.ErrorFrame(code=code, message=reason, path=path))
 
     async def _park(self, error: str, path: str, body: bytes) -> None:
         tenant = self.credential.tenant if self.credential else ""
@@ -316,52 +347,66 @@ class _Session:
         new = set(frame.conversations) - set(self.subscriptions)
         if len(self.subscriptions) + len(new) > MAX_SUBSCRIPTIONS:
             raise DecodeError(f"at most {MAX_SUBSCRIPTIONS} subscriptions per socket", path="$.conversations")
-        js = self.ctx.js
-        subjects = self.ctx.subjects
-        streams = await asyncio.gather(js.stream_info(subjects.stream_name("messages")),
-                                       js.stream_info(subjects.stream_name("statuses")))
-        epoch = _epoch(*streams)
-        for conversation in dict.fromkeys(frame.conversations):
+        conversations = list(dict.fromkeys(frame.conversations))
+        for conversation in conversations:
             if (old := self.subscriptions.get(conversation)) is not None:
-                await self._drop(old)  # subscribing again moves the subscription to the new cursor
-            cursor, recovered = _start(frame.since.get(conversation), epoch, *streams)
-            await self.send(f.Subscribed(conversation=conversation, recovered=recovered, since=cursor))
-            self.subscriptions[conversation] = await self._follow(js, conversation, cursor)
-
-    async def _follow(self, js: JetStreamContext, conversation: str, cursor: f.Cursor) -> _Subscription:
-        assert self.credential is not None
-        tenant, subjects = self.credential.tenant, self.ctx.subjects
-        partition = subjects.partition(tenant, conversation)
-        messages = [subjects.stored(subjects.inbound(tenant, conversation), partition),
-                    subjects.stored(subjects.outbound(tenant, conversation), partition)]
-        on_message = self._deliver(conversation, cursor.epoch, "messages")
-        on_status = self._deliver(conversation, cursor.epoch, "statuses")
-        subscription = _Subscription(conversation, [])
+                self._drop(old)  # subscribing again moves the subscription to the new cursor
         try:
-            for subject, stream, deliver, config in (
-                    (messages[0], "messages", on_message, _from(cursor.messages + 1, filter_subjects=messages)),
-                    (subjects.status(tenant, conversation), "statuses", on_status, _from(cursor.statuses + 1))):
-                consumer = await js.subscribe(subject, stream=subjects.stream_name(stream), cb=deliver,
-                                              ordered_consumer=True, config=config)
-                subscription.unsubscribe.append(consumer.unsubscribe)
+            # Follow first, then look at the streams: whatever is stored after that look comes live.
+            for conversation in conversations:
+                self.subscriptions[conversation] = await self._follow(conversation)
+            js, subjects = self.ctx.js, self.ctx.subjects
+            streams = await asyncio.gather(js.stream_info(subjects.stream_name("messages")),
+                                           js.stream_info(subjects.stream_name("statuses")))
+            epoch = _epoch(*streams)
+            for conversation in conversations:
+                cursor, recovered = _start(frame.since.get(conversation), epoch, *streams)
+                self.send(f.Subscribed(conversation=conversation, recovered=recovered, since=cursor))
+                await self._catch_up(self.subscriptions[conversation], cursor, recovered)
         except BaseException:
-            await self._drop(subscription)  # not half a subscription left behind
+            for conversation in conversations:  # no subscription left holding back what it never delivers
+                if (subscription := self.subscriptions.get(conversation)) is not None:
+                    self._drop(subscription)
             raise
+
+    async def _follow(self, conversation: str) -> _Subscription:
+        assert self.credential is not None
+        key = (self.credential.tenant, conversation)
+        subscription = _Subscription(conversation, [])
+        for feed, stream in ((self.feeds.messages, "messages"), (self.feeds.statuses, "statuses")):
+            follower = Follower(0, self._deliverer(subscription, stream))
+            subscription.following.append((feed, key, follower))
+            await feed.follow(key, follower)
         return subscription
 
-    def _deliver(self, conversation: str, epoch: str, stream: str) -> Callable[[Msg], Awaitable[None]]:
+    async def _catch_up(self, subscription: _Subscription, cursor: f.Cursor, recovered: bool) -> None:
+        """Deliver what came after `cursor` (only when it was `recovered`), then go live."""
         assert self.credential is not None
-        tenant = self.credential.tenant
+        subscription.epoch = cursor.epoch
+        (_, _, messages), (_, _, statuses) = subscription.following
+        messages.last, statuses.last = cursor.messages, cursor.statuses
+        missed: tuple[list[Stored], list[Stored]] = ([], [])
+        if recovered:
+            missed = await self.feeds.missed(self.credential.tenant, subscription.conversation, cursor.messages,
+                                             cursor.statuses)
+        messages.caught_up(missed[0])
+        statuses.caught_up(missed[1])
 
-        async def deliver(msg: Msg) -> None:
+    def _deliverer(self, subscription: _Subscription, stream: str) -> Callable[[int, bytes], None]:
+        assert self.credential is not None
+        tenant, conversation = self.credential.tenant, subscription.conversation
+
+        def deliver(offset: int, data: bytes) -> None:
             try:
-                envelope = c.decode(msg.data)
+                envelope = c.decode(data)
             except DecodeError:
-                log.warning("skipped an unreadable envelope on %s", msg.subject)
+                log.warning("skipped an unreadable envelope at %s %d", stream, offset)
                 return
             if envelope.tenant != tenant or envelope.conversation.id != conversation:
                 return  # the subject said so too; a stored envelope naming another is never shown
-            offset = msg.metadata.sequence.stream
+            if self.visitor is not None and isinstance(envelope, c.Message) and envelope.direction == "outbound":
+                envelope = self.visitor.present(envelope)
+            epoch = subscription.epoch
             frame: f.HubFrame
             match envelope:
                 case c.Status() if stream == "statuses":
@@ -372,19 +417,16 @@ class _Session:
                     frame = f.ActivityFrame(offset=offset, epoch=epoch, envelope=envelope)
                 case _:
                     return
-            await self.send(frame)
+            self.send(frame)
 
         return deliver
 
-    async def _drop(self, subscription: _Subscription) -> None:
+    def _drop(self, subscription: _Subscription) -> None:
         self.subscriptions.pop(subscription.conversation, None)
-        for unsubscribe in subscription.unsubscribe:
-            try:
-                await unsubscribe()
-            except NATS_UNAVAILABLE as exc:  # the server drops an ephemeral consumer nobody listens to
-                log.debug("unsubscribe failed: %r", exc)
+        for feed, key, follower in subscription.following:
+            feed.forget(key, follower)
 
-    # ------------------------------------------------------------------------------------ send
+    # ------------------------------------------------------------------------------------ send, post
 
     async def _send(self, envelope: c.Message | c.Activity) -> None:
         assert self.credential is not None
@@ -404,6 +446,36 @@ class _Session:
         except PayloadTooLarge as exc:
             raise DecodeError(str(exc), path="$.envelope") from None
 
+    async def _post(self, frame: f.Post) -> None:
+        if self.visitor is None:
+            raise _Closed(FORBIDDEN, "forbidden: only a web chat visitor posts; a client sends envelopes with `send`")
+        try:
+            await self.visitor.post(bytes(frame.message))
+        except DecodeError as exc:  # the ingest kept the frame as a dead letter
+            await self._bad("", "bad_frame", exc.reason, "$.message" + exc.path.removeprefix("$"), parked=True)
+        except PayloadTooLarge as exc:  # parked too; the frame limit normally stops it first
+            raise _Closed(WSCloseCode.MESSAGE_TOO_BIG, f"frame too large to record (NATS takes {exc.limit} bytes)"
+                          ) from None
+
+
+async def _auth_frame(socket: ExplainedSocket) -> str:
+    """The token of the `auth` frame a socket must send first when its upgrade carried no credential."""
+    try:
+        message = await socket.receive(timeout=AUTH_SECONDS)
+    except TimeoutError:
+        raise _Closed(WSCloseCode.POLICY_VIOLATION, f"no credential: send an auth frame within {AUTH_SECONDS:g} s"
+                      ) from None
+    if message.type != WSMsgType.TEXT:
+        raise _Closed(WSCloseCode.POLICY_VIOLATION, "no credential: the first frame must be an auth frame")
+    try:
+        frame = f.decode_client_frame(message.data)
+    except DecodeError as exc:  # never parked: the frame may hold a credential
+        raise _Closed(WSCloseCode.POLICY_VIOLATION, f"the first frame must be an auth frame: {exc.reason} "
+                      f"(at {exc.path})") from None
+    if not isinstance(frame, f.Auth):
+        raise _Closed(WSCloseCode.POLICY_VIOLATION, "authenticate first: the first frame must be an auth frame")
+    return frame.token
+
 
 def _epoch(messages: StreamInfo, statuses: StreamInfo) -> str:
     """Names the incarnation of both streams: recreating either (a new `created` time) changes it."""
@@ -420,12 +492,6 @@ def _start(since: f.Cursor | None, epoch: str, messages: StreamInfo, statuses: S
             for info, offset in ((messages, since.messages), (statuses, since.statuses))):
         return since, True
     return f.Cursor(epoch=epoch, messages=messages.state.last_seq, statuses=statuses.state.last_seq), False
-
-
-def _from(sequence: int, filter_subjects: list[str] | None = None) -> ConsumerConfig:
-    """An ordered consumer's start; the server removes it `_INACTIVE_SECONDS` after its session is gone."""
-    return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=sequence,
-                          filter_subjects=filter_subjects, inactive_threshold=_INACTIVE_SECONDS)
 
 
 def _error(status: int, code: str, message: str, path: str = "$", headers: dict[str, str] | None = None

@@ -2,8 +2,9 @@
 
 A client sends `auth`, `subscribe`, `unsubscribe`, `send` and `ping`; the hub sends `message`,
 `activity` and `status` (a canonical envelope with the `offset` it has in its stream and the `epoch`
-of the streams), `subscribed`, `unsubscribed`, `error` and `pong`. `schemas()` is one JSON Schema per
-frame type, as `babelhub schema --frames` prints it.
+of the streams), `subscribed`, `unsubscribed`, `error` and `pong`. A web chat visitor (the built-in
+page, at `WebSocket /ws/<connection>`) gets a `session` frame first and sends `post` instead of `send`.
+`schemas()` is one JSON Schema per frame type, as `babelhub schema --frames` prints it.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ __all__ = [
     "MessageFrame",
     "Ping",
     "Pong",
+    "Post",
     "Send",
     "StatusFrame",
     "Subscribe",
     "Subscribed",
     "Unsubscribe",
     "Unsubscribed",
+    "VisitorSession",
     "decode_client_frame",
     "decode_json",
     "encode",
@@ -86,11 +89,19 @@ class Send(_Frame, tag="send", frozen=True, kw_only=True):
     envelope: c.Message | c.Activity
 
 
+class Post(_Frame, tag="post", frozen=True, kw_only=True):
+    """A web chat visitor's own message, in its connection's channel format (the built-in web chat's:
+    `{"id": …, "text": …}` or `{"id": …, "action": {"id": …, "title": …}}`). It is recorded like a
+    webhook and comes back as a `message` frame once stored."""
+
+    message: msgspec.Raw
+
+
 class Ping(_Frame, tag="ping", frozen=True, kw_only=True):
     id: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
-ClientFrame: TypeAlias = Auth | Subscribe | Unsubscribe | Send | Ping
+ClientFrame: TypeAlias = Auth | Subscribe | Unsubscribe | Send | Post | Ping
 
 # ------------------------------------------------------------------------------- hub → client
 
@@ -140,7 +151,19 @@ class Pong(_Frame, tag="pong", frozen=True, kw_only=True):
     id: str = ""
 
 
-HubFrame: TypeAlias = MessageFrame | ActivityFrame | StatusFrame | Subscribed | Unsubscribed | ErrorFrame | Pong
+class VisitorSession(_Frame, tag="session", frozen=True, kw_only=True):
+    """The first frame a web chat visitor gets: its session, the token that resumes it, and the one
+    conversation it may subscribe to."""
+
+    session: str
+    token: str
+    resumed: bool
+    """True when the socket resumed the session its URL named (`?session=…&token=…`)."""
+    conversation: str
+
+
+HubFrame: TypeAlias = (MessageFrame | ActivityFrame | StatusFrame | Subscribed | Unsubscribed | ErrorFrame | Pong
+                       | VisitorSession)
 
 _decoder = msgspec.json.Decoder(ClientFrame)
 _encoder = msgspec.json.Encoder()

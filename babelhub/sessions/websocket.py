@@ -1,10 +1,13 @@
 """WebSocket sessions for the built-in web chat: `GET /` serves the page, `WebSocket /ws/{connection}`
 carries the chat.
 
-A browser frame is recorded through the same durable ingest as a webhook. What the hub sends to a
-session is published on core NATS (`<prefix>.<tenant>.session.<connection>.<session>`), so whichever hub
-process holds the socket can deliver it. A frame the hub cannot read closes the socket with 1007 and
-the reason, and the frame is kept in the dead-letter stream.
+A visitor's socket speaks the client-session protocol (`clients.py`, `frames.py`) with a credential of
+its own: after the `session` frame it may subscribe to its one conversation and nothing else, and it
+`post`s its messages in the web chat's frame format instead of sending canonical envelopes. A post is
+recorded through the same durable ingest as a webhook; what the hub sends the visitor is read from the
+conversation's stream like any client's, with offsets, so a visitor who reconnects with its cursor gets
+what it missed, whichever hub process holds its new socket. A post the hub cannot read is answered
+with an `error` frame naming the path and kept in the dead-letter stream.
 
 The chat is meant to face the internet, so a socket is only as strong as its limits:
 
@@ -22,18 +25,22 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from functools import partial
 from importlib.resources import files
 
-from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
-from nats.aio.msg import Msg
+from aiohttp import WSCloseCode, web
 from yarl import URL
 
+from babelhub import canonical as c
 from babelhub.codecs.base import SESSION_HEADER, HttpRequest
-from babelhub.errors import ConfigError, DecodeError, PayloadTooLarge
+from babelhub.codecs.degrade import degrade
+from babelhub.errors import ConfigError
 from babelhub.plugins import ExplainedSocket, InboundSource, Services
 from babelhub.services.connections import ConnectionService
-from babelhub.services.deadletters import DeadLetter
-from babelhub.services.ingest import NATS_UNAVAILABLE
+from babelhub.sessions import frames as f
+from babelhub.sessions.auth import Credential
+from babelhub.sessions.clients import ClientSession, Visitor
+from babelhub.sessions.feed import Feeds
 from babelhub.sessions.limits import AddressSlots, FrameBudgets
 from babelhub.sessions.tokens import SessionSigner, load_session_key, well_formed
 
@@ -61,7 +68,8 @@ class WebSessions(InboundSource):
         self._settings = services.config.hub
         self._addresses = AddressSlots(self._settings.max_sockets_per_ip)
         self._budgets = FrameBudgets(self._settings.session_frame_rate, self._settings.session_frame_burst)
-        self._sockets: set[web.WebSocketResponse] = set()
+        self._sessions: set[ClientSession] = set()
+        self._feeds = Feeds(services.ctx.js, services.ctx.subjects)
         self._signers: dict[str, SessionSigner] = {}
         self._origins: dict[str, frozenset[str]] = {}
         self._open_sessions: Counter[str] = Counter()
@@ -137,84 +145,43 @@ class WebSessions(InboundSource):
             return False
         return claimed == own or str(claimed) in allowed
 
-    async def _serve(self, socket: web.WebSocketResponse, connection: ConnectionService,
-                     session: str, token: str) -> None:
+    async def _serve(self, socket: ExplainedSocket, connection: ConnectionService, session: str, token: str) -> None:
         signer = self._signers[connection.id]
         resumed = bool(session) and signer.valid(session, token)
         if resumed:
             log.debug("%s: session resumed", connection.id)
         else:
             session, token = signer.new_session()
-        self._sockets.add(socket)
+        conversation = c.conversation_id(connection.tenant, connection.id, session)
+        credential = Credential(tenant=connection.tenant, rights=frozenset({"read"}),
+                                conversations=frozenset({conversation}))
+        visitor = Visitor(post=partial(self._post, connection, session),
+                          present=partial(degrade, caps=connection.codec.capabilities))
+        client = ClientSession(self.services, socket, session, self._budgets, self._feeds, visitor=visitor)
+        self._sessions.add(client)
         self._open_sessions[session] += 1
-        subject = self._hub.subjects.session(connection.tenant, connection.id, session)
-
-        async def to_browser(msg: Msg) -> None:
-            if socket.closed:
-                return  # no answer: the sender reports the message as not delivered
-            await socket.send_str(msg.data.decode("utf-8"))
-            if msg.reply:
-                await msg.respond(b"")
-
-        subscription = await self._hub.nats.subscribe(subject, cb=to_browser)
         try:
-            await socket.send_json({"type": "session", "session": session, "token": token, "resumed": resumed})
-            await self._read_frames(socket, connection, session)
+            client.send(f.VisitorSession(session=session, token=token, resumed=resumed,
+                                               conversation=conversation))
+            await client.run(credential)
         finally:
-            await subscription.unsubscribe()
-            self._sockets.discard(socket)
+            self._sessions.discard(client)
             self._open_sessions[session] -= 1
             if self._open_sessions[session] <= 0:
                 del self._open_sessions[session]
             self._budgets.forget_refilled(keep=self._open_sessions)
 
-    async def _read_frames(self, socket: web.WebSocketResponse, connection: ConnectionService, session: str) -> None:
-        async for frame in socket:
-            if frame.type == WSMsgType.ERROR:
-                if isinstance(frame.data, WebSocketError):  # a frame refused, not a connection lost
-                    await self._park_refused(frame.data, connection, session)
-                return
-            if frame.type == WSMsgType.BINARY:
-                await socket.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"web chat frames are JSON text")
-                return
-            if frame.type != WSMsgType.TEXT:
-                continue
-            if not self._budgets.take(session):
-                settings = self._settings
-                await socket.close(code=WSCloseCode.POLICY_VIOLATION, message=(
-                    f"frame rate limit: {settings.session_frame_rate:g}/s after a burst of "
-                    f"{settings.session_frame_burst} (hub.session_frame_rate)").encode())
-                return
-            record = HttpRequest(method="WS", path=f"/ws/{connection.id}", headers={SESSION_HEADER: session},
-                                 body=frame.data.encode("utf-8"), received_at=time.time())
-            try:
-                await self._ingest.record(connection, record)
-            except DecodeError as exc:
-                reason = f"{exc.reason} (at {exc.path})"[:120]
-                await socket.close(code=WSCloseCode.INVALID_TEXT, message=reason.encode("utf-8"))
-                return
-            except PayloadTooLarge as exc:  # parked by record(); the frame limit normally stops it first
-                await socket.close(code=WSCloseCode.MESSAGE_TOO_BIG,
-                                   message=f"frame too large to record (NATS takes {exc.limit} bytes)".encode())
-                return
-            except NATS_UNAVAILABLE as exc:  # nothing was recorded: the browser reconnects and sends again
-                log.warning("%s: could not record a frame: %r", connection.id, exc)
-                await socket.close(code=WSCloseCode.TRY_AGAIN_LATER,
-                                   message=b"the hub cannot record messages right now; reconnect later")
-                return
-
-    async def _park_refused(self, error: WebSocketError, connection: ConnectionService, session: str) -> None:
-        """A frame aiohttp refused (too large, broken framing) was never read whole: keep the reason, so
-        the refusal shows in the dead-letter stream like any other bad input."""
-        await self._hub.dead_letters.park(DeadLetter(
-            stage="ingest", error=f"WebSocket frame refused: {error}", tenant=connection.tenant,
-            connection=connection.id, headers={SESSION_HEADER: session}))
+    async def _post(self, connection: ConnectionService, session: str, body: bytes) -> None:
+        """Record a visitor's message like a webhook: the channel's codec reads it from the raw record."""
+        record = HttpRequest(method="WS", path=f"/ws/{connection.id}", headers={SESSION_HEADER: session},
+                             body=body, received_at=time.time())
+        await self._ingest.record(connection, record)
 
     async def stop(self) -> None:
         """Shutdown: tell every browser the hub is going away (1001), so it reconnects later."""
-        sockets = list(self._sockets)
-        await asyncio.gather(*(s.close(code=WSCloseCode.GOING_AWAY, message=b"hub shutting down") for s in sockets),
-                             return_exceptions=True)
+        await asyncio.gather(*(client.close(WSCloseCode.GOING_AWAY, "hub shutting down")
+                               for client in list(self._sessions)), return_exceptions=True)
+        await self._feeds.stop()
 
 
 def _allowed_origins(connection: ConnectionService) -> frozenset[str]:

@@ -11,7 +11,8 @@ so processors see them on `…in.<conversation>` beside the caller's chat.
 The stream id is derived from tenant, connection and the provider's call and stream ids: stable for one
 call, a safe subject token, and never guessable from another tenant's ids. A `down` frame naming
 another stream is ignored and counted; a control operation that cannot be read is kept in the
-dead-letter stream. Neither ends the call.
+dead-letter stream, and so is a provider's report that it could not use what the hub sent (`Trouble`,
+the first `MAX_TROUBLE_LETTERS` of a call). None of them ends the call.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from babelhub.audio.protocol import (
     decode_control,
 )
 from babelhub.errors import DecodeError, EncodeError
-from babelhub.media.base import Audio, Dtmf, FlowControl, MediaEvent, MediaSession, Start, Stop, WsFrame
+from babelhub.media.base import Audio, Dtmf, FlowControl, MediaEvent, MediaSession, Start, Stop, Trouble, WsFrame
 from babelhub.media.base import Played as ProviderPlayed
 from babelhub.services.connections import ConnectionService
 from babelhub.services.context import HubContext
@@ -58,6 +59,10 @@ log = logging.getLogger("babelhub.media")
 SEND_AHEAD_FRAMES = 3
 """Packets the provider is kept ahead of what it plays: enough to ride out a late wake-up, few enough
 that a `clear` leaves little already sent."""
+
+MAX_TROUBLE_LETTERS = 20
+"""A call's provider error reports kept as dead letters (and logged); later ones are only counted
+(`CallStream.troubles`), so a provider repeating an error cannot flood the dead-letter stream."""
 
 Send = Callable[[list[WsFrame]], Awaitable[None]]
 """Sends frames to the provider's socket, in order."""
@@ -100,6 +105,8 @@ class CallStream:
         self._activities: asyncio.Queue[c.Activity | None] = asyncio.Queue()
         self._activity_count = 0
         self._stopped = False
+        self.troubles = 0
+        """Error reports the provider sent on this call (`Trouble`), kept or not."""
         metrics = ctx.metrics
         self._relayed_up, self._relayed_down = metrics.audio_relayed.labels("up"), metrics.audio_relayed.labels("down")
         self._dropped_up, self._dropped_down = metrics.audio_dropped.labels("up"), metrics.audio_dropped.labels("down")
@@ -122,6 +129,8 @@ class CallStream:
                 self._wake.set()
             case Stop():
                 await self.close(event.reason or "the provider stopped the stream")
+            case Trouble():
+                await self._trouble(event)
             case _:
                 log.debug("%s: %s before the stream started, ignored", self.connection.id, type(event).__name__)
 
@@ -170,6 +179,22 @@ class CallStream:
             return
         self.relayed["up"] += 1
         self._relayed_up.inc()
+
+    async def _trouble(self, trouble: Trouble) -> None:
+        """Log the provider's error report and keep it as a dead letter; the call goes on."""
+        self.troubles += 1
+        if self.troubles > MAX_TROUBLE_LETTERS:
+            return
+        connection = self.connection
+        error = f"{connection.channel} reported error {trouble.code[:40]}: {trouble.reason[:300]}"
+        log.warning("%s: %r%s", connection.id, error,
+                    "; later reports of this call are not kept" if self.troubles == MAX_TROUBLE_LETTERS else "")
+        try:
+            await self.ctx.dead_letters.park(DeadLetter(
+                stage="media", error=error, tenant=connection.tenant, connection=connection.id,
+                subject=f"/media/{connection.id}", body=trouble.report))
+        except NATS_UNAVAILABLE as exc:
+            log.warning("%s: a provider's error report was not kept: %r", connection.id, exc)
 
     # ----------------------------------------------------------------------------- from audio services
 

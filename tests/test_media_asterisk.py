@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from babelhub.audio import AudioFormat, Converter
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import DecodeError, EncodeError, SignatureError
-from babelhub.media import Audio, Dtmf, Played, Start
+from babelhub.media import Audio, Dtmf, FlowControl, Played, Start
 from babelhub.media.asterisk import MAX_COMMAND_BYTES, MAX_MEDIA_BYTES, AsteriskMedia
 from tests import mediakit
 from tests.mediakit import MediaFixtures, basic, crossings, reads_or_refuses, refusal_path, tone
@@ -87,7 +87,7 @@ def test_a_second_media_start_changes_nothing() -> None:
     ("status.json", []), ("status.txt", []),
     ("media_buffering_completed.json", []), ("media_buffering_completed.txt", []),
     ("queue_drained.json", []),
-    ("media_xon.json", []), ("media_xon.txt", []),
+    ("media_xon.json", [FlowControl(paused=False)]), ("media_xon.txt", [FlowControl(paused=False)]),
 ])
 def test_each_event_fixture_maps_to_its_events(name: str, events: list[Any]) -> None:
     assert started().receive(fixture(name)) == events
@@ -97,9 +97,9 @@ def test_xoff_and_xon_say_whether_asterisk_takes_audio() -> None:
     for fmt in ("json", "txt"):
         session = started()
         assert not session.paused
-        assert session.receive(fixture(f"media_xoff.{fmt}")) == []
+        assert session.receive(fixture(f"media_xoff.{fmt}")) == [FlowControl(paused=True)]
         assert session.paused
-        session.receive(fixture(f"media_xon.{fmt}"))
+        assert session.receive(fixture(f"media_xon.{fmt}")) == [FlowControl(paused=False)]
         assert not session.paused
 
 

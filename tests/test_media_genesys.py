@@ -190,6 +190,18 @@ def test_audio_goes_back_as_binary_pcmu_packets() -> None:
     assert session.send_audio(packet) == [packet]
 
 
+def test_a_monitor_session_is_listen_only_and_an_audio_connector_one_plays() -> None:
+    connector, _ = opened_session()
+    assert connector.plays_audio
+    stereo_monitor, _ = opened_session("open_monitor_stereo.json")  # takes the internal channel
+    declared_monitor = GenesysMedia({"api_key": API_KEY}, {"monitor": True})
+    declared_monitor.receive(fixture_text("open_audio_connector.json"))
+    for monitor in (stereo_monitor, declared_monitor):
+        assert not monitor.plays_audio
+        assert monitor.send_audio(bytes(1600)) == [] and monitor.clear() == []  # Monitor plays nothing
+        assert [sent(monitor.hangup())[0]["type"]] == ["disconnect"]
+
+
 def test_nothing_is_sent_before_open_or_after_close() -> None:
     session = GenesysMedia({"api_key": API_KEY}, {})
     assert session.send_audio(bytes(1600)) == [] and session.clear() == [] and session.hangup() == []

@@ -102,3 +102,21 @@ def test_a_full_queue_drops_the_oldest_packet_and_counts_it() -> None:
     assert playout.dropped == 3 and len(playout) == 4
     assert [step for _, step in run(playout, until=1.0)] == [
         MarkPlayed("kept"), *(SendAudio(bytes([n])) for n in range(3, 7))]
+
+
+def test_while_the_provider_is_paused_nothing_leaves_and_the_queue_stays_bounded() -> None:
+    playout = Playout(20, max_frames=4, send_ahead=3, acknowledges_marks=True)  # as Asterisk's
+    playout.push_audio(b"before")
+    assert playout.due(0.0) == [SendAudio(b"before")]
+    playout.paused = True  # the provider's flow control: it takes no more audio for now
+    for n in range(6):
+        playout.push_audio(bytes([n]))
+    playout.push_mark("after")
+    assert run(playout, until=1.0, start=0.0) == []  # no packet, and no mark ahead of its audio
+    assert playout.next_due(1.0) is None
+    assert playout.dropped == 2 and len(playout) == 4  # the oldest went, as when not paused
+    playout.paused = False
+    sent = run(playout, until=2.0, start=1.0)
+    assert [step for _, step in sent] == [*(SendAudio(bytes([n])) for n in range(2, 6)), SendMark("after")]
+    # Resumed from now: three at once, then one a frame.
+    assert [round(at, 6) for at, _ in sent[:4]] == [1.0, 1.0, 1.0, 1.0 + FRAME]

@@ -7,7 +7,8 @@ provider only `send_ahead` packets ahead of what it is playing. A `clear` (barge
 at once. Marks travel in the queue, in order with the audio around them: a provider that acknowledges
 marks gets the mark itself when the audio before it has been released (its own acknowledgement tells
 when it was played); for one that does not, the mark is reported played when the audio before it has
-been played out by the pacing clock.
+been played out by the pacing clock. While the provider asks the hub to wait (`paused`: its flow
+control), no packet leaves; they wait in the queue, which still drops its oldest beyond its length.
 
 `Playout` is pure: the caller gives it the time (`now`), so tests run on a virtual clock.
 """
@@ -56,6 +57,8 @@ class Playout:
         self.acknowledges_marks = acknowledges_marks
         self.dropped = 0
         """Packets dropped because the queue was full."""
+        self.paused = False
+        """Set while the provider says it takes no more audio: packets (and the marks behind them) wait."""
         self._queue: deque[bytes | _Mark] = deque()
         self._waiting_audio = 0
         self._played_until = start
@@ -100,7 +103,7 @@ class Playout:
                 self._queue.popleft()
                 steps += self._release_mark(item.name, now)
                 continue
-            if max(self._played_until, now) + self.frame_seconds > ahead_limit + 1e-9:
+            if self.paused or max(self._played_until, now) + self.frame_seconds > ahead_limit + 1e-9:
                 break
             self._queue.popleft()
             self._waiting_audio -= 1
@@ -113,7 +116,7 @@ class Playout:
         times: list[float] = []
         if self._marks_in_flight:
             times.append(self._marks_in_flight[0][0])
-        if self._queue:
+        if self._queue and not self.paused:
             # A packet goes when the provider is less than send_ahead packets ahead.
             times.append(self._played_until - (self.send_ahead - 1) * self.frame_seconds)
         return max(now, min(times)) if times else None

@@ -13,7 +13,8 @@ when that audio has been played; `{"op": "dtmf", "digits": "12#"}` plays tones t
 `{"op": "hangup", "reason": "…"}` ends the stream.
 
 Events (`"event"` names the kind): `started` (the call's ids and both formats), `dtmf` (a key pressed
-by the caller), `played` (a mark), `stopped` (why, and the frames relayed and dropped each way).
+by the caller), `played` (a mark; `heard` false on a listen-only session), `stopped` (why, and the
+frames relayed and dropped each way).
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class Played(_Event, tag="played", frozen=True, kw_only=True):
     name: str
     acknowledged: bool
     """True when the provider said so; False when the hub's pacing clock played the audio out."""
+    heard: bool = True
+    """False when the session is listen-only (AudioHook Monitor): nothing before the mark was played to
+    the call, and the mark is reported at once so that nobody waits for it."""
 
 
 class Stopped(_Event, tag="stopped", frozen=True, kw_only=True):
@@ -114,7 +118,8 @@ class Stopped(_Event, tag="stopped", frozen=True, kw_only=True):
     """Frames relayed by direction (`up`, `down`)."""
     dropped: dict[str, int] = {}
     """Frames dropped by cause: `up` (NATS could not take the caller's audio), `down` (outbound queue
-    full, the oldest went), `foreign` (a `down` frame naming another stream), `unreadable`."""
+    full, the oldest went), `foreign` (a `down` frame naming another stream), `unreadable`, `unplayed`
+    (a `down` frame for a listen-only session, which plays nothing)."""
 
 
 StreamEvent: TypeAlias = Started | DtmfPressed | Played | Stopped

@@ -6,6 +6,18 @@ What the providers share (reading text and binary frames, base64 audio, DTMF key
 credentials, the outbound JSON) is in `babelhub.media.support`, as `babelhub.codecs.native` is for codecs.
 """
 
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Played, Start, Stop, Trouble, WsFrame
+from babelhub.media.base import (
+    Audio,
+    Dtmf,
+    FlowControl,
+    MediaEvent,
+    MediaSession,
+    Played,
+    Start,
+    Stop,
+    Trouble,
+    WsFrame,
+)
 
-__all__ = ["Audio", "Dtmf", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "Trouble", "WsFrame"]
+__all__ = ["Audio", "Dtmf", "FlowControl", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "Trouble",
+           "WsFrame"]

@@ -20,8 +20,9 @@ Inbound, what maps to what:
 * BINARY frames → `Audio`, raw media in that format, one `ptime` (20 ms) frame each; the media time is
   counted from the bytes (Asterisk sends none).
 * `DTMF_END` → `Dtmf`; `MEDIA_MARK_PROCESSED` → `Played` (its `correlation_id` is the mark's name).
-* `MEDIA_XOFF` / `MEDIA_XON` → nothing, but `paused` says whether Asterisk asked the hub to stop sending
-  (its queue of about 1000 frames is nearly full: what is sent then is dropped). `STATUS`,
+* `MEDIA_XOFF` / `MEDIA_XON` → `FlowControl` (paused / not), and `paused` says whether Asterisk asked
+  the hub to stop sending (its queue of about 1000 frames is nearly full: what is sent then is dropped);
+  the hub holds the call's outbound audio until `MEDIA_XON`. `STATUS`,
   `MEDIA_BUFFERING_COMPLETED`, `QUEUE_DRAINED`, `ERROR` (kept in `last_error`) and unknown events →
   nothing. Asterisk sends no hang-up event: it closes the socket when the channel hangs up.
 
@@ -59,7 +60,7 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError
 from babelhub.media import support
-from babelhub.media.base import Dtmf, MediaEvent, MediaSession, Played, Start, WsFrame
+from babelhub.media.base import Dtmf, FlowControl, MediaEvent, MediaSession, Played, Start, WsFrame
 
 __all__ = ["AsteriskMedia", "AsteriskMediaOptions", "AsteriskMediaSecrets"]
 
@@ -230,7 +231,8 @@ class AsteriskMedia(MediaSession):
             return [Played(name=name)] if name else []  # a mark without an id is none of ours
         if message.event in ("MEDIA_XOFF", "MEDIA_XON"):
             self.paused = message.event == "MEDIA_XOFF"
-        elif message.event == "ERROR":
+            return [FlowControl(paused=self.paused)]
+        if message.event == "ERROR":
             self.last_error = message.read(_Error).error_text
         return []  # STATUS, MEDIA_BUFFERING_COMPLETED, QUEUE_DRAINED and events Asterisk adds later
 

@@ -25,8 +25,8 @@ from babelhub.codecs.base import HttpRequest
 from babelhub.codecs.settings import ConnectionOptions, NoSecrets, Settings
 from babelhub.errors import ConfigError
 
-__all__ = ["Audio", "Dtmf", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "Trouble", "WsFrame",
-           "read_options"]
+__all__ = ["Audio", "Dtmf", "FlowControl", "MediaEvent", "MediaSession", "Played", "Start", "Stop", "Trouble",
+           "WsFrame", "read_options"]
 
 S = TypeVar("S", bound=Settings)
 
@@ -91,7 +91,15 @@ class Trouble(_Event, tag="trouble", frozen=True, kw_only=True):
     """The provider's message as read (JSON), kept in the dead letter."""
 
 
-MediaEvent: TypeAlias = Start | Audio | Dtmf | Played | Stop | Trouble
+class FlowControl(_Event, tag="flow", frozen=True, kw_only=True):
+    """The provider asks the hub to stop sending audio (`paused`: its buffer is nearly full, and what
+    comes now would be dropped) or to go on (`paused=False`). The hub holds the call's outbound audio
+    meanwhile, in its queue of bounded length."""
+
+    paused: bool
+
+
+MediaEvent: TypeAlias = Start | Audio | Dtmf | Played | Stop | Trouble | FlowControl
 
 
 class MediaSession(ABC):
@@ -125,6 +133,10 @@ class MediaSession(ABC):
         """Frames `replies` hands out next: a subclass appends its protocol's answers while it reads."""
         self.inbound_format: AudioFormat | None = None
         """Known once the stream has started."""
+        self.plays_audio = True
+        """False for a listen-only session (one the provider plays nothing of, such as AudioHook Monitor),
+        known once the stream has started: the hub then sends it no audio and reports each mark at once
+        as not heard."""
 
     def verify(self, request: HttpRequest) -> None:  # noqa: B027
         """Raise `SignatureError` unless the WebSocket's opening request comes from the provider.

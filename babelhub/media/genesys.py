@@ -29,9 +29,12 @@ message's), or a `position` that is no duration raises `DecodeError` naming the 
 
 Outbound (server → client): `send_audio` sends the packet as one binary frame of PCMU 8 kHz mono. Only
 Audio Connector (bidirectional) plays it to the caller; AudioHook Monitor is listen-only and silently
-drops what the server sends. Packets are 200 ms (1,600 bytes): the client rate-limits messages (it
-answers floods with `error` 429), and fewer larger frames stay well under it. `clear` sends an `event`
-with a `barge_in` entity (Genesys stops the audio it has queued); `mark` sends nothing and is
+drops what the server sends, so a Monitor session (option `monitor`, or one that takes the `internal`
+channel, which Audio Connector never streams) has `plays_audio` false and is sent no audio and no
+`barge_in`; the hub reports its marks at once as not heard. Packets are 200 ms (1,600 bytes): the
+client rate-limits messages (it answers floods with `error` 429), and fewer larger frames stay well
+under it. `clear` sends an `event` with a `barge_in` entity (Genesys stops the audio it has queued);
+`mark` sends nothing and is
 acknowledged by the next `playback_completed` (right away, with the next frame read, when no audio is
 waiting to be played, or when `clear` has dropped it); `hangup` sends `disconnect` (reason
 `completed`), to which Genesys answers with `close`. There is no DTMF towards the call.
@@ -45,7 +48,8 @@ created at most `SIGNATURE_MAX_AGE_SECONDS` before the request arrived (and not 
 `CLOCK_SKEW_SECONDS`) and not expired.
 
 Options: `supported_languages` (a list of language codes), answered in `opened` when the `open` asks
-for it (`supportedLanguages: true`); none by default.
+for it (`supportedLanguages: true`); none by default. `monitor` (false by default): the connection is an
+AudioHook Monitor integration, listen-only.
 
 Cannot do: play DTMF, audio other than PCMU 8 kHz (`L16` offers are passed over), audio back on
 AudioHook Monitor, acknowledge marks on Monitor (it never plays anything), resume a broken connection
@@ -106,6 +110,10 @@ class GenesysSecrets(Settings, frozen=True, kw_only=True):
 class GenesysOptions(ConnectionOptions, frozen=True, kw_only=True):
     supported_languages: list[str] = []
     """The language codes answered in `opened` when the `open` asks for them (`supportedLanguages`)."""
+    monitor: bool = False
+    """The connection is an AudioHook Monitor integration: listen-only, whatever media it negotiates. (A
+    session that takes the `internal` channel is one in any case: Audio Connector streams only the
+    external one.)"""
 
 
 # --- wire format (client → server messages; only the fields read here)
@@ -277,6 +285,7 @@ class GenesysMedia(MediaSession):
             raise DecodeError("none of the offered media is PCMU at 8000 Hz", "$.parameters.media")
         self._open = True
         self.inbound_format = AudioFormat(codec="mulaw", rate=RATE, channels=len(medium.channels), frame_ms=20)
+        self.plays_audio = not (self.settings.monitor or "internal" in medium.channels)
         opened: dict[str, Any] = {"media": [msgspec.to_builtins(medium)], "startPaused": False}
         if opening.supportedLanguages:
             opened["supportedLanguages"] = list(self.settings.supported_languages)
@@ -298,13 +307,13 @@ class GenesysMedia(MediaSession):
     # --- outbound
 
     def send_audio(self, payload: bytes) -> list[WsFrame]:
-        if not self._open or self._closed or not payload:
+        if not self._open or self._closed or not self.plays_audio or not payload:
             return []
         self._audio_unplayed = True
         return [bytes(payload)]
 
     def clear(self) -> list[WsFrame]:
-        if not self._open or self._closed:
+        if not self._open or self._closed or not self.plays_audio:
             return []
         # The audio before the pending marks is dropped, not played: they are over all the same, and are
         # reported with the next frame read (as Twilio returns its marks on a clear).

@@ -45,7 +45,7 @@ from babelhub.audio.protocol import (
     decode_control,
 )
 from babelhub.errors import DecodeError, EncodeError
-from babelhub.media.base import Audio, Dtmf, MediaEvent, MediaSession, Start, Stop, Trouble, WsFrame
+from babelhub.media.base import Audio, Dtmf, FlowControl, MediaEvent, MediaSession, Start, Stop, Trouble, WsFrame
 from babelhub.media.base import Played as ProviderPlayed
 from babelhub.services.connections import ConnectionService
 from babelhub.services.context import HubContext
@@ -92,7 +92,7 @@ class CallStream:
         self._up_seq = 0
         self._up_media_us = 0
         self.relayed = {"up": 0, "down": 0}
-        self.dropped = {"up": 0, "down": 0, "foreign": 0, "unreadable": 0}
+        self.dropped = {"up": 0, "down": 0, "foreign": 0, "unreadable": 0, "unplayed": 0}
         self._playout: Playout | None = None
         self._chunker: Chunker | None = None
         self._converter: Converter | None = None
@@ -124,6 +124,9 @@ class CallStream:
                 self._activity("dtmf", {"digits": event.digit})
             case ProviderPlayed() if self._start is not None:
                 await self._played(event.name, acknowledged=True)
+            case FlowControl() if self._playout is not None:
+                self._playout.paused = event.paused  # held audio goes again at the pacing's next wake-up
+                self._wake.set()
             case Stop():
                 await self.close(event.reason or "the provider stopped the stream")
             case Trouble():
@@ -208,6 +211,9 @@ class CallStream:
             self.dropped["foreign"] += 1
             self._dropped_down.inc()
             return
+        if not self.session.plays_audio:
+            self.dropped["unplayed"] += 1  # a listen-only session: nobody would hear it
+            return
         try:
             payload = self._converter_from(frame.format).convert(frame.payload)
         except EncodeError as exc:
@@ -243,6 +249,9 @@ class CallStream:
                     self._chunker.clear()
                     await self._send(self.session.clear())
                     await self._perform(steps)
+            case Mark() if not self.session.plays_audio:
+                # Nothing is played on a listen-only session: the mark is over at once, and says so.
+                await self._played(op.name, acknowledged=False, heard=False)
             case Mark():
                 self._playout.push_mark(op.name)
                 self._wake.set()
@@ -297,9 +306,9 @@ class CallStream:
                 case MarkPlayed():
                     await self._played(step.name, acknowledged=False)
 
-    async def _played(self, name: str, *, acknowledged: bool) -> None:
-        await self._event(Played(stream=self.stream, name=name, acknowledged=acknowledged))
-        self._activity("mark", {"name": name, "acknowledged": acknowledged})
+    async def _played(self, name: str, *, acknowledged: bool, heard: bool = True) -> None:
+        await self._event(Played(stream=self.stream, name=name, acknowledged=acknowledged, heard=heard))
+        self._activity("mark", {"name": name, "acknowledged": acknowledged, "heard": heard})
 
     # ------------------------------------------------------------------------------------------ end
 

@@ -148,7 +148,8 @@ class MediaStreams(InboundSource):
                 await self._refuse(socket, connection, frame, f"the frame could not be read ({type(exc).__name__})",
                                    "$")
                 return
-            await send(session.replies())
+            if replies := session.replies():  # few frames need one: no coroutine for the others
+                await send(replies)
             for event in events:
                 await call.handle(event)
             if call.stopped:

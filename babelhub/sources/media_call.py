@@ -28,6 +28,7 @@ from nats.aio.subscription import Subscription
 
 from babelhub import canonical as c
 from babelhub.audio import AudioFormat, AudioFrame, Chunker, Converter
+from babelhub.audio.frame import FrameWriter
 from babelhub.audio.playout import MarkPlayed, Playout, SendAudio, SendMark, Step
 from babelhub.audio.protocol import (
     Clear,
@@ -92,6 +93,8 @@ class CallStream:
         self._chunker: Chunker | None = None
         self._converter: Converter | None = None
         self._subscriptions: list[Subscription] = []
+        self._up_subject = ""
+        self._up_frames: FrameWriter | None = None
         self._wake = asyncio.Event()
         self._sending = asyncio.Lock()
         """Held while frames go to the provider from the pacer or a control operation, so that their
@@ -129,6 +132,8 @@ class CallStream:
         self._start = start
         self.stream = stream_id(connection.tenant, connection.id, start.call_id, start.stream_id)
         self._conversation = c.conversation_id(connection.tenant, connection.id, self._caller())
+        self._up_subject = self._subject("up")
+        self._up_frames = FrameWriter(self.stream, start.inbound_format)
         outbound = self.session.outbound_format
         self._chunker = Chunker(outbound.frame_bytes())
         self._playout = Playout(outbound.frame_ms, int(self._queue_seconds * 1000 / outbound.frame_ms),
@@ -150,15 +155,13 @@ class CallStream:
         return self._start.caller or self._start.call_id
 
     async def _audio_up(self, audio: Audio) -> None:
-        assert self._start is not None
-        inbound = self._start.inbound_format
+        assert self._up_frames is not None
         timestamp = audio.timestamp_us if audio.timestamp_us is not None else self._up_media_us
-        frame = AudioFrame(stream=self.stream, seq=self._up_seq, timestamp=timestamp, codec=inbound.codec,
-                           rate=inbound.rate, channels=inbound.channels, payload=audio.payload)
+        frame = self._up_frames.frame(self._up_seq, timestamp, audio.payload)
         self._up_seq += 1
-        self._up_media_us = timestamp + frame.duration_us()
+        self._up_media_us = timestamp + self._up_frames.duration_us(audio.payload)
         try:
-            await self.ctx.nats.publish(self._subject("up"), frame.to_bytes())
+            await self.ctx.nats.publish(self._up_subject, frame)
         except NATS_UNAVAILABLE:
             # Realtime audio is not worth waiting for: a frame NATS cannot take now is gone (the gap in
             # `seq` shows it), and the call goes on.
@@ -189,13 +192,17 @@ class CallStream:
             self.dropped["unreadable"] += 1
             await self._park(str(exc), "payload", msg)
             return
-        dropped_before = self._playout.dropped
+        dropped_before, waiting_before = self._playout.dropped, len(self._playout)
         for packet in self._chunker.push(payload):
             self._playout.push_audio(packet)
         if newly_dropped := self._playout.dropped - dropped_before:
             self.dropped["down"] += newly_dropped
             self._dropped_down.inc(newly_dropped)
-        self._wake.set()
+        if not waiting_before:
+            # Audio queued behind other audio goes after it, and the pacer's timer is armed for the
+            # queue's head: only audio arriving at an empty queue needs to wake it, so a backlog (a
+            # service sending faster than real time, jitter) costs one wake-up a packet, not two.
+            self._wake.set()
 
     def _converter_from(self, source: AudioFormat) -> Converter:
         """The converter of the format the service sends in now, keeping its resampling state from frame
@@ -238,9 +245,9 @@ class CallStream:
     # --------------------------------------------------------------------------------------- pacing
 
     async def _pace(self) -> None:
-        """Release the queued audio at the provider's frame interval (`Playout`): woken by new audio or
-        control, or by a timer at the next packet's time (a timer, not a `wait_for`, which would cost a
-        task per packet)."""
+        """Release the queued audio at the provider's frame interval (`Playout`): woken by audio arriving
+        at an empty queue, by control, or by a timer at the next packet's time (a timer, not a `wait_for`,
+        which would cost a task per packet)."""
         assert self._playout is not None
         loop = asyncio.get_running_loop()
         timer: asyncio.TimerHandle | None = None
@@ -253,7 +260,7 @@ class CallStream:
                     timer.cancel()
                     timer = None
                 next_due = self._playout.next_due(self._clock())
-                if next_due is not None:
+                if next_due is not None:  # armed whenever anything waits: see `_audio_down`
                     timer = loop.call_later(max(0.0, next_due - self._clock()), self._wake.set)
                 await self._wake.wait()
         finally:

@@ -32,7 +32,7 @@ from babelhub.media.twilio import TwilioMedia
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from babelhub.services.credentials import load_key, tenant_user
-from babelhub.sources.media_call import CallStream
+from babelhub.sources.media_call import METRICS_BATCH, CallStream
 from tests.hubkit import StartHub, dead_letters, stream_messages, unique_prefix
 
 FIXTURES = Path(__file__).parent / "fixtures" / "twilio_media"
@@ -200,6 +200,18 @@ async def metric(hub: Hub, name: str, direction: str) -> float:
     return 0.0
 
 
+async def settled_metric(hub: Hub, name: str, direction: str, expected: float) -> float:
+    """The metric once it shows `expected`, or its value after WAIT: relayed frames are counted a batch
+    at a time, the rest when the hub has seen the call end (after the provider's socket closed)."""
+    value = await metric(hub, name, direction)
+    for _ in range(int(WAIT / 0.05)):
+        if value == expected:
+            break
+        await asyncio.sleep(0.05)
+        value = await metric(hub, name, direction)
+    return value
+
+
 # ---------------------------------------------------------------------------------------- audio
 
 
@@ -221,7 +233,21 @@ async def test_audio_goes_up_in_order_and_comes_back_down_through_an_echo_servic
             assert [f.timestamp for f in frames] == [n * 20_000 for n in range(30)]  # Twilio's ms, in µs
             assert await call.played_payloads(30) == sent
         await tap.close()
-    assert await metric(hub, "babelhub_audio_frames_relayed_total", "up") == 30
+    assert await settled_metric(hub, "babelhub_audio_frames_relayed_total", "up", 30) == 30
+
+
+async def test_relayed_frames_are_counted_in_batches_and_the_rest_when_the_call_ends(
+        nats_server: EmbeddedServer, start_hub: StartHub) -> None:
+    hub = await start_hub(media_config(nats_server.url))
+    sent = METRICS_BATCH * 2 + 7
+    async with audio_service(nats_server, hub) as service, aclosing_call(hub, service, "CA-count") as (call, started):
+        async with service.listen(started.stream) as up:
+            for chunk, payload in enumerate(mulaw_packets(sent)):
+                await call.media(chunk, payload)
+            await take(up, sent)
+        assert await settled_metric(hub, "babelhub_audio_frames_relayed_total", "up",
+                                    METRICS_BATCH * 2) == METRICS_BATCH * 2  # two whole batches, mid-call
+    assert await settled_metric(hub, "babelhub_audio_frames_relayed_total", "up", sent) == sent
 
 
 async def test_audio_in_another_format_is_converted_to_what_the_provider_plays(

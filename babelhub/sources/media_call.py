@@ -60,6 +60,10 @@ SEND_AHEAD_FRAMES = 3
 """Packets the provider is kept ahead of what it plays: enough to ride out a late wake-up, few enough
 that a `clear` leaves little already sent."""
 
+METRICS_BATCH = 50
+"""Relayed frames are added to `/metrics` a second of audio at a time, and the rest when the call ends: a
+Prometheus increment takes a lock, and a call relays 100 frames a second."""
+
 Send = Callable[[list[WsFrame]], Awaitable[None]]
 """Sends frames to the provider's socket, in order."""
 
@@ -169,7 +173,8 @@ class CallStream:
             self._dropped_up.inc()
             return
         self.relayed["up"] += 1
-        self._relayed_up.inc()
+        if self.relayed["up"] % METRICS_BATCH == 0:
+            self._relayed_up.inc(METRICS_BATCH)
 
     # ----------------------------------------------------------------------------- from audio services
 
@@ -273,7 +278,8 @@ class CallStream:
                 case SendAudio():
                     await self._send(self.session.send_audio(step.payload))
                     self.relayed["down"] += 1
-                    self._relayed_down.inc()
+                    if self.relayed["down"] % METRICS_BATCH == 0:
+                        self._relayed_down.inc(METRICS_BATCH)
                 case SendMark():
                     await self._send(self.session.mark(step.name))
                 case MarkPlayed():
@@ -301,6 +307,8 @@ class CallStream:
         for subscription in self._subscriptions:
             await subscription.unsubscribe()
         await asyncio.gather(pacing, return_exceptions=True)
+        self._relayed_up.inc(self.relayed["up"] % METRICS_BATCH)  # what the batches have not counted yet
+        self._relayed_down.inc(self.relayed["down"] % METRICS_BATCH)
         await self._event(Stopped(stream=self.stream, reason=reason, relayed=dict(self.relayed),
                                   dropped=dict(self.dropped)))
         self._activity("call_ended", {"reason": reason})

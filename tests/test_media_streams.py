@@ -634,6 +634,39 @@ async def test_audio_without_timestamps_is_stamped_with_the_media_time_counted_f
     assert [(f.seq, f.timestamp) for f in frames] == [(0, 0), (1, 20_000), (2, 30_000)]
 
 
+async def test_audio_for_a_provider_that_stopped_reading_waits_in_the_bounded_queue_not_behind_a_hung_send(
+        nats_server: EmbeddedServer, nats_client: NATS, start_hub: StartHub) -> None:
+    """Audio due at once is sent straight from the `down` subscription only while the provider's socket
+    takes frames without waiting. Once it does not (its buffer holds what the provider has not read),
+    the pacer sends, and what follows waits in the call's bounded queue, which drops the oldest and counts
+    them, instead of piling up in the subscription behind a send that hangs."""
+    hub = await start_hub(media_config(nats_server.url))
+    buffered = asyncio.Event()  # the socket's buffer holds unread frames: the next send hangs
+
+    async def send(frames: list[WsFrame]) -> None:
+        if buffered.is_set():
+            await asyncio.Event().wait()
+        buffered.set()
+
+    async def hang_up(reason: str) -> None:
+        raise AssertionError("not hung up")
+
+    call = CallStream(hub.ctx, hub.ctx.connections["tw"], UntimedProvider({}, {}), send, queue_seconds=0.2,
+                      hang_up=hang_up, writable=lambda: not buffered.is_set())
+    await call.handle(Start(call_id="call-stuck", inbound_format=AudioFormat(codec="pcm16", rate=16000)))
+    await hub.ctx.nats.flush()  # the call's subscriptions are known to the server
+    service = AudioService(nats_client, hub.subjects.prefix, TENANT)
+    for seq in range(30):  # 0.6 s of audio for a queue of 0.2 s
+        await service.play(call.stream, AudioFrame(stream=call.stream, seq=seq, timestamp=seq * 20_000,
+                                                   codec="pcm16", rate=16000, payload=bytes(640)))
+    for _ in range(int(WAIT / 0.05)):
+        if call.dropped["down"]:
+            break
+        await asyncio.sleep(0.05)
+    await call.close("done")
+    assert call.dropped["down"] >= 30 - 10 - 4  # all but the queue's 10 and the few sent or being sent
+
+
 # ------------------------------------------------------------------------- a binary provider: Vonage
 
 VONAGE_FIXTURES = Path(__file__).parent / "fixtures" / "vonage_media"

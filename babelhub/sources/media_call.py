@@ -74,15 +74,18 @@ def stream_id(tenant: str, connection: str, call_id: str, provider_stream: str) 
 
 class CallStream:
     """One call's audio between a provider socket (`session`, `send`) and NATS. `handle` takes the
-    session's events in order; `close` ends the stream (also when the socket went away)."""
+    session's events in order; `close` ends the stream (also when the socket went away). `writable` says
+    whether the socket takes a frame now without waiting: audio due at once is then sent straight from
+    the `down` subscription, without waking the pacer."""
 
     def __init__(self, ctx: HubContext, connection: ConnectionService, session: MediaSession, send: Send, *,
                  queue_seconds: float, hang_up: Callable[[str], Coroutine[Any, Any, None]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, writable: Callable[[], bool] = lambda: True) -> None:
         self.ctx = ctx
         self.connection = connection
         self.session = session
         self._send = send
+        self._writable = writable
         self._hang_up = hang_up
         self._queue_seconds = queue_seconds
         self._clock = clock
@@ -203,10 +206,22 @@ class CallStream:
         if newly_dropped := self._playout.dropped - dropped_before:
             self.dropped["down"] += newly_dropped
             self._dropped_down.inc(newly_dropped)
-        if not waiting_before:
-            # Audio queued behind other audio goes after it, and the pacer's timer is armed for the
-            # queue's head: only audio arriving at an empty queue needs to wake it, so a backlog (a
-            # service sending faster than real time, jitter) costs one wake-up a packet, not two.
+        if waiting_before:
+            # Queued behind other audio, for which the pacer's timer is armed: a backlog (a service
+            # sending faster than real time, jitter) costs one wake-up a packet, not two.
+            return
+        if self._sending.locked() or not self._writable():
+            self._wake.set()  # the pacer sends it once the socket and the lock are free
+        else:
+            await self._send_due()
+
+    async def _send_due(self) -> None:
+        """Send what is due now from this task (audio streamed in real time arrives due: no wake-up of the
+        pacer, no timer), and leave the pacer to time what is left."""
+        assert self._playout is not None
+        async with self._sending:
+            await self._perform(self._playout.due(self._clock()))
+        if self._playout.next_due(self._clock()) is not None:
             self._wake.set()
 
     def _converter_from(self, source: AudioFormat) -> Converter:

@@ -266,8 +266,8 @@ class CallStream:
 
     async def _pace(self) -> None:
         """Release the queued audio at the provider's frame interval (`Playout`): woken by audio arriving
-        at an empty queue, by control, or by a timer at the next packet's time (a timer, not a `wait_for`,
-        which would cost a task per packet)."""
+        at an empty queue that could not be sent at once (`_audio_down`), by control, or by a timer at the
+        next packet's time (a timer, not a `wait_for`, which would cost a task per packet)."""
         assert self._playout is not None
         loop = asyncio.get_running_loop()
         timer: asyncio.TimerHandle | None = None

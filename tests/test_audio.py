@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from babelhub.audio import CODECS, AudioFormat, AudioFrame, Chunker, Converter, silence
-from babelhub.audio.frame import HEADER_BYTES
+from babelhub.audio.frame import HEADER_BYTES, FrameWriter
 from babelhub.errors import DecodeError, EncodeError
 
 STREAM_IDS = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
@@ -27,6 +27,20 @@ def test_a_frame_reads_back_as_it_was_written(stream: str, seq: int, timestamp: 
     data = frame.to_bytes()
     assert len(data) == HEADER_BYTES + len(stream) + len(payload)
     assert AudioFrame.from_bytes(data) == frame
+
+
+@given(stream=STREAM_IDS, seq=st.integers(0, 2**40), timestamp=st.integers(0, 2**64 - 1),
+       codec=st.sampled_from(CODECS), rate=st.integers(8000, 48000), channels=st.integers(1, 8),
+       payload=st.binary(max_size=2000))
+def test_a_frame_writer_writes_what_the_frame_would(stream: str, seq: int, timestamp: int, codec: str, rate: int,
+                                                    channels: int, payload: bytes) -> None:
+    """The hub's up path packs each stream's shared header fields once (`FrameWriter`): its frames are the
+    bytes `AudioFrame.to_bytes` writes, sequence wrapping included, and it counts the same duration."""
+    frame = AudioFrame(stream=stream, seq=seq, timestamp=timestamp, codec=codec,  # type: ignore[arg-type]
+                       rate=rate, channels=channels, payload=payload)
+    writer = FrameWriter(stream, frame.format)
+    assert writer.frame(seq, timestamp, payload) == frame.to_bytes()
+    assert writer.duration_us(payload) == frame.duration_us()
 
 
 def header(version: int = 1, codec: int = 1, channels: int = 1, rate: int = 8000, stream: bytes = b"call-1",

@@ -32,7 +32,7 @@ from babelhub.media.twilio import TwilioMedia
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from babelhub.services.credentials import load_key, tenant_user
-from babelhub.sources.media_call import CallStream
+from babelhub.sources.media_call import METRICS_BATCH, CallStream
 from tests.hubkit import StartHub, dead_letters, stream_messages, unique_prefix
 
 FIXTURES = Path(__file__).parent / "fixtures" / "twilio_media"
@@ -200,6 +200,18 @@ async def metric(hub: Hub, name: str, direction: str) -> float:
     return 0.0
 
 
+async def settled_metric(hub: Hub, name: str, direction: str, expected: float) -> float:
+    """The metric once it shows `expected`, or its value after WAIT: relayed frames are counted a batch
+    at a time, the rest when the hub has seen the call end (after the provider's socket closed)."""
+    value = await metric(hub, name, direction)
+    for _ in range(int(WAIT / 0.05)):
+        if value == expected:
+            break
+        await asyncio.sleep(0.05)
+        value = await metric(hub, name, direction)
+    return value
+
+
 # ---------------------------------------------------------------------------------------- audio
 
 
@@ -221,7 +233,21 @@ async def test_audio_goes_up_in_order_and_comes_back_down_through_an_echo_servic
             assert [f.timestamp for f in frames] == [n * 20_000 for n in range(30)]  # Twilio's ms, in µs
             assert await call.played_payloads(30) == sent
         await tap.close()
-    assert await metric(hub, "babelhub_audio_frames_relayed_total", "up") == 30
+    assert await settled_metric(hub, "babelhub_audio_frames_relayed_total", "up", 30) == 30
+
+
+async def test_relayed_frames_are_counted_in_batches_and_the_rest_when_the_call_ends(
+        nats_server: EmbeddedServer, start_hub: StartHub) -> None:
+    hub = await start_hub(media_config(nats_server.url))
+    sent = METRICS_BATCH * 2 + 7
+    async with audio_service(nats_server, hub) as service, aclosing_call(hub, service, "CA-count") as (call, started):
+        async with service.listen(started.stream) as up:
+            for chunk, payload in enumerate(mulaw_packets(sent)):
+                await call.media(chunk, payload)
+            await take(up, sent)
+        assert await settled_metric(hub, "babelhub_audio_frames_relayed_total", "up",
+                                    METRICS_BATCH * 2) == METRICS_BATCH * 2  # two whole batches, mid-call
+    assert await settled_metric(hub, "babelhub_audio_frames_relayed_total", "up", sent) == sent
 
 
 async def test_audio_in_another_format_is_converted_to_what_the_provider_plays(
@@ -606,6 +632,39 @@ async def test_audio_without_timestamps_is_stamped_with_the_media_time_counted_f
         frames = await take(up, 3)
     await call.close("done")
     assert [(f.seq, f.timestamp) for f in frames] == [(0, 0), (1, 20_000), (2, 30_000)]
+
+
+async def test_audio_for_a_provider_that_stopped_reading_waits_in_the_bounded_queue_not_behind_a_hung_send(
+        nats_server: EmbeddedServer, nats_client: NATS, start_hub: StartHub) -> None:
+    """Audio due at once is sent straight from the `down` subscription only while the provider's socket
+    takes frames without waiting. Once it does not (its buffer holds what the provider has not read),
+    the pacer sends, and what follows waits in the call's bounded queue, which drops the oldest and counts
+    them, instead of piling up in the subscription behind a send that hangs."""
+    hub = await start_hub(media_config(nats_server.url))
+    buffered = asyncio.Event()  # the socket's buffer holds unread frames: the next send hangs
+
+    async def send(frames: list[WsFrame]) -> None:
+        if buffered.is_set():
+            await asyncio.Event().wait()
+        buffered.set()
+
+    async def hang_up(reason: str) -> None:
+        raise AssertionError("not hung up")
+
+    call = CallStream(hub.ctx, hub.ctx.connections["tw"], UntimedProvider({}, {}), send, queue_seconds=0.2,
+                      hang_up=hang_up, writable=lambda: not buffered.is_set())
+    await call.handle(Start(call_id="call-stuck", inbound_format=AudioFormat(codec="pcm16", rate=16000)))
+    await hub.ctx.nats.flush()  # the call's subscriptions are known to the server
+    service = AudioService(nats_client, hub.subjects.prefix, TENANT)
+    for seq in range(30):  # 0.6 s of audio for a queue of 0.2 s
+        await service.play(call.stream, AudioFrame(stream=call.stream, seq=seq, timestamp=seq * 20_000,
+                                                   codec="pcm16", rate=16000, payload=bytes(640)))
+    for _ in range(int(WAIT / 0.05)):
+        if call.dropped["down"]:
+            break
+        await asyncio.sleep(0.05)
+    await call.close("done")
+    assert call.dropped["down"] >= 30 - 10 - 4  # all but the queue's 10 and the few sent or being sent
 
 
 # ------------------------------------------------------------------------- a binary provider: Vonage

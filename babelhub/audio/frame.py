@@ -29,7 +29,8 @@ import msgspec
 
 from babelhub.errors import DecodeError
 
-__all__ = ["CODECS", "HEADER_BYTES", "MAX_STREAM_ID", "AudioCodec", "AudioFormat", "AudioFrame", "valid_stream_id"]
+__all__ = ["CODECS", "HEADER_BYTES", "MAX_STREAM_ID", "AudioCodec", "AudioFormat", "AudioFrame", "FrameWriter",
+           "valid_stream_id"]
 
 AudioCodec: TypeAlias = Literal["pcm16", "mulaw", "alaw", "opus"]
 CODECS: Final[tuple[AudioCodec, ...]] = ("pcm16", "mulaw", "alaw", "opus")
@@ -37,6 +38,9 @@ CODECS: Final[tuple[AudioCodec, ...]] = ("pcm16", "mulaw", "alaw", "opus")
 
 _VERSION: Final = 1
 _HEADER: Final = struct.Struct(">BBBBIIQB")
+_FORMAT_FIELDS: Final = struct.Struct(">BBBBI")
+"""The header's first fields, the same for every frame of a stream in one format."""
+_SEQ_AND_TIME: Final = struct.Struct(">IQ")
 HEADER_BYTES: Final = _HEADER.size
 """Bytes of the fixed header, before the stream id."""
 MAX_STREAM_ID: Final = 64
@@ -116,3 +120,22 @@ class AudioFrame(msgspec.Struct, frozen=True, kw_only=True):
             raise DecodeError("the stream id may hold only letters, digits, '_' and '-'", "stream")
         return cls(stream=stream, seq=seq, timestamp=timestamp, codec=CODECS[codec], rate=rate,
                    channels=channels, payload=data[end:])
+
+
+class FrameWriter:
+    """Writes one stream's frames in one format, as `AudioFrame.to_bytes` would: what every frame shares
+    (version, format, stream id) is packed once, so each frame packs only its sequence and timestamp — the
+    hub writes one per packet of every call it relays."""
+
+    def __init__(self, stream: str, audio: AudioFormat) -> None:
+        encoded = stream.encode("ascii")
+        self._format = _FORMAT_FIELDS.pack(_VERSION, CODECS.index(audio.codec), audio.channels, 0, audio.rate)
+        self._stream = bytes((len(encoded),)) + encoded
+        self._bytes_per_ms = audio.bytes_per_ms()
+
+    def frame(self, seq: int, timestamp: int, payload: bytes) -> bytes:
+        return b"".join((self._format, _SEQ_AND_TIME.pack(seq % 2**32, timestamp), self._stream, payload))
+
+    def duration_us(self, payload: bytes) -> int:
+        """Microseconds of audio in `payload` (0 for opus), as `AudioFrame.duration_us`."""
+        return len(payload) * 1000 // self._bytes_per_ms if self._bytes_per_ms else 0

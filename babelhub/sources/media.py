@@ -88,12 +88,13 @@ class MediaStreams(InboundSource):
         await socket.prepare(request)
         self._sockets.add(socket)
         try:
-            await self._serve(socket, connection, session)
+            await self._serve(socket, connection, session, request.transport)
         finally:
             self._sockets.discard(socket)
         return socket
 
-    async def _serve(self, socket: web.WebSocketResponse, connection: ConnectionService, session: MediaSession) -> None:
+    async def _serve(self, socket: web.WebSocketResponse, connection: ConnectionService, session: MediaSession,
+                     transport: asyncio.Transport | None) -> None:
         async def send(frames: list[WsFrame]) -> None:
             """What the provider cannot take any more (its socket is closing) is dropped: the call ends."""
             for frame in frames:
@@ -112,7 +113,8 @@ class MediaStreams(InboundSource):
             await socket.close(code=WSCloseCode.OK, message=_reason(reason))
 
         call = CallStream(self.services.ctx, connection, session, send, hang_up=hang_up,
-                          queue_seconds=self._settings.media_queue_seconds)
+                          queue_seconds=self._settings.media_queue_seconds,
+                          writable=lambda: _writable(socket, transport))
         budget = f"{connection.id}:{id(socket)}"  # this socket's frame budget, dropped when it closes
         try:
             await send(session.opening())
@@ -148,7 +150,8 @@ class MediaStreams(InboundSource):
                 await self._refuse(socket, connection, frame, f"the frame could not be read ({type(exc).__name__})",
                                    "$")
                 return
-            await send(session.replies())
+            if replies := session.replies():  # few frames need one: no coroutine for the others
+                await send(replies)
             for event in events:
                 await call.handle(event)
             if call.stopped:
@@ -186,6 +189,12 @@ def _same_origin(request: web.Request) -> bool:
         return claimed == URL(f"{claimed.scheme}://{request.host}").origin()
     except ValueError:  # "null" (sandboxed frames, file://) and other non-URLs
         return False
+
+
+def _writable(socket: web.WebSocketResponse, transport: asyncio.Transport | None) -> bool:
+    """Whether the provider's socket takes a frame now without waiting: nothing sent before still waits in
+    the transport's buffer (aiohttp waits for a drain only past the buffer's high-water mark)."""
+    return transport is not None and not socket.closed and transport.get_write_buffer_size() == 0
 
 
 def _refusal(session: MediaSession, request: Any) -> str:

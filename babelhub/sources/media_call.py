@@ -29,6 +29,7 @@ from nats.aio.subscription import Subscription
 
 from babelhub import canonical as c
 from babelhub.audio import AudioFormat, AudioFrame, Chunker, Converter
+from babelhub.audio.frame import FrameWriter
 from babelhub.audio.playout import MarkPlayed, Playout, SendAudio, SendMark, Step
 from babelhub.audio.protocol import (
     Clear,
@@ -64,6 +65,10 @@ MAX_TROUBLE_LETTERS = 20
 """A call's provider error reports kept as dead letters (and logged); later ones are only counted
 (`CallStream.troubles`), so a provider repeating an error cannot flood the dead-letter stream."""
 
+METRICS_BATCH = 50
+"""Relayed frames are added to `/metrics` a second of audio at a time, and the rest when the call ends: a
+Prometheus increment takes a lock, and a call relays 100 frames a second."""
+
 Send = Callable[[list[WsFrame]], Awaitable[None]]
 """Sends frames to the provider's socket, in order."""
 
@@ -74,15 +79,18 @@ def stream_id(tenant: str, connection: str, call_id: str, provider_stream: str) 
 
 class CallStream:
     """One call's audio between a provider socket (`session`, `send`) and NATS. `handle` takes the
-    session's events in order; `close` ends the stream (also when the socket went away)."""
+    session's events in order; `close` ends the stream (also when the socket went away). `writable` says
+    whether the socket takes a frame now without waiting: audio due at once is then sent straight from
+    the `down` subscription, without waking the pacer."""
 
     def __init__(self, ctx: HubContext, connection: ConnectionService, session: MediaSession, send: Send, *,
                  queue_seconds: float, hang_up: Callable[[str], Coroutine[Any, Any, None]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, writable: Callable[[], bool] = lambda: True) -> None:
         self.ctx = ctx
         self.connection = connection
         self.session = session
         self._send = send
+        self._writable = writable
         self._hang_up = hang_up
         self._queue_seconds = queue_seconds
         self._clock = clock
@@ -97,6 +105,8 @@ class CallStream:
         self._chunker: Chunker | None = None
         self._converter: Converter | None = None
         self._subscriptions: list[Subscription] = []
+        self._up_subject = ""
+        self._up_frames: FrameWriter | None = None
         self._wake = asyncio.Event()
         self._sending = asyncio.Lock()
         """Held while frames go to the provider from the pacer or a control operation, so that their
@@ -141,6 +151,8 @@ class CallStream:
         self._start = start
         self.stream = stream_id(connection.tenant, connection.id, start.call_id, start.stream_id)
         self._conversation = c.conversation_id(connection.tenant, connection.id, self._caller())
+        self._up_subject = self._subject("up")
+        self._up_frames = FrameWriter(self.stream, start.inbound_format)
         outbound = self.session.outbound_format
         self._chunker = Chunker(outbound.frame_bytes())
         self._playout = Playout(outbound.frame_ms, int(self._queue_seconds * 1000 / outbound.frame_ms),
@@ -162,15 +174,13 @@ class CallStream:
         return self._start.caller or self._start.call_id
 
     async def _audio_up(self, audio: Audio) -> None:
-        assert self._start is not None
-        inbound = self._start.inbound_format
+        assert self._up_frames is not None
         timestamp = audio.timestamp_us if audio.timestamp_us is not None else self._up_media_us
-        frame = AudioFrame(stream=self.stream, seq=self._up_seq, timestamp=timestamp, codec=inbound.codec,
-                           rate=inbound.rate, channels=inbound.channels, payload=audio.payload)
+        frame = self._up_frames.frame(self._up_seq, timestamp, audio.payload)
         self._up_seq += 1
-        self._up_media_us = timestamp + frame.duration_us()
+        self._up_media_us = timestamp + self._up_frames.duration_us(audio.payload)
         try:
-            await self.ctx.nats.publish(self._subject("up"), frame.to_bytes())
+            await self.ctx.nats.publish(self._up_subject, frame)
         except NATS_UNAVAILABLE:
             # Realtime audio is not worth waiting for: a frame NATS cannot take now is gone (the gap in
             # `seq` shows it), and the call goes on.
@@ -178,7 +188,8 @@ class CallStream:
             self._dropped_up.inc()
             return
         self.relayed["up"] += 1
-        self._relayed_up.inc()
+        if self.relayed["up"] % METRICS_BATCH == 0:
+            self._relayed_up.inc(METRICS_BATCH)
 
     async def _trouble(self, trouble: Trouble) -> None:
         """Log the provider's error report and keep it as a dead letter; the call goes on."""
@@ -220,13 +231,29 @@ class CallStream:
             self.dropped["unreadable"] += 1
             await self._park(str(exc), "payload", msg)
             return
-        dropped_before = self._playout.dropped
+        dropped_before, waiting_before = self._playout.dropped, len(self._playout)
         for packet in self._chunker.push(payload):
             self._playout.push_audio(packet)
         if newly_dropped := self._playout.dropped - dropped_before:
             self.dropped["down"] += newly_dropped
             self._dropped_down.inc(newly_dropped)
-        self._wake.set()
+        if waiting_before:
+            # Queued behind other audio, for which the pacer's timer is armed: a backlog (a service
+            # sending faster than real time, jitter) costs one wake-up a packet, not two.
+            return
+        if self._sending.locked() or not self._writable():
+            self._wake.set()  # the pacer sends it once the socket and the lock are free
+        else:
+            await self._send_due()
+
+    async def _send_due(self) -> None:
+        """Send what is due now from this task (audio streamed in real time arrives due: no wake-up of the
+        pacer, no timer), and leave the pacer to time what is left."""
+        assert self._playout is not None
+        async with self._sending:
+            await self._perform(self._playout.due(self._clock()))
+        if self._playout.next_due(self._clock()) is not None:
+            self._wake.set()
 
     def _converter_from(self, source: AudioFormat) -> Converter:
         """The converter of the format the service sends in now, keeping its resampling state from frame
@@ -272,9 +299,9 @@ class CallStream:
     # --------------------------------------------------------------------------------------- pacing
 
     async def _pace(self) -> None:
-        """Release the queued audio at the provider's frame interval (`Playout`): woken by new audio or
-        control, or by a timer at the next packet's time (a timer, not a `wait_for`, which would cost a
-        task per packet)."""
+        """Release the queued audio at the provider's frame interval (`Playout`): woken by audio arriving
+        at an empty queue that could not be sent at once (`_audio_down`), by control, or by a timer at the
+        next packet's time (a timer, not a `wait_for`, which would cost a task per packet)."""
         assert self._playout is not None
         loop = asyncio.get_running_loop()
         timer: asyncio.TimerHandle | None = None
@@ -287,7 +314,7 @@ class CallStream:
                     timer.cancel()
                     timer = None
                 next_due = self._playout.next_due(self._clock())
-                if next_due is not None:
+                if next_due is not None:  # armed whenever anything waits: see `_audio_down`
                     timer = loop.call_later(max(0.0, next_due - self._clock()), self._wake.set)
                 await self._wake.wait()
         finally:
@@ -300,7 +327,8 @@ class CallStream:
                 case SendAudio():
                     await self._send(self.session.send_audio(step.payload))
                     self.relayed["down"] += 1
-                    self._relayed_down.inc()
+                    if self.relayed["down"] % METRICS_BATCH == 0:
+                        self._relayed_down.inc(METRICS_BATCH)
                 case SendMark():
                     await self._send(self.session.mark(step.name))
                 case MarkPlayed():
@@ -328,6 +356,8 @@ class CallStream:
         for subscription in self._subscriptions:
             await subscription.unsubscribe()
         await asyncio.gather(pacing, return_exceptions=True)
+        self._relayed_up.inc(self.relayed["up"] % METRICS_BATCH)  # what the batches have not counted yet
+        self._relayed_down.inc(self.relayed["down"] % METRICS_BATCH)
         await self._event(Stopped(stream=self.stream, reason=reason, relayed=dict(self.relayed),
                                   dropped=dict(self.dropped)))
         self._activity("call_ended", {"reason": reason})

@@ -12,6 +12,8 @@ is stored and will be sent (or reported `failed`).
 * **Refused** (`Refusal`, with the HTTP status, a code, and the JSON path): what is not an outbound
   message or activity, another tenant's tenant id, a connection the tenant does not have (404, as if it
   did not exist), a conversation id its connection and chat do not derive.
+* **Not forever**: a message `hops` processor round trips deep, past `routing.MAX_HOPS`, is a loop: it
+  is refused (508 `loop_detected`) and kept as a dead letter, never silently dropped.
 * **Once**: an `Idempotency-Key` makes the id (the same key, the same id), and is remembered for a day
   (`IDEMPOTENCY_SECONDS`) in the `<prefix>_idempotency` KV bucket: the same key again answers the first
   id with `duplicate: true` and sends nothing. Without a key, the id (given or made) is the stream's
@@ -23,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -33,7 +35,8 @@ from babelhub import canonical as c
 from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.broker import BUCKETS
 from babelhub.services.context import HubContext
-from babelhub.services.routing import HOPS_HEADER, ORIGIN_HEADER
+from babelhub.services.deadletters import DeadLetter
+from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, ORIGIN_HEADER
 
 __all__ = ["IDEMPOTENCY_SECONDS", "MAX_IDEMPOTENCY_KEY", "Accepted", "Outbox", "Refusal"]
 
@@ -90,6 +93,8 @@ class Outbox:
         if key and (earlier := await self._remembered(key)) is not None:
             return Accepted(id=earlier.id, conversation=earlier.conversation, duplicate=True)
         envelope = self._checked(tenant, _completed(body, tenant, idempotency_key))
+        if hops > MAX_HOPS:
+            await self._stop_loop(envelope, origin, hops)
         stored = await self._store(envelope, origin, hops)
         if key:
             await self._remember(key, _Remembered(envelope.id, envelope.conversation.id))
@@ -116,6 +121,15 @@ class Outbox:
             raise Refusal(400, "invalid", "name the conversation: its id, or its connection and native_id",
                           "$.conversation")
         return envelope
+
+    async def _stop_loop(self, envelope: c.Message | c.Activity, origin: str, hops: int) -> NoReturn:
+        """A message that went through processors more than `MAX_HOPS` times is a loop: kept and reported."""
+        error = (f"loop stopped: this message followed {hops} processor round trips (at most {MAX_HOPS}); "
+                 f"last from processor {origin or 'unknown'!r}")
+        await self.ctx.dead_letters.park(DeadLetter(
+            stage="processor", error=error, tenant=envelope.tenant,
+            subject=self.ctx.subjects.outbound(envelope.tenant, envelope.conversation.id), body=c.encode(envelope)))
+        raise Refusal(508, "loop_detected", error)
 
     def _owns(self, tenant: str, connection_id: str) -> bool:
         connection = self.ctx.connections.get(connection_id)

@@ -20,7 +20,7 @@ from babelhub import canonical as c
 from babelhub.errors import ConfigError
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
-from babelhub.services.broker import EmbeddedServer, free_port
+from babelhub.services.broker import EmbeddedServer, free_port, partition_of
 from tests.hubkit import (
     TENANT,
     Processor,
@@ -371,3 +371,29 @@ async def test_a_connection_that_cannot_use_socket_mode_is_refused_at_start(
     with pytest.raises(ConfigError, match=r"\$\.connections\[0\]\.mode: .*" + problem):
         async with Hub(config):
             pass
+
+
+async def test_one_hub_at_a_time_holds_the_socket(nats_server: EmbeddedServer, nats_client: Any, slack: FakeSlack,
+                                                  start_hub: StartHub) -> None:
+    config = slack_config(nats_server.url, slack, partitions=8, lease_seconds=4.0)
+    first = await start_hub(config)
+    second = await start_hub(config)
+    partition = partition_of(TENANT, "sl", 8)
+    await eventually(lambda: len(held(first)) == len(held(second)) == 4, timeout=60)
+    owner = first if partition in held(first) else second
+    other = second if owner is first else first
+    await connected(slack)
+    await asyncio.sleep(0.5)  # a second holder would have opened its socket by now
+    assert len(slack.sockets) == 1 and len(slack.opens) == 1
+
+    await owner.stop()
+    await eventually(lambda: partition in held(other), timeout=20)
+    await connected(slack, sockets=2)
+    assert slack.timeline.index("closed 1") < slack.timeline.index("open 2")
+    app = await Processor(nats_client, config.hub.subject_prefix).start()
+    await slack.delivered(fixture("events_api_message_im.json"))
+    assert text_of((await app.next())[0]) == "When Slack was released?"
+
+
+def held(hub: Hub) -> set[int]:
+    return set(hub._started().ownership.working)

@@ -397,3 +397,18 @@ async def test_one_hub_at_a_time_holds_the_socket(nats_server: EmbeddedServer, n
 
 def held(hub: Hub) -> set[int]:
     return set(hub._started().ownership.working)
+
+
+async def test_link_disabled_closes_the_socket_and_asks_for_a_new_one(
+        nats_server: EmbeddedServer, nats_client: Any, slack: FakeSlack, start_hub: StartHub) -> None:
+    hub = await start_hub(slack_config(nats_server.url, slack))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    await connected(slack)
+    # Socket Mode turned off: the next open fails until it is turned on again.
+    slack.open_replies.append((200, {"ok": False, "error": "internal_error"}, {}))
+    await slack.send(fixture("disconnect_link_disabled.json"))
+    await eventually(lambda: "closed 1" in slack.timeline)
+    await connected(slack, sockets=2)
+    assert len(slack.opens) == 3 and slack.timeline.index("closed 1") < slack.timeline.index("open 2")
+    await slack.delivered(fixture("events_api_message_im.json"))
+    assert text_of((await app.next())[0]) == "When Slack was released?"

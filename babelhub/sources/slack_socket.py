@@ -163,7 +163,9 @@ class SocketLink:
                 if ending == _DISABLED:
                     log.warning("%s: Slack turned Socket Mode off for this app (link_disabled); asking for a "
                                 "socket again with backoff", self.connection.id)
-                    await self._pause()
+                # A pause even after a plain drop, so that a socket dropped at once cannot make a tight loop
+                # (what it did not acknowledge, Slack sends again).
+                await self._pause()
                 self._socket = await self._next_socket()
         except TokenRefused as refused:
             log.error("%s: Slack refused the app token (%s): fix secrets.app_token and restart the hub; "

@@ -8,7 +8,9 @@ payload is recorded shaped as its webhook would be (the Events API's JSON, inter
 only once the raw record is stored is the envelope acknowledged (`{"envelope_id": …}`, within Slack's
 3 s). A record that cannot be stored now (NATS away) is not acknowledged: Slack delivers it again
 (`retry_attempt`), and the codec's dedup key (the Events API's `event_id`, an interaction's
-`trigger_id`) absorbs the copies that were stored after all.
+`trigger_id`) absorbs the copies that were stored after all. Acknowledgements carry no response payload
+(`accepts_response_payload` is not used): processors answer through the Web API or `response_url`, as
+they do for webhooks.
 
 Slack refreshes its sockets: on `disconnect` (`refresh_requested`, `warning`) the hub opens the next
 socket and waits for its `hello` before it closes the old one, which keeps being read meanwhile, so

@@ -227,6 +227,23 @@ async def test_an_answer_appended_by_the_app_is_sent_once_and_acknowledged(
     assert await letters(hub) == []
 
 
+async def test_hub_processes_share_the_group_and_each_answer_is_sent_once(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, redis_server: RedisServer,
+        app: aioredis.Redis) -> None:
+    fake_api.responder = telegram_responder
+    config = redis_config(nats_server.url, fake_api.base_url, redis_server.url)
+    hubs = [await start_hub(config), await start_hub(config)]
+    texts = [f"answer {n}" for n in range(20)]
+    for text in texts:
+        await app.xadd(OUTBOUND, {"envelope": reply(text)})
+    await eventually(lambda: sorted(sent_texts(fake_api)) == sorted(texts))
+    await until(nothing_pending(app))
+    consumers = {info["name"].decode() for info in await app.xinfo_consumers(OUTBOUND, "babelhub")}
+    assert consumers == {hub._started().ownership.member for hub in hubs}
+    await asyncio.sleep(0.5)
+    assert sorted(sent_texts(fake_api)) == sorted(texts)
+
+
 async def test_a_malformed_answer_is_a_dead_letter_with_its_path_and_is_acknowledged(
         nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, redis_server: RedisServer,
         app: aioredis.Redis) -> None:
@@ -235,12 +252,16 @@ async def test_a_malformed_answer_is_a_dead_letter_with_its_path_and_is_acknowle
     broken = json.dumps({"conversation": {"connection": "tg", "native_id": str(CHAT)}, "parts": [{"type": "text"}]})
     await app.xadd(OUTBOUND, {"envelope": broken})
     await app.xadd(OUTBOUND, {"text": "no envelope at all"})
+    await app.xadd(OUTBOUND, {"envelope": reply("bad key"), "idempotency_key": b"\xff\xfe"})
+    await app.xadd(OUTBOUND, {"envelope": reply("long key"), "idempotency_key": "k" * 300})
     await app.xadd(OUTBOUND, {"envelope": reply("still flowing")})
     await eventually(lambda: sent_texts(fake_api) == ["still flowing"])
-    await until(letters_reach(hub, 2))
+    await until(letters_reach(hub, 4))
     await until(nothing_pending(app))
     found = await letters(hub)
-    assert [(letter["stage"], letter["path"]) for letter in found] == [("processor", "$.parts[0]"), ("processor", "$")]
+    assert [(letter["stage"], letter.get("path", "")) for letter in found] == [
+        ("processor", "$.parts[0]"), ("processor", "$"), ("processor", "idempotency_key"), ("processor", "")]
+    assert found[3]["error"].startswith("invalid_idempotency_key")
     assert found[0]["body"] == broken.encode() and found[0]["subject"] == f"redis:{OUTBOUND}"
     assert await pending(app) == 0
     assert sent_texts(fake_api) == ["still flowing"]

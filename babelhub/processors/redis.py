@@ -23,11 +23,13 @@ redis-py is imported here only: a hub without a `redis` processor never loads th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from typing import Annotated, Any
 
 import msgspec
+import nats.errors
 import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 from redis.exceptions import RedisError, ResponseError
@@ -137,7 +139,9 @@ class RedisTransport(ProcessorTransport):
             except RedisError as exc:
                 failures += 1
                 self._redis_trouble("append to", self.inbound_stream, exc, failures)
-                await msg.in_progress()  # still ours: no redelivery to another process meanwhile
+                # Still ours: no redelivery meanwhile (if NATS is away too, a redelivery is absorbed).
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.in_progress()
                 await asyncio.sleep(_backoff(failures))
         if failures:
             log.info("processor %s: Redis takes inbound envelopes again", self.processor.id)
@@ -186,7 +190,7 @@ class RedisTransport(ProcessorTransport):
     def consumer(self) -> str:
         return self.services.ownership.member
 
-    async def _read(self, since: str, block: float | None = None) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+    async def _read(self, since: str, block: float | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         answer: Any = await self.redis.xreadgroup(
             self.options.group, self.consumer, {self.outbound_stream: since}, count=_READ_COUNT,
             block=int(block * 1000) if block is not None else None)
@@ -208,9 +212,9 @@ class RedisTransport(ProcessorTransport):
             if start in (b"0-0", "0-0"):
                 return
 
-    async def _settle(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> None:
+    async def _settle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         for entry_id, fields in entries:
-            if fields is not None:  # None: deleted from the stream after it was read; nothing to do
+            if fields:  # no fields: deleted from the stream after it was read (XADD needs one); nothing to do
                 await self._submit(entry_id, fields)
             await self.redis.xack(self.outbound_stream, self.options.group, entry_id)
 

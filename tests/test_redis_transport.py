@@ -25,7 +25,7 @@ from babelhub.errors import ConfigError
 from babelhub.plugins import Services
 from babelhub.processors.redis import RedisTransport
 from babelhub.services import config as cfg
-from babelhub.services.broker import EmbeddedServer
+from babelhub.services.broker import EmbeddedServer, free_port
 from tests.fakeapi import FakeApi
 from tests.hubkit import (
     SECRET,
@@ -242,6 +242,36 @@ async def test_hub_processes_share_the_group_and_each_answer_is_sent_once(
     assert consumers == {hub._started().ownership.member for hub in hubs}
     await asyncio.sleep(0.5)
     assert sorted(sent_texts(fake_api)) == sorted(texts)
+
+
+async def test_an_answer_the_hub_cannot_store_while_nats_is_down_stays_pending_and_is_sent_once_after(
+        tmp_path: Path, fake_api: FakeApi, start_hub: StartHub, redis_server: RedisServer,
+        app: aioredis.Redis) -> None:
+    fake_api.responder = telegram_responder
+    nats_server = EmbeddedServer(tmp_path / "nats", port=free_port())
+    await nats_server.start()
+    try:
+        hub = await start_hub(redis_config(nats_server.url, fake_api.base_url, redis_server.url))
+        await outage_and_back(hub, nats_server, fake_api, app)
+    finally:
+        await nats_server.stop()
+
+
+async def outage_and_back(hub: Any, nats_server: EmbeddedServer, fake_api: FakeApi, app: aioredis.Redis) -> None:
+    try:
+        await nats_server.stop()
+        await eventually(lambda: not hub.nc.is_connected)
+        await app.xadd(OUTBOUND, {"envelope": reply("after the outage")})
+        # The hub read it and could not store it: the reading task failed (its supervisor restarts it).
+        await eventually(lambda: hub.task_health["redis-outbound:app"].crashes >= 1, timeout=30)
+        assert await pending(app) == 1 and sent_texts(fake_api) == []
+        await nats_server.start()
+        await eventually(lambda: sent_texts(fake_api) == ["after the outage"], timeout=60)
+        await until(nothing_pending(app))
+        await asyncio.sleep(0.5)
+        assert sent_texts(fake_api) == ["after the outage"]
+    finally:
+        await hub.stop()  # before its NATS server goes
 
 
 async def test_a_malformed_answer_is_a_dead_letter_with_its_path_and_is_acknowledged(

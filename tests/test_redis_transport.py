@@ -26,6 +26,7 @@ from babelhub.plugins import Services
 from babelhub.processors.redis import RedisTransport
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer, free_port
+from babelhub.services.routing import HOPS_HEADER, ORIGIN_HEADER
 from tests.fakeapi import FakeApi
 from tests.hubkit import (
     SECRET,
@@ -274,6 +275,21 @@ async def outage_and_back(hub: Any, nats_server: EmbeddedServer, fake_api: FakeA
         await hub.stop()  # before its NATS server goes
 
 
+@pytest.mark.parametrize(("given", "stored"), [("2", "3"), ("-5", "1"), ("99999", "1")])
+async def test_an_answer_carries_its_origin_and_one_hop_more_than_the_inbound_it_copies(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, redis_server: RedisServer,
+        app: aioredis.Redis, given: str, stored: str) -> None:
+    hub = await start_hub(redis_config(nats_server.url, fake_api.base_url, redis_server.url))
+    await app.xadd(OUTBOUND, {"envelope": reply("hop"), "hops": given})
+    js = hub.nc.jetstream()
+    subscription = await js.subscribe(f"{hub.subjects.prefix}.{TENANT}.out.>", ordered_consumer=True,
+                                      stream=hub.subjects.stream_name("messages"))
+    msg = await subscription.next_msg(timeout=15)
+    await subscription.unsubscribe()
+    assert msg.headers is not None
+    assert (msg.headers[ORIGIN_HEADER], msg.headers[HOPS_HEADER]) == ("app", stored)
+
+
 async def test_a_malformed_answer_is_a_dead_letter_with_its_path_and_is_acknowledged(
         nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, redis_server: RedisServer,
         app: aioredis.Redis) -> None:
@@ -349,6 +365,27 @@ async def test_the_redis_password_never_shows_in_logs_or_dead_letters(
 
 
 # ------------------------------------------------------------------------------------------ settings
+
+
+async def test_the_hub_starts_and_stays_ready_while_redis_is_away(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub) -> None:
+    """Redis is the app's way in: its absence shows in the log, not in `/readyz` (which would take the
+    hub's webhooks out of a load balancer)."""
+    hub = await start_hub(redis_config(nats_server.url, fake_api.base_url, f"redis://127.0.0.1:{free_port()}/0"))
+    await post_updates(hub.http_url, ["nobody reads this yet"])
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(hub.http_url + "/readyz") as answer:
+                assert answer.status == 200, await answer.text()
+            await asyncio.sleep(0.3)
+
+
+def test_a_hub_without_a_redis_processor_never_imports_redis() -> None:
+    code = ("import sys, babelhub.hub.app, babelhub.plugins, babelhub.hub.cli; "
+            "loaded = sorted(name for name in sys.modules if name == 'redis' or name.startswith('redis.')); "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
 
 
 def transport_of(processor: cfg.Processor) -> RedisTransport:

@@ -300,14 +300,16 @@ async def test_a_malformed_answer_is_a_dead_letter_with_its_path_and_is_acknowle
     await app.xadd(OUTBOUND, {"text": "no envelope at all"})
     await app.xadd(OUTBOUND, {"envelope": reply("bad key"), "idempotency_key": b"\xff\xfe"})
     await app.xadd(OUTBOUND, {"envelope": reply("long key"), "idempotency_key": "k" * 300})
+    await app.xadd(OUTBOUND, {"envelope": reply("x" * hub.config.hub.max_body_bytes)})
     await app.xadd(OUTBOUND, {"envelope": reply("still flowing")})
     await eventually(lambda: sent_texts(fake_api) == ["still flowing"])
-    await until(letters_reach(hub, 4))
+    await until(letters_reach(hub, 5))
     await until(nothing_pending(app))
     found = await letters(hub)
     assert [(letter["stage"], letter.get("path", "")) for letter in found] == [
-        ("processor", "$.parts[0]"), ("processor", "$"), ("processor", "idempotency_key"), ("processor", "")]
-    assert found[3]["error"].startswith("invalid_idempotency_key")
+        ("processor", "$.parts[0]"), ("processor", "$"), ("processor", "idempotency_key"), ("processor", ""),
+        ("processor", "$")]
+    assert found[3]["error"].startswith("invalid_idempotency_key") and found[4]["error"].startswith("too_large")
     assert found[0]["body"] == broken.encode() and found[0]["subject"] == f"redis:{OUTBOUND}"
     assert await pending(app) == 0
     assert sent_texts(fake_api) == ["still flowing"]

@@ -226,6 +226,10 @@ class RedisTransport(ProcessorTransport):
             envelope = fields.get(b"envelope")
             if envelope is None:
                 raise Refusal(400, "invalid", "the entry has no `envelope` field", "$")
+            limit = self.services.config.hub.max_body_bytes
+            if len(envelope) > limit:  # as a request body would be (what the app writes is not trusted more)
+                raise Refusal(413, "too_large", f"the envelope is larger than the hub's limit of {limit} bytes "
+                              "(hub.max_body_bytes)", "$")
             await self.services.outbox.submit(
                 processor.tenant, envelope, idempotency_key=self._idempotency_key(entry_id, fields),
                 origin=processor.id, hops=_hops_after(fields))

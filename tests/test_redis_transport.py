@@ -106,6 +106,13 @@ def nothing_pending(client: aioredis.Redis) -> Callable[[], Awaitable[bool]]:
     return check
 
 
+def only_consumer(client: aioredis.Redis, name: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        consumers = await client.xinfo_consumers(OUTBOUND, "babelhub")
+        return [consumer["name"].decode() for consumer in consumers] == [name]
+    return check
+
+
 def letters_reach(hub: Any, count: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return len(await letters(hub)) >= count
@@ -331,11 +338,13 @@ async def test_an_answer_sent_but_not_acknowledged_before_the_hub_stopped_is_sen
     assert await pending(app) == 1
     await first.stop()
     await app.execute_command("ACL", "SETUSER", "hub", "+xack")
-    await start_hub(config)
+    second = await start_hub(config)
     await until(nothing_pending(app))
     assert await pending(app) == 0
     await asyncio.sleep(0.5)
     assert sent_texts(fake_api) == ["exactly once"]
+    # The stopped hub's consumer, emptied by the claim, is forgotten: names do not pile up in the group.
+    await until(only_consumer(app, second._started().ownership.member), timeout=30)
 
 
 async def test_the_redis_password_never_shows_in_logs_or_dead_letters(

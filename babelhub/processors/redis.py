@@ -43,7 +43,7 @@ from babelhub.services.outbox import Refusal
 from babelhub.services.routing import HOPS_HEADER, hops_of
 from babelhub.services.supervise import TaskHealth
 
-__all__ = ["APPEND_ONCE", "RedisTransport"]
+__all__ = ["APPEND_ONCE", "FORGET_DEPARTED", "RedisTransport"]
 
 log = logging.getLogger("babelhub.redis")
 
@@ -64,6 +64,22 @@ return id
 """XADD to KEYS[1] unless the delivery key KEYS[2] exists, then set it for ARGV[2] seconds (ARGV[1]: the
 approximate MAXLEN, ARGV[3...]: field, value pairs). One script runs alone, so a retry cannot slip in
 between; the key is written after the XADD, so a failed XADD leaves nothing behind."""
+
+FORGET_DEPARTED = """
+local forgotten = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[3] and info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    forgotten = forgotten + 1
+  end
+end
+return forgotten
+"""
+"""Delete the consumers of group ARGV[1] on stream KEYS[1], other than ARGV[3], that hold nothing and
+were last seen over ARGV[2] ms ago: the names of hub processes gone (each process reads under a name of
+its own). In one script, so no consumer can read an entry between the check and the delete."""
 
 
 class RedisSecrets(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -106,6 +122,7 @@ class RedisTransport(ProcessorTransport):
             secrets.url, protocol=2, socket_connect_timeout=5, socket_timeout=_BLOCK_SECONDS + 10,
             health_check_interval=30)
         self._append_once = self.redis.register_script(APPEND_ONCE)
+        self._forget_departed = self.redis.register_script(FORGET_DEPARTED)
         self._redis_failures = 0
 
     async def start(self) -> None:
@@ -199,7 +216,7 @@ class RedisTransport(ProcessorTransport):
 
     async def _claim_abandoned(self) -> None:
         """Take over the entries pending longer than `claim_idle_seconds` with any consumer (a hub that
-        died before it acknowledged them), and settle them."""
+        died before it acknowledged them), and settle them; then forget the consumers left empty."""
         start: bytes | str = "0-0"
         idle_ms = int(self.options.claim_idle_seconds * 1000)
         while True:
@@ -210,7 +227,10 @@ class RedisTransport(ProcessorTransport):
                 log.info("processor %s: claimed %d abandoned outbound entries", self.processor.id, len(claimed))
             await self._settle(claimed)
             if start in (b"0-0", "0-0"):
-                return
+                break
+        # A live consumer is seen at least every _BLOCK_SECONDS (it waits in XREADGROUP that long at most).
+        departed_ms = idle_ms + int(2 * _BLOCK_SECONDS * 1000)
+        await self._forget_departed(keys=[self.outbound_stream], args=[self.options.group, departed_ms, self.consumer])
 
     async def _settle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         for entry_id, fields in entries:

@@ -242,6 +242,8 @@ class Hub:
         wherever text leaves the hub."""
         values = [value for connection in self.config.connections for value in connection.secrets.values()]
         values += [value for processor in self.config.processors for value in processor.secrets.values()]
+        # A password inside a secret URL (a Redis URL) may show up alone in a client's error text.
+        values += [_url_password(value) for processor in self.config.processors for value in processor.secrets.values()]
         values += [key for tenant in self.config.tenants for key in tenant.api_keys]
         values += [urlsplit(url).password or "" for url in self.config.hub.nats.split(",")]
         return values + [user.password for user in users]
@@ -355,3 +357,11 @@ class Hub:
             await self._stack.aclose()  # every step runs, also after one that fails
         except Exception:
             log.exception("error while stopping")
+
+
+def _url_password(value: str) -> str:
+    """The password in `value` when it is a URL that holds one, else ""."""
+    try:
+        return urlsplit(value).password or "" if "://" in value else ""
+    except ValueError:  # not a URL after all (an unbalanced "[" in a token)
+        return ""

@@ -143,6 +143,11 @@ async def history_caught_up(hub: Hub) -> bool:
     return info.delivered.stream_seq == last and not info.num_ack_pending and not info.num_redelivered
 
 
+async def status_stored(hub: Hub, state: c.State) -> bool:
+    stored = await stream_messages(hub.nc, f"{hub.subjects.prefix}.*.status.>", hub.subjects.stream_name("statuses"))
+    return any(isinstance(envelope := c.decode(data), c.Status) and envelope.state == state for data in stored)
+
+
 async def outbound_stored(hub: Hub) -> list[bytes]:
     return await stream_messages(hub.nc, f"{hub.subjects.prefix}.*.out.>", hub.subjects.stream_name("messages"))
 
@@ -185,6 +190,7 @@ async def test_a_status_that_moves_backward_is_not_recorded(
     await status_webhook(http, hub, "status_read.json", native_id)
     await until_states(http, hub, accepted["id"], ["accepted", "sent", "read"])
     await status_webhook(http, hub, "status_delivered.json", native_id)  # a receipt that comes late
+    await eventually_async(lambda: status_stored(hub, "delivered"))
     await eventually_async(lambda: history_caught_up(hub))
     _, history = await get(http, hub, accepted["id"])
     assert [step["state"] for step in history["statuses"]] == ["accepted", "sent", "read"]
@@ -323,13 +329,19 @@ async def test_writers_meeting_on_one_history_lose_no_step(hub: Hub, nats_client
         return c.Status(id=c.stable_id("status", message_id, state), tenant=ACME, conversation=conversation,
                         ts=c.now(), message_id=message_id, state=state)
 
-    ids = [c.new_id() for _ in range(20)]
-    await asyncio.gather(*(write for message_id in ids for write in (
+    created = [c.new_id() for _ in range(20)]  # both writers find no key: both create it
+    await asyncio.gather(*(write for message_id in created for write in (
         writers[0].accepted(ACME, message_id, conversation.id), writers[1].record(status(message_id, "sent")))))
-    for message_id in ids:
+    updated = [c.new_id() for _ in range(20)]  # both writers read the same revision: both update it
+    for message_id in updated:
+        await writers[1].record(status(message_id, "sent"))
+    await asyncio.gather(*(write for message_id in updated for write in (
+        writers[0].accepted(ACME, message_id, conversation.id), writers[1].record(status(message_id, "delivered")))))
+    for message_id, expected in [*((m, ["accepted", "sent"]) for m in created),
+                                 *((m, ["accepted", "sent", "delivered"]) for m in updated)]:
         history = await writers[0].get(ACME, message_id)
-        assert history is not None and [step.state for step in history.statuses] == ["accepted", "sent"]
-    assert await writers[0].get(OTHER, ids[0]) is None
+        assert history is not None and [step.state for step in history.statuses] == expected
+    assert await writers[0].get(OTHER, created[0]) is None
 
 
 @pytest.mark.parametrize(("recorded", "then", "kept"), [
@@ -352,7 +364,7 @@ async def test_states_only_move_forward(hub: Hub, nats_client: NATS, recorded: l
                                       message_id=message_id, state=state))
     found = await history.get(ACME, message_id)
     assert found is not None
-    assert [step.state for step in found.statuses] == [*recorded, then] if kept else recorded
+    assert [step.state for step in found.statuses] == ([*recorded, then] if kept else recorded)
 
 
 async def test_a_step_keeps_a_bounded_error_and_never_the_channel_s_raw_answer(hub: Hub, nats_client: NATS) -> None:

@@ -57,6 +57,7 @@ from babelhub.services.context import HubContext
 from babelhub.services.credentials import NatsUser, hub_user, load_key, tenant_user
 from babelhub.services.deadletters import DeadLetters
 from babelhub.services.delivery import RetryPolicy
+from babelhub.services.history import MessageHistory
 from babelhub.services.inflight import InFlight
 from babelhub.services.ingest import Ingest, check_body_limit
 from babelhub.services.outbox import Outbox
@@ -212,7 +213,8 @@ class Hub:
         ownership = Ownership(leases, member_id(), settings.partitions, settings.lease_seconds, work=consumers)
         ctx.ownership = ownership
         ingest = Ingest(publisher, self.subjects, dead_letters)
-        outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")))
+        outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")),
+                        await MessageHistory.open(js, self.subjects))
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
                             consume=consumers.consume, ownership=ownership, outbox=outbox)
         self._running = _Running(ctx, ingest, outbox, consumers, ownership, self._transports(services),

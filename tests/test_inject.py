@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,19 @@ import msgspec
 import nats
 import nats.errors
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from babelhub import canonical as c
 from babelhub.codecs.base import HttpRequest
-from babelhub.errors import ConfigError
+from babelhub.errors import ConfigError, DecodeError
 from babelhub.hub import cli
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
+from babelhub.services.injected import read_injected
+from tests import strategies
 from tests.fakeapi import FakeApi
 from tests.hubkit import (
     BOT_TOKEN,
@@ -471,3 +477,43 @@ def test_the_redis_settings_are_checked_when_the_config_is_read(tmp_path: Path) 
     assert loaded.connections[0].secrets["redis_url"] == "redis://u:p@127.0.0.1:1"
     with pytest.raises(ConfigError, match=r"\$\.connections\[0\]\.options\.streem: telegram takes no such option"):
         cfg.load(write_config(tmp_path / "d.toml", base + 'options = { stream = "s", streem = "t" }\n'))
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+@settings(max_examples=300, deadline=None)
+@given(strategies.envelopes, st.sampled_from([TENANT, OTHER]), st.booleans())
+def test_an_injected_envelope_is_taken_as_the_connections_or_refused_with_a_path(
+        envelope_: c.Envelope, tenant: str, as_documented: bool) -> None:
+    """Whatever envelope is injected, the hub keeps it only as an inbound one of the connection it was
+    injected for, under ids it derives itself; anything else is a DecodeError naming a JSON path."""
+    envelope_ = msgspec.structs.replace(envelope_, tenant=tenant)
+    if as_documented:  # (else the drawn conversation ids, never the derived one, are all refused)
+        envelope_ = msgspec.structs.replace(envelope_, direction="inbound", conversation=c.Conversation(
+            id="", native_id=envelope_.conversation.native_id))
+    try:
+        read = read_injected(c.encode(envelope_), TENANT, FEED, "telegram", 9)
+    except DecodeError as exc:
+        assert exc.path.startswith("$")
+        return
+    assert read.tenant == TENANT and read.direction == "inbound" and not isinstance(read, c.Status)
+    assert read.conversation.connection == FEED and read.conversation.channel == "telegram"
+    assert read.conversation.id == c.conversation_id(TENANT, FEED, read.conversation.native_id)
+    assert read.id == c.message_id(TENANT, FEED, envelope_.native.id if envelope_.native and envelope_.native.id
+                                   else envelope_.id)
+    assert read.native is not None and read.native.seq == 9
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_any_bytes_injected_are_an_envelope_or_a_decode_error(data: bytes) -> None:
+    try:
+        read_injected(data, TENANT, FEED, "telegram")
+    except DecodeError as exc:
+        assert exc.path.startswith("$")
+
+
+def test_the_redis_source_needs_no_redis_until_a_connection_uses_it() -> None:
+    code = "import sys, babelhub.sources.redis_stream, babelhub.hub.app; assert 'redis' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -471,6 +471,12 @@ def test_the_redis_settings_are_checked_when_the_config_is_read(tmp_path: Path) 
         cfg.load(write_config(tmp_path / "a.toml", base + 'options = { redis_url = "redis://127.0.0.1:1" }\n'))
     with pytest.raises(ConfigError, match=r"\$\.connections\[0\]\.options\.claim_idle_seconds: Expected `float`"):
         cfg.load(write_config(tmp_path / "b.toml", base + 'options = { stream = "s", claim_idle_seconds = "x" }\n'))
+    for options, problem in (('stream = ""', "`stream` and `group` must name"),
+                             ('stream = "s", claim_idle_seconds = 0.0', "must be more than 0"),
+                             ('stream = "s", redis_url = "redis://u:pw@127.0.0.1:1"', "set it as secrets.redis_url")):
+        with pytest.raises(ConfigError, match=rf"\$\.connections\[0\]\.options: .*{problem}") as refused:
+            cfg.load(write_config(tmp_path / "e.toml", base + f"options = {{ {options} }}\n"))
+        assert "pw" not in str(refused.value)
     # The source's own settings are not the channel's, and the channel's are still checked.
     with_secret_url = base.replace('bot_token = "1:x"', 'bot_token = "1:x", redis_url = "redis://u:p@127.0.0.1:1"')
     loaded = cfg.load(write_config(tmp_path / "c.toml", with_secret_url + 'options = { stream = "s" }\n'))

@@ -7,10 +7,11 @@ recorded as a raw record marked canonical (`Ingest.record_canonical`, deduplicat
 native id or id) before it is answered; from there it goes the way of every channel delivery: the
 connection actor decodes it, the conversation actor applies it, and the tenant's processors get it.
 
-A request (`msg.reply` set) is answered `{"id": <hub id>, "duplicate": <bool>}` once recorded, or
-`{"error": {"code", "message", "path"}}`; what is refused is kept in the dead-letter stream (stage
-`inject`), a plain publish's too. A tenant's NATS user may publish on its own `inject.>` only
-(`babelhub.services.credentials`).
+Injections are taken one at a time, in the order they arrive, so what one service publishes in order
+is recorded in that order. A request (`msg.reply` set) is answered `{"id": <hub id>, "duplicate":
+<bool>}` once recorded, or `{"error": {"code", "message", "path"}}`; what is refused is kept in the
+dead-letter stream (stage `inject`), a plain publish's too. A tenant's NATS user may publish on its
+own `inject.>` only (`babelhub.services.credentials`).
 """
 
 from __future__ import annotations

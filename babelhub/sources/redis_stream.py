@@ -19,6 +19,7 @@ import asyncio
 import functools
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -60,6 +61,15 @@ class RedisOptions(Settings, frozen=True, kw_only=True):
     claim_idle_seconds: float = 30.0
     """An entry a hub process took but did not acknowledge (it died) is taken over after this long."""
 
+    def __post_init__(self) -> None:
+        # (msgspec reports these as validation errors of the option, so the config names them at load.)
+        if not self.stream or not self.group:
+            raise ValueError("`stream` and `group` must name a Redis stream and consumer group")
+        if not 0 < self.claim_idle_seconds < float("inf"):
+            raise ValueError("`claim_idle_seconds` must be more than 0")
+        if urlsplit(self.redis_url).password:
+            raise ValueError("a Redis URL with a password is a secret: set it as secrets.redis_url")
+
 
 class RedisStreams(InboundSource):
     """One reader per connection whose mode is `redis`, in every hub process."""
@@ -76,8 +86,6 @@ class RedisStreams(InboundSource):
             return f"the redis source's settings: {exc}"
         if bool(secrets.redis_url) == bool(options.redis_url):
             return "set the Redis URL once: secrets.redis_url (with a password) or options.redis_url"
-        if not options.claim_idle_seconds > 0:
-            return "options.claim_idle_seconds must be more than 0"
         return ""
 
     def address(self, connection: ConnectionService, http_url: str) -> str:

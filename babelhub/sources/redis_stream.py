@@ -1,12 +1,14 @@
 """The `redis` inbound source: canonical envelopes that other services add to a Redis stream
 (`XADD <stream> * envelope <json>`) enter the hub for a connection whose mode is `redis`.
 
-Every hub process reads the stream in one consumer group (`options.group`, default `babelhub`) as a
-consumer named after itself (`Ownership.member`), so each entry goes to one of them. An entry is
-recorded as a raw record marked canonical (`Ingest.record_canonical`, deduplicated on the envelope's
-native id or id) and only then acknowledged (`XACK`); a process that dies between the two leaves the
-entry pending, and another one (or its own restarted task) claims it once it has been idle for
-`options.claim_idle_seconds` (`XAUTOCLAIM`) and records it again, which JetStream's dedup absorbs. An
+The stream is read in a consumer group (`options.group`, default `babelhub`) by the hub process that
+holds the connection's partition (`Services.ownership`), as a consumer named after that process
+(`Ownership.member`), one entry at a time: entries are recorded in the stream's order, as a channel's
+poller records its updates. An entry is recorded as a raw record marked canonical
+(`Ingest.record_canonical`, deduplicated on the envelope's native id or id) and only then acknowledged
+(`XACK`); a process that dies between the two leaves the entry pending, and the next reader (or the
+same one's restarted task) claims it once it has been idle for `options.claim_idle_seconds`
+(`XAUTOCLAIM`) and records it again, which JetStream's dedup absorbs. An
 entry without an `envelope` field, too large, or not an envelope of the connection is kept in the
 dead-letter stream (stage `inject`) and acknowledged: it would fail the same way every time.
 
@@ -42,7 +44,7 @@ ENVELOPE_FIELD = b"envelope"
 """The entry's field that holds the envelope's JSON."""
 _BATCH = 100
 """Entries read (or claimed) at a time."""
-_MAX_BLOCK_SECONDS = 5.0
+_MAX_BLOCK_SECONDS = 1.0
 
 
 class RedisSecrets(Settings, frozen=True, kw_only=True):
@@ -72,7 +74,7 @@ class RedisOptions(Settings, frozen=True, kw_only=True):
 
 
 class RedisStreams(InboundSource):
-    """One reader per connection whose mode is `redis`, in every hub process."""
+    """One reader per connection whose mode is `redis`, in the hub process holding its partition."""
 
     name = "redis"
     secret_settings = RedisSecrets
@@ -96,27 +98,40 @@ class RedisStreams(InboundSource):
             self.services.spawn(f"redis:{connection.id}", functools.partial(self._read, connection))
 
     async def _read(self, connection: ConnectionService, health: TaskHealth) -> None:
-        """Record the stream's entries until cancelled: first those this process took before (a restart
-        of this task), then new ones, claiming every so often those a dead process left pending."""
+        """Record the stream's entries while this process holds the connection's partition, until
+        cancelled."""
         import redis.asyncio
 
         secrets, options = _settings(connection)
         client: Redis = redis.asyncio.from_url(secrets.redis_url or options.redis_url)
         reader = _Reader(self, connection, client, options, self.services.ownership.member)
+        ownership = self.services.ownership
+        partition = self.services.ctx.subjects.partition(connection.tenant, connection.id)
         try:
             await reader.ensure_group()
-            await reader.take_all(await reader.read("0"))
-            loop = asyncio.get_running_loop()
-            next_claim = loop.time()
             while True:
-                if loop.time() >= next_claim:
-                    await reader.claim_idle()
-                    next_claim = loop.time() + options.claim_idle_seconds / 2
-                await reader.take_all(await reader.read(">", block=min(_MAX_BLOCK_SECONDS,
-                                                                        options.claim_idle_seconds / 2)))
-                health.ok()
+                while not ownership.owns(partition):  # another hub process reads it
+                    health.ok()
+                    await asyncio.sleep(ownership.interval)
+                await self._read_while_owned(reader, health, options, partition)
         finally:
             await client.aclose()
+
+    async def _read_while_owned(self, reader: _Reader, health: TaskHealth, options: RedisOptions,
+                                partition: int) -> None:
+        """First the entries this process took before (a restart of this task), then new ones, claiming
+        every so often those a dead reader left pending."""
+        await reader.take_all(await reader.read("0"))
+        loop = asyncio.get_running_loop()
+        next_claim = loop.time()
+        # A short wait for new entries: a partition handed over is noticed soon after.
+        block = min(_MAX_BLOCK_SECONDS, options.claim_idle_seconds / 2)
+        while self.services.ownership.owns(partition):
+            if loop.time() >= next_claim:
+                await reader.claim_idle()
+                next_claim = loop.time() + options.claim_idle_seconds / 2
+            await reader.take_all(await reader.read(">", block=block))
+            health.ok()
 
     async def park(self, connection: ConnectionService, origin: str, error: str, path: str, body: bytes) -> None:
         await self.services.ctx.dead_letters.park(DeadLetter(

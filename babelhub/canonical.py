@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ import msgspec.inspect
 from babelhub.errors import DecodeError
 
 __all__ = [
+    "PART_TYPES",
     "SCHEMA_VERSION",
     "Action",
     "Activity",
@@ -386,6 +388,9 @@ Part: TypeAlias = (
     | Delete
     | Unsupported
 )
+
+PART_TYPES: Final = frozenset(str(part.__struct_config__.tag) for part in typing.get_args(Part))
+"""The `type` of every kind of part."""
 
 # ----------------------------------------------------------------------------------------- envelopes
 

@@ -16,22 +16,28 @@ hub's services and before its actors, and is stopped after the actors have passi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import aiohttp
 import msgspec
 from aiohttp import WSCloseCode, web
 from nats.aio.msg import Msg
 
+from babelhub import canonical as c
 from babelhub import entrypoints
 from babelhub.codecs.settings import Settings
+from babelhub.errors import ConfigError, DecodeError
 from babelhub.services.config import SOURCES, TRANSPORTS, Config, Processor
 from babelhub.services.connections import ConnectionService
 from babelhub.services.context import HubContext
+from babelhub.services.deadletters import DeadLetter
 from babelhub.services.ingest import Ingest
+from babelhub.services.outbox import Outbox
 from babelhub.services.ownership import Ownership
+from babelhub.services.routing import routed_to
 from babelhub.services.supervise import TaskHealth
 
 __all__ = [
@@ -42,6 +48,8 @@ __all__ = [
     "Consume",
     "ExplainedSocket",
     "InboundSource",
+    "NoSettings",
+    "OnInbound",
     "Plugin",
     "ProcessorTransport",
     "Services",
@@ -58,6 +66,8 @@ APIS = "babelhub.apis"
 Spawn = Callable[[str, Callable[[TaskHealth], Coroutine[Any, Any, None]]], object]
 """`spawn(name, run)`: a supervised background task, restarted if it fails, shown in `/readyz`, cancelled
 when the hub stops."""
+
+S = TypeVar("S", bound=msgspec.Struct)
 
 Consume = Callable[[str, str, str, Callable[[Msg], Coroutine[Any, Any, None]]], Awaitable[None]]
 """`await consume(stream, subject, durable, handler)`: a durable JetStream push consumer with explicit
@@ -80,6 +90,8 @@ class Services:
     ownership: Ownership
     """Which partitions this process holds: a part that must run in one process only (a connection's
     poller) runs where `owns(ctx.subjects.partition(tenant, connection))`."""
+    outbox: Outbox
+    """Where a processor's outbound envelopes enter the hub, whatever carried them (`Outbox.submit`)."""
 
 
 class ExplainedSocket(web.WebSocketResponse):
@@ -110,12 +122,57 @@ class Plugin:
         """Called once, after the actors have passivated and before NATS is closed."""
 
 
+class NoSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A transport without secrets or options of its own."""
+
+
+OnInbound = Callable[[Msg, c.Envelope], Coroutine[Any, Any, None]]
+"""Handles one inbound envelope routed to a processor; acknowledges `msg` once it is delivered."""
+
+
 class ProcessorTransport(Plugin):
+    """How one `[[processors]]` entry's app is reached. `Secrets` and `Options` are the Structs its
+    `secrets` and `options` tables are read into (`read`)."""
+
     name: ClassVar[str]
+    Secrets: ClassVar[type[msgspec.Struct]] = NoSettings
+    Options: ClassVar[type[msgspec.Struct]] = NoSettings
 
     def __init__(self, processor: Processor, services: Services) -> None:
         self.processor = processor
         self.services = services
+
+    def read(self, kind: Literal["secrets", "options"], struct: type[S]) -> S:
+        """The processor's `secrets` or `options` as `struct`; ConfigError naming the path of what is
+        missing, unknown or mistyped (never a secret's value)."""
+        index = self.services.config.processors.index(self.processor)
+        try:
+            return msgspec.convert(dict(getattr(self.processor, kind)), struct)
+        except msgspec.ValidationError as exc:
+            reason, _, where = str(exc).partition(" - at `$")
+            raise ConfigError(f"$.processors[{index}].{kind}{where.rstrip('`')}: {reason}") from None
+
+    async def follow_inbound(self, handler: OnInbound) -> None:
+        """Hand `handler` the inbound envelopes routed to this processor (`babelhub.services.routing`), in
+        stream order, from a durable consumer all hub processes share; the others are acknowledged here,
+        and an unreadable one is kept as a dead letter."""
+        subjects, processor = self.services.ctx.subjects, self.processor
+        await self.services.consume("messages", f"{subjects.prefix}.{processor.tenant}.in.>",
+                                    f"processor-{processor.id}", functools.partial(self._routed, handler))
+
+    async def _routed(self, handler: OnInbound, msg: Msg) -> None:
+        try:
+            envelope = c.decode(msg.data)
+        except DecodeError as exc:
+            await self.services.ctx.dead_letters.park(DeadLetter(
+                stage="processor", error=exc.reason, path=exc.path, tenant=self.processor.tenant,
+                subject=msg.subject, body=msg.data))
+            await msg.term()
+            return
+        if not routed_to(self.processor, envelope, msg.headers):
+            await msg.ack()
+            return
+        await handler(msg, envelope)
 
 
 class InboundSource(Plugin):

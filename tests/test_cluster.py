@@ -31,6 +31,7 @@ from babelhub.errors import ConfigError
 from babelhub.hub.app import Hub
 from babelhub.hub.cli import _without_userinfo, build_parser
 from babelhub.hub.link import servers
+from babelhub.services import broker
 from babelhub.services import config as cfg
 from babelhub.services.broker import (
     EmbeddedServer,
@@ -64,7 +65,7 @@ from tests.hubkit import (
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
 ROLES = ("raw", "messages", "statuses", "dead_letters")
-BUCKETS = ("conversations", "cursors")
+BUCKETS = tuple(broker.BUCKETS)
 
 
 def with_hub(config: cfg.Config, **settings: object) -> cfg.Config:

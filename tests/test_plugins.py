@@ -97,9 +97,11 @@ async def test_a_transport_from_another_package_plugs_in_by_name(
 
 @pytest.mark.parametrize(("entry", "refusal"), [
     ('[[processors]]\nid = "p"\ntenant = "demo"\ntransport = "htp"',
-     "$.processors[0].transport: no processor transport 'htp'; installed: audio_loopback, echo, http, nats, redis, websocket"),
+     "$.processors[0].transport: no processor transport 'htp'; "
+     "installed: audio_loopback, echo, http, nats, redis, websocket"),
     ('[[connections]]\nid = "c"\ntenant = "demo"\nchannel = "webchat"\nmode = "smoke-signals"',
-     "$.connections[0].mode: no inbound source 'smoke-signals'; installed: discord_gateway, inject, media, polling, redis, slack_socket, webhook, websocket"),
+     "$.connections[0].mode: no inbound source 'smoke-signals'; "
+     "installed: discord_gateway, inject, media, polling, redis, slack_socket, webhook, websocket"),
 ])
 def test_a_name_nothing_is_registered_under_fails_the_start_with_its_path(
         tmp_path: Path, entry: str, refusal: str) -> None:

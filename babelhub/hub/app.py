@@ -59,6 +59,7 @@ from babelhub.services.deadletters import DeadLetters
 from babelhub.services.delivery import RetryPolicy
 from babelhub.services.inflight import InFlight
 from babelhub.services.ingest import Ingest, check_body_limit
+from babelhub.services.outbox import Outbox
 from babelhub.services.ownership import Ownership, lease_bucket, member_id
 from babelhub.services.publisher import Publisher
 from babelhub.services.supervise import TaskHealth, supervise
@@ -75,6 +76,7 @@ class _Running:
 
     ctx: HubContext
     ingest: Ingest
+    outbox: Outbox
     consumers: Consumers
     ownership: Ownership
     transports: list[ProcessorTransport]
@@ -133,6 +135,10 @@ class Hub:
     @property
     def ingest(self) -> Ingest:
         return self._started().ingest
+
+    @property
+    def outbox(self) -> Outbox:
+        return self._started().outbox
 
     @property
     def inflight(self) -> InFlight:
@@ -206,9 +212,10 @@ class Hub:
         ownership = Ownership(leases, member_id(), settings.partitions, settings.lease_seconds, work=consumers)
         ctx.ownership = ownership
         ingest = Ingest(publisher, self.subjects, dead_letters)
+        outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")))
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
-                            consume=consumers.consume, ownership=ownership)
-        self._running = _Running(ctx, ingest, consumers, ownership, self._transports(services),
+                            consume=consumers.consume, ownership=ownership, outbox=outbox)
+        self._running = _Running(ctx, ingest, outbox, consumers, ownership, self._transports(services),
                                  self._sources(services), [load_api(name)(services) for name in installed_apis()])
         await self.http.mount(stack, self._routes(self._running.plugins))
         for plugin in self._running.plugins:
@@ -234,6 +241,7 @@ class Hub:
         """Every secret the configuration holds, and the embedded server's `users`' passwords: masked
         wherever text leaves the hub."""
         values = [value for connection in self.config.connections for value in connection.secrets.values()]
+        values += [value for processor in self.config.processors for value in processor.secrets.values()]
         values += [key for tenant in self.config.tenants for key in tenant.api_keys]
         values += [urlsplit(url).password or "" for url in self.config.hub.nats.split(",")]
         return values + [user.password for user in users]

@@ -1,8 +1,8 @@
 """The `echo` processor transport: a built-in demo app that answers over NATS exactly like yours would.
 
-It reads its tenant's inbound envelopes on `<prefix>.<tenant>.in.>` through a durable JetStream
-consumer and publishes replies on `<prefix>.<tenant>.out.<conversation>`: the text it got, the media it
-got, buttons when asked for "menu", and what was chosen when a button (or its number) comes back.
+It reads the inbound envelopes routed to it (`ProcessorTransport.follow_inbound`) and publishes replies
+on `<prefix>.<tenant>.out.<conversation>`: the text it got, the media it got, buttons when asked for
+"menu", and what was chosen when a button (or its number) comes back.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from nats.aio.msg import Msg
 
 from babelhub import canonical as c
-from babelhub.errors import DecodeError, PayloadTooLarge
+from babelhub.errors import PayloadTooLarge
 from babelhub.plugins import ProcessorTransport
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.telemetry import span
@@ -22,16 +22,9 @@ class EchoTransport(ProcessorTransport):
     name = "echo"
 
     async def start(self) -> None:
-        subjects = self.services.ctx.subjects
-        await self.services.consume("messages", f"{subjects.prefix}.{self.processor.tenant}.in.>",
-                                    f"processor-{self.processor.id}", self._on_inbound)
+        await self.follow_inbound(self._on_inbound)
 
-    async def _on_inbound(self, msg: Msg) -> None:
-        try:
-            inbound = c.decode(msg.data)
-        except DecodeError:
-            await msg.term()
-            return
+    async def _on_inbound(self, msg: Msg, inbound: c.Envelope) -> None:
         with span("processor.echo", dict(msg.headers or {})):
             reply = reply_to(inbound)
             if reply is not None:

@@ -39,8 +39,18 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from babelhub.errors import ConfigError
 
-__all__ = ["EmbeddedServer", "Subjects", "bucket_stream", "die_with_parent", "find_nats_server", "partition_of",
-           "provision", "raise_replicas"]
+__all__ = [
+    "BUCKETS",
+    "EmbeddedServer",
+    "PortInUse",
+    "Subjects",
+    "bucket_stream",
+    "die_with_parent",
+    "find_nats_server",
+    "partition_of",
+    "provision",
+    "raise_replicas",
+]
 
 
 class Subjects(msgspec.Struct, frozen=True):
@@ -134,6 +144,12 @@ REPLICA_PLACEMENT_ERRORS = {10005, 10023, 10074}
 insufficient resources, replicas > 1 not supported in non-clustered mode."""
 
 
+BUCKETS: dict[str, float | None] = {"conversations": None, "cursors": None, "idempotency": 24 * 3600.0}
+"""The KV buckets `provision` makes, and how long their keys live (None: until replaced or deleted):
+conversation snapshots, inbound sources' cursors, and the idempotency keys of submitted messages
+(`babelhub.services.outbox`)."""
+
+
 async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: float, replicas: int = 1) -> None:
     """Create or update the streams and KV buckets, each with `replicas` copies on as many cluster nodes
     (one that has more is left so); safe to run at every start. Raises `ConfigError` naming
@@ -152,13 +168,13 @@ async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: floa
             num_replicas=replicas,
         )
         await _placed(replicas, config.name, _create_or_update(js, config))
-    for role in ("conversations", "cursors"):
+    for role, ttl in BUCKETS.items():
         bucket = subjects.bucket(role)
         try:
             await js.key_value(bucket)
         except (NotFoundError, BadRequestError):
             await _placed(replicas, bucket, js.create_key_value(
-                KeyValueConfig(bucket=bucket, history=1, replicas=replicas)))
+                KeyValueConfig(bucket=bucket, history=1, replicas=replicas, ttl=ttl)))
         else:
             await raise_replicas(js, bucket_stream(bucket), replicas)
     await _allow_message_ttl(js, bucket_stream(subjects.bucket("conversations")))

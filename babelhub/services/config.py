@@ -15,13 +15,14 @@ from typing import Any, Literal
 import msgspec
 
 from babelhub import codecs
+from babelhub.canonical import PART_TYPES
 from babelhub.codecs.settings import Settings, SettingsError, read_settings
 from babelhub.entrypoints import installed, load_class
 from babelhub.errors import ConfigError
 from babelhub.media.channel import is_media_channel, media_channel
 
-__all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "HubSettings", "Processor", "Tenant", "channel_codec",
-           "load"]
+__all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "HubSettings", "Processor", "Route", "Tenant",
+           "channel_codec", "load"]
 
 TRANSPORTS = "babelhub.transports"
 """The entry-point group of processor transports (`babelhub.plugins.ProcessorTransport`)."""
@@ -137,13 +138,36 @@ class Connection(_Table, frozen=True, kw_only=True):
     """This connection's `hub.send_deadline_seconds`; unset = the hub's."""
 
 
+EnvelopeKind = Literal["message", "activity"]
+
+
+class Route(_Table, frozen=True, kw_only=True):
+    """One routing rule of a processor: an inbound envelope matches when it matches every field given
+    (an empty list matches anything)."""
+
+    connections: list[str] = []
+    channels: list[str] = []
+    conversation_types: list[str] = []
+    """`direct`, `group`, `channel`, `thread` (`canonical.Conversation.type`)."""
+    kinds: list[EnvelopeKind] = []
+    parts: list[str] = []
+    """Part types (`text`, `media`, `action`, …): a message with at least one of them matches."""
+
+
 class Processor(_Table, frozen=True, kw_only=True):
     id: str
     tenant: str
     transport: str = "nats"
-    """The processor transport: `nats` (your app subscribes to the subjects itself), `echo` (the built-in
-    demo processor), `audio_loopback` (the built-in demo audio service: every call hears itself), or any
-    other installed one."""
+    """The processor transport: `nats` (your app subscribes to the subjects itself), `http`, `websocket`,
+    `redis`, `echo` (the built-in demo processor), `audio_loopback` (the built-in demo audio service: every
+    call hears itself), or any other installed one."""
+    secrets: dict[str, str] = {}
+    """The transport's credentials (its `ProcessorTransport.Secrets`: a signing secret, a Redis password),
+    checked when the hub starts and masked wherever text leaves the hub."""
+    options: dict[str, Any] = {}
+    """The transport's other settings (its `ProcessorTransport.Options`), checked when the hub starts."""
+    routes: list[Route] = []
+    """Which of its tenant's inbound envelopes it is handed: those matching any route; none = all."""
 
 
 class Config(_Table, frozen=True, kw_only=True):
@@ -250,8 +274,30 @@ def _check(config: Config) -> None:
         if processor.tenant not in tenants:
             raise ConfigError(f"$.processors[{index}].tenant: no tenant {processor.tenant!r}")
         _check_installed(f"$.processors[{index}].transport", processor.transport, TRANSPORTS, "processor transport")
+        _check_routes(f"$.processors[{index}]", processor, config)
     for index, connection in enumerate(config.connections):
         _check_settings(f"$.connections[{index}]", connection)
+
+
+_CONVERSATION_TYPES = ("direct", "group", "channel", "thread")
+
+
+def _check_routes(path: str, processor: Processor, config: Config) -> None:
+    """A route names only its processor's tenant's connections, and conversation types that exist."""
+    own = {connection.id for connection in config.connections if connection.tenant == processor.tenant}
+    for index, route in enumerate(processor.routes):
+        for at, connection in enumerate(route.connections):
+            if connection not in own:
+                raise ConfigError(f"{path}.routes[{index}].connections[{at}]: no connection {connection!r} "
+                                  f"of tenant {processor.tenant!r}")
+        for at, kind in enumerate(route.conversation_types):
+            if kind not in _CONVERSATION_TYPES:
+                raise ConfigError(f"{path}.routes[{index}].conversation_types[{at}]: {kind!r} is not one of "
+                                  + ", ".join(_CONVERSATION_TYPES))
+        for at, part in enumerate(route.parts):
+            if part not in PART_TYPES:
+                raise ConfigError(f"{path}.routes[{index}].parts[{at}]: {part!r} is not one of "
+                                  + ", ".join(sorted(PART_TYPES)))
 
 
 def _check_installed(path: str, name: str, group: str, what: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -462,6 +463,25 @@ options = {{ stream = "{stream}", claim_idle_seconds = 1.0 }}
         assert [c.decode(data).id for data in stored] == [c.message_id(TENANT, "rfeed", key) for key in ("k1", "k2")]
     finally:
         await admin.aclose()
+
+
+async def test_a_redis_that_cannot_be_reached_fails_only_its_reader_and_no_password_is_logged(
+        nats_server: EmbeddedServer, nats_client: NATS, telegram_api: FakeApi, start_hub: StartHub,
+        caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    down = cfg.Connection(id="rfeed", tenant=TENANT, channel="telegram", mode="redis", api_base=telegram_api.base_url,
+                          secrets={"bot_token": BOT_TOKEN, "redis_url": f"redis://hub:s3cret-pw@127.0.0.1:{closed}/0"},
+                          options={"stream": "s"})
+    hub = await start_hub(config(nats_server.url, telegram_api.base_url, down))
+    await eventually(lambda: hub.task_health["redis:rfeed"].failing)
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    assert (await inject(nats_client, hub.subjects.prefix, envelope("n1", "NATS still works")))["duplicate"] is False
+    inbound, _ = await app.next()
+    assert isinstance(inbound, c.Message) and inbound.parts == [c.Text(text="NATS still works")]
+    assert "task redis:rfeed failed with ConnectionError" in caplog.text
+    assert "s3cret-pw" not in caplog.text and "s3cret-pw" not in hub.metrics.render().decode()
 
 
 def test_the_redis_settings_are_checked_when_the_config_is_read(tmp_path: Path) -> None:

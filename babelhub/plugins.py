@@ -87,6 +87,10 @@ class Services:
     """Durable ingest: what a source receives becomes a raw record before it is acknowledged."""
     spawn: Spawn
     consume: Consume
+    follow: Consume
+    """`await follow(stream, subject, durable, handler)`: like `consume`, but partition by partition where
+    this process holds them (`Consumers.follow`), so a conversation's messages are handled by one hub
+    process at a time, in order."""
     ownership: Ownership
     """Which partitions this process holds: a part that must run in one process only (a connection's
     poller) runs where `owns(ctx.subjects.partition(tenant, connection))`."""
@@ -152,13 +156,16 @@ class ProcessorTransport(Plugin):
             reason, _, where = str(exc).partition(" - at `$")
             raise ConfigError(f"$.processors[{index}].{kind}{where.rstrip('`')}: {reason}") from None
 
-    async def follow_inbound(self, handler: OnInbound) -> None:
+    async def follow_inbound(self, handler: OnInbound, *, partitioned: bool = True) -> None:
         """Hand `handler` the inbound envelopes routed to this processor (`babelhub.services.routing`), in
-        stream order, from a durable consumer all hub processes share; the others are acknowledged here,
-        and an unreadable one is kept as a dead letter."""
+        their conversation's order; the others are acknowledged here, and an unreadable one is kept as a
+        dead letter. `partitioned`: each hub process takes the conversations of the partitions it holds
+        (`Services.follow`); else one durable consumer all processes share (`Services.consume`), for a
+        transport whose app is reached through one process only."""
         subjects, processor = self.services.ctx.subjects, self.processor
-        await self.services.consume("messages", f"{subjects.prefix}.{processor.tenant}.in.>",
-                                    f"processor-{processor.id}", functools.partial(self._routed, handler))
+        consume = self.services.follow if partitioned else self.services.consume
+        await consume("messages", f"{subjects.prefix}.{processor.tenant}.in.>", f"processor-{processor.id}",
+                      functools.partial(self._routed, handler))
 
     async def _routed(self, handler: OnInbound, msg: Msg) -> None:
         try:

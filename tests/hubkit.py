@@ -348,7 +348,8 @@ async def webhook_app(nats_client: NATS, subjects: Subjects, metrics: Metrics, h
     ownership = Ownership(await lease_bucket(js, subjects, 6.0), "webhook-test", subjects.partitions, 6.0)
     idempotency = await js.key_value(subjects.bucket("idempotency"))
     services = Services(config=cfg.Config(), ctx=ctx, http=http, ingest=Ingest(publisher, subjects, dead_letters),
-                        spawn=spawn, consume=consume, ownership=ownership, outbox=Outbox(ctx, idempotency))
+                        spawn=spawn, consume=consume, follow=consume, ownership=ownership,
+                        outbox=Outbox(ctx, idempotency))
     app = web.Application()
     app.add_routes(Webhooks(list(connections.values()), services).routes())
     runner = web.AppRunner(app)

@@ -181,6 +181,41 @@ async def test_two_hubs_on_one_prefix_share_the_partitions_and_each_message_is_h
             assert partition_of(tenant, conversation, 8) in held(hub)
 
 
+async def test_a_processor_transport_is_fed_by_the_process_holding_each_conversation_in_its_order(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    """A transport's inbound feed (`follow_inbound`) is partitioned like the actors: the echo processor of
+    each hub answers only its own partitions' conversations, each message once, each chat in order."""
+    fake_api.responder = telegram_responder
+    config = with_hub(telegram_config(nats_server.url, fake_api.base_url), partitions=4, lease_seconds=4.0)
+    config = msgspec.structs.replace(config, processors=[cfg.Processor(id="echo", tenant=TENANT, transport="echo")])
+    first = await start_hub(config)
+    second = await start_hub(config)
+    await eventually(lambda: len(held(first)) == len(held(second)) == 2, timeout=20)
+    texts: dict[int, list[str]] = collections.defaultdict(list)
+    async with aiohttp.ClientSession() as session:
+        async def chat(chat_id: int) -> None:
+            for n in range(4):
+                hub = (first, second)[(chat_id + n) % 2]
+                text = f"c{chat_id}m{n}"
+                async with session.post(f"{hub.http_url}/webhooks/telegram/tg", headers=HEADERS,
+                                        data=json.dumps(telegram_update(chat_id * 10 + n, chat_id, text))) as response:
+                    assert response.status == 200
+                texts[chat_id].append(text)
+
+        await asyncio.gather(*(chat(chat_id) for chat_id in range(1, 13)))
+
+    def sends() -> list[tuple[int, str]]:
+        return [(r.json()["chat_id"], r.json()["text"]) for r in fake_api.requests if r.path.endswith("/sendMessage")]
+
+    await eventually(lambda: len(sends()) >= 48, timeout=30)
+    await asyncio.sleep(0.5)  # a double would arrive by now
+    assert len(sends()) == 48
+    for chat_id, sent in texts.items():
+        assert [text for to, text in sends() if to == chat_id] == [f"echo: {text}" for text in sent]
+    names = {info.name for info in await nats_client.jetstream().consumers_info(first.subjects.stream_name("messages"))}
+    assert {name for name in names if name.startswith("processor-echo")} == {f"processor-echo-{n}" for n in range(4)}
+
+
 async def test_a_graceful_stop_hands_the_partitions_over_at_once(
         nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
     fake_api.responder = telegram_responder

@@ -171,8 +171,10 @@ async def test_inbound_envelopes_reach_the_redis_stream_in_order_with_their_deli
         assert entry["delivery"] == transport.delivery_of(envelope) and entry["hops"] == "0"
     assert len({entry["delivery"] for entry in entries}) == len(texts)
     js = hub.nc.jetstream()
-    info = await js.consumer_info(hub.subjects.stream_name("messages"), "processor-app")
-    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+    infos = [info for info in await js.consumers_info(hub.subjects.stream_name("messages"))
+             if info.name.startswith("processor-app-")]  # one per partition the hub holds
+    assert len(infos) == hub.subjects.partitions
+    assert {(info.num_ack_pending, info.num_pending) for info in infos} == {(0, 0)}
 
 
 async def test_a_redelivered_inbound_envelope_is_appended_once(

@@ -216,7 +216,8 @@ class Hub:
         outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")),
                         await MessageHistory.open(js, self.subjects))
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
-                            consume=consumers.consume, ownership=ownership, outbox=outbox)
+                            consume=consumers.consume, follow=consumers.follow, ownership=ownership,
+                            outbox=outbox)
         self._running = _Running(ctx, ingest, outbox, consumers, ownership, self._transports(services),
                                  self._sources(services), [load_api(name)(services) for name in installed_apis()])
         await self.http.mount(stack, self._routes(self._running.plugins))

@@ -21,6 +21,7 @@ id that its envelope repeats. What fails is kept in the dead-letter stream and n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import secrets
@@ -77,6 +78,7 @@ class Consumers:
         self._admissions = {"raw": Admission(), "conversations": Admission()}
         self._partitions: dict[int, list[Subscription]] = {}
         self._shared: list[Subscription] = []
+        self._followers: list[_Follower] = []
 
     # ------------------------------------------------------------------------------- partitions
 
@@ -91,6 +93,8 @@ class Consumers:
             opened.append(await self._open(
                 "messages", f"conversations-{partition}",
                 [f"{prefix}.*.conv.{partition}.*", f"{prefix}.*.out.{partition}.*"], self._on_message))
+            for follower in self._followers:
+                opened.append(await self._open_follower(follower, partition))
         except BaseException:
             await _unsubscribe(opened)
             raise
@@ -142,6 +146,24 @@ class Consumers:
             durable_name=durable, deliver_subject=f"_HUB.{self.ctx.subjects.prefix}.{durable}.{secrets.token_hex(8)}",
             ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_seconds, max_ack_pending=max_ack_pending,
             flow_control=True, idle_heartbeat=5.0, **settings)
+
+    # ------------------------------------------------------------------------------- followers
+
+    async def follow(self, stream: str, subject: str, durable: str, handler: Handler) -> None:
+        """Consume `subject` (`<prefix>.<tenant>.<kind>.>` of `stream`) partition by partition, where this
+        process holds them: one durable consumer `<durable>-<partition>` each, opened with the partition's
+        own consumers and stopped with them. So each conversation's messages are handled by one process
+        at a time, in their order, and what a process that died held comes again to the next owner."""
+        prefix, tenant, kind, _ = subject.split(".", 3)
+        follower = _Follower(stream, f"{prefix}.{tenant}.{kind}.{{partition}}.>", durable, handler)
+        self._followers.append(follower)
+        await _delete_consumer(self.ctx.js, self.ctx.subjects.stream_name(stream), durable)  # shared, before
+        for partition in list(self._partitions):
+            self._partitions[partition].append(await self._open_follower(follower, partition))
+
+    async def _open_follower(self, follower: _Follower, partition: int) -> Subscription:
+        return await self._open(follower.stream, f"{follower.durable}-{partition}",
+                                [follower.subject.format(partition=partition)], follower.handler)
 
     # ------------------------------------------------------------------------------- shared
 
@@ -264,6 +286,20 @@ class Consumers:
         an earlier message of its key is still out), the message goes back to the server for later."""
         if not self._admissions[consumer].offer(system, held.seq, [letter]):
             await _retry_later(held)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Follower:
+    stream: str
+    subject: str
+    """The stored subject, with `{partition}` where the partition goes."""
+    durable: str
+    handler: Handler
+
+
+async def _delete_consumer(js: JetStreamContext, stream: str, durable: str) -> None:
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(stream, durable)
 
 
 async def _retry_later(held: Held) -> None:

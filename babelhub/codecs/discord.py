@@ -103,7 +103,7 @@ from babelhub.codecs.base import (
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
-__all__ = ["DiscordCodec", "reaction_emoji", "snowflake_time"]
+__all__ = ["DEFAULT_INTENTS", "DiscordCodec", "DiscordOptions", "DiscordSecrets", "reaction_emoji", "snowflake_time"]
 
 CHANNEL: Final = "discord"
 
@@ -334,6 +334,19 @@ class DiscordSecrets(Settings, frozen=True, kw_only=True):
     """The public half (hex) of the Ed25519 key a gateway bridge signs what it forwards with."""
 
 
+# Gateway Intents (Discord's "Gateway Intents" list): which events a gateway session receives.
+GUILDS: Final = 1 << 0
+GUILD_MESSAGES: Final = 1 << 9
+GUILD_MESSAGE_REACTIONS: Final = 1 << 10
+DIRECT_MESSAGES: Final = 1 << 12
+DIRECT_MESSAGE_REACTIONS: Final = 1 << 13
+MESSAGE_CONTENT: Final = 1 << 15
+DEFAULT_INTENTS: Final = (GUILDS | GUILD_MESSAGES | GUILD_MESSAGE_REACTIONS | DIRECT_MESSAGES
+                          | DIRECT_MESSAGE_REACTIONS | MESSAGE_CONTENT)
+"""The events this codec decodes: messages, edits, deletions and reactions in guilds and DMs, with their
+content (interactions need no intent)."""
+
+
 class DiscordOptions(ConnectionOptions, frozen=True, kw_only=True):
     application_id: str = ""
     """The application id interaction replies are posted under when the message's meta names none."""
@@ -341,6 +354,13 @@ class DiscordOptions(ConnectionOptions, frozen=True, kw_only=True):
     """The bot's own user id: its messages and reactions echoed by the gateway are not taken in again."""
     allowed_mentions: dict[str, Any] = msgspec.field(default_factory=lambda: {"parse": []})
     """Discord's `allowed_mentions` object sent with every message; the default pings nobody."""
+    intents: int = DEFAULT_INTENTS
+    """With `mode = "discord_gateway"`: the Gateway Intents bits sent when identifying; the default is GUILDS,
+    GUILD_MESSAGES, GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGES, DIRECT_MESSAGE_REACTIONS and MESSAGE_CONTENT
+    (privileged: enable it in the Developer Portal)."""
+    gateway_max_frame_bytes: int = 8 * 1024 * 1024
+    """With `mode = "discord_gateway"`: the largest gateway frame read; a larger one closes the socket, which is
+    resumed."""
 
 
 class DiscordCodec(Codec):

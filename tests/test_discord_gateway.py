@@ -1,0 +1,277 @@
+"""The `discord_gateway` inbound source against a local fake of Discord's Gateway (tests/fakegateway.py),
+through an in-process hub on a real nats-server: identify, heartbeats, resume, invalid sessions, fatal
+close codes, a hub restart, and frames that are no gateway payload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from babelhub import canonical as c
+from babelhub.codecs.base import HttpRequest
+from babelhub.errors import ConfigError
+from babelhub.hub.app import Hub
+from babelhub.services import config as cfg
+from babelhub.services.broker import EmbeddedServer
+from tests.fakegateway import FakeGateway, GatewaySocket, fixture
+from tests.hubkit import (
+    TENANT,
+    Processor,
+    StartHub,
+    dead_letters,
+    eventually,
+    stream_messages,
+    telegram_config,
+    unique_prefix,
+)
+
+TOKEN = "MTk4NjIyNDgzNDcxOTI1MjQ4.Cl2FMQ.ZnCjm1XVW7vRze4b7Cq4se7kKWs"
+PUBLIC_KEY = "e2d3b4a1" * 8
+TASK = "discord-gateway:dc"
+FAST_HELLO = fixture("discord_gateway/hello.json", d={"heartbeat_interval": 100})
+"""Hello with a heartbeat every 100 ms, so that tests see beats (and missed ACKs) quickly."""
+
+# Discord's "List of Intents": GUILDS, GUILD_MESSAGES, GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGES,
+# DIRECT_MESSAGE_REACTIONS, MESSAGE_CONTENT.
+DEFAULT_INTENTS = (1 << 0) | (1 << 9) | (1 << 10) | (1 << 12) | (1 << 13) | (1 << 15)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[FakeGateway]:
+    fake = FakeGateway(TOKEN)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def gateway_config(nats_url: str, gateway: FakeGateway, *, token: str = TOKEN, **options: Any) -> cfg.Config:
+    return cfg.Config(
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix()),
+        tenants=[cfg.Tenant(id=TENANT)],
+        connections=[cfg.Connection(id="dc", tenant=TENANT, channel="discord", mode="discord_gateway",
+                                    api_base=f"{gateway.base_url}/api/v10",
+                                    secrets={"public_key": PUBLIC_KEY, "bot_token": token}, options=options)],
+    )
+
+
+async def established(gateway: FakeGateway, seq: int = 1) -> GatewaySocket:
+    """The hub's next socket, taken through Hello, Identify and READY."""
+    socket = await gateway.next_socket()
+    await socket.send(FAST_HELLO)
+    await socket.expect(2)
+    await socket.send(gateway.ready(seq))
+    return socket
+
+
+async def resumed(gateway: FakeGateway, seq: int) -> GatewaySocket:
+    """The hub's next socket, which must resume the session at `seq`."""
+    socket = await gateway.next_socket()
+    assert socket.path == "/resume" and socket.query == {"v": "10", "encoding": "json"}
+    await socket.send(FAST_HELLO)
+    resume = await socket.expect(6)
+    assert resume["d"] == {"token": TOKEN, "session_id": "evenmorerandomstring", "seq": seq}
+    return socket
+
+
+def message_create(seq: int, message_id: str, content: str) -> dict[str, Any]:
+    """The codec's MESSAGE_CREATE fixture as another message (its own id, sequence number and text)."""
+    frame = fixture("discord/gateway_message_create.json", s=seq)
+    frame["d"].update(id=message_id, content=content)
+    return frame
+
+
+def text_of(envelope: c.Envelope) -> str:
+    assert isinstance(envelope, c.Message)
+    return " ".join(part.text for part in envelope.parts if isinstance(part, c.Text))
+
+
+async def raw_records(nats_client: Any, hub: Hub) -> list[bytes]:
+    return await stream_messages(nats_client, f"{hub.subjects.prefix}.{TENANT}.raw.>", hub.subjects.stream_name("raw"))
+
+
+async def test_identifies_heartbeats_and_records_a_message_without_the_token(
+        nats_server: EmbeddedServer, nats_client: Any, gateway: FakeGateway, start_hub: StartHub,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    hub = await start_hub(gateway_config(nats_server.url, gateway))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+
+    socket = await gateway.next_socket()
+    assert gateway.bot_requests[0]["authorization"] == f"Bot {TOKEN}"
+    assert socket.path == "/gateway" and socket.query == {"v": "10", "encoding": "json"}
+    await socket.send(FAST_HELLO)
+    identify = await socket.expect(2)
+    assert identify["d"]["token"] == TOKEN and identify["d"]["intents"] == DEFAULT_INTENTS
+    assert set(identify["d"]["properties"]) == {"os", "browser", "device"}
+    await socket.heartbeat_with(None)  # no dispatch yet
+    await socket.send(gateway.ready(seq=1))
+    await socket.heartbeat_with(1)
+
+    # Someone pastes the bot's token into a channel: it reaches nobody, the raw record neither.
+    frame = fixture("discord/gateway_message_create.json")
+    frame["d"]["content"] += f" {TOKEN}"
+    await socket.send(frame)
+    envelope, _ = await app.next()
+    assert isinstance(envelope, c.Message) and envelope.native.id == "290926798999357250:334385199974967099"
+    assert TOKEN not in text_of(envelope) and "***" in text_of(envelope)
+    await socket.heartbeat_with(frame["s"])
+
+    (raw,) = await raw_records(nats_client, hub)  # READY and the beats made no record
+    assert TOKEN.encode() not in raw
+    record = msgspec.msgpack.decode(raw, type=HttpRequest)
+    assert json.loads(record.body)["t"] == "MESSAGE_CREATE"
+    assert record.headers == {"content-type": "application/json"}  # nothing that could pass for a signature
+    assert hub.task_health[TASK].state == "running"
+    assert TOKEN not in caplog.text
+
+
+async def test_a_missed_heartbeat_ack_closes_the_zombie_and_resumes_with_the_last_sequence(
+        nats_server: EmbeddedServer, nats_client: Any, gateway: FakeGateway, start_hub: StartHub) -> None:
+    hub = await start_hub(gateway_config(nats_server.url, gateway))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    socket = await established(gateway)
+    await socket.send(fixture("discord/gateway_message_create.json"))
+    await app.next()
+
+    socket.ack = False
+    assert await socket.wait_closed() not in (None, 1000, 1001)  # 1000 and 1001 would end the session
+    again = await resumed(gateway, seq=42)
+    await again.send(fixture("discord_gateway/resumed.json", s=42))
+    await again.send(message_create(43, "334385199974967100", "after the resume"))
+    envelope, _ = await app.next()
+    assert text_of(envelope) == "after the resume"
+
+
+async def test_reconnect_resumes_and_a_server_heartbeat_request_is_answered_at_once(
+        nats_server: EmbeddedServer, gateway: FakeGateway, start_hub: StartHub) -> None:
+    await start_hub(gateway_config(nats_server.url, gateway))
+    socket = await gateway.next_socket()
+    await socket.send(fixture("discord_gateway/hello.json"))  # 45 s: the hub's own beat comes late
+    await socket.expect(2)
+    await socket.send(gateway.ready(seq=5))
+    await socket.send(fixture("discord_gateway/heartbeat_request.json"))
+    await socket.heartbeat_with(5)
+
+    await socket.send(fixture("discord_gateway/reconnect.json"))
+    assert await socket.wait_closed() not in (None, 1000, 1001)
+    await resumed(gateway, seq=5)
+
+
+async def test_invalid_sessions_resume_or_identify_afresh_as_the_gateway_says(
+        nats_server: EmbeddedServer, gateway: FakeGateway, start_hub: StartHub) -> None:
+    await start_hub(gateway_config(nats_server.url, gateway, intents=513))
+    socket = await gateway.next_socket()
+    await socket.send(FAST_HELLO)
+    assert (await socket.expect(2))["d"]["intents"] == 513  # options.intents
+    await socket.send(gateway.ready(seq=7))
+    await socket.heartbeat_with(7)
+
+    await socket.send(fixture("discord_gateway/invalid_session_resumable.json"))
+    socket = await resumed(gateway, seq=7)
+
+    await socket.send(fixture("discord_gateway/invalid_session.json"))
+    fresh = await gateway.next_socket()
+    assert fresh.path == "/gateway"
+    await fresh.send(FAST_HELLO)
+    assert (await fresh.expect(2))["d"]["token"] == TOKEN
+    await fresh.send(gateway.ready(seq=1))
+
+    await fresh.close(4009)  # session timed out: "Reconnect and start a new one"
+    newer = await gateway.next_socket()
+    assert newer.path == "/gateway"
+    await newer.send(FAST_HELLO)
+    await newer.expect(2)
+
+
+async def test_authentication_failed_stops_the_connection_and_reports_it(
+        nats_server: EmbeddedServer, gateway: FakeGateway, start_hub: StartHub,
+        caplog: pytest.LogCaptureFixture) -> None:
+    hub = await start_hub(gateway_config(nats_server.url, gateway))
+    socket = await gateway.next_socket()
+    await socket.send(FAST_HELLO)
+    await socket.expect(2)
+    await socket.close(4004, b"Authentication failed.")
+
+    await eventually(lambda: hub.task_health[TASK].failing)
+    assert "4004" in hub.task_health[TASK].state and "authentication failed" in hub.task_health[TASK].state
+    await asyncio.sleep(1.5)  # several backoffs' worth: no new socket, no new GET /gateway/bot
+    assert gateway.sockets.empty() and len(gateway.bot_requests) == 1
+    assert "4004" in caplog.text and TOKEN not in caplog.text
+
+
+async def test_a_refused_bot_token_is_not_retried(nats_server: EmbeddedServer, gateway: FakeGateway,
+                                                 start_hub: StartHub, caplog: pytest.LogCaptureFixture) -> None:
+    wrong = "MTk4NjIyNDgzNDcxOTI1MjQ4.wrong.token-that-discord-refuses"
+    hub = await start_hub(gateway_config(nats_server.url, gateway, token=wrong))
+    await eventually(lambda: hub.task_health[TASK].failing)
+    assert "401" in hub.task_health[TASK].state
+    await asyncio.sleep(1.5)
+    assert len(gateway.bot_requests) == 1 and not gateway.opened
+    assert wrong not in caplog.text
+
+
+async def test_a_restarted_hub_resumes_the_stored_session_and_a_replay_is_not_doubled(
+        nats_server: EmbeddedServer, nats_client: Any, gateway: FakeGateway, start_hub: StartHub) -> None:
+    config = gateway_config(nats_server.url, gateway)
+    first = await start_hub(config)
+    app = await Processor(nats_client, first.subjects.prefix).start()
+    socket = await established(gateway)
+    await socket.send(fixture("discord/gateway_message_create.json"))  # s 42
+    await app.next()
+    await first.stop()
+    assert await socket.wait_closed() == 4000  # not 1000 or 1001: the session stays resumable
+
+    second = await start_hub(config)
+    again = await resumed(gateway, seq=42)
+    # A gateway that replays from the last message the hub had, and then what it missed.
+    await again.send(fixture("discord/gateway_message_create.json"))
+    await again.send(message_create(43, "334385199974967100", "missed while restarting"))
+    await again.send(fixture("discord_gateway/resumed.json", s=43))
+    envelope, _ = await app.next()
+    assert text_of(envelope) == "missed while restarting"
+    await again.heartbeat_with(43)
+    await asyncio.sleep(0.3)
+    assert app.inbound.empty()  # the replayed message came once
+    assert len(await raw_records(nats_client, second)) == 2
+
+
+async def test_frames_that_are_no_payload_or_too_big_are_parked_and_the_socket_resumed(
+        nats_server: EmbeddedServer, nats_client: Any, gateway: FakeGateway, start_hub: StartHub,
+        caplog: pytest.LogCaptureFixture) -> None:
+    hub = await start_hub(gateway_config(nats_server.url, gateway, gateway_max_frame_bytes=64 * 1024))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    socket = await established(gateway)
+
+    await socket.send('{"op": 0, "t": "MESSAGE_CREATE", "s": 2, "d": {"id": ')  # cut short
+    assert await socket.wait_closed() not in (None, 1000, 1001)
+    subject = f"{hub.subjects.prefix}.{TENANT}.dlq.>"
+    parked = dead_letters(await stream_messages(nats_client, subject, hub.subjects.stream_name("dead_letters")))
+    assert len(parked) == 1 and "no gateway payload" in parked[0]["error"]
+    assert parked[0]["body"].startswith(b'{"op": 0')
+
+    socket = await resumed(gateway, seq=1)
+    await socket.send(fixture("discord_gateway/resumed.json", s=1))
+    await socket.send(message_create(2, "334385199974967101", "x" * (80 * 1024)))  # over the 64 KiB limit
+    assert await socket.wait_closed() == 1009
+
+    socket = await resumed(gateway, seq=1)
+    await socket.send(message_create(2, "334385199974967101", "small enough"))
+    envelope, _ = await app.next()
+    assert text_of(envelope) == "small enough"
+    assert hub.task_health[TASK].crashes == 0
+    assert "no gateway payload" in caplog.text
+
+
+async def test_only_discord_connections_can_hold_a_discord_gateway(nats_server: EmbeddedServer) -> None:
+    config = telegram_config(nats_server.url, "http://127.0.0.1:9")
+    connection = msgspec.structs.replace(config.connections[0], mode="discord_gateway")
+    bad = msgspec.structs.replace(config, connections=[connection])
+    with pytest.raises(ConfigError, match=r"\$\.connections\[0\]\.mode: channel telegram has no Discord gateway"):
+        async with Hub(bad):
+            pass

@@ -1,6 +1,7 @@
 """A local stand-in for Discord's Gateway: a real aiohttp server on 127.0.0.1 serving `GET
 /api/v10/gateway/bot` (with the bot token) and WebSockets at `/gateway` (what that answer names) and
-`/resume` (what the tests' READY names as `resume_gateway_url`).
+`/resume` (what the tests' READY names as `resume_gateway_url`), and taking interaction callbacks at
+`POST /api/v10/interactions/{id}/{token}/callback`.
 
 Each socket the hub opens is handed to the test (`await gateway.next_socket()`), which speaks for the
 gateway: it sends frames, reads what the hub sent and closes with the codes Discord documents. Heartbeats
@@ -104,6 +105,8 @@ class FakeGateway:
         self.base_url = ""
         self.bot_requests: list[dict[str, str]] = []
         """The headers of each `GET /gateway/bot`."""
+        self.callbacks: list[tuple[str, dict[str, str], Any]] = []
+        """Each interaction callback posted: its path, headers and JSON body."""
         self.sockets: asyncio.Queue[GatewaySocket] = asyncio.Queue()
         self.opened: list[GatewaySocket] = []
         self._runner: web.AppRunner | None = None
@@ -115,6 +118,7 @@ class FakeGateway:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_get("/api/v10/gateway/bot", self._gateway_bot)
+        app.router.add_post("/api/v10/interactions/{id}/{token}/callback", self._callback)
         app.router.add_get("/gateway", self._socket)
         app.router.add_get("/resume", self._socket)
         self._runner = web.AppRunner(app, access_log=None)
@@ -146,6 +150,12 @@ class FakeGateway:
         if request.headers.get("Authorization") != f"Bot {self.token}":
             return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
         return web.json_response(fixture("discord_gateway/gateway_bot.json", url=f"{self.ws_url}/gateway"))
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        """Create Interaction Response: 204 No Content, as Discord answers without `with_response`."""
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        self.callbacks.append((request.raw_path, headers, await request.json()))
+        return web.Response(status=204)
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=0)

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 
@@ -129,6 +130,34 @@ async def test_identifies_heartbeats_and_records_a_message_without_the_token(
     assert record.headers == {"content-type": "application/json"}  # nothing that could pass for a signature
     assert hub.task_health[TASK].state == "running"
     assert TOKEN not in caplog.text
+
+
+async def test_an_interaction_is_recorded_then_answered_over_http_and_never_through_a_webhook(
+        nats_server: EmbeddedServer, nats_client: Any, gateway: FakeGateway, start_hub: StartHub,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    hub = await start_hub(gateway_config(nats_server.url, gateway))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    socket = await established(gateway)
+    interaction = fixture("discord/interaction_slash_command.json")
+    await socket.send({"op": 0, "s": 2, "t": "INTERACTION_CREATE", "d": interaction})
+
+    envelope, _ = await app.next()
+    assert isinstance(envelope, c.Message) and envelope.meta["discord.interaction_token"] == interaction["token"]
+    await eventually(lambda: len(gateway.callbacks) == 1)
+    path, headers, answer = gateway.callbacks[0]
+    assert path == f"/api/v10/interactions/{interaction['id']}/{interaction['token']}/callback"
+    assert answer == {"type": 5}  # DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE: the app answers at its pace
+    assert "authorization" not in headers  # the interaction's token is the credential
+    await socket.send({"op": 0, "s": 3, "t": "INTERACTION_CREATE", "d": interaction})  # replayed
+    await socket.heartbeat_with(3)
+    assert len(gateway.callbacks) == 1 and app.inbound.empty()
+    assert interaction["token"] not in caplog.text
+
+    # The connection comes in through the gateway only: a "bridge" cannot post into it.
+    async with aiohttp.ClientSession() as http, http.post(f"{hub.http_url}/webhooks/discord/dc",
+                                                         json=interaction) as response:
+        assert response.status == 404
 
 
 async def test_a_missed_heartbeat_ack_closes_the_zombie_and_resumes_with_the_last_sequence(

@@ -25,7 +25,8 @@ reply at its own pace — DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE (type 5, "… is 
 for modals submitted from a command, DEFERRED_UPDATE_MESSAGE (type 6, nothing shown) for components and
 for modals opened from one, and an empty choice list for autocomplete (the app cannot answer in time).
 Webhook events get the 204 they expect. Interactions a bridge forwards from the gateway are answered by
-the bridge (the gateway takes no inline answer), so they get no handshake.
+the bridge (the gateway takes no inline answer), so they get no handshake. With `mode = "discord_gateway"`
+the hub holds the gateway itself (`babelhub.sources.discord_gateway`): no bridge, and it answers them.
 
 Ids: every Discord id is a snowflake. A message is addressed by its channel and its id, so the native
 message id is `"{channel_id}:{message_id}"` — the form `parse_response` gives our sent messages too, so a

@@ -20,7 +20,9 @@ frame came, like a webhook delivery, and the connection actor decodes it later. 
 so nothing is signed: the record carries no signature header that could pass for a bridge's, and no
 credential (the token is only ever in Identify and Resume, which the hub sends; `Ingest` masks the
 connection's secrets wherever else they appear). Other dispatches (guilds, typing, presence) only move
-the sequence number.
+the sequence number. An interaction over the gateway must be answered over HTTP within 3 seconds: once
+recorded (and only the first time), it gets the answer the interactions endpoint would give, a deferred
+response, at `POST /interactions/{id}/{token}/callback`.
 
 One connection, one socket: its task holds the socket only while this process owns the connection's
 partition (`Services.ownership`). When ownership goes, or the hub stops, the socket is closed with
@@ -38,9 +40,11 @@ import contextlib
 import functools
 import logging
 import random
+import re
 import sys
 import time
 from typing import Any, Final
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -48,11 +52,12 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from yarl import URL
 
-from babelhub.codecs.base import HttpRequest
+from babelhub.codecs.base import HttpRequest, OutboundRequest
 from babelhub.codecs.discord import USER_AGENT, DiscordOptions, DiscordSecrets
 from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.plugins import InboundSource, Services
 from babelhub.services.connections import ConnectionService
+from babelhub.services.delivery import perform
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.supervise import TaskHealth
 
@@ -106,6 +111,9 @@ _CALL_TIMEOUT = 15.0
 _CLOSE_TIMEOUT = 5.0
 _PARKED_FRAME_BYTES = 64 * 1024
 """How much of a broken frame the dead letter keeps."""
+_INTERACTION_DEADLINE = 3.0
+"""Discord waits this long for an interaction's answer."""
+_SNOWFLAKE: Final = re.compile(r"[0-9]{1,20}")
 
 
 class GatewaySession(msgspec.Struct, kw_only=True):
@@ -141,6 +149,11 @@ class _Ready(msgspec.Struct):
 
 class _GatewayBot(msgspec.Struct):
     url: str
+
+
+class _InteractionIds(msgspec.Struct):
+    id: str
+    token: str
 
 
 class _Fatal(Exception):
@@ -307,16 +320,46 @@ class _Link:
 
     # ------------------------------------------------------------------------------------ recording
 
-    async def record(self, frame: bytes, url: URL) -> None:
-        """Store a dispatch the codec decodes as a raw record, as a webhook would have delivered it."""
+    async def record(self, frame: bytes, url: URL) -> bool:
+        """Store a dispatch the codec decodes as a raw record, as a webhook would have delivered it: True
+        if it is new (not a replay JetStream has seen)."""
         request = HttpRequest(method="POST", path=url.path or "/", headers={"content-type": "application/json"},
                               body=frame, url=str(url.with_query(None)), received_at=time.time())
         try:
-            await self.services.ingest.record(self.connection, request)
+            return await self.services.ingest.record(self.connection, request)
         except (DecodeError, PayloadTooLarge):
-            pass  # parked in the dead-letter stream by record(); the next dispatches go on
+            return False  # parked in the dead-letter stream by record(); the next dispatches go on
         except NATS_UNAVAILABLE as exc:
             raise _NotStored(type(exc).__name__) from None
+
+    async def answer_interaction(self, interaction: bytes) -> None:
+        """Interactions that come over the gateway are answered over HTTP, within 3 seconds, at
+        `/interactions/{id}/{token}/callback` (Discord's "Receiving and Responding"), with what the
+        interactions endpoint would have answered (`Codec.handshake`: a deferred response). Best effort:
+        a failure is logged without the URL, which holds the interaction's token."""
+        connection = self.connection
+        try:
+            answer = connection.codec.handshake(HttpRequest(body=interaction), connection.settings.secrets)
+            ids = msgspec.json.decode(interaction, type=_InteractionIds)
+        except Exception as exc:  # unreadable: the connection actor parks it when it decodes the record
+            log.warning("%s: an interaction from the gateway could not be answered: %s", connection.id,
+                        type(exc).__name__)
+            return
+        if answer is None or not answer.body or not _SNOWFLAKE.fullmatch(ids.id) or not ids.token.strip("."):
+            return
+        base = connection.codec.api_base(connection.encode_context(to=""))
+        callback = f"{base}/interactions/{ids.id}/{quote(ids.token, safe='')}/callback"
+        request = OutboundRequest(method="POST", url=callback,
+                                  headers={"Content-Type": "application/json", "User-Agent": USER_AGENT},
+                                  body=answer.body)
+        try:
+            response = await perform(self.services.http, request, _INTERACTION_DEADLINE)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("%s: answering interaction %s failed: %s", connection.id, ids.id, type(exc).__name__)
+            return
+        if response.status >= 300:
+            log.warning("%s: Discord refused the answer to interaction %s: HTTP %d", connection.id, ids.id,
+                        response.status)
 
     async def park(self, frame: bytes, reason: str) -> None:
         request = HttpRequest(method="POST", path="/", headers={"content-type": "application/json"},
@@ -476,7 +519,9 @@ class _Socket:
         elif frame.t == "RESUMED":
             self._established("RESUMED")
         elif frame.t in RECORDED_EVENTS:
-            await link.record(data, self.url)
+            new = await link.record(data, self.url)
+            if new and frame.t == "INTERACTION_CREATE":
+                await link.answer_interaction(bytes(frame.d))
         if frame.s is not None and (link.session.seq is None or frame.s > link.session.seq):
             link.session.seq = frame.s
             if frame.t in RECORDED_EVENTS or frame.t == "READY":

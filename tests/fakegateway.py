@@ -109,6 +109,8 @@ class FakeGateway:
         """Each interaction callback posted: its path, headers and JSON body."""
         self.sockets: asyncio.Queue[GatewaySocket] = asyncio.Queue()
         self.opened: list[GatewaySocket] = []
+        self.overlaps = 0
+        """Sockets opened while another was still open: one connection must have one socket at a time."""
         self._runner: web.AppRunner | None = None
 
     @property
@@ -161,6 +163,7 @@ class FakeGateway:
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         socket = GatewaySocket(ws, request)
+        self.overlaps += any(not other.closed.is_set() for other in self.opened)
         self.opened.append(socket)
         await self.sockets.put(socket)
         await socket.serve()

@@ -17,9 +17,10 @@ import pytest
 from babelhub import canonical as c
 from babelhub.codecs.base import HttpRequest
 from babelhub.errors import ConfigError
+from babelhub.hub import app as hub_app
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
-from babelhub.services.broker import EmbeddedServer
+from babelhub.services.broker import EmbeddedServer, partition_of
 from tests.fakegateway import FakeGateway, GatewaySocket, fixture
 from tests.hubkit import (
     TENANT,
@@ -268,6 +269,32 @@ async def test_a_restarted_hub_resumes_the_stored_session_and_a_replay_is_not_do
     await asyncio.sleep(0.3)
     assert app.inbound.empty()  # the replayed message came once
     assert len(await raw_records(nats_client, second)) == 2
+
+
+async def test_a_hub_that_hands_the_connection_over_closes_its_socket_first_and_the_next_owner_resumes(
+        nats_server: EmbeddedServer, nats_client: Any, gateway: FakeGateway, start_hub: StartHub,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = gateway_config(nats_server.url, gateway)
+    # Members own partition n by n modulo their number, in the order of their names: name the second hub
+    # so that the connection's partition becomes its own.
+    partition = partition_of(TENANT, "dc", config.hub.partitions)
+    names = ["member-0", "member-1"]
+    second_name = names[partition % 2]
+    monkeypatch.setattr(hub_app, "member_id", iter([names[1 - partition % 2], second_name]).__next__)
+    first = await start_hub(config)
+    app = await Processor(nats_client, first.subjects.prefix).start()
+    socket = await established(gateway)
+    await socket.send(fixture("discord/gateway_message_create.json"))  # s 42
+    await app.next()
+
+    await start_hub(config)
+    assert await socket.wait_closed() == 4000  # handed over while running, and resumable
+    again = await resumed(gateway, seq=42)
+    assert first.ready  # the first hub runs on, without the connection
+    await again.send(message_create(43, "334385199974967100", "to the new owner"))
+    envelope, _ = await app.next()
+    assert text_of(envelope) == "to the new owner"
+    assert gateway.overlaps == 0 and len(gateway.opened) == 2
 
 
 async def test_frames_that_are_no_payload_or_too_big_are_parked_and_the_socket_resumed(

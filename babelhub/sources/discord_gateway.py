@@ -114,6 +114,9 @@ _PARKED_FRAME_BYTES = 64 * 1024
 _INTERACTION_DEADLINE = 3.0
 """Discord waits this long for an interaction's answer."""
 _SNOWFLAKE: Final = re.compile(r"[0-9]{1,20}")
+_OWNERSHIP_CHECK = 0.1
+"""Seconds between two looks at whether this process still owns the connection (a dictionary lookup):
+well inside the grace a handover gives before the lease goes."""
 
 
 class GatewaySession(msgspec.Struct, kw_only=True):
@@ -217,7 +220,10 @@ class _Link:
 
     @property
     def owned(self) -> bool:
-        return self.services.ownership.owns(self.partition)
+        """This process holds the connection's partition and is not about to hand it over (the socket
+        closes before the lease goes, so that the next owner never finds it still open)."""
+        ownership = self.services.ownership
+        return ownership.owns(self.partition) and self.partition not in ownership.releasing
 
     async def run(self) -> None:
         ownership = self.services.ownership
@@ -547,9 +553,8 @@ class _Socket:
                 return
 
     async def _watch_ownership(self) -> None:
-        interval = self.link.services.ownership.interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(_OWNERSHIP_CHECK)
             if not self.link.owned:
                 break
         await self._close("this hub no longer owns the connection")

@@ -324,6 +324,43 @@ async def test_frames_that_are_no_payload_or_too_big_are_parked_and_the_socket_r
     assert "no gateway payload" in caplog.text
 
 
+def _ready_without_session() -> dict[str, Any]:
+    ready = fixture("discord_gateway/ready.json")
+    del ready["d"]["session_id"]
+    return ready
+
+
+@pytest.mark.parametrize(("after_identify", "frame", "reason"), [
+    (False, fixture("discord_gateway/hello.json", d={"heartbeat_interval": 0}), "a Hello that is unreadable"),
+    (False, fixture("discord_gateway/hello.json", d={"heartbeat_interval": "45000"}), "a Hello that is unreadable"),
+    (False, fixture("discord_gateway/heartbeat_ack.json"), "a first frame with op 11, not Hello"),
+    (False, b"x\x9c\x03\x00", "a binary frame"),  # zlib, which the hub did not ask for
+    (True, _ready_without_session(), "READY is unreadable"),
+    (True, '{"t": "MESSAGE_CREATE", "s": 2, "d": {}}', "no gateway payload"),  # no op
+    (True, '{"op": 0, "s": 2, "t": "TYPING_START", "d": ' + "[" * 100_000 + "]" * 100_000 + "}", "no gateway payload"),
+], ids=["hello-interval-0", "hello-interval-text", "ack-first", "binary", "ready-without-session", "no-op",
+        "nested-deeper-than-python"])
+async def test_a_frame_the_hub_cannot_read_is_parked_and_the_gateway_dialled_again(
+        nats_server: EmbeddedServer, nats_client: Any, gateway: FakeGateway, start_hub: StartHub,
+        after_identify: bool, frame: Any, reason: str) -> None:
+    hub = await start_hub(gateway_config(nats_server.url, gateway))
+    socket = await gateway.next_socket()
+    if after_identify:
+        await socket.send(FAST_HELLO)
+        await socket.expect(2)
+    await socket.send(frame)
+    assert await socket.wait_closed() not in (None, 1000, 1001)
+    subject = f"{hub.subjects.prefix}.{TENANT}.dlq.>"
+    parked = dead_letters(await stream_messages(nats_client, subject, hub.subjects.stream_name("dead_letters")))
+    assert len(parked) == 1 and reason in parked[0]["error"], parked
+
+    again = await gateway.next_socket()
+    assert again.path == "/gateway"  # no session was made: identify afresh
+    await again.send(FAST_HELLO)
+    await again.expect(2)
+    assert hub.task_health[TASK].crashes == 0
+
+
 async def test_only_discord_connections_can_hold_a_discord_gateway(nats_server: EmbeddedServer) -> None:
     config = telegram_config(nats_server.url, "http://127.0.0.1:9")
     connection = msgspec.structs.replace(config.connections[0], mode="discord_gateway")

@@ -43,7 +43,7 @@ import random
 import re
 import sys
 import time
-from typing import Any, Final
+from typing import Annotated, Any, Final
 from urllib.parse import quote
 
 import aiohttp
@@ -142,7 +142,7 @@ class _Frame(msgspec.Struct):
 
 
 class _Hello(msgspec.Struct):
-    heartbeat_interval: int
+    heartbeat_interval: Annotated[int, msgspec.Meta(gt=0)]
 
 
 class _Ready(msgspec.Struct):
@@ -214,7 +214,9 @@ class _Link:
         self.gateway_url = ""
         """From `GET /gateway/bot`, kept until connecting to it fails."""
         self.failures = 0
-        """Sockets ended in a row without READY or RESUMED (the backoff's exponent)."""
+        """Sockets ended in a row without a heartbeat ACK on a session (the backoff's exponent): a gateway
+        that drops every session at once is not identified with a thousand times a day (Discord resets the
+        token then)."""
         self.resume_failures = 0
         self.pause_next: float | None = None
 
@@ -240,7 +242,8 @@ class _Link:
     async def _connect_while_owned(self) -> None:
         while self.owned:
             await _Socket(self).run()
-            await self.save()
+            if self.owned:  # else the next owner has it, and may have moved it on
+                await self.save()
             await asyncio.sleep(self._pause())
 
     def _pause(self) -> float:
@@ -399,6 +402,10 @@ class _Socket:
         self.acked = True
         self.ending = ""
         """Why the hub closed the socket itself ("" while it has not)."""
+        self.established = False
+        """READY or RESUMED came on this socket."""
+        self.closer: asyncio.Task[Any] | None = None
+        """The task that closes the socket, left to finish writing the close frame."""
         self.close_code: int | None = None
         """The code of the gateway's close frame. Read from the frame: `ws.close_code` says 1006 instead
         when the gateway drops the connection before the hub's answering close is written."""
@@ -433,7 +440,10 @@ class _Socket:
             log.warning("%s: the gateway connection failed: %s", self.id, _described(exc))
         finally:
             for task in keepers:
-                task.cancel()
+                if task is not self.closer:
+                    task.cancel()
+            if self.closer in keepers:  # bounded by the close timeout
+                await asyncio.gather(self.closer, return_exceptions=True)
             if not self.ws.closed:  # cancelled (the hub stops), or ended above: keep the session resumable
                 await self.ws.close(code=RESUMABLE_CLOSE)
             link.failures += 1
@@ -444,27 +454,24 @@ class _Socket:
         try:
             message = await asyncio.wait_for(self.ws.receive(), _HELLO_TIMEOUT)
         except TimeoutError:
-            await self._refuse("the gateway sent no Hello")
+            log.warning("%s: the Discord gateway sent no Hello within %gs", self.id, _HELLO_TIMEOUT)
+            await self._close("no Hello")
             return None
         received = await self._frame(message)
         if received is None:
             return None
-        frame, _ = received
+        frame, data = received
         if frame.op == RECONNECT:
             await self._close("Reconnect (op 7) before Hello")
             return None
         if frame.op != HELLO:
-            await self._refuse(f"the gateway's first frame has op {frame.op}, not Hello (10)")
+            await self._park_and_close(data, f"a first frame with op {frame.op}, not Hello (10)")
             return None
         try:
-            hello = msgspec.json.decode(frame.d, type=_Hello)
+            return msgspec.json.decode(frame.d, type=_Hello)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._refuse(f"the gateway's Hello is unreadable: {exc}")
+            await self._park_and_close(data, f"a Hello that is unreadable: {exc}")
             return None
-        if hello.heartbeat_interval <= 0:
-            await self._refuse("the gateway's Hello has no positive heartbeat_interval")
-            return None
-        return hello
 
     async def _read(self) -> None:
         assert self.ws is not None
@@ -503,6 +510,8 @@ class _Socket:
             await self._send(link.heartbeat())
         elif frame.op == HEARTBEAT_ACK:
             self.acked = True
+            if self.established:  # a session that works: the next drop starts the backoff over
+                link.failures = 0
         elif frame.op == RECONNECT:
             await self._close("Reconnect (op 7)")
         elif frame.op == INVALID_SESSION:
@@ -535,7 +544,7 @@ class _Socket:
 
     def _established(self, how: str) -> None:
         link = self.link
-        link.failures = 0
+        self.established = True
         link.resume_failures = 0
         link.health.ok()
         log.info("%s: Discord gateway session %s", self.id, "resumed" if how == "RESUMED" else "started")
@@ -572,12 +581,9 @@ class _Socket:
         assert self.ws is not None
         if not self.ending:
             self.ending = why
+            self.closer = asyncio.current_task()
             log.info("%s: closing the Discord gateway socket: %s", self.id, why)
         await self.ws.close(code=RESUMABLE_CLOSE)
-
-    async def _refuse(self, why: str) -> None:
-        log.warning("%s: %s", self.id, why)
-        await self._close(why)
 
     async def _park_and_close(self, frame: bytes, why: str) -> None:
         log.warning("%s: the Discord gateway sent %s; kept as a dead letter, resuming", self.id, why)

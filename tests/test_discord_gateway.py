@@ -8,10 +8,12 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
+import nats
 import pytest
 
 from babelhub import canonical as c
@@ -20,7 +22,7 @@ from babelhub.errors import ConfigError
 from babelhub.hub import app as hub_app
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
-from babelhub.services.broker import EmbeddedServer, partition_of
+from babelhub.services.broker import EmbeddedServer, free_port, partition_of
 from tests.fakegateway import FakeGateway, GatewaySocket, fixture
 from tests.hubkit import (
     TENANT,
@@ -71,9 +73,9 @@ async def established(gateway: FakeGateway, seq: int = 1) -> GatewaySocket:
     return socket
 
 
-async def resumed(gateway: FakeGateway, seq: int) -> GatewaySocket:
+async def resumed(gateway: FakeGateway, seq: int, timeout: float = 15.0) -> GatewaySocket:
     """The hub's next socket, which must resume the session at `seq`."""
-    socket = await gateway.next_socket()
+    socket = await gateway.next_socket(timeout)
     assert socket.path == "/resume" and socket.query == {"v": "10", "encoding": "json"}
     await socket.send(FAST_HELLO)
     resume = await socket.expect(6)
@@ -295,6 +297,37 @@ async def test_a_hub_that_hands_the_connection_over_closes_its_socket_first_and_
     envelope, _ = await app.next()
     assert text_of(envelope) == "to the new owner"
     assert gateway.overlaps == 0 and len(gateway.opened) == 2
+
+
+async def test_a_dispatch_nats_cannot_take_is_not_acknowledged_and_comes_again_on_resume(
+        tmp_path: Path, gateway: FakeGateway) -> None:
+    server = EmbeddedServer(tmp_path / "nats", port=free_port())
+    await server.start()
+    try:
+        async with Hub(gateway_config(server.url, gateway)) as hub:
+            socket = await established(gateway)
+            await socket.send(fixture("discord/gateway_message_create.json"))  # s 42, stored
+            await socket.heartbeat_with(42)
+            await server.stop()
+            await eventually(lambda: not hub.ctx.publisher.connected)
+            during = message_create(43, "334385199974967100", "during the outage")
+            await socket.send(during)
+            assert await socket.wait_closed() == 4000  # the session stays, so Discord replays it
+
+            await server.start()
+            nc = await nats.connect(server.url)
+            try:
+                app = await Processor(nc, hub.subjects.prefix).start()
+                again = await resumed(gateway, seq=42, timeout=60)  # once NATS and the partition are back
+                await again.send(during)
+                await again.send(fixture("discord_gateway/resumed.json", s=43))
+                envelope, _ = await app.next(timeout=30)
+                assert text_of(envelope) == "during the outage"
+                assert len(await raw_records(nc, hub)) == 2
+            finally:
+                await nc.drain()
+    finally:
+        await server.stop()
 
 
 async def test_frames_that_are_no_payload_or_too_big_are_parked_and_the_socket_resumed(

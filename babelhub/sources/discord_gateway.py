@@ -25,12 +25,14 @@ recorded (and only the first time), it gets the answer the interactions endpoint
 response, at `POST /interactions/{id}/{token}/callback`.
 
 One connection, one socket: its task holds the socket only while this process owns the connection's
-partition (`Services.ownership`). When ownership goes, or the hub stops, the socket is closed with
-`RESUMABLE_CLOSE` (1000 or 1001 would end the session), and the session (id, resume URL, last
-sequence number) is in the `cursors` KV bucket, written after the records up to that number are stored:
+partition (`Services.ownership`). When ownership goes (or a handover begins), or the hub stops, the
+socket is closed with `RESUMABLE_CLOSE` (1000 or 1001 would end the session), and the session (id,
+resume URL, last sequence number) is in the `cursors` KV bucket, written after the records up to that number are stored:
 the next owner, or this hub restarted, resumes, and replays are absorbed by the raw stream's dedup and the
-conversation's applied-envelope keys. A frame that is no gateway payload is kept in the dead-letter stream
-and the socket resumed; a frame over `gateway_max_frame_bytes` closes it (1009) and it is resumed.
+conversation's applied-envelope keys. A frame that is no gateway payload (not JSON, binary, a first frame
+that is no Hello, a READY without a session) is kept in the dead-letter stream and the socket closed; one
+over `gateway_max_frame_bytes` closes it (1009). Either way the hub connects again, resuming the session
+if it has one.
 """
 
 from __future__ import annotations
@@ -586,7 +588,7 @@ class _Socket:
         await self.ws.close(code=RESUMABLE_CLOSE)
 
     async def _park_and_close(self, frame: bytes, why: str) -> None:
-        log.warning("%s: the Discord gateway sent %s; kept as a dead letter, resuming", self.id, why)
+        log.warning("%s: the Discord gateway sent %s; kept as a dead letter, connecting again", self.id, why)
         await self.link.park(frame, f"discord gateway: {why}")
         await self._close(why)
 

@@ -221,6 +221,24 @@ async def test_invalid_sessions_resume_or_identify_afresh_as_the_gateway_says(
     await newer.expect(2)
 
 
+async def test_a_resume_url_that_cannot_be_reached_is_given_up_for_a_new_session(
+        nats_server: EmbeddedServer, gateway: FakeGateway, start_hub: StartHub) -> None:
+    await start_hub(gateway_config(nats_server.url, gateway))
+    socket = await gateway.next_socket()
+    await socket.send(FAST_HELLO)
+    await socket.expect(2)
+    ready = gateway.ready(seq=1)
+    ready["d"]["resume_gateway_url"] = f"ws://127.0.0.1:{free_port()}"  # nothing listens there
+    await socket.send(ready)
+    await socket.heartbeat_with(1)
+    await socket.send(fixture("discord_gateway/reconnect.json"))
+
+    fresh = await gateway.next_socket(timeout=30)  # after a few tries at the resume URL
+    assert fresh.path == "/gateway"
+    await fresh.send(FAST_HELLO)
+    await fresh.expect(2)
+
+
 async def test_authentication_failed_stops_the_connection_and_reports_it(
         nats_server: EmbeddedServer, gateway: FakeGateway, start_hub: StartHub,
         caplog: pytest.LogCaptureFixture) -> None:

@@ -25,7 +25,8 @@ reply at its own pace — DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE (type 5, "… is 
 for modals submitted from a command, DEFERRED_UPDATE_MESSAGE (type 6, nothing shown) for components and
 for modals opened from one, and an empty choice list for autocomplete (the app cannot answer in time).
 Webhook events get the 204 they expect. Interactions a bridge forwards from the gateway are answered by
-the bridge (the gateway takes no inline answer), so they get no handshake.
+the bridge (the gateway takes no inline answer), so they get no handshake. With `mode = "discord_gateway"`
+the hub holds the gateway itself (`babelhub.sources.discord_gateway`): no bridge, and it answers them.
 
 Ids: every Discord id is a snowflake. A message is addressed by its channel and its id, so the native
 message id is `"{channel_id}:{message_id}"` — the form `parse_response` gives our sent messages too, so a
@@ -103,7 +104,7 @@ from babelhub.codecs.base import (
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
-__all__ = ["DiscordCodec", "reaction_emoji", "snowflake_time"]
+__all__ = ["DEFAULT_INTENTS", "DiscordCodec", "DiscordOptions", "DiscordSecrets", "reaction_emoji", "snowflake_time"]
 
 CHANNEL: Final = "discord"
 
@@ -334,6 +335,19 @@ class DiscordSecrets(Settings, frozen=True, kw_only=True):
     """The public half (hex) of the Ed25519 key a gateway bridge signs what it forwards with."""
 
 
+# Gateway Intents (Discord's "Gateway Intents" list): which events a gateway session receives.
+GUILDS: Final = 1 << 0
+GUILD_MESSAGES: Final = 1 << 9
+GUILD_MESSAGE_REACTIONS: Final = 1 << 10
+DIRECT_MESSAGES: Final = 1 << 12
+DIRECT_MESSAGE_REACTIONS: Final = 1 << 13
+MESSAGE_CONTENT: Final = 1 << 15
+DEFAULT_INTENTS: Final = (GUILDS | GUILD_MESSAGES | GUILD_MESSAGE_REACTIONS | DIRECT_MESSAGES
+                          | DIRECT_MESSAGE_REACTIONS | MESSAGE_CONTENT)
+"""The events this codec decodes: messages, edits, deletions and reactions in guilds and DMs, with their
+content (interactions need no intent)."""
+
+
 class DiscordOptions(ConnectionOptions, frozen=True, kw_only=True):
     application_id: str = ""
     """The application id interaction replies are posted under when the message's meta names none."""
@@ -341,6 +355,13 @@ class DiscordOptions(ConnectionOptions, frozen=True, kw_only=True):
     """The bot's own user id: its messages and reactions echoed by the gateway are not taken in again."""
     allowed_mentions: dict[str, Any] = msgspec.field(default_factory=lambda: {"parse": []})
     """Discord's `allowed_mentions` object sent with every message; the default pings nobody."""
+    intents: int = DEFAULT_INTENTS
+    """With `mode = "discord_gateway"`: the Gateway Intents bits sent when identifying; the default is GUILDS,
+    GUILD_MESSAGES, GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGES, DIRECT_MESSAGE_REACTIONS and MESSAGE_CONTENT
+    (privileged: enable it in the Developer Portal)."""
+    gateway_max_frame_bytes: int = 8 * 1024 * 1024
+    """With `mode = "discord_gateway"`: the largest gateway frame read; a larger one closes the socket, which is
+    resumed."""
 
 
 class DiscordCodec(Codec):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket as sockets
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from nats.aio.client import Client as NATS
 from babelhub import canonical as c
 from babelhub.hub.app import Hub
 from babelhub.hub.cli import main as cli_main
-from babelhub.processors.websocket import MAX_BAD_FRAMES, REPLACED, TOO_MANY_ERRORS
+from babelhub.processors.websocket import MAX_BAD_FRAMES, REPLACED, TOO_MANY_ERRORS, TOO_SLOW
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from babelhub.services.routing import HOPS_HEADER, ORIGIN_HEADER
@@ -325,3 +326,76 @@ def test_babelhub_schema_prints_the_processor_frames(capsys: pytest.CaptureFixtu
     assert sorted(documents) == ["app.ack", "app.ping", "app.send", "hub.accepted", "hub.envelope", "hub.error",
                                  "hub.hello", "hub.pong"]
     assert documents["app.ack"]["$defs"]["Ack"]["properties"]["seq"]["minimum"] == 1
+
+
+async def test_envelopes_wait_in_jetstream_while_no_app_is_connected(hub: Hub, http: aiohttp.ClientSession) -> None:
+    await post_update(hub, http, 1, "while away")
+    await post_update(hub, http, 2, "still away")
+    js, stream = hub.nc.jetstream(), hub.subjects.stream_name("messages")
+    for _ in range(500):  # bounded: until both are decoded and stored as inbound envelopes
+        info = await js.consumer_info(stream, "processor-bot")
+        if info.num_pending == 2:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)  # were anything fetched, it would show by now
+    info = await js.consumer_info(stream, "processor-bot")
+    assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (2, 0, 0)  # nothing fetched
+    socket = await connect(http, hub)
+    await hello(socket)
+    assert texts(await envelopes(socket, 2)) == ["while away", "still away"]
+
+
+async def test_a_tenant_with_several_websocket_processors_names_one(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, http: aiohttp.ClientSession) -> None:
+    config = ws_config(nats_server.url, fake_api.base_url)
+    config = msgspec.structs.replace(config, processors=[
+        *config.processors, cfg.Processor(id="bot-2", tenant=TENANT, transport="websocket")])
+    hub = await start_hub(config)
+    async with http.get(hub.http_url + "/ws/processor", headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["path"] == "$.query.processor"
+    socket = await connect(http, hub, processor="bot-2")
+    assert (await hello(socket))["processor"] == "bot-2"
+
+
+async def test_a_processor_moved_from_echo_keeps_its_place(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, http: aiohttp.ClientSession) -> None:
+    fake_api.responder = telegram_responder
+    config = ws_config(nats_server.url, fake_api.base_url)
+    echoed = msgspec.structs.replace(config, processors=[cfg.Processor(id="bot", tenant=TENANT, transport="echo")])
+    first = await start_hub(echoed)
+    await post_update(first, http, 1, "to echo")
+    await eventually(lambda: len(sends(fake_api)) == 1)
+    await first.stop()
+
+    hub = await start_hub(config)  # the echo's push consumer becomes a pull consumer from where it stood
+    await post_update(hub, http, 2, "to the app")
+    socket = await connect(http, hub)
+    await hello(socket)
+    assert texts(await envelopes(socket, 1)) == ["to the app"]
+    await nothing_more(socket)
+
+
+async def test_an_app_that_does_not_read_is_closed_without_holding_up_another(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, http: aiohttp.ClientSession) -> None:
+    hub = await start_hub(ws_config(nats_server.url, fake_api.base_url, window=1))
+    slow = await connect(http, hub)
+    transport = slow.get_extra_info("socket")
+    assert transport is not None
+    transport.setsockopt(sockets.SOL_SOCKET, sockets.SO_RCVBUF, 4096)  # the app's side fills up quickly
+    ping = json.dumps({"type": "ping", "id": "x" * 64})
+    other = await connect(http, hub, key=OTHER_KEY, processor="rival")  # another processor, same hub
+    await hello(other)
+    for _ in range(20_000):  # bounded: pongs the app never reads
+        await slow.send_str(ping)
+        if slow.closed:
+            break
+    await other.send_json({"type": "ping", "id": "other"})
+    assert await frame(other) == {"type": "pong", "id": "other"}
+    codes = []
+    for _ in range(25_000):
+        message = await slow.receive(timeout=FRAME_SECONDS)
+        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+            codes.append(message.data)
+            break
+    assert codes == [TOO_SLOW]

@@ -25,7 +25,8 @@ Close codes: 1009 a frame over `hub.max_frame_bytes`; 1003 a binary frame; 4400 
 frames that could not be used; 4409 another socket of the same processor connected to this hub
 process (the newer one wins; sockets on different processes share the processor's envelopes);
 4008 an app that lets `OUTBOX_EXTRA` frames beyond its window wait unread; 1013 NATS unavailable;
-1001 the hub stopping.
+1011 delivery failed otherwise; 1001 the hub stopping. After any of them the app reconnects with
+`?after=`.
 """
 
 from __future__ import annotations
@@ -231,8 +232,6 @@ class _AppSocket:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self._hand_back()
-        if pump.done() and not pump.cancelled() and pump.exception() is not None:
-            log.warning("processor %s: delivery stopped: %r", self.processor.id, pump.exception())
 
     async def close(self, code: int, reason: str) -> None:
         self._closing = True
@@ -260,6 +259,18 @@ class _AppSocket:
     # ------------------------------------------------------------------------------------ delivery
 
     async def _pump(self) -> None:
+        """Deliver until the socket ends; a failure closes the socket, so the app reconnects and is
+        served afresh (what it held is handed back)."""
+        try:
+            await self._deliver()
+        except NATS_UNAVAILABLE as exc:
+            log.warning("processor %s: cannot fetch envelopes: %r", self.processor.id, exc)
+            await self.close(WSCloseCode.TRY_AGAIN_LATER, "the hub cannot reach its streams right now; reconnect later")
+        except Exception:
+            log.exception("processor %s: delivery failed", self.processor.id)
+            await self.close(WSCloseCode.INTERNAL_ERROR, "delivery failed; reconnect")
+
+    async def _deliver(self) -> None:
         """Fetch envelopes while the window has room; nothing is fetched while it is full."""
         while True:
             await self.room.wait()

@@ -399,3 +399,30 @@ async def test_an_app_that_does_not_read_is_closed_without_holding_up_another(
             codes.append(message.data)
             break
     assert codes == [TOO_SLOW]
+
+
+async def test_an_after_naming_nothing_sent_here_skips_nothing(hub: Hub, http: aiohttp.ClientSession) -> None:
+    socket = await connect(http, hub)
+    await hello(socket)
+    await post_update(hub, http, 1, "one")
+    await post_update(hub, http, 2, "two")
+    delivered = await envelopes(socket, 2)
+    await socket.close()
+    # A seq beyond anything this process sent (the app's last ack went to another process, say).
+    socket = await connect(http, hub, after=delivered[1]["seq"] + 100)
+    await hello(socket)
+    assert texts(await envelopes(socket, 2)) == ["one", "two"]
+
+
+async def test_of_sockets_racing_to_replace_one_the_newest_is_served(hub: Hub, http: aiohttp.ClientSession) -> None:
+    first = await connect(http, hub)
+    await hello(first)
+    racing = await asyncio.gather(connect(http, hub), connect(http, hub))
+    outcomes = []
+    for socket in racing:
+        message = await socket.receive(timeout=FRAME_SECONDS)
+        outcomes.append(json.loads(message.data)["type"] if message.type == aiohttp.WSMsgType.TEXT
+                        else message.data)
+    assert sorted(map(str, outcomes)) == sorted([str(REPLACED), "hello"])
+    closing = await first.receive(timeout=FRAME_SECONDS)
+    assert closing.data == REPLACED

@@ -10,9 +10,11 @@ socket and answers on the same socket (`websocket_frames.py` has the frames).
   socket of that processor is open there, at most `window` unacknowledged envelope frames at a time:
   while no app is connected the envelopes simply wait in JetStream (nothing fetched, nothing
   redelivered, no loop). An envelope is acknowledged to JetStream when the app acks its `seq`.
-* **Resume**: when a socket ends, what it had not acknowledged is handed back at once, in order, and
-  comes first on the next socket. `?after=<last acked seq>` covers an `ack` lost with the socket: a
-  redelivery at or below it is taken as acknowledged. At least once: `seq` lets the app drop a repeat.
+* **Resume**: when a socket ends, what it had not acknowledged is handed back at once, in stream order,
+  and comes again on the next socket. `?after=<last acked seq>` covers an `ack` lost with the socket:
+  on the same hub process, what the last socket was sent up to that seq is taken as acknowledged.
+  At least once: `seq` lets the app drop a repeat. (What a process had fetched but not yet sent when a
+  socket ended is picked up by its next socket, or redelivered after `hub.ack_wait_seconds`.)
 * **Answer**: a `send` frame goes through `Outbox.submit` (origin = the processor id; hops one more than
   those of the envelope it answers: the delivered envelope its `reply_to` names, else the last one
   delivered in its conversation) and is answered by `accepted` or `error` with the JSON path.
@@ -98,8 +100,14 @@ class WebSocketTransport(ProcessorTransport):
         self._inflight = InFlight(services.config.hub.ack_wait_seconds)
         self._pull: JetStreamContext.PullSubscription | None = None
         self._current: _AppSocket | None = None
+        self._newest: object = None
+        """The latest socket to arrive: one that finds a newer one arrived while it waited gives way."""
         self._serving = asyncio.Lock()
         """One socket of this processor at a time in this process: the next waits for the last to hand back."""
+        self.closing: set[asyncio.Task[None]] = set()
+        """Replaced sockets being closed."""
+        self.handed_back: list[int] = []
+        """The seqs the last socket was sent and did not acknowledge, in the order they were sent."""
 
     def routes(self) -> list[web.RouteDef]:
         first = next(iter(self._siblings.values()))
@@ -115,9 +123,18 @@ class WebSocketTransport(ProcessorTransport):
             await self._current.close(WSCloseCode.GOING_AWAY, "hub shutting down")
         async with self._serving:  # the socket's unacknowledged envelopes are handed back
             self._siblings.pop(self.processor.id, None)
+        await asyncio.gather(*self.closing, return_exceptions=True)
         if self._pull is not None:
             with contextlib.suppress(Exception):  # NATS may be gone: the server forgets the interest
                 await self._pull.unsubscribe()
+
+    def acked_up_to(self, after: int) -> set[int]:
+        """What a socket resuming `?after=<seq>` acknowledged without the hub reading it: the envelopes the
+        last socket was sent up to and including `seq` (acks are cumulative in the order frames were sent).
+        Nothing when `seq` is not among them (its ack arrived, or the last socket was on another process:
+        then what comes again is at least once, told apart by `seq`)."""
+        sent, self.handed_back = self.handed_back, []
+        return set(sent[:sent.index(after) + 1]) if after in sent else set()
 
     async def _pull_consumer(self) -> JetStreamContext.PullSubscription:
         """Bind to the processor's durable pull consumer, made if missing. A push consumer of the same
@@ -170,16 +187,23 @@ class WebSocketTransport(ProcessorTransport):
         socket = ExplainedSocket(heartbeat=30.0, max_msg_size=limit, compress=False,
                                  too_big=f"frame larger than {limit} bytes (hub.max_frame_bytes)")
         await socket.prepare(request)
+        self._newest = ticket = object()
         if self._current is not None:
-            await self._current.close(REPLACED, "replaced by a newer connection of this processor")
+            # Not waited for: the old socket's reading ends at once and it hands its envelopes back, while
+            # its app may take up to the close timeout to answer the close.
+            self._current.close_soon(REPLACED, "replaced by a newer connection of this processor")
         async with self._serving:
             assert self._pull is not None
-            app = self._current = _AppSocket(self, socket, self._pull, after)
-            try:
-                await app.run()
-            finally:
-                if self._current is app:
-                    self._current = None
+            if self._newest is ticket:
+                app = self._current = _AppSocket(self, socket, self._pull, after)
+                try:
+                    await app.run()
+                finally:
+                    if self._current is app:
+                        self._current = None
+                return socket
+        # A newer socket arrived while this one waited for the last to hand back (closed outside the lock).
+        await socket.close(code=REPLACED, message=b"replaced by a newer connection of this processor")
         return socket
 
 
@@ -204,6 +228,7 @@ class _AppSocket:
         self.socket = socket
         self.pull = pull
         self.after = after
+        self.acked_before = transport.acked_up_to(after)
         self.window = transport.options.window
         self.unacked: OrderedDict[int, Held] = OrderedDict()
         self.waiting: deque[tuple[Held, c.Envelope]] = deque()
@@ -236,6 +261,12 @@ class _AppSocket:
     async def close(self, code: int, reason: str) -> None:
         self._closing = True
         await self.socket.close(code=code, message=reason.encode("utf-8")[:123])
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close in a task of its own (kept in `transport.closing` until it is done)."""
+        task = asyncio.create_task(self.close(code, reason), name=f"ws-processor-close-{self.processor.id}")
+        self.transport.closing.add(task)
+        task.add_done_callback(self.transport.closing.discard)
 
     def send(self, frame: f.HubFrame) -> None:
         """Queue `frame` for the socket; an app that lets the queue fill up is closed (`TOO_SLOW`)."""
@@ -282,7 +313,9 @@ class _AppSocket:
                 fetched = await self.pull.fetch(room, timeout=FETCH_SECONDS)
             except nats.errors.TimeoutError:
                 continue
-            for msg in fetched:
+            # Stream order: a batch may begin with what an earlier request left behind, newer than what
+            # was handed back.
+            for msg in sorted(fetched, key=lambda msg: int(msg.metadata.sequence.stream)):
                 await self.transport._routed(self._offer, msg)
             self._flush()
 
@@ -290,7 +323,8 @@ class _AppSocket:
         seq = int(msg.metadata.sequence.stream)
         if seq in self.unacked or any(held.seq == seq for held, _ in self.waiting):
             return  # redelivered while still held here (its ack wait ran out in the client's queue)
-        if seq <= self.after and (msg.metadata.num_delivered or 1) > 1:
+        if seq in self.acked_before:
+            self.acked_before.discard(seq)
             await msg.ack()  # acknowledged by the app on a socket that ended before the hub read the ack
             return
         self._hops[seq] = hops_of(msg.headers)
@@ -330,6 +364,7 @@ class _AppSocket:
     async def _hand_back(self) -> None:
         """The socket ended: what it was not sent or did not acknowledge goes back to JetStream, in order,
         for the next socket (of any hub process)."""
+        self.transport.handed_back = list(self.unacked)
         held = sorted([*self.unacked.values(), *(held for held, _ in self.waiting)], key=lambda item: item.seq)
         self.unacked.clear()
         self.waiting.clear()

@@ -61,7 +61,8 @@ class Hello(_Frame, tag="hello", frozen=True, kw_only=True):
 
     processor: str
     resumed_from: int
-    """The `?after=` the socket gave (0: none): redeliveries at or below it are taken as acknowledged."""
+    """The `?after=` the socket gave (0: none): what the last socket of this processor on this hub process
+    was sent up to that seq is taken as acknowledged."""
     window: int
     """Envelope frames the hub sends at most before it waits for an `ack`."""
 

@@ -426,3 +426,23 @@ async def test_of_sockets_racing_to_replace_one_the_newest_is_served(hub: Hub, h
     assert sorted(map(str, outcomes)) == sorted([str(REPLACED), "hello"])
     closing = await first.receive(timeout=FRAME_SECONDS)
     assert closing.data == REPLACED
+
+
+async def test_an_app_moving_to_another_hub_process_gets_what_it_left_unacknowledged(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, http: aiohttp.ClientSession) -> None:
+    config = ws_config(nats_server.url, fake_api.base_url)
+    first, second = await start_hub(config), await start_hub(config)  # two processes' worth, one NATS
+    socket = await connect(http, first)
+    await hello(socket)
+    await post_update(first, http, 1, "one")
+    await post_update(first, http, 2, "two")
+    delivered = await envelopes(socket, 2)
+    await socket.send_json({"type": "ack", "seq": delivered[0]["seq"]})
+    await socket.send_json({"type": "ping"})
+    assert (await frame(socket))["type"] == "pong"
+    await socket.close()
+
+    socket = await connect(http, second, after=delivered[0]["seq"])
+    await hello(socket)
+    assert texts(await envelopes(socket, 1)) == ["two"]
+    await nothing_more(socket)

@@ -44,6 +44,7 @@ import msgspec
 import nats.errors
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -74,7 +75,14 @@ TOO_SLOW: Final = 4008
 OUTBOX_EXTRA: Final = 256
 """Frames other than envelopes (answers to `send` and `ping`) that may wait for an app that does not read."""
 FETCH_SECONDS: Final = 5.0
-"""How long one pull from the consumer waits for an envelope (then it asks again: one request per period)."""
+"""How long one pull request waits at the server for envelopes (then another is sent: one per period while
+idle)."""
+JS_API: Final = "$JS.API"
+"""The JetStream API prefix of the hub's NATS connection (`nc.jetstream()`, no domain)."""
+HAND_BACK_SECONDS: Final = 0.2
+"""After how long what a socket left unacknowledged is redelivered. Not at once: the server puts a message
+naked at once behind the others when it first meets the ended socket's pull request (no interest any
+more), while naks with a delay come back together, in stream order."""
 REMEMBERED_HOPS: Final = 4096
 """Delivered envelopes whose hop counts a socket remembers, for the answers that name them in `reply_to`."""
 
@@ -98,7 +106,9 @@ class WebSocketTransport(ProcessorTransport):
         self._siblings[processor.id] = self
         self._keys = ApiKeys(services.config.tenants)
         self._inflight = InFlight(services.config.hub.ack_wait_seconds)
-        self._pull: JetStreamContext.PullSubscription | None = None
+        self.next_subject = (f"{JS_API}.CONSUMER.MSG.NEXT.{services.ctx.subjects.stream_name('messages')}."
+                             f"processor-{processor.id}")
+        """Where pull requests go (each asks for a batch of envelopes, answered on the socket's own inbox)."""
         self._current: _AppSocket | None = None
         self._newest: object = None
         """The latest socket to arrive: one that finds a newer one arrived while it waited gives way."""
@@ -114,7 +124,7 @@ class WebSocketTransport(ProcessorTransport):
         return [web.get(PATH, self._socket)] if first is self else []
 
     async def start(self) -> None:
-        self._pull = await self._pull_consumer()
+        await self._pull_consumer()
         self.services.spawn(f"ws-processor-keepalive-{self.processor.id}", self._inflight.keep_alive)
 
     async def stop(self) -> None:
@@ -124,9 +134,6 @@ class WebSocketTransport(ProcessorTransport):
         async with self._serving:  # the socket's unacknowledged envelopes are handed back
             self._siblings.pop(self.processor.id, None)
         await asyncio.gather(*self.closing, return_exceptions=True)
-        if self._pull is not None:
-            with contextlib.suppress(Exception):  # NATS may be gone: the server forgets the interest
-                await self._pull.unsubscribe()
 
     def acked_up_to(self, after: int) -> set[int]:
         """What a socket resuming `?after=<seq>` acknowledged without the hub reading it: the envelopes the
@@ -136,9 +143,9 @@ class WebSocketTransport(ProcessorTransport):
         sent, self.handed_back = self.handed_back, []
         return set(sent[:sent.index(after) + 1]) if after in sent else set()
 
-    async def _pull_consumer(self) -> JetStreamContext.PullSubscription:
-        """Bind to the processor's durable pull consumer, made if missing. A push consumer of the same
-        name (the processor had another transport) is remade as a pull one from its acknowledged floor."""
+    async def _pull_consumer(self) -> None:
+        """Make the processor's durable pull consumer if it is missing. A push consumer of the same name
+        (the processor had another transport) is remade as a pull one from its acknowledged floor."""
         ctx, durable = self.services.ctx, f"processor-{self.processor.id}"
         stream, inbound = ctx.subjects.stream_name("messages"), f"{ctx.subjects.prefix}.{self.processor.tenant}.in.>"
         config = ConsumerConfig(durable_name=durable, filter_subject=inbound,
@@ -155,7 +162,6 @@ class WebSocketTransport(ProcessorTransport):
                 if floor:
                     config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
                 await ctx.js.add_consumer(stream, config)
-        return await ctx.js.pull_subscribe_bind(durable, stream)
 
     # ------------------------------------------------------------------------------ WebSocket /ws/processor
 
@@ -193,9 +199,8 @@ class WebSocketTransport(ProcessorTransport):
             # its app may take up to the close timeout to answer the close.
             self._current.close_soon(REPLACED, "replaced by a newer connection of this processor")
         async with self._serving:
-            assert self._pull is not None
             if self._newest is ticket:
-                app = self._current = _AppSocket(self, socket, self._pull, after)
+                app = self._current = _AppSocket(self, socket, after)
                 try:
                     await app.run()
                 finally:
@@ -220,13 +225,11 @@ class _AppSocket:
     """One app socket of one processor: what it was sent and has not acknowledged (in send order), what
     was fetched and waits for room in its window, and its count of bad frames."""
 
-    def __init__(self, transport: WebSocketTransport, socket: ExplainedSocket,
-                 pull: JetStreamContext.PullSubscription, after: int) -> None:
+    def __init__(self, transport: WebSocketTransport, socket: ExplainedSocket, after: int) -> None:
         self.transport = transport
         self.processor = transport.processor
         self.services = transport.services
         self.socket = socket
-        self.pull = pull
         self.after = after
         self.acked_before = transport.acked_up_to(after)
         self.window = transport.options.window
@@ -235,10 +238,14 @@ class _AppSocket:
         self.sent_up_to = 0
         self.room = asyncio.Event()
         self.room.set()
+        self.request_ended = asyncio.Event()
+        self.requested = 0
+        """Envelopes the open pull request may still bring."""
         self.bad_frames = 0
         self.hops_by_id: OrderedDict[str, int] = OrderedDict()
         self.hops_by_conversation: OrderedDict[str, int] = OrderedDict()
         self._hops: dict[int, int] = {}
+        self.subscription: Subscription | None = None
         self._outbox: asyncio.Queue[f.HubFrame | None] = asyncio.Queue(self.window + OUTBOX_EXTRA)
         self._closing = False
 
@@ -302,22 +309,49 @@ class _AppSocket:
             await self.close(WSCloseCode.INTERNAL_ERROR, "delivery failed; reconnect")
 
     async def _deliver(self) -> None:
-        """Fetch envelopes while the window has room; nothing is fetched while it is full."""
-        while True:
-            await self.room.wait()
-            room = self.window - len(self.unacked) - len(self.waiting)
-            if room <= 0:
-                self.room.clear()
-                continue
-            try:
-                fetched = await self.pull.fetch(room, timeout=FETCH_SECONDS)
-            except nats.errors.TimeoutError:
-                continue
-            # Stream order: a batch may begin with what an earlier request left behind, newer than what
-            # was handed back.
-            for msg in sorted(fetched, key=lambda msg: int(msg.metadata.sequence.stream)):
-                await self.transport._routed(self._offer, msg)
-            self._flush()
+        """Pull envelopes while the window has room, one request at a time; nothing is asked for while it
+        is full. Envelopes are sent as they arrive (a request does not wait to fill its batch). The pull
+        requests answer on an inbox of this socket's own: once it is unsubscribed the server forgets
+        them, so what is handed back afterwards goes to the next socket, not to a request of this one."""
+        nc = self.services.ctx.nats
+        inbox = nc.new_inbox()
+        subscription = await nc.subscribe(inbox, cb=self._arrived)
+        self.subscription = subscription
+        try:
+            while True:
+                await self.room.wait()
+                room = self.window - len(self.unacked) - len(self.waiting)
+                if room <= 0:
+                    self.room.clear()
+                    continue
+                self.requested = room
+                self.request_ended.clear()
+                request = {"batch": room, "expires": int(FETCH_SECONDS * 1e9)}
+                await nc.publish(self.transport.next_subject, msgspec.json.encode(request), reply=inbox)
+                # (Bounded: should the server's end-of-request status be lost, ask again.)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.request_ended.wait(), FETCH_SECONDS + 1.0)
+        finally:
+            await self._unsubscribe()
+
+    async def _unsubscribe(self) -> None:
+        if (subscription := self.subscription) is not None:
+            self.subscription = None
+            with contextlib.suppress(nats.errors.Error):  # NATS gone: the server forgets the requests anyway
+                await subscription.unsubscribe()
+
+    async def _arrived(self, msg: Msg) -> None:
+        """One answer to a pull request: an envelope, or a status that ends the request (408 expired, 404
+        nothing more, 409 a limit of the consumer)."""
+        if status := JetStreamContext.is_status_msg(msg):
+            if status != "100":  # (100: a heartbeat)
+                self.request_ended.set()
+            return
+        self.requested -= 1
+        if self.requested <= 0:
+            self.request_ended.set()
+        await self.transport._routed(self._offer, msg)
+        self._flush()
 
     async def _offer(self, msg: Msg, envelope: c.Envelope) -> None:
         seq = int(msg.metadata.sequence.stream)
@@ -364,6 +398,7 @@ class _AppSocket:
     async def _hand_back(self) -> None:
         """The socket ended: what it was not sent or did not acknowledge goes back to JetStream, in order,
         for the next socket (of any hub process)."""
+        await self._unsubscribe()  # first: a request still open would take the redeliveries
         self.transport.handed_back = list(self.unacked)
         held = sorted([*self.unacked.values(), *(held for held, _ in self.waiting)], key=lambda item: item.seq)
         self.unacked.clear()
@@ -371,7 +406,7 @@ class _AppSocket:
         self._hops.clear()
         for item in held:
             try:
-                await item.nak()
+                await item.nak(HAND_BACK_SECONDS)
             except NATS_UNAVAILABLE as exc:  # its ack wait brings it back anyway
                 log.warning("could not hand back an envelope of processor %s: %r", self.processor.id, exc)
 

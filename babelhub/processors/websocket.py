@@ -10,11 +10,12 @@ socket and answers on the same socket (`websocket_frames.py` has the frames).
   socket of that processor is open there, at most `window` unacknowledged envelope frames at a time:
   while no app is connected the envelopes simply wait in JetStream (nothing fetched, nothing
   redelivered, no loop). An envelope is acknowledged to JetStream when the app acks its `seq`.
-* **Resume**: when a socket ends, what it had not acknowledged is handed back at once, in stream order,
-  and comes again on the next socket. `?after=<last acked seq>` covers an `ack` lost with the socket:
-  on the same hub process, what the last socket was sent up to that seq is taken as acknowledged.
-  At least once: `seq` lets the app drop a repeat. (What a process had fetched but not yet sent when a
-  socket ended is picked up by its next socket, or redelivered after `hub.ack_wait_seconds`.)
+* **Resume**: when a socket ends, what it had not acknowledged is handed back (redelivered after
+  `HAND_BACK_SECONDS`, in stream order) and comes again on the next socket, on any hub process.
+  `?after=<last acked seq>` covers an `ack` lost with the socket: on the same hub process, what the
+  last socket was sent up to that seq is taken as acknowledged. At least once: `seq` lets the app drop
+  a repeat. (An envelope the server was sending just as the socket ended comes back after
+  `hub.ack_wait_seconds`.)
 * **Answer**: a `send` frame goes through `Outbox.submit` (origin = the processor id; hops one more than
   those of the envelope it answers: the delivered envelope its `reply_to` names, else the last one
   delivered in its conversation) and is answered by `accepted` or `error` with the JSON path.

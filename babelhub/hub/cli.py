@@ -1,5 +1,5 @@
 """The `babelhub` command line: `babelhub run` starts the hub, `babelhub schema` prints the JSON Schema
-(`--frames`: those of the client-session frames),
+(`--frames`: those of the client-session frames; `--processor-frames`: those of the processor WebSocket),
 `babelhub credentials <tenant>` prints the NATS user a tenant's processors connect to the embedded server with."""
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ DEFAULT_CONFIG = Path("configs/default.toml")
 
 
 def _schema(args: argparse.Namespace) -> int:
-    if args.frames:
+    if args.processor_frames:
+        from babelhub.processors.websocket_frames import schemas as processor_schemas
+
+        json.dump(processor_schemas(), sys.stdout, indent=2, sort_keys=True)
+    elif args.frames:
         from babelhub.sessions.frames import schemas
 
         json.dump(schemas(), sys.stdout, indent=2, sort_keys=True)
@@ -188,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--frames", action="store_true",
                         help="print the client-session frames' schemas instead: one per frame type, keyed "
                              "client.<type> / hub.<type>")
+    schema.add_argument("--processor-frames", action="store_true",
+                        help="print the frames' schemas of processors on WebSocket (/ws/processor) instead: one "
+                             "per frame type, keyed app.<type> / hub.<type>")
     schema.set_defaults(handler=_schema)
     credentials = commands.add_parser(
         "credentials", help="print the NATS user of a tenant's processors (embedded server)")

@@ -306,7 +306,8 @@ class ConversationActor(Actor[ConversationMessage]):
         match envelope:
             case c.Status():
                 status = msgspec.structs.replace(envelope, message_id=await self._status_target(envelope))
-                await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
+                if await self._moves_forward(status.message_id, status.state):
+                    await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
             case c.Message():
                 resolved = self._resolve(await self._translate(envelope))
                 await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), resolved)
@@ -587,8 +588,25 @@ class ConversationActor(Actor[ConversationMessage]):
         native_id = self._natives.pop(envelope_id, "")
         self.memory.put(Fact.MESSAGE, envelope_id, native_id if len(native_id.encode()) <= MAX_ID_BYTES else "")
 
+    async def _moves_forward(self, message_id: str, state: c.State, look_up: bool = True) -> bool:
+        """Whether `state` keeps `message_id`'s delivery moving forward (then it is remembered as reached):
+        a `delivered` after `read` is not published; `failed` only before `delivered`. Without `look_up`
+        only what this activation knows is asked (the hub's own statuses of a message being applied now:
+        no read per message in full flow)."""
+        if not message_id:
+            return True
+        known = self.memory.known(Fact.STATE, message_id)
+        reached = await self.memory.get(Fact.STATE, message_id) if look_up and known is None else known
+        if reached and not _later_state(reached, state):
+            log.debug("conversation %s: status %s after %s for %s not published", self.key, state, reached, message_id)
+            return False
+        self.memory.put(Fact.STATE, message_id, state)
+        return True
+
     async def _status(self, message: c.Message | c.Activity, state: c.State, native_id: str = "",
                       error: c.Error | None = None) -> None:
+        if not await self._moves_forward(message.id, state, look_up=False):
+            return
         status = c.Status(
             id=c.stable_id("status", message.id, state),
             tenant=message.tenant,
@@ -610,6 +628,27 @@ class ConversationActor(Actor[ConversationMessage]):
 
     async def _publish(self, subject: str, envelope: c.Envelope) -> None:
         await self.hub.publisher.publish(subject, c.encode(envelope), dedup=(envelope.id,))
+
+
+_STATE_ORDER: dict[str, int] = {"accepted": 0, "queued": 1, "sent": 2, "delivered": 3, "read": 4, "played": 5}
+"""How far each state of a message's delivery is; `failed` and `deleted` are handled apart."""
+
+
+def _later_state(reached: str, state: str) -> bool:
+    """Whether `state` comes after `reached`, or repeats it (the channel confirming what the hub said): a
+    real later failure may follow `sent` (the channel could not deliver), never `delivered`; nothing but
+    `deleted` follows `failed`; nothing follows `deleted`."""
+    if state == reached:
+        return True
+    if reached == "deleted":
+        return False
+    if state == "deleted":
+        return True
+    if reached == "failed":
+        return False
+    if state == "failed":
+        return _STATE_ORDER.get(reached, 0) < _STATE_ORDER["delivered"]
+    return _STATE_ORDER.get(state, 0) > _STATE_ORDER.get(reached, 0)
 
 
 def _forbidden_connection(tenant: str, connection: str) -> c.Error:

@@ -248,7 +248,8 @@ class Hub:
 
     def _build_connections(self, client: aiohttp.ClientSession, publisher: Publisher) -> dict[str, ConnectionService]:
         most = self.config.hub.circuit_max_backoff_seconds
-        policy = RetryPolicy(base_delay=min(RetryPolicy().base_delay, most), max_delay=most)
+        policy = RetryPolicy(base_delay=min(RetryPolicy().base_delay, most), max_delay=most,
+                             timeout=self.config.hub.call_timeout_seconds)
         services: dict[str, ConnectionService] = {}
         for index, settings in enumerate(self.config.connections):
             try:

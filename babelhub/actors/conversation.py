@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -38,13 +39,15 @@ from babelhub.actors.memory import MAX_ID_BYTES, Fact, Learnt, Memory
 from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
+from babelhub.codecs.settings import WindowTemplate
 from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.connections import ConnectionService, Progress
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.telemetry import span
 
-__all__ = ["MAX_SNAPSHOT_BYTES", "SNAPSHOT_LAG_SECONDS", "ConversationActor", "ConversationState", "Inbound",
+__all__ = ["MAX_SNAPSHOT_BYTES", "OUTSIDE_WINDOW", "SNAPSHOT_LAG_SECONDS", "WINDOW_META", "WINDOW_TEMPLATE_META",
+           "ConversationActor", "ConversationState", "Inbound",
            "NotHeld", "Outbound", "SnapshotConflict", "actor_key"]
 
 log = logging.getLogger("babelhub.conversation")
@@ -68,6 +71,14 @@ _MAX_JOURNAL = 256
 """Facts a snapshot carries at most (each under 180 bytes: a 24-character digest and an id of at most
 `memory.MAX_ID_BYTES`). A checkpoint with more — a catch-up of many earlier messages in one turn — writes
 them before the snapshot instead: a crash in between may then lose the snapshot's side of those turns."""
+_MAX_TEMPLATE_BYTES = 1024
+"""A conversation's window template larger than this is refused (it is kept in the bounded snapshot)."""
+OUTSIDE_WINDOW = "outside_window"
+WINDOW_TEMPLATE_META = "babelhub.window_template"
+"""Message meta naming `{name, language, params}`: the template this conversation sends outside the
+channel's messaging window (remembered; overrides the connection's `options.window_template`)."""
+WINDOW_META = "babelhub.window"
+"""Meta the hub adds to a message it replaced by a template: why, and by which."""
 SNAPSHOT_LAG_SECONDS = 5.0
 """How long the snapshot may be left behind a conversation in full flow. A turn that only moves its
 progress marks (`ConversationState.in_seq`, `out_seq`, `last_inbound`) writes its facts, not the
@@ -122,6 +133,9 @@ class ConversationState(msgspec.Struct, kw_only=True):
     """Stream sequence of the latest outbound message taken up; None in snapshots from before it was kept."""
     in_seq: int = 0
     """Raw-record sequence of the latest inbound envelope applied: one at or before it may be a repeat."""
+    window_template: c.Template | None = None
+    """The template the app named for this conversation (`WINDOW_TEMPLATE_META`), sent in place of free-form
+    messages outside the channel's messaging window."""
     journal: list[Learnt] = []
     """Facts learnt by the turns this snapshot records, written to their own keys right after it; the next
     activation writes them again in case it did not get that far."""
@@ -240,7 +254,7 @@ class ConversationActor(Actor[ConversationMessage]):
         match message:
             case Inbound():
                 with span("conversation.inbound", message.trace, conversation=self.key):
-                    await self._inbound(envelope)
+                    await self._inbound(envelope, message.stored_at)
                 self._advance_in(_raw_seq(envelope))
             case Outbound():
                 await self._take_earlier_outbound(message.seq)
@@ -301,8 +315,8 @@ class ConversationActor(Actor[ConversationMessage]):
         stored_at = stored.time.timestamp() if stored.time is not None else None
         return Outbound(envelope, dict(stored.headers or {}), stored_at, stored.seq or 0)
 
-    async def _inbound(self, envelope: c.Envelope) -> None:
-        self._learn(envelope)
+    async def _inbound(self, envelope: c.Envelope, stored_at: float | None = None) -> None:
+        self._learn(envelope, stored_at)
         match envelope:
             case c.Status():
                 status = msgspec.structs.replace(envelope, message_id=await self._status_target(envelope))
@@ -364,6 +378,11 @@ class ConversationActor(Actor[ConversationMessage]):
             return
         natives = await self._natives_of(_references(message))
         message = _without_unknown_references(message, natives)
+        windowed = self._within_window(message, connection)
+        if isinstance(windowed, c.Error):
+            await self._status(message, "failed", error=windowed)
+            return
+        message = windowed
         if not self.hub.holds(self.partition):
             raise NotHeld(f"conversation {self.key}: its partition is no longer held by this process")
         with span("conversation.send", channel=connection.channel):
@@ -383,6 +402,48 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
         else:
             await self._status(message, "failed", error=sent.error)
+
+    def _within_window(self, message: c.Message, connection: ConnectionService) -> c.Message | c.Error:
+        """`message` as it may be sent in the channel's messaging window: as it is while the window is open
+        (or the channel has none, or it is all templates); else replaced by the conversation's or the
+        connection's window template; else the error it fails with (`outside_window`)."""
+        template = self._window_template(message)
+        if isinstance(template, c.Error):
+            return template
+        hours = connection.codec.capabilities.window_hours
+        if not hours or not self.state.last_inbound or all(isinstance(part, c.Template) for part in message.parts):
+            return message  # no window, or none known: a chat the hub never heard the user in is the channel's call
+        closed_at = self.state.last_inbound + hours * 3600
+        if self.hub.clock() < closed_at:
+            return message
+        template = template or _configured_template(connection)
+        closed = f"it closed at {datetime.fromtimestamp(closed_at, UTC).isoformat()}"
+        if template is None:
+            return c.Error(code=OUTSIDE_WINDOW, message=(
+                f"{connection.channel} takes free-form messages only within {hours} h of the user's last message; "
+                f"{closed}. Send a template part, or configure one: the connection's options.window_template "
+                f"= {{name, language, params}}, or meta {WINDOW_TEMPLATE_META!r} on a message of the conversation"))
+        meta = {**message.meta, WINDOW_META: {"closed": closed, "replaced_by": template.name}}
+        return msgspec.structs.replace(message, parts=[template], meta=meta)
+
+    def _window_template(self, message: c.Message) -> c.Template | c.Error | None:
+        """The template the message (or an earlier one of the conversation) named for outside the window;
+        a named one is remembered for the conversation. An unreadable one is an error."""
+        named = message.meta.get(WINDOW_TEMPLATE_META)
+        if named is None:
+            return self.state.window_template
+        try:
+            template = msgspec.convert(named, WindowTemplate)
+        except msgspec.ValidationError as exc:
+            return c.Error(code="invalid_window_template", message=f"meta {WINDOW_TEMPLATE_META!r}: {exc}")
+        chosen = c.Template(name=template.name, language=template.language, params=template.params)
+        if len(msgspec.msgpack.encode(chosen)) > _MAX_TEMPLATE_BYTES:
+            return c.Error(code="invalid_window_template",
+                           message=f"meta {WINDOW_TEMPLATE_META!r}: larger than {_MAX_TEMPLATE_BYTES} bytes")
+        if chosen != self.state.window_template:
+            self.state.window_template = chosen
+            self._dirty = True
+        return chosen
 
     async def _record_progress(self, message_id: str, progress: Progress) -> None:
         """A channel call of `message_id` succeeded: write it down before anything else happens, so a
@@ -414,8 +475,9 @@ class ConversationActor(Actor[ConversationMessage]):
 
     # ---------------------------------------------------------------------------------- helpers
 
-    def _learn(self, envelope: c.Envelope) -> None:
-        """Take in what an inbound envelope says about the conversation."""
+    def _learn(self, envelope: c.Envelope, stored_at: float | None = None) -> None:
+        """Take in what an inbound envelope says about the conversation. The user's last message is
+        timed by when the hub stored it (`stored_at`, else now), not by the channel's clock."""
         self._adopt(envelope.tenant, envelope.conversation)
         reply_base = envelope.meta.get(REPLY_API_BASE)
         if (isinstance(reply_base, str) and reply_base != self.state.api_base
@@ -427,7 +489,7 @@ class ConversationActor(Actor[ConversationMessage]):
             self.memory.put(Fact.THREAD, envelope.thread, envelope.native.thread)
         if envelope.sender is not None and envelope.sender.role == "user":
             self._hear(envelope.sender)
-            self.state.last_inbound = envelope.ts.timestamp()
+            self.state.last_inbound = max(self.state.last_inbound, stored_at or self.hub.clock())
             self._moved = True
 
     def _advance_in(self, seq: int) -> None:
@@ -649,6 +711,15 @@ def _later_state(reached: str, state: str) -> bool:
     if state == "failed":
         return _STATE_ORDER.get(reached, 0) < _STATE_ORDER["delivered"]
     return _STATE_ORDER.get(state, 0) > _STATE_ORDER.get(reached, 0)
+
+
+def _configured_template(connection: ConnectionService) -> c.Template | None:
+    """The connection's `options.window_template` (checked against `WindowTemplate` when the config was read)."""
+    configured = connection.settings.options.get("window_template")
+    if configured is None:
+        return None
+    template = msgspec.convert(configured, WindowTemplate)
+    return c.Template(name=template.name, language=template.language, params=template.params)
 
 
 def _forbidden_connection(tenant: str, connection: str) -> c.Error:

@@ -33,6 +33,7 @@ __all__ = [
     "SettingRow",
     "Settings",
     "SettingsError",
+    "WindowTemplate",
     "field_docs",
     "read_settings",
     "settings_rows",
@@ -47,11 +48,23 @@ class NoSecrets(Settings, frozen=True, kw_only=True):
     """The secrets of a channel that needs none."""
 
 
+class WindowTemplate(Settings, frozen=True, kw_only=True):
+    """A pre-approved template sent in place of a free-form message outside the messaging window."""
+
+    name: str
+    language: str = ""
+    params: dict[str, str] = {}
+
+
 class ConnectionOptions(Settings, frozen=True, kw_only=True):
     """The options every connection takes, whatever its channel; a channel's options extend these."""
 
     public_url: str = ""
     """The URL the channel calls and signs, when the hub is behind a proxy and sees another one."""
+    window_template: WindowTemplate | None = None
+    """`{name, language, params}`: the template sent instead of a free-form message once the channel's
+    messaging window has closed (WhatsApp: 24 h after the user's last message); unset: such a message
+    fails with `outside_window`."""
 
 
 class MissingSetting(ValueError):

@@ -26,8 +26,10 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from datetime import time as dt_time
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import nats.errors
@@ -39,15 +41,16 @@ from babelhub.actors.memory import MAX_ID_BYTES, Fact, Learnt, Memory
 from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
-from babelhub.codecs.settings import WindowTemplate
+from babelhub.codecs.settings import QuietHours, WindowTemplate
 from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.connections import ConnectionService, Progress
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
+from babelhub.services.scheduling import HELD_ID_META, Held, released_id
 from babelhub.services.telemetry import span
 
-__all__ = ["MAX_SNAPSHOT_BYTES", "OUTSIDE_WINDOW", "SNAPSHOT_LAG_SECONDS", "WINDOW_META", "WINDOW_TEMPLATE_META",
-           "ConversationActor", "ConversationState", "Inbound",
+__all__ = ["MAX_SNAPSHOT_BYTES", "OUTSIDE_WINDOW", "SNAPSHOT_LAG_SECONDS", "TIME_ZONE_META", "URGENT_META",
+           "WINDOW_META", "WINDOW_TEMPLATE_META", "ConversationActor", "ConversationState", "Inbound",
            "NotHeld", "Outbound", "SnapshotConflict", "actor_key"]
 
 log = logging.getLogger("babelhub.conversation")
@@ -77,6 +80,10 @@ OUTSIDE_WINDOW = "outside_window"
 WINDOW_TEMPLATE_META = "babelhub.window_template"
 """Message meta naming `{name, language, params}`: the template this conversation sends outside the
 channel's messaging window (remembered; overrides the connection's `options.window_template`)."""
+URGENT_META = "babelhub.urgent"
+"""Message meta `true`: sent at once, whatever the connection's quiet hours."""
+TIME_ZONE_META = "babelhub.time_zone"
+"""Message meta naming the recipient's IANA time zone (remembered for the conversation), for quiet hours."""
 WINDOW_META = "babelhub.window"
 """Meta the hub adds to a message it replaced by a template: why, and by which."""
 SNAPSHOT_LAG_SECONDS = 5.0
@@ -133,6 +140,8 @@ class ConversationState(msgspec.Struct, kw_only=True):
     """Stream sequence of the latest outbound message taken up; None in snapshots from before it was kept."""
     in_seq: int = 0
     """Raw-record sequence of the latest inbound envelope applied: one at or before it may be a repeat."""
+    time_zone: str = ""
+    """The recipient's IANA time zone, as the app named it (`TIME_ZONE_META`), for quiet hours."""
     window_template: c.Template | None = None
     """The template the app named for this conversation (`WINDOW_TEMPLATE_META`), sent in place of free-form
     messages outside the channel's messaging window."""
@@ -337,6 +346,10 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._refuse(envelope, refusal)
             return
         self._adopt(envelope.tenant, envelope.conversation)
+        if isinstance(envelope, c.Message):
+            envelope = self._as_released(envelope)
+            if await self._cancels(envelope) or await self._held(envelope):
+                return
         match envelope:
             case c.Message(targets=[]):
                 await self._send_here(envelope)
@@ -402,6 +415,65 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
         else:
             await self._status(message, "failed", error=sent.error)
+
+    def _as_released(self, message: c.Message) -> c.Message:
+        """A held message the scheduler released, under the id the app gave it (its statuses name that
+        one); any other message as it is."""
+        original = message.meta.get(HELD_ID_META)
+        if not isinstance(original, str) or message.id != released_id(original):
+            return message
+        meta = {key: value for key, value in message.meta.items() if key != HELD_ID_META}
+        return msgspec.structs.replace(message, id=original, meta=meta)
+
+    async def _cancels(self, message: c.Message) -> bool:
+        """A message made only of `delete` parts naming held messages cancels them (each reported
+        `deleted`, `cancelled`), and goes no further."""
+        scheduler = self.hub.scheduler
+        targets = [part.target for part in message.parts if isinstance(part, c.Delete)]
+        if scheduler is None or not targets or len(targets) != len(message.parts):
+            return False
+        cancelled = [await scheduler.cancel(self.tenant, target) for target in targets]
+        return all(cancelled)
+
+    async def _held(self, message: c.Message) -> bool:
+        """Hold `message` for later when its `send_at` is ahead, or its connection's quiet hours are on
+        (unless it is urgent): stored durably by the scheduler, reported `queued`."""
+        scheduler = self.hub.scheduler
+        if scheduler is None:
+            return False
+        now = self.hub.clock()
+        due, reason = 0.0, ""
+        if message.send_at is not None and message.send_at.timestamp() > now:
+            due, reason = message.send_at.timestamp(), "send_at"
+        elif message.meta.get(URGENT_META) is not True:
+            due, reason = self._quiet_until(message, now), "quiet_hours"
+        if not due:
+            return False
+        await scheduler.hold(message.id, Held(
+            due=due, tenant=self.tenant, conversation=self.conversation_id, partition=self.partition,
+            reason=reason, envelope=c.encode(message)))
+        await self._status(message, "queued")
+        return True
+
+    def _quiet_until(self, message: c.Message, now: float) -> float:
+        """When the quiet hours of the message's connection end, if `now` is inside them; else 0. They are
+        read in the recipient's time zone when the conversation knows it (`TIME_ZONE_META`)."""
+        connection = self._own_connection(message.conversation.connection or (
+            self.state.conversation.connection if self.state.conversation is not None else ""))
+        configured = connection.settings.options.get("quiet_hours") if connection is not None else None
+        if configured is None:
+            return 0.0
+        quiet = msgspec.convert(configured, QuietHours)
+        zone = self._recipient_zone(message) or quiet.time_zone
+        return quiet_until(quiet.start, quiet.end, ZoneInfo(zone), now)
+
+    def _recipient_zone(self, message: c.Message) -> str:
+        """The recipient's IANA time zone, as the app named it in meta (remembered for the conversation)."""
+        named = message.meta.get(TIME_ZONE_META)
+        if isinstance(named, str) and named != self.state.time_zone and _known_zone(named):
+            self.state.time_zone = named
+            self._dirty = True
+        return self.state.time_zone
 
     def _within_window(self, message: c.Message, connection: ConnectionService) -> c.Message | c.Error:
         """`message` as it may be sent in the channel's messaging window: as it is while the window is open
@@ -711,6 +783,27 @@ def _later_state(reached: str, state: str) -> bool:
     if state == "failed":
         return _STATE_ORDER.get(reached, 0) < _STATE_ORDER["delivered"]
     return _STATE_ORDER.get(state, 0) > _STATE_ORDER.get(reached, 0)
+
+
+def quiet_until(start: str, end: str, zone: ZoneInfo, now: float) -> float:
+    """When quiet hours from `start` to `end` ("HH:MM", local time in `zone`; over midnight when `end`
+    is earlier) end, if Unix time `now` is inside them; else 0."""
+    local = datetime.fromtimestamp(now, zone)
+    begins, ends = dt_time.fromisoformat(start), dt_time.fromisoformat(end)
+    moment = local.time().replace(tzinfo=None)
+    inside = begins <= moment < ends if begins < ends else (moment >= begins or moment < ends)
+    if begins == ends or not inside:
+        return 0.0
+    day = local.date() if moment < ends else local.date() + timedelta(days=1)
+    return datetime.combine(day, ends, tzinfo=zone).timestamp()
+
+
+def _known_zone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _configured_template(connection: ConnectionService) -> c.Template | None:

@@ -16,6 +16,7 @@ from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetters
 from babelhub.services.ownership import Ownership
 from babelhub.services.publisher import Publisher
+from babelhub.services.scheduling import Scheduler
 from babelhub.services.telemetry import Metrics
 
 
@@ -34,6 +35,8 @@ class HubContext:
     """Masks the configured secrets in what leaves the hub (statuses, dead letters, logs)."""
     ownership: Ownership | None = None
     """The partitions this process holds (set once they are kept, at start); None: all of them."""
+    scheduler: Scheduler | None = None
+    """Holds outbound messages for later (`send_at`, quiet hours); None: every message goes at once."""
     clock: Callable[[], float] = time.time
     """Wall-clock time (Unix seconds) for what is scheduled by the calendar: messaging windows, quiet
     hours, `send_at`. Tests move it instead of waiting."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,23 @@ from babelhub.actors.conversation import _later_state
 from babelhub.codecs import load as load_codec
 from babelhub.codecs.base import EncodeContext, HttpResponse, OutboundRequest
 from babelhub.services import config as cfg
-from babelhub.services.broker import EmbeddedServer
+from babelhub.services.broker import EmbeddedServer, free_port
 from babelhub.services.connections import AMBIGUOUS
 from babelhub.services.delivery import attempt
 from tests.fakeapi import FakeApi, Recorded, Reply
-from tests.hubkit import TENANT, Processor, StartHub, eventually, telegram_config, telegram_responder
+from tests.hubkit import (
+    BOT_TOKEN,
+    SECRET,
+    TENANT,
+    HubProcess,
+    Processor,
+    StartHub,
+    eventually,
+    telegram_config,
+    telegram_responder,
+    unique_prefix,
+    write_config,
+)
 
 CHAT = "4242"
 SLACK_CHANNEL = "C111"
@@ -254,3 +267,51 @@ def test_a_slack_lookup_that_cannot_see_every_message_cannot_tell() -> None:
 ])
 def test_a_state_comes_after_another_only_forward(reached: str, state: str, forward: bool) -> None:
     assert _later_state(reached, state) is forward
+
+
+async def test_a_kill_9_with_a_call_in_flight_is_reconciled_by_the_next_process(
+        nats_server: EmbeddedServer, nats_client: NATS, slow_api: SlowApi, tmp_path: Path,
+        hub_processes: list[HubProcess]) -> None:
+    """`babelhub run` is killed while the channel holds the answer to a call it took: the next process
+    finds the call in flight in the send ledger and does not make it again."""
+    slow_api.responder = telegram_responder
+    slow_api.hold = 1
+    port, prefix = free_port(), unique_prefix()
+    config = write_config(tmp_path / "hub.toml", f"""
+[hub]
+http = "127.0.0.1:{port}"
+nats = "{nats_server.url}"
+subject_prefix = "{prefix}"
+ack_wait_seconds = 2.0
+[[tenants]]
+id = "{TENANT}"
+[[connections]]
+id = "tg"
+tenant = "{TENANT}"
+channel = "telegram"
+api_base = "{slow_api.base_url}"
+secrets = {{ bot_token = "{BOT_TOKEN}", secret_token = "{SECRET}" }}
+""")
+    url = f"http://127.0.0.1:{port}"
+    first = HubProcess(config, tmp_path)
+    hub_processes.append(first)
+    first.start()
+    await first.wait_ready(url)
+    app = await Processor(nats_client, prefix).start()
+    conversation = c.Conversation(id=c.conversation_id(TENANT, "tg", CHAT), connection="tg", native_id=CHAT)
+    message = c.Message(id=c.new_id(), tenant=TENANT, conversation=conversation, ts=c.now(), direction="outbound",
+                        parts=[c.Text(text="exactly once")])
+    await app.send(message)
+    await eventually(lambda: sends(slow_api), timeout=30)
+    assert first.process is not None
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    slow_api.release.set()
+
+    second = HubProcess(config, tmp_path)
+    hub_processes.append(second)
+    second.start()
+    await second.wait_ready(url)
+    status = await status_of(app, message.id)
+    assert status.state == "failed" and status.error is not None and status.error.code == AMBIGUOUS
+    assert len(sends(slow_api)) == 1

@@ -5,6 +5,8 @@ message's statuses only move forward."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import signal
 from pathlib import Path
@@ -24,6 +26,7 @@ from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer, free_port
 from babelhub.services.connections import AMBIGUOUS
 from babelhub.services.delivery import attempt
+from tests import test_windows as whatsapp
 from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import (
     BOT_TOKEN,
@@ -315,3 +318,36 @@ secrets = {{ bot_token = "{BOT_TOKEN}", secret_token = "{SECRET}" }}
     status = await status_of(app, message.id)
     assert status.state == "failed" and status.error is not None and status.error.code == AMBIGUOUS
     assert len(sends(slow_api)) == 1
+
+
+async def test_a_delivered_receipt_after_read_is_not_published(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    """WhatsApp's status webhooks may arrive out of order: `read`, then a late `delivered`."""
+    fake_api.responder = whatsapp.sent_ok
+    hub = await start_hub(whatsapp.whatsapp_config(nats_server.url, fake_api.base_url))
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    inbound = await whatsapp.user_writes(hub, app)
+    reply = await app.reply(inbound, c.Text(text="on its way"))
+    sent = await status_of(app, reply.id)
+    assert sent.state == "sent"
+    for name in ("status_read.json", "status_delivered.json", "status_read.json"):
+        await post_whatsapp_status(hub, name, sent.native_id, inbound.conversation.native_id)
+    # Applied after the receipts, in order: by the time the app has it, they are all done.
+    await whatsapp.user_writes(hub, app, wamid="wamid.later")
+    published = []
+    while not app.statuses.empty():
+        published.append(app.statuses.get_nowait())
+    assert [(s.message_id, s.state) for s in published] == [(reply.id, "read"), (reply.id, "read")]
+
+
+async def post_whatsapp_status(hub: Any, name: str, wamid: str, chat: str) -> None:
+    body = json.loads((FIXTURES / "whatsapp" / name).read_text())
+    value = body["entry"][0]["changes"][0]["value"]
+    value["metadata"]["phone_number_id"] = "106540352242922"
+    value["statuses"][0].update(id=wamid, recipient_id=chat)
+    data = json.dumps(body).encode()
+    signature = "sha256=" + hmac.new(whatsapp.APP_SECRET.encode(), data, hashlib.sha256).hexdigest()
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{hub.http_url}/webhooks/whatsapp/wa", data=data,
+            headers={"Content-Type": "application/json", "X-Hub-Signature-256": signature}) as response:
+        assert response.status == 200

@@ -42,9 +42,13 @@ def sent_ok(_: Recorded) -> Reply:
     return Reply(body=json.loads((FIXTURES / "response_sent.json").read_text()))
 
 
-async def user_writes(hub: Hub, app: Processor) -> c.Envelope:
-    """The user's text message arrives by the signed webhook; the app gets it."""
-    body = (FIXTURES / "text.json").read_bytes()
+async def user_writes(hub: Hub, app: Processor, wamid: str = "") -> c.Envelope:
+    """The user's text message arrives by the signed webhook (as another message when `wamid` is given);
+    the app gets it."""
+    document = json.loads((FIXTURES / "text.json").read_text())
+    if wamid:
+        document["entry"][0]["changes"][0]["value"]["messages"][0]["id"] = wamid
+    body = json.dumps(document).encode()
     signature = "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
     async with aiohttp.ClientSession() as session, session.post(
             f"{hub.http_url}/webhooks/whatsapp/wa", data=body,

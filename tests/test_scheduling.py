@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
@@ -230,3 +231,39 @@ def test_send_at_is_in_the_published_schema() -> None:
     with pytest.raises(DecodeError, match=r"\$\.send_at"):
         c.decode(json.dumps({"kind": "message", "id": "m", "tenant": TENANT, "ts": iso(time.time()),
                              "conversation": {"id": "x"}, "send_at": "tomorrow"}).encode())
+
+
+async def test_delete_over_rest_cancels_a_held_message_and_only_that(
+        config: cfg.Config, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    hub = await start_hub(config)
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    now = time.time()
+    at(hub, now)
+    auth = {"Authorization": "Bearer k"}  # telegram_config's tenant key
+    async with aiohttp.ClientSession() as http:
+        async def call(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+            async with http.request(method, f"{hub.http_url}{path}", **kwargs) as response:
+                return response.status, await response.json()
+
+        status, accepted = await call("POST", "/v1/messages", data=message("held", send_at=iso(now + 60)),
+                                      headers={**auth, "Content-Type": "application/json"})
+        assert status == 202
+        held_id = accepted["id"]
+        await states(app, held_id, 1)  # queued
+        code, answer = await call("DELETE", f"/v1/messages/{held_id}")
+        assert (code, answer["error"]["code"]) == (401, "unauthenticated")
+        assert await call("DELETE", f"/v1/messages/{held_id}", headers=auth) == (200, {"id": held_id,
+                                                                                       "state": "deleted"})
+        [cancelled] = await states(app, held_id, 1)
+        assert cancelled.state == "deleted"
+        code, answer = await call("DELETE", f"/v1/messages/{held_id}", headers=auth)
+        assert (code, answer["error"]["code"]) == (409, "not_held")
+        sent = await hub.outbox.submit(TENANT, message("now"))
+        await states(app, sent.id, 1)
+        code, answer = await call("DELETE", f"/v1/messages/{sent.id}", headers=auth)
+        assert (code, answer["error"]["code"], answer["error"]["path"]) == (409, "not_held", "id")
+        code, answer = await call("DELETE", f"/v1/messages/{'a' * 24}", headers=auth)
+        assert (code, answer["error"]["code"]) == (404, "not_found")
+    at(hub, now + 120)
+    assert await scheduler_of(hub).release_due() == 0
+    assert texts(fake_api) == ["now"]

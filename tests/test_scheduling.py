@@ -24,7 +24,7 @@ from babelhub.errors import ConfigError, DecodeError
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
-from babelhub.services.scheduling import Scheduler
+from babelhub.services.scheduling import Held, Scheduler, held_key
 from tests.fakeapi import FakeApi
 from tests.hubkit import TENANT, Processor, StartHub, eventually, telegram_config, telegram_responder
 
@@ -267,3 +267,27 @@ async def test_delete_over_rest_cancels_a_held_message_and_only_that(
     at(hub, now + 120)
     assert await scheduler_of(hub).release_due() == 0
     assert texts(fake_api) == ["now"]
+
+
+async def test_a_release_cut_short_is_finished_later_and_no_longer_cancellable(
+        config: cfg.Config, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    """The process marked the message as being released and died before publishing it: the next round
+    publishes it (once), and a cancel that comes meanwhile is refused."""
+    hub = await start_hub(config)
+    scheduler = scheduler_of(hub)
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    now = time.time()
+    at(hub, now)
+    accepted = await hub.outbox.submit(TENANT, message("released once", send_at=iso(now + 60)))
+    await states(app, accepted.id, 1)
+    kv = await hub.nc.jetstream().key_value(hub.subjects.bucket("scheduled"))
+    key = held_key(TENANT, accepted.id)
+    entry = await kv.get(key)
+    held = msgspec.msgpack.decode(entry.value or b"", type=Held)
+    await kv.update(key, msgspec.msgpack.encode(msgspec.structs.replace(held, releasing=True)), last=entry.revision)
+    assert not await scheduler.cancel(TENANT, accepted.id)
+    at(hub, now + 61)
+    [sent] = await states(app, accepted.id, 1)
+    assert sent.state == "sent"
+    assert await scheduler.release_due() == 0
+    assert texts(fake_api) == ["released once"]

@@ -3,17 +3,20 @@
 The conversation actor hands a message it must not send yet to `Scheduler.hold`, which keeps it in the
 `<prefix>_scheduled` KV bucket (it survives restarts) under a key of its tenant and id, and reports it
 `queued`. `Scheduler.run`, a supervised task in every hub process, releases what is due — only for the
-partitions this process holds, so one process releases each message — by deleting the key (revision
-checked: a cancel or another releaser that came first wins) and publishing the message again on its
-conversation's `out` subject, under an id of its own (`released_id`) with the original in meta
-(`HELD_ID_META`): the conversation actor then sends it through the normal path and reports on the
-original id. `Scheduler.cancel(tenant, id)` deletes a held message before it is due and reports it
-`deleted` with the error code `cancelled`; an outbound `delete` part naming the id does the same.
+partitions this process holds — by marking it as being released (revision checked: a cancel that came
+first wins; one that comes later finds it no longer cancellable), publishing it again on its
+conversation's `out` subject, then deleting the key (a release cut short is finished by the next round:
+nothing held is lost, and the publish is deduplicated). It goes out under an id of its own
+(`released_id`) with the original in meta (`HELD_ID_META`): the conversation actor then sends it through
+the normal path and reports on the original id. `Scheduler.cancel(tenant, id)` deletes a held message
+before its release begins and reports it `deleted` with the error code `cancelled`; an outbound `delete`
+part naming the id does the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -48,6 +51,8 @@ class Held(msgspec.Struct, frozen=True, kw_only=True):
     """`send_at` or `quiet_hours`."""
     envelope: bytes
     """The message's canonical JSON, as the app sent it."""
+    releasing: bool = False
+    """Its release has begun: it can no longer be cancelled, and a release cut short is finished later."""
 
 
 def held_key(tenant: str, message_id: str) -> str:
@@ -108,12 +113,8 @@ class Scheduler:
             held = msgspec.msgpack.decode(entry.value or b"", type=Held)
             if held.due > now or not self._holds(held.partition):
                 continue
-            try:
-                await self._kv.delete(key, last=entry.revision)
-            except KeyWrongLastSequenceError:
-                continue  # cancelled or released meanwhile
-            await self._release(held)
-            released += 1
+            if await self._release(key, held, entry.revision or 0):
+                released += 1
         return released
 
     async def run(self, health: TaskHealth) -> None:
@@ -127,9 +128,12 @@ class Scheduler:
             await asyncio.sleep(self._interval)
 
     async def _take(self, key: str) -> Held | None:
+        """Delete a held message that is not being released; None when there is none to take."""
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:
+            return None
+        if msgspec.msgpack.decode(entry.value or b"", type=Held).releasing:
             return None
         try:
             await self._kv.delete(key, last=entry.revision)
@@ -137,9 +141,22 @@ class Scheduler:
             return None
         return msgspec.msgpack.decode(entry.value or b"", type=Held)
 
-    async def _release(self, held: Held) -> None:
+    async def _release(self, key: str, held: Held, revision: int) -> bool:
+        """Mark the message as being released (a cancel that comes later finds it so), publish it, then
+        delete it. A publish that fails leaves it marked, and the next round publishes it again under
+        the same deduplicated id. False when a cancel or another releaser came first."""
+        try:
+            if not held.releasing:
+                held = msgspec.structs.replace(held, releasing=True)
+                revision = await self._kv.update(key, msgspec.msgpack.encode(held), last=revision)
+        except KeyWrongLastSequenceError:
+            return False
         message = c.decode(held.envelope)
         released = msgspec.structs.replace(message, id=released_id(message.id),
                                            meta={**message.meta, HELD_ID_META: message.id})
         await self._publisher.publish(self._subjects.outbound(held.tenant, held.conversation), c.encode(released),
                                       dedup=(released.id,))
+        # Another process that finished the same release first had its publish deduplicated with this one.
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await self._kv.delete(key, last=revision)
+        return True

@@ -230,11 +230,15 @@ class ConnectionService:
                 return SendResult(ok=True, native_ids=answer.native_ids)
             if answer.found is False:
                 return None
-        last = f" (last: {unknown.error.code})" if unknown is not None and unknown.error is not None else ""
         how = "the channel's lookup could not tell" if lookup is not None else "the channel offers no lookup"
-        return SendResult(ok=False, error=Error(code=AMBIGUOUS, message=(
-            f"the call may or may not have reached the channel{last}; {how}, so it is not sent again "
-            "rather than risk a duplicate")))
+        message = f"the call may or may not have reached the channel; {how}, so it is not sent again rather than " \
+                  "risk a duplicate"
+        last = unknown.error if unknown is not None else None
+        if last is None:
+            return SendResult(ok=False, error=Error(code=AMBIGUOUS, message=message))
+        detail = f"{last.code} {last.message}".strip()
+        error = Error(code=AMBIGUOUS, message=f"{message}; last: {detail}", native=last.native)
+        return SendResult(ok=False, error=error)
 
     async def _look_up(self, lookup: OutboundRequest, request: OutboundRequest, deadline: float | None) -> Lookup:
         """Ask the channel whether `request` took effect: a read, so it is simply tried again (a few

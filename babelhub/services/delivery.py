@@ -88,7 +88,7 @@ async def attempt(session: aiohttp.ClientSession, codec: Codec, request: Outboun
         return _unanswered("network", repr(exc), ambiguous=True)
     result = codec.parse_response(request, response)
     if not result.ok and response.status in AMBIGUOUS_STATUSES:
-        return msgspec.structs.replace(result, retryable=True, ambiguous=True)
+        return msgspec.structs.replace(result, ambiguous=True)  # whether to retry stays the codec's call
     return result
 
 

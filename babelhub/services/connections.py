@@ -205,7 +205,7 @@ class ConnectionService:
         (`interrupted`: a crash found it in flight; or its answer was ambiguous): it is reconciled."""
         safe = self.codec.safe_to_resend(request) or request.url.startswith(SESSION_SCHEME)
         if interrupted and not safe:
-            known = await self._reconcile(request, deadline)
+            known = await self._reconcile(request)
             if known is not None:
                 return known
         record = None if safe or on_progress is None else _in_flight_recorder(at, on_progress)
@@ -213,18 +213,17 @@ class ConnectionService:
             result = await self.call(request, deadline, resend_safe=safe, on_attempt=record)
             if result.ok or not result.ambiguous or safe:
                 return result
-            known = await self._reconcile(request, deadline, result)
+            known = await self._reconcile(request, result)
             if known is not None:
                 return known
             # The channel says it never got it: the call is made again.
 
-    async def _reconcile(self, request: OutboundRequest, deadline: float | None,
-                         unknown: SendResult | None = None) -> SendResult | None:
+    async def _reconcile(self, request: OutboundRequest, unknown: SendResult | None = None) -> SendResult | None:
         """The outcome of a call whose answer was lost: success when the channel's lookup finds it,
         None when the lookup says it never arrived (it may be made again), else `failed` with `ambiguous`."""
         lookup = self.codec.lookup_request(request)
         if lookup is not None:
-            answer = await self._look_up(lookup, request, deadline)
+            answer = await self._look_up(lookup, request)
             if answer.found is True:
                 log.info("%s: a call whose answer was lost had been made (found by lookup)", self.id)
                 return SendResult(ok=True, native_ids=answer.native_ids)
@@ -240,7 +239,7 @@ class ConnectionService:
         error = Error(code=AMBIGUOUS, message=f"{message}; last: {detail}", native=last.native)
         return SendResult(ok=False, error=error)
 
-    async def _look_up(self, lookup: OutboundRequest, request: OutboundRequest, deadline: float | None) -> Lookup:
+    async def _look_up(self, lookup: OutboundRequest, request: OutboundRequest) -> Lookup:
         """Ask the channel whether `request` took effect: a read, so it is simply tried again (a few
         times, with backoff) while the channel cannot tell."""
         traced = msgspec.structs.replace(lookup, headers={**lookup.headers, **carrier()})

@@ -414,10 +414,20 @@ class _Envelope(_Struct, tag_field="kind", frozen=True, kw_only=True):
     """Namespaced extensions (`"<channel>.<key>"`, `"babelhub.<key>"`): never needed to understand a message."""
 
 
+SendAt = Annotated[
+    datetime,
+    msgspec.Meta(tz=True, description="Outbound only: the message is held (status `queued`) and sent at this "
+                 "time (RFC 3339 timestamp with offset); cancel it before then with a `delete` part naming its id",
+                 extra_json_schema={"pattern": _RFC3339_PATTERN}),
+]
+
+
 class Message(_Envelope, tag="message", frozen=True, kw_only=True):
     parts: list[Part] = []
     targets: list[Target] = []
     """Outbound only: where to send when not back into `conversation`. Several = fan-out."""
+    send_at: SendAt | None = None
+    """Outbound only: held durably and sent at this time (README "Scheduled sends and quiet hours")."""
 
 
 class Status(_Envelope, tag="status", frozen=True, kw_only=True):

@@ -444,8 +444,12 @@ async def test_stopping_does_not_wait_for_a_chat_whose_api_never_answers(
         # Without a grace period this waits for the send's 5 attempts of 30 s each.
         await asyncio.wait_for(hub.stop(), 60)
 
-    # The reply was handed back, not acknowledged: the next hub process sends it, without waiting ack_wait.
+    # The reply was handed back, not acknowledged: the next hub process takes it up without waiting
+    # ack_wait. Its call had reached the channel and was never answered, so the send ledger has it in
+    # flight: it is reconciled (Telegram offers no lookup), not sent a second time.
     hanging_api.release.set()
     await start_hub(config)
     status = await app.next_status()
-    assert status.message_id == reply.id and status.state == "sent"
+    assert status.message_id == reply.id and status.state == "failed"
+    assert status.error is not None and status.error.code == "ambiguous"
+    assert len([r for r in hanging_api.requests if r.path.endswith("/sendMessage")]) == 1

@@ -26,7 +26,10 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from datetime import UTC, datetime, timedelta
+from datetime import time as dt_time
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import nats.errors
@@ -38,13 +41,16 @@ from babelhub.actors.memory import MAX_ID_BYTES, Fact, Learnt, Memory
 from babelhub.actors.runtime import Actor
 from babelhub.codecs.base import REPLY_API_BASE, EncodeContext
 from babelhub.codecs.degrade import resolve_choice
+from babelhub.codecs.settings import QuietHours, WindowTemplate
 from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.connections import ConnectionService, Progress
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
+from babelhub.services.scheduling import HELD_ID_META, Held, released_id
 from babelhub.services.telemetry import span
 
-__all__ = ["MAX_SNAPSHOT_BYTES", "SNAPSHOT_LAG_SECONDS", "ConversationActor", "ConversationState", "Inbound",
+__all__ = ["MAX_SNAPSHOT_BYTES", "OUTSIDE_WINDOW", "SNAPSHOT_LAG_SECONDS", "TIME_ZONE_META", "URGENT_META",
+           "WINDOW_META", "WINDOW_TEMPLATE_META", "ConversationActor", "ConversationState", "Inbound",
            "NotHeld", "Outbound", "SnapshotConflict", "actor_key"]
 
 log = logging.getLogger("babelhub.conversation")
@@ -68,6 +74,18 @@ _MAX_JOURNAL = 256
 """Facts a snapshot carries at most (each under 180 bytes: a 24-character digest and an id of at most
 `memory.MAX_ID_BYTES`). A checkpoint with more — a catch-up of many earlier messages in one turn — writes
 them before the snapshot instead: a crash in between may then lose the snapshot's side of those turns."""
+_MAX_TEMPLATE_BYTES = 1024
+"""A conversation's window template larger than this is refused (it is kept in the bounded snapshot)."""
+OUTSIDE_WINDOW = "outside_window"
+WINDOW_TEMPLATE_META = "babelhub.window_template"
+"""Message meta naming `{name, language, params}`: the template this conversation sends outside the
+channel's messaging window (remembered; overrides the connection's `options.window_template`)."""
+URGENT_META = "babelhub.urgent"
+"""Message meta `true`: sent at once, whatever the connection's quiet hours."""
+TIME_ZONE_META = "babelhub.time_zone"
+"""Message meta naming the recipient's IANA time zone (remembered for the conversation), for quiet hours."""
+WINDOW_META = "babelhub.window"
+"""Meta the hub adds to a message it replaced by a template: why, and by which."""
 SNAPSHOT_LAG_SECONDS = 5.0
 """How long the snapshot may be left behind a conversation in full flow. A turn that only moves its
 progress marks (`ConversationState.in_seq`, `out_seq`, `last_inbound`) writes its facts, not the
@@ -122,6 +140,11 @@ class ConversationState(msgspec.Struct, kw_only=True):
     """Stream sequence of the latest outbound message taken up; None in snapshots from before it was kept."""
     in_seq: int = 0
     """Raw-record sequence of the latest inbound envelope applied: one at or before it may be a repeat."""
+    time_zone: str = ""
+    """The recipient's IANA time zone, as the app named it (`TIME_ZONE_META`), for quiet hours."""
+    window_template: c.Template | None = None
+    """The template the app named for this conversation (`WINDOW_TEMPLATE_META`), sent in place of free-form
+    messages outside the channel's messaging window."""
     journal: list[Learnt] = []
     """Facts learnt by the turns this snapshot records, written to their own keys right after it; the next
     activation writes them again in case it did not get that far."""
@@ -240,7 +263,7 @@ class ConversationActor(Actor[ConversationMessage]):
         match message:
             case Inbound():
                 with span("conversation.inbound", message.trace, conversation=self.key):
-                    await self._inbound(envelope)
+                    await self._inbound(envelope, message.stored_at)
                 self._advance_in(_raw_seq(envelope))
             case Outbound():
                 await self._take_earlier_outbound(message.seq)
@@ -301,12 +324,13 @@ class ConversationActor(Actor[ConversationMessage]):
         stored_at = stored.time.timestamp() if stored.time is not None else None
         return Outbound(envelope, dict(stored.headers or {}), stored_at, stored.seq or 0)
 
-    async def _inbound(self, envelope: c.Envelope) -> None:
-        self._learn(envelope)
+    async def _inbound(self, envelope: c.Envelope, stored_at: float | None = None) -> None:
+        self._learn(envelope, stored_at)
         match envelope:
             case c.Status():
                 status = msgspec.structs.replace(envelope, message_id=await self._status_target(envelope))
-                await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
+                if await self._moves_forward(status.message_id, status.state):
+                    await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
             case c.Message():
                 resolved = self._resolve(await self._translate(envelope))
                 await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), resolved)
@@ -322,6 +346,10 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._refuse(envelope, refusal)
             return
         self._adopt(envelope.tenant, envelope.conversation)
+        if isinstance(envelope, c.Message):
+            envelope = self._as_released(envelope)
+            if await self._cancels(envelope) or await self._held(envelope):
+                return
         match envelope:
             case c.Message(targets=[]):
                 await self._send_here(envelope)
@@ -363,6 +391,11 @@ class ConversationActor(Actor[ConversationMessage]):
             return
         natives = await self._natives_of(_references(message))
         message = _without_unknown_references(message, natives)
+        windowed = self._within_window(message, connection)
+        if isinstance(windowed, c.Error):
+            await self._status(message, "failed", error=windowed)
+            return
+        message = windowed
         if not self.hub.holds(self.partition):
             raise NotHeld(f"conversation {self.key}: its partition is no longer held by this process")
         with span("conversation.send", channel=connection.channel):
@@ -382,6 +415,107 @@ class ConversationActor(Actor[ConversationMessage]):
             await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
         else:
             await self._status(message, "failed", error=sent.error)
+
+    def _as_released(self, message: c.Message) -> c.Message:
+        """A held message the scheduler released, under the id the app gave it (its statuses name that
+        one); any other message as it is."""
+        original = message.meta.get(HELD_ID_META)
+        if not isinstance(original, str) or message.id != released_id(original):
+            return message
+        meta = {key: value for key, value in message.meta.items() if key != HELD_ID_META}
+        return msgspec.structs.replace(message, id=original, meta=meta)
+
+    async def _cancels(self, message: c.Message) -> bool:
+        """A message made only of `delete` parts naming held messages cancels them (each reported
+        `deleted`, `cancelled`), and goes no further."""
+        scheduler = self.hub.scheduler
+        targets = [part.target for part in message.parts if isinstance(part, c.Delete)]
+        if scheduler is None or not targets or len(targets) != len(message.parts):
+            return False
+        cancelled = [await scheduler.cancel(self.tenant, target) for target in targets]
+        return all(cancelled)
+
+    async def _held(self, message: c.Message) -> bool:
+        """Hold `message` for later when its `send_at` is ahead, or its connection's quiet hours are on
+        (unless it is urgent): stored durably by the scheduler, reported `queued`."""
+        scheduler = self.hub.scheduler
+        if scheduler is None:
+            return False
+        now = self.hub.clock()
+        due, reason = 0.0, ""
+        if message.send_at is not None and message.send_at.timestamp() > now:
+            due, reason = message.send_at.timestamp(), "send_at"
+        elif message.meta.get(URGENT_META) is not True:
+            due, reason = self._quiet_until(message, now), "quiet_hours"
+        if not due:
+            return False
+        await scheduler.hold(message.id, Held(
+            due=due, tenant=self.tenant, conversation=self.conversation_id, partition=self.partition,
+            reason=reason, envelope=c.encode(message)))
+        await self._status(message, "queued")
+        return True
+
+    def _quiet_until(self, message: c.Message, now: float) -> float:
+        """When the quiet hours of the message's connection end, if `now` is inside them; else 0. They are
+        read in the recipient's time zone when the conversation knows it (`TIME_ZONE_META`)."""
+        connection = self._own_connection(message.conversation.connection or (
+            self.state.conversation.connection if self.state.conversation is not None else ""))
+        configured = connection.settings.options.get("quiet_hours") if connection is not None else None
+        if configured is None:
+            return 0.0
+        quiet = msgspec.convert(configured, QuietHours)
+        zone = self._recipient_zone(message) or quiet.time_zone
+        return quiet_until(quiet.start, quiet.end, ZoneInfo(zone), now)
+
+    def _recipient_zone(self, message: c.Message) -> str:
+        """The recipient's IANA time zone, as the app named it in meta (remembered for the conversation)."""
+        named = message.meta.get(TIME_ZONE_META)
+        if isinstance(named, str) and named != self.state.time_zone and _known_zone(named):
+            self.state.time_zone = named
+            self._dirty = True
+        return self.state.time_zone
+
+    def _within_window(self, message: c.Message, connection: ConnectionService) -> c.Message | c.Error:
+        """`message` as it may be sent in the channel's messaging window: as it is while the window is open
+        (or the channel has none, or it is all templates); else replaced by the conversation's or the
+        connection's window template; else the error it fails with (`outside_window`)."""
+        template = self._window_template(message)
+        if isinstance(template, c.Error):
+            return template
+        hours = connection.codec.capabilities.window_hours
+        if not hours or not self.state.last_inbound or all(isinstance(part, c.Template) for part in message.parts):
+            return message  # no window, or none known: a chat the hub never heard the user in is the channel's call
+        closed_at = self.state.last_inbound + hours * 3600
+        if self.hub.clock() < closed_at:
+            return message
+        template = template or _configured_template(connection)
+        closed = f"it closed at {datetime.fromtimestamp(closed_at, UTC).isoformat()}"
+        if template is None:
+            return c.Error(code=OUTSIDE_WINDOW, message=(
+                f"{connection.channel} takes free-form messages only within {hours} h of the user's last message; "
+                f"{closed}. Send a template part, or configure one: the connection's options.window_template "
+                f"= {{name, language, params}}, or meta {WINDOW_TEMPLATE_META!r} on a message of the conversation"))
+        meta = {**message.meta, WINDOW_META: {"closed": closed, "replaced_by": template.name}}
+        return msgspec.structs.replace(message, parts=[template], meta=meta)
+
+    def _window_template(self, message: c.Message) -> c.Template | c.Error | None:
+        """The template the message (or an earlier one of the conversation) named for outside the window;
+        a named one is remembered for the conversation. An unreadable one is an error."""
+        named = message.meta.get(WINDOW_TEMPLATE_META)
+        if named is None:
+            return self.state.window_template
+        try:
+            template = msgspec.convert(named, WindowTemplate)
+        except msgspec.ValidationError as exc:
+            return c.Error(code="invalid_window_template", message=f"meta {WINDOW_TEMPLATE_META!r}: {exc}")
+        chosen = c.Template(name=template.name, language=template.language, params=template.params)
+        if len(msgspec.msgpack.encode(chosen)) > _MAX_TEMPLATE_BYTES:
+            return c.Error(code="invalid_window_template",
+                           message=f"meta {WINDOW_TEMPLATE_META!r}: larger than {_MAX_TEMPLATE_BYTES} bytes")
+        if chosen != self.state.window_template:
+            self.state.window_template = chosen
+            self._dirty = True
+        return chosen
 
     async def _record_progress(self, message_id: str, progress: Progress) -> None:
         """A channel call of `message_id` succeeded: write it down before anything else happens, so a
@@ -413,8 +547,9 @@ class ConversationActor(Actor[ConversationMessage]):
 
     # ---------------------------------------------------------------------------------- helpers
 
-    def _learn(self, envelope: c.Envelope) -> None:
-        """Take in what an inbound envelope says about the conversation."""
+    def _learn(self, envelope: c.Envelope, stored_at: float | None = None) -> None:
+        """Take in what an inbound envelope says about the conversation. The user's last message is
+        timed by when the hub stored it (`stored_at`, else now), not by the channel's clock."""
         self._adopt(envelope.tenant, envelope.conversation)
         reply_base = envelope.meta.get(REPLY_API_BASE)
         if (isinstance(reply_base, str) and reply_base != self.state.api_base
@@ -426,7 +561,7 @@ class ConversationActor(Actor[ConversationMessage]):
             self.memory.put(Fact.THREAD, envelope.thread, envelope.native.thread)
         if envelope.sender is not None and envelope.sender.role == "user":
             self._hear(envelope.sender)
-            self.state.last_inbound = envelope.ts.timestamp()
+            self.state.last_inbound = max(self.state.last_inbound, stored_at or self.hub.clock())
             self._moved = True
 
     def _advance_in(self, seq: int) -> None:
@@ -587,8 +722,25 @@ class ConversationActor(Actor[ConversationMessage]):
         native_id = self._natives.pop(envelope_id, "")
         self.memory.put(Fact.MESSAGE, envelope_id, native_id if len(native_id.encode()) <= MAX_ID_BYTES else "")
 
+    async def _moves_forward(self, message_id: str, state: c.State, look_up: bool = True) -> bool:
+        """Whether `state` keeps `message_id`'s delivery moving forward (then it is remembered as reached):
+        a `delivered` after `read` is not published; `failed` only before `delivered`. Without `look_up`
+        only what this activation knows is asked (the hub's own statuses of a message being applied now:
+        no read per message in full flow)."""
+        if not message_id:
+            return True
+        known = self.memory.known(Fact.STATE, message_id)
+        reached = await self.memory.get(Fact.STATE, message_id) if look_up and known is None else known
+        if reached and not _later_state(reached, state):
+            log.debug("conversation %s: status %s after %s for %s not published", self.key, state, reached, message_id)
+            return False
+        self.memory.put(Fact.STATE, message_id, state)
+        return True
+
     async def _status(self, message: c.Message | c.Activity, state: c.State, native_id: str = "",
                       error: c.Error | None = None) -> None:
+        if not await self._moves_forward(message.id, state, look_up=False):
+            return
         status = c.Status(
             id=c.stable_id("status", message.id, state),
             tenant=message.tenant,
@@ -610,6 +762,57 @@ class ConversationActor(Actor[ConversationMessage]):
 
     async def _publish(self, subject: str, envelope: c.Envelope) -> None:
         await self.hub.publisher.publish(subject, c.encode(envelope), dedup=(envelope.id,))
+
+
+_STATE_ORDER: dict[str, int] = {"accepted": 0, "queued": 1, "sent": 2, "delivered": 3, "read": 4, "played": 5}
+"""How far each state of a message's delivery is; `failed` and `deleted` are handled apart."""
+
+
+def _later_state(reached: str, state: str) -> bool:
+    """Whether `state` comes after `reached`, or repeats it (the channel confirming what the hub said): a
+    real later failure may follow `sent` (the channel could not deliver), never `delivered`; nothing but
+    `deleted` follows `failed`; nothing follows `deleted`."""
+    if state == reached:
+        return True
+    if reached == "deleted":
+        return False
+    if state == "deleted":
+        return True
+    if reached == "failed":
+        return False
+    if state == "failed":
+        return _STATE_ORDER.get(reached, 0) < _STATE_ORDER["delivered"]
+    return _STATE_ORDER.get(state, 0) > _STATE_ORDER.get(reached, 0)
+
+
+def quiet_until(start: str, end: str, zone: ZoneInfo, now: float) -> float:
+    """When quiet hours from `start` to `end` ("HH:MM", local time in `zone`; over midnight when `end`
+    is earlier) end, if Unix time `now` is inside them; else 0."""
+    local = datetime.fromtimestamp(now, zone)
+    begins, ends = dt_time.fromisoformat(start), dt_time.fromisoformat(end)
+    moment = local.time().replace(tzinfo=None)
+    inside = begins <= moment < ends if begins < ends else (moment >= begins or moment < ends)
+    if begins == ends or not inside:
+        return 0.0
+    day = local.date() if moment < ends else local.date() + timedelta(days=1)
+    return datetime.combine(day, ends, tzinfo=zone).timestamp()
+
+
+def _known_zone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _configured_template(connection: ConnectionService) -> c.Template | None:
+    """The connection's `options.window_template` (checked against `WindowTemplate` when the config was read)."""
+    configured = connection.settings.options.get("window_template")
+    if configured is None:
+        return None
+    template = msgspec.convert(configured, WindowTemplate)
+    return c.Template(name=template.name, language=template.language, params=template.params)
 
 
 def _forbidden_connection(tenant: str, connection: str) -> c.Error:

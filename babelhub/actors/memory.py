@@ -59,6 +59,8 @@ class Fact(enum.Enum):
     MESSAGE = "m"
     THREAD = "t"
     OURS = "o"
+    STATE = "s"
+    """The furthest delivery state published for a message: statuses only move forward."""
 
 
 class Learnt(msgspec.Struct, array_like=True, frozen=True):

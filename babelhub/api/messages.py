@@ -6,6 +6,9 @@
   a key seen before.
 * `GET /v1/messages/{id}`: the message's status history (`babelhub.services.history`):
   `{"id", "conversation", "state", "statuses": [{"state", "at", "native_id"?, "error"?}]}`.
+* `DELETE /v1/messages/{id}`: cancels a message still held for later (`send_at`, quiet hours;
+  `babelhub.services.scheduling`): 200 `{"id", "state": "deleted"}`; 409 `not_held` when it is no longer
+  held (sent, or being sent); 404 when the tenant has no such message.
 
 Every call carries a tenant API key, `Authorization: Bearer <key>`, and sees only its tenant: another
 tenant's message or connection is answered 404, as if it did not exist. Every error has one shape,
@@ -61,7 +64,7 @@ class MessagesApi(Api):
 
     def routes(self) -> list[web.RouteDef]:
         return [web.route("*", "/v1/messages", self._answering({"POST": self._send})),
-                web.route("*", "/v1/messages/{id}", self._answering({"GET": self._status}))]
+                web.route("*", "/v1/messages/{id}", self._answering({"GET": self._status, "DELETE": self._cancel}))]
 
     async def start(self) -> None:
         ctx = self.services.ctx
@@ -124,6 +127,18 @@ class MessagesApi(Api):
         if history is None:  # another tenant's message is answered the same: nothing leaks
             raise Refusal(404, "not_found", f"no message {message_id!r}", "id")
         return web.json_response(_answer(history))
+
+    async def _cancel(self, request: web.Request, tenant: str) -> web.Response:
+        message_id = request.match_info["id"]
+        if not is_message_id(message_id):
+            raise Refusal(400, "invalid", f"a message id matches {MESSAGE_ID}", "id")
+        scheduler = self.services.ctx.scheduler
+        if scheduler is not None and await scheduler.cancel(tenant, message_id):
+            return web.json_response({"id": message_id, "state": "deleted"})
+        if await self.history.get(tenant, message_id) is None:
+            raise Refusal(404, "not_found", f"no message {message_id!r}", "id")
+        raise Refusal(409, "not_held", f"message {message_id!r} is not held for later (sent, or being sent): "
+                      "only a message waiting for its send_at or the end of quiet hours can be cancelled", "id")
 
     # ------------------------------------------------------------------------------------ statuses
 

@@ -26,6 +26,7 @@ __all__ = [
     "EncodeContext",
     "HttpRequest",
     "HttpResponse",
+    "Lookup",
     "OutboundRequest",
     "PartType",
     "PollResult",
@@ -162,6 +163,18 @@ class SendResult(msgspec.Struct, frozen=True, kw_only=True):
     retryable: bool = False
     retry_after: float | None = None
     error: c.Error | None = None
+    ambiguous: bool = False
+    """The request left and no definite answer came back (a timeout, a connection dropped mid-call, a
+    500 or 504): the channel may have acted. The hub does not simply send it again (`Codec.safe_to_resend`,
+    `Codec.lookup_request`)."""
+
+
+class Lookup(msgspec.Struct, frozen=True, kw_only=True):
+    """What a channel said when asked whether a call whose outcome was not known took effect."""
+
+    found: bool | None
+    """True: the channel has it (`native_ids`); False: it certainly has not; None: it cannot tell."""
+    native_ids: list[str] = []
 
 
 class PollResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -284,6 +297,22 @@ class Codec(ABC):
         """Calls the channel expects after an inbound envelope was accepted (Telegram
         `answerCallbackQuery` stops the button's spinner); none by default."""
         return []
+
+    def safe_to_resend(self, request: OutboundRequest) -> bool:
+        """Whether making `request` again cannot duplicate what the channel shows: the channel honours
+        the request's idempotency key (Discord's `enforce_nonce`, Google Chat's `requestId`), or the call
+        sets rather than adds (an edit). Such a call is retried after an ambiguous failure; any other is
+        reconciled first (`lookup_request`). Default: not safe."""
+        return False
+
+    def lookup_request(self, request: OutboundRequest) -> OutboundRequest | None:
+        """The API call that finds out whether `request` (a call whose answer never came) took effect,
+        by a reference it carried; None when the channel offers no such lookup (the default)."""
+        return None
+
+    def parse_lookup(self, lookup: OutboundRequest, request: OutboundRequest, response: HttpResponse) -> Lookup:
+        """What the answer to `lookup_request(request)` says of `request`."""
+        return Lookup(found=None)
 
     def poll_request(self, ctx: EncodeContext, cursor: str) -> OutboundRequest | None:
         """For channels that can be polled instead of calling a webhook (Telegram `getUpdates`): the

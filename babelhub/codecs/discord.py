@@ -499,6 +499,12 @@ class DiscordCodec(Codec):
             )
         ]
 
+    def safe_to_resend(self, request: OutboundRequest) -> bool:
+        """A create carries a `nonce` with `enforce_nonce` (Discord returns the message already made for
+        a nonce it saw in the last few minutes); edits, reactions and deletions set rather than add.
+        Interaction follow-ups take no nonce."""
+        return request.method in ("PATCH", "PUT", "DELETE") or b'"enforce_nonce":true' in request.body
+
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         """Success: the message object (creates, edits, follow-ups) or 204 (reactions, deletes, typing).
         Failure: `{"code", "message", "errors"}`; 429 adds `retry_after` (seconds) and `global`."""

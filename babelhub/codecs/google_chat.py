@@ -384,6 +384,11 @@ class GoogleChatCodec(Codec):
             return encoder.replace(edits[0].target, [p for p in message.parts if not isinstance(p, c.Edit)])
         return encoder.send(message.parts)
 
+    def safe_to_resend(self, request: OutboundRequest) -> bool:
+        """A create carries `requestId` (Chat returns the message already made for an id it saw); edits
+        and deletions set rather than add."""
+        return request.method in ("PATCH", "PUT", "DELETE") or "requestId=" in request.url
+
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         if 200 <= response.status < 300:
             return SendResult(ok=True, native_ids=_sent_names(request, response))

@@ -19,7 +19,8 @@ import inspect
 import textwrap
 from collections.abc import Mapping
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -30,9 +31,11 @@ __all__ = [
     "ConnectionOptions",
     "MissingSetting",
     "NoSecrets",
+    "QuietHours",
     "SettingRow",
     "Settings",
     "SettingsError",
+    "WindowTemplate",
     "field_docs",
     "read_settings",
     "settings_rows",
@@ -47,11 +50,44 @@ class NoSecrets(Settings, frozen=True, kw_only=True):
     """The secrets of a channel that needs none."""
 
 
+class WindowTemplate(Settings, frozen=True, kw_only=True):
+    """A pre-approved template sent in place of a free-form message outside the messaging window."""
+
+    name: str
+    language: str = ""
+    params: dict[str, str] = {}
+
+
+ClockTime = Annotated[str, msgspec.Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+
+
+class QuietHours(Settings, frozen=True, kw_only=True):
+    """Local hours in which non-urgent outbound messages are held until `end`."""
+
+    start: ClockTime
+    end: ClockTime
+    time_zone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {self.time_zone!r} (an IANA name such as Europe/Paris)") from None
+
+
 class ConnectionOptions(Settings, frozen=True, kw_only=True):
     """The options every connection takes, whatever its channel; a channel's options extend these."""
 
     public_url: str = ""
     """The URL the channel calls and signs, when the hub is behind a proxy and sees another one."""
+    window_template: WindowTemplate | None = None
+    """`{name, language, params}`: the template sent instead of a free-form message once the channel's
+    messaging window has closed (WhatsApp: 24 h after the user's last message); unset: such a message
+    fails with `outside_window`."""
+    quiet_hours: QuietHours | None = None
+    """`{start = "21:00", end = "08:00", time_zone = "Europe/Paris"}`: non-urgent messages that would go
+    out in these local hours (the recipient's time zone when the conversation knows it) are held,
+    `queued`, until `end`."""
 
 
 class MissingSetting(ValueError):

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, ClassVar, Final, TypeAlias
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import msgspec
 
@@ -68,6 +69,7 @@ from babelhub.codecs.base import (
     EncodeContext,
     HttpRequest,
     HttpResponse,
+    Lookup,
     OutboundRequest,
     SendResult,
 )
@@ -97,6 +99,12 @@ SECTION_TEXT_LIMIT: Final = 3000
 _CREDENTIAL_KEYS: Final = frozenset({"token"})
 
 #: Web API errors that say "try again later" rather than "this request is wrong".
+LOOKUP_EVENT_TYPE: Final = "babelhub_message"
+"""The `metadata.event_type` of the hub's posts; `event_payload[LOOKUP_KEY]` is the call's reference."""
+LOOKUP_KEY: Final = "babelhub_call"
+LOOKUP_LIMIT: Final = 100
+"""Messages a lookup reads: a post not among the latest this many is "cannot tell" (`has_more`)."""
+
 _TRANSIENT_ERRORS: Final = frozenset(
     {"internal_error", "fatal_error", "service_unavailable", "request_timeout", "ratelimited", "rate_limited"}
 )
@@ -414,6 +422,50 @@ class SlackCodec(Codec):
     def encode_activity(self, activity: c.Activity, ctx: EncodeContext) -> list[OutboundRequest]:
         """None: the Web API has no typing indicator or read marker for bots."""
         return []
+
+    def safe_to_resend(self, request: OutboundRequest) -> bool:
+        """`chat.update` sets the message's content: making it twice shows the same. Posts and reactions
+        are not idempotent (Slack's Web API takes no idempotency key)."""
+        return request.url.endswith("/chat.update")
+
+    def lookup_request(self, request: OutboundRequest) -> OutboundRequest | None:
+        """A `chat.postMessage` carries its call's reference in message metadata; the channel's latest
+        messages (`conversations.history`), or the thread's (`conversations.replies`), read with
+        `include_all_metadata`, show whether it was posted."""
+        if not request.url.endswith("/chat.postMessage"):
+            return None
+        try:
+            body = msgspec.json.decode(request.body)
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(body, dict) or not isinstance(body.get("channel"), str):
+            return None
+        base = request.url.rsplit("/", 1)[0]
+        query = {"channel": body["channel"], "include_all_metadata": "true", "limit": str(LOOKUP_LIMIT)}
+        method = "conversations.history"
+        if isinstance(body.get("thread_ts"), str):
+            method, query["ts"] = "conversations.replies", body["thread_ts"]
+        headers = {"Authorization": request.headers.get("Authorization", "")}
+        return OutboundRequest(method="GET", url=f"{base}/{method}?{urlencode(query)}", headers=headers,
+                               message_id=request.message_id)
+
+    def parse_lookup(self, lookup: OutboundRequest, request: OutboundRequest, response: HttpResponse) -> Lookup:
+        """Found when a message carries the post's reference; certainly absent only when Slack listed
+        every message of the window (`has_more` false), else it cannot tell."""
+        try:
+            answer = msgspec.json.decode(response.body) if response.status == 200 else None
+            reference = msgspec.json.decode(request.body)["metadata"]["event_payload"][LOOKUP_KEY]
+        except (msgspec.DecodeError, KeyError, TypeError):
+            return Lookup(found=None)
+        if not isinstance(answer, dict) or answer.get("ok") is not True or not isinstance(answer.get("messages"), list):
+            return Lookup(found=None)
+        channel = parse_qs(urlsplit(lookup.url).query).get("channel", [""])[0]
+        for item in answer["messages"]:
+            metadata = item.get("metadata") if isinstance(item, dict) else None
+            payload = metadata.get("event_payload") if isinstance(metadata, dict) else None
+            if isinstance(payload, dict) and payload.get(LOOKUP_KEY) == reference and isinstance(item.get("ts"), str):
+                return Lookup(found=True, native_ids=[f"{channel}:{item['ts']}"])
+        return Lookup(found=False) if answer.get("has_more") is False else Lookup(found=None)
 
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         """Slack answers HTTP 200 with `{"ok": false, "error": "..."}` for most failures, HTTP 429 with
@@ -1118,6 +1170,9 @@ class _Encoder:
             body = {"channel": self.ctx.to, **_message_body(chunk)}
             if thread_ts:
                 body["thread_ts"] = thread_ts
+            # The call's own reference, so that a post whose answer was lost can be found (`lookup_request`).
+            body["metadata"] = {"event_type": LOOKUP_EVENT_TYPE,
+                                "event_payload": {LOOKUP_KEY: f"{self.message.id}:{len(self.requests)}"}}
             self.add("chat.postMessage", body)
 
 

@@ -63,6 +63,7 @@ from babelhub.services.ingest import Ingest, check_body_limit
 from babelhub.services.outbox import Outbox
 from babelhub.services.ownership import Ownership, lease_bucket, member_id
 from babelhub.services.publisher import Publisher
+from babelhub.services.scheduling import Scheduler
 from babelhub.services.supervise import TaskHealth, supervise
 from babelhub.services.telemetry import Metrics, mask_logs, setup_tracing
 
@@ -212,6 +213,8 @@ class Hub:
         leases = await lease_bucket(js, self.subjects, settings.lease_seconds, settings.replicas)
         ownership = Ownership(leases, member_id(), settings.partitions, settings.lease_seconds, work=consumers)
         ctx.ownership = ownership
+        ctx.scheduler = Scheduler(await js.key_value(self.subjects.bucket("scheduled")), publisher, self.subjects,
+                                  ctx.holds, lambda: ctx.clock())
         ingest = Ingest(publisher, self.subjects, dead_letters)
         outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")),
                         await MessageHistory.open(js, self.subjects))
@@ -231,6 +234,7 @@ class Hub:
         await ownership.round()  # the partitions free for this process are its own before it says ready
         await ownership.match_work()
         rounds = self.spawn("ownership", ownership.run)
+        self.spawn("scheduled-messages", ctx.scheduler.run)
         stack.push_async_callback(self._hand_over, rounds, ownership)
         await self.http.listen(stack)
         self.ready = True
@@ -253,7 +257,8 @@ class Hub:
 
     def _build_connections(self, client: aiohttp.ClientSession, publisher: Publisher) -> dict[str, ConnectionService]:
         most = self.config.hub.circuit_max_backoff_seconds
-        policy = RetryPolicy(base_delay=min(RetryPolicy().base_delay, most), max_delay=most)
+        policy = RetryPolicy(base_delay=min(RetryPolicy().base_delay, most), max_delay=most,
+                             timeout=self.config.hub.call_timeout_seconds)
         services: dict[str, ConnectionService] = {}
         for index, settings in enumerate(self.config.connections):
             try:

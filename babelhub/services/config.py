@@ -105,6 +105,9 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     """While a channel keeps failing (5xx, 429, network errors, timeouts), an outbound message waits
     this long from when the hub stored it; then it is `failed`. A refusal (4xx) fails it at once."""
     circuit_max_backoff_seconds: float = 30.0
+    call_timeout_seconds: float = 30.0
+    """A channel API call unanswered this long is given up: its outcome is then unknown (ambiguous), and
+    it is reconciled rather than made again (README "Delivery guarantees")."""
     """Longest pause between two probes of a failing channel (the pauses double from half a second)."""
     log_level: str = "info"
     tracing: Literal["propagate", "console"] = "propagate"
@@ -257,7 +260,7 @@ def _check(config: Config) -> None:
         raise ConfigError(f"hub.partitions: {config.hub.partitions} must be 1 to {MAX_PARTITIONS}")
     if not 1.0 <= config.hub.lease_seconds <= 300.0:
         raise ConfigError(f"hub.lease_seconds: {config.hub.lease_seconds} must be 1 to 300")
-    for name in ("send_deadline_seconds", "circuit_max_backoff_seconds"):
+    for name in ("send_deadline_seconds", "circuit_max_backoff_seconds", "call_timeout_seconds"):
         _check_duration(f"hub.{name}", getattr(config.hub, name))
     for index, connection in enumerate(config.connections):
         if connection.tenant not in tenants:

@@ -7,10 +7,15 @@ sent to it from its conversation's stream, where the message is stored already, 
 
 A message's calls are made in order; after each one that succeeds, the caller hears of its `Progress`
 and records it (the send ledger), so a message redelivered after a crash skips the calls already made.
+Before a call that could not safely be made twice, the ledger records it as in flight: if the call's
+outcome is never known (a timeout, a dropped connection, a 500, or a crash mid-call, found in flight on
+the next try) it is reconciled instead of sent again: the channel is asked when it offers a lookup
+(`Codec.lookup_request`), else the message fails with the error code `ambiguous`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,21 +26,33 @@ import msgspec
 
 from babelhub.canonical import Activity, Envelope, Error, Message
 from babelhub.codecs import native
-from babelhub.codecs.base import Codec, DecodeContext, EncodeContext, HttpRequest, OutboundRequest, SendResult
+from babelhub.codecs.base import (
+    Codec,
+    DecodeContext,
+    EncodeContext,
+    HttpRequest,
+    Lookup,
+    OutboundRequest,
+    SendResult,
+)
 from babelhub.codecs.degrade import CHOICES_KEY, degrade
 from babelhub.errors import EncodeError
 from babelhub.services import config as cfg
 from babelhub.services.circuit import Circuit
-from babelhub.services.delivery import RetryPolicy, deliver_through
+from babelhub.services.delivery import OnAttempt, RetryPolicy, deliver_through, perform
 from babelhub.services.injected import read_injected
 from babelhub.services.pacing import Pacer
 from babelhub.services.telemetry import Metrics, carrier
 
-__all__ = ["DEFAULT_SEND_DEADLINE", "ConnectionService", "Progress", "Sent"]
+__all__ = ["AMBIGUOUS", "DEFAULT_SEND_DEADLINE", "ConnectionService", "Progress", "Sent"]
 
 log = logging.getLogger("babelhub.connections")
 
 SESSION_SCHEME = "session:"
+LOOKUP_ATTEMPTS = 3
+AMBIGUOUS = "ambiguous"
+"""The error code of a message whose channel call may or may not have taken effect, and that the hub
+could not reconcile: it is not sent again, so the user never sees it twice."""
 DEFAULT_SEND_DEADLINE = 86_400.0
 
 
@@ -57,6 +74,8 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
     native_ids: list[str] = []
     done: bool = False
     """Every call succeeded: the channel has the whole message."""
+    in_flight: bool = False
+    """Call number `calls` (counting from 0) was started and its outcome is not known yet."""
 
 
 OnProgress = Callable[[Progress], Awaitable[None]]
@@ -166,7 +185,9 @@ class ConnectionService:
         for index, request in enumerate(requests):
             if index < progress.calls:
                 continue  # made before a restart: the channel has it
-            result = await self.call(request, deadline)
+            at = Progress(calls=index, native_ids=list(native_ids))
+            interrupted = progress.in_flight and index == progress.calls
+            result = await self._make(request, deadline, at, on_progress, interrupted=interrupted)
             if not result.ok:
                 self._send_failures.inc()
                 return Sent(ok=False, native_ids=native_ids, error=result.error, choices=choices)
@@ -177,9 +198,72 @@ class ConnectionService:
                                            done=index + 1 == len(requests)))
         return Sent(ok=True, native_ids=native_ids, choices=choices)
 
-    async def call(self, request: OutboundRequest, deadline: float | None = None) -> SendResult:
+    async def _make(self, request: OutboundRequest, deadline: float | None, at: Progress,
+                    on_progress: OnProgress | None, *, interrupted: bool) -> SendResult:
+        """One call of a message. One that could duplicate what the user sees if made twice is recorded
+        in flight before it goes, and is not made again while its earlier try's outcome is unknown
+        (`interrupted`: a crash found it in flight; or its answer was ambiguous): it is reconciled."""
+        safe = self.codec.safe_to_resend(request) or request.url.startswith(SESSION_SCHEME)
+        if interrupted and not safe:
+            known = await self._reconcile(request)
+            if known is not None:
+                return known
+        record = None if safe or on_progress is None else _in_flight_recorder(at, on_progress)
+        while True:
+            result = await self.call(request, deadline, resend_safe=safe, on_attempt=record)
+            if result.ok or not result.ambiguous or safe:
+                return result
+            known = await self._reconcile(request, result)
+            if known is not None:
+                return known
+            # The channel says it never got it: the call is made again.
+
+    async def _reconcile(self, request: OutboundRequest, unknown: SendResult | None = None) -> SendResult | None:
+        """The outcome of a call whose answer was lost: success when the channel's lookup finds it,
+        None when the lookup says it never arrived (it may be made again), else `failed` with `ambiguous`."""
+        lookup = self.codec.lookup_request(request)
+        if lookup is not None:
+            answer = await self._look_up(lookup, request)
+            if answer.found is True:
+                log.info("%s: a call whose answer was lost had been made (found by lookup)", self.id)
+                return SendResult(ok=True, native_ids=answer.native_ids)
+            if answer.found is False:
+                return None
+        how = "the channel's lookup could not tell" if lookup is not None else "the channel offers no lookup"
+        message = f"the call may or may not have reached the channel; {how}, so it is not sent again rather than " \
+                  "risk a duplicate"
+        last = unknown.error if unknown is not None else None
+        if last is None:
+            return SendResult(ok=False, error=Error(code=AMBIGUOUS, message=message))
+        detail = f"{last.code} {last.message}".strip()
+        error = Error(code=AMBIGUOUS, message=f"{message}; last: {detail}", native=last.native)
+        return SendResult(ok=False, error=error)
+
+    async def _look_up(self, lookup: OutboundRequest, request: OutboundRequest) -> Lookup:
+        """Ask the channel whether `request` took effect: a read, so it is simply tried again (a few
+        times, with backoff) while the channel cannot tell."""
+        traced = msgspec.structs.replace(lookup, headers={**lookup.headers, **carrier()})
+        answer = Lookup(found=None)
+        for tried in range(LOOKUP_ATTEMPTS):
+            if tried:
+                await asyncio.sleep(self._policy.delay(SendResult(ok=False), tried))
+            await self.pacer.wait()
+            try:
+                response = await perform(self._http, traced, self._policy.timeout)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("%s: a lookup failed: %r", self.id, exc)
+                continue
+            answer = self.codec.parse_lookup(lookup, request, response)
+            if answer.found is not None:
+                return answer
+        return answer
+
+    async def call(self, request: OutboundRequest, deadline: float | None = None, *,
+                   resend_safe: bool = True, on_attempt: OnAttempt | None = None) -> SendResult:
         """One API call, retried through the circuit until `deadline` (on the circuit's clock); without
-        a deadline, best effort: one try, none while the circuit is open."""
+        a deadline, best effort: one try, none while the circuit is open. Without `resend_safe` an
+        ambiguous failure is returned at once, not retried; `on_attempt` hears when a try leaves and
+        when one certainly did not take effect."""
         if request.url.startswith(SESSION_SCHEME):
             # Stored in the conversation's stream before it reached this actor: the visitor's socket
             # delivers it from there, now or when the visitor comes back with its cursor.
@@ -187,7 +271,7 @@ class ConnectionService:
         traced = msgspec.structs.replace(request, headers={**request.headers, **carrier()})
         return await deliver_through(self._http, self.codec, traced, circuit=self.circuit, pacer=self.pacer,
                                      deadline=deadline, timeout=self._policy.timeout, on_retry=self._count_retry,
-                                     on_paced=self._count_paced)
+                                     on_paced=self._count_paced, resend_safe=resend_safe, on_attempt=on_attempt)
 
     async def _count_retry(self, result: SendResult, wait: float) -> None:
         self._retries.inc()
@@ -195,3 +279,13 @@ class ConnectionService:
 
     def _count_paced(self, seconds: float) -> None:
         self._paced.inc(seconds)
+
+
+def _in_flight_recorder(at: Progress, on_progress: OnProgress) -> OnAttempt:
+    """Writes call `at.calls` into the ledger as in flight when a try of it leaves, and as not in flight
+    when a try certainly did not take effect."""
+
+    async def record(going: bool) -> None:
+        await on_progress(msgspec.structs.replace(at, in_flight=going))
+
+    return record

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
@@ -14,6 +16,7 @@ from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetters
 from babelhub.services.ownership import Ownership
 from babelhub.services.publisher import Publisher
+from babelhub.services.scheduling import Scheduler
 from babelhub.services.telemetry import Metrics
 
 
@@ -32,6 +35,11 @@ class HubContext:
     """Masks the configured secrets in what leaves the hub (statuses, dead letters, logs)."""
     ownership: Ownership | None = None
     """The partitions this process holds (set once they are kept, at start); None: all of them."""
+    scheduler: Scheduler | None = None
+    """Holds outbound messages for later (`send_at`, quiet hours); None: every message goes at once."""
+    clock: Callable[[], float] = time.time
+    """Wall-clock time (Unix seconds) for what is scheduled by the calendar: messaging windows, quiet
+    hours, `send_at`. Tests move it instead of waiting."""
 
     def holds(self, partition: int) -> bool:
         """Whether this process may act for `partition` now: its lease is held and not near expiry. Asked

@@ -30,6 +30,7 @@ from babelhub.services.pacing import Pacer
 __all__ = ["RetryPolicy", "attempt", "deliver", "deliver_through", "perform"]
 
 OnRetry = Callable[[SendResult, float], Awaitable[None]]
+OnAttempt = Callable[[bool], Awaitable[None]]
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,22 +67,34 @@ async def perform(session: aiohttp.ClientSession, request: OutboundRequest, seco
         )
 
 
+AMBIGUOUS_STATUSES = frozenset({500, 504})
+"""HTTP answers after which the channel may have acted: an internal error part-way through, or a gateway
+that gave up waiting for it. A 502, 503 or 429 comes from a front that did not take the call, and the
+call is tried again as before."""
+
+
 async def attempt(session: aiohttp.ClientSession, codec: Codec, request: OutboundRequest,
                   timeout: float) -> SendResult:
-    """One call and what its answer means. No answer at all (a network error, a timeout) may pass, so
-    it is retryable; the channel may or may not have acted, and the request's idempotency key makes
-    trying again safe where the channel honours one."""
+    """One call and what its answer means. Any failure without a definite answer is retryable; it is
+    also `ambiguous` when the request may have reached the channel: a timeout, a connection lost after
+    it was made, a 500 or 504. Only a connection that could not be made is certain not to have acted."""
     try:
         response = await perform(session, request, timeout)
     except TimeoutError:
-        return _unanswered("timeout", f"no answer within {timeout:g}s")
+        return _unanswered("timeout", f"no answer within {timeout:g}s", ambiguous=True)
+    except aiohttp.ClientConnectorError as exc:
+        return _unanswered("network", repr(exc), ambiguous=False)
     except aiohttp.ClientError as exc:
-        return _unanswered("network", repr(exc))
-    return codec.parse_response(request, response)
+        return _unanswered("network", repr(exc), ambiguous=True)
+    result = codec.parse_response(request, response)
+    if not result.ok and response.status in AMBIGUOUS_STATUSES:
+        return msgspec.structs.replace(result, ambiguous=True)  # whether to retry stays the codec's call
+    return result
 
 
-def _unanswered(code: str, message: str) -> SendResult:
-    return SendResult(ok=False, retryable=True, error=Error(code=code, message=message, retryable=True))
+def _unanswered(code: str, message: str, *, ambiguous: bool) -> SendResult:
+    return SendResult(ok=False, retryable=True, ambiguous=ambiguous,
+                      error=Error(code=code, message=message, retryable=True))
 
 
 async def deliver(
@@ -127,9 +140,14 @@ async def deliver_through(
     timeout: float = DEFAULT_POLICY.timeout,
     on_retry: OnRetry | None = None,
     on_paced: Callable[[float], None] | None = None,
+    resend_safe: bool = True,
+    on_attempt: OnAttempt | None = None,
 ) -> SendResult:
     """Send `request` until the channel accepts or refuses it, or `deadline` (on the circuit's clock)
     passes; retryable failures wait for the connection's circuit instead of counting down attempts.
+    Without `resend_safe`, an `ambiguous` failure is returned at once for the caller to reconcile.
+    `on_attempt(True)` is awaited right before each try leaves, `on_attempt(False)` after one that
+    certainly did not take effect (so a crash while waiting for the circuit leaves nothing in flight).
     `deadline=None` is a best-effort call: one try, and none while the circuit is open.
     `on_paced` hears how long each attempt was held back, by the circuit or the pacer."""
     last: SendResult | None = None
@@ -142,13 +160,17 @@ async def deliver_through(
             held = circuit.clock() - started + await pacer.wait()
             if held and on_paced is not None:
                 on_paced(held)
+            if on_attempt is not None:
+                await on_attempt(True)
             result = await attempt(session, codec, request, timeout)
         except BaseException:
             circuit.release(admitted)
             raise
+        if on_attempt is not None and not result.ok and not result.ambiguous:
+            await on_attempt(False)
         answered = result.ok or not result.retryable
         circuit.record(admitted, answered=answered, retry_after=result.retry_after)
-        if answered or deadline is None:
+        if answered or deadline is None or (result.ambiguous and not resend_safe):
             return result
         if result.retry_after is not None:
             pacer.pause(result.retry_after)  # the channel's word holds for every call of the connection

@@ -7,6 +7,9 @@ import asyncio
 import importlib.util
 import json
 import logging
+import re
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -41,6 +44,7 @@ from tests.hubkit import (
 
 SIGNING = "whsec-test-0123456789abcdef"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def example(name: str) -> ModuleType:
@@ -184,6 +188,44 @@ def test_the_readme_snippet_accepts_the_hubs_signature_and_nothing_forged_or_old
     assert not verify(SIGNING, signature(SIGNING, t + 1, body).replace(f"t={t + 1}", f"t={t}"), body, now=t)
     assert not verify(SIGNING, "", body, now=t)
     assert not verify(SIGNING, "t=abc,v1=00", body, now=t)
+
+
+def readme_snippet(language: str) -> str:
+    """The signature check the README's "Processors over HTTP" gives in `language`."""
+    section = README.read_text(encoding="utf-8").split("### Processors over HTTP", 1)[1].split("\n### ", 1)[0]
+    match = re.search(rf"^```{language}\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    assert match is not None and "verify" in match.group(1)
+    return match.group(1)
+
+
+BODY = b'{"kind":"message"}'
+SIGNED_CASES = [  # (the secret checked with, the body received, now, valid): signed with SIGNING at 1_767_225_600
+    (SIGNING, BODY, 1_767_225_899, True),
+    (SIGNING, BODY + b" ", 1_767_225_600, False),                   # the body changed
+    ("another-secret-of-some-length", BODY, 1_767_225_600, False),  # another secret
+    (SIGNING, BODY, 1_767_225_901, False),                          # too old: a replay
+]
+
+
+def test_the_readme_python_snippet_is_the_examples_check() -> None:
+    namespace: dict[str, Any] = {}
+    exec(readme_snippet("python"), namespace)  # the README's own code, run as a reader would paste it
+    header = signature(SIGNING, 1_767_225_600, BODY)
+    for secret, body, now, valid in SIGNED_CASES:
+        assert namespace["verify"](secret, header, body, now=now) is valid
+        assert http_example.verify(secret, header, body, now=now) is valid
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no node to run the JavaScript snippet")
+def test_the_readme_javascript_snippet_checks_the_same_way() -> None:
+    header = signature(SIGNING, 1_767_225_600, BODY)
+    cases = [{"secret": secret, "body": body.decode(), "now": now} for secret, body, now, _ in SIGNED_CASES]
+    script = readme_snippet("javascript") + (
+        "const [cases, header] = [JSON.parse(process.argv[1]), process.argv[2]];\n"
+        "console.log(JSON.stringify(cases.map((x) => verify(x.secret, header, Buffer.from(x.body), x.now))));\n")
+    ran = subprocess.run(["node", "-e", script, json.dumps(cases), header], capture_output=True, check=True,
+                         timeout=30)
+    assert json.loads(ran.stdout) == [valid for *_, valid in SIGNED_CASES]
 
 
 def test_retry_after_reads_seconds_and_dates_and_ignores_garbage() -> None:

@@ -148,10 +148,9 @@ async def test_a_tenants_own_user_takes_its_requests_and_answers_them_on_the_emb
         tmp_path: Path, fake_api: FakeApi) -> None:
     fake_api.responder = telegram_responder
     config = request_config("", fake_api.base_url)
-    other = cfg.Processor(id="app", tenant="other", transport="nats", options={"mode": "request"})
     config = msgspec.structs.replace(
         config, hub=msgspec.structs.replace(config.hub, nats="", nats_port=0, data_dir=str(tmp_path / "data")),
-        tenants=[*config.tenants, cfg.Tenant(id="other")], processors=[*config.processors, other])
+        tenants=[*config.tenants, cfg.Tenant(id="other")])
     async with Hub(config) as hub:
         key = load_key(tmp_path / "data")
         acme, intruder = tenant_user(key, hub.subjects, TENANT), tenant_user(key, hub.subjects, "other")

@@ -69,6 +69,8 @@ MAX_ANSWER_BYTES = 1024 * 1024
 """Bytes of an app's answer at most (a larger one is a dead letter, not read further)."""
 MAX_REPLIES = 64
 """Outbound envelopes one answer may carry."""
+OUT_HOLD_SECONDS = 60.0
+"""How long later messages of a conversation wait for one given back to the server to come back."""
 RETRY_BASE = 0.2
 RETRY_MAX = 60.0
 """Seconds: the backoff before retry n is drawn from [0, min(RETRY_MAX, RETRY_BASE * 2**n)]."""
@@ -155,7 +157,8 @@ class Lanes:
         self._lanes: dict[str, deque[_Job]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._held: set[int] = set()  # stream sequences in a lane: a redelivered copy is not taken twice
-        self._out: dict[str, set[int]] = {}  # conversation -> sequences given back and not yet taken again
+        # conversation -> {sequence given back and not yet taken again: when to stop waiting for it}
+        self._out: dict[str, dict[int, float]] = {}
 
     async def start(self) -> None:
         services, processor = self.transport.services, self.transport.processor
@@ -182,7 +185,7 @@ class Lanes:
         if seq in self._held:  # redelivered while its lane still works on it: that one settles it
             return
         if self._waits(key, seq) or not self._has_room(key):
-            self._out.setdefault(key, set()).add(seq)
+            self._turned_away(key, seq)
             await msg.nak(delay=retry_delay(int(msg.metadata.num_delivered or 1)))
             return
         self._taken(key, seq)
@@ -203,15 +206,28 @@ class Lanes:
             return len(self._lanes) < self.max_conversations
         return len(lane) < LANE_SIZE
 
+    def _turned_away(self, key: str, seq: int) -> None:
+        self._out.setdefault(key, {})[seq] = time.monotonic() + OUT_HOLD_SECONDS
+
     def _waits(self, key: str, seq: int) -> bool:
-        """Whether an earlier message of the conversation was given back: `seq` must not overtake it."""
+        """Whether an earlier message of the conversation was given back and has not come back yet:
+        `seq` must not overtake it. One that does not come back within `OUT_HOLD_SECONDS` (another hub
+        process took it, or it left the stream) is waited for no longer."""
         out = self._out.get(key)
-        return bool(out) and min(out or (seq,)) < seq
+        if not out:
+            return False
+        now = time.monotonic()
+        for expired in [held for held, until in out.items() if until < now]:
+            del out[expired]
+        if not out:
+            del self._out[key]
+            return False
+        return min(out) < seq
 
     def _taken(self, key: str, seq: int) -> None:
         out = self._out.get(key)
         if out is not None:
-            out.discard(seq)
+            out.pop(seq, None)
             if not out:
                 del self._out[key]
 
@@ -223,13 +239,21 @@ class Lanes:
                 job = lane[0]
                 try:
                     await self._settle(job)
-                except (nats.errors.Error, OSError) as exc:
+                except (nats.errors.Error, OSError, TimeoutError) as exc:
                     # NATS could not take the answer or the dead letter now: everything left in the lane
                     # goes back, in order, to be delivered again (the replies' keys absorb a second answer).
                     log.warning("processor %s: giving back %d message(s) of %s: %r",
                                 self.transport.processor.id, len(lane), key, exc)
                     await self._give_back(key, lane)
                     return
+                except Exception as exc:  # a defect: kept as a dead letter, and the conversation goes on
+                    log.exception("processor %s: delivery failed", self.transport.processor.id)
+                    try:
+                        await self._park(job, f"delivery failed: {type(exc).__name__}")
+                        await job.held.ack()
+                    except (nats.errors.Error, OSError, TimeoutError):
+                        await self._give_back(key, lane)
+                        return
                 lane.popleft()
                 self._held.discard(job.held.seq)
         finally:
@@ -242,7 +266,7 @@ class Lanes:
         while lane:
             job = lane.popleft()
             self._held.discard(job.held.seq)
-            self._out.setdefault(key, set()).add(job.held.seq)
+            self._turned_away(key, job.held.seq)
             with contextlib.suppress(nats.errors.Error):
                 await job.held.nak(retry_delay(job.held.deliveries))
 

@@ -311,6 +311,65 @@ async def test_a_slow_conversation_does_not_hold_up_another(
         await app.stop()
 
 
+async def test_two_hubs_sharing_the_processor_deliver_each_conversation_in_order_once(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub) -> None:
+    async def slowish(request: web.Request, body: bytes) -> web.StreamResponse:
+        await asyncio.sleep(0.03)  # long enough for another process to deliver the next one meanwhile
+        return web.Response(status=204)
+
+    app = await App(slowish).start()
+    fake_api.responder = telegram_responder
+    config = http_config(nats_server.url, fake_api.base_url, app.url)
+    hubs = [await start_hub(config), await start_hub(config)]
+
+    def split_evenly() -> bool:
+        held = [hub.ctx.ownership.held() if hub.ctx.ownership is not None else set() for hub in hubs]
+        return len(held[0]) == len(held[1]) == config.hub.partitions // 2 and not held[0] & held[1]
+
+    await eventually(split_evenly, timeout=60)
+    chats = [55, 66, 77, 88]
+    try:
+        for round_ in range(5):
+            await post(hubs[round_ % 2], *(update(chat, f"{chat}-{round_}") for chat in chats))
+        await eventually(lambda: len(app.delivered()) == 20, timeout=60)
+        delivered = app.delivered()
+        for chat in chats:
+            assert [text for text in delivered if text.startswith(f"{chat}-")] == [f"{chat}-{n}" for n in range(5)]
+        assert len(app.requests) == 20
+    finally:
+        await app.stop()
+
+
+async def test_a_hub_stopping_mid_delivery_leaves_it_to_the_next_owner(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub) -> None:
+    release, held = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_first_attempt(request: web.Request, body: bytes) -> web.StreamResponse:
+        if not held.is_set():
+            held.set()
+            await release.wait()
+        return web.Response(status=204)
+
+    app = await App(hold_the_first_attempt).start()
+    fake_api.responder = telegram_responder
+    config = http_config(nats_server.url, fake_api.base_url, app.url)
+    hubs = [await start_hub(config), await start_hub(config)]
+    partition = hubs[0].subjects.partition(TENANT, c.conversation_id(TENANT, "tg", "55"))
+    await eventually(lambda: any(hub.ctx.ownership is not None and partition in hub.ctx.ownership.held()
+                                 for hub in hubs), timeout=60)
+    try:
+        await post(hubs[0], update(55, "in flight"))
+        await asyncio.wait_for(held.wait(), 15)
+        owner = next(hub for hub in hubs if hub.ctx.ownership is not None and partition in hub.ctx.ownership.held())
+        await owner.stop()
+        await eventually(lambda: app.delivered() == ["in flight"], timeout=60)
+        first, again = (headers["x-babelhub-delivery"] for headers, _ in app.requests)
+        assert first == again
+    finally:
+        release.set()
+        await app.stop()
+
+
 async def test_beyond_the_lanes_bounds_messages_wait_in_the_stream_and_keep_their_order(
         nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, quick_retries: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -362,8 +421,8 @@ async def test_a_delivery_held_longer_than_the_ack_wait_is_kept_alive_not_redeli
         await post(hub, update(55, "take your time"))
         await asyncio.wait_for(held.wait(), 15)
         await asyncio.sleep(3.0)  # three ack waits: the server would have sent it again by now
-        info = await js.consumer_info(stream, "processor-app")
-        assert (info.num_ack_pending, info.num_redelivered) == (1, 0)
+        infos = [info for info in await js.consumers_info(stream) if info.name.startswith("processor-app-")]
+        assert sum(info.num_ack_pending for info in infos) == 1 and sum(info.num_redelivered for info in infos) == 0
         release.set()
         await eventually(lambda: app.delivered() == ["take your time"])
         await eventually(lambda: lanes_of(hub) == {})

@@ -174,3 +174,9 @@ async def test_a_tenants_own_user_takes_its_requests_and_answers_them_on_the_emb
             await app.close()
             await snoop.close()
         assert "permissions violation" in errors[0].lower() and f"{TENANT}.requests" in errors[0]
+
+
+def test_the_asyncapi_document_names_the_request_subject() -> None:
+    document = (Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml").read_text(encoding="utf-8")
+    assert f"address: '{request_subject('<prefix>', '<tenant>', '<processor>')}'" in document
+    assert f"`{request_subject('<prefix>', '<tenant>', '>')}`" in document

@@ -238,7 +238,9 @@ class Lanes:
         await self._end_lanes(lambda key: subjects.partition(tenant, key) == partition)
 
     async def _end_lanes(self, chosen: Callable[[str], bool]) -> None:
-        keys = [key for key in self._lanes if chosen(key)]
+        """End the `chosen` conversations' lanes, give back what they hold, and forget what they wait for
+        (the next owner's consumer starts from the acknowledged floor, in order)."""
+        keys = [key for key in {*self._lanes, *self._out} if chosen(key)]
         tasks = [self._tasks[key] for key in keys if key in self._tasks]
         for task in tasks:
             task.cancel()

@@ -443,6 +443,33 @@ def lanes_of(hub: Hub) -> dict[str, int]:
     return counts
 
 
+async def test_retry_after_is_honoured_and_a_timeout_is_retried(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, quick_retries: None) -> None:
+    async def busy_then_slow_then_fine(request: web.Request, body: bytes) -> web.StreamResponse:
+        if len(app.requests) == 1:
+            return web.Response(status=503, headers={"Retry-After": "7"})
+        if len(app.requests) == 2:
+            await asyncio.sleep(2)  # past timeout_seconds: the hub gives up on this attempt, unanswered
+            return web.Response(status=500)
+        return web.Response(status=204)
+
+    app = await App(busy_then_slow_then_fine).start()
+    hub = await start(start_hub, nats_server, fake_api, app.url, timeout_seconds=0.5)
+    transport = next(plugin for plugin in hub._started().plugins if getattr(plugin, "name", "") == "http")
+    waits: list[float] = []
+
+    async def note_the_wait(seconds: float) -> None:  # the hub's own wait, recorded instead of slept
+        waits.append(seconds)
+
+    transport.lanes._sleep = note_the_wait  # type: ignore[attr-defined]
+    try:
+        await post(hub, update(55, "patience"))
+        await eventually(lambda: app.delivered() == ["patience"])
+        assert len(app.requests) == 3 and waits[0] >= 7 and len(waits) == 2
+    finally:
+        await app.stop()
+
+
 # ---------------------------------------------------------------------------------- dead letters
 
 async def test_a_4xx_is_a_dead_letter_at_once_without_secret_or_signature(

@@ -25,13 +25,17 @@ lint: install
 	$(BIN)/ruff check babelhub tests bench scripts
 	$(BIN)/mypy
 
-# The browser test drives Debian's Chromium (never a downloaded browser build). As root with apt,
-# install it when it is missing; otherwise say what to install.
+# The browser test drives Debian's Chromium (never a downloaded browser build), the Redis tests a real
+# redis-server. As root with apt, install what is missing; otherwise say what to install.
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "make test needs Chromium for the browser test: sudo apt-get install chromium"; exit 1; fi; }
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "make test needs redis-server for the Redis tests: sudo apt-get install redis-server"; exit 1; fi; }
 
 test: lint system-deps
 	$(BIN)/python -m pytest

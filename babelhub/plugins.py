@@ -17,7 +17,7 @@ hub's services and before its actors, and is stopped after the actors have passi
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 
 from babelhub import canonical as c
 from babelhub import entrypoints
+from babelhub.codecs.settings import Settings
 from babelhub.errors import ConfigError, DecodeError
 from babelhub.services.config import SOURCES, TRANSPORTS, Config, Processor
 from babelhub.services.connections import ConnectionService
@@ -176,6 +177,11 @@ class ProcessorTransport(Plugin):
 
 class InboundSource(Plugin):
     name: ClassVar[str]
+    secret_settings: ClassVar[type[Settings] | None] = None
+    """Secrets of its own a connection of this source may set beside its channel's (a broker's URL with
+    a password): checked when the config is read, kept from the codec, masked like every secret."""
+    option_settings: ClassVar[type[Settings] | None] = None
+    """Options of its own a connection of this source may set beside its channel's."""
 
     def __init__(self, connections: list[ConnectionService], services: Services) -> None:
         self.connections = {connection.id: connection for connection in connections}
@@ -190,6 +196,12 @@ class InboundSource(Plugin):
         """Where `connection`'s traffic comes in, in words for the start-up banner."""
         return f"through the {self.name} source"
 
+    @classmethod
+    def own_settings(cls, connection: ConnectionService) -> tuple[Settings | None, Settings | None]:
+        """`connection`'s secrets and options of this source (`secret_settings`, `option_settings`), typed."""
+        return (_declared(cls.secret_settings, connection.settings.secrets),
+                _declared(cls.option_settings, connection.settings.options))
+
 
 class Api(Plugin):
     """A part serving the hub's own clients (not a channel's, not a processor's): built once per hub."""
@@ -198,6 +210,13 @@ class Api(Plugin):
 
     def __init__(self, services: Services) -> None:
         self.services = services
+
+
+def _declared(struct: type[Settings] | None, given: Mapping[str, Any]) -> Settings | None:
+    if struct is None:
+        return None
+    names = {field.encode_name for field in msgspec.structs.fields(struct)}
+    return msgspec.convert({name: value for name, value in given.items() if name in names}, struct)
 
 
 def load_transport(name: str) -> type[ProcessorTransport]:

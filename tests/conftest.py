@@ -14,6 +14,7 @@ from babelhub.services.config import Config
 from babelhub.services.localcluster import LocalCluster
 from tests.fakeapi import FakeApi
 from tests.hubkit import HubProcess, StartHub
+from tests.rediskit import RedisServer
 
 
 @pytest.fixture
@@ -33,6 +34,16 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RedisServer]:
+    """One real redis-server per test module, on a free port of 127.0.0.1 (`.url`, `.client()`); tests
+    isolate themselves with their own stream and group names."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    await server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from babelhub.services.connections import ConnectionService
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetters
 from babelhub.services.ingest import Ingest
+from babelhub.services.outbox import Outbox
 from babelhub.services.ownership import Ownership, lease_bucket
 from babelhub.services.publisher import Publisher
 from babelhub.services.telemetry import Metrics
@@ -345,8 +346,9 @@ async def webhook_app(nats_client: NATS, subjects: Subjects, metrics: Metrics, h
         raise AssertionError("the webhook source consumes nothing")
 
     ownership = Ownership(await lease_bucket(js, subjects, 6.0), "webhook-test", subjects.partitions, 6.0)
+    idempotency = await js.key_value(subjects.bucket("idempotency"))
     services = Services(config=cfg.Config(), ctx=ctx, http=http, ingest=Ingest(publisher, subjects, dead_letters),
-                        spawn=spawn, consume=consume, ownership=ownership)
+                        spawn=spawn, consume=consume, ownership=ownership, outbox=Outbox(ctx, idempotency))
     app = web.Application()
     app.add_routes(Webhooks(list(connections.values()), services).routes())
     runner = web.AppRunner(app)

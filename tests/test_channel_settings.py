@@ -64,6 +64,9 @@ def variants() -> dict[str, Variant]:
     found["whatsapp-360dialog"] = Variant("whatsapp", {"api_key": "d360-key", "provider": "360dialog"}, {},
                                           {"secrets.api_key": "secrets.api_key",
                                            "secrets.provider": "secrets.access_token"})
+    found["slack-socket-mode"] = Variant("slack", {"bot_token": "xoxb-1", "app_token": "xapp-1"}, {},
+                                         {"secrets.bot_token": "secrets.bot_token",
+                                          "secrets.app_token": "secrets.signing_secret"})
     found["twilio-api-key"] = Variant(
         "twilio", {"account_sid": "AC123", "api_key_sid": "SK1", "api_key_secret": "s"},
         {"messaging_service_sid": "MG1"},

@@ -338,8 +338,8 @@ async def test_a_socket_without_a_credential_must_send_auth_first(hub: Hub, monk
 async def test_issuing_a_token_needs_a_key_and_a_valid_body(hub: Hub) -> None:
     for key in (None, "wrong"):
         status, body = await issue(hub, {"conversations": [CONVERSATION]}, key=key)
-        assert status == 401 and body["error"]["code"] == "unauthenticated" and set(body["error"]) == {
-            "code", "message", "path"}
+        assert status == 401 and body == {"error": {"code": "unauthenticated", "message": body["error"]["message"],
+                                                    "path": ""}}
     bad = {
         "$.ttl_seconds": {"conversations": [CONVERSATION], "ttl_seconds": 86400},
         "$.conversations[1]": {"conversations": [CONVERSATION, "a.b.>"]},
@@ -349,10 +349,24 @@ async def test_issuing_a_token_needs_a_key_and_a_valid_body(hub: Hub) -> None:
     for path, body in bad.items():
         status, answer = await issue(hub, body)
         assert status == 400 and answer["error"]["path"] == path, (path, answer)
+        assert answer["error"]["code"] == "invalid" and set(answer["error"]) == {"code", "message", "path"}
     status, answer = await issue(hub, {"conversations": [CONVERSATION]})
     assert status == 201 and answer["rights"] == ["read"]
     status, _ = await issue(hub, {"conversations": [CONVERSATION]}, key=answer["token"])
     assert status == 401, "a session token cannot issue tokens (it could renew itself for ever)"
+
+
+async def test_issuing_a_token_answers_every_error_in_the_rest_api_s_shape(hub: Hub) -> None:
+    too_large = {"conversations": [CONVERSATION], "padding": "x" * hub.config.hub.max_body_bytes}
+    status, answer = await issue(hub, too_large)
+    assert (status, answer) == (413, {"error": {"code": "too_large", "message": answer["error"]["message"],
+                                                "path": ""}})
+    async with aiohttp.ClientSession() as session, session.get(
+            hub.http_url + "/v1/sessions", headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert (response.status, response.headers["Allow"]) == (405, "POST")
+        assert (await response.json())["error"]["code"] == "method_not_allowed"
+    status, answer = await issue(hub, "not an object")
+    assert (status, answer["error"]["code"], answer["error"]["path"]) == (400, "invalid", "$")
 
 
 # ------------------------------------------------------------------------------------------- send

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("services", ("babelhub.services",)),
     ("actors", ("babelhub.actors",)),
     ("plug-in contracts", ("babelhub.plugins",)),
-    ("plug-ins", ("babelhub.processors", "babelhub.sources", "babelhub.sessions")),
+    ("plug-ins", ("babelhub.processors", "babelhub.sources", "babelhub.sessions", "babelhub.api")),
     ("composition", ("babelhub.hub", "babelhub.__main__")),
 ]
 

@@ -16,7 +16,7 @@ from babelhub.errors import ConfigError
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from babelhub.services.outbox import MAX_IDEMPOTENCY_KEY, Refusal
-from babelhub.services.routing import HOPS_HEADER, ORIGIN_HEADER, hops_of, matches, routed_to
+from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, ORIGIN_HEADER, hops_of, matches, routed_to
 from tests.fakeapi import FakeApi
 from tests.hubkit import (
     SECRET,
@@ -128,6 +128,19 @@ async def test_origin_and_hops_travel_in_headers(hub_and_app: tuple[Any, Process
     msg = await subscription.next_msg(timeout=5)
     await subscription.unsubscribe()
     assert msg.headers is not None and msg.headers[ORIGIN_HEADER] == "crm" and hops_of(msg.headers) == 3
+
+
+async def test_a_message_past_the_hop_limit_is_stopped_kept_and_reported(hub_and_app: tuple[Any, Processor]) -> None:
+    hub, _ = hub_and_app
+    await hub.outbox.submit(TENANT, body(), origin="bot-a", hops=MAX_HOPS)
+    with pytest.raises(Refusal) as refused:
+        await hub.outbox.submit(TENANT, body(), origin="bot-b", hops=MAX_HOPS + 1)
+    assert (refused.value.status, refused.value.code) == (508, "loop_detected")
+    assert "processor 'bot-b'" in refused.value.message
+    letters = dead_letters(await stream_messages(hub.nc, f"{hub.subjects.prefix}.{TENANT}.dlq.>",
+                                                 hub.subjects.stream_name("dead_letters")))
+    assert [letter["error"] for letter in letters] == [refused.value.message]
+    assert c.decode(letters[0]["body"]).conversation.id == c.conversation_id(TENANT, "tg", CHAT)
 
 
 # ------------------------------------------------------------------------------------------ routing

@@ -123,6 +123,10 @@ class HttpRequest(msgspec.Struct, frozen=True, kw_only=True):
     """The full URL the channel called, as the channel saw it (some signatures cover it)."""
     received_at: float = 0.0
     """Unix time at which the hub received it, for timestamp windows."""
+    canonical: bool = False
+    """The body is a canonical envelope another service injected (NATS `inject`, a Redis stream), read
+    with the canonical decoder instead of the channel's codec. Set only by `Ingest.record_canonical`:
+    `Ingest.record`, through which every channel's request passes, clears it, so no request can carry it."""
 
     def json(self) -> Any:
         """The body as JSON; codecs turn the ValueError into a DecodeError."""

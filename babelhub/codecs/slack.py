@@ -20,7 +20,11 @@ token, which is removed from every payload kept in an `Unsupported` part or in m
 the user: it is a short-lived credential (anyone holding it may post into that conversation, up to five
 times within 30 minutes), and it is published with the envelope to every processor of the tenant.
 
-Every request is signed (v0: HMAC-SHA256 over `v0:{timestamp}:{body}` with the app's signing secret) and
+Socket Mode (the `slack_socket` inbound source) receives the same three payloads over the app's own
+WebSocket and records each shaped as its webhook would be (JSON, form `payload=`, form fields), unsigned:
+the hub opened that socket with the app-level token, so there is no signature to check.
+
+Every webhook request is signed (v0: HMAC-SHA256 over `v0:{timestamp}:{body}` with the app's signing secret) and
 carries its timestamp; requests more than five minutes away from when the hub received them are refused
 as replays. Slack checks the URL with a `url_verification` challenge, and a slash command URL with
 `ssl_check=1` (see `handshake`).
@@ -67,7 +71,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     SendResult,
 )
-from babelhub.codecs.settings import ConnectionOptions, Settings
+from babelhub.codecs.settings import ConnectionOptions, MissingSetting, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
 __all__ = ["SlackCodec", "emoji_from_name", "mrkdwn_to_markdown", "sign", "slack_emoji_name"]
@@ -252,10 +256,14 @@ class _SlashCommand(msgspec.Struct):
 
 
 class SlackSecrets(Settings, frozen=True, kw_only=True):
-    signing_secret: str
-    """The app's Signing Secret: Events and Interactivity requests are signed with it (v0)."""
     bot_token: str
     """The bot token (`xoxb-…`): Web API calls carry it as a bearer token."""
+    signing_secret: str = ""
+    """The app's Signing Secret: Events and Interactivity requests are signed with it (v0); required
+    unless the connection uses Socket Mode."""
+    app_token: str = ""
+    """The app-level token (`xapp-…`, scope `connections:write`) with which Socket Mode
+    (`mode = "slack_socket"`) opens its WebSocket; required in that mode only."""
 
 
 class SlackOptions(ConnectionOptions, frozen=True, kw_only=True):
@@ -296,6 +304,14 @@ class SlackCodec(Codec):
         reaction=True,
         typing=False,
     )
+
+    def check_settings(self, secrets: SlackSecrets, options: SlackOptions) -> None:
+        """Deliveries come signed (webhook, `signing_secret`) or over the app's own socket (Socket
+        Mode, `app_token`): one of the two is needed. Which one the mode needs is checked by the mode's
+        source at start."""
+        if not secrets.signing_secret and not secrets.app_token:
+            raise MissingSetting("secrets.signing_secret", "webhook deliveries are verified with it (a Socket "
+                                 "Mode connection, mode = \"slack_socket\", needs secrets.app_token instead)")
 
     # ----------------------------------------------------------------------------------- decode
 

@@ -57,6 +57,7 @@ from babelhub.services.context import HubContext
 from babelhub.services.credentials import NatsUser, hub_user, load_key, tenant_user
 from babelhub.services.deadletters import DeadLetters
 from babelhub.services.delivery import RetryPolicy
+from babelhub.services.history import MessageHistory
 from babelhub.services.inflight import InFlight
 from babelhub.services.ingest import Ingest, check_body_limit
 from babelhub.services.outbox import Outbox
@@ -212,7 +213,8 @@ class Hub:
         ownership = Ownership(leases, member_id(), settings.partitions, settings.lease_seconds, work=consumers)
         ctx.ownership = ownership
         ingest = Ingest(publisher, self.subjects, dead_letters)
-        outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")))
+        outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")),
+                        await MessageHistory.open(js, self.subjects))
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
                             consume=consumers.consume, ownership=ownership, outbox=outbox)
         self._running = _Running(ctx, ingest, outbox, consumers, ownership, self._transports(services),
@@ -242,6 +244,8 @@ class Hub:
         wherever text leaves the hub."""
         values = [value for connection in self.config.connections for value in connection.secrets.values()]
         values += [value for processor in self.config.processors for value in processor.secrets.values()]
+        # A password inside a secret URL (a Redis URL) may show up alone in a client's error text.
+        values += [_url_password(value) for processor in self.config.processors for value in processor.secrets.values()]
         values += [key for tenant in self.config.tenants for key in tenant.api_keys]
         values += [urlsplit(url).password or "" for url in self.config.hub.nats.split(",")]
         return values + [user.password for user in users]
@@ -355,3 +359,11 @@ class Hub:
             await self._stack.aclose()  # every step runs, also after one that fails
         except Exception:
             log.exception("error while stopping")
+
+
+def _url_password(value: str) -> str:
+    """The password in `value` when it is a URL that holds one, else ""."""
+    try:
+        return urlsplit(value).password or "" if "://" in value else ""
+    except ValueError:  # not a URL after all (an unbalanced "[" in a token)
+        return ""

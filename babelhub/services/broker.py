@@ -144,10 +144,12 @@ REPLICA_PLACEMENT_ERRORS = {10005, 10023, 10074}
 insufficient resources, replicas > 1 not supported in non-clustered mode."""
 
 
-BUCKETS: dict[str, float | None] = {"conversations": None, "cursors": None, "idempotency": 24 * 3600.0}
+BUCKETS: dict[str, float | None] = {"conversations": None, "cursors": None, "idempotency": 24 * 3600.0,
+                                    "messages": 7 * 24 * 3600.0}
 """The KV buckets `provision` makes, and how long their keys live (None: until replaced or deleted):
-conversation snapshots, inbound sources' cursors, and the idempotency keys of submitted messages
-(`babelhub.services.outbox`)."""
+conversation snapshots, inbound sources' cursors, the idempotency keys of submitted messages
+(`babelhub.services.outbox`), and outbound messages' status histories (`babelhub.services.history`,
+as long as the streams keep what they tell of)."""
 
 
 async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: float, replicas: int = 1) -> None:

@@ -16,8 +16,8 @@ import msgspec
 
 from babelhub import codecs
 from babelhub.canonical import PART_TYPES
-from babelhub.codecs.settings import SettingsError, read_settings
-from babelhub.entrypoints import installed
+from babelhub.codecs.settings import Settings, SettingsError, read_settings
+from babelhub.entrypoints import installed, load_class
 from babelhub.errors import ConfigError
 from babelhub.media.channel import is_media_channel, media_channel
 
@@ -314,10 +314,29 @@ def _check_settings(path: str, connection: Connection) -> None:
         codec = channel_codec(connection.channel)
     except LookupError as exc:
         raise ConfigError(f"{path}.channel: {exc}") from None
+    secrets, options = dict(connection.secrets), dict(connection.options)
+    if connection.mode:  # the source's own settings are taken out of what the codec is given
+        source = load_class(SOURCES, connection.mode, object, "inbound source")
+        for kind, given in (("secrets", secrets), ("options", options)):
+            _check_source_settings(f"{path}.{kind}", getattr(source, f"{kind[:-1]}_settings", None), given)
     try:
-        read_settings(codec, connection.secrets, connection.options)
+        read_settings(codec, secrets, options)
     except SettingsError as exc:
         raise ConfigError(f"{path}.{exc.path}: {exc.reason}") from None
+
+
+def _check_source_settings(path: str, declared: type[Settings] | None, given: dict[str, Any]) -> None:
+    """Check the settings an inbound source declares (its `secret_settings` / `option_settings`) and take
+    them out of `given`: the rest belongs to the channel."""
+    if declared is None:
+        return
+    names = {field.encode_name for field in msgspec.structs.fields(declared)}
+    own = {name: given.pop(name) for name in list(given) if name in names}
+    try:
+        msgspec.convert(own, declared)
+    except msgspec.ValidationError as exc:
+        reason, _, where = str(exc).partition(" - at `$")
+        raise ConfigError(f"{path}{where.rstrip('`')}: {reason}") from None
 
 
 def channel_codec(channel: str) -> codecs.Codec:

@@ -27,6 +27,7 @@ from babelhub.errors import EncodeError
 from babelhub.services import config as cfg
 from babelhub.services.circuit import Circuit
 from babelhub.services.delivery import RetryPolicy, deliver_through
+from babelhub.services.injected import read_injected
 from babelhub.services.pacing import Pacer
 from babelhub.services.telemetry import Metrics, carrier
 
@@ -108,7 +109,10 @@ class ConnectionService:
         return native.without_collector(partial(self.codec.dedup_key, request))
 
     def decode(self, request: HttpRequest, seq: int) -> list[Envelope]:
-        """The codec's envelopes of `request`, read with the collector held off (`native.without_collector`)."""
+        """The codec's envelopes of `request`, read with the collector held off (`native.without_collector`);
+        an injected canonical envelope's record (`HttpRequest.canonical`) is read as one instead."""
+        if request.canonical:
+            return [read_injected(request.body, self.tenant, self.id, self.channel, seq)]
         ctx = DecodeContext(tenant=self.tenant, connection=self.id, seq=seq, options=self.settings.options)
         return native.without_collector(partial(self.codec.decode, request, ctx))
 

@@ -3,12 +3,13 @@
 Passwords are derived (HMAC-SHA256) from one random key kept in the data directory (`nats-auth.key`,
 file mode 0600), so `babelhub credentials <tenant>` prints the same password the running hub gave the
 server, without the two ever writing the same file. A tenant's user may only publish its replies
-(`<prefix>.<tenant>.out.>`) and read its own messages and statuses (`<prefix>.<tenant>.in.>`,
-`<prefix>.<tenant>.status.>`) plus its own inbox prefix (`_INBOX.<tenant>.>`, for request/reply such as
-JetStream publish acknowledgements): no other tenant's subjects, no JetStream API. A tenant's user also
-takes the requests of its request-mode processors (`<prefix>.<tenant>.requests.>`) and may answer each
-request it received (the server's `allow_responses`: one reply, to that request's reply subject only).
-Deleting the key file and restarting the hub changes every password.
+(`<prefix>.<tenant>.out.>`) and injections (`<prefix>.<tenant>.inject.>`) and read its own messages
+and statuses (`<prefix>.<tenant>.in.>`, `<prefix>.<tenant>.status.>`) plus its own inbox prefix
+(`_INBOX.<tenant>.>`, for request/reply such as JetStream publish acknowledgements): no other
+tenant's subjects, no JetStream API. It also takes the requests of its request-mode processors
+(`<prefix>.<tenant>.requests.>`) and may answer each request it received (the server's
+`allow_responses`: one reply, to that request's reply subject only). Deleting the key file and
+restarting the hub changes every password.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def tenant_user(key: bytes, subjects: Subjects, tenant: str) -> NatsUser:
         inbox_prefix=inbox,
         # Audio services hear the tenant's calls and their events, and play into and steer them; the
         # callers' audio and the events are the hub's to publish.
-        publish=[f"{p}.{tenant}.out.>", f"{p}.{tenant}.audio.*.down", f"{p}.{tenant}.audio.*.control"],
+        # Its services may inject canonical envelopes for its own connections (the `inject` source).
+        publish=[f"{p}.{tenant}.out.>", f"{p}.{tenant}.inject.>", f"{p}.{tenant}.audio.*.down",
+                 f"{p}.{tenant}.audio.*.control"],
         subscribe=[f"{p}.{tenant}.in.>", f"{p}.{tenant}.status.>", f"{inbox}.>", f"{p}.{tenant}.audio.*.up",
                    f"{p}.{tenant}.audio.*.events", f"{p}.{tenant}.requests.>"],
     )

@@ -10,12 +10,17 @@ Bodies are limited (`hub.max_body_bytes`, 413) well below the NATS server's `max
 
 What is stored is the request without its credentials (`Codec.redact`): the signature was checked and
 the dedup key read on the request as received, and nothing after that needs them.
+
+Canonical envelopes other services inject (NATS `inject`, Redis streams) are recorded the same way by
+`record_canonical`, which alone marks a record `canonical` (the connection actor then reads it with the
+canonical decoder): `record` clears the mark, so a channel's request is never taken for an envelope.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import msgspec
 import nats.errors
@@ -25,6 +30,7 @@ from babelhub.errors import ConfigError, DecodeError, PayloadTooLarge
 from babelhub.services.broker import Subjects
 from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetter, DeadLetters
+from babelhub.services.injected import read_injected
 from babelhub.services.publisher import Publisher
 
 __all__ = ["NATS_UNAVAILABLE", "RECORD_HEADROOM", "Ingest", "check_body_limit", "redacted"]
@@ -68,17 +74,38 @@ class Ingest:
         if not self._publisher.connected:
             # Waiting out the reconnection would outlast the channel's deadline: it retries a 503 instead.
             raise nats.errors.ConnectionReconnectingError
+        # Only record_canonical marks a record canonical: whatever a channel's request says, it is not.
+        request = msgspec.structs.replace(request, canonical=False)
         try:
             key = _dedup_key(connection, request)
         except DecodeError as exc:
             await self.park(connection, request, exc.reason, exc.path)
             raise
         # The key comes from client data: the publisher hashes it into a fixed-length Nats-Msg-Id.
-        dedup = (connection.id, key or hashlib.sha256(request.body).hexdigest())
+        return await self._store(connection, redacted(connection, request),
+                                 (connection.id, key or hashlib.sha256(request.body).hexdigest()))
+
+    async def record_canonical(self, connection: ConnectionService, envelope: bytes, origin: str) -> tuple[str, bool]:
+        """Write a canonical envelope another service injected for `connection` (`origin` says where it
+        came from: a subject, a stream entry) as a raw record marked canonical; its hub id and whether
+        JetStream had recorded it already. Raises DecodeError when it is no envelope of this connection
+        (`babelhub.services.injected`): the caller parks it, knowing where it came from. PayloadTooLarge
+        (parked here) and NATS errors as `record`."""
+        if not self._publisher.connected:
+            raise nats.errors.ConnectionReconnectingError
+        read = read_injected(envelope, connection.tenant, connection.id, connection.channel)
+        request = HttpRequest(method="INJECT", url=origin, body=envelope, received_at=time.time(), canonical=True)
+        # Only the default redaction: a channel's own reads the body as the channel's, which this is not.
+        stored = Codec.redact(connection.codec, request, connection.settings.secrets)
+        # The hub id is derived from the injection's own key (`injected.dedup_key`): the same injection again
+        # has the same one.
+        new = await self._store(connection, stored, (connection.id, "inject", read.id))
+        return read.id, not new
+
+    async def _store(self, connection: ConnectionService, request: HttpRequest, dedup: tuple[str, ...]) -> bool:
         subject = self._subjects.raw(connection.tenant, connection.channel, connection.id)
         try:
-            ack = await self._publisher.publish(subject, msgspec.msgpack.encode(redacted(connection, request)),
-                                                dedup=dedup)
+            ack = await self._publisher.publish(subject, msgspec.msgpack.encode(request), dedup=dedup)
         except PayloadTooLarge as exc:
             await self.park(connection, request, str(exc))
             raise

@@ -10,8 +10,13 @@ is stored and will be sent (or reported `failed`).
   (now) and `direction` (what is submitted here is outbound, whatever it says); a conversation named by
   connection and chat gets its id (`canonical.conversation_id`).
 * **Refused** (`Refusal`, with the HTTP status, a code, and the JSON path): what is not an outbound
-  message or activity, another tenant's tenant id, a connection the tenant does not have (404, as if it
-  did not exist), a conversation id its connection and chat do not derive.
+  message or activity, another tenant's tenant id, an id that is not one KV key token
+  (`history.MESSAGE_ID`), a connection the tenant does not have (404, as if it did not exist), a
+  conversation id its connection and chat do not derive.
+* **Not forever**: a message `hops` processor round trips deep, past `routing.MAX_HOPS`, is a loop: it
+  is refused (508 `loop_detected`) and kept as a dead letter, never silently dropped.
+* **Tracked**: a message taken here starts its status history with `accepted`
+  (`babelhub.services.history`), so its sender can follow it by id (`GET /v1/messages/{id}`).
 * **Once**: an `Idempotency-Key` makes the id (the same key, the same id), and is remembered for a day
   (`IDEMPOTENCY_SECONDS`) in the `<prefix>_idempotency` KV bucket: the same key again answers the first
   id with `duplicate: true` and sends nothing. Without a key, the id (given or made) is the stream's
@@ -21,9 +26,10 @@ is stored and will be sent (or reported `failed`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -33,9 +39,14 @@ from babelhub import canonical as c
 from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.broker import BUCKETS
 from babelhub.services.context import HubContext
-from babelhub.services.routing import HOPS_HEADER, ORIGIN_HEADER
+from babelhub.services.deadletters import DeadLetter
+from babelhub.services.history import MESSAGE_ID, MessageHistory, is_message_id
+from babelhub.services.ingest import NATS_UNAVAILABLE
+from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, ORIGIN_HEADER
 
 __all__ = ["IDEMPOTENCY_SECONDS", "MAX_IDEMPOTENCY_KEY", "Accepted", "Outbox", "Refusal"]
+
+log = logging.getLogger("babelhub.outbox")
 
 IDEMPOTENCY_SECONDS = BUCKETS["idempotency"]
 MAX_IDEMPOTENCY_KEY = 255
@@ -74,9 +85,10 @@ class _Remembered(msgspec.Struct, frozen=True):
 
 
 class Outbox:
-    def __init__(self, ctx: HubContext, idempotency: KeyValue) -> None:
+    def __init__(self, ctx: HubContext, idempotency: KeyValue, history: MessageHistory | None = None) -> None:
         self.ctx = ctx
         self._idempotency = idempotency
+        self._history = history
 
     async def submit(self, tenant: str, body: bytes, *, idempotency_key: str = "", origin: str = "",
                      hops: int = 0) -> Accepted:
@@ -90,16 +102,33 @@ class Outbox:
         if key and (earlier := await self._remembered(key)) is not None:
             return Accepted(id=earlier.id, conversation=earlier.conversation, duplicate=True)
         envelope = self._checked(tenant, _completed(body, tenant, idempotency_key))
+        if hops > MAX_HOPS:
+            await self._stop_loop(envelope, origin, hops)
         stored = await self._store(envelope, origin, hops)
         if key:
             await self._remember(key, _Remembered(envelope.id, envelope.conversation.id))
+        if not stored.duplicate:
+            await self._track(envelope)
         return stored
+
+    async def _track(self, message: c.Message | c.Activity) -> None:
+        """Start the message's history. The message is stored already, so failing here must not tell
+        the sender it was not taken (a retry without a key would send it twice): its first status,
+        recorded from the statuses stream, starts the history instead."""
+        if self._history is None:
+            return
+        try:
+            await self._history.accepted(message.tenant, message.id, message.conversation.id)
+        except (*NATS_UNAVAILABLE, RuntimeError) as exc:
+            log.warning("message %s is stored, but its history could not be started: %r", message.id, exc)
 
     def _checked(self, tenant: str, envelope: c.Envelope) -> c.Message | c.Activity:
         if not isinstance(envelope, c.Message | c.Activity):
             raise Refusal(400, "invalid", "processors send messages or activities, not statuses", "$.kind")
         if envelope.tenant != tenant:
             raise Refusal(400, "forbidden_tenant", f"the credential belongs to tenant {tenant!r}", "$.tenant")
+        if not is_message_id(envelope.id):
+            raise Refusal(400, "invalid", f"an id must match {MESSAGE_ID} (letters, digits, '-' and '_')", "$.id")
         named = envelope.conversation
         if named.connection and not self._owns(tenant, named.connection):
             raise _no_connection(named.connection, "$.conversation.connection")
@@ -116,6 +145,15 @@ class Outbox:
             raise Refusal(400, "invalid", "name the conversation: its id, or its connection and native_id",
                           "$.conversation")
         return envelope
+
+    async def _stop_loop(self, envelope: c.Message | c.Activity, origin: str, hops: int) -> NoReturn:
+        """A message that went through processors more than `MAX_HOPS` times is a loop: kept and reported."""
+        error = (f"loop stopped: this message followed {hops} processor round trips (at most {MAX_HOPS}); "
+                 f"last from processor {origin or 'unknown'!r}")
+        await self.ctx.dead_letters.park(DeadLetter(
+            stage="processor", error=error, tenant=envelope.tenant,
+            subject=self.ctx.subjects.outbound(envelope.tenant, envelope.conversation.id), body=c.encode(envelope)))
+        raise Refusal(508, "loop_detected", error)
 
     def _owns(self, tenant: str, connection_id: str) -> bool:
         connection = self.ctx.connections.get(connection_id)

@@ -39,6 +39,7 @@ from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.plugins import Api, ExplainedSocket, Services
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.ingest import NATS_UNAVAILABLE
+from babelhub.services.outbox import Refusal
 from babelhub.sessions import frames as f
 from babelhub.sessions.auth import ApiKeys, Credential, Refused, SessionTokens, bearer, read_request
 from babelhub.sessions.feed import Feeds, Follower, Key, LiveFeed, Stored
@@ -111,7 +112,7 @@ class ClientSessions(Api):
         self._tokens = SessionTokens(key)
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/sessions", self._issue), web.get("/ws", self._socket)]
+        return [web.route("*", "/v1/sessions", self._issue), web.get("/ws", self._socket)]
 
     async def stop(self) -> None:
         """Shutdown: every client is told the hub is going away (1001), so it reconnects later."""
@@ -122,15 +123,22 @@ class ClientSessions(Api):
     # ------------------------------------------------------------------------------ POST /v1/sessions
 
     async def _issue(self, request: web.Request) -> web.Response:
+        """Errors in the one shape of the REST API (the `messages` API's): 401, 405, 400 with the JSON
+        path, 413 over `hub.max_body_bytes`."""
         try:
             credential = self._keys.credential(bearer(request.headers.get("Authorization", "")))
         except Refused as exc:
             return _error(401, "unauthenticated", f"{exc}: send `Authorization: Bearer <tenant API key>`",
                           headers={"WWW-Authenticate": "Bearer"})
+        if request.method != "POST":
+            return _error(405, "method_not_allowed", f"{request.path} takes POST", headers={"Allow": "POST"})
         try:
             asked = read_request(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "too_large", f"the body is larger than the hub's limit of "
+                          f"{request.client_max_size} bytes (hub.max_body_bytes)")
         except DecodeError as exc:
-            return _error(400, "bad_request", exc.reason, exc.path)
+            return _error(400, "invalid", exc.reason, exc.path)
         token, expires = self.tokens.issue(credential.tenant, asked)
         return web.json_response({
             "token": token, "expires_at": datetime.fromtimestamp(expires, UTC).isoformat().replace("+00:00", "Z"),
@@ -494,8 +502,8 @@ def _start(since: f.Cursor | None, epoch: str, messages: StreamInfo, statuses: S
     return f.Cursor(epoch=epoch, messages=messages.state.last_seq, statuses=statuses.state.last_seq), False
 
 
-def _error(status: int, code: str, message: str, path: str = "$", headers: dict[str, str] | None = None
+def _error(status: int, code: str, message: str, path: str = "", headers: dict[str, str] | None = None
            ) -> web.Response:
-    """The one shape of the API's errors."""
-    return web.json_response({"error": {"code": code, "message": message, "path": path}}, status=status,
-                             headers=headers)
+    """The one shape of the REST API's errors (`Refusal.body`): `path` is empty when what is wrong is
+    the request as a whole."""
+    return web.json_response(Refusal(status, code, message, path).body(), status=status, headers=headers)

@@ -193,15 +193,19 @@ class Lanes:
     # ------------------------------------------------------------------------------ partitions
 
     async def _follow_partitions(self, health: TaskHealth) -> None:
-        """Run until cancelled: follow the consumers of the partitions this process owns, and only those."""
+        """Run until cancelled: follow the consumers of the partitions this process works on, and only
+        those. `Ownership.working` (not `held()`, which is briefly false while a lease is taken or renewed)
+        begins and ends with the hub's own consumers of the partition: on a handover, and when a lease is
+        lost, at the margin before another process could take it."""
         ownership = self.transport.services.ownership
         while True:
             health.ok()
-            held = ownership.held()
+            held = set(ownership.working)
             for partition in sorted(self._followed.keys() - held):
                 await self._leave(partition)
             for partition in sorted(held - self._followed.keys()):
                 self._followed[partition] = await self._follow(partition)
+            _raise_if_cancelled()
             await asyncio.sleep(FOLLOW_INTERVAL)
 
     async def _follow(self, partition: int) -> Subscription:
@@ -329,6 +333,7 @@ class Lanes:
     async def _work(self, key: str, lane: deque[_Job]) -> None:
         try:
             while lane:
+                _raise_if_cancelled()
                 job = lane[0]
                 try:
                     await self._settle(job)
@@ -367,6 +372,7 @@ class Lanes:
         """Deliver `job` until it is answered, refused, or out of time; then acknowledge it."""
         attempt = 0
         while True:
+            _raise_if_cancelled()
             outcome = await self.deliver(job.delivery)
             match outcome:
                 case Delivered(answer=answer):
@@ -408,3 +414,11 @@ class Lanes:
         await ctx.dead_letters.park(DeadLetter(
             stage="processor", error=f"processor {self.transport.processor.id}: {error}", path=path,
             tenant=job.tenant, subject=job.held.msg.subject, body=job.delivery.body if body is None else body))
+
+
+def _raise_if_cancelled() -> None:
+    """Honour a cancellation that was swallowed: nats-py's flush catches `CancelledError` (a publish or an
+    unsubscribe cancelled mid-flush returns normally), and a task that went on would never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

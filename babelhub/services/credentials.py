@@ -6,7 +6,10 @@ server, without the two ever writing the same file. A tenant's user may only pub
 (`<prefix>.<tenant>.out.>`) and injections (`<prefix>.<tenant>.inject.>`) and read its own messages
 and statuses (`<prefix>.<tenant>.in.>`, `<prefix>.<tenant>.status.>`) plus its own inbox prefix
 (`_INBOX.<tenant>.>`, for request/reply such as JetStream publish acknowledgements): no other
-tenant's subjects, no JetStream API. Deleting the key file and restarting the hub changes every password.
+tenant's subjects, no JetStream API. It also takes the requests of its request-mode processors
+(`<prefix>.<tenant>.requests.>`) and may answer each request it received (the server's
+`allow_responses`: one reply, to that request's reply subject only). Deleting the key file and
+restarting the hub changes every password.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def tenant_user(key: bytes, subjects: Subjects, tenant: str) -> NatsUser:
         publish=[f"{p}.{tenant}.out.>", f"{p}.{tenant}.inject.>", f"{p}.{tenant}.audio.*.down",
                  f"{p}.{tenant}.audio.*.control"],
         subscribe=[f"{p}.{tenant}.in.>", f"{p}.{tenant}.status.>", f"{inbox}.>", f"{p}.{tenant}.audio.*.up",
-                   f"{p}.{tenant}.audio.*.events"],
+                   f"{p}.{tenant}.audio.*.events", f"{p}.{tenant}.requests.>"],
     )
 
 
@@ -84,7 +87,9 @@ def user_entry(user: NatsUser) -> dict[str, object]:
     """One entry of a nats-server `authorization.users` list."""
     entry: dict[str, object] = {"user": user.user, "password": user.password}
     if user.publish or user.subscribe:
-        entry["permissions"] = {"publish": {"allow": user.publish}, "subscribe": {"allow": user.subscribe}}
+        entry["permissions"] = {"publish": {"allow": user.publish}, "subscribe": {"allow": user.subscribe},
+                                # One reply per request received (request-mode processors answer so).
+                                "allow_responses": True}
     return entry
 
 

@@ -276,6 +276,8 @@ class ClusterApp:
         self.deliveries: collections.Counter[str] = collections.Counter()
         """Envelope id → times the app was handed it."""
         self.texts: list[str] = []
+        self.replies: dict[str, str] = {}
+        """Reply id → the text it answers."""
         self._task: asyncio.Task[None] | None = None
         self._subscription: JetStreamContext.PullSubscription | None = None
 
@@ -314,6 +316,7 @@ class ClusterApp:
             return
         text = next(part.text for part in inbound.parts if isinstance(part, c.Text))
         self.texts.append(text)
+        self.replies[f"re-{inbound.id}"] = text
         reply = c.Message(id=f"re-{inbound.id}", tenant=TENANT, conversation=c.Conversation(id=inbound.conversation.id),
                           ts=c.now(), direction="outbound", reply_to=inbound.id, parts=[c.Text(text=f"re:{text}")])
         for _ in range(120):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -47,6 +47,7 @@ __all__ = [
     "Api",
     "Consume",
     "ExplainedSocket",
+    "Follow",
     "InboundSource",
     "NoSettings",
     "OnInbound",
@@ -69,6 +70,15 @@ when the hub stops."""
 
 S = TypeVar("S", bound=msgspec.Struct)
 
+
+class Follow(Protocol):
+    """`await follow(stream, subject, durable, handler, on_leave=…)`: like `Consume`, but partition by
+    partition where this process holds them (`Consumers.follow`), so a conversation's messages are handled
+    by one hub process at a time, in order; `on_leave(partition)` when this process gives one up."""
+
+    def __call__(self, stream: str, subject: str, durable: str, handler: Callable[[Msg], Coroutine[Any, Any, None]],
+                 *, on_leave: Callable[[int], Awaitable[None]] | None = None) -> Awaitable[None]: ...
+
 Consume = Callable[[str, str, str, Callable[[Msg], Coroutine[Any, Any, None]]], Awaitable[None]]
 """`await consume(stream, subject, durable, handler)`: a durable JetStream push consumer with explicit
 acks, one message at a time in stream order; unsubscribed when the hub stops."""
@@ -87,10 +97,7 @@ class Services:
     """Durable ingest: what a source receives becomes a raw record before it is acknowledged."""
     spawn: Spawn
     consume: Consume
-    follow: Consume
-    """`await follow(stream, subject, durable, handler)`: like `consume`, but partition by partition where
-    this process holds them (`Consumers.follow`), so a conversation's messages are handled by one hub
-    process at a time, in order."""
+    follow: Follow
     ownership: Ownership
     """Which partitions this process holds: a part that must run in one process only (a connection's
     poller) runs where `owns(ctx.subjects.partition(tenant, connection))`."""
@@ -156,16 +163,16 @@ class ProcessorTransport(Plugin):
             reason, _, where = str(exc).partition(" - at `$")
             raise ConfigError(f"$.processors[{index}].{kind}{where.rstrip('`')}: {reason}") from None
 
-    async def follow_inbound(self, handler: OnInbound, *, partitioned: bool = True) -> None:
+    async def follow_inbound(self, handler: OnInbound, *,
+                             on_leave: Callable[[int], Awaitable[None]] | None = None) -> None:
         """Hand `handler` the inbound envelopes routed to this processor (`babelhub.services.routing`), in
-        their conversation's order; the others are acknowledged here, and an unreadable one is kept as a
-        dead letter. `partitioned`: each hub process takes the conversations of the partitions it holds
-        (`Services.follow`); else one durable consumer all processes share (`Services.consume`), for a
-        transport whose app is reached through one process only."""
+        their conversation's order: each hub process takes the conversations of the partitions it holds
+        (`Services.follow`; `on_leave(partition)` when it gives one up). The others are acknowledged
+        here, and an unreadable one is kept as a dead letter."""
         subjects, processor = self.services.ctx.subjects, self.processor
-        consume = self.services.follow if partitioned else self.services.consume
-        await consume("messages", f"{subjects.prefix}.{processor.tenant}.in.>", f"processor-{processor.id}",
-                      functools.partial(self._routed, handler))
+        await self.services.follow("messages", f"{subjects.prefix}.{processor.tenant}.in.>",
+                                   f"processor-{processor.id}", functools.partial(self._routed, handler),
+                                   on_leave=on_leave)
 
     async def _routed(self, handler: OnInbound, msg: Msg) -> None:
         try:

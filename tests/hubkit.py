@@ -345,10 +345,13 @@ async def webhook_app(nats_client: NATS, subjects: Subjects, metrics: Metrics, h
     async def consume(*args: object) -> None:
         raise AssertionError("the webhook source consumes nothing")
 
+    async def follow(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the webhook source follows nothing")
+
     ownership = Ownership(await lease_bucket(js, subjects, 6.0), "webhook-test", subjects.partitions, 6.0)
     idempotency = await js.key_value(subjects.bucket("idempotency"))
     services = Services(config=cfg.Config(), ctx=ctx, http=http, ingest=Ingest(publisher, subjects, dead_letters),
-                        spawn=spawn, consume=consume, follow=consume, ownership=ownership,
+                        spawn=spawn, consume=consume, follow=follow, ownership=ownership,
                         outbox=Outbox(ctx, idempotency))
     app = web.Application()
     app.add_routes(Webhooks(list(connections.values()), services).routes())

@@ -323,9 +323,9 @@ async def test_two_hubs_sharing_the_processor_deliver_each_conversation_in_order
     hubs = [await start_hub(config), await start_hub(config)]
 
     def split_evenly() -> bool:
-        """Each hub follows half the partitions' consumers (a handover in the middle of the test would
-        make a consumer afresh from its floor, and some envelopes would reach the app twice)."""
-        followed = [set(http_transport(hub).lanes._followed) for hub in hubs]  # type: ignore[attr-defined]
+        """Each hub works on half the partitions, and follows their consumers (a handover in the middle of
+        the test would make a consumer afresh from its floor, and some envelopes would reach the app twice)."""
+        followed = [set(hub._started().ownership.working) for hub in hubs]
         return len(followed[0]) == len(followed[1]) == config.hub.partitions // 2 and not followed[0] & followed[1]
 
     await eventually(split_evenly, timeout=60)

@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -56,6 +56,7 @@ PARTITION_ACK_PENDING = 100
 messages out only means more of them turned away by full mailboxes and redelivered.)"""
 
 Handler = Callable[[Msg], Coroutine[Any, Any, None]]
+OnLeave = Callable[[int], Awaitable[None]]
 Subscription = JetStreamContext.PushSubscription
 
 
@@ -105,6 +106,9 @@ class Consumers:
         unsaved work is redelivered to the next owner), else letting them finish for a moment."""
         for partition in partitions:
             await _unsubscribe(self._partitions.pop(partition, []))
+            for follower in self._followers:
+                if follower.on_leave is not None:
+                    await follower.on_leave(partition)
         grace = 0.0 if lost else self.handover_seconds
         await asyncio.gather(
             self._conversations.stop_where(functools.partial(self._conversation_in, partitions), grace),
@@ -149,13 +153,15 @@ class Consumers:
 
     # ------------------------------------------------------------------------------- followers
 
-    async def follow(self, stream: str, subject: str, durable: str, handler: Handler) -> None:
+    async def follow(self, stream: str, subject: str, durable: str, handler: Handler, *,
+                     on_leave: OnLeave | None = None) -> None:
         """Consume `subject` (`<prefix>.<tenant>.<kind>.>` of `stream`) partition by partition, where this
         process holds them: one durable consumer `<durable>-<partition>` each, opened with the partition's
-        own consumers and stopped with them. So each conversation's messages are handled by one process
-        at a time, in their order, and what a process that died held comes again to the next owner."""
+        own consumers and stopped with them (then `on_leave(partition)`: what the follower still holds of
+        it goes back). So each conversation's messages are handled by one process at a time, in their
+        order, and what a process that died held comes again to the next owner."""
         prefix, tenant, kind, _ = subject.split(".", 3)
-        follower = _Follower(stream, f"{prefix}.{tenant}.{kind}.{{partition}}.>", durable, handler)
+        follower = _Follower(stream, f"{prefix}.{tenant}.{kind}.{{partition}}.>", durable, handler, on_leave)
         self._followers.append(follower)
         await _delete_consumer(self.ctx.js, self.ctx.subjects.stream_name(stream), durable)  # shared, before
         for partition in list(self._partitions):
@@ -295,6 +301,7 @@ class _Follower:
     """The stored subject, with `{partition}` where the partition goes."""
     durable: str
     handler: Handler
+    on_leave: OnLeave | None
 
 
 async def _delete_consumer(js: JetStreamContext, stream: str, durable: str) -> None:

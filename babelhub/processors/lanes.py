@@ -9,10 +9,9 @@ its conversation's lane and returns; each lane is a task that delivers its messa
 server with a delayed `nak` (its backlog waits in the stream, not in memory), and later messages of its
 conversation go back too until it has been taken, so none overtakes another.
 
-Order across hub processes: the processor's inbound envelopes are read through one durable consumer per
-partition (`processor-<id>-<partition>`, filtered to `<prefix>.<tenant>.in.<partition>.>`), followed only
-by the process that owns the partition (`Services.ownership`), as the hub's own conversation consumers
-are. A process that gives a partition up ends its lanes there and gives their messages back; the next
+Order across hub processes: the processor's inbound envelopes are read partition by partition, where the
+process holds them (`ProcessorTransport.follow_inbound`), as the hub's own conversation consumers are.
+A process that gives a partition up ends its lanes there and gives their messages back; the next
 owner makes the consumer afresh from its acknowledged floor, so what the previous one held comes again at
 once and in order (an envelope may then reach the app twice, with the same delivery id; its replies are
 still sent once).
@@ -38,7 +37,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -46,19 +44,14 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import nats.errors
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from babelhub import canonical as c
 from babelhub.actors.admission import retry_delay
-from babelhub.errors import DecodeError
 from babelhub.plugins import ProcessorTransport
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.inflight import Held, InFlight
 from babelhub.services.outbox import Refusal
-from babelhub.services.routing import hops_of, routed_to
-from babelhub.services.supervise import TaskHealth
+from babelhub.services.routing import hops_of
 
 __all__ = [
     "LANE_SIZE",
@@ -85,10 +78,6 @@ MAX_REPLIES = 64
 """Outbound envelopes one answer may carry."""
 OUT_HOLD_SECONDS = 60.0
 """How long later messages of a conversation wait for one given back to the server to come back."""
-FOLLOW_INTERVAL = 0.1
-"""Seconds between two looks at which partitions this process owns."""
-MAX_ACK_PENDING = 10_000
-"""Messages one partition's consumer hands out unacknowledged at most (held, or given back for later)."""
 RETRY_BASE = 0.2
 RETRY_MAX = 60.0
 """Seconds: the backoff before retry n is drawn from [0, min(RETRY_MAX, RETRY_BASE * 2**n)]."""
@@ -177,67 +166,18 @@ class Lanes:
         self._held: set[int] = set()  # stream sequences in a lane: a redelivered copy is not taken twice
         # conversation -> {sequence given back and not yet taken again: when to stop waiting for it}
         self._out: dict[str, dict[int, float]] = {}
-        self._followed: dict[int, Subscription] = {}  # partition -> its consumer's subscription
 
     async def start(self) -> None:
         services, processor = self.transport.services, self.transport.processor
         services.spawn(f"processor-{processor.id}-inflight", self._inflight.keep_alive)
-        services.spawn(f"processor-{processor.id}-partitions", self._follow_partitions)
+        await self.transport.follow_inbound(self.take, on_leave=self._leave)
 
     async def stop(self) -> None:
         """End every lane; what they held goes back to the server at once, for the next process."""
-        for partition in list(self._followed):
-            await self._leave(partition)
         await self._end_lanes(lambda key: True)
 
-    # ------------------------------------------------------------------------------ partitions
-
-    async def _follow_partitions(self, health: TaskHealth) -> None:
-        """Run until cancelled: follow the consumers of the partitions this process works on, and only
-        those. `Ownership.working` (not `held()`, which is briefly false while a lease is taken or renewed)
-        begins and ends with the hub's own consumers of the partition: on a handover, and when a lease is
-        lost, at the margin before another process could take it."""
-        ownership = self.transport.services.ownership
-        while True:
-            health.ok()
-            held = set(ownership.working)
-            for partition in sorted(self._followed.keys() - held):
-                await self._leave(partition)
-            for partition in sorted(held - self._followed.keys()):
-                self._followed[partition] = await self._follow(partition)
-            _raise_if_cancelled()
-            await asyncio.sleep(FOLLOW_INTERVAL)
-
-    async def _follow(self, partition: int) -> Subscription:
-        """Subscribe to the partition's consumer, made afresh from its acknowledged floor."""
-        ctx, processor = self.transport.services.ctx, self.transport.processor
-        js, stream = ctx.js, ctx.subjects.stream_name("messages")
-        durable = f"processor-{processor.id}-{partition}"
-        config = ConsumerConfig(
-            # A subject of its own each time: a previous owner still subscribed to the old one gets nothing.
-            durable_name=durable, deliver_subject=f"_HUB.{ctx.subjects.prefix}.{durable}.{secrets.token_hex(8)}",
-            ack_policy=AckPolicy.EXPLICIT, ack_wait=self.transport.services.config.hub.ack_wait_seconds,
-            max_ack_pending=MAX_ACK_PENDING, flow_control=True, idle_heartbeat=5.0,
-            filter_subject=f"{ctx.subjects.prefix}.{processor.tenant}.in.{partition}.>",
-            deliver_policy=DeliverPolicy.ALL)
-        try:
-            info = await js.consumer_info(stream, durable)
-        except NotFoundError:
-            info = None
-        if info is not None:
-            await js.delete_consumer(stream, durable)
-            floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-            if floor:
-                config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
-        await js.add_consumer(stream, config)
-        return await js.subscribe_bind(stream, config, durable, cb=self._on_message, manual_ack=True,
-                                       pending_msgs_limit=MAX_ACK_PENDING)
-
     async def _leave(self, partition: int) -> None:
-        """Stop following `partition`: its lanes end and give their messages back."""
-        subscription = self._followed.pop(partition)
-        with contextlib.suppress(Exception):  # the connection may be gone: the server forgets it anyway
-            await subscription.unsubscribe()
+        """This process gave `partition` up: its lanes end and give their messages back."""
         subjects, tenant = self.transport.services.ctx.subjects, self.transport.processor.tenant
         await self._end_lanes(lambda key: subjects.partition(tenant, key) == partition)
 
@@ -257,22 +197,6 @@ class Lanes:
                 self._held.discard(job.held.seq)
                 with contextlib.suppress(nats.errors.Error):
                     await job.held.nak()
-
-    async def _on_message(self, msg: Msg) -> None:
-        """One stored inbound envelope of a followed partition: taken when it is routed to the processor."""
-        processor = self.transport.processor
-        try:
-            envelope = c.decode(msg.data)
-        except DecodeError as exc:
-            await self.transport.services.ctx.dead_letters.park(DeadLetter(
-                stage="processor", error=exc.reason, path=exc.path, tenant=processor.tenant,
-                subject=msg.subject, body=msg.data))
-            await msg.term()
-            return
-        if not routed_to(processor, envelope, msg.headers):
-            await msg.ack()
-            return
-        await self.take(msg, envelope)
 
     # ------------------------------------------------------------------------------ taking
 

@@ -344,3 +344,26 @@ async def test_polling_a_channel_that_cannot_be_polled_is_refused_at_start(nats_
     with pytest.raises(ConfigError, match=r"\$\.connections\[1\]\.mode: channel slack cannot be polled"):
         async with Hub(bad):
             pass
+
+
+async def test_a_background_task_that_swallows_its_cancellation_does_not_hold_the_stop(
+        nats_server: EmbeddedServer, telegram_api: FakeApi) -> None:
+    """nats-py swallows a cancellation that lands in its flush; a supervised loop that went on after it
+    is cancelled again, so the hub still stops."""
+    hub = Hub(telegram_config(nats_server.url, telegram_api.base_url))
+    await hub.__aenter__()
+    swallowed = asyncio.Event()
+
+    async def stubborn(health: object) -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed.is_set():
+                    raise
+                swallowed.set()  # as nats-py's flush does: carry on as if nothing happened
+
+    hub.spawn("stubborn", stubborn)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(hub.stop(), 30)
+    assert swallowed.is_set()

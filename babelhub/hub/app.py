@@ -71,6 +71,9 @@ __all__ = ["Hub"]
 
 log = logging.getLogger("babelhub.hub")
 
+CANCEL_AGAIN_SECONDS = 1.0
+"""How long a stopping hub waits for its cancelled background tasks before cancelling them again."""
+
 
 @dataclass(frozen=True)
 class _Running:
@@ -322,10 +325,14 @@ class Hub:
         await ownership.release()
 
     async def _cancel_tasks(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every background task, and again those still running a moment later: nats-py swallows a
+        cancellation that lands in its flush (a publish or an unsubscribe returns normally), and a loop
+        that went on after it would hold the hub's stop for ever."""
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_SECONDS)
 
     # ------------------------------------------------------------------------------------ HTTP
 

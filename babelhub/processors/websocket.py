@@ -146,7 +146,9 @@ class WebSocketTransport(ProcessorTransport):
 
     async def _pull_consumer(self) -> None:
         """Make the processor's durable pull consumer if it is missing. A push consumer of the same name
-        (the processor had another transport) is remade as a pull one from its acknowledged floor."""
+        (the processor had another transport) is remade as a pull one from its acknowledged floor; one per
+        partition (a transport that followed partitions) from the lowest of theirs (what came after it in
+        another partition comes again: at least once, told apart by `seq`)."""
         ctx, durable = self.services.ctx, f"processor-{self.processor.id}"
         stream, inbound = ctx.subjects.stream_name("messages"), f"{ctx.subjects.prefix}.{self.processor.tenant}.in.>"
         config = ConsumerConfig(durable_name=durable, filter_subject=inbound,
@@ -155,6 +157,9 @@ class WebSocketTransport(ProcessorTransport):
         try:
             info = await ctx.js.consumer_info(stream, durable)
         except NotFoundError:
+            floor = await self._retire_partition_consumers(stream, durable)
+            if floor:
+                config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
             await ctx.js.add_consumer(stream, config)
         else:
             if info.config.deliver_subject:
@@ -163,6 +168,20 @@ class WebSocketTransport(ProcessorTransport):
                 if floor:
                     config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, floor + 1
                 await ctx.js.add_consumer(stream, config)
+
+    async def _retire_partition_consumers(self, stream: str, durable: str) -> int:
+        """Delete the consumers `<durable>-<partition>`; the lowest acknowledged floor among them (one with
+        nothing pending or unacknowledged has handled its partition up to the stream's end), 0: none."""
+        js, floors = self.services.ctx.js, []
+        end = (await js.stream_info(stream)).state.last_seq
+        for info in await js.consumers_info(stream):
+            prefix, _, partition = info.name.rpartition("-")
+            if prefix == durable and partition.isdigit():
+                caught_up = not info.num_pending and not info.num_ack_pending
+                floors.append(end if caught_up else info.ack_floor.stream_seq if info.ack_floor is not None else 0)
+                with contextlib.suppress(NotFoundError):
+                    await js.delete_consumer(stream, info.name)
+        return min(floors, default=0)
 
     # ------------------------------------------------------------------------------ WebSocket /ws/processor
 

@@ -216,6 +216,36 @@ async def test_a_processor_transport_is_fed_by_the_process_holding_each_conversa
     assert {name for name in names if name.startswith("processor-echo")} == {f"processor-echo-{n}" for n in range(4)}
 
 
+async def test_a_processor_that_shared_one_consumer_keeps_its_place_when_it_follows_partitions(
+        nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    """A deployment whose processor read one consumer of all partitions (`processor-<id>`): the partitions'
+    consumers start where it stood, so what it had handled is not handed over again."""
+    fake_api.responder = telegram_responder
+    config = telegram_config(nats_server.url, fake_api.base_url)
+    hub = await start_hub(config)
+    async with aiohttp.ClientSession() as session:
+        async def post(update_id: int, text: str) -> None:
+            async with session.post(f"{hub.http_url}/webhooks/telegram/tg", headers=HEADERS,
+                                    data=json.dumps(telegram_update(update_id, 7, text))) as response:
+                assert response.status == 200
+
+        await post(1, "handled before")
+        js, stream = nats_client.jetstream(), hub.subjects.stream_name("messages")
+        shared = await js.pull_subscribe(f"{hub.subjects.prefix}.{TENANT}.in.>", durable="processor-echo",
+                                         stream=stream)
+        for msg in await shared.fetch(1, timeout=10):
+            await msg.ack()  # what the processor's earlier transport did with it
+        await hub.stop()
+        hub = await start_hub(msgspec.structs.replace(config, processors=[
+            cfg.Processor(id="echo", tenant=TENANT, transport="echo")]))
+        await post(2, "after the move")
+    await eventually(lambda: any(r.path.endswith("/sendMessage") for r in fake_api.requests))
+    await asyncio.sleep(0.5)  # a replayed one would be answered by now
+    assert [r.json()["text"] for r in fake_api.requests if r.path.endswith("/sendMessage")] == ["echo: after the move"]
+    names = {info.name for info in await js.consumers_info(stream)}
+    assert "processor-echo" not in names and "processor-echo-0" in names
+
+
 async def test_a_graceful_stop_hands_the_partitions_over_at_once(
         nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
     fake_api.responder = telegram_responder

@@ -1,7 +1,7 @@
 """A processing app behind the `http` processor transport: it checks each request's signature and answers
 an inbound text message with a reply in the same HTTP answer (a sync reply).
 
-    BABELHUB_SIGNING_SECRET=... python examples/http_processor.py [--port 8090]
+    APP_SIGNING_SECRET=... python examples/http_processor.py [--port 8090]
 
 with, in the hub's configuration:
 
@@ -9,7 +9,7 @@ with, in the hub's configuration:
     id = "my-app"
     tenant = "acme"
     transport = "http"
-    secrets = { signing_secret = "${BABELHUB_SIGNING_SECRET}" }
+    secrets = { signing_secret = "<the same value as APP_SIGNING_SECRET>" }
     options = { url = "http://127.0.0.1:8090/babelhub" }
 
 It needs only aiohttp (and no part of babelhub): envelopes are plain JSON.
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8090)
     args = parser.parse_args()
-    web.run_app(make_app(os.environ["BABELHUB_SIGNING_SECRET"]), host=args.host, port=args.port)
+    web.run_app(make_app(os.environ["APP_SIGNING_SECRET"]), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@ from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.connections import ConnectionService, Progress
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
+from babelhub.services.failover import (
+    FAILOVER,
+    FAILOVER_OF_META,
+    FAILOVER_TO_META,
+    failover_copy,
+    failover_error,
+    timer_id,
+)
 from babelhub.services.scheduling import HELD_ID_META, Held, released_id
 from babelhub.services.telemetry import span
 
@@ -329,7 +337,8 @@ class ConversationActor(Actor[ConversationMessage]):
         match envelope:
             case c.Status():
                 status = msgspec.structs.replace(envelope, message_id=await self._status_target(envelope))
-                if await self._moves_forward(status.message_id, status.state):
+                if (not await self._failover_settled(status)
+                        and await self._moves_forward(status.message_id, status.state)):
                     await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
             case c.Message():
                 resolved = self._resolve(await self._translate(envelope))
@@ -348,6 +357,8 @@ class ConversationActor(Actor[ConversationMessage]):
         self._adopt(envelope.tenant, envelope.conversation)
         if isinstance(envelope, c.Message):
             envelope = self._as_released(envelope)
+            if await self._failover_due(envelope):
+                return
             if await self._cancels(envelope) or await self._held(envelope):
                 return
         match envelope:
@@ -412,9 +423,82 @@ class ConversationActor(Actor[ConversationMessage]):
             self.state.choices = _fitting_choices(sent.choices)
             self._dirty = True
         if sent.ok:
+            await self._arm_failover(message, connection)  # first: once `sent` is told, the timer is running
             await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
+        elif connection.settings.failover is not None and not sent.native_ids:
+            await self._fail_over(message, connection, sent.error)
         else:
             await self._status(message, "failed", error=sent.error)
+
+    # -------------------------------------------------------------------------------- failover
+
+    async def _arm_failover(self, message: c.Message, connection: ConnectionService) -> None:
+        """A message sent on a connection with a failover: hold a timer (a copy of it, durably) that sends
+        it via the other connection unless it is delivered first (`babelhub.services.failover`)."""
+        failover, scheduler = connection.settings.failover, self.hub.scheduler
+        if failover is None or scheduler is None:
+            return
+        timer = msgspec.structs.replace(message, id=timer_id(message.id),
+                                        meta={**message.meta, FAILOVER_OF_META: message.id})
+        await scheduler.hold(timer.id, Held(
+            due=self.hub.clock() + failover.after_seconds, tenant=self.tenant, conversation=self.conversation_id,
+            partition=self.partition, reason=FAILOVER, envelope=c.encode(timer)))
+
+    async def _failover_due(self, message: c.Message) -> bool:
+        """A released failover timer: fail over unless the message got far enough in the meantime.
+        False for any other message."""
+        original_id = message.meta.get(FAILOVER_OF_META)
+        if not isinstance(original_id, str) or message.id != timer_id(original_id):
+            return False
+        connection = self._own_connection(message.conversation.connection) or self._connection()
+        reached = await self.memory.get(Fact.STATE, original_id)
+        if connection is None or (reached and not _later_state(reached, "failed")) or reached == "failed":
+            log.debug("conversation %s: no failover for %s (%s)", self.key, original_id, reached)
+            return True
+        meta = {key: value for key, value in message.meta.items() if key != FAILOVER_OF_META}
+        await self._fail_over(msgspec.structs.replace(message, id=original_id, meta=meta), connection, None)
+        return True
+
+    async def _failover_settled(self, status: c.Status) -> bool:
+        """A channel's status of a message with a failover timer: `delivered` (or later) drops the timer; a
+        `failed` fails over at once, and is reported by `_fail_over` (True: not published as it came)."""
+        scheduler, connection = self.hub.scheduler, self._connection()
+        if scheduler is None or connection is None or connection.settings.failover is None or not status.message_id:
+            return False
+        if status.state in ("delivered", "read", "played"):
+            await scheduler.take(self.tenant, timer_id(status.message_id))
+            return False
+        if status.state != "failed":
+            return False
+        timer = await scheduler.take(self.tenant, timer_id(status.message_id))
+        if timer is None:
+            return False
+        message = c.decode(timer.envelope)
+        if not isinstance(message, c.Message):
+            return False
+        meta = {key: value for key, value in message.meta.items() if key != FAILOVER_OF_META}
+        await self._fail_over(msgspec.structs.replace(message, id=status.message_id, meta=meta), connection,
+                              status.error)
+        return True
+
+    async def _fail_over(self, message: c.Message, connection: ConnectionService, cause: c.Error | None) -> None:
+        """Send a copy of `message` via the connection's failover connection (to the recipient its meta
+        names, else the same chat id), through that conversation's own outbound path, then report
+        `message` `failed` with code `failover`, naming the copy. Done again after a crash, the copy's
+        publish is deduplicated by its derived id."""
+        failover = connection.settings.failover
+        target = self._own_connection(failover.to) if failover is not None else None
+        if failover is None or target is None or self.state.conversation is None:
+            await self._status(message, "failed", error=cause)
+            return
+        named = message.meta.get(FAILOVER_TO_META)
+        to = named if isinstance(named, str) and named else self.state.conversation.native_id
+        copy = _without_file_ids(failover_copy(message, target.id, target.channel, to))
+        await self.hub.publisher.publish(self.hub.subjects.outbound(self.tenant, copy.conversation.id),
+                                         c.encode(copy), dedup=(copy.id,))
+        log.info("conversation %s: message %s sent again via connection %s as %s", self.key, message.id,
+                 target.id, copy.id)
+        await self._status(message, "failed", error=failover_error(failover.after_seconds, copy, cause))
 
     def _as_released(self, message: c.Message) -> c.Message:
         """A held message the scheduler released, under the id the app gave it (its statuses name that

@@ -54,6 +54,7 @@ from babelhub.services.failover import (
     failover_error,
     timer_id,
 )
+from babelhub.services.routing import MAX_HOPS, hops_of
 from babelhub.services.scheduling import HELD_ID_META, Held, released_id
 from babelhub.services.telemetry import span
 
@@ -283,6 +284,11 @@ class ConversationActor(Actor[ConversationMessage]):
         if message.seq > (self.state.out_seq or 0):
             self.state.out_seq = message.seq
             self._moved = True
+        hops = hops_of(message.trace)
+        if hops > MAX_HOPS:  # published straight on NATS: the Outbox did not see it
+            await self._refuse(message.envelope, c.Error(code="loop_detected", message=(
+                f"loop stopped: this message followed {hops} processor round trips (at most {MAX_HOPS})")))
+            return
         with span("conversation.outbound", message.trace, conversation=self.key):
             await self._outbound(message.envelope)
 

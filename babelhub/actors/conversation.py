@@ -347,13 +347,45 @@ class ConversationActor(Actor[ConversationMessage]):
                         and await self._moves_forward(status.message_id, status.state)):
                     await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
             case c.Message():
-                resolved = self._resolve(await self._translate(envelope))
-                await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), resolved)
+                echo = await self._own_echo(envelope)
+                if echo:
+                    await self._stop_echo(envelope, echo)
+                else:
+                    resolved = self._resolve(await self._translate(envelope))
+                    await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), resolved)
             case c.Activity():
                 await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), envelope)
         connection = self._connection()
         if connection is not None:
             await connection.after_inbound(envelope, self._context(connection, {}))
+
+    async def _own_echo(self, message: c.Message) -> str:
+        """Why an inbound message is the hub hearing itself, or "": its sender is the account of another of
+        the tenant's connections on this channel (`identities`: two connections in one chat), or it is a
+        message this conversation sent, echoed back by the channel (what the connection's own account
+        wrote otherwise — a person typing in the business app — is handed on as the codec reports it).
+        Only what the channel reports its own account sent (direction `outbound`) is looked up: no read per
+        user message in full flow, and a receipt kept as a message (it names our native id) is handed on."""
+        sender = message.sender
+        if sender is not None and sender.native_id:
+            for connection in self.hub.connections.values():
+                if (connection.tenant == self.tenant and connection.channel == message.conversation.channel
+                        and connection.id != message.conversation.connection
+                        and sender.native_id in connection.settings.identities):
+                    return f"sent by connection {connection.id!r}'s own account ({sender.native_id})"
+        native = message.native
+        if message.direction != "outbound" or native is None or not native.id:
+            return ""
+        ours = await self.memory.get(Fact.OURS, c.message_id(self.tenant, message.conversation.connection, native.id))
+        return f"the channel's echo of message {ours}, which the hub sent" if ours else ""
+
+    async def _stop_echo(self, message: c.Message, why: str) -> None:
+        """An echo of the hub's own message is not handed to processors (two of them, or one and itself,
+        would answer each other without end): kept as a dead letter, with the reason, and logged."""
+        log.warning("conversation %s: inbound %s not handed to processors: %s", self.key, message.id, why)
+        await self.hub.dead_letters.park(DeadLetter(
+            stage="loop", error=f"loop stopped: {why}", tenant=self.tenant,
+            subject=self.hub.subjects.inbound(self.tenant, self.conversation_id), body=c.encode(message)))
 
     async def _outbound(self, envelope: c.Envelope) -> None:
         refusal = self._refusal(envelope)

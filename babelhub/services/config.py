@@ -148,6 +148,10 @@ class Connection(_Table, frozen=True, kw_only=True):
     channels` lists it), 0 = unpaced. A 429's Retry-After pauses the connection either way."""
     send_deadline_seconds: float | None = None
     """This connection's `hub.send_deadline_seconds`; unset = the hub's."""
+    identities: list[str] = []
+    """The native ids this connection's own account has when it writes in a chat (a WhatsApp business
+    number's `wa_id`, a bot's user id): a message a connection of the same tenant and channel receives
+    from one of them is the hub hearing itself, and is not handed to processors (README "Loop prevention")."""
     failover: Failover | None = None
     """Send a copy of a message through another connection when this one has not delivered it in time,
     or failed it; unset = never."""

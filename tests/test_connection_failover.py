@@ -5,6 +5,7 @@ Telegram connection, once, with a status trail the app can follow. Time is the h
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import re
@@ -29,6 +30,7 @@ from tests.test_hub_statuses import fixture, meta_signed
 WA_CHAT = "972987654321"
 SMS_CHAT = "4242"
 AFTER = 30.0
+API_KEY = "failover-key"
 _serial = itertools.count(1)
 
 
@@ -36,7 +38,7 @@ def failover_config(nats_url: str, api_base: str, **failover: Any) -> cfg.Config
     """WhatsApp (`wa`) failing over to Telegram (`tg`) after `AFTER` seconds."""
     return cfg.Config(
         hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix()),
-        tenants=[cfg.Tenant(id=TENANT)],
+        tenants=[cfg.Tenant(id=TENANT, api_keys=[API_KEY])],
         connections=[
             cfg.Connection(id="wa", tenant=TENANT, channel="whatsapp", api_base=f"{api_base}/whatsapp",
                            secrets={"access_token": "wa-token", "app_secret": "wa-app"},
@@ -198,6 +200,46 @@ async def test_a_message_delivered_in_time_is_not_sent_again(
     await app.send(later)
     await statuses_of(app, later.id, 1)
     assert channels.telegram_sends() == []
+
+
+async def history(hub: Hub, message_id: str) -> list[dict[str, Any]]:
+    """The message's steps as `GET /v1/messages/{id}` answers them ([] until it has a history)."""
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{hub.http_url}/v1/messages/{message_id}", headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        if response.status == 404:
+            return []
+        assert response.status == 200, await response.text()
+        steps: list[dict[str, Any]] = (await response.json())["statuses"]
+        return steps
+
+
+async def test_the_status_history_links_the_original_to_its_copy(
+        config: cfg.Config, channels: Channels, nats_client: NATS, start_hub: StartHub) -> None:
+    hub = await start_hub(config)
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    now = time.time()
+    at(hub, now)
+    original = message("tracked", **{FAILOVER_TO_META: SMS_CHAT})
+    await app.send(original)
+    await statuses_of(app, original.id, 1)
+    at(hub, now + AFTER + 1)
+    await statuses_of(app, copy_id(original.id), 1)
+
+    steps = await history_becomes(hub, original.id, ["sent", "failed"])
+    error = steps[-1]["error"]
+    assert error["code"] == "failover" and copy_id(original.id) in error["message"]
+    await history_becomes(hub, copy_id(original.id), ["sent"])
+
+
+async def history_becomes(hub: Hub, message_id: str, states: list[str]) -> list[dict[str, Any]]:
+    """The message's history once its states are `states` (the histories are recorded asynchronously)."""
+    deadline = time.monotonic() + 15
+    while True:
+        steps = await history(hub, message_id)
+        if [step["state"] for step in steps] == states:
+            return steps
+        assert time.monotonic() < deadline, steps
+        await asyncio.sleep(0.1)
 
 
 async def test_a_delivery_that_beats_a_timer_already_released_still_wins(

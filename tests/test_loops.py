@@ -26,6 +26,7 @@ from tests.hubkit import (
     Processor,
     StartHub,
     dead_letters,
+    eventually,
     stream_messages,
     telegram_config,
     telegram_responder,
@@ -241,3 +242,30 @@ async def test_the_channel_s_echo_of_a_message_the_hub_sent_is_not_handed_to_pro
                                                  hub.subjects.stream_name("dead_letters")))
     assert [letter["stage"] for letter in letters] == ["loop"]
     assert sent.id in letters[0]["error"]
+
+
+async def test_a_copy_fanned_out_to_another_chat_carries_the_hop_count(
+        config: cfg.Config, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
+    """Targets in other chats are re-published on their conversations' `out` subjects: a loop through
+    targets is counted like one through the chat itself."""
+    hub = await start_hub(config)
+    app = await Processor(nats_client, hub.subjects.prefix).start()
+    relayed = msgspec.structs.replace(message("to both"), targets=[c.Target(connection="tg", to="5555")])
+    await app.send(relayed, headers={HOPS_HEADER: "5"})
+    await eventually(lambda: len(texts(fake_api)) == 1)
+    there = c.conversation_id(TENANT, "tg", "5555")
+    js = nats_client.jetstream()
+    subscription = await js.subscribe(f"{hub.subjects.prefix}.{TENANT}.out.>",
+                                      stream=hub.subjects.stream_name("messages"), ordered_consumer=True)
+    found: dict[str, str] = {}
+    try:
+        while True:
+            try:
+                stored = await subscription.next_msg(timeout=1.0)
+            except TimeoutError:
+                break
+            if c.decode(stored.data).conversation.id == there:
+                found = dict(stored.headers or {})
+    finally:
+        await subscription.unsubscribe()
+    assert found.get(HOPS_HEADER) == "5"

@@ -54,7 +54,7 @@ from babelhub.services.failover import (
     failover_error,
     timer_id,
 )
-from babelhub.services.routing import MAX_HOPS, hops_of
+from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, hops_of
 from babelhub.services.scheduling import HELD_ID_META, Held, released_id
 from babelhub.services.telemetry import span
 
@@ -197,6 +197,8 @@ class ConversationActor(Actor[ConversationMessage]):
         """Only the progress marks changed since the snapshot was written (`SNAPSHOT_LAG_SECONDS`)."""
         self._saved_at = time.monotonic()
         self._stored_at: float | None = None  # when the current turn's outbound message was stored
+        self._hops = 0
+        """The current turn's outbound message's hop count, carried to the copies it fans out to."""
         self._caught_up = False  # the earlier outbound messages were looked for once in this activation
         self._ledger: dict[str, Progress] = {}
         """The send ledger: messages whose channel calls (some or all) succeeded, until the facts that
@@ -284,7 +286,7 @@ class ConversationActor(Actor[ConversationMessage]):
         if message.seq > (self.state.out_seq or 0):
             self.state.out_seq = message.seq
             self._moved = True
-        hops = hops_of(message.trace)
+        hops = self._hops = hops_of(message.trace)
         if hops > MAX_HOPS:  # published straight on NATS: the Outbox did not see it
             await self._refuse(message.envelope, c.Error(code="loop_detected", message=(
                 f"loop stopped: this message followed {hops} processor round trips (at most {MAX_HOPS})")))
@@ -429,8 +431,11 @@ class ConversationActor(Actor[ConversationMessage]):
                 continue
             if self.state.conversation is None or connection.id != self.state.conversation.connection:
                 forwarded = _without_file_ids(forwarded)
+            headers = self.hub.publisher.headers(dedup=(message.id, target_id))
+            if self._hops:  # a copy in another chat is the same round trip: a loop through targets is counted
+                headers[HOPS_HEADER] = str(self._hops)
             await self.hub.publisher.publish(self.hub.subjects.outbound(message.tenant, target_id),
-                                             c.encode(forwarded), dedup=(message.id, target_id))
+                                             c.encode(forwarded), headers=headers)
 
     async def _send_here(self, message: c.Message) -> None:
         connection = self._connection()

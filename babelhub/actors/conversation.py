@@ -46,6 +46,15 @@ from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.services.connections import ConnectionService, Progress
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
+from babelhub.services.failover import (
+    FAILOVER,
+    FAILOVER_OF_META,
+    FAILOVER_TO_META,
+    failover_copy,
+    failover_error,
+    timer_id,
+)
+from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, hops_of
 from babelhub.services.scheduling import HELD_ID_META, Held, released_id
 from babelhub.services.telemetry import span
 
@@ -188,6 +197,8 @@ class ConversationActor(Actor[ConversationMessage]):
         """Only the progress marks changed since the snapshot was written (`SNAPSHOT_LAG_SECONDS`)."""
         self._saved_at = time.monotonic()
         self._stored_at: float | None = None  # when the current turn's outbound message was stored
+        self._hops = 0
+        """The current turn's outbound message's hop count, carried to the copies it fans out to."""
         self._caught_up = False  # the earlier outbound messages were looked for once in this activation
         self._ledger: dict[str, Progress] = {}
         """The send ledger: messages whose channel calls (some or all) succeeded, until the facts that
@@ -275,6 +286,11 @@ class ConversationActor(Actor[ConversationMessage]):
         if message.seq > (self.state.out_seq or 0):
             self.state.out_seq = message.seq
             self._moved = True
+        hops = self._hops = hops_of(message.trace)
+        if hops > MAX_HOPS:  # published straight on NATS: the Outbox did not see it
+            await self._refuse(message.envelope, c.Error(code="loop_detected", message=(
+                f"loop stopped: this message followed {hops} processor round trips (at most {MAX_HOPS})")))
+            return
         with span("conversation.outbound", message.trace, conversation=self.key):
             await self._outbound(message.envelope)
 
@@ -329,16 +345,49 @@ class ConversationActor(Actor[ConversationMessage]):
         match envelope:
             case c.Status():
                 status = msgspec.structs.replace(envelope, message_id=await self._status_target(envelope))
-                if await self._moves_forward(status.message_id, status.state):
+                if (not await self._failover_settled(status)
+                        and await self._moves_forward(status.message_id, status.state)):
                     await self._publish(self.hub.subjects.status(self.tenant, self.conversation_id), status)
             case c.Message():
-                resolved = self._resolve(await self._translate(envelope))
-                await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), resolved)
+                echo = await self._own_echo(envelope)
+                if echo:
+                    await self._stop_echo(envelope, echo)
+                else:
+                    resolved = self._resolve(await self._translate(envelope))
+                    await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), resolved)
             case c.Activity():
                 await self._publish(self.hub.subjects.inbound(self.tenant, self.conversation_id), envelope)
         connection = self._connection()
         if connection is not None:
             await connection.after_inbound(envelope, self._context(connection, {}))
+
+    async def _own_echo(self, message: c.Message) -> str:
+        """Why an inbound message is the hub hearing itself, or "": its sender is the account of another of
+        the tenant's connections on this channel (`identities`: two connections in one chat), or it is a
+        message this conversation sent, echoed back by the channel (what the connection's own account
+        wrote otherwise — a person typing in the business app — is handed on as the codec reports it).
+        Only what the channel reports its own account sent (direction `outbound`) is looked up: no read per
+        user message in full flow, and a receipt kept as a message (it names our native id) is handed on."""
+        sender = message.sender
+        if sender is not None and sender.native_id:
+            for connection in self.hub.connections.values():
+                if (connection.tenant == self.tenant and connection.channel == message.conversation.channel
+                        and connection.id != message.conversation.connection
+                        and sender.native_id in connection.settings.identities):
+                    return f"sent by connection {connection.id!r}'s own account ({sender.native_id})"
+        native = message.native
+        if message.direction != "outbound" or native is None or not native.id:
+            return ""
+        ours = await self.memory.get(Fact.OURS, c.message_id(self.tenant, message.conversation.connection, native.id))
+        return f"the channel's echo of message {ours}, which the hub sent" if ours else ""
+
+    async def _stop_echo(self, message: c.Message, why: str) -> None:
+        """An echo of the hub's own message is not handed to processors (two of them, or one and itself,
+        would answer each other without end): kept as a dead letter, with the reason, and logged."""
+        log.warning("conversation %s: inbound %s not handed to processors: %s", self.key, message.id, why)
+        await self.hub.dead_letters.park(DeadLetter(
+            stage="loop", error=f"loop stopped: {why}", tenant=self.tenant,
+            subject=self.hub.subjects.inbound(self.tenant, self.conversation_id), body=c.encode(message)))
 
     async def _outbound(self, envelope: c.Envelope) -> None:
         refusal = self._refusal(envelope)
@@ -348,6 +397,8 @@ class ConversationActor(Actor[ConversationMessage]):
         self._adopt(envelope.tenant, envelope.conversation)
         if isinstance(envelope, c.Message):
             envelope = self._as_released(envelope)
+            if await self._failover_due(envelope):
+                return
             if await self._cancels(envelope) or await self._held(envelope):
                 return
         match envelope:
@@ -380,8 +431,11 @@ class ConversationActor(Actor[ConversationMessage]):
                 continue
             if self.state.conversation is None or connection.id != self.state.conversation.connection:
                 forwarded = _without_file_ids(forwarded)
+            headers = self.hub.publisher.headers(dedup=(message.id, target_id))
+            if self._hops:  # a copy in another chat is the same round trip: a loop through targets is counted
+                headers[HOPS_HEADER] = str(self._hops)
             await self.hub.publisher.publish(self.hub.subjects.outbound(message.tenant, target_id),
-                                             c.encode(forwarded), dedup=(message.id, target_id))
+                                             c.encode(forwarded), headers=headers)
 
     async def _send_here(self, message: c.Message) -> None:
         connection = self._connection()
@@ -412,9 +466,82 @@ class ConversationActor(Actor[ConversationMessage]):
             self.state.choices = _fitting_choices(sent.choices)
             self._dirty = True
         if sent.ok:
+            await self._arm_failover(message, connection)  # first: once `sent` is told, the timer is running
             await self._status(message, "sent", native_id=next(iter(sent.native_ids), ""))
+        elif connection.settings.failover is not None and not sent.native_ids:
+            await self._fail_over(message, connection, sent.error)
         else:
             await self._status(message, "failed", error=sent.error)
+
+    # -------------------------------------------------------------------------------- failover
+
+    async def _arm_failover(self, message: c.Message, connection: ConnectionService) -> None:
+        """A message sent on a connection with a failover: hold a timer (a copy of it, durably) that sends
+        it via the other connection unless it is delivered first (`babelhub.services.failover`)."""
+        failover, scheduler = connection.settings.failover, self.hub.scheduler
+        if failover is None or scheduler is None:
+            return
+        timer = msgspec.structs.replace(message, id=timer_id(message.id),
+                                        meta={**message.meta, FAILOVER_OF_META: message.id})
+        await scheduler.hold(timer.id, Held(
+            due=self.hub.clock() + failover.after_seconds, tenant=self.tenant, conversation=self.conversation_id,
+            partition=self.partition, reason=FAILOVER, envelope=c.encode(timer)))
+
+    async def _failover_due(self, message: c.Message) -> bool:
+        """A released failover timer: fail over unless the message got far enough in the meantime.
+        False for any other message."""
+        original_id = message.meta.get(FAILOVER_OF_META)
+        if not isinstance(original_id, str) or message.id != timer_id(original_id):
+            return False
+        connection = self._own_connection(message.conversation.connection) or self._connection()
+        reached = await self.memory.get(Fact.STATE, original_id)
+        if connection is None or (reached and not _later_state(reached, "failed")) or reached == "failed":
+            log.debug("conversation %s: no failover for %s (%s)", self.key, original_id, reached)
+            return True
+        meta = {key: value for key, value in message.meta.items() if key != FAILOVER_OF_META}
+        await self._fail_over(msgspec.structs.replace(message, id=original_id, meta=meta), connection, None)
+        return True
+
+    async def _failover_settled(self, status: c.Status) -> bool:
+        """A channel's status of a message with a failover timer: `delivered` (or later) drops the timer; a
+        `failed` fails over at once, and is reported by `_fail_over` (True: not published as it came)."""
+        scheduler, connection = self.hub.scheduler, self._connection()
+        if scheduler is None or connection is None or connection.settings.failover is None or not status.message_id:
+            return False
+        if status.state in ("delivered", "read", "played"):
+            await scheduler.take(self.tenant, timer_id(status.message_id))
+            return False
+        if status.state != "failed":
+            return False
+        timer = await scheduler.take(self.tenant, timer_id(status.message_id))
+        if timer is None:
+            return False
+        message = c.decode(timer.envelope)
+        if not isinstance(message, c.Message):
+            return False
+        meta = {key: value for key, value in message.meta.items() if key != FAILOVER_OF_META}
+        await self._fail_over(msgspec.structs.replace(message, id=status.message_id, meta=meta), connection,
+                              status.error)
+        return True
+
+    async def _fail_over(self, message: c.Message, connection: ConnectionService, cause: c.Error | None) -> None:
+        """Send a copy of `message` via the connection's failover connection (to the recipient its meta
+        names, else the same chat id), through that conversation's own outbound path, then report
+        `message` `failed` with code `failover`, naming the copy. Done again after a crash, the copy's
+        publish is deduplicated by its derived id."""
+        failover = connection.settings.failover
+        target = self._own_connection(failover.to) if failover is not None else None
+        if failover is None or target is None or self.state.conversation is None:
+            await self._status(message, "failed", error=cause)
+            return
+        named = message.meta.get(FAILOVER_TO_META)
+        to = named if isinstance(named, str) and named else self.state.conversation.native_id
+        copy = _without_file_ids(failover_copy(message, target.id, target.channel, to))
+        await self.hub.publisher.publish(self.hub.subjects.outbound(self.tenant, copy.conversation.id),
+                                         c.encode(copy), dedup=(copy.id,))
+        log.info("conversation %s: message %s sent again via connection %s as %s", self.key, message.id,
+                 target.id, copy.id)
+        await self._status(message, "failed", error=failover_error(failover.after_seconds, copy, cause))
 
     def _as_released(self, message: c.Message) -> c.Message:
         """A held message the scheduler released, under the id the app gave it (its statuses name that

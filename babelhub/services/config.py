@@ -21,7 +21,7 @@ from babelhub.entrypoints import installed, load_class
 from babelhub.errors import ConfigError
 from babelhub.media.channel import is_media_channel, media_channel
 
-__all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "HubSettings", "Processor", "Route", "Tenant",
+__all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "Failover", "HubSettings", "Processor", "Route", "Tenant",
            "channel_codec", "load"]
 
 TRANSPORTS = "babelhub.transports"
@@ -120,6 +120,15 @@ class Tenant(_Table, frozen=True, kw_only=True):
     api_keys: list[str] = []
 
 
+class Failover(_Table, frozen=True, kw_only=True):
+    """Where a message goes when this connection does not deliver it in time (README "Failover")."""
+
+    to: str
+    """Another connection of the same tenant: the copy is sent through it."""
+    after_seconds: float
+    """A message not `delivered` (or later) this long after it was sent is sent again via `to`."""
+
+
 class Connection(_Table, frozen=True, kw_only=True):
     id: str
     tenant: str
@@ -139,6 +148,13 @@ class Connection(_Table, frozen=True, kw_only=True):
     channels` lists it), 0 = unpaced. A 429's Retry-After pauses the connection either way."""
     send_deadline_seconds: float | None = None
     """This connection's `hub.send_deadline_seconds`; unset = the hub's."""
+    identities: list[str] = []
+    """The native ids this connection's own account has when it writes in a chat (a WhatsApp business
+    number's `wa_id`, a bot's user id): a message a connection of the same tenant and channel receives
+    from one of them is the hub hearing itself, and is not handed to processors (README "Loop prevention")."""
+    failover: Failover | None = None
+    """Send a copy of a message through another connection when this one has not delivered it in time,
+    or failed it; unset = never."""
 
 
 EnvelopeKind = Literal["message", "activity"]
@@ -280,6 +296,7 @@ def _check(config: Config) -> None:
         _check_routes(f"$.processors[{index}]", processor, config)
     for index, connection in enumerate(config.connections):
         _check_settings(f"$.connections[{index}]", connection)
+        _check_failover(f"$.connections[{index}].failover", connection, config)
 
 
 _CONVERSATION_TYPES = ("direct", "group", "channel", "thread")
@@ -301,6 +318,24 @@ def _check_routes(path: str, processor: Processor, config: Config) -> None:
             if part not in PART_TYPES:
                 raise ConfigError(f"{path}.routes[{index}].parts[{at}]: {part!r} is not one of "
                                   + ", ".join(sorted(PART_TYPES)))
+
+
+def _check_failover(path: str, connection: Connection, config: Config) -> None:
+    """A failover names another connection of the same tenant, after a real duration, and following
+    failovers from there never comes back (A→B→A would send one message around forever)."""
+    failover = connection.failover
+    if failover is None:
+        return
+    _check_duration(f"{path}.after_seconds", failover.after_seconds)
+    target = config.connection(failover.to)
+    if target is None or target.tenant != connection.tenant or target.id == connection.id:
+        raise ConfigError(f"{path}.to: no other connection {failover.to!r} of tenant {connection.tenant!r}")
+    chain = [connection.id]
+    while target is not None:
+        if target.id in chain:
+            raise ConfigError(f"{path}.to: failover goes round in a cycle: {' -> '.join([*chain, target.id])}")
+        chain.append(target.id)
+        target = config.connection(target.failover.to) if target.failover is not None else None
 
 
 def _check_installed(path: str, name: str, group: str, what: str) -> None:

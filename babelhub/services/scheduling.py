@@ -97,6 +97,11 @@ class Scheduler:
                                       dedup=(status.id,))
         return True
 
+    async def take(self, tenant: str, message_id: str) -> Held | None:
+        """Drop a tenant's held message before it is released, reporting nothing (a failover timer that
+        is no longer needed); None when there is none to take."""
+        return await self._take(held_key(tenant, message_id))
+
     async def release_due(self) -> int:
         """Release every held message that is due and whose partition this process holds."""
         released = 0

@@ -128,15 +128,16 @@ async def measure(hub_port: int, fake: str, name: str, rate: float, seconds: flo
 
 
 async def answers(fake: str, sent: dict[str, float], timeout: float) -> tuple[list[float], float]:
-    """Latencies (ms) of the answers that reached the fake API (an example app answers "echo: <text>"),
-    and the delivered rate; the fake API's record is reset afterwards."""
+    """Latencies (ms) of the answers that reached the fake API, and the delivered rate; the fake API's
+    record is reset afterwards."""
     deadline = time.time() + timeout
     arrivals: dict[str, float] = {}
     async with aiohttp.ClientSession() as session:
         while time.time() < deadline:
             async with session.get(fake + "/stats") as response:
                 seen = json.loads(await response.text())
-            arrivals = {text.removeprefix("echo: "): at for text, at in seen if text.removeprefix("echo: ") in sent}
+            # An example app answers "echo: <text>" or "You said: <text>": the load's own text is the end.
+            arrivals = {text.rpartition(": ")[2]: at for text, at in seen if text.rpartition(": ")[2] in sent}
             if len(arrivals) >= len(sent):
                 break
             await asyncio.sleep(0.25)

@@ -45,7 +45,8 @@ async def serve(url: str, tenant: str, group: str, consumer: str) -> None:
     print(f"reading {inbound} as {group}/{consumer}", flush=True)
     since = "0"  # first what this consumer read before and did not acknowledge, then new entries
     while True:
-        streams = await client.xreadgroup(group, consumer, {inbound: since}, count=100, block=5000)
+        # Blocks less than redis-py's socket timeout (5 s), which would end a longer wait with an error.
+        streams = await client.xreadgroup(group, consumer, {inbound: since}, count=100, block=2000)
         entries = [entry for _, items in streams or [] for entry in items]
         if since == "0" and not entries:
             since = ">"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -32,6 +35,8 @@ from tests.hubkit import (
 )
 
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -367,3 +372,30 @@ async def test_a_background_task_that_swallows_its_cancellation_does_not_hold_th
     await asyncio.sleep(0)
     await asyncio.wait_for(hub.stop(), 30)
     assert swallowed.is_set()
+
+
+async def test_the_example_nats_processor_answers_through_the_hub(
+        nats_server: EmbeddedServer, telegram_api: FakeApi, start_hub: StartHub, tmp_path: Path) -> None:
+    hub = await start_hub(telegram_config(nats_server.url, telegram_api.base_url))
+    log = tmp_path / "example.log"
+    example = run_example("nats_processor.py", log, "--nats", nats_server.url, "--prefix", hub.subjects.prefix,
+                          "--tenant", TENANT)
+    try:
+        await eventually(lambda: b"answering" in log.read_bytes(), timeout=30)
+        url = hub.http_url + "/webhooks/telegram/tg"
+        async with aiohttp.ClientSession() as session, session.post(
+                url, json=telegram_update(1, 42, "ping"), headers=HEADERS) as response:
+            assert response.status == 200
+        await eventually(lambda: [r.json()["text"] for r in telegram_api.requests
+                                  if r.path.endswith("/sendMessage")] == ["echo: ping"], timeout=30)
+        assert example.poll() is None, log.read_text()
+    finally:
+        example.kill()
+        example.wait()
+
+
+def run_example(name: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`python examples/<name> ARGS` as a user runs it, its output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, str(ROOT / "examples" / name), *args], stdout=out,
+                                stderr=subprocess.STDOUT)

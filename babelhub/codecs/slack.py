@@ -76,7 +76,7 @@ from babelhub.codecs.base import (
 from babelhub.codecs.settings import ConnectionOptions, MissingSetting, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
 
-__all__ = ["SlackCodec", "emoji_from_name", "mrkdwn_to_markdown", "sign", "slack_emoji_name"]
+__all__ = ["SlackCodec", "SlackSecrets", "emoji_from_name", "mrkdwn_to_markdown", "sign", "slack_emoji_name"]
 
 CHANNEL: Final = "slack"
 

@@ -45,6 +45,7 @@ import msgspec
 from aiohttp import WSMsgType
 
 from babelhub.codecs.base import HttpRequest
+from babelhub.codecs.slack import SlackSecrets
 from babelhub.errors import DecodeError, PayloadTooLarge
 from babelhub.plugins import InboundSource, Services
 from babelhub.services.connections import ConnectionService
@@ -54,8 +55,6 @@ from babelhub.services.supervise import TaskHealth
 __all__ = ["SlackSocketMode"]
 
 log = logging.getLogger("babelhub.slack_socket")
-
-CHANNEL: Final = "slack"
 
 HELLO_TIMEOUT: Final = 10.0
 """Seconds a new socket may take to say `hello` before it is given up and another one asked for."""
@@ -87,7 +86,7 @@ class SlackSocketMode(InboundSource):
 
     @classmethod
     def check(cls, connection: ConnectionService) -> str:
-        if connection.channel != CHANNEL:
+        if not issubclass(connection.codec.secret_settings, SlackSecrets):  # a codec speaking Slack's API
             return f"channel {connection.channel} has no Slack Socket Mode; use mode = \"webhook\""
         if not connection.settings.secrets.get("app_token"):
             return ("Slack Socket Mode needs secrets.app_token, an app-level token (xapp-…) with the "

@@ -375,11 +375,13 @@ async def all_replied_once_in_order(fake_api: FakeApi, app: ClusterApp, nc: NATS
     # instant (a few percent of the traffic here); none without such a stop.
     stops = [name for name in events or {} if name.startswith(("kill", "freeze"))]
     assert len(abandoned) <= len(stops) * len(expected) // 20, f"ambiguous sends: {sorted(abandoned)}"
-    assert sorted(text for _, text in sends) == sorted(f"re:{text}" for text in expected
-                                                       if f"re:{text}" not in abandoned)
+    # An ambiguous call may or may not have reached the channel (once: the ledger never sent it again).
+    sure = [(to, text) for to, text in sends if text not in abandoned]
+    assert sorted(text for _, text in sure) == sorted(f"re:{text}" for text in expected
+                                                      if f"re:{text}" not in abandoned)
     for chat_id, texts in traffic.sent.items():
-        assert [text for to, text in sends if to == chat_id] == [f"re:{text}" for text in texts
-                                                                if f"re:{text}" not in abandoned], (
+        assert [text for to, text in sure if to == chat_id] == [f"re:{text}" for text in texts
+                                                               if f"re:{text}" not in abandoned], (
             f"chat {chat_id}: the app was handed its messages in this order: "
             f"{[text for text in app.texts if text.startswith(f'c{chat_id}m')]}")
     assert sorted(app.texts) == sorted(expected)  # each handed to the app, under one envelope id each

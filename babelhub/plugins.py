@@ -17,9 +17,10 @@ hub's services and before its actors, and is stopped after the actors have passi
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Final, Literal, Protocol, TypeVar
 
 import aiohttp
 import msgspec
@@ -30,13 +31,16 @@ from babelhub import canonical as c
 from babelhub import entrypoints
 from babelhub.codecs.settings import Settings
 from babelhub.errors import ConfigError, DecodeError
+from babelhub.services.apikeys import ApiKeys, Caller
+from babelhub.services.apikeys import Refused as KeyRefused
 from babelhub.services.config import SOURCES, TRANSPORTS, Config, Processor
 from babelhub.services.connections import ConnectionService
 from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
-from babelhub.services.ingest import Ingest
-from babelhub.services.outbox import Outbox
+from babelhub.services.ingest import NATS_UNAVAILABLE, Ingest
+from babelhub.services.outbox import Outbox, Refusal
 from babelhub.services.ownership import Ownership
+from babelhub.services.rest import Endpoint, RateLimits, Refused
 from babelhub.services.routing import routed_to
 from babelhub.services.supervise import TaskHealth
 
@@ -53,13 +57,20 @@ __all__ = [
     "OnInbound",
     "Plugin",
     "ProcessorTransport",
+    "RestApi",
     "Services",
     "Spawn",
+    "bearer",
     "installed_apis",
     "load_api",
     "load_source",
     "load_transport",
 ]
+
+log = logging.getLogger("babelhub.plugins")
+
+RETRY_AFTER_SECONDS: Final = 2
+"""What a REST call met with NATS unavailable is told to wait."""
 
 APIS = "babelhub.apis"
 """The entry-point group of APIs: every class registered there is built (none is chosen in the config)."""
@@ -103,6 +114,10 @@ class Services:
     poller) runs where `owns(ctx.subjects.partition(tenant, connection))`."""
     outbox: Outbox
     """Where a processor's outbound envelopes enter the hub, whatever carried them (`Outbox.submit`)."""
+    keys: ApiKeys
+    """Who a REST call or a client session comes from (tenants' keys, the operator's)."""
+    limits: RateLimits
+    """Per-tenant and per-key request rates of the REST API (`RestApi` applies them)."""
 
 
 class ExplainedSocket(web.WebSocketResponse):
@@ -224,6 +239,68 @@ class Api(Plugin):
 
     def __init__(self, services: Services) -> None:
         self.services = services
+
+
+class RestApi(Api):
+    """An API of REST endpoints (`babelhub.services.rest`): each is served with the caller's key checked
+    for the scope it needs, the caller's rate limits applied, and every refusal in the one error shape;
+    the hub's `/openapi.json` is made of every `RestApi`'s `endpoints()`."""
+
+    def endpoints(self) -> list[Endpoint]:
+        return []
+
+    def routes(self) -> list[web.RouteDef]:
+        by_path: dict[str, dict[str, Endpoint]] = {}
+        for endpoint in self.endpoints():
+            by_path.setdefault(endpoint.path, {})[endpoint.method] = endpoint
+        return [web.route("*", path, functools.partial(self._serve, methods)) for path, methods in by_path.items()]
+
+    async def _serve(self, methods: dict[str, Endpoint], request: web.Request) -> web.StreamResponse:
+        try:
+            caller = await self._caller(request)
+            endpoint = methods.get(request.method)
+            if endpoint is None:
+                allowed = ", ".join(methods)
+                raise Refused(405, "method_not_allowed", f"{request.path} takes {allowed}", "", {"Allow": allowed})
+            _check_need(caller, endpoint)
+            await self.services.limits.admit(caller)
+            return await endpoint.handler(request, caller)
+        except Refused as refused:
+            return _refusal(refused, refused.headers)
+        except Refusal as refusal:
+            return _refusal(refusal)
+        except NATS_UNAVAILABLE as exc:
+            log.warning("%s %s met NATS unavailable: %r", request.method, request.path, exc)
+            return _refusal(Refusal(503, "unavailable", "the hub cannot reach its streams right now; retry later"),
+                            {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    async def _caller(self, request: web.Request) -> Caller:
+        try:
+            return await self.services.keys.authenticate(bearer(request.headers.get("Authorization", "")))
+        except KeyRefused as exc:
+            raise Refused(401, "unauthenticated", f"{exc}: send `Authorization: Bearer <API key>`", "",
+                          {"WWW-Authenticate": "Bearer"}) from None
+
+
+def bearer(authorization: str) -> str:
+    """The credential of an `Authorization: Bearer <credential>` header, or ""."""
+    scheme, _, value = authorization.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _check_need(caller: Caller, endpoint: Endpoint) -> None:
+    if endpoint.need == "operator":
+        if not caller.operator:
+            raise Refusal(403, "forbidden", "this needs the operator key (hub.operator_key)")
+    elif caller.operator:
+        raise Refusal(403, "forbidden", "the operator key manages tenants; it reads and sends for none: "
+                                        "use a key of the tenant")
+    elif not caller.may(endpoint.need):
+        raise Refusal(403, "forbidden", f"this needs a key with scope {endpoint.need!r}")
+
+
+def _refusal(refusal: Refusal, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(refusal.body(), status=refusal.status, headers=headers)
 
 
 def _declared(struct: type[Settings] | None, given: Mapping[str, Any]) -> Settings | None:

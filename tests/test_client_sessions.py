@@ -29,7 +29,7 @@ from babelhub.hub.cli import main as cli_main
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from babelhub.sessions import clients
-from babelhub.sessions.auth import ApiKeys, Refused, SessionRequest, SessionTokens
+from babelhub.sessions.auth import Refused, SessionRequest, SessionTokens
 from babelhub.sessions.frames import schemas
 from babelhub.sessions.tokens import load_session_key
 from tests.fakeapi import FakeApi
@@ -748,12 +748,3 @@ def test_a_token_carries_its_scope_until_it_expires() -> None:
     now[0] = expires
     with pytest.raises(Refused, match="expired"):
         tokens.credential(token)
-
-
-def test_api_keys_name_their_tenant() -> None:
-    keys = ApiKeys([cfg.Tenant(id="a", api_keys=["ka1", "ka2"]), cfg.Tenant(id="b", api_keys=["kb"]),
-                    cfg.Tenant(id="c")])
-    assert [keys.credential(key).tenant for key in ("ka1", "ka2", "kb")] == ["a", "a", "b"]
-    for wrong in ("", "ka", "ka1 ", "KB"):
-        with pytest.raises(Refused):
-            keys.credential(wrong)

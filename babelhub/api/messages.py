@@ -24,7 +24,6 @@ stream, shared by every hub process (`history`): a status that is not a step for
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import msgspec
@@ -33,38 +32,54 @@ from nats.aio.msg import Msg
 
 from babelhub import canonical as c
 from babelhub.errors import DecodeError
-from babelhub.plugins import Api, Services
+from babelhub.plugins import RestApi, Services
+from babelhub.services.apikeys import Caller
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.history import MESSAGE_ID, History, MessageHistory, is_message_id
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.outbox import Refusal
-from babelhub.sessions.auth import ApiKeys, Refused, bearer
+from babelhub.services.rest import Endpoint, Param, read_body
 
-__all__ = ["HISTORY_CONSUMER", "RETRY_AFTER_SECONDS", "MessagesApi"]
+__all__ = ["HISTORY_CONSUMER", "MessagesApi"]
 
 log = logging.getLogger("babelhub.api.messages")
 
-RETRY_AFTER_SECONDS: Final = 2
 HISTORY_CONSUMER: Final = "message-history"
 """The durable consumer on the statuses stream that appends each status to its message's history."""
 _NAK_SECONDS: Final = 1.0
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+class SendAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    conversation: str
+    status: str
+    duplicate: bool
 
 
-class MessagesApi(Api):
-    """`POST /v1/messages` and `GET /v1/messages/{id}`, and the consumer that keeps the histories."""
+class CancelAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    state: str
+
+
+class MessagesApi(RestApi):
+    """`POST /v1/messages`, `GET` and `DELETE /v1/messages/{id}`, and the consumer that keeps the histories."""
 
     name = "messages"
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
-        self._keys = ApiKeys(services.config.tenants)
         self._history: MessageHistory | None = None
 
-    def routes(self) -> list[web.RouteDef]:
-        return [web.route("*", "/v1/messages", self._answering({"POST": self._send})),
-                web.route("*", "/v1/messages/{id}", self._answering({"GET": self._status, "DELETE": self._cancel}))]
+    def endpoints(self) -> list[Endpoint]:
+        return [
+            Endpoint("POST", "/v1/messages", self._send, "send", "Send a canonical outbound message",
+                     body=c.Message, answer=SendAnswer, status=202,
+                     params=(Param("Idempotency-Key", "the same key: the same id, sent once", "header"),)),
+            Endpoint("GET", "/v1/messages/{id}", self._status, "read", "A message's status history",
+                     answer=History),
+            Endpoint("DELETE", "/v1/messages/{id}", self._cancel, "send",
+                     "Cancel a message held for later (send_at, quiet hours)", answer=CancelAnswer),
+        ]
 
     async def start(self) -> None:
         ctx = self.services.ctx
@@ -80,56 +95,25 @@ class MessagesApi(Api):
 
     # ------------------------------------------------------------------------------------ requests
 
-    def _answering(self, methods: dict[str, Callable[[web.Request, str], Awaitable[web.Response]]]) -> Handler:
-        """One route's handler: the method chosen, the caller's tenant found, and every refusal answered
-        in the one error shape."""
-
-        async def handle(request: web.Request) -> web.Response:
-            try:
-                tenant = self._tenant(request)
-                method = methods.get(request.method)
-                if method is None:
-                    allowed = ", ".join(methods)
-                    raise _Refused(Refusal(405, "method_not_allowed", f"{request.path} takes {allowed}"),
-                                   {"Allow": allowed})
-                return await method(request, tenant)
-            except Refusal as refusal:
-                return _error(refusal)
-            except _Refused as refused:
-                return _error(refused.refusal, refused.headers)
-            except NATS_UNAVAILABLE as exc:
-                log.warning("%s %s met NATS unavailable: %r", request.method, request.path, exc)
-                return _error(Refusal(503, "unavailable", "the hub cannot reach its streams right now; retry later"),
-                              {"Retry-After": str(RETRY_AFTER_SECONDS)})
-
-        return handle
-
-    def _tenant(self, request: web.Request) -> str:
-        try:
-            return self._keys.credential(bearer(request.headers.get("Authorization", ""))).tenant
-        except Refused as exc:
-            raise _Refused(Refusal(401, "unauthenticated", f"{exc}: send `Authorization: Bearer <tenant API key>`"),
-                           {"WWW-Authenticate": "Bearer"}) from None
-
-    async def _send(self, request: web.Request, tenant: str) -> web.Response:
-        body = await _body(request, self.services.config.hub.max_body_bytes)
-        accepted = await self.services.outbox.submit(tenant, body,
+    async def _send(self, request: web.Request, caller: Caller) -> web.Response:
+        body = await read_body(request, self.services.config.hub.max_body_bytes)
+        accepted = await self.services.outbox.submit(caller.tenant, body,
                                                      idempotency_key=request.headers.get("Idempotency-Key", ""))
         return web.json_response({"id": accepted.id, "conversation": accepted.conversation,
                                   "status": accepted.status, "duplicate": accepted.duplicate},
                                  status=200 if accepted.duplicate else 202)
 
-    async def _status(self, request: web.Request, tenant: str) -> web.Response:
+    async def _status(self, request: web.Request, caller: Caller) -> web.Response:
         message_id = request.match_info["id"]
         if not is_message_id(message_id):
             raise Refusal(400, "invalid", f"a message id matches {MESSAGE_ID}", "id")
-        history = await self.history.get(tenant, message_id)
+        history = await self.history.get(caller.tenant, message_id)
         if history is None:  # another tenant's message is answered the same: nothing leaks
             raise Refusal(404, "not_found", f"no message {message_id!r}", "id")
         return web.json_response(_answer(history))
 
-    async def _cancel(self, request: web.Request, tenant: str) -> web.Response:
-        message_id = request.match_info["id"]
+    async def _cancel(self, request: web.Request, caller: Caller) -> web.Response:
+        message_id, tenant = request.match_info["id"], caller.tenant
         if not is_message_id(message_id):
             raise Refusal(400, "invalid", f"a message id matches {MESSAGE_ID}", "id")
         scheduler = self.services.ctx.scheduler
@@ -172,34 +156,7 @@ class MessagesApi(Api):
         await msg.term()
 
 
-class _Refused(Exception):
-    """A refusal answered with headers of its own."""
-
-    def __init__(self, refusal: Refusal, headers: dict[str, str]) -> None:
-        super().__init__(refusal.message)
-        self.refusal = refusal
-        self.headers = headers
-
-
-async def _body(request: web.Request, limit: int) -> bytes:
-    too_large = Refusal(413, "too_large", f"the body is larger than the hub's limit of {limit} bytes "
-                                          "(hub.max_body_bytes)")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
-    if len(body) > limit:
-        raise too_large
-    return body
-
-
 def _answer(history: History) -> dict[str, Any]:
     document: dict[str, Any] = msgspec.to_builtins(history)
     document["state"] = history.state
     return document
-
-
-def _error(refusal: Refusal, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(refusal.body(), status=refusal.status, headers=headers)

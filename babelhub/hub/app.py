@@ -20,6 +20,7 @@ embedded server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -31,6 +32,7 @@ import aiohttp
 from aiohttp import web
 from nats.aio.client import Client
 
+import babelhub
 from babelhub.actors.connection import ConnectionActor, RawDelivery
 from babelhub.actors.conversation import ConversationActor, ConversationMessage
 from babelhub.actors.runtime import ActorSystem
@@ -43,6 +45,7 @@ from babelhub.plugins import (
     InboundSource,
     Plugin,
     ProcessorTransport,
+    RestApi,
     Services,
     installed_apis,
     load_api,
@@ -50,6 +53,7 @@ from babelhub.plugins import (
     load_transport,
 )
 from babelhub.redaction import SecretMask
+from babelhub.services.apikeys import ApiKeys
 from babelhub.services.broker import EmbeddedServer, Subjects, provision
 from babelhub.services.config import Config, channel_codec
 from babelhub.services.connections import ConnectionService
@@ -63,6 +67,7 @@ from babelhub.services.ingest import Ingest, check_body_limit
 from babelhub.services.outbox import Outbox
 from babelhub.services.ownership import Ownership, lease_bucket, member_id
 from babelhub.services.publisher import Publisher
+from babelhub.services.rest import Rate, RateLimits, openapi
 from babelhub.services.scheduling import Scheduler
 from babelhub.services.supervise import TaskHealth, supervise
 from babelhub.services.telemetry import Metrics, mask_logs, setup_tracing
@@ -84,6 +89,7 @@ class _Running:
     outbox: Outbox
     consumers: Consumers
     ownership: Ownership
+    services: Services
     transports: list[ProcessorTransport]
     sources: list[InboundSource]
     apis: list[Api]
@@ -144,6 +150,11 @@ class Hub:
     @property
     def outbox(self) -> Outbox:
         return self._started().outbox
+
+    @property
+    def services(self) -> Services:
+        """What the hub hands its plug-ins (the API keys among them)."""
+        return self._started().services
 
     @property
     def inflight(self) -> InFlight:
@@ -221,10 +232,13 @@ class Hub:
         ingest = Ingest(publisher, self.subjects, dead_letters)
         outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")),
                         await MessageHistory.open(js, self.subjects))
+        keys = ApiKeys(await js.key_value(self.subjects.bucket("keys")),
+                       [(tenant.id, key) for tenant in self.config.tenants for key in tenant.api_keys],
+                       settings.operator_key)
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
                             consume=consumers.consume, follow=consumers.follow, ownership=ownership,
-                            outbox=outbox)
-        self._running = _Running(ctx, ingest, outbox, consumers, ownership, self._transports(services),
+                            outbox=outbox, keys=keys, limits=RateLimits(self._tenant_rate))
+        self._running = _Running(ctx, ingest, outbox, consumers, ownership, services, self._transports(services),
                                  self._sources(services), [load_api(name)(services) for name in installed_apis()])
         await self.http.mount(stack, self._routes(self._running.plugins))
         for plugin in self._running.plugins:
@@ -242,6 +256,14 @@ class Hub:
         await self.http.listen(stack)
         self.ready = True
 
+    async def _tenant_rate(self, tenant_id: str) -> Rate:
+        settings = self.config.hub
+        tenant = next((t for t in self.config.tenants if t.id == tenant_id), None)
+        per_second = tenant.requests_per_second if tenant and tenant.requests_per_second is not None else None
+        burst = tenant.burst if tenant and tenant.burst is not None else None
+        return Rate(settings.requests_per_second if per_second is None else per_second,
+                    settings.request_burst if burst is None else burst)
+
     def _embedded_users(self) -> list[NatsUser]:
         """The hub's own user (first) and one per tenant, for the embedded server."""
         key = load_key(self.config.hub.data_dir)
@@ -255,6 +277,7 @@ class Hub:
         # A password inside a secret URL (a Redis URL) may show up alone in a client's error text.
         values += [_url_password(value) for processor in self.config.processors for value in processor.secrets.values()]
         values += [key for tenant in self.config.tenants for key in tenant.api_keys]
+        values += [self.config.hub.operator_key, self.config.hub.master_key]
         values += [urlsplit(url).password or "" for url in self.config.hub.nats.split(",")]
         return values + [user.password for user in users]
 
@@ -338,8 +361,15 @@ class Hub:
 
     def _routes(self, plugins: list[Plugin]) -> list[web.RouteDef]:
         """Every part's routes, and the hub's own: health, readiness and metrics."""
-        own = [web.get("/healthz", self._healthz), web.get("/readyz", self._readyz), web.get("/metrics", self._metrics)]
+        document = openapi((e for plugin in plugins if isinstance(plugin, RestApi) for e in plugin.endpoints()),
+                           babelhub.__version__)
+        own = [web.get("/healthz", self._healthz), web.get("/readyz", self._readyz), web.get("/metrics", self._metrics),
+               web.get("/openapi.json", functools.partial(self._openapi, document))]
         return [route for plugin in plugins for route in plugin.routes()] + own
+
+    async def _openapi(self, document: dict[str, Any], _: web.Request) -> web.Response:
+        """The OpenAPI document of every REST endpoint the installed APIs serve."""
+        return web.json_response(document)
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

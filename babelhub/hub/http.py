@@ -29,6 +29,11 @@ class HttpServer:
         await self._runner.setup()
         stack.push_async_callback(self._runner.cleanup)
 
+    @property
+    def app(self) -> web.Application:
+        assert self._runner is not None, "mount() comes first"
+        return self._runner.app
+
     async def listen(self, stack: AsyncExitStack) -> None:
         """Start accepting connections on `hub.http`; `stack` stops listening (first thing at shutdown)."""
         assert self._runner is not None, "mount() comes first"

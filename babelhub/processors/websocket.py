@@ -52,15 +52,15 @@ from nats.js.errors import NotFoundError
 
 from babelhub import canonical as c
 from babelhub.errors import DecodeError
-from babelhub.plugins import ExplainedSocket, ProcessorTransport, Services
+from babelhub.plugins import ExplainedSocket, ProcessorTransport, Services, bearer
 from babelhub.processors import websocket_frames as f
+from babelhub.services.apikeys import Refused
 from babelhub.services.config import Processor
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.inflight import Held, InFlight
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.outbox import Outbox, Refusal
 from babelhub.services.routing import hops_of
-from babelhub.sessions.auth import ApiKeys, Refused, bearer
 
 __all__ = ["FETCH_SECONDS", "MAX_BAD_FRAMES", "OUTBOX_EXTRA", "PATH", "REPLACED", "TOO_MANY_ERRORS", "TOO_SLOW",
            "WebSocketOptions", "WebSocketTransport"]
@@ -105,7 +105,6 @@ class WebSocketTransport(ProcessorTransport):
         self.options = self.read("options", WebSocketOptions)
         self._siblings = self._hubs.setdefault(services.outbox, {})
         self._siblings[processor.id] = self
-        self._keys = ApiKeys(services.config.tenants)
         self._inflight = InFlight(services.config.hub.ack_wait_seconds)
         self.next_subject = (f"{JS_API}.CONSUMER.MSG.NEXT.{services.ctx.subjects.stream_name('messages')}."
                              f"processor-{processor.id}")
@@ -187,10 +186,13 @@ class WebSocketTransport(ProcessorTransport):
 
     async def _socket(self, request: web.Request) -> web.StreamResponse:
         try:
-            tenant = self._keys.credential(bearer(request.headers.get("Authorization", ""))).tenant
+            caller = await self.services.keys.authenticate(bearer(request.headers.get("Authorization", "")))
         except Refused as exc:
             return _error(401, "unauthenticated", f"{exc}: send `Authorization: Bearer <tenant API key>`", "",
                           headers={"WWW-Authenticate": "Bearer"})
+        if caller.operator or not (caller.may("read") and caller.may("send")):
+            return _error(403, "forbidden", "a processor needs a tenant key with scopes 'read' and 'send'", "")
+        tenant = caller.tenant
         named = request.query.get("processor", "")
         ours = [transport for transport in self._siblings.values() if transport.processor.tenant == tenant]
         if not named and len(ours) > 1:

@@ -109,6 +109,21 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     """A channel API call unanswered this long is given up: its outcome is then unknown (ambiguous), and
     it is reconciled rather than made again (README "Delivery guarantees")."""
     """Longest pause between two probes of a failing channel (the pauses double from half a second)."""
+    operator_key: str = ""
+    """The key that manages tenants and their keys over the admin API (`BABELHUB_OPERATOR_KEY`); empty:
+    tenants are managed with the `babelhub tenant` and `babelhub key` commands only."""
+    master_key: str = ""
+    """The key (32 bytes, URL-safe base64) that encrypts the secrets of connections made over the API
+    (`BABELHUB_MASTER_KEY`); or `master_key_file`."""
+    master_key_file: str = ""
+    """A file holding the master key (made by `babelhub master-key new`)."""
+    requests_per_second: float = 50.0
+    """Each tenant's REST requests per second (per hub process), unless the tenant says otherwise."""
+    request_burst: int = 100
+    retention_days: int = 7
+    """Days messages and raw records are kept, unless the tenant says otherwise."""
+    directory_cache_seconds: float = 60.0
+    """How long a channel's directory (its chats, contacts, channels) is cached."""
     log_level: str = "info"
     tracing: Literal["propagate", "console"] = "propagate"
     """OpenTelemetry: `propagate` carries the W3C trace context end to end without recording spans;
@@ -118,6 +133,13 @@ class HubSettings(_Table, frozen=True, kw_only=True):
 class Tenant(_Table, frozen=True, kw_only=True):
     id: str
     api_keys: list[str] = []
+    """Keys with every scope of this tenant (README "Tenants and API keys"); more are made at run time."""
+    requests_per_second: float | None = None
+    """This tenant's REST rate limit; unset: `hub.requests_per_second`."""
+    burst: int | None = None
+    """Requests this tenant may make at once above its rate; unset: `hub.request_burst`."""
+    retention_days: int | None = None
+    """Days this tenant's messages and raw records are kept; unset: `hub.retention_days`."""
 
 
 class Failover(_Table, frozen=True, kw_only=True):

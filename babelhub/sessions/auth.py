@@ -1,6 +1,7 @@
 """Who a client session is: a tenant API key, or a session token issued by `POST /v1/sessions`.
 
-An API key (`tenants[].api_keys`) may read and send in every conversation of its tenant. A session
+An API key (`babelhub.services.apikeys`) may read and send in every conversation of its tenant, as its
+scopes allow. A session
 token is the short-lived, narrower credential a backend hands to a browser: signed claims (tenant,
 conversations, rights, expiry) under a key the hub keeps in the `<prefix>_clients` KV bucket, so every
 hub process on the same NATS accepts it and the hub keeps no state per token. A token is
@@ -21,11 +22,10 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from babelhub.services.config import Tenant
 from babelhub.sessions.frames import ConversationId, ConversationIds, decode_json
 
-__all__ = ["DEFAULT_TOKEN_TTL", "MAX_TOKEN_TTL", "ApiKeys", "Credential", "Refused", "SessionRequest",
-           "SessionTokens", "bearer", "read_request"]
+__all__ = ["DEFAULT_TOKEN_TTL", "MAX_TOKEN_TTL", "Credential", "IssuedToken", "Refused", "SessionRequest",
+           "SessionTokens", "read_request"]
 
 Right = Literal["read", "send"]
 MAX_TOKEN_TTL: Final = 3600
@@ -51,30 +51,6 @@ class Credential:
         return in_scope and right in self.rights
 
 
-class ApiKeys:
-    """The tenants' API keys, compared in constant time: the digest of a presented key is compared with
-    every configured key's, so neither the answer's time nor an early exit tells how close a guess was."""
-
-    def __init__(self, tenants: list[Tenant]) -> None:
-        self._keys = [(_digest(key), tenant.id) for tenant in tenants for key in tenant.api_keys if key]
-
-    def credential(self, key: str) -> Credential:
-        presented = _digest(key)
-        tenant = ""
-        for digest, owner in self._keys:
-            if hmac.compare_digest(digest, presented):
-                tenant = owner
-        if not tenant:
-            raise Refused("unknown API key")
-        return Credential(tenant=tenant, rights=frozenset(("read", "send")))
-
-
-def bearer(authorization: str) -> str:
-    """The credential of an `Authorization: Bearer <credential>` header, or ""."""
-    scheme, _, value = authorization.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else ""
-
-
 class SessionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The body of `POST /v1/sessions`."""
 
@@ -82,6 +58,16 @@ class SessionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     rights: Annotated[list[Right], msgspec.Meta(min_length=1, max_length=2)] = msgspec.field(
         default_factory=lambda: ["read"])
     ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKEN_TTL)] = DEFAULT_TOKEN_TTL
+
+
+class IssuedToken(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer of `POST /v1/sessions`."""
+
+    token: str
+    expires_at: str
+    tenant: str
+    conversations: list[str]
+    rights: list[Right]
 
 
 _requests = msgspec.json.Decoder(SessionRequest)

@@ -36,12 +36,15 @@ from prometheus_client import Counter, Gauge
 
 from babelhub import canonical as c
 from babelhub.errors import DecodeError, PayloadTooLarge
-from babelhub.plugins import Api, ExplainedSocket, Services
+from babelhub.plugins import ExplainedSocket, RestApi, Services, bearer
+from babelhub.services.apikeys import Caller
+from babelhub.services.apikeys import Refused as KeyRefused
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.outbox import Refusal
+from babelhub.services.rest import Endpoint, read_body
 from babelhub.sessions import frames as f
-from babelhub.sessions.auth import ApiKeys, Credential, Refused, SessionTokens, bearer, read_request
+from babelhub.sessions.auth import Credential, IssuedToken, Refused, SessionRequest, SessionTokens, read_request
 from babelhub.sessions.feed import Feeds, Follower, Key, LiveFeed, Stored
 from babelhub.sessions.limits import AddressSlots, FrameBudgets
 from babelhub.sessions.tokens import load_session_key
@@ -75,7 +78,7 @@ class _Closed(Exception):
         self.reason = reason
 
 
-class ClientSessions(Api):
+class ClientSessions(RestApi):
     """The `clients` API: `POST /v1/sessions` and `WebSocket /ws`."""
 
     name = "clients"
@@ -83,7 +86,6 @@ class ClientSessions(Api):
     def __init__(self, services: Services) -> None:
         super().__init__(services)
         settings = services.config.hub
-        self._keys = ApiKeys(services.config.tenants)
         self._tokens: SessionTokens | None = None
         self._addresses = AddressSlots(settings.max_sockets_per_ip)
         self._budgets = FrameBudgets(settings.session_frame_rate, settings.session_frame_burst)
@@ -112,7 +114,12 @@ class ClientSessions(Api):
         self._tokens = SessionTokens(key)
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.route("*", "/v1/sessions", self._issue), web.get("/ws", self._socket)]
+        return [*super().routes(), web.get("/ws", self._socket)]
+
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint("POST", "/v1/sessions", self._issue, "read",
+                         "Issue a session token for a client (conversations, rights, expiry)",
+                         body=SessionRequest, answer=IssuedToken, status=201)]
 
     async def stop(self) -> None:
         """Shutdown: every client is told the hub is going away (1001), so it reconnects later."""
@@ -122,27 +129,17 @@ class ClientSessions(Api):
 
     # ------------------------------------------------------------------------------ POST /v1/sessions
 
-    async def _issue(self, request: web.Request) -> web.Response:
-        """Errors in the one shape of the REST API (the `messages` API's): 401, 405, 400 with the JSON
-        path, 413 over `hub.max_body_bytes`."""
+    async def _issue(self, request: web.Request, caller: Caller) -> web.Response:
         try:
-            credential = self._keys.credential(bearer(request.headers.get("Authorization", "")))
-        except Refused as exc:
-            return _error(401, "unauthenticated", f"{exc}: send `Authorization: Bearer <tenant API key>`",
-                          headers={"WWW-Authenticate": "Bearer"})
-        if request.method != "POST":
-            return _error(405, "method_not_allowed", f"{request.path} takes POST", headers={"Allow": "POST"})
-        try:
-            asked = read_request(await request.read())
-        except web.HTTPRequestEntityTooLarge:
-            return _error(413, "too_large", f"the body is larger than the hub's limit of "
-                          f"{request.client_max_size} bytes (hub.max_body_bytes)")
+            asked = read_request(await read_body(request, self.services.config.hub.max_body_bytes))
         except DecodeError as exc:
-            return _error(400, "invalid", exc.reason, exc.path)
-        token, expires = self.tokens.issue(credential.tenant, asked)
+            raise Refusal(400, "invalid", exc.reason, exc.path) from None
+        if "send" in asked.rights and not caller.may("send"):
+            raise Refusal(403, "forbidden", "a token with the send right needs a key with scope 'send'", "$.rights")
+        token, expires = self.tokens.issue(caller.tenant, asked)
         return web.json_response({
             "token": token, "expires_at": datetime.fromtimestamp(expires, UTC).isoformat().replace("+00:00", "Z"),
-            "tenant": credential.tenant, "conversations": sorted(set(asked.conversations)),
+            "tenant": caller.tenant, "conversations": sorted(set(asked.conversations)),
             "rights": sorted(set(asked.rights))}, status=201)
 
     # ------------------------------------------------------------------------------------ WebSocket /ws
@@ -181,9 +178,9 @@ class ClientSessions(Api):
             if presented := bearer(request.headers.get("Authorization", "")):
                 if presented.startswith("v1.") and presented.count(".") == 2:
                     return self.tokens.credential(presented)
-                return self._keys.credential(presented)
+                return _key_credential(await self.services.keys.authenticate(presented))
             return self.tokens.credential(request.query.get("token", "") or await _auth_frame(session.socket))
-        except Refused as exc:
+        except (Refused, KeyRefused) as exc:
             await session.close(WSCloseCode.POLICY_VIOLATION, f"authentication failed: {exc}")
         except _Closed as closed:
             await session.close(closed.code, closed.reason)
@@ -502,8 +499,9 @@ def _start(since: f.Cursor | None, epoch: str, messages: StreamInfo, statuses: S
     return f.Cursor(epoch=epoch, messages=messages.state.last_seq, statuses=statuses.state.last_seq), False
 
 
-def _error(status: int, code: str, message: str, path: str = "", headers: dict[str, str] | None = None
-           ) -> web.Response:
-    """The one shape of the REST API's errors (`Refusal.body`): `path` is empty when what is wrong is
-    the request as a whole."""
-    return web.json_response(Refusal(status, code, message, path).body(), status=status, headers=headers)
+def _key_credential(caller: Caller) -> Credential:
+    """What an API key may do in client sessions: read and send in every conversation of its tenant, as
+    far as its scopes go (the operator key is no tenant's)."""
+    if caller.operator:
+        raise Refused("the operator key belongs to no tenant")
+    return Credential(tenant=caller.tenant, rights=frozenset(r for r in ("read", "send") if caller.may(r)))

@@ -67,15 +67,16 @@ async def load_session_key(js: JetStreamContext, subjects: Subjects, connection:
     """The connection's random session key from KV (bucket `<prefix>_<role>`, `replicas` copies, key
     `connection`), made on first use. When several hub processes start at once, the first write wins and
     the others read it. On a cluster a bucket just made answers once its stream is reachable from this
-    client's server, and a write may go unanswered while a leader is elected: tried again, a few times
-    (a write that landed unanswered is then read back, as another process's would be)."""
+    client's server, and a lookup or a write may go unanswered while a leader is elected or the meta
+    leader is busy with other processes' streams: tried again, a few times (a write that landed
+    unanswered is then read back, as another process's would be)."""
     bucket = subjects.bucket(role)
-    try:
-        kv = await js.key_value(bucket)
-    except (NotFoundError, BadRequestError):
-        kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
     for attempt in range(1, STORE_TRIES + 1):
         try:
+            try:
+                kv = await js.key_value(bucket)
+            except (NotFoundError, BadRequestError):
+                kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
             with contextlib.suppress(KeyWrongLastSequenceError):  # made before, by this process or another
                 await kv.create(connection, secrets.token_bytes(32))
             entry = await kv.get(connection)

@@ -33,6 +33,7 @@ from babelhub.codecs.settings import Settings
 from babelhub.errors import ConfigError, DecodeError
 from babelhub.services.apikeys import ApiKeys, Caller
 from babelhub.services.apikeys import Refused as KeyRefused
+from babelhub.services.audit import Audit
 from babelhub.services.config import SOURCES, TRANSPORTS, Config, Processor
 from babelhub.services.connections import ConnectionService
 from babelhub.services.context import HubContext
@@ -118,6 +119,8 @@ class Services:
     """Who a REST call or a client session comes from (tenants' keys, the operator's)."""
     limits: RateLimits
     """Per-tenant and per-key request rates of the REST API (`RestApi` applies them)."""
+    audit: Audit
+    """Where every admin action is recorded (who, what, when; never a secret value)."""
 
 
 class ExplainedSocket(web.WebSocketResponse):

@@ -54,6 +54,7 @@ from babelhub.plugins import (
 )
 from babelhub.redaction import SecretMask
 from babelhub.services.apikeys import ApiKeys
+from babelhub.services.audit import Audit
 from babelhub.services.broker import EmbeddedServer, Subjects, provision
 from babelhub.services.config import Config, channel_codec
 from babelhub.services.connections import ConnectionService
@@ -237,7 +238,8 @@ class Hub:
                        settings.operator_key)
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
                             consume=consumers.consume, follow=consumers.follow, ownership=ownership,
-                            outbox=outbox, keys=keys, limits=RateLimits(self._tenant_rate))
+                            outbox=outbox, keys=keys, limits=RateLimits(self._tenant_rate),
+                            audit=Audit(publisher, js, self.subjects))
         self._running = _Running(ctx, ingest, outbox, consumers, ownership, services, self._transports(services),
                                  self._sources(services), [load_api(name)(services) for name in installed_apis()])
         await self.http.mount(stack, self._routes(self._running.plugins))

@@ -83,6 +83,10 @@ class Subjects(msgspec.Struct, frozen=True):
     def dead_letter(self, tenant: str, stage: str) -> str:
         return f"{self.prefix}.{tenant}.dlq.{stage}"
 
+    def audit(self, tenant: str, action: str) -> str:
+        """Where an admin action on `tenant`'s things is kept (`babelhub.services.audit`)."""
+        return f"{self.prefix}.{tenant}.audit.{action}"
+
     def streams(self) -> dict[str, list[str]]:
         p = self.prefix
         return {
@@ -90,6 +94,7 @@ class Subjects(msgspec.Struct, frozen=True):
             "messages": [f"{p}.*.in.*", f"{p}.*.out.*", f"{p}.*.conv.*"],
             "statuses": [f"{p}.*.status.>"],
             "dead_letters": [f"{p}.*.dlq.>"],
+            "audit": [f"{p}.*.audit.>"],
         }
 
     def transform(self, role: str) -> SubjectTransform | None:

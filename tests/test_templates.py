@@ -7,7 +7,11 @@ and to both at once with `targets`; CRUD, validation with JSON paths, and isolat
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,13 +19,16 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.aio.client import Client as NATS
 
 from babelhub import canonical as c
+from babelhub.actors import conversation
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
 from babelhub.services.templates import (
     RENDERED_META,
+    WINDOW_TEMPLATE_META,
     NewTemplate,
     Template,
     TemplateError,
@@ -32,8 +39,10 @@ from babelhub.services.templates import (
     render,
 )
 from tests.fakeapi import FakeApi, Recorded, Reply
-from tests.hubkit import StartHub, telegram_responder, unique_prefix
+from tests.hubkit import Processor, StartHub, telegram_responder, unique_prefix
 
+FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
+APP_SECRET = "wa-app-secret"
 ACME, OTHER = "acme", "other"
 KEYS = {ACME: "acme-template-key", OTHER: "other-template-key"}
 WA_CHAT, TG_CHAT = "16505551234", "4242"
@@ -173,8 +182,8 @@ def responder(request: Recorded) -> Reply:
 def config(nats_url: str, api_base: str) -> cfg.Config:
     def whatsapp(connection: str, tenant: str) -> cfg.Connection:
         return cfg.Connection(id=connection, tenant=tenant, channel="whatsapp", api_base=f"{api_base}/whatsapp",
-                              secrets={"access_token": f"{tenant}-wa-token", "app_secret": "wa-app-secret"},
-                              options={"phone_number_id": "1122334455667"})
+                              secrets={"access_token": f"{tenant}-wa-token", "app_secret": APP_SECRET},
+                              options={"phone_number_id": "106540352242922"})
 
     return cfg.Config(
         hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix()),
@@ -367,3 +376,28 @@ async def test_another_tenants_template_does_not_exist(hub: Hub, http: aiohttp.C
     (raw,) = await sent(fake_api, "/messages")
     assert raw["template"]["name"] == "order_shipped"
     assert (await call(http, hub, "GET", "/v1/templates/order_shipped"))[0] == 200
+
+
+async def test_a_stored_template_can_stand_in_outside_the_whatsapp_window(
+        hub: Hub, http: aiohttp.ClientSession, fake_api: FakeApi, nats_client: NATS) -> None:
+    assert conversation.WINDOW_TEMPLATE_META == WINDOW_TEMPLATE_META  # the meta the actor reads
+    assert (await call(http, hub, "POST", "/v1/templates", ORDER_SHIPPED))[0] == 201
+    app = await Processor(nats_client, hub.subjects.prefix, ACME).start()
+    body = (FIXTURES / "text.json").read_bytes()  # the user (16505551234) writes: the window opens
+    signature = "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    async with http.post(f"{hub.http_url}/webhooks/whatsapp/wa", data=body, headers={
+            "Content-Type": "application/json", "X-Hub-Signature-256": signature}) as response:
+        assert response.status == 200
+    await app.next()
+    hub.ctx.clock = lambda: time.time() + 2 * 24 * 3600  # two days later: closed
+    named = {"name": "order_shipped", "language": "fr", "params": VALUES}
+    status, answer = await call(http, hub, "POST", "/v1/messages", {
+        "conversation": WA, "parts": [{"type": "text", "text": "free-form"}], "meta": {WINDOW_TEMPLATE_META: named}})
+    assert (status, answer["error"]["code"], answer["error"]["path"]) == (
+        400, "invalid_window_template", '$.meta["babelhub.window_template"].language')  # fr has no approved one
+    named["language"] = "en_US"
+    status, answer = await call(http, hub, "POST", "/v1/messages", {
+        "conversation": WA, "parts": [{"type": "text", "text": "free-form"}], "meta": {WINDOW_TEMPLATE_META: named}})
+    assert status == 202, answer
+    (whatsapp,) = await sent(fake_api, "/messages")
+    assert whatsapp["type"] == "template" and whatsapp["template"] == APPROVED

@@ -46,7 +46,16 @@ from babelhub.services.deadletters import DeadLetter
 from babelhub.services.history import MESSAGE_ID, MessageHistory, is_message_id
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, ORIGIN_HEADER
-from babelhub.services.templates import RENDERED_META, Template, TemplateError, Templates, render, rendered_meta
+from babelhub.services.templates import (
+    RENDERED_META,
+    WINDOW_TEMPLATE_META,
+    Template,
+    TemplateError,
+    Templates,
+    render,
+    rendered_meta,
+    window_template,
+)
 
 __all__ = ["IDEMPOTENCY_SECONDS", "MAX_IDEMPOTENCY_KEY", "Accepted", "Outbox", "Refusal"]
 
@@ -162,6 +171,7 @@ class Outbox:
         if RENDERED_META in envelope.meta:  # the hub's own: an app does not choose parts per target this way
             envelope = msgspec.structs.replace(
                 envelope, meta={key: value for key, value in envelope.meta.items() if key != RENDERED_META})
+        envelope = await self._window_template(envelope)
         stored = await self._stored_templates(envelope)
         if not stored:
             return envelope
@@ -176,6 +186,21 @@ class Outbox:
         if others := rendered_meta(by_connection, parts):
             meta[RENDERED_META] = others
         return msgspec.structs.replace(envelope, parts=parts, meta=meta)
+
+    async def _window_template(self, message: c.Message) -> c.Message:
+        """The message with meta `WINDOW_TEMPLATE_META` naming a stored template replaced by the approved
+        WhatsApp template it renders to (what the conversation actor sends outside the window)."""
+        named = message.meta.get(WINDOW_TEMPLATE_META)
+        if self.templates is None or not isinstance(named, dict) or not isinstance(named.get("name"), str):
+            return message
+        template = await self.templates.get(message.tenant, named["name"])
+        if template is None:
+            return message  # a raw approved template: the actor checks it
+        try:
+            approved = window_template(template, named, f'$.meta["{WINDOW_TEMPLATE_META}"]')
+        except TemplateError as exc:
+            raise Refusal(exc.status, exc.code, exc.message, exc.path) from None
+        return msgspec.structs.replace(message, meta={**message.meta, WINDOW_TEMPLATE_META: approved})
 
     async def _stored_templates(self, message: c.Message) -> dict[str, Template]:
         """The stored templates the message's template parts name (by the part's `name`)."""

@@ -34,6 +34,7 @@ __all__ = [
     "MAX_TEMPLATE_BYTES",
     "MAX_VALUE",
     "RENDERED_META",
+    "WINDOW_TEMPLATE_META",
     "NewTemplate",
     "Template",
     "TemplateError",
@@ -43,11 +44,14 @@ __all__ = [
     "WhatsAppComponents",
     "WhatsAppTemplate",
     "check",
+    "fill",
     "for_connection",
     "is_template_name",
     "pick_version",
     "placeholders",
     "render",
+    "rendered_meta",
+    "window_template",
 ]
 
 NAME: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -65,6 +69,10 @@ MAX_VALUE: Final = 1024
 """Characters of one variable's value in a message."""
 MAX_TEMPLATE_BYTES: Final = 256 * 1024
 """A stored template, encoded: far below what one KV value may hold."""
+WINDOW_TEMPLATE_META: Final = "babelhub.window_template"
+"""The conversation actor's meta naming the template sent outside a messaging window (the same name as
+`babelhub.actors.conversation.WINDOW_TEMPLATE_META`): one naming a stored template is rendered for WhatsApp
+(`window_template`) before the actor reads it."""
 RENDERED_META: Final = "babelhub.rendered"
 """Meta the outbox writes (and strips from what apps send): `{connection id: [parts]}` for the targets
 whose channel takes other parts than the message's `parts`."""
@@ -253,6 +261,22 @@ def render(template: Template, part: c.Template, channel: str, path: str) -> c.P
     if channel == TEMPLATE_CHANNEL and version.whatsapp is not None:
         return _whatsapp_part(version.whatsapp, values)
     return c.Text(text=fill(version.text, values))
+
+
+def window_template(template: Template, named: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The `{name, language, params}` of the approved WhatsApp template `named` (a `WINDOW_TEMPLATE_META`
+    value naming `template`) stands for: only an approved template can be sent outside the window."""
+    language, params = named.get("language", ""), named.get("params", {})
+    if not isinstance(language, str) or not isinstance(params, dict) or not all(
+            isinstance(value, str) for value in params.values()):
+        raise TemplateError("invalid_window_template", "a window template is {name, language, params} "
+                            "with text values", path)
+    part = c.Template(name=template.name, language=language, params=params)
+    rendered = render(template, part, TEMPLATE_CHANNEL, path)
+    if not isinstance(rendered, c.Template):
+        raise TemplateError("invalid_window_template", f"this version of template {template.name!r} names no "
+                            "approved WhatsApp template (versions.<language>.whatsapp)", f"{path}.language")
+    return {"name": rendered.name, "language": rendered.language, "params": rendered.params}
 
 
 def _whatsapp_part(whatsapp: WhatsAppTemplate, values: Mapping[str, str]) -> c.Template:

@@ -274,6 +274,10 @@ async def test_a_message_that_cannot_be_rendered_is_refused_with_the_path(hub: H
     status, answer = await call(http, hub, "POST", "/v1/messages", template_message(WA, "pt_BR"))
     assert (status, answer["error"]["code"], answer["error"]["path"]) == (
         400, "inactive_version", "$.parts[0].language")
+    many = template_message(WA)
+    many["parts"] = [{"type": "template", "name": f"t{index}", "params": {}} for index in range(17)]
+    status, answer = await call(http, hub, "POST", "/v1/messages", many)
+    assert (status, answer["error"]["path"]) == (400, "$.parts")
     by_id = template_message({"id": c.conversation_id(ACME, "wa", WA_CHAT)})
     status, answer = await call(http, hub, "POST", "/v1/messages", by_id)
     assert (status, answer["error"]["path"]) == (400, "$.conversation.connection")
@@ -369,6 +373,11 @@ async def test_another_tenants_template_does_not_exist(hub: Hub, http: aiohttp.C
         status, answer = await call(http, hub, method, path, body, key=KEYS[OTHER])
         assert (status, answer["error"]["code"], answer["error"]["path"]) == (404, "not_found", "name"), path
     assert (await call(http, hub, "GET", "/v1/templates", key=KEYS[OTHER]))[1] == {"data": []}
+    theirs = {**ORDER_SHIPPED, "name": "theirs"}
+    assert (await call(http, hub, "POST", "/v1/templates", theirs, key=KEYS[OTHER]))[0] == 201
+    for tenant, names in ((ACME, ["order_shipped"]), (OTHER, ["theirs"])):
+        listed = (await call(http, hub, "GET", "/v1/templates", key=KEYS[tenant]))[1]
+        assert [item["name"] for item in listed["data"]] == names
     # Naming acme's template in a message of `other` renders nothing: the part goes out as it was written.
     status, _ = await call(http, hub, "POST", "/v1/messages", template_message({"connection": "wa-other",
                                                                                 "native_id": WA_CHAT}), key=KEYS[OTHER])

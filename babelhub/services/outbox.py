@@ -47,11 +47,13 @@ from babelhub.services.history import MESSAGE_ID, MessageHistory, is_message_id
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, ORIGIN_HEADER
 from babelhub.services.templates import (
+    MAX_TEMPLATES_PER_MESSAGE,
     RENDERED_META,
     WINDOW_TEMPLATE_META,
     Template,
     TemplateError,
     Templates,
+    is_template_name,
     render,
     rendered_meta,
     window_template,
@@ -206,12 +208,17 @@ class Outbox:
         """The stored templates the message's template parts name (by the part's `name`)."""
         if self.templates is None:
             return {}
-        names = {part.name for part in message.parts if isinstance(part, c.Template)}
+        names = {part.name for part in message.parts if isinstance(part, c.Template) and is_template_name(part.name)}
+        if len(names) > MAX_TEMPLATES_PER_MESSAGE:
+            raise Refusal(400, "invalid", f"a message names at most {MAX_TEMPLATES_PER_MESSAGE} templates", "$.parts")
         found = {name: await self.templates.get(message.tenant, name) for name in names}
         return {name: template for name, template in found.items() if template is not None}
 
     def _render_parts(self, parts: list[c.Part], stored: dict[str, Template], connection_id: str) -> list[c.Part]:
-        channel = self.ctx.connections[connection_id].channel
+        connection = self.ctx.connections.get(connection_id)
+        if connection is None:  # removed since the message was checked
+            raise _no_connection(connection_id, "$.conversation.connection")
+        channel = connection.channel
         rendered: list[c.Part] = []
         for index, part in enumerate(parts):
             template = stored.get(part.name) if isinstance(part, c.Template) else None

@@ -24,13 +24,14 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from babelhub import canonical as c
 from babelhub.services.apikeys import utc_now
 
 __all__ = [
+    "MAX_TEMPLATES_PER_MESSAGE",
     "MAX_TEMPLATE_BYTES",
     "MAX_VALUE",
     "RENDERED_META",
@@ -67,6 +68,8 @@ MAX_VARIABLES: Final = 50
 MAX_VERSIONS: Final = 50
 MAX_VALUE: Final = 1024
 """Characters of one variable's value in a message."""
+MAX_TEMPLATES_PER_MESSAGE: Final = 16
+"""Distinct stored templates one message may name: each is a lookup."""
 MAX_TEMPLATE_BYTES: Final = 256 * 1024
 """A stored template, encoded: far below what one KV value may hold."""
 WINDOW_TEMPLATE_META: Final = "babelhub.window_template"
@@ -334,14 +337,18 @@ class Templates:
         return _template.decode(entry.value) if entry.value else None
 
     async def list(self, tenant: str) -> list[Template]:
-        """`tenant`'s templates by name."""
+        """`tenant`'s templates by name (only its keys are read: `<tenant>.*`)."""
+        names: list[str] = []
+        watcher = await self._kv.watch(f"{tenant}.*", ignore_deletes=True, meta_only=True)
         try:
-            keys = await self._kv.keys()
-        except NoKeysError:
-            return []
-        prefix = f"{tenant}."
-        found = [await self.get(tenant, key[len(prefix):]) for key in keys if key.startswith(prefix)]
-        return sorted((template for template in found if template is not None), key=lambda t: t.name)
+            async for entry in watcher:
+                if entry is None:  # the end of what is stored now
+                    break
+                names.append(entry.key.removeprefix(f"{tenant}."))
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        found = [await self.get(tenant, name) for name in sorted(names)]
+        return [template for template in found if template is not None]
 
     async def create(self, tenant: str, new: NewTemplate) -> Template | None:
         """Store `new`; None when `tenant` has a template of that name already."""

@@ -410,3 +410,10 @@ async def test_a_stored_template_can_stand_in_outside_the_whatsapp_window(
     assert status == 202, answer
     (whatsapp,) = await sent(fake_api, "/messages")
     assert whatsapp["type"] == "template" and whatsapp["template"] == APPROVED
+
+
+async def test_a_name_that_cannot_be_a_template_is_refused_in_the_url(hub: Hub, http: aiohttp.ClientSession) -> None:
+    for name in ("orders.*", "%3E", "a%20b", "A", "x" * 65):
+        for method in ("GET", "DELETE"):
+            status, answer = await call(http, hub, method, f"/v1/templates/{name}")
+            assert (status, answer["error"]["path"]) == (400, "name"), (method, name)

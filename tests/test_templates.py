@@ -298,6 +298,12 @@ async def test_templates_are_stored_changed_and_deleted_with_an_audit_trail(hub:
     assert replaced["created_at"] == created["created_at"]
     status, listed = await call(http, hub, "GET", "/v1/templates")
     assert status == 200 and [item["name"] for item in listed["data"]] == ["order_shipped"]
+    status, answer = await call(http, hub, "PUT", "/v1/templates/order_shipped", {**replaced, "name": "renamed"})
+    assert (status, answer["error"]["path"]) == (400, "$.name")
+    status, answer = await call(http, hub, "PUT", "/v1/templates/order_shipped", {**replaced, "descripton": "typo"})
+    assert (status, answer["error"]["code"]) == (400, "invalid") and "descripton" in answer["error"]["message"]
+    status, again = await call(http, hub, "PUT", "/v1/templates/order_shipped", replaced)  # as GET answered it
+    assert status == 200 and again["versions"] == replaced["versions"]
     status, preview = await call(http, hub, "POST", "/v1/templates/order_shipped/render",
                                  {"channel": "telegram", "language": "en_US", "params": VALUES})
     assert (status, preview["error"]["code"]) == (400, "inactive_version")
@@ -307,7 +313,8 @@ async def test_templates_are_stored_changed_and_deleted_with_an_audit_trail(hub:
     events, _ = await hub.services.audit.read(ACME)
     assert [(event.action, event.target) for event in events] == [
         ("template.create", "order_shipped"), ("template.update", "order_shipped"),
-        ("template.delete", "order_shipped"), ("template.create", "order_shipped")]
+        ("template.update", "order_shipped"), ("template.delete", "order_shipped"),
+        ("template.create", "order_shipped")]
     assert events[1].changes["active"] == "" and events[0].changes["languages"] == "en_US, pt_BR, fr"
 
 
@@ -417,3 +424,17 @@ async def test_a_name_that_cannot_be_a_template_is_refused_in_the_url(hub: Hub, 
         for method in ("GET", "DELETE"):
             status, answer = await call(http, hub, method, f"/v1/templates/{name}")
             assert (status, answer["error"]["path"]) == (400, "name"), (method, name)
+
+
+async def test_two_changes_from_the_same_read_do_not_overwrite_each_other(hub: Hub) -> None:
+    templates = hub.outbox.templates
+    assert templates is not None
+    await templates.create(ACME, msgspec.convert(ORDER_SHIPPED, NewTemplate))
+    changes = [msgspec.convert({"description": f"change {n}", "variables": [], "versions": {"en": {"text": "x"}}},
+                               TemplateFields) for n in range(2)]
+    outcomes = await asyncio.gather(*(templates.replace(ACME, "order_shipped", change) for change in changes),
+                                    return_exceptions=True)
+    refused = [outcome for outcome in outcomes if isinstance(outcome, TemplateError)]
+    assert [(error.status, error.code) for error in refused] == [(409, "conflict")], outcomes
+    kept = await templates.get(ACME, "order_shipped")
+    assert kept is not None and kept in outcomes

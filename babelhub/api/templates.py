@@ -3,8 +3,8 @@
 * `GET /v1/templates` (read): the tenant's templates, by name: `{"data": [template, …]}`.
 * `POST /v1/templates` (admin): a new one, `{name, description?, variables, versions}`; 201 with the
   template, 409 `exists` when the tenant has one of that name.
-* `GET /v1/templates/{name}` (read), `PUT /v1/templates/{name}` (admin: its whole content, as POST
-  without `name`), `DELETE /v1/templates/{name}` (admin; 204).
+* `GET /v1/templates/{name}` (read), `PUT /v1/templates/{name}` (admin: its whole content, as POST;
+  `name`, if given, is the URL's), `DELETE /v1/templates/{name}` (admin; 204).
 * `POST /v1/templates/{name}/render` (read): a preview, `{language?, params, channel}` → `{"channel",
   "part"}`, the part a message naming the template would carry on that channel.
 
@@ -32,8 +32,8 @@ from babelhub.services.templates import (
     NewTemplate,
     Template,
     TemplateError,
-    TemplateFields,
     Templates,
+    TemplateUpdate,
     is_template_name,
     render,
 )
@@ -73,7 +73,7 @@ class TemplatesApi(RestApi):
                      body=NewTemplate, answer=Template, status=201),
             Endpoint("GET", "/v1/templates/{name}", self._get, "read", "A template", answer=Template),
             Endpoint("PUT", "/v1/templates/{name}", self._replace, "admin", "Replace a template's content",
-                     body=TemplateFields, answer=Template),
+                     body=TemplateUpdate, answer=Template),
             Endpoint("DELETE", "/v1/templates/{name}", self._delete, "admin", "Delete a template", status=204),
             Endpoint("POST", "/v1/templates/{name}/render", self._render, "read",
                      "What a message naming the template carries on a channel", body=RenderRequest,
@@ -113,7 +113,9 @@ class TemplatesApi(RestApi):
 
     async def _replace(self, request: web.Request, caller: Caller) -> web.Response:
         name = _name(request)
-        fields = decode(await self._body(request), TemplateFields)
+        fields = decode(await self._body(request), TemplateUpdate)
+        if fields.name and fields.name != name:
+            raise Refusal(400, "invalid", f"a template is not renamed: create {fields.name[:64]!r} instead", "$.name")
         with _refused():
             template = await self.templates.replace(caller.tenant, name, fields)
         if template is None:

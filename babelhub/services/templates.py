@@ -40,6 +40,7 @@ __all__ = [
     "Template",
     "TemplateError",
     "TemplateFields",
+    "TemplateUpdate",
     "Templates",
     "Version",
     "WhatsAppComponents",
@@ -131,12 +132,21 @@ class Version(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 
 class TemplateFields(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What `PUT /v1/templates/{name}` takes: a template's whole content."""
+    """A template's content."""
 
     description: Annotated[str, msgspec.Meta(max_length=500)] = ""
     variables: Annotated[list[Variable], msgspec.Meta(max_length=MAX_VARIABLES)] = []
     versions: Annotated[dict[Language, Version], msgspec.Meta(min_length=1, max_length=MAX_VERSIONS)]
     """By language; the first active one is used when a message names none."""
+
+
+class TemplateUpdate(TemplateFields, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What `PUT /v1/templates/{name}` takes: the whole content, or the template as GET answered it (its
+    `name` must be the URL's: a template is not renamed; the times are the hub's)."""
+
+    name: str = ""
+    created_at: str = ""
+    updated_at: str = ""
 
 
 class NewTemplate(TemplateFields, frozen=True, kw_only=True, forbid_unknown_fields=True):

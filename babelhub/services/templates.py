@@ -9,11 +9,13 @@ variables fill the parameters of its header and its body, in order).
 
 `render` is how an outbound `template` part naming a stored template becomes what one channel takes: the
 part's `language` picks the version (else the first active one); every declared variable must be in the
-part's `params`, and nothing else; then a channel with a `whatsapp` mapping gets a canonical `Template`
-part with the approved name, language and parameters, any other the text with the values filled in (one
-pass: a value is never read as a placeholder). `Outbox.submit` renders each message once per
-connection it goes to; when `targets` on different channels need different parts, the others' are kept
-in meta `RENDERED_META` and the conversation actor's fan-out takes them (`for_connection`).
+part's `params`, and nothing else; then WhatsApp, where the version names an approved template, gets a
+canonical `Template` part with its name, language and parameters, and any other channel the text with
+the values filled in (one pass: a value is never read as a placeholder). `Outbox.submit` renders each
+message once per connection it goes to; when `targets` on different channels need different parts, the
+others' are kept in meta `RENDERED_META` and the conversation actor's fan-out takes them
+(`for_connection`). `window_template` does the same for the template a message names for outside the
+messaging window (meta `WINDOW_TEMPLATE_META`).
 """
 
 from __future__ import annotations

@@ -732,6 +732,15 @@ def test_reply_to_an_unknown_message_is_an_encode_error() -> None:
             ),
             "send_template_named",
         ),
+        (
+            Template(
+                name="seasonal_sale",
+                language="en_US",
+                params={"header.sale_start_date": "December 1st", "customer_name": "Jessica",
+                        "order_number": "SKBUP2-4CPIG9"},
+            ),
+            "send_template_header_named",
+        ),
     ],
 )
 def test_single_part_requests_are_exact(part: Part, fixture: str) -> None:

@@ -57,6 +57,7 @@ from babelhub.services.failover import (
 from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, hops_of
 from babelhub.services.scheduling import HELD_ID_META, Held, released_id
 from babelhub.services.telemetry import span
+from babelhub.services.templates import for_connection
 
 __all__ = ["MAX_SNAPSHOT_BYTES", "OUTSIDE_WINDOW", "SNAPSHOT_LAG_SECONDS", "TIME_ZONE_META", "URGENT_META",
            "WINDOW_META", "WINDOW_TEMPLATE_META", "ConversationActor", "ConversationState", "Inbound",
@@ -425,7 +426,7 @@ class ConversationActor(Actor[ConversationMessage]):
                 continue
             there = c.Conversation(id=target_id, channel=connection.channel, connection=connection.id,
                                    native_id=target.to)
-            forwarded = msgspec.structs.replace(message, targets=[], conversation=there)
+            forwarded = for_connection(msgspec.structs.replace(message, targets=[], conversation=there), connection.id)
             if target_id == self.conversation_id:
                 await self._send_here(forwarded)
                 continue

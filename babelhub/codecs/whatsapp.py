@@ -1379,20 +1379,29 @@ def _template_body(part: c.Template) -> JsonObject:
     if not part.language:
         raise EncodeError(f"WhatsApp template {part.name!r} needs a language code (Template.language)")
     template: JsonObject = {"name": part.name, "language": {"code": part.language}}
-    parameters = _template_parameters(part)
-    if parameters:
-        template["components"] = [{"type": "body", "parameters": parameters}]
+    header = {key.removeprefix(_HEADER): value for key, value in part.params.items() if key.startswith(_HEADER)}
+    body = {key: value for key, value in part.params.items() if not key.startswith(_HEADER)}
+    components: list[JsonObject] = [
+        {"type": component, "parameters": _template_parameters(part.name, params)}
+        for component, params in (("header", header), ("body", body)) if params
+    ]
+    if components:
+        template["components"] = components
     return {"type": "template", "template": template}
 
 
-def _template_parameters(part: c.Template) -> list[JsonObject]:
+_HEADER: Final = "header."
+"""`Template.params` keys with this prefix fill the text header's parameter (`header.1`, `header.<name>`)."""
+
+
+def _template_parameters(name: str, params: dict[str, str]) -> list[JsonObject]:
     """Positional templates ({{1}}, {{2}}) get their values in numeric order; named ones by name."""
-    keys = list(part.params)
+    keys = list(params)
     if all(key.isdigit() for key in keys):
-        return [{"type": "text", "text": part.params[key]} for key in sorted(keys, key=int)]
+        return [{"type": "text", "text": params[key]} for key in sorted(keys, key=int)]
     if any(key.isdigit() for key in keys):
-        raise EncodeError(f"template {part.name!r} mixes numbered and named parameters")
-    return [{"type": "text", "parameter_name": key, "text": value} for key, value in part.params.items()]
+        raise EncodeError(f"template {name!r} mixes numbered and named parameters")
+    return [{"type": "text", "parameter_name": key, "text": value} for key, value in params.items()]
 
 
 def _message_to_mark(activity: c.Activity, ctx: EncodeContext) -> str:

@@ -72,6 +72,7 @@ from babelhub.services.rest import Rate, RateLimits, openapi
 from babelhub.services.scheduling import Scheduler
 from babelhub.services.supervise import TaskHealth, supervise
 from babelhub.services.telemetry import Metrics, mask_logs, setup_tracing
+from babelhub.services.templates import Templates
 
 __all__ = ["Hub"]
 
@@ -232,7 +233,8 @@ class Hub:
                                   ctx.holds, lambda: ctx.clock())
         ingest = Ingest(publisher, self.subjects, dead_letters)
         outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")),
-                        await MessageHistory.open(js, self.subjects))
+                        await MessageHistory.open(js, self.subjects),
+                        Templates(await js.key_value(self.subjects.bucket("templates"))))
         keys = ApiKeys(await js.key_value(self.subjects.bucket("keys")),
                        [(tenant.id, key) for tenant in self.config.tenants for key in tenant.api_keys],
                        settings.operator_key)

@@ -156,6 +156,7 @@ conversation snapshots, inbound sources' cursors, the idempotency keys of submit
 (`babelhub.services.outbox`), outbound messages' status histories (`babelhub.services.history`, as long
 as the streams keep what they tell of), the outbound messages held for later
 (`babelhub.services.scheduling`), and the tenants' API keys (`babelhub.services.apikeys`)."""
+BUCKETS["templates"] = None  # the tenants' stored message templates (`babelhub.services.templates`)
 
 
 async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: float, replicas: int = 1) -> None:

@@ -90,6 +90,8 @@ def decode(body: bytes, struct: type[T]) -> T:
         decoded: T = msgspec.json.decode(body, type=struct)
     except msgspec.ValidationError as exc:
         reason, _, where = str(exc).partition(" - at `")
+        if where.startswith("key` in `"):  # msgspec names the object whose key is wrong
+            reason, where = f"{reason} (a key)", where.removeprefix("key` in `")
         raise Refusal(400, "invalid", reason, where.rstrip("`") or "$") from None
     except msgspec.DecodeError as exc:
         raise Refusal(400, "invalid", f"the body is not JSON: {exc}", "$") from None

@@ -82,10 +82,10 @@ def test_key_files_are_private_and_bad_keys_are_named_by_setting(tmp_path: Path)
     assert [key_id(key) for key in keys] == [made] and text == path.read_text().strip()
     with pytest.raises(FileExistsError):
         write_key_file(path)  # never overwrites a key
-    with pytest.raises(ValueError, match=r"hub.master_key: a master key is 32 bytes") as short:
+    with pytest.raises(ValueError, match=r"hub\.master_key: a master key is 32 bytes") as short:
         master_keys(base64.urlsafe_b64encode(b"short-key-text").decode(), "")
     assert "short-key-text" not in str(short.value)
-    with pytest.raises(ValueError, match="hub.master_key_file: cannot read"):
+    with pytest.raises(ValueError, match=r"hub\.master_key_file: cannot read"):
         master_keys("", str(tmp_path / "missing.key"))
     with pytest.raises(ValueError, match="not both"):
         master_keys(new_key(), str(path))

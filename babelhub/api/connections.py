@@ -156,6 +156,7 @@ class ConnectionsApi(RestApi):
         body = await self._body(request)
         if body.id and body.id != connection_id:
             raise Refusal(400, "invalid", f"the id is {connection_id!r} (the path's); it cannot change", "$.id")
+        body = msgspec.structs.replace(body, id=connection_id)
         kept = {name: value for name, value in stored.record.connection.secrets.items() if name not in body.secrets}
         others = await self._others(caller.tenant, connection_id)
         plain = self._checked(_connection(body, caller.tenant, self._opened(stored.record, kept)), others)
@@ -200,7 +201,11 @@ class ConnectionsApi(RestApi):
         return stored
 
     async def _body(self, request: web.Request) -> ConnectionBody:
-        body = decode(await read_body(request, self.services.config.hub.max_body_bytes), ConnectionBody)
+        raw = await read_body(request, self.services.config.hub.max_body_bytes)
+        try:
+            body = decode(raw, ConnectionBody)
+        except Refusal as refusal:
+            raise _secret_named(refusal, raw) from None
         # Masked from here on, whatever happens next (a log line, an error naming a value).
         self.services.ctx.mask.learn(value for value in body.secrets.values() if value is not None)
         return body
@@ -238,6 +243,17 @@ class ConnectionsApi(RestApi):
         return Refusal(409, "no_master_key", "this hub has no master key to keep secrets with: its operator sets "
                                              "hub.master_key (BABELHUB_MASTER_KEY) or hub.master_key_file "
                                              "(`babelhub master-key new <file>`)", "$.secrets")
+
+
+def _secret_named(refusal: Refusal, raw: bytes) -> Refusal:
+    """msgspec calls a secret that is not text `$.secrets[...]`: the refusal names it instead (its value is
+    never shown)."""
+    if refusal.path != "$.secrets[...]":
+        return refusal
+    secrets = msgspec.json.decode(raw).get("secrets", {})
+    name = next((name for name, value in secrets.items() if value is not None and not isinstance(value, str)), "")
+    refusal.path = f"$.secrets.{name}" if name else "$.secrets"
+    return refusal
 
 
 def _plausible_id(connection_id: str) -> bool:

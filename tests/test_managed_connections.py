@@ -7,18 +7,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from babelhub import canonical as c
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
-from babelhub.services.secretbox import new_key
+from babelhub.services.managed import decode_record
+from babelhub.services.secretbox import key_id, new_key, read_key
 from tests.fakeapi import FakeApi, Reply
 from tests.hubkit import (
     Processor,
@@ -353,3 +359,51 @@ async def test_no_plain_secret_anywhere(hub: Hub, client: Client, answers: list[
         assert all(secret.encode() not in data for data in stored), secret
         assert all(secret.encode() not in data for data in on_disk), secret
     assert "a careless line with *** and ***" in caplog.text
+
+
+def babelhub_command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BABELHUB_")}
+    return subprocess.run([sys.executable, "-m", "babelhub", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+async def test_the_master_key_is_rotated_by_the_command_line_without_stopping_the_hubs(
+        nats_server: EmbeddedServer, start_hub: StartHub, client: Client, telegram_api: FakeApi,
+        tmp_path: Path) -> None:
+    old_file, new_file = tmp_path / "old.key", tmp_path / "new.key"
+    made = await asyncio.to_thread(babelhub_command, "master-key", "new", str(old_file), cwd=tmp_path)
+    assert made.returncode == 0 and stat.S_IMODE(old_file.stat().st_mode) == 0o600, made.stderr
+    assert (await asyncio.to_thread(babelhub_command, "master-key", "new", str(old_file), cwd=tmp_path)).returncode == 2
+    prefix = unique_prefix()
+    base = config(nats_server.url, prefix)
+    running = await start_hub(msgspec.structs.replace(base, hub=msgspec.structs.replace(
+        base.hub, master_key_file=str(old_file))))
+    assert (await client.call(running, "POST", "/v1/connections", body=telegram(telegram_api.base_url)))[0] == 201
+    await webhook_answers(client, running, SECRET, telegram_update(1, 42, "before"), 200)
+
+    assert (await asyncio.to_thread(babelhub_command, "master-key", "new", str(new_file), cwd=tmp_path)).returncode == 0
+    config_file = tmp_path / "hub.toml"
+    config_file.write_text(f'[hub]\nnats = "{nats_server.url}"\nsubject_prefix = "{prefix}"\n'
+                           f'master_key_file = "{old_file}"\n')
+    rotated = await asyncio.to_thread(babelhub_command, "master-key", "rotate", "--config", str(config_file),
+                                      "--to", str(new_file), cwd=tmp_path)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "1 connection(s)" in rotated.stdout and "hub.master_key_file" in rotated.stdout
+    new_id = key_id(read_key(new_file.read_text(), "new"))
+    kv = await running.nc.jetstream().key_value(running.subjects.bucket("connections"))
+    record = decode_record((await kv.get("tg-api")).value or b"")
+    assert all(value.startswith(f"v1.{new_id}.") for value in record.connection.secrets.values())
+    events, _ = await running.services.audit.read(ACME)
+    assert [(e.action, e.actor, e.changes) for e in events][-1] == (
+        "connection.rekey", "cli", {"secrets.bot_token": "(changed)", "secrets.secret_token": "(changed)"})
+
+    # The hub still on the old key serves on as before; one on the new key (the old one as previous) too.
+    await webhook_answers(client, running, SECRET, telegram_update(2, 42, "after, old hub"), 200)
+    switched = await start_hub(msgspec.structs.replace(base, hub=msgspec.structs.replace(
+        base.hub, master_key_file=str(new_file), previous_master_key_file=str(old_file))))
+    await webhook_answers(client, switched, SECRET, telegram_update(3, 42, "after, new hub"), 200)
+    assert await client.webhook(switched, "not-the-secret-at-all", telegram_update(4, 42, "forged")) == 401
+    # Run again: nothing is left to re-seal.
+    again = await asyncio.to_thread(babelhub_command, "master-key", "rotate", "--config", str(config_file),
+                                    "--to", str(new_file), cwd=tmp_path)
+    assert again.returncode == 0 and "0 connection(s)" in again.stdout

@@ -342,7 +342,9 @@ async def test_no_plain_secret_anywhere(hub: Hub, client: Client, answers: list[
     await client.call(hub, "GET", "/v1/connections/tg-api")
     await client.call(hub, "POST", "/v1/connections", body=telegram(telegram_api.base_url, "x", channel="nope"))
     # A log line that would carry a secret learnt at run time is masked.
+    master_key = hub.config.hub.master_key
     logging.getLogger("babelhub.test").warning("a careless line with %s and %s", NEW_TOKEN, TOKEN)
+    logging.getLogger("babelhub.test").warning("another with the master key %s", master_key)
     await asyncio.sleep(0.3)
 
     stored: list[bytes] = []
@@ -353,12 +355,12 @@ async def test_no_plain_secret_anywhere(hub: Hub, client: Client, answers: list[
     on_disk = [path.read_bytes() for path in Path(nats_server.data_dir).rglob("*") if path.is_file()]
     assert stored and on_disk and answers and caplog.records
     logged = caplog.text + "".join(record.getMessage() for record in caplog.records)
-    for secret in PLAIN:
+    for secret in (*PLAIN, master_key):
         assert all(secret not in answer for answer in answers), secret
         assert secret not in logged, secret
         assert all(secret.encode() not in data for data in stored), secret
         assert all(secret.encode() not in data for data in on_disk), secret
-    assert "a careless line with *** and ***" in caplog.text
+    assert "a careless line with *** and ***" in caplog.text and "another with the master key ***" in caplog.text
 
 
 def babelhub_command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -402,6 +404,8 @@ async def test_the_master_key_is_rotated_by_the_command_line_without_stopping_th
     switched = await start_hub(msgspec.structs.replace(base, hub=msgspec.structs.replace(
         base.hub, master_key_file=str(new_file), previous_master_key_file=str(old_file))))
     await webhook_answers(client, switched, SECRET, telegram_update(3, 42, "after, new hub"), 200)
+    for key_file in (old_file, new_file):  # the keys' text is masked like any secret
+        assert switched.ctx.mask.text(f"key {key_file.read_text().strip()}") == "key ***"
     assert await client.webhook(switched, "not-the-secret-at-all", telegram_update(4, 42, "forged")) == 401
     # Run again: nothing is left to re-seal.
     again = await asyncio.to_thread(babelhub_command, "master-key", "rotate", "--config", str(config_file),

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -22,11 +23,12 @@ import pytest
 from babelhub import canonical as c
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
-from babelhub.services.broker import EmbeddedServer
+from babelhub.services.broker import EmbeddedServer, free_port
 from babelhub.services.managed import decode_record
 from babelhub.services.secretbox import key_id, new_key, read_key
 from tests.fakeapi import FakeApi, Reply
 from tests.hubkit import (
+    HubProcess,
     Processor,
     StartHub,
     eventually,
@@ -34,6 +36,7 @@ from tests.hubkit import (
     telegram_responder,
     telegram_update,
     unique_prefix,
+    write_config,
 )
 
 ACME, OTHER = "acme", "other"
@@ -411,3 +414,48 @@ async def test_the_master_key_is_rotated_by_the_command_line_without_stopping_th
     again = await asyncio.to_thread(babelhub_command, "master-key", "rotate", "--config", str(config_file),
                                     "--to", str(new_file), cwd=tmp_path)
     assert again.returncode == 0 and "0 connection(s)" in again.stdout
+
+
+async def test_no_plain_secret_in_a_running_hubs_log_and_traces(
+        nats_server: EmbeddedServer, hub_processes: list[HubProcess], client: Client, answers: list[str],
+        telegram_api: FakeApi, tmp_path: Path) -> None:
+    """`babelhub run` recording spans (`tracing = "console"` prints them with the log): a connection made,
+    a signed webhook traced end to end, a rotation, a refused body; its output never holds a secret."""
+    port, master_key = free_port(), new_key()
+    config_file = write_config(tmp_path / "hub.toml", f"""
+[hub]
+http = "127.0.0.1:{port}"
+nats = "{nats_server.url}"
+subject_prefix = "{unique_prefix()}"
+master_key = "{master_key}"
+tracing = "console"
+log_level = "debug"
+
+[[tenants]]
+id = "{ACME}"
+api_keys = ["{KEYS[ACME]}"]
+""")
+    process = HubProcess(config_file, tmp_path)
+    hub_processes.append(process)
+    process.start()
+    url = f"http://127.0.0.1:{port}"
+    await process.wait_ready(url)
+    running = SimpleNamespace(http_url=url)
+    assert (await client.call(running, "POST", "/v1/connections", body=telegram(telegram_api.base_url)))[0] == 201
+    traced = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    for _ in range(300):
+        async with client.http.post(f"{url}/webhooks/telegram/tg-api", json=telegram_update(1, 42, "hi"),
+                                    headers={"X-Telegram-Bot-Api-Secret-Token": SECRET, **traced}) as response:
+            if response.status == 200:
+                break
+        await asyncio.sleep(0.05)
+    body = telegram(telegram_api.base_url, secrets={"bot_token": NEW_TOKEN, "secret_token": NEW_SECRET})
+    assert (await client.call(running, "PUT", "/v1/connections/tg-api", body=body))[0] == 200
+    await client.call(running, "POST", "/v1/connections", body={**body, "id": "bad", "options": {"nope": 1}})
+    await eventually(lambda: '"name": "webhook"' in process.output())
+    assert await asyncio.to_thread(process.terminate) == 0
+    output = process.output()
+    assert "tg-api" in output
+    for secret in (*PLAIN, master_key):
+        assert secret not in output, secret
+        assert all(secret not in answer for answer in answers), secret

@@ -24,8 +24,9 @@ from babelhub import canonical as c
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer, free_port
-from babelhub.services.managed import decode_record
-from babelhub.services.secretbox import key_id, new_key, read_key
+from babelhub.services.managed import ConnectionStore, decode_record
+from babelhub.services.outbox import Refusal
+from babelhub.services.secretbox import SecretBox, key_id, new_key, read_key
 from tests.fakeapi import FakeApi, Reply
 from tests.hubkit import (
     HubProcess,
@@ -459,3 +460,22 @@ api_keys = ["{KEYS[ACME]}"]
     for secret in (*PLAIN, master_key):
         assert secret not in output, secret
         assert all(secret not in answer for answer in answers), secret
+
+
+async def test_two_changes_read_at_one_revision_do_not_overwrite_each_other(hub: Hub, client: Client,
+                                                                             telegram_api: FakeApi) -> None:
+    assert (await client.call(hub, "POST", "/v1/connections", body=telegram(telegram_api.base_url)))[0] == 201
+    store = ConnectionStore(await hub.nc.jetstream().key_value(hub.subjects.bucket("connections")),
+                            SecretBox([read_key(hub.config.hub.master_key, "test")]))
+    read = await store.get("tg-api")
+    assert read is not None and store.open(read.record).secrets["bot_token"] == TOKEN
+    body = telegram(telegram_api.base_url, secrets={"bot_token": NEW_TOKEN})
+    assert (await client.call(hub, "PUT", "/v1/connections/tg-api", body=body))[0] == 200
+    with pytest.raises(Refusal) as late:  # written meanwhile: the late writer is told, nothing is lost
+        await store.replace(msgspec.structs.replace(read.record, disabled=True), read.revision)
+    assert late.value.status == 409 and late.value.code == "conflict"
+    with pytest.raises(Refusal) as taken:
+        await store.create(read.record)
+    assert taken.value.status == 409 and taken.value.path == "$.id"
+    now = await store.get("tg-api")
+    assert now is not None and store.open(now.record).secrets["bot_token"] == NEW_TOKEN and not now.record.disabled

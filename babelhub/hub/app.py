@@ -429,8 +429,13 @@ class Hub:
         then the connection actors, then the conversation actors passivate."""
         self._stack.push_async_callback(self.conversations.stop)
         self._stack.push_async_callback(self.connection_actors.stop)
+        self._stack.callback(self._stop_circuits)
+
+    def _stop_circuits(self) -> None:
+        """Release the sends waiting on a circuit: of every connection served when the hub stops, those
+        made over the API while it ran too."""
         for connection in self.ctx.connections.values():
-            self._stack.callback(connection.circuit.stop)
+            connection.circuit.stop()
 
     def spawn(self, name: str, run: Callable[[TaskHealth], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
         """Start a supervised background task: restarted with backoff if it fails, shown in `/readyz`,

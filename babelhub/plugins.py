@@ -16,6 +16,7 @@ hub's services and before its actors, and is stopped after the actors have passi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -63,6 +64,7 @@ __all__ = [
     "Spawn",
     "bearer",
     "installed_apis",
+    "installed_sources",
     "load_api",
     "load_source",
     "load_transport",
@@ -76,9 +78,9 @@ RETRY_AFTER_SECONDS: Final = 2
 APIS = "babelhub.apis"
 """The entry-point group of APIs: every class registered there is built (none is chosen in the config)."""
 
-Spawn = Callable[[str, Callable[[TaskHealth], Coroutine[Any, Any, None]]], object]
+Spawn = Callable[[str, Callable[[TaskHealth], Coroutine[Any, Any, None]]], "asyncio.Task[None]"]
 """`spawn(name, run)`: a supervised background task, restarted if it fails, shown in `/readyz`, cancelled
-when the hub stops."""
+when the hub stops (or by its owner: cancelling the task returned ends it for good)."""
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -214,10 +216,23 @@ class InboundSource(Plugin):
     a password): checked when the config is read, kept from the codec, masked like every secret."""
     option_settings: ClassVar[type[Settings] | None] = None
     """Options of its own a connection of this source may set beside its channel's."""
+    follows_changes: ClassVar[bool] = False
+    """Whether it serves connections made, changed and deleted while the hub runs (`connection_changed`):
+    only such a source may serve a connection made over the API (`/v1/connections`). The hub builds one
+    of each at start, with no connection if need be."""
 
     def __init__(self, connections: list[ConnectionService], services: Services) -> None:
         self.connections = {connection.id: connection for connection in connections}
         self.services = services
+
+    async def connection_changed(self, connection_id: str, connection: ConnectionService | None) -> None:
+        """While the hub runs, connection `connection_id` came to this source or changed (`connection`,
+        perhaps `disabled`), or left it (None: deleted, or moved to another source). Kept in
+        `connections`; a source that holds something per connection overrides this to follow."""
+        if connection is None:
+            self.connections.pop(connection_id, None)
+        else:
+            self.connections[connection_id] = connection
 
     @classmethod
     def check(cls, connection: ConnectionService) -> str:
@@ -327,3 +342,7 @@ def load_api(name: str) -> type[Api]:
 
 def installed_apis() -> list[str]:
     return entrypoints.installed(APIS)
+
+
+def installed_sources() -> list[str]:
+    return entrypoints.installed(SOURCES)

@@ -21,19 +21,29 @@ MIN_SECRET_LENGTH = 8
 
 
 class SecretMask:
-    """Replaces every occurrence of the given secret values with `MASK`."""
+    """Replaces every occurrence of the given secret values with `MASK`; `learn` adds more while the hub
+    runs (the secrets of connections made over the API), seen at once by everything holding this mask."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.values: frozenset[str] = frozenset()
+        self._text: re.Pattern[str] | None = None
+        self._bytes: re.Pattern[bytes] | None = None
+        self.learn(secrets)
+
+    def learn(self, secrets: Iterable[str]) -> None:
+        """Mask `secrets` too from now on."""
         forms: set[str] = set()
         for secret in secrets:
             if isinstance(secret, str) and len(secret) >= MIN_SECRET_LENGTH:
                 forms.update({secret, quote(secret, safe=""), quote(secret), quote_plus(secret),
                               json.dumps(secret)[1:-1]})
-        self.values = frozenset(forms)
+        if forms <= self.values:
+            return
+        self.values = self.values | forms
         # Longest first, so a secret that contains another is masked whole.
-        ordered = sorted(forms, key=len, reverse=True)
-        self._text = re.compile("|".join(map(re.escape, ordered))) if ordered else None
-        self._bytes = re.compile(b"|".join(re.escape(form.encode()) for form in ordered)) if ordered else None
+        ordered = sorted(self.values, key=len, reverse=True)
+        self._text, self._bytes = (re.compile("|".join(map(re.escape, ordered))),
+                                   re.compile(b"|".join(re.escape(form.encode()) for form in ordered)))
 
     def __bool__(self) -> bool:
         return self._text is not None

@@ -29,8 +29,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import msgspec
 from aiohttp import web
 from nats.aio.client import Client
+from nats.js.kv import KeyValue
 
 import babelhub
 from babelhub.actors.connection import ConnectionActor, RawDelivery
@@ -48,11 +50,13 @@ from babelhub.plugins import (
     RestApi,
     Services,
     installed_apis,
+    installed_sources,
     load_api,
     load_source,
     load_transport,
 )
 from babelhub.redaction import SecretMask
+from babelhub.services import config as cfg
 from babelhub.services.apikeys import ApiKeys
 from babelhub.services.audit import Audit
 from babelhub.services.broker import EmbeddedServer, Subjects, provision
@@ -65,11 +69,13 @@ from babelhub.services.delivery import RetryPolicy
 from babelhub.services.history import MessageHistory
 from babelhub.services.inflight import InFlight
 from babelhub.services.ingest import Ingest, check_body_limit
+from babelhub.services.managed import ConnectionStore, ManagedRecord, decode_record
 from babelhub.services.outbox import Outbox
 from babelhub.services.ownership import Ownership, lease_bucket, member_id
 from babelhub.services.publisher import Publisher
 from babelhub.services.rest import Rate, RateLimits, openapi
 from babelhub.services.scheduling import Scheduler
+from babelhub.services.secretbox import SealedWrongly, SecretBox, master_keys
 from babelhub.services.supervise import TaskHealth, supervise
 from babelhub.services.telemetry import Metrics, mask_logs, setup_tracing
 from babelhub.services.templates import Templates
@@ -124,6 +130,9 @@ class Hub:
         self.metrics.watch_actors("connection", lambda: self.connection_actors.active,
                                   self.connection_actors.mailbox_depth)
         self._running: _Running | None = None
+        self._client: aiohttp.ClientSession | None = None
+        self._applied: dict[str, int] = {}
+        """The revision of each connection made over the API that this process serves as it is now."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._stack = AsyncExitStack()
         self._stopping = False
@@ -209,6 +218,7 @@ class Hub:
         stack.push_async_callback(self._cancel_tasks)  # whatever runs still when a start fails half-way
         users = [] if settings.nats else self._embedded_users()
         mask = SecretMask(self._secret_values(users))
+        box = self._secret_box(mask)
         stack.callback(mask_logs(mask))
         setup_tracing(settings.tracing)
         nc = await self.link.open(stack, users)
@@ -224,6 +234,8 @@ class Hub:
                          snapshots=await js.key_value(self.subjects.bucket("conversations")),
                          dead_letters=dead_letters, metrics=self.metrics, publisher=publisher,
                          connections=self._build_connections(client, publisher), mask=mask)
+        store = ConnectionStore(await js.key_value(self.subjects.bucket("connections")), box)
+        await self._load_managed(store, ctx)
         consumers = Consumers(ctx, {tenant.id for tenant in self.config.tenants}, settings.ack_wait_seconds,
                               settings.lease_seconds / 4, self.connection_actors, self.conversations)
         leases = await lease_bucket(js, self.subjects, settings.lease_seconds, settings.replicas)
@@ -256,6 +268,7 @@ class Hub:
         await ownership.match_work()
         rounds = self.spawn("ownership", ownership.run)
         self.spawn("scheduled-messages", ctx.scheduler.run)
+        self.spawn("managed-connections", functools.partial(self._follow_managed, store))
         stack.push_async_callback(self._hand_over, rounds, ownership)
         await self.http.listen(stack)
         self.ready = True
@@ -286,19 +299,103 @@ class Hub:
         return values + [user.password for user in users]
 
     def _build_connections(self, client: aiohttp.ClientSession, publisher: Publisher) -> dict[str, ConnectionService]:
-        most = self.config.hub.circuit_max_backoff_seconds
-        policy = RetryPolicy(base_delay=min(RetryPolicy().base_delay, most), max_delay=most,
-                             timeout=self.config.hub.call_timeout_seconds)
+        self._client = client
         services: dict[str, ConnectionService] = {}
         for index, settings in enumerate(self.config.connections):
             try:
-                codec = channel_codec(settings.channel)
+                services[settings.id] = self._connection_service(settings)
             except LookupError as exc:
                 raise ConfigError(f"$.connections[{index}].channel: {exc}") from None
-            services[settings.id] = ConnectionService(
-                settings, codec, client, self.metrics, policy,
-                send_deadline=self.config.send_deadline(settings))
         return services
+
+    def _connection_service(self, settings: cfg.Connection, *, disabled: bool = False) -> ConnectionService:
+        """The service of one connection (LookupError when its channel is not installed)."""
+        assert self._client is not None
+        most = self.config.hub.circuit_max_backoff_seconds
+        policy = RetryPolicy(base_delay=min(RetryPolicy().base_delay, most), max_delay=most,
+                             timeout=self.config.hub.call_timeout_seconds)
+        return ConnectionService(settings, channel_codec(settings.channel), self._client, self.metrics, policy,
+                                 send_deadline=self.config.send_deadline(settings), disabled=disabled)
+
+    # ------------------------------------------------------------------ connections made over the API
+
+    def _secret_box(self, mask: SecretMask) -> SecretBox:
+        """The master keys that seal the secrets of connections made over the API (none: such connections
+        cannot have secrets, and are refused naming `hub.master_key`); their text is masked like any secret."""
+        settings = self.config.hub
+        try:
+            texts, keys = master_keys(settings.master_key, settings.master_key_file, settings.previous_master_key_file)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        mask.learn(texts.splitlines())
+        return SecretBox(keys)
+
+    async def _load_managed(self, store: ConnectionStore, ctx: HubContext) -> None:
+        """The connections made over the API, served from the start like the config file's."""
+        for stored in await store.all():
+            connection_id = stored.record.connection.id
+            service = self._managed_service(store, stored.record, ctx.mask)
+            if service is not None and self.config.connection(connection_id) is None:
+                ctx.connections[connection_id] = service
+                self._applied[connection_id] = stored.revision
+
+    async def _follow_managed(self, store: ConnectionStore, health: TaskHealth) -> None:
+        """Apply every change of the connections bucket to this running hub, as it comes (a watch: what
+        is there first, then each change). A restarted watch applies only what it has not applied yet."""
+        watcher = await store.kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:  # what the bucket held is applied: from here on, changes as they come
+                    health.ok()
+                    continue
+                if entry.revision is not None and self._applied.get(entry.key) == entry.revision:
+                    continue
+                await self._apply_managed(store, entry.key, _record_of(entry))
+                if entry.revision is not None:
+                    self._applied[entry.key] = entry.revision
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _apply_managed(self, store: ConnectionStore, connection_id: str, record: ManagedRecord | None) -> None:
+        """Serve connection `connection_id` as `record` says (None: deleted) from now on: its service is
+        replaced, and the sources serving it are told. A record whose secrets do not open here keeps what
+        runs (a hub without the key that sealed them, during a rotation)."""
+        if self.config.connection(connection_id) is not None:
+            log.warning("connection %s is in the config file, which wins: its record made over the API is ignored",
+                        connection_id)
+            return
+        ctx = self.ctx
+        new = None if record is None else self._managed_service(store, record, ctx.mask)
+        if record is not None and new is None:
+            return
+        old = ctx.connections.pop(connection_id, None)
+        if new is not None:
+            ctx.connections[connection_id] = new
+        if old is not None:
+            old.circuit.stop()  # calls waiting on the old one's circuit give up; their messages come again
+        serving = _source_name(new) if new is not None else ""
+        for source in self._started().sources:
+            if source.name == serving:
+                await source.connection_changed(connection_id, new)
+            elif connection_id in source.connections:
+                await source.connection_changed(connection_id, None)
+        log.info("connection %s %s", connection_id, "deleted" if new is None else
+                 "disabled" if new.disabled else f"served through the {serving} source")
+
+    def _managed_service(self, store: ConnectionStore, record: ManagedRecord,
+                         mask: SecretMask) -> ConnectionService | None:
+        try:
+            settings = store.open(record)
+        except SealedWrongly as exc:
+            log.error("%s; the hub serves it as before until it holds that key (hub.master_key_file, "
+                      "hub.previous_master_key_file)", exc)
+            return None
+        mask.learn(settings.secrets.values())
+        try:
+            return self._connection_service(settings, disabled=record.disabled)
+        except LookupError as exc:
+            log.error("connection %s cannot be served by this process: %s", settings.id, exc)
+            return None
 
     def _transports(self, services: Services) -> list[ProcessorTransport]:
         transports: list[ProcessorTransport] = []
@@ -313,8 +410,12 @@ class Hub:
     def _sources(self, services: Services) -> list[InboundSource]:
         """One source per mode in use, each given the connections that come in through it."""
         chosen: dict[str, tuple[type[InboundSource], list[ConnectionService]]] = {}
+        for name in installed_sources():  # built even without connections: ones made over the API may come
+            source = load_source(name)
+            if source.follows_changes:
+                chosen[name] = (source, [])
         for index, connection in enumerate(services.ctx.connections.values()):
-            name = connection.settings.mode or connection.codec.inbound
+            name = _source_name(connection)
             try:
                 source = load_source(name)
             except LookupError as exc:
@@ -330,8 +431,13 @@ class Hub:
         then the connection actors, then the conversation actors passivate."""
         self._stack.push_async_callback(self.conversations.stop)
         self._stack.push_async_callback(self.connection_actors.stop)
+        self._stack.callback(self._stop_circuits)
+
+    def _stop_circuits(self) -> None:
+        """Release the sends waiting on a circuit: of every connection served when the hub stops, those
+        made over the API while it ran too."""
         for connection in self.ctx.connections.values():
-            self._stack.callback(connection.circuit.stop)
+            connection.circuit.stop()
 
     def spawn(self, name: str, run: Callable[[TaskHealth], Coroutine[Any, Any, None]]) -> asyncio.Task[None]:
         """Start a supervised background task: restarted with backoff if it fails, shown in `/readyz`,
@@ -340,7 +446,13 @@ class Hub:
         task = asyncio.create_task(supervise(health, run), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._forget_health, name, health))
         return task
+
+    def _forget_health(self, name: str, health: TaskHealth, task: asyncio.Task[None]) -> None:
+        """A task its owner cancelled (a deleted connection's poller) leaves `/readyz`."""
+        if task.cancelled() and self.task_health.get(name) is health and not self._stopping:
+            del self.task_health[name]
 
     @staticmethod
     async def _hand_over(rounds: asyncio.Task[None], ownership: Ownership) -> None:
@@ -406,6 +518,22 @@ class Hub:
             await self._stack.aclose()  # every step runs, also after one that fails
         except Exception:
             log.exception("error while stopping")
+
+
+def _source_name(connection: ConnectionService) -> str:
+    """The inbound source serving `connection`: its mode, or its channel's own."""
+    return connection.settings.mode or connection.codec.inbound
+
+
+def _record_of(entry: KeyValue.Entry) -> ManagedRecord | None:
+    """The record a watched entry holds; None when it was deleted (or is unreadable: not served)."""
+    if entry.operation in ("DEL", "PURGE") or not entry.value:
+        return None
+    try:
+        return decode_record(entry.value)
+    except msgspec.ValidationError as exc:
+        log.error("connection %s: its stored record is unreadable (%s); it is not served", entry.key, exc)
+        return None
 
 
 def _url_password(value: str) -> str:

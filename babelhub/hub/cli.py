@@ -1,6 +1,7 @@
 """The `babelhub` command line: `babelhub run` starts the hub, `babelhub schema` prints the JSON Schema
 (`--frames`: those of the client-session frames; `--processor-frames`: those of the processor WebSocket),
-`babelhub credentials <tenant>` prints the NATS user a tenant's processors connect to the embedded server with."""
+`babelhub credentials <tenant>` prints the NATS user a tenant's processors connect to the embedded server with,
+`babelhub master-key new|rotate` makes or rotates the key sealing connections' secrets (`masterkey.py`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 
 from babelhub import canonical
 from babelhub.errors import ConfigError
+from babelhub.hub import masterkey
 from babelhub.services import config as cfg
 
 if TYPE_CHECKING:  # the hub's imports (NATS, aiohttp, actors) load only when `run` needs them
@@ -207,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     credentials.set_defaults(handler=_credentials)
     channels = commands.add_parser("channels", help="print the channel tables (markdown): parts and settings")
     channels.set_defaults(handler=_channels)
+    masterkey.add_commands(commands, DEFAULT_CONFIG)
     return parser
 
 

@@ -150,13 +150,15 @@ insufficient resources, replicas > 1 not supported in non-clustered mode."""
 
 
 BUCKETS: dict[str, float | None] = {"conversations": None, "cursors": None, "idempotency": 24 * 3600.0,
-                                    "messages": 7 * 24 * 3600.0, "scheduled": None, "keys": None}
+                                    "messages": 7 * 24 * 3600.0, "scheduled": None, "keys": None,
+                                    "connections": None, "templates": None}
 """The KV buckets `provision` makes, and how long their keys live (None: until replaced or deleted):
 conversation snapshots, inbound sources' cursors, the idempotency keys of submitted messages
 (`babelhub.services.outbox`), outbound messages' status histories (`babelhub.services.history`, as long
 as the streams keep what they tell of), the outbound messages held for later
-(`babelhub.services.scheduling`), and the tenants' API keys (`babelhub.services.apikeys`)."""
-BUCKETS["templates"] = None  # the tenants' stored message templates (`babelhub.services.templates`)
+(`babelhub.services.scheduling`), the tenants' API keys (`babelhub.services.apikeys`), the connections
+made over the API (`babelhub.services.managed`, secrets sealed), and the tenants' stored message
+templates (`babelhub.services.templates`)."""
 
 
 async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: float, replicas: int = 1) -> None:

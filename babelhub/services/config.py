@@ -22,7 +22,7 @@ from babelhub.errors import ConfigError
 from babelhub.media.channel import is_media_channel, media_channel
 
 __all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "Failover", "HubSettings", "Processor", "Route", "Tenant",
-           "channel_codec", "load"]
+           "channel_codec", "check_connection", "load"]
 
 TRANSPORTS = "babelhub.transports"
 """The entry-point group of processor transports (`babelhub.plugins.ProcessorTransport`)."""
@@ -117,6 +117,9 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     (`BABELHUB_MASTER_KEY`); or `master_key_file`."""
     master_key_file: str = ""
     """A file holding the master key (made by `babelhub master-key new`)."""
+    previous_master_key_file: str = ""
+    """During a master key rotation: the key file used before, so secrets still sealed under it open
+    (README "Connections managed at run time")."""
     requests_per_second: float = 50.0
     """Each tenant's REST requests per second (per hub process), unless the tenant says otherwise."""
     request_burst: int = 100
@@ -319,6 +322,24 @@ def _check(config: Config) -> None:
     for index, connection in enumerate(config.connections):
         _check_settings(f"$.connections[{index}]", connection)
         _check_failover(f"$.connections[{index}].failover", connection, config)
+
+
+def check_connection(connection: Connection, others: list[Connection]) -> None:
+    """A connection made at run time (`babelhub.services.managed`), checked as `load` checks the file's;
+    `others`: the connections it may fail over to. ConfigError whose message starts with the JSON path
+    of what is wrong in it (`$.secrets.bot_token: missing; …`), never with a secret's value."""
+    if not re.match(_ID, connection.id):
+        raise ConfigError(f"$.id: {connection.id[:80]!r} may only use letters, digits, '_' and '-' (1 to 64)")
+    if not re.match(r"^[a-z0-9_]+$", connection.channel):
+        raise ConfigError(f"$.channel: {connection.channel[:80]!r} is not a channel name")
+    if connection.max_rate is not None and not 0 <= connection.max_rate < float("inf"):
+        raise ConfigError(f"$.max_rate: {connection.max_rate} is not a rate (0 or more)")
+    if connection.send_deadline_seconds is not None:
+        _check_duration("$.send_deadline_seconds", connection.send_deadline_seconds)
+    if connection.mode:
+        _check_installed("$.mode", connection.mode, SOURCES, "inbound source")
+    _check_settings("$", connection)
+    _check_failover("$.failover", connection, Config(connections=[*others, connection]))
 
 
 _CONVERSATION_TYPES = ("direct", "group", "channel", "thread")

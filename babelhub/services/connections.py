@@ -44,12 +44,14 @@ from babelhub.services.injected import read_injected
 from babelhub.services.pacing import Pacer
 from babelhub.services.telemetry import Metrics, carrier
 
-__all__ = ["AMBIGUOUS", "DEFAULT_SEND_DEADLINE", "ConnectionService", "Progress", "Sent"]
+__all__ = ["AMBIGUOUS", "DEFAULT_SEND_DEADLINE", "DISABLED", "ConnectionService", "Progress", "Sent"]
 
 log = logging.getLogger("babelhub.connections")
 
 SESSION_SCHEME = "session:"
 LOOKUP_ATTEMPTS = 3
+DISABLED = "disabled"
+"""The error code of a message to a connection that is disabled (`/v1/connections`)."""
 AMBIGUOUS = "ambiguous"
 """The error code of a message whose channel call may or may not have taken effect, and that the hub
 could not reconcile: it is not sent again, so the user never sees it twice."""
@@ -92,11 +94,14 @@ class ConnectionService:
         *,
         send_deadline: float = DEFAULT_SEND_DEADLINE,
         circuit: Circuit | None = None,
+        disabled: bool = False,
     ) -> None:
         """`send_deadline`: seconds from when the hub stored a message until it is given up as
         `failed` while the channel keeps failing. `policy` gives the calls' timeout and the circuit's
-        pauses between probes."""
+        pauses between probes. A `disabled` connection (made over the API, then disabled) makes no call:
+        its messages fail with the error code `disabled`."""
         self.settings = settings
+        self.disabled = disabled
         self.codec = codec
         self._http = http
         self._metrics = metrics
@@ -151,6 +156,9 @@ class ConnectionService:
         """Degrade `message` to what the channel shows, encode it and make the calls in order, waiting
         out channel failures until `send_deadline` after `stored_at` (Unix time; default now). The calls
         `progress` counts as made are not made again; `on_progress` hears of each one that succeeds."""
+        if self.disabled:
+            self._send_failures.inc()
+            return Sent(ok=False, error=self._disabled_error())
         shown = degrade(message, self.codec.capabilities)
         choices = dict(shown.meta.get(CHOICES_KEY, {}))
         progress = progress or Progress()
@@ -165,7 +173,13 @@ class ConnectionService:
 
     async def send_activity(self, activity: Activity, ctx: EncodeContext) -> Sent:
         """Best effort: typing and read markers are not worth waiting for a failing channel."""
+        if self.disabled:
+            return Sent(ok=False, error=self._disabled_error())
         return await self._perform_all(self.codec.encode_activity(activity, ctx), {}, None, Progress(), None)
+
+    def _disabled_error(self) -> Error:
+        return Error(code=DISABLED, message=f"connection {self.id!r} is disabled: nothing is sent through it "
+                                            "until it is enabled again (PUT /v1/connections/{id})")
 
     def _deadline(self, stored_at: float | None) -> float:
         """The send deadline on the circuit's clock (`stored_at` is wall-clock time, and survives restarts)."""
@@ -174,6 +188,8 @@ class ConnectionService:
 
     async def after_inbound(self, envelope: Envelope, ctx: EncodeContext) -> None:
         """The calls a channel expects once we accepted an inbound envelope (best effort)."""
+        if self.disabled:
+            return
         for request in self.codec.on_inbound(envelope, ctx):
             result = await self.call(request)
             if not result.ok:

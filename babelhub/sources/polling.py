@@ -22,7 +22,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from babelhub.errors import DecodeError, PayloadTooLarge
-from babelhub.plugins import InboundSource
+from babelhub.plugins import InboundSource, Services
 from babelhub.services.connections import ConnectionService
 from babelhub.services.delivery import perform
 from babelhub.services.supervise import TaskHealth
@@ -40,6 +40,11 @@ class Pollers(InboundSource):
     """One long-poll loop per connection whose mode is `polling`."""
 
     name = "polling"
+    follows_changes = True
+
+    def __init__(self, connections: list[ConnectionService], services: Services) -> None:
+        super().__init__(connections, services)
+        self._pollers: dict[str, asyncio.Task[None]] = {}
 
     @classmethod
     def check(cls, connection: ConnectionService) -> str:
@@ -52,7 +57,23 @@ class Pollers(InboundSource):
 
     async def start(self) -> None:
         for connection in self.connections.values():
-            self.services.spawn(f"poller:{connection.id}", functools.partial(self._poll, connection))
+            self._start_poller(connection)
+
+    def _start_poller(self, connection: ConnectionService) -> None:
+        if not connection.disabled:
+            self._pollers[connection.id] = self.services.spawn(f"poller:{connection.id}",
+                                                               functools.partial(self._poll, connection))
+
+    async def connection_changed(self, connection_id: str, connection: ConnectionService | None) -> None:
+        """The connection's poller ends (a poll under way is cancelled: its cursor was not moved, so
+        nothing is skipped), then one polls with the new settings, unless it is deleted or disabled."""
+        await super().connection_changed(connection_id, connection)
+        poller = self._pollers.pop(connection_id, None)
+        if poller is not None:
+            poller.cancel()
+            await asyncio.wait([poller])
+        if connection is not None:
+            self._start_poller(connection)
 
     async def _poll(self, connection: ConnectionService, health: TaskHealth) -> None:
         """Poll `connection` while this process holds its partition, and record each delivery like a

@@ -39,12 +39,20 @@ class Webhooks(InboundSource):
     """Channels that call the hub: every connection whose mode is `webhook`."""
 
     name = "webhook"
+    follows_changes = True
 
     def __init__(self, connections: list[ConnectionService], services: Services) -> None:
         super().__init__(connections, services)
         self._channels = {connection.channel for connection in connections}
         self._counters: dict[tuple[str, int], Counter] = {}
         """`babelhub_webhooks`' series by channel label and status, looked up once each."""
+
+    async def connection_changed(self, connection_id: str, connection: ConnectionService | None) -> None:
+        """Read on every request, so the next one is verified with the new secrets (a disabled
+        connection answers 404)."""
+        await super().connection_changed(connection_id, connection)
+        if connection is not None:
+            self._channels.add(connection.channel)
 
     def address(self, connection: ConnectionService, http_url: str) -> str:
         return f"{http_url}/webhooks/{connection.channel}/{connection.id}"
@@ -67,7 +75,7 @@ class Webhooks(InboundSource):
 
     async def _answer(self, request: web.Request, channel: str) -> web.Response:
         connection = self.connections.get(request.match_info["connection"])
-        if connection is None or connection.channel != channel:
+        if connection is None or connection.channel != channel or connection.disabled:
             return _error(404, f"no {channel} connection named {request.match_info['connection']!r}")
         try:
             body = await request.read()

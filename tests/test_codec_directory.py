@@ -4,6 +4,7 @@ request each makes, how its answer maps onto `DirectoryItem`s, and where the nex
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -19,7 +20,7 @@ from babelhub.codecs.base import (
     OutboundRequest,
     offset_cursor,
 )
-from babelhub.errors import DecodeError
+from babelhub.errors import DecodeError, EncodeError
 from tests.codeckit import Fixtures
 
 BASE = "http://127.0.0.1:9"
@@ -27,6 +28,10 @@ BASE = "http://127.0.0.1:9"
 
 def context(secrets: dict[str, str], options: dict[str, Any] | None = None) -> EncodeContext:
     return EncodeContext(tenant="acme", connection="c1", to="", api_base=BASE, secrets=secrets, options=options or {})
+
+
+def json_of(request: OutboundRequest) -> Any:
+    return json.loads(request.body)
 
 
 def query(request: OutboundRequest) -> dict[str, str]:
@@ -107,3 +112,145 @@ def test_slack_unreadable_list_names_the_path() -> None:
     with pytest.raises(DecodeError) as raised:
         page("slack", "contacts", SLACK_CONTEXT, b'{"ok": true, "members": [{"name": "no id"}]}')
     assert raised.value.path == "$.members[0]"
+
+
+# ------------------------------------------------------------------------------------------ Discord
+
+DISCORD = Fixtures("discord", ".json")
+DISCORD_CONTEXT = context({"bot_token": "bot-token-1", "public_key": "00"}, {"guild_id": "41771983423143937"})
+
+
+def test_discord_channels_are_the_guilds_paged_here() -> None:
+    request, listed = page("discord", "channels", DISCORD_CONTEXT, DISCORD.bytes("directory_guild_channels"), limit=2)
+    assert request.method == "GET" and request.url == f"{BASE}/guilds/41771983423143937/channels"
+    assert request.headers["Authorization"] == "Bot bot-token-1"
+    assert [(item.id, item.name, item.kind) for item in listed.items] == [
+        ("399942396007890945", "Test", "category"), ("41771983423143937", "general", "channel")]
+    assert listed.items[1].channel_specific["topic"] == "24/7 chat about how to gank Mike #2"
+    assert listed.total == 3 and listed.next_cursor == "2"
+    _, rest = page("discord", "channels", DISCORD_CONTEXT, DISCORD.bytes("directory_guild_channels"),
+                   cursor="2", limit=2)
+    assert [(item.name, item.kind) for item in rest.items] == [("ROCKET CHEESE", "channel")]
+    assert rest.next_cursor == ""
+
+
+def test_discord_members_page_after_the_highest_user_id() -> None:
+    request, listed = page("discord", "contacts", DISCORD_CONTEXT, DISCORD.bytes("directory_guild_members"), limit=2)
+    assert request.url == f"{BASE}/guilds/41771983423143937/members?limit=2"
+    nelly, other = listed.items
+    assert (nelly.id, nelly.name, nelly.kind, nelly.handle) == (
+        "80351110224678912", "NOT API SUPPORT", "user", "@Nelly")
+    assert nelly.channel_specific["joined_at"] == "2015-04-26T06:26:56.936000+00:00"
+    assert (other.name, other.handle) == ("test", "@test")
+    assert listed.next_cursor == "82198898841029460"  # a full page: more may follow
+    request, last = page("discord", "contacts", DISCORD_CONTEXT, DISCORD.bytes("directory_guild_members"),
+                         cursor="82198898841029460", limit=3)
+    assert query(request) == {"limit": "3", "after": "82198898841029460"} and last.next_cursor == ""
+
+
+def test_discord_lists_no_chats_and_nothing_without_a_guild() -> None:
+    codec = load_codec("discord")
+    assert codec.directory_request("chats", DISCORD_CONTEXT, "", 10) is None
+    without_guild = context({"bot_token": "bot-token-1", "public_key": "00"})
+    for kind in ("channels", "contacts"):
+        with pytest.raises(EncodeError, match=r"options\.guild_id"):
+            codec.directory_request(kind, without_guild, "", 10)
+
+
+def test_discord_refuses_cursors_it_did_not_give_out() -> None:
+    codec = load_codec("discord")
+    for kind, cursor in (("contacts", "../../users/@me"), ("channels", "x")):
+        with pytest.raises(ValueError):
+            codec.directory_request(kind, DISCORD_CONTEXT, cursor, 10)
+
+
+def test_discord_unreadable_member_names_the_path() -> None:
+    with pytest.raises(DecodeError) as raised:
+        page("discord", "contacts", DISCORD_CONTEXT, b'[{"nick": "no user"}]')
+    assert raised.value.path == "$[0]"
+
+
+# ---------------------------------------------------------------------------------------- Evolution
+
+EVOLUTION = Fixtures("evolution", ".json")
+EVOLUTION_CONTEXT = context({"apikey": "evo-key-1"}, {"instance": "sales team"})
+
+
+def test_evolution_chats_come_from_find_chats_paged_here() -> None:
+    request, listed = page("evolution", "chats", EVOLUTION_CONTEXT, EVOLUTION.bytes("directory_find_chats"), limit=1)
+    assert (request.method, request.url) == ("POST", f"{BASE}/chat/findChats/sales%20team")
+    assert request.headers["apikey"] == "evo-key-1" and request.body == b"{}"
+    maria = listed.items[0]
+    assert (maria.id, maria.name, maria.kind, maria.handle) == (
+        "5511988887777@s.whatsapp.net", "Maria Souza", "direct", "+5511988887777")
+    assert maria.channel_specific["unreadMessages"] == 2 and "remoteJid" not in maria.channel_specific
+    assert listed.total == 2 and listed.next_cursor == "1"
+    _, rest = page("evolution", "chats", EVOLUTION_CONTEXT, EVOLUTION.bytes("directory_find_chats"), cursor="1")
+    assert [(item.id, item.name, item.kind) for item in rest.items] == [
+        ("120363295648424210@g.us", "Example Group", "group")]
+    assert rest.next_cursor == ""
+
+
+def test_evolution_contacts_come_from_find_contacts() -> None:
+    request, listed = page("evolution", "contacts", EVOLUTION_CONTEXT, EVOLUTION.bytes("directory_find_contacts"))
+    assert request.url == f"{BASE}/chat/findContacts/sales%20team" and json_of(request) == {"where": {}}
+    assert [(item.id, item.name, item.handle) for item in listed.items] == [
+        ("5511988887777@s.whatsapp.net", "Maria Souza", "+5511988887777"),
+        ("553198296801@s.whatsapp.net", "", "+553198296801")]
+
+
+def test_evolution_channels_are_the_instances_groups() -> None:
+    request, listed = page("evolution", "channels", EVOLUTION_CONTEXT, EVOLUTION.bytes("directory_fetch_all_groups"))
+    assert (request.method, request.url) == ("GET", f"{BASE}/group/fetchAllGroups/sales%20team?getParticipants=false")
+    assert request.headers == {"apikey": "evo-key-1"}
+    group = listed.items[0]
+    assert (group.id, group.name, group.kind) == ("120363295648424210@g.us", "Example Group", "group")
+    assert group.channel_specific["size"] == 1 and group.channel_specific["owner"] == "553198296801@s.whatsapp.net"
+
+
+def test_evolution_keeps_no_credential_in_what_it_lists() -> None:
+    body = b'[{"remoteJid": "5511988887777@s.whatsapp.net", "token": "leak", "nested": {"apikey": "leak"}}]'
+    _, listed = page("evolution", "contacts", EVOLUTION_CONTEXT, body)
+    assert "leak" not in json.dumps(listed.items[0].channel_specific)
+
+
+def test_evolution_refuses_cursors_it_did_not_give_out() -> None:
+    with pytest.raises(ValueError):
+        load_codec("evolution").directory_request("chats", EVOLUTION_CONTEXT, "abc", 10)
+
+
+# -------------------------------------------------------------------------------------- Google Chat
+
+GOOGLE_CHAT = Fixtures("google_chat", ".json")
+GOOGLE_CHAT_CONTEXT = context({"access_token": "ya29.token"}, {"directory_space": "spaces/AAAAzn3Bzac"})
+
+
+def test_google_chat_chats_are_the_apps_spaces_paged_by_next_page_token() -> None:
+    request, listed = page("google_chat", "chats", GOOGLE_CHAT_CONTEXT, GOOGLE_CHAT.bytes("directory_spaces_list"),
+                           cursor="previous-token", limit=20)
+    assert request.url.startswith(f"{BASE}/v1/spaces?") and request.headers == {"Authorization": "Bearer ya29.token"}
+    assert query(request) == {"pageSize": "20", "pageToken": "previous-token"}
+    assert [(item.id, item.name, item.kind) for item in listed.items] == [
+        ("spaces/AAAAzn3Bzac", "Support team", "channel"), ("spaces/BBBBkq8Dx1E", "", "direct")]
+    assert listed.items[0].channel_specific["spaceThreadingState"] == "THREADED_MESSAGES"
+    assert listed.next_cursor == "CiAKGjBpMDBjMDIyM2ZkYTgwMmYxMzFhZWY4ZjRmEAEaAg"
+
+
+def test_google_chat_channels_are_named_spaces_only() -> None:
+    request, _ = page("google_chat", "channels", GOOGLE_CHAT_CONTEXT, GOOGLE_CHAT.bytes("directory_spaces_list"))
+    assert query(request)["filter"] == 'spaceType = "SPACE"'
+
+
+def test_google_chat_contacts_are_the_members_of_the_configured_space() -> None:
+    request, listed = page("google_chat", "contacts", GOOGLE_CHAT_CONTEXT, GOOGLE_CHAT.bytes("directory_members_list"))
+    assert request.url.startswith(f"{BASE}/v1/spaces/AAAAzn3Bzac/members?")
+    assert [(item.id, item.name, item.kind) for item in listed.items] == [
+        ("users/114164005879224092462", "", "user"), ("users/app", "Helpdesk bot", "bot")]
+    assert listed.items[0].channel_specific["role"] == "ROLE_MANAGER" and listed.next_cursor == ""
+
+
+def test_google_chat_lists_no_contacts_without_a_space() -> None:
+    codec = load_codec("google_chat")
+    for space in ("", "spaces/../../v1/spaces", "users/1"):
+        with pytest.raises(EncodeError, match="directory_space"):
+            codec.directory_request("contacts", context({"access_token": "t"}, {"directory_space": space}), "", 10)

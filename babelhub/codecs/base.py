@@ -385,8 +385,9 @@ class Codec(ABC):
                           limit: int) -> OutboundRequest | None:
         """For channels whose API lists what the account knows (Slack `conversations.list`): the request
         for the page of `kind` that starts at `cursor` (the channel's own; "" for the first), with at most
-        `limit` items. None: this channel cannot list `kind` (the default). `ValueError` when `cursor` is
-        not one this channel's directory gave out."""
+        `limit` items. None: this channel cannot list `kind` (the default); `EncodeError`: this connection
+        cannot, for the reason it gives (a setting the listing needs is not set); `ValueError` when
+        `cursor` is not one this channel's directory gave out."""
         return None
 
     def parse_directory(self, kind: DirectoryKind, request: OutboundRequest, response: HttpResponse,

@@ -22,7 +22,7 @@ import aiohttp
 
 from babelhub.codecs.base import DirectoryKind, DirectoryPage, HttpResponse, OutboundRequest
 from babelhub.codecs.native import retry_after
-from babelhub.errors import DecodeError
+from babelhub.errors import DecodeError, EncodeError
 from babelhub.services.connections import ConnectionService
 from babelhub.services.delivery import perform
 
@@ -37,10 +37,11 @@ _DEFAULT_RETRY_AFTER: Final = 1.0
 
 
 class NotListed(Exception):
-    """The connection's channel has no documented way to list this kind."""
+    """The connection's channel has no documented way to list this kind, or this connection lacks a setting
+    the listing needs (`reason`)."""
 
-    def __init__(self, channel: str, kind: DirectoryKind) -> None:
-        super().__init__(f"{channel} cannot list {kind}")
+    def __init__(self, channel: str, kind: DirectoryKind, reason: str = "") -> None:
+        super().__init__(f"{channel} cannot list {kind}" + (f": {reason}" if reason else ""))
 
 
 class BadCursor(ValueError):
@@ -88,6 +89,8 @@ class Directory:
             return cached
         try:
             request = connection.codec.directory_request(kind, connection.encode_context(to=""), cursor, limit)
+        except EncodeError as exc:
+            raise NotListed(connection.channel, kind, str(exc)) from None
         except ValueError as exc:
             raise BadCursor(str(exc)) from None
         if request is None:

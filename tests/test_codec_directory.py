@@ -254,3 +254,31 @@ def test_google_chat_lists_no_contacts_without_a_space() -> None:
     for space in ("", "spaces/../../v1/spaces", "users/1"):
         with pytest.raises(EncodeError, match="directory_space"):
             codec.directory_request("contacts", context({"access_token": "t"}, {"directory_space": space}), "", 10)
+
+
+# -------------------------------------------------------------------------------------------- Teams
+
+TEAMS = Fixtures("teams", ".json")
+TEAMS_CONTEXT = context({"app_id": "a", "signing_keys": "k", "bot_token": "bf-token"},
+                        {"directory_conversation": "19:ja0cu120i1jod12j@skype.net"})
+
+
+def test_teams_contacts_are_the_paged_members_of_the_configured_conversation() -> None:
+    request, listed = page("teams", "contacts", TEAMS_CONTEXT, TEAMS.bytes("directory_paged_members"),
+                           cursor="asdfasdfalkdsjfalksjdf", limit=100)
+    assert request.url.startswith(f"{BASE}/v3/conversations/19%3Aja0cu120i1jod12j%40skype.net/pagedmembers?")
+    assert query(request) == {"pageSize": "100", "continuationToken": "asdfasdfalkdsjfalksjdf"}
+    assert request.headers == {"Authorization": "Bearer bf-token"}
+    larry = listed.items[0]
+    assert (larry.name, larry.kind, larry.handle) == ("Larry Brown", "user", "labrown@fabrikam.com")
+    assert larry.id.startswith("29:1GcS4EyB")
+    assert larry.channel_specific["objectId"] == "9d3e08f9-a7ae-43aa-a4d3-de3f319a8a9c"
+    assert listed.next_cursor == "asdfqwerueiqpiewr"
+
+
+def test_teams_lists_no_chats_or_channels_and_no_contacts_without_a_conversation() -> None:
+    codec = load_codec("teams")
+    assert codec.directory_request("chats", TEAMS_CONTEXT, "", 10) is None
+    assert codec.directory_request("channels", TEAMS_CONTEXT, "", 10) is None
+    with pytest.raises(EncodeError, match="directory_conversation"):
+        codec.directory_request("contacts", context({"bot_token": "t"}), "", 10)

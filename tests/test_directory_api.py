@@ -201,3 +201,98 @@ async def test_a_garbage_cursor_is_400_naming_cursor(
     status, body, _ = await get(http, hub, "/v1/connections/slack/contacts", cursor=good)  # another kind's
     assert status == 400 and body["error"]["path"] == "cursor"
     assert len(fake_api.requests) == calls
+
+
+# ------------------------------------------------------------------------------ every listing channel
+
+TEAM = "19:ja0cu120i1jod12j@skype.net"
+LARRY = ("29:1GcS4EyB_oSI8A88XmWBN7NJFyMqe3QGnJdgLfFGkJnVelzRGos0bPbpsfJjcbAD22bmKc4GMbrY2g4JDrrA8vM06X1"
+         "-cHHle4zOE6U4ttcc")
+CHANNELS: dict[str, dict[str, Any]] = {
+    "discord": {"secrets": {"public_key": "00" * 32, "bot_token": "discord-directory-token"},
+                "options": {"guild_id": "41771983423143937"},
+                "credential": ("authorization", "Bot discord-directory-token"),
+                "answers": {"/guilds/41771983423143937/channels": "directory_guild_channels",
+                            "/guilds/41771983423143937/members": "directory_guild_members"}},
+    "evolution": {"secrets": {"apikey": "evolution-directory-key"}, "options": {"instance": "sales"},
+                  "credential": ("apikey", "evolution-directory-key"),
+                  "answers": {"/chat/findChats/sales": "directory_find_chats",
+                              "/chat/findContacts/sales": "directory_find_contacts",
+                              "/group/fetchAllGroups/sales": "directory_fetch_all_groups"}},
+    "google_chat": {"secrets": {"access_token": "ya29.directory-token", "audience": "1234567890",
+                                "signing_keys": "{}"},
+                    "options": {"directory_space": "spaces/AAAAzn3Bzac"},
+                    "credential": ("authorization", "Bearer ya29.directory-token"),
+                    "answers": {"/v1/spaces": "directory_spaces_list",
+                                "/v1/spaces/AAAAzn3Bzac/members": "directory_members_list"}},
+    "teams": {"secrets": {"app_id": "app", "signing_keys": "{}", "bot_token": "teams-directory-token"},
+              "options": {"directory_conversation": TEAM},
+              "credential": ("authorization", "Bearer teams-directory-token"),
+              "answers": {f"/v3/conversations/{TEAM}/pagedmembers": "directory_paged_members"}},
+}
+"""Per channel: a connection's settings, the credential each directory call must carry, and the documented
+answer (a fixture) the fake API gives on each path."""
+
+EXPECTED = {  # (channel, kind): the first item's id and kind, or None where the channel cannot list
+    ("discord", "chats"): None, ("discord", "contacts"): ("80351110224678912", "user"),
+    ("discord", "channels"): ("399942396007890945", "category"),
+    ("evolution", "chats"): ("5511988887777@s.whatsapp.net", "direct"),
+    ("evolution", "contacts"): ("5511988887777@s.whatsapp.net", "direct"),
+    ("evolution", "channels"): ("120363295648424210@g.us", "group"),
+    ("google_chat", "chats"): ("spaces/AAAAzn3Bzac", "channel"),
+    ("google_chat", "contacts"): ("users/114164005879224092462", "user"),
+    ("google_chat", "channels"): ("spaces/AAAAzn3Bzac", "channel"),
+    ("teams", "chats"): None, ("teams", "channels"): None,
+    ("teams", "contacts"): (LARRY, "user"),
+}
+
+
+def channel_responder(channel: str) -> Any:
+    answers = CHANNELS[channel]["answers"]
+
+    def respond(request: Recorded) -> Reply:
+        name = answers.get(request.path)
+        return Reply(body=fixture(channel, name)) if name else Reply(status=404, body={"message": "Unknown"})
+
+    return respond
+
+
+@pytest.mark.parametrize("channel", sorted(CHANNELS))
+async def test_every_listing_channel_answers_in_the_one_shape(
+        nats_server: EmbeddedServer, start_hub: StartHub, fake_api: FakeApi, http: aiohttp.ClientSession,
+        channel: str) -> None:
+    fake_api.responder = channel_responder(channel)
+    settings = CHANNELS[channel]
+    hub = await start_hub(cfg.Config(
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_server.url, subject_prefix=unique_prefix()),
+        tenants=[cfg.Tenant(id="acme", api_keys=[KEYS["acme"]])],
+        connections=[cfg.Connection(id="it", tenant="acme", channel=channel, api_base=fake_api.base_url,
+                                    secrets=settings["secrets"], options=settings["options"])]))
+    for kind in ("chats", "contacts", "channels"):
+        status, body, _ = await get(http, hub, f"/v1/connections/it/{kind}", limit="1")
+        expected = EXPECTED[(channel, kind)]
+        if expected is None:
+            assert status == 501 and body["error"]["message"] == f"{channel} cannot list {kind}", body
+            continue
+        assert status == 200, (kind, body)
+        assert set(body) == {"data", "metadata"}
+        assert set(body["metadata"]) == {"total_count", "has_more", "next_cursor"}
+        first = body["data"][0]
+        assert set(first) == {"id", "name", "kind", "handle", "channel_specific"}
+        assert (first["id"], first["kind"]) == expected, kind
+    header, value = settings["credential"]
+    assert fake_api.requests and all(request.headers[header] == value for request in fake_api.requests)
+
+
+async def test_a_connection_missing_the_setting_a_listing_needs_answers_501_with_the_reason(
+        nats_server: EmbeddedServer, start_hub: StartHub, fake_api: FakeApi, http: aiohttp.ClientSession) -> None:
+    hub = await start_hub(cfg.Config(
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_server.url, subject_prefix=unique_prefix()),
+        tenants=[cfg.Tenant(id="acme", api_keys=[KEYS["acme"]])],
+        connections=[cfg.Connection(id="dc", tenant="acme", channel="discord", api_base=fake_api.base_url,
+                                    secrets=CHANNELS["discord"]["secrets"])]))
+    status, body, _ = await get(http, hub, "/v1/connections/dc/contacts")
+    assert status == 501 and body["error"]["code"] == "not_implemented"
+    message = body["error"]["message"]
+    assert message.startswith("discord cannot list contacts: ") and "options.guild_id" in message
+    assert fake_api.requests == []

@@ -70,6 +70,9 @@ class DirectoryApi(RestApi):
         hub = services.config.hub
         self.directory = Directory(services.http, ttl=hub.directory_cache_seconds, timeout=hub.call_timeout_seconds)
 
+    async def stop(self) -> None:
+        await self.directory.close()
+
     def endpoints(self) -> list[Endpoint]:
         params = (Param("cursor", "the `metadata.next_cursor` of the previous page; none for the first"),
                   Param("limit", f"items per page, 1-{MAX_LIMIT} (default {DEFAULT_LIMIT})", type="integer"))

@@ -5,11 +5,14 @@ Each page is one call to the channel, made like the connection's other calls: wi
 through its pacer, and a 429 there holds back the whole connection for the time the channel asks. Pages
 are cached per tenant, connection, kind, cursor and limit for `hub.directory_cache_seconds`, in a
 bounded least-recently-used map, so a client paging through a list, or several clients reading the same
-one, does not spend the account's rate limit each time. What the channel refuses is not cached.
+one, does not spend the account's rate limit each time; requests for a page already being read wait for
+that one call instead of making their own. What the channel refuses is not cached.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import time
@@ -79,6 +82,7 @@ class Directory:
         self._max_pages = max_pages
         self._clock = clock
         self._pages: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._reading: dict[CacheKey, asyncio.Task[DirectoryPage]] = {}
 
     async def page(self, connection: ConnectionService, kind: DirectoryKind, cursor: str, limit: int) -> DirectoryPage:
         """The page of `connection`'s `kind` starting at the channel's `cursor`, with at most `limit` items.
@@ -87,6 +91,31 @@ class Directory:
         cached = self._cached(key)
         if cached is not None:
             return cached
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = asyncio.create_task(self._read(key, connection, kind, cursor, limit),
+                                          name=f"directory:{connection.id}:{kind}")
+            self._reading[key] = reading
+            reading.add_done_callback(functools.partial(self._done, key))
+        # Shielded: a caller that goes away does not cancel the call the others wait for.
+        return await asyncio.shield(reading)
+
+    async def close(self) -> None:
+        """Cancel the calls still under way (the hub is stopping) and forget every page."""
+        reading = list(self._reading.values())
+        for task in reading:
+            task.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
+        self._pages.clear()
+
+    def _done(self, key: CacheKey, reading: asyncio.Task[DirectoryPage]) -> None:
+        if self._reading.get(key) is reading:
+            del self._reading[key]
+        if not reading.cancelled():
+            reading.exception()  # retrieved: a failure every waiter left is not reported as never seen
+
+    async def _read(self, key: CacheKey, connection: ConnectionService, kind: DirectoryKind, cursor: str,
+                    limit: int) -> DirectoryPage:
         try:
             request = connection.codec.directory_request(kind, connection.encode_context(to=""), cursor, limit)
         except EncodeError as exc:

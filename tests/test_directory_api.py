@@ -5,6 +5,7 @@ the channel's failures and rate limits mapped, and hostile parameters refused na
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -199,6 +200,10 @@ async def test_a_garbage_cursor_is_400_naming_cursor(
         status, body, _ = await get(http, hub, "/v1/connections/slack/chats", cursor=cursor)
         assert status == 400 and body["error"]["path"] == "cursor", (cursor, body)
     status, body, _ = await get(http, hub, "/v1/connections/slack/contacts", cursor=good)  # another kind's
+    assert status == 400 and body["error"]["path"] == "cursor"
+    # Well formed, for this connection and kind, but longer than any cursor the API gives out.
+    oversized = base64.urlsafe_b64encode(json.dumps(["slack", "chats", "A" * 3500]).encode()).decode()
+    status, body, _ = await get(http, hub, "/v1/connections/slack/chats", cursor=oversized)
     assert status == 400 and body["error"]["path"] == "cursor"
     assert len(fake_api.requests) == calls
 

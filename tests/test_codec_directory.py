@@ -48,7 +48,7 @@ def page(channel: str, kind: DirectoryKind, ctx: EncodeContext, body: bytes, cur
 
 def test_offset_cursors_refuse_what_they_did_not_give_out() -> None:
     assert offset_cursor("") == 0 and offset_cursor("150") == 150
-    for bad in ("-1", "x", "1.5", "9" * 10, " 1"):
+    for bad in ("-1", "x", "1.5", "9" * 10, " 1", "²", "\u0661\u0660"):
         with pytest.raises(ValueError):
             offset_cursor(bad)
 
@@ -159,7 +159,7 @@ def test_discord_lists_no_chats_and_nothing_without_a_guild() -> None:
 
 def test_discord_refuses_cursors_it_did_not_give_out() -> None:
     codec = load_codec("discord")
-    for kind, cursor in (("contacts", "../../users/@me"), ("channels", "x")):
+    for kind, cursor in (("contacts", "../../users/@me"), ("contacts", "²"), ("channels", "x")):
         with pytest.raises(ValueError):
             codec.directory_request(kind, DISCORD_CONTEXT, cursor, 10)
 

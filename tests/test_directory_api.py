@@ -182,7 +182,7 @@ async def test_a_channel_rate_limit_is_503_with_its_retry_after(
     assert headers["Retry-After"] == "7"
 
 
-@pytest.mark.parametrize("limit", ["0", "201", "-1", "ten", "1e3", "", "9" * 40])
+@pytest.mark.parametrize("limit", ["0", "201", "-1", "ten", "1e3", "", "9" * 40, "²", "\u0661\u0660", " 10", "10 "])
 async def test_a_limit_out_of_range_is_400_naming_limit(
         hub: Hub, http: aiohttp.ClientSession, fake_api: FakeApi, limit: str) -> None:
     status, body, _ = await get(http, hub, "/v1/connections/slack/chats", limit=limit)

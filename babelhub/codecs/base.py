@@ -8,6 +8,7 @@ codec is tested on fixtures alone and a decode bug can be fixed and the raw reco
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -227,6 +228,9 @@ class DirectoryPage(msgspec.Struct, frozen=True, kw_only=True):
     """The channel refused inside a successful HTTP answer (Slack's `{"ok": false, "error": …}`)."""
 
 
+_OFFSET = re.compile(r"[0-9]{1,9}")
+
+
 def page_of(items: list[DirectoryItem], cursor: str, limit: int) -> DirectoryPage:
     """A page of a list a channel returns whole (no paging of its own): the cursor is an offset into it.
     `cursor` was checked by `offset_cursor` when the request was made."""
@@ -239,7 +243,7 @@ def offset_cursor(cursor: str) -> int:
     """The offset a `page_of` cursor holds; `ValueError` when it holds none."""
     if cursor == "":
         return 0
-    if not cursor.isdigit() or len(cursor) > 9:
+    if not _OFFSET.fullmatch(cursor):
         raise ValueError("not a cursor of this directory")
     return int(cursor)
 

@@ -531,7 +531,7 @@ class DiscordCodec(Codec):
         if kind == "channels":
             offset_cursor(cursor)
             return OutboundRequest(method="GET", url=f"{base}/channels", headers=_bot_headers(ctx))
-        if cursor and not cursor.isdigit():
+        if cursor and not _SNOWFLAKE.fullmatch(cursor):
             raise ValueError("a member cursor is a user id")
         query = {"limit": str(limit), **({"after": cursor} if cursor else {})}
         return OutboundRequest(method="GET", url=f"{base}/members?{urlencode(query)}", headers=_bot_headers(ctx))
@@ -1388,7 +1388,7 @@ def _directory_channel(raw: Any, path: str) -> DirectoryItem:
 def _directory_member(raw: Any, path: str) -> DirectoryItem:
     member = native.convert(raw, _DirectoryMember, path)
     user = member.user
-    if not user.id.isdigit():
+    if not _SNOWFLAKE.fullmatch(user.id):
         raise DecodeError("a user id is a snowflake", path=f"{path}.user.id")
     return DirectoryItem(id=user.id, name=member.nick or user.global_name or user.username,
                          kind="bot" if user.bot else "user", handle=f"@{user.username}" if user.username else "",

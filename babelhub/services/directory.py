@@ -130,6 +130,10 @@ class Directory:
         except DecodeError as exc:
             raise ChannelFailed(f"{connection.channel} answered with a {kind} list that cannot be read: "
                                 f"{exc.reason} at {exc.path}", response.status) from None
+        except (ValueError, TypeError, KeyError) as exc:  # a codec's slip on a shape it did not expect
+            log.warning("%s: a %s list could not be read: %s", connection.id, kind, type(exc).__name__)
+            raise ChannelFailed(f"{connection.channel} answered with a {kind} list that cannot be read",
+                                response.status) from None
         if page.error is not None:
             raise ChannelFailed(f"{connection.channel} refused to list {kind}: {page.error.code}", response.status)
         self._keep(key, page)

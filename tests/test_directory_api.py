@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,8 @@ async def test_a_key_without_read_scope_is_refused(hub: Hub, http: aiohttp.Clien
 
 
 async def test_a_channel_failure_is_502_naming_its_status_never_its_token(
-        hub: Hub, http: aiohttp.ClientSession, fake_api: FakeApi) -> None:
+        hub: Hub, http: aiohttp.ClientSession, fake_api: FakeApi, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     fake_api.queue(Reply(status=500, body={"ok": False, "error": "fatal_error", "token": SLACK_TOKEN}))
     status, body, _ = await get(http, hub, "/v1/connections/slack/contacts")
     assert status == 502 and body["error"]["code"] == "channel_error"
@@ -170,8 +172,12 @@ async def test_a_channel_failure_is_502_naming_its_status_never_its_token(
     fake_api.queue(Reply(body=fixture("slack", "directory_error_invalid_cursor")))
     status, body, _ = await get(http, hub, "/v1/connections/slack/contacts")
     assert status == 502 and "invalid_cursor" in body["error"]["message"]
+    fake_api.queue(Reply(body=[{"not": "a users.list answer"}]))
+    status, body, _ = await get(http, hub, "/v1/connections/slack/contacts")
+    assert status == 502 and "cannot be read" in body["error"]["message"]
     status, _, _ = await get(http, hub, "/v1/connections/slack/contacts")
     assert status == 200  # failures are not cached
+    assert SLACK_TOKEN not in caplog.text
 
 
 async def test_a_channel_rate_limit_is_503_with_its_retry_after(
@@ -301,3 +307,13 @@ async def test_a_connection_missing_the_setting_a_listing_needs_answers_501_with
     message = body["error"]["message"]
     assert message.startswith("discord cannot list contacts: ") and "options.guild_id" in message
     assert fake_api.requests == []
+
+
+async def test_a_channel_that_does_not_answer_is_502(
+        nats_server: EmbeddedServer, start_hub: StartHub, http: aiohttp.ClientSession) -> None:
+    closed = FakeApi()
+    base_url = await closed.start()
+    await closed.stop()  # nothing listens there any more
+    hub = await start_hub(config(nats_server.url, base_url))
+    status, body, _ = await get(http, hub, "/v1/connections/slack/chats")
+    assert status == 502 and body["error"] == {"code": "channel_error", "message": "slack did not answer", "path": ""}

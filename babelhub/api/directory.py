@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import re
 from typing import Final
 
 import msgspec
@@ -37,6 +38,7 @@ DEFAULT_LIMIT: Final = 50
 MAX_LIMIT: Final = 200
 """The largest page a client may ask for: every listing channel gives at least this many in one call."""
 MAX_CURSOR_CHARS: Final = 4096
+_WHOLE_NUMBER: Final = re.compile(r"[0-9]{1,4}")
 
 
 class DirectoryMetadata(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,7 +111,7 @@ class DirectoryApi(RestApi):
 def _limit(given: str | None) -> int:
     if given is None:
         return DEFAULT_LIMIT
-    if not given.isdigit() or not 1 <= int(given) <= MAX_LIMIT:
+    if not _WHOLE_NUMBER.fullmatch(given) or not 1 <= int(given) <= MAX_LIMIT:
         raise Refusal(400, "invalid", f"limit must be a whole number from 1 to {MAX_LIMIT}", "limit")
     return int(given)
 

@@ -8,6 +8,7 @@ codec is tested on fixtures alone and a decode bug can be fixed and the raw reco
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -20,17 +21,24 @@ from babelhub.redaction import mask_of
 
 __all__ = [
     "CREDENTIAL_HEADERS",
+    "DIRECTORY_KINDS",
     "Capabilities",
     "Codec",
     "DecodeContext",
+    "DirectoryItem",
+    "DirectoryKind",
+    "DirectoryPage",
     "EncodeContext",
     "HttpRequest",
     "HttpResponse",
+    "ItemKind",
     "Lookup",
     "OutboundRequest",
     "PartType",
     "PollResult",
     "SendResult",
+    "offset_cursor",
+    "page_of",
 ]
 
 PartType: TypeAlias = Literal[
@@ -186,6 +194,60 @@ class PollResult(msgspec.Struct, frozen=True, kw_only=True):
     error: c.Error | None = None
 
 
+DirectoryKind: TypeAlias = Literal["chats", "contacts", "channels"]
+"""What a channel account's directory lists: the chats it is in, the people it knows, its groups and channels."""
+DIRECTORY_KINDS: tuple[DirectoryKind, ...] = ("chats", "contacts", "channels")
+ItemKind: TypeAlias = Literal["user", "bot", "direct", "group", "channel", "category", "thread", "other"]
+"""What one directory entry is: a person or a bot (contacts), a one-to-one chat, a group chat, a channel,
+a category of channels (Discord), a thread."""
+
+
+class DirectoryItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of a channel account's own directory, in the one shape every channel maps to."""
+
+    id: str
+    """The channel's native id (a chat id, a user id), as a canonical `Conversation.native_id` or a send's
+    target names it."""
+    name: str = ""
+    kind: ItemKind = "other"
+    handle: str = ""
+    """A handle people know it by: `@username`, a phone number, an email address."""
+    channel_specific: dict[str, Any] = {}
+    """What the channel says of it that maps to no field above, verbatim (never a credential)."""
+
+
+class DirectoryPage(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of a directory, as one answer of the channel's API reads."""
+
+    items: list[DirectoryItem] = []
+    next_cursor: str = ""
+    """Where the next page starts, in the channel's own terms; empty on the last page."""
+    total: int | None = None
+    """How many there are in all, when the channel says."""
+    error: c.Error | None = None
+    """The channel refused inside a successful HTTP answer (Slack's `{"ok": false, "error": …}`)."""
+
+
+_OFFSET = re.compile(r"[0-9]{1,9}")
+
+
+def page_of(items: list[DirectoryItem], cursor: str, limit: int) -> DirectoryPage:
+    """A page of a list a channel returns whole (no paging of its own): the cursor is an offset into it.
+    `cursor` was checked by `offset_cursor` when the request was made."""
+    start = offset_cursor(cursor)
+    end = start + limit
+    return DirectoryPage(items=items[start:end], next_cursor=str(end) if end < len(items) else "", total=len(items))
+
+
+def offset_cursor(cursor: str) -> int:
+    """The offset a `page_of` cursor holds; `ValueError` when it holds none."""
+    if cursor == "":
+        return 0
+    if not _OFFSET.fullmatch(cursor):
+        raise ValueError("not a cursor of this directory")
+    return int(cursor)
+
+
 class DecodeContext(msgspec.Struct, frozen=True, kw_only=True):
     """What decoding needs besides the request: whose connection it came in on."""
 
@@ -322,6 +384,21 @@ class Codec(ABC):
     def parse_poll(self, request: OutboundRequest, response: HttpResponse, cursor: str) -> PollResult:
         """Split a poll's answer into webhook-shaped records and the next cursor."""
         raise NotImplementedError(f"{self.channel} cannot be polled")
+
+    def directory_request(self, kind: DirectoryKind, ctx: EncodeContext, cursor: str,
+                          limit: int) -> OutboundRequest | None:
+        """For channels whose API lists what the account knows (Slack `conversations.list`): the request
+        for the page of `kind` that starts at `cursor` (the channel's own; "" for the first), with at most
+        `limit` items. None: this channel cannot list `kind` (the default); `EncodeError`: this connection
+        cannot, for the reason it gives (a setting the listing needs is not set); `ValueError` when
+        `cursor` is not one this channel's directory gave out."""
+        return None
+
+    def parse_directory(self, kind: DirectoryKind, request: OutboundRequest, response: HttpResponse,
+                        cursor: str, limit: int) -> DirectoryPage:
+        """The page in a successful (2xx) answer to `directory_request(kind, …, cursor, limit)`; raise
+        `DecodeError` naming the path when the answer cannot be read."""
+        raise NotImplementedError(f"{self.channel} cannot list {kind}")
 
     def api_base(self, ctx: EncodeContext) -> str:
         return (ctx.api_base or self.default_api_base).rstrip("/")

@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any, ClassVar, Final, TypeAlias
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -95,11 +95,17 @@ from babelhub.codecs.base import (
     Capabilities,
     Codec,
     DecodeContext,
+    DirectoryItem,
+    DirectoryKind,
+    DirectoryPage,
     EncodeContext,
     HttpRequest,
     HttpResponse,
+    ItemKind,
     OutboundRequest,
     SendResult,
+    offset_cursor,
+    page_of,
 )
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
@@ -359,6 +365,9 @@ class DiscordOptions(ConnectionOptions, frozen=True, kw_only=True):
     """With `mode = "discord_gateway"`: the Gateway Intents bits sent when identifying; the default is GUILDS,
     GUILD_MESSAGES, GUILD_MESSAGE_REACTIONS, DIRECT_MESSAGES, DIRECT_MESSAGE_REACTIONS and MESSAGE_CONTENT
     (privileged: enable it in the Developer Portal)."""
+    guild_id: str = ""
+    """The guild (server) whose channels and members the directory API lists (`/v1/connections/{id}/channels`,
+    `/contacts`); unset: they answer 501."""
     gateway_max_frame_bytes: int = 8 * 1024 * 1024
     """With `mode = "discord_gateway"`: the largest gateway frame read; a larger one closes the socket, which is
     resumed."""
@@ -504,6 +513,41 @@ class DiscordCodec(Codec):
         a nonce it saw in the last few minutes); edits, reactions and deletions set rather than add.
         Interaction follow-ups take no nonce."""
         return request.method in ("PATCH", "PUT", "DELETE") or b'"enforce_nonce":true' in request.body
+
+    # ------------------------------------------------------------------------------------ directory
+
+    def directory_request(self, kind: DirectoryKind, ctx: EncodeContext, cursor: str,
+                          limit: int) -> OutboundRequest | None:
+        """The guild's channels (`GET /guilds/{guild.id}/channels`, the whole list, paged here) or members
+        (`GET /guilds/{guild.id}/members?limit&after`, paged by the highest user id so far; needs the
+        privileged GUILD_MEMBERS intent). A bot cannot list its DMs ("Get User DMs" returns none to bots),
+        so chats are not listed."""
+        if kind == "chats":
+            return None
+        guild = str(ctx.options.get("guild_id", ""))
+        if not guild:
+            raise EncodeError("set the connection's options.guild_id to the guild to list")
+        base = f"{self.api_base(ctx)}/guilds/{guild}"
+        if kind == "channels":
+            offset_cursor(cursor)
+            return OutboundRequest(method="GET", url=f"{base}/channels", headers=_bot_headers(ctx))
+        if cursor and not _SNOWFLAKE.fullmatch(cursor):
+            raise ValueError("a member cursor is a user id")
+        query = {"limit": str(limit), **({"after": cursor} if cursor else {})}
+        return OutboundRequest(method="GET", url=f"{base}/members?{urlencode(query)}", headers=_bot_headers(ctx))
+
+    def parse_directory(self, kind: DirectoryKind, request: OutboundRequest, response: HttpResponse,
+                        cursor: str, limit: int) -> DirectoryPage:
+        listed = native.read_json(response)
+        if not isinstance(listed, list):
+            raise DecodeError("a list of guild channels or members is a JSON array", path="$")
+        if kind == "channels":
+            items = [_directory_channel(raw, f"$[{index}]") for index, raw in enumerate(listed)]
+            return page_of(items, cursor, limit)
+        items = [_directory_member(raw, f"$[{index}]") for index, raw in enumerate(listed)]
+        # A full page may be followed by more: the next one starts after the highest user id seen.
+        last = max((item.id for item in items), key=int) if items and len(items) >= limit else ""
+        return DirectoryPage(items=items, next_cursor=last)
 
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         """Success: the message object (creates, edits, follow-ups) or 204 (reactions, deletes, typing).
@@ -1312,6 +1356,43 @@ def _description(text: str, what: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ encoding: calls
+
+
+# ------------------------------------------------------------------------------------ directory
+
+#: Channel types (Discord's "Channel Types") as directory kinds; others (DMs never appear in a guild) are "other".
+_DIRECTORY_CHANNEL_KINDS: Final[dict[int, ItemKind]] = {
+    0: "channel", 2: "channel", 5: "channel", 13: "channel", 15: "channel", 16: "channel",  # text, voice, …
+    4: "category", 10: "thread", 11: "thread", 12: "thread",
+}
+
+
+class _DirectoryChannel(msgspec.Struct):
+    id: str
+    type: int
+    name: str | None = None
+
+
+class _DirectoryMember(msgspec.Struct):
+    user: _User
+    nick: str | None = None
+
+
+def _directory_channel(raw: Any, path: str) -> DirectoryItem:
+    channel = native.convert(raw, _DirectoryChannel, path)
+    kind = _DIRECTORY_CHANNEL_KINDS.get(channel.type, "other")
+    return DirectoryItem(id=channel.id, name=channel.name or "", kind=kind,
+                         channel_specific=native.unmapped(raw, {"id", "name"}))
+
+
+def _directory_member(raw: Any, path: str) -> DirectoryItem:
+    member = native.convert(raw, _DirectoryMember, path)
+    user = member.user
+    if not _SNOWFLAKE.fullmatch(user.id):
+        raise DecodeError("a user id is a snowflake", path=f"{path}.user.id")
+    return DirectoryItem(id=user.id, name=member.nick or user.global_name or user.username,
+                         kind="bot" if user.bot else "user", handle=f"@{user.username}" if user.username else "",
+                         channel_specific=native.unmapped(raw, {"nick"}))
 
 
 def _bot_headers(ctx: EncodeContext) -> dict[str, str]:

@@ -75,11 +75,17 @@ from babelhub.codecs.base import (
     Capabilities,
     Codec,
     DecodeContext,
+    DirectoryItem,
+    DirectoryKind,
+    DirectoryPage,
     EncodeContext,
     HttpRequest,
     HttpResponse,
+    ItemKind,
     OutboundRequest,
     SendResult,
+    offset_cursor,
+    page_of,
 )
 from babelhub.codecs.settings import ConnectionOptions, Settings
 from babelhub.errors import DecodeError, EncodeError, SignatureError
@@ -535,6 +541,30 @@ class EvolutionCodec(Codec):
             body = {"readMessages": [read]}
             return [_Endpoint.of(self, ctx).request("chat/markMessageAsRead", body, key=f"{activity.id}:0")]
         return []
+
+    # ------------------------------------------------------------------------------------ directory
+
+    def directory_request(self, kind: DirectoryKind, ctx: EncodeContext, cursor: str,
+                          limit: int) -> OutboundRequest | None:
+        """`POST /chat/findChats/{instance}` (chats), `POST /chat/findContacts/{instance}` (contacts) or
+        `GET /group/fetchAllGroups/{instance}?getParticipants=false` (channels: the groups). Each returns
+        the whole list, which is paged here."""
+        offset_cursor(cursor)
+        endpoint = _Endpoint.of(self, ctx)
+        if kind == "channels":
+            return OutboundRequest(method="GET", headers={"apikey": endpoint.headers["apikey"]},
+                                   url=f"{endpoint.base}/group/fetchAllGroups/{endpoint.instance}?getParticipants=false")
+        if kind == "chats":
+            return endpoint.request("chat/findChats", {}, key="")
+        return endpoint.request("chat/findContacts", {"where": {}}, key="")
+
+    def parse_directory(self, kind: DirectoryKind, request: OutboundRequest, response: HttpResponse,
+                        cursor: str, limit: int) -> DirectoryPage:
+        listed = native.read_json(response)
+        if not isinstance(listed, list):
+            raise DecodeError(f"the {kind} Evolution lists are a JSON array", path="$")
+        read = _directory_group if kind == "channels" else _directory_chat
+        return page_of([read(raw, f"$[{index}]") for index, raw in enumerate(listed)], cursor, limit)
 
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         """Success (201): the sent message, `{"key": {"remoteJid", "fromMe", "id"}, "message": …, "status":
@@ -1591,3 +1621,36 @@ def _error_words(message: Any) -> str:
 def _snake(words: str) -> str:
     """ "Bad Request" → "bad_request"."""
     return "_".join(words.lower().split())
+
+
+# =========================================================================================== directory
+
+
+_DIRECTORY_KINDS: Final[dict[str, ItemKind]] = {"direct": "direct", "group": "group", "channel": "channel"}
+
+
+class _DirectoryChat(msgspec.Struct, rename="camel"):
+    """A chat (`fetchChats`) or a contact (`fetchContacts`): both are keyed by the WhatsApp JID."""
+
+    remote_jid: str
+    name: str | None = None
+    push_name: str | None = None
+
+
+class _DirectoryGroup(msgspec.Struct):
+    id: str
+    subject: str | None = None
+
+
+def _directory_chat(raw: Any, path: str) -> DirectoryItem:
+    chat = native.convert(raw, _DirectoryChat, path)
+    return DirectoryItem(id=chat.remote_jid, name=chat.name or chat.push_name or "",
+                         kind=_DIRECTORY_KINDS.get(_conversation_type(chat.remote_jid), "other"),
+                         handle=_phone_handle(chat.remote_jid),
+                         channel_specific=_without_credentials(native.unmapped(raw, {"remoteJid", "name"})))
+
+
+def _directory_group(raw: Any, path: str) -> DirectoryItem:
+    group = native.convert(raw, _DirectoryGroup, path)
+    return DirectoryItem(id=group.id, name=group.subject or "", kind="group",
+                         channel_specific=_without_credentials(native.unmapped(raw, {"id", "subject"})))

@@ -55,9 +55,13 @@ from babelhub.codecs.base import (
     Capabilities,
     Codec,
     DecodeContext,
+    DirectoryItem,
+    DirectoryKind,
+    DirectoryPage,
     EncodeContext,
     HttpRequest,
     HttpResponse,
+    ItemKind,
     OutboundRequest,
     SendResult,
 )
@@ -296,6 +300,9 @@ class GoogleChatOptions(ConnectionOptions, frozen=True, kw_only=True):
     """True: the app's events come through a Cloud Pub/Sub push subscription (the `pubsub_*` secrets)."""
     action_function: str = DEFAULT_ACTION_FUNCTION
     """The function name button clicks invoke (the click's `id` parameter names the button)."""
+    directory_space: str = ""
+    """The space (`spaces/<id>`) whose members the directory API lists as contacts (`spaces.members.list`);
+    unset: `/v1/connections/{id}/contacts` answers 501."""
 
 
 class GoogleChatCodec(Codec):
@@ -388,6 +395,35 @@ class GoogleChatCodec(Codec):
         """A create carries `requestId` (Chat returns the message already made for an id it saw); edits
         and deletions set rather than add."""
         return request.method in ("PATCH", "PUT", "DELETE") or "requestId=" in request.url
+
+    # ------------------------------------------------------------------------------------ directory
+
+    def directory_request(self, kind: DirectoryKind, ctx: EncodeContext, cursor: str,
+                          limit: int) -> OutboundRequest | None:
+        """`spaces.list` (chats: every space the app is in; channels: `spaceType = "SPACE"` only) or
+        `spaces.members.list` of `options.directory_space` (contacts), paged by Chat's `nextPageToken`."""
+        query = {"pageSize": str(limit), **({"pageToken": cursor} if cursor else {})}
+        if kind == "contacts":
+            space = str(ctx.options.get("directory_space", ""))
+            if not SPACE_NAME.fullmatch(space):
+                raise EncodeError("set the connection's options.directory_space to the space (spaces/<id>) to list")
+            path = f"v1/{space}/members"
+        else:
+            path = "v1/spaces"
+            if kind == "channels":
+                query["filter"] = 'spaceType = "SPACE"'
+        token = native.required_secret(ctx.secrets, "access_token", "Google Chat", "an OAuth token of the app")
+        return OutboundRequest(method="GET", url=f"{self.api_base(ctx)}/{path}?{urlencode(query)}",
+                               headers={"Authorization": f"Bearer {token}"})
+
+    def parse_directory(self, kind: DirectoryKind, request: OutboundRequest, response: HttpResponse,
+                        cursor: str, limit: int) -> DirectoryPage:
+        answer = native.convert(native.read_json(response), _ListAnswer)
+        if kind == "contacts":
+            items = [_directory_member(raw, f"$.memberships[{index}]") for index, raw in enumerate(answer.memberships)]
+        else:
+            items = [_directory_space(raw, f"$.spaces[{index}]") for index, raw in enumerate(answer.spaces)]
+        return DirectoryPage(items=items, next_cursor=answer.nextPageToken)
 
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         if 200 <= response.status < 300:
@@ -951,3 +987,47 @@ def _sent_names(request: OutboundRequest, response: HttpResponse) -> list[str]:
     if request.method in ("DELETE", "PATCH"):
         return [request.url.split("/v1/", 1)[-1].split("?", 1)[0]]
     return []
+
+
+# =========================================================================================== directory
+
+#: Space types (`Space.spaceType`) as directory kinds.
+_SPACE_KINDS: Final[dict[str, ItemKind]] = {"SPACE": "channel", "GROUP_CHAT": "group", "DIRECT_MESSAGE": "direct"}
+
+
+class _ListAnswer(msgspec.Struct):
+    """`ListSpacesResponse` or `ListMembershipsResponse`."""
+
+    spaces: list[Any] = []
+    memberships: list[Any] = []
+    nextPageToken: str = ""
+
+
+class _DirectorySpace(msgspec.Struct, rename="camel"):
+    name: str
+    display_name: str = ""
+    space_type: str = ""
+
+
+class _DirectoryMembership(msgspec.Struct):
+    member: _User | None = None
+    groupMember: _User | None = None
+
+
+def _directory_space(raw: Any, path: str) -> DirectoryItem:
+    space = native.convert(raw, _DirectorySpace, path)
+    return DirectoryItem(id=space.name, name=space.display_name, kind=_SPACE_KINDS.get(space.space_type, "other"),
+                         channel_specific=native.unmapped(raw, {"name", "displayName"}))
+
+
+def _directory_member(raw: Any, path: str) -> DirectoryItem:
+    """A membership: of a user (`member`, `users/<id>`) or of a Google Group (`groupMember`, `groups/<id>`)."""
+    membership = native.convert(raw, _DirectoryMembership, path)
+    if membership.member is None and membership.groupMember is not None:
+        group = membership.groupMember
+        return DirectoryItem(id=group.name, kind="group", channel_specific=native.unmapped(raw, {"groupMember"}))
+    user = membership.member or _User()
+    if not user.name:
+        raise DecodeError("a membership names its member", path=f"{path}.member.name")
+    return DirectoryItem(id=user.name, name=user.displayName, kind="bot" if user.type == "BOT" else "user",
+                         handle=user.email, channel_specific=native.unmapped(raw, {"member"}))

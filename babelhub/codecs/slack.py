@@ -66,9 +66,13 @@ from babelhub.codecs.base import (
     Capabilities,
     Codec,
     DecodeContext,
+    DirectoryItem,
+    DirectoryKind,
+    DirectoryPage,
     EncodeContext,
     HttpRequest,
     HttpResponse,
+    ItemKind,
     Lookup,
     OutboundRequest,
     SendResult,
@@ -466,6 +470,32 @@ class SlackCodec(Codec):
             if isinstance(payload, dict) and payload.get(LOOKUP_KEY) == reference and isinstance(item.get("ts"), str):
                 return Lookup(found=True, native_ids=[f"{channel}:{item['ts']}"])
         return Lookup(found=False) if answer.get("has_more") is False else Lookup(found=None)
+
+    # ------------------------------------------------------------------------------------ directory
+
+    def directory_request(self, kind: DirectoryKind, ctx: EncodeContext, cursor: str,
+                          limit: int) -> OutboundRequest | None:
+        """`conversations.list` (chats: every conversation type; channels: public and private channels) or
+        `users.list` (contacts), cursor-paginated: `cursor` is Slack's `response_metadata.next_cursor`."""
+        method, query = _DIRECTORY_METHODS[kind]
+        query = {**query, "limit": str(limit)}
+        if cursor:
+            query["cursor"] = cursor
+        token = native.required_secret(ctx.secrets, "bot_token", "Slack")
+        return OutboundRequest(method="GET", url=f"{self.api_base(ctx)}/{method}?{urlencode(query)}",
+                               headers={"Authorization": f"Bearer {token}"})
+
+    def parse_directory(self, kind: DirectoryKind, request: OutboundRequest, response: HttpResponse,
+                        cursor: str, limit: int) -> DirectoryPage:
+        answer = native.convert(native.read_json(response), _ListAnswer)
+        if not answer.ok:
+            return DirectoryPage(error=c.Error(code=answer.error or "invalid_response",
+                                               message=f"slack {_DIRECTORY_METHODS[kind][0]} refused"))
+        if kind == "contacts":
+            items = [_directory_user(raw, f"$.members[{index}]") for index, raw in enumerate(answer.members)]
+        else:
+            items = [_directory_conversation(raw, f"$.channels[{index}]") for index, raw in enumerate(answer.channels)]
+        return DirectoryPage(items=items, next_cursor=answer.response_metadata.next_cursor)
 
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         """Slack answers HTTP 200 with `{"ok": false, "error": "..."}` for most failures, HTTP 429 with
@@ -1409,3 +1439,64 @@ def _card_blocks(card: c.Card) -> list[Block]:
     if not blocks:
         raise EncodeError("slack: an empty card has nothing to show")
     return blocks
+
+
+# ---------------------------------------------------------------------------------- directory
+
+#: What each directory kind lists: the Web API method and its fixed query.
+_DIRECTORY_METHODS: Final[dict[str, tuple[str, dict[str, str]]]] = {
+    "chats": ("conversations.list", {"types": "public_channel,private_channel,mpim,im", "exclude_archived": "true"}),
+    "channels": ("conversations.list", {"types": "public_channel,private_channel", "exclude_archived": "true"}),
+    "contacts": ("users.list", {}),
+}
+
+
+class _ResponseMetadata(msgspec.Struct):
+    next_cursor: str = ""
+
+
+class _ListAnswer(msgspec.Struct):
+    """`conversations.list` and `users.list` answers: `channels` or `members`, and the next cursor."""
+
+    ok: bool = False
+    error: str = ""
+    channels: list[Any] = []
+    members: list[Any] = []
+    response_metadata: _ResponseMetadata = msgspec.field(default_factory=_ResponseMetadata)
+
+
+class _DirectoryConversation(msgspec.Struct):
+    id: str
+    name: str = ""
+    is_im: bool = False
+    is_mpim: bool = False
+    user: str = ""
+
+
+class _DirectoryProfile(msgspec.Struct):
+    real_name: str = ""
+    display_name: str = ""
+
+
+class _DirectoryUser(msgspec.Struct):
+    id: str
+    name: str = ""
+    real_name: str = ""
+    is_bot: bool = False
+    profile: _DirectoryProfile = msgspec.field(default_factory=_DirectoryProfile)
+
+
+def _directory_conversation(raw: Any, path: str) -> DirectoryItem:
+    """A conversation object: a DM (`is_im`, with the other `user`), a group DM (`is_mpim`) or a channel."""
+    conversation = native.convert(raw, _DirectoryConversation, path)
+    kind: ItemKind = "direct" if conversation.is_im else "group" if conversation.is_mpim else "channel"
+    return DirectoryItem(id=conversation.id, name=conversation.name, kind=kind,
+                         channel_specific=native.unmapped(raw, {"id", "name"}))
+
+
+def _directory_user(raw: Any, path: str) -> DirectoryItem:
+    user = native.convert(raw, _DirectoryUser, path)
+    name = user.profile.real_name or user.real_name or user.profile.display_name or user.name
+    return DirectoryItem(id=user.id, name=name, kind="bot" if user.is_bot else "user",
+                         handle=f"@{user.name}" if user.name else "",
+                         channel_specific=native.unmapped(raw, {"id"}))

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from functools import partial
 from typing import Any, ClassVar, Final
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlencode
 
 import msgspec
 
@@ -47,6 +47,9 @@ from babelhub.codecs.base import (
     Capabilities,
     Codec,
     DecodeContext,
+    DirectoryItem,
+    DirectoryKind,
+    DirectoryPage,
     EncodeContext,
     HttpRequest,
     HttpResponse,
@@ -202,6 +205,9 @@ class TeamsSecrets(Settings, frozen=True, kw_only=True):
 class TeamsOptions(ConnectionOptions, frozen=True, kw_only=True):
     service_url: str = ""
     """The Bot Connector URL to send to when the conversation has not given its own `serviceUrl`."""
+    directory_conversation: str = ""
+    """The conversation (a team's id, `19:…`, or a group chat's) whose members the directory API lists as
+    contacts, through `service_url`; unset: `/v1/connections/{id}/contacts` answers 501."""
 
 
 class TeamsCodec(Codec):
@@ -336,6 +342,28 @@ class TeamsCodec(Codec):
         if not base:
             raise EncodeError("teams needs the conversation's serviceUrl (EncodeContext.api_base)")
         return base.rstrip("/")
+
+    # ------------------------------------------------------------------------------------ directory
+
+    def directory_request(self, kind: DirectoryKind, ctx: EncodeContext, cursor: str,
+                          limit: int) -> OutboundRequest | None:
+        """The members of `options.directory_conversation` (`GET /v3/conversations/{id}/pagedmembers`,
+        paged by Bot Framework's `continuationToken`; Teams gives at least 50 a page, and a chat's whole
+        roster in one). Bots have no documented way to list their chats or a team's channels here."""
+        if kind != "contacts":
+            return None
+        conversation = str(ctx.options.get("directory_conversation", ""))
+        if not conversation:
+            raise EncodeError("set the connection's options.directory_conversation to the team or chat to list")
+        query = {"pageSize": str(limit), **({"continuationToken": cursor} if cursor else {})}
+        url = f"{self.api_base(ctx)}/v3/conversations/{quote(conversation, safe='')}/pagedmembers?{urlencode(query)}"
+        return OutboundRequest(method="GET", url=url, headers={"Authorization": _headers(ctx)["Authorization"]})
+
+    def parse_directory(self, kind: DirectoryKind, request: OutboundRequest, response: HttpResponse,
+                        cursor: str, limit: int) -> DirectoryPage:
+        answer = native.convert(native.read_json(response), _PagedMembers)
+        items = [_directory_member(raw, f"$.members[{index}]") for index, raw in enumerate(answer.members)]
+        return DirectoryPage(items=items, next_cursor=answer.continuationToken or "")
 
     def parse_response(self, request: OutboundRequest, response: HttpResponse) -> SendResult:
         if 200 <= response.status < 300:
@@ -896,3 +924,33 @@ def _sent_ids(request: OutboundRequest, response: HttpResponse) -> list[str]:
     if request.method in ("PUT", "DELETE"):
         return [unquote(request.url.rsplit("/", 1)[-1])]
     return []
+
+
+# =========================================================================================== directory
+
+
+class _PagedMembers(msgspec.Struct):
+    """`PagedMembersResult`: no `continuationToken` on the last page."""
+
+    members: list[Any] = []
+    continuationToken: str | None = None
+
+
+class _DirectoryMember(msgspec.Struct):
+    """A `TeamsChannelAccount`."""
+
+    id: str
+    name: str = ""
+    givenName: str = ""
+    surname: str = ""
+    email: str = ""
+    userPrincipalName: str = ""
+    role: str = ""
+
+
+def _directory_member(raw: Any, path: str) -> DirectoryItem:
+    member = native.convert(raw, _DirectoryMember, path)
+    name = member.name or f"{member.givenName} {member.surname}".strip()
+    return DirectoryItem(id=member.id, name=name, kind="bot" if member.role == "bot" else "user",
+                         handle=member.userPrincipalName or member.email,
+                         channel_specific=native.unmapped(raw, {"id", "name"}))

@@ -44,6 +44,7 @@ from babelhub.services.ownership import Ownership
 from babelhub.services.rest import Endpoint, RateLimits, Refused
 from babelhub.services.routing import routed_to
 from babelhub.services.supervise import TaskHealth
+from babelhub.services.tenants import Tenants
 
 __all__ = [
     "APIS",
@@ -121,6 +122,8 @@ class Services:
     """Per-tenant and per-key request rates of the REST API (`RestApi` applies them)."""
     audit: Audit
     """Where every admin action is recorded (who, what, when; never a secret value)."""
+    tenants: Tenants
+    """The tenants this hub serves now: the config file's and those made at run time (kept current)."""
 
 
 class ExplainedSocket(web.WebSocketResponse):

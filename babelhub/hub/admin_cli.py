@@ -9,17 +9,20 @@ kept the same way, seen by every hub process at once, and recorded in the audit 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from babelhub.errors import ConfigError
 from babelhub.services import config as cfg
-from babelhub.services.outbox import Refusal
+
+if TYPE_CHECKING:  # NATS and the services load only when a command runs
+    from babelhub.services.admin import Administration
 
 __all__ = ["add_commands", "nats_user_lines", "stored_tenant"]
 
@@ -75,13 +78,11 @@ def _with_hub(parser: argparse.ArgumentParser, default_config: Path) -> argparse
     return parser
 
 
-Command = Callable[[argparse.Namespace, cfg.Config, Any], Awaitable[int]]
+Command = Callable[[argparse.Namespace, cfg.Config, "Administration"], Awaitable[int]]
 
 
 def _run(command: Command) -> Callable[[argparse.Namespace], int]:
     """`command` with the config read and an `Administration` on the hub's NATS; errors said plainly."""
-    import asyncio
-
     def handler(args: argparse.Namespace) -> int:
         path = args.config if args.config is not None else (
             args.default_config if args.default_config.exists() else None)
@@ -89,6 +90,8 @@ def _run(command: Command) -> Callable[[argparse.Namespace], int]:
             config = cfg.load(path, overrides={"nats": args.nats, "data_dir": args.data_dir})
         except ConfigError as exc:
             return _fail(str(exc), 2)
+
+        from babelhub.services.outbox import Refusal
 
         async def session() -> int:
             async with administration(config) as admin:
@@ -106,7 +109,7 @@ def _run(command: Command) -> Callable[[argparse.Namespace], int]:
 
 
 @asynccontextmanager
-async def administration(config: cfg.Config) -> AsyncIterator[Any]:
+async def administration(config: cfg.Config) -> AsyncIterator[Administration]:
     """An `Administration` of the hub `config` describes, over its NATS."""
     import nats
 
@@ -120,8 +123,10 @@ async def administration(config: cfg.Config) -> AsyncIterator[Any]:
 
     url, login = _nats_of(config)
     try:
-        nc = await nats.connect(servers(url), name="babelhub-cli", allow_reconnect=False, max_reconnect_attempts=0,
-                                connect_timeout=CONNECT_TIMEOUT_SECONDS, **login)
+        # (nats-py may keep trying a refused server although told not to reconnect: bounded here.)
+        nc = await asyncio.wait_for(nats.connect(
+            servers(url), name="babelhub-cli", allow_reconnect=False, max_reconnect_attempts=0,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS, error_cb=_quiet, **login), 2 * CONNECT_TIMEOUT_SECONDS)
     except (nats.errors.Error, OSError, TimeoutError) as exc:
         raise Unreachable(f"cannot reach the hub's NATS at {_shown(url)} ({type(exc).__name__}): "
                           "is `babelhub run` running?") from None
@@ -139,6 +144,10 @@ async def administration(config: cfg.Config) -> AsyncIterator[Any]:
         yield Administration(tenants, keys, Audit(Publisher(nc, js), js, subjects))
     finally:
         await nc.drain()
+
+
+async def _quiet(_: Exception) -> None:
+    """nats-py logs every failed attempt with a traceback; the command says what failed in one line."""
 
 
 def _nats_of(config: cfg.Config) -> tuple[str, dict[str, str]]:
@@ -165,7 +174,7 @@ def _fail(message: str, code: int) -> int:
 
 # ------------------------------------------------------------------------------------ commands
 
-async def _tenant_create(args: argparse.Namespace, config: cfg.Config, admin: Any) -> int:
+async def _tenant_create(args: argparse.Namespace, config: cfg.Config, admin: Administration) -> int:
     from babelhub.services.admin import CLI_CALLER
     from babelhub.services.rest import decode
     from babelhub.services.tenants import NewTenant
@@ -179,7 +188,7 @@ async def _tenant_create(args: argparse.Namespace, config: cfg.Config, admin: An
     return 0
 
 
-async def _tenant_list(args: argparse.Namespace, config: cfg.Config, admin: Any) -> int:
+async def _tenant_list(args: argparse.Namespace, config: cfg.Config, admin: Administration) -> int:
     for record in admin.tenants.records():
         limits = [f"{name}={value}" for name in ("requests_per_second", "burst", "retention_days")
                   if (value := getattr(record, name)) is not None]
@@ -188,7 +197,7 @@ async def _tenant_list(args: argparse.Namespace, config: cfg.Config, admin: Any)
     return 0
 
 
-async def _tenant_delete(args: argparse.Namespace, config: cfg.Config, admin: Any) -> int:
+async def _tenant_delete(args: argparse.Namespace, config: cfg.Config, admin: Administration) -> int:
     from babelhub.services.admin import CLI_CALLER
 
     revoked = await admin.delete_tenant(CLI_CALLER, args.id)
@@ -197,7 +206,7 @@ async def _tenant_delete(args: argparse.Namespace, config: cfg.Config, admin: An
     return 0
 
 
-async def _key_create(args: argparse.Namespace, config: cfg.Config, admin: Any) -> int:
+async def _key_create(args: argparse.Namespace, config: cfg.Config, admin: Administration) -> int:
     from babelhub.services.admin import CLI_CALLER, NewKey
     from babelhub.services.rest import decode
 
@@ -209,14 +218,14 @@ async def _key_create(args: argparse.Namespace, config: cfg.Config, admin: Any) 
     return 0
 
 
-async def _key_list(args: argparse.Namespace, config: cfg.Config, admin: Any) -> int:
+async def _key_list(args: argparse.Namespace, config: cfg.Config, admin: Administration) -> int:
     for record in await admin.list_keys(args.tenant):
         state = f"revoked {record.revoked_at}" if record.revoked_at else "active"
         print("  ".join([record.id, ",".join(record.scopes), f"made {record.created_at}", state, record.name]).rstrip())
     return 0
 
 
-async def _key_revoke(args: argparse.Namespace, config: cfg.Config, admin: Any) -> int:
+async def _key_revoke(args: argparse.Namespace, config: cfg.Config, admin: Administration) -> int:
     from babelhub.services.admin import CLI_CALLER
 
     record = await admin.revoke_key(CLI_CALLER, args.tenant, args.key_id)
@@ -251,8 +260,6 @@ def nats_user_lines(config: cfg.Config, tenant: str) -> list[str]:
 
 def stored_tenant(config: cfg.Config, tenant: str) -> bool:
     """Whether the running hub knows `tenant` (made at run time); `Unreachable` when it cannot be asked."""
-    import asyncio
-
     async def known() -> bool:
         async with administration(config) as admin:
             return bool(await admin.tenants.fetch(tenant))

@@ -169,7 +169,10 @@ async def test_the_audit_tells_who_did_what_when_without_a_key(hub: Hub, http: a
     status, rest = await call(http, hub, "GET", f"/v1/audit?after={page['metadata']['next_cursor']}&limit=2",
                               admin["key"])
     assert status == 200 and rest["metadata"] == {"next_cursor": "", "has_more": False}
+    status, whole = await call(http, hub, "GET", "/v1/audit?limit=3", admin["key"])
+    assert status == 200 and not whole["metadata"]["has_more"]  # a full page, and nothing after it
     events = page["data"] + rest["data"]
+    assert whole["data"] == events
     assert [(e["actor"], e["action"], e["target"]) for e in events] == [
         ("operator", "key.create", admin["id"]), (admin["id"], "key.create", reader["id"]),
         (admin["id"], "key.revoke", reader["id"])]
@@ -230,6 +233,14 @@ async def test_deleting_a_tenant_revokes_its_keys_and_config_tenants_stay(
     assert not hub.services.tenants.known("globex")
     status, body = await call(http, hub, "POST", "/v1/tenants/globex/keys", OPERATOR_KEY, {"scopes": ["read"]})
     assert status == 404
+
+
+async def test_a_tenant_that_still_has_connections_is_not_deleted(hub: Hub, http: aiohttp.ClientSession) -> None:
+    await new_tenant(http, hub, "globex")
+    with pytest.raises(Refusal) as refused:
+        await hub.services.tenants.delete("globex", hub.services.keys, ["connection tg"])
+    assert refused.value.status == 409 and "connection tg" in refused.value.message
+    assert (await call(http, hub, "GET", "/v1/tenants/globex", OPERATOR_KEY))[0] == 200
 
 
 async def test_a_run_time_tenants_messages_reach_the_conversation_consumers(

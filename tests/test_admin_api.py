@@ -268,6 +268,20 @@ async def test_a_run_time_tenants_messages_reach_the_conversation_consumers(
     assert "not a configured tenant" not in by_tenant["globex"]["error"]
 
 
+async def delivered(publisher: nats.NATS, subscription: Any, subject: str) -> bool:
+    """Whether what `publisher` sends on `subject` reaches `subscription`. Sent again a few times: a core
+    NATS message published at once after a new client subscribed is now and then not delivered to it
+    (seen with nats-server 2.15 with and without configuration reloads)."""
+    for _ in range(20):
+        await publisher.publish(subject, b"hello")
+        await publisher.flush()
+        try:
+            return bool((await subscription.next_msg(timeout=0.5)).data == b"hello")
+        except nats.errors.TimeoutError:
+            continue
+    return False
+
+
 async def test_the_embedded_server_admits_a_run_time_tenants_nats_user_without_a_restart(
         tmp_path: Path, http: aiohttp.ClientSession) -> None:
     config = hub_config("", "bh", nats_port=0, data_dir=str(tmp_path / "data"))
@@ -284,9 +298,7 @@ async def test_the_embedded_server_admits_a_run_time_tenants_nats_user_without_a
         try:
             inbound = await processor.subscribe("bh.globex.in.>")
             await processor.flush()
-            await hub.nc.publish("bh.globex.in.x", b"for globex")
-            await hub.nc.flush()
-            assert (await inbound.next_msg(timeout=10)).data == b"for globex", errors
+            assert await delivered(hub.nc, inbound, "bh.globex.in.x"), errors
         finally:
             await processor.close()
     # Started again, the hub admits the tenants made at run time from the start; deleted, one is refused.

@@ -72,6 +72,8 @@ async def test_tenants_and_keys_made_from_the_command_line_work_at_once(
     assert printed["user"] == "tenant-globex"
     processor = await connect_when_admitted(printed["url"], printed["user"], printed["password"])
     await processor.close()
+    again = await cli(tmp_path, "credentials", "globex", "--config", conf)
+    assert again.returncode == 0 and f"password      {printed['password']}" in again.stdout, again.stderr
 
     key = await cli(tmp_path, "key", "create", "globex", "--scopes", "admin,send", "--name", "ops", "--config", conf)
     assert key.returncode == 0, key.stderr

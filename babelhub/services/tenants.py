@@ -97,6 +97,8 @@ class Tenants:
         self.on_change: Callable[[], Awaitable[None]] | None = None
         """Called after `ids` changed."""
         self._changing = asyncio.Lock()
+        self._applied = set(self._config)
+        """The ids `on_change` last took effect for (the embedded server starts with the config's)."""
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -151,7 +153,6 @@ class Tenants:
         except KeyWrongLastSequenceError:
             raise Refusal(409, "exists", f"tenant {new.id!r} exists", "$.id") from None
         await self._apply(new.id, stored)  # served here at once; the watch tells the other processes
-        await self._settled()
         return _record(stored)
 
     async def delete(self, tenant_id: str, keys: ApiKeys, in_use: Iterable[str] = ()) -> list[str]:
@@ -169,7 +170,6 @@ class Tenants:
                           "tenant")
         await self._kv.delete(tenant_id)
         await self._apply(tenant_id, None)
-        await self._settled()
         revoked = []
         for key in await keys.list(tenant_id):
             if not key.revoked_at:
@@ -218,37 +218,37 @@ class Tenants:
             return None
 
     async def _replace(self, managed: dict[str, StoredTenant]) -> None:
-        before = set(self.ids)
         self._managed = {name: stored for name, stored in managed.items() if name not in self._config}
         self._set_ids()
-        await self._changed(before)
+        await self._changed()
 
     async def _apply(self, tenant_id: str, stored: StoredTenant | None) -> None:
         if tenant_id in self._config:
             return
-        before = set(self.ids)
         if stored is None:
             self._managed.pop(tenant_id, None)
         else:
             self._managed[tenant_id] = stored
         self._set_ids()
-        await self._changed(before)
+        await self._changed()
 
     def _set_ids(self) -> None:
         self.ids.clear()
         self.ids.update(self._config)
         self.ids.update(self._managed)
 
-    async def _changed(self, before: set[str]) -> None:
-        if before != self.ids and self.on_change is not None:
-            async with self._changing:
-                await self.on_change()
-
-    async def _settled(self) -> None:
-        """Wait for the `on_change` under way: the watch may have applied a change first (`ids` holds it
-        already), and whoever made it must not answer before its effect (the NATS user admitted)."""
+    async def _changed(self) -> None:
+        """Call `on_change` unless it has taken effect for `ids` already. One call at a time: whoever made
+        a change waits for the call under way (the watch may have seen the change first), so it does not
+        answer before the effect (the NATS user admitted); one that failed is made again next time."""
+        if self.on_change is None:
+            return
         async with self._changing:
-            pass
+            if self.ids == self._applied:
+                return
+            wanted = set(self.ids)
+            await self.on_change()
+            self._applied = wanted
 
 
 def _record(stored: StoredTenant) -> TenantRecord:

@@ -282,10 +282,13 @@ class RestApi(Api):
 
     async def _caller(self, request: web.Request) -> Caller:
         try:
-            return await self.services.keys.authenticate(bearer(request.headers.get("Authorization", "")))
+            caller = await self.services.keys.authenticate(bearer(request.headers.get("Authorization", "")))
+            if not caller.operator and not self.services.tenants.known(caller.tenant):
+                raise KeyRefused("the API key's tenant was deleted")
         except KeyRefused as exc:
             raise Refused(401, "unauthenticated", f"{exc}: send `Authorization: Bearer <API key>`", "",
                           {"WWW-Authenticate": "Bearer"}) from None
+        return caller
 
 
 def bearer(authorization: str) -> str:

@@ -16,6 +16,7 @@ import nats
 import pytest
 
 from babelhub import canonical as c
+from babelhub.errors import ConfigError
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
 from babelhub.services.admin import check_grant
@@ -219,6 +220,14 @@ async def test_hostile_input_is_refused_with_its_path(hub: Hub, http: aiohttp.Cl
     assert status == 400 and body["error"]["path"] == "after"
 
 
+def test_no_config_tenant_may_take_the_operators_audit_trail(tmp_path: Path) -> None:
+    assert cfg.HUB_TENANT == HUB_TENANT
+    config = tmp_path / "hub.toml"
+    config.write_text(f'[[tenants]]\nid = "acme"\n[[tenants]]\nid = "{HUB_TENANT}"\n')
+    with pytest.raises(ConfigError, match=r"\$\.tenants\[1\]\.id: '_hub' is reserved"):
+        cfg.load(config, env={})
+
+
 async def test_deleting_a_tenant_revokes_its_keys_and_config_tenants_stay(
         hub: Hub, http: aiohttp.ClientSession) -> None:
     await new_tenant(http, hub, "globex")
@@ -233,6 +242,16 @@ async def test_deleting_a_tenant_revokes_its_keys_and_config_tenants_stay(
     assert not hub.services.tenants.known("globex")
     status, body = await call(http, hub, "POST", "/v1/tenants/globex/keys", OPERATOR_KEY, {"scopes": ["read"]})
     assert status == 404
+
+
+async def test_a_key_whose_tenant_is_gone_is_refused(hub: Hub, http: aiohttp.ClientSession) -> None:
+    """Also a key a delete did not revoke (made by another process at that moment) speaks for no one."""
+    await new_tenant(http, hub, "globex")
+    _, key = await hub.services.keys.create("globex", ["admin"])
+    await hub.services.tenants._kv.delete("globex")  # as another process's delete, seen through the watch
+    await eventually(lambda: not hub.services.tenants.known("globex"))
+    status, body = await call(http, hub, "GET", "/v1/keys", key)
+    assert status == 401 and "deleted" in body["error"]["message"]
 
 
 async def test_a_tenant_that_still_has_connections_is_not_deleted(hub: Hub, http: aiohttp.ClientSession) -> None:

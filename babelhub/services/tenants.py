@@ -25,7 +25,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysEr
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from babelhub.services.apikeys import ApiKeys, utc_now
-from babelhub.services.config import Tenant
+from babelhub.services.config import HUB_TENANT, Tenant
 from babelhub.services.outbox import Refusal
 from babelhub.services.supervise import TaskHealth
 
@@ -37,7 +37,7 @@ TENANT_ID: Final = r"^[A-Za-z0-9_-]{1,64}$"
 """What a tenant id may be (as in the config file): one NATS subject token and one URL path segment,
 never a wildcard (`*`, `>`) or a token separator (`.`)."""
 _TENANT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-RESERVED_TENANTS: Final = frozenset({"_hub"})
+RESERVED_TENANTS: Final = frozenset({HUB_TENANT})
 """Ids no tenant may take at run time: `_hub` holds the operator's audit trail."""
 MAX_RETENTION_DAYS: Final = 3650
 
@@ -168,13 +168,14 @@ class Tenants:
         if users:
             raise Refusal(409, "in_use", f"tenant {tenant_id!r} still has {', '.join(users)}: remove them first",
                           "tenant")
-        await self._kv.delete(tenant_id)
-        await self._apply(tenant_id, None)
+        # Its keys first: a delete cut short leaves a tenant without keys, never keys without a tenant.
         revoked = []
         for key in await keys.list(tenant_id):
             if not key.revoked_at:
                 await keys.revoke(tenant_id, key.id)
                 revoked.append(key.id)
+        await self._kv.delete(tenant_id)
+        await self._apply(tenant_id, None)
         return revoked
 
     # ------------------------------------------------------------------------------------ following

@@ -182,9 +182,15 @@ async def test_the_audit_tells_who_did_what_when_without_a_key(hub: Hub, http: a
     status, acme = await call(http, hub, "GET", "/v1/audit", ACME_KEY)
     assert status == 200 and acme["data"] == []  # another tenant's events are not shown
 
-    (created,), _ = await hub.services.audit.read(HUB_TENANT)
-    assert (created.actor, created.action, created.target) == ("operator", "tenant.create", "globex")
-    assert created.changes == {"burst": "5"}
+    status, trail = await call(http, hub, "GET", f"/v1/tenants/{HUB_TENANT}/audit", OPERATOR_KEY)
+    assert status == 200
+    (created,) = trail["data"]
+    assert (created["actor"], created["action"], created["target"]) == ("operator", "tenant.create", "globex")
+    assert created["changes"] == {"burst": "5"}
+    status, same = await call(http, hub, "GET", "/v1/tenants/globex/audit?limit=3", OPERATOR_KEY)
+    assert status == 200 and same == whole
+    assert (await call(http, hub, "GET", "/v1/tenants/a.b/audit", OPERATOR_KEY))[0] == 404
+    assert (await call(http, hub, "GET", f"/v1/tenants/{HUB_TENANT}/audit", admin["key"]))[0] == 403
     stored = b"".join(await stream_messages(hub.nc, f"{hub.subjects.prefix}.>", hub.subjects.stream_name("audit")))
     assert stored and all(key["key"].split("_")[-1].encode() not in stored for key in (admin, reader))
 

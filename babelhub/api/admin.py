@@ -7,6 +7,8 @@ With the operator key (`hub.operator_key`):
   the config file, or one that still has connections or processors; its keys are revoked). The answer to
   `POST` holds the tenant's NATS user (`nats`), shown this once.
 * `GET` and `POST /v1/tenants/{tenant}/keys`, `DELETE /v1/tenants/{tenant}/keys/{key}`: any tenant's keys.
+* `GET /v1/tenants/{tenant}/audit`: any tenant's audit trail (a deleted one's too), and with `_hub` the
+  operator's tenant events.
 
 With a tenant's `admin` key: `GET` and `POST /v1/keys`, `DELETE /v1/keys/{key}` (its own keys; another
 tenant's key id is answered 404, as one that does not exist), and `GET /v1/audit?after=<cursor>&limit=<n>`
@@ -26,11 +28,11 @@ from aiohttp import web
 from babelhub.plugins import RestApi, Services
 from babelhub.services.admin import Administration, NewKey
 from babelhub.services.apikeys import Caller, Scope, StoredKey
-from babelhub.services.audit import AuditEvent
+from babelhub.services.audit import HUB_TENANT, AuditEvent
 from babelhub.services.credentials import NatsUser, load_key, tenant_user
 from babelhub.services.outbox import Refusal
 from babelhub.services.rest import Endpoint, Param, decode, read_body
-from babelhub.services.tenants import NewTenant, TenantRecord
+from babelhub.services.tenants import NewTenant, TenantRecord, tenant_id_error
 
 __all__ = ["AdminApi"]
 
@@ -111,6 +113,9 @@ class AdminApi(RestApi):
                      status=201),
             Endpoint("DELETE", "/v1/tenants/{tenant}/keys/{key}", self._revoke_tenant_key, "operator",
                      "Revoke an API key of a tenant", answer=KeyRecord),
+            Endpoint("GET", "/v1/tenants/{tenant}/audit", self._tenant_audit, "operator",
+                     f"A tenant's audit trail, oldest first (`{HUB_TENANT}`: the operator's tenant events; a "
+                     "deleted tenant's stays readable)", answer=AuditPage, params=page),
             Endpoint("GET", "/v1/keys", self._keys, "admin", "This tenant's API keys", answer=KeyList),
             Endpoint("POST", "/v1/keys", self._create_key, "admin",
                      "Make an API key of this tenant (the key is shown this once)", body=NewKey, answer=CreatedKey,
@@ -178,11 +183,20 @@ class AdminApi(RestApi):
     # ------------------------------------------------------------------------------------ audit
 
     async def _audit(self, request: web.Request, caller: Caller) -> web.Response:
+        return await self._audit_page(request, caller.tenant)
+
+    async def _tenant_audit(self, request: web.Request, _: Caller) -> web.Response:
+        tenant = request.match_info["tenant"]
+        if tenant != HUB_TENANT and tenant_id_error(tenant):
+            raise Refusal(404, "not_found", f"no tenant {tenant[:64]!r}", "tenant")
+        return await self._audit_page(request, tenant)
+
+    async def _audit_page(self, request: web.Request, tenant: str) -> web.Response:
         after = _count(request, "after", 0, 0, 2**63)
         limit = _count(request, "limit", AUDIT_PAGE, 1, MAX_AUDIT_PAGE)
         audit = self.services.audit
-        events, cursor = await audit.read(caller.tenant, after=after, limit=limit)
-        has_more = bool(cursor) and bool((await audit.read(caller.tenant, after=cursor, limit=1))[0])
+        events, cursor = await audit.read(tenant, after=after, limit=limit)
+        has_more = bool(cursor) and bool((await audit.read(tenant, after=cursor, limit=1))[0])
         return _json(AuditPage(data=events, metadata=PageMetadata(next_cursor=str(cursor) if cursor else "",
                                                                   has_more=has_more)))
 

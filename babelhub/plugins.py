@@ -45,6 +45,7 @@ from babelhub.services.ownership import Ownership
 from babelhub.services.rest import Endpoint, RateLimits, Refused
 from babelhub.services.routing import routed_to
 from babelhub.services.supervise import TaskHealth
+from babelhub.services.tenants import Tenants
 
 __all__ = [
     "APIS",
@@ -123,6 +124,8 @@ class Services:
     """Per-tenant and per-key request rates of the REST API (`RestApi` applies them)."""
     audit: Audit
     """Where every admin action is recorded (who, what, when; never a secret value)."""
+    tenants: Tenants
+    """The tenants this hub serves now: the config file's and those made at run time (kept current)."""
 
 
 class ExplainedSocket(web.WebSocketResponse):
@@ -294,10 +297,13 @@ class RestApi(Api):
 
     async def _caller(self, request: web.Request) -> Caller:
         try:
-            return await self.services.keys.authenticate(bearer(request.headers.get("Authorization", "")))
+            caller = await self.services.keys.authenticate(bearer(request.headers.get("Authorization", "")))
+            if not caller.operator and not self.services.tenants.known(caller.tenant):
+                raise KeyRefused("the API key's tenant was deleted")
         except KeyRefused as exc:
             raise Refused(401, "unauthenticated", f"{exc}: send `Authorization: Bearer <API key>`", "",
                           {"WWW-Authenticate": "Bearer"}) from None
+        return caller
 
 
 def bearer(authorization: str) -> str:

@@ -34,6 +34,7 @@ from babelhub.services.ownership import Ownership, lease_bucket
 from babelhub.services.publisher import Publisher
 from babelhub.services.rest import Rate, RateLimits
 from babelhub.services.telemetry import Metrics
+from babelhub.services.tenants import Tenants
 from babelhub.sources.webhook import Webhooks
 from tests.fakeapi import Recorded, Reply
 
@@ -354,13 +355,13 @@ async def webhook_app(nats_client: NATS, subjects: Subjects, metrics: Metrics, h
     ownership = Ownership(await lease_bucket(js, subjects, 6.0), "webhook-test", subjects.partitions, 6.0)
     idempotency = await js.key_value(subjects.bucket("idempotency"))
     async def no_limit(_: str) -> Rate:
-        return Rate(per_second=0.0, burst=0)
+        return Rate(0.0, 1)
 
     services = Services(config=cfg.Config(), ctx=ctx, http=http, ingest=Ingest(publisher, subjects, dead_letters),
                         spawn=spawn, consume=consume, follow=follow, ownership=ownership,
-                        outbox=Outbox(ctx, idempotency),
-                        keys=ApiKeys(await js.key_value(subjects.bucket("keys")), []),
-                        limits=RateLimits(no_limit), audit=Audit(publisher, js, subjects))
+                        outbox=Outbox(ctx, idempotency), keys=ApiKeys(await js.key_value(subjects.bucket("keys")), []),
+                        limits=RateLimits(no_limit), audit=Audit(publisher, js, subjects),
+                        tenants=Tenants(await js.key_value(subjects.bucket("tenants")), []))
     app = web.Application()
     app.add_routes(Webhooks(list(connections.values()), services).routes())
     runner = web.AppRunner(app)

@@ -79,6 +79,7 @@ from babelhub.services.secretbox import SealedWrongly, SecretBox, master_keys
 from babelhub.services.supervise import TaskHealth, supervise
 from babelhub.services.telemetry import Metrics, mask_logs, setup_tracing
 from babelhub.services.templates import Templates
+from babelhub.services.tenants import Tenants
 
 __all__ = ["Hub"]
 
@@ -216,7 +217,7 @@ class Hub:
     async def start(self) -> None:
         stack, settings = self._stack, self.config.hub
         stack.push_async_callback(self._cancel_tasks)  # whatever runs still when a start fails half-way
-        users = [] if settings.nats else self._embedded_users()
+        users = [] if settings.nats else self._embedded_users({tenant.id for tenant in self.config.tenants})
         mask = SecretMask(self._secret_values(users))
         box = self._secret_box(mask)
         stack.callback(mask_logs(mask))
@@ -228,6 +229,10 @@ class Hub:
         publisher = Publisher(nc, js)
         check_body_limit(settings.max_body_bytes, publisher.max_payload)
         await provision(js, self.subjects, settings.dedup_window_seconds, settings.replicas)
+        tenants = Tenants(await js.key_value(self.subjects.bucket("tenants")), self.config.tenants)
+        if users:  # the embedded server admits the NATS users of tenants made at run time too
+            tenants.on_change = functools.partial(self._admit_tenants, tenants, mask)
+        await tenants.load()
         client = await stack.enter_async_context(aiohttp.ClientSession())
         dead_letters = DeadLetters(publisher, self.subjects, self.metrics, mask)
         ctx = HubContext(nats=nc, js=js, subjects=self.subjects,
@@ -236,7 +241,7 @@ class Hub:
                          connections=self._build_connections(client, publisher), mask=mask)
         store = ConnectionStore(await js.key_value(self.subjects.bucket("connections")), box)
         await self._load_managed(store, ctx)
-        consumers = Consumers(ctx, {tenant.id for tenant in self.config.tenants}, settings.ack_wait_seconds,
+        consumers = Consumers(ctx, tenants.ids, settings.ack_wait_seconds,
                               settings.lease_seconds / 4, self.connection_actors, self.conversations)
         leases = await lease_bucket(js, self.subjects, settings.lease_seconds, settings.replicas)
         ownership = Ownership(leases, member_id(), settings.partitions, settings.lease_seconds, work=consumers)
@@ -253,7 +258,8 @@ class Hub:
         services = Services(config=self.config, ctx=ctx, http=client, ingest=ingest, spawn=self.spawn,
                             consume=consumers.consume, follow=consumers.follow, ownership=ownership,
                             outbox=outbox, keys=keys, limits=RateLimits(self._tenant_rate),
-                            audit=Audit(publisher, js, self.subjects))
+                            audit=Audit(publisher, js, self.subjects), tenants=tenants)
+        self.spawn("tenants-watch", tenants.watch)
         self._running = _Running(ctx, ingest, outbox, consumers, ownership, services, self._transports(services),
                                  self._sources(services), [load_api(name)(services) for name in installed_apis()])
         await self.http.mount(stack, self._routes(self._running.plugins))
@@ -275,16 +281,23 @@ class Hub:
 
     async def _tenant_rate(self, tenant_id: str) -> Rate:
         settings = self.config.hub
-        tenant = next((t for t in self.config.tenants if t.id == tenant_id), None)
+        tenant = self.services.tenants.record(tenant_id)
         per_second = tenant.requests_per_second if tenant and tenant.requests_per_second is not None else None
         burst = tenant.burst if tenant and tenant.burst is not None else None
         return Rate(settings.requests_per_second if per_second is None else per_second,
                     settings.request_burst if burst is None else burst)
 
-    def _embedded_users(self) -> list[NatsUser]:
+    def _embedded_users(self, tenant_ids: set[str]) -> list[NatsUser]:
         """The hub's own user (first) and one per tenant, for the embedded server."""
         key = load_key(self.config.hub.data_dir)
-        return [hub_user(key), *(tenant_user(key, self.subjects, tenant.id) for tenant in self.config.tenants)]
+        return [hub_user(key), *(tenant_user(key, self.subjects, tenant) for tenant in sorted(tenant_ids))]
+
+    async def _admit_tenants(self, tenants: Tenants, mask: SecretMask) -> None:
+        """The tenants changed: the embedded server admits exactly their NATS users from now on (and their
+        passwords are masked like the others')."""
+        users = self._embedded_users(tenants.ids)
+        mask.learn(user.password for user in users)
+        await self.link.admit(users)
 
     def _secret_values(self, users: list[NatsUser]) -> list[str]:
         """Every secret the configuration holds, and the embedded server's `users`' passwords: masked

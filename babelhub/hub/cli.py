@@ -1,6 +1,7 @@
 """The `babelhub` command line: `babelhub run` starts the hub, `babelhub schema` prints the JSON Schema
 (`--frames`: those of the client-session frames; `--processor-frames`: those of the processor WebSocket),
 `babelhub credentials <tenant>` prints the NATS user a tenant's processors connect to the embedded server with,
+`babelhub tenant …` and `babelhub key …` manage tenants and API keys (`babelhub.hub.admin_cli`),
 `babelhub master-key new|rotate` makes or rotates the key sealing connections' secrets (`masterkey.py`)."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 from babelhub import canonical
 from babelhub.errors import ConfigError
 from babelhub.hub import masterkey
+from babelhub.hub.admin_cli import add_commands
 from babelhub.services import config as cfg
 
 if TYPE_CHECKING:  # the hub's imports (NATS, aiohttp, actors) load only when `run` needs them
@@ -49,6 +51,7 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 
 
 def _credentials(args: argparse.Namespace) -> int:
+    from babelhub.hub.admin_cli import Unreachable, nats_user_lines, stored_tenant
     from babelhub.services.broker import Subjects
     from babelhub.services.credentials import load_key, tenant_user, user_entry
 
@@ -59,25 +62,20 @@ def _credentials(args: argparse.Namespace) -> int:
         print(f"babelhub: {exc}", file=sys.stderr)
         return 2
     if args.tenant not in {tenant.id for tenant in config.tenants}:
-        print(f"babelhub: no tenant {args.tenant!r} in {path or 'the built-in config'}", file=sys.stderr)
-        return 2
-    user = tenant_user(load_key(config.hub.data_dir), Subjects(config.hub.subject_prefix), args.tenant)
+        try:
+            known = stored_tenant(config, args.tenant)
+        except Unreachable as exc:
+            known = False
+            print(f"babelhub: {exc}", file=sys.stderr)
+        if not known:
+            print(f"babelhub: no tenant {args.tenant!r} in {path or 'the built-in config'} or made at run time",
+                  file=sys.stderr)
+            return 2
     if args.server_config:
+        user = tenant_user(load_key(config.hub.data_dir), Subjects(config.hub.subject_prefix), args.tenant)
         print(json.dumps(user_entry(user), indent=2))
         return 0
-    url = _without_userinfo(config.hub.nats) if config.hub.nats else f"nats://127.0.0.1:{config.hub.nats_port}"
-    print("\n".join([
-        f"NATS user for the processors of tenant {args.tenant} (embedded server in {config.hub.data_dir})",
-        f"  url           {url}",
-        f"  user          {user.user}",
-        f"  password      {user.password}",
-        f"  inbox_prefix  {user.inbox_prefix}",
-        f"  publish       {', '.join(user.publish)}",
-        f"  subscribe     {', '.join(user.subscribe)}",
-        f"Python: await nats.connect({url!r}, user={user.user!r}, password={user.password!r}, "
-        f"inbox_prefix={user.inbox_prefix!r})",
-        "The running hub admits the tenants it was started with; restart it after adding a tenant.",
-    ]))
+    print("\n".join(nats_user_lines(config, args.tenant)))
     return 0
 
 
@@ -207,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     credentials.add_argument("--server-config", action="store_true",
                              help="print the user's nats-server `authorization.users` entry instead")
     credentials.set_defaults(handler=_credentials)
+    add_commands(commands, DEFAULT_CONFIG)
     channels = commands.add_parser("channels", help="print the channel tables (markdown): parts and settings")
     channels.set_defaults(handler=_channels)
     masterkey.add_commands(commands, DEFAULT_CONFIG)

@@ -42,6 +42,7 @@ class NatsLink:
         self.stopping = False
         """Set by the hub when it stops: a connection closing then is no loss."""
         self._nc: Client | None = None
+        self._admitting = asyncio.Lock()
 
     @property
     def nc(self) -> Client:
@@ -65,6 +66,14 @@ class NatsLink:
             **login)
         stack.push_async_callback(self._close)
         return self._nc
+
+    async def admit(self, users: list[NatsUser]) -> None:
+        """Have the embedded server admit exactly `users` (the hub's own first) from now on, without a
+        restart (one change at a time); nothing to do on an external server."""
+        if self.server is None:
+            return
+        async with self._admitting:
+            await self.server.reload(server_config(users))
 
     async def watch_server(self, health: TaskHealth) -> None:
         """The embedded nats-server is the hub's own child: once it is gone there is nothing to reconnect

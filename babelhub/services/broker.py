@@ -151,14 +151,16 @@ insufficient resources, replicas > 1 not supported in non-clustered mode."""
 
 BUCKETS: dict[str, float | None] = {"conversations": None, "cursors": None, "idempotency": 24 * 3600.0,
                                     "messages": 7 * 24 * 3600.0, "scheduled": None, "keys": None,
-                                    "connections": None, "templates": None}
+                                    "connections": None, "templates": None,
+                                    "tenants": None}
 """The KV buckets `provision` makes, and how long their keys live (None: until replaced or deleted):
 conversation snapshots, inbound sources' cursors, the idempotency keys of submitted messages
 (`babelhub.services.outbox`), outbound messages' status histories (`babelhub.services.history`, as long
 as the streams keep what they tell of), the outbound messages held for later
 (`babelhub.services.scheduling`), the tenants' API keys (`babelhub.services.apikeys`), the connections
-made over the API (`babelhub.services.managed`, secrets sealed), and the tenants' stored message
-templates (`babelhub.services.templates`)."""
+made over the API (`babelhub.services.managed`, secrets sealed), the tenants' stored message
+templates (`babelhub.services.templates`), and the tenants made at run time
+(`babelhub.services.tenants`)."""
 
 
 async def provision(js: JetStreamContext, subjects: Subjects, dedup_window: float, replicas: int = 1) -> None:
@@ -368,13 +370,55 @@ class EmbeddedServer:
             log.close()
         await self._wait_until_listening(ready_timeout)
 
+    async def reload(self, auth_config: str, timeout: float = 10.0) -> None:
+        """Admit the users of `auth_config` from now on, without a restart: the configuration file is
+        rewritten and nats-server told to reload it (SIGHUP); returns once its log says it has. A user
+        left out is disconnected by the server."""
+        process = self.process
+        if process is None or process.returncode is not None:
+            raise RuntimeError("the embedded nats-server is not running")
+        self.auth_config = auth_config
+        self._write_auth_config()
+        seen = self._reload_lines()
+        process.send_signal(signal.SIGHUP)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            done, failed = self._reload_lines()
+            if failed > seen[1]:
+                log = self.data_dir / "nats-server.log"
+                raise RuntimeError(f"nats-server refused the new configuration; see {log}")
+            if done > seen[0]:
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"nats-server did not reload its configuration within {timeout}s")
+
+    def _reload_lines(self) -> tuple[int, int]:
+        """How many reloads this launch's log reports done, and failed."""
+        with (self.data_dir / "nats-server.log").open("rb") as file:
+            file.seek(self._log_start)
+            text = file.read()
+        return text.count(b"Reloaded server configuration"), text.count(b"Failed to reload")
+
     def _write_auth_config(self) -> Path:
         path = self.data_dir / "nats-server.conf"
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.chmod(path, 0o600)  # it holds passwords; an older file may have had a looser mode
         with os.fdopen(descriptor, "w") as file:
-            file.write(self.auth_config)
+            file.write(self._config_text())
         return path
+
+    def _config_text(self) -> str:
+        """`auth_config` with the server's name in it: nats-server refuses a reload that would change the
+        name, and one given on its command line only is not seen by the reload."""
+        named = f"server_name: {json.dumps(self.server_name)}\n"
+        try:
+            document = json.loads(self.auth_config)
+        except ValueError:  # the configuration format proper, not its JSON form
+            return named + self.auth_config
+        if not isinstance(document, dict):
+            return named + self.auth_config
+        return json.dumps({"server_name": self.server_name, **document}, indent=2)
 
     async def _wait_until_listening(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()

@@ -21,8 +21,8 @@ from babelhub.entrypoints import installed, load_class
 from babelhub.errors import ConfigError
 from babelhub.media.channel import is_media_channel, media_channel
 
-__all__ = ["SOURCES", "TRANSPORTS", "Config", "Connection", "Failover", "HubSettings", "Processor", "Route", "Tenant",
-           "channel_codec", "check_connection", "load"]
+__all__ = ["HUB_TENANT", "SOURCES", "TRANSPORTS", "Config", "Connection", "Failover", "HubSettings", "Processor",
+           "Route", "Tenant", "channel_codec", "check_connection", "load"]
 
 TRANSPORTS = "babelhub.transports"
 """The entry-point group of processor transports (`babelhub.plugins.ProcessorTransport`)."""
@@ -32,6 +32,9 @@ SOURCES = "babelhub.sources"
 MAX_REPLICAS = 5
 MAX_PARTITIONS = 1024
 """The most copies JetStream keeps of a stream."""
+
+HUB_TENANT = "_hub"
+"""Reserved: the tenant the operator's audit events are kept under (`babelhub.services.audit`)."""
 
 # Ids become NATS subject tokens and URL path segments: keep them to a safe alphabet.
 _ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -290,6 +293,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, str]:
 def _check(config: Config) -> None:
     """What types alone cannot say: ids are safe and unique, references resolve."""
     tenants = _unique("tenants", [t.id for t in config.tenants])
+    if HUB_TENANT in tenants:  # where the operator's audit events are kept: no tenant may read them as its own
+        raise ConfigError(f"$.tenants[{[t.id for t in config.tenants].index(HUB_TENANT)}].id: {HUB_TENANT!r} "
+                          "is reserved")
     _unique("connections", [c.id for c in config.connections])
     _unique("processors", [p.id for p in config.processors])
     if not re.match(r"^[A-Za-z0-9_-]+$", config.hub.subject_prefix):

@@ -115,12 +115,12 @@ class Injections(InboundSource):
             raise Refused("too_large", str(exc), "$") from None
 
     async def _park(self, msg: Msg, tenant: str, refused: Refused) -> None:
-        """Keep a refused injection; under the subject's tenant only when that tenant is configured."""
-        tenants = {tenant.id for tenant in self.services.config.tenants}
+        """Keep a refused injection; under the subject's tenant only when the hub serves that tenant."""
         connection = msg.subject.split(".")[-1]
         await self.services.ctx.dead_letters.park(DeadLetter(
             stage=INJECT_STAGE, error=f"{refused.code}: {refused.message}", path=refused.path,
-            tenant=tenant if tenant in tenants else "", connection=connection[:64], subject=msg.subject[:256],
+            tenant=tenant if self.services.tenants.known(tenant) else "", connection=connection[:64],
+            subject=msg.subject[:256],
             body=msg.data))
 
     @staticmethod

@@ -1,0 +1,150 @@
+"""The history API (`GET /v1/conversations…`) on real parts: a real nats-server, the hub in-process,
+Telegram webhooks in and a local fake of the Bot API answering the sends."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from babelhub import canonical as c
+from babelhub.hub.app import Hub
+from babelhub.services.broker import EmbeddedServer
+from tests.fakeapi import FakeApi
+from tests.historykit import (
+    ACME,
+    OTHER,
+    api,
+    conversation_with,
+    get,
+    private_update,
+    refused,
+    two_tenants,
+    until,
+    webhook,
+)
+from tests.hubkit import StartHub, telegram_responder
+
+
+@pytest.fixture
+async def hub(nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub) -> Hub:
+    fake_api.responder = telegram_responder
+    return await start_hub(two_tenants(nats_server.url, fake_api.base_url))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_conversations_listed_filtered_searched_and_paged(hub: Hub, http: aiohttp.ClientSession) -> None:
+    await webhook(http, hub, private_update(501, "Do you sell green apples?", name="Ada"))
+    await webhook(http, hub, private_update(502, "Where is my parcel", name="Grace"))
+    await webhook(http, hub, private_update(503, "hello", name="Linus"), tenant=OTHER)
+    ada = await conversation_with(http, hub, 501, 1)
+    await conversation_with(http, hub, 502, 1)
+    await conversation_with(http, hub, 503, 1, tenant=OTHER)
+
+    listed = await get(http, hub, "/v1/conversations")
+    assert {item["native_id"] for item in listed["data"]} == {"501", "502"}  # never the other tenant's
+    assert listed["metadata"] == {"has_more": False, "total_count": 2}
+    assert ada["channel"] == "telegram" and ada["connection"] == "tg" and ada["type"] == "direct"
+    assert [p["name"] for p in ada["participants"]] == ["Ada"]
+    assert ada["window"]["open"] is True
+
+    searched = await get(http, hub, "/v1/conversations?q=GREEN%20apples")
+    assert [item["native_id"] for item in searched["data"]] == ["501"]
+    assert [i["native_id"] for i in (await get(http, hub, "/v1/conversations?q=grace"))["data"]] == ["502"]
+    participant = ada["participants"][0]["id"]
+    assert [i["native_id"] for i in (await get(http, hub, f"/v1/conversations?participant={participant}"))["data"]] \
+        == ["501"]
+    assert (await get(http, hub, "/v1/conversations?connection=tg&channel=telegram"))["metadata"]["total_count"] == 2
+    assert (await get(http, hub, "/v1/conversations?channel=slack"))["data"] == []
+    assert (await get(http, hub, "/v1/conversations?since=2999-01-01T00:00:00Z"))["data"] == []
+    assert len((await get(http, hub, "/v1/conversations?until=2999-01-01T00:00:00%2B02:00"))["data"]) == 2
+
+    first = await get(http, hub, "/v1/conversations?limit=1")
+    assert first["metadata"]["has_more"] is True
+    second = await get(http, hub, f"/v1/conversations?limit=1&cursor={first['metadata']['next_cursor']}")
+    assert second["metadata"] == {"has_more": False, "total_count": 2}
+    assert {first["data"][0]["id"], second["data"][0]["id"]} == {item["id"] for item in listed["data"]}
+
+
+async def test_messages_newest_first_with_statuses_and_pages_stable_while_messages_arrive(
+        hub: Hub, http: aiohttp.ClientSession) -> None:
+    for n in range(5):
+        await webhook(http, hub, private_update(601, f"question {n}"))
+    conversation = (await conversation_with(http, hub, 601, 5))["id"]
+    status, sent = await api(http, hub, "POST", "/v1/messages", body={
+        "conversation": {"id": conversation}, "parts": [{"type": "text", "text": "an answer"}]})
+    assert status == 202, sent
+
+    async def answered_and_sent() -> Any:
+        page = await get(http, hub, f"/v1/conversations/{conversation}/messages?limit=1")
+        item = page["data"][0]
+        return item if item["envelope"]["id"] == sent["id"] and \
+            [s["state"] for s in item["statuses"]] == ["accepted", "sent"] else None
+
+    newest = await until(answered_and_sent)
+    assert newest["envelope"]["direction"] == "outbound"
+
+    before = await get(http, hub, f"/v1/conversations/{conversation}/messages?limit=100")
+    texts = [item["envelope"]["parts"][0]["text"] for item in before["data"]]
+    assert texts == ["an answer", "question 4", "question 3", "question 2", "question 1", "question 0"]
+    assert all(item["statuses"] == [] for item in before["data"][1:])  # inbound ones have none
+
+    # Page through two at a time while new messages keep arriving: every page continues where the last
+    # ended, nothing is repeated or skipped, and the new messages are on none of the later pages.
+    seen: list[str] = []
+    page = await get(http, hub, f"/v1/conversations/{conversation}/messages?limit=2")
+    while True:
+        seen += [item["envelope"]["id"] for item in page["data"]]
+        await webhook(http, hub, private_update(601, f"arrived while paging {len(seen)}"))
+        await conversation_with(http, hub, 601, 6 + len(seen) // 2)
+        if not page["metadata"]["has_more"]:
+            break
+        cursor = page["metadata"]["next_cursor"]
+        page = await get(http, hub, f"/v1/conversations/{conversation}/messages?limit=2&cursor={cursor}")
+    assert seen == [item["envelope"]["id"] for item in before["data"]]
+
+    latest = await get(http, hub, f"/v1/conversations/{conversation}/messages?limit=3")
+    assert latest["data"][0]["envelope"]["parts"][0]["text"] == "arrived while paging 6"
+
+
+async def test_another_tenants_conversation_is_not_found(hub: Hub, http: aiohttp.ClientSession) -> None:
+    await webhook(http, hub, private_update(701, "mine"))
+    conversation = (await conversation_with(http, hub, 701, 1))["id"]
+    unknown = c.conversation_id(ACME, "tg", "999999")
+    for path in (f"/v1/conversations/{conversation}", f"/v1/conversations/{conversation}/messages"):
+        theirs = await api(http, hub, "GET", path, tenant=OTHER)
+        missing = await api(http, hub, "GET", path.replace(conversation, unknown), tenant=OTHER)
+        assert refused(*theirs) == refused(*missing) == (404, "not_found", "id")
+    assert (await get(http, hub, "/v1/conversations", tenant=OTHER))["data"] == []
+
+
+@pytest.mark.parametrize(("query", "path"), [
+    ("limit=0", "limit"), ("limit=101", "limit"), ("limit=-1", "limit"), ("limit=ten", "limit"),
+    ("cursor=%25%25%25", "cursor"), ("cursor=" + base64.urlsafe_b64encode(b'{"a":1}').decode(), "cursor"),
+    ("cursor=" + "A" * 600, "cursor"), ("since=yesterday", "since"), ("until=2026-01-01T00:00:00", "until"),
+    ("colour=red", "colour"), ("q=a&q=b", "q"), ("q=" + "x" * 300, "q"),
+])
+async def test_hostile_list_queries_are_refused_naming_the_parameter(hub: Hub, http: aiohttp.ClientSession,
+                                                                     query: str, path: str) -> None:
+    assert refused(*await api(http, hub, "GET", f"/v1/conversations?{query}")) == (400, "invalid", path)
+
+
+async def test_hostile_ids_and_message_cursors_are_refused(hub: Hub, http: aiohttp.ClientSession) -> None:
+    await webhook(http, hub, private_update(801, "one"))
+    conversation = (await conversation_with(http, hub, 801, 1))["id"]
+    assert refused(*await api(http, hub, "GET", "/v1/conversations/..%2F..%2Fx"))[0] in (400, 404)
+    assert refused(*await api(http, hub, "GET", "/v1/conversations/a.b*c")) == (400, "invalid", "id")
+    zero = base64.urlsafe_b64encode(b"[0]").decode().rstrip("=")
+    for cursor in (zero, base64.urlsafe_b64encode(b'["x"]').decode(), "!!"):
+        answer = await api(http, hub, "GET", f"/v1/conversations/{conversation}/messages?cursor={cursor}")
+        assert refused(*answer) == (400, "invalid", "cursor")
+    assert refused(*await api(http, hub, "GET", f"/v1/conversations/{conversation}/messages?limit=500")) == (
+        400, "invalid", "limit")

@@ -140,7 +140,6 @@ async def test_hostile_list_queries_are_refused_naming_the_parameter(hub: Hub, h
 async def test_hostile_ids_and_message_cursors_are_refused(hub: Hub, http: aiohttp.ClientSession) -> None:
     await webhook(http, hub, private_update(801, "one"))
     conversation = (await conversation_with(http, hub, 801, 1))["id"]
-    assert refused(*await api(http, hub, "GET", "/v1/conversations/..%2F..%2Fx"))[0] in (400, 404)
     assert refused(*await api(http, hub, "GET", "/v1/conversations/a.b*c")) == (400, "invalid", "id")
     zero = base64.urlsafe_b64encode(b"[0]").decode().rstrip("=")
     for cursor in (zero, base64.urlsafe_b64encode(b'["x"]').decode(), "!!"):

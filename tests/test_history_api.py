@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from babelhub import canonical as c
@@ -20,6 +21,7 @@ from tests.historykit import (
     api,
     conversation_with,
     get,
+    history_api,
     private_update,
     refused,
     two_tenants,
@@ -147,3 +149,18 @@ async def test_hostile_ids_and_message_cursors_are_refused(hub: Hub, http: aioht
         assert refused(*answer) == (400, "invalid", "cursor")
     assert refused(*await api(http, hub, "GET", f"/v1/conversations/{conversation}/messages?limit=500")) == (
         400, "invalid", "limit")
+
+
+async def test_a_redelivered_message_is_kept_once(hub: Hub, http: aiohttp.ClientSession) -> None:
+    await webhook(http, hub, private_update(851, "only once"))
+    conversation = (await conversation_with(http, hub, 851, 1))["id"]
+    [item] = (await get(http, hub, f"/v1/conversations/{conversation}/messages"))["data"]
+    keeper = history_api(hub).keeper
+    assert keeper is not None
+    envelope = c.decode(msgspec.json.encode(item["envelope"]))
+    assert isinstance(envelope, c.Message)
+    await keeper.keep(envelope, source_seq=1)  # what JetStream's redelivery of the same message does
+    assert len((await get(http, hub, f"/v1/conversations/{conversation}/messages"))["data"]) == 1
+    assert (await get(http, hub, f"/v1/conversations/{conversation}"))["message_count"] == 1
+    assert len((await get(http, hub, f"/v1/contacts/{envelope.sender.id if envelope.sender else ''}"))
+               ["conversations"]) == 1

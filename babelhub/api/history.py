@@ -124,6 +124,7 @@ class HistoryApi(RestApi):
         super().__init__(services)
         self._records: Records | None = None
         self.retention: Retention | None = None
+        self.keeper: RecordsKeeper | None = None
 
     def endpoints(self) -> list[Endpoint]:
         return [
@@ -145,7 +146,7 @@ class HistoryApi(RestApi):
     async def start(self) -> None:
         records = self._records = await open_records(self.services)
         ctx = self.services.ctx
-        keeper = RecordsKeeper(records.store, records.index, records.contacts, ctx.dead_letters)
+        keeper = self.keeper = RecordsKeeper(records.store, records.index, records.contacts, ctx.dead_letters)
         self.retention = Retention(ctx.nats, ctx.js, ctx.subjects, records.store, records.index, self._retention_days)
         await self.services.consume("messages", f"{ctx.subjects.prefix}.>", KEEPER_CONSUMER, keeper.on_message)
         self.services.spawn("retention", self._retain)

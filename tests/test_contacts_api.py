@@ -164,3 +164,17 @@ async def test_erase_removes_the_persons_messages_from_every_stream(hub: Hub, ht
     assert [p["name"] for p in (await get(http, hub, f"/v1/conversations/{group}"))["participants"]] == ["Grace"]
     [event] = [e for e in await audit_events(hub, ACME) if e["action"] == "contact.erase"]
     assert event["target"] == ada["id"] and event["changes"]["messages"] == "3"
+
+
+async def test_a_read_key_lists_but_cannot_link_or_erase(hub: Hub, http: aiohttp.ClientSession) -> None:
+    await webhook(http, hub, private_update(931, "hi"))
+    ada = await contact(http, hub, 931)
+    _, reader = await hub._started().services.keys.create(ACME, ["read"], "reporting")
+    headers = {"Authorization": f"Bearer {reader}"}
+    async with http.get(f"{hub.http_url}/v1/contacts", headers=headers) as response:
+        assert response.status == 200
+    for method, path in (("DELETE", f"/v1/contacts/{ada['id']}"), ("POST", f"/v1/contacts/{ada['id']}/identities")):
+        async with http.request(method, f"{hub.http_url}{path}", headers=headers,
+                                json={"contact": ada["id"]}) as response:
+            assert response.status == 403, await response.text()
+    assert (await get(http, hub, f"/v1/contacts/{ada['id']}"))["id"] == ada["id"]

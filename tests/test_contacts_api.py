@@ -161,7 +161,9 @@ async def test_erase_removes_the_persons_messages_from_every_stream(hub: Hub, ht
     assert (await api(http, hub, "GET", f"/v1/conversations/{direct}"))[0] == 404
     remaining = await get(http, hub, f"/v1/conversations/{group}/messages")
     assert [item["envelope"]["parts"][0]["text"] for item in remaining["data"]] == ["grace keeps her-own-words"]
-    assert [p["name"] for p in (await get(http, hub, f"/v1/conversations/{group}"))["participants"]] == ["Grace"]
+    left = await get(http, hub, f"/v1/conversations/{group}")
+    assert [p["name"] for p in left["participants"]] == ["Grace"] and left["message_count"] == 1
+    assert left["preview"] == "grace keeps her-own-words"
     [event] = [e for e in await audit_events(hub, ACME) if e["action"] == "contact.erase"]
     assert event["target"] == ada["id"] and event["changes"]["messages"] == "3"
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
@@ -34,6 +35,8 @@ __all__ = ["SOURCE_SEQ", "HistoryStore", "Stored"]
 SOURCE_SEQ: Final = "Babelhub-Source-Seq"
 """Header of a history message: the sequence of the same envelope in the messages stream."""
 _DIRECT_TIMEOUT: Final = 5.0
+_BATCH_ENDS: Final = frozenset({"204", "404"})
+"""A direct get's status at the end of its answer: the batch is over, or nothing was there."""
 _STREAM_NAME_IN_USE: Final = 10058
 
 
@@ -114,8 +117,11 @@ class HistoryStore:
         while True:
             msg = await subscription.next_msg(timeout=_DIRECT_TIMEOUT)
             headers = msg.headers or {}
-            if headers.get("Status"):  # 204 end of the batch, 404 nothing there
+            status = headers.get("Status")
+            if status in _BATCH_ENDS:
                 return stored
+            if status:
+                raise nats.errors.Error(f"{self.stream}: a direct get answered {status}")
             stored = Stored(seq=int(headers["Nats-Sequence"]), data=msg.data,
                             source_seq=int(headers.get(SOURCE_SEQ, "0") or 0))
 

@@ -4,7 +4,12 @@ Telegram webhooks in and a local fake of the Bot API answering the sends."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import json
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -29,6 +34,12 @@ from tests.historykit import (
     webhook,
 )
 from tests.hubkit import StartHub, telegram_responder
+from tests.test_rest_messages import APP_SECRET
+from tests.test_rest_messages import FIXTURES as WHATSAPP_FIXTURES
+from tests.test_rest_messages import config as whatsapp_config
+from tests.test_rest_messages import whatsapp as whatsapp_connection
+
+PHONE_NUMBER_ID = whatsapp_connection("wa", ACME, "").options["phone_number_id"]
 
 
 @pytest.fixture
@@ -159,8 +170,36 @@ async def test_a_redelivered_message_is_kept_once(hub: Hub, http: aiohttp.Client
     assert keeper is not None
     envelope = c.decode(msgspec.json.encode(item["envelope"]))
     assert isinstance(envelope, c.Message)
-    await keeper.keep(envelope, source_seq=1)  # what JetStream's redelivery of the same message does
+    await keeper.keep(envelope, source_seq=1, stored_at=c.now())  # what JetStream's redelivery of the same message does
     assert len((await get(http, hub, f"/v1/conversations/{conversation}/messages"))["data"]) == 1
     assert (await get(http, hub, f"/v1/conversations/{conversation}"))["message_count"] == 1
     assert len((await get(http, hub, f"/v1/contacts/{envelope.sender.id if envelope.sender else ''}"))
                ["conversations"]) == 1
+
+
+async def test_a_conversation_shows_its_channels_messaging_window(
+        nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub, http: aiohttp.ClientSession) -> None:
+    """WhatsApp's 24-hour window runs from when the hub heard the user (the Cloud API's signed `text.json`
+    webhook); the hub's clock moved past it closes it."""
+    hub = await start_hub(whatsapp_config(nats_server.url, fake_api.base_url))
+    document = json.loads((WHATSAPP_FIXTURES / "text.json").read_bytes())
+    document["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = PHONE_NUMBER_ID  # the connection's
+    body = json.dumps(document).encode()
+    signature = "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    async with http.post(f"{hub.http_url}/webhooks/whatsapp/wa", data=body, headers={
+            "Content-Type": "application/json", "X-Hub-Signature-256": signature}) as response:
+        assert response.status == 200
+    conversation = c.conversation_id(ACME, "wa", "16505551234")
+
+    async def found() -> Any:
+        status, answer = await api(http, hub, "GET", f"/v1/conversations/{conversation}")
+        return answer if status == 200 else None
+
+    window = (await until(found))["window"]
+    assert window["hours"] == 24 and window["open"] is True
+    heard, closes = (datetime.fromisoformat(window[k]) for k in ("last_inbound", "closes_at"))
+    assert closes - heard == timedelta(hours=24)
+    assert abs(heard - datetime.now(UTC)) < timedelta(minutes=5)  # the hub's time, not the fixture's (2025)
+
+    hub._started().ctx.clock = lambda: time.time() + 25 * 3600
+    assert (await get(http, hub, f"/v1/conversations/{conversation}"))["window"]["open"] is False

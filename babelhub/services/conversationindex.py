@@ -46,6 +46,7 @@ class ConversationRecord(msgspec.Struct, frozen=True, kw_only=True):
     first_activity: datetime
     last_activity: datetime
     last_inbound: datetime | None = None
+    """When the hub stored the user's last message (the messaging window runs from it)."""
     last_message_id: str = ""
     preview: str = ""
     message_count: int = 0
@@ -85,14 +86,16 @@ class ConversationIndex:
         entries = await current_values(self._kv, f"{tenant}.*")
         return [msgspec.msgpack.decode(entry.value or b"", type=ConversationRecord) for entry in entries]
 
-    async def note(self, envelope: c.Message, seq: int) -> None:
-        """Count `envelope`, stored at history sequence `seq`, in its conversation's record."""
+    async def note(self, envelope: c.Message, seq: int, stored_at: datetime) -> None:
+        """Count `envelope`, stored at history sequence `seq`, in its conversation's record; an inbound
+        one stored at `stored_at` moves the messaging window on (from when the hub heard it, as the
+        conversation actor counts it, not from the channel's own timestamp)."""
         key = _key(envelope.tenant, envelope.conversation.id)
         for _ in range(_ATTEMPTS):
             record, revision = await self._entry(key)
             if record is not None and record.last_seq >= seq:
                 return  # counted already (a redelivery)
-            value = msgspec.msgpack.encode(_noted(record, envelope, seq))
+            value = msgspec.msgpack.encode(_noted(record, envelope, seq, stored_at))
             try:
                 await self._publisher.store(self._kv, key, value, revision)
                 return
@@ -117,7 +120,7 @@ class ConversationIndex:
         await self._kv.purge(_key(tenant, conversation))
 
 
-def _noted(record: ConversationRecord | None, envelope: c.Message, seq: int) -> ConversationRecord:
+def _noted(record: ConversationRecord | None, envelope: c.Message, seq: int, stored_at: datetime) -> ConversationRecord:
     conversation, at = envelope.conversation, envelope.ts
     if record is None:
         record = ConversationRecord(id=conversation.id, first_activity=at, last_activity=at)
@@ -134,7 +137,7 @@ def _noted(record: ConversationRecord | None, envelope: c.Message, seq: int) -> 
         type=conversation.type if conversation.channel else record.type,
         participants=participants,
         first_activity=min(record.first_activity, at), last_activity=max(record.last_activity, at),
-        last_inbound=max(record.last_inbound or at, at) if inbound else record.last_inbound,
+        last_inbound=max(record.last_inbound or stored_at, stored_at) if inbound else record.last_inbound,
         last_message_id=envelope.id if at >= record.last_activity else record.last_message_id,
         preview=preview(envelope) if at >= record.last_activity else record.preview,
         message_count=record.message_count + 1, last_seq=seq)

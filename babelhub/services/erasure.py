@@ -58,10 +58,10 @@ class Erasure:
         tally = _Tally()
         for conversation in contact.conversations:
             record = await self.index.get(tenant, conversation)
-            if record is None or _only_theirs(record, theirs):
+            if record is not None and _only_theirs(record, theirs):
                 await self._erase_whole(tenant, conversation, tally)
-            else:
-                await self._erase_theirs(tenant, record, theirs, tally)
+            else:  # a group, or one the index no longer knows: only what they sent can be known to be theirs
+                await self._erase_theirs(tenant, conversation, record, theirs, tally)
         await self.contacts.forget(tenant, contact)
         return Erased(id=contact.id, conversations=tally.conversations, messages=tally.messages,
                       raw_records=tally.raw_records, identities=len(contact.identities))
@@ -80,21 +80,23 @@ class Erasure:
         await self.index.remove(tenant, conversation)
         tally.conversations += 1
 
-    async def _erase_theirs(self, tenant: str, record: ConversationRecord, theirs: set[str], tally: _Tally) -> None:
+    async def _erase_theirs(self, tenant: str, conversation: str, record: ConversationRecord | None,
+                            theirs: set[str], tally: _Tally) -> None:
         raw: set[int] = set()
-        last_was_theirs = False
-        async for stored in self.store.oldest_first(tenant, record.id):
-            found = _raw_seqs(stored.data, theirs)
+        erased_ids: set[str] = set()
+        async for stored in self.store.oldest_first(tenant, conversation):
             if _sender(stored.data) in theirs:
                 await self.store.delete(stored.seq)
-                tally.messages += 1
-                raw |= found
-                last_was_theirs = _id(stored.data) == record.last_message_id
-        await self._delete_from_messages(tenant, record.id, theirs)
+                erased_ids.add(_id(stored.data))
+                raw |= _raw_seqs(stored.data, theirs)
+        tally.messages += len(erased_ids)
+        await self._delete_from_messages(tenant, conversation, theirs)
         tally.raw_records += await self._delete_raw(raw)
-        await self.index.put(tenant, msgspec.structs.replace(
-            record, participants=[p for p in record.participants if p.id not in theirs],
-            preview="" if last_was_theirs else record.preview))
+        if record is not None:
+            await self.index.put(tenant, msgspec.structs.replace(
+                record, participants=[p for p in record.participants if p.id not in theirs],
+                preview="" if record.last_message_id in erased_ids else record.preview,
+                message_count=max(0, record.message_count - len(erased_ids))))
 
     async def _delete_from_messages(self, tenant: str, conversation: str, theirs: set[str]) -> None:
         """Their envelopes in the messages stream (the applied and the decoded copies)."""

@@ -11,6 +11,7 @@ and conversation are sets), so a redelivery changes nothing; the message is ackn
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Final
 
 from nats.aio.msg import Msg
@@ -59,16 +60,17 @@ class RecordsKeeper:
             await self._park(msg, tenant, f"a message of tenant {envelope.tenant[:64]!r} on another's subject")
             return
         try:
-            await self.keep(envelope, msg.metadata.sequence.stream)
+            await self.keep(envelope, msg.metadata.sequence.stream, msg.metadata.timestamp)
         except (*NATS_UNAVAILABLE, RuntimeError) as exc:
             log.warning("message %s not kept in the history yet: %r", envelope.id, exc)
             await msg.nak(delay=_NAK_SECONDS)
             return
         await msg.ack()
 
-    async def keep(self, message: c.Message, source_seq: int) -> None:
+    async def keep(self, message: c.Message, source_seq: int, stored_at: datetime) -> None:
+        """Keep `message`, stored in the messages stream at `source_seq` at the time `stored_at`."""
         seq = await self.store.append(message, source_seq)
-        await self.index.note(message, seq)
+        await self.index.note(message, seq, stored_at)
         if message.direction == "inbound":
             await self.contacts.heard(message)
 

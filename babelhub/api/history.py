@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 from aiohttp import web
@@ -93,7 +93,8 @@ class MessageList(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _ConversationCursor(msgspec.Struct, frozen=True, array_like=True):
-    last_activity: datetime
+    last_activity: Annotated[datetime, msgspec.Meta(tz=True)]
+    """With its offset: it is compared with the conversations' times, which all have one."""
     id: str
 
 

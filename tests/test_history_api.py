@@ -33,7 +33,7 @@ from tests.historykit import (
     until,
     webhook,
 )
-from tests.hubkit import StartHub, telegram_responder
+from tests.hubkit import StartHub, dead_letters, stream_messages, telegram_responder
 from tests.test_rest_messages import APP_SECRET
 from tests.test_rest_messages import FIXTURES as WHATSAPP_FIXTURES
 from tests.test_rest_messages import config as whatsapp_config
@@ -206,3 +206,24 @@ async def test_a_conversation_shows_its_channels_messaging_window(
 
     hub._started().ctx.clock = lambda: time.time() + 25 * 3600
     assert (await get(http, hub, f"/v1/conversations/{conversation}"))["window"]["open"] is False
+
+
+async def test_a_message_naming_another_tenant_on_a_tenants_subject_is_parked_not_kept(
+        hub: Hub, http: aiohttp.ClientSession) -> None:
+    """An app of acme publishes on acme's subject an envelope that says it is other's: other's history
+    never shows it; the keeper keeps it as a dead letter (stage `history`)."""
+    await webhook(http, hub, private_update(861, "hello"))
+    conversation = (await conversation_with(http, hub, 861, 1))["id"]
+    forged = c.Message(id=c.new_id(), tenant=OTHER, conversation=c.Conversation(id=conversation), ts=c.now(),
+                       direction="outbound", parts=[c.Text(text="forged-into-other")])
+    await hub.nc.publish(f"{hub.subjects.prefix}.{ACME}.out.{conversation}", c.encode(forged))
+
+    async def parked() -> list[dict[str, Any]]:
+        letters = dead_letters(await stream_messages(hub.nc, f"{hub.subjects.prefix}.*.dlq.history",
+                                                     hub.subjects.stream_name("dead_letters")))
+        return [letter for letter in letters if b"forged-into-other" in letter["body"]]
+
+    [letter] = await until(parked)
+    assert letter["tenant"] == ACME and letter["path"] == "$.tenant"
+    assert (await get(http, hub, "/v1/conversations", tenant=OTHER))["data"] == []
+    assert len((await get(http, hub, f"/v1/conversations/{conversation}/messages"))["data"]) == 1

@@ -27,7 +27,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.errors import BadRequestError, NotFoundError
 
 from babelhub import canonical as c
-from babelhub.services.broker import Subjects
+from babelhub.services.broker import Subjects, raise_replicas
 from babelhub.services.publisher import Publisher
 
 __all__ = ["SOURCE_SEQ", "HistoryStore", "Stored"]
@@ -61,7 +61,8 @@ class HistoryStore:
     @classmethod
     async def open(cls, nc: NATS, js: JetStreamContext, publisher: Publisher, subjects: Subjects, *,
                    dedup_window: float, replicas: int) -> HistoryStore:
-        """The store, its stream made (or brought to this configuration) first."""
+        """The store, its stream made first (an existing one keeps its settings, and is given at least
+        `replicas` copies, as the hub's own streams are)."""
         store = cls(nc, js, publisher, subjects)
         config = StreamConfig(name=store.stream, subjects=[f"{subjects.prefix}.*.hist.*"],
                               retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
@@ -72,7 +73,7 @@ class HistoryStore:
         except BadRequestError as exc:
             if exc.err_code != _STREAM_NAME_IN_USE:
                 raise
-            await js.update_stream(config)
+            await raise_replicas(js, store.stream, replicas)
         return store
 
     def subject(self, tenant: str, conversation: str) -> str:

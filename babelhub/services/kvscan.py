@@ -9,17 +9,22 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from babelhub.services.broker import bucket_stream, raise_replicas
+
 __all__ = ["current_values", "open_bucket"]
 
 _SCAN_TIMEOUT: Final = 10.0
 
 
 async def open_bucket(js: JetStreamContext, bucket: str, replicas: int) -> KeyValue:
-    """The bucket, made with `replicas` copies and one revision per key when it does not exist."""
+    """The bucket, made with `replicas` copies and one revision per key when it does not exist (one that
+    does is given at least `replicas` copies, as the hub's own buckets are)."""
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
     except (NotFoundError, BadRequestError):
         return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
+    await raise_replicas(js, bucket_stream(bucket), replicas)
+    return kv
 
 
 async def current_values(kv: KeyValue, pattern: str) -> list[KeyValue.Entry]:

@@ -13,6 +13,7 @@ import pytest
 
 from babelhub.hub.app import Hub
 from babelhub.services.broker import EmbeddedServer
+from babelhub.services.tenants import NewTenant
 from tests.fakeapi import FakeApi
 from tests.historykit import (
     ACME,
@@ -88,3 +89,13 @@ async def test_the_hub_runs_retention_as_a_supervised_task(hub: Hub, http: aioht
     async with http.get(f"{hub.http_url}/readyz") as response:
         text = await response.text()
     assert "retention" in text
+
+
+async def test_a_tenant_made_at_run_time_is_kept_as_long_as_it_says(hub: Hub) -> None:
+    retention = history_api(hub).retention
+    assert retention is not None
+    await hub.services.tenants.create(NewTenant(id="initech", retention_days=3))
+    await hub.services.tenants.create(NewTenant(id="hooli"))
+    assert retention.days_of("initech") == 3
+    assert retention.days_of("hooli") == hub.config.hub.retention_days == 7
+    assert retention.days_of(OTHER) == 30

@@ -153,9 +153,10 @@ class HistoryApi(RestApi):
         self.services.spawn("retention", self._retain)
 
     def _retention_days(self, tenant: str) -> int:
-        for known in self.services.config.tenants:
-            if known.id == tenant and known.retention_days is not None:
-                return known.retention_days
+        """The tenant's own retention (config or made at run time), else the hub's."""
+        record = self.services.tenants.record(tenant)
+        if record is not None and record.retention_days is not None:
+            return record.retention_days
         return self.services.config.hub.retention_days
 
     async def _retain(self, health: TaskHealth) -> None:
@@ -163,7 +164,7 @@ class HistoryApi(RestApi):
         while True:
             if self.retention is not None and self.services.ctx.holds(RETENTION_PARTITION):
                 now = datetime.fromtimestamp(self.services.ctx.clock(), UTC)
-                await self.retention.purge([tenant.id for tenant in self.services.config.tenants], now)
+                await self.retention.purge(sorted(self.services.tenants.ids), now)
             health.ok()
             await asyncio.sleep(INTERVAL_SECONDS)
 

@@ -250,6 +250,47 @@ async def test_one_stored_template_is_sent_as_each_channel_takes_it(hub: Hub, ht
     assert (telegram["chat_id"], telegram["text"]) == (int(TG_CHAT), "Hi Jessica, order SKBUP2-4CPIG9 has shipped.")
 
 
+def on_nats(connection: str, channel: str, chat: str, *parts: c.Part) -> c.Message:
+    """An outbound message as an app publishes it on NATS itself."""
+    return c.Message(id=c.new_id(), tenant=ACME, ts=c.now(), direction="outbound", parts=list(parts),
+                     conversation=c.Conversation(id=c.conversation_id(ACME, connection, chat), channel=channel,
+                                                 connection=connection, native_id=chat))
+
+
+async def test_a_message_an_app_publishes_on_nats_is_rendered_by_the_hub(
+        hub: Hub, http: aiohttp.ClientSession, fake_api: FakeApi, nats_client: NATS) -> None:
+    """The default transport: the app publishes on `out` itself, and the conversation actor renders."""
+    assert (await call(http, hub, "POST", "/v1/templates", ORDER_SHIPPED))[0] == 201
+    app = await Processor(nats_client, hub.subjects.prefix, ACME).start()
+    for connection, channel, chat in (("wa", "whatsapp", WA_CHAT), ("tg", "telegram", TG_CHAT)):
+        await app.send(on_nats(connection, channel, chat, part("en_US", **VALUES)))
+    (whatsapp,) = await sent(fake_api, "/messages")
+    assert whatsapp["type"] == "template" and whatsapp["template"] == APPROVED
+    (telegram,) = await sent(fake_api, "/sendMessage")
+    assert telegram["text"] == "Hi Jessica, order SKBUP2-4CPIG9 has shipped."
+
+    missing = on_nats("tg", "telegram", TG_CHAT, part("en_US", customer_name="Jessica"))
+    await app.send(missing)
+    status = await app.next_status()
+    while status.message_id != missing.id:
+        status = await app.next_status()
+    assert status.state == "failed" and status.error is not None
+    assert status.error.code == "missing_variable"
+    assert status.error.message.startswith("$.parts[0].params.order_number: ")
+    assert len(sends(fake_api, "/sendMessage")) == 1
+
+
+async def test_a_template_is_rendered_once_though_its_approved_name_is_a_stored_one(
+        hub: Hub, http: aiohttp.ClientSession, fake_api: FakeApi) -> None:
+    """The outbox's rendering is final: the approved template it produced is not taken for a stored one."""
+    assert (await call(http, hub, "POST", "/v1/templates", ORDER_SHIPPED))[0] == 201
+    homonym = {"name": "order_confirmation", "variables": [], "versions": {"en_US": {"text": "not this one"}}}
+    assert (await call(http, hub, "POST", "/v1/templates", homonym))[0] == 201
+    assert (await call(http, hub, "POST", "/v1/messages", template_message(WA)))[0] == 202
+    (whatsapp,) = await sent(fake_api, "/messages")
+    assert whatsapp["type"] == "template" and whatsapp["template"] == APPROVED
+
+
 async def test_targets_on_two_channels_each_get_their_rendering(hub: Hub, http: aiohttp.ClientSession,
                                                                 fake_api: FakeApi) -> None:
     assert (await call(http, hub, "POST", "/v1/templates", ORDER_SHIPPED))[0] == 201
@@ -427,8 +468,8 @@ async def test_a_name_that_cannot_be_a_template_is_refused_in_the_url(hub: Hub, 
 
 
 async def test_two_changes_from_the_same_read_do_not_overwrite_each_other(hub: Hub) -> None:
-    templates = hub.outbox.templates
-    assert templates is not None
+    assert hub.ctx.renderer is not None
+    templates = hub.ctx.renderer.templates
     await templates.create(ACME, msgspec.convert(ORDER_SHIPPED, NewTemplate))
     changes = [msgspec.convert({"description": f"change {n}", "variables": [], "versions": {"en": {"text": "x"}}},
                                TemplateFields) for n in range(2)]

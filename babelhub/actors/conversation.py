@@ -57,7 +57,7 @@ from babelhub.services.failover import (
 from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, hops_of
 from babelhub.services.scheduling import HELD_ID_META, Held, released_id
 from babelhub.services.telemetry import span
-from babelhub.services.templates import for_connection
+from babelhub.services.templates import TemplateError, for_connection
 
 __all__ = ["MAX_SNAPSHOT_BYTES", "OUTSIDE_WINDOW", "SNAPSHOT_LAG_SECONDS", "TIME_ZONE_META", "URGENT_META",
            "WINDOW_META", "WINDOW_TEMPLATE_META", "ConversationActor", "ConversationState", "Inbound",
@@ -397,7 +397,10 @@ class ConversationActor(Actor[ConversationMessage]):
             return
         self._adopt(envelope.tenant, envelope.conversation)
         if isinstance(envelope, c.Message):
-            envelope = self._as_released(envelope)
+            rendered = await self._rendered(envelope)
+            if rendered is None:
+                return
+            envelope = self._as_released(rendered)
             if await self._failover_due(envelope):
                 return
             if await self._cancels(envelope) or await self._held(envelope):
@@ -416,6 +419,18 @@ class ConversationActor(Actor[ConversationMessage]):
                 await self.hub.dead_letters.park(DeadLetter(
                     stage="apply", error="processors send messages or activities, not statuses",
                     tenant=envelope.tenant, body=c.encode(envelope)))
+
+    async def _rendered(self, message: c.Message) -> c.Message | None:
+        """`message` with the stored templates it names rendered, when it came straight from an app on NATS
+        (the outbox renders what it takes); None when it cannot be: then it is refused, naming the path."""
+        renderer = self.hub.renderer
+        if renderer is None or not renderer.pending(message):
+            return message
+        try:
+            return await renderer.rendered(message)
+        except TemplateError as exc:
+            await self._refuse(message, c.Error(code=exc.code, message=f"{exc.path}: {exc.message}"))
+            return None
 
     async def _fan_out(self, message: c.Message) -> None:
         for target in message.targets:

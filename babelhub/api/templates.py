@@ -81,9 +81,9 @@ class TemplatesApi(RestApi):
         ]
 
     async def start(self) -> None:
-        outbox = self.services.outbox
-        if outbox.templates is not None:  # the store the outbox renders from: one view of the bucket
-            self._templates = outbox.templates
+        renderer = self.services.ctx.renderer
+        if renderer is not None:  # the store the hub renders from: one view of the bucket
+            self._templates = renderer.templates
             return
         ctx = self.services.ctx
         self._templates = Templates(await ctx.js.key_value(ctx.subjects.bucket("templates")))

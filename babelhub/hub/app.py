@@ -73,6 +73,7 @@ from babelhub.services.managed import ConnectionStore, ManagedRecord, decode_rec
 from babelhub.services.outbox import Outbox
 from babelhub.services.ownership import Ownership, lease_bucket, member_id
 from babelhub.services.publisher import Publisher
+from babelhub.services.rendering import Renderer
 from babelhub.services.rest import Rate, RateLimits, openapi
 from babelhub.services.scheduling import Scheduler
 from babelhub.services.secretbox import SealedWrongly, SecretBox, master_keys
@@ -249,9 +250,10 @@ class Hub:
         ctx.scheduler = Scheduler(await js.key_value(self.subjects.bucket("scheduled")), publisher, self.subjects,
                                   ctx.holds, lambda: ctx.clock())
         ingest = Ingest(publisher, self.subjects, dead_letters)
+        ctx.renderer = Renderer(Templates(await js.key_value(self.subjects.bucket("templates"))),
+                                lambda connection: _channel_of(ctx, connection))
         outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")),
-                        await MessageHistory.open(js, self.subjects),
-                        Templates(await js.key_value(self.subjects.bucket("templates"))))
+                        await MessageHistory.open(js, self.subjects))
         keys = ApiKeys(await js.key_value(self.subjects.bucket("keys")),
                        [(tenant.id, key) for tenant in self.config.tenants for key in tenant.api_keys],
                        settings.operator_key)
@@ -555,3 +557,8 @@ def _url_password(value: str) -> str:
         return urlsplit(value).password or "" if "://" in value else ""
     except ValueError:  # not a URL after all (an unbalanced "[" in a token)
         return ""
+
+
+def _channel_of(ctx: HubContext, connection_id: str) -> str | None:
+    connection = ctx.connections.get(connection_id)
+    return connection.channel if connection is not None else None

@@ -16,6 +16,7 @@ from babelhub.services.connections import ConnectionService
 from babelhub.services.deadletters import DeadLetters
 from babelhub.services.ownership import Ownership
 from babelhub.services.publisher import Publisher
+from babelhub.services.rendering import Renderer
 from babelhub.services.scheduling import Scheduler
 from babelhub.services.telemetry import Metrics
 
@@ -36,6 +37,8 @@ class HubContext:
     ownership: Ownership | None = None
     """The partitions this process holds (set once they are kept, at start); None: all of them."""
     scheduler: Scheduler | None = None
+    renderer: Renderer | None = None
+    """Renders the tenants' stored templates in outbound messages; None: no stored templates."""
     """Holds outbound messages for later (`send_at`, quiet hours); None: every message goes at once."""
     clock: Callable[[], float] = time.time
     """Wall-clock time (Unix seconds) for what is scheduled by the calendar: messaging windows, quiet

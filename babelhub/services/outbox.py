@@ -14,7 +14,7 @@ is stored and will be sent (or reported `failed`).
   (`history.MESSAGE_ID`), a connection the tenant does not have (404, as if it did not exist), a
   conversation id its connection and chat do not derive.
 * **Rendered**: a `template` part whose `name` is one of the tenant's stored templates becomes what the
-  channel of each connection the message goes to takes (`babelhub.services.templates`); what cannot be
+  channel of each connection the message goes to takes (`babelhub.services.rendering`); what cannot be
   rendered (a missing variable, an inactive version) is refused with the path of the part's field.
 * **Not forever**: a message `hops` processor round trips deep, past `routing.MAX_HOPS`, is a loop: it
   is refused (508 `loop_detected`) and kept as a dead letter, never silently dropped.
@@ -45,19 +45,9 @@ from babelhub.services.context import HubContext
 from babelhub.services.deadletters import DeadLetter
 from babelhub.services.history import MESSAGE_ID, MessageHistory, is_message_id
 from babelhub.services.ingest import NATS_UNAVAILABLE
+from babelhub.services.rendering import HUB_META
 from babelhub.services.routing import HOPS_HEADER, MAX_HOPS, ORIGIN_HEADER
-from babelhub.services.templates import (
-    MAX_TEMPLATES_PER_MESSAGE,
-    RENDERED_META,
-    WINDOW_TEMPLATE_META,
-    Template,
-    TemplateError,
-    Templates,
-    is_template_name,
-    render,
-    rendered_meta,
-    window_template,
-)
+from babelhub.services.templates import TemplateError
 
 __all__ = ["IDEMPOTENCY_SECONDS", "MAX_IDEMPOTENCY_KEY", "Accepted", "Outbox", "Refusal"]
 
@@ -100,13 +90,10 @@ class _Remembered(msgspec.Struct, frozen=True):
 
 
 class Outbox:
-    def __init__(self, ctx: HubContext, idempotency: KeyValue, history: MessageHistory | None = None,
-                 templates: Templates | None = None) -> None:
+    def __init__(self, ctx: HubContext, idempotency: KeyValue, history: MessageHistory | None = None) -> None:
         self.ctx = ctx
         self._idempotency = idempotency
         self._history = history
-        self.templates = templates
-        """The tenants' stored templates, rendered here (`babelhub.services.templates`); None: none."""
 
     async def submit(self, tenant: str, body: bytes, *, idempotency_key: str = "", origin: str = "",
                      hops: int = 0) -> Accepted:
@@ -165,71 +152,20 @@ class Outbox:
         return envelope
 
     async def _rendered(self, envelope: c.Message | c.Activity) -> c.Message | c.Activity:
-        """`envelope` with each `template` part naming one of its tenant's stored templates rendered for
-        the channel of each connection it goes to (`babelhub.services.templates`): the first one's parts
-        in `parts`, the others' in meta `RENDERED_META` where they differ."""
+        """`envelope` with its stored templates rendered (`babelhub.services.rendering`); the hub's own meta
+        keys are not an app's to set."""
         if not isinstance(envelope, c.Message):
             return envelope
-        if RENDERED_META in envelope.meta:  # the hub's own: an app does not choose parts per target this way
+        if any(key in envelope.meta for key in HUB_META):
             envelope = msgspec.structs.replace(
-                envelope, meta={key: value for key, value in envelope.meta.items() if key != RENDERED_META})
-        envelope = await self._window_template(envelope)
-        stored = await self._stored_templates(envelope)
-        if not stored:
+                envelope, meta={key: value for key, value in envelope.meta.items() if key not in HUB_META})
+        renderer = self.ctx.renderer
+        if renderer is None or not renderer.pending(envelope):
             return envelope
-        connections = [target.connection for target in envelope.targets] or [envelope.conversation.connection]
-        if not connections[0]:
-            raise Refusal(400, "connection_needed", "a stored template is rendered for the channel it goes to: "
-                          "name the conversation's connection (or targets)", "$.conversation.connection")
-        by_connection = {connection: self._render_parts(envelope.parts, stored, connection)
-                         for connection in dict.fromkeys(connections)}
-        parts = by_connection[connections[0]]
-        meta = dict(envelope.meta)
-        if others := rendered_meta(by_connection, parts):
-            meta[RENDERED_META] = others
-        return msgspec.structs.replace(envelope, parts=parts, meta=meta)
-
-    async def _window_template(self, message: c.Message) -> c.Message:
-        """The message with meta `WINDOW_TEMPLATE_META` naming a stored template replaced by the approved
-        WhatsApp template it renders to (what the conversation actor sends outside the window)."""
-        named = message.meta.get(WINDOW_TEMPLATE_META)
-        if self.templates is None or not isinstance(named, dict) or not isinstance(named.get("name"), str):
-            return message
-        template = await self.templates.get(message.tenant, named["name"])
-        if template is None:
-            return message  # a raw approved template: the actor checks it
         try:
-            approved = window_template(template, named, f'$.meta["{WINDOW_TEMPLATE_META}"]')
+            return await renderer.rendered(envelope)
         except TemplateError as exc:
             raise Refusal(exc.status, exc.code, exc.message, exc.path) from None
-        return msgspec.structs.replace(message, meta={**message.meta, WINDOW_TEMPLATE_META: approved})
-
-    async def _stored_templates(self, message: c.Message) -> dict[str, Template]:
-        """The stored templates the message's template parts name (by the part's `name`)."""
-        if self.templates is None:
-            return {}
-        names = {part.name for part in message.parts if isinstance(part, c.Template) and is_template_name(part.name)}
-        if len(names) > MAX_TEMPLATES_PER_MESSAGE:
-            raise Refusal(400, "invalid", f"a message names at most {MAX_TEMPLATES_PER_MESSAGE} templates", "$.parts")
-        found = {name: await self.templates.get(message.tenant, name) for name in names}
-        return {name: template for name, template in found.items() if template is not None}
-
-    def _render_parts(self, parts: list[c.Part], stored: dict[str, Template], connection_id: str) -> list[c.Part]:
-        connection = self.ctx.connections.get(connection_id)
-        if connection is None:  # removed since the message was checked
-            raise _no_connection(connection_id, "$.conversation.connection")
-        channel = connection.channel
-        rendered: list[c.Part] = []
-        for index, part in enumerate(parts):
-            template = stored.get(part.name) if isinstance(part, c.Template) else None
-            if template is None or not isinstance(part, c.Template):
-                rendered.append(part)
-                continue
-            try:
-                rendered.append(render(template, part, channel, f"$.parts[{index}]"))
-            except TemplateError as exc:
-                raise Refusal(exc.status, exc.code, exc.message, exc.path) from None
-        return rendered
 
     async def _stop_loop(self, envelope: c.Message | c.Activity, origin: str, hops: int) -> NoReturn:
         """A message that went through processors more than `MAX_HOPS` times is a loop: kept and reported."""

@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -15,6 +16,13 @@ from babelhub.services.localcluster import LocalCluster
 from tests.fakeapi import FakeApi
 from tests.hubkit import HubProcess, StartHub
 from tests.rediskit import RedisServer
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client for the test's calls to the hub."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture

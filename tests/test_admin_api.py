@@ -6,7 +6,6 @@ another tenant are 404; hostile input gets a 400 naming its path."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,6 @@ def hub_config(nats_url: str, prefix: str, **hub: Any) -> cfg.Config:
 @pytest.fixture
 async def hub(nats_server: EmbeddedServer, start_hub: StartHub) -> Hub:
     return await start_hub(hub_config(nats_server.url, unique_prefix()))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def call(http: aiohttp.ClientSession, hub: Hub, method: str, path: str, key: str | None,

@@ -4,7 +4,6 @@ in-process, Telegram webhooks in, a local fake of the Bot API."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -35,12 +34,6 @@ from tests.hubkit import StartHub, stream_messages, telegram_responder
 async def hub(nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub) -> Hub:
     fake_api.responder = telegram_responder
     return await start_hub(two_tenants(nats_server.url, fake_api.base_url))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def contact_id(chat_id: int, tenant: str = ACME, connection: str = "tg") -> str:

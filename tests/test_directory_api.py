@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +52,6 @@ def config(nats_url: str, slack_api: str, *, cache_seconds: float = 60.0) -> cfg
             cfg.Connection(id="their-slack", tenant="other", channel="slack", api_base=slack_api,
                            secrets=slack_secrets),
         ])
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

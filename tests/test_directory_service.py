@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,12 +21,6 @@ from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import VirtualClock
 
 USERS = json.loads((Path(__file__).parent / "fixtures" / "slack" / "directory_users_list.json").read_bytes())
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,12 +45,6 @@ PHONE_NUMBER_ID = whatsapp_connection("wa", ACME, "").options["phone_number_id"]
 async def hub(nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub) -> Hub:
     fake_api.responder = telegram_responder
     return await start_hub(two_tenants(nats_server.url, fake_api.base_url))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_conversations_listed_filtered_searched_and_paged(hub: Hub, http: aiohttp.ClientSession) -> None:

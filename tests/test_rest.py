@@ -5,7 +5,6 @@ document at `/openapi.json` matching the routes the hub really serves."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -31,12 +30,6 @@ async def hub(nats_server: EmbeddedServer, start_hub: StartHub) -> Hub:
         tenants=[cfg.Tenant(id="acme", api_keys=[KEYS["acme"]]),
                  cfg.Tenant(id="slow", api_keys=[KEYS["slow"]], requests_per_second=0.2, burst=3)],
         connections=[cfg.Connection(id="chat", tenant="acme", channel="webchat")]))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def call(http: aiohttp.ClientSession, hub: Hub, method: str, path: str, key: str | None,

@@ -80,12 +80,6 @@ def channel(fake_api: FakeApi) -> WhatsApp:
     return WhatsApp(fake_api)
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def text(body: str = "Your order has shipped", connection: str = "wa", **fields: Any) -> dict[str, Any]:
     return {"conversation": {"connection": connection, "native_id": CHAT}, "parts": [{"type": "text", "text": body}],
             **fields}

@@ -5,7 +5,6 @@ longer retention keeps its own. A real hub on a real nats-server; the purge is r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -33,12 +32,6 @@ from tests.hubkit import StartHub, stream_messages, telegram_responder
 async def hub(nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub) -> Hub:
     fake_api.responder = telegram_responder
     return await start_hub(two_tenants(nats_server.url, fake_api.base_url, other={"retention_days": 30}))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def stored(hub: Hub, tenant: str) -> bytes:

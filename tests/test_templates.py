@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -197,12 +196,6 @@ def config(nats_url: str, api_base: str) -> cfg.Config:
 async def hub(nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub) -> Hub:
     fake_api.responder = responder
     return await start_hub(config(nats_server.url, fake_api.base_url))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def call(http: aiohttp.ClientSession, hub: Hub, method: str, path: str, body: Any = None, *,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,12 +49,6 @@ async def hub(nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHu
         connections=[cfg.Connection(id=connection, tenant=tenant, channel="telegram", api_base=fake_api.base_url,
                                     secrets={"bot_token": BOT_TOKEN, "secret_token": SECRET})
                      for tenant, connection in CONNECTIONS.items()]))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def call(http: aiohttp.ClientSession, hub: Hub, method: str, path: str, tenant: str,

@@ -9,7 +9,6 @@ import json
 import socket as sockets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +57,6 @@ def ws_config(nats_url: str, api_base: str, *, window: int = 256) -> cfg.Config:
 async def hub(nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHub) -> Hub:
     fake_api.responder = telegram_responder
     return await start_hub(ws_config(nats_server.url, fake_api.base_url))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def connect(http: aiohttp.ClientSession, hub: Hub, *, key: str = KEY, processor: str | None = "bot",

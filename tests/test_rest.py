@@ -118,6 +118,9 @@ async def test_openapi_describes_exactly_the_routes_served(hub: Hub, http: aioht
             for name in ("requestBody", "responses"):
                 for ref in _refs(operation.get(name, {})):
                     assert ref.rsplit("/", 1)[1] in document["components"]["schemas"], (path, ref)
+            assert {"401", "403", "404", "429"} <= set(operation["responses"]), path
+            assert ("413" in operation["responses"]) == ("requestBody" in operation), path
+    assert {"501", "502"} <= set(document["paths"]["/v1/connections/{id}/chats"]["get"]["responses"])
 
 
 def _refs(node: Any) -> list[str]:

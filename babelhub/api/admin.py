@@ -102,10 +102,10 @@ class AdminApi(RestApi):
         return [
             Endpoint("GET", "/v1/tenants", self._tenants, "operator", "Every tenant", answer=TenantList),
             Endpoint("POST", "/v1/tenants", self._create_tenant, "operator", "Make a tenant", body=NewTenant,
-                     answer=CreatedTenant, status=201),
+                     answer=CreatedTenant, status=201, errors=(409,)),
             Endpoint("GET", "/v1/tenants/{tenant}", self._tenant, "operator", "A tenant", answer=TenantRecord),
             Endpoint("DELETE", "/v1/tenants/{tenant}", self._delete_tenant, "operator",
-                     "Delete a tenant made at run time, and revoke its keys", answer=DeletedTenant),
+                     "Delete a tenant made at run time, and revoke its keys", answer=DeletedTenant, errors=(409,)),
             Endpoint("GET", "/v1/tenants/{tenant}/keys", self._tenant_keys, "operator", "A tenant's API keys",
                      answer=KeyList),
             Endpoint("POST", "/v1/tenants/{tenant}/keys", self._create_tenant_key, "operator",

@@ -98,14 +98,14 @@ class ConnectionsApi(RestApi):
             Endpoint("GET", "/v1/connections", self._list, "read", "The tenant's connections (secrets masked)",
                      answer=ConnectionList),
             Endpoint("POST", "/v1/connections", self._create, "admin", "Make a connection, with its secrets",
-                     body=ConnectionBody, answer=ConnectionAnswer, status=201),
+                     body=ConnectionBody, answer=ConnectionAnswer, status=201, errors=(409,)),
             Endpoint("GET", "/v1/connections/{id}", self._get, "read", "One connection (secrets masked)",
                      answer=ConnectionAnswer),
             Endpoint("PUT", "/v1/connections/{id}", self._replace, "admin",
                      "Replace a connection; a secret left out keeps its value, null removes it",
-                     body=ConnectionBody, answer=ConnectionAnswer),
+                     body=ConnectionBody, answer=ConnectionAnswer, errors=(409,)),
             Endpoint("DELETE", "/v1/connections/{id}", self._delete, "admin", "Delete a connection made over the API",
-                     answer=ConnectionAnswer),
+                     answer=ConnectionAnswer, errors=(409,)),
         ]
 
     async def start(self) -> None:

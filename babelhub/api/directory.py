@@ -80,7 +80,7 @@ class DirectoryApi(RestApi):
                   Param("limit", f"items per page, 1-{MAX_LIMIT} (default {DEFAULT_LIMIT})", type="integer"))
         return [Endpoint("GET", f"/v1/connections/{{id}}/{kind}", functools.partial(self._list, kind), "read",
                          f"The {kind} the connection's channel account knows, from the channel's own API",
-                         answer=DirectoryAnswer, params=params)
+                         answer=DirectoryAnswer, params=params, errors=(501, 502))
                 for kind in DIRECTORY_KINDS]
 
     async def _list(self, kind: DirectoryKind, request: web.Request, caller: Caller) -> web.Response:

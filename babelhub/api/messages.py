@@ -78,7 +78,8 @@ class MessagesApi(RestApi):
             Endpoint("GET", "/v1/messages/{id}", self._status, "read", "A message's status history",
                      answer=History),
             Endpoint("DELETE", "/v1/messages/{id}", self._cancel, "send",
-                     "Cancel a message held for later (send_at, quiet hours)", answer=CancelAnswer),
+                     "Cancel a message held for later (send_at, quiet hours)", answer=CancelAnswer,
+                     errors=(409,)),
         ]
 
     async def start(self) -> None:

@@ -70,10 +70,10 @@ class TemplatesApi(RestApi):
         return [
             Endpoint("GET", "/v1/templates", self._list, "read", "The tenant's templates", answer=TemplateList),
             Endpoint("POST", "/v1/templates", self._create, "admin", "Store a template",
-                     body=NewTemplate, answer=Template, status=201),
+                     body=NewTemplate, answer=Template, status=201, errors=(409,)),
             Endpoint("GET", "/v1/templates/{name}", self._get, "read", "A template", answer=Template),
             Endpoint("PUT", "/v1/templates/{name}", self._replace, "admin", "Replace a template's content",
-                     body=TemplateUpdate, answer=Template),
+                     body=TemplateUpdate, answer=Template, errors=(409,)),
             Endpoint("DELETE", "/v1/templates/{name}", self._delete, "admin", "Delete a template", status=204),
             Endpoint("POST", "/v1/templates/{name}/render", self._render, "read",
                      "What a message naming the template carries on a channel", body=RenderRequest,

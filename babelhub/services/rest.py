@@ -22,7 +22,7 @@ from aiohttp import web
 from babelhub.services.apikeys import Caller
 from babelhub.services.outbox import Refusal
 
-__all__ = ["Endpoint", "Param", "Rate", "RateLimits", "Refused", "decode", "openapi", "read_body"]
+__all__ = ["ERRORS", "Endpoint", "Param", "Rate", "RateLimits", "Refused", "decode", "openapi", "read_body"]
 
 Need = Literal["admin", "send", "read", "operator"]
 Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
@@ -56,6 +56,16 @@ class Endpoint:
     """What a successful answer holds (a Struct, or `list[Struct]`)."""
     status: int = 200
     params: tuple[Param, ...] = ()
+    errors: tuple[int, ...] = ()
+    """Statuses it may answer beside those every endpoint may (`ERRORS`): 409, 413, 501, 502…"""
+
+
+ERRORS: Final = {400: "invalid", 401: "no or unknown key", 403: "the key lacks the scope this needs",
+                 404: "no such thing for this tenant", 405: "method not allowed (Allow)",
+                 429: "rate limited (Retry-After)", 503: "NATS unreachable for now (Retry-After)"}
+"""What every endpoint may answer, in the one error shape."""
+_MORE_ERRORS: Final = {409: "conflict: it exists, or changed since it was read", 413: "body too large",
+                       501: "the channel cannot do this", 502: "the channel failed or answered unreadably"}
 
 
 class Refused(Refusal):
@@ -182,6 +192,10 @@ def openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]:
             "security": [{"bearer": []}]}
 
 
+def _body_errors(endpoint: Endpoint) -> tuple[int, ...]:
+    return (413,) if endpoint.body is not None else ()
+
+
 def _operation(endpoint: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     answer: dict[str, Any] = {"description": "OK"}
@@ -191,10 +205,9 @@ def _operation(endpoint: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
         "summary": endpoint.summary,
         "description": f"Needs a key with scope `{endpoint.need}`." if endpoint.need != "operator"
         else "Needs the operator key (`hub.operator_key`).",
-        "responses": {str(endpoint.status): answer, "400": {"description": "invalid", **error},
-                      "401": {"description": "no or unknown key", **error},
-                      "404": {"description": "no such thing for this tenant", **error},
-                      "429": {"description": "rate limited (Retry-After)", **error}},
+        "responses": {str(endpoint.status): answer,
+                      **{str(status): {"description": (ERRORS | _MORE_ERRORS).get(status, "refused"), **error}
+                         for status in sorted({*ERRORS, *endpoint.errors, *_body_errors(endpoint)})}},
     }
     declared = {p.name for p in endpoint.params}
     in_path = [Param(name, f"the {name} of the path", "path") for name in re.findall(r"{(\w+)}", endpoint.path)

@@ -23,8 +23,10 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
+
+from babelhub.services import kvscan
 
 __all__ = ["OPERATOR", "SCOPES", "ApiKeys", "Caller", "Refused", "Scope", "StoredKey", "utc_now"]
 
@@ -141,11 +143,8 @@ class ApiKeys:
 
     async def list(self, tenant: str) -> list[StoredKey]:
         """`tenant`'s keys, revoked ones included, oldest first."""
-        try:
-            names = await self._kv.keys()
-        except NoKeysError:
-            return []
-        found = [key for key in [await self.get(name) for name in names] if key is not None and key.tenant == tenant]
+        records = [await self.get(name) for name in await kvscan.keys(self._kv)]
+        found = [key for key in records if key is not None and key.tenant == tenant]
         return sorted((key.public() for key in found), key=lambda key: (key.created_at, key.id))
 
     async def revoke(self, tenant: str, key_id: str) -> StoredKey | None:

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Final
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from babelhub.errors import ConfigError
 from babelhub.services import config as cfg
+from babelhub.services import kvscan
 from babelhub.services.apikeys import utc_now
 from babelhub.services.outbox import Refusal
 from babelhub.services.secretbox import SecretBox
@@ -75,11 +76,7 @@ class ConnectionStore:
         return Stored(decode_record(entry.value), entry.revision)
 
     async def all(self) -> list[Stored]:
-        try:
-            names = await self.kv.keys()
-        except NoKeysError:
-            return []
-        found = [await self.get(name) for name in names]
+        found = [await self.get(name) for name in await kvscan.keys(self.kv)]
         return sorted((stored for stored in found if stored is not None), key=lambda s: s.record.connection.id)
 
     async def create(self, record: ManagedRecord) -> int:

@@ -37,9 +37,10 @@ from typing import Protocol
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from babelhub.services import kvscan
 from babelhub.services.broker import Subjects, bucket_stream, partition_of, raise_replicas
 from babelhub.services.ingest import NATS_UNAVAILABLE
 from babelhub.services.supervise import TaskHealth
@@ -256,11 +257,7 @@ class Ownership:
         await self.kv.put(self._member_key(self.member), self._holder())
 
     async def _members(self) -> list[str]:
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            keys = []
-        members = {key.removeprefix("m.") for key in keys if key.startswith("m.")}
+        members = {key.removeprefix("m.") for key in await kvscan.keys(self.kv, "m.>")}
         return sorted(members | {self.member})
 
     async def _take(self, partition: int) -> None:

@@ -22,10 +22,11 @@ from collections.abc import Callable
 
 import msgspec
 import nats.errors
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from babelhub import canonical as c
+from babelhub.services import kvscan
 from babelhub.services.broker import Subjects
 from babelhub.services.publisher import Publisher
 from babelhub.services.supervise import TaskHealth
@@ -105,12 +106,8 @@ class Scheduler:
     async def release_due(self) -> int:
         """Release every held message that is due and whose partition this process holds."""
         released = 0
-        try:
-            keys = await self._kv.keys()
-        except NoKeysError:
-            return 0
         now = self._clock()
-        for key in keys:
+        for key in await kvscan.keys(self._kv):
             try:
                 entry = await self._kv.get(key)
             except KeyNotFoundError:

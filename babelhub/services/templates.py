@@ -30,6 +30,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from babelhub import canonical as c
+from babelhub.services import kvscan
 from babelhub.services.apikeys import utc_now
 
 __all__ = [
@@ -350,15 +351,7 @@ class Templates:
 
     async def list(self, tenant: str) -> list[Template]:
         """`tenant`'s templates by name (only its keys are read: `<tenant>.*`)."""
-        names: list[str] = []
-        watcher = await self._kv.watch(f"{tenant}.*", ignore_deletes=True, meta_only=True)
-        try:
-            async for entry in watcher:
-                if entry is None:  # the end of what is stored now
-                    break
-                names.append(entry.key.removeprefix(f"{tenant}."))
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        names = [key.removeprefix(f"{tenant}.") for key in await kvscan.keys(self._kv, f"{tenant}.*")]
         found = [await self.get(tenant, name) for name in sorted(names)]
         return [template for template in found if template is not None]
 

@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Final
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from babelhub.services import kvscan
 from babelhub.services.apikeys import ApiKeys, utc_now
 from babelhub.services.config import HUB_TENANT, Tenant
 from babelhub.services.outbox import Refusal
@@ -182,11 +183,7 @@ class Tenants:
 
     async def load(self) -> None:
         """Read every run-time tenant from the bucket (at start, before the watch runs)."""
-        try:
-            names = await self._kv.keys()
-        except NoKeysError:
-            names = []
-        found = {name: await self._get(name) for name in names}
+        found = {name: await self._get(name) for name in await kvscan.keys(self._kv)}
         await self._replace({name: stored for name, stored in found.items() if stored is not None})
 
     async def watch(self, health: TaskHealth) -> None:

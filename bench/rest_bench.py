@@ -20,7 +20,10 @@ inbound and half outbound (with statuses). Every part is a separate process on 1
 hub, the baseline server, the fake API, the app); this process only generates load. The bench prints
 requests/s, p50/p99 and the CPU the serving process spent per request, each as a ratio to the baseline.
 
-    python bench/rest_bench.py [--clients 16] [--seconds 4] [--history 500] [--conversations 200]
+    python bench/rest_bench.py [--clients 16] [--seconds 4] [--history 500] [--conversations 200] [--profile FILE]
+
+`--profile FILE` samples the hub with py-spy during the conversation page phase (collapsed stacks, as
+`e2e_bench.py --profile` writes them; `bench/profile_summary.py FILE` sums them).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import uvloop
-from e2e_bench import SECRET, TOKEN, CpuMeter, flood, percentile, process, wait_http
+from e2e_bench import SECRET, TOKEN, CpuMeter, flood, percentile, process, profiled, wait_http
 
 from babelhub.canonical import conversation_id
 from babelhub.services.broker import EmbeddedServer, free_port
@@ -57,6 +60,7 @@ class Options(argparse.Namespace):
     seconds: float
     history: int
     conversations: int
+    profile: str
 
 
 class Phase(NamedTuple):
@@ -259,11 +263,12 @@ async def measure(nats_url: str, tmp: Path, options: Options) -> None:
                     f"{api}/v1/messages/{message_id}", bearer(CONFIG_KEY), clients, seconds, hub.pid),
                 "GET /v1/messages/{id}, stored key": await closed_loop(
                     f"{api}/v1/messages/{message_id}", bearer(key), clients, seconds, hub.pid),
-                f"GET …/{{id}}/messages?limit=50 ({options.history} msgs)": await closed_loop(
-                    f"{api}/v1/conversations/{long_id}/messages?limit=50", bearer(key), clients, seconds, hub.pid),
-                f"GET /v1/conversations?limit=50 ({options.conversations})": await closed_loop(
-                    f"{api}/v1/conversations?limit=50", bearer(key), clients, seconds, hub.pid),
             }
+            with profiled(hub.pid, options.profile):
+                phases[f"GET …/{{id}}/messages?limit=50 ({options.history} msgs)"] = await closed_loop(
+                    f"{api}/v1/conversations/{long_id}/messages?limit=50", bearer(key), clients, seconds, hub.pid)
+            phases[f"GET /v1/conversations?limit=50 ({options.conversations})"] = await closed_loop(
+                f"{api}/v1/conversations?limit=50", bearer(key), clients, seconds, hub.pid)
         limited = await closed_loop(f"{api}/v1/messages/{limited_message}", bearer(LIMITED_KEY), clients, seconds,
                                     hub.pid)
     report(phases, limited, options)
@@ -300,6 +305,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of every phase")
     parser.add_argument("--history", type=int, default=500, help="messages of the paged conversation")
     parser.add_argument("--conversations", type=int, default=200, help="conversations of the listed tenant")
+    parser.add_argument("--profile", default="", help="py-spy stacks of the hub in the page phase, to this file")
     uvloop.run(run(parser.parse_args(namespace=Options())))
 
 

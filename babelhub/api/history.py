@@ -210,7 +210,9 @@ class HistoryApi(RestApi):
             raise Refusal(400, "invalid", "not a cursor this list gave (pass next_cursor back as it is)", "cursor")
         stored = await self.records.store.newest_first(caller.tenant, record.id, before, limit + 1)
         page, more = stored[:limit], len(stored) > limit
-        items = [item for item in [await self._item(caller.tenant, s.data) for s in page] if item is not None]
+        # the statuses of a page's outbound messages are read side by side: one round trip, not one each
+        items = [item for item in await asyncio.gather(*(self._item(caller.tenant, s.data) for s in page))
+                 if item is not None]
         cursor = make_cursor(_MessageCursor(page[-1].seq)) if more else None
         return answer(items, has_more=more, next_cursor=cursor)
 

@@ -58,10 +58,12 @@ async def _scan(kv: KeyValue, pattern: str, *, meta_only: bool) -> list[KeyValue
     js, stream, prefix = kv._js, kv._stream, kv._pre  # nats-py keeps the bucket's stream and key prefix here
     config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
                             headers_only=meta_only, mem_storage=True, inactive_threshold=SCAN_INACTIVE_SECONDS)
-    subscription = await js.pull_subscribe(prefix + pattern, stream=stream, config=config)
+    # Made first and bound to: its answer says how many entries there are (no extra round trip to ask).
+    info = await js.add_consumer(stream, config, filter_subject=prefix + pattern)
+    subscription = await js.pull_subscribe_bind(consumer=info.name, stream=stream)
     entries: list[KeyValue.Entry] = []
     try:
-        name, pending = await _opened(subscription)
+        pending = info.num_pending or 0
         while pending > 0:
             for msg in await subscription.fetch(min(pending, _BATCH), timeout=_SCAN_TIMEOUT):
                 pending = msg.metadata.num_pending
@@ -69,16 +71,11 @@ async def _scan(kv: KeyValue, pattern: str, *, meta_only: bool) -> list[KeyValue
                     entries.append(KeyValue.Entry(bucket=kv._name, key=msg.subject[len(prefix):], value=msg.data,
                                                   revision=msg.metadata.sequence.stream, delta=pending,
                                                   created=None, operation=None))
-        with contextlib.suppress(nats.errors.Error):  # NATS unreachable: the server's fallback removes it
-            await js.delete_consumer(stream, name)
     finally:
         await subscription.unsubscribe()
+        with contextlib.suppress(nats.errors.Error):  # NATS unreachable: the server's fallback removes it
+            await js.delete_consumer(stream, info.name)
     return entries
-
-
-async def _opened(subscription: JetStreamContext.PullSubscription) -> tuple[str, int]:
-    info = await subscription.consumer_info()
-    return info.name, info.num_pending or 0
 
 
 def _deleted(msg: Msg) -> bool:

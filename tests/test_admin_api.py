@@ -253,6 +253,21 @@ async def test_a_key_whose_tenant_is_gone_is_refused(hub: Hub, http: aiohttp.Cli
     assert status == 401 and "deleted" in body["error"]["message"]
 
 
+async def test_a_deleted_tenants_session_tokens_end_with_it(hub: Hub, http: aiohttp.ClientSession) -> None:
+    await new_tenant(http, hub, "globex")
+    admin = await new_key(http, hub, "/v1/tenants/globex/keys", OPERATOR_KEY, "admin")
+    status, issued = await call(http, hub, "POST", "/v1/sessions", admin["key"], {"conversations": ["c1"]})
+    assert status == 201
+    async with http.ws_connect(f"{hub.http_url}/ws?token={issued['token']}") as socket:
+        await socket.send_json({"type": "subscribe", "conversations": ["c1"]})
+        assert (await socket.receive_json(timeout=10))["type"] == "subscribed"
+    assert (await call(http, hub, "DELETE", "/v1/tenants/globex", OPERATOR_KEY))[0] == 200
+    async with http.ws_connect(f"{hub.http_url}/ws?token={issued['token']}") as socket:
+        closed = await socket.receive(timeout=10)
+        assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1008
+        assert "no longer exists" in closed.extra
+
+
 async def test_a_tenant_that_still_has_connections_is_not_deleted(hub: Hub, http: aiohttp.ClientSession) -> None:
     await new_tenant(http, hub, "globex")
     with pytest.raises(Refusal) as refused:

@@ -167,6 +167,13 @@ class ClientSessions(RestApi):
             self._budgets.forget_refilled(keep={s.key for s in self._sessions})
         return socket
 
+    def _token_credential(self, token: str) -> Credential:
+        """A session token's credential, while its tenant exists (a deleted tenant's tokens end with it)."""
+        credential = self.tokens.credential(token)
+        if not self.services.tenants.known(credential.tenant):
+            raise Refused("the token's tenant no longer exists")
+        return credential
+
     def _count_close(self, code: int) -> None:
         self.closes.labels(str(int(code))).inc()
 
@@ -177,9 +184,9 @@ class ClientSessions(RestApi):
         try:
             if presented := bearer(request.headers.get("Authorization", "")):
                 if presented.startswith("v1.") and presented.count(".") == 2:
-                    return self.tokens.credential(presented)
+                    return self._token_credential(presented)
                 return _key_credential(await self.services.keys.authenticate(presented))
-            return self.tokens.credential(request.query.get("token", "") or await _auth_frame(session.socket))
+            return self._token_credential(request.query.get("token", "") or await _auth_frame(session.socket))
         except (Refused, KeyRefused) as exc:
             await session.close(WSCloseCode.POLICY_VIOLATION, f"authentication failed: {exc}")
         except _Closed as closed:

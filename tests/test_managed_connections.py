@@ -23,6 +23,7 @@ import pytest
 from babelhub import canonical as c
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
+from babelhub.services.addresses import api_base_problem
 from babelhub.services.broker import EmbeddedServer, free_port
 from babelhub.services.managed import ConnectionStore, decode_record
 from babelhub.services.outbox import Refusal
@@ -51,7 +52,8 @@ PLAIN = (TOKEN, SECRET, NEW_TOKEN, NEW_SECRET)
 
 def config(nats_url: str, prefix: str, master_key: str = "") -> cfg.Config:
     return cfg.Config(
-        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=prefix, master_key=master_key),
+        hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=prefix, master_key=master_key,
+                            allow_private_api_base=True),  # the fake channel APIs listen on 127.0.0.1
         tenants=[cfg.Tenant(id=ACME, api_keys=[KEYS[ACME]]), cfg.Tenant(id=OTHER, api_keys=[KEYS[OTHER]])],
         connections=[cfg.Connection(id="chat", tenant=ACME, channel="webchat"),
                      cfg.Connection(id="their-chat", tenant=OTHER, channel="webchat")])
@@ -291,6 +293,22 @@ async def test_hostile_bodies_are_refused_naming_the_path(hub: Hub, client: Clie
     assert (await client.call(hub, "GET", "/v1/connections/x"))[0] == 404
 
 
+@pytest.mark.parametrize("api_base", [
+    "http://127.0.0.1:4222", "http://localhost:8080", "http://169.254.169.254/latest/meta-data",
+    "http://10.0.0.7", "http://[::1]:8080", "https://192.168.1.1", "http://0.0.0.0", "http://[fd00::1]",
+    "http://2130706433",  # 127.0.0.1 written as one number
+])
+async def test_a_tenant_cannot_point_the_hub_at_private_addresses(
+        nats_server: EmbeddedServer, start_hub: StartHub, client: Client, api_base: str) -> None:
+    """Unless the operator allows it (`hub.allow_private_api_base`), as the other tests of this file do."""
+    base = config(nats_server.url, unique_prefix(), new_key())
+    hub = await start_hub(msgspec.structs.replace(base, hub=msgspec.structs.replace(
+        base.hub, allow_private_api_base=False)))
+    status, refused = await client.call(hub, "POST", "/v1/connections", body=telegram(api_base))
+    assert (status, refused["error"]["path"]) == (400, "$.api_base"), refused
+    assert (await client.call(hub, "GET", "/v1/connections/tg-api"))[0] == 404
+
+
 async def test_odd_ids_in_the_path_and_oversized_bodies_are_refused(hub: Hub, client: Client) -> None:
     for odd in ("a.*", ">", "a%20b", "x" * 200):
         status, refused = await client.call(hub, "GET", f"/v1/connections/{odd}")
@@ -429,6 +447,7 @@ http = "127.0.0.1:{port}"
 nats = "{nats_server.url}"
 subject_prefix = "{unique_prefix()}"
 master_key = "{master_key}"
+allow_private_api_base = true
 tracing = "console"
 log_level = "debug"
 
@@ -479,3 +498,10 @@ async def test_two_changes_read_at_one_revision_do_not_overwrite_each_other(hub:
     assert taken.value.status == 409 and taken.value.path == "$.id"
     now = await store.get("tg-api")
     assert now is not None and store.open(now.record).secrets["bot_token"] == NEW_TOKEN and not now.record.disabled
+
+
+async def test_a_public_address_is_allowed_and_a_url_without_a_host_is_not() -> None:
+    assert await api_base_problem("https://149.154.167.220/bot", allow_private=False) == ""  # a public address
+    assert await api_base_problem("http://127.0.0.1:9", allow_private=True) == ""
+    for wrong in ("ftp://149.154.167.220", "https://", "149.154.167.220", "https://h:99999"):
+        assert await api_base_problem(wrong, allow_private=False), wrong

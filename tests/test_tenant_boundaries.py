@@ -44,7 +44,7 @@ async def hub(nats_server: EmbeddedServer, fake_api: FakeApi, start_hub: StartHu
     fake_api.responder = telegram_responder
     return await start_hub(cfg.Config(
         hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_server.url, subject_prefix=unique_prefix(),
-                            master_key=new_key(), operator_key=OPERATOR_KEY),
+                            master_key=new_key(), operator_key=OPERATOR_KEY, allow_private_api_base=True),
         tenants=[cfg.Tenant(id=tenant, api_keys=[key]) for tenant, key in KEYS.items()],
         connections=[cfg.Connection(id=connection, tenant=tenant, channel="telegram", api_base=fake_api.base_url,
                                     secrets={"bot_token": BOT_TOKEN, "secret_token": SECRET})

@@ -20,13 +20,13 @@ change is an audit event naming the secrets changed, never their values.
 from __future__ import annotations
 
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 import msgspec
 from aiohttp import web
 
 from babelhub.plugins import RestApi, Services, load_source
 from babelhub.services import config as cfg
+from babelhub.services.addresses import api_base_problem
 from babelhub.services.apikeys import Caller, utc_now
 from babelhub.services.connections import ConnectionService
 from babelhub.services.delivery import RetryPolicy
@@ -142,6 +142,7 @@ class ConnectionsApi(RestApi):
         if self.services.config.connection(body.id) is not None:
             raise _in_config(body.id, "$.id")
         plain = self._checked(_connection(body, caller.tenant, {}), await self._others(caller.tenant, body.id))
+        await self._check_api_base(plain)
         now = utc_now()
         record = ManagedRecord(connection=self._sealed(plain), disabled=body.disabled, created_at=now, updated_at=now,
                                secrets_updated_at=now if plain.secrets else "")
@@ -160,6 +161,7 @@ class ConnectionsApi(RestApi):
         kept = {name: value for name, value in stored.record.connection.secrets.items() if name not in body.secrets}
         others = await self._others(caller.tenant, connection_id)
         plain = self._checked(_connection(body, caller.tenant, self._opened(stored.record, kept)), others)
+        await self._check_api_base(plain)
         given = {name for name, value in body.secrets.items() if value is not None}
         sealed = self.store.seal(msgspec.structs.replace(plain, secrets={
             **kept, **{name: plain.secrets[name] for name in given}}), given)
@@ -216,11 +218,14 @@ class ConnectionsApi(RestApi):
         every = [*self.services.config.connections, *managed]
         return [c for c in every if c.tenant == tenant and c.id != connection_id]
 
+    async def _check_api_base(self, connection: cfg.Connection) -> None:
+        if connection.api_base and (problem := await api_base_problem(
+                connection.api_base, allow_private=self.services.config.hub.allow_private_api_base)):
+            raise Refusal(400, "invalid", problem, "$.api_base")
+
     def _checked(self, connection: cfg.Connection, others: list[cfg.Connection]) -> cfg.Connection:
         """`connection` checked as the config file's are, coming through a source that follows changes."""
         checked(connection, others)
-        if connection.api_base and urlsplit(connection.api_base).scheme not in ("http", "https"):
-            raise Refusal(400, "invalid", "api_base is an http(s) URL", "$.api_base")
         service = ConnectionService(connection, cfg.channel_codec(connection.channel), self.services.http,
                                     Metrics(), RetryPolicy())
         mode = connection.mode or service.codec.inbound

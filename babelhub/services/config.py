@@ -123,6 +123,9 @@ class HubSettings(_Table, frozen=True, kw_only=True):
     previous_master_key_file: str = ""
     """During a master key rotation: the key file used before, so secrets still sealed under it open
     (README "Connections managed at run time")."""
+    allow_private_api_base: bool = False
+    """Whether a connection made over the API may point its `api_base` at a private, loopback or
+    link-local address (`babelhub.services.addresses`)."""
     requests_per_second: float = 50.0
     """Each tenant's REST requests per second (per hub process), unless the tenant says otherwise."""
     request_burst: int = 100

@@ -39,7 +39,7 @@ from babelhub.actors.connection import ConnectionActor, RawDelivery
 from babelhub.actors.conversation import ConversationActor, ConversationMessage
 from babelhub.actors.runtime import ActorSystem
 from babelhub.errors import ConfigError
-from babelhub.hub.consumers import MAX_ACK_PENDING, Consumers
+from babelhub.hub.consumers import MAX_ACK_PENDING, SETUP_TIMEOUT, Consumers
 from babelhub.hub.http import HttpServer
 from babelhub.hub.link import NatsLink
 from babelhub.plugins import (
@@ -229,7 +229,9 @@ class Hub:
         js = nc.jetstream()
         publisher = Publisher(nc, js)
         check_body_limit(settings.max_body_bytes, publisher.max_payload)
-        await provision(js, self.subjects, settings.dedup_window_seconds, settings.replicas)
+        # (a context of its own: answers may be slow while several hubs start on one cluster)
+        await provision(nc.jetstream(timeout=SETUP_TIMEOUT), self.subjects, settings.dedup_window_seconds,
+                        settings.replicas)
         tenants = Tenants(await js.key_value(self.subjects.bucket("tenants")), self.config.tenants)
         if users:  # the embedded server admits the NATS users of tenants made at run time too
             tenants.on_change = functools.partial(self._admit_tenants, tenants, mask)

@@ -48,6 +48,9 @@ from babelhub.services.inflight import Held, InFlight
 
 __all__ = ["MAX_ACK_PENDING", "Consumers"]
 
+SETUP_TIMEOUT = 20.0
+"""Seconds a JetStream API request made while setting up may take: when several hubs start at once on a
+cluster, its meta leader answers slowly, and a start given up for that is a hub that never comes up."""
 MAX_ACK_PENDING = 20_000
 """Messages the server hands out unacknowledged at most, over all partitions (each has at least
 `PARTITION_ACK_PENDING`)."""
@@ -183,15 +186,17 @@ class Consumers:
         js, name = self.ctx.js, self.ctx.subjects.stream_name(stream)
         config = self._config(durable, MAX_ACK_PENDING, filter_subject=subject, deliver_policy=DeliverPolicy.ALL,
                               deliver_group=durable)
+        # Made while the hub starts, when a cluster's meta leader may be busy with other hubs' streams.
         try:
-            info = await js.consumer_info(name, durable)
+            info = await js.consumer_info(name, durable, timeout=SETUP_TIMEOUT)
         except NotFoundError:
-            await js.add_consumer(name, config)
+            await js.add_consumer(name, config, timeout=SETUP_TIMEOUT)
         else:
             if info.config.deliver_group != durable:  # made by a hub that served it alone: shared from now on
                 await js.add_consumer(name, dataclasses.replace(info.config, deliver_group=durable,
-                                                                deliver_subject=config.deliver_subject))
-            config = (await js.consumer_info(name, durable)).config
+                                                                deliver_subject=config.deliver_subject),
+                                      timeout=SETUP_TIMEOUT)
+            config = (await js.consumer_info(name, durable, timeout=SETUP_TIMEOUT)).config
         self._shared.append(await js.subscribe_bind(name, config, durable, cb=handler, manual_ack=True,
                                                     pending_msgs_limit=MAX_ACK_PENDING))
 

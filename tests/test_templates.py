@@ -40,6 +40,9 @@ from babelhub.services.templates import (
 from tests.fakeapi import FakeApi, Recorded, Reply
 from tests.hubkit import Processor, StartHub, telegram_responder, unique_prefix
 
+WHATSAPP = cfg.channel_codec("whatsapp").capabilities.template_format
+TELEGRAM = cfg.channel_codec("telegram").capabilities.template_format  # none: gets the text
+
 FIXTURES = Path(__file__).parent / "fixtures" / "whatsapp"
 APP_SECRET = "wa-app-secret"
 ACME, OTHER = "acme", "other"
@@ -77,7 +80,7 @@ VALUES = {"customer_name": "Jessica", "order_number": "SKBUP2-4CPIG9"}
 # ------------------------------------------------------------------------------------------ pure rendering
 
 def test_whatsapp_gets_the_approved_template_and_its_body_parameters_in_order() -> None:
-    rendered = render(stored(), part("en_US", **VALUES), "whatsapp", "$.parts[0]")
+    rendered = render(stored(), part("en_US", **VALUES), WHATSAPP, "$.parts[0]")
     assert rendered == c.Template(name="order_confirmation", language="en_US",
                                   params={"1": "Jessica", "2": "SKBUP2-4CPIG9"})
 
@@ -88,22 +91,22 @@ def test_named_parameters_and_the_header_are_keyed_as_the_codec_sends_them() -> 
                   "whatsapp": {"name": "seasonal_sale", "language": "en_US", "parameter_format": "named",
                                "components": {"header": ["sale_start_date"],
                                               "body": ["customer_name", "order_number"]}}}}}
-    rendered = render(stored(document), part(**VALUES, sale_start_date="December 1st"), "whatsapp", "$")
+    rendered = render(stored(document), part(**VALUES, sale_start_date="December 1st"), WHATSAPP, "$")
     assert rendered == c.Template(name="seasonal_sale", language="en_US", params={
         "header.sale_start_date": "December 1st", "customer_name": "Jessica", "order_number": "SKBUP2-4CPIG9"})
 
 
 def test_other_channels_and_versions_without_a_whatsapp_template_get_the_text() -> None:
-    assert render(stored(), part("en_US", **VALUES), "telegram", "$") == c.Text(
+    assert render(stored(), part("en_US", **VALUES), TELEGRAM, "$") == c.Text(
         text="Hi Jessica, order SKBUP2-4CPIG9 has shipped.")
-    assert render(stored(), part("fr", **VALUES), "whatsapp", "$") == c.Text(
+    assert render(stored(), part("fr", **VALUES), WHATSAPP, "$") == c.Text(
         text="Bonjour Jessica, la commande SKBUP2-4CPIG9 est partie.")
 
 
 def test_without_a_language_the_first_active_version_is_used() -> None:
     document = {**ORDER_SHIPPED, "versions": {"pt_BR": ORDER_SHIPPED["versions"]["pt_BR"],
                                               "fr": ORDER_SHIPPED["versions"]["fr"]}}
-    assert render(stored(document), part(**VALUES), "telegram", "$") == c.Text(
+    assert render(stored(document), part(**VALUES), TELEGRAM, "$") == c.Text(
         text="Bonjour Jessica, la commande SKBUP2-4CPIG9 est partie.")
 
 
@@ -118,21 +121,21 @@ def test_without_a_language_the_first_active_version_is_used() -> None:
 def test_what_cannot_be_rendered_is_refused_naming_the_path(language: str, params: dict[str, str], code: str,
                                                             path: str) -> None:
     with pytest.raises(TemplateError) as refused:
-        render(stored(), part(language, **params), "whatsapp", "$.parts[2]")
+        render(stored(), part(language, **params), WHATSAPP, "$.parts[2]")
     assert (refused.value.code, refused.value.path) == (code, path)
 
 
 def test_a_template_with_every_version_inactive_is_refused() -> None:
     document = {**ORDER_SHIPPED, "versions": {"pt_BR": ORDER_SHIPPED["versions"]["pt_BR"]}}
     with pytest.raises(TemplateError, match="no active version") as refused:
-        render(stored(document), part(**VALUES), "telegram", "$.parts[0]")
+        render(stored(document), part(**VALUES), TELEGRAM, "$.parts[0]")
     assert refused.value.path == "$.parts[0].language"
 
 
 @given(st.text(max_size=200))
 def test_a_value_is_never_read_as_a_placeholder(value: str) -> None:
     template = stored({"name": "t", "variables": ["a", "b"], "versions": {"en": {"text": "<{{a}}|{{b}}>"}}})
-    rendered = render(template, c.Template(name="t", params={"a": value, "b": "{{a}}"}), "telegram", "$")
+    rendered = render(template, c.Template(name="t", params={"a": value, "b": "{{a}}"}), TELEGRAM, "$")
     assert rendered == c.Text(text=f"<{value}|{{{{a}}}}>")
 
 
@@ -362,6 +365,9 @@ async def test_a_preview_renders_for_the_channel_named(hub: Hub, http: aiohttp.C
     status, preview = await call(http, hub, "POST", "/v1/templates/order_shipped/render",
                                  {"channel": "telegram", "params": {"customer_name": "Ada"}})
     assert (status, preview["error"]["path"]) == (400, "$.params.order_number")
+    status, preview = await call(http, hub, "POST", "/v1/templates/order_shipped/render",
+                                 {"channel": "no_such_channel", "params": VALUES})
+    assert (status, preview["error"]["path"]) == (400, "$.channel")
 
 
 async def test_a_read_key_reads_but_does_not_change(hub: Hub, http: aiohttp.ClientSession) -> None:
@@ -451,6 +457,11 @@ async def test_a_stored_template_can_stand_in_outside_the_whatsapp_window(
     assert status == 202, answer
     (whatsapp,) = await sent(fake_api, "/messages")
     assert whatsapp["type"] == "template" and whatsapp["template"] == APPROVED
+    # Telegram has no approved templates: naming one for its window is refused, not sent as text.
+    status, answer = await call(http, hub, "POST", "/v1/messages", {
+        "conversation": TG, "parts": [{"type": "text", "text": "free-form"}], "meta": {WINDOW_TEMPLATE_META: named}})
+    assert (status, answer["error"]["code"], answer["error"]["path"]) == (
+        400, "invalid_window_template", '$.meta["babelhub.window_template"]')
 
 
 async def test_a_name_that_cannot_be_a_template_is_refused_in_the_url(hub: Hub, http: aiohttp.ClientSession) -> None:

@@ -24,6 +24,7 @@ from aiohttp import web
 from babelhub import canonical as c
 from babelhub.plugins import RestApi, Services
 from babelhub.services.apikeys import Caller
+from babelhub.services.config import channel_codec
 from babelhub.services.outbox import Refusal
 from babelhub.services.rest import Endpoint, decode, read_body
 from babelhub.services.templates import (
@@ -47,7 +48,8 @@ class TemplateList(msgspec.Struct, frozen=True, kw_only=True):
 
 class RenderRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     channel: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9_]{1,32}$")]
-    """The channel to render for: `whatsapp` gets the approved template where a version names one."""
+    """The channel to render for: one sending approved templates (WhatsApp) gets the approved template
+    where a version names one, any other the text."""
     language: str = ""
     params: dict[str, Annotated[str, msgspec.Meta(max_length=MAX_VALUE)]] = {}
 
@@ -134,8 +136,12 @@ class TemplatesApi(RestApi):
         template = await self._found(request, caller)
         asked = decode(await self._body(request), RenderRequest)
         part = c.Template(name=template.name, language=asked.language, params=asked.params)
+        try:
+            template_format = channel_codec(asked.channel).capabilities.template_format
+        except LookupError:
+            raise Refusal(400, "invalid", f"no channel {asked.channel!r} is installed", "$.channel") from None
         with _refused():
-            rendered = render(template, part, asked.channel, "$")
+            rendered = render(template, part, template_format, "$")
         return _json(RenderAnswer(channel=asked.channel, part=rendered))
 
     # ------------------------------------------------------------------------------------ helpers

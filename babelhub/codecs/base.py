@@ -115,6 +115,10 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     typing: bool = False
     window_hours: int = 0
     """Hours after the user's last message in which free-form messages may be sent (0 = no window)."""
+    template_format: str = ""
+    """The approved templates the channel sends as `template` parts, named as a stored template's version
+    keeps them (`whatsapp`: Meta's message templates); "" for none: such a channel gets a stored
+    template's text."""
 
     def media_limit(self, kind: c.MediaKind) -> int:
         return self.media_limits.get(kind, self.media_max_bytes)

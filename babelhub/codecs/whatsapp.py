@@ -536,6 +536,7 @@ class WhatsAppCodec(Codec):
         delete=False,
         typing=True,
         window_hours=24,
+        template_format="whatsapp",
     )
 
     # ------------------------------------------------------------------------------ webhook intake

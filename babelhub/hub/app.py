@@ -253,7 +253,7 @@ class Hub:
                                   ctx.holds, lambda: ctx.clock())
         ingest = Ingest(publisher, self.subjects, dead_letters)
         ctx.renderer = Renderer(Templates(await js.key_value(self.subjects.bucket("templates"))),
-                                lambda connection: _channel_of(ctx, connection))
+                                lambda connection: _template_format_of(ctx, connection))
         outbox = Outbox(ctx, await js.key_value(self.subjects.bucket("idempotency")),
                         await MessageHistory.open(js, self.subjects))
         keys = ApiKeys(await js.key_value(self.subjects.bucket("keys")),
@@ -561,6 +561,6 @@ def _url_password(value: str) -> str:
         return ""
 
 
-def _channel_of(ctx: HubContext, connection_id: str) -> str | None:
+def _template_format_of(ctx: HubContext, connection_id: str) -> str | None:
     connection = ctx.connections.get(connection_id)
-    return connection.channel if connection is not None else None
+    return connection.codec.capabilities.template_format if connection is not None else None

@@ -4,8 +4,8 @@ Where an app's message enters the hub decides where this happens: `Outbox.submit
 REST and the transports that submit (so a part that cannot be rendered is refused at once with its JSON
 path), and the conversation actor renders what an app publishes straight on a NATS `out` subject (a part
 that cannot be rendered makes the message `failed`, naming the path). Either marks the message
-(`DONE_META`), so it is rendered once: an approved WhatsApp template that shares a stored template's
-name is not taken for it.
+(`DONE_META`), so it is rendered once: an approved template that shares a stored template's name is
+not taken for it.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ HUB_META: Final = (RENDERED_META, DONE_META)
 
 
 class Renderer:
-    def __init__(self, templates: Templates, channel_of: Callable[[str], str | None]) -> None:
-        """`channel_of(connection id)`: the channel of one of the hub's connections, None when it has none."""
+    def __init__(self, templates: Templates, template_format_of: Callable[[str], str | None]) -> None:
+        """`template_format_of(connection id)`: the approved templates one of the hub's connections sends
+        (its codec's `Capabilities.template_format`), None when the hub has no such connection."""
         self.templates = templates
-        self._channel_of = channel_of
+        self._template_format_of = template_format_of
 
     @staticmethod
     def pending(message: c.Message) -> bool:
@@ -60,10 +61,7 @@ class Renderer:
         stored = await self._stored(message)
         if not stored:
             return msgspec.structs.replace(message, meta=meta)
-        connections = [target.connection for target in message.targets] or [message.conversation.connection]
-        if not connections[0]:
-            raise TemplateError("connection_needed", "a stored template is rendered for the channel it goes to: "
-                                "name the conversation's connection (or targets)", "$.conversation.connection")
+        connections = _connections(message)
         by_connection = {connection: self._render_parts(message.parts, stored, connection)
                          for connection in dict.fromkeys(connections)}
         parts = by_connection[connections[0]]
@@ -73,14 +71,15 @@ class Renderer:
 
     async def _window_template(self, message: c.Message) -> c.Message:
         """The message with meta `WINDOW_TEMPLATE_META` naming a stored template replaced by the approved
-        WhatsApp template it renders to (what the conversation actor sends outside the window)."""
+        template it renders to on its channel (what the conversation actor sends outside the window)."""
         named = message.meta.get(WINDOW_TEMPLATE_META)
         if not isinstance(named, dict) or not isinstance(named.get("name"), str):
             return message
         template = await self.templates.get(message.tenant, named["name"])
         if template is None:
             return message  # a raw approved template: the actor checks it
-        approved = window_template(template, named, f'$.meta["{WINDOW_TEMPLATE_META}"]')
+        template_format = self._template_format(_connections(message)[0])
+        approved = window_template(template, named, template_format, f'$.meta["{WINDOW_TEMPLATE_META}"]')
         return msgspec.structs.replace(message, meta={**message.meta, WINDOW_TEMPLATE_META: approved})
 
     async def _stored(self, message: c.Message) -> dict[str, Template]:
@@ -91,15 +90,28 @@ class Renderer:
         found = {name: await self.templates.get(message.tenant, name) for name in names}
         return {name: template for name, template in found.items() if template is not None}
 
-    def _render_parts(self, parts: list[c.Part], stored: dict[str, Template], connection_id: str) -> list[c.Part]:
-        channel = self._channel_of(connection_id)
-        if channel is None:  # removed since the message was checked
+    def _template_format(self, connection_id: str) -> str:
+        template_format = self._template_format_of(connection_id)
+        if template_format is None:  # removed since the message was checked
             raise TemplateError("not_found", f"no connection {connection_id!r}", "$.conversation.connection", 404)
+        return template_format
+
+    def _render_parts(self, parts: list[c.Part], stored: dict[str, Template], connection_id: str) -> list[c.Part]:
+        template_format = self._template_format(connection_id)
         rendered: list[c.Part] = []
         for index, part in enumerate(parts):
             template = stored.get(part.name) if isinstance(part, c.Template) else None
             if template is None or not isinstance(part, c.Template):
                 rendered.append(part)
                 continue
-            rendered.append(render(template, part, channel, f"$.parts[{index}]"))
+            rendered.append(render(template, part, template_format, f"$.parts[{index}]"))
         return rendered
+
+
+def _connections(message: c.Message) -> list[str]:
+    """The connections `message` goes to, its first one first."""
+    connections = [target.connection for target in message.targets] or [message.conversation.connection]
+    if not connections[0]:
+        raise TemplateError("connection_needed", "a stored template is rendered for the channel it goes to: "
+                            "name the conversation's connection (or targets)", "$.conversation.connection")
+    return connections

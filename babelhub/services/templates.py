@@ -9,13 +9,14 @@ variables fill the parameters of its header and its body, in order).
 
 `render` is how an outbound `template` part naming a stored template becomes what one channel takes: the
 part's `language` picks the version (else the first active one); every declared variable must be in the
-part's `params`, and nothing else; then WhatsApp, where the version names an approved template, gets a
-canonical `Template` part with its name, language and parameters, and any other channel the text with
-the values filled in (one pass: a value is never read as a placeholder). `Outbox.submit` renders each
-message once per connection it goes to; when `targets` on different channels need different parts, the
-others' are kept in meta `RENDERED_META` and the conversation actor's fan-out takes them
-(`for_connection`). `window_template` does the same for the template a message names for outside the
-messaging window (meta `WINDOW_TEMPLATE_META`).
+part's `params`, and nothing else; then a channel whose codec sends WhatsApp's approved templates
+(`Capabilities.template_format`), where the version names one, gets a canonical `Template` part with its
+name, language and parameters, and any other channel the text with the values filled in (one pass: a
+value is never read as a placeholder). `Outbox.submit` renders each message once per connection it goes
+to; when `targets` on different channels need different parts, the others' are kept in meta
+`RENDERED_META` and the conversation actor's fan-out takes them (`for_connection`). `window_template`
+does the same for the template a message names for outside the messaging window (meta
+`WINDOW_TEMPLATE_META`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "MAX_TEMPLATE_BYTES",
     "MAX_VALUE",
     "RENDERED_META",
+    "WHATSAPP_FORMAT",
     "WINDOW_TEMPLATE_META",
     "NewTemplate",
     "Template",
@@ -92,8 +94,9 @@ _PLACEHOLDER: Final = re.compile(r"\{\{\s*([A-Za-z0-9_.:-]*)\s*\}\}")
 """A placeholder as written; its name is checked against `VARIABLE` and the declared variables."""
 _VARIABLE: Final = re.compile(VARIABLE)
 _NAME: Final = re.compile(NAME)
-TEMPLATE_CHANNEL: Final = "whatsapp"
-"""The channel whose approved templates a version can name (`Version.whatsapp`)."""
+WHATSAPP_FORMAT: Final = "whatsapp"
+"""The approved templates a version can name (`Version.whatsapp`): a channel whose codec sends them
+declares this `Capabilities.template_format`."""
 
 
 class TemplateError(Exception):
@@ -270,28 +273,34 @@ def fill(text: str, values: Mapping[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda found: values.get(found.group(1), found.group(0)), text)
 
 
-def render(template: Template, part: c.Template, channel: str, path: str) -> c.Part:
-    """What `part` (naming `template`; at JSON path `path`) becomes on `channel`. Raises `TemplateError`."""
+def render(template: Template, part: c.Template, template_format: str, path: str) -> c.Part:
+    """What `part` (naming `template`; at JSON path `path`) becomes on a channel sending the approved
+    templates of `template_format` ("" for none: `Capabilities.template_format`). Raises `TemplateError`."""
     version = pick_version(template, part.language, f"{path}.language")
     values = _values(template, part.params, f"{path}.params")
-    if channel == TEMPLATE_CHANNEL and version.whatsapp is not None:
+    if template_format == WHATSAPP_FORMAT and version.whatsapp is not None:
         return _whatsapp_part(version.whatsapp, values)
     return c.Text(text=fill(version.text, values))
 
 
-def window_template(template: Template, named: Mapping[str, Any], path: str) -> dict[str, Any]:
-    """The `{name, language, params}` of the approved WhatsApp template `named` (a `WINDOW_TEMPLATE_META`
-    value naming `template`) stands for: only an approved template can be sent outside the window."""
+def window_template(template: Template, named: Mapping[str, Any], template_format: str,
+                    path: str) -> dict[str, Any]:
+    """The `{name, language, params}` of the approved template `named` (a `WINDOW_TEMPLATE_META` value
+    naming `template`) stands for on a channel sending `template_format`: only an approved template can be
+    sent outside the window."""
     language, params = named.get("language", ""), named.get("params", {})
     if not isinstance(language, str) or not isinstance(params, dict) or not all(
             isinstance(value, str) for value in params.values()):
         raise TemplateError("invalid_window_template", "a window template is {name, language, params} "
                             "with text values", path)
+    if not template_format:
+        raise TemplateError("invalid_window_template", "the conversation's channel sends no approved templates",
+                            path)
     part = c.Template(name=template.name, language=language, params=params)
-    rendered = render(template, part, TEMPLATE_CHANNEL, path)
+    rendered = render(template, part, template_format, path)
     if not isinstance(rendered, c.Template):
         raise TemplateError("invalid_window_template", f"this version of template {template.name!r} names no "
-                            "approved WhatsApp template (versions.<language>.whatsapp)", f"{path}.language")
+                            f"approved template (versions.<language>.{template_format})", f"{path}.language")
     return {"name": rendered.name, "language": rendered.language, "params": rendered.params}
 
 

@@ -249,8 +249,8 @@ async def test_a_processor_that_shared_one_consumer_keeps_its_place_when_it_foll
 async def test_a_graceful_stop_hands_the_partitions_over_at_once(
         nats_server: EmbeddedServer, nats_client: NATS, fake_api: FakeApi, start_hub: StartHub) -> None:
     fake_api.responder = telegram_responder
-    # Leases that would take a minute to run out: only a handover can move the partitions in time.
-    config = with_hub(telegram_config(nats_server.url, fake_api.base_url), partitions=8, lease_seconds=60.0)
+    # Leases that take 30 s to run out: only a handover can move the partitions within the 20 s allowed.
+    config = with_hub(telegram_config(nats_server.url, fake_api.base_url), partitions=8, lease_seconds=30.0)
     first = await start_hub(config)
     second = await start_hub(config)
     await eventually(lambda: len(held(first)) == len(held(second)) == 4, timeout=60)

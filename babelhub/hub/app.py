@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ __all__ = ["Hub"]
 
 log = logging.getLogger("babelhub.hub")
 
-CANCEL_AGAIN_SECONDS = 1.0
+CANCEL_AGAIN_SECONDS = 0.5
 """How long a stopping hub waits for its cancelled background tasks before cancelling them again."""
 
 
@@ -475,20 +476,12 @@ class Hub:
     async def _hand_over(rounds: asyncio.Task[None], ownership: Ownership) -> None:
         """Graceful stop: no more rounds, then every partition's work ends and its lease is given back,
         so the other processes take over at once instead of after `hub.lease_seconds`."""
-        ownership.closing = True  # (a cancellation can be lost in a wait_for finishing at that moment)
-        rounds.cancel()
-        await asyncio.wait([rounds], timeout=ownership.ttl)
+        ownership.closing = True  # rounds that outlive their cancellation do nothing more
+        await _cancel_until_done({rounds}, timeout=ownership.ttl)
         await ownership.release()
 
     async def _cancel_tasks(self) -> None:
-        """Cancel every background task, and again those still running a moment later: nats-py swallows a
-        cancellation that lands in its flush (a publish or an unsubscribe returns normally), and a loop
-        that went on after it would hold the hub's stop for ever."""
-        pending = set(self._tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_SECONDS)
+        await _cancel_until_done(set(self._tasks))
 
     # ------------------------------------------------------------------------------------ HTTP
 
@@ -535,6 +528,20 @@ class Hub:
             await self._stack.aclose()  # every step runs, also after one that fails
         except Exception:
             log.exception("error while stopping")
+
+
+async def _cancel_until_done(tasks: set[asyncio.Task[None]], timeout: float | None = None) -> None:
+    """Cancel `tasks`, and again those still running a moment later, until they end (or `timeout` has
+    passed). A cancellation can be lost: nats-py swallows one that lands in its flush (a publish or an
+    unsubscribe returns normally), as does Python 3.11's `wait_for` when its future completes at that
+    moment, and a loop that went on after it would hold the hub's stop (for ever, or until `timeout`)."""
+    loop = asyncio.get_running_loop()
+    deadline = math.inf if timeout is None else loop.time() + timeout
+    pending = tasks
+    while pending and (left := deadline - loop.time()) > 0:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(CANCEL_AGAIN_SECONDS, left))
 
 
 def _source_name(connection: ConnectionService) -> str:

@@ -18,6 +18,7 @@ from babelhub.errors import ConfigError
 from babelhub.hub.app import Hub
 from babelhub.services import config as cfg
 from babelhub.services.broker import EmbeddedServer
+from babelhub.services.ownership import Ownership
 from tests.fakeapi import FakeApi, Reply
 from tests.hubkit import (
     BOT_TOKEN,
@@ -372,6 +373,37 @@ async def test_a_background_task_that_swallows_its_cancellation_does_not_hold_th
     await asyncio.sleep(0)
     await asyncio.wait_for(hub.stop(), 30)
     assert swallowed.is_set()
+
+
+async def test_ownership_rounds_that_outlive_their_cancellation_end_before_the_leases_are_given_back(
+        nats_server: EmbeddedServer, telegram_api: FakeApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancellation lost as a round's NATS call finishes (Python 3.11's `wait_for`) must not leave the
+    rounds going while the leases are handed over, nor hold the stop for the lease's minute."""
+    swallowed = asyncio.Event()
+    rounds_running_at_release: list[bool] = []
+    first_round, release = Ownership.round, Ownership.release
+
+    async def round_waiting_on_nats(self: Ownership) -> None:
+        if swallowed.is_set() or asyncio.current_task().get_name() != "ownership":  # type: ignore[union-attr]
+            return await first_round(self)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # the call returned normally: the round goes on, then the loop sleeps
+        return await first_round(self)
+
+    async def recording_release(self: Ownership) -> None:
+        rounds_running_at_release.append(any(task.get_name() == "ownership" for task in asyncio.all_tasks()))
+        await release(self)
+
+    monkeypatch.setattr(Ownership, "round", round_waiting_on_nats)
+    monkeypatch.setattr(Ownership, "release", recording_release)
+    config = telegram_config(nats_server.url, telegram_api.base_url)
+    hub = Hub(msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, lease_seconds=60.0)))
+    await hub.__aenter__()
+    await asyncio.sleep(0.1)  # the rounds task is in its (stalled) round
+    await asyncio.wait_for(hub.stop(), 30)
+    assert swallowed.is_set() and rounds_running_at_release == [False]
 
 
 async def test_the_example_nats_processor_answers_through_the_hub(

@@ -56,6 +56,11 @@ def unique_prefix() -> str:
     return f"t{os.getpid()}x{next(_prefixes)}"
 
 
+def with_hub(config: cfg.Config, **settings: Any) -> cfg.Config:
+    """`config` with these `[hub]` settings changed."""
+    return msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, **settings))
+
+
 def telegram_config(nats_url: str, api_base: str, *, mode: Literal["webhook", "polling"] = "webhook") -> cfg.Config:
     return cfg.Config(
         hub=cfg.HubSettings(http="127.0.0.1:0", nats=nats_url, subject_prefix=unique_prefix()),

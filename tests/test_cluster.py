@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
-import msgspec
 import nats
 import pytest
 import yaml
@@ -59,6 +58,7 @@ from tests.hubkit import (
     telegram_update,
     unique_prefix,
     webchat_config,
+    with_hub,
     write_config,
 )
 
@@ -66,10 +66,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
 ROLES = ("raw", "messages", "statuses", "dead_letters")
 BUCKETS = tuple(broker.BUCKETS)
-
-
-def with_hub(config: cfg.Config, **settings: object) -> cfg.Config:
-    return msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, **settings))
 
 
 @contextlib.asynccontextmanager

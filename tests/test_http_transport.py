@@ -40,6 +40,7 @@ from tests.hubkit import (
     telegram_config,
     telegram_responder,
     telegram_update,
+    with_hub,
 )
 
 SIGNING = "whsec-test-0123456789abcdef"
@@ -416,7 +417,7 @@ async def test_a_delivery_held_longer_than_the_ack_wait_is_kept_alive_not_redeli
     app = await App(slow).start()
     fake_api.responder = telegram_responder
     config = http_config(nats_server.url, fake_api.base_url, app.url)
-    config = msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, ack_wait_seconds=1.0))
+    config = with_hub(config, ack_wait_seconds=1.0)
     hub = await start_hub(config)
     js, stream = nats_client.jetstream(), hub.subjects.stream_name("messages")
     try:

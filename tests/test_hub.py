@@ -33,6 +33,7 @@ from tests.hubkit import (
     telegram_config,
     telegram_responder,
     telegram_update,
+    with_hub,
 )
 
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
@@ -255,7 +256,7 @@ async def test_a_send_held_longer_than_ack_wait_is_not_redelivered(nats_server: 
                                                                     telegram_api: FakeApi,
                                                                     start_hub: StartHub) -> None:
     config = telegram_config(nats_server.url, telegram_api.base_url)
-    config = msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, ack_wait_seconds=2.0))
+    config = with_hub(config, ack_wait_seconds=2.0)
     hub = await start_hub(config)
     app = await Processor(nats_client, hub.subjects.prefix).start()
     await post(hub, telegram_update(1, 42, "hi"))
@@ -399,7 +400,7 @@ async def test_ownership_rounds_that_outlive_their_cancellation_end_before_the_l
     monkeypatch.setattr(Ownership, "round", round_waiting_on_nats)
     monkeypatch.setattr(Ownership, "release", recording_release)
     config = telegram_config(nats_server.url, telegram_api.base_url)
-    hub = Hub(msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, lease_seconds=60.0)))
+    hub = Hub(with_hub(config, lease_seconds=60.0))
     await hub.__aenter__()
     await asyncio.sleep(0.1)  # the rounds task is in its (stalled) round
     await asyncio.wait_for(hub.stop(), 30)

@@ -23,7 +23,6 @@ from babelhub.actors.conversation import MAX_SNAPSHOT_BYTES, ConversationActor, 
 from babelhub.actors.memory import Fact
 from babelhub.codecs.base import REPLY_API_BASE
 from babelhub.hub.app import Hub
-from babelhub.services import config as cfg
 from babelhub.services import kvscan
 from babelhub.services.broker import EmbeddedServer, free_port, provision
 from tests.fakeapi import FakeApi, Reply
@@ -42,6 +41,7 @@ from tests.hubkit import (
     telegram_responder,
     telegram_update,
     unique_prefix,
+    with_hub,
     write_config,
 )
 
@@ -75,10 +75,6 @@ async def hanging_api() -> AsyncIterator[HangingApi]:
     yield api
     api.release.set()
     await api.stop()
-
-
-def with_hub(config: cfg.Config, **settings: Any) -> cfg.Config:
-    return msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, **settings))
 
 
 async def post(hub_url: str, update: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ from tests.hubkit import (
     telegram_update,
     unique_prefix,
     webchat_config,
+    with_hub,
     write_config,
 )
 
@@ -258,7 +259,7 @@ async def test_nats_msg_id_and_trace_headers_have_a_bounded_length_whatever_the_
 async def test_a_body_limit_without_room_under_max_payload_is_refused_at_start(
         nats_server: EmbeddedServer, telegram_api: FakeApi) -> None:
     config = telegram_config(nats_server.url, telegram_api.base_url)
-    config = msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, max_body_bytes=1024 * 1024))
+    config = with_hub(config, max_body_bytes=1024 * 1024)
     with pytest.raises(ConfigError, match=r"hub.max_body_bytes = 1048576 .* max_payload of 1048576"):
         async with Hub(config):
             pass

@@ -36,13 +36,10 @@ from tests.hubkit import (
     telegram_responder,
     telegram_update,
     unique_prefix,
+    with_hub,
 )
 
 HEADERS = {"X-Telegram-Bot-Api-Secret-Token": SECRET, "Content-Type": "application/json"}
-
-
-def with_hub(config: cfg.Config, **settings: object) -> cfg.Config:
-    return msgspec.structs.replace(config, hub=msgspec.structs.replace(config.hub, **settings))
 
 
 @pytest.mark.parametrize(("variable", "value", "error"), [

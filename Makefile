@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python bench/audio_latency.py
 	$(BIN)/python bench/transport_bench.py
 	$(BIN)/python bench/rest_bench.py
+	$(BIN)/python bench/keeper_bench.py
 	$(BIN)/python bench/fuzz_codecs.py --budget 60
 
 # 1, 2 and 3 hubs on one prefix against a local 3-node NATS cluster, then a SIGKILL of one (about 5 minutes).

@@ -8,7 +8,7 @@ deletes the other: one person across channels.
 
 Keys: `<tenant>.c.<contact>` the contact, `<tenant>.i.<sender id>` the contact a linked identity now
 belongs to (an identity with no such key is its own contact's). Writes are revision-checked and
-retried on a conflict.
+retried on a conflict; the contact a process wrote last stands for reading it again (`Revisions`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 from babelhub import canonical as c
 from babelhub.services.kvscan import current_values
 from babelhub.services.publisher import Publisher
+from babelhub.services.revisions import REMEMBERED_KEYS, Revisions
 
 __all__ = ["MAX_CONVERSATIONS", "Contact", "Contacts", "Identity"]
 
@@ -51,9 +52,11 @@ class Contact(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Contacts:
-    def __init__(self, kv: KeyValue, publisher: Publisher) -> None:
+    def __init__(self, kv: KeyValue, publisher: Publisher, remembered: int = REMEMBERED_KEYS) -> None:
         self._kv = kv
         self._publisher = publisher
+        self._seen: Revisions[Contact] = Revisions(remembered)
+        """The contacts this process last wrote: the next message of a person skips reading theirs."""
 
     async def get(self, tenant: str, contact_id: str) -> Contact | None:
         found = await self._entry(_contact_key(tenant, contact_id))
@@ -81,21 +84,25 @@ class Contacts:
         contact_id = await self.owner(message.tenant, sender.id)
         key = _contact_key(message.tenant, contact_id)
         for _ in range(_ATTEMPTS):
-            found = await self._entry(key)
+            found = self._seen.get(key) or await self._entry(key)
             contact = found[0] if found is not None else Contact(id=contact_id, first_seen=message.ts,
                                                                  last_seen=message.ts)
+            contact = _with_heard(contact, identity, conversation.id, message.ts)
             try:
-                await self._publisher.store(self._kv, key, msgspec.msgpack.encode(
-                    _with_heard(contact, identity, conversation.id, message.ts)),
-                    found[1] if found is not None else None)
-                return
+                revision = await self._publisher.store(self._kv, key, msgspec.msgpack.encode(contact),
+                                                       found[1] if found is not None else None)
             except KeyWrongLastSequenceError:
+                self._seen.forget(key)  # another writer came first: read what it wrote
                 continue
+            self._seen.seen(key, contact, revision)
+            return
         raise RuntimeError(f"contact {key}: {_ATTEMPTS} revision conflicts in a row")
 
     async def link(self, tenant: str, contact_id: str, other_id: str) -> Contact | None:
         """Move `other_id`'s identities and conversations into `contact_id` and delete `other_id`; None
         when either is not one of `tenant`'s contacts."""
+        self._seen.forget(_contact_key(tenant, contact_id))
+        self._seen.forget(_contact_key(tenant, other_id))
         for _ in range(_ATTEMPTS):
             found, other = await self._entry(_contact_key(tenant, contact_id)), await self.get(tenant, other_id)
             if found is None or other is None:
@@ -114,6 +121,7 @@ class Contacts:
 
     async def forget(self, tenant: str, contact: Contact) -> None:
         """Delete `contact` and every trace of its identities."""
+        self._seen.forget(_contact_key(tenant, contact.id))
         for identity in contact.identities:
             await self._kv.purge(_identity_key(tenant, identity.id))
         await self._kv.purge(_contact_key(tenant, contact.id))

@@ -3,8 +3,9 @@
 One key per conversation, `<tenant>.<conversation>` (a tenant's keys never name another's), holding its
 channel, connection, participants, first and last activity, its last message's text (the preview a
 search reads) and how many messages it has. Written by the records keeper (`note`) with a
-revision-checked update, retried on a conflict (several hub processes share the keeper's consumer); a
-message is counted once: the record keeps the history sequence of the last message it counted.
+revision-checked update, retried on a conflict (several hub processes share the keeper's consumer; the
+record a process wrote last stands for reading it again, `Revisions`); a message is counted once: the
+record keeps the history sequence of the last message it counted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from nats.js.kv import KeyValue
 from babelhub import canonical as c
 from babelhub.services.kvscan import current_values
 from babelhub.services.publisher import Publisher
+from babelhub.services.revisions import REMEMBERED_KEYS, Revisions
 
 __all__ = ["MAX_PARTICIPANTS", "MAX_PREVIEW", "ConversationIndex", "ConversationRecord", "Participant", "preview"]
 
@@ -70,9 +72,11 @@ def preview(envelope: c.Envelope) -> str:
 
 
 class ConversationIndex:
-    def __init__(self, kv: KeyValue, publisher: Publisher) -> None:
+    def __init__(self, kv: KeyValue, publisher: Publisher, remembered: int = REMEMBERED_KEYS) -> None:
         self._kv = kv
         self._publisher = publisher
+        self._seen: Revisions[ConversationRecord] = Revisions(remembered)
+        """The records this process last wrote: the next message of a conversation skips reading its own."""
 
     async def get(self, tenant: str, conversation: str) -> ConversationRecord | None:
         try:
@@ -92,15 +96,17 @@ class ConversationIndex:
         conversation actor counts it, not from the channel's own timestamp)."""
         key = _key(envelope.tenant, envelope.conversation.id)
         for _ in range(_ATTEMPTS):
-            record, revision = await self._entry(key)
+            record, revision = self._seen.get(key) or await self._entry(key)
             if record is not None and record.last_seq >= seq:
                 return  # counted already (a redelivery)
-            value = msgspec.msgpack.encode(_noted(record, envelope, seq, stored_at))
+            noted = _noted(record, envelope, seq, stored_at)
             try:
-                await self._publisher.store(self._kv, key, value, revision)
-                return
+                revision = await self._publisher.store(self._kv, key, msgspec.msgpack.encode(noted), revision)
             except KeyWrongLastSequenceError:
+                self._seen.forget(key)  # another writer came first: read what it wrote
                 continue
+            self._seen.seen(key, noted, revision)
+            return
         raise RuntimeError(f"conversation index {key}: {_ATTEMPTS} revision conflicts in a row")
 
     async def _entry(self, key: str) -> tuple[ConversationRecord | None, int | None]:
@@ -114,9 +120,11 @@ class ConversationIndex:
         return msgspec.msgpack.decode(entry.value, type=ConversationRecord), entry.revision
 
     async def put(self, tenant: str, record: ConversationRecord) -> None:
+        self._seen.forget(_key(tenant, record.id))
         await self._kv.put(_key(tenant, record.id), msgspec.msgpack.encode(record))
 
     async def remove(self, tenant: str, conversation: str) -> None:
+        self._seen.forget(_key(tenant, conversation))
         await self._kv.purge(_key(tenant, conversation))
 
 

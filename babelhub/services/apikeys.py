@@ -143,8 +143,8 @@ class ApiKeys:
 
     async def list(self, tenant: str) -> list[StoredKey]:
         """`tenant`'s keys, revoked ones included, oldest first."""
-        records = [await self.get(name) for name in await kvscan.keys(self._kv)]
-        found = [key for key in records if key is not None and key.tenant == tenant]
+        records = [_keys.decode(entry.value or b"") for entry in await kvscan.current_values(self._kv)]
+        found = [key for key in records if key.tenant == tenant]
         return sorted((key.public() for key in found), key=lambda key: (key.created_at, key.id))
 
     async def revoke(self, tenant: str, key_id: str) -> StoredKey | None:

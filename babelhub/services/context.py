@@ -37,9 +37,9 @@ class HubContext:
     ownership: Ownership | None = None
     """The partitions this process holds (set once they are kept, at start); None: all of them."""
     scheduler: Scheduler | None = None
+    """Holds outbound messages for later (`send_at`, quiet hours); None: every message goes at once."""
     renderer: Renderer | None = None
     """Renders the tenants' stored templates in outbound messages; None: no stored templates."""
-    """Holds outbound messages for later (`send_at`, quiet hours); None: every message goes at once."""
     clock: Callable[[], float] = time.time
     """Wall-clock time (Unix seconds) for what is scheduled by the calendar: messaging windows, quiet
     hours, `send_at`. Tests move it instead of waiting."""

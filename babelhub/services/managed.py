@@ -76,8 +76,9 @@ class ConnectionStore:
         return Stored(decode_record(entry.value), entry.revision)
 
     async def all(self) -> list[Stored]:
-        found = [await self.get(name) for name in await kvscan.keys(self.kv)]
-        return sorted((stored for stored in found if stored is not None), key=lambda s: s.record.connection.id)
+        found = [Stored(decode_record(entry.value or b""), entry.revision)
+                 for entry in await kvscan.current_values(self.kv) if entry.revision is not None]
+        return sorted(found, key=lambda stored: stored.record.connection.id)
 
     async def create(self, record: ManagedRecord) -> int:
         """Store a new connection; 409 when its id is taken."""

@@ -107,15 +107,11 @@ class Scheduler:
         """Release every held message that is due and whose partition this process holds."""
         released = 0
         now = self._clock()
-        for key in await kvscan.keys(self._kv):
-            try:
-                entry = await self._kv.get(key)
-            except KeyNotFoundError:
-                continue
+        for entry in await kvscan.current_values(self._kv):
             held = msgspec.msgpack.decode(entry.value or b"", type=Held)
             if held.due > now or not self._holds(held.partition):
                 continue
-            if await self._release(key, held, entry.revision or 0):
+            if await self._release(entry.key, held, entry.revision or 0):
                 released += 1
         return released
 

@@ -360,9 +360,9 @@ class Templates:
 
     async def list(self, tenant: str) -> list[Template]:
         """`tenant`'s templates by name (only its keys are read: `<tenant>.*`)."""
-        names = [key.removeprefix(f"{tenant}.") for key in await kvscan.keys(self._kv, f"{tenant}.*")]
-        found = [await self.get(tenant, name) for name in sorted(names)]
-        return [template for template in found if template is not None]
+        found = [_template.decode(entry.value or b"") for entry in await kvscan.current_values(self._kv, f"{tenant}.*")
+                 if is_template_name(entry.key.removeprefix(f"{tenant}."))]
+        return sorted(found, key=lambda template: template.name)
 
     async def create(self, tenant: str, new: NewTemplate) -> Template | None:
         """Store `new`; None when `tenant` has a template of that name already."""

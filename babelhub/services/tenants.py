@@ -183,8 +183,8 @@ class Tenants:
 
     async def load(self) -> None:
         """Read every run-time tenant from the bucket (at start, before the watch runs)."""
-        found = {name: await self._get(name) for name in await kvscan.keys(self._kv)}
-        await self._replace({name: stored for name, stored in found.items() if stored is not None})
+        await self._replace({entry.key: _stored.decode(entry.value or b"")
+                             for entry in await kvscan.current_values(self._kv) if _TENANT_ID.fullmatch(entry.key)})
 
     async def watch(self, health: TaskHealth) -> None:
         """Follow the bucket until cancelled: what another process (or the CLI) makes or deletes is

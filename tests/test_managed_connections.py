@@ -38,6 +38,7 @@ from tests.hubkit import (
     telegram_responder,
     telegram_update,
     unique_prefix,
+    with_hub,
     write_config,
 )
 
@@ -302,8 +303,7 @@ async def test_a_tenant_cannot_point_the_hub_at_private_addresses(
         nats_server: EmbeddedServer, start_hub: StartHub, client: Client, api_base: str) -> None:
     """Unless the operator allows it (`hub.allow_private_api_base`), as the other tests of this file do."""
     base = config(nats_server.url, unique_prefix(), new_key())
-    hub = await start_hub(msgspec.structs.replace(base, hub=msgspec.structs.replace(
-        base.hub, allow_private_api_base=False)))
+    hub = await start_hub(with_hub(base, allow_private_api_base=False))
     status, refused = await client.call(hub, "POST", "/v1/connections", body=telegram(api_base))
     assert (status, refused["error"]["path"]) == (400, "$.api_base"), refused
     assert (await client.call(hub, "GET", "/v1/connections/tg-api"))[0] == 404
